@@ -1,0 +1,297 @@
+"""The service's configuration: one YAML file validated into typed models.
+
+No file at all means the embedded default: SQLite state and sink under `./data`, an inbox
+directory and webhooks. Unknown keys are refused (`extra="forbid"`), and every error names
+the key path and what was wrong, e.g. `config error at 'sinks[0].dsn': field required`.
+Environment variables override the store URLs: INGEST_REDIS_URL, INGEST_POSTGRES_URL,
+INGEST_KAFKA_BROKERS, INGEST_HTTP_PORT, INGEST_DATA_DIR.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ingest.errors import ConfigError
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TenantLimits(_Model):
+    rate: float = Field(2000.0, gt=0, description="Tokens (records) per second for the tenant.")
+    burst: float = Field(4000.0, gt=0, description="Bucket size: records admitted at once.")
+
+
+class AdmissionConfig(_Model):
+    max_in_flight: int = Field(4, ge=1, description="Batches in sinks at once (semaphore).")
+    queue_high_watermark: int = Field(50_000, ge=1, description="Queue depth that starts brownout.")
+    queue_low_watermark: int = Field(10_000, ge=0, description="Queue depth that ends brownout.")
+    brownout_after_seconds: float = Field(
+        10.0, ge=0, description="How long depth must stay above the high watermark."
+    )
+    brownout_rate: float = Field(
+        0.5, gt=0, le=1, description="Share of low-priority records kept in brownout."
+    )
+    default_limits: TenantLimits = TenantLimits()
+
+    @model_validator(mode="after")
+    def _watermarks(self) -> AdmissionConfig:
+        if self.queue_low_watermark >= self.queue_high_watermark:
+            raise ValueError("queue_low_watermark must be below queue_high_watermark")
+        return self
+
+
+class RetryConfig(_Model):
+    max_attempts: int = Field(6, ge=1, description="Attempts per record and sink, the first included.")
+    base_delay_seconds: float = Field(0.2, gt=0)
+    max_delay_seconds: float = Field(10.0, gt=0)
+    max_total_seconds: float = Field(60.0, gt=0, description="Give up (DLQ) after this long.")
+
+
+class BreakerConfig(_Model):
+    failure_threshold: int = Field(5, ge=1, description="Consecutive failures that open it.")
+    reset_timeout_seconds: float = Field(30.0, gt=0, description="Open -> half-open after this.")
+
+
+class HttpConfig(_Model):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(5 * 1024 * 1024, ge=1, description="Larger webhook bodies get 413.")
+    max_record_bytes: int = Field(1024 * 1024, ge=1, description="Larger records go to the DLQ.")
+
+
+class SQLiteStateConfig(_Model):
+    kind: Literal["sqlite"] = "sqlite"
+    path: Path = Path("data/state.db")
+    idempotency_ttl_seconds: int = Field(7 * 86400, ge=1)
+
+
+class ProductionStateConfig(_Model):
+    kind: Literal["production"] = "production"
+    redis_url: str = Field(description="Checkpoints and idempotency keys.")
+    postgres_url: str = Field(description="DLQ (and replay plans).")
+    idempotency_ttl_seconds: int = Field(7 * 86400, ge=1)
+    worker_id: str | None = None
+
+
+StateConfig = Annotated[SQLiteStateConfig | ProductionStateConfig, Field(discriminator="kind")]
+
+
+class InboxSourceConfig(_Model):
+    type: Literal["inbox"] = "inbox"
+    name: str = "inbox"
+    path: Path = Path("data/inbox")
+    poll_seconds: float = Field(0.5, gt=0)
+    batch_size: int = Field(2000, ge=1)
+
+
+class WebhookSourceConfig(_Model):
+    type: Literal["webhook"] = "webhook"
+    name: str = "webhook"
+    intake: Literal["sqlite", "kafka"] = "sqlite"
+    topic: str = "ingest-webhooks"
+    batch_size: int = Field(2000, ge=1)
+
+
+class KafkaSourceConfig(_Model):
+    type: Literal["kafka"] = "kafka"
+    name: str = "kafka-main"
+    brokers: str = "127.0.0.1:9092"
+    topics: list[str]
+    group_id: str = "ingest-adapter-main"
+    tenant: str | None = Field(None, description="Tenant for every record when not in record/header.")
+    tenant_header: str = "tenant"
+    batch_size: int = Field(2000, ge=1)
+    extra: dict[str, str] = Field(default_factory=dict, description="librdkafka settings.")
+
+
+class S3SourceConfig(_Model):
+    type: Literal["s3"] = "s3"
+    name: str = "s3-main"
+    url: str = Field(description="s3://bucket/prefix/")
+    tenant: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    poll_seconds: float = Field(5.0, gt=0)
+    batch_size: int = Field(2000, ge=1)
+
+
+class SFTPSourceConfig(_Model):
+    type: Literal["sftp"] = "sftp"
+    name: str = "sftp-main"
+    tenant: str
+    host: str
+    port: int = 22
+    user: str
+    key_path: Path
+    host_key: str = Field(description="Pinned host public key, OpenSSH format.")
+    directory: str = "."
+    processed_dir: str = "processed"
+    in_progress_suffixes: list[str] = Field(default_factory=lambda: [".part", ".tmp", ".filepart"])
+    poll_seconds: float = Field(5.0, gt=0)
+    settle_seconds: float = Field(2.0, ge=0, description="Size/mtime must be stable this long.")
+    batch_size: int = Field(2000, ge=1)
+
+
+SourceConfig = Annotated[
+    InboxSourceConfig | WebhookSourceConfig | KafkaSourceConfig | S3SourceConfig | SFTPSourceConfig,
+    Field(discriminator="type"),
+]
+
+
+class SQLiteSinkConfig(_Model):
+    type: Literal["sqlite"] = "sqlite"
+    name: str = "sqlite"
+    path: Path = Path("data/sink.db")
+
+
+class PostgresSinkConfig(_Model):
+    type: Literal["postgres"] = "postgres"
+    name: str = "postgres"
+    dsn: str | None = Field(None, description="Defaults to state.postgres_url.")
+    table: str = "entities"
+    statement_timeout_ms: int = Field(30_000, ge=1)
+
+
+class Neo4jSinkConfig(_Model):
+    type: Literal["neo4j"] = "neo4j"
+    name: str = "neo4j"
+    uri: str = "bolt://127.0.0.1:7687"
+    user: str = "neo4j"
+    password: str = ""
+    database: str | None = None
+
+
+class TypesenseField(_Model):
+    name: str
+    type: str = "string"
+    optional: bool = True
+    facet: bool = False
+
+
+class TypesenseSinkConfig(_Model):
+    type: Literal["typesense"] = "typesense"
+    name: str = "typesense"
+    url: str = "http://127.0.0.1:8108"
+    api_key: str
+    fields: dict[str, list[TypesenseField]] = Field(
+        default_factory=dict, description="Searchable attribute fields per entity type."
+    )
+    timeout_seconds: float = 10.0
+
+
+SinkConfig = Annotated[
+    SQLiteSinkConfig | PostgresSinkConfig | Neo4jSinkConfig | TypesenseSinkConfig,
+    Field(discriminator="type"),
+]
+
+
+class Route(_Model):
+    tenant: str = Field("*", description="Tenant id or '*'.")
+    entity_type: str = Field("*", description="Entity type or '*'.")
+    sinks: list[str]
+
+
+class Config(_Model):
+    http: HttpConfig = HttpConfig()
+    data_dir: Path = Path("data")
+    state: StateConfig = SQLiteStateConfig()
+    tenants: dict[str, TenantLimits] = Field(default_factory=dict)
+    admission: AdmissionConfig = AdmissionConfig()
+    retry: RetryConfig = RetryConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    sources: list[SourceConfig] = Field(
+        default_factory=lambda: [InboxSourceConfig(), WebhookSourceConfig()]
+    )
+    sinks: list[SinkConfig] = Field(default_factory=lambda: [SQLiteSinkConfig()])
+    routes: list[Route] = Field(default_factory=list, description="First match wins; none = all sinks.")
+
+    @model_validator(mode="after")
+    def _names(self) -> Config:
+        sink_names = [s.name for s in self.sinks]
+        if len(set(sink_names)) != len(sink_names):
+            raise ValueError(f"sink names must be unique, got {sink_names}")
+        src_names = [s.name for s in self.sources]
+        if len(set(src_names)) != len(src_names):
+            raise ValueError(f"source names must be unique, got {src_names}")
+        for i, route in enumerate(self.routes):
+            for s in route.sinks:
+                if s not in sink_names:
+                    raise ValueError(f"routes[{i}] names unknown sink '{s}' (known: {sink_names})")
+        return self
+
+    def limits_for(self, tenant: str) -> TenantLimits:
+        return self.tenants.get(tenant, self.admission.default_limits)
+
+    def sinks_for(self, tenant: str, entity_type: str) -> list[str]:
+        for route in self.routes:
+            if route.tenant in ("*", tenant) and route.entity_type in ("*", entity_type):
+                return route.sinks
+        return [s.name for s in self.sinks]
+
+
+_ENV_OVERRIDES = {
+    "INGEST_REDIS_URL": ("state", "redis_url"),
+    "INGEST_POSTGRES_URL": ("state", "postgres_url"),
+    "INGEST_HTTP_PORT": ("http", "port"),
+}
+
+
+def _apply_env(raw: dict[str, Any]) -> dict[str, Any]:
+    for var, (section, key) in _ENV_OVERRIDES.items():
+        value = os.environ.get(var)
+        if value:
+            sect = raw.setdefault(section, {})
+            if isinstance(sect, dict):
+                sect[key] = value
+    if os.environ.get("INGEST_DATA_DIR"):
+        raw["data_dir"] = os.environ["INGEST_DATA_DIR"]
+    return raw
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("sqlite", "production", "inbox", "webhook", "kafka", "s3", "sftp",
+                      "postgres", "neo4j", "typesense") and out:
+            continue  # discriminator tag pydantic inserts; not a key the operator wrote
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<root>"
+
+
+def parse_config(raw: Any) -> Config:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("<root>", f"expected a mapping, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(_apply_env(raw))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(_key_path(tuple(err["loc"])), err["msg"]) from None
+
+
+def load_config(path: Path | None) -> Config:
+    """Load and validate; `None` gives the embedded default (environment overrides apply)."""
+    if path is None:
+        return parse_config({})
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read config file: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), f"not valid YAML: {exc}") from None
+    return parse_config(raw)

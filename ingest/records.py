@@ -1,0 +1,197 @@
+"""The record as it travels through the pipeline, the eight DLQ reason codes, and the dedupe key.
+
+Every other module speaks in these types, so a reader can follow one record from a source
+(`RawRecord`) through decoding (`Record`) to a sink outcome (`SinkResult`) or the DLQ
+(`DLQEntry`) without knowing which backend is behind each step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum, StrEnum
+from typing import Any
+
+import orjson
+
+
+class ReasonCode(StrEnum):
+    """Why a record is in the DLQ. The set and the retryable flags are the runbook's appendix."""
+
+    SCHEMA_DRIFT = "SCHEMA_DRIFT"
+    VALIDATION_FAIL = "VALIDATION_FAIL"
+    OLDER_REVISION = "OLDER_REVISION"
+    SINK_TIMEOUT = "SINK_TIMEOUT"
+    CONSTRAINT_VIOLATION = "CONSTRAINT_VIOLATION"
+    CONNECTION_ERROR = "CONNECTION_ERROR"
+    RATE_LIMITED = "RATE_LIMITED"
+    CIRCUIT_OPEN = "CIRCUIT_OPEN"
+
+    @property
+    def retryable(self) -> bool:
+        return self in _RETRYABLE
+
+    @property
+    def description(self) -> str:
+        return _DESCRIPTIONS[self]
+
+
+_RETRYABLE = frozenset(
+    {
+        ReasonCode.SINK_TIMEOUT,
+        ReasonCode.CONNECTION_ERROR,
+        ReasonCode.RATE_LIMITED,
+        ReasonCode.CIRCUIT_OPEN,
+    }
+)
+
+_DESCRIPTIONS = {
+    ReasonCode.SCHEMA_DRIFT: "Input doesn't match expected schema",
+    ReasonCode.VALIDATION_FAIL: "Data validation failed",
+    ReasonCode.OLDER_REVISION: "Record has older revision than existing",
+    ReasonCode.SINK_TIMEOUT: "Sink operation timed out",
+    ReasonCode.CONSTRAINT_VIOLATION: "Database constraint violation",
+    ReasonCode.CONNECTION_ERROR: "Network/connection failure",
+    ReasonCode.RATE_LIMITED: "Rate limit exceeded",
+    ReasonCode.CIRCUIT_OPEN: "Circuit breaker is open",
+}
+
+
+class Priority(StrEnum):
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+@dataclass(slots=True)
+class RawRecord:
+    """Bytes as a source delivered them, before any decoding.
+
+    `position` is opaque to the pipeline: the source uses it to checkpoint. `seq` is the
+    source-local sequence number the commit watermark tracks. `event_time` is the source's
+    own time for the record (Kafka timestamp, object LastModified, file mtime, webhook
+    receipt), which `ingest_lag_seconds` measures from. `decoded` is set by sources whose
+    format is not JSON lines (CSV), so the decoder does not parse twice.
+    """
+
+    data: bytes
+    tenant: str
+    source: str
+    seq: int
+    position: Any
+    event_time: float
+    decoded: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Record:
+    """A decoded record, upgraded to the current schema version and validated."""
+
+    raw: RawRecord
+    body: dict[str, Any]
+    dedupe_key: bytes  # 32-byte SHA-256 digest
+
+    @property
+    def tenant(self) -> str:
+        return str(self.body["tenant_id"])
+
+    @property
+    def entity_type(self) -> str:
+        return str(self.body["entity_type"])
+
+    @property
+    def entity_id(self) -> str:
+        return str(self.body["entity_id"])
+
+    @property
+    def revision(self) -> int:
+        return int(self.body["revision"])
+
+    @property
+    def deleted(self) -> bool:
+        return bool(self.body.get("deleted", False))
+
+    @property
+    def priority(self) -> Priority:
+        return Priority(self.body.get("priority", "normal"))
+
+    @property
+    def entity_key(self) -> tuple[str, str, str]:
+        return (self.tenant, self.entity_type, self.entity_id)
+
+
+def dedupe_key(body: dict[str, Any]) -> bytes:
+    """SHA-256 over the canonical encoding of what makes a record the same record.
+
+    The body is the record *after* upgrading to the current schema version, so the same
+    change sent as v1 and as v3 has one key. Keys sorted, no whitespace: orjson's
+    OPT_SORT_KEYS gives a stable byte string.
+    """
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
+
+
+def raw_dedupe_key(raw: RawRecord) -> bytes:
+    """Key for bytes that never decoded: the same bad line twice is one DLQ entry."""
+    h = hashlib.sha256(raw.tenant.encode())
+    h.update(b"\0")
+    h.update(raw.data)
+    return h.digest()
+
+
+class SinkStatus(Enum):
+    """What a sink did with one record."""
+
+    APPLIED = "applied"  # written: new row, newer revision, or tombstone applied
+    UNCHANGED = "unchanged"  # equal revision already stored: a harmless repeat
+    FAILED = "failed"  # see SinkResult.reason / detail
+
+
+@dataclass(slots=True, frozen=True)
+class SinkResult:
+    status: SinkStatus
+    reason: ReasonCode | None = None
+    detail: dict[str, Any] | None = None
+
+    @staticmethod
+    def applied() -> SinkResult:
+        return _APPLIED
+
+    @staticmethod
+    def unchanged() -> SinkResult:
+        return _UNCHANGED
+
+    @staticmethod
+    def failed(reason: ReasonCode, **detail: Any) -> SinkResult:
+        return SinkResult(SinkStatus.FAILED, reason, detail)
+
+
+_APPLIED = SinkResult(SinkStatus.APPLIED)
+_UNCHANGED = SinkResult(SinkStatus.UNCHANGED)
+
+
+@dataclass(slots=True)
+class DLQEntry:
+    """One record that could not be delivered to one sink (or to any: `sink is None`).
+
+    `sink is None` means the record failed before routing (drift, validation, decode): a
+    redrive sends it to every sink its route names. `detail` is JSON: for schema errors it
+    holds `path` (JSON path), `expected`, `kind` (the failed keyword) and `message`; for sink
+    errors `error_class` and `message`.
+    """
+
+    dedupe_key: bytes
+    tenant: str
+    source: str
+    sink: str | None
+    reason: ReasonCode
+    detail: dict[str, Any]
+    payload: bytes
+    attempts: int
+    first_failed_at: datetime
+    last_failed_at: datetime
+    entity_type: str | None = None
+    entity_id: str | None = None
+    revision: int | None = None
+    id: int | None = None  # assigned by the store

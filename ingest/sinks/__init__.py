@@ -1,0 +1,1 @@
+"""Sink adapters: one module per backend, each implementing `ingest.sinks.base.Sink`."""

@@ -1,0 +1,98 @@
+"""What every sink implements, and the revision rules they all share.
+
+A sink takes a batch of validated records and returns one `SinkResult` per record, in order.
+Whole-batch failures raise `SinkError` with a ReasonCode; per-record failures (a constraint
+broken by one row, an older revision, a rejected document) come back as failed results.
+
+Revision rule, identical in every sink: within a batch and against what is stored, records
+of one entity are judged in arrival order. A record whose revision is higher than the highest
+seen so far (stored or earlier in the batch) is APPLIED (if a later record of the same batch
+supersedes it, it was still applied in order; only the last one needs writing); equal is
+UNCHANGED, a harmless repeat; lower is OLDER_REVISION. Tombstones (`deleted: true`) follow the
+same rule and leave a tombstone with their revision, so a late older revision cannot bring
+the entity back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from ingest.records import ReasonCode, Record, SinkResult
+
+EntityKey = tuple[str, str, str]
+
+
+class Sink(Protocol):
+    """Lifecycle: start (connect, create tables / constraints / collections), write, close."""
+
+    name: str
+    kind: str
+
+    async def start(self) -> None: ...
+
+    async def write(self, records: Sequence[Record]) -> list[SinkResult]:
+        """Store a batch; one result per record in the same order. Raise SinkError for a
+        failure of the whole batch (timeout, lost connection, rate limit)."""
+        ...
+
+    async def health(self) -> dict[str, Any]:
+        """Connection state for /health/detailed, e.g. {"connected": true, "target": "..."}."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def latest_per_entity(records: Sequence[Record]) -> list[Record]:
+    """The record to write for each entity: the highest revision, first arrival among equals.
+
+    Order of the result follows each entity's first appearance, so writes are deterministic.
+    """
+    best: dict[EntityKey, Record] = {}
+    for rec in records:
+        cur = best.get(rec.entity_key)
+        if cur is None or rec.revision > cur.revision:
+            best[rec.entity_key] = rec
+    return list(best.values())
+
+
+def judge_in_order(
+    records: Sequence[Record],
+    stored: Mapping[EntityKey, int | None],
+    written: set[EntityKey] | None = None,
+) -> list[SinkResult]:
+    """Outcome of every record, given each entity's stored revision *before* the batch.
+
+    `written`, when given, is the set of entities whose winning record the guarded write
+    really applied; an entity whose winner was refused (a concurrent writer stored a higher
+    revision between the read and the write) has all its records judged OLDER_REVISION.
+    """
+    running: dict[EntityKey, int | None] = dict(stored)
+    results: list[SinkResult] = []
+    for rec in records:
+        key = rec.entity_key
+        high = running.get(key)
+        if written is not None and key not in written and (high is None or rec.revision > high):
+            results.append(
+                SinkResult.failed(
+                    ReasonCode.OLDER_REVISION,
+                    message="a concurrent writer stored a newer revision first",
+                    incoming_revision=rec.revision,
+                )
+            )
+            continue
+        if high is None or rec.revision > high:
+            running[key] = rec.revision
+            results.append(SinkResult.applied())
+        elif rec.revision == high:
+            results.append(SinkResult.unchanged())
+        else:
+            results.append(
+                SinkResult.failed(
+                    ReasonCode.OLDER_REVISION,
+                    message=f"revision {rec.revision} is older than stored revision {high}",
+                    incoming_revision=rec.revision,
+                    stored_revision=high,
+                )
+            )
+    return results

@@ -1,0 +1,1 @@
+"""Source adapters: one module per kind, each implementing `ingest.sources.base.Source`."""

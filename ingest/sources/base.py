@@ -1,0 +1,92 @@
+"""What every source implements.
+
+A source yields `SourceBatch`es of `RawRecord`s. The worker calls `commit(batch)` for each
+batch *in the order the source yielded them*, and only once every record of that batch and
+of all earlier batches is durable in its sinks or in the DLQ (the commit watermark in
+`ingest.pipeline.watermark` enforces the order). Only then may a source acknowledge upstream:
+move a checkpoint, commit a Kafka offset, move an SFTP file to processed/, mark an inbox file
+done. A crash before `commit` repeats the batch on restart; idempotency absorbs the repeat.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ingest.records import RawRecord
+
+
+@dataclass(slots=True)
+class SourceBatch:
+    records: list[RawRecord]
+    # Opaque to the worker; the source reads it back in commit() (file + offset, offsets per
+    # partition, intake ids, object key + byte offset, ...).
+    position: Any = None
+    # Bounds of the RawRecord.seq values in this batch (inclusive), for the commit watermark.
+    # A record the source itself rejects (oversized line, undecodable bytes) still travels in
+    # `records`, with `meta["reject"] = {"kind": ..., "message": ...}`, so the worker DLQs it
+    # before the batch commits.
+    first_seq: int = 0
+    last_seq: int = 0
+
+
+@dataclass(slots=True)
+class AdapterHealth:
+    """One entry of /health/detailed `adapters`."""
+
+    status: str = "starting"  # starting | running | idle | paused | draining | error | stopped
+    lag_seconds: float = 0.0
+    last_checkpoint: dict[str, Any] | None = None
+    last_checkpoint_at: float | None = None
+    errors: list[str] = field(default_factory=list)  # most recent first, bounded
+    records_read: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def error(self, message: str, keep: int = 10) -> None:
+        self.errors.insert(0, f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {message}")
+        del self.errors[keep:]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "lag_seconds": round(self.lag_seconds, 3),
+            "last_checkpoint": self.last_checkpoint,
+            "last_checkpoint_at": self.last_checkpoint_at,
+            "errors": list(self.errors),
+            "records_read": self.records_read,
+            **self.extra,
+        }
+
+
+class Source(Protocol):
+    """Lifecycle: start, iterate batches until stopped, commit in order, close."""
+
+    name: str  # adapter name as configured, e.g. "inbox", "kafka-main", "s3-main"
+    kind: str  # inbox | webhook | kafka | s3 | sftp
+
+    async def start(self) -> None: ...
+
+    def batches(self) -> AsyncIterator[SourceBatch]:
+        """Yield batches until `stop()`; wait (without busy looping) while there is nothing new.
+
+        Each RawRecord carries a `seq` that increases by one per record across the source's
+        life in this process; `SourceBatch.first_seq/last_seq` bound the batch.
+        """
+        ...
+
+    async def commit(self, batch: SourceBatch) -> None:
+        """Everything up to and including this batch is durable: acknowledge upstream."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop fetching (drain / pause / shutdown); `batches()` ends after the current one."""
+        ...
+
+    def health(self) -> AdapterHealth:
+        """Status, lag (now minus the event time of the oldest record not yet committed,
+        0 when caught up), last checkpoint and recent errors."""
+        ...
+
+    async def close(self) -> None: ...

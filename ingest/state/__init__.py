@@ -1,0 +1,1 @@
+"""State stores: checkpoints, idempotency keys, the DLQ. Protocols in `base`, one module per backend."""

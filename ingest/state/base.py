@@ -1,0 +1,104 @@
+"""Protocols for the service's state: checkpoints, idempotency keys and the DLQ.
+
+Embedded mode implements all three on one SQLite file (`ingest.state.sqlite`); production
+mode puts checkpoints and idempotency keys on Redis and the DLQ on Postgres.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from ingest.records import DLQEntry, ReasonCode
+
+
+class CheckpointStore(Protocol):
+    """Key `checkpoint:<tenant>:<source>`; value JSON {"position", "updated_at", "worker"}."""
+
+    async def load(self, tenant: str, source: str) -> dict[str, Any] | None:
+        """The stored position (the `position` member), or None to start from the beginning."""
+        ...
+
+    async def save(self, tenant: str, source: str, position: Mapping[str, Any]) -> None: ...
+
+    async def delete(self, tenant: str, source: str) -> None: ...
+
+
+class IdempotencyStore(Protocol):
+    """Dedupe keys (32-byte SHA-256 digests) with a TTL (7 days by default)."""
+
+    async def seen(self, keys: Sequence[bytes]) -> list[bool]:
+        """One round trip for the whole batch: True where the key was already claimed."""
+        ...
+
+    async def claim(self, keys: Sequence[bytes]) -> None:
+        """Mark keys done. Called only once their records are durable in sinks or the DLQ."""
+        ...
+
+    async def stats(self) -> dict[str, Any]:
+        """{"keys": int, "memory_bytes": int | None, "oldest_bucket": str | None, ...}."""
+        ...
+
+
+@dataclass(slots=True)
+class DLQFilter:
+    tenant: str | None = None
+    reasons: Sequence[ReasonCode] = ()
+    sources: Sequence[str] = ()
+    sinks: Sequence[str] = ()  # "-" selects entries with no sink (pre-sink failures)
+    since: datetime | None = None  # last_failed_at >= since
+    until: datetime | None = None  # last_failed_at < until
+    older_than: datetime | None = None  # first_failed_at < older_than (purge)
+    ids: Sequence[int] = ()
+
+
+@dataclass(slots=True)
+class DLQGroup:
+    reason: ReasonCode
+    sink: str | None
+    source: str
+    count: int
+    oldest: datetime
+    newest: datetime
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class DLQStore(Protocol):
+    """Failed records with reason, detail and original bytes; one row per (dedupe_key, sink).
+
+    `add` is idempotent: the same record failing again at the same sink updates its row
+    (attempts += the new attempts, last_failed_at, reason, detail) instead of adding one, so a
+    crash that repeats work never doubles DLQ entries.
+    """
+
+    async def add(self, entries: Sequence[DLQEntry]) -> None: ...
+
+    async def record_processed(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """Add to the per-(tenant, source) count of records processed (for the DLQ rate)."""
+        ...
+
+    async def processed_total(self, tenant: str | None) -> int: ...
+
+    async def count(self, flt: DLQFilter) -> int: ...
+
+    async def groups(self, flt: DLQFilter) -> list[DLQGroup]:
+        """Counts by (reason, sink, source) with oldest/newest last_failed_at."""
+        ...
+
+    def scan(self, flt: DLQFilter, batch_size: int = 500) -> AsyncIterator[list[DLQEntry]]:
+        """Matching entries in id order, in pages; safe to interleave with delete/fail_again."""
+        ...
+
+    async def delete(self, ids: Sequence[int]) -> int: ...
+
+    async def fail_again(
+        self, entry_id: int, reason: ReasonCode, detail: Mapping[str, Any], attempts: int
+    ) -> None:
+        """A redriven entry failed again: add attempts, set reason/detail/last_failed_at."""
+        ...
+
+    async def health(self) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
