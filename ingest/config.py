@@ -4,7 +4,7 @@ No file at all means the embedded default: SQLite state and sink under `./data`,
 directory and webhooks. Unknown keys are refused (`extra="forbid"`), and every error names
 the key path and what was wrong, e.g. `config error at 'sinks[0].dsn': field required`.
 Environment variables override the store URLs: INGEST_REDIS_URL, INGEST_POSTGRES_URL,
-INGEST_KAFKA_BROKERS, INGEST_HTTP_PORT, INGEST_DATA_DIR.
+INGEST_HTTP_PORT, INGEST_DATA_DIR (the last two in every mode).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ingest.errors import ConfigError
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_config"]
 
 
 class _Model(BaseModel):
@@ -68,7 +70,7 @@ class HttpConfig(_Model):
 
 class SQLiteStateConfig(_Model):
     kind: Literal["sqlite"] = "sqlite"
-    path: Path = Path("data/state.db")
+    path: Path | None = Field(None, description="Defaults to <data_dir>/state.db.")
     idempotency_ttl_seconds: int = Field(7 * 86400, ge=1)
 
 
@@ -86,7 +88,7 @@ StateConfig = Annotated[SQLiteStateConfig | ProductionStateConfig, Field(discrim
 class InboxSourceConfig(_Model):
     type: Literal["inbox"] = "inbox"
     name: str = "inbox"
-    path: Path = Path("data/inbox")
+    path: Path | None = Field(None, description="Defaults to <data_dir>/inbox.")
     poll_seconds: float = Field(0.5, gt=0)
     batch_size: int = Field(2000, ge=1)
 
@@ -94,8 +96,12 @@ class InboxSourceConfig(_Model):
 class WebhookSourceConfig(_Model):
     type: Literal["webhook"] = "webhook"
     name: str = "webhook"
-    intake: Literal["sqlite", "kafka"] = "sqlite"
+    intake: Literal["sqlite", "kafka"] = Field(
+        "sqlite", description="Where accepted bodies are made durable before the 202."
+    )
+    brokers: str | None = Field(None, description="Kafka brokers, for intake: kafka.")
     topic: str = "ingest-webhooks"
+    group_id: str = "ingest-adapter-main"
     batch_size: int = Field(2000, ge=1)
 
 
@@ -150,7 +156,7 @@ SourceConfig = Annotated[
 class SQLiteSinkConfig(_Model):
     type: Literal["sqlite"] = "sqlite"
     name: str = "sqlite"
-    path: Path = Path("data/sink.db")
+    path: Path | None = Field(None, description="Defaults to <data_dir>/sink.db.")
 
 
 class PostgresSinkConfig(_Model):
@@ -200,6 +206,14 @@ class Route(_Model):
     sinks: list[str]
 
 
+def _default_sources() -> list[SourceConfig]:
+    return [InboxSourceConfig(), WebhookSourceConfig()]
+
+
+def _default_sinks() -> list[SinkConfig]:
+    return [SQLiteSinkConfig()]
+
+
 class Config(_Model):
     http: HttpConfig = HttpConfig()
     data_dir: Path = Path("data")
@@ -208,10 +222,8 @@ class Config(_Model):
     admission: AdmissionConfig = AdmissionConfig()
     retry: RetryConfig = RetryConfig()
     breaker: BreakerConfig = BreakerConfig()
-    sources: list[SourceConfig] = Field(
-        default_factory=lambda: [InboxSourceConfig(), WebhookSourceConfig()]
-    )
-    sinks: list[SinkConfig] = Field(default_factory=lambda: [SQLiteSinkConfig()])
+    sources: list[SourceConfig] = Field(default_factory=lambda: _default_sources())
+    sinks: list[SinkConfig] = Field(default_factory=lambda: _default_sinks())
     routes: list[Route] = Field(default_factory=list, description="First match wins; none = all sinks.")
 
     @model_validator(mode="after")
@@ -227,6 +239,10 @@ class Config(_Model):
                 if s not in sink_names:
                     raise ValueError(f"routes[{i}] names unknown sink '{s}' (known: {sink_names})")
         return self
+
+    def under_data_dir(self, path: Path | None, default_name: str) -> Path:
+        """A configured path, or the default file name under data_dir."""
+        return path if path is not None else self.data_dir / default_name
 
     def limits_for(self, tenant: str) -> TenantLimits:
         return self.tenants.get(tenant, self.admission.default_limits)
@@ -248,10 +264,14 @@ _ENV_OVERRIDES = {
 def _apply_env(raw: dict[str, Any]) -> dict[str, Any]:
     for var, (section, key) in _ENV_OVERRIDES.items():
         value = os.environ.get(var)
-        if value:
-            sect = raw.setdefault(section, {})
-            if isinstance(sect, dict):
-                sect[key] = value
+        if not value:
+            continue
+        sect = raw.setdefault(section, {})
+        if not isinstance(sect, dict):
+            continue
+        if section == "state" and sect.get("kind", "sqlite") != "production":
+            continue  # store URLs only mean something in production mode
+        sect[key] = value
     if os.environ.get("INGEST_DATA_DIR"):
         raw["data_dir"] = os.environ["INGEST_DATA_DIR"]
     return raw

@@ -102,3 +102,20 @@ class DLQStore(Protocol):
     async def health(self) -> dict[str, Any]: ...
 
     async def close(self) -> None: ...
+
+
+DroppedRow = tuple[bytes, str, str, bytes, float]  # (dedupe key, tenant, source, payload, dropped_at)
+
+
+class DroppedStore(Protocol):
+    """Records brownout dropped, kept so a later replay can bring them back."""
+
+    async def add(self, records: Sequence[DroppedRow]) -> None: ...
+
+    async def count(self, tenant: str | None = None) -> int: ...
+
+    def scan(
+        self, tenant: str | None = None, batch_size: int = 500
+    ) -> AsyncIterator[list[DroppedRow]]: ...
+
+    async def delete(self, keys: Sequence[bytes]) -> int: ...

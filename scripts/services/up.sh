@@ -6,7 +6,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 export INGEST_RUN_DIR="${INGEST_RUN_DIR:-/tmp/ingest-test-run}"
 mkdir -p "$INGEST_RUN_DIR"
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(postgres redis kafka neo4j typesense seaweedfs sshd)
+[ ${#names[@]} -gt 0 ] || names=(tools postgres redis kafka neo4j typesense seaweedfs sshd)
 : > "$INGEST_RUN_DIR/all.env"
 for n in "${names[@]}"; do
   echo "== $n: install"

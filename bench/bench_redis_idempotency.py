@@ -1,0 +1,136 @@
+"""Memory and speed of the Redis idempotency store against plain `SET NX EX` keys.
+
+    uv run python bench/bench_redis_idempotency.py [--url redis://...] [--keys 10000000]
+
+Claims N random 32-byte digests in batches through RedisIdempotencyStore, then prints the
+INFO used_memory delta per key, claims/s and seen/s, and the same figures for the naive layout
+(one pipelined `SET <hex> 1 NX EX ttl` per key, on fewer keys) measured in the same run, so the
+ratios compare against what this Redis does flat out. Its keys use a private prefix and are
+deleted at the end. Use a Redis of its own: 10M keys take a few hundred MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+
+import redis.asyncio as aioredis
+
+from ingest.state.redis import RedisIdempotencyStore, redis_client
+
+
+def digests(n: int) -> list[bytes]:
+    blob = os.urandom(32 * n)
+    return [blob[i : i + 32] for i in range(0, 32 * n, 32)]
+
+
+async def used_memory(r: aioredis.Redis) -> int:
+    return int((await r.info("memory"))["used_memory"])
+
+
+async def unlink_prefix(r: aioredis.Redis, prefix: str) -> None:
+    batch: list[bytes] = []
+    async for key in r.scan_iter(match=f"{prefix}*", count=10_000):
+        batch.append(key)
+        if len(batch) >= 10_000:
+            await r.unlink(*batch)
+            batch = []
+    if batch:
+        await r.unlink(*batch)
+
+
+async def unlink_store(r: aioredis.Redis, store: RedisIdempotencyStore, shard_bits: int) -> None:
+    """Delete the store's hashes by name (every shard of every day with a counter): no SCAN."""
+    for day in store.live_days(time.time()):
+        prefix = store.bucket_prefix(day)
+        if not await r.exists(prefix + "n"):
+            continue
+        width = (shard_bits + 3) // 4
+        names = [f"{prefix}{i:0{width}x}" for i in range(2**shard_bits)] + [prefix + "n"]
+        for i in range(0, len(names), 20_000):
+            await r.unlink(*names[i : i + 20_000])
+
+
+async def bench_store(r: aioredis.Redis, n: int, batch: int, seen_n: int) -> dict[str, float]:
+    prefix = f"bench_idem_{os.getpid()}"
+    store = RedisIdempotencyStore(r, prefix=prefix)
+    before = await used_memory(r)
+    claimed: list[bytes] = []
+    t_claim = 0.0
+    done = 0
+    while done < n:
+        chunk = digests(min(batch, n - done))
+        t0 = time.perf_counter()
+        await store.claim(chunk)
+        t_claim += time.perf_counter() - t0
+        done += len(chunk)
+        if len(claimed) < seen_n // 2:
+            claimed.extend(chunk[: seen_n // 2 - len(claimed)])
+    mem = await used_memory(r) - before
+    probe = claimed + digests(seen_n - len(claimed))
+    t0 = time.perf_counter()
+    hits = 0
+    for i in range(0, len(probe), batch):
+        hits += sum(await store.seen(probe[i : i + batch]))
+    t_seen = time.perf_counter() - t0
+    assert hits == len(claimed), f"seen() found {hits} of {len(claimed)} claimed keys"
+    stats = await store.stats()
+    await unlink_store(r, store, 20)
+    return {
+        "keys": n,
+        "mem": mem,
+        "bpk": mem / n,
+        "claim_rate": n / t_claim,
+        "seen_rate": len(probe) / t_seen,
+        "stats_keys": stats["keys"],
+    }
+
+
+async def bench_raw(r: aioredis.Redis, n: int, batch: int, ttl: int) -> dict[str, float]:
+    prefix = f"bench_raw_{os.getpid()}:"
+    before = await used_memory(r)
+    t = 0.0
+    done = 0
+    while done < n:
+        names = [prefix + d.hex() for d in digests(min(batch, n - done))]
+        t0 = time.perf_counter()
+        pipe = r.pipeline(transaction=False)
+        for name in names:
+            pipe.set(name, b"1", nx=True, ex=ttl)
+        await pipe.execute()
+        t += time.perf_counter() - t0
+        done += len(names)
+    mem = await used_memory(r) - before
+    await unlink_prefix(r, prefix)
+    return {"keys": n, "bpk": mem / n, "rate": n / t}
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--url", default=os.environ.get("INGEST_TEST_REDIS_URL"))
+    ap.add_argument("--keys", type=int, default=10_000_000)
+    ap.add_argument("--batch", type=int, default=2000)
+    ap.add_argument("--seen-keys", type=int, default=1_000_000)
+    ap.add_argument("--raw-keys", type=int, default=300_000)
+    a = ap.parse_args()
+    if not a.url:
+        raise SystemExit("set INGEST_TEST_REDIS_URL (scripts/services/redis.sh start) or --url")
+    r = redis_client(a.url)
+    raw = await bench_raw(r, a.raw_keys, a.batch, 7 * 86400)
+    st = await bench_store(r, a.keys, a.batch, min(a.seen_keys, a.keys))
+    print(f"keys claimed            {st['keys']:>14,.0f}   (stats() says {st['stats_keys']:,.0f})")
+    print(f"used_memory delta       {st['mem']:>14,.0f} B")
+    print(f"bytes/key               {st['bpk']:>14.1f}   raw SET NX EX: {raw['bpk']:.1f}")
+    print(f"claims/s                {st['claim_rate']:>14,.0f}")
+    print(f"seen/s                  {st['seen_rate']:>14,.0f}")
+    print(f"raw SET NX EX/s         {raw['rate']:>14,.0f}   ({raw['keys']:,.0f} keys, pipelined)")
+    print(f"ratio claims/raw        {st['claim_rate'] / raw['rate']:>14.2f}")
+    print(f"ratio seen/raw          {st['seen_rate'] / raw['rate']:>14.2f}")
+    print(f"memory ratio raw/store  {raw['bpk'] / st['bpk']:>14.1f}")
+    await r.aclose()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

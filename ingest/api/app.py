@@ -1,0 +1,219 @@
+"""HTTP: health, metrics, admin controls and the webhook intake.
+
+Every answer that is not a success is JSON with an `error` (short code) and a `reason`
+(a sentence an operator or a sender can act on); no traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ingest.errors import StoreUnavailable
+from ingest.pipeline.admission import BackpressureState, Rejected
+
+if TYPE_CHECKING:
+    from ingest.service import Service
+
+log = logging.getLogger(__name__)
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl",
+                 "application/json-seq", "text/plain")
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS),
+                    status_code=status, media_type="application/json", headers=headers)
+
+
+def error(status: int, code: str, reason: str, **extra: Any) -> Response:
+    headers = extra.pop("headers", None)
+    return json_response({"error": code, "reason": reason, **extra}, status, headers)
+
+
+def build_app(service: Service) -> Starlette:
+    async def health_detailed(request: Request) -> Response:
+        return json_response(await service.health())
+
+    async def health_live(request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def metrics(request: Request) -> Response:
+        service.refresh_gauges()
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def admin(request: Request) -> Response:
+        action = request.path_params["action"]
+        params = dict(request.query_params)
+        allowed = {"brownout": {"rate"}}.get(action, set())
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            return error(400, "unknown_parameter",
+                         f"/admin/{action} takes no parameter {', '.join(unknown)}"
+                         + (f" (it takes: {', '.join(sorted(allowed))})" if allowed else ""))
+        adm = service.admission
+        previous = adm.state.value
+        if action == "drain":
+            adm.drain()
+        elif action == "pause":
+            adm.pause()
+        elif action == "resume":
+            adm.resume()
+        elif action == "brownout":
+            rate = _parse_rate(params.get("rate"))
+            if isinstance(rate, Response):
+                return rate
+            adm.brownout(rate)
+        else:
+            return error(404, "unknown_action",
+                         f"no admin action '{action}'; use drain, pause, resume or brownout")
+        log.warning("admin %s: backpressure %s -> %s", action, previous, adm.state.value)
+        return json_response({"action": action, "previous_state": previous,
+                              "state": adm.state.value, "backpressure": adm.snapshot()})
+
+    async def webhook(request: Request) -> Response:
+        return await _webhook(service, request)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            return error(405, "method_not_allowed",
+                         f"{request.method} is not allowed on {request.url.path}; use POST"
+                         if request.url.path.startswith(("/admin", "/v1/webhooks"))
+                         else f"{request.method} is not allowed on {request.url.path}; use GET")
+        return error(exc.status_code, "not_found",
+                     f"no endpoint {request.url.path}; see GET /health/detailed, GET /metrics, "
+                     "POST /admin/{drain,resume,pause,brownout}, POST /v1/webhooks/{tenant}/{source}")
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path)
+        return error(500, "internal_error", "the service hit an unexpected error; see its log")
+
+    routes = [
+        Route("/health/detailed", health_detailed, methods=["GET"]),
+        Route("/health", health_live, methods=["GET"]),
+        Route("/health/live", health_live, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/admin/{action}", admin, methods=["POST"]),
+        Route("/v1/webhooks/{tenant}/{source}", webhook, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found,
+                                                        Exception: server_error})
+
+
+def _parse_rate(value: str | None) -> float | None | Response:
+    if value is None:
+        return None
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = math.nan
+    if not (0 < rate <= 1):
+        return error(400, "invalid_rate",
+                     f"rate must be a number in (0, 1] (the share of low-priority records kept); "
+                     f"got '{value}'")
+    return rate
+
+
+async def _webhook(service: Service, request: Request) -> Response:
+    tenant = request.path_params["tenant"]
+    source = request.path_params["source"]
+    for what, value in (("tenant", tenant), ("source", source)):
+        if not _NAME.match(value):
+            return error(400, f"invalid_{what}",
+                         f"{what} '{value}' must match {_NAME.pattern}")
+    intake = service.intake
+    if intake is None:
+        return error(404, "webhooks_disabled", "no webhook source is configured")
+    state = service.admission.state
+    if state in (BackpressureState.DRAIN, BackpressureState.PAUSED):
+        return error(503, state.value,
+                     f"ingest is {'draining' if state is BackpressureState.DRAIN else 'paused'}; "
+                     "nothing new is accepted until an operator resumes it",
+                     headers={"Retry-After": "30"})
+
+    limit = service.config.http.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return error(413, "body_too_large", f"body is {declared} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            return error(413, "body_too_large", f"body exceeds the limit of {limit} bytes")
+    if not body.strip():
+        return error(400, "empty_body", "the body is empty; send a JSON object, an array, or NDJSON")
+
+    lines, malformed = _split_records(bytes(body), request.headers.get("content-type", ""))
+    if isinstance(lines, Response):
+        return lines
+
+    try:
+        service.admission.try_admit(tenant, len(lines))
+    except Rejected as rej:
+        if rej.state is BackpressureState.THROTTLED:
+            retry_after = max(1, math.ceil(rej.retry_after or 1))
+            return error(429, "throttled", rej.reason, retry_after_seconds=retry_after,
+                         headers={"Retry-After": str(retry_after)})
+        return error(503, rej.state.value, rej.reason, headers={"Retry-After": "30"})
+
+    try:
+        intake_id = await intake.append(tenant, source, lines, time.time())
+    except StoreUnavailable as exc:
+        return error(503, "intake_unavailable",
+                     f"could not make the body durable ({exc}); nothing was accepted, retry later",
+                     headers={"Retry-After": "5"})
+    service.notify_webhook()
+    return json_response({"status": "accepted", "records": len(lines), "malformed": malformed,
+                          "intake_id": intake_id,
+                          **({"note": "malformed lines are accepted into the DLQ as "
+                                      "VALIDATION_FAIL; see dlqtriage"} if malformed else {})},
+                         202)
+
+
+def _split_records(body: bytes, content_type: str) -> tuple[list[bytes] | Response, int]:
+    """One JSON value, a JSON array of objects, or NDJSON -> one byte string per record.
+
+    A JSON body that does not parse is refused whole (400). NDJSON is taken line by line: if
+    no line parses it is refused (400); otherwise malformed lines are kept, so the pipeline
+    DLQs each one with its bytes and the sender can see exactly which.
+    """
+    ctype = content_type.split(";")[0].strip().lower()
+    if ctype not in _NDJSON_TYPES:
+        try:
+            value = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            if b"\n" in body.strip() and ctype != "application/json":
+                return _split_ndjson(body)
+            return error(400, "invalid_json", f"body is not JSON: {exc}"), 0
+        if isinstance(value, list):
+            if not value:
+                return error(400, "empty_array", "the JSON array holds no records"), 0
+            return [orjson.dumps(v) for v in value], 0
+        return [body.strip()], 0
+    return _split_ndjson(body)
+
+
+def _split_ndjson(body: bytes) -> tuple[list[bytes] | Response, int]:
+    lines = [ln.strip() for ln in body.splitlines()]
+    lines = [ln for ln in lines if ln]
+    malformed = 0
+    for ln in lines:
+        try:
+            orjson.loads(ln)
+        except orjson.JSONDecodeError:
+            malformed += 1
+    if malformed == len(lines):
+        return error(400, "invalid_json", "no line of the body is JSON (expected NDJSON)"), 0
+    return lines, malformed

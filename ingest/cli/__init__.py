@@ -1,0 +1,1 @@
+"""Console scripts: `ingest` (the service), `dlqtriage`, `replayctl`."""

@@ -1,0 +1,89 @@
+"""The service's Prometheus metrics: one place, so the metrics contract is readable at a glance.
+
+Labels are bounded: tenant and source come from configuration or routes, sink from the config,
+reason from the eight ReasonCodes, outcome and state from small fixed sets.
+
+    ingest_records_total{tenant,source,outcome}  every record once, at its end:
+        delivered (durable in all its sinks) | duplicate | dlq | dropped (brownout)
+    ingest_dlq_total{tenant,source,sink,reason}  DLQ entries written (sink "-" = before routing)
+    ingest_retry_total{tenant,sink,reason}       records sent to a sink again after a retryable failure
+    ingest_lag_seconds{tenant,source,sink}       histogram: source event time -> sink commit
+    ingest_backpressure_state{state}             1 for the current state, 0 for the others
+    ingest_circuit_breaker_state{sink,state}     1 for the breaker's current state
+    ingest_sink_writes_total{sink,result}        applied | unchanged | failed, per record
+    ingest_queue_depth, ingest_in_flight         admission inputs
+    ingest_adapter_lag_seconds{adapter}          the same figure as /health/detailed lag_seconds
+    ingest_source_errors_total{adapter}          errors a source reported (connection, auth, ...)
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+OUTCOMES = ("delivered", "duplicate", "dlq", "dropped")
+BACKPRESSURE_STATES = ("normal", "throttled", "brownout", "drain", "paused")
+BREAKER_STATES = ("closed", "open", "half_open")
+
+
+class Metrics:
+    """All metric families on one registry (a fresh registry per service instance)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.records = Counter(
+            "ingest_records_total", "Records processed, by end outcome.",
+            ["tenant", "source", "outcome"], registry=r,
+        )
+        self.dlq = Counter(
+            "ingest_dlq_total", "Records sent to the DLQ.",
+            ["tenant", "source", "sink", "reason"], registry=r,
+        )
+        self.retry = Counter(
+            "ingest_retry_total", "Records retried after a retryable sink failure.",
+            ["tenant", "sink", "reason"], registry=r,
+        )
+        self.lag = Histogram(
+            "ingest_lag_seconds", "Time from the source's event time to sink commit.",
+            ["tenant", "source", "sink"], buckets=LAG_BUCKETS, registry=r,
+        )
+        self.backpressure = Gauge(
+            "ingest_backpressure_state", "Current backpressure state (1 = in force).",
+            ["state"], registry=r,
+        )
+        self.breaker = Gauge(
+            "ingest_circuit_breaker_state", "Circuit breaker state per sink (1 = current).",
+            ["sink", "state"], registry=r,
+        )
+        self.sink_writes = Counter(
+            "ingest_sink_writes_total", "Per-record results of sink writes.",
+            ["sink", "result"], registry=r,
+        )
+        self.queue_depth = Gauge(
+            "ingest_queue_depth", "Records read or accepted but not yet committed.", registry=r
+        )
+        self.in_flight = Gauge("ingest_in_flight", "Batches in sinks right now.", registry=r)
+        self.adapter_lag = Gauge(
+            "ingest_adapter_lag_seconds", "Per-adapter lag, as in /health/detailed.",
+            ["adapter"], registry=r,
+        )
+        self.source_errors = Counter(
+            "ingest_source_errors_total", "Errors reported by source adapters.",
+            ["adapter"], registry=r,
+        )
+        self.set_backpressure("normal")
+
+    def set_backpressure(self, state: str) -> None:
+        for s in BACKPRESSURE_STATES:
+            self.backpressure.labels(s).set(1 if s == state else 0)
+
+    def set_breaker(self, sink: str, state: str) -> None:
+        for s in BREAKER_STATES:
+            self.breaker.labels(sink, s).set(1 if s == state else 0)
+
+    def declare_sink(self, sink: str) -> None:
+        """Create a sink's series so dashboards see it before any event."""
+        self.set_breaker(sink, "closed")
+        for result in ("applied", "unchanged", "failed"):
+            self.sink_writes.labels(sink, result)

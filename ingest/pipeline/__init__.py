@@ -1,0 +1,1 @@
+"""The pipeline's own mechanisms (admission, retry, breaker, commit watermark) and the worker."""

@@ -1,0 +1,352 @@
+"""Admission control: per-tenant token buckets, the in-flight semaphore, the backpressure state.
+
+Everything that enters the pipeline passes here. Push sources (webhooks) cannot be made to
+wait, so `try_admit` answers at once and the HTTP layer turns a refusal into 429/503; pull
+sources simply read more slowly (`admit` waits). The state machine is what operators see as
+`ingest_backpressure_state` and steer with /admin/drain, /admin/pause, /admin/brownout and
+/admin/resume. Time-based transitions (throttled expiring, automatic brownout) are noticed
+lazily when `state` is read, so nothing needs a timer task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from ingest.config import AdmissionConfig, TenantLimits
+
+THROTTLE_WINDOW = 1.0  # seconds a wait or refusal keeps the state "throttled"
+_EPS = 1e-9  # float slack, so a bucket refilled for exactly n tokens hands them out
+
+
+class BackpressureState(StrEnum):
+    NORMAL = "normal"
+    THROTTLED = "throttled"
+    BROWNOUT = "brownout"
+    DRAIN = "drain"
+    PAUSED = "paused"
+
+
+STATE_VALUES: dict[BackpressureState, int] = {
+    BackpressureState.NORMAL: 0,
+    BackpressureState.THROTTLED: 1,
+    BackpressureState.BROWNOUT: 2,
+    BackpressureState.DRAIN: 3,
+    BackpressureState.PAUSED: 4,
+}
+
+
+class TokenBucket:
+    """Classic token bucket: `rate` tokens per second, at most `burst` saved up. Starts full."""
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic):
+        if rate <= 0 or burst <= 0:
+            raise ValueError("rate and burst must be > 0")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = burst
+        self._last = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        if now > self._last:
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+
+    @property
+    def tokens(self) -> float:
+        self._refill()
+        return self._tokens
+
+    def try_take(self, n: float) -> bool:
+        """Take n tokens if they are there; never blocks."""
+        self._refill()
+        if n <= self._tokens + _EPS:
+            self._tokens -= n
+            return True
+        return False
+
+    def wait_time(self, n: float) -> float:
+        """Seconds until n tokens are there; inf if n > burst (callers split such requests)."""
+        if n > self.burst:
+            return math.inf
+        self._refill()
+        return max(0.0, (n - self._tokens) / self.rate)
+
+
+class Rejected(Exception):
+    """Work refused at the door. `reason` is for humans; `state` and `retry_after` for HTTP."""
+
+    def __init__(
+        self, state: BackpressureState, reason: str, retry_after: float | None = None
+    ) -> None:
+        super().__init__(reason)
+        self.state = state
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+def _iso(wall: float) -> str:
+    return datetime.fromtimestamp(wall, UTC).isoformat()
+
+
+class Admission:
+    """The pipeline's front door: rate limits, concurrency and operator-set modes."""
+
+    def __init__(
+        self,
+        cfg: AdmissionConfig,
+        limits_for: Callable[[str], TenantLimits],
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
+        self.cfg = cfg
+        self.on_change: Callable[[BackpressureState], None] | None = None
+        self._limits_for = limits_for
+        self._clock = clock
+        self._wall = wall_clock
+        self._sleep = sleep
+        self._buckets: dict[str, TokenBucket] = {}
+        self._sem = asyncio.Semaphore(cfg.max_in_flight)
+        self._in_flight = 0
+        self._paused = False
+        self._draining = False
+        self._manual_rate: float | None = None
+        self._auto_brownout = False
+        self._depth = 0
+        self._above_since: float | None = None  # monotonic; depth > high watermark since then
+        self._throttled_until = -math.inf
+        self._wake = asyncio.Event()  # set unless paused (or when draining: waiters must leave)
+        self._wake.set()
+        self._state = BackpressureState.NORMAL
+        self._since = wall_clock()
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _compute(self, now: float) -> BackpressureState:
+        if (
+            not self._auto_brownout
+            and self._above_since is not None
+            and now - self._above_since >= self.cfg.brownout_after_seconds
+        ):
+            self._auto_brownout = True
+        if self._paused:
+            return BackpressureState.PAUSED
+        if self._draining:
+            return BackpressureState.DRAIN
+        if self._manual_rate is not None or self._auto_brownout:
+            return BackpressureState.BROWNOUT
+        if now < self._throttled_until:
+            return BackpressureState.THROTTLED
+        return BackpressureState.NORMAL
+
+    def _refresh(self) -> BackpressureState:
+        new = self._compute(self._clock())
+        if new is not self._state:
+            self._state = new
+            self._since = self._wall()
+            if self.on_change is not None:
+                self.on_change(new)
+        return new
+
+    @property
+    def state(self) -> BackpressureState:
+        """Precedence: paused > drain > brownout > throttled > normal."""
+        return self._refresh()
+
+    @property
+    def since(self) -> float:
+        """Wall time of the last change of `state`."""
+        self._refresh()
+        return self._since
+
+    @property
+    def brownout_rate(self) -> float | None:
+        """Share of low-priority records kept, while brownout (manual or automatic) is on."""
+        self._refresh()
+        if self._manual_rate is not None:
+            return self._manual_rate
+        return self.cfg.brownout_rate if self._auto_brownout else None
+
+    @property
+    def brownout_mode(self) -> str | None:
+        self._refresh()
+        if self._manual_rate is not None:
+            return "manual"
+        return "automatic" if self._auto_brownout else None
+
+    # -- tokens --------------------------------------------------------------------------
+
+    def bucket(self, tenant: str) -> TokenBucket:
+        b = self._buckets.get(tenant)
+        if b is None:
+            lim = self._limits_for(tenant)
+            b = self._buckets[tenant] = TokenBucket(lim.rate, lim.burst, self._clock)
+        return b
+
+    def _throttle(self) -> None:
+        self._throttled_until = self._clock() + THROTTLE_WINDOW
+        self._refresh()
+
+    def _refuse_if_closed(self) -> None:
+        st = self._refresh()
+        if st is BackpressureState.PAUSED:
+            raise Rejected(st, "ingest is paused by an operator (POST /admin/resume to resume)")
+        if st is BackpressureState.DRAIN:
+            raise Rejected(st, "ingest is draining: finishing in-flight work, accepting none")
+
+    def try_admit(self, tenant: str, n: int) -> None:
+        """Push path: admit n records now or raise Rejected; never waits."""
+        self._refuse_if_closed()
+        if n <= 0:
+            return
+        b = self.bucket(tenant)
+        if n > b.burst:
+            self._throttle()
+            raise Rejected(
+                BackpressureState.THROTTLED,
+                f"{n} records exceed tenant '{tenant}' burst of {b.burst:g}: send smaller batches",
+            )
+        if not b.try_take(n):
+            self._throttle()
+            raise Rejected(
+                BackpressureState.THROTTLED,
+                f"tenant '{tenant}' is over its rate of {b.rate:g} records/s",
+                retry_after=b.wait_time(n),
+            )
+
+    async def admit(self, tenant: str, n: int) -> None:
+        """Pull path: wait for n tokens (in burst-sized parts), wait while paused.
+
+        Raises Rejected(DRAIN) in drain, also if drain starts while waiting.
+        """
+        b = self.bucket(tenant)
+        remaining = float(n)
+        while remaining > 0:
+            await self.wait_while_paused()
+            self._refuse_if_closed()
+            part = min(remaining, b.burst)
+            if b.try_take(part):
+                remaining -= part
+                continue
+            self._throttle()
+            await self._sleep(b.wait_time(part))
+            self._throttle()
+
+    # -- concurrency ---------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _hold(self) -> AsyncIterator[None]:
+        async with self._sem:
+            self._in_flight += 1
+            try:
+                yield
+            finally:
+                self._in_flight -= 1
+
+    def in_flight(self) -> AbstractAsyncContextManager[None]:
+        """Hold one of cfg.max_in_flight slots for a batch in the sinks."""
+        return self._hold()
+
+    @property
+    def in_flight_count(self) -> int:
+        return self._in_flight
+
+    # -- queue depth and automatic brownout ----------------------------------------------
+
+    def set_queue_depth(self, depth: int) -> None:
+        """Feed the current queue depth; drives automatic brownout with hysteresis.
+
+        Enter once depth has stayed above the high watermark for brownout_after_seconds;
+        leave only when it drops below the low watermark, so it cannot flap in between.
+        """
+        self._depth = depth
+        if depth > self.cfg.queue_high_watermark:
+            if self._above_since is None:
+                self._above_since = self._clock()
+        else:
+            self._above_since = None
+            if depth < self.cfg.queue_low_watermark:
+                self._auto_brownout = False
+        self._refresh()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._depth
+
+    # -- operator controls ---------------------------------------------------------------
+
+    def _sync_wake(self) -> None:
+        if self._paused and not self._draining:
+            self._wake.clear()
+        else:
+            self._wake.set()
+
+    def drain(self) -> None:
+        self._draining = True
+        self._sync_wake()
+        self._refresh()
+
+    def pause(self) -> None:
+        self._paused = True
+        self._sync_wake()
+        self._refresh()
+
+    def resume(self) -> None:
+        """Clear paused, drain and brownout (manual and automatic).
+
+        Automatic brownout may come back: its timer restarts now if the queue is still deep.
+        """
+        self._paused = False
+        self._draining = False
+        self._manual_rate = None
+        self._auto_brownout = False
+        self._above_since = self._clock() if self._depth > self.cfg.queue_high_watermark else None
+        self._sync_wake()
+        self._refresh()
+
+    def brownout(self, rate: float | None = None) -> None:
+        """Manual brownout keeping `rate` (in (0, 1]) of low-priority records."""
+        r = self.cfg.brownout_rate if rate is None else rate
+        if not 0.0 < r <= 1.0:
+            raise ValueError(f"brownout rate must be in (0, 1], got {r}")
+        self._manual_rate = r
+        self._refresh()
+
+    def keep_in_brownout(self, dedupe_key: bytes, priority: str) -> bool:
+        """Deterministic sampling: the same record is kept or dropped on every worker/retry."""
+        if priority != "low":
+            return True
+        rate = self.brownout_rate
+        if rate is None:
+            return True
+        return int.from_bytes(dedupe_key[:8], "big") / 2**64 < rate
+
+    async def wait_while_paused(self) -> None:
+        """Return at once unless paused; otherwise on resume (or drain)."""
+        while self._paused and not self._draining:
+            await self._wake.wait()
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-ready view for /health/detailed `.backpressure`."""
+        st = self.state
+        return {
+            "state": st.value,
+            "since": _iso(self._since),
+            "tokens": {t: b.tokens for t, b in self._buckets.items()},
+            "in_flight": self._in_flight,
+            "queue_depth": self._depth,
+            "brownout_rate": self.brownout_rate,
+            "brownout_mode": self.brownout_mode,
+            "max_in_flight": self.cfg.max_in_flight,
+            "queue_high_watermark": self.cfg.queue_high_watermark,
+            "queue_low_watermark": self.cfg.queue_low_watermark,
+        }

@@ -1,0 +1,375 @@
+"""A record's whole life after its source hands it over, top to bottom.
+
+    decode (bytes -> upgraded, validated record)       ingest.pipeline.decode
+      └─ failure -> DLQ (SCHEMA_DRIFT / VALIDATION_FAIL, sink "-")
+    dedupe: same key earlier in this batch, or claimed before -> counted as duplicate
+    brownout: low priority sampled out -> dropped store (replayable), counted
+    route: the sinks configured for (tenant, entity_type)
+    deliver to every sink at once, each behind its breaker, with retry for retryable codes
+      └─ per-sink failure -> DLQ entry for that sink only
+    DLQ written -> idempotency keys claimed -> processed counts -> metrics
+    (then the runner commits the source position, in order, through the commit watermark)
+
+Nothing here acknowledges a source: `Pipeline.deliver` returns only once every record of the
+batch is durable in its sinks or in the DLQ. Stores that are briefly down (Redis restarting,
+Postgres failing over) are waited for, never skipped, because skipping would lose records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from ingest.config import Config
+from ingest.errors import SinkError, StoreUnavailable
+from ingest.metrics import Metrics
+from ingest.pipeline.admission import Admission
+from ingest.pipeline.breaker import CircuitBreaker
+from ingest.pipeline.decode import DecodeFailure
+from ingest.pipeline.retry import RetryPolicy
+from ingest.records import (
+    DLQEntry,
+    RawRecord,
+    ReasonCode,
+    Record,
+    SinkResult,
+    SinkStatus,
+    raw_dedupe_key,
+)
+from ingest.sinks.base import Sink
+from ingest.state.base import DLQStore, DroppedStore, IdempotencyStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class BatchReport:
+    """What happened to one batch; the e2e tests and the redrive CLI read these counts."""
+
+    delivered: int = 0
+    duplicate: int = 0
+    dropped: int = 0
+    dlq: int = 0
+    dlq_entries: list[DLQEntry] = field(default_factory=list)
+    # For redrive: final result per (record index in the input, sink name)
+    sink_results: dict[tuple[int, str], SinkResult] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class SinkLane:
+    """A sink with its own breaker: one failing sink never holds back the others."""
+
+    sink: Sink
+    breaker: CircuitBreaker
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        admission: Admission,
+        idempotency: IdempotencyStore,
+        dlq: DLQStore,
+        dropped: DroppedStore,
+        lanes: Mapping[str, SinkLane],
+        metrics: Metrics,
+        retry: RetryPolicy,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.admission = admission
+        self.idempotency = idempotency
+        self.dlq = dlq
+        self.dropped = dropped
+        self.lanes = dict(lanes)
+        self.metrics = metrics
+        self.retry = retry
+        self.clock = clock
+        self.sleep = sleep
+        self.rng = rng or random.Random()
+        self.store_errors: list[str] = []  # recent store outages, for /health/detailed
+
+    # ------------------------------------------------------------------ the batch path
+    async def deliver(
+        self,
+        raws: Sequence[RawRecord],
+        decoded: Sequence[Record | DecodeFailure],
+        *,
+        check_duplicates: bool = True,
+    ) -> BatchReport:
+        """Take a decoded batch to durable: sinks or DLQ. Returns the batch's counts.
+
+        `decoded[i]` is the decoder's answer for `raws[i]`. `check_duplicates=False` is for
+        redrive, whose records were claimed when they first went to the DLQ.
+        """
+        report = BatchReport()
+        now = self.clock()
+        dlq_entries: list[DLQEntry] = []
+        records: list[tuple[int, Record]] = []
+        failures = 0
+        for i, item in enumerate(decoded):
+            if isinstance(item, DecodeFailure):
+                failures += 1
+                dlq_entries.append(_decode_failure_entry(raws[i], item, now))
+                self._count(raws[i], "dlq")
+            else:
+                records.append((i, item))
+
+        if check_duplicates:
+            records = await self._drop_duplicates(records, report)
+        records = await self._brownout(records, report, now)
+
+        by_sink: dict[str, list[tuple[int, Record]]] = defaultdict(list)
+        for i, rec in records:
+            for sink_name in self.config.sinks_for(rec.tenant, rec.entity_type):
+                by_sink[sink_name].append((i, rec))
+        outcomes = await asyncio.gather(
+            *(self._deliver_to_sink(name, items) for name, items in by_sink.items())
+        )
+        failed_records: set[int] = set()
+        all_unchanged: dict[int, bool] = {}
+        commit_time = self.clock()
+        for sink_name, results in zip(by_sink, outcomes, strict=True):
+            lag = self.metrics.lag
+            for (i, rec), (result, attempts) in zip(by_sink[sink_name], results, strict=True):
+                report.sink_results[(i, sink_name)] = result
+                if result.status is SinkStatus.FAILED:
+                    assert result.reason is not None
+                    failed_records.add(i)
+                    dlq_entries.append(
+                        _sink_failure_entry(rec, sink_name, result, attempts, commit_time)
+                    )
+                    continue
+                unchanged = result.status is SinkStatus.UNCHANGED
+                all_unchanged[i] = all_unchanged.get(i, True) and unchanged
+                lag.labels(rec.tenant, rec.raw.source, sink_name).observe(
+                    max(0.0, commit_time - rec.raw.event_time)
+                )
+
+        if dlq_entries:
+            await self.until_ok("dlq", lambda: self.dlq.add(dlq_entries))
+        claim = [rec.dedupe_key for _, rec in records]
+        if claim:
+            await self.until_ok("idempotency", lambda: self.idempotency.claim(claim))
+
+        counts: Counter[tuple[str, str]] = Counter((raw.tenant, raw.source) for raw in raws)
+        await self.until_ok("dlq", lambda: self.dlq.record_processed(counts))
+
+        for entry in dlq_entries:
+            self.metrics.dlq.labels(
+                entry.tenant, entry.source, entry.sink or "-", entry.reason
+            ).inc()
+        for i, rec in records:
+            if i in failed_records:
+                self._count(rec.raw, "dlq")
+            elif all_unchanged.get(i, False):
+                self._count(rec.raw, "duplicate")
+                report.duplicate += 1
+            else:
+                self._count(rec.raw, "delivered")
+                report.delivered += 1
+        report.dlq = failures + len(failed_records)
+        report.dlq_entries = dlq_entries
+        return report
+
+    def _count(self, raw: RawRecord, outcome: str) -> None:
+        self.metrics.records.labels(raw.tenant, raw.source, outcome).inc()
+
+    async def _drop_duplicates(
+        self, records: list[tuple[int, Record]], report: BatchReport
+    ) -> list[tuple[int, Record]]:
+        """A record whose key is in this batch already, or was claimed before, has no effect."""
+        first: list[tuple[int, Record]] = []
+        keys_in_batch: set[bytes] = set()
+        for i, rec in records:
+            if rec.dedupe_key in keys_in_batch:
+                self._count(rec.raw, "duplicate")
+                report.duplicate += 1
+            else:
+                keys_in_batch.add(rec.dedupe_key)
+                first.append((i, rec))
+        if not first:
+            return first
+        keys = [rec.dedupe_key for _, rec in first]
+        seen = await self.until_ok("idempotency", lambda: self.idempotency.seen(keys))
+        fresh: list[tuple[int, Record]] = []
+        for (i, rec), was_seen in zip(first, seen, strict=True):
+            if was_seen:
+                self._count(rec.raw, "duplicate")
+                report.duplicate += 1
+            else:
+                fresh.append((i, rec))
+        return fresh
+
+    async def _brownout(
+        self, records: list[tuple[int, Record]], report: BatchReport, now: float
+    ) -> list[tuple[int, Record]]:
+        """In brownout, low-priority records sample out by key; they are kept for replay."""
+        if self.admission.brownout_rate is None:
+            return records
+        kept: list[tuple[int, Record]] = []
+        dropped: list[tuple[bytes, str, str, bytes, float]] = []
+        for i, rec in records:
+            if self.admission.keep_in_brownout(rec.dedupe_key, rec.priority.value):
+                kept.append((i, rec))
+            else:
+                dropped.append((rec.dedupe_key, rec.tenant, rec.raw.source, rec.raw.data, now))
+                self._count(rec.raw, "dropped")
+        if dropped:
+            await self.until_ok("dropped", lambda: self.dropped.add(dropped))
+            report.dropped += len(dropped)
+        return kept
+
+    # ------------------------------------------------------------------ one sink
+    async def _deliver_to_sink(
+        self, sink_name: str, items: Sequence[tuple[int, Record]]
+    ) -> list[tuple[SinkResult, int]]:
+        """Final (result, attempts) per record: retry retryable failures, breaker first."""
+        lane = self.lanes[sink_name]
+        records = [rec for _, rec in items]
+        final: list[tuple[SinkResult, int] | None] = [None] * len(records)
+        pending = list(range(len(records)))
+        attempt = 0
+        started = time.monotonic()
+        while pending:
+            attempt += 1
+            results = await self._attempt(lane, [records[j] for j in pending])
+            retry_next: list[int] = []
+            for j, result in zip(pending, results, strict=True):
+                if result.status is SinkStatus.FAILED and result.reason is not None:
+                    if result.reason.retryable:
+                        retry_next.append(j)
+                    self.metrics.sink_writes.labels(sink_name, "failed").inc()
+                else:
+                    self.metrics.sink_writes.labels(sink_name, result.status.value).inc()
+                final[j] = (result, attempt)
+            if not retry_next:
+                break
+            reason = results[pending.index(retry_next[0])].reason
+            assert reason is not None
+            delay = self.retry.backoff(attempt, self.rng)
+            if reason is ReasonCode.CIRCUIT_OPEN:
+                delay = max(delay, lane.breaker.retry_after())
+            elapsed = time.monotonic() - started
+            if not self.retry.should_retry(reason, attempt, elapsed, delay):
+                break
+            for j in retry_next:
+                self.metrics.retry.labels(records[j].tenant, sink_name, reason.value).inc()
+            await self.sleep(delay)
+            pending = retry_next
+        out: list[tuple[SinkResult, int]] = []
+        for item in final:
+            assert item is not None
+            out.append(item)
+        return out
+
+    async def _attempt(self, lane: SinkLane, records: list[Record]) -> list[SinkResult]:
+        """One write through the breaker; whole-batch errors become one result per record."""
+        if not lane.breaker.allow():
+            detail = {
+                "message": f"circuit breaker for sink '{lane.sink.name}' is open",
+                "retry_after_seconds": round(lane.breaker.retry_after(), 3),
+            }
+            return [SinkResult.failed(ReasonCode.CIRCUIT_OPEN, **detail)] * len(records)
+        try:
+            results = await lane.sink.write(records)
+        except SinkError as exc:
+            if exc.reason.retryable:
+                lane.breaker.record_failure()
+            else:
+                lane.breaker.record_success()
+            detail = {"error_class": type(exc.__cause__ or exc).__name__, **exc.detail}
+            return [SinkResult.failed(exc.reason, **detail)] * len(records)
+        except Exception as exc:  # a sink bug must not crash the worker: classify and keep going
+            log.exception("sink %s raised an unclassified error", lane.sink.name)
+            lane.breaker.record_failure()
+            detail = {"error_class": type(exc).__name__, "message": str(exc) or repr(exc)}
+            return [SinkResult.failed(ReasonCode.CONNECTION_ERROR, **detail)] * len(records)
+        lane.breaker.record_success()
+        if len(results) != len(records):
+            raise RuntimeError(
+                f"sink {lane.sink.name} returned {len(results)} results for {len(records)} records"
+            )
+        return results
+
+    # ------------------------------------------------------------------ stores
+    async def until_ok(self, store: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Call a state store until it answers: a store outage pauses delivery, loses nothing."""
+        delay = 0.1
+        while True:
+            try:
+                return await fn()
+            except (StoreUnavailable, OSError, ConnectionError) as exc:
+                message = f"{store} store unavailable: {exc}"
+                log.warning("%s; retrying in %.1fs", message, delay)
+                self.store_errors.insert(0, f"{_iso(time.time())} {message}")
+                del self.store_errors[10:]
+                await self.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+def _decode_failure_entry(raw: RawRecord, item: DecodeFailure, now: float) -> DLQEntry:
+    body = item.body or {}
+    detail = dict(item.detail)
+    if "csv_header" in raw.meta:
+        detail["csv_header"] = raw.meta["csv_header"]
+    at = datetime.fromtimestamp(now, UTC)
+    return DLQEntry(
+        dedupe_key=raw_dedupe_key(raw),
+        tenant=raw.tenant,
+        source=raw.source,
+        sink=None,
+        reason=item.reason,
+        detail=detail,
+        payload=raw.data,
+        attempts=1,
+        first_failed_at=at,
+        last_failed_at=at,
+        entity_type=_str_or_none(body.get("entity_type")),
+        entity_id=_str_or_none(body.get("entity_id")),
+        revision=body.get("revision") if isinstance(body.get("revision"), int) else None,
+    )
+
+
+def _sink_failure_entry(
+    rec: Record, sink: str, result: SinkResult, attempts: int, now: float
+) -> DLQEntry:
+    assert result.reason is not None
+    detail: dict[str, Any] = dict(result.detail or {})
+    if "csv_header" in rec.raw.meta:
+        detail["csv_header"] = rec.raw.meta["csv_header"]
+    at = datetime.fromtimestamp(now, UTC)
+    return DLQEntry(
+        dedupe_key=rec.dedupe_key,
+        tenant=rec.tenant,
+        source=rec.raw.source,
+        sink=sink,
+        reason=result.reason,
+        detail=detail,
+        payload=rec.raw.data,
+        attempts=attempts,
+        first_failed_at=at,
+        last_failed_at=at,
+        entity_type=rec.entity_type,
+        entity_id=rec.entity_id,
+        revision=rec.revision,
+    )
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

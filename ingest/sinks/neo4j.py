@@ -1,0 +1,289 @@
+"""Neo4j sink: each entity is an `:Entity` node, its relations are relationships.
+
+The revision guard runs inside Cypher, in the same transaction as the write: the node is
+MERGEd and write-locked (`SET n._lock`) *before* its revision is read, so two writers of one
+entity serialize on that lock and the later one sees the earlier one's revision (no lost
+update). Tombstones DETACH DELETE the node and leave a `:Tombstone` marker with the revision,
+which the guard reads too, so a late older revision cannot resurrect a deleted entity.
+Model and reasoning: docs/sinks.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from neo4j import AsyncDriver, AsyncGraphDatabase
+from neo4j.exceptions import (
+    AuthError,
+    ClientError,
+    ConnectionAcquisitionTimeoutError,
+    ConstraintError,
+    Neo4jError,
+    ServiceUnavailable,
+    SessionExpired,
+    TransientError,
+)
+
+from ingest.errors import SinkError
+from ingest.records import ReasonCode, Record, SinkResult
+from ingest.sinks.base import EntityKey, judge_in_order, latest_per_entity
+
+_SCHEMA = (
+    "CREATE CONSTRAINT ingest_entity_key IF NOT EXISTS FOR (n:Entity) "
+    "REQUIRE (n.tenant, n.entity_type, n.entity_id) IS UNIQUE",
+    "CREATE CONSTRAINT ingest_tombstone_key IF NOT EXISTS FOR (n:Tombstone) "
+    "REQUIRE (n.tenant, n.entity_type, n.entity_id) IS UNIQUE",
+)
+
+# One row per entity (the batch's winner). `stored` is the revision before this write, read
+# under the node's write lock; `applied` says whether this row was written.
+_WRITE = """
+UNWIND $rows AS row
+MERGE (n:Entity {tenant: row.tenant, entity_type: row.entity_type, entity_id: row.entity_id})
+SET n._lock = true
+WITH n, row
+OPTIONAL MATCH (tomb:Tombstone {tenant: row.tenant, entity_type: row.entity_type,
+                                entity_id: row.entity_id})
+WITH n, row, tomb, CASE WHEN tomb IS NULL OR n.revision >= tomb.revision
+                        THEN coalesce(n.revision, tomb.revision) ELSE tomb.revision END AS stored
+WITH n, row, tomb, stored, (stored IS NULL OR row.revision > stored) AS applied
+REMOVE n._lock
+WITH n, row, tomb, stored, applied
+CALL (n, applied) {
+  WITH * WHERE NOT applied AND n.revision IS NULL AND NOT EXISTS { (n)--() }
+  DELETE n
+}
+CALL (n, row, tomb, applied) {
+  WITH * WHERE applied AND NOT row.deleted
+  SET n = row.props
+  WITH n, row, tomb
+  CALL (tomb) { WITH * WHERE tomb IS NOT NULL DELETE tomb }
+  CALL (n) { MATCH (n)-[old]->() DELETE old }
+  UNWIND row.rels AS rel
+  MERGE (m:Entity {tenant: row.tenant, entity_type: rel.target_type, entity_id: rel.target_id})
+  MERGE (n)-[:$(rel.type)]->(m)
+}
+CALL (n, row, applied) {
+  WITH * WHERE applied AND row.deleted
+  MERGE (t:Tombstone {tenant: row.tenant, entity_type: row.entity_type,
+                      entity_id: row.entity_id})
+  SET t.revision = row.revision, t.occurred_at = row.occurred_at
+  DETACH DELETE n
+}
+RETURN row.tenant AS tenant, row.entity_type AS entity_type, row.entity_id AS entity_id,
+       applied, stored
+"""
+
+_RESERVED = ("tenant", "entity_type", "entity_id", "revision", "occurred_at")
+_ATTEMPTS = 5
+_ENTITY_GONE = "Neo.ClientError.Statement.EntityNotFound"  # a concurrent tombstone deleted it
+
+
+class _RowRefused(Exception):
+    """The database refused the batch for its content (constraint, type): isolate the row."""
+
+    def __init__(self, cause: Neo4jError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _prop(value: Any) -> Any:
+    """Neo4j stores scalars and flat lists only: nested values are kept as JSON text."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def _row(rec: Record) -> dict[str, Any]:
+    body = rec.body
+    props = {k: _prop(v) for k, v in (body.get("attributes") or {}).items()}
+    props.update(  # the key and guard fields win over attributes of the same name
+        tenant=rec.tenant,
+        entity_type=rec.entity_type,
+        entity_id=rec.entity_id,
+        revision=rec.revision,
+        occurred_at=_prop(body.get("occurred_at")),
+    )
+    rels = [
+        {"type": str(r["type"]), "target_type": str(r["target_type"]),
+         "target_id": str(r["target_id"])}
+        for r in body.get("relations") or ()
+    ]
+    return {
+        "tenant": rec.tenant,
+        "entity_type": rec.entity_type,
+        "entity_id": rec.entity_id,
+        "revision": rec.revision,
+        "occurred_at": props["occurred_at"],
+        "deleted": rec.deleted,
+        "props": props,
+        "rels": rels,
+    }
+
+
+def _retryable(exc: Exception) -> bool:
+    if isinstance(exc, AuthError):
+        return False
+    if isinstance(exc, TransientError | ServiceUnavailable | SessionExpired | ConstraintError):
+        return True
+    return isinstance(exc, ClientError) and exc.code == _ENTITY_GONE
+
+
+def _classify(exc: Exception, target: str) -> Exception:
+    """Translate a driver error that survived the retries; `_RowRefused` means per-row."""
+    name = type(exc).__name__
+    if isinstance(exc, ServiceUnavailable | SessionExpired | AuthError | OSError):
+        return SinkError(ReasonCode.CONNECTION_ERROR, f"neo4j at {target}: {exc}", error_class=name)
+    if isinstance(exc, TransientError | ConnectionAcquisitionTimeoutError | TimeoutError):
+        return SinkError(ReasonCode.SINK_TIMEOUT, f"neo4j at {target}: {exc}", error_class=name)
+    if isinstance(exc, ClientError) and "TransactionTimedOut" in (exc.code or ""):
+        return SinkError(ReasonCode.SINK_TIMEOUT, f"neo4j at {target}: {exc}", error_class=name)
+    if isinstance(exc, ClientError):
+        return _RowRefused(exc)
+    return SinkError(ReasonCode.CONNECTION_ERROR, f"neo4j at {target}: {exc}", error_class=name)
+
+
+class Neo4jSink:
+    """Guarded, batched upserts of entities and their relations into Neo4j."""
+
+    kind = "neo4j"
+
+    def __init__(
+        self,
+        name: str,
+        uri: str,
+        user: str,
+        password: str,
+        database: str | None = None,
+        *,
+        timeout_seconds: float = 30.0,
+    ) -> None:
+        self.name = name
+        self._uri = uri
+        self._database = database
+        self._timeout = timeout_seconds
+        self._driver: AsyncDriver = AsyncGraphDatabase.driver(
+            uri, auth=(user, password), connection_timeout=5.0,
+            connection_acquisition_timeout=timeout_seconds,
+        )
+
+    async def start(self) -> None:
+        for statement in _SCHEMA:
+            await self._run_write(statement, {})
+
+    async def close(self) -> None:
+        await self._driver.close()
+
+    async def health(self) -> dict[str, Any]:
+        try:
+            await self._driver.verify_connectivity()
+        except Exception as exc:  # health reports, never raises
+            return {"connected": False, "target": self._uri, "error": str(exc)}
+        return {"connected": True, "target": self._uri}
+
+    async def write(self, records: Sequence[Record]) -> list[SinkResult]:
+        if not records:
+            return []
+        winners = sorted(latest_per_entity(records), key=lambda r: r.entity_key)  # lock order
+        try:
+            rows = await self._run_write(_WRITE, {"rows": [_row(r) for r in winners]})
+        except _RowRefused:
+            return await self._write_isolated(records, winners)
+        return self._judge(records, rows)
+
+    async def _write_isolated(
+        self, records: Sequence[Record], winners: list[Record]
+    ) -> list[SinkResult]:
+        """One transaction per entity, so one refused row does not fail its neighbours."""
+        rows: list[dict[str, Any]] = []
+        refused: dict[EntityKey, SinkResult] = {}
+        for rec in winners:
+            try:
+                rows += await self._run_write(_WRITE, {"rows": [_row(rec)]})
+            except _RowRefused as exc:
+                refused[rec.entity_key] = SinkResult.failed(
+                    ReasonCode.CONSTRAINT_VIOLATION,
+                    error_class=type(exc.cause).__name__,
+                    code=exc.cause.code,
+                    message=exc.cause.message or str(exc.cause),
+                )
+        judged = self._judge(records, rows)
+        return [refused.get(rec.entity_key, res) for rec, res in zip(records, judged, strict=True)]
+
+    @staticmethod
+    def _judge(records: Sequence[Record], rows: list[dict[str, Any]]) -> list[SinkResult]:
+        stored: dict[EntityKey, int | None] = {}
+        written: set[EntityKey] = set()
+        for row in rows:
+            key = (row["tenant"], row["entity_type"], row["entity_id"])
+            stored[key] = row["stored"]
+            if row["applied"]:
+                written.add(key)
+        return judge_in_order(records, stored, written)
+
+    async def _run_write(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Run in one write transaction, retrying transient failures a few times."""
+        for attempt in range(_ATTEMPTS):
+            try:
+                return await asyncio.wait_for(self._tx(query, params), self._timeout + 5.0)
+            except (Neo4jError, ServiceUnavailable, SessionExpired) as exc:
+                if attempt + 1 == _ATTEMPTS or not _retryable(exc):
+                    raise _classify(exc, self._uri) from exc
+            except (ConnectionAcquisitionTimeoutError, TimeoutError, OSError) as exc:
+                raise _classify(exc, self._uri) from exc
+            await asyncio.sleep(0.02 * 2**attempt * (1 + random.random()))
+        raise AssertionError("unreachable")
+
+    async def _tx(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        async with self._driver.session(database=self._database) as session:
+            tx = await session.begin_transaction(timeout=self._timeout)
+            try:
+                result = await tx.run(query, params)
+                data = await result.data()
+                await tx.commit()
+            finally:
+                if not tx.closed():
+                    await tx.rollback()
+            return data
+
+    async def _read(self, query: str, **params: Any) -> list[dict[str, Any]]:
+        records, _, _ = await self._driver.execute_query(
+            query, params, database_=self._database, routing_="r"
+        )
+        return [r.data() for r in records]
+
+    async def count_nodes(self, tenant: str | None = None) -> int:
+        """Entities written by this sink (nodes with a revision; relation stubs not counted)."""
+        rows = await self._read(
+            "MATCH (n:Entity) WHERE n.revision IS NOT NULL AND ($t IS NULL OR n.tenant = $t) "
+            "RETURN count(n) AS c",
+            t=tenant,
+        )
+        return int(rows[0]["c"])
+
+    async def fetch(self, tenant: str, entity_type: str, entity_id: str) -> dict[str, Any] | None:
+        """Node properties plus `relationships` [{type, target_type, target_id}], for tests."""
+        rows = await self._read(
+            "MATCH (n:Entity {tenant: $t, entity_type: $et, entity_id: $id}) "
+            "OPTIONAL MATCH (n)-[r]->(m:Entity) "
+            "RETURN properties(n) AS props, collect(CASE WHEN r IS NULL THEN NULL ELSE "
+            "{type: type(r), target_type: m.entity_type, target_id: m.entity_id} END) AS rels",
+            t=tenant, et=entity_type, id=entity_id,
+        )
+        if not rows:
+            return None
+        rels = sorted(rows[0]["rels"], key=lambda r: (r["type"], r["target_type"], r["target_id"]))
+        return {**rows[0]["props"], "relationships": rels}
+
+    async def tombstone_revision(self, tenant: str, entity_type: str, entity_id: str) -> int | None:
+        """Revision of the `:Tombstone` marker left by a delete, if any."""
+        rows = await self._read(
+            "MATCH (t:Tombstone {tenant: $t, entity_type: $et, entity_id: $id}) "
+            "RETURN t.revision AS r",
+            t=tenant, et=entity_type, id=entity_id,
+        )
+        return int(rows[0]["r"]) if rows else None

@@ -1,0 +1,313 @@
+"""Postgres sink: binary COPY into a temp staging table, then one revision-guarded upsert.
+
+Per batch: `latest_per_entity` picks one winner per entity; the winners go by binary COPY
+into a per-connection TEMP table (ON COMMIT DELETE ROWS), and ONE statement both applies
+`INSERT ... ON CONFLICT DO UPDATE ... WHERE <table>.revision < excluded.revision` and returns,
+from the same snapshot, the stored revisions that matter for judging (only entities where
+some batch record is not newer than what is stored) and the winners the guard refused.
+`judge_in_order` turns that into one result per record. Tombstones keep their row
+(deleted = true, attributes NULL) so an older revision cannot resurrect the entity.
+
+Error classification (once, here):
+    QueryCanceledError (statement_timeout), a query past the client timeout -> SINK_TIMEOUT
+    TooManyConnectionsError                                          -> RATE_LIMITED
+    connection refused / lost: OSError, PostgresConnectionError,
+    InterfaceError, CannotConnectNowError, connect/acquire timeout   -> CONNECTION_ERROR
+    IntegrityConstraintViolationError or DataError in the upsert     -> bisect the batch;
+        only the entity whose row breaks it gets CONSTRAINT_VIOLATION (constraint, message)
+A connection error is retried once on a fresh connection first (the write is idempotent):
+after a server restart the pool's idle connections are dead, the next one is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]  # no stubs; see docs/postgres.md
+import orjson
+
+from ingest.errors import SinkError
+from ingest.records import ReasonCode, Record, SinkResult
+from ingest.sinks.base import EntityKey, judge_in_order, latest_per_entity
+
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
+COLUMNS = (
+    "tenant",
+    "entity_type",
+    "entity_id",
+    "revision",
+    "deleted",
+    "occurred_at",
+    "attributes",
+    "relations",
+    "dedupe_key",
+)
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+)
+_ROW_ERRORS = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
+
+
+def _ddl(t: str) -> str:
+    return f"""
+CREATE TABLE IF NOT EXISTS {t} (
+    tenant      text        NOT NULL,
+    entity_type text        NOT NULL,
+    entity_id   text        NOT NULL,
+    revision    bigint      NOT NULL,
+    deleted     boolean     NOT NULL DEFAULT false,
+    occurred_at timestamptz,
+    attributes  jsonb,
+    relations   jsonb,
+    dedupe_key  bytea       NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant, entity_type, entity_id),
+    CONSTRAINT {t}_valid CHECK (revision >= 0 AND length(entity_id) <= 256)
+);
+CREATE OR REPLACE VIEW {t}_live AS SELECT * FROM {t} WHERE NOT deleted;
+"""
+
+
+def _stage_ddl(t: str) -> str:
+    return (
+        f"CREATE TEMP TABLE IF NOT EXISTS _stage_{t} ("
+        " tenant text, entity_type text, entity_id text, revision bigint, deleted boolean,"
+        " occurred_at timestamptz, attributes jsonb, relations jsonb, dedupe_key bytea,"
+        " min_rev bigint) ON COMMIT DELETE ROWS"
+    )
+
+
+def _upsert_sql(t: str) -> str:
+    cols = ", ".join(COLUMNS)
+    sets = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[3:]) + ", updated_at = now()"
+    key = "(tenant, entity_type, entity_id)"
+    return f"""
+WITH up AS (
+    INSERT INTO {t} ({cols}, updated_at) SELECT {cols}, now() FROM _stage_{t}
+    ON CONFLICT {key} DO UPDATE SET {sets} WHERE {t}.revision < excluded.revision
+    RETURNING tenant, entity_type, entity_id
+)
+SELECT s.tenant, s.entity_type, s.entity_id, o.revision, u.tenant IS NOT NULL AS written
+FROM _stage_{t} s
+LEFT JOIN {t} o ON (o.tenant, o.entity_type, o.entity_id) = (s.tenant, s.entity_type, s.entity_id)
+LEFT JOIN up u ON (u.tenant, u.entity_type, u.entity_id) = (s.tenant, s.entity_type, s.entity_id)
+WHERE o.revision >= s.min_rev OR u.tenant IS NULL
+"""
+
+
+def _jsonb_encode(value: Any) -> bytes:
+    return b"\x01" + (value if isinstance(value, bytes) else orjson.dumps(value))
+
+
+def _jsonb_decode(data: bytes) -> Any:
+    return orjson.loads(data[1:])
+
+
+class PostgresSink:
+    """Sink on one table (layout in docs/postgres.md), created by `start()` if absent."""
+
+    kind = "postgres"
+
+    def __init__(
+        self, name: str, dsn: str, table: str = "entities", statement_timeout_ms: int = 30000
+    ) -> None:
+        if not _IDENT.match(table):
+            raise ValueError(f"table name {table!r} must match {_IDENT.pattern}")
+        self.name = name
+        self.table = table
+        self._dsn = dsn
+        self._timeout_ms = statement_timeout_ms
+        self._pool: asyncpg.Pool | None = None
+        self._upsert = _upsert_sql(table)
+        self._target = re.sub(r"//[^@/]*@", "//", dsn)
+
+    async def _init_conn(self, conn: asyncpg.Connection) -> None:
+        await conn.set_type_codec(
+            "jsonb",
+            encoder=_jsonb_encode,
+            decoder=_jsonb_decode,
+            schema="pg_catalog",
+            format="binary",
+        )
+        await conn.execute(_stage_ddl(self.table))
+
+    async def start(self) -> None:
+        try:
+            conn = await asyncpg.connect(self._dsn, timeout=2.0)
+            try:
+                await conn.execute(_ddl(self.table))
+            finally:
+                await conn.close()
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=1,
+                max_size=4,
+                timeout=2.0,
+                command_timeout=self._timeout_ms / 1000 + 10,
+                server_settings={"statement_timeout": str(self._timeout_ms)},
+                init=self._init_conn,
+            )
+        except Exception as exc:
+            raise _classify(exc, connecting=True) from exc
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise SinkError(ReasonCode.CONNECTION_ERROR, f"sink {self.name} is not started")
+        return self._pool
+
+    @staticmethod
+    def row_of(record: Record) -> tuple[Any, ...]:
+        """The row write() stores (without updated_at, which the server sets)."""
+        body = record.body
+        deleted = bool(body.get("deleted", False))
+        attributes = body.get("attributes")
+        relations = body.get("relations")
+        occurred = body.get("occurred_at")
+        return (
+            str(body["tenant_id"]),
+            str(body["entity_type"]),
+            str(body["entity_id"]),
+            int(body["revision"]),
+            deleted,
+            None if occurred is None else datetime.fromisoformat(occurred),
+            None if deleted or attributes is None else orjson.dumps(attributes),
+            None if deleted or relations is None else orjson.dumps(relations),
+            record.dedupe_key,
+        )
+
+    async def write(self, records: Sequence[Record]) -> list[SinkResult]:
+        if not records:
+            return []
+        winners = latest_per_entity(records)
+        low: dict[EntityKey, int] = {}
+        for rec in records:
+            key = rec.entity_key
+            if key not in low or rec.revision < low[key]:
+                low[key] = rec.revision
+        rows = [(*self.row_of(w), low[w.entity_key]) for w in winners]
+        stored: dict[EntityKey, int | None] = {}
+        refused: set[EntityKey] = set()
+        bad: dict[EntityKey, SinkResult] = {}
+        await self._apply(rows, stored, refused, bad)
+        written = {w.entity_key for w in winners} - refused - bad.keys()
+        results = judge_in_order(records, stored, written)
+        return [bad.get(r.entity_key, res) for r, res in zip(records, results, strict=True)]
+
+    async def _apply(
+        self,
+        rows: list[tuple[Any, ...]],
+        stored: dict[EntityKey, int | None],
+        refused: set[EntityKey],
+        bad: dict[EntityKey, SinkResult],
+    ) -> None:
+        """Upsert `rows`; on a row-level error, bisect so only the offending rows fail."""
+        try:
+            out = await self._run(rows)
+        except _ROW_ERRORS as exc:
+            if len(rows) == 1:
+                key: EntityKey = (rows[0][0], rows[0][1], rows[0][2])
+                bad[key] = SinkResult.failed(
+                    ReasonCode.CONSTRAINT_VIOLATION,
+                    error_class=type(exc).__name__,
+                    constraint=getattr(exc, "constraint_name", None),
+                    message=str(exc),
+                    incoming_revision=rows[0][3],
+                )
+                return
+            mid = len(rows) // 2
+            await self._apply(rows[:mid], stored, refused, bad)
+            await self._apply(rows[mid:], stored, refused, bad)
+            return
+        for tenant, etype, eid, revision, was_written in out:
+            key = (tenant, etype, eid)
+            if revision is not None:
+                stored[key] = revision
+            if not was_written:
+                refused.add(key)
+
+    async def _run(self, rows: list[tuple[Any, ...]]) -> list[asyncpg.Record]:
+        """COPY + upsert in one transaction; one retry on a dropped connection."""
+        for attempt in (1, 2):
+            try:
+                conn = await self.pool.acquire(timeout=2.0)
+            except Exception as exc:  # refused, or no answer within the connect timeout
+                err = _classify(exc, connecting=True)
+                if attempt == 2:
+                    raise err from exc
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                async with conn.transaction():
+                    await conn.copy_records_to_table(
+                        f"_stage_{self.table}", records=rows, columns=[*COLUMNS, "min_rev"]
+                    )
+                    return list(await conn.fetch(self._upsert))
+            except _ROW_ERRORS:
+                raise
+            except Exception as exc:
+                err = _classify(exc)
+                if attempt == 2 or err.reason is not ReasonCode.CONNECTION_ERROR:
+                    raise err from exc
+                await asyncio.sleep(0.05)
+            finally:
+                await self.pool.release(conn)
+        raise AssertionError("unreachable")
+
+    async def copy_raw(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Plain binary COPY of `row_of` rows into the table: the physical limit for benches."""
+        async with self.pool.acquire() as conn:
+            await conn.copy_records_to_table(self.table, records=rows, columns=list(COLUMNS))
+
+    async def count(self, live_only: bool = False) -> int:
+        """Rows in the table, tombstones included unless `live_only`."""
+        rel = f"{self.table}_live" if live_only else self.table
+        return int(await self.pool.fetchval(f"SELECT count(*) FROM {rel}"))
+
+    async def fetch(self, tenant: str, entity_type: str, entity_id: str) -> dict[str, Any] | None:
+        """The stored row (tombstones included), JSON columns decoded."""
+        row = await self.pool.fetchrow(
+            f"SELECT * FROM {self.table} WHERE tenant = $1 AND entity_type = $2 AND entity_id = $3",
+            tenant,
+            entity_type,
+            entity_id,
+        )
+        return None if row is None else dict(row)
+
+    async def health(self) -> dict[str, Any]:
+        try:
+            await self.pool.fetchval("SELECT 1", timeout=2.0)
+        except Exception as exc:
+            err = _classify(exc, connecting=True)
+            return {"connected": False, "target": self._target, "error": str(err)}
+        return {"connected": True, "target": self._target, "table": self.table}
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+
+def _classify(exc: BaseException, connecting: bool = False) -> SinkError:
+    """A driver exception as a whole-batch SinkError with its ReasonCode."""
+    detail = {"error_class": type(exc).__name__}
+    if isinstance(exc, SinkError):
+        return exc
+    if connecting and isinstance(exc, asyncio.TimeoutError):
+        return SinkError(ReasonCode.CONNECTION_ERROR, "connect timed out", **detail)
+    if isinstance(exc, asyncpg.QueryCanceledError):
+        return SinkError(ReasonCode.SINK_TIMEOUT, str(exc), **detail)
+    if isinstance(exc, asyncpg.TooManyConnectionsError):
+        return SinkError(ReasonCode.RATE_LIMITED, str(exc), **detail)
+    if isinstance(exc, asyncio.TimeoutError):
+        return SinkError(ReasonCode.SINK_TIMEOUT, "no answer within the client timeout", **detail)
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return SinkError(ReasonCode.CONNECTION_ERROR, str(exc) or type(exc).__name__, **detail)
+    return SinkError(ReasonCode.CONNECTION_ERROR, f"unexpected: {exc}", **detail)

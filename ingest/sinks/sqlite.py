@@ -1,0 +1,237 @@
+"""The embedded sink: entities in one SQLite table, written with a revision-guarded upsert.
+
+One row per (tenant, entity_type, entity_id) holding the highest revision seen. A tombstone
+(`deleted: true`) does not remove the row: it keeps it with deleted=1, attributes NULL and the
+tombstone's revision, so a late older revision of the entity loses the revision comparison
+and cannot resurrect it. Readers use the `live_entities` view.
+
+Each batch is one transaction: read the stored revisions of the batch's entities, judge every
+record with the shared rule (`judge_in_order`), then upsert only each entity's winner; the
+upsert's `WHERE entities.revision < excluded.revision` keeps the guard in the database too.
+The file is separate from the state DB (data/sink.db) and has its own connection thread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ingest.errors import IngestError, SinkError
+from ingest.records import ReasonCode, Record, SinkResult
+from ingest.sinks.base import EntityKey, judge_in_order, latest_per_entity
+from ingest.state.sqlite import Migration, SQLiteDB, chunks, immediate, marks
+
+SINK_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        101,
+        "entities",
+        (
+            "CREATE TABLE entities (tenant TEXT NOT NULL, entity_type TEXT NOT NULL,"
+            " entity_id TEXT NOT NULL, revision INTEGER NOT NULL, deleted INTEGER NOT NULL,"
+            " occurred_at TEXT, attributes TEXT, relations TEXT, dedupe_key BLOB,"
+            " updated_at REAL, PRIMARY KEY (tenant, entity_type, entity_id)) WITHOUT ROWID",
+            "CREATE VIEW live_entities AS SELECT * FROM entities WHERE deleted = 0",
+        ),
+    ),
+)
+
+_COLS = (
+    "tenant, entity_type, entity_id, revision, deleted, occurred_at, attributes, relations,"
+    " dedupe_key, updated_at"
+)
+_INSERT = f"INSERT INTO entities ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_UPSERT = (
+    _INSERT + " ON CONFLICT (tenant, entity_type, entity_id) DO UPDATE SET"
+    " revision = excluded.revision, deleted = excluded.deleted,"
+    " occurred_at = excluded.occurred_at, attributes = excluded.attributes,"
+    " relations = excluded.relations, dedupe_key = excluded.dedupe_key,"
+    " updated_at = excluded.updated_at WHERE entities.revision < excluded.revision"
+)
+
+
+def _stored_revisions(c: sqlite3.Connection, keys: list[EntityKey]) -> dict[EntityKey, int | None]:
+    """Stored revision of each entity present. Grouped by (tenant, entity_type) so each query
+    is a primary-key search with an IN list on entity_id (row-value IN lists scan the table)."""
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for tenant, entity_type, entity_id in keys:
+        groups[(tenant, entity_type)].append(entity_id)
+    stored: dict[EntityKey, int | None] = {}
+    for (tenant, entity_type), ids in groups.items():
+        for part in chunks(ids):
+            sql = (
+                "SELECT entity_id, revision FROM entities WHERE tenant = ? AND entity_type = ?"
+                f" AND entity_id IN ({marks(len(part))})"
+            )
+            for entity_id, rev in c.execute(sql, (tenant, entity_type, *part)):
+                stored[(tenant, entity_type, entity_id)] = rev
+    return stored
+
+
+def _classify(exc: sqlite3.Error) -> SinkError:
+    """Whole-batch failures: a held lock is a timeout, anything else an unusable database."""
+    msg = str(exc)
+    lowered = msg.lower()
+    if "locked" in lowered or "busy" in lowered:
+        reason = ReasonCode.SINK_TIMEOUT
+    else:
+        reason = ReasonCode.CONNECTION_ERROR
+    return SinkError(reason, msg, error_class=type(exc).__name__)
+
+
+class SQLiteSink:
+    """Implements ingest.sinks.base.Sink on a local SQLite file."""
+
+    kind = "sqlite"
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        self.path = Path(path)
+        self._db: SQLiteDB | None = None
+
+    async def start(self) -> None:
+        if self._db is None:
+            try:
+                self._db = await SQLiteDB.open(self.path, SINK_MIGRATIONS)
+            except IngestError as exc:
+                raise SinkError(ReasonCode.CONNECTION_ERROR, str(exc)) from exc
+
+    @property
+    def db(self) -> SQLiteDB:
+        if self._db is None:
+            raise SinkError(ReasonCode.CONNECTION_ERROR, f"sink {self.name} is not started")
+        return self._db
+
+    @staticmethod
+    def row_of(record: Record, now: float | None = None) -> tuple[Any, ...]:
+        """The row write() stores for a record (the benchmark builds the same rows);
+        `now` is the updated_at column, read once per batch by write()."""
+        body = record.body
+        deleted = bool(body.get("deleted", False))
+        attributes = body.get("attributes")
+        relations = body.get("relations")
+        return (
+            str(body["tenant_id"]),
+            str(body["entity_type"]),
+            str(body["entity_id"]),
+            int(body["revision"]),
+            int(deleted),
+            body.get("occurred_at"),
+            None if deleted or attributes is None else orjson.dumps(attributes).decode(),
+            None if relations is None else orjson.dumps(relations).decode(),
+            record.dedupe_key,
+            time.time() if now is None else now,
+        )
+
+    async def write(self, records: Sequence[Record]) -> list[SinkResult]:
+        if not records:
+            return []
+        try:
+            return await self.db.run(lambda c: self._write(c, list(records)))
+        except sqlite3.Error as exc:
+            raise _classify(exc) from exc
+
+    def _write(self, c: sqlite3.Connection, records: list[Record]) -> list[SinkResult]:
+        """In the DB thread. A row breaking a constraint is judged CONSTRAINT_VIOLATION and
+        the batch is written again without it (its entity's next best record may win)."""
+        bad: dict[int, SinkResult] = {}  # index in records -> failed result
+        while True:
+            live = [i for i in range(len(records)) if i not in bad]
+            batch = [records[i] for i in live]
+            try:
+                with immediate(c):
+                    results = self._write_once(c, batch)
+            except (sqlite3.IntegrityError, OverflowError):
+                found = self._find_bad(c, batch)
+                if not found:
+                    raise
+                for j, result in found.items():
+                    bad[live[j]] = result
+                continue
+            merged = dict(zip(live, results, strict=True)) | bad
+            return [merged[i] for i in range(len(records))]
+
+    @staticmethod
+    def _write_once(c: sqlite3.Connection, batch: list[Record]) -> list[SinkResult]:
+        keys = list(dict.fromkeys(r.entity_key for r in batch))
+        stored = _stored_revisions(c, keys)
+        results = judge_in_order(batch, stored)
+        now = time.time()
+        rows = []
+        for rec in latest_per_entity(batch):
+            high = stored.get(rec.entity_key)
+            if high is None or rec.revision > high:
+                rows.append(SQLiteSink.row_of(rec, now))
+        c.executemany(_UPSERT, rows)
+        return results
+
+    @staticmethod
+    def _find_bad(c: sqlite3.Connection, batch: list[Record]) -> dict[int, SinkResult]:
+        """Write every record alone inside a transaction that is rolled back, to name the
+        ones the database refuses (a failed statement undoes only itself)."""
+        found: dict[int, SinkResult] = {}
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for j, rec in enumerate(batch):
+                try:
+                    c.execute(_UPSERT, SQLiteSink.row_of(rec))
+                except (sqlite3.IntegrityError, OverflowError) as exc:
+                    found[j] = SinkResult.failed(
+                        ReasonCode.CONSTRAINT_VIOLATION,
+                        error_class=type(exc).__name__,
+                        message=str(exc),
+                    )
+        finally:
+            c.execute("ROLLBACK")
+        return found
+
+    async def bulk_insert_raw(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Benchmark limit: plain INSERT of prepared rows, one transaction, no guard."""
+
+        def write(c: sqlite3.Connection) -> None:
+            with immediate(c):
+                c.executemany(_INSERT, rows)
+
+        try:
+            await self.db.run(write)
+        except sqlite3.Error as exc:
+            raise _classify(exc) from exc
+
+    async def count(self, live_only: bool = False) -> int:
+        """Rows in the table, tombstones included unless `live_only`."""
+        table = "live_entities" if live_only else "entities"
+        row = await self.db.run(lambda c: c.execute(f"SELECT count(*) FROM {table}").fetchone())
+        return int(row[0])
+
+    async def fetch(self, tenant: str, entity_type: str, entity_id: str) -> dict[str, Any] | None:
+        """The stored row (tombstones included) with JSON columns decoded."""
+        sql = f"SELECT {_COLS} FROM entities WHERE tenant = ? AND entity_type = ? AND entity_id = ?"
+        params = (tenant, entity_type, entity_id)
+        row = await self.db.run(lambda c: c.execute(sql, params).fetchone())
+        if row is None:
+            return None
+        out = dict(zip([n.strip() for n in _COLS.split(",")], row, strict=True))
+        out["deleted"] = bool(out["deleted"])
+        for col in ("attributes", "relations"):
+            if out[col] is not None:
+                out[col] = orjson.loads(out[col])
+        return out
+
+    async def health(self) -> dict[str, Any]:
+        connected = self._db is not None
+        if connected:
+            try:
+                await self.db.run(lambda c: c.execute("SELECT 1").fetchone())
+            except (sqlite3.Error, IngestError):
+                connected = False
+        return {"connected": connected, "target": str(self.path), "kind": self.kind}
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()

@@ -1,0 +1,488 @@
+"""Kafka source: a consumer-group member that commits an offset only once its batch is durable.
+
+Why it is shaped this way:
+
+* librdkafka's consumer blocks, so every consumer call (consume, seek, close, and therefore
+  the rebalance callbacks, which run inside consume) happens on ONE dedicated poll thread;
+  commits run on a second thread so a slow commit never delays fetching, and the event loop
+  only awaits futures.
+* Offsets are never auto-committed nor auto-stored: `commit(batch)` commits offset+1 per
+  partition for the highest offset of that batch, after the worker made it durable.
+* Each assignment of a partition gets a new *epoch*; a batch remembers the epoch it was read
+  in. A later `commit(batch)` for a partition revoked (or sought) since is a no-op for that
+  partition (logged and counted in `skipped_commits`): the new owner re-reads from the last
+  committed offset and idempotency absorbs the repeat. Nothing of an old epoch can move the
+  group's offset.
+* `stop()` pauses the assigned partitions and keeps polling in the background (so the member
+  stays in the group past max.poll.interval.ms and still answers rebalances); `resume()`
+  continues exactly where reading stopped.
+
+Lag (`health().lag_seconds`, the max over partitions, and `partition_lag()`): per partition,
+now minus the timestamp of the oldest message read but not yet committed; with nothing in
+flight but unread messages behind the high watermark (from librdkafka statistics, refreshed
+every second), now minus the moment that backlog was first seen, a lower bound on the unread
+message's age that never overstates a burst; 0 when caught up. `offsets_behind` is the high
+watermark minus the committed offset (what `kafka-consumer-groups.sh --describe` calls LAG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import orjson
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
+
+from ingest.config import KafkaSourceConfig
+from ingest.records import RawRecord
+from ingest.sources.base import AdapterHealth, SourceBatch
+
+log = logging.getLogger(__name__)
+
+TP = tuple[str, int]  # (topic, partition)
+# SourceBatch.position of this source: per partition, (epoch it was read in, highest offset).
+KafkaPosition = dict[TP, tuple[int, int]]
+
+POLL_TIMEOUT_S = 0.5  # bounds how long stop()/close() wait for the poll thread
+CALL_TIMEOUT_S = 10.0  # broker round trips made on purpose (offsets_for_times, watermarks)
+_T = TypeVar("_T")
+
+
+@dataclass(slots=True)
+class _Partition:
+    """What this member knows about one partition it owns, for one epoch."""
+
+    epoch: int
+    committed: int | None = None  # the offset we last committed (next to read), this epoch
+    durable: int | None = None  # highest offset+1 the worker declared durable, this epoch
+    inflight: deque[tuple[int, float]] = field(default_factory=deque)  # (first offset, ts)
+    start: int | None = None  # first offset read this epoch
+    next_offset: int | None = None  # offset after the last message read
+    hi: int | None = None  # high watermark, from statistics
+    group_committed: int | None = None  # committed offset librdkafka reports, from statistics
+    behind_since: float | None = None  # when unread messages were first seen
+
+
+def tp_name(key: TP) -> str:
+    return f"{key[0]}[{key[1]}]"
+
+
+class KafkaSource:
+    """`ingest.sources.base.Source` over a Kafka consumer group (classic protocol)."""
+
+    kind = "kafka"
+
+    def __init__(
+        self,
+        cfg: KafkaSourceConfig,
+        *,
+        max_record_bytes: int = 1_048_576,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self._max_bytes = max_record_bytes
+        self._clock = clock
+        self._consumer: Any = None
+        self._poll_pool = ThreadPoolExecutor(1, thread_name_prefix=f"kafka-poll-{cfg.name}")
+        self._commit_pool = ThreadPoolExecutor(1, thread_name_prefix=f"kafka-commit-{cfg.name}")
+        self._state = threading.Lock()  # brief: guards _parts against health()/commit threads
+        self._commit_lock = threading.Lock()  # a commit and a revocation never interleave
+        self._parts: dict[TP, _Partition] = {}
+        self._epochs: dict[TP, int] = {}  # survives revocation: a re-assignment is a new epoch
+        self._held: list[Any] = []  # messages read while paused, handed out first on resume
+        self._seq = 0
+        self._stopping = False
+        self._closed = False
+        self._iterating = False
+        self._keepalive: asyncio.Task[None] | None = None
+        self._health = AdapterHealth()
+        self.skipped_commits = 0  # partitions of commit() calls ignored: revoked since read
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.cfg.brokers,
+            "group.id": self.cfg.group_id,
+            "group.protocol": "classic",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",  # a new group starts at the oldest message
+            "partition.assignment.strategy": "cooperative-sticky",
+            "statistics.interval.ms": 1000,
+            "client.id": f"ingest-{self.cfg.name}",
+            "error_cb": self._on_error,
+            "stats_cb": self._on_stats,
+            **self.cfg.extra,
+        }
+
+        def create() -> None:
+            consumer = Consumer(conf)
+            consumer.subscribe(
+                list(self.cfg.topics),
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
+            )
+            self._consumer = consumer
+
+        await self._on_poll_thread(create)
+        self._health.status = "running"
+
+    async def batches(self) -> AsyncIterator[SourceBatch]:
+        self._iterating = True
+        try:
+            while not self._stopping and not self._closed:
+                batch = await self._on_poll_thread(self._read)
+                if batch is not None:
+                    yield batch
+        finally:
+            self._iterating = False
+            self._start_keepalive()
+
+    async def commit(self, batch: SourceBatch) -> None:
+        position: KafkaPosition = batch.position or {}
+        if position:
+            await asyncio.get_running_loop().run_in_executor(
+                self._commit_pool, self._commit_sync, position
+            )
+
+    async def stop(self) -> None:
+        """Stop fetching: `batches()` ends after the current read; partitions get paused."""
+        self._stopping = True
+        self._health.status = "paused"
+        if not self._iterating:
+            self._start_keepalive()
+
+    async def resume(self) -> None:
+        """Undo `stop()`: fetching continues where it stopped; iterate `batches()` again."""
+        if self._closed:
+            return
+        self._stopping = False
+        if self._keepalive is not None:
+            await self._keepalive
+            self._keepalive = None
+
+        def unpause() -> None:
+            self._consumer.resume(self._consumer.assignment())
+
+        await self._on_poll_thread(unpause)
+        self._health.status = "running"
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._stopping = True
+        self._closed = True
+        if self._keepalive is not None:
+            await self._keepalive
+        if self._consumer is not None:
+            # commit what the worker made durable but a broker error kept uncommitted, then
+            # leave the group (close() runs the revoke callback, which commits nothing new)
+            await asyncio.get_running_loop().run_in_executor(
+                self._commit_pool, self._commit_sync, {}
+            )
+            await self._on_poll_thread(self._consumer.close)
+        self._poll_pool.shutdown(wait=True)
+        self._commit_pool.shutdown(wait=True)
+        self._health.status = "stopped"
+
+    # -- replay and observation --------------------------------------------------------------
+
+    async def seek_to_time(self, ts: float) -> dict[TP, int]:
+        """Move every assigned partition to its first message at or after `ts` (the end if
+        none): a replay. In-flight batches of those partitions will commit nothing."""
+        return await self._on_poll_thread(lambda: self._seek_sync(ts))
+
+    def partition_lag(self) -> dict[str, dict[str, float | int]]:
+        now = self._clock()
+        with self._state:
+            return {tp_name(k): _lag(p, now) for k, p in sorted(self._parts.items())}
+
+    def health(self) -> AdapterHealth:
+        parts = self.partition_lag()
+        self._health.lag_seconds = max(
+            (float(p["lag_seconds"]) for p in parts.values()), default=0.0
+        )
+        self._health.extra["partitions"] = parts
+        self._health.extra["skipped_commits"] = self.skipped_commits
+        return self._health
+
+    # -- poll thread ---------------------------------------------------------------------------
+
+    async def _on_poll_thread(self, fn: Callable[[], _T]) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._poll_pool, fn)
+
+    def _read(self) -> SourceBatch | None:
+        if self._held:
+            msgs, self._held = self._held[: self.cfg.batch_size], self._held[self.cfg.batch_size :]
+        else:
+            msgs = self._consumer.consume(self.cfg.batch_size, POLL_TIMEOUT_S)
+        return self._to_batch(msgs) if msgs else None
+
+    def _to_batch(self, msgs: list[Any]) -> SourceBatch | None:
+        now = self._clock()
+        records: list[RawRecord] = []
+        position: KafkaPosition = {}
+        with self._state:
+            for m in msgs:
+                err = m.error()
+                if err is not None:
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        self._health.error(f"consume: {err.str()}")
+                    continue
+                key: TP = (m.topic(), m.partition())
+                part = self._parts.get(key)
+                if part is None:  # revoked since it was fetched: the new owner reads it
+                    continue
+                ts_type, ts_ms = m.timestamp()
+                ts = now if ts_type == TIMESTAMP_NOT_AVAILABLE else ts_ms / 1000.0
+                offset: int = m.offset()
+                if key not in position:
+                    part.inflight.append((offset, ts))
+                if part.start is None:
+                    part.start = offset
+                position[key] = (part.epoch, offset)
+                part.next_offset = offset + 1
+                if part.hi is None or part.next_offset >= part.hi:
+                    part.behind_since = None
+                records.append(self._record(m, key, offset, ts))
+        if not records:
+            return None
+        if self._health.status == "error":
+            self._health.status = "running"
+        self._health.records_read += len(records)
+        return SourceBatch(records, position, records[0].seq, records[-1].seq)
+
+    def _record(self, m: Any, key: TP, offset: int, ts: float) -> RawRecord:
+        value: bytes | None = m.value()
+        body: dict[str, Any] | None = None
+        meta: dict[str, Any] = {}
+        where = f"{tp_name(key)}@{offset}"
+        if value is None:
+            meta["reject"] = {"kind": "json", "message": f"null value (tombstone) at {where}"}
+        elif len(value) > self._max_bytes:
+            meta["reject"] = {
+                "kind": "size",
+                "message": f"message at {where} is {len(value)} bytes, over the "
+                f"{self._max_bytes}-byte limit",
+            }
+        else:
+            try:
+                parsed = orjson.loads(value)
+            except orjson.JSONDecodeError as exc:
+                meta["reject"] = {"kind": "json", "message": f"not valid JSON at {where}: {exc}"}
+            else:
+                if type(parsed) is dict:
+                    body = parsed  # handed to the decoder so it does not parse twice
+        tenant = body.get("tenant_id") if body is not None else None
+        if not isinstance(tenant, str):
+            tenant = self._header_tenant(m) or self.cfg.tenant or "unknown"
+        self._seq += 1
+        return RawRecord(
+            data=value if value is not None else b"",
+            tenant=tenant,
+            source=self.name,
+            seq=self._seq,
+            position=(key[0], key[1], offset),
+            event_time=ts,
+            decoded=body,
+            meta=meta,
+        )
+
+    def _header_tenant(self, m: Any) -> str | None:
+        for k, v in m.headers() or ():
+            if k == self.cfg.tenant_header and v:
+                return bytes(v).decode("utf-8", "replace")
+        return None
+
+    def _seek_sync(self, ts: float) -> dict[TP, int]:
+        consumer = self._consumer
+        assigned = consumer.assignment()
+        if not assigned:
+            return {}
+        wanted = [TopicPartition(tp.topic, tp.partition, int(ts * 1000)) for tp in assigned]
+        out: dict[TP, int] = {}
+        for tp in consumer.offsets_for_times(wanted, timeout=CALL_TIMEOUT_S):
+            if tp.error is not None:
+                raise KafkaException(tp.error)
+            offset = tp.offset
+            if offset < 0:  # nothing at or after ts: continue at the end
+                offset = consumer.get_watermark_offsets(
+                    TopicPartition(tp.topic, tp.partition), timeout=CALL_TIMEOUT_S
+                )[1]
+            consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+            out[(tp.topic, tp.partition)] = offset
+        with self._state:
+            for key, offset in out.items():
+                old = self._parts.get(key)
+                part = self._parts[key] = _Partition(self._next_epoch(key), next_offset=offset)
+                if old is not None:
+                    part.hi, part.group_committed = old.hi, old.group_committed
+            self._held = [m for m in self._held if (m.topic(), m.partition()) not in out]
+        return out
+
+    def _next_epoch(self, key: TP) -> int:
+        epoch = self._epochs.get(key, 0) + 1
+        self._epochs[key] = epoch
+        return epoch
+
+    # -- rebalance callbacks (run inside consume(), on the poll thread) ----------------------
+
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        with self._state:
+            for tp in partitions:
+                key = (tp.topic, tp.partition)
+                self._parts[key] = _Partition(self._next_epoch(key))
+        log.info(
+            "%s: assigned %s", self.name, [tp_name((t.topic, t.partition)) for t in partitions]
+        )
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        # Commit what is durable (a commit that failed earlier), then forget the partitions:
+        # batches of theirs still in flight will commit nothing.
+        with self._commit_lock:
+            self._commit_locked({})
+            self._forget(partitions, "revoked")
+
+    def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
+        with self._commit_lock:  # lost: the group moved on, a commit would be refused
+            self._forget(partitions, "lost")
+
+    def _forget(self, partitions: list[Any], why: str) -> None:
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        with self._state:
+            for key in keys:
+                self._parts.pop(key, None)
+            self._held = [m for m in self._held if (m.topic(), m.partition()) not in keys]
+        log.info("%s: %s %s", self.name, why, sorted(tp_name(k) for k in keys))
+
+    # -- keepalive while stopped ------------------------------------------------------------
+
+    def _start_keepalive(self) -> None:
+        idle = self._keepalive is None or self._keepalive.done()
+        if self._stopping and not self._closed and self._consumer is not None and idle:
+            self._keepalive = asyncio.get_running_loop().create_task(self._idle())
+
+    async def _idle(self) -> None:
+        while self._stopping and not self._closed:
+            await self._on_poll_thread(self._idle_poll)
+
+    def _idle_poll(self) -> None:
+        consumer = self._consumer
+        consumer.pause(consumer.assignment())
+        msgs = consumer.consume(self.cfg.batch_size, POLL_TIMEOUT_S)
+        if msgs:  # fetched before the pause took effect: keep them, in order, for resume()
+            self._held.extend(m for m in msgs if m.error() is None)
+
+    # -- commits (commit thread; also the poll thread during revocation) ------------------
+
+    def _commit_sync(self, position: KafkaPosition) -> None:
+        with self._commit_lock:
+            self._commit_locked(position)
+
+    def _commit_locked(self, position: KafkaPosition) -> None:
+        skipped: list[str] = []
+        with self._state:
+            for key, (epoch, last) in position.items():
+                part = self._parts.get(key)
+                if part is None or part.epoch != epoch:
+                    skipped.append(tp_name(key))
+                    continue
+                if part.durable is None or last + 1 > part.durable:
+                    part.durable = last + 1
+                while part.inflight and part.inflight[0][0] <= last:
+                    part.inflight.popleft()
+            self.skipped_commits += len(skipped)
+            todo = [
+                (key, part.epoch, part.durable)
+                for key, part in self._parts.items()
+                if part.durable is not None and part.durable != part.committed
+            ]
+        if skipped:
+            log.info("%s: not committing %s: revoked since read", self.name, skipped)
+        if not todo or self._consumer is None:
+            return
+        offsets = [TopicPartition(k[0], k[1], off) for k, _, off in todo]
+        try:
+            results = self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            self._health.error(f"commit: {exc.args[0].str() if exc.args else exc}")
+            self._health.status = "error"
+            return  # kept in `durable`: the next commit or the revocation retries it
+        failed = {(tp.topic, tp.partition) for tp in results or () if tp.error is not None}
+        for tp in results or ():
+            if tp.error is not None:
+                self._health.error(f"commit {tp_name((tp.topic, tp.partition))}: {tp.error}")
+        with self._state:
+            for key, epoch, off in todo:
+                part = self._parts.get(key)
+                if key not in failed and part is not None and part.epoch == epoch:
+                    part.committed = off
+            self._health.last_checkpoint = {
+                tp_name(k): p.committed for k, p in sorted(self._parts.items()) if p.committed
+            }
+        self._health.last_checkpoint_at = self._clock()
+
+    # -- librdkafka callbacks (inside consume(), on the poll thread) ---------------------------
+
+    def _on_error(self, err: Any) -> None:
+        self._health.error(f"kafka: {err.str()}")
+        if err.fatal() or err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            self._health.status = "error"
+        log.warning("%s: %s", self.name, err.str())
+
+    def _on_stats(self, raw: str) -> None:
+        stats = orjson.loads(raw)
+        now = self._clock()
+        with self._state:
+            for topic, t in stats.get("topics", {}).items():
+                for pid, p in t.get("partitions", {}).items():
+                    part = self._parts.get((topic, int(pid)))
+                    if part is None:
+                        continue
+                    if p.get("hi_offset", -1) >= 0:
+                        part.hi = int(p["hi_offset"])
+                    if p.get("committed_offset", -1) >= 0:
+                        part.group_committed = int(p["committed_offset"])
+                    reading_at = _first(part.next_offset, part.committed, part.group_committed)
+                    if part.hi is not None and reading_at is not None and part.hi > reading_at:
+                        part.behind_since = part.behind_since or now
+                    else:
+                        part.behind_since = None
+        if self._health.status == "error" and any(
+            b.get("state") == "UP" and b.get("nodeid", -1) >= 0
+            for b in stats.get("brokers", {}).values()
+        ):
+            self._health.status = "paused" if self._stopping else "running"
+
+
+def _first(*values: int | None) -> int | None:
+    return next((v for v in values if v is not None), None)
+
+
+def _lag(p: _Partition, now: float) -> dict[str, float | int]:
+    committed = _first(p.committed, p.group_committed, p.start)
+    hi = max(p.hi or 0, p.next_offset or 0)
+    behind = max(0, hi - committed) if committed is not None else 0
+    if p.inflight:
+        seconds = now - p.inflight[0][1]
+    elif p.behind_since is not None:
+        seconds = now - p.behind_since
+    else:
+        seconds = 0.0
+    return {"offsets_behind": behind, "lag_seconds": round(max(0.0, seconds), 3)}

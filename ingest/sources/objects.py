@@ -1,0 +1,352 @@
+"""The part S3 and SFTP sources share: list, lease, stream lines, batch, commit, finish.
+
+A subclass only says how to list items (objects/files), how to stream one item's bytes and what
+to do once an item is finished (SFTP moves the file). Everything about correctness lives here:
+
+* Each listing pass looks at *every* item and skips only (item, version) pairs in the lease
+  store's done-set, so an item that sorts below earlier ones, or shows up late, is still read,
+  and a changed version (ETag, size+mtime) is read again.
+* An item is read only under a lease (`ingest.state.leases`), renewed in the background while
+  any of its batches is unread or uncommitted, so N workers never read one item at once.
+* Bytes are streamed through `ingest.formats.LineReader` (never whole), cut into batches.
+* `commit(batch)` saves the item's offset in the lease row (authoritative for resume) and
+  mirrors it in the checkpoint key; once the reader hit the item's end *and* every batch of it
+  is committed, the item is marked done and `finished()` runs. A restart (or another worker
+  after the lease TTL) resumes at the committed offset: committed records are never re-read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ingest.formats import Line, LineReader, detect_format
+from ingest.records import RawRecord
+from ingest.sources.base import AdapterHealth, SourceBatch
+from ingest.state.base import CheckpointStore
+from ingest.state.leases import LeaseStore
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class ItemRef:
+    """One version of an object or file: `name` (key/path), `version` (ETag/size+mtime)."""
+
+    name: str
+    version: str
+    size: int
+    mtime: float  # LastModified / mtime, epoch seconds: the records' event time
+
+
+@dataclass(slots=True)
+class _ItemState:
+    ref: ItemRef
+    open_batches: int = 0  # yielded, not yet committed
+    read_to: int = 0  # offset just after the last line yielded
+    ended: bool = False  # the reader reached the end of the item
+
+
+class SourceFailure(Exception):
+    """A listing/reading failure already put in words, with how long to wait before retrying."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class ItemSource(ABC):
+    """Base of S3Source and SFTPSource; see the module docstring."""
+
+    kind: str
+    name_field = "key"  # names of the item and version in positions and checkpoints
+    version_field = "etag"
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        tenant: str,
+        batch_size: int,
+        poll_seconds: float,
+        checkpoints: CheckpointStore,
+        leases: LeaseStore,
+        worker_id: str,
+        clock: Clock,
+        lease_ttl: float,
+        chunk_size: int = 1 << 20,
+    ) -> None:
+        self.name = name
+        self.tenant = tenant
+        self._batch_size = batch_size
+        self._poll = poll_seconds
+        self._checkpoints = checkpoints
+        self._leases = leases
+        self._worker = worker_id
+        self._clock = clock
+        self._ttl = lease_ttl
+        self._chunk = chunk_size
+        self._health = AdapterHealth()
+        self._stop = asyncio.Event()
+        self._seq = 0
+        self._items: dict[str, _ItemState] = {}  # items this worker holds a lease on
+        self._unfinished: dict[str, float] = {}  # item -> mtime, not yet done (any worker)
+        self._resume: dict[str, Any] = {}  # the checkpoint loaded at start
+        self._renewer: asyncio.Task[None] | None = None
+        self._warned: set[tuple[str, str]] = set()
+
+    # -- what a subclass provides ---------------------------------------------------------
+
+    @abstractmethod
+    async def list_items(self) -> list[ItemRef]:
+        """Every item currently in the bucket prefix / directory that is ready to read."""
+
+    @abstractmethod
+    def open_item(self, ref: ItemRef, start: int) -> AsyncGenerator[bytes, None]:
+        """The item's bytes from byte `start` (0 unless the format allows seeking)."""
+
+    @abstractmethod
+    def describe(self, exc: Exception) -> SourceFailure:
+        """Put a driver's exception in words (reason code first) with a retry delay."""
+
+    async def finished(self, ref: ItemRef) -> None:  # noqa: B027 - optional hook
+        """Called once an item is done and committed (SFTP moves it to processed/)."""
+
+    async def after_listing(  # noqa: B027 - optional hook
+        self, refs: list[ItemRef], done: dict[str, str]
+    ) -> None:
+        """Hook after each listing pass (SFTP retries moves of done files still present)."""
+
+    async def close_client(self) -> None:  # noqa: B027 - optional hook
+        """Close connections."""
+
+    # -- Source protocol ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._stop.clear()
+        self._resume = await self._checkpoints.load(self.tenant, self.name) or {}
+        if self._renewer is None:
+            self._renewer = asyncio.create_task(self._renew_loop(), name=f"{self.name}-leases")
+        self._health.status = "running"
+
+    async def batches(self) -> AsyncIterator[SourceBatch]:
+        while not self._stop.is_set():
+            try:
+                async for batch in self._pass():
+                    yield batch
+            except Exception as exc:  # a failed pass is reported and retried, never fatal
+                failure = exc if isinstance(exc, SourceFailure) else self.describe(exc)
+                self._health.status = "error"
+                self._health.error(failure.message)
+                await self._sleep(failure.retry_after)
+                continue
+            if not self._stop.is_set():
+                self._health.status = "idle" if not self._unfinished else "running"
+                await self._sleep(self._poll)
+
+    async def commit(self, batch: SourceBatch) -> None:
+        pos = batch.position
+        item, offset = pos[self.name_field], int(pos["offset"])
+        await self._leases.save_offset(self.name, item, self._worker, offset)
+        await self._checkpoints.save(self.tenant, self.name, pos)
+        self._health.last_checkpoint = dict(pos)
+        self._health.last_checkpoint_at = self._clock()
+        state = self._items.get(item)
+        if state is not None and state.ref.version == pos[self.version_field]:
+            state.open_batches -= 1
+            await self._finish_if_complete(state)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        self._health.status = "stopped"
+
+    def health(self) -> AdapterHealth:
+        oldest = min(self._unfinished.values(), default=None)
+        self._health.lag_seconds = 0.0 if oldest is None else max(0.0, self._clock() - oldest)
+        return self._health
+
+    async def close(self) -> None:
+        """Stop renewing and give up held leases so another worker need not wait the TTL."""
+        await self.stop()
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
+        for item in list(self._items):
+            with contextlib.suppress(Exception):
+                await self._leases.release(self.name, item, self._worker)
+        self._items.clear()
+        await self.close_client()
+
+    # -- replay ---------------------------------------------------------------------------
+
+    async def window(self, start: float, end: float) -> list[ItemRef]:
+        """Items with event time in [start, end), oldest first (for replay plans)."""
+        refs = await self.list_items_all()
+        return sorted((r for r in refs if start <= r.mtime < end), key=lambda r: (r.mtime, r.name))
+
+    async def list_items_all(self) -> list[ItemRef]:
+        """For replay: every item including finished ones (SFTP adds processed/)."""
+        return await self.list_items()
+
+    async def read_records(self, ref: ItemRef, start: int = 0) -> AsyncIterator[list[RawRecord]]:
+        """An item's records without leases or checkpoints (replay re-reads on purpose)."""
+        async for lines in self._lines(ref, start):
+            yield [self._record(ref, line) for line in lines]
+
+    # -- the listing pass -----------------------------------------------------------------
+
+    async def _pass(self) -> AsyncIterator[SourceBatch]:
+        refs = await self.list_items()
+        done = await self._leases.done_versions(self.name)
+        pending = sorted(
+            (r for r in refs if done.get(r.name) != r.version), key=lambda r: (r.mtime, r.name)
+        )
+        self._unfinished = {r.name: r.mtime for r in pending}
+        for state in self._items.values():  # ours, listed or not, until committed
+            self._unfinished.setdefault(state.ref.name, state.ref.mtime)
+        await self.after_listing(refs, done)
+        for ref in pending:
+            if self._stop.is_set():
+                return
+            held = self._items.get(ref.name)
+            if held is not None and (held.ref.version != ref.version or held.ended):
+                continue  # previous version or fully read: wait for its commits first
+            if held is None:
+                if not await self._leases.try_acquire(
+                    self.name, ref.name, ref.version, self._worker, self._ttl
+                ):
+                    continue
+                held = self._items[ref.name] = _ItemState(ref)
+            self._health.status = "running"
+            async for batch in self._read(held):
+                yield batch
+
+    async def _read(self, state: _ItemState) -> AsyncIterator[SourceBatch]:
+        ref = state.ref
+        start = max(state.read_to, await self._leases.offset(self.name, ref.name))
+        if (self._resume.get(self.name_field), self._resume.get(self.version_field)) == (
+            ref.name,
+            ref.version,
+        ):
+            start = max(start, int(self._resume.get("offset", 0)))
+        try:
+            detect_format(ref.name)
+        except ValueError as exc:
+            await self._unsupported(state, str(exc))
+            return
+        buf: list[RawRecord] = []
+        async with contextlib.aclosing(self._lines(ref, start)) as batches:
+            async for lines in batches:
+                for line in lines:
+                    buf.append(self._record(ref, line))
+                    if len(buf) < self._batch_size:
+                        continue
+                    yield self._batch(state, buf)
+                    buf = []
+                    if self._stop.is_set() or ref.name not in self._items:
+                        return  # stopping, or the lease was lost: leave the rest unread
+        if buf:
+            yield self._batch(state, buf)
+        state.ended = True
+        await self._finish_if_complete(state)
+
+    async def _lines(self, ref: ItemRef, start: int) -> AsyncGenerator[list[Line], None]:
+        fmt, gzipped = detect_format(ref.name)
+        seek = start if fmt == "jsonl" and not gzipped else 0
+        reader = LineReader(fmt, gzipped, start, input_offset=seek)
+        if not (seek and seek >= ref.size):
+            async with contextlib.aclosing(self.open_item(ref, seek)) as chunks:
+                async for chunk in chunks:
+                    if lines := reader.feed(chunk):
+                        yield lines
+        if lines := reader.finish():
+            yield lines
+
+    def _record(self, ref: ItemRef, line: Line) -> RawRecord:
+        self._seq += 1
+        rec = RawRecord(
+            data=line.data,
+            tenant=self.tenant,
+            source=self.name,
+            seq=self._seq,
+            position={
+                self.name_field: ref.name,
+                self.version_field: ref.version,
+                "offset": line.offset,
+            },
+            event_time=ref.mtime,
+            decoded=line.decoded,
+        )
+        if line.error is not None:
+            rec.meta["reject"] = {
+                "kind": "corrupt_object",
+                "message": line.error,
+                "key": ref.name,
+                "offset": line.offset,
+            }
+        return rec
+
+    def _batch(self, state: _ItemState, records: list[RawRecord]) -> SourceBatch:
+        last = records[-1].position
+        state.read_to = int(last["offset"])
+        state.open_batches += 1
+        self._health.records_read += len(records)
+        return SourceBatch(
+            records=records,
+            position={**last, "worker": self._worker},
+            first_seq=records[0].seq,
+            last_seq=records[-1].seq,
+        )
+
+    async def _finish_if_complete(self, state: _ItemState) -> None:
+        if not state.ended or state.open_batches > 0:
+            return
+        ref = state.ref
+        await self._leases.mark_done(self.name, ref.name, ref.version, self._worker)
+        self._items.pop(ref.name, None)
+        if self._unfinished.get(ref.name) == ref.mtime:
+            del self._unfinished[ref.name]
+        try:
+            await self.finished(ref)
+        except Exception as exc:  # retried after the next listing (after_listing)
+            self._health.error(self.describe(exc).message)
+
+    async def _unsupported(self, state: _ItemState, message: str) -> None:
+        key = (state.ref.name, state.ref.version)
+        if key not in self._warned:
+            self._warned.add(key)
+            self._health.error(f"skipping {state.ref.name}: {message}")
+        self._items.pop(state.ref.name, None)
+        self._unfinished.pop(state.ref.name, None)
+        await self._leases.release(self.name, state.ref.name, self._worker)
+
+    # -- leases and waiting ---------------------------------------------------------------
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._ttl / 3)
+            for item in list(self._items):
+                try:
+                    ok = await self._leases.renew(self.name, item, self._worker, self._ttl)
+                except Exception as exc:
+                    self._health.error(f"lease store unreachable while renewing {item}: {exc}")
+                    continue
+                if not ok:
+                    self._health.error(f"lease on {item} lost to another worker; not reading on")
+                    self._items.pop(item, None)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+
+
+def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
+    """Exponential backoff for reconnects: 0.5, 1, 2, ... capped."""
+    return float(min(cap, base * 2.0 ** max(0, attempt)))

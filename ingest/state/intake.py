@@ -1,0 +1,97 @@
+"""The durable webhook intake queue for embedded mode (production uses a Kafka topic).
+
+The HTTP handler answers 202 only after `append` returns, i.e. after the body is committed
+to the WAL, so an accepted webhook survives a process crash. The webhook source reads rows in
+id order and deletes them only once the worker has committed them downstream; a crash in
+between re-reads them and idempotency absorbs the repeat. The table is created by
+`ingest.state.sqlite.MIGRATIONS`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ingest.state.sqlite import SQLiteDB, chunks, immediate, marks
+
+
+@dataclass(slots=True)
+class IntakeRow:
+    id: int
+    tenant: str
+    source: str
+    lines: list[bytes]
+    received_at: float
+
+
+class SQLiteIntake:
+    """One row per accepted request: the record lines joined by b"\\n" (lines hold no b"\\n")."""
+
+    def __init__(self, db: SQLiteDB) -> None:
+        self._db = db
+
+    async def append(
+        self, tenant: str, source: str, lines: Sequence[bytes], received_at: float
+    ) -> int:
+        """Store one request body durably (committed before return); returns its id."""
+        body = b"\n".join(lines)
+        if lines and body.count(b"\n") != len(lines) - 1:
+            raise ValueError("intake lines must not contain newlines")
+        params = (tenant, source, len(lines), received_at, body)
+        sql = (
+            "INSERT INTO intake (tenant, source, n_records, received_at, body)"
+            " VALUES (?, ?, ?, ?, ?)"
+        )
+
+        def write(c: sqlite3.Connection) -> int:
+            # a single autocommit statement is its own transaction: committed on return
+            rowid = c.execute(sql, params).lastrowid
+            assert rowid is not None
+            return rowid
+
+        return await self._db.call("intake", write)
+
+    async def read_after(self, after_id: int, limit_records: int) -> list[IntakeRow]:
+        """Rows with id > after_id in id order; at least one row if any, then rows until
+        `limit_records` records are reached (a large row is never split)."""
+        sql = (
+            "SELECT id, tenant, source, n_records, received_at, body FROM intake"
+            " WHERE id > ? ORDER BY id"
+        )
+
+        def read(c: sqlite3.Connection) -> list[IntakeRow]:
+            out: list[IntakeRow] = []
+            total = 0
+            for id_, tenant, source, n, received_at, body in c.execute(sql, (after_id,)):
+                lines = body.split(b"\n") if n else []
+                out.append(IntakeRow(id_, tenant, source, lines, received_at))
+                total += n
+                if total >= limit_records:
+                    break
+            return out
+
+        return await self._db.call("intake", read)
+
+    async def delete_through(self, ids: Sequence[int]) -> None:
+        """Forget rows whose records are durable downstream (sinks or DLQ)."""
+        ids = list(ids)
+        if not ids:
+            return
+
+        def write(c: sqlite3.Connection) -> None:
+            with immediate(c):
+                for part in chunks(ids):
+                    c.execute(f"DELETE FROM intake WHERE id IN ({marks(len(part))})", part)
+
+        await self._db.call("intake", write)
+
+    async def backlog(self) -> tuple[int, float | None]:
+        """(records waiting, received_at of the oldest row) for queue depth and lag."""
+
+        def read(c: sqlite3.Connection) -> tuple[int, float | None]:
+            (n,) = c.execute("SELECT COALESCE(SUM(n_records), 0) FROM intake").fetchone()
+            row = c.execute("SELECT received_at FROM intake ORDER BY id LIMIT 1").fetchone()
+            return int(n), (row[0] if row else None)
+
+        return await self._db.call("intake", read)

@@ -1,0 +1,624 @@
+"""Embedded state on one SQLite file: checkpoints, idempotency keys, DLQ, processed counts, drops.
+
+`SQLiteDB` owns exactly one connection, used only from one dedicated thread, so the event loop
+never blocks and there is no cross-thread locking; every store built on the same file shares
+it. WAL with synchronous=NORMAL survives a process crash (kill -9) at every commit; only an OS
+crash can lose the last transactions. `busy_timeout` still matters because the CLIs
+(dlqtriage, replayctl) open the same file from other processes.
+
+The schema is versioned in `schema_migrations`; `MIGRATIONS` lists every state table and is
+applied in order at open. Versions are unique project-wide (the sink's start at 101) so two
+components may even share a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+import orjson
+
+from ingest.errors import StoreUnavailable
+from ingest.records import DLQEntry, ReasonCode
+from ingest.state.base import DLQFilter, DLQGroup
+
+T = TypeVar("T")
+Clock = Callable[[], float]
+DroppedRow = tuple[bytes, str, str, bytes, float]
+
+CHUNK = 900  # bound parameters per IN (...) list; below SQLite's historical 999 limit
+
+
+class Migration(NamedTuple):
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "checkpoints",
+        ("CREATE TABLE checkpoints (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",),
+    ),
+    Migration(
+        2,
+        "idempotency",
+        (
+            "CREATE TABLE idem (key BLOB PRIMARY KEY, claimed_at REAL NOT NULL,"
+            " expires_at REAL NOT NULL) WITHOUT ROWID",
+            "CREATE INDEX idem_expires ON idem (expires_at)",
+        ),
+    ),
+    Migration(
+        3,
+        "dlq",
+        (
+            "CREATE TABLE dlq (id INTEGER PRIMARY KEY, dedupe_key BLOB NOT NULL,"
+            " tenant TEXT NOT NULL, source TEXT NOT NULL, sink TEXT NOT NULL, reason TEXT NOT NULL,"
+            " detail TEXT NOT NULL, payload BLOB NOT NULL, attempts INTEGER NOT NULL,"
+            " first_failed_at REAL NOT NULL, last_failed_at REAL NOT NULL, entity_type TEXT,"
+            " entity_id TEXT, revision INTEGER, UNIQUE (dedupe_key, sink))",
+            "CREATE INDEX dlq_triage ON dlq (tenant, reason, last_failed_at)",
+            "CREATE INDEX dlq_sink ON dlq (tenant, sink)",
+            "CREATE INDEX dlq_first ON dlq (first_failed_at)",
+        ),
+    ),
+    Migration(
+        4,
+        "processed_counts",
+        (
+            "CREATE TABLE processed_counts (tenant TEXT NOT NULL, source TEXT NOT NULL,"
+            " count INTEGER NOT NULL, PRIMARY KEY (tenant, source)) WITHOUT ROWID",
+        ),
+    ),
+    Migration(
+        5,
+        "dropped",
+        (
+            "CREATE TABLE dropped (id INTEGER PRIMARY KEY, key BLOB NOT NULL UNIQUE,"
+            " tenant TEXT NOT NULL, source TEXT NOT NULL, dropped_at REAL NOT NULL,"
+            " payload BLOB NOT NULL)",
+            "CREATE INDEX dropped_tenant ON dropped (tenant, id)",
+        ),
+    ),
+    Migration(
+        6,
+        "intake",
+        (
+            # body last: backlog() sums n_records without touching overflow pages
+            "CREATE TABLE intake (id INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL,"
+            " source TEXT NOT NULL, n_records INTEGER NOT NULL, received_at REAL NOT NULL,"
+            " body BLOB NOT NULL)",
+        ),
+    ),
+)
+
+
+@contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A write transaction that takes the write lock up front (no deadlocking lock upgrade
+    against another process) and rolls back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def chunks(seq: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
+    for i in range(0, len(seq), size):
+        yield seq[i : i + size]
+
+
+def marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def fetchall(sql: str, params: Sequence[Any] = ()) -> Callable[[sqlite3.Connection], list[Any]]:
+    """A `run` callable for a read; binds its parameters now (safe inside loops)."""
+    return lambda c: c.execute(sql, params).fetchall()
+
+
+def fetchone(sql: str, params: Sequence[Any] = ()) -> Callable[[sqlite3.Connection], Any]:
+    return lambda c: c.execute(sql, params).fetchone()
+
+
+def _connect(path: Path, migrations: Sequence[Migration]) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA temp_store = MEMORY")
+        conn.execute("PRAGMA cache_size = -65536")  # 64 MiB
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
+            " name TEXT NOT NULL, applied_at REAL NOT NULL)"
+        )
+        with immediate(conn):
+            done = {v for (v,) in conn.execute("SELECT version FROM schema_migrations")}
+            for m in sorted(migrations):
+                if m.version in done:
+                    continue
+                for stmt in m.statements:
+                    conn.execute(stmt)
+                conn.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                    (m.version, m.name, time.time()),
+                )
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class SQLiteDB:
+    """One SQLite file, one connection, one thread. Shared by every store on that file."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+        self.path = path
+        self._conn = conn
+        self._executor = executor
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: Path, migrations: Sequence[Migration] = MIGRATIONS) -> SQLiteDB:
+        """Create the parent directory and file if needed and bring the schema up to date."""
+        path = Path(path)
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{path.name}")
+        loop = asyncio.get_running_loop()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = await loop.run_in_executor(executor, _connect, path, migrations)
+        except (OSError, sqlite3.Error) as exc:
+            executor.shutdown(wait=False)
+            raise StoreUnavailable("sqlite", str(path), str(exc)) from exc
+        return cls(path, conn, executor)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` in the DB thread. sqlite3 errors propagate unchanged."""
+        if self._closed:
+            raise StoreUnavailable("sqlite", str(self.path), "database is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, self._conn)
+
+    async def call(self, store: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`run` for state stores: an unusable database becomes StoreUnavailable."""
+        try:
+            return await self.run(fn)
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise StoreUnavailable(store, str(self.path), str(exc)) from exc
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._conn.close)
+        self._executor.shutdown(wait=True)
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def _epoch(dt: datetime) -> float:
+    """Naive datetimes are taken as UTC, never as local time."""
+    return (dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)).timestamp()
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+# --------------------------------------------------------------------------------- checkpoints
+
+
+class SQLiteCheckpointStore:
+    """Implements CheckpointStore with the same key and JSON value as the Redis one."""
+
+    def __init__(self, db: SQLiteDB, worker: str) -> None:
+        self._db = db
+        self._worker = worker
+
+    @staticmethod
+    def key(tenant: str, source: str) -> str:
+        return f"checkpoint:{tenant}:{source}"
+
+    async def load(self, tenant: str, source: str) -> dict[str, Any] | None:
+        key = self.key(tenant, source)
+        row = await self._db.call(
+            "checkpoint", fetchone("SELECT value FROM checkpoints WHERE key = ?", (key,))
+        )
+        if row is None:
+            return None
+        position: dict[str, Any] | None = orjson.loads(row[0]).get("position")
+        return position
+
+    async def save(self, tenant: str, source: str, position: Mapping[str, Any]) -> None:
+        key = self.key(tenant, source)
+        value = _json(
+            {
+                "position": dict(position),
+                "updated_at": datetime.now(UTC).isoformat(),
+                "worker": self._worker,
+            }
+        )
+        sql = "INSERT OR REPLACE INTO checkpoints (key, value) VALUES (?, ?)"
+        await self._db.call("checkpoint", lambda c: c.execute(sql, (key, value)))
+
+    async def delete(self, tenant: str, source: str) -> None:
+        key = self.key(tenant, source)
+        await self._db.call(
+            "checkpoint", lambda c: c.execute("DELETE FROM checkpoints WHERE key = ?", (key,))
+        )
+
+    async def list(self) -> dict[str, dict[str, Any]]:
+        """Every checkpoint by key, full value (position, updated_at, worker)."""
+        rows = await self._db.call("checkpoint", fetchall("SELECT key, value FROM checkpoints"))
+        return {k: orjson.loads(v) for k, v in rows}
+
+
+# --------------------------------------------------------------------------------- idempotency
+
+
+class SQLiteIdempotencyStore:
+    """Implements IdempotencyStore: 32-byte keys as BLOBs with an expiry; expired rows are
+    ignored by seen() at once and purged lazily, every PURGE_EVERY claims."""
+
+    PURGE_EVERY = 64
+
+    def __init__(
+        self, db: SQLiteDB, ttl_seconds: int = 7 * 86400, clock: Clock = time.time
+    ) -> None:
+        self._db = db
+        self._ttl = ttl_seconds
+        self._clock = clock
+        self._claims = 0
+
+    async def seen(self, keys: Sequence[bytes]) -> list[bool]:
+        if not keys:
+            return []
+        now = self._clock()
+
+        def query(c: sqlite3.Connection) -> set[bytes]:
+            found: set[bytes] = set()
+            for part in chunks(list(dict.fromkeys(keys))):
+                sql = f"SELECT key FROM idem WHERE key IN ({marks(len(part))}) AND expires_at > ?"
+                found.update(k for (k,) in c.execute(sql, (*part, now)))
+            return found
+
+        found = await self._db.call("idempotency", query)
+        return [k in found for k in keys]
+
+    async def claim(self, keys: Sequence[bytes]) -> None:
+        if not keys:
+            return
+        now = self._clock()
+        rows = [(k, now, now + self._ttl) for k in keys]
+        self._claims += 1
+        purge = self._claims % self.PURGE_EVERY == 0
+
+        def write(c: sqlite3.Connection) -> None:
+            with immediate(c):
+                c.executemany("INSERT OR REPLACE INTO idem VALUES (?, ?, ?)", rows)
+                if purge:
+                    c.execute("DELETE FROM idem WHERE expires_at <= ?", (now,))
+
+        await self._db.call("idempotency", write)
+
+    async def stats(self) -> dict[str, Any]:
+        now = self._clock()
+
+        def query(c: sqlite3.Connection) -> tuple[int, float | None]:
+            (n,) = c.execute("SELECT count(*) FROM idem WHERE expires_at > ?", (now,)).fetchone()
+            row = c.execute(
+                "SELECT claimed_at FROM idem WHERE expires_at > ? ORDER BY expires_at LIMIT 1",
+                (now,),
+            ).fetchone()
+            return int(n), (row[0] if row else None)
+
+        n, oldest = await self._db.call("idempotency", query)
+        return {
+            "backend": "sqlite",
+            "keys": n,
+            "memory_bytes": None,
+            "oldest_bucket": _utc(oldest).date().isoformat() if oldest is not None else None,
+        }
+
+
+# ------------------------------------------------------------------------------------- DLQ
+
+_DLQ_COLS = (
+    "id, dedupe_key, tenant, source, sink, reason, detail, payload, attempts,"
+    " first_failed_at, last_failed_at, entity_type, entity_id, revision"
+)
+_DLQ_UPSERT = (
+    "INSERT INTO dlq (dedupe_key, tenant, source, sink, reason, detail, payload, attempts,"
+    " first_failed_at, last_failed_at, entity_type, entity_id, revision)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (dedupe_key, sink) DO UPDATE SET attempts = attempts + excluded.attempts,"
+    " last_failed_at = excluded.last_failed_at, reason = excluded.reason,"
+    " detail = excluded.detail"
+)
+
+
+def _where(flt: DLQFilter) -> tuple[str, list[Any]]:
+    """SQL condition for a DLQFilter ("1" when it selects everything)."""
+    clauses: list[str] = []
+    params: list[Any] = []
+
+    def among(column: str, values: Sequence[Any]) -> None:
+        clauses.append(f"{column} IN ({marks(len(values))})")
+        params.extend(values)
+
+    if flt.tenant is not None:
+        clauses.append("tenant = ?")
+        params.append(flt.tenant)
+    if flt.reasons:
+        among("reason", [ReasonCode(r).value for r in flt.reasons])
+    if flt.sources:
+        among("source", list(flt.sources))
+    if flt.sinks:
+        among("sink", ["" if s == "-" else s for s in flt.sinks])
+    if flt.since is not None:
+        clauses.append("last_failed_at >= ?")
+        params.append(_epoch(flt.since))
+    if flt.until is not None:
+        clauses.append("last_failed_at < ?")
+        params.append(_epoch(flt.until))
+    if flt.older_than is not None:
+        clauses.append("first_failed_at < ?")
+        params.append(_epoch(flt.older_than))
+    if flt.ids:
+        among("id", list(flt.ids))
+    return (" AND ".join(clauses) or "1"), params
+
+
+def _entry(row: tuple[Any, ...]) -> DLQEntry:
+    (
+        id_,
+        key,
+        tenant,
+        source,
+        sink,
+        reason,
+        detail,
+        payload,
+        attempts,
+        first,
+        last,
+        et,
+        ei,
+        rev,
+    ) = row
+    return DLQEntry(
+        dedupe_key=key,
+        tenant=tenant,
+        source=source,
+        sink=sink or None,
+        reason=ReasonCode(reason),
+        detail=orjson.loads(detail),
+        payload=payload,
+        attempts=attempts,
+        first_failed_at=_utc(first),
+        last_failed_at=_utc(last),
+        entity_type=et,
+        entity_id=ei,
+        revision=rev,
+        id=id_,
+    )
+
+
+class SQLiteDLQStore:
+    """Implements DLQStore. A NULL sink (failed before routing) is stored as '' so that the
+    UNIQUE (dedupe_key, sink) upsert also holds for it; it reads back as None."""
+
+    def __init__(self, db: SQLiteDB, clock: Clock = time.time) -> None:
+        self._db = db
+        self._clock = clock
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._db.call("dlq", fn)
+
+    async def add(self, entries: Sequence[DLQEntry]) -> None:
+        if not entries:
+            return
+        rows = [
+            (
+                e.dedupe_key,
+                e.tenant,
+                e.source,
+                e.sink or "",
+                ReasonCode(e.reason).value,
+                _json(e.detail),
+                e.payload,
+                e.attempts,
+                _epoch(e.first_failed_at),
+                _epoch(e.last_failed_at),
+                e.entity_type,
+                e.entity_id,
+                e.revision,
+            )
+            for e in entries
+        ]
+
+        def write(c: sqlite3.Connection) -> None:
+            with immediate(c):
+                c.executemany(_DLQ_UPSERT, rows)
+
+        await self._call(write)
+
+    async def record_processed(self, counts: Mapping[tuple[str, str], int]) -> None:
+        rows = [(t, s, n) for (t, s), n in counts.items() if n]
+        if not rows:
+            return
+        sql = (
+            "INSERT INTO processed_counts VALUES (?, ?, ?)"
+            " ON CONFLICT (tenant, source) DO UPDATE SET count = count + excluded.count"
+        )
+
+        def write(c: sqlite3.Connection) -> None:
+            with immediate(c):
+                c.executemany(sql, rows)
+
+        await self._call(write)
+
+    async def processed_total(self, tenant: str | None) -> int:
+        sql = "SELECT COALESCE(SUM(count), 0) FROM processed_counts"
+        if tenant is None:
+            row = await self._call(fetchone(sql))
+        else:
+            row = await self._call(fetchone(sql + " WHERE tenant = ?", (tenant,)))
+        return int(row[0])
+
+    async def count(self, flt: DLQFilter) -> int:
+        where, params = _where(flt)
+        row = await self._call(fetchone(f"SELECT count(*) FROM dlq WHERE {where}", params))
+        return int(row[0])
+
+    async def groups(self, flt: DLQFilter) -> list[DLQGroup]:
+        where, params = _where(flt)
+        sql = (
+            "SELECT reason, sink, source, count(*), min(last_failed_at), max(last_failed_at),"
+            f" sum(attempts) FROM dlq WHERE {where} GROUP BY reason, sink, source"
+            " ORDER BY count(*) DESC, reason, sink, source"
+        )
+        rows = await self._call(fetchall(sql, params))
+        return [
+            DLQGroup(
+                reason=ReasonCode(r),
+                sink=sink or None,
+                source=src,
+                count=n,
+                oldest=_utc(lo),
+                newest=_utc(hi),
+                extra={"attempts": att},
+            )
+            for r, sink, src, n, lo, hi, att in rows
+        ]
+
+    async def scan(self, flt: DLQFilter, batch_size: int = 500) -> AsyncIterator[list[DLQEntry]]:
+        """Keyset paging on id: deleting or updating entries between pages skips nothing."""
+        where, params = _where(flt)
+        sql = f"SELECT {_DLQ_COLS} FROM dlq WHERE {where} AND id > ? ORDER BY id LIMIT ?"
+        last = 0
+        while True:
+            rows = await self._call(fetchall(sql, (*params, last, batch_size)))
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [_entry(r) for r in rows]
+            if len(rows) < batch_size:
+                return
+
+    async def delete(self, ids: Sequence[int]) -> int:
+        ids = list(ids)
+
+        def write(c: sqlite3.Connection) -> int:
+            n = 0
+            with immediate(c):
+                for part in chunks(ids):
+                    n += c.execute(
+                        f"DELETE FROM dlq WHERE id IN ({marks(len(part))})", part
+                    ).rowcount
+            return n
+
+        return await self._call(write) if ids else 0
+
+    async def fail_again(
+        self, entry_id: int, reason: ReasonCode, detail: Mapping[str, Any], attempts: int
+    ) -> None:
+        sql = (
+            "UPDATE dlq SET attempts = attempts + ?, reason = ?, detail = ?, last_failed_at = ?"
+            " WHERE id = ?"
+        )
+        params = (attempts, ReasonCode(reason).value, _json(dict(detail)), self._clock(), entry_id)
+        await self._call(lambda c: c.execute(sql, params))
+
+    async def health(self) -> dict[str, Any]:
+        row = await self._call(fetchone("SELECT count(*) FROM dlq"))
+        return {"backend": "sqlite", "path": str(self._db.path), "ok": True, "entries": row[0]}
+
+    async def close(self) -> None:
+        """No-op: the SQLiteDB is shared by several stores; whoever opened it closes it."""
+
+
+# ------------------------------------------------------------------------------------ drops
+
+
+class SQLiteDroppedStore:
+    """Records brownout dropped, kept (payload included) so a later replay can bring them back."""
+
+    def __init__(self, db: SQLiteDB) -> None:
+        self._db = db
+
+    async def add(self, records: Sequence[DroppedRow]) -> None:
+        """(dedupe key, tenant, source, payload, dropped_at); a key already kept is ignored."""
+        if not records:
+            return
+        rows = [(k, t, s, p, at) for k, t, s, p, at in records]
+        sql = (
+            "INSERT OR IGNORE INTO dropped (key, tenant, source, payload, dropped_at)"
+            " VALUES (?, ?, ?, ?, ?)"
+        )
+
+        def write(c: sqlite3.Connection) -> None:
+            with immediate(c):
+                c.executemany(sql, rows)
+
+        await self._db.call("dropped", write)
+
+    async def count(self, tenant: str | None = None) -> int:
+        if tenant is None:
+            read = fetchone("SELECT count(*) FROM dropped")
+        else:
+            read = fetchone("SELECT count(*) FROM dropped WHERE tenant = ?", (tenant,))
+        row = await self._db.call("dropped", read)
+        return int(row[0])
+
+    async def scan(
+        self, tenant: str | None = None, batch_size: int = 500
+    ) -> AsyncIterator[list[DroppedRow]]:
+        """Pages in drop order; safe to delete what was read between pages."""
+        cond = "tenant = ? AND " if tenant is not None else ""
+        sql = (
+            f"SELECT id, key, tenant, source, payload, dropped_at FROM dropped"
+            f" WHERE {cond}id > ? ORDER BY id LIMIT ?"
+        )
+        head: tuple[Any, ...] = (tenant,) if tenant is not None else ()
+        last = 0
+        while True:
+            rows = await self._db.call("dropped", fetchall(sql, (*head, last, batch_size)))
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [(k, t, s, p, at) for _, k, t, s, p, at in rows]
+            if len(rows) < batch_size:
+                return
+
+    async def delete(self, keys: Sequence[bytes]) -> int:
+        keys = list(keys)
+
+        def write(c: sqlite3.Connection) -> int:
+            n = 0
+            with immediate(c):
+                for part in chunks(keys):
+                    sql = f"DELETE FROM dropped WHERE key IN ({marks(len(part))})"
+                    n += c.execute(sql, part).rowcount
+            return n
+
+        return await self._db.call("dropped", write) if keys else 0

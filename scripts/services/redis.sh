@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Redis for tests: no persistence, 127.0.0.1 only.  install | start | stop | restart-server
+# `restart-server` stops and starts the same server (data is lost: no persistence), which is
+# what the "Redis restarted mid-run" test needs.
+set -euo pipefail
+RUN="${INGEST_RUN_DIR:-/tmp/ingest-test-run}"
+PORT="${INGEST_TEST_REDIS_PORT:-16379}"
+DIR="$RUN/redis"
+PIDFILE="$DIR/redis.pid"
+
+install() {
+  if ! command -v redis-server >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+  fi
+}
+
+running() { [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
+
+start_server() {
+  running && return 0
+  mkdir -p "$DIR"
+  redis-server --port "$PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
+    --pidfile "$PIDFILE" --dir "$DIR" --logfile "$DIR/redis.log"
+  for _ in $(seq 1 100); do
+    redis-cli -h 127.0.0.1 -p "$PORT" ping 2>/dev/null | grep -q PONG && return 0
+    sleep 0.05
+  done
+  echo "redis did not become ready; see $DIR/redis.log" >&2; return 1
+}
+
+stop_server() {
+  running || return 0
+  local pid; pid="$(cat "$PIDFILE")"
+  kill "$pid"
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.05; done
+  kill -9 "$pid" 2>/dev/null || true
+}
+
+start() {
+  stop_server
+  rm -rf "$DIR"
+  start_server
+  cat > "$RUN/redis.env" <<ENV
+export INGEST_TEST_REDIS_URL='redis://127.0.0.1:$PORT/0'
+export INGEST_TEST_REDIS_PIDFILE='$PIDFILE'
+ENV
+}
+
+case "${1:-}" in
+  install) install ;;
+  start) start ;;
+  stop) stop_server ;;
+  restart-server) stop_server; start_server ;;
+  *) echo "usage: $0 install|start|stop|restart-server" >&2; exit 2 ;;
+esac

@@ -1,0 +1,19 @@
+"""Shared test helpers. Servers come from `scripts/services/up.sh` (run by `make test`)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def require_env(name: str, script: str) -> str:
+    """A server coordinate from the environment, or a test error saying how to get it."""
+    value = os.environ.get(name)
+    if not value:
+        pytest.fail(
+            f"{name} is not set: start the server with `scripts/services/up.sh {script}` and "
+            f"`source $INGEST_RUN_DIR/all.env` (make test does both)",
+            pytrace=False,
+        )
+    return value

@@ -1,0 +1,115 @@
+"""The runbook's Common Operations and Incident Response commands, as written, against `ingest run`.
+
+Host `ingest-service:8080` becomes the test service's 127.0.0.1 address; everything else is the
+runbook's text. Each command runs in bash, so pipes into jq/grep behave as for an operator.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e._service import ROOT, ServiceProcess
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    service = ServiceProcess(tmp_path_factory.mktemp("runbook")).start()
+    yield service
+    service.stop()
+
+
+def sh(svc: ServiceProcess, command: str) -> subprocess.CompletedProcess[str]:
+    cmd = command.replace("http://ingest-service:8080", svc.url)
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True,
+                         timeout=30, cwd=ROOT)
+    assert out.returncode == 0, f"{command!r} failed ({out.returncode}): {out.stderr}"
+    return out
+
+
+def test_check_pipeline_status(svc: ServiceProcess) -> None:
+    health = json.loads(sh(svc, "curl -s http://ingest-service:8080/health/detailed | jq").stdout)
+    assert set(health) >= {"adapters", "backpressure", "sinks"}
+    assert {"inbox", "webhook"} <= set(health["adapters"])
+    for adapter in health["adapters"].values():
+        assert {"status", "lag_seconds", "last_checkpoint", "errors"} <= set(adapter)
+    assert health["sinks"]["sqlite"]["state"] == "closed"
+    out = sh(svc, """curl -s http://ingest-service:8080/health/detailed | jq '.adapters["s3-main"]'""")
+    assert out.stdout.strip() == "null"  # no S3 adapter in the embedded default
+    out = sh(svc, """curl -s http://ingest-service:8080/health/detailed | jq '.adapters["inbox"]'""")
+    assert json.loads(out.stdout)["status"] in ("idle", "running")
+    bp = json.loads(sh(svc, "curl -s http://ingest-service:8080/health/detailed | jq '.backpressure'").stdout)
+    assert {"state", "since", "tokens", "in_flight", "queue_depth", "brownout_rate"} <= set(bp)
+    assert bp["state"] == "normal"
+
+
+def test_drain_and_resume(svc: ServiceProcess) -> None:
+    sh(svc, "curl -X POST http://ingest-service:8080/admin/drain")
+    bp = json.loads(sh(svc, 'curl -s http://ingest-service:8080/health/detailed | jq ".backpressure"').stdout)
+    assert bp["state"] == "drain"
+    r = httpx.post(f"{svc.url}/v1/webhooks/acme-corp/orders", json={"x": 1})
+    assert r.status_code == 503 and r.json()["error"] == "drain"
+    sh(svc, "curl -X POST http://ingest-service:8080/admin/resume")
+    assert svc.health()["backpressure"]["state"] == "normal"
+
+
+def test_brownout_with_rate_and_disable(svc: ServiceProcess) -> None:
+    sh(svc, 'curl -X POST "http://ingest-service:8080/admin/brownout?rate=0.1"')
+    bp = svc.health()["backpressure"]
+    assert bp["state"] == "brownout" and bp["brownout_rate"] == pytest.approx(0.1)
+    assert "ingest_backpressure_state{state=\"brownout\"} 1.0" in svc.metrics()
+    sh(svc, "curl -X POST http://ingest-service:8080/admin/resume")
+    assert svc.health()["backpressure"]["state"] == "normal"
+    # Lag Critical step 2: brownout without a rate uses the configured default
+    sh(svc, "curl -X POST http://ingest-service:8080/admin/brownout")
+    bp = svc.health()["backpressure"]
+    assert bp["state"] == "brownout" and 0 < bp["brownout_rate"] <= 1
+    sh(svc, "curl -X POST http://ingest-service:8080/admin/resume")
+
+
+def test_lag_high_query_and_retry_metrics(svc: ServiceProcess) -> None:
+    out = sh(svc, "curl -s http://ingest-service:8080/health/detailed | \\\n"
+                  "  jq '.adapters | to_entries | .[] | select(.value.lag_seconds > 60)'")
+    assert out.stdout.strip() == ""  # nothing lags on an idle service
+    out = sh(svc, "curl -s http://ingest-service:8080/metrics | grep ingest_retry_total")
+    assert "ingest_retry_total" in out.stdout
+
+
+def test_schema_file_as_in_runbook(svc: ServiceProcess) -> None:
+    out = sh(svc, "cat ingest/schema/input.schema.json | jq")
+    schema = json.loads(out.stdout)
+    assert "schema_version" in schema["properties"]
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        ("/admin/brownout?rate=0", 400, "invalid_rate"),
+        ("/admin/brownout?rate=1.5", 400, "invalid_rate"),
+        ("/admin/brownout?rate=abc", 400, "invalid_rate"),
+        ("/admin/drain?force=1", 400, "unknown_parameter"),
+        ("/admin/reboot", 404, "unknown_action"),
+    ],
+)
+def test_admin_refuses_with_reason(svc: ServiceProcess, path: str, status: int, code: str) -> None:
+    r = httpx.post(f"{svc.url}{path}")
+    assert r.status_code == status
+    assert r.json()["error"] == code and r.json()["reason"]
+    assert svc.health()["backpressure"]["state"] == "normal"
+
+
+def test_get_on_admin_is_405_with_reason(svc: ServiceProcess) -> None:
+    r = httpx.get(f"{svc.url}/admin/drain")
+    assert r.status_code == 405 and "POST" in r.json()["reason"]
+
+
+def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
+    service = ServiceProcess(tmp_path).start()
+    assert service.terminate() == 0

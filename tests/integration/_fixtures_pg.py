@@ -1,0 +1,174 @@
+"""Fixtures for the Redis and Postgres state and sink tests (real servers, no mocks).
+
+Shared servers: `scripts/services/up.sh postgres redis` then `source $INGEST_RUN_DIR/all.env`.
+Each test gets its own Postgres schema (dropped afterwards) and its own Redis key prefix /
+tenant. Tests that stop or restart a server start a private one with the same scripts under a
+temporary INGEST_RUN_DIR, so other tests using the shared servers are not disturbed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+import redis.asyncio as aioredis
+
+from ingest.records import RawRecord, Record, dedupe_key
+from ingest.state.redis import redis_client
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "services"
+
+
+def require_env(name: str, script: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        pytest.fail(
+            f"{name} is not set: run `scripts/services/up.sh {script}` and "
+            f"`source $INGEST_RUN_DIR/all.env` (scripts/services/{script}.sh)",
+            pytrace=False,
+        )
+    return value
+
+
+@pytest.fixture
+def pg_url() -> str:
+    return require_env("INGEST_TEST_POSTGRES_URL", "postgres")
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return require_env("INGEST_TEST_REDIS_URL", "redis")
+
+
+def with_search_path(dsn: str, schema: str) -> str:
+    """asyncpg passes unknown DSN query parameters as server settings."""
+    sep = "&" if "?" in dsn else "?"
+    return f"{dsn}{sep}search_path={quote(schema)}"
+
+
+async def _fresh_schema(dsn: str) -> tuple[str, str]:
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(dsn, timeout=5)
+    try:
+        await conn.execute(f"CREATE SCHEMA {schema}")
+    finally:
+        await conn.close()
+    return schema, with_search_path(dsn, schema)
+
+
+async def _drop_schema(dsn: str, schema: str) -> None:
+    conn = await asyncpg.connect(dsn, timeout=5)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def pg_dsn(pg_url: str) -> AsyncIterator[str]:
+    """A DSN whose search_path is a fresh schema of its own."""
+    schema, dsn = await _fresh_schema(pg_url)
+    yield dsn
+    await _drop_schema(pg_url, schema)
+
+
+@pytest.fixture
+async def rclient(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = redis_client(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def uid() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+# -- private servers for the stop / restart tests ------------------------------------------
+
+
+@dataclass
+class PrivateServer:
+    script: Path
+    env: dict[str, str]
+    url: str
+
+    def run(self, command: str) -> None:
+        subprocess.run([str(self.script), command], env=self.env, check=True, timeout=60)
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export ") :].partition("=")
+            out[key] = value.strip("'\"")
+    return out
+
+
+def _private(tmp: Path, name: str, port_var: str, port: str, url_var: str) -> PrivateServer:
+    env = {**os.environ, "INGEST_RUN_DIR": str(tmp), port_var: port}
+    script = SCRIPTS / f"{name}.sh"
+    subprocess.run([str(script), "start"], env=env, check=True, timeout=120)
+    url = _env_file(tmp / f"{name}.env")[url_var]
+    return PrivateServer(script, env, url)
+
+
+@pytest.fixture(scope="module")
+def private_postgres() -> Iterator[PrivateServer]:
+    require_env("INGEST_TEST_POSTGRES_URL", "postgres")  # the scripts must have been set up
+    # not under pytest's 0700 tmp root: the server runs as the postgres OS user
+    tmp = Path(tempfile.mkdtemp(prefix="ingest-test-pg-"))
+    os.chmod(tmp, 0o755)
+    port = os.environ.get("INGEST_TEST_PG_PRIVATE_PORT", "15433")
+    server = _private(tmp, "postgres", "INGEST_TEST_PG_PORT", port, "INGEST_TEST_POSTGRES_URL")
+    yield server
+    server.run("stop")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateServer]:
+    require_env("INGEST_TEST_REDIS_URL", "redis")
+    tmp = tmp_path_factory.mktemp("redisrun")
+    port = os.environ.get("INGEST_TEST_REDIS_PRIVATE_PORT", "16380")
+    server = _private(tmp, "redis", "INGEST_TEST_REDIS_PORT", port, "INGEST_TEST_REDIS_URL")
+    yield server
+    server.run("stop")
+
+
+# -- records ------------------------------------------------------------------------------
+
+
+def make_record(
+    entity_id: str,
+    revision: int,
+    *,
+    tenant: str = "acme",
+    entity_type: str = "order",
+    deleted: bool = False,
+    attributes: dict[str, Any] | None = None,
+) -> Record:
+    body: dict[str, Any] = {
+        "schema_version": 3,
+        "tenant_id": tenant,
+        "entity_type": entity_type,
+        "entity_id": entity_id,
+        "revision": revision,
+        "occurred_at": "2026-01-02T03:04:05.123456Z",
+        "attributes": attributes if attributes is not None else {"amount": revision, "n": "x"},
+        "relations": [{"type": "PLACED_BY", "target_type": "customer", "target_id": "c1"}],
+        "deleted": deleted,
+    }
+    raw = RawRecord(b"", tenant, "test", revision, None, 0.0)
+    return Record(raw=raw, body=body, dedupe_key=dedupe_key(body))
