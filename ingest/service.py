@@ -228,24 +228,64 @@ async def _lease_store(cfg: C.Config, stores: Stores) -> Any:
     return SQLiteLeaseStore(stores.sqlite_db)
 
 
+# ---------------------------------------------------------------------- the core
+@dataclass
+class Core:
+    """Everything but sources: what the service and `dlqtriage redrive` both deliver with."""
+
+    config: C.Config
+    stores: Stores
+    lanes: dict[str, SinkLane]
+    metrics: Metrics
+    admission: Admission
+    decoder: Decoder
+    pipeline: Pipeline
+
+    async def start_sinks(self) -> None:
+        for lane in self.lanes.values():
+            await lane.sink.start()
+
+    async def close(self) -> None:
+        for lane in self.lanes.values():
+            with contextlib.suppress(Exception):
+                await lane.sink.close()
+        await self.stores.close()
+
+
+async def build_core(cfg: C.Config, *, metrics: Metrics | None = None) -> Core:
+    metrics = metrics or Metrics()
+    admission = Admission(cfg.admission, cfg.limits_for)
+    admission.on_change = lambda st: metrics.set_backpressure(st.value)
+    stores = await open_stores(cfg)
+    lanes: dict[str, SinkLane] = {}
+    for sc in cfg.sinks:
+        sink = SINKS[sc.type](cfg, sc)
+        breaker = CircuitBreaker.from_config(
+            sc.name, cfg.breaker, on_change=lambda name, st: metrics.set_breaker(name, st.value))
+        lanes[sc.name] = SinkLane(sink, breaker)
+        metrics.declare_sink(sc.name)
+    decoder = Decoder(max_record_bytes=cfg.http.max_record_bytes)
+    pipeline = Pipeline(
+        config=cfg, admission=admission, idempotency=stores.idempotency, dlq=stores.dlq,
+        dropped=stores.dropped, lanes=lanes, metrics=metrics,
+        retry=RetryPolicy.from_config(cfg.retry),
+    )
+    return Core(cfg, stores, lanes, metrics, admission, decoder, pipeline)
+
+
 # ---------------------------------------------------------------------- the service
 class Service:
-    def __init__(self, cfg: C.Config, stores: Stores, sources: SourceSet,
-                 lanes: dict[str, SinkLane], metrics: Metrics, admission: Admission) -> None:
-        self.config = cfg
-        self.stores = stores
+    def __init__(self, core: Core, sources: SourceSet) -> None:
+        self.config = core.config
+        self.stores = core.stores
         self.sources = sources.sources
         self.intake = sources.intake
         self._webhook = sources.webhook
-        self.lanes = lanes
-        self.metrics = metrics
-        self.admission = admission
-        self.decoder = Decoder(max_record_bytes=cfg.http.max_record_bytes)
-        self.pipeline = Pipeline(
-            config=cfg, admission=admission, idempotency=stores.idempotency, dlq=stores.dlq,
-            dropped=stores.dropped, lanes=lanes, metrics=metrics,
-            retry=RetryPolicy.from_config(cfg.retry),
-        )
+        self.lanes = core.lanes
+        self.metrics = core.metrics
+        self.admission = core.admission
+        self.decoder = core.decoder
+        self.pipeline = core.pipeline
         self.stopping = asyncio.Event()
         self.started_at = time.time()
         self._pending = 0
@@ -255,20 +295,8 @@ class Service:
 
     @classmethod
     async def build(cls, cfg: C.Config) -> Service:
-        metrics = Metrics()
-        admission = Admission(cfg.admission, cfg.limits_for)
-        admission.on_change = lambda st: metrics.set_backpressure(st.value)
-        stores = await open_stores(cfg)
-        lanes: dict[str, SinkLane] = {}
-        for sc in cfg.sinks:
-            sink = SINKS[sc.type](cfg, sc)
-            breaker = CircuitBreaker.from_config(
-                sc.name, cfg.breaker,
-                on_change=lambda name, st: metrics.set_breaker(name, st.value))
-            lanes[sc.name] = SinkLane(sink, breaker)
-            metrics.declare_sink(sc.name)
-        sources = await build_sources(cfg, stores)
-        return cls(cfg, stores, sources, lanes, metrics, admission)
+        core = await build_core(cfg)
+        return cls(core, await build_sources(cfg, core.stores))
 
     def notify_webhook(self) -> None:
         if self._webhook is not None:

@@ -22,7 +22,7 @@ import logging
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -107,11 +107,13 @@ class Pipeline:
         decoded: Sequence[Record | DecodeFailure],
         *,
         check_duplicates: bool = True,
+        only_sinks: Sequence[Collection[str] | None] | None = None,
     ) -> BatchReport:
         """Take a decoded batch to durable: sinks or DLQ. Returns the batch's counts.
 
-        `decoded[i]` is the decoder's answer for `raws[i]`. `check_duplicates=False` is for
-        redrive, whose records were claimed when they first went to the DLQ.
+        `decoded[i]` is the decoder's answer for `raws[i]`. Redrive passes
+        `check_duplicates=False` (its records were claimed when they first went to the DLQ)
+        and `only_sinks[i]`, the sink a DLQ entry failed at (None: every routed sink).
         """
         report = BatchReport()
         now = self.clock()
@@ -132,8 +134,10 @@ class Pipeline:
 
         by_sink: dict[str, list[tuple[int, Record]]] = defaultdict(list)
         for i, rec in records:
+            targets = only_sinks[i] if only_sinks is not None else None
             for sink_name in self.config.sinks_for(rec.tenant, rec.entity_type):
-                by_sink[sink_name].append((i, rec))
+                if targets is None or sink_name in targets:
+                    by_sink[sink_name].append((i, rec))
         outcomes = await asyncio.gather(
             *(self._deliver_to_sink(name, items) for name, items in by_sink.items())
         )

@@ -92,7 +92,10 @@ class _RowRefused(Exception):
 
 
 def _prop(value: Any) -> Any:
-    """Neo4j stores scalars and flat lists only: nested values are kept as JSON text."""
+    """Neo4j stores scalars and flat lists only: nested values are kept as JSON text, and
+    integers outside int64 (which Bolt cannot carry) as decimal text."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        return str(value)
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
@@ -109,8 +112,11 @@ def _row(rec: Record) -> dict[str, Any]:
         occurred_at=_prop(body.get("occurred_at")),
     )
     rels = [
-        {"type": str(r["type"]), "target_type": str(r["target_type"]),
-         "target_id": str(r["target_id"])}
+        {
+            "type": str(r["type"]),
+            "target_type": str(r["target_type"]),
+            "target_id": str(r["target_id"]),
+        }
         for r in body.get("relations") or ()
     ]
     return {
@@ -167,7 +173,9 @@ class Neo4jSink:
         self._database = database
         self._timeout = timeout_seconds
         self._driver: AsyncDriver = AsyncGraphDatabase.driver(
-            uri, auth=(user, password), connection_timeout=5.0,
+            uri,
+            auth=(user, password),
+            connection_timeout=5.0,
             connection_acquisition_timeout=timeout_seconds,
         )
 
@@ -272,7 +280,9 @@ class Neo4jSink:
             "OPTIONAL MATCH (n)-[r]->(m:Entity) "
             "RETURN properties(n) AS props, collect(CASE WHEN r IS NULL THEN NULL ELSE "
             "{type: type(r), target_type: m.entity_type, target_id: m.entity_id} END) AS rels",
-            t=tenant, et=entity_type, id=entity_id,
+            t=tenant,
+            et=entity_type,
+            id=entity_id,
         )
         if not rows:
             return None
@@ -284,6 +294,8 @@ class Neo4jSink:
         rows = await self._read(
             "MATCH (t:Tombstone {tenant: $t, entity_type: $et, entity_id: $id}) "
             "RETURN t.revision AS r",
-            t=tenant, et=entity_type, id=entity_id,
+            t=tenant,
+            et=entity_type,
+            id=entity_id,
         )
         return int(rows[0]["r"]) if rows else None

@@ -36,23 +36,26 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+_TARGETS: dict[int, str] = {}  # id(pool) -> DSN without password (asyncpg pools take no weakref)
+
+
 def _where(dsn_or_pool: str | asyncpg.Pool) -> str:
-    """host:port/db without credentials, for error messages and health."""
+    """The DSN without credentials, for error messages and health (pools from connect_pool)."""
     if isinstance(dsn_or_pool, str):
         return re.sub(r"//[^@/]*@", "//", dsn_or_pool)
-    params = dsn_or_pool._connect_kwargs  # asyncpg keeps no public accessor
-    addrs = dsn_or_pool._working_addr or params.get("host", "?")
-    return f"postgresql://{addrs}/{params.get('database', '')}"
+    return _TARGETS.get(id(dsn_or_pool), "postgres")
 
 
 async def connect_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
     """A pool that connects within 2 s or raises StoreUnavailable."""
     try:
-        return await asyncpg.create_pool(
+        pool = await asyncpg.create_pool(
             dsn, min_size=min_size, max_size=max_size, timeout=2.0, command_timeout=30.0
         )
     except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
         raise StoreUnavailable("postgres", _where(dsn), f"{type(exc).__name__}: {exc}") from exc
+    _TARGETS[id(pool)] = _where(dsn)
+    return pool
 
 
 async def _retrying(pool: asyncpg.Pool, op: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
@@ -298,6 +301,7 @@ class PostgresDLQStore:
 
     async def close(self) -> None:
         if not self._pool.is_closing():
+            _TARGETS.pop(id(self._pool), None)
             await self._pool.close()
 
 
@@ -366,4 +370,5 @@ class PostgresDroppedStore:
 
     async def close(self) -> None:
         if not self._pool.is_closing():
+            _TARGETS.pop(id(self._pool), None)
             await self._pool.close()

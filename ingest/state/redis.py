@@ -104,7 +104,7 @@ def redis_client(url: str) -> aioredis.Redis:
         socket_timeout=5.0,
         socket_keepalive=True,
         health_check_interval=15,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=4),
+        retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=3),
         retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError, OSError],
     )
 

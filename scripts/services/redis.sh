@@ -15,7 +15,9 @@ install() {
   fi
 }
 
-running() { [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
+# alive and not a zombie (a daemonized server's parent may be a PID 1 that reaps slowly)
+alive() { kill -0 "$1" 2>/dev/null && ! grep -qE '^[0-9]+ \(.*\) Z' "/proc/$1/stat" 2>/dev/null; }
+running() { [ -f "$PIDFILE" ] && alive "$(cat "$PIDFILE")"; }
 
 start_server() {
   running && return 0
@@ -33,7 +35,7 @@ stop_server() {
   running || return 0
   local pid; pid="$(cat "$PIDFILE")"
   kill "$pid"
-  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.05; done
+  for _ in $(seq 1 100); do alive "$pid" || return 0; sleep 0.05; done
   kill -9 "$pid" 2>/dev/null || true
 }
 

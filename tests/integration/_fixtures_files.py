@@ -128,8 +128,9 @@ class Pump:
     async def next(self, timeout: float = 15.0) -> SourceBatch:
         get = asyncio.ensure_future(self.queue.get())
         assert self.task is not None
-        done, _ = await asyncio.wait({get, self.task}, timeout=timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {get, self.task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         if get in done:
             return get.result()
         get.cancel()
@@ -138,8 +139,9 @@ class Pump:
             raise AssertionError("source.batches() ended early")
         raise AssertionError(f"no batch within {timeout}s; health={self.source.health()}")
 
-    async def take(self, records: int, *, commit: bool = True, timeout: float = 15.0
-                   ) -> list[SourceBatch]:
+    async def take(
+        self, records: int, *, commit: bool = True, timeout: float = 15.0
+    ) -> list[SourceBatch]:
         """Batches until at least `records` records arrived."""
         out: list[SourceBatch] = []
         while sum(len(b.records) for b in out) < records:
@@ -244,8 +246,9 @@ async def _s3_child(args: dict[str, Any]) -> None:
     db = await SQLiteDB.open(Path(args["db"]))
     st = State(db)
     cfg = s3_config(args["endpoint"], args["prefix"])
-    source = S3Source(cfg, st.checkpoints, st.leases, worker_id=args["worker"],
-                      lease_ttl=args["ttl"])
+    source = S3Source(
+        cfg, st.checkpoints, st.leases, worker_id=args["worker"], lease_ttl=args["ttl"]
+    )
     pump = await Pump(source).start()
     with open(args["out"], "ab") as out:
         for _ in range(args["commit"]):

@@ -62,9 +62,7 @@ def make_record(
         "occurred_at": f"2025-01-01T00:00:{revision % 60:02d}Z",
         "priority": "normal",
         "attributes": dict(attributes or {}),
-        "relations": [
-            {"type": t, "target_type": tt, "target_id": tid} for t, tt, tid in relations
-        ],
+        "relations": [{"type": t, "target_type": tt, "target_id": tid} for t, tt, tid in relations],
         "deleted": deleted,
     }
     raw = RawRecord(data=b"", tenant=tenant, source="s", seq=seq, position=None, event_time=0.0)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from ingest.config import KafkaSourceConfig
@@ -74,16 +74,20 @@ def make_topic(brokers: str) -> Iterator[TopicFactory]:
     yield make
     if made:
         for fut in admin.delete_topics(made).values():
-            fut.result(timeout=30)
+            try:
+                fut.result(timeout=30)
+            except KafkaException as exc:  # a test may have deleted it already
+                if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    raise
 
 
 def wait_for_topic(admin: AdminClient, name: str, partitions: int) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         t = admin.list_topics(name, timeout=5).topics.get(name)
-        if t is not None and t.error is None and len(t.partitions) == partitions:
-            if all(p.leader >= 0 for p in t.partitions.values()):
-                return
+        parts = t.partitions.values() if t is not None and t.error is None else []
+        if len(parts) == partitions and all(p.leader >= 0 for p in parts):
+            return
         time.sleep(0.1)
     raise AssertionError(f"topic {name} has no leaders after 15 s")
 
@@ -189,7 +193,9 @@ async def sources() -> AsyncIterator[list[KafkaSource]]:
         await s.close()
 
 
-def describe_group(kafka_bin: str, brokers: str, group: str) -> dict[tuple[str, int], dict[str, str]]:
+def describe_group(
+    kafka_bin: str, brokers: str, group: str
+) -> dict[tuple[str, int], dict[str, str]]:
     """Run the runbook's `kafka-consumer-groups.sh --describe` as a process; rows by partition."""
     out = subprocess.run(
         [f"{kafka_bin}/kafka-consumer-groups.sh", "--bootstrap-server", brokers,
@@ -210,8 +216,6 @@ def describe_group(kafka_bin: str, brokers: str, group: str) -> dict[tuple[str, 
 
 def run_script(*args: str) -> str:
     script = kafka_var("INGEST_TEST_KAFKA_SCRIPT")
-    done = subprocess.run(
-        [script, *args], capture_output=True, text=True, timeout=180, check=False
-    )
+    done = subprocess.run([script, *args], capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, f"{script} {' '.join(args)} failed:\n{done.stdout}{done.stderr}"
     return done.stdout

@@ -130,8 +130,14 @@ async def test_one_round_trip_per_batch(private_client: aioredis.Redis, uid: str
     }
     # 3 EVALSHA plus the INFO that took the first snapshot; HSET etc. run inside the scripts
     assert client_cmds.pop("cmdstat_evalsha") == 3
-    assert set(client_cmds) <= {"cmdstat_info", "cmdstat_hget", "cmdstat_hset",
-                                "cmdstat_expireat", "cmdstat_incrby", "cmdstat_exists"}
+    assert set(client_cmds) <= {
+        "cmdstat_info",
+        "cmdstat_hget",
+        "cmdstat_hset",
+        "cmdstat_expireat",
+        "cmdstat_incrby",
+        "cmdstat_exists",
+    }
     assert client_cmds["cmdstat_info"] == 1
 
 

@@ -49,12 +49,26 @@ async def test_killed_worker_mid_object_resumes_exactly_once(
         await put(s3, f"{prefix}obj-{i}.jsonl", jsonl(f"o{i}", 500))
     db_path, out = tmp_path / "state.db", tmp_path / "committed.txt"
     await (await SQLiteDB.open(db_path)).close()  # create it before two processes share it
-    args = {"db": str(db_path), "endpoint": s3_endpoint, "prefix": prefix, "worker": "w-dead",
-            "ttl": 1.5, "commit": 7, "out": str(out)}
+    args = {
+        "db": str(db_path),
+        "endpoint": s3_endpoint,
+        "prefix": prefix,
+        "worker": "w-dead",
+        "ttl": 1.5,
+        "commit": 7,
+        "out": str(out),
+    }
     child = subprocess.Popen(
-        [sys.executable, "-m", "tests.integration._fixtures_files", "s3-child",
-         orjson.dumps(args).decode()],
-        cwd=ROOT, stdout=subprocess.PIPE, env=os.environ.copy(),
+        [
+            sys.executable,
+            "-m",
+            "tests.integration._fixtures_files",
+            "s3-child",
+            orjson.dumps(args).decode(),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        env=os.environ.copy(),
     )
     try:
         assert child.stdout is not None
@@ -68,8 +82,9 @@ async def test_killed_worker_mid_object_resumes_exactly_once(
 
     db = await SQLiteDB.open(db_path)
     st = State(db)
-    source = S3Source(s3_config(s3_endpoint, prefix), st.checkpoints, st.leases,
-                      worker_id="w-new", lease_ttl=1.5)
+    source = S3Source(
+        s3_config(s3_endpoint, prefix), st.checkpoints, st.leases, worker_id="w-new", lease_ttl=1.5
+    )
     pump = await Pump(source).start()
     try:
         t0 = time.monotonic()
@@ -123,7 +138,9 @@ async def test_late_low_key_and_changed_etag_are_read(
     pump = await Pump(S3Source(cfg, state.checkpoints, state.leases, worker_id="w1")).start()
     try:
         first = record_ids(await pump.take(20))
-        assert sorted(first) == sorted([f"m-{i}" for i in range(10)] + [f"z-{i}" for i in range(10)])
+        assert sorted(first) == sorted(
+            [f"m-{i}" for i in range(10)] + [f"z-{i}" for i in range(10)]
+        )
         await put(s3, f"{prefix}a.jsonl", jsonl("a", 5))  # sorts below everything seen
         assert record_ids(await pump.take(5)) == [f"a-{i}" for i in range(5)]
         new_etag = await put(s3, f"{prefix}m.jsonl", jsonl("m2", 3))  # same key, new content
@@ -234,8 +251,9 @@ async def test_list_window_health_and_lag(
     t_mid = time.time() + 1.2
     await asyncio.sleep(2.2)  # LastModified has whole seconds
     await put(s3, f"{prefix}w2.jsonl", jsonl("v", 3))
-    source = S3Source(s3_config(s3_endpoint, prefix), state.checkpoints, state.leases,
-                      worker_id="w1")
+    source = S3Source(
+        s3_config(s3_endpoint, prefix), state.checkpoints, state.leases, worker_id="w1"
+    )
     assert [r.name for r in await source.list_window(0, t_mid)] == [f"{prefix}w1.jsonl"]
     assert [r.name for r in await source.list_window(t_mid, time.time() + 5)] == [
         f"{prefix}w2.jsonl"
@@ -269,9 +287,15 @@ async def test_aws_cli_lists_the_prefix(s3: Any, s3_endpoint: str, prefix: str) 
     await put(s3, f"{prefix}sub/one.jsonl", b"{}\n")
     await put(s3, f"{prefix}two.jsonl", b"{}\n{}\n")
     proc = await asyncio.create_subprocess_exec(
-        "aws", "s3", "ls", f"s3://{BUCKET}/{prefix}", "--recursive",
-        "--endpoint-url", s3_endpoint,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        "aws",
+        "s3",
+        "ls",
+        f"s3://{BUCKET}/{prefix}",
+        "--recursive",
+        "--endpoint-url",
+        s3_endpoint,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()

@@ -70,7 +70,9 @@ async def test_skips_files_being_written_and_moves_only_after_commit(
     window = await source.list_window(0, time.time() + 10)
     assert [r.name for r in window][0] == "processed/old.jsonl"  # oldest mtime first
     assert {r.name for r in window} == {
-        "processed/old.jsonl", "processed/growing.jsonl", "processed/upload.jsonl"
+        "processed/old.jsonl",
+        "processed/growing.jsonl",
+        "processed/upload.jsonl",
     }
     await source.close()
 
@@ -106,8 +108,9 @@ async def test_wrong_host_key_and_refused_login_are_errors_in_health(
         (sftp_config(sftp_server, sftp_dir, key_path=stranger), "login refused"),
     ]
     for cfg, words in cases:
-        source = SFTPSource(cfg, state.checkpoints, state.leases, worker_id="w1",
-                            auth_retry_seconds=30)
+        source = SFTPSource(
+            cfg, state.checkpoints, state.leases, worker_id="w1", auth_retry_seconds=30
+        )
         pump = await Pump(source).start()
         try:
             await wait_for(lambda s=source: s.health().status == "error", 10, words)  # type: ignore[misc]
@@ -123,8 +126,9 @@ async def test_wrong_host_key_and_refused_login_are_errors_in_health(
 async def test_lost_connection_reconnects_with_connection_error_in_health(
     sftp_server: SFTPServer, sftp_dir: Path, state: State
 ) -> None:
-    refused = SFTPSource(sftp_config(sftp_server, sftp_dir, port=1), state.checkpoints,
-                         state.leases, worker_id="w0")
+    refused = SFTPSource(
+        sftp_config(sftp_server, sftp_dir, port=1), state.checkpoints, state.leases, worker_id="w0"
+    )
     pump = await Pump(refused).start()
     try:
         await wait_for(lambda: refused.health().status == "error", 10, "error")
@@ -134,21 +138,24 @@ async def test_lost_connection_reconnects_with_connection_error_in_health(
 
     (sftp_dir / "one.jsonl").write_bytes(jsonl("one", 3))
     os.utime(sftp_dir / "one.jsonl", (time.time() - 60, time.time() - 60))
-    source = SFTPSource(sftp_config(sftp_server, sftp_dir), state.checkpoints, state.leases,
-                        worker_id="w1")
+    source = SFTPSource(
+        sftp_config(sftp_server, sftp_dir), state.checkpoints, state.leases, worker_id="w1"
+    )
     pump = await Pump(source).start()
     try:
         assert record_ids(await pump.take(3)) == ["one-0", "one-1", "one-2"]
         # Kill this client's server-side session processes (children of our sshd): the TCP
         # connection drops under the source, as with a network failure.
         sshd_pid = int(Path(os.environ["INGEST_TEST_SFTP_PID_FILE"]).read_text())
-        kids = subprocess.run(["pgrep", "-P", str(sshd_pid)], capture_output=True, text=True)
-        pids = [int(p) for p in kids.stdout.split()]
-        assert pids, "no sftp session process found"
+        pids = _descendants(sshd_pid)  # "sshd: user [priv]" and its "user@notty" child
+        assert len(pids) >= 2, "no sftp session processes found"
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
-        await wait_for(lambda: any("CONNECTION_ERROR" in e for e in source.health().errors),
-                       15, "CONNECTION_ERROR after the session died")
+        await wait_for(
+            lambda: any("CONNECTION_ERROR" in e for e in source.health().errors),
+            15,
+            "CONNECTION_ERROR after the session died",
+        )
         (sftp_dir / "two.jsonl").write_bytes(jsonl("two", 2))
         os.utime(sftp_dir / "two.jsonl", (time.time() - 60, time.time() - 60))
         assert record_ids(await pump.take(2, timeout=15)) == ["two-0", "two-1"]
@@ -157,15 +164,39 @@ async def test_lost_connection_reconnects_with_connection_error_in_health(
         await pump.close()
 
 
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    for kid in (int(p) for p in kids.stdout.split()):
+        out += [kid, *_descendants(kid)]
+    return out
+
+
 def test_openssh_sftp_lists_the_inbox(sftp_server: SFTPServer, sftp_dir: Path) -> None:
     (sftp_dir / "listed.jsonl").write_bytes(b"{}\n")
     known = sftp_dir.parent.parent / "known_hosts"
     known.write_text(f"[{sftp_server.host}]:{sftp_server.port} {sftp_server.host_key}\n")
     proc = subprocess.run(
-        ["sftp", "-b", "-", "-i", str(sftp_server.key), "-P", str(sftp_server.port),
-         "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
-         "-o", "BatchMode=yes", f"{sftp_server.user}@{sftp_server.host}"],
-        input=f"ls -l {sftp_dir.name}\n", capture_output=True, text=True, timeout=30,
+        [
+            "sftp",
+            "-b",
+            "-",
+            "-i",
+            str(sftp_server.key),
+            "-P",
+            str(sftp_server.port),
+            "-o",
+            f"UserKnownHostsFile={known}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            f"{sftp_server.user}@{sftp_server.host}",
+        ],
+        input=f"ls -l {sftp_dir.name}\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert proc.returncode == 0, proc.stderr
     assert "listed.jsonl" in proc.stdout

@@ -1,0 +1,294 @@
+"""Typesense sink: one collection per tenant and entity type, one document per entity.
+
+Typesense has no conditional write, so the revision guard is read-then-write: export the
+stored revisions of the batch's ids, then `import` (action=upsert) only the winners that are
+newer. That is safe under the pipeline's per-key ordering (all records of one entity flow
+through one source partition, in order, so one writer at a time per entity); it does NOT
+protect against two concurrent writers of one id, which can race between the read and the
+write (the later import wins). Deletes are tombstone documents (`deleted: true` plus the
+revision), so the guard sees them like any other revision. See docs/sinks.md.
+
+The official client's AsyncClient (typesense>=2) is used directly: no threads, no raw HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+import httpx
+import orjson
+import typesense
+from typesense.exceptions import (
+    HTTPStatus0Error,
+    ObjectAlreadyExists,
+    ObjectNotFound,
+    RequestForbidden,
+    RequestUnauthorized,
+    ServerError,
+    ServiceUnavailable,
+    TypesenseClientError,
+)
+from typesense.types.collection import CollectionCreateSchema, CollectionUpdateSchema
+
+from ingest.config import TypesenseField
+from ingest.errors import SinkError
+from ingest.records import ReasonCode, Record, SinkResult, SinkStatus
+from ingest.sinks.base import EntityKey, judge_in_order, latest_per_entity
+
+_FIXED_FIELDS: tuple[dict[str, Any], ...] = (
+    {"name": "entity_id", "type": "string"},
+    {"name": "revision", "type": "int64"},
+    {"name": "deleted", "type": "bool", "facet": True},
+    {"name": "occurred_at", "type": "string", "optional": True, "index": False},
+)
+_RESERVED = frozenset({"id", *(f["name"] for f in _FIXED_FIELDS)})
+_ZERO: dict[str, Any] = {"string": "", "int32": 0, "int64": 0, "float": 0.0, "bool": False}
+_PLAIN = re.compile(r"[A-Za-z0-9-]+(?:_[A-Za-z0-9-]+)*")
+
+
+def collection_name(tenant: str, entity_type: str) -> str:
+    """`<tenant>__<entity_type>`; a part that is not plain gets a hash so names never clash."""
+
+    def part(s: str) -> str:
+        if _PLAIN.fullmatch(s) and len(s) <= 60:
+            return s
+        digest = hashlib.sha256(s.encode()).hexdigest()[:10]
+        return f"{re.sub(r'[^A-Za-z0-9-]', '-', s)[:40]}-{digest}"
+
+    return f"{part(tenant)}__{part(entity_type)}"
+
+
+def _classify(exc: Exception, target: str) -> SinkError:
+    """One place that turns client/transport errors into the pipeline's reason codes."""
+    name = type(exc).__name__
+    status = exc.args[0] if isinstance(exc, TypesenseClientError) and exc.args else None
+    msg = f"typesense at {target}: {exc}"
+    if status == 429:
+        return SinkError(ReasonCode.RATE_LIMITED, msg, error_class=name, status=429)
+    if isinstance(exc, ServiceUnavailable | ServerError | httpx.TimeoutException):
+        return SinkError(ReasonCode.SINK_TIMEOUT, msg, error_class=name, status=status)
+    if isinstance(exc, HTTPStatus0Error | RequestUnauthorized | RequestForbidden):
+        return SinkError(ReasonCode.CONNECTION_ERROR, msg, error_class=name, status=status)
+    if isinstance(exc, TypesenseClientError):  # 4xx on a whole request: it will not succeed
+        return SinkError(ReasonCode.CONSTRAINT_VIOLATION, msg, error_class=name, status=status)
+    return SinkError(ReasonCode.CONNECTION_ERROR, msg, error_class=name)  # refused, reset, DNS
+
+
+_TRANSPORT_ERRORS = (TypesenseClientError, httpx.HTTPError, OSError)
+
+
+class TypesenseSink:
+    """Guarded batch upserts of entity documents into Typesense collections."""
+
+    kind = "typesense"
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        api_key: str,
+        fields: Mapping[str, Sequence[TypesenseField]],
+        timeout_seconds: float = 10.0,
+    ) -> None:
+        self.name = name
+        self._url = url
+        self._fields = fields
+        parsed = httpx.URL(url)
+        self._client = typesense.AsyncClient(
+            {
+                "api_key": api_key,
+                "nodes": [
+                    {
+                        "host": parsed.host,
+                        "port": parsed.port or (443 if parsed.scheme == "https" else 80),
+                        "protocol": parsed.scheme,
+                    }
+                ],
+                "connection_timeout_seconds": timeout_seconds,
+                "num_retries": 0,  # the worker owns retries and the breaker
+            }
+        )
+        self._ready: set[str] = set()
+
+    async def start(self) -> None:
+        """Collections are created lazily (tenants appear at run time); check the server."""
+        try:
+            await self._client.operations.is_healthy()
+        except _TRANSPORT_ERRORS as exc:
+            raise _classify(exc, self._url) from exc
+
+    async def close(self) -> None:
+        await self._client.api_call.aclose()
+
+    async def health(self) -> dict[str, Any]:
+        try:
+            ok = bool(await self._client.operations.is_healthy())
+        except Exception as exc:  # health reports, never raises
+            return {"connected": False, "target": self._url, "error": str(exc)}
+        return {"connected": ok, "target": self._url}
+
+    async def write(self, records: Sequence[Record]) -> list[SinkResult]:
+        if not records:
+            return []
+        groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
+        for rec in latest_per_entity(records):
+            groups[(rec.tenant, rec.entity_type)].append(rec)
+        stored: dict[EntityKey, int | None] = {}
+        refused: dict[EntityKey, dict[str, Any]] = {}
+        try:
+            for (tenant, etype), winners in groups.items():
+                coll = await self._collection(tenant, etype)
+                revs = await self._stored_revisions(coll, [r.entity_id for r in winners])
+                newer = []
+                for rec in winners:
+                    stored[rec.entity_key] = revs.get(rec.entity_id)
+                    if revs.get(rec.entity_id) is None or rec.revision > revs[rec.entity_id]:
+                        newer.append(rec)
+                if newer:
+                    refused |= await self._import(coll, newer)
+        except _TRANSPORT_ERRORS as exc:
+            raise _classify(exc, self._url) from exc
+        results = judge_in_order(records, stored)
+        return [
+            SinkResult.failed(ReasonCode.CONSTRAINT_VIOLATION, **refused[rec.entity_key])
+            if res.status is SinkStatus.APPLIED and rec.entity_key in refused
+            else res
+            for rec, res in zip(records, results, strict=True)
+        ]
+
+    def _document(self, rec: Record) -> dict[str, Any]:
+        body = rec.body
+        doc: dict[str, Any] = {}
+        if rec.deleted:  # a tombstone carries no content; required fields get zero values
+            for f in self._fields.get(rec.entity_type, ()):
+                if not f.optional and f.name not in _RESERVED:
+                    doc[f.name] = [] if f.type.endswith("[]") else _ZERO.get(f.type, "")
+        else:
+            doc.update((k, v) for k, v in (body.get("attributes") or {}).items() if v is not None)
+        for key in _RESERVED & doc.keys():
+            del doc[key]  # the fixed fields win over attributes of the same name
+        doc.update(
+            id=rec.entity_id, entity_id=rec.entity_id, revision=rec.revision, deleted=rec.deleted
+        )
+        if body.get("occurred_at") is not None:
+            doc["occurred_at"] = str(body["occurred_at"])
+        return doc
+
+    async def _import(self, coll: str, recs: list[Record]) -> dict[EntityKey, dict[str, Any]]:
+        """Upsert; returns the refused entities with the document and the server's message."""
+        docs = [orjson.dumps(self._document(r)) for r in recs]
+        try:
+            text = await self._client.collections[coll].documents.import_(
+                b"\n".join(docs), {"action": "upsert"}
+            )
+        except ObjectNotFound:  # collection dropped under us: recreate once
+            self._ready.discard(coll)
+            await self._collection(recs[0].tenant, recs[0].entity_type)
+            text = await self._client.collections[coll].documents.import_(
+                b"\n".join(docs), {"action": "upsert"}
+            )
+        refused: dict[EntityKey, dict[str, Any]] = {}
+        for rec, doc, line in zip(recs, docs, text.split("\n"), strict=True):
+            item = orjson.loads(line)
+            if not item.get("success"):
+                refused[rec.entity_key] = {
+                    "message": str(item.get("error")),
+                    "code": item.get("code"),
+                    "document": doc.decode(),
+                    "collection": coll,
+                }
+        return refused
+
+    async def _stored_revisions(self, coll: str, ids: list[str]) -> dict[str, int]:
+        """Stored revision per id. Ids with a backtick cannot be quoted in filter_by (0.24):
+        those few are read one by one."""
+        plain = [i for i in ids if "`" not in i]
+        found: dict[str, int] = {}
+        for k in range(0, len(plain), 2000):
+            chunk = plain[k : k + 2000]
+            text = await self._client.collections[coll].documents.export(
+                {
+                    "filter_by": "entity_id:=[" + ",".join(f"`{i}`" for i in chunk) + "]",
+                    "include_fields": "id,revision",
+                }
+            )
+            for line in text.splitlines():
+                if line:
+                    doc = orjson.loads(line)
+                    found[doc["id"]] = int(doc["revision"])
+        for odd in (i for i in ids if "`" in i):
+            got = await self._get(coll, odd)
+            if got is not None:
+                found[odd] = int(got["revision"])
+        return found
+
+    async def _collection(self, tenant: str, entity_type: str) -> str:
+        """Create the collection at first use, or check that an existing one fits."""
+        name = collection_name(tenant, entity_type)
+        if name in self._ready:
+            return name
+        wanted = [*_FIXED_FIELDS, *self._config_fields(entity_type)]
+        try:
+            schema = await self._client.collections[name].retrieve()
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):  # another worker was first
+                await self._client.collections.create(
+                    cast(CollectionCreateSchema, {"name": name, "fields": wanted})
+                )
+            schema = await self._client.collections[name].retrieve()
+        have = {f["name"]: f["type"] for f in schema["fields"]}
+        for f in _FIXED_FIELDS:
+            if have.get(f["name"]) != f["type"]:
+                raise SinkError(
+                    ReasonCode.CONSTRAINT_VIOLATION,
+                    f"collection {name} has {f['name']}: {have.get(f['name'])}, "
+                    f"expected {f['type']}",
+                    collection=name,
+                )
+        missing = [f for f in wanted if f["name"] not in have]
+        if missing:  # fields added to the config later: extend the schema in place
+            await self._client.collections[name].update(
+                cast(CollectionUpdateSchema, {"fields": missing})
+            )
+        self._ready.add(name)
+        return name
+
+    def _config_fields(self, entity_type: str) -> list[dict[str, Any]]:
+        return [
+            {"name": f.name, "type": f.type, "optional": f.optional, "facet": f.facet}
+            for f in self._fields.get(entity_type, ())
+            if f.name not in _RESERVED
+        ]
+
+    async def _get(self, coll: str, entity_id: str) -> dict[str, Any] | None:
+        try:
+            doc = await self._client.collections[coll].documents[entity_id].retrieve()
+        except ObjectNotFound:
+            return None
+        return dict(doc)
+
+    async def fetch(self, tenant: str, entity_type: str, entity_id: str) -> dict[str, Any] | None:
+        """The stored document (a tombstone has `deleted: true`), or None."""
+        try:
+            return await self._get(collection_name(tenant, entity_type), entity_id)
+        except _TRANSPORT_ERRORS as exc:
+            raise _classify(exc, self._url) from exc
+
+    async def count(self, tenant: str, entity_type: str) -> int:
+        """Live (not deleted) documents of one tenant and entity type."""
+        try:
+            res = await self._client.collections[
+                collection_name(tenant, entity_type)
+            ].documents.search(
+                {"q": "*", "query_by": "entity_id", "filter_by": "deleted:false", "per_page": 0}
+            )
+        except ObjectNotFound:
+            return 0
+        except _TRANSPORT_ERRORS as exc:
+            raise _classify(exc, self._url) from exc
+        return int(res["found"])

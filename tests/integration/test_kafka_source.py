@@ -1,0 +1,333 @@
+"""KafkaSource against the real broker: batches, commit watermark, poison messages,
+rebalance, seek by time, stop/resume, lag, and a broker restart mid-consume."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+from confluent_kafka import Consumer, TopicPartition
+
+from ingest.records import RawRecord
+from ingest.sources.kafka import KafkaSource
+from tests.integration import _fixtures_kafka as fx
+from tests.integration._fixtures_kafka import (
+    Reader,
+    TopicFactory,
+    describe_group,
+    produce,
+    run_script,
+    source_for,
+    until,
+)
+
+# fixtures, by name
+brokers, kafka_bin, group, make_topic, sources = (
+    fx.brokers, fx.kafka_bin, fx.group, fx.make_topic, fx.sources
+)  # fmt: skip
+
+
+def body(i: int, tenant: str = "acme") -> bytes:
+    return orjson.dumps({"tenant_id": tenant, "entity_type": "thing", "entity_id": str(i)})
+
+
+def where(r: RawRecord) -> tuple[int, int]:
+    """(partition, offset) of a record."""
+    return (r.position[1], r.position[2])
+
+
+def committed(brokers: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    """The group's committed offsets, read by an independent client (-1001: none)."""
+    c = Consumer({"bootstrap.servers": brokers, "group.id": group})
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        return {tp.partition: tp.offset for tp in c.committed(tps, timeout=10)}
+    finally:
+        c.close()
+
+
+async def test_batches_commit_watermark_and_resume(
+    brokers: str, kafka_bin: str, make_topic: TopicFactory, group: str,
+    sources: list[KafkaSource],
+) -> None:  # fmt: skip
+    topic = make_topic(6)
+    t0 = time.time()
+    produce(brokers, topic, [body(i) for i in range(300)], key=lambda i: str(i).encode())
+    src = source_for(brokers, topic, group, batch_size=25)
+    sources.append(src)
+    await src.start()
+    reader = Reader(src).run()
+    records = await reader.wait_records(300)
+    await reader.halt()
+
+    assert len(records) == 300
+    assert [r.seq for r in records] == list(range(1, 301))  # +1 per record, no gaps
+    assert all(len(b.records) <= 25 for b in reader.batches)
+    assert all(b.first_seq == b.records[0].seq and b.last_seq == b.records[-1].seq
+               for b in reader.batches)  # fmt: skip
+    assert sorted(orjson.loads(r.data)["entity_id"] for r in records) == sorted(
+        str(i) for i in range(300)
+    )
+    assert {r.tenant for r in records} == {"acme"}
+    assert all(r.decoded is not None and r.source == "kafka-test" for r in records)
+    assert all(r.position[0] == topic for r in records)
+    assert all(t0 - 5 <= r.event_time <= time.time() + 1 for r in records)
+    assert len({where(r) for r in records}) == 300
+    assert len({r.position[1] for r in records}) == 6  # keys spread over all partitions
+
+    # Commit only the first half of the batches, in read order.
+    half = reader.batches[: len(reader.batches) // 2]
+    for b in half:
+        await src.commit(b)
+    expect: dict[int, int] = {}
+    for r in (r for b in half for r in b.records):
+        expect[r.position[1]] = max(expect.get(r.position[1], 0), r.position[2] + 1)
+    got = committed(brokers, group, topic, 6)
+    assert {p: o for p, o in got.items() if o >= 0} == expect
+    assert src.health().last_checkpoint == {f"{topic}[{p}]": o for p, o in sorted(expect.items())}
+
+    # The runbook's command, as a process, shows the same offsets and the remaining lag.
+    await src.close()
+    rows = describe_group(kafka_bin, brokers, group)
+    ends = {p: sum(1 for r in records if r.position[1] == p) for p in range(6)}
+    assert set(rows) == {(topic, p) for p in expect}  # no member: committed partitions only
+    for p, offset in expect.items():
+        row = rows[(topic, p)]
+        assert int(row["LOG-END-OFFSET"]) == ends[p]
+        assert int(row["CURRENT-OFFSET"]) == offset
+        assert int(row["LAG"]) == ends[p] - offset
+
+    # A new member of the group resumes exactly after the committed offsets.
+    again = source_for(brokers, topic, group, batch_size=25)
+    sources.append(again)
+    await again.start()
+    reader2 = Reader(again).run()
+    done = {where(r) for b in half for r in b.records}
+    rest = await reader2.wait_records(300 - len(done))
+    await until(lambda: True, 1.0, "nothing more")
+    await reader2.halt()
+    assert {where(r) for r in reader2.records} == {where(r) for r in records} - done
+    assert len(reader2.records) == 300 - len(done) == len(rest)
+
+
+async def test_poison_messages_are_yielded_with_reject_and_partition_continues(
+    brokers: str, make_topic: TopicFactory, group: str, sources: list[KafkaSource]
+) -> None:
+    topic = make_topic(1)
+    big = b'{"tenant_id": "acme", "pad": "' + b"x" * 600 + b'"}'
+    values: list[bytes | None] = [body(0), b"not json {", big, None, b"[1, 2]", body(5)]
+    produce(brokers, topic, values, headers=[("tenant", b"from-header")])
+    produce(brokers, topic, [b'{"entity_id": "7"}'])  # neither tenant_id nor header
+    src = source_for(brokers, topic, group, max_record_bytes=500)
+    sources.append(src)
+    await src.start()
+    reader = Reader(src).run()
+    recs = await reader.wait_records(7)
+    await reader.halt()
+
+    assert [r.position[2] for r in recs] == list(range(7))
+    rejects = [r.meta.get("reject", {}).get("kind") for r in recs]
+    assert rejects == [None, "json", "size", "json", None, None, None]
+    assert "over the 500-byte limit" in recs[2].meta["reject"]["message"]
+    assert "null value" in recs[3].meta["reject"]["message"]
+    assert recs[2].data == big and recs[3].data == b""
+    # tenant: the JSON's tenant_id, else the header, else cfg.tenant, else "unknown"
+    assert [r.tenant for r in recs] == ["acme", "from-header", "from-header", "from-header",
+                                        "from-header", "acme", "unknown"]  # fmt: skip
+    assert recs[4].decoded is None  # valid JSON but not an object: the decoder rejects it
+
+    for b in reader.batches:
+        await src.commit(b)
+    assert committed(brokers, group, topic, 1) == {0: 7}
+
+
+async def test_tenant_from_config_when_record_and_header_have_none(
+    brokers: str, make_topic: TopicFactory, group: str, sources: list[KafkaSource]
+) -> None:
+    topic = make_topic(1)
+    produce(brokers, topic, [b'{"entity_id": "1"}'])
+    src = source_for(brokers, topic, group, cfg={"tenant": "cfg-tenant"})
+    sources.append(src)
+    await src.start()
+    reader = Reader(src).run()
+    (rec,) = await reader.wait_records(1)
+    await reader.halt()
+    assert rec.tenant == "cfg-tenant"
+
+
+async def test_rebalance_never_commits_revoked_partitions_in_flight(
+    brokers: str, kafka_bin: str, make_topic: TopicFactory, group: str,
+    sources: list[KafkaSource],
+) -> None:  # fmt: skip
+    topic = make_topic(6)
+    for p in range(6):
+        produce(brokers, topic, [body(i) for i in range(10)], partition=p)
+    a = source_for(brokers, topic, group, batch_size=1000)
+    sources.append(a)
+    await a.start()
+    ra = Reader(a).run()
+    await ra.wait_records(60)
+    in_flight = list(ra.batches)  # read by A, not yet durable
+    assert {r.position[1] for b in in_flight for r in b.records} == set(range(6))
+
+    b = source_for(brokers, topic, group, batch_size=1000)
+    sources.append(b)
+    await b.start()
+    rb = Reader(b).run()
+
+    def split() -> bool:
+        pa = set(a.health().extra["partitions"])
+        pb = set(b.health().extra["partitions"])
+        return len(pa) == 3 and len(pb) == 3 and not pa & pb
+
+    await until(split, 30, "the group to split the six partitions 3/3")
+    kept = {int(k.rsplit("[", 1)[1][:-1]) for k in a.health().extra["partitions"]}
+    moved = set(range(6)) - kept
+    # B, the new owner, re-reads the moved partitions from the start: nothing was committed.
+    await rb.wait_records(30)
+    assert {where(r)[0] for r in rb.records} == moved
+
+    # The worker now declares A's old batch durable: only A's remaining partitions commit.
+    for batch in in_flight:
+        await a.commit(batch)
+    assert a.skipped_commits == 3
+    got = committed(brokers, group, topic, 6)
+    assert {p for p, o in got.items() if o >= 0} == kept
+    assert all(got[p] == 10 for p in kept)
+
+    # B commits what it read; the group then has every partition at its end, no gap.
+    for batch in rb.batches:
+        await b.commit(batch)
+    assert committed(brokers, group, topic, 6) == dict.fromkeys(range(6), 10)
+    rows = describe_group(kafka_bin, brokers, group)
+    assert {int(r["LAG"]) for r in rows.values()} == {0}
+    assert len({r["CONSUMER-ID"] for r in rows.values()}) == 2  # two live members
+    await ra.halt()
+    await rb.halt()
+
+
+async def test_seek_to_time_replays_from_a_timestamp(
+    brokers: str, make_topic: TopicFactory, group: str, sources: list[KafkaSource]
+) -> None:
+    topic = make_topic(2)
+    now = time.time()
+    t_old, t_mid, t_new = now - 7200, now - 3600, now - 60
+    for p in range(2):
+        produce(brokers, topic, [body(i) for i in range(5)], partition=p,
+                timestamp_ms=int(t_old * 1000))  # fmt: skip
+        produce(brokers, topic, [body(i) for i in range(5, 10)], partition=p,
+                timestamp_ms=int(t_mid * 1000))  # fmt: skip
+        produce(brokers, topic, [body(i) for i in range(10, 15)], partition=p,
+                timestamp_ms=int(t_new * 1000))  # fmt: skip
+    src = source_for(brokers, topic, group)
+    sources.append(src)
+    await src.start()
+    reader = Reader(src).run()
+    first = await reader.wait_records(30)
+    assert {round(r.event_time) for r in first} == {round(t_old), round(t_mid), round(t_new)}
+    await reader.halt()
+    before = list(reader.batches)
+
+    moved = await src.seek_to_time(t_mid - 1)
+    assert moved == {(topic, 0): 5, (topic, 1): 5}
+    await src.resume()
+    reader2 = Reader(src).run()
+    replay = await reader2.wait_records(20)
+    await reader2.halt()
+    assert sorted(where(r) for r in replay) == [(p, o) for p in range(2) for o in range(5, 15)]
+    assert all(r.event_time >= t_mid - 0.001 for r in replay)
+
+    # Batches read before the seek belong to the old epoch: committing them moves nothing.
+    for b in before:
+        await src.commit(b)
+    assert src.skipped_commits == 2 * len(before)
+    assert committed(brokers, group, topic, 2) == {0: -1001, 1: -1001}
+    for b in reader2.batches:
+        await src.commit(b)
+    assert committed(brokers, group, topic, 2) == {0: 15, 1: 15}
+
+    assert await src.seek_to_time(time.time() + 3600) == {(topic, 0): 15, (topic, 1): 15}
+
+
+async def test_stop_pauses_and_resume_continues_without_loss(
+    brokers: str, make_topic: TopicFactory, group: str, sources: list[KafkaSource]
+) -> None:
+    topic = make_topic(3)
+    produce(brokers, topic, [body(i) for i in range(30)], key=lambda i: str(i).encode())
+    src = source_for(brokers, topic, group, batch_size=10)
+    sources.append(src)
+    await src.start()
+    reader = Reader(src).run()
+    await reader.wait_records(30)
+    await reader.halt()
+    assert src.health().status == "paused"
+    produce(brokers, topic, [body(i) for i in range(30, 60)], key=lambda i: str(i).encode())
+    await until(lambda: True, 1.5, "a while paused")
+    await src.resume()
+    assert src.health().status == "running"
+    reader2 = Reader(src).run()
+    more = await reader2.wait_records(30)
+    await until(lambda: True, 1.0, "nothing more")
+    await reader2.halt()
+    ids = sorted(int(orjson.loads(r.data)["entity_id"]) for r in reader.records + more)
+    assert ids == list(range(60))  # no loss, no duplicate across stop/resume
+    assert [r.seq for r in reader.records + reader2.records] == list(range(1, 61))
+
+
+async def test_lag_and_offsets_behind(
+    brokers: str, make_topic: TopicFactory, group: str, sources: list[KafkaSource]
+) -> None:
+    topic = make_topic(1)
+    old = time.time() - 120
+    produce(brokers, topic, [body(i) for i in range(10)], timestamp_ms=int(old * 1000))
+    src = source_for(brokers, topic, group)
+    sources.append(src)
+    await src.start()
+    reader = Reader(src).run()
+    await reader.wait_records(10)
+    lag = src.partition_lag()[f"{topic}[0]"]
+    assert 119 <= lag["lag_seconds"] <= 130  # the oldest read-but-uncommitted message
+    assert 119 <= src.health().lag_seconds <= 130
+    assert lag["offsets_behind"] == 10
+    assert src.health().extra["partitions"][f"{topic}[0]"]["offsets_behind"] == 10
+
+    for b in reader.batches:
+        await src.commit(b)
+    lag = src.partition_lag()[f"{topic}[0]"]
+    assert lag == {"offsets_behind": 0, "lag_seconds": 0.0}
+    assert src.health().lag_seconds == 0.0
+    await reader.halt()
+
+
+async def test_broker_restart_mid_consume_reconnects_by_itself(
+    brokers: str, kafka_bin: str, make_topic: TopicFactory, group: str,
+    sources: list[KafkaSource],
+) -> None:  # fmt: skip
+    topic = make_topic(3)
+    produce(brokers, topic, [body(i) for i in range(30)], key=lambda i: str(i).encode())
+    src = source_for(brokers, topic, group, batch_size=10)
+    sources.append(src)
+    await src.start()
+    reader = Reader(src).run()
+    await reader.wait_records(30)
+    for b in reader.batches:
+        await src.commit(b)
+
+    run_script("stop-server")
+    try:
+        await until(lambda: bool(src.health().errors), 20, "an error entry in health")
+        assert src.health().status == "error"
+        assert reader.task is not None and not reader.task.done()  # no crash
+    finally:
+        run_script("start-server")
+    produce(brokers, topic, [body(i) for i in range(30, 60)], key=lambda i: str(i).encode())
+    recs = await reader.wait_records(60, timeout=60)
+    ids = sorted(int(orjson.loads(r.data)["entity_id"]) for r in recs)
+    assert ids == list(range(60))
+    for b in reader.batches:
+        await src.commit(b)
+    await until(lambda: src.health().status == "running", 10, "status back to running")
+    await reader.halt()
+    rows = describe_group(kafka_bin, brokers, group)
+    assert sum(int(r["CURRENT-OFFSET"]) for r in rows.values()) == 60
+    assert {int(r["LAG"]) for r in rows.values()} == {0}

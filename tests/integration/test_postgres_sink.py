@@ -1,0 +1,163 @@
+"""PostgresSink against a real Postgres: revision rule, tombstones, errors, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+
+from ingest.errors import SinkError
+from ingest.records import ReasonCode, SinkResult, SinkStatus
+from ingest.sinks.postgres import PostgresSink
+from tests.integration._fixtures_pg import (  # noqa: F401  (fixtures)
+    PrivateServer,
+    make_record,
+    pg_dsn,
+    pg_url,
+    private_postgres,
+)
+
+APPLIED, UNCHANGED = SinkResult.applied(), SinkResult.unchanged()
+
+
+@pytest.fixture
+async def sink(pg_dsn: str) -> AsyncIterator[PostgresSink]:
+    s = PostgresSink("pg", pg_dsn, table="entities")
+    await s.start()
+    yield s
+    await s.close()
+
+
+def reasons(results: list[SinkResult]) -> list[str]:
+    return [r.reason.value if r.reason else r.status.value for r in results]
+
+
+async def test_revision_rule_in_batch_order_and_against_stored(sink: PostgresSink) -> None:
+    batch = [
+        make_record("o1", 1),
+        make_record("o1", 3),
+        make_record("o1", 2),
+        make_record("o2", 5),
+        make_record("o1", 3),
+    ]
+    results = await sink.write(batch)
+    assert reasons(results) == ["applied", "applied", "OLDER_REVISION", "applied", "unchanged"]
+    assert results[2].detail is not None and results[2].detail["stored_revision"] == 3
+    row = await sink.fetch("acme", "order", "o1")
+    assert row is not None and row["revision"] == 3 and row["deleted"] is False
+    assert row["attributes"] == {"amount": 3, "n": "x"}
+    assert row["relations"][0]["target_id"] == "c1"
+    assert row["occurred_at"] == datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
+    assert row["dedupe_key"] == batch[1].dedupe_key
+
+    results = await sink.write(
+        [make_record("o1", 2), make_record("o1", 3), make_record("o1", 4), make_record("o2", 4)]
+    )
+    assert reasons(results) == ["OLDER_REVISION", "unchanged", "applied", "OLDER_REVISION"]
+    assert results[0].detail == {
+        "message": "revision 2 is older than stored revision 3",
+        "incoming_revision": 2,
+        "stored_revision": 3,
+    }
+    assert results[3].detail is not None and results[3].detail["stored_revision"] == 5
+    assert (await sink.fetch("acme", "order", "o1") or {})["revision"] == 4
+    assert await sink.count() == 2
+
+
+async def test_tombstones_keep_the_row_and_block_resurrection(sink: PostgresSink) -> None:
+    await sink.write([make_record("o1", 1), make_record("o2", 1)])
+    assert reasons(await sink.write([make_record("o1", 5, deleted=True)])) == ["applied"]
+    row = await sink.fetch("acme", "order", "o1")
+    assert row is not None and row["deleted"] is True and row["attributes"] is None
+    assert row["revision"] == 5
+    assert reasons(await sink.write([make_record("o1", 4)])) == ["OLDER_REVISION"]
+    assert reasons(await sink.write([make_record("o1", 5, deleted=True)])) == ["unchanged"]
+    assert await sink.count() == 2 and await sink.count(live_only=True) == 1
+    assert reasons(await sink.write([make_record("o1", 6)])) == ["applied"]  # newer revives
+    assert await sink.count(live_only=True) == 2
+
+
+async def test_one_bad_row_fails_alone(sink: PostgresSink) -> None:
+    batch = [make_record(f"o{i}", 1) for i in range(50)]
+    batch[17] = make_record("x" * 300, 1)  # breaks CHECK length(entity_id) <= 256
+    batch[33] = make_record("neg", -1)  # breaks CHECK revision >= 0
+    results = await sink.write(batch)
+    failed = [i for i, r in enumerate(results) if r.status is SinkStatus.FAILED]
+    assert failed == [17, 33]
+    for i in failed:
+        assert results[i].reason is ReasonCode.CONSTRAINT_VIOLATION
+        assert results[i].detail is not None
+        assert results[i].detail["constraint"] == "entities_valid"
+        assert "entities_valid" in results[i].detail["message"]
+    assert all(r == APPLIED for i, r in enumerate(results) if i not in failed)
+    assert await sink.count() == 48
+
+
+async def test_copy_raw_stores_row_of(sink: PostgresSink) -> None:
+    recs = [make_record(f"r{i}", i) for i in range(100)]
+    await sink.copy_raw([sink.row_of(r) for r in recs])
+    assert await sink.count() == 100
+    assert reasons(await sink.write([make_record("r7", 7), make_record("r8", 9)])) == [
+        "unchanged",
+        "applied",
+    ]
+    assert (await sink.health())["connected"] is True
+
+
+async def test_statement_timeout_is_sink_timeout(pg_dsn: str) -> None:
+    slow = PostgresSink("pg", pg_dsn, table="slow", statement_timeout_ms=100)
+    await slow.start()
+    try:
+        await slow.pool.execute(
+            "CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END $$;"
+            " CREATE TRIGGER slow_row BEFORE INSERT OR UPDATE ON slow"
+            " FOR EACH ROW EXECUTE FUNCTION slow_row()"
+        )
+        t0 = time.monotonic()
+        with pytest.raises(SinkError) as info:
+            await slow.write([make_record("o1", 1)])
+        assert info.value.reason is ReasonCode.SINK_TIMEOUT
+        assert info.value.detail["error_class"] == "QueryCanceledError"
+        assert time.monotonic() - t0 < 2
+        assert await slow.count() == 0
+    finally:
+        await slow.close()
+
+
+async def test_connection_loss_and_recovery(private_postgres: PrivateServer) -> None:
+    sink = PostgresSink("pg", private_postgres.url, table="recover")
+    await sink.start()
+    try:
+        assert reasons(await sink.write([make_record("o1", 1)])) == ["applied"]
+        await asyncio.to_thread(private_postgres.run, "stop-server")
+        t0 = time.monotonic()
+        with pytest.raises(SinkError) as info:
+            await sink.write([make_record("o1", 2)])
+        assert info.value.reason is ReasonCode.CONNECTION_ERROR
+        assert time.monotonic() - t0 < 5
+        assert (await sink.health())["connected"] is False
+
+        await asyncio.to_thread(private_postgres.run, "start-server")
+        assert reasons(await sink.write([make_record("o1", 2)])) == ["applied"]
+        assert (await sink.fetch("acme", "order", "o1") or {})["revision"] == 2
+    finally:
+        await sink.close()
+
+
+async def test_too_many_connections_is_rate_limited(private_postgres: PrivateServer) -> None:
+    admin = await asyncpg.connect(private_postgres.url)
+    await admin.execute("ALTER ROLE ingest CONNECTION LIMIT 1")  # admin holds the one slot
+    sink = PostgresSink("pg", private_postgres.url, table="limited")
+    try:
+        with pytest.raises(SinkError) as info:
+            await sink.start()
+        assert info.value.reason is ReasonCode.RATE_LIMITED
+    finally:
+        await admin.execute("ALTER ROLE ingest CONNECTION LIMIT -1")
+        await admin.close()
+        await sink.close()

@@ -1,0 +1,388 @@
+"""The embedded state stores on a real SQLite file: checkpoints, idempotency, DLQ, drops, intake."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import tempfile
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ingest.records import DLQEntry, ReasonCode
+from ingest.state.base import DLQFilter
+from ingest.state.intake import SQLiteIntake
+from ingest.state.sqlite import (
+    MIGRATIONS,
+    SQLiteCheckpointStore,
+    SQLiteDB,
+    SQLiteDLQStore,
+    SQLiteDroppedStore,
+    SQLiteIdempotencyStore,
+)
+
+T0 = 1_700_000_000.0
+
+
+class FakeClock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[SQLiteDB]:
+    database = await SQLiteDB.open(tmp_path / "state" / "state.db")
+    yield database
+    await database.close()
+
+
+def entry(
+    n: int,
+    *,
+    tenant: str = "acme",
+    source: str = "inbox",
+    sink: str | None = "sqlite",
+    reason: ReasonCode = ReasonCode.SINK_TIMEOUT,
+    at: float = T0,
+    attempts: int = 1,
+) -> DLQEntry:
+    when = datetime.fromtimestamp(at, UTC)
+    return DLQEntry(
+        dedupe_key=n.to_bytes(32, "big"),
+        tenant=tenant,
+        source=source,
+        sink=sink,
+        reason=reason,
+        detail={"message": f"failure {n}"},
+        payload=b'{"n": %d}' % n,
+        attempts=attempts,
+        first_failed_at=when,
+        last_failed_at=when,
+        entity_type="customer",
+        entity_id=f"c-{n}",
+        revision=n,
+    )
+
+
+# ------------------------------------------------------------------------------ SQLiteDB
+
+
+async def test_open_applies_every_migration_once(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "state.db"
+    first = await SQLiteDB.open(path)
+    await first.close()
+    again = await SQLiteDB.open(path)  # reopening must not re-run migrations
+    versions = await again.run(
+        lambda c: [v for (v,) in c.execute("SELECT version FROM schema_migrations ORDER BY 1")]
+    )
+    mode = await again.run(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
+    await again.close()
+    assert versions == sorted(m.version for m in MIGRATIONS)
+    assert mode == "wal"
+
+
+async def test_run_uses_one_dedicated_thread(db: SQLiteDB) -> None:
+    import threading
+
+    names = await asyncio.gather(*(db.run(lambda _c: threading.get_ident()) for _ in range(20)))
+    assert len(set(names)) == 1
+    assert names[0] != threading.get_ident()
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+async def test_checkpoint_round_trip_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    db = await SQLiteDB.open(path)
+    store = SQLiteCheckpointStore(db, worker="w-1")
+    assert await store.load("acme", "inbox") is None
+    await store.save("acme", "inbox", {"file": "a.jsonl", "offset": 10})
+    await store.save("acme", "inbox", {"file": "a.jsonl", "offset": 42})
+    await store.save("other", "webhook", {"intake_id": 7})
+    await db.close()
+
+    db = await SQLiteDB.open(path)
+    store = SQLiteCheckpointStore(db, worker="w-2")
+    assert await store.load("acme", "inbox") == {"file": "a.jsonl", "offset": 42}
+    listed = await store.list()
+    assert set(listed) == {"checkpoint:acme:inbox", "checkpoint:other:webhook"}
+    value = listed["checkpoint:acme:inbox"]
+    assert value["worker"] == "w-1"
+    assert datetime.fromisoformat(value["updated_at"]).tzinfo is not None
+    await store.delete("acme", "inbox")
+    assert await store.load("acme", "inbox") is None
+    assert await store.load("other", "webhook") == {"intake_id": 7}
+    await db.close()
+
+
+# ---------------------------------------------------------------------------- idempotency
+
+
+async def test_idempotency_seen_claim_and_ttl(db: SQLiteDB) -> None:
+    clock = FakeClock()
+    store = SQLiteIdempotencyStore(db, ttl_seconds=100, clock=clock)
+    a, b, c = (bytes([i]) * 32 for i in range(3))
+    assert await store.seen([a, b]) == [False, False]
+    await store.claim([a, b])
+    assert await store.seen([a, c, b, a]) == [True, False, True, True]
+    clock.now += 60
+    await store.claim([b])  # a re-claim refreshes the TTL
+    clock.now += 50  # a: 110 s old (expired); b: 50 s old
+    assert await store.seen([a, b]) == [False, True]
+    stats = await store.stats()
+    assert stats["backend"] == "sqlite"
+    assert stats["keys"] == 1
+    assert stats["memory_bytes"] is None
+    assert stats["oldest_bucket"] == datetime.fromtimestamp(T0 + 60, UTC).date().isoformat()
+
+
+async def test_idempotency_purges_expired_rows_lazily(db: SQLiteDB) -> None:
+    clock = FakeClock()
+    store = SQLiteIdempotencyStore(db, ttl_seconds=10, clock=clock)
+    await store.claim([i.to_bytes(32, "big") for i in range(50)])
+    clock.now += 20
+    for i in range(store.PURGE_EVERY):
+        await store.claim([(1000 + i).to_bytes(32, "big")])
+    rows = await db.run(lambda c: c.execute("SELECT count(*) FROM idem").fetchone()[0])
+    assert rows == store.PURGE_EVERY  # the 50 expired keys are gone from disk
+
+
+async def test_idempotency_seen_handles_batches_beyond_one_query(db: SQLiteDB) -> None:
+    store = SQLiteIdempotencyStore(db)
+    keys = [i.to_bytes(32, "big") for i in range(2500)]
+    await store.claim(keys[::2])
+    assert await store.seen(keys) == [i % 2 == 0 for i in range(2500)]
+
+
+_keys = st.binary(min_size=32, max_size=32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    claimed=st.sets(_keys, min_size=1, max_size=30),
+    other=st.sets(_keys, max_size=30),
+    ttl=st.integers(min_value=1, max_value=10_000),
+    elapsed=st.floats(min_value=0, max_value=20_000, allow_nan=False),
+)
+def test_idempotency_property(
+    claimed: set[bytes], other: set[bytes], ttl: int, elapsed: float
+) -> None:
+    """seen() is True for a claimed key until its TTL passes, always False if never claimed."""
+    never = sorted(other - claimed)
+
+    async def check() -> tuple[list[bool], list[bool]]:
+        with tempfile.TemporaryDirectory() as tmp:
+            db = await SQLiteDB.open(Path(tmp) / "s.db")
+            clock = FakeClock()
+            store = SQLiteIdempotencyStore(db, ttl_seconds=ttl, clock=clock)
+            await store.claim(sorted(claimed))
+            clock.now += elapsed
+            result = await store.seen(sorted(claimed)), await store.seen(never)
+            await db.close()
+            return result
+
+    seen_claimed, seen_never = asyncio.run(check())
+    assert seen_claimed == [elapsed < ttl] * len(claimed)
+    assert seen_never == [False] * len(never)
+
+
+# ------------------------------------------------------------------------------------ DLQ
+
+
+async def test_dlq_add_is_an_idempotent_upsert(db: SQLiteDB) -> None:
+    dlq = SQLiteDLQStore(db)
+    await dlq.add([entry(1, attempts=3), entry(1, sink=None, reason=ReasonCode.SCHEMA_DRIFT)])
+    later = entry(1, attempts=2, reason=ReasonCode.CONNECTION_ERROR, at=T0 + 100)
+    later.detail = {"message": "again"}
+    await dlq.add([later])
+    pages = [e async for page in dlq.scan(DLQFilter()) for e in page]
+    assert len(pages) == 2
+    at_sink = next(e for e in pages if e.sink == "sqlite")
+    assert at_sink.attempts == 5
+    assert at_sink.reason is ReasonCode.CONNECTION_ERROR
+    assert at_sink.detail == {"message": "again"}
+    assert at_sink.first_failed_at == datetime.fromtimestamp(T0, UTC)
+    assert at_sink.last_failed_at == datetime.fromtimestamp(T0 + 100, UTC)
+    assert at_sink.payload == b'{"n": 1}' and at_sink.revision == 1
+    pre_sink = next(e for e in pages if e.sink is None)
+    assert pre_sink.reason is ReasonCode.SCHEMA_DRIFT and pre_sink.attempts == 1
+    assert (await dlq.health())["entries"] == 2
+
+
+async def test_dlq_filters(db: SQLiteDB) -> None:
+    dlq = SQLiteDLQStore(db)
+    await dlq.add(
+        [
+            entry(1, tenant="acme", reason=ReasonCode.SCHEMA_DRIFT, sink=None, at=T0),
+            entry(2, tenant="acme", reason=ReasonCode.SINK_TIMEOUT, at=T0 + 10),
+            entry(3, tenant="acme", reason=ReasonCode.SINK_TIMEOUT, source="webhook", at=T0 + 20),
+            entry(4, tenant="globex", reason=ReasonCode.SINK_TIMEOUT, sink="neo4j", at=T0 + 30),
+        ]
+    )
+
+    def at(seconds: float) -> datetime:
+        return datetime.fromtimestamp(T0 + seconds, UTC)
+
+    async def ids(flt: DLQFilter) -> list[int | None]:
+        found = [e.revision async for p in dlq.scan(flt) for e in p]
+        assert await dlq.count(flt) == len(found)
+        return found
+
+    assert await ids(DLQFilter()) == [1, 2, 3, 4]
+    assert await ids(DLQFilter(tenant="acme")) == [1, 2, 3]
+    assert await ids(DLQFilter(reasons=[ReasonCode.SINK_TIMEOUT])) == [2, 3, 4]
+    assert await ids(DLQFilter(sources=["webhook"])) == [3]
+    assert await ids(DLQFilter(sinks=["-"])) == [1]
+    assert await ids(DLQFilter(sinks=["-", "neo4j"])) == [1, 4]
+    assert await ids(DLQFilter(since=at(10), until=at(30))) == [2, 3]
+    assert await ids(DLQFilter(older_than=at(10))) == [1]
+    naive = datetime.fromtimestamp(T0 + 20, UTC).replace(tzinfo=None)  # naive = UTC
+    assert await ids(DLQFilter(since=naive)) == [3, 4]
+    all_ids = [e.id async for p in dlq.scan(DLQFilter()) for e in p]
+    assert await ids(DLQFilter(ids=[i for i in all_ids if i is not None][1:3])) == [2, 3]
+    assert await ids(DLQFilter(tenant="acme", reasons=[ReasonCode.OLDER_REVISION])) == []
+
+
+async def test_dlq_groups(db: SQLiteDB) -> None:
+    dlq = SQLiteDLQStore(db)
+    await dlq.add(
+        [entry(i, at=T0 + i, attempts=2) for i in range(5)]
+        + [entry(10, sink=None, reason=ReasonCode.VALIDATION_FAIL)]
+        + [entry(11, tenant="globex")]
+    )
+    groups = await dlq.groups(DLQFilter(tenant="acme"))
+    assert [(g.reason, g.sink, g.source, g.count) for g in groups] == [
+        (ReasonCode.SINK_TIMEOUT, "sqlite", "inbox", 5),
+        (ReasonCode.VALIDATION_FAIL, None, "inbox", 1),
+    ]
+    assert groups[0].oldest == datetime.fromtimestamp(T0, UTC)
+    assert groups[0].newest == datetime.fromtimestamp(T0 + 4, UTC)
+    assert groups[0].extra["attempts"] == 10
+
+
+async def test_dlq_scan_pages_while_deleting(db: SQLiteDB) -> None:
+    dlq = SQLiteDLQStore(db)
+    await dlq.add([entry(i) for i in range(1, 1001)])
+    seen: list[int | None] = []
+    async for page in dlq.scan(DLQFilter(), batch_size=128):
+        assert len(page) <= 128
+        seen.extend(e.revision for e in page)
+        # redrive: delete every other entry of the page, and a later one too
+        assert await dlq.delete([e.id for e in page[::2] if e.id is not None]) == len(page[::2])
+    assert seen == list(range(1, 1001))  # nothing skipped, nothing repeated
+    assert await dlq.count(DLQFilter()) == 500
+    assert await dlq.delete([]) == 0
+
+
+async def test_dlq_fail_again(db: SQLiteDB) -> None:
+    clock = FakeClock(T0 + 500)
+    dlq = SQLiteDLQStore(db, clock=clock)
+    await dlq.add([entry(1, attempts=2)])
+    [[e]] = [p async for p in dlq.scan(DLQFilter())]
+    assert e.id is not None
+    await dlq.fail_again(e.id, ReasonCode.CONSTRAINT_VIOLATION, {"message": "dup"}, attempts=3)
+    [[after]] = [p async for p in dlq.scan(DLQFilter())]
+    assert after.attempts == 5
+    assert after.reason is ReasonCode.CONSTRAINT_VIOLATION
+    assert after.detail == {"message": "dup"}
+    assert after.first_failed_at == datetime.fromtimestamp(T0, UTC)
+    assert after.last_failed_at == datetime.fromtimestamp(T0 + 500, UTC)
+
+
+async def test_dlq_processed_counts(db: SQLiteDB) -> None:
+    dlq = SQLiteDLQStore(db)
+    assert await dlq.processed_total(None) == 0
+    await dlq.record_processed({("acme", "inbox"): 10, ("globex", "inbox"): 5})
+    await dlq.record_processed({("acme", "inbox"): 7, ("acme", "webhook"): 1})
+    assert await dlq.processed_total("acme") == 18
+    assert await dlq.processed_total("globex") == 5
+    assert await dlq.processed_total(None) == 23
+    health = await dlq.health()
+    assert health == {"backend": "sqlite", "path": str(db.path), "ok": True, "entries": 0}
+
+
+async def test_dlq_visible_to_another_process_connection(db: SQLiteDB) -> None:
+    """dlqtriage opens the same file separately: committed entries must be visible."""
+    await SQLiteDLQStore(db).add([entry(1), entry(2)])
+    other = sqlite3.connect(db.path)
+    try:
+        assert other.execute("SELECT count(*) FROM dlq").fetchone()[0] == 2
+    finally:
+        other.close()
+
+
+# ---------------------------------------------------------------------------------- drops
+
+
+async def test_dropped_store(db: SQLiteDB) -> None:
+    store = SQLiteDroppedStore(db)
+    rows = [
+        (i.to_bytes(32, "big"), "acme" if i % 3 else "globex", "inbox", b"p%d" % i, T0 + i)
+        for i in range(10)
+    ]
+    await store.add(rows)
+    await store.add(rows[:4])  # idempotent on key
+    assert await store.count() == 10
+    assert await store.count("globex") == 4
+    got = [r async for page in store.scan("acme", batch_size=3) for r in page]
+    assert got == [r for r in rows if r[1] == "acme"]
+    assert await store.delete([r[0] for r in got] + [b"\xff" * 32]) == 6
+    assert await store.count() == 4
+    assert [r async for page in store.scan("acme") for r in page] == []
+
+
+# --------------------------------------------------------------------------------- intake
+
+
+async def test_intake_append_read_delete_backlog(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    db = await SQLiteDB.open(path)
+    intake = SQLiteIntake(db)
+    assert await intake.backlog() == (0, None)
+    a = await intake.append("acme", "webhook", [b'{"a":1}', b'{"a":2}', b'{"a":3}'], T0)
+    b = await intake.append("acme", "webhook", [b'{"b":1}'], T0 + 1)
+    c = await intake.append("globex", "webhook", [b'{"c":1}', b'{"c":2}'], T0 + 2)
+    assert a < b < c
+    await db.close()  # accepted bodies survive a restart
+
+    db = await SQLiteDB.open(path)
+    intake = SQLiteIntake(db)
+    assert await intake.backlog() == (6, T0)
+    rows = await intake.read_after(0, limit_records=4)
+    assert [r.id for r in rows] == [a, b]  # stops once 4 records are reached
+    assert rows[0].lines == [b'{"a":1}', b'{"a":2}', b'{"a":3}']
+    assert (rows[1].tenant, rows[1].source, rows[1].received_at) == ("acme", "webhook", T0 + 1)
+    big = await intake.read_after(0, limit_records=1)
+    assert [r.id for r in big] == [a]  # at least one row even when it exceeds the limit
+    assert [r.id for r in await intake.read_after(b, 100)] == [c]
+    await intake.delete_through([a, b])
+    assert await intake.backlog() == (2, T0 + 2)
+    assert await intake.read_after(c, 100) == []
+    await intake.delete_through([c])
+    assert await intake.backlog() == (0, None)
+    await db.close()
+
+
+async def test_intake_rejects_lines_with_newlines_and_keeps_empty_bodies(db: SQLiteDB) -> None:
+    intake = SQLiteIntake(db)
+    with pytest.raises(ValueError):
+        await intake.append("acme", "webhook", [b"a\nb"], T0)
+    empty = await intake.append("acme", "webhook", [], T0)
+    [row] = await intake.read_after(0, 10)
+    assert row.id == empty and row.lines == []
+
+
+async def test_dlq_datetimes_are_aware_utc(db: SQLiteDB) -> None:
+    dlq = SQLiteDLQStore(db)
+    await dlq.add([entry(1, at=T0)])
+    [[e]] = [p async for p in dlq.scan(DLQFilter())]
+    assert e.first_failed_at.tzinfo is not None
+    assert e.last_failed_at - e.first_failed_at == timedelta(0)
