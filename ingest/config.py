@@ -26,8 +26,8 @@ class _Model(BaseModel):
 
 
 class TenantLimits(_Model):
-    rate: float = Field(2000.0, gt=0, description="Tokens (records) per second for the tenant.")
-    burst: float = Field(4000.0, gt=0, description="Bucket size: records admitted at once.")
+    rate: float = Field(20_000.0, gt=0, description="Tokens (records) per second for the tenant.")
+    burst: float = Field(40_000.0, gt=0, description="Bucket size: records admitted at once.")
 
 
 class AdmissionConfig(_Model):
@@ -50,7 +50,9 @@ class AdmissionConfig(_Model):
 
 
 class RetryConfig(_Model):
-    max_attempts: int = Field(6, ge=1, description="Attempts per record and sink, the first included.")
+    max_attempts: int = Field(
+        6, ge=1, description="Attempts per record and sink, the first included."
+    )
     base_delay_seconds: float = Field(0.2, gt=0)
     max_delay_seconds: float = Field(10.0, gt=0)
     max_total_seconds: float = Field(60.0, gt=0, description="Give up (DLQ) after this long.")
@@ -111,7 +113,9 @@ class KafkaSourceConfig(_Model):
     brokers: str = "127.0.0.1:9092"
     topics: list[str]
     group_id: str = "ingest-adapter-main"
-    tenant: str | None = Field(None, description="Tenant for every record when not in record/header.")
+    tenant: str | None = Field(
+        None, description="Tenant for every record when not in record/header."
+    )
     tenant_header: str = "tenant"
     batch_size: int = Field(2000, ge=1)
     extra: dict[str, str] = Field(default_factory=dict, description="librdkafka settings.")
@@ -224,7 +228,14 @@ class Config(_Model):
     breaker: BreakerConfig = BreakerConfig()
     sources: list[SourceConfig] = Field(default_factory=lambda: _default_sources())
     sinks: list[SinkConfig] = Field(default_factory=lambda: _default_sinks())
-    routes: list[Route] = Field(default_factory=list, description="First match wins; none = all sinks.")
+    routes: list[Route] = Field(
+        default_factory=list, description="First match wins; none = all sinks."
+    )
+    transformers: list[str] = Field(
+        default_factory=list,
+        description='Repair functions "module:function" (dict -> dict), applied in order after '
+        "the version upgrade and before validation (see ingest/transformers/extra.py).",
+    )
 
     @model_validator(mode="after")
     def _names(self) -> Config:
@@ -282,8 +293,22 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("sqlite", "production", "inbox", "webhook", "kafka", "s3", "sftp",
-                      "postgres", "neo4j", "typesense") and out:
+        elif (
+            part
+            in (
+                "sqlite",
+                "production",
+                "inbox",
+                "webhook",
+                "kafka",
+                "s3",
+                "sftp",
+                "postgres",
+                "neo4j",
+                "typesense",
+            )
+            and out
+        ):
             continue  # discriminator tag pydantic inserts; not a key the operator wrote
         else:
             out += f".{part}" if out else str(part)

@@ -6,7 +6,7 @@ reason from the eight ReasonCodes, outcome and state from small fixed sets.
     ingest_records_total{tenant,source,outcome}  every record once, at its end:
         delivered (durable in all its sinks) | duplicate | dlq | dropped (brownout)
     ingest_dlq_total{tenant,source,sink,reason}  DLQ entries written (sink "-" = before routing)
-    ingest_retry_total{tenant,sink,reason}       records sent to a sink again after a retryable failure
+    ingest_retry_total{tenant,sink,reason}       records sent again after a retryable failure
     ingest_lag_seconds{tenant,source,sink}       histogram: source event time -> sink commit
     ingest_backpressure_state{state}             1 for the current state, 0 for the others
     ingest_circuit_breaker_state{sink,state}     1 for the breaker's current state
@@ -33,44 +33,63 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.records = Counter(
-            "ingest_records_total", "Records processed, by end outcome.",
-            ["tenant", "source", "outcome"], registry=r,
+            "ingest_records_total",
+            "Records processed, by end outcome.",
+            ["tenant", "source", "outcome"],
+            registry=r,
         )
         self.dlq = Counter(
-            "ingest_dlq_total", "Records sent to the DLQ.",
-            ["tenant", "source", "sink", "reason"], registry=r,
+            "ingest_dlq_total",
+            "Records sent to the DLQ.",
+            ["tenant", "source", "sink", "reason"],
+            registry=r,
         )
         self.retry = Counter(
-            "ingest_retry_total", "Records retried after a retryable sink failure.",
-            ["tenant", "sink", "reason"], registry=r,
+            "ingest_retry_total",
+            "Records retried after a retryable sink failure.",
+            ["tenant", "sink", "reason"],
+            registry=r,
         )
         self.lag = Histogram(
-            "ingest_lag_seconds", "Time from the source's event time to sink commit.",
-            ["tenant", "source", "sink"], buckets=LAG_BUCKETS, registry=r,
+            "ingest_lag_seconds",
+            "Time from the source's event time to sink commit.",
+            ["tenant", "source", "sink"],
+            buckets=LAG_BUCKETS,
+            registry=r,
         )
         self.backpressure = Gauge(
-            "ingest_backpressure_state", "Current backpressure state (1 = in force).",
-            ["state"], registry=r,
+            "ingest_backpressure_state",
+            "Current backpressure state (1 = in force).",
+            ["state"],
+            registry=r,
         )
         self.breaker = Gauge(
-            "ingest_circuit_breaker_state", "Circuit breaker state per sink (1 = current).",
-            ["sink", "state"], registry=r,
+            "ingest_circuit_breaker_state",
+            "Circuit breaker state per sink (1 = current).",
+            ["sink", "state"],
+            registry=r,
         )
         self.sink_writes = Counter(
-            "ingest_sink_writes_total", "Per-record results of sink writes.",
-            ["sink", "result"], registry=r,
+            "ingest_sink_writes_total",
+            "Per-record results of sink writes.",
+            ["sink", "result"],
+            registry=r,
         )
         self.queue_depth = Gauge(
             "ingest_queue_depth", "Records read or accepted but not yet committed.", registry=r
         )
         self.in_flight = Gauge("ingest_in_flight", "Batches in sinks right now.", registry=r)
         self.adapter_lag = Gauge(
-            "ingest_adapter_lag_seconds", "Per-adapter lag, as in /health/detailed.",
-            ["adapter"], registry=r,
+            "ingest_adapter_lag_seconds",
+            "Per-adapter lag, as in /health/detailed.",
+            ["adapter"],
+            registry=r,
         )
         self.source_errors = Counter(
-            "ingest_source_errors_total", "Errors reported by source adapters.",
-            ["adapter"], registry=r,
+            "ingest_source_errors_total",
+            "Errors reported by source adapters.",
+            ["adapter"],
+            registry=r,
         )
         self.set_backpressure("normal")
 

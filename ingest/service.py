@@ -131,8 +131,9 @@ def _sqlite_sink(cfg: C.Config, sc: Any) -> Sink:
 def _postgres_sink(cfg: C.Config, sc: Any) -> Sink:
     from ingest.sinks.postgres import PostgresSink
 
-    dsn = sc.dsn or (cfg.state.postgres_url if isinstance(cfg.state, C.ProductionStateConfig)
-                     else None)
+    dsn = sc.dsn or (
+        cfg.state.postgres_url if isinstance(cfg.state, C.ProductionStateConfig) else None
+    )
     if dsn is None:
         raise ConfigError(f"sinks[{sc.name}].dsn", "required when state is not production")
     return PostgresSink(sc.name, dsn, sc.table, sc.statement_timeout_ms)
@@ -185,10 +186,14 @@ async def build_sources(cfg: C.Config, stores: Stores) -> SourceSet:
                     raise ConfigError(f"sources[{sc.name}].brokers", "required for intake: kafka")
                 out.intake = KafkaIntake(sc.brokers, sc.topic)
                 await out.intake.start()
-                kcfg = C.KafkaSourceConfig(name=sc.name, brokers=sc.brokers, topics=[sc.topic],
-                                           group_id=sc.group_id, batch_size=sc.batch_size)
-                out.sources.append(
-                    KafkaSource(kcfg, max_record_bytes=cfg.http.max_record_bytes))
+                kcfg = C.KafkaSourceConfig(
+                    name=sc.name,
+                    brokers=sc.brokers,
+                    topics=[sc.topic],
+                    group_id=sc.group_id,
+                    batch_size=sc.batch_size,
+                )
+                out.sources.append(KafkaSource(kcfg, max_record_bytes=cfg.http.max_record_bytes))
             else:
                 from ingest.sources.webhook import WebhookSource
                 from ingest.state.intake import SQLiteIntake
@@ -212,7 +217,8 @@ async def build_sources(cfg: C.Config, stores: Stores) -> SourceSet:
                 from ingest.sources.sftp import SFTPSource
 
                 out.sources.append(
-                    SFTPSource(sc, stores.checkpoints, leases, worker_id=worker_id()))
+                    SFTPSource(sc, stores.checkpoints, leases, worker_id=worker_id())
+                )
     return out
 
 
@@ -253,6 +259,9 @@ class Core:
 
 
 async def build_core(cfg: C.Config, *, metrics: Metrics | None = None) -> Core:
+    from ingest.transformers.extra import load_extra
+
+    extra = load_extra(cfg.transformers)  # before opening anything: a bad spec leaks nothing
     metrics = metrics or Metrics()
     admission = Admission(cfg.admission, cfg.limits_for)
     admission.on_change = lambda st: metrics.set_backpressure(st.value)
@@ -261,13 +270,19 @@ async def build_core(cfg: C.Config, *, metrics: Metrics | None = None) -> Core:
     for sc in cfg.sinks:
         sink = SINKS[sc.type](cfg, sc)
         breaker = CircuitBreaker.from_config(
-            sc.name, cfg.breaker, on_change=lambda name, st: metrics.set_breaker(name, st.value))
+            sc.name, cfg.breaker, on_change=lambda name, st: metrics.set_breaker(name, st.value)
+        )
         lanes[sc.name] = SinkLane(sink, breaker)
         metrics.declare_sink(sc.name)
-    decoder = Decoder(max_record_bytes=cfg.http.max_record_bytes)
+    decoder = Decoder(max_record_bytes=cfg.http.max_record_bytes, extra=extra)
     pipeline = Pipeline(
-        config=cfg, admission=admission, idempotency=stores.idempotency, dlq=stores.dlq,
-        dropped=stores.dropped, lanes=lanes, metrics=metrics,
+        config=cfg,
+        admission=admission,
+        idempotency=stores.idempotency,
+        dlq=stores.dlq,
+        dropped=stores.dropped,
+        lanes=lanes,
+        metrics=metrics,
         retry=RetryPolicy.from_config(cfg.retry),
     )
     return Core(cfg, stores, lanes, metrics, admission, decoder, pipeline)
@@ -311,8 +326,14 @@ class Service:
         for source in self.sources:
             await source.start()
         for source in self.sources:
-            runner = SourceRunner(source, self.pipeline, self.decoder, self.admission,
-                                  stopping=self.stopping, on_pending=self._on_pending)
+            runner = SourceRunner(
+                source,
+                self.pipeline,
+                self.decoder,
+                self.admission,
+                stopping=self.stopping,
+                on_pending=self._on_pending,
+            )
             self._tasks.append(asyncio.create_task(self._supervise(runner), name=source.name))
         self._tasks.append(asyncio.create_task(self._tick(), name="tick"))
 
@@ -330,8 +351,14 @@ class Service:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), delay)
                 delay = min(delay * 2, 30.0)
-                runner = SourceRunner(runner.source, self.pipeline, self.decoder, self.admission,
-                                      stopping=self.stopping, on_pending=self._on_pending)
+                runner = SourceRunner(
+                    runner.source,
+                    self.pipeline,
+                    self.decoder,
+                    self.admission,
+                    stopping=self.stopping,
+                    on_pending=self._on_pending,
+                )
 
     async def _tick(self) -> None:
         """Feed queue depth to admission (automatic brownout) and refresh gauges."""
@@ -365,8 +392,12 @@ class Service:
             except Exception as exc:
                 conn = {"connected": False, "error": str(exc) or type(exc).__name__}
             snap = lane.breaker.snapshot()
-            sinks[name] = {"kind": lane.sink.kind, "state": snap["state"], "breaker": snap,
-                           "connection": conn}
+            sinks[name] = {
+                "kind": lane.sink.kind,
+                "state": snap["state"],
+                "breaker": snap,
+                "connection": conn,
+            }
         try:
             stores = await asyncio.wait_for(self.stores.health(), 2.0)
         except Exception as exc:
@@ -396,8 +427,9 @@ class Service:
         self.admission.drain()
         self.stopping.set()
         runners = [t for t in self._tasks if t.get_name() != "tick"]
-        done, pending = await asyncio.wait(self._tasks, timeout=timeout) if self._tasks else (
-            set(), set())
+        done, pending = (
+            await asyncio.wait(self._tasks, timeout=timeout) if self._tasks else (set(), set())
+        )
         for task in pending:
             log.error("task %s did not finish within %.0fs; cancelling", task.get_name(), timeout)
             task.cancel()
@@ -415,8 +447,13 @@ class Service:
         log.info("shutdown complete")
 
 
-async def serve(cfg: C.Config, *, host: str | None = None, port: int | None = None,
-                ready: Callable[[Service], None] | None = None) -> None:
+async def serve(
+    cfg: C.Config,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    ready: Callable[[Service], None] | None = None,
+) -> None:
     """Run until SIGTERM/SIGINT: then drain, flush, checkpoint and return (exit 0)."""
     import uvicorn
 
@@ -425,9 +462,16 @@ async def serve(cfg: C.Config, *, host: str | None = None, port: int | None = No
     service = await Service.build(cfg)
     await service.start()
     app = build_app(service)
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=host or cfg.http.host, port=port if port is not None else cfg.http.port,
-        log_level="warning", access_log=False, lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host or cfg.http.host,
+            port=port if port is not None else cfg.http.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -440,8 +484,10 @@ async def serve(cfg: C.Config, *, host: str | None = None, port: int | None = No
         await service.shutdown(timeout=5)
         with contextlib.suppress(SystemExit):
             await server_task
-        raise OSError(f"cannot serve HTTP on {server.config.host}:{server.config.port} "
-                      "(is the port in use? set http.port or INGEST_HTTP_PORT)")
+        raise OSError(
+            f"cannot serve HTTP on {server.config.host}:{server.config.port} "
+            "(is the port in use? set http.port or INGEST_HTTP_PORT)"
+        )
     if ready is not None:
         ready(service)
     await stop.wait()

@@ -28,13 +28,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl",
-                 "application/json-seq", "text/plain")
+_NDJSON_TYPES = (
+    "application/x-ndjson",
+    "application/ndjson",
+    "application/jsonl",
+    "application/json-seq",
+    "text/plain",
+)
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS),
-                    status_code=status, media_type="application/json", headers=headers)
+    return Response(
+        orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
 
 
 def error(status: int, code: str, reason: str, **extra: Any) -> Response:
@@ -59,9 +68,12 @@ def build_app(service: Service) -> Starlette:
         allowed = {"brownout": {"rate"}}.get(action, set())
         unknown = sorted(set(params) - allowed)
         if unknown:
-            return error(400, "unknown_parameter",
-                         f"/admin/{action} takes no parameter {', '.join(unknown)}"
-                         + (f" (it takes: {', '.join(sorted(allowed))})" if allowed else ""))
+            return error(
+                400,
+                "unknown_parameter",
+                f"/admin/{action} takes no parameter {', '.join(unknown)}"
+                + (f" (it takes: {', '.join(sorted(allowed))})" if allowed else ""),
+            )
         adm = service.admission
         previous = adm.state.value
         if action == "drain":
@@ -76,11 +88,20 @@ def build_app(service: Service) -> Starlette:
                 return rate
             adm.brownout(rate)
         else:
-            return error(404, "unknown_action",
-                         f"no admin action '{action}'; use drain, pause, resume or brownout")
+            return error(
+                404,
+                "unknown_action",
+                f"no admin action '{action}'; use drain, pause, resume or brownout",
+            )
         log.warning("admin %s: backpressure %s -> %s", action, previous, adm.state.value)
-        return json_response({"action": action, "previous_state": previous,
-                              "state": adm.state.value, "backpressure": adm.snapshot()})
+        return json_response(
+            {
+                "action": action,
+                "previous_state": previous,
+                "state": adm.state.value,
+                "backpressure": adm.snapshot(),
+            }
+        )
 
     async def webhook(request: Request) -> Response:
         return await _webhook(service, request)
@@ -88,13 +109,19 @@ def build_app(service: Service) -> Starlette:
     async def not_found(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 405:
-            return error(405, "method_not_allowed",
-                         f"{request.method} is not allowed on {request.url.path}; use POST"
-                         if request.url.path.startswith(("/admin", "/v1/webhooks"))
-                         else f"{request.method} is not allowed on {request.url.path}; use GET")
-        return error(exc.status_code, "not_found",
-                     f"no endpoint {request.url.path}; see GET /health/detailed, GET /metrics, "
-                     "POST /admin/{drain,resume,pause,brownout}, POST /v1/webhooks/{tenant}/{source}")
+            return error(
+                405,
+                "method_not_allowed",
+                f"{request.method} is not allowed on {request.url.path}; use POST"
+                if request.url.path.startswith(("/admin", "/v1/webhooks"))
+                else f"{request.method} is not allowed on {request.url.path}; use GET",
+            )
+        return error(
+            exc.status_code,
+            "not_found",
+            f"no endpoint {request.url.path}; see GET /health/detailed, GET /metrics, "
+            "POST /admin/{drain,resume,pause,brownout}, POST /v1/webhooks/{tenant}/{source}",
+        )
 
     async def server_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s", request.url.path)
@@ -108,11 +135,12 @@ def build_app(service: Service) -> Starlette:
         Route("/admin/{action}", admin, methods=["POST"]),
         Route("/v1/webhooks/{tenant}/{source}", webhook, methods=["POST"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found,
-                                                        Exception: server_error})
+    return Starlette(
+        routes=routes, exception_handlers={HTTPException: not_found, Exception: server_error}
+    )
 
 
-def _parse_rate(value: str | None) -> float | None | Response:
+def _parse_rate(value: str | None) -> float | Response | None:
     if value is None:
         return None
     try:
@@ -120,9 +148,12 @@ def _parse_rate(value: str | None) -> float | None | Response:
     except ValueError:
         rate = math.nan
     if not (0 < rate <= 1):
-        return error(400, "invalid_rate",
-                     f"rate must be a number in (0, 1] (the share of low-priority records kept); "
-                     f"got '{value}'")
+        return error(
+            400,
+            "invalid_rate",
+            f"rate must be a number in (0, 1] (the share of low-priority records kept); "
+            f"got '{value}'",
+        )
     return rate
 
 
@@ -131,17 +162,19 @@ async def _webhook(service: Service, request: Request) -> Response:
     source = request.path_params["source"]
     for what, value in (("tenant", tenant), ("source", source)):
         if not _NAME.match(value):
-            return error(400, f"invalid_{what}",
-                         f"{what} '{value}' must match {_NAME.pattern}")
+            return error(400, f"invalid_{what}", f"{what} '{value}' must match {_NAME.pattern}")
     intake = service.intake
     if intake is None:
         return error(404, "webhooks_disabled", "no webhook source is configured")
     state = service.admission.state
     if state in (BackpressureState.DRAIN, BackpressureState.PAUSED):
-        return error(503, state.value,
-                     f"ingest is {'draining' if state is BackpressureState.DRAIN else 'paused'}; "
-                     "nothing new is accepted until an operator resumes it",
-                     headers={"Retry-After": "30"})
+        return error(
+            503,
+            state.value,
+            f"ingest is {'draining' if state is BackpressureState.DRAIN else 'paused'}; "
+            "nothing new is accepted until an operator resumes it",
+            headers={"Retry-After": "30"},
+        )
 
     limit = service.config.http.max_body_bytes
     declared = request.headers.get("content-length")
@@ -153,7 +186,9 @@ async def _webhook(service: Service, request: Request) -> Response:
         if len(body) > limit:
             return error(413, "body_too_large", f"body exceeds the limit of {limit} bytes")
     if not body.strip():
-        return error(400, "empty_body", "the body is empty; send a JSON object, an array, or NDJSON")
+        return error(
+            400, "empty_body", "the body is empty; send a JSON object, an array, or NDJSON"
+        )
 
     lines, malformed = _split_records(bytes(body), request.headers.get("content-type", ""))
     if isinstance(lines, Response):
@@ -164,22 +199,42 @@ async def _webhook(service: Service, request: Request) -> Response:
     except Rejected as rej:
         if rej.state is BackpressureState.THROTTLED:
             retry_after = max(1, math.ceil(rej.retry_after or 1))
-            return error(429, "throttled", rej.reason, retry_after_seconds=retry_after,
-                         headers={"Retry-After": str(retry_after)})
+            return error(
+                429,
+                "throttled",
+                rej.reason,
+                retry_after_seconds=retry_after,
+                headers={"Retry-After": str(retry_after)},
+            )
         return error(503, rej.state.value, rej.reason, headers={"Retry-After": "30"})
 
     try:
         intake_id = await intake.append(tenant, source, lines, time.time())
     except StoreUnavailable as exc:
-        return error(503, "intake_unavailable",
-                     f"could not make the body durable ({exc}); nothing was accepted, retry later",
-                     headers={"Retry-After": "5"})
+        return error(
+            503,
+            "intake_unavailable",
+            f"could not make the body durable ({exc}); nothing was accepted, retry later",
+            headers={"Retry-After": "5"},
+        )
     service.notify_webhook()
-    return json_response({"status": "accepted", "records": len(lines), "malformed": malformed,
-                          "intake_id": intake_id,
-                          **({"note": "malformed lines are accepted into the DLQ as "
-                                      "VALIDATION_FAIL; see dlqtriage"} if malformed else {})},
-                         202)
+    return json_response(
+        {
+            "status": "accepted",
+            "records": len(lines),
+            "malformed": malformed,
+            "intake_id": intake_id,
+            **(
+                {
+                    "note": "malformed lines are accepted into the DLQ as "
+                    "VALIDATION_FAIL; see dlqtriage"
+                }
+                if malformed
+                else {}
+            ),
+        },
+        202,
+    )
 
 
 def _split_records(body: bytes, content_type: str) -> tuple[list[bytes] | Response, int]:

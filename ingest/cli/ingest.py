@@ -31,21 +31,32 @@ def _banner(service: Any, host: str, port: int) -> None:
 
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{shown}:{port}"
-    lines = [f"ingest is running ({'embedded' if service.stores.sqlite_db else 'production'} "
-             f"mode, worker {service.worker})", f"  health:   curl -s {base}/health/detailed | jq",
-             f"  metrics:  curl -s {base}/metrics | grep ^ingest_"]
+    lines = [
+        f"ingest is running ({'embedded' if service.stores.sqlite_db else 'production'} "
+        f"mode, worker {service.worker})",
+        f"  health:   curl -s {base}/health/detailed | jq",
+        f"  metrics:  curl -s {base}/metrics | grep ^ingest_",
+    ]
     for source in service.sources:
         if isinstance(source, InboxSource):
             root = source.root.resolve()
             lines.append(f"  drop files (.jsonl, .csv, .gz) into {root}/<tenant>/")
             lines.append(f"            e.g. {root}/acme-corp/orders.jsonl")
     if service.intake is not None:
-        record = {"schema_version": 3, "tenant_id": "acme-corp", "entity_type": "order",
-                  "entity_id": "o-1", "revision": 1, "occurred_at": "2025-01-01T00:00:00Z",
-                  "attributes": {"amount": 12.5, "currency": "EUR"}}
+        record = {
+            "schema_version": 3,
+            "tenant_id": "acme-corp",
+            "entity_type": "order",
+            "entity_id": "o-1",
+            "revision": 1,
+            "occurred_at": "2025-01-01T00:00:00Z",
+            "attributes": {"amount": 12.5, "currency": "EUR"},
+        }
         lines.append("  post a record:")
-        lines.append(f"    curl -s -X POST {base}/v1/webhooks/acme-corp/orders "
-                     "-H 'Content-Type: application/json' \\")
+        lines.append(
+            f"    curl -s -X POST {base}/v1/webhooks/acme-corp/orders "
+            "-H 'Content-Type: application/json' \\"
+        )
         lines.append(f"      -d '{json.dumps(record)}'")
     lines.append("  stop: Ctrl-C or SIGTERM (drains, flushes, checkpoints, exits 0)")
     print("\n".join(lines), flush=True)

@@ -42,9 +42,13 @@ class Decoder:
     """Stateless apart from the compiled schema: build one per process and share it."""
 
     def __init__(
-        self, max_record_bytes: int = 1_048_576, now: Callable[[], float] = time.time
+        self,
+        max_record_bytes: int = 1_048_576,
+        now: Callable[[], float] = time.time,
+        extra: Sequence[Callable[[dict[str, Any]], dict[str, Any]]] = (),
     ) -> None:
         self._max = max_record_bytes
+        self._extra = tuple(extra)  # config `transformers`: repairs after upgrade
         self._now = now
         self._validator = SchemaValidator()
         self._is_valid = self._validator.is_valid
@@ -100,6 +104,11 @@ class Decoder:
                 body = upgrade(body)
             except EnvelopeError as exc:
                 return _failure(exc.reason, *_fields(exc.detail()), body=body, version=sent_version)
+        if self._extra:
+            repaired = _repair(self._extra, body, sent_version)
+            if isinstance(repaired, DecodeFailure):
+                return repaired
+            body = repaired
         if "priority" not in body:
             body["priority"] = "normal"
         if "relations" not in body:
@@ -152,6 +161,31 @@ class Decoder:
                 version=sent_version,
             )
         return Record(raw, body, dedupe_key(body))
+
+
+def _repair(
+    extra: Sequence[Callable[[dict[str, Any]], dict[str, Any]]],
+    body: dict[str, Any],
+    version: Any,
+) -> dict[str, Any] | DecodeFailure:
+    """Run the config's repair functions in order; one that raises or returns a non-dict is
+    SCHEMA_DRIFT (kind `transformer`) for that record, never a crashed worker."""
+    for fn in extra:
+        name = f"{fn.__module__}:{getattr(fn, '__qualname__', fn)}"
+        try:
+            out = fn(body)
+        except EnvelopeError as exc:
+            return _failure(exc.reason, *_fields(exc.detail()), body=body, version=version)
+        except Exception as exc:
+            return _failure(ReasonCode.SCHEMA_DRIFT, "transformer", "$", "a repaired record",
+                            type(exc).__name__, f"transformer {name} failed: {exc}",
+                            body=body, version=version)
+        if type(out) is not dict:
+            return _failure(ReasonCode.SCHEMA_DRIFT, "transformer", "$", "object",
+                            json_type(out), f"transformer {name} did not return an object",
+                            body=body, version=version)
+        body = out
+    return body
 
 
 def _fields(detail: dict[str, Any]) -> tuple[Any, ...]:

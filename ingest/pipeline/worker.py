@@ -116,6 +116,7 @@ class Pipeline:
         and `only_sinks[i]`, the sink a DLQ entry failed at (None: every routed sink).
         """
         report = BatchReport()
+        tally: Counter[tuple[str, str, str]] = Counter()  # (tenant, source, outcome)
         now = self.clock()
         dlq_entries: list[DLQEntry] = []
         records: list[tuple[int, Record]] = []
@@ -124,13 +125,13 @@ class Pipeline:
             if isinstance(item, DecodeFailure):
                 failures += 1
                 dlq_entries.append(_decode_failure_entry(raws[i], item, now))
-                self._count(raws[i], "dlq")
+                tally[(raws[i].tenant, raws[i].source, "dlq")] += 1
             else:
                 records.append((i, item))
 
         if check_duplicates:
-            records = await self._drop_duplicates(records, report)
-        records = await self._brownout(records, report, now)
+            records = await self._drop_duplicates(records, report, tally)
+        records = await self._brownout(records, report, tally, now)
 
         by_sink: dict[str, list[tuple[int, Record]]] = defaultdict(list)
         for i, rec in records:
@@ -144,12 +145,12 @@ class Pipeline:
         failed_records: set[int] = set()
         all_unchanged: dict[int, bool] = {}
         commit_time = self.clock()
+        lags: Counter[tuple[str, str, str, float]] = Counter()  # same event time, one key
+        sink_results = report.sink_results
         for sink_name, results in zip(by_sink, outcomes, strict=True):
-            lag = self.metrics.lag
             for (i, rec), (result, attempts) in zip(by_sink[sink_name], results, strict=True):
-                report.sink_results[(i, sink_name)] = result
+                sink_results[(i, sink_name)] = result
                 if result.status is SinkStatus.FAILED:
-                    assert result.reason is not None
                     failed_records.add(i)
                     dlq_entries.append(
                         _sink_failure_entry(rec, sink_name, result, attempts, commit_time)
@@ -157,9 +158,8 @@ class Pipeline:
                     continue
                 unchanged = result.status is SinkStatus.UNCHANGED
                 all_unchanged[i] = all_unchanged.get(i, True) and unchanged
-                lag.labels(rec.tenant, rec.raw.source, sink_name).observe(
-                    max(0.0, commit_time - rec.raw.event_time)
-                )
+                raw = rec.raw
+                lags[(raw.tenant, raw.source, sink_name, raw.event_time)] += 1
 
         if dlq_entries:
             await self.until_ok("dlq", lambda: self.dlq.add(dlq_entries))
@@ -170,35 +170,55 @@ class Pipeline:
         counts: Counter[tuple[str, str]] = Counter((raw.tenant, raw.source) for raw in raws)
         await self.until_ok("dlq", lambda: self.dlq.record_processed(counts))
 
-        for entry in dlq_entries:
-            self.metrics.dlq.labels(
-                entry.tenant, entry.source, entry.sink or "-", entry.reason
-            ).inc()
         for i, rec in records:
             if i in failed_records:
-                self._count(rec.raw, "dlq")
+                outcome = "dlq"
             elif all_unchanged.get(i, False):
-                self._count(rec.raw, "duplicate")
+                outcome = "duplicate"
                 report.duplicate += 1
             else:
-                self._count(rec.raw, "delivered")
+                outcome = "delivered"
                 report.delivered += 1
+            tally[(rec.raw.tenant, rec.raw.source, outcome)] += 1
         report.dlq = failures + len(failed_records)
         report.dlq_entries = dlq_entries
+        self._publish(tally, dlq_entries, lags, commit_time)
         return report
 
-    def _count(self, raw: RawRecord, outcome: str) -> None:
-        self.metrics.records.labels(raw.tenant, raw.source, outcome).inc()
+    def _publish(
+        self,
+        tally: Counter[tuple[str, str, str]],
+        dlq_entries: list[DLQEntry],
+        lags: Counter[tuple[str, str, str, float]],
+        commit_time: float,
+    ) -> None:
+        """Metrics once per batch and label set: per-record label lookups cost more than work."""
+        m = self.metrics
+        for (tenant, source, outcome), n in tally.items():
+            m.records.labels(tenant, source, outcome).inc(n)
+        dlq_counts = Counter(
+            (e.tenant, e.source, e.sink or "-", e.reason.value) for e in dlq_entries
+        )
+        for labels, n in dlq_counts.items():
+            m.dlq.labels(*labels).inc(n)
+        for (tenant, source, sink, event_time), n in lags.items():
+            child = m.lag.labels(tenant, source, sink)
+            value = max(0.0, commit_time - event_time)
+            for _ in range(n):
+                child.observe(value)
 
     async def _drop_duplicates(
-        self, records: list[tuple[int, Record]], report: BatchReport
+        self,
+        records: list[tuple[int, Record]],
+        report: BatchReport,
+        tally: Counter[tuple[str, str, str]],
     ) -> list[tuple[int, Record]]:
         """A record whose key is in this batch already, or was claimed before, has no effect."""
         first: list[tuple[int, Record]] = []
         keys_in_batch: set[bytes] = set()
         for i, rec in records:
             if rec.dedupe_key in keys_in_batch:
-                self._count(rec.raw, "duplicate")
+                tally[(rec.raw.tenant, rec.raw.source, "duplicate")] += 1
                 report.duplicate += 1
             else:
                 keys_in_batch.add(rec.dedupe_key)
@@ -210,14 +230,18 @@ class Pipeline:
         fresh: list[tuple[int, Record]] = []
         for (i, rec), was_seen in zip(first, seen, strict=True):
             if was_seen:
-                self._count(rec.raw, "duplicate")
+                tally[(rec.raw.tenant, rec.raw.source, "duplicate")] += 1
                 report.duplicate += 1
             else:
                 fresh.append((i, rec))
         return fresh
 
     async def _brownout(
-        self, records: list[tuple[int, Record]], report: BatchReport, now: float
+        self,
+        records: list[tuple[int, Record]],
+        report: BatchReport,
+        tally: Counter[tuple[str, str, str]],
+        now: float,
     ) -> list[tuple[int, Record]]:
         """In brownout, low-priority records sample out by key; they are kept for replay."""
         if self.admission.brownout_rate is None:
@@ -229,7 +253,7 @@ class Pipeline:
                 kept.append((i, rec))
             else:
                 dropped.append((rec.dedupe_key, rec.tenant, rec.raw.source, rec.raw.data, now))
-                self._count(rec.raw, "dropped")
+                tally[(rec.raw.tenant, rec.raw.source, "dropped")] += 1
         if dropped:
             await self.until_ok("dropped", lambda: self.dropped.add(dropped))
             report.dropped += len(dropped)
@@ -250,26 +274,26 @@ class Pipeline:
             attempt += 1
             results = await self._attempt(lane, [records[j] for j in pending])
             retry_next: list[int] = []
+            statuses: Counter[str] = Counter()
+            reason: ReasonCode | None = None
             for j, result in zip(pending, results, strict=True):
-                if result.status is SinkStatus.FAILED and result.reason is not None:
-                    if result.reason.retryable:
-                        retry_next.append(j)
-                    self.metrics.sink_writes.labels(sink_name, "failed").inc()
-                else:
-                    self.metrics.sink_writes.labels(sink_name, result.status.value).inc()
+                statuses[result.status.value] += 1
+                if result.reason is not None and result.reason.retryable:
+                    retry_next.append(j)
+                    reason = result.reason
                 final[j] = (result, attempt)
-            if not retry_next:
+            for status, n in statuses.items():
+                self.metrics.sink_writes.labels(sink_name, status).inc(n)
+            if reason is None:
                 break
-            reason = results[pending.index(retry_next[0])].reason
-            assert reason is not None
             delay = self.retry.backoff(attempt, self.rng)
             if reason is ReasonCode.CIRCUIT_OPEN:
                 delay = max(delay, lane.breaker.retry_after())
             elapsed = time.monotonic() - started
             if not self.retry.should_retry(reason, attempt, elapsed, delay):
                 break
-            for j in retry_next:
-                self.metrics.retry.labels(records[j].tenant, sink_name, reason.value).inc()
+            for tenant, n in Counter(records[j].tenant for j in retry_next).items():
+                self.metrics.retry.labels(tenant, sink_name, reason.value).inc(n)
             await self.sleep(delay)
             pending = retry_next
         out: list[tuple[SinkResult, int]] = []

@@ -65,7 +65,7 @@ CALL (n, row, tomb, applied) {
   CALL (n) { MATCH (n)-[old]->() DELETE old }
   UNWIND row.rels AS rel
   MERGE (m:Entity {tenant: row.tenant, entity_type: rel.target_type, entity_id: rel.target_id})
-  MERGE (n)-[:$(rel.type)]->(m)
+  CREATE (n)-[:$(rel.type)]->(m)
 }
 CALL (n, row, applied) {
   WITH * WHERE applied AND row.deleted

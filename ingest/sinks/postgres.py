@@ -3,8 +3,8 @@
 Per batch: `latest_per_entity` picks one winner per entity; the winners go by binary COPY
 into a per-connection TEMP table (ON COMMIT DELETE ROWS), and ONE statement both applies
 `INSERT ... ON CONFLICT DO UPDATE ... WHERE <table>.revision < excluded.revision` and returns,
-from the same snapshot, the stored revisions that matter for judging (only entities where
-some batch record is not newer than what is stored) and the winners the guard refused.
+from the statement's snapshot (before the write), the stored revision of the entities that
+need it for judging (several records in the batch, or a winner the guard refused).
 `judge_in_order` turns that into one result per record. Tombstones keep their row
 (deleted = true, attributes NULL) so an older revision cannot resurrect the entity.
 
@@ -85,20 +85,32 @@ def _stage_ddl(t: str) -> str:
 
 
 def _upsert_sql(t: str) -> str:
+    """The write, plus only what judging needs: entities with several records in the batch
+    (their stored revision) and winners the guard refused. The common batch, one record per
+    entity and all applied, returns no rows and skips the anti-join (a one-time filter)."""
     cols = ", ".join(COLUMNS)
     sets = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[3:]) + ", updated_at = now()"
-    key = "(tenant, entity_type, entity_id)"
+    same = "(u.tenant, u.entity_type, u.entity_id) = (s.tenant, s.entity_type, s.entity_id)"
+    stored = (
+        f"(SELECT o.revision FROM {t} o WHERE o.tenant = s.tenant"
+        " AND o.entity_type = s.entity_type AND o.entity_id = s.entity_id)"
+    )
     return f"""
 WITH up AS (
     INSERT INTO {t} ({cols}, updated_at) SELECT {cols}, now() FROM _stage_{t}
-    ON CONFLICT {key} DO UPDATE SET {sets} WHERE {t}.revision < excluded.revision
+    ON CONFLICT (tenant, entity_type, entity_id) DO UPDATE SET {sets}
+    WHERE {t}.revision < excluded.revision
     RETURNING tenant, entity_type, entity_id
 )
-SELECT s.tenant, s.entity_type, s.entity_id, o.revision, u.tenant IS NOT NULL AS written
+SELECT s.tenant, s.entity_type, s.entity_id, {stored}, false
 FROM _stage_{t} s
-LEFT JOIN {t} o ON (o.tenant, o.entity_type, o.entity_id) = (s.tenant, s.entity_type, s.entity_id)
-LEFT JOIN up u ON (u.tenant, u.entity_type, u.entity_id) = (s.tenant, s.entity_type, s.entity_id)
-WHERE o.revision >= s.min_rev OR u.tenant IS NULL
+WHERE (SELECT count(*) FROM up) < (SELECT count(*) FROM _stage_{t})
+  AND s.min_rev = s.revision AND NOT EXISTS (SELECT 1 FROM up u WHERE {same})
+UNION ALL
+SELECT s.tenant, s.entity_type, s.entity_id, {stored},
+       (s.tenant, s.entity_type, s.entity_id) IN (SELECT * FROM up)  -- a hashed subplan
+FROM _stage_{t} s
+WHERE s.min_rev < s.revision
 """
 
 

@@ -130,8 +130,12 @@ class InboxSource:
         now = self.clock()
         ready: list[tuple[float, str, Path]] = []
         for entry in tenant_dir.iterdir():
-            if (not entry.is_file() or entry.name.startswith(".")
-                    or entry.name.endswith(_SKIP_SUFFIXES) or entry in self._reading):
+            if (
+                not entry.is_file()
+                or entry.name.startswith(".")
+                or entry.name.endswith(_SKIP_SUFFIXES)
+                or entry in self._reading
+            ):
                 continue
             try:
                 detect_format(entry.name)
@@ -160,8 +164,10 @@ class InboxSource:
         if saved and saved.get("file") == path.name and saved.get("id") == identity:
             if saved.get("complete"):
                 # Committed in full before a crash, not yet moved: finish the move only.
-                yield self._batch([], InboxPosition(tenant, path.name, identity,
-                                                    int(saved.get("offset", 0)), True))
+                yield self._batch(
+                    [],
+                    InboxPosition(tenant, path.name, identity, int(saved.get("offset", 0)), True),
+                )
                 return
             start = int(saved.get("offset", 0))
         batch_size = self.cfg.batch_size
@@ -185,13 +191,23 @@ class InboxSource:
         self._seq += 1
         meta: dict[str, Any] = {"file": path.name, "offset": line.offset}
         if line.error:
-            meta["reject"] = {"kind": "corrupt_file", "message": line.error,
-                              "file": path.name, "offset": line.offset}
+            meta["reject"] = {
+                "kind": "corrupt_file",
+                "message": line.error,
+                "file": path.name,
+                "offset": line.offset,
+            }
         if line.decoded is not None:
             meta["format"] = "csv"
         return RawRecord(
-            data=line.data, tenant=tenant, source=self.name, seq=self._seq,
-            position=line.offset, event_time=mtime, decoded=line.decoded, meta=meta,
+            data=line.data,
+            tenant=tenant,
+            source=self.name,
+            seq=self._seq,
+            position=line.offset,
+            event_time=mtime,
+            decoded=line.decoded,
+            meta=meta,
         )
 
     def _batch(self, raws: list[RawRecord], pos: InboxPosition) -> SourceBatch:
@@ -204,22 +220,30 @@ class InboxSource:
         pos: InboxPosition = batch.position
         tenant_dir = self.root / pos.tenant
         if not pos.last:
-            await self.checkpoints.save(pos.tenant, self.name,
-                                        {"file": pos.file, "id": pos.id, "offset": pos.offset})
+            await self.checkpoints.save(
+                pos.tenant, self.name, {"file": pos.file, "id": pos.id, "offset": pos.offset}
+            )
         else:
             done_dir = tenant_dir / DONE_DIR
             done_dir.mkdir(exist_ok=True)
             src = tenant_dir / pos.file
             # Checkpoint first: a crash after it and before the move re-reads nothing.
-            await self.checkpoints.save(pos.tenant, self.name, {"file": pos.file, "id": pos.id,
-                                                                "offset": pos.offset, "complete": True})
+            await self.checkpoints.save(
+                pos.tenant,
+                self.name,
+                {"file": pos.file, "id": pos.id, "offset": pos.offset, "complete": True},
+            )
             if src.exists():
                 os.replace(src, _free_name(done_dir, pos.file))
             self._pending_mtimes.pop((pos.tenant, pos.file), None)
             self._sizes.pop(src, None)
             self._reading.discard(src)
-        self._health.last_checkpoint = {"tenant": pos.tenant, "file": pos.file,
-                                        "offset": pos.offset, "complete": pos.last}
+        self._health.last_checkpoint = {
+            "tenant": pos.tenant,
+            "file": pos.file,
+            "offset": pos.offset,
+            "complete": pos.last,
+        }
         self._health.last_checkpoint_at = self.clock()
 
     def _warn_once(self, path: Path, message: str) -> None:

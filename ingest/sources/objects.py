@@ -198,7 +198,7 @@ class ItemSource(ABC):
     async def read_records(self, ref: ItemRef, start: int = 0) -> AsyncIterator[list[RawRecord]]:
         """An item's records without leases or checkpoints (replay re-reads on purpose)."""
         async for lines in self._lines(ref, start):
-            yield [self._record(ref, line) for line in lines]
+            yield self._records(ref, lines)
 
     # -- the listing pass -----------------------------------------------------------------
 
@@ -216,8 +216,13 @@ class ItemSource(ABC):
             if self._stop.is_set():
                 return
             held = self._items.get(ref.name)
+            if held is not None and held.ref.version != ref.version and not held.ended:
+                if held.open_batches:
+                    continue  # replaced mid-read: let the old version's batches commit first
+                del self._items[ref.name]  # then read the new version from its start
+                held = None
             if held is not None and (held.ref.version != ref.version or held.ended):
-                continue  # previous version or fully read: wait for its commits first
+                continue  # fully read: wait for its commits first
             if held is None:
                 if not await self._leases.try_acquire(
                     self.name, ref.name, ref.version, self._worker, self._ttl
@@ -242,16 +247,17 @@ class ItemSource(ABC):
             await self._unsupported(state, str(exc))
             return
         buf: list[RawRecord] = []
+        size = self._batch_size
         async with contextlib.aclosing(self._lines(ref, start)) as batches:
             async for lines in batches:
-                for line in lines:
-                    buf.append(self._record(ref, line))
-                    if len(buf) < self._batch_size:
-                        continue
-                    yield self._batch(state, buf)
-                    buf = []
+                buf += self._records(ref, lines)
+                while len(buf) >= size:
+                    records, buf = buf[:size], buf[size:]
+                    yield self._batch(state, records)
                     if self._stop.is_set() or ref.name not in self._items:
                         return  # stopping, or the lease was lost: leave the rest unread
+        if ref.name not in self._items:
+            return  # lease lost while reading: the new holder finishes the item
         if buf:
             yield self._batch(state, buf)
         state.ended = True
@@ -262,36 +268,33 @@ class ItemSource(ABC):
         seek = start if fmt == "jsonl" and not gzipped else 0
         reader = LineReader(fmt, gzipped, start, input_offset=seek)
         if not (seek and seek >= ref.size):
-            async with contextlib.aclosing(self.open_item(ref, seek)) as chunks:
+            async with contextlib.aclosing(_read_ahead(self.open_item(ref, seek))) as chunks:
                 async for chunk in chunks:
                     if lines := reader.feed(chunk):
                         yield lines
         if lines := reader.finish():
             yield lines
 
-    def _record(self, ref: ItemRef, line: Line) -> RawRecord:
-        self._seq += 1
-        rec = RawRecord(
-            data=line.data,
-            tenant=self.tenant,
-            source=self.name,
-            seq=self._seq,
-            position={
-                self.name_field: ref.name,
-                self.version_field: ref.version,
-                "offset": line.offset,
-            },
-            event_time=ref.mtime,
-            decoded=line.decoded,
-        )
-        if line.error is not None:
-            rec.meta["reject"] = {
-                "kind": "corrupt_object",
-                "message": line.error,
-                "key": ref.name,
-                "offset": line.offset,
-            }
-        return rec
+    def _records(self, ref: ItemRef, lines: list[Line]) -> list[RawRecord]:
+        """Lines as RawRecords; the hot loop of every object source, so locals only."""
+        tenant, source, mtime, seq = self.tenant, self.name, ref.mtime, self._seq
+        nf, vf, name, version = self.name_field, self.version_field, ref.name, ref.version
+        out: list[RawRecord] = []
+        append = out.append
+        for line in lines:
+            seq += 1
+            pos = {nf: name, vf: version, "offset": line.offset}
+            rec = RawRecord(line.data, tenant, source, seq, pos, mtime, line.decoded, {})
+            if line.error is not None:
+                rec.meta["reject"] = {
+                    "kind": "corrupt_object",
+                    "message": line.error,
+                    "key": name,
+                    "offset": line.offset,
+                }
+            append(rec)
+        self._seq = seq
+        return out
 
     def _batch(self, state: _ItemState, records: list[RawRecord]) -> SourceBatch:
         last = records[-1].position
@@ -306,7 +309,11 @@ class ItemSource(ABC):
         )
 
     async def _finish_if_complete(self, state: _ItemState) -> None:
-        if not state.ended or state.open_batches > 0:
+        if (
+            not state.ended
+            or state.open_batches > 0
+            or self._items.get(state.ref.name) is not state
+        ):
             return
         ref = state.ref
         await self._leases.mark_done(self.name, ref.name, ref.version, self._worker)
@@ -345,6 +352,35 @@ class ItemSource(ABC):
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+
+
+async def _read_ahead(
+    chunks: AsyncGenerator[bytes, None], depth: int = 2
+) -> AsyncGenerator[bytes, None]:
+    """Fetch the next chunks while the caller parses this one (network and CPU overlap);
+    at most `depth` chunks wait, so memory stays bounded."""
+    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(depth)
+
+    async def pump() -> None:
+        try:
+            async for chunk in chunks:
+                await queue.put(chunk)
+            await queue.put(None)
+        except Exception as exc:
+            await queue.put(exc)
+        finally:
+            await chunks.aclose()
+
+    task = asyncio.create_task(pump())
+    try:
+        while (item := await queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:

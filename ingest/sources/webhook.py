@@ -95,11 +95,17 @@ class WebhookSource:
             for row in rows:
                 for line in row.lines:
                     self._seq += 1
-                    raws.append(RawRecord(
-                        data=line, tenant=row.tenant, source=row.source, seq=self._seq,
-                        position=row.id, event_time=row.received_at,
-                        meta={"intake_id": row.id},
-                    ))
+                    raws.append(
+                        RawRecord(
+                            data=line,
+                            tenant=row.tenant,
+                            source=row.source,
+                            seq=self._seq,
+                            position=row.id,
+                            event_time=row.received_at,
+                            meta={"intake_id": row.id},
+                        )
+                    )
                 last_by_stream[(row.tenant, row.source)] = row.id
             self._read_through = rows[-1].id
             self._health.records_read += len(raws)

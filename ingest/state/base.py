@@ -104,7 +104,9 @@ class DLQStore(Protocol):
     async def close(self) -> None: ...
 
 
-DroppedRow = tuple[bytes, str, str, bytes, float]  # (dedupe key, tenant, source, payload, dropped_at)
+DroppedRow = tuple[
+    bytes, str, str, bytes, float
+]  # (dedupe key, tenant, source, payload, dropped_at)
 
 
 class DroppedStore(Protocol):

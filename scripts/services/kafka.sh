@@ -31,8 +31,10 @@ install() {
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     return 0
   fi
-  command -v java >/dev/null || { echo "kafka.sh: java (17+) is required" >&2; exit 1; }
-  command -v mvn >/dev/null || { echo "kafka.sh: mvn is required (apt-get install maven)" >&2; exit 1; }
+  if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
+    # a fresh Debian machine: Kafka 4 needs Java 17+, the classpath comes from Maven Central
+    apt-get update -q && apt-get install -y -q openjdk-17-jre-headless maven
+  fi
   rm -rf "$lib.tmp"
   mkdir -p "$cache"
   mvn -q -B -f "$tmpl/pom.xml" dependency:copy-dependencies \

@@ -106,6 +106,15 @@ class PrivateServer:
     def run(self, command: str) -> None:
         subprocess.run([str(self.script), command], env=self.env, check=True, timeout=60)
 
+    def superuser_sql(self, sql: str) -> None:
+        """Postgres only: run SQL as the `postgres` superuser over the private socket."""
+        sock = Path(self.env["INGEST_RUN_DIR"]) / "postgres"
+        port = self.env["INGEST_TEST_PG_PORT"]
+        cmd = ["psql", "-h", str(sock), "-p", port, "-U", "postgres", "-d", "ingest"]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        subprocess.run([*cmd, "-v", "ON_ERROR_STOP=1", "-qc", sql], check=True, timeout=30)
+
 
 def _env_file(path: Path) -> dict[str, str]:
     out = {}

@@ -150,14 +150,15 @@ async def test_connection_loss_and_recovery(private_postgres: PrivateServer) -> 
 
 
 async def test_too_many_connections_is_rate_limited(private_postgres: PrivateServer) -> None:
-    admin = await asyncpg.connect(private_postgres.url)
-    await admin.execute("ALTER ROLE ingest CONNECTION LIMIT 1")  # admin holds the one slot
+    private_postgres.superuser_sql("ALTER ROLE ingest CONNECTION LIMIT 1")
+    holder = await asyncpg.connect(private_postgres.url)  # takes the one slot
     sink = PostgresSink("pg", private_postgres.url, table="limited")
     try:
         with pytest.raises(SinkError) as info:
             await sink.start()
         assert info.value.reason is ReasonCode.RATE_LIMITED
+        assert info.value.detail["error_class"] == "TooManyConnectionsError"
     finally:
-        await admin.execute("ALTER ROLE ingest CONNECTION LIMIT -1")
-        await admin.close()
+        private_postgres.superuser_sql("ALTER ROLE ingest CONNECTION LIMIT -1")
+        await holder.close()
         await sink.close()

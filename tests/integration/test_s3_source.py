@@ -228,7 +228,7 @@ async def test_two_workers_take_each_of_200_objects_once(
                 return
             await p.source.commit(b)
             for r in b.records:
-                by_key[r.position["key"]].add(p.source._worker)  # noqa: SLF001
+                by_key[r.position["key"]].add(p.source._worker)
                 seen.append(orjson.loads(r.data)["id"])
 
     try:

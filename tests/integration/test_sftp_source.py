@@ -68,7 +68,7 @@ async def test_skips_files_being_written_and_moves_only_after_commit(
     finally:
         await pump.close()
     window = await source.list_window(0, time.time() + 10)
-    assert [r.name for r in window][0] == "processed/old.jsonl"  # oldest mtime first
+    assert window[0].name == "processed/old.jsonl"  # oldest mtime first
     assert {r.name for r in window} == {
         "processed/old.jsonl",
         "processed/growing.jsonl",

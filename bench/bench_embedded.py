@@ -1,0 +1,190 @@
+"""Embedded path benchmark: N records (default 1M) from the inbox into the SQLite sink.
+
+Measured in one run, on the same rows and the same table layout:
+  limit     SQLite's own bulk insert (executemany in one transaction) of the rows write() stores
+  pipeline  `ingest run` as a process: a JSON-lines file dropped in the inbox, timed until the
+            file is committed (moved to done/) — decode, validate, dedupe (SQLite idempotency
+            store), revision-guarded upsert, DLQ/claims, checkpoint
+Prints records/s for both, the ratio, p95 lag (ingest_lag_seconds histogram), peak RSS of the
+service process, and a profile (pyinstrument, in-process, on a smaller run) of where time goes.
+
+    uv run python bench/bench_embedded.py [--records 1000000] [--profile-records 200000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ingest.pipeline.decode import Decoder  # noqa: E402
+from ingest.records import RawRecord, Record  # noqa: E402
+from ingest.sinks.sqlite import SQLiteSink  # noqa: E402
+
+
+# The tenant's token bucket is a fairness limit, not what this measures: open it wide.
+BENCH_CONFIG = """
+admission:
+  default_limits: {rate: 10000000, burst: 10000000}
+  queue_high_watermark: 100000000
+  queue_low_watermark: 1000000
+"""
+
+
+def make_lines(n: int) -> list[bytes]:
+    out = []
+    for i in range(n):
+        out.append(json.dumps({
+            "schema_version": 3, "tenant_id": "acme-corp", "entity_type": "order",
+            "entity_id": f"o-{i}", "revision": 1, "occurred_at": "2025-01-01T00:00:00Z",
+            "priority": "normal",
+            "attributes": {"amount": i % 1000 + 0.5, "currency": "EUR", "status": "new"},
+        }, separators=(",", ":")).encode())
+    return out
+
+
+async def bulk_limit(lines: list[bytes], path: Path) -> float:
+    """SQLite's own bulk insert of exactly the rows the sink writes, into the same table."""
+    decoder = Decoder()
+    raws = [RawRecord(data=ln, tenant="acme-corp", source="inbox", seq=i, position=None,
+                      event_time=0.0) for i, ln in enumerate(lines)]
+    records = [r for r in decoder.decode_many(raws) if isinstance(r, Record)]
+    rows = [SQLiteSink.row_of(r) for r in records]
+    sink = SQLiteSink("bench", path)
+    await sink.start()
+    t0 = time.perf_counter()
+    for i in range(0, len(rows), 2000):
+        await sink.bulk_insert_raw(rows[i:i + 2000])
+    elapsed = time.perf_counter() - t0
+    await sink.close()
+    return len(rows) / elapsed
+
+
+def p95_from_histogram(metrics: str, name: str = "ingest_lag_seconds") -> float | None:
+    buckets: dict[float, float] = {}
+    for line in metrics.splitlines():
+        if line.startswith(f"{name}_bucket{{"):
+            le = line.split('le="')[1].split('"')[0]
+            bound = float("inf") if le == "+Inf" else float(le)
+            buckets[bound] = buckets.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+    if not buckets:
+        return None
+    total = buckets[float("inf")]
+    for bound in sorted(buckets):
+        if buckets[bound] >= 0.95 * total:
+            return bound
+    return None
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_service(lines: list[bytes], workdir: Path, port: int) -> tuple[float, float | None, float]:
+    data = workdir / "svc"
+    inbox = data / "inbox" / "acme-corp"
+    inbox.mkdir(parents=True)
+    env = {**os.environ, "INGEST_DATA_DIR": str(data)}
+    config = workdir / "bench.yaml"
+    config.write_text(BENCH_CONFIG)
+    proc = subprocess.Popen([sys.executable, "-m", "ingest.cli.ingest", "run", "--host",
+                             "127.0.0.1", "--port", str(port), "--log-level", "WARNING",
+                             "--config", str(config)],
+                            cwd=workdir, env=env, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                httpx.get(f"{url}/health/detailed", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        staged = workdir / "orders.jsonl"
+        staged.write_bytes(b"\n".join(lines) + b"\n")
+        t0 = time.perf_counter()
+        os.replace(staged, inbox / "orders.jsonl")
+        while (inbox / "orders.jsonl").exists():
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - t0
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        rss = peak_rss_mb(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    return len(lines) / elapsed, p95_from_histogram(metrics), rss
+
+
+def profile(lines: list[bytes], workdir: Path) -> str:
+    """Where the time goes: the service in-process under pyinstrument."""
+    from pyinstrument import Profiler
+
+    from ingest.config import parse_config
+    from ingest.service import Service
+
+    data = workdir / "prof"
+    inbox = data / "inbox" / "acme-corp"
+    inbox.mkdir(parents=True)
+
+    async def go() -> None:
+        import yaml
+
+        cfg = parse_config({**yaml.safe_load(BENCH_CONFIG), "data_dir": str(data)})
+        service = await Service.build(cfg)
+        await service.start()
+        (workdir / "p.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+        os.replace(workdir / "p.jsonl", inbox / "p.jsonl")
+        while (inbox / "p.jsonl").exists():
+            await asyncio.sleep(0.05)
+        await service.shutdown()
+
+    profiler = Profiler(async_mode="enabled")
+    profiler.start()
+    asyncio.run(go())
+    profiler.stop()
+    return str(profiler.output_text(unicode=False, color=False, show_all=False))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--profile-records", type=int, default=200_000)
+    ap.add_argument("--port", type=int, default=18099)
+    args = ap.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-embedded-"))
+    try:
+        lines = make_lines(args.records)
+        print(f"machine: {platform.node()} {os.cpu_count()} cores, Python {platform.python_version()}")
+        limit = asyncio.run(bulk_limit(lines, workdir / "limit.db"))
+        rate, p95, rss = run_service(lines, workdir, args.port)
+        print(f"records:               {args.records}")
+        print(f"limit (SQLite bulk):   {limit:,.0f} records/s")
+        print(f"pipeline (ingest run): {rate:,.0f} records/s")
+        print(f"ratio:                 {rate / limit:.2f}x of the limit")
+        print(f"p95 lag:               <= {p95} s (histogram bucket bound)")
+        print(f"peak RSS (service):    {rss:.0f} MB")
+        if args.profile_records:
+            print(f"\nprofile ({args.profile_records} records, in-process, pyinstrument):")
+            print(profile(lines[: args.profile_records], workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

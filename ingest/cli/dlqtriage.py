@@ -1,0 +1,368 @@
+"""`dlqtriage`: the runbook's DLQ triage — summary, sample, analyze, redrive, purge.
+
+Reads the same config as the service (--config or INGEST_CONFIG; none = embedded SQLite under
+./data or INGEST_DATA_DIR), so it always looks at the store the service writes. Every command
+takes --json. Exit codes: 0 ok, 1 some entries failed again (or the run was stopped), 2 usage,
+3 store or sink unreachable; 130 when a redrive was interrupted (safe to run again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from ingest.cli.common import EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE, fail, load
+from ingest.config import Config, SQLiteStateConfig
+from ingest.errors import ConfigError, SinkError, StoreUnavailable
+from ingest.records import DLQEntry, ReasonCode
+from ingest.state.base import DLQFilter, DLQStore
+from ingest.triage import analyze, render
+
+T = TypeVar("T")
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    help="DLQ triage: what failed, why, and what to do — then redrive or purge.\n\n"
+    "Uses the service's config (--config FILE or INGEST_CONFIG); without one, the embedded "
+    "SQLite store under ./data (or INGEST_DATA_DIR).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Service config file.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
+TenantOpt = Annotated[str | None, typer.Option("--tenant", "-t", help="Tenant (default: all).")]
+ReasonsOpt = Annotated[list[str] | None, typer.Option("--reason", "-r", help="Reason code "
+                       "(repeatable): " + ", ".join(r.value for r in ReasonCode))]
+
+
+# ------------------------------------------------------------------------------ plumbing
+
+
+def _reasons(values: list[str] | None) -> list[ReasonCode]:
+    try:
+        return [analyze.parse_reason(v) for v in values or []]
+    except analyze.UnknownReason as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def _when(value: str | None, option: str) -> datetime | None:
+    """ISO 8601 (naive = UTC) or a relative age like 30m, 2h, 7d."""
+    if value is None:
+        return None
+    m = _RELATIVE.match(value.strip())
+    if m:
+        return datetime.now(UTC) - timedelta(**{_UNITS[m.group(2)]: float(m.group(1))})
+    try:
+        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        fail(f"{option} '{value}' is neither an ISO date-time nor an age like 30m, 2h, 7d",
+             EXIT_USAGE)
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
+def _config(path: Path | None) -> Config:
+    """The service's config; an embedded store that does not exist is 'unreachable', never
+    silently created empty (the usual cause is running from the wrong directory)."""
+    cfg = load(path)
+    if isinstance(cfg.state, SQLiteStateConfig):
+        db = cfg.under_data_dir(cfg.state.path, "state.db")
+        if not db.exists():
+            fail(f"sqlite DLQ store at {db.resolve()} does not exist: run dlqtriage where the "
+                 "service keeps its data/ directory, or set INGEST_DATA_DIR / --config",
+                 EXIT_UNAVAILABLE)
+    return cfg
+
+
+def _run(coro: Awaitable[T]) -> T:
+    """asyncio.run with store failures in words (exit 3), never a traceback."""
+
+    async def main() -> T:
+        return await coro
+
+    try:
+        return asyncio.run(main())
+    except StoreUnavailable as exc:
+        fail(str(exc), EXIT_UNAVAILABLE)
+    except ConfigError as exc:  # e.g. a `transformers` entry that cannot be imported
+        fail(str(exc), EXIT_USAGE)
+
+
+async def _with_dlq(cfg: Config, fn: Callable[[DLQStore], Awaitable[T]]) -> T:
+    from ingest.service import open_stores
+
+    stores = await open_stores(cfg)
+    try:
+        return await fn(stores.dlq)
+    finally:
+        await stores.close()
+
+
+async def _first(dlq: DLQStore, flt: DLQFilter, limit: int) -> list[DLQEntry]:
+    out: list[DLQEntry] = []
+    async for page in dlq.scan(flt, max(1, min(limit, 500))):
+        out.extend(page[: limit - len(out)])
+        if len(out) >= limit:
+            break
+    return out
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+@app.command()
+def summary(tenant: TenantOpt = None, config: ConfigOpt = None, json_out: JsonOpt = False
+            ) -> None:
+    """Counts by reason (retryable or not), sink and source; the DLQ rate against the SLO."""
+    cfg = _config(config)
+
+    async def go(dlq: DLQStore) -> analyze.Summary:
+        groups = await dlq.groups(DLQFilter(tenant=tenant))
+        return analyze.summarize(groups, await dlq.processed_total(tenant))
+
+    result = _run(_with_dlq(cfg, go))
+    if json_out:
+        render.emit_json({"tenant": tenant, **result.as_dict()})
+    else:
+        render.summary(result, tenant)
+
+
+@app.command()
+def sample(
+    reason: ReasonsOpt = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Entries to show.")] = 10,
+    full: Annotated[bool, typer.Option("--full", help="Include the original payload.")] = False,
+    tenant: TenantOpt = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Readable entries with their error detail (JSON path, expected, found, message)."""
+    flt = DLQFilter(tenant=tenant, reasons=_reasons(reason))
+    cfg = _config(config)
+    entries = _run(_with_dlq(cfg, lambda dlq: _first(dlq, flt, limit)))
+    if json_out:
+        render.emit_json([render.entry_dict(e, full) for e in entries])
+    else:
+        render.sample(entries, full)
+
+
+@app.command("analyze")
+def analyze_cmd(tenant: TenantOpt = None, config: ConfigOpt = None, json_out: JsonOpt = False
+                ) -> None:
+    """Group entries into error patterns, each with counts, sources, an example and a next step."""
+    cfg = _config(config)
+
+    async def go(dlq: DLQStore) -> list[analyze.Pattern]:
+        entries: list[DLQEntry] = []
+        async for page in dlq.scan(DLQFilter(tenant=tenant), 1000):
+            entries.extend(replace(e, payload=b"") for e in page)  # patterns need no payloads
+        return analyze.patterns(entries)
+
+    found = _run(_with_dlq(cfg, go))
+    if json_out:
+        render.emit_json({"tenant": tenant, "total": sum(p.count for p in found),
+                          "patterns": [p.as_dict() for p in found]})
+    else:
+        render.patterns(found)
+
+
+@app.command()
+def redrive(
+    tenant: TenantOpt = None,
+    reason: ReasonsOpt = None,
+    source: Annotated[list[str] | None, typer.Option(help="Source name (repeatable).")] = None,
+    sink: Annotated[list[str] | None, typer.Option(help="Sink name; '-' = failed before "
+                                                    "routing (repeatable).")] = None,
+    since: Annotated[str | None, typer.Option(help="Last failure at/after: ISO or 2h, 7d.")]
+    = None,
+    until: Annotated[str | None, typer.Option(help="Last failure before: ISO or 2h, 7d.")]
+    = None,
+    entry_id: Annotated[list[int] | None, typer.Option("--id", help="Entry id (repeatable).")]
+    = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go; change "
+                                          "nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Also redrive non-retryable codes "
+                                        "(after fixing their cause).")] = False,
+    page_size: Annotated[int, typer.Option("--page-size", min=1, max=5000)] = 200,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Send entries back through decode and delivery, to the sink where each failed."""
+    reasons = _reasons(reason)
+    if not reasons and not entry_id:
+        valid = ", ".join(r.value for r in ReasonCode)
+        fail(f"say what to redrive: --reason (one of {valid}) and/or --id", EXIT_USAGE)
+    flt = DLQFilter(tenant=tenant, reasons=reasons, sources=source or (), sinks=sink or (),
+                    since=_when(since, "--since"), until=_when(until, "--until"),
+                    ids=entry_id or ())
+    cfg = _config(config)
+    code = _run(_redrive(cfg, flt, dry_run=dry_run, force=force, page_size=page_size,
+                         json_out=json_out))
+    raise typer.Exit(code)
+
+
+async def _redrive(cfg: Config, flt: DLQFilter, *, dry_run: bool, force: bool,
+                   page_size: int, json_out: bool) -> int:
+    from ingest.service import build_core
+    from ingest.triage.redrive import redrive as run_redrive
+
+    core = await build_core(cfg)
+    try:
+        groups = await core.stores.dlq.groups(flt)
+        total = sum(g.count for g in groups)
+        why = analyze.refusal({*flt.reasons, *(g.reason for g in groups)})
+        if dry_run:
+            entries = await _first(core.stores.dlq, flt, 10_000 if json_out else 50)
+            if json_out:
+                render.emit_json({"dry_run": True, "count": total, "needs_force": why,
+                                  "ids": [e.id for e in entries]})
+            else:
+                render.entry_list("would redrive", entries, total)
+                if why and not force:
+                    render.console.print(f"note: a real run needs --force: {why}")
+            return 0
+        if why and not force:
+            fail(f"refusing to redrive: {why}", EXIT_USAGE)
+        try:
+            await core.start_sinks()
+        except SinkError as exc:
+            fail(f"a sink is unreachable, nothing was redriven: {exc}", EXIT_UNAVAILABLE)
+        stop = _StopFlag()
+        with stop.installed(), _progress(total, enabled=not json_out) as advance:
+            result = await run_redrive(core, flt, page_size=page_size, on_page=advance,
+                                       should_stop=stop.is_set)
+    finally:
+        await core.close()
+    if json_out:
+        render.emit_json(result.as_dict())
+    else:
+        render.console.print(
+            f"redrive: {result.selected} entries, {result.delivered} delivered (removed from "
+            f"the DLQ), {result.failed} failed again"
+            + (f" ({dict(result.new_reasons)})" if result.new_reasons else "")
+            + (" — interrupted: run the same command again to continue" if result.interrupted
+               else ""))
+    if result.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if result.failed else 0
+
+
+class _StopFlag:
+    """First SIGINT/SIGTERM: finish the page in flight, then stop. A second one: stop now."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def _signal(self) -> None:
+        if self._set:
+            raise KeyboardInterrupt
+        self._set = True
+
+    def installed(self) -> Any:
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm() -> Any:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self._signal)
+            try:
+                yield self
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+
+        return cm()
+
+
+def _progress(total: int, *, enabled: bool) -> Any:
+    """A rich progress bar (stderr) for runs longer than a page; a no-op otherwise."""
+    import contextlib
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    @contextlib.contextmanager
+    def cm() -> Any:
+        if not enabled or total <= 500:
+            yield lambda n: None
+            return
+        with Progress("redrive", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=Console(stderr=True)) as bar:
+            task = bar.add_task("redrive", total=total)
+            yield lambda n: bar.advance(task, n)
+
+    return cm()
+
+
+@app.command()
+def purge(
+    older_than: Annotated[float, typer.Option("--older-than", min=0, help="Days since the "
+                                              "entry first failed.")],
+    reason: ReasonsOpt = None,
+    tenant: TenantOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+    = False,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Delete entries older than DAYS (for a reason code), after a dry run or confirmation."""
+    flt = DLQFilter(tenant=tenant, reasons=_reasons(reason),
+                    older_than=datetime.now(UTC) - timedelta(days=older_than))
+    cfg = _config(config)
+
+    async def listing(dlq: DLQStore) -> tuple[int, list[DLQEntry]]:
+        return await dlq.count(flt), await _first(dlq, flt, 100_000 if json_out else 50)
+
+    total, entries = _run(_with_dlq(cfg, listing))
+    if dry_run or total == 0:
+        if json_out:
+            render.emit_json({"dry_run": dry_run, "count": total, "ids": [e.id for e in entries]})
+        else:
+            render.entry_list("would purge" if dry_run else "nothing to purge", entries, total)
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            fail(f"refusing to purge {total} entries without confirmation: stdin is not a "
+                 "terminal; pass --yes", EXIT_USAGE)
+        if not typer.confirm(f"Purge {total} DLQ entries? This cannot be undone."):
+            fail("purge aborted; nothing was deleted", EXIT_FAILED)
+
+    async def delete(dlq: DLQStore) -> list[int]:
+        gone: list[int] = []
+        async for page in dlq.scan(flt, 1000):
+            ids = [e.id for e in page if e.id is not None]
+            await dlq.delete(ids)
+            gone.extend(ids)
+        return gone
+
+    gone = _run(_with_dlq(cfg, delete))
+    if json_out:
+        render.emit_json({"dry_run": False, "deleted": len(gone), "ids": gone})
+    else:
+        render.console.print(f"purged {len(gone)} DLQ entries")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

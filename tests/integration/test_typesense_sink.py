@@ -1,0 +1,196 @@
+"""TypesenseSink against a real typesense-server 0.24.1 (scripts/services/typesense.sh)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from typesense.exceptions import ServiceUnavailable, TypesenseClientError
+
+from ingest.errors import SinkError
+from ingest.records import ReasonCode, SinkStatus
+from ingest.sinks.typesense import TypesenseSink, _classify, collection_name
+
+from ._fixtures_graph import (
+    TS_FIELDS,
+    make_record,
+    require_env,
+    tenant,
+    typesense_admin,
+    typesense_coords,
+    typesense_sink,
+)
+
+__all__ = ["tenant", "typesense_coords", "typesense_sink"]
+
+pytestmark = pytest.mark.integration
+
+APPLIED, UNCHANGED, FAILED = SinkStatus.APPLIED, SinkStatus.UNCHANGED, SinkStatus.FAILED
+
+
+def test_collection_names_are_plain_and_never_clash() -> None:
+    assert collection_name("acme", "customer") == "acme__customer"
+    odd = {collection_name("a__b", "c"), collection_name("a", "b__c"), collection_name("a/b", "c")}
+    assert len(odd) == 3 and all(n.count("__") == 1 for n in odd)
+
+
+async def test_collection_created_with_config_and_fixed_fields(
+    typesense_sink: TypesenseSink, typesense_coords: dict[str, str], tenant: str
+) -> None:
+    rec = make_record(tenant, "customer", "c1", 1, {"name": "Ada", "city": "Oslo", "score": 3})
+    assert [r.status for r in await typesense_sink.write([rec])] == [APPLIED]
+    schema = typesense_admin(typesense_coords).collections[f"{tenant}__customer"].retrieve()
+    types = {f["name"]: f["type"] for f in schema["fields"]}
+    assert types == {
+        "entity_id": "string",
+        "revision": "int64",
+        "deleted": "bool",
+        "occurred_at": "string",
+        "name": "string",
+        "city": "string",
+        "score": "int64",
+    }
+    got = await typesense_sink.fetch(tenant, "customer", "c1")
+    assert got is not None
+    assert (got["id"], got["name"], got["score"], got["revision"], got["deleted"]) == (
+        "c1",
+        "Ada",
+        3,
+        1,
+        False,
+    )
+    hits = (
+        typesense_admin(typesense_coords)
+        .collections[f"{tenant}__customer"]
+        .documents.search({"q": "Ada", "query_by": "name"})
+    )
+    assert hits["found"] == 1  # the configured field is really searchable
+
+
+async def test_revision_rule_in_batch_and_against_store(
+    typesense_sink: TypesenseSink, tenant: str
+) -> None:
+    def r(rev: int, eid: str = "e1") -> object:
+        return make_record(tenant, "customer", eid, rev, {"name": f"v{rev}"})
+
+    res = await typesense_sink.write([r(2), r(1), r(2), r(3), r(5, "e`2")])  # type: ignore[list-item]
+    assert [x.status for x in res] == [APPLIED, FAILED, UNCHANGED, APPLIED, APPLIED]
+    got = await typesense_sink.fetch(tenant, "customer", "e1")
+    assert got is not None and (got["revision"], got["name"]) == (3, "v3")
+
+    res = await typesense_sink.write([r(2), r(3), r(4, "e`2"), r(6, "e`2")])  # type: ignore[list-item]
+    assert [x.status for x in res] == [FAILED, UNCHANGED, FAILED, APPLIED]
+    assert res[0].reason is ReasonCode.OLDER_REVISION and res[2].reason is ReasonCode.OLDER_REVISION
+    assert res[0].detail is not None and res[0].detail["stored_revision"] == 3
+    odd = await typesense_sink.fetch(tenant, "customer", "e`2")  # backtick id: read one by one
+    assert odd is not None and odd["revision"] == 6
+    assert await typesense_sink.count(tenant, "customer") == 2
+
+
+async def test_tombstone_document_blocks_older_revisions(
+    typesense_sink: TypesenseSink, tenant: str
+) -> None:
+    await typesense_sink.write([make_record(tenant, "customer", "c1", 1, {"name": "Ada"})])
+    res = await typesense_sink.write([make_record(tenant, "customer", "c1", 2, deleted=True)])
+    assert res[0].status is APPLIED
+    tomb = await typesense_sink.fetch(tenant, "customer", "c1")
+    assert tomb is not None and tomb["deleted"] is True and tomb["revision"] == 2
+    assert "name" not in tomb  # no content left to find
+    assert await typesense_sink.count(tenant, "customer") == 0
+
+    res = await typesense_sink.write([make_record(tenant, "customer", "c1", 1, {"name": "zombie"})])
+    assert res[0].reason is ReasonCode.OLDER_REVISION
+    still = await typesense_sink.fetch(tenant, "customer", "c1")
+    assert still is not None and still["deleted"] is True and still["revision"] == 2
+
+    res = await typesense_sink.write([make_record(tenant, "customer", "c1", 3, {"name": "back"})])
+    assert res[0].status is APPLIED
+    assert await typesense_sink.count(tenant, "customer") == 1
+
+
+async def test_rejected_document_fails_only_its_record(
+    typesense_sink: TypesenseSink, tenant: str
+) -> None:
+    recs = [
+        make_record(tenant, "customer", "c1", 1, {"score": 1}),
+        make_record(tenant, "customer", "c2", 1, {"score": "not a number"}),
+        make_record(tenant, "customer", "c2", 2, {"score": "still not"}),
+        make_record(tenant, "customer", "c3", 1, {"score": 3}),
+    ]
+    res = await typesense_sink.write(recs)
+    assert [r.status for r in res] == [APPLIED, FAILED, FAILED, APPLIED]
+    assert res[2].reason is ReasonCode.CONSTRAINT_VIOLATION and res[2].detail is not None
+    assert "score" in res[2].detail["message"] and '"still not"' in res[2].detail["document"]
+    assert await typesense_sink.fetch(tenant, "customer", "c2") is None
+    assert await typesense_sink.count(tenant, "customer") == 2
+
+
+async def test_stopped_server_is_connection_error_and_data_survives_restart(
+    typesense_sink: TypesenseSink, tenant: str
+) -> None:
+    script = require_env("INGEST_TEST_TYPESENSE_SCRIPT", "typesense")
+    await typesense_sink.write([make_record(tenant, "customer", "c1", 1, {"name": "Ada"})])
+    await asyncio.to_thread(subprocess.run, [script, "stop-server"], check=True)
+    try:
+        with pytest.raises(SinkError) as err:
+            await typesense_sink.write([make_record(tenant, "customer", "c1", 2, {"name": "B"})])
+        assert err.value.reason is ReasonCode.CONNECTION_ERROR
+        assert (await typesense_sink.health())["connected"] is False
+    finally:
+        await asyncio.to_thread(subprocess.run, [script, "start-server"], check=True)
+    res = await typesense_sink.write([make_record(tenant, "customer", "c1", 2, {"name": "B"})])
+    assert res[0].status is APPLIED  # same sink instance recovers; revision 1 was kept
+    res = await typesense_sink.write([make_record(tenant, "customer", "c1", 1, {"name": "A"})])
+    assert res[0].reason is ReasonCode.OLDER_REVISION
+
+
+async def test_frozen_server_is_sink_timeout(typesense_coords: dict[str, str], tenant: str) -> None:
+    pid_file = Path(require_env("INGEST_TEST_TYPESENSE_PID_FILE", "typesense"))
+    pid = int(pid_file.read_text())
+    sink = TypesenseSink("slow", fields=TS_FIELDS, timeout_seconds=1.0, **typesense_coords)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(SinkError) as err:
+            await sink.write([make_record(tenant, "customer", "c1", 1)])
+        assert err.value.reason is ReasonCode.SINK_TIMEOUT
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        await sink.close()
+
+
+async def test_unreachable_port_is_connection_error(tenant: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sink = TypesenseSink("down", f"http://127.0.0.1:{port}", "k", fields=TS_FIELDS)
+    try:
+        with pytest.raises(SinkError) as err:
+            await sink.write([make_record(tenant, "customer", "c1", 1)])
+        assert err.value.reason is ReasonCode.CONNECTION_ERROR
+    finally:
+        await sink.close()
+
+
+async def test_wrong_api_key_is_connection_error(
+    typesense_coords: dict[str, str], tenant: str
+) -> None:
+    sink = TypesenseSink("badkey", typesense_coords["url"], "wrong", fields=TS_FIELDS)
+    try:
+        with pytest.raises(SinkError) as err:
+            await sink.write([make_record(tenant, "customer", "c1", 1)])
+        assert err.value.reason is ReasonCode.CONNECTION_ERROR
+        assert err.value.detail["status"] == 401
+    finally:
+        await sink.close()
+
+
+def test_status_mapping_for_codes_this_server_cannot_produce() -> None:
+    """0.24.1 has no rate limiter and answers 503 only while loading: the mapping of those
+    statuses (as the official client raises them) is checked directly."""
+    assert _classify(TypesenseClientError(429, "slow down"), "x").reason is ReasonCode.RATE_LIMITED
+    assert _classify(ServiceUnavailable(503, "lagging"), "x").reason is ReasonCode.SINK_TIMEOUT
