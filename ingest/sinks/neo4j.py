@@ -3,8 +3,10 @@
 The revision guard runs inside Cypher, in the same transaction as the write: the node is
 MERGEd and write-locked (`SET n._lock`) *before* its revision is read, so two writers of one
 entity serialize on that lock and the later one sees the earlier one's revision (no lost
-update). Tombstones DETACH DELETE the node and leave a `:Tombstone` marker with the revision,
-which the guard reads too, so a late older revision cannot resurrect a deleted entity.
+update). A tombstone deletes the node with its outgoing relationships and leaves a
+`:Tombstone` marker with the revision, which the guard reads too, so a late older revision
+cannot resurrect the entity. A node other entities still point to is kept as a bare stub
+instead (edges are the *other* entities' state; DETACH DELETE would silently drop them).
 Model and reasoning: docs/sinks.md.
 """
 
@@ -65,14 +67,18 @@ CALL (n, row, tomb, applied) {
   CALL (n) { MATCH (n)-[old]->() DELETE old }
   UNWIND row.rels AS rel
   MERGE (m:Entity {tenant: row.tenant, entity_type: rel.target_type, entity_id: rel.target_id})
-  CREATE (n)-[:$(rel.type)]->(m)
+  MERGE (n)-[:$(rel.type)]->(m)
 }
 CALL (n, row, applied) {
   WITH * WHERE applied AND row.deleted
   MERGE (t:Tombstone {tenant: row.tenant, entity_type: row.entity_type,
                       entity_id: row.entity_id})
   SET t.revision = row.revision, t.occurred_at = row.occurred_at
-  DETACH DELETE n
+  WITH n, row
+  CALL (n) { MATCH (n)-[old]->() DELETE old }
+  SET n = {tenant: row.tenant, entity_type: row.entity_type, entity_id: row.entity_id}
+  WITH n WHERE NOT EXISTS { ()-->(n) }
+  DELETE n
 }
 RETURN row.tenant AS tenant, row.entity_type AS entity_type, row.entity_id AS entity_id,
        applied, stored

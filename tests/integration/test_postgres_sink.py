@@ -13,13 +13,8 @@ import pytest
 from ingest.errors import SinkError
 from ingest.records import ReasonCode, SinkResult, SinkStatus
 from ingest.sinks.postgres import PostgresSink
-from tests.integration._fixtures_pg import (  # noqa: F401  (fixtures)
-    PrivateServer,
-    make_record,
-    pg_dsn,
-    pg_url,
-    private_postgres,
-)
+from tests.integration._fixtures_pg import *  # noqa: F403  (fixtures: pg_dsn, private_postgres)
+from tests.integration._fixtures_pg import PrivateServer, make_record
 
 APPLIED, UNCHANGED = SinkResult.applied(), SinkResult.unchanged()
 
@@ -64,7 +59,8 @@ async def test_revision_rule_in_batch_order_and_against_stored(sink: PostgresSin
         "stored_revision": 3,
     }
     assert results[3].detail is not None and results[3].detail["stored_revision"] == 5
-    assert (await sink.fetch("acme", "order", "o1") or {})["revision"] == 4
+    row = await sink.fetch("acme", "order", "o1")
+    assert row is not None and row["revision"] == 4
     assert await sink.count() == 2
 
 
@@ -89,10 +85,10 @@ async def test_one_bad_row_fails_alone(sink: PostgresSink) -> None:
     failed = [i for i, r in enumerate(results) if r.status is SinkStatus.FAILED]
     assert failed == [17, 33]
     for i in failed:
+        detail = results[i].detail or {}
         assert results[i].reason is ReasonCode.CONSTRAINT_VIOLATION
-        assert results[i].detail is not None
-        assert results[i].detail["constraint"] == "entities_valid"
-        assert "entities_valid" in results[i].detail["message"]
+        assert detail["constraint"] == "entities_valid"
+        assert "entities_valid" in detail["message"]
     assert all(r == APPLIED for i, r in enumerate(results) if i not in failed)
     assert await sink.count() == 48
 

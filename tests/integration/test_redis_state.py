@@ -14,13 +14,8 @@ import redis.asyncio as aioredis
 
 from ingest.errors import StoreUnavailable
 from ingest.state.redis import DAY, RedisCheckpointStore, RedisIdempotencyStore, redis_client
-from tests.integration._fixtures_pg import (  # noqa: F401  (fixtures)
-    PrivateServer,
-    private_redis,
-    rclient,
-    redis_url,
-    uid,
-)
+from tests.integration._fixtures_pg import *  # noqa: F403  (fixtures: rclient, uid, private_redis)
+from tests.integration._fixtures_pg import PrivateServer
 
 TTL = 7 * DAY
 
@@ -38,6 +33,7 @@ async def test_checkpoint_is_readable_json_and_del_starts_over(
     await store.save(tenant, source, {"key": "a/b.jsonl", "line": 42})
 
     raw = await rclient.get(f"checkpoint:{tenant}:{source}")  # what `redis-cli GET` shows
+    assert isinstance(raw, bytes)
     doc = orjson.loads(raw)
     assert set(doc) == {"position", "updated_at", "worker"}
     assert doc["position"] == {"key": "a/b.jsonl", "line": 42}

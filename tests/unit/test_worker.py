@@ -1,0 +1,199 @@
+"""Pipeline.deliver: retry, breaker, per-sink outcomes, DLQ and claims, with real SQLite stores.
+
+The sink here is a test double of the Sink protocol (an in-memory table that fails on demand):
+it stands for "some sink", not for any real server, whose behaviour the integration tests cover.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ingest.config import parse_config
+from ingest.errors import SinkError
+from ingest.metrics import Metrics
+from ingest.pipeline.admission import Admission
+from ingest.pipeline.breaker import CircuitBreaker
+from ingest.pipeline.decode import Decoder
+from ingest.pipeline.retry import RetryPolicy
+from ingest.pipeline.worker import Pipeline, SinkLane
+from ingest.records import RawRecord, ReasonCode, Record, SinkResult
+from ingest.sinks.base import judge_in_order, latest_per_entity
+from ingest.state.base import DLQFilter
+from ingest.state.sqlite import (
+    SQLiteDB,
+    SQLiteDLQStore,
+    SQLiteDroppedStore,
+    SQLiteIdempotencyStore,
+)
+
+
+class MemorySink:
+    kind = "memory"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.rows: dict[tuple[str, str, str], int] = {}
+        self.fail_next: list[ReasonCode] = []
+        self.calls = 0
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def health(self) -> dict[str, Any]:
+        return {"connected": True}
+
+    async def write(self, records: Sequence[Record]) -> list[SinkResult]:
+        self.calls += 1
+        if self.fail_next:
+            reason = self.fail_next.pop(0)
+            raise SinkError(reason, f"injected {reason.value}")
+        stored = {r.entity_key: self.rows.get(r.entity_key) for r in records}
+        results = judge_in_order(records, stored)
+        for rec in latest_per_entity(records):
+            if stored[rec.entity_key] is None or rec.revision > (stored[rec.entity_key] or 0):
+                self.rows[rec.entity_key] = rec.revision
+        return results
+
+
+class FakeSleep:
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    async def __call__(self, seconds: float) -> None:
+        self.total += seconds
+
+
+@pytest.fixture()
+async def db(tmp_path: Path) -> AsyncIterator[SQLiteDB]:
+    database = await SQLiteDB.open(tmp_path / "state.db")
+    yield database
+    await database.close()
+
+
+def make_pipeline(db: SQLiteDB, sinks: dict[str, MemorySink], sleep: FakeSleep,
+                  threshold: int = 10, **cfg: Any) -> Pipeline:
+    config = parse_config({"sinks": [{"type": "sqlite", "name": n} for n in sinks], **cfg})
+    lanes = {n: SinkLane(s, CircuitBreaker(n, failure_threshold=threshold, reset_timeout=30.0))
+             for n, s in sinks.items()}
+    return Pipeline(
+        config=config, admission=Admission(config.admission, config.limits_for),
+        idempotency=SQLiteIdempotencyStore(db), dlq=SQLiteDLQStore(db),
+        dropped=SQLiteDroppedStore(db), lanes=lanes,  # type: ignore[arg-type]
+        metrics=Metrics(), retry=RetryPolicy(max_attempts=4, base_delay=0.1, max_total=100),
+        sleep=sleep, rng=random.Random(1),
+    )
+
+
+def batch(*specs: tuple[str, int]) -> tuple[list[RawRecord], list[Any]]:
+    raws = [RawRecord(
+        data=(b'{"schema_version":3,"tenant_id":"t","entity_type":"order","entity_id":"%s",'
+              b'"revision":%d,"occurred_at":"2025-01-01T00:00:00Z","attributes":{}}'
+              % (eid.encode(), rev)),
+        tenant="t", source="s", seq=i, position=i, event_time=0.0)
+        for i, (eid, rev) in enumerate(specs)]
+    decoded = Decoder().decode_many(raws)
+    return raws, decoded
+
+
+async def test_retryable_failure_is_retried_then_delivered(db: SQLiteDB) -> None:
+    sink = MemorySink("a")
+    sink.fail_next = [ReasonCode.CONNECTION_ERROR, ReasonCode.SINK_TIMEOUT]
+    sleep = FakeSleep()
+    pipe = make_pipeline(db, {"a": sink}, sleep)
+    report = await pipe.deliver(*batch(("e1", 1), ("e2", 1)))
+    assert report.delivered == 2 and report.dlq == 0
+    assert sink.calls == 3 and sink.rows == {("t", "order", "e1"): 1, ("t", "order", "e2"): 1}
+    assert 0 <= sleep.total <= 0.1 + 0.2
+    text = pipe.metrics.registry.get_sample_value(
+        "ingest_retry_total", {"tenant": "t", "sink": "a", "reason": "CONNECTION_ERROR"})
+    assert text == 2.0
+
+
+async def test_exhausted_retries_go_to_dlq_with_attempts(db: SQLiteDB) -> None:
+    sink = MemorySink("a")
+    sink.fail_next = [ReasonCode.SINK_TIMEOUT] * 10
+    pipe = make_pipeline(db, {"a": sink}, FakeSleep())
+    report = await pipe.deliver(*batch(("e1", 1)))
+    assert report.dlq == 1 and report.delivered == 0
+    entries = [e async for page in pipe.dlq.scan(DLQFilter()) for e in page]
+    assert [(e.reason, e.sink, e.attempts) for e in entries] == [(ReasonCode.SINK_TIMEOUT, "a", 4)]
+    # claimed: durable in the DLQ, so a repeat of the record is a duplicate
+    again = await pipe.deliver(*batch(("e1", 1)))
+    assert again.duplicate == 1 and sink.calls == 4
+
+
+async def test_open_breaker_gives_circuit_open_without_touching_the_sink(db: SQLiteDB) -> None:
+    sink = MemorySink("a")
+    sink.fail_next = [ReasonCode.CONNECTION_ERROR] * 3
+    pipe = make_pipeline(db, {"a": sink}, FakeSleep(), threshold=3)
+    pipe.retry = RetryPolicy(max_attempts=3, base_delay=0.1, max_total=100)
+    await pipe.deliver(*batch(("e1", 1)))  # three failures open the breaker (threshold 3)
+    assert pipe.lanes["a"].breaker.state.value == "open"
+    calls = sink.calls
+    pipe.retry = RetryPolicy(max_attempts=1, base_delay=0.1, max_total=100)
+    report = await pipe.deliver(*batch(("e2", 1)))
+    assert sink.calls == calls
+    entries = [e async for page in pipe.dlq.scan(DLQFilter()) for e in page]
+    assert ReasonCode.CIRCUIT_OPEN in {e.reason for e in entries}
+    assert report.dlq == 1
+
+
+async def test_non_retryable_whole_batch_error_is_not_retried(db: SQLiteDB) -> None:
+    sink = MemorySink("a")
+    sink.fail_next = [ReasonCode.CONSTRAINT_VIOLATION]
+    pipe = make_pipeline(db, {"a": sink}, FakeSleep())
+    report = await pipe.deliver(*batch(("e1", 1)))
+    assert sink.calls == 1 and report.dlq == 1
+    assert pipe.lanes["a"].breaker.state.value == "closed"
+
+
+async def test_one_failing_sink_does_not_hold_back_the_other(db: SQLiteDB) -> None:
+    good, bad = MemorySink("good"), MemorySink("bad")
+    bad.fail_next = [ReasonCode.RATE_LIMITED] * 10
+    pipe = make_pipeline(db, {"good": good, "bad": bad}, FakeSleep())
+    report = await pipe.deliver(*batch(("e1", 1)))
+    assert good.rows == {("t", "order", "e1"): 1} and bad.rows == {}
+    entries = [e async for page in pipe.dlq.scan(DLQFilter()) for e in page]
+    assert [(e.sink, e.reason) for e in entries] == [("bad", ReasonCode.RATE_LIMITED)]
+    assert report.dlq == 1
+    # the sink recovers; a redrive goes to the failed sink only
+    bad.fail_next.clear()
+    good_calls = good.calls
+    raws, decoded = batch(("e1", 1))
+    redo = await pipe.deliver(raws, decoded, check_duplicates=False, only_sinks=[{"bad"}])
+    assert bad.rows == {("t", "order", "e1"): 1} and redo.delivered == 1
+    assert good.calls == good_calls
+
+
+async def test_duplicates_in_batch_and_across_batches_are_counted(db: SQLiteDB) -> None:
+    sink = MemorySink("a")
+    pipe = make_pipeline(db, {"a": sink}, FakeSleep())
+    first = await pipe.deliver(*batch(("e1", 1), ("e1", 1), ("e2", 3), ("e2", 2)))
+    assert (first.delivered, first.duplicate, first.dlq) == (2, 1, 1)
+    second = await pipe.deliver(*batch(("e1", 1), ("e2", 3)))
+    assert second.duplicate == 2 and second.delivered == 0
+    assert sink.rows == {("t", "order", "e1"): 1, ("t", "order", "e2"): 3}
+
+
+async def test_brownout_drops_low_priority_deterministically_and_keeps_them(db: SQLiteDB) -> None:
+    sink = MemorySink("a")
+    pipe = make_pipeline(db, {"a": sink}, FakeSleep())
+    pipe.admission.brownout(0.5)
+    raws = [RawRecord(
+        data=(b'{"schema_version":3,"tenant_id":"t","entity_type":"order","entity_id":"e%d",'
+              b'"revision":1,"occurred_at":"2025-01-01T00:00:00Z","attributes":{},'
+              b'"priority":"%s"}' % (i, b"low" if i % 2 else b"high")),
+        tenant="t", source="s", seq=i, position=i, event_time=0.0) for i in range(400)]
+    decoded = Decoder().decode_many(raws)
+    report = await pipe.deliver(raws, decoded)
+    assert 50 < report.dropped < 150  # ~half of the 200 low-priority records
+    assert report.delivered + report.dropped == 400
+    assert await pipe.dropped.count("t") == report.dropped
+    high = [r for r in decoded if isinstance(r, Record) and r.priority.value == "high"]
+    assert all(r.entity_key in sink.rows for r in high)
