@@ -64,8 +64,8 @@ class BreakerConfig(_Model):
 
 
 class HttpConfig(_Model):
-    host: str = "0.0.0.0"
-    port: int = Field(8080, ge=0, le=65535)
+    host: str = Field("0.0.0.0", description="Listen address.")
+    port: int = Field(8080, ge=0, le=65535, description="Listen port (INGEST_HTTP_PORT).")
     max_body_bytes: int = Field(5 * 1024 * 1024, ge=1, description="Larger webhook bodies get 413.")
     max_record_bytes: int = Field(1024 * 1024, ge=1, description="Larger records go to the DLQ.")
 
@@ -219,13 +219,17 @@ def _default_sinks() -> list[SinkConfig]:
 
 
 class Config(_Model):
-    http: HttpConfig = HttpConfig()
-    data_dir: Path = Path("data")
-    state: StateConfig = SQLiteStateConfig()
-    tenants: dict[str, TenantLimits] = Field(default_factory=dict)
-    admission: AdmissionConfig = AdmissionConfig()
-    retry: RetryConfig = RetryConfig()
-    breaker: BreakerConfig = BreakerConfig()
+    http: HttpConfig = Field(HttpConfig(), description="HTTP listener and body limits.")
+    data_dir: Path = Field(Path("data"), description="Embedded files live here (INGEST_DATA_DIR).")
+    state: StateConfig = Field(
+        SQLiteStateConfig(), description="Checkpoints, idempotency keys, DLQ: sqlite or production."
+    )
+    tenants: dict[str, TenantLimits] = Field(
+        default_factory=dict, description="Per-tenant token bucket; others get the defaults."
+    )
+    admission: AdmissionConfig = Field(AdmissionConfig(), description="Backpressure settings.")
+    retry: RetryConfig = Field(RetryConfig(), description="Retry of retryable sink failures.")
+    breaker: BreakerConfig = Field(BreakerConfig(), description="Circuit breaker per sink.")
     sources: list[SourceConfig] = Field(default_factory=lambda: _default_sources())
     sinks: list[SinkConfig] = Field(default_factory=lambda: _default_sinks())
     routes: list[Route] = Field(

@@ -279,6 +279,9 @@ class CuttableProxy:
         while not self.cutting:
             try:
                 client, _ = self.listener.accept()
+                if self.cutting:
+                    client.close()
+                    return
                 upstream = socket.create_connection(self.target)
             except OSError:
                 return
@@ -301,6 +304,10 @@ class CuttableProxy:
 
     def cut(self) -> None:
         self.cutting = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
+        except OSError:
+            pass
         self.listener.close()
         for s in self.socks:
             try:

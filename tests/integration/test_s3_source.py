@@ -305,3 +305,41 @@ async def test_aws_cli_lists_the_prefix(s3: Any, s3_endpoint: str, prefix: str) 
 
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
+async def test_lease_store_contract(engine: str, tmp_path: Path) -> None:
+    if engine == "postgres":
+        url = os.environ.get("INGEST_TEST_POSTGRES_URL")
+        if not url:
+            pytest.fail("INGEST_TEST_POSTGRES_URL not set: run scripts/services/postgres.sh start")
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+        store: LeaseStore = PostgresLeaseStore(pool)
+        await store.ensure_schema()  # type: ignore[attr-defined]
+        closer = pool.close
+    else:
+        db = await SQLiteDB.open(tmp_path / "l.db")
+        store, closer = SQLiteLeaseStore(db), db.close
+    src = f"contract-{time.time_ns()}"
+    try:
+        assert await store.try_acquire(src, "k", "v1", "a", 0.6)
+        assert not await store.try_acquire(src, "k", "v1", "b", 0.6)  # live lease of a
+        assert await store.try_acquire(src, "k", "v1", "a", 0.6)  # a again: same owner
+        await store.save_offset(src, "k", "a", 120)
+        await store.save_offset(src, "k", "b", 999)  # b does not hold it: ignored
+        assert await store.offset(src, "k") == 120
+        assert await store.renew(src, "k", "a", 0.6) and not await store.renew(src, "k", "b", 1)
+        await asyncio.sleep(0.8)  # a died: the lease lapses
+        assert await store.try_acquire(src, "k", "v1", "b", 5)
+        assert await store.offset(src, "k") == 120  # b resumes where a committed
+        assert not await store.renew(src, "k", "a", 5)  # a lost it
+        await store.mark_done(src, "k", "v1", "b")
+        assert await store.done_versions(src) == {"k": "v1"}
+        assert not await store.try_acquire(src, "k", "v1", "c", 5)  # done
+        assert await store.try_acquire(src, "k", "v2", "c", 5)  # new version
+        assert await store.offset(src, "k") == 0
+        await store.release(src, "k", "c")
+        assert await store.try_acquire(src, "k", "v2", "d", 5)  # released: free at once
+        assert await store.offset(src, "missing") == 0
+    finally:
+        await closer()
