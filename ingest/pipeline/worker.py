@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from ingest.config import Config
 from ingest.errors import SinkError, StoreUnavailable
-from ingest.metrics import Metrics
+from ingest.metrics import Metrics, observe_many
 from ingest.pipeline.admission import Admission
 from ingest.pipeline.breaker import CircuitBreaker
 from ingest.pipeline.decode import DecodeFailure
@@ -48,6 +48,8 @@ from ingest.state.base import DLQStore, DroppedStore, IdempotencyStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_FAILED = SinkStatus.FAILED  # module constants: Enum attribute access is slow in a hot loop
+_UNCHANGED = SinkStatus.UNCHANGED
 
 
 @dataclass(slots=True)
@@ -150,13 +152,13 @@ class Pipeline:
         for sink_name, results in zip(by_sink, outcomes, strict=True):
             for (i, rec), (result, attempts) in zip(by_sink[sink_name], results, strict=True):
                 sink_results[(i, sink_name)] = result
-                if result.status is SinkStatus.FAILED:
+                if result.status is _FAILED:
                     failed_records.add(i)
                     dlq_entries.append(
                         _sink_failure_entry(rec, sink_name, result, attempts, commit_time)
                     )
                     continue
-                unchanged = result.status is SinkStatus.UNCHANGED
+                unchanged = result.status is _UNCHANGED
                 all_unchanged[i] = all_unchanged.get(i, True) and unchanged
                 raw = rec.raw
                 lags[(raw.tenant, raw.source, sink_name, raw.event_time)] += 1
@@ -202,10 +204,7 @@ class Pipeline:
         for labels, n in dlq_counts.items():
             m.dlq.labels(*labels).inc(n)
         for (tenant, source, sink, event_time), n in lags.items():
-            child = m.lag.labels(tenant, source, sink)
-            value = max(0.0, commit_time - event_time)
-            for _ in range(n):
-                child.observe(value)
+            observe_many(m.lag.labels(tenant, source, sink), max(0.0, commit_time - event_time), n)
 
     async def _drop_duplicates(
         self,

@@ -189,26 +189,14 @@ class InboxSource:
 
     def _raw(self, tenant: str, path: Path, line: Line, mtime: float) -> RawRecord:
         self._seq += 1
-        meta: dict[str, Any] = {"file": path.name, "offset": line.offset}
-        if line.error:
-            meta["reject"] = {
-                "kind": "corrupt_file",
-                "message": line.error,
-                "file": path.name,
-                "offset": line.offset,
-            }
-        if line.decoded is not None:
-            meta["format"] = "csv"
-        return RawRecord(
-            data=line.data,
-            tenant=tenant,
-            source=self.name,
-            seq=self._seq,
-            position=line.offset,
-            event_time=mtime,
-            decoded=line.decoded,
-            meta=meta,
+        raw = RawRecord(
+            data=line.data, tenant=tenant, source=self.name, seq=self._seq,
+            position=line.offset, event_time=mtime, decoded=line.decoded,
         )
+        if line.error:
+            raw.meta["reject"] = {"kind": "corrupt_file", "message": line.error,
+                                  "file": path.name, "offset": line.offset}
+        return raw
 
     def _batch(self, raws: list[RawRecord], pos: InboxPosition) -> SourceBatch:
         self._health.records_read += len(raws)
