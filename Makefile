@@ -20,8 +20,9 @@ install: uv ## Install the project and its dev tools into .venv (from uv.lock)
 	uv sync --frozen
 
 .PHONY: run
-run: install ## Run the service embedded on :8080 (inbox ./data/inbox/<tenant>/, webhooks)
-	uv run ingest run
+run: uv ## Run the service embedded on :8080 (inbox ./data/inbox/<tenant>/, webhooks)
+	uv sync --frozen --no-dev --inexact
+	uv run --frozen --no-dev ingest run
 
 .PHONY: services-up
 services-up: install ## Install and start every test server (Postgres, Redis, Kafka, Neo4j, Typesense, SeaweedFS, sshd)

@@ -22,7 +22,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ingest.config import InboxSourceConfig
 from ingest.formats import Line, detect_format, read_file_lines

@@ -123,10 +123,10 @@ class KafkaIntake:
     async def close(self) -> None:
         if self._producer is None:
             return
-        left = await asyncio.to_thread(self._producer.flush, DELIVERY_TIMEOUT_MS / 1000)
-        self._running = False
+        self._running = False  # stop the poll thread first: flush() serves the reports now
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+        left = await asyncio.to_thread(self._producer.flush, DELIVERY_TIMEOUT_MS / 1000)
         self._producer = None
         if left:
             raise self._unavailable(f"{left} message(s) undelivered at close")

@@ -1,1 +1,4 @@
-"""State stores: checkpoints, idempotency keys, the DLQ. Protocols in `base`, one module per backend."""
+"""State stores: checkpoints, idempotency keys, the DLQ.
+
+Protocols in `base`, one module per backend.
+"""

@@ -8,6 +8,7 @@ test cuts a TCP proxy in front of the test Postgres, so the sink failures are re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,7 +21,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -133,7 +133,6 @@ def test_runbook_commands_as_written(root: Path) -> None:
     assert sample[0]["error"]["found"] == "string" and sample[0]["error"]["expected"] == "number"
     assert sample[0]["attempts"] == 1 and "payload" not in sample[0]
     older = dlqt_json(root, "sample", "--reason", "older_revision")
-    assert older[0]["error"]["error_class"] if "error_class" in older[0]["error"] else True
     assert {e["error"]["stored_revision"] for e in older} == {5, 4}
 
     r = dlqt(root, "analyze", "--tenant", TENANT)
@@ -297,17 +296,13 @@ class CuttableProxy:
         except OSError:
             pass
         for s in (a, b):
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def cut(self) -> None:
         self.cutting = True
-        try:
+        with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
-        except OSError:
-            pass
         self.listener.close()
         for s in self.socks:
             try:

@@ -48,11 +48,10 @@ async def test_append_returns_after_ack_with_headers_key_and_timestamp(
         assert last == 49  # one key, one partition: offsets 0..49
         assert await intake.append("acme", "orders-hook", [], received) == -1
         assert await intake.backlog() == (0, None)
+        # Acknowledged means readable: all there, in order, before any flush or close.
+        msgs = read_all(brokers, topic, 50)
     finally:
         await intake.close()
-
-    # Acknowledged means readable: everything is there, in order, right after append.
-    msgs = read_all(brokers, topic, 50)
     assert len(msgs) == 50
     assert [m.value() for m in msgs] == lines  # type: ignore[attr-defined]
     assert {m.key() for m in msgs} == {b"acme"}  # type: ignore[attr-defined]

@@ -99,7 +99,7 @@ async def test_killed_worker_mid_object_resumes_exactly_once(
     expected = {f"o{i}-{n}" for i in range(3) for n in range(500)}
     assert set(counts) == expected
     assert max(counts.values()) == 1, [k for k, v in counts.items() if v > 1][:5]
-    assert after[0] == "o1-200"  # resumed mid-object, at the committed offset
+    assert next(i for i in after if i.startswith("o1-")) == "o1-200"  # mid-object resume
     assert took_over_after > 0.5  # waited for the dead worker's lease to lapse
 
 
@@ -314,8 +314,9 @@ async def test_lease_store_contract(engine: str, tmp_path: Path) -> None:
         if not url:
             pytest.fail("INGEST_TEST_POSTGRES_URL not set: run scripts/services/postgres.sh start")
         pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
-        store: LeaseStore = PostgresLeaseStore(pool)
-        await store.ensure_schema()  # type: ignore[attr-defined]
+        pg = PostgresLeaseStore(pool)
+        await pg.ensure_schema()
+        store: LeaseStore = pg
         closer = pool.close
     else:
         db = await SQLiteDB.open(tmp_path / "l.db")

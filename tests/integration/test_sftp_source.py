@@ -113,7 +113,7 @@ async def test_wrong_host_key_and_refused_login_are_errors_in_health(
         )
         pump = await Pump(source).start()
         try:
-            await wait_for(lambda s=source: s.health().status == "error", 10, words)  # type: ignore[misc]
+            await wait_for(lambda s=source: s.health().status == "error", 10, words)
             await asyncio.sleep(0.5)
             health = source.health()
             assert health.status == "error" and len(health.errors) == 1  # retried slowly

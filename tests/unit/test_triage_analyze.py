@@ -72,7 +72,7 @@ def test_summary_marks_the_slo() -> None:
 
 def test_reason_parsing_and_refusals() -> None:
     assert analyze.parse_reason("schema_drift") is ReasonCode.SCHEMA_DRIFT
-    with pytest.raises(analyze.UnknownReason, match="valid codes: SCHEMA_DRIFT, .*CIRCUIT_OPEN"):
+    with pytest.raises(analyze.UnknownReason, match=r"valid codes: SCHEMA_DRIFT, .*CIRCUIT_OPEN"):
         analyze.parse_reason("DRIFT")
     assert analyze.refusal([ReasonCode.CONNECTION_ERROR, ReasonCode.SINK_TIMEOUT]) is None
     why = analyze.refusal([ReasonCode.VALIDATION_FAIL, ReasonCode.CIRCUIT_OPEN])
