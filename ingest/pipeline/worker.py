@@ -71,6 +71,12 @@ class SinkLane:
 
     sink: Sink
     breaker: CircuitBreaker
+    started: bool = False  # a sink that was down at start-up is started on first use
+
+    async def ensure_started(self) -> None:
+        if not self.started:
+            await self.sink.start()
+            self.started = True
 
 
 class Pipeline:
@@ -110,12 +116,14 @@ class Pipeline:
         *,
         check_duplicates: bool = True,
         only_sinks: Sequence[Collection[str] | None] | None = None,
+        count_processed: bool = True,
     ) -> BatchReport:
         """Take a decoded batch to durable: sinks or DLQ. Returns the batch's counts.
 
         `decoded[i]` is the decoder's answer for `raws[i]`. Redrive passes
         `check_duplicates=False` (its records were claimed when they first went to the DLQ)
-        and `only_sinks[i]`, the sink a DLQ entry failed at (None: every routed sink).
+        and `only_sinks[i]`, the sink a DLQ entry failed at (None: every routed sink), and
+        `count_processed=False` (the records were counted when first processed).
         """
         report = BatchReport()
         tally: Counter[tuple[str, str, str]] = Counter()  # (tenant, source, outcome)
@@ -169,8 +177,9 @@ class Pipeline:
         if claim:
             await self.until_ok("idempotency", lambda: self.idempotency.claim(claim))
 
-        counts: Counter[tuple[str, str]] = Counter((raw.tenant, raw.source) for raw in raws)
-        await self.until_ok("dlq", lambda: self.dlq.record_processed(counts))
+        if count_processed:
+            counts: Counter[tuple[str, str]] = Counter((raw.tenant, raw.source) for raw in raws)
+            await self.until_ok("dlq", lambda: self.dlq.record_processed(counts))
 
         for i, rec in records:
             if i in failed_records:
@@ -310,6 +319,7 @@ class Pipeline:
             }
             return [SinkResult.failed(ReasonCode.CIRCUIT_OPEN, **detail)] * len(records)
         try:
+            await lane.ensure_started()
             results = await lane.sink.write(records)
         except SinkError as exc:
             if exc.reason.retryable:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ingest.config import InboxSourceConfig
-from ingest.formats import Line, detect_format, read_file_lines
+from ingest.formats import Line, LineReader, detect_format
 from ingest.records import RawRecord
 from ingest.sources.base import AdapterHealth, SourceBatch
 from ingest.state.base import CheckpointStore
@@ -172,11 +172,16 @@ class InboxSource:
         batch_size = self.cfg.batch_size
         raws: list[RawRecord] = []
         last_offset = start
-        lines = _lines(path, start)
+        file_lines = _FileLines(path, start)
+        lines = iter(file_lines)
         while True:
             chunk = await asyncio.to_thread(_take, lines, batch_size - len(raws))
+            header = file_lines.reader.header
             for line in chunk:
-                raws.append(self._raw(tenant, path, line, mtime))
+                raw = self._raw(tenant, path, line, mtime)
+                if line.decoded is not None and header is not None:
+                    raw.meta["csv_header"] = header  # redrive rebuilds the row from the DLQ
+                raws.append(raw)
                 last_offset = line.offset
             exhausted = len(raws) < batch_size
             if raws or exhausted:
@@ -239,9 +244,22 @@ class InboxSource:
             self._health.error(message)
 
 
-def _lines(path: Path, start: int) -> Iterator[Line]:
-    for chunk in read_file_lines(path, start_offset=start):
-        yield from chunk
+class _FileLines:
+    """The lines of one file from an offset, and its CSV header once read (for the DLQ)."""
+
+    def __init__(self, path: Path, start: int) -> None:
+        fmt, gzipped = detect_format(path.name)
+        seek = start if fmt == "jsonl" and not gzipped else 0
+        self.reader = LineReader(fmt, gzipped, start, input_offset=seek)
+        self.path = path
+        self.seek = seek
+
+    def __iter__(self) -> Iterator[Line]:
+        with self.path.open("rb") as fh:
+            fh.seek(self.seek)
+            while chunk := fh.read(1 << 20):
+                yield from self.reader.feed(chunk)
+        yield from self.reader.finish()
 
 
 def _take(lines: Iterator[Line], n: int) -> list[Line]:

@@ -87,7 +87,7 @@ async def redrive(
         decoded = core.decoder.decode_many(raws)
         only = [{e.sink} if e.sink is not None else None for e in page]
         report = await core.pipeline.deliver(raws, decoded, check_duplicates=False,
-                                             only_sinks=only)
+                                             only_sinks=only, count_processed=False)
         done, stale = _settle(core, page, raws, decoded, report, result)
         await core.stores.dlq.delete(done + stale)
         result.selected += len(page)

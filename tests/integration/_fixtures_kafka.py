@@ -7,6 +7,7 @@ tests never see each other's messages or offsets on the shared broker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import time
@@ -51,8 +52,13 @@ def kafka_bin() -> str:
 
 
 @pytest.fixture
-def group() -> str:
-    return f"test-group-{uuid.uuid4().hex[:8]}"
+def group(brokers: str) -> Iterator[str]:
+    """A fresh consumer group, deleted afterwards (best effort) to keep the broker tidy."""
+    name = f"test-group-{uuid.uuid4().hex[:8]}"
+    yield name
+    with contextlib.suppress(KafkaException):
+        admin = AdminClient({"bootstrap.servers": brokers})
+        admin.delete_consumer_groups([name], request_timeout=10)[name].result(timeout=15)
 
 
 TopicFactory = Callable[[int], str]

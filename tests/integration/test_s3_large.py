@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 import pytest
 
 from ingest.sources.s3 import S3Source

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
 import asyncssh
@@ -113,7 +114,7 @@ async def test_wrong_host_key_and_refused_login_are_errors_in_health(
         )
         pump = await Pump(source).start()
         try:
-            await wait_for(lambda s=source: s.health().status == "error", 10, words)
+            await wait_for(partial(_errored, source), 10, words)
             await asyncio.sleep(0.5)
             health = source.health()
             assert health.status == "error" and len(health.errors) == 1  # retried slowly
@@ -162,6 +163,10 @@ async def test_lost_connection_reconnects_with_connection_error_in_health(
         await wait_for(lambda: (sftp_dir / "processed" / "two.jsonl").exists(), 5, "move")
     finally:
         await pump.close()
+
+
+def _errored(source: SFTPSource) -> bool:
+    return source.health().status == "error"
 
 
 def _descendants(pid: int) -> list[int]:
