@@ -274,13 +274,17 @@ class KafkaSource:
                         body = parsed  # handed to the decoder so it does not parse twice
             else:
                 meta["reject"] = self._reject(value)
-            tenant = body.get("tenant_id") if body is not None else None
+            # The tenant header (set by the webhook intake from the URL) is authoritative, so
+            # the decoder can refuse a body whose tenant_id differs; then the record, then config.
+            header_tenant, header_source = self._headers(m)
+            tenant = header_tenant or (body.get("tenant_id") if body is not None else None)
             if type(tenant) is not str:
-                tenant = self._header_tenant(m) or self.cfg.tenant or "unknown"
+                tenant = self.cfg.tenant or "unknown"
             seq += 1
             records.append(
                 RawRecord(
-                    value or b"", tenant, name, seq, (topic, partition, offset), ts, body, meta
+                    value or b"", tenant, header_source or name, seq,
+                    (topic, partition, offset), ts, body, meta,
                 )
             )
         self._seq = seq
@@ -310,11 +314,15 @@ class KafkaSource:
             "message": f"message is {len(value)} bytes, over the {self._max_bytes}-byte limit",
         }
 
-    def _header_tenant(self, m: Any) -> str | None:
+    def _headers(self, m: Any) -> tuple[str | None, str | None]:
+        """(tenant, source) from the message headers; the intake sets both."""
+        tenant = source = None
         for k, v in m.headers() or ():
             if k == self.cfg.tenant_header and v:
-                return bytes(v).decode("utf-8", "replace")
-        return None
+                tenant = bytes(v).decode("utf-8", "replace")
+            elif k == "source" and v:
+                source = bytes(v).decode("utf-8", "replace")
+        return tenant, source
 
     def _seek_sync(self, ts: float) -> dict[TP, int]:
         consumer = self._consumer

@@ -255,6 +255,11 @@ class Feed:
         self.final: dict[str, int] = {}
         self.dlq: collections.Counter[str] = collections.Counter()
         self.valid: set[str] = set()
+        # line -> reason of each record the DLQ must hold (one row per distinct line)
+        self.dlq_lines: dict[str, str] = {}
+        # records applied in feed order but then superseded by a higher revision: a replay
+        # after the sink already holds the higher one judges them OLDER_REVISION
+        self.superseded: set[str] = set()
         self._bad_lines: set[str] = set()
 
     def unit(self, prefix: str, n_entities: int) -> list[str]:
@@ -270,6 +275,9 @@ class Feed:
                 self.valid.add(lines[-1])
                 if r < high:
                     self.dlq["OLDER_REVISION"] += 1
+                    self.dlq_lines[lines[-1]] = "OLDER_REVISION"
+                elif r < max(revs):
+                    self.superseded.add(lines[-1])
                 high = max(high, r)
             self.final[eid] = high
             roll = self.rng.random()
@@ -287,6 +295,7 @@ class Feed:
         if line not in self._bad_lines:
             self._bad_lines.add(line)
             self.dlq[reason] += 1
+            self.dlq_lines[line] = reason
 
 
 def drop_file(inbox: Path, name: str, lines: list[str]) -> Path:
@@ -305,3 +314,13 @@ def sink_rows(dsn: str, table: str = "entities") -> dict[str, int]:
 
 def dlq_reasons(dsn: str) -> dict[str, int]:
     return {r: n for r, n in pg_query(dsn, "SELECT reason, count(*) FROM dlq GROUP BY reason")}
+
+
+def dlq_lines(dsn: str) -> dict[str, str]:
+    """payload (the original line) -> reason of every DLQ row; fails on two rows per line."""
+    out: dict[str, str] = {}
+    for payload, reason in pg_query(dsn, "SELECT payload, reason FROM dlq"):
+        line = bytes(payload).decode()
+        assert line not in out, f"two DLQ rows for {line}"
+        out[line] = reason
+    return out

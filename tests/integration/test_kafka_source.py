@@ -131,9 +131,9 @@ async def test_poison_messages_are_yielded_with_reject_and_partition_continues(
     assert "over the 500-byte limit" in recs[2].meta["reject"]["message"]
     assert "null value" in recs[3].meta["reject"]["message"]
     assert recs[2].data == big and recs[3].data == b""
-    # tenant: the JSON's tenant_id, else the header, else cfg.tenant, else "unknown"
-    assert [r.tenant for r in recs] == ["acme", "from-header", "from-header", "from-header",
-                                        "from-header", "acme", "unknown"]  # fmt: skip
+    # tenant: the header (authoritative: the decoder then refuses a body whose tenant_id
+    # differs), else the JSON's tenant_id, else cfg.tenant, else "unknown"
+    assert [r.tenant for r in recs] == ["from-header"] * 6 + ["unknown"]
     assert recs[4].decoded is None  # valid JSON but not an object: the decoder rejects it
 
     for b in reader.batches:
