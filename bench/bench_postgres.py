@@ -62,16 +62,27 @@ ADMISSION = {
 def make_lines(n: int, revision: int) -> list[bytes]:
     out = []
     for i in range(n):
-        out.append(json.dumps({
-            "schema_version": 3, "tenant_id": "acme-corp", "entity_type": "order",
-            "entity_id": f"o-{i}", "revision": revision, "occurred_at": "2025-01-01T00:00:00Z",
-            "priority": "normal",
-            "attributes": {"amount": i % 1000 + 0.5, "currency": "EUR", "status": "new"},
-        }, separators=(",", ":")).encode())
+        out.append(
+            json.dumps(
+                {
+                    "schema_version": 3,
+                    "tenant_id": "acme-corp",
+                    "entity_type": "order",
+                    "entity_id": f"o-{i}",
+                    "revision": revision,
+                    "occurred_at": "2025-01-01T00:00:00Z",
+                    "priority": "normal",
+                    "attributes": {"amount": i % 1000 + 0.5, "currency": "EUR", "status": "new"},
+                },
+                separators=(",", ":"),
+            ).encode()
+        )
     return out
 
 
-def config_for(redis_url: str, dsn: str, table: str, data_dir: Path | None = None) -> dict[str, Any]:
+def config_for(
+    redis_url: str, dsn: str, table: str, data_dir: Path | None = None
+) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "state": {"kind": "production", "redis_url": redis_url, "postgres_url": dsn},
         "sinks": [{"type": "postgres", "name": "postgres", "table": table}],
@@ -87,8 +98,10 @@ def config_for(redis_url: str, dsn: str, table: str, data_dir: Path | None = Non
 def csv_of(lines: list[bytes], path: Path) -> int:
     """CSV of exactly the rows the sink stores (PostgresSink.row_of), in COLUMNS order."""
     decoder = Decoder()
-    raws = [RawRecord(data=ln, tenant="acme-corp", source="inbox", seq=i, position=None,
-                      event_time=0.0) for i, ln in enumerate(lines)]
+    raws = [
+        RawRecord(data=ln, tenant="acme-corp", source="inbox", seq=i, position=None, event_time=0.0)
+        for i, ln in enumerate(lines)
+    ]
     n = 0
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
@@ -117,6 +130,7 @@ def csv_of(lines: list[bytes], path: Path) -> int:
 
 def psql_copy(dsn: str, schema: str, table: str, path: Path) -> float:
     """Time `psql \\copy` of the CSV into `table` (created with the sink's own DDL)."""
+
     async def create() -> None:
         sink = PostgresSink("limit", dsn, table)
         await sink.start()
@@ -125,8 +139,14 @@ def psql_copy(dsn: str, schema: str, table: str, path: Path) -> float:
     asyncio.run(create())
     url = shared_env()["INGEST_TEST_POSTGRES_URL"]
     cols = ", ".join(COLUMNS)
-    cmd = [str(pg_bin() / "psql"), url, "-v", "ON_ERROR_STOP=1", "-qc",
-           f"\\copy {schema}.{table} ({cols}) FROM '{path}' WITH (FORMAT csv)"]
+    cmd = [
+        str(pg_bin() / "psql"),
+        url,
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-qc",
+        f"\\copy {schema}.{table} ({cols}) FROM '{path}' WITH (FORMAT csv)",
+    ]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, timeout=1800)
     return time.perf_counter() - t0
@@ -171,9 +191,24 @@ class Service:
         config.write_text(yaml.safe_dump(cfg))
         env = {**os.environ, "INGEST_DATA_DIR": str(self.data)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ingest.cli.ingest", "run", "--host", "127.0.0.1", "--port",
-             str(port), "--log-level", "WARNING", "--config", str(config)],
-            cwd=workdir, env=env, stdout=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "ingest.cli.ingest",
+                "run",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "WARNING",
+                "--config",
+                str(config),
+            ],
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
         self.url = f"http://127.0.0.1:{port}"
         for _ in range(600):
             try:
@@ -206,8 +241,9 @@ class Service:
         self.proc.wait(120)
 
 
-def profile(lines: list[bytes], updates: list[bytes], workdir: Path, redis_url: str,
-            dsn: str) -> str:
+def profile(
+    lines: list[bytes], updates: list[bytes], workdir: Path, redis_url: str, dsn: str
+) -> str:
     """Where the time goes: the service in-process under pyinstrument (new rows + updates)."""
     from pyinstrument import Profiler
 
@@ -247,8 +283,10 @@ def main() -> None:
     schema, dsn = fresh_schema(url, "bench_pg")
     redis = private_redis()
     try:
-        print(f"machine: {platform.node()} {os.cpu_count()} cores, Python "
-              f"{platform.python_version()}, load average {os.getloadavg()}")
+        print(
+            f"machine: {platform.node()} {os.cpu_count()} cores, Python "
+            f"{platform.python_version()}, load average {os.getloadavg()}"
+        )
         print(f"postgres: {pg_query(url, 'SHOW server_version')[0][0]}; redis: {redis.url}")
         lines = make_lines(args.records, 1)
         updates = make_lines(args.records, 2)
@@ -271,10 +309,14 @@ def main() -> None:
 
         print(f"records:                  {args.records}")
         print(f"psql \\copy (limit):       {copy_rate:,.0f} records/s ({copy_s:.1f} s)")
-        print(f"pipeline, new rows:       {new_rate:,.0f} records/s  "
-              f"({new_rate / copy_rate:.2f}x of \\copy), p95 lag <= {new_p95} s")
-        print(f"pipeline, rev-2 updates:  {upd_rate:,.0f} records/s  "
-              f"({upd_rate / copy_rate:.2f}x of \\copy), p95 lag <= {upd_p95} s")
+        print(
+            f"pipeline, new rows:       {new_rate:,.0f} records/s  "
+            f"({new_rate / copy_rate:.2f}x of \\copy), p95 lag <= {new_p95} s"
+        )
+        print(
+            f"pipeline, rev-2 updates:  {upd_rate:,.0f} records/s  "
+            f"({upd_rate / copy_rate:.2f}x of \\copy), p95 lag <= {upd_p95} s"
+        )
         print(f"peak RSS (service):       {rss:.0f} MB")
         print(f"load average after:       {os.getloadavg()}")
         if args.profile_records:

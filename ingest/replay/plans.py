@@ -223,27 +223,44 @@ class SQLitePlanStore:
             raise StoreUnavailable("sqlite", str(self._db.path), str(exc)) from exc
 
     async def ensure_schema(self) -> None:
-        await self._run(lambda c: c.execute(
-            "CREATE TABLE IF NOT EXISTS replay_plans (id TEXT PRIMARY KEY, tenant TEXT NOT NULL,"
-            " state TEXT NOT NULL, created_at REAL NOT NULL, doc TEXT NOT NULL)"))
-        await self._run(lambda c: c.execute(
-            "CREATE INDEX IF NOT EXISTS replay_plans_tenant ON replay_plans (tenant, created_at)"))
+        await self._run(
+            lambda c: c.execute(
+                "CREATE TABLE IF NOT EXISTS replay_plans (id TEXT PRIMARY KEY,"
+                " tenant TEXT NOT NULL, state TEXT NOT NULL, created_at REAL NOT NULL,"
+                " doc TEXT NOT NULL)"
+            )
+        )
+        await self._run(
+            lambda c: c.execute(
+                "CREATE INDEX IF NOT EXISTS replay_plans_tenant"
+                " ON replay_plans (tenant, created_at)"
+            )
+        )
 
     async def save(self, plan: Plan) -> None:
         row = (plan.id, plan.tenant, plan.state, plan.created_at, _doc(plan))
-        await self._run(lambda c: c.execute(
-            "INSERT INTO replay_plans VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
-            " state = excluded.state, doc = excluded.doc", row))
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO replay_plans VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+                " state = excluded.state, doc = excluded.doc",
+                row,
+            )
+        )
 
     async def get(self, plan_id: str) -> Plan | None:
-        row = await self._run(lambda c: c.execute(
-            "SELECT doc FROM replay_plans WHERE id = ?", (plan_id,)).fetchone())
+        row = await self._run(
+            lambda c: c.execute("SELECT doc FROM replay_plans WHERE id = ?", (plan_id,)).fetchone()
+        )
         return None if row is None else Plan.from_dict(orjson.loads(row[0]))
 
     async def list(self, tenant: str | None) -> list[Plan]:
-        rows = await self._run(lambda c: c.execute(
-            "SELECT doc FROM replay_plans WHERE ? IS NULL OR tenant = ?"
-            " ORDER BY created_at DESC, id", (tenant, tenant)).fetchall())
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT doc FROM replay_plans WHERE ? IS NULL OR tenant = ?"
+                " ORDER BY created_at DESC, id",
+                (tenant, tenant),
+            ).fetchall()
+        )
         return [Plan.from_dict(orjson.loads(r[0])) for r in rows]
 
 
@@ -259,25 +276,36 @@ class PostgresPlanStore:
         return await _retrying(self._pool, fn)
 
     async def ensure_schema(self) -> None:
-        await self._run(lambda c: c.execute(
-            "CREATE TABLE IF NOT EXISTS replay_plans (id text PRIMARY KEY, tenant text NOT NULL,"
-            " state text NOT NULL, created_at double precision NOT NULL, doc jsonb NOT NULL);"
-            " CREATE INDEX IF NOT EXISTS replay_plans_tenant ON replay_plans"
-            " (tenant, created_at)"))
+        await self._run(
+            lambda c: c.execute(
+                "CREATE TABLE IF NOT EXISTS replay_plans (id text PRIMARY KEY,"
+                " tenant text NOT NULL, state text NOT NULL,"
+                " created_at double precision NOT NULL, doc jsonb NOT NULL);"
+                " CREATE INDEX IF NOT EXISTS replay_plans_tenant ON replay_plans"
+                " (tenant, created_at)"
+            )
+        )
 
     async def save(self, plan: Plan) -> None:
-        sql = ("INSERT INTO replay_plans VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT (id)"
-               " DO UPDATE SET state = excluded.state, doc = excluded.doc")
+        sql = (
+            "INSERT INTO replay_plans VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT (id)"
+            " DO UPDATE SET state = excluded.state, doc = excluded.doc"
+        )
         args = (plan.id, plan.tenant, plan.state, plan.created_at, _doc(plan))
         await self._run(lambda c: c.execute(sql, *args))
 
     async def get(self, plan_id: str) -> Plan | None:
-        doc = await self._run(lambda c: c.fetchval(
-            "SELECT doc::text FROM replay_plans WHERE id = $1", plan_id))
+        doc = await self._run(
+            lambda c: c.fetchval("SELECT doc::text FROM replay_plans WHERE id = $1", plan_id)
+        )
         return None if doc is None else Plan.from_dict(orjson.loads(doc))
 
     async def list(self, tenant: str | None) -> list[Plan]:
-        rows = await self._run(lambda c: c.fetch(
-            "SELECT doc::text FROM replay_plans WHERE $1::text IS NULL OR tenant = $1"
-            " ORDER BY created_at DESC, id", tenant))
+        rows = await self._run(
+            lambda c: c.fetch(
+                "SELECT doc::text FROM replay_plans WHERE $1::text IS NULL OR tenant = $1"
+                " ORDER BY created_at DESC, id",
+                tenant,
+            )
+        )
         return [Plan.from_dict(orjson.loads(r[0])) for r in rows]

@@ -369,13 +369,23 @@ class KafkaSource:
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         # Commit what is durable (a commit that failed earlier), then forget the partitions:
         # batches of theirs still in flight will commit nothing.
-        with self._commit_lock:
-            self._commit_locked({})
+        # Never wait for the commit thread here: its synchronous commit can be queued behind
+        # the JoinGroup that this very callback holds up (librdkafka sends it on the same
+        # coordinator connection), a deadlock until request timeouts. If a commit is in
+        # flight, it commits the durable offsets itself (or is refused: old generation).
+        if self._commit_lock.acquire(blocking=False):
+            try:
+                self._commit_locked({})
+                self._forget(partitions, "revoked")
+            finally:
+                self._commit_lock.release()
+        else:
             self._forget(partitions, "revoked")
 
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
-        with self._commit_lock:  # lost: the group moved on, a commit would be refused
-            self._forget(partitions, "lost")
+        # lost: the group moved on, a commit would be refused; forget without waiting for
+        # the commit thread (see _on_revoke)
+        self._forget(partitions, "lost")
 
     def _forget(self, partitions: list[Any], why: str) -> None:
         keys = {(tp.topic, tp.partition) for tp in partitions}

@@ -91,7 +91,7 @@ def lines(tag: str, n: int, tenant: str = TENANT) -> bytes:
 
 
 # ---------------------------------------------------------------------- S3
-def _client_kwargs(env: dict[str, str]) -> dict[str, Any]:
+def client_kwargs(env: dict[str, str]) -> dict[str, Any]:
     return {
         "endpoint_url": env["INGEST_TEST_S3_ENDPOINT"],
         "region_name": "us-east-1",
@@ -104,7 +104,7 @@ async def upload_async(objects: dict[str, bytes], concurrency: int = 16) -> dict
     env = s3_env()
     sem = asyncio.Semaphore(concurrency)
     etags: dict[str, str] = {}
-    async with get_session().create_client("s3", **_client_kwargs(env)) as s3:
+    async with get_session().create_client("s3", **client_kwargs(env)) as s3:
 
         async def put(key: str, body: bytes) -> None:
             async with sem:
@@ -122,7 +122,7 @@ def upload(objects: dict[str, bytes], concurrency: int = 16) -> dict[str, str]:
 
 async def delete_prefix_async(prefix: str) -> None:
     env = s3_env()
-    async with get_session().create_client("s3", **_client_kwargs(env)) as s3:
+    async with get_session().create_client("s3", **client_kwargs(env)) as s3:
         paginator = s3.get_paginator("list_objects_v2")
         async for page in paginator.paginate(Bucket=BUCKET, Prefix=prefix):
             keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]

@@ -60,10 +60,15 @@ def _coords(env_file: str, keys: Sequence[str]) -> dict[str, str]:
 
 def neo4j_env() -> dict[str, str]:
     """{uri, user, password} of the Neo4j under test."""
-    c = _coords("neo4j.env", ("INGEST_TEST_NEO4J_URI", "INGEST_TEST_NEO4J_USER",
-                              "INGEST_TEST_NEO4J_PASSWORD"))
-    return {"uri": c["INGEST_TEST_NEO4J_URI"], "user": c["INGEST_TEST_NEO4J_USER"],
-            "password": c["INGEST_TEST_NEO4J_PASSWORD"]}
+    c = _coords(
+        "neo4j.env",
+        ("INGEST_TEST_NEO4J_URI", "INGEST_TEST_NEO4J_USER", "INGEST_TEST_NEO4J_PASSWORD"),
+    )
+    return {
+        "uri": c["INGEST_TEST_NEO4J_URI"],
+        "user": c["INGEST_TEST_NEO4J_USER"],
+        "password": c["INGEST_TEST_NEO4J_PASSWORD"],
+    }
 
 
 def typesense_env() -> dict[str, str]:
@@ -76,8 +81,12 @@ def private_typesense() -> PrivateServer:
     """A Typesense of our own; `.env` drives typesense.sh, `.url` and `.api_key` reach it."""
     run_dir = Path(tempfile.mkdtemp(prefix="ingest-e2e-typesense-"))
     port = free_port()
-    env = {**os.environ, "INGEST_RUN_DIR": str(run_dir), "INGEST_TEST_TYPESENSE_PORT": str(port),
-           "INGEST_TEST_TYPESENSE_PEERING_PORT": str(free_port())}
+    env = {
+        **os.environ,
+        "INGEST_RUN_DIR": str(run_dir),
+        "INGEST_TEST_TYPESENSE_PORT": str(port),
+        "INGEST_TEST_TYPESENSE_PEERING_PORT": str(free_port()),
+    }
     server = PrivateServer("typesense", run_dir, port, "", env)
     try:
         server.run("start", timeout=180)
@@ -121,15 +130,23 @@ def write_multisink_config(
             sink_cfgs.append({"type": "neo4j", "name": "neo4j", **neo4j})
         elif name == "typesense":
             assert typesense is not None, "typesense coordinates needed"
-            sink_cfgs.append({"type": "typesense", "name": "typesense", **typesense,
-                              "fields": TYPESENSE_FIELDS, "timeout_seconds": 5.0})
+            sink_cfgs.append(
+                {
+                    "type": "typesense",
+                    "name": "typesense",
+                    **typesense,
+                    "fields": TYPESENSE_FIELDS,
+                    "timeout_seconds": 5.0,
+                }
+            )
         else:
             raise ValueError(name)
     raw: dict[str, Any] = {
         "state": {"kind": "production", "redis_url": redis_url, "postgres_url": postgres_url},
         "sinks": sink_cfgs,
-        "sources": list(sources) if sources is not None else [
-            {"type": "inbox", "name": "inbox", "poll_seconds": 0.2, "batch_size": batch_size}],
+        "sources": list(sources)
+        if sources is not None
+        else [{"type": "inbox", "name": "inbox", "poll_seconds": 0.2, "batch_size": batch_size}],
         "routes": list(routes),
     }
     if retry:
@@ -142,18 +159,31 @@ def write_multisink_config(
 
 
 # ---------------------------------------------------------------------- records and feeds
-def v3(tenant: str, entity_type: str, entity_id: str, revision: int, *, deleted: bool = False,
-       relations: Iterable[tuple[str, str, str]] = (), **attrs: Any) -> dict[str, Any]:
+def v3(
+    tenant: str,
+    entity_type: str,
+    entity_id: str,
+    revision: int,
+    *,
+    deleted: bool = False,
+    relations: Iterable[tuple[str, str, str]] = (),
+    **attrs: Any,
+) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "schema_version": 3, "tenant_id": tenant, "entity_type": entity_type,
-        "entity_id": entity_id, "revision": revision, "occurred_at": "2025-01-01T00:00:00Z",
+        "schema_version": 3,
+        "tenant_id": tenant,
+        "entity_type": entity_type,
+        "entity_id": entity_id,
+        "revision": revision,
+        "occurred_at": "2025-01-01T00:00:00Z",
         "attributes": {} if deleted else (attrs or {"amount": float(revision), "status": "new"}),
     }
     if deleted:
         body["deleted"] = True
     if relations:
-        body["relations"] = [{"type": t, "target_type": tt, "target_id": tid}
-                             for t, tt, tid in relations]
+        body["relations"] = [
+            {"type": t, "target_type": tt, "target_id": tid} for t, tt, tid in relations
+        ]
     return body
 
 
@@ -173,8 +203,10 @@ def pending_files(inbox: Path, tenant: str) -> list[str]:
 
 # ---------------------------------------------------------------------- sink state
 def pg_state(dsn: str, tenant: str, table: str = "entities") -> State:
-    rows = pg_query(dsn, f"SELECT entity_type, entity_id, revision, deleted FROM {table} "
-                         f"WHERE tenant = '{tenant}'")
+    rows = pg_query(
+        dsn,
+        f"SELECT entity_type, entity_id, revision, deleted FROM {table} WHERE tenant = '{tenant}'",
+    )
     return {(et, eid): (int(rev), bool(d)) for et, eid, rev, d in rows}
 
 
@@ -184,10 +216,14 @@ def neo4j_state(coords: dict[str, str], tenant: str) -> State:
     with GraphDatabase.driver(coords["uri"], auth=(coords["user"], coords["password"])) as drv:
         live, _, _ = drv.execute_query(
             "MATCH (n:Entity {tenant: $t}) WHERE n.revision IS NOT NULL "
-            "RETURN n.entity_type AS et, n.entity_id AS id, n.revision AS r", t=tenant)
+            "RETURN n.entity_type AS et, n.entity_id AS id, n.revision AS r",
+            t=tenant,
+        )
         tombs, _, _ = drv.execute_query(
             "MATCH (n:Tombstone {tenant: $t}) "
-            "RETURN n.entity_type AS et, n.entity_id AS id, n.revision AS r", t=tenant)
+            "RETURN n.entity_type AS et, n.entity_id AS id, n.revision AS r",
+            t=tenant,
+        )
     out: State = {(r["et"], r["id"]): (int(r["r"]), True) for r in tombs}
     for r in live:
         key = (r["et"], r["id"])
@@ -203,19 +239,23 @@ def neo4j_counts(coords: dict[str, str], tenant: str) -> tuple[int, int]:
             "CALL () { MATCH (n:Entity {tenant: $t}) WHERE n.revision IS NOT NULL "
             "RETURN count(n) AS live } "
             "CALL () { MATCH (n:Tombstone {tenant: $t}) RETURN count(n) AS tombs } "
-            "RETURN live, tombs", t=tenant)
+            "RETURN live, tombs",
+            t=tenant,
+        )
     return int(rows[0]["live"]), int(rows[0]["tombs"])
 
 
 def neo4j_cleanup(coords: dict[str, str], tenant: str) -> None:
     with GraphDatabase.driver(coords["uri"], auth=(coords["user"], coords["password"])) as drv:
-        drv.execute_query("MATCH (n) WHERE (n:Entity OR n:Tombstone) AND n.tenant = $t "
-                          "DETACH DELETE n", t=tenant)
+        drv.execute_query(
+            "MATCH (n) WHERE (n:Entity OR n:Tombstone) AND n.tenant = $t DETACH DELETE n", t=tenant
+        )
 
 
 def _ts(coords: dict[str, str]) -> httpx.Client:
-    return httpx.Client(base_url=coords["url"], timeout=10,
-                        headers={"X-TYPESENSE-API-KEY": coords["api_key"]})
+    return httpx.Client(
+        base_url=coords["url"], timeout=10, headers={"X-TYPESENSE-API-KEY": coords["api_key"]}
+    )
 
 
 def typesense_collections(coords: dict[str, str], tenant: str) -> list[str]:
@@ -231,8 +271,10 @@ def typesense_state(coords: dict[str, str], tenant: str) -> State:
     with _ts(coords) as http:
         for coll in typesense_collections(coords, tenant):
             etype = coll.split("__", 1)[1]
-            resp = http.get(f"/collections/{coll}/documents/export",
-                            params={"include_fields": "id,revision,deleted"})
+            resp = http.get(
+                f"/collections/{coll}/documents/export",
+                params={"include_fields": "id,revision,deleted"},
+            )
             resp.raise_for_status()
             for line in resp.text.splitlines():
                 if line:
@@ -250,21 +292,47 @@ def typesense_cleanup(coords: dict[str, str], tenant: str) -> None:
 # ---------------------------------------------------------------------- DLQ and CLI
 def dlq_rows(dsn: str) -> list[tuple[str, str, str, str, int]]:
     """(sink, reason, entity_type, entity_id, revision) of every DLQ entry, sorted."""
-    rows = pg_query(dsn, "SELECT coalesce(sink, '-'), reason, coalesce(entity_type, ''), "
-                         "coalesce(entity_id, ''), coalesce(revision, -1) FROM dlq")
+    rows = pg_query(
+        dsn,
+        "SELECT coalesce(sink, '-'), reason, coalesce(entity_type, ''), "
+        "coalesce(entity_id, ''), coalesce(revision, -1) FROM dlq",
+    )
     return sorted((str(s), str(r), str(et), str(eid), int(rev)) for s, r, et, eid, rev in rows)
 
 
 def dlqtriage(config: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("INGEST_DATA_DIR", "INGEST_CONFIG")}
-    return subprocess.run([DLQTRIAGE, *args, "--config", str(config)], env=env,
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, cwd=config.parent)
+    return subprocess.run(
+        [DLQTRIAGE, *args, "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        cwd=config.parent,
+    )
 
 
 __all__ = [
-    "DLQTRIAGE", "SCRIPTS", "State", "TYPESENSE_FIELDS", "dlq_rows", "dlqtriage", "drop",
-    "neo4j_cleanup", "neo4j_counts", "neo4j_env", "neo4j_state", "new_tenant", "pending_files",
-    "pg_state", "private_typesense", "typesense_cleanup", "typesense_collections",
-    "typesense_env", "typesense_state", "v3", "write_multisink_config",
+    "DLQTRIAGE",
+    "SCRIPTS",
+    "TYPESENSE_FIELDS",
+    "State",
+    "dlq_rows",
+    "dlqtriage",
+    "drop",
+    "neo4j_cleanup",
+    "neo4j_counts",
+    "neo4j_env",
+    "neo4j_state",
+    "new_tenant",
+    "pending_files",
+    "pg_state",
+    "private_typesense",
+    "typesense_cleanup",
+    "typesense_collections",
+    "typesense_env",
+    "typesense_state",
+    "v3",
+    "write_multisink_config",
 ]

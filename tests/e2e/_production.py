@@ -173,9 +173,7 @@ def redis_cli(url: str, *args: str, timeout: float = 30) -> str:
     u = urlparse(url)
     db = (u.path or "/0").lstrip("/") or "0"
     cmd = ["redis-cli", "-h", u.hostname or "127.0.0.1", "-p", str(u.port or 6379), "-n", db]
-    out = subprocess.run(
-        [*cmd, *args], check=True, timeout=timeout, capture_output=True, text=True
-    )
+    out = subprocess.run([*cmd, *args], check=True, timeout=timeout, capture_output=True, text=True)
     return out.stdout.strip()
 
 

@@ -100,8 +100,7 @@ def test_kill9_during_200k_records_loses_and_doubles_nothing(
         bodies.append("\n".join(lines))
     assert n_lines >= 200_000
 
-    config = write_config(tmp_path / "ingest.yaml", redis_url=redis_server.url,
-                          postgres_url=pg_dsn)
+    config = write_config(tmp_path / "ingest.yaml", redis_url=redis_server.url, postgres_url=pg_dsn)
     port = free_port()
     svc = ServiceProcess(data, config=config, port=port).start(wait=60)
     stop = threading.Event()
@@ -157,8 +156,19 @@ def test_kill9_during_200k_records_loses_and_doubles_nothing(
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "ingest.cli.ingest", "idempotency-stats", "--config",
-         str(config), "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+        [
+            sys.executable,
+            "-m",
+            "ingest.cli.ingest",
+            "idempotency-stats",
+            "--config",
+            str(config),
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     assert json.loads(out.stdout)["keys"] == len(feed.valid)

@@ -68,13 +68,15 @@ def redis() -> Iterator[PrivateServer]:
 class Env:
     """One test's service: its schema, Redis db, config and data dir."""
 
-    def __init__(self, tmp: Path, pg: PrivateServer, redis: PrivateServer, db: int,
-                 **config: Any) -> None:
+    def __init__(
+        self, tmp: Path, pg: PrivateServer, redis: PrivateServer, db: int, **config: Any
+    ) -> None:
         _, self.dsn = fresh_schema(pg.url, "e2e_fault")
         self.redis_url = redis_with_db(redis.url, db)
         redis_cli(self.redis_url, "FLUSHDB")
-        self.config = write_config(tmp / "ingest.yaml", redis_url=self.redis_url,
-                                   postgres_url=self.dsn, **config)
+        self.config = write_config(
+            tmp / "ingest.yaml", redis_url=self.redis_url, postgres_url=self.dsn, **config
+        )
         self.data = tmp / "data"
         self.inbox = self.data / "inbox" / TENANT
         self.inbox.mkdir(parents=True)
@@ -117,18 +119,26 @@ def envs() -> Iterator[list[Env]]:
 
 
 def breaker_metric(svc: ServiceProcess, state: str) -> float:
-    return metric_value(svc.metrics(), "ingest_circuit_breaker_state", sink="postgres",
-                        state=state)
+    return metric_value(svc.metrics(), "ingest_circuit_breaker_state", sink="postgres", state=state)
 
 
 # ---------------------------------------------------------------------- 1. Postgres stopped
 def test_postgres_stopped_mid_run_breaker_opens_and_closes_nothing_lost(
     tmp_path: Path, pg: PrivateServer, redis: PrivateServer, envs: list[Env]
 ) -> None:
-    env = Env(tmp_path, pg, redis, 1,
-              retry={"max_attempts": 1000, "base_delay_seconds": 0.2, "max_delay_seconds": 1.0,
-                     "max_total_seconds": 120},
-              breaker={"failure_threshold": 3, "reset_timeout_seconds": 3})
+    env = Env(
+        tmp_path,
+        pg,
+        redis,
+        1,
+        retry={
+            "max_attempts": 1000,
+            "base_delay_seconds": 0.2,
+            "max_delay_seconds": 1.0,
+            "max_total_seconds": 120,
+        },
+        breaker={"failure_threshold": 3, "reset_timeout_seconds": 3},
+    )
     envs.append(env)
     feed = Feed(random.Random(11))
     svc = env.start()
@@ -141,30 +151,46 @@ def test_postgres_stopped_mid_run_breaker_opens_and_closes_nothing_lost(
     try:
         drop_file(env.inbox, "during.jsonl", feed.unit("during", 1500))
         body = "\n".join(feed.unit("hook", 200))
-        r = httpx.post(f"{svc.url}/v1/webhooks/{TENANT}/shop", content=body, timeout=20,
-                       headers={"Content-Type": "application/x-ndjson"})
+        r = httpx.post(
+            f"{svc.url}/v1/webhooks/{TENANT}/shop",
+            content=body,
+            timeout=20,
+            headers={"Content-Type": "application/x-ndjson"},
+        )
         assert r.status_code == 202  # the webhook intake is local: accepted while PG is down
 
-        h = wait_for(lambda: (x := env.health())["sinks"]["postgres"]["state"] == "open" and x,
-                     60, "the postgres breaker to open")
+        h = wait_for(
+            lambda: (x := env.health())["sinks"]["postgres"]["state"] == "open" and x,
+            60,
+            "the postgres breaker to open",
+        )
         assert h["status"] == "degraded"
         assert h["sinks"]["postgres"]["connection"]["connected"] is False
         assert h["sinks"]["postgres"]["breaker"]["trips"] >= 1
         assert breaker_metric(svc, "open") == 1
         assert breaker_metric(svc, "closed") == 0
         # reset_timeout 3 s: it half-opens, the probe fails, it opens again
-        wait_for(lambda: env.health()["sinks"]["postgres"]["state"] == "half_open", 30,
-                 "the breaker to half-open while Postgres is down")
-        wait_for(lambda: env.health()["sinks"]["postgres"]["breaker"]["trips"] >= 2, 30,
-                 "a failed probe to re-open the breaker")
+        wait_for(
+            lambda: env.health()["sinks"]["postgres"]["state"] == "half_open",
+            30,
+            "the breaker to half-open while Postgres is down",
+        )
+        wait_for(
+            lambda: env.health()["sinks"]["postgres"]["breaker"]["trips"] >= 2,
+            30,
+            "a failed probe to re-open the breaker",
+        )
         assert (env.inbox / "during.jsonl").exists()  # nothing committed: records wait
         time.sleep(max(0.0, 10 - (time.monotonic() - stopped_at)))
     finally:
         pg.run("start-server")
 
     env.wait_idle(180)
-    wait_for(lambda: env.health()["sinks"]["postgres"]["state"] == "closed", 60,
-             "the breaker to close once Postgres is back")
+    wait_for(
+        lambda: env.health()["sinks"]["postgres"]["state"] == "closed",
+        60,
+        "the breaker to close once Postgres is back",
+    )
     h = env.health()
     assert h["sinks"]["postgres"]["connection"]["connected"] is True
     assert breaker_metric(svc, "closed") == 1
@@ -197,8 +223,15 @@ def test_redis_restart_mid_run_recovers_and_doubles_nothing(
     run_id = redis_cli(env.redis_url, "INFO", "server")
 
     drop_file(env.inbox, "b.jsonl", feed_b.unit("b", 12_000))
-    wait_for(lambda: (c := env.checkpoint()) and c["position"]["file"] == "b.jsonl"
-             and c["position"]["offset"] > 0, 60, "reading b.jsonl to start")
+    wait_for(
+        lambda: (
+            (c := env.checkpoint())
+            and c["position"]["file"] == "b.jsonl"
+            and c["position"]["offset"] > 0
+        ),
+        60,
+        "reading b.jsonl to start",
+    )
     redis.run("restart-server")
     info = redis_cli(env.redis_url, "INFO", "server")
     assert _field(info, "run_id") != _field(run_id, "run_id")  # a new server, empty
@@ -255,8 +288,12 @@ def test_checkpoint_get_shows_json_and_del_starts_the_source_over(
     path_a = drop_file(env.inbox, "a.jsonl", lines_a)
     size_a = path_a.stat().st_size
     body = "\n".join(feed.unit("hook", 50))
-    r = httpx.post(f"{svc.url}/v1/webhooks/{TENANT}/shop", content=body, timeout=20,
-                   headers={"Content-Type": "application/x-ndjson"})
+    r = httpx.post(
+        f"{svc.url}/v1/webhooks/{TENANT}/shop",
+        content=body,
+        timeout=20,
+        headers={"Content-Type": "application/x-ndjson"},
+    )
     assert r.status_code == 202
     env.wait_idle()
 
@@ -269,7 +306,8 @@ def test_checkpoint_get_shows_json_and_del_starts_the_source_over(
     assert doc["position"]["offset"] == size_a
     assert doc["worker"] == env.health()["worker"]
     age = datetime.now(UTC) - datetime.strptime(doc["updated_at"], "%Y-%m-%dT%H:%M:%SZ").replace(
-        tzinfo=UTC)
+        tzinfo=UTC
+    )
     assert 0 <= age.total_seconds() < 120
     hook = wait_for(lambda: env.checkpoint("shop"), 30, "the webhook checkpoint")
     assert isinstance(hook["position"]["intake_id"], int)
@@ -280,8 +318,16 @@ def test_checkpoint_get_shows_json_and_del_starts_the_source_over(
     # the file is read again from its first line, and nothing is doubled.
     lines_b = feed.unit("b", 20_000)
     drop_file(env.inbox, "b.jsonl", lines_b)
-    mid = wait_for(lambda: (c := env.checkpoint()) and c["position"]["file"] == "b.jsonl"
-                   and c["position"]["offset"] > 0 and c, 60, "reading b.jsonl to start")
+    mid = wait_for(
+        lambda: (
+            (c := env.checkpoint())
+            and c["position"]["file"] == "b.jsonl"
+            and c["position"]["offset"] > 0
+            and c
+        ),
+        60,
+        "reading b.jsonl to start",
+    )
     assert mid["position"].get("complete") is not True
     assert svc.terminate() == 0
     doc = env.checkpoint()
@@ -329,9 +375,19 @@ def test_idempotency_stats_counts_the_redis_store(
 
     def cli(*args: str) -> str:
         out = subprocess.run(
-            [sys.executable, "-m", "ingest.cli.ingest", "idempotency-stats", "--config",
-             str(env.config), *args],
-            cwd=ROOT, capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "ingest.cli.ingest",
+                "idempotency-stats",
+                "--config",
+                str(env.config),
+                *args,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert out.returncode == 0, out.stderr
         return out.stdout

@@ -1,0 +1,177 @@
+"""Kafka -> Postgres end to end: N records (default 1M), one worker, then two workers.
+
+Measured in one run, on the same rows and the same table layout (the sink's own DDL):
+  raw      confluent-kafka's bare consume of the topic (no processing; bench_kafka_raw.py):
+           the read limit of one Python process
+  \\copy    `psql \\copy` of a CSV holding exactly the columns the sink stores: the write limit
+  1 / 2    `ingest run` worker processes (production mode: Redis checkpoints + idempotency,
+           Postgres DLQ + sink) in one consumer group on a 6-partition topic. The workers are
+           started on the EMPTY topic and wait until the group has assigned all 6 partitions;
+           then the N records are produced and the clock runs until the group's committed
+           offsets equal the end offsets (every record durable in Postgres).
+Prints records/s, ratios to both limits, p95 lag (ingest_lag_seconds histogram, summed over
+the workers), and peak RSS (VmHWM) of each worker process. Uses the shared broker and Postgres
+(own topics, groups and schema, removed after) and a private Redis on a free port.
+
+    source $INGEST_RUN_DIR/all.env
+    uv run python bench/bench_kafka.py [--records 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_kafka_raw import consume_raw  # noqa: E402
+from bench_postgres import csv_of, histogram, make_lines, p95, peak_rss_mb, psql_copy  # noqa: E402
+
+from tests.e2e._kafka import (  # noqa: E402
+    committed_offsets,
+    create_topic,
+    delete_topic,
+    end_offsets,
+    produce_keyed,
+    shared_kafka,
+    write_kafka_config,
+)
+from tests.e2e._production import drop_schema, fresh_schema, private_redis, shared_env  # noqa: E402
+from tests.e2e._service import free_port  # noqa: E402
+
+PARTITIONS = 6
+
+
+class Worker:
+    def __init__(self, workdir: Path, config: Path) -> None:
+        self.port = free_port()
+        data = workdir / f"w{self.port}"
+        data.mkdir()
+        env = {**os.environ, "INGEST_DATA_DIR": str(data)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ingest.cli.ingest", "run", "--host", "127.0.0.1", "--port",
+             str(self.port), "--log-level", "WARNING", "--config", str(config)],
+            cwd=data, env=env, stdout=subprocess.DEVNULL)  # fmt: skip
+        self.url = f"http://127.0.0.1:{self.port}"
+        for _ in range(600):
+            try:
+                if httpx.get(f"{self.url}/health/detailed", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError("a worker exited at start")
+            time.sleep(0.1)
+        raise RuntimeError("a worker did not start")
+
+    def partitions(self) -> int:
+        return len(httpx.get(f"{self.url}/health/detailed", timeout=10).json()["adapters"]
+                   ["kafka-main"]["partitions"])  # fmt: skip
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=30).text
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def run_workers(
+    n_workers: int,
+    lines: list[bytes],
+    prefix: str,
+    brokers: str,
+    redis_url: str,
+    dsn: str,
+    workdir: Path,
+) -> tuple[float, float | None, list[float]]:
+    topic = create_topic(brokers, PARTITIONS, f"bench-{prefix}")
+    group = f"bench-{prefix}-{uuid.uuid4().hex[:6]}"
+    config = write_kafka_config(workdir / f"{prefix}.yaml", redis_url=redis_url,
+                                postgres_url=dsn, brokers=brokers, topic=topic, group=group,
+                                table=f"entities_{prefix}")  # fmt: skip
+    workers: list[Worker] = []
+    try:
+        workers = [Worker(workdir, config) for _ in range(n_workers)]
+        deadline = time.monotonic() + 120
+        while sum(w.partitions() for w in workers) != PARTITIONS:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the group did not assign all partitions")
+            time.sleep(0.5)
+        msgs = [(f"{prefix}-{i}".encode(), ln.replace(b'"o-', f'"{prefix}-'.encode(), 1))
+                for i, ln in enumerate(lines)]  # fmt: skip
+        t0 = time.perf_counter()
+        produce_keyed(brokers, topic, msgs)
+        ends = end_offsets(brokers, topic)
+        while committed_offsets(brokers, topic, group, PARTITIONS) != ends:
+            time.sleep(0.2)
+        elapsed = time.perf_counter() - t0
+        hist: dict[float, float] = {}
+        for w in workers:
+            for b, v in histogram(w.metrics()).items():
+                hist[b] = hist.get(b, 0.0) + v
+        rss = [peak_rss_mb(w.proc.pid) for w in workers]
+        return len(lines) / elapsed, p95({}, hist), rss
+    finally:
+        for w in workers:
+            w.stop()
+        delete_topic(brokers, topic, group)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, default=1_000_000)
+    args = ap.parse_args()
+    n = args.records
+    brokers, _ = shared_kafka()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-kafka-"))
+    url = shared_env()["INGEST_TEST_POSTGRES_URL"]
+    schema, dsn = fresh_schema(url, "bench_kafka")
+    redis = private_redis()
+    try:
+        print(f"machine: {platform.node()} {os.cpu_count()} cores, Python "
+              f"{platform.python_version()}, load average {os.getloadavg()}")  # fmt: skip
+        lines = make_lines(n, 1)
+        # the read limit: a bare consumer on a topic holding the same messages
+        raw_topic = create_topic(brokers, PARTITIONS, "bench-raw")
+        try:
+            produce_keyed(brokers, raw_topic, [(b"k%d" % i, ln) for i, ln in enumerate(lines)])
+            raw = n / consume_raw(brokers, raw_topic, n)
+        finally:
+            delete_topic(brokers, raw_topic)
+        csv_of(lines, workdir / "rows.csv")
+        copy_rate = n / psql_copy(dsn, schema, "copy_entities", workdir / "rows.csv")
+        (workdir / "rows.csv").unlink()
+        print(f"records:                 {n:,}")
+        print(f"raw consume (limit):     {raw:,.0f} records/s (confluent-kafka, no processing)")
+        print(f"psql \\copy (limit):      {copy_rate:,.0f} records/s")
+        for k, prefix in ((1, "one"), (2, "two")):
+            rate, lag, rss = run_workers(k, lines, prefix, brokers, redis.url, dsn, workdir)
+            print(f"{k} worker(s):             {rate:,.0f} records/s = {rate / raw:.2f}x raw, "
+                  f"{rate / copy_rate:.2f}x \\copy; p95 lag <= {lag} s; peak RSS "
+                  f"{', '.join(f'{r:.0f}' for r in rss)} MB")  # fmt: skip
+        print(f"load average after: {os.getloadavg()}")
+    finally:
+        redis.close()
+        drop_schema(url, schema)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

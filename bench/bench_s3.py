@@ -1,0 +1,252 @@
+"""S3 -> Postgres benchmark: N records (default 1M) in M objects (default 200), end to end.
+
+Measured in one run, on the same objects, rows and table layout:
+  pipeline  `ingest run` as a process in production mode (Redis + Postgres state, Postgres
+            sink, one S3 source; tenant token bucket opened wide as in bench_embedded.py),
+            timed from upload complete to every object done in the lease table (the service is
+            started after the upload, so its start-up is inside the time)
+  raw GET   the same objects fetched with aiobotocore (concurrency 8), bytes only: S3's limit
+  \\copy     `psql \\copy` of exactly the rows the sink stores into a table of the same layout:
+            Postgres's bulk-load limit
+Prints records/s for each, the ratios, p95 lag (ingest_lag_seconds histogram; event time is the
+object's LastModified, so objects queued behind others count their wait) and peak RSS (VmHWM)
+of the service. Needs `scripts/services/up.sh seaweedfs postgres redis`; starts a private Redis
+(so idempotency keys do not land in the shared one) and uses a fresh Postgres schema and a
+fresh bucket prefix, all removed afterwards.
+
+    uv run python bench/bench_s3.py [--records 1000000] [--objects 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiobotocore.session import get_session
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench_embedded import p95_from_histogram, peak_rss_mb  # noqa: E402
+
+from ingest.pipeline.decode import Decoder  # noqa: E402
+from ingest.records import RawRecord, Record  # noqa: E402
+from ingest.sinks.postgres import COLUMNS, PostgresSink  # noqa: E402
+from tests.e2e._files import (  # noqa: E402
+    BUCKET,
+    client_kwargs,
+    delete_prefix,
+    done_count,
+    files_config,
+    lines,
+    s3_env,
+    s3_source,
+    sink_count,
+    upload,
+)
+from tests.e2e._production import (  # noqa: E402
+    drop_schema,
+    fresh_schema,
+    pg_execute,
+    private_redis,
+    redis_with_db,
+    shared_env,
+)
+from tests.e2e._service import free_port  # noqa: E402
+
+
+def make_objects(prefix: str, records: int, objects: int, run: str) -> dict[str, bytes]:
+    per, extra = divmod(records, objects)
+    return {
+        f"{prefix}{i:05d}.jsonl": lines(f"{run}-{i}", per + (1 if i < extra else 0))
+        for i in range(objects)
+    }
+
+
+async def raw_get(keys: list[str], concurrency: int) -> tuple[int, int, float]:
+    """Bytes and lines of every object by concurrent GETs; (bytes, lines, seconds)."""
+    sem = asyncio.Semaphore(concurrency)
+    nbytes = nlines = 0
+    async with get_session().create_client("s3", **client_kwargs(s3_env())) as s3:
+
+        async def get(key: str) -> None:
+            nonlocal nbytes, nlines
+            async with sem:
+                resp = await s3.get_object(Bucket=BUCKET, Key=key)
+                async with resp["Body"] as body:
+                    while chunk := await body.read(1 << 20):
+                        nbytes += len(chunk)
+                        nlines += chunk.count(b"\n")
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(get(k) for k in keys))
+        return nbytes, nlines, time.perf_counter() - t0
+
+
+def _text(value: Any, binary: bool = False) -> str:
+    """One field in COPY text format (`binary`: a bytea column, else bytes are JSON text)."""
+    if value is None:
+        return "\\N"
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, bytes | bytearray | memoryview):
+        if binary:
+            return "\\\\x" + bytes(value).hex()  # bytea hex, backslash escaped
+        value = bytes(value).decode()
+    if hasattr(value, "isoformat"):
+        return str(value.isoformat())
+    s = str(value)
+    return s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+_BYTEA = [c == "dedupe_key" for c in COLUMNS]
+
+
+def copy_file(bodies: list[bytes], path: Path) -> int:
+    """The rows the sink stores (Decoder + PostgresSink.row_of) as a COPY text file."""
+    decoder = Decoder()
+    n = 0
+    with path.open("w") as out:
+        for body in bodies:
+            raws = [
+                RawRecord(data=ln, tenant="acme-corp", source="s3-main", seq=i, position=None,
+                          event_time=0.0)
+                for i, ln in enumerate(body.splitlines())
+            ]  # fmt: skip
+            for rec in decoder.decode_many(raws):
+                if isinstance(rec, Record):
+                    row = PostgresSink.row_of(rec)
+                    out.write(
+                        "\t".join(_text(v, b) for v, b in zip(row, _BYTEA, strict=True)) + "\n"
+                    )
+                    n += 1
+    return n
+
+
+def psql_copy(url: str, schema: str, path: Path) -> float:
+    table = f"{schema}.copy_limit"  # the sink table's layout: columns, key, check
+    pg_execute(url, f"CREATE TABLE {table} (LIKE {schema}.entities INCLUDING ALL)")
+    cmd = f"\\copy {table} ({', '.join(COLUMNS)}) FROM '{path}'"
+    t0 = time.perf_counter()
+    subprocess.run(["psql", url, "-v", "ON_ERROR_STOP=1", "-q", "-c", cmd], check=True)
+    return time.perf_counter() - t0
+
+
+def run_service(
+    config: Path, workdir: Path, port: int, dsn: str, objects: int, t_uploaded: float
+) -> tuple[float, float, float | None, float]:
+    """(seconds from upload complete to all done, start-up seconds, p95 lag, peak RSS MB)."""
+    env = {**os.environ, "INGEST_DATA_DIR": str(workdir / "svc")}
+    log = (workdir / "service.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ingest.cli.ingest", "run", "--host", "127.0.0.1", "--port",
+         str(port), "--log-level", "WARNING", "--config", str(config)],
+        cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                httpx.get(f"{url}/health/detailed", timeout=1)
+                break
+            except httpx.HTTPError:
+                if proc.poll() is not None:
+                    raise RuntimeError((workdir / "service.log").read_text()) from None
+                time.sleep(0.1)
+        started = time.perf_counter() - t_uploaded
+        while done_count(dsn, "s3-main") < objects:
+            if proc.poll() is not None:
+                raise RuntimeError((workdir / "service.log").read_text())
+            time.sleep(0.2)
+        elapsed = time.perf_counter() - t_uploaded
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        rss = peak_rss_mb(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        log.close()
+    return elapsed, started, p95_from_histogram(metrics), rss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--objects", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, default=8, help="raw GET concurrency")
+    ap.add_argument("--port", type=int, default=0)
+    args = ap.parse_args()
+    pg_url = shared_env()["INGEST_TEST_POSTGRES_URL"]
+    run = uuid.uuid4().hex[:8]
+    prefix = f"bench-s3-{run}/"
+    workdir = Path(tempfile.mkdtemp(prefix="bench-s3-"))
+    schema, dsn = fresh_schema(pg_url, "bench_s3")
+    redis = private_redis()
+    try:
+        print(
+            f"machine: {platform.node()} {os.cpu_count()} cores, Python "
+            f"{platform.python_version()}, load average {os.getloadavg()}"
+        )
+        objs = make_objects(prefix, args.records, args.objects, run)
+        mb = sum(len(b) for b in objs.values()) / 1e6
+        t_up = time.perf_counter()
+        upload(objs, concurrency=8)
+        t_uploaded = time.perf_counter()
+        print(f"uploaded {args.objects} objects, {mb:.0f} MB in {t_uploaded - t_up:.1f}s")
+        config = files_config(
+            workdir / "bench.yaml",
+            redis_url=redis_with_db(redis.url, 0),
+            postgres_url=dsn,
+            sources=[s3_source(prefix)],
+        )
+        elapsed, started, p95, rss = run_service(
+            config, workdir, args.port or free_port(), dsn, args.objects, t_uploaded
+        )
+        rows = sink_count(dsn)
+        if rows != args.records:
+            raise SystemExit(f"sink holds {rows} rows, expected {args.records}")
+        nbytes, nlines, raw_s = asyncio.run(raw_get(list(objs), args.concurrency))
+        copy_path = workdir / "rows.copy"
+        n_copy = copy_file(list(objs.values()), copy_path)
+        del objs
+        copy_s = psql_copy(pg_url, schema, copy_path)
+        rate, raw_rate, copy_rate = args.records / elapsed, nlines / raw_s, n_copy / copy_s
+        print(f"records:                 {args.records:,} in {args.objects} objects ({mb:.0f} MB)")
+        print(
+            f"pipeline (ingest run):   {rate:12,.0f} records/s  ({elapsed:.1f}s from upload"
+            f" complete to all done; service ready after {started:.1f}s)"
+        )
+        print(
+            f"  excluding start-up:    {args.records / (elapsed - started):12,.0f} records/s"
+            f"  ({elapsed - started:.1f}s from service ready to all done)"
+        )
+        print(
+            f"raw GET (aiobotocore):   {raw_rate:12,.0f} records/s  ({raw_s:.1f}s, "
+            f"{nbytes / 1e6 / raw_s:.0f} MB/s, concurrency {args.concurrency})"
+        )
+        print(f"psql \\copy (same rows):  {copy_rate:12,.0f} records/s  ({copy_s:.1f}s)")
+        print(f"ratio pipeline/raw GET:  {rate / raw_rate:.3f}")
+        print(f"ratio pipeline/\\copy:    {rate / copy_rate:.3f}")
+        print(f"p95 lag:                 <= {p95} s (ingest_lag_seconds bucket bound)")
+        print(f"peak RSS (service):      {rss:.0f} MB (VmHWM)")
+        print(f"load average after:      {os.getloadavg()}")
+    finally:
+        redis.close()
+        drop_schema(pg_url, schema)
+        delete_prefix(prefix)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

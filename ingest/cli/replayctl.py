@@ -1,0 +1,466 @@
+"""`replayctl`: the runbook's Replay Operations — plan, approve, run, status, list.
+
+Reads the same config as the service (--config or INGEST_CONFIG; none = embedded SQLite under
+./data or INGEST_DATA_DIR), so plans live next to the state the service writes. Every command
+takes --json. Exit codes: 0 ok, 1 the run failed or a legal hold blocks it, 2 usage (unknown
+plan or source, refused transition), 3 store, source or legal-hold service unreachable,
+130 a run was interrupted (run the same command again to resume).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Column, Table
+
+from ingest.cli.common import EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE, fail, load
+from ingest.config import Config, SQLiteStateConfig
+from ingest.errors import ConfigError, StoreUnavailable
+from ingest.replay import plans as P
+from ingest.replay import runner as R
+
+T = TypeVar("T")
+EXIT_INTERRUPTED = 130
+console = Console(highlight=False)
+
+app = typer.Typer(
+    help="Replay plans: plan a window of a tenant's sources, approve it (an RFA for large "
+    "replays), run it through the normal pipeline, follow it.\n\nUses the service's config "
+    "(--config FILE or INGEST_CONFIG); without one, the embedded SQLite store under ./data "
+    "(or INGEST_DATA_DIR).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Service config file.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
+
+
+# ------------------------------------------------------------------------------ plumbing
+
+
+def _emit(doc: Any) -> None:
+    print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+
+
+def _iso(ts: float | None) -> str | None:
+    return (
+        None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+    )
+
+
+def _when(value: str, option: str) -> float:
+    try:
+        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        fail(f"{option} '{value}' is not an ISO date-time like 2025-01-01T00:00:00Z", EXIT_USAGE)
+    return (dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)).timestamp()
+
+
+def _config(path: Path | None) -> Config:
+    """The service's config; an embedded store that does not exist is 'unreachable', never
+    created empty (the usual cause is running from the wrong directory)."""
+    cfg = load(path)
+    if isinstance(cfg.state, SQLiteStateConfig):
+        db = cfg.under_data_dir(cfg.state.path, "state.db")
+        if not db.exists():
+            fail(
+                f"sqlite replay store at {db.resolve()} does not exist: run replayctl where "
+                "the service keeps its data/ directory, or set INGEST_DATA_DIR / --config",
+                EXIT_UNAVAILABLE,
+            )
+    return cfg
+
+
+def _run(coro: Awaitable[T]) -> T:
+    """asyncio.run with store failures in words (exit 3), never a traceback."""
+
+    async def main() -> T:
+        return await coro
+
+    try:
+        return asyncio.run(main())
+    except StoreUnavailable as exc:
+        fail(str(exc), EXIT_UNAVAILABLE)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+    except P.PlanError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def plan_store(stores: Any) -> P.PlanStore:
+    if stores.sqlite_db is not None:
+        return P.SQLitePlanStore(stores.sqlite_db)
+    return P.PostgresPlanStore(stores.pg_pool)
+
+
+async def _with_store(cfg: Config, fn: Callable[[Any, P.PlanStore], Awaitable[T]]) -> T:
+    from ingest.service import open_stores
+
+    stores = await open_stores(cfg)
+    try:
+        store = plan_store(stores)
+        await store.ensure_schema()
+        return await fn(stores, store)
+    finally:
+        await stores.close()
+
+
+async def _get(store: P.PlanStore, plan_id: str) -> P.Plan:
+    plan = await store.get(plan_id) if P.PLAN_ID.match(plan_id) else None
+    if plan is None:
+        raise P.PlanError(f"no plan {plan_id}; `replayctl list --tenant <tenant>` shows them")
+    return plan
+
+
+def _user() -> str:
+    return os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
+
+
+def _threshold(option: int | None) -> int:
+    if option is not None:
+        return option
+    raw = os.environ.get("INGEST_REPLAY_RFA_THRESHOLD")
+    if not raw:
+        return P.DEFAULT_RFA_THRESHOLD
+    try:
+        return int(raw)
+    except ValueError:
+        fail(f"INGEST_REPLAY_RFA_THRESHOLD '{raw}' is not a whole number", EXIT_USAGE)
+
+
+def _hold_note(plan: P.Plan) -> str:
+    if not os.environ.get("INGEST_LEGAL_HOLD_URL"):
+        return "no legal-hold service configured"
+    return plan.legal_hold or "not checked yet (checked when the plan runs)"
+
+
+def _doc(plan: P.Plan) -> dict[str, Any]:
+    d = plan.to_dict()
+    d["window"] = {"from": _iso(plan.start), "to": _iso(plan.end)}
+    d["legal_hold"] = _hold_note(plan)
+    return d
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+@app.command()
+def plan(
+    tenant: Annotated[str, typer.Option("--tenant", "-t", help="Tenant to replay.")],
+    start: Annotated[str, typer.Option("--from", help="Window start, ISO (inclusive).")],
+    end: Annotated[str, typer.Option("--to", help="Window end, ISO (exclusive).")],
+    sources: Annotated[
+        str,
+        typer.Option(
+            "--sources",
+            help="Comma-separated: s3, sftp, kafka, inbox-dropped or configured source names.",
+        ),
+    ],
+    throttle: Annotated[
+        float, typer.Option("--throttle", min=0.001, help="Records per second during the run.")
+    ] = 100.0,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create a plan (pending_approval) with a size estimate; prints its id."""
+    t0, t1 = _when(start, "--from"), _when(end, "--to")
+    if t0 >= t1:
+        fail(f"--from {start} must be before --to {end}", EXIT_USAGE)
+    cfg = _config(config)
+    try:
+        resolved = R.resolve_sources(cfg, tenant, sources.split(","))
+    except R.UnknownSource as exc:
+        fail(str(exc), EXIT_USAGE)
+    new = P.Plan(
+        id=P.new_id(),
+        tenant=tenant,
+        start=t0,
+        end=t1,
+        sources=resolved,
+        throttle=throttle,
+        created_at=time.time(),
+        created_by=_user(),
+    )
+
+    async def go(stores: Any, store: P.PlanStore) -> None:
+        await R.estimate(cfg, stores, new)
+        await store.save(new)
+
+    _run(_with_store(cfg, go))
+    if json_out:
+        _emit(_doc(new))
+        return
+    console.print(new.id)
+    est = new.estimate_records
+    console.print(
+        f"plan {new.id}: {tenant} {_iso(t0)} .. {_iso(t1)}, {throttle:g} records/s, "
+        f"estimate {'unknown' if est is None else f'{est} records'}; "
+        f"state {new.state}. Next: replayctl approve {new.id}"
+        + (" --rfa RFA-<number>" if P.needs_rfa(new, _threshold(None)) else "")
+    )
+    _estimate_table(new)
+
+
+@app.command()
+def approve(
+    plan_id: Annotated[str, typer.Argument(help="Plan id (rp-...).")],
+    rfa: Annotated[
+        str | None,
+        typer.Option("--rfa", help="Request for approval, RFA-<n>: required for large replays."),
+    ] = None,
+    large_threshold: Annotated[
+        int | None,
+        typer.Option(
+            "--large-threshold", hidden=True, help="Records above which an RFA is needed."
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Approve a pending plan (records who and when)."""
+    cfg = _config(config)
+    threshold = _threshold(large_threshold)
+
+    async def go(stores: Any, store: P.PlanStore) -> P.Plan:
+        p = await _get(store, plan_id)
+        P.approve(p, user=_user(), rfa=rfa, threshold=threshold, now=time.time())
+        await store.save(p)
+        return p
+
+    p = _run(_with_store(cfg, go))
+    if json_out:
+        _emit(_doc(p))
+    else:
+        console.print(
+            f"plan {p.id} approved by {p.approved_by} at {_iso(p.approved_at)}"
+            + (f" under {p.rfa}" if p.rfa else "")
+            + f". Next: replayctl run "
+            f"--plan {p.id}"
+        )
+
+
+@app.command("run")
+def run_cmd(
+    plan_id: Annotated[str, typer.Option("--plan", help="Plan id (rp-...).")],
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run (or resume) an approved plan through decode and delivery at its throttle."""
+    cfg = _config(config)
+    code, p = _run(_replay(cfg, plan_id, json_out=json_out))
+    if json_out:
+        _emit(_doc(p))
+    else:
+        _status(p)
+    raise typer.Exit(code)
+
+
+async def _replay(cfg: Config, plan_id: str, *, json_out: bool) -> tuple[int, P.Plan]:
+    from ingest.service import build_core
+
+    core = await build_core(cfg)
+    try:
+        store = plan_store(core.stores)
+        await store.ensure_schema()
+        p = await _get(store, plan_id)
+        if p.state not in P.RUNNABLE:
+            P.start(p, time.time())  # raises the reason it cannot
+        url = os.environ.get("INGEST_LEGAL_HOLD_URL")
+        try:
+            hold = await R.check_legal_hold(url, p.tenant)
+        except Exception as exc:
+            p.last_error = f"legal-hold service at {url} unreachable: {exc or type(exc).__name__}"
+            await store.save(p)
+            fail(f"{p.last_error}; not running plan {p.id}", EXIT_UNAVAILABLE)
+        if hold.blocked:
+            P.block(p, hold.note)
+            await store.save(p)
+            err = f"refusing to run plan {p.id}: {hold.note} (state {P.BLOCKED})"
+            return _refused(err, json_out), p
+        p.legal_hold = hold.note
+        await core.start_sinks()
+        stop = _StopFlag()
+        try:
+            with stop.installed(), _progress(p, enabled=not json_out) as advance:
+                done = await R.run(core, p, store, on_batch=advance, should_stop=stop.is_set)
+        except (StoreUnavailable, P.PlanError):
+            raise
+        except Exception as exc:  # a source failed: in words, in the plan, resumable
+            unreachable = "unreachable" in str(exc) or isinstance(exc, OSError)
+            msg = f"plan {p.id} failed: {p.last_error}; fix it and run again to resume"
+            fail(msg, EXIT_UNAVAILABLE if unreachable else EXIT_FAILED)
+    finally:
+        await core.close()
+    return (0 if done else EXIT_INTERRUPTED), p
+
+
+def _refused(message: str, json_out: bool) -> int:
+    if not json_out:
+        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}")
+    return EXIT_FAILED
+
+
+class _StopFlag:
+    """First SIGINT/SIGTERM: finish the batch in flight, save progress, stop. Second: now."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def _signal(self) -> None:
+        if self._set:
+            raise KeyboardInterrupt
+        self._set = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_StopFlag]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._signal)
+        try:
+            yield self
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
+@contextlib.contextmanager
+def _progress(p: P.Plan, *, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr (total = the estimate, when known)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    if not enabled:
+        yield lambda n: None
+        return
+    with Progress(
+        f"replay {p.id}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    ) as bar:
+        task = bar.add_task("replay", total=p.estimate_records, completed=p.records_done())
+        yield lambda n: bar.advance(task, n)
+
+
+@app.command()
+def status(
+    plan_id: Annotated[str, typer.Argument(help="Plan id (rp-...).")],
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """State, window, sources, estimate, approval, progress per source, errors."""
+    cfg = _config(config)
+    p = _run(_with_store(cfg, lambda stores, store: _get(store, plan_id)))
+    if json_out:
+        _emit(_doc(p))
+    else:
+        _status(p)
+
+
+def _status(p: P.Plan) -> None:
+    est = p.estimate_records
+    lines = [
+        ("plan", p.id),
+        ("state", p.state),
+        ("tenant", p.tenant),
+        ("window", f"{_iso(p.start)} .. {_iso(p.end)}"),
+        ("sources", ", ".join(s.name for s in p.sources)),
+        ("throttle", f"{p.throttle:g} records/s"),
+        ("estimate", "unknown" if est is None else f"{est} records"),
+        ("created", f"{_iso(p.created_at)} by {p.created_by}"),
+        (
+            "approval",
+            "not approved"
+            if p.approved_by is None
+            else f"{p.approved_by} at {_iso(p.approved_at)}" + (f" ({p.rfa})" if p.rfa else ""),
+        ),
+        ("started", _iso(p.started_at) or "-"),
+        ("finished", _iso(p.finished_at) or "-"),
+        ("records done", str(p.records_done())),
+        ("legal hold", _hold_note(p)),
+        ("last error", p.last_error or "-"),
+    ]
+    for k, v in lines:
+        console.print(f"[bold]{k:>13}[/]  {v}")
+    _estimate_table(p)
+
+
+def _estimate_table(p: P.Plan) -> None:
+    table = Table(
+        "source", "kind", "estimate", "read", "delivered", "duplicate", "dlq", "position", "done"
+    )
+    for s in p.sources:
+        pr = p.progress.get(s.name, P.Progress())
+        est = "unknown" if s.estimate_records is None else str(s.estimate_records)
+        if s.estimate_objects is not None:
+            est += f" ({s.estimate_objects} objects, {s.estimate_bytes} bytes)"
+        pos = (
+            f"{len(pr.items_done)} items"
+            + (f", {pr.current_item}@{pr.current_offset}" if pr.current_item else "")
+            if s.kind in R.OBJECT_KINDS
+            else ", ".join(f"{k}={v}" for k, v in pr.offsets.items()) or "-"
+        )
+        table.add_row(
+            s.name,
+            s.kind,
+            est,
+            str(pr.read),
+            str(pr.delivered),
+            str(pr.duplicate),
+            str(pr.dlq),
+            pos,
+            "yes" if pr.done else "no",
+        )
+    console.print(table)
+
+
+@app.command("list")
+def list_cmd(
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", "-t", help="Tenant (default: all).")
+    ] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Plans, newest first: id, state, window, sources, created, records done."""
+    cfg = _config(config)
+    found = _run(_with_store(cfg, lambda stores, store: store.list(tenant)))
+    if json_out:
+        _emit([_doc(p) for p in found])
+        return
+    table = Table("tenant", "state", "window", "sources", "created", "records done")
+    table.columns.insert(0, Column("id", no_wrap=True))
+    for p in found:
+        table.add_row(
+            p.id,
+            p.tenant,
+            p.state,
+            f"{_iso(p.start)} .. {_iso(p.end)}",
+            ",".join(s.name for s in p.sources),
+            _iso(p.created_at) or "",
+            str(p.records_done()),
+        )
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
