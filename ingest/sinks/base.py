@@ -11,6 +11,13 @@ supersedes it, it was still applied in order; only the last one needs writing); 
 UNCHANGED, a harmless repeat; lower is OLDER_REVISION. Tombstones (`deleted: true`) follow the
 same rule and leave a tombstone with their revision, so a late older revision cannot bring
 the entity back.
+
+Replays: a batch is written again when the worker died after the sink write and before the
+idempotency claim. Judged against what the first pass stored, its superseded records would
+turn into OLDER_REVISION. So every sink keeps, with each entity, the dedupe key of the record
+it holds and the revision it held before (`prev_revision`); when the stored key is this
+batch's winner for the entity, the batch is a replay and is judged against `prev_revision`:
+the same judgement as the first pass (`replay_baseline`).
 """
 
 from __future__ import annotations
@@ -95,4 +102,41 @@ def judge_in_order(
                     stored_revision=high,
                 )
             )
+    return results
+
+
+StoredRow = tuple[int, bytes | None, int | None]  # (revision, dedupe_key, prev_revision)
+
+
+def judge_batch(
+    records: Sequence[Record],
+    stored: Mapping[EntityKey, StoredRow],
+    written: set[EntityKey] | None = None,
+) -> list[SinkResult]:
+    """`judge_in_order`, with replays recognised (see the module docstring).
+
+    An entity with several records in the batch whose stored row holds exactly the batch's
+    winner (same dedupe key) was written by a first pass of this batch: its records are
+    judged against the revision stored before that pass, and the winner, already stored, is
+    UNCHANGED. An entity with one record needs no such care: equal is UNCHANGED either way.
+    """
+    counts: dict[EntityKey, int] = {}
+    for rec in records:
+        counts[rec.entity_key] = counts.get(rec.entity_key, 0) + 1
+    baseline: dict[EntityKey, int | None] = {k: row[0] for k, row in stored.items()}
+    replayed: dict[EntityKey, bytes] = {}
+    for rec in latest_per_entity(records):
+        key = rec.entity_key
+        row = stored.get(key)
+        if row is not None and counts[key] > 1 and row[1] == rec.dedupe_key:
+            baseline[key] = row[2]
+            replayed[key] = rec.dedupe_key
+    if written is not None and replayed:
+        written = written | replayed.keys()
+    results = judge_in_order(records, baseline, written)
+    if replayed:
+        for i, rec in enumerate(records):
+            if replayed.get(rec.entity_key) == rec.dedupe_key:
+                results[i] = SinkResult.unchanged()
+                del replayed[rec.entity_key]
     return results

@@ -32,7 +32,7 @@ import orjson
 
 from ingest.errors import SinkError
 from ingest.records import ReasonCode, Record, SinkResult
-from ingest.sinks.base import EntityKey, judge_in_order, latest_per_entity
+from ingest.sinks.base import EntityKey, StoredRow, judge_batch, latest_per_entity
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
 COLUMNS = (
@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS {t} (
     PRIMARY KEY (tenant, entity_type, entity_id),
     CONSTRAINT {t}_valid CHECK (revision >= 0 AND length(entity_id) <= 256)
 );
+ALTER TABLE {t} ADD COLUMN IF NOT EXISTS prev_revision bigint;
 CREATE OR REPLACE VIEW {t}_live AS SELECT * FROM {t} WHERE NOT deleted;
 """
 
@@ -89,11 +90,16 @@ def _upsert_sql(t: str) -> str:
     (their stored revision) and winners the guard refused. The common batch, one record per
     entity and all applied, returns no rows and skips the anti-join (a one-time filter)."""
     cols = ", ".join(COLUMNS)
-    sets = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[3:]) + ", updated_at = now()"
+    sets = (
+        f"prev_revision = {t}.revision, "
+        + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[3:])
+        + ", updated_at = now()"
+    )
     same = "(u.tenant, u.entity_type, u.entity_id) = (s.tenant, s.entity_type, s.entity_id)"
-    stored = (
-        f"(SELECT o.revision FROM {t} o WHERE o.tenant = s.tenant"
+    stored = ", ".join(
+        f"(SELECT o.{col} FROM {t} o WHERE o.tenant = s.tenant"
         " AND o.entity_type = s.entity_type AND o.entity_id = s.entity_id)"
+        for col in ("revision", "dedupe_key", "prev_revision")
     )
     return f"""
 WITH up AS (
@@ -205,18 +211,18 @@ class PostgresSink:
             if key not in low or rec.revision < low[key]:
                 low[key] = rec.revision
         rows = [(*self.row_of(w), low[w.entity_key]) for w in winners]
-        stored: dict[EntityKey, int | None] = {}
+        stored: dict[EntityKey, StoredRow] = {}
         refused: set[EntityKey] = set()
         bad: dict[EntityKey, SinkResult] = {}
         await self._apply(rows, stored, refused, bad)
         written = {w.entity_key for w in winners} - refused - bad.keys()
-        results = judge_in_order(records, stored, written)
+        results = judge_batch(records, stored, written)
         return [bad.get(r.entity_key, res) for r, res in zip(records, results, strict=True)]
 
     async def _apply(
         self,
         rows: list[tuple[Any, ...]],
-        stored: dict[EntityKey, int | None],
+        stored: dict[EntityKey, StoredRow],
         refused: set[EntityKey],
         bad: dict[EntityKey, SinkResult],
     ) -> None:
@@ -238,10 +244,10 @@ class PostgresSink:
             await self._apply(rows[:mid], stored, refused, bad)
             await self._apply(rows[mid:], stored, refused, bad)
             return
-        for tenant, etype, eid, revision, was_written in out:
+        for tenant, etype, eid, revision, dedupe_key, prev_revision, was_written in out:
             key = (tenant, etype, eid)
             if revision is not None:
-                stored[key] = revision
+                stored[key] = (revision, dedupe_key, prev_revision)
             if not was_written:
                 refused.add(key)
 

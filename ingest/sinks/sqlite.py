@@ -24,7 +24,7 @@ import orjson
 
 from ingest.errors import IngestError, SinkError
 from ingest.records import ReasonCode, Record, SinkResult, SinkStatus
-from ingest.sinks.base import EntityKey, judge_in_order
+from ingest.sinks.base import EntityKey, StoredRow, judge_batch
 from ingest.state.sqlite import Migration, SQLiteDB, chunks, immediate, marks
 
 SINK_MIGRATIONS: tuple[Migration, ...] = (
@@ -39,6 +39,8 @@ SINK_MIGRATIONS: tuple[Migration, ...] = (
             "CREATE VIEW live_entities AS SELECT * FROM entities WHERE deleted = 0",
         ),
     ),
+    # The revision held before the last write: replays are judged against it (sinks/base.py).
+    Migration(102, "prev_revision", ("ALTER TABLE entities ADD COLUMN prev_revision INTEGER",)),
 )
 
 _dumps = orjson.dumps
@@ -49,28 +51,30 @@ _COLS = (
 _INSERT = f"INSERT INTO entities ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _UPSERT = (
     _INSERT + " ON CONFLICT (tenant, entity_type, entity_id) DO UPDATE SET"
-    " revision = excluded.revision, deleted = excluded.deleted,"
+    " prev_revision = entities.revision, revision = excluded.revision,"
+    " deleted = excluded.deleted,"
     " occurred_at = excluded.occurred_at, attributes = excluded.attributes,"
     " relations = excluded.relations, dedupe_key = excluded.dedupe_key,"
     " updated_at = excluded.updated_at WHERE entities.revision < excluded.revision"
 )
 
 
-def _stored_revisions(c: sqlite3.Connection, keys: list[EntityKey]) -> dict[EntityKey, int | None]:
-    """Stored revision of each entity present. Grouped by (tenant, entity_type) so each query
-    is a primary-key search with an IN list on entity_id (row-value IN lists scan the table)."""
+def _stored_rows(c: sqlite3.Connection, keys: list[EntityKey]) -> dict[EntityKey, StoredRow]:
+    """(revision, dedupe_key, prev_revision) of each entity present. Grouped by (tenant,
+    entity_type) so each query is a primary-key search with an IN list on entity_id
+    (row-value IN lists scan the table)."""
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for tenant, entity_type, entity_id in keys:
         groups[(tenant, entity_type)].append(entity_id)
-    stored: dict[EntityKey, int | None] = {}
+    stored: dict[EntityKey, StoredRow] = {}
     for (tenant, entity_type), ids in groups.items():
         for part in chunks(ids):
             sql = (
-                "SELECT entity_id, revision FROM entities WHERE tenant = ? AND entity_type = ?"
-                f" AND entity_id IN ({marks(len(part))})"
+                "SELECT entity_id, revision, dedupe_key, prev_revision FROM entities"
+                f" WHERE tenant = ? AND entity_type = ? AND entity_id IN ({marks(len(part))})"
             )
-            for entity_id, rev in c.execute(sql, (tenant, entity_type, *part)):
-                stored[(tenant, entity_type, entity_id)] = rev
+            for entity_id, rev, dkey, prev in c.execute(sql, (tenant, entity_type, *part)):
+                stored[(tenant, entity_type, entity_id)] = (rev, dkey, prev)
     return stored
 
 
@@ -164,8 +168,7 @@ class SQLiteSink:
         now = time.time()
         rows = [SQLiteSink.row_of(rec, now) for rec in batch]
         keys: list[EntityKey] = [row[:3] for row in rows]
-        stored = _stored_revisions(c, list(dict.fromkeys(keys)))
-        results = judge_in_order(batch, stored)
+        results = judge_batch(batch, _stored_rows(c, list(dict.fromkeys(keys))))
         # The last APPLIED record of an entity is its `latest_per_entity` winner (highest
         # revision, first among equals) and is newer than stored: exactly the rows to write.
         winners: dict[EntityKey, tuple[Any, ...]] = {}
