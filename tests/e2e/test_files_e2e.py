@@ -15,6 +15,7 @@ our own (`scripts/services/up.sh seaweedfs sshd postgres redis`).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -79,6 +80,13 @@ def prefix() -> Iterator[str]:
     delete_prefix(p)
 
 
+@pytest.fixture()
+def inbox() -> Iterator[Path]:
+    d = sftp_dir("e2e-files")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 def idempotency_keys(config: Path) -> int:
     out = subprocess.run(
         [sys.executable, "-m", "ingest.cli.ingest", "idempotency-stats", "--config",
@@ -95,12 +103,11 @@ def checkpoint(svc: ServiceProcess, adapter: str) -> dict[str, object] | None:
 
 # ---------------------------------------------------------------------- 1. kill -9
 def test_kill9_mid_object_and_mid_file_then_restart_exactly_once(
-    tmp_path: Path, redis_server: PrivateServer, pg_dsn: str, prefix: str
+    tmp_path: Path, redis_server: PrivateServer, pg_dsn: str, prefix: str, inbox: Path
 ) -> None:
     per_item = 50_000
     objects = {f"{prefix}orders-{i}.jsonl": lines(f"s3o{i}", per_item) for i in range(2)}
     upload(objects)
-    inbox = sftp_dir("e2e-kill")
     for i in range(2):
         sftp_drop(inbox, f"orders-{i}.jsonl", lines(f"sftpf{i}", per_item))
     expected = {f"{t}{i}-{n}" for t in ("s3o", "sftpf") for i in range(2) for n in range(per_item)}
@@ -160,11 +167,10 @@ def test_kill9_mid_object_and_mid_file_then_restart_exactly_once(
 
 # ---------------------------------------------------------------------- 2, 4, 5
 def test_late_lower_key_runbook_tools_and_health(
-    tmp_path: Path, redis_server: PrivateServer, pg_dsn: str, prefix: str
+    tmp_path: Path, redis_server: PrivateServer, pg_dsn: str, prefix: str, inbox: Path
 ) -> None:
     n = 500
     upload({f"{prefix}b-{i:03d}.jsonl": lines(f"b{i}", n) for i in range(3)})
-    inbox = sftp_dir("e2e-runbook")
     for i in range(2):
         sftp_drop(inbox, f"f-{i}.jsonl", lines(f"f{i}", n))
 
