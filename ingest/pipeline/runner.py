@@ -32,6 +32,7 @@ _HOLD = (BackpressureState.DRAIN, BackpressureState.PAUSED)
 class _Decoded:
     batch: SourceBatch
     decoded: list[Record | DecodeFailure]
+    claimed_before: asyncio.Task[set[bytes]]
 
 
 class SourceRunner:
@@ -95,7 +96,8 @@ class SourceRunner:
                     self.on_pending(-len(batch.records))
                     break
                 decoded = self.decoder.decode_many(batch.records)
-                await queue.put(_Decoded(batch, decoded))
+                lookup = self.pipeline.prefetch_seen(decoded)
+                await queue.put(_Decoded(batch, decoded, lookup))
         except Exception:
             log.exception("source %s failed while reading", self.source.name)
             self.source.health().error("reader stopped after an unexpected error; see logs")
@@ -134,7 +136,11 @@ class SourceRunner:
             self.tracker.add(item.batch)
             if item.batch.records:  # an empty batch still commits (e.g. end of a file)
                 async with self.admission.in_flight():
-                    await self.pipeline.deliver(item.batch.records, item.decoded)
+                    await self.pipeline.deliver(
+                        item.batch.records, item.decoded, claimed_before=item.claimed_before
+                    )
+            else:
+                item.claimed_before.cancel()
             for ready in self.tracker.done(item.batch):
                 await self._commit(ready)
 

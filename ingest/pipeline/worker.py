@@ -21,7 +21,7 @@ import asyncio
 import logging
 import random
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,6 +48,7 @@ from ingest.state.base import DLQStore, DroppedStore, IdempotencyStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_PREFETCH_DEPTH = 16  # claims kept: a lookup runs <= 2 batches ahead, per source runner
 _FAILED = SinkStatus.FAILED  # module constants: Enum attribute access is slow in a hot loop
 _UNCHANGED = SinkStatus.UNCHANGED
 
@@ -107,6 +108,25 @@ class Pipeline:
         self.sleep = sleep
         self.rng = rng or random.Random()
         self.store_errors: list[str] = []  # recent store outages, for /health/detailed
+        # Keys claimed by the last few batches: a lookup prefetched before they were claimed
+        # (prefetch_seen) is completed from here, so prefetching loses no duplicate.
+        self._recent_claims: deque[set[bytes]] = deque(maxlen=_PREFETCH_DEPTH)
+
+    def prefetch_seen(self, decoded: Sequence[Record | DecodeFailure]) -> asyncio.Task[set[bytes]]:
+        """Start the idempotency lookup of a batch now, while earlier batches are delivered.
+
+        The runner decodes one batch ahead; starting its lookup at once overlaps the store's
+        round trip with the sink writes of the batch before.
+        """
+        keys = [r.dedupe_key for r in decoded if isinstance(r, Record)]
+
+        async def lookup() -> set[bytes]:
+            if not keys:
+                return set()
+            flags = await self.until_ok("idempotency", lambda: self.idempotency.seen(keys))
+            return {k for k, f in zip(keys, flags, strict=True) if f}
+
+        return asyncio.ensure_future(lookup())
 
     # ------------------------------------------------------------------ the batch path
     async def deliver(
@@ -117,6 +137,7 @@ class Pipeline:
         check_duplicates: bool = True,
         only_sinks: Sequence[Collection[str] | None] | None = None,
         count_processed: bool = True,
+        claimed_before: Awaitable[set[bytes]] | None = None,
     ) -> BatchReport:
         """Take a decoded batch to durable: sinks or DLQ. Returns the batch's counts.
 
@@ -124,6 +145,7 @@ class Pipeline:
         `check_duplicates=False` (its records were claimed when they first went to the DLQ)
         and `only_sinks[i]`, the sink a DLQ entry failed at (None: every routed sink), and
         `count_processed=False` (the records were counted when first processed).
+        `claimed_before` is the runner's `prefetch_seen` of this batch.
         """
         report = BatchReport()
         tally: Counter[tuple[str, str, str]] = Counter()  # (tenant, source, outcome)
@@ -140,7 +162,7 @@ class Pipeline:
                 records.append((i, item))
 
         if check_duplicates:
-            records = await self._drop_duplicates(records, report, tally)
+            records = await self._drop_duplicates(records, report, tally, claimed_before)
         records = await self._brownout(records, report, tally, now)
 
         by_sink: dict[str, list[tuple[int, Record]]] = defaultdict(list)
@@ -176,6 +198,7 @@ class Pipeline:
         claim = [rec.dedupe_key for _, rec in records]
         if claim:
             await self.until_ok("idempotency", lambda: self.idempotency.claim(claim))
+            self._recent_claims.append(set(claim))
 
         if count_processed:
             counts: Counter[tuple[str, str]] = Counter((raw.tenant, raw.source) for raw in raws)
@@ -220,8 +243,13 @@ class Pipeline:
         records: list[tuple[int, Record]],
         report: BatchReport,
         tally: Counter[tuple[str, str, str]],
+        claimed_before: Awaitable[set[bytes]] | None,
     ) -> list[tuple[int, Record]]:
-        """A record whose key is in this batch already, or was claimed before, has no effect."""
+        """A record whose key is in this batch already, or was claimed before, has no effect.
+
+        `claimed_before` is a lookup started while the previous batches were still being
+        delivered (see `prefetch_seen`); claims made since are in `_recent_claims`.
+        """
         first: list[tuple[int, Record]] = []
         keys_in_batch: set[bytes] = set()
         for i, rec in records:
@@ -233,11 +261,17 @@ class Pipeline:
                 first.append((i, rec))
         if not first:
             return first
-        keys = [rec.dedupe_key for _, rec in first]
-        seen = await self.until_ok("idempotency", lambda: self.idempotency.seen(keys))
+        if claimed_before is None:
+            keys = [rec.dedupe_key for _, rec in first]
+            flags = await self.until_ok("idempotency", lambda: self.idempotency.seen(keys))
+            seen = {k for k, f in zip(keys, flags, strict=True) if f}
+        else:
+            seen = await claimed_before
+        recent = self._recent_claims
         fresh: list[tuple[int, Record]] = []
-        for (i, rec), was_seen in zip(first, seen, strict=True):
-            if was_seen:
+        for i, rec in first:
+            key = rec.dedupe_key
+            if key in seen or any(key in claimed for claimed in recent):
                 tally[(rec.raw.tenant, rec.raw.source, "duplicate")] += 1
                 report.duplicate += 1
             else:
