@@ -21,10 +21,11 @@ import asyncio
 import logging
 import random
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import islice
 from typing import Any, TypeVar
 
 from ingest.config import Config
@@ -48,7 +49,9 @@ from ingest.state.base import DLQStore, DroppedStore, IdempotencyStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_PREFETCH_DEPTH = 16  # claims kept: a lookup runs <= 2 batches ahead, per source runner
+# Keys of recent claims kept in memory: a prefetched lookup runs at most two batches ahead of
+# its source's claims; this covers that for many sources claiming in between.
+_RECENT_CLAIMS = 100_000
 _FAILED = SinkStatus.FAILED  # module constants: Enum attribute access is slow in a hot loop
 _UNCHANGED = SinkStatus.UNCHANGED
 
@@ -110,7 +113,15 @@ class Pipeline:
         self.store_errors: list[str] = []  # recent store outages, for /health/detailed
         # Keys claimed by the last few batches: a lookup prefetched before they were claimed
         # (prefetch_seen) is completed from here, so prefetching loses no duplicate.
-        self._recent_claims: deque[set[bytes]] = deque(maxlen=_PREFETCH_DEPTH)
+        self._recent_claims: dict[bytes, None] = {}  # insertion-ordered, bounded
+
+    def _remember_claims(self, keys: Sequence[bytes]) -> None:
+        recent = self._recent_claims
+        recent.update(dict.fromkeys(keys))
+        excess = len(recent) - _RECENT_CLAIMS
+        if excess > 0:
+            for key in list(islice(recent, excess)):
+                del recent[key]
 
     def prefetch_seen(self, decoded: Sequence[Record | DecodeFailure]) -> asyncio.Task[set[bytes]]:
         """Start the idempotency lookup of a batch now, while earlier batches are delivered.
@@ -198,7 +209,7 @@ class Pipeline:
         claim = [rec.dedupe_key for _, rec in records]
         if claim:
             await self.until_ok("idempotency", lambda: self.idempotency.claim(claim))
-            self._recent_claims.append(set(claim))
+            self._remember_claims(claim)
 
         if count_processed:
             counts: Counter[tuple[str, str]] = Counter((raw.tenant, raw.source) for raw in raws)
@@ -271,7 +282,7 @@ class Pipeline:
         fresh: list[tuple[int, Record]] = []
         for i, rec in first:
             key = rec.dedupe_key
-            if key in seen or any(key in claimed for claimed in recent):
+            if key in seen or key in recent:
                 tally[(rec.raw.tenant, rec.raw.source, "duplicate")] += 1
                 report.duplicate += 1
             else:
