@@ -220,16 +220,22 @@ async def build_sources(cfg: C.Config, stores: Stores) -> SourceSet:
             out.sources.append(KafkaSource(sc, max_record_bytes=cfg.http.max_record_bytes))
         elif isinstance(sc, C.S3SourceConfig | C.SFTPSourceConfig):
             leases = await _lease_store(cfg, stores)
+            # A stable state.worker_id lets a restarted worker take back its own leases at
+            # once instead of waiting for them to expire.
+            state = cfg.state
+            wid = (
+                state.worker_id
+                if isinstance(state, C.ProductionStateConfig) and state.worker_id
+                else worker_id()
+            )
             if isinstance(sc, C.S3SourceConfig):
                 from ingest.sources.s3 import S3Source
 
-                out.sources.append(S3Source(sc, stores.checkpoints, leases, worker_id=worker_id()))
+                out.sources.append(S3Source(sc, stores.checkpoints, leases, worker_id=wid))
             else:
                 from ingest.sources.sftp import SFTPSource
 
-                out.sources.append(
-                    SFTPSource(sc, stores.checkpoints, leases, worker_id=worker_id())
-                )
+                out.sources.append(SFTPSource(sc, stores.checkpoints, leases, worker_id=wid))
     return out
 
 
