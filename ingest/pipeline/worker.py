@@ -32,7 +32,7 @@ from ingest.config import Config
 from ingest.errors import SinkError, StoreUnavailable
 from ingest.metrics import Metrics, observe_many
 from ingest.pipeline.admission import Admission
-from ingest.pipeline.breaker import CircuitBreaker
+from ingest.pipeline.breaker import BreakerState, CircuitBreaker
 from ingest.pipeline.decode import DecodeFailure
 from ingest.pipeline.retry import RetryPolicy
 from ingest.records import (
@@ -183,7 +183,10 @@ class Pipeline:
                 if targets is None or sink_name in targets:
                     by_sink[sink_name].append((i, rec))
         outcomes = await asyncio.gather(
-            *(self._deliver_to_sink(name, items) for name, items in by_sink.items())
+            *(
+                self._deliver_to_sink(name, items, [n for n in by_sink if n != name])
+                for name, items in by_sink.items()
+            )
         )
         failed_records: set[int] = set()
         all_unchanged: dict[int, bool] = {}
@@ -314,9 +317,14 @@ class Pipeline:
 
     # ------------------------------------------------------------------ one sink
     async def _deliver_to_sink(
-        self, sink_name: str, items: Sequence[tuple[int, Record]]
+        self, sink_name: str, items: Sequence[tuple[int, Record]], others: Sequence[str]
     ) -> list[tuple[SinkResult, int]]:
-        """Final (result, attempts) per record: retry retryable failures, breaker first."""
+        """Final (result, attempts) per record: retry retryable failures, breaker first.
+
+        An open breaker is waited out (records wait for the sink to come back) only when no
+        other sink of the batch is working: otherwise its records go to the DLQ as
+        CIRCUIT_OPEN at once, for redrive, so a broken sink never holds back the others.
+        """
         lane = self.lanes[sink_name]
         records = [rec for _, rec in items]
         final: list[tuple[SinkResult, int] | None] = [None] * len(records)
@@ -341,6 +349,8 @@ class Pipeline:
                 break
             delay = self.retry.backoff(attempt, self.rng)
             if reason is ReasonCode.CIRCUIT_OPEN:
+                if any(self.lanes[o].breaker.state is not BreakerState.OPEN for o in others):
+                    break
                 delay = max(delay, lane.breaker.retry_after())
             elapsed = time.monotonic() - started
             if not self.retry.should_retry(reason, attempt, elapsed, delay):

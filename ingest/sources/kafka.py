@@ -17,12 +17,23 @@ Why it is shaped this way:
   stays in the group past max.poll.interval.ms and still answers rebalances); `resume()`
   continues exactly where reading stopped.
 
+* A watcher task keeps the lag true while nobody reads: librdkafka's statistics (the usual
+  source of the high watermark) arrive only from inside consume() and only for partitions
+  being fetched, so they say nothing for a partition not yet fetched, nor while the runner
+  is drained/paused (it stops pulling batches) or the source is stopped. When a partition's
+  high watermark is older than WATERMARK_STALE_S, the watcher asks the broker (ListOffsets,
+  and the group's committed offset when this member knows none) through a small admin
+  client, awaited on the loop, at most every WATERMARK_STALE_S. When the `batches()`
+  iterator has been left suspended for KEEPALIVE_AFTER_S (the runner's drain/pause gate), the
+  watcher pauses the partitions and polls, as `stop()` does, so the member stays in the group.
+
 Lag (`health().lag_seconds`, the max over partitions, and `partition_lag()`): per partition,
 now minus the timestamp of the oldest message read but not yet committed; with nothing in
-flight but unread messages behind the high watermark (from librdkafka statistics, refreshed
-every second), now minus the moment that backlog was first seen, a lower bound on the unread
-message's age that never overstates a burst; 0 when caught up. `offsets_behind` is the high
-watermark minus the committed offset (what `kafka-consumer-groups.sh --describe` calls LAG).
+flight but unread messages behind the high watermark, now minus the moment this member first
+saw that backlog (a lower bound on the unread message's age that never overstates a burst);
+0 when caught up. `offsets_behind` is the high watermark minus the committed offset (what
+`kafka-consumer-groups.sh --describe` calls LAG); with no committed offset at all, minus the
+offset reading starts at (`auto.offset.reset`: the low watermark for `earliest`).
 """
 
 from __future__ import annotations
@@ -41,10 +52,12 @@ import orjson
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
+    ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
 from ingest.config import KafkaSourceConfig
 from ingest.records import RawRecord
@@ -58,6 +71,15 @@ KafkaPosition = dict[TP, tuple[int, int]]
 
 POLL_TIMEOUT_S = 0.5  # bounds how long stop()/close() wait for the poll thread
 CALL_TIMEOUT_S = 10.0  # broker round trips made on purpose (offsets_for_times, watermarks)
+WATCH_INTERVAL_S = 1.0  # how often the watcher looks at watermarks and the iterator
+WATERMARK_STALE_S = 2.0  # a high watermark older than this is fetched from the broker
+WATERMARK_TIMEOUT_S = 2.0  # per request of that refresh: never hold the poll thread long
+KEEPALIVE_AFTER_S = 5.0  # iterator suspended this long (drained/paused runner): keep alive
+_EARLIEST = ("earliest", "smallest", "beginning")
+_LATEST: OffsetSpec = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+_EARLIEST_SPEC: OffsetSpec = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
+# settings of cfg.extra the offsets admin client shares with the consumer
+_ADMIN_PREFIXES = ("security.", "sasl.", "ssl.", "socket.", "broker.", "client.dns", "metadata.")
 _T = TypeVar("_T")
 
 
@@ -71,7 +93,9 @@ class _Partition:
     inflight: deque[tuple[int, float]] = field(default_factory=deque)  # (first offset, ts)
     start: int | None = None  # first offset read this epoch
     next_offset: int | None = None  # offset after the last message read
-    hi: int | None = None  # high watermark, from statistics
+    hi: int | None = None  # high watermark: statistics while fetching, else the watcher
+    hi_at: float | None = None  # time.monotonic() of the last fresh high watermark
+    reset_at: int | None = None  # where reading starts with no committed offset (watcher)
     group_committed: int | None = None  # committed offset librdkafka reports, from statistics
     behind_since: float | None = None  # when unread messages were first seen
 
@@ -109,6 +133,13 @@ class KafkaSource:
         self._closed = False
         self._iterating = False
         self._keepalive: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._paused = False  # partitions paused by stop() or the watcher; _read un-pauses
+        self._suspended_at: float | None = None  # monotonic: batches() left waiting at yield
+        self._admin_client: AdminClient | None = None  # offsets only: see _refresh_offsets
+        self._next_refresh = 0.0  # monotonic: no watermark refresh before (backoff on errors)
+        reset = str(cfg.extra.get("auto.offset.reset", "earliest"))
+        self._reset_earliest = reset in _EARLIEST
         self._health = AdapterHealth()
         self.skipped_commits = 0  # partitions of commit() calls ignored: revoked since read
 
@@ -142,6 +173,9 @@ class KafkaSource:
 
         await self._on_poll_thread(create)
         self._health.status = "running"
+        self._watcher = asyncio.get_running_loop().create_task(
+            self._watch(), name=f"kafka-watch-{self.name}"
+        )
 
     async def batches(self) -> AsyncIterator[SourceBatch]:
         self._iterating = True
@@ -149,7 +183,11 @@ class KafkaSource:
             while not self._stopping and not self._closed:
                 batch = await self._on_poll_thread(self._read)
                 if batch is not None:
-                    yield batch
+                    self._suspended_at = time.monotonic()
+                    try:
+                        yield batch
+                    finally:
+                        self._suspended_at = None
         finally:
             self._iterating = False
             self._start_keepalive()
@@ -182,6 +220,7 @@ class KafkaSource:
 
         def unpause() -> None:
             self._consumer.resume(self._consumer.assignment())
+            self._paused = False
 
         await self._on_poll_thread(unpause)
         self._health.status = "running"
@@ -191,6 +230,9 @@ class KafkaSource:
             return
         self._stopping = True
         self._closed = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         if self._keepalive is not None:
             await self._keepalive
         if self._consumer is not None:
@@ -231,6 +273,9 @@ class KafkaSource:
         return await asyncio.get_running_loop().run_in_executor(self._poll_pool, fn)
 
     def _read(self) -> SourceBatch | None:
+        if self._paused:  # by the watcher while the iterator waited (drained runner)
+            self._consumer.resume(self._consumer.assignment())
+            self._paused = False
         if self._held:
             msgs, self._held = self._held[: self.cfg.batch_size], self._held[self.cfg.batch_size :]
         else:
@@ -299,8 +344,7 @@ class KafkaSource:
                     part.start = offset
                 position[key] = (part.epoch, last[key])
                 part.next_offset = last[key] + 1
-                if part.hi is None or part.next_offset >= part.hi:
-                    part.behind_since = None
+                _note_backlog(part, now)
         if self._health.status == "error":
             self._health.status = "running"
         self._health.records_read += len(records)
@@ -346,7 +390,8 @@ class KafkaSource:
                 old = self._parts.get(key)
                 part = self._parts[key] = _Partition(self._next_epoch(key), next_offset=offset)
                 if old is not None:
-                    part.hi, part.group_committed = old.hi, old.group_committed
+                    part.hi, part.hi_at = old.hi, old.hi_at
+                    part.group_committed = old.group_committed
             self._held = [m for m in self._held if (m.topic(), m.partition()) not in out]
         return out
 
@@ -395,6 +440,127 @@ class KafkaSource:
             self._held = [m for m in self._held if (m.topic(), m.partition()) not in keys]
         log.info("%s: %s %s", self.name, why, sorted(tp_name(k) for k in keys))
 
+    # -- watcher: watermarks and keepalive while nobody reads --------------------------------
+
+    async def _watch(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            try:
+                if self._closed:
+                    return
+                if self._stale():
+                    await self._refresh_offsets()
+                suspended = self._suspended_at
+                if (
+                    suspended is not None
+                    and not self._stopping
+                    and time.monotonic() - suspended >= KEEPALIVE_AFTER_S
+                ):
+                    # the runner holds the iterator (drain/pause): keep the member in the
+                    # group and fetch nothing, as stop() does; the next read un-pauses
+                    await self._on_poll_thread(self._keepalive_poll)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let the watcher die: lag would freeze again
+                log.warning("%s: watcher: %s", self.name, exc)
+
+    def _stale(self) -> bool:
+        now = time.monotonic()
+        if now < self._next_refresh:
+            return False
+        with self._state:
+            return any(
+                p.hi_at is None or now - p.hi_at >= WATERMARK_STALE_S for p in self._parts.values()
+            )
+
+    def _keepalive_poll(self) -> None:
+        if self._suspended_at is not None and not self._stopping and not self._closed:
+            self._idle_poll()
+
+    async def _refresh_offsets(self) -> None:
+        """High (and low) watermarks from the broker for partitions whose statistics are
+        stale, and the group's committed offset where this member knows none.
+
+        Asked through a separate admin client, batched, and awaited here: the consumer's own
+        `get_watermark_offsets(cached=False)` queues behind its long-poll Fetch on the same
+        connection (`fetch.wait.max.ms`, 0.5 s per partition) and would hold the poll thread.
+        """
+        started = time.monotonic()
+        self._next_refresh = started + WATERMARK_STALE_S
+        with self._state:
+            stale = {
+                key: p.epoch
+                for key, p in self._parts.items()
+                if p.hi_at is None or started - p.hi_at >= WATERMARK_STALE_S
+            }
+            unknown = [key for key in stale if _reading_from(self._parts[key]) is None]
+        if not stale:
+            return
+        try:
+            his = await self._list_offsets(list(stale), _LATEST)
+            los = await self._list_offsets(unknown, _EARLIEST_SPEC) if unknown else {}
+            group = await self._group_offsets(unknown) if unknown else {}
+        except (KafkaException, TimeoutError) as exc:  # broker unreachable: retry later
+            self._next_refresh = time.monotonic() + 5 * WATERMARK_STALE_S
+            log.info("%s: watermark refresh failed: %s", self.name, exc)
+            return
+        now, fresh = self._clock(), time.monotonic()
+        with self._state:
+            for key, epoch in stale.items():
+                part = self._parts.get(key)
+                if part is None or part.epoch != epoch or key not in his:
+                    continue
+                part.hi = max(part.hi or 0, his[key])
+                part.hi_at = fresh
+                if key in group and group[key] >= 0:
+                    part.group_committed = group[key]
+                elif key in group and key in los:  # no committed offset: auto.offset.reset
+                    part.reset_at = los[key] if self._reset_earliest else part.hi
+                _note_backlog(part, now)
+
+    async def _list_offsets(self, keys: list[TP], spec: OffsetSpec) -> dict[TP, int]:
+        futures = self._admin().list_offsets(
+            {TopicPartition(*key): spec for key in keys},
+            request_timeout=WATERMARK_TIMEOUT_S,
+        )
+        out: dict[TP, int] = {}
+        for tp, fut in futures.items():
+            try:
+                info = await asyncio.wait_for(asyncio.wrap_future(fut), 2 * WATERMARK_TIMEOUT_S)
+            except KafkaException as exc:  # this partition only (e.g. leader moving)
+                log.info("%s: offsets of %s: %s", self.name, tp_name((tp.topic, tp.partition)), exc)
+                continue
+            if info.offset >= 0:
+                out[(tp.topic, tp.partition)] = int(info.offset)
+        return out
+
+    async def _group_offsets(self, keys: list[TP]) -> dict[TP, int]:
+        request = ConsumerGroupTopicPartitions(
+            self.cfg.group_id, [TopicPartition(*key) for key in keys]
+        )
+        futures = self._admin().list_consumer_group_offsets(
+            [request], request_timeout=WATERMARK_TIMEOUT_S
+        )
+        result = await asyncio.wait_for(
+            asyncio.wrap_future(futures[self.cfg.group_id]), 2 * WATERMARK_TIMEOUT_S
+        )
+        return {
+            (tp.topic, tp.partition): int(tp.offset)
+            for tp in result.topic_partitions or ()
+            if tp.error is None
+        }
+
+    def _admin(self) -> AdminClient:
+        if self._admin_client is None:
+            # connection and security settings only: consumer settings would be warned about
+            conf: dict[str, Any] = {
+                "bootstrap.servers": self.cfg.brokers,
+                "client.id": f"ingest-{self.cfg.name}-offsets",
+                **{k: v for k, v in self.cfg.extra.items() if k.startswith(_ADMIN_PREFIXES)},
+            }
+            self._admin_client = AdminClient(conf)
+        return self._admin_client
+
     # -- keepalive while stopped ------------------------------------------------------------
 
     def _start_keepalive(self) -> None:
@@ -409,6 +575,7 @@ class KafkaSource:
     def _idle_poll(self) -> None:
         consumer = self._consumer
         consumer.pause(consumer.assignment())
+        self._paused = True
         msgs = consumer.consume(self.cfg.batch_size, POLL_TIMEOUT_S)
         if msgs:  # fetched before the pause took effect: keep them, in order, for resume()
             self._held.extend(m for m in msgs if m.error() is None)
@@ -479,15 +646,14 @@ class KafkaSource:
                     part = self._parts.get((topic, int(pid)))
                     if part is None:
                         continue
-                    if p.get("hi_offset", -1) >= 0:
-                        part.hi = int(p["hi_offset"])
+                    # a paused partition is not fetched: its hi_offset in the statistics
+                    # is the last one fetched, stale; the watcher asks the broker instead
+                    if p.get("hi_offset", -1) >= 0 and not self._paused:
+                        part.hi = max(part.hi or 0, int(p["hi_offset"]))
+                        part.hi_at = time.monotonic()
                     if p.get("committed_offset", -1) >= 0:
                         part.group_committed = int(p["committed_offset"])
-                    reading_at = _first(part.next_offset, part.committed, part.group_committed)
-                    if part.hi is not None and reading_at is not None and part.hi > reading_at:
-                        part.behind_since = part.behind_since or now
-                    else:
-                        part.behind_since = None
+                    _note_backlog(part, now)
         if self._health.status == "error" and any(
             b.get("state") == "UP" and b.get("nodeid", -1) >= 0
             for b in stats.get("brokers", {}).values()
@@ -499,8 +665,22 @@ def _first(*values: int | None) -> int | None:
     return next((v for v in values if v is not None), None)
 
 
+def _note_backlog(part: _Partition, now: float) -> None:
+    """Start (or end) the clock of unread messages behind the high watermark."""
+    reading_at = _first(part.next_offset, part.committed, part.group_committed, part.reset_at)
+    if part.hi is not None and reading_at is not None and part.hi > reading_at:
+        part.behind_since = part.behind_since or now
+    else:
+        part.behind_since = None
+
+
+def _reading_from(p: _Partition) -> int | None:
+    """The partition's committed offset as far as known (else where reading began)."""
+    return _first(p.committed, p.group_committed, p.start, p.reset_at)
+
+
 def _lag(p: _Partition, now: float) -> dict[str, float | int]:
-    committed = _first(p.committed, p.group_committed, p.start)
+    committed = _reading_from(p)
     hi = max(p.hi or 0, p.next_offset or 0)
     behind = max(0, hi - committed) if committed is not None else 0
     if p.inflight:

@@ -3,13 +3,14 @@ rebalance, seek by time, stop/resume, lag, and a broker restart mid-consume."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import orjson
 from confluent_kafka import Consumer, TopicPartition
 
 from ingest.records import RawRecord
-from ingest.sources.kafka import KafkaSource
+from ingest.sources.kafka import KafkaSource, tp_name
 from tests.integration import _fixtures_kafka as fx
 from tests.integration._fixtures_kafka import (
     Reader,
@@ -331,3 +332,104 @@ async def test_broker_restart_mid_consume_reconnects_by_itself(
     rows = describe_group(kafka_bin, brokers, group)
     assert sum(int(r["CURRENT-OFFSET"]) for r in rows.values()) == 60
     assert {int(r["LAG"]) for r in rows.values()} == {0}
+
+
+async def test_lag_while_not_fetching_comes_from_the_broker_and_returns_to_zero(
+    brokers: str, kafka_bin: str, make_topic: TopicFactory, group: str,
+    sources: list[KafkaSource],
+) -> None:  # fmt: skip
+    """Statistics say nothing while nobody consumes (stopped, or the runner drained): the
+    high watermark must then come from the broker, for partitions never fetched too."""
+    topic = make_topic(3)
+    for p in range(3):
+        produce(brokers, topic, [body(i) for i in range(10)], partition=p)
+    src = source_for(brokers, topic, group, batch_size=100)
+    sources.append(src)
+    await src.start()
+    reader = Reader(src).run()
+    await reader.wait_records(30)
+    await reader.halt()  # stop(): partitions paused, nothing fetched from here on
+    for b in reader.batches:
+        await src.commit(b)
+    assert src.health().status == "paused"
+    assert committed(brokers, group, topic, 3) == {0: 10, 1: 10, 2: 10}
+
+    # unread messages arrive while stopped: 5, 7 and 9 behind
+    backlog = {0: 5, 1: 7, 2: 9}
+    t_seen = time.time()
+    for p, n in backlog.items():
+        produce(brokers, topic, [body(i) for i in range(n)], partition=p)
+    expect = {f"{topic}[{p}]": n for p, n in backlog.items()}
+
+    def behind() -> dict[str, int]:
+        return {k: int(v["offsets_behind"]) for k, v in src.partition_lag().items()}
+
+    await until(lambda: behind() == expect, 10, f"offsets_behind {expect}")
+    await asyncio.sleep(0.1)
+    lag = src.partition_lag()
+    assert all(0.1 <= v["lag_seconds"] <= time.time() - t_seen for v in lag.values()), lag
+    await asyncio.sleep(1.5)  # the backlog ages
+    lag2 = src.partition_lag()
+    assert all(lag2[k]["lag_seconds"] >= lag[k]["lag_seconds"] + 1.4 for k in lag), (lag, lag2)
+    health = src.health()
+    assert health.lag_seconds == max(v["lag_seconds"] for v in health.extra["partitions"].values())
+    assert health.lag_seconds > 1.4
+    # the same numbers as the runbook's command
+    rows = describe_group(kafka_bin, brokers, group)
+    assert {tp_name((t, p)): int(r["LAG"]) for (t, p), r in rows.items()} == expect
+
+    # caught up again: 0 everywhere, at once
+    await src.resume()
+    reader2 = Reader(src).run()
+    more = await reader2.wait_records(21)
+    await reader2.halt()
+    assert sorted(where(r) for r in more) == [
+        (p, o) for p, n in backlog.items() for o in range(10, 10 + n)
+    ]
+    for b in reader2.batches:
+        await src.commit(b)
+    zero = {"offsets_behind": 0, "lag_seconds": 0.0}
+    assert src.partition_lag() == {f"{topic}[{p}]": zero for p in range(3)}
+    assert src.health().lag_seconds == 0.0
+    await asyncio.sleep(3.0)  # a watermark refresh from the broker: still 0
+    assert src.partition_lag() == {f"{topic}[{p}]": zero for p in range(3)}
+
+
+async def test_lag_of_partitions_never_fetched_while_the_reader_is_held(
+    brokers: str, make_topic: TopicFactory, group: str, sources: list[KafkaSource]
+) -> None:
+    """A reader that holds the iterator (the runner's drain/pause gate) without stop(): the
+    backlog of a new group (no committed offset) is the whole partition, from the broker."""
+    topic = make_topic(4)
+    for p in range(4):
+        produce(brokers, topic, [body(i) for i in range(20 + p)], partition=p)
+    src = source_for(brokers, topic, group, batch_size=5)
+    sources.append(src)
+    await src.start()
+    batches = src.batches()
+    first = await anext(batches)  # one batch of one partition; then nobody pulls
+    await src.commit(first)
+    read = {p: sum(1 for r in first.records if r.position[1] == p) for p in range(4)}
+    assert sum(read.values()) == 5
+    expect = {f"{topic}[{p}]": 20 + p - read[p] for p in range(4)}
+
+    def behind() -> dict[str, int]:
+        return {k: int(v["offsets_behind"]) for k, v in src.partition_lag().items()}
+
+    await until(lambda: behind() == expect, 10, f"offsets_behind {expect}")
+    await asyncio.sleep(0.1)
+    assert all(v["lag_seconds"] >= 0.1 for v in src.partition_lag().values())
+    # held past the keepalive: partitions paused, member still in the group, nothing lost
+    await asyncio.sleep(7.0)  # past KEEPALIVE_AFTER_S: the watcher pauses and polls
+    assert behind() == expect
+    got = list(first.records)
+    while len(got) < 86:
+        b = await asyncio.wait_for(anext(batches), 10)
+        got += b.records
+        await src.commit(b)
+    assert sorted(where(r) for r in got) == [(p, o) for p in range(4) for o in range(20 + p)]
+    assert committed(brokers, group, topic, 4) == {p: 20 + p for p in range(4)}
+    zero = {"offsets_behind": 0, "lag_seconds": 0.0}
+    assert src.partition_lag() == {f"{topic}[{p}]": zero for p in range(4)}
+    await src.stop()
+    await batches.aclose()
