@@ -7,7 +7,9 @@ update). A tombstone deletes the node with its outgoing relationships and leaves
 `:Tombstone` marker with the revision, which the guard reads too, so a late older revision
 cannot resurrect the entity. A node other entities still point to is kept as a bare stub
 instead (edges are the *other* entities' state; DETACH DELETE would silently drop them).
-Model and reasoning: docs/sinks.md.
+For replays (ingest/sinks/base.py), whichever holds the stored revision (node or tombstone)
+also keeps `_dedupe_key` (hex) of the record written and `_prev_revision`, the revision
+stored before that write; `judge_batch` reads them. Model and reasoning: docs/sinks.md.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from neo4j.exceptions import (
 
 from ingest.errors import SinkError
 from ingest.records import ReasonCode, Record, SinkResult
-from ingest.sinks.base import EntityKey, judge_in_order, latest_per_entity
+from ingest.sinks.base import EntityKey, StoredRow, judge_batch, latest_per_entity
 
 _SCHEMA = (
     "CREATE CONSTRAINT ingest_entity_key IF NOT EXISTS FOR (n:Entity) "
@@ -42,7 +44,8 @@ _SCHEMA = (
 )
 
 # One row per entity (the batch's winner). `stored` is the revision before this write, read
-# under the node's write lock; `applied` says whether this row was written.
+# under the node's write lock, with the dedupe key and previous revision kept by whichever
+# (node or tombstone) holds it; `applied` says whether this row was written.
 _WRITE = """
 UNWIND $rows AS row
 MERGE (n:Entity {tenant: row.tenant, entity_type: row.entity_type, entity_id: row.entity_id})
@@ -51,17 +54,21 @@ WITH n, row
 OPTIONAL MATCH (tomb:Tombstone {tenant: row.tenant, entity_type: row.entity_type,
                                 entity_id: row.entity_id})
 WITH n, row, tomb, CASE WHEN tomb IS NULL OR n.revision >= tomb.revision
-                        THEN coalesce(n.revision, tomb.revision) ELSE tomb.revision END AS stored
-WITH n, row, tomb, stored, (stored IS NULL OR row.revision > stored) AS applied
+                        THEN n ELSE tomb END AS holder
+WITH n, row, tomb, holder.revision AS stored, holder._dedupe_key AS stored_key,
+     holder._prev_revision AS stored_prev
+WITH n, row, tomb, stored, stored_key, stored_prev,
+     (stored IS NULL OR row.revision > stored) AS applied
 REMOVE n._lock
-WITH n, row, tomb, stored, applied
+WITH n, row, tomb, stored, stored_key, stored_prev, applied
 CALL (n, applied) {
   WITH * WHERE NOT applied AND n.revision IS NULL AND NOT EXISTS { (n)--() }
   DELETE n
 }
-CALL (n, row, tomb, applied) {
+CALL (n, row, tomb, stored, applied) {
   WITH * WHERE applied AND NOT row.deleted
   SET n = row.props
+  SET n._dedupe_key = row.dedupe_key, n._prev_revision = stored
   WITH n, row, tomb
   CALL (tomb) { WITH * WHERE tomb IS NOT NULL DELETE tomb }
   CALL (n) { MATCH (n)-[old]->() DELETE old }
@@ -69,11 +76,12 @@ CALL (n, row, tomb, applied) {
   MERGE (m:Entity {tenant: row.tenant, entity_type: rel.target_type, entity_id: rel.target_id})
   MERGE (n)-[:$(rel.type)]->(m)
 }
-CALL (n, row, applied) {
+CALL (n, row, stored, applied) {
   WITH * WHERE applied AND row.deleted
   MERGE (t:Tombstone {tenant: row.tenant, entity_type: row.entity_type,
                       entity_id: row.entity_id})
-  SET t.revision = row.revision, t.occurred_at = row.occurred_at
+  SET t.revision = row.revision, t.occurred_at = row.occurred_at,
+      t._dedupe_key = row.dedupe_key, t._prev_revision = stored
   WITH n, row
   CALL (n) { MATCH (n)-[old]->() DELETE old }
   SET n = {tenant: row.tenant, entity_type: row.entity_type, entity_id: row.entity_id}
@@ -81,10 +89,21 @@ CALL (n, row, applied) {
   DELETE n
 }
 RETURN row.tenant AS tenant, row.entity_type AS entity_type, row.entity_id AS entity_id,
-       applied, stored
+       applied, stored, stored_key, stored_prev
 """
 
-_RESERVED = ("tenant", "entity_type", "entity_id", "revision", "occurred_at")
+# Key, guard and replay fields: set by the sink, never taken from attributes.
+_RESERVED = frozenset(
+    {
+        "tenant",
+        "entity_type",
+        "entity_id",
+        "revision",
+        "occurred_at",
+        "_dedupe_key",
+        "_prev_revision",
+    }
+)
 _ATTEMPTS = 5
 _ENTITY_GONE = "Neo.ClientError.Statement.EntityNotFound"  # a concurrent tombstone deleted it
 
@@ -109,7 +128,8 @@ def _prop(value: Any) -> Any:
 
 def _row(rec: Record) -> dict[str, Any]:
     body = rec.body
-    props = {k: _prop(v) for k, v in (body.get("attributes") or {}).items()}
+    attributes = body.get("attributes") or {}
+    props = {k: _prop(v) for k, v in attributes.items() if k not in _RESERVED}
     props.update(  # the key and guard fields win over attributes of the same name
         tenant=rec.tenant,
         entity_type=rec.entity_type,
@@ -132,9 +152,25 @@ def _row(rec: Record) -> dict[str, Any]:
         "revision": rec.revision,
         "occurred_at": props["occurred_at"],
         "deleted": rec.deleted,
+        "dedupe_key": rec.dedupe_key.hex(),
         "props": props,
         "rels": rels,
     }
+
+
+def _key_bytes(value: Any) -> bytes | None:
+    """A stored `_dedupe_key` back to bytes; None when absent (written before replay
+    support) or not one of ours."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        return None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _retryable(exc: Exception) -> bool:
@@ -230,14 +266,19 @@ class Neo4jSink:
 
     @staticmethod
     def _judge(records: Sequence[Record], rows: list[dict[str, Any]]) -> list[SinkResult]:
-        stored: dict[EntityKey, int | None] = {}
+        stored: dict[EntityKey, StoredRow] = {}
         written: set[EntityKey] = set()
         for row in rows:
             key = (row["tenant"], row["entity_type"], row["entity_id"])
-            stored[key] = row["stored"]
+            if row["stored"] is not None:
+                stored[key] = (
+                    row["stored"],
+                    _key_bytes(row["stored_key"]),
+                    _int(row["stored_prev"]),
+                )
             if row["applied"]:
                 written.add(key)
-        return judge_in_order(records, stored, written)
+        return judge_batch(records, stored, written)
 
     async def _run_write(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         """Run in one write transaction, retrying transient failures a few times."""

@@ -6,7 +6,10 @@ newer. That is safe under the pipeline's per-key ordering (all records of one en
 through one source partition, in order, so one writer at a time per entity); it does NOT
 protect against two concurrent writers of one id, which can race between the read and the
 write (the later import wins). Deletes are tombstone documents (`deleted: true` plus the
-revision), so the guard sees them like any other revision. See docs/sinks.md.
+revision), so the guard sees them like any other revision. For replays (sinks/base.py)
+every document also keeps `_dedupe_key` (hex) and `_prev_revision` (the revision stored
+before it was written), stored but not declared in the schema, so collections created
+before them need no change (absent -> None). See docs/sinks.md.
 
 The official client's AsyncClient (typesense>=2) is used directly: no threads, no raw HTTP.
 """
@@ -38,7 +41,7 @@ from typesense.types.collection import CollectionCreateSchema, CollectionUpdateS
 from ingest.config import TypesenseField
 from ingest.errors import SinkError
 from ingest.records import ReasonCode, Record, SinkResult, SinkStatus
-from ingest.sinks.base import EntityKey, judge_in_order, latest_per_entity
+from ingest.sinks.base import EntityKey, StoredRow, judge_batch, latest_per_entity
 
 _FIXED_FIELDS: tuple[dict[str, Any], ...] = (
     {"name": "entity_id", "type": "string"},
@@ -46,7 +49,12 @@ _FIXED_FIELDS: tuple[dict[str, Any], ...] = (
     {"name": "deleted", "type": "bool", "facet": True},
     {"name": "occurred_at", "type": "string", "optional": True, "index": False},
 )
-_RESERVED = frozenset({"id", *(f["name"] for f in _FIXED_FIELDS)})
+# Replay fields (sinks/base.py), written by the sink into every document. Deliberately not
+# declared: Typesense stores undeclared fields as they are, whereas declaring them would
+# alter every existing collection (0.24.1 refuses that if an old document carries an
+# attribute of that name with another type), and they are never searched.
+_REPLAY_FIELDS = {"_dedupe_key": "string", "_prev_revision": "int64"}
+_RESERVED = frozenset({"id", *(f["name"] for f in _FIXED_FIELDS), *_REPLAY_FIELDS})
 _ZERO: dict[str, Any] = {"string": "", "int32": 0, "int64": 0, "float": 0.0, "bool": False}
 _PLAIN = re.compile(r"[A-Za-z0-9-]+(?:_[A-Za-z0-9-]+)*")
 
@@ -61,6 +69,22 @@ def collection_name(tenant: str, entity_type: str) -> str:
         return f"{re.sub(r'[^A-Za-z0-9-]', '-', s)[:40]}-{digest}"
 
     return f"{part(tenant)}__{part(entity_type)}"
+
+
+def _stored_row(doc: Mapping[str, Any]) -> StoredRow:
+    """(revision, dedupe_key, prev_revision) of a stored document; a replay field that is
+    absent (written before it existed) or not of the sink's making is None."""
+    key: bytes | None = None
+    raw_key = doc.get("_dedupe_key")
+    if isinstance(raw_key, str):
+        with contextlib.suppress(ValueError):
+            key = bytes.fromhex(raw_key)
+    prev = doc.get("_prev_revision")
+    return (
+        int(doc["revision"]),
+        key,
+        prev if isinstance(prev, int) and not isinstance(prev, bool) else None,
+    )
 
 
 def _classify(exc: Exception, target: str) -> SinkError:
@@ -138,22 +162,24 @@ class TypesenseSink:
         groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
         for rec in latest_per_entity(records):
             groups[(rec.tenant, rec.entity_type)].append(rec)
-        stored: dict[EntityKey, int | None] = {}
+        stored: dict[EntityKey, StoredRow] = {}
         refused: dict[EntityKey, dict[str, Any]] = {}
         try:
             for (tenant, etype), winners in groups.items():
                 coll = await self._collection(tenant, etype)
-                revs = await self._stored_revisions(coll, [r.entity_id for r in winners])
-                newer = []
+                rows = await self._stored_rows(coll, [r.entity_id for r in winners])
+                newer: list[tuple[Record, int | None]] = []
                 for rec in winners:
-                    stored[rec.entity_key] = revs.get(rec.entity_id)
-                    if revs.get(rec.entity_id) is None or rec.revision > revs[rec.entity_id]:
-                        newer.append(rec)
+                    row = rows.get(rec.entity_id)
+                    if row is not None:
+                        stored[rec.entity_key] = row
+                    if row is None or rec.revision > row[0]:
+                        newer.append((rec, None if row is None else row[0]))
                 if newer:
                     refused |= await self._import(coll, newer)
         except _TRANSPORT_ERRORS as exc:
             raise _classify(exc, self._url) from exc
-        results = judge_in_order(records, stored)
+        results = judge_batch(records, stored)
         return [
             SinkResult.failed(ReasonCode.CONSTRAINT_VIOLATION, **refused[rec.entity_key])
             if res.status is SinkStatus.APPLIED and rec.entity_key in refused
@@ -161,7 +187,8 @@ class TypesenseSink:
             for rec, res in zip(records, results, strict=True)
         ]
 
-    def _document(self, rec: Record) -> dict[str, Any]:
+    def _document(self, rec: Record, prev_revision: int | None = None) -> dict[str, Any]:
+        """The document stored for `rec`; `prev_revision` is the revision it replaces."""
         body = rec.body
         doc: dict[str, Any] = {}
         if rec.deleted:  # a tombstone carries no content; required fields get zero values
@@ -173,15 +200,25 @@ class TypesenseSink:
         for key in _RESERVED & doc.keys():
             del doc[key]  # the fixed fields win over attributes of the same name
         doc.update(
-            id=rec.entity_id, entity_id=rec.entity_id, revision=rec.revision, deleted=rec.deleted
+            id=rec.entity_id,
+            entity_id=rec.entity_id,
+            revision=rec.revision,
+            deleted=rec.deleted,
+            _dedupe_key=rec.dedupe_key.hex(),
         )
+        if prev_revision is not None:
+            doc["_prev_revision"] = prev_revision
         if body.get("occurred_at") is not None:
             doc["occurred_at"] = str(body["occurred_at"])
         return doc
 
-    async def _import(self, coll: str, recs: list[Record]) -> dict[EntityKey, dict[str, Any]]:
-        """Upsert; returns the refused entities with the document and the server's message."""
-        docs = [orjson.dumps(self._document(r)) for r in recs]
+    async def _import(
+        self, coll: str, items: list[tuple[Record, int | None]]
+    ) -> dict[EntityKey, dict[str, Any]]:
+        """Upsert each record (with the revision it replaces); returns the refused entities
+        with the document and the server's message."""
+        recs = [rec for rec, _ in items]
+        docs = [orjson.dumps(self._document(rec, prev)) for rec, prev in items]
         try:
             text = await self._client.collections[coll].documents.import_(
                 b"\n".join(docs), {"action": "upsert"}
@@ -204,27 +241,28 @@ class TypesenseSink:
                 }
         return refused
 
-    async def _stored_revisions(self, coll: str, ids: list[str]) -> dict[str, int]:
-        """Stored revision per id. Ids with a backtick cannot be quoted in filter_by (0.24):
-        those few are read one by one."""
+    async def _stored_rows(self, coll: str, ids: list[str]) -> dict[str, StoredRow]:
+        """(revision, dedupe_key, prev_revision) per stored id; the replay fields are None in
+        documents written before they existed. Ids with a backtick cannot be quoted in
+        filter_by (0.24): those few are read one by one."""
         plain = [i for i in ids if "`" not in i]
-        found: dict[str, int] = {}
+        found: dict[str, StoredRow] = {}
         for k in range(0, len(plain), 2000):
             chunk = plain[k : k + 2000]
             text = await self._client.collections[coll].documents.export(
                 {
                     "filter_by": "entity_id:=[" + ",".join(f"`{i}`" for i in chunk) + "]",
-                    "include_fields": "id,revision",
+                    "include_fields": "id,revision," + ",".join(_REPLAY_FIELDS),
                 }
             )
             for line in text.splitlines():
                 if line:
                     doc = orjson.loads(line)
-                    found[doc["id"]] = int(doc["revision"])
+                    found[doc["id"]] = _stored_row(doc)
         for odd in (i for i in ids if "`" in i):
             got = await self._get(coll, odd)
             if got is not None:
-                found[odd] = int(got["revision"])
+                found[odd] = _stored_row(got)
         return found
 
     async def _collection(self, tenant: str, entity_type: str) -> str:
@@ -242,12 +280,14 @@ class TypesenseSink:
                 )
             schema = await self._client.collections[name].retrieve()
         have = {f["name"]: f["type"] for f in schema["fields"]}
-        for f in _FIXED_FIELDS:
-            if have.get(f["name"]) != f["type"]:
+        expected = {f["name"]: f["type"] for f in _FIXED_FIELDS}
+        # Replay fields are undeclared; a collection that declares them must agree on types.
+        expected |= {n: t for n, t in _REPLAY_FIELDS.items() if n in have}
+        for field, ftype in expected.items():
+            if have.get(field) != ftype:
                 raise SinkError(
                     ReasonCode.CONSTRAINT_VIOLATION,
-                    f"collection {name} has {f['name']}: {have.get(f['name'])}, "
-                    f"expected {f['type']}",
+                    f"collection {name} has {field}: {have.get(field)}, expected {ftype}",
                     collection=name,
                 )
         missing = [f for f in wanted if f["name"] not in have]

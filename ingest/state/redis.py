@@ -57,8 +57,9 @@ for j = 0, nb - 1 do
   if redis.call('EXISTS', ARGV[6 + j] .. 'n') == 1 then live[#live + 1] = j end
 end
 local out = {}
-for i = first, #ARGV do
-  local d = ARGV[i]
+local blob = ARGV[first]  -- the keys' 13-byte prefixes, concatenated: one argument to pack
+for i = 1, #blob, 13 do
+  local d = string.sub(blob, i, i + 12)
   local b1, b2, b3 = string.byte(d, 1, 3)
   local shard = string.format(fmt, math.floor((b1 * 65536 + b2 * 256 + b3) / div))
   local field = string.sub(d, 4, 13)
@@ -72,7 +73,7 @@ for i = first, #ARGV do
   end
   out[#out + 1] = hit
 end
-return out
+return table.concat(out)  -- one bulk string of '0'/'1': one reply to parse, not one per key
 """
 
 _CLAIM_LUA = """
@@ -80,8 +81,9 @@ local prefix, hour, expire_at = ARGV[1], ARGV[2], ARGV[3]
 local div, width = tonumber(ARGV[4]), tonumber(ARGV[5])
 local fmt = '%0' .. width .. 'x'
 local touched, added = {}, 0
-for i = 6, #ARGV do
-  local d = ARGV[i]
+local blob = ARGV[6]  -- the keys' 13-byte prefixes, concatenated
+for i = 1, #blob, 13 do
+  local d = string.sub(blob, i, i + 12)
   local b1, b2, b3 = string.byte(d, 1, 3)
   local key = prefix .. string.format(fmt, math.floor((b1 * 65536 + b2 * 256 + b3) / div))
   added = added + redis.call('HSET', key, string.sub(d, 4, 13), hour)
@@ -200,10 +202,10 @@ class RedisIdempotencyStore:
         args: list[Any] = [now, self._ttl, len(days), self._div, self._width]
         args += [self.bucket_prefix(d) for d in days]
         args += [d * DAY for d in days]
-        args += [k[:13] for k in keys]
+        args.append(b"".join(k[:13] for k in keys))
         async with _guard(self._r):
             hits = await self._seen(args=args)
-        return [bool(h) for h in hits]
+        return [h == 49 for h in hits]  # b"1"
 
     async def claim(self, keys: Sequence[bytes]) -> None:
         if not keys:
@@ -213,7 +215,7 @@ class RedisIdempotencyStore:
         hour = int(now - day * DAY) // 3600
         expire_at = (day + 1) * DAY + self._ttl
         args: list[Any] = [self.bucket_prefix(day), hour, expire_at, self._div, self._width]
-        args += [k[:13] for k in keys]
+        args.append(b"".join(k[:13] for k in keys))
         async with _guard(self._r):
             await self._claim(args=args)
 

@@ -246,3 +246,59 @@ async def test_wrong_password_is_connection_error(
         assert err.value.detail["error_class"] == "AuthError"
     finally:
         await sink.close()
+
+
+async def test_replayed_batch_is_judged_like_its_first_pass(
+    neo4j_sink: Neo4jSink, neo4j_driver: AsyncDriver, tenant: str
+) -> None:
+    """A crash between the sink write and the idempotency claim writes the batch again: the
+    records it superseded must not turn into OLDER_REVISION the second time."""
+
+    def r(rev: int, eid: str = "e1", **kw: object) -> object:
+        return make_record(tenant, "customer", eid, rev, {"name": f"v{rev}"}, **kw)  # type: ignore[arg-type]
+
+    batch = [r(2), r(7), r(3), r(4, "e2"), r(6, "e2", deleted=True), r(5, "e2")]
+    first = await neo4j_sink.write(batch)  # type: ignore[arg-type]
+    assert [x.status for x in first] == [APPLIED, APPLIED, FAILED, APPLIED, APPLIED, FAILED]
+    again = await neo4j_sink.write(batch)  # type: ignore[arg-type]
+    assert [x.status for x in again[:3]] in (
+        [APPLIED, UNCHANGED, FAILED],
+        [UNCHANGED, UNCHANGED, FAILED],
+    )
+    assert [x.reason for x in again] == [x.reason for x in first]
+    assert again[1].status is UNCHANGED and again[4].status is UNCHANGED
+    got = await neo4j_sink.fetch(tenant, "customer", "e1")
+    assert got is not None and (got["revision"], got["name"]) == (7, "v7")
+    assert got["_dedupe_key"] == batch[1].dedupe_key.hex()  # type: ignore[attr-defined]
+    assert "_prev_revision" not in got  # nothing was stored before the first pass
+    assert await neo4j_sink.tombstone_revision(tenant, "customer", "e2") == 6
+    assert await neo4j_sink.fetch(tenant, "customer", "e2") is None
+
+    # One record alone, repeated: UNCHANGED (equal revision), whatever is stored with it.
+    assert [x.status for x in await neo4j_sink.write([r(7)])] == [UNCHANGED]  # type: ignore[list-item]
+    assert [x.status for x in await neo4j_sink.write([r(7)])] == [UNCHANGED]  # type: ignore[list-item]
+    # A later batch with other records is judged against revision 7, not as a replay.
+    res = await neo4j_sink.write([r(6), r(9)])  # type: ignore[list-item]
+    assert [x.status for x in res] == [FAILED, APPLIED]
+    assert res[0].detail is not None and res[0].detail["stored_revision"] == 7
+    got = await neo4j_sink.fetch(tenant, "customer", "e1")
+    assert got is not None and (got["revision"], got["_prev_revision"]) == (9, 7)
+
+
+async def test_replay_fields_are_not_attributes_and_may_be_missing(
+    neo4j_sink: Neo4jSink, neo4j_driver: AsyncDriver, tenant: str
+) -> None:
+    rec = make_record(tenant, "customer", "c1", 3, {"_dedupe_key": "zz", "_prev_revision": 99})
+    assert [x.status for x in await neo4j_sink.write([rec])] == [APPLIED]
+    got = await neo4j_sink.fetch(tenant, "customer", "c1")
+    assert got is not None and got["_dedupe_key"] == rec.dedupe_key.hex()
+    assert "_prev_revision" not in got
+    # A node written before replay support has neither field: judged on its revision alone.
+    await neo4j_driver.execute_query(
+        "MATCH (n:Entity {tenant: $t}) REMOVE n._dedupe_key, n._prev_revision", t=tenant
+    )
+    res = await neo4j_sink.write(
+        [make_record(tenant, "customer", "c1", 2), make_record(tenant, "customer", "c1", 3)]
+    )
+    assert [x.status for x in res] == [FAILED, UNCHANGED]
+    assert res[0].reason is ReasonCode.OLDER_REVISION

@@ -194,3 +194,63 @@ def test_status_mapping_for_codes_this_server_cannot_produce() -> None:
     statuses (as the official client raises them) is checked directly."""
     assert _classify(TypesenseClientError(429, "slow down"), "x").reason is ReasonCode.RATE_LIMITED
     assert _classify(ServiceUnavailable(503, "lagging"), "x").reason is ReasonCode.SINK_TIMEOUT
+
+
+async def test_replayed_batch_is_judged_like_its_first_pass(
+    typesense_sink: TypesenseSink, tenant: str
+) -> None:
+    """A crash between the sink write and the idempotency claim writes the batch again: the
+    records it superseded must not turn into OLDER_REVISION the second time."""
+
+    def r(rev: int, eid: str = "e1", **kw: object) -> object:
+        return make_record(tenant, "customer", eid, rev, {"name": f"v{rev}"}, **kw)  # type: ignore[arg-type]
+
+    batch = [r(2), r(7), r(3), r(4, "e`2"), r(6, "e`2", deleted=True), r(5, "e`2")]
+    first = await typesense_sink.write(batch)  # type: ignore[arg-type]
+    assert [x.status for x in first] == [APPLIED, APPLIED, FAILED, APPLIED, APPLIED, FAILED]
+    again = await typesense_sink.write(batch)  # type: ignore[arg-type]
+    assert [x.status for x in again[:3]] in (
+        [APPLIED, UNCHANGED, FAILED],
+        [UNCHANGED, UNCHANGED, FAILED],
+    )
+    assert [x.reason for x in again] == [x.reason for x in first]
+    assert again[1].status is UNCHANGED and again[4].status is UNCHANGED
+    got = await typesense_sink.fetch(tenant, "customer", "e1")
+    assert got is not None and (got["revision"], got["name"]) == (7, "v7")
+    assert got["_dedupe_key"] == batch[1].dedupe_key.hex()  # type: ignore[attr-defined]
+    assert "_prev_revision" not in got  # nothing was stored before the first pass
+    tomb = await typesense_sink.fetch(tenant, "customer", "e`2")  # backtick id: read alone
+    assert tomb is not None and tomb["deleted"] is True and tomb["revision"] == 6
+
+    # One record alone, repeated: UNCHANGED (equal revision), whatever is stored with it.
+    assert [x.status for x in await typesense_sink.write([r(7)])] == [UNCHANGED]  # type: ignore[list-item]
+    assert [x.status for x in await typesense_sink.write([r(7)])] == [UNCHANGED]  # type: ignore[list-item]
+    # A later batch with other records is judged against revision 7, not as a replay.
+    res = await typesense_sink.write([r(6), r(9)])  # type: ignore[list-item]
+    assert [x.status for x in res] == [FAILED, APPLIED]
+    assert res[0].detail is not None and res[0].detail["stored_revision"] == 7
+    got = await typesense_sink.fetch(tenant, "customer", "e1")
+    assert got is not None and (got["revision"], got["_prev_revision"]) == (9, 7)
+
+
+async def test_documents_without_replay_fields_still_work(
+    typesense_sink: TypesenseSink, typesense_coords: dict[str, str], tenant: str
+) -> None:
+    """Collections and documents written before the replay fields existed."""
+    rec = make_record(tenant, "customer", "c1", 3, {"_dedupe_key": "zz", "_prev_revision": "x"})
+    assert [x.status for x in await typesense_sink.write([rec])] == [APPLIED]
+    got = await typesense_sink.fetch(tenant, "customer", "c1")
+    assert got is not None and got["_dedupe_key"] == rec.dedupe_key.hex()
+    assert "_prev_revision" not in got  # attributes cannot set the replay fields
+    old = {"id": "c1", "entity_id": "c1", "revision": 3, "deleted": False, "name": "old"}
+    admin = typesense_admin(typesense_coords)
+    admin.collections[f"{tenant}__customer"].documents.upsert(old)  # as an old sink wrote it
+    fresh = TypesenseSink("typesense-fresh", fields=TS_FIELDS, **typesense_coords)
+    try:  # a new process: the existing collection is checked, not altered
+        res = await fresh.write(
+            [make_record(tenant, "customer", "c1", 2), make_record(tenant, "customer", "c1", 3)]
+        )
+    finally:
+        await fresh.close()
+    assert [x.status for x in res] == [FAILED, UNCHANGED]
+    assert res[0].reason is ReasonCode.OLDER_REVISION
