@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from rich.console import Console
 
 from ingest.config import Config, load_config
 from ingest.errors import ConfigError, IngestError
 
+T = TypeVar("T")
 err_console = Console(stderr=True)
 
 # Exit codes shared by the CLIs: scripts can tell a usage error from an unreachable store.
@@ -59,3 +62,38 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, IngestError):
         return EXIT_FAILED
     return EXIT_FAILED
+
+
+def load_existing_state(option: Path | None, tool: str) -> Config:
+    """The service's config, for a CLI that reads the service's state. An embedded store
+    that does not exist is 'unreachable' (exit 3), never silently created empty: the usual
+    cause is running from the wrong directory."""
+    from ingest.config import SQLiteStateConfig
+
+    cfg = load(option)
+    if isinstance(cfg.state, SQLiteStateConfig):
+        db = cfg.under_data_dir(cfg.state.path, "state.db")
+        if not db.exists():
+            fail(
+                f"sqlite state store at {db.resolve()} does not exist: run {tool} where the "
+                "service keeps its data/ directory, or set INGEST_DATA_DIR / --config",
+                EXIT_UNAVAILABLE,
+            )
+    return cfg
+
+
+def run_async(coro: Awaitable[T], usage_errors: tuple[type[Exception], ...] = ()) -> T:
+    """asyncio.run with failures in words: an unreachable store exits 3, a config error or
+    one of `usage_errors` exits 2; never a traceback."""
+    from ingest.errors import StoreUnavailable
+
+    async def main() -> T:
+        return await coro
+
+    usage: tuple[type[Exception], ...] = (ConfigError, *usage_errors)
+    try:
+        return asyncio.run(main())
+    except StoreUnavailable as exc:
+        fail(str(exc), EXIT_UNAVAILABLE)
+    except usage as exc:
+        fail(str(exc), EXIT_USAGE)

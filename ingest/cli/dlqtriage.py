@@ -20,9 +20,16 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from ingest.cli.common import EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE, fail, load
-from ingest.config import Config, SQLiteStateConfig
-from ingest.errors import ConfigError, SinkError, StoreUnavailable
+from ingest.cli.common import (
+    EXIT_FAILED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    fail,
+    load_existing_state,
+    run_async,
+)
+from ingest.config import Config
+from ingest.errors import SinkError
 from ingest.records import DLQEntry, ReasonCode
 from ingest.state.base import DLQFilter, DLQStore
 from ingest.triage import analyze, render
@@ -41,8 +48,12 @@ app = typer.Typer(
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Service config file.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
 TenantOpt = Annotated[str | None, typer.Option("--tenant", "-t", help="Tenant (default: all).")]
-ReasonsOpt = Annotated[list[str] | None, typer.Option("--reason", "-r", help="Reason code "
-                       "(repeatable): " + ", ".join(r.value for r in ReasonCode))]
+ReasonsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--reason", "-r", help="Reason code (repeatable): " + ", ".join(r.value for r in ReasonCode)
+    ),
+]
 
 
 # ------------------------------------------------------------------------------ plumbing
@@ -69,36 +80,19 @@ def _when(value: str | None, option: str) -> datetime | None:
     try:
         dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:
-        fail(f"{option} '{value}' is neither an ISO date-time nor an age like 30m, 2h, 7d",
-             EXIT_USAGE)
+        fail(
+            f"{option} '{value}' is neither an ISO date-time nor an age like 30m, 2h, 7d",
+            EXIT_USAGE,
+        )
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
 
 
 def _config(path: Path | None) -> Config:
-    """The service's config; an embedded store that does not exist is 'unreachable', never
-    silently created empty (the usual cause is running from the wrong directory)."""
-    cfg = load(path)
-    if isinstance(cfg.state, SQLiteStateConfig):
-        db = cfg.under_data_dir(cfg.state.path, "state.db")
-        if not db.exists():
-            fail(f"sqlite DLQ store at {db.resolve()} does not exist: run dlqtriage where the "
-                 "service keeps its data/ directory, or set INGEST_DATA_DIR / --config",
-                 EXIT_UNAVAILABLE)
-    return cfg
+    return load_existing_state(path, "dlqtriage")
 
 
 def _run(coro: Awaitable[T]) -> T:
-    """asyncio.run with store failures in words (exit 3), never a traceback."""
-
-    async def main() -> T:
-        return await coro
-
-    try:
-        return asyncio.run(main())
-    except StoreUnavailable as exc:
-        fail(str(exc), EXIT_UNAVAILABLE)
-    except ConfigError as exc:  # e.g. a `transformers` entry that cannot be imported
-        fail(str(exc), EXIT_USAGE)
+    return run_async(coro)
 
 
 async def _with_dlq(cfg: Config, fn: Callable[[DLQStore], Awaitable[T]]) -> T:
@@ -124,8 +118,7 @@ async def _first(dlq: DLQStore, flt: DLQFilter, limit: int) -> list[DLQEntry]:
 
 
 @app.command()
-def summary(tenant: TenantOpt = None, config: ConfigOpt = None, json_out: JsonOpt = False
-            ) -> None:
+def summary(tenant: TenantOpt = None, config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
     """Counts by reason (retryable or not), sink and source; the DLQ rate against the SLO."""
     cfg = _config(config)
 
@@ -160,8 +153,9 @@ def sample(
 
 
 @app.command("analyze")
-def analyze_cmd(tenant: TenantOpt = None, config: ConfigOpt = None, json_out: JsonOpt = False
-                ) -> None:
+def analyze_cmd(
+    tenant: TenantOpt = None, config: ConfigOpt = None, json_out: JsonOpt = False
+) -> None:
     """Group entries into error patterns, each with counts, sources, an example and a next step."""
     cfg = _config(config)
 
@@ -173,8 +167,13 @@ def analyze_cmd(tenant: TenantOpt = None, config: ConfigOpt = None, json_out: Js
 
     found = _run(_with_dlq(cfg, go))
     if json_out:
-        render.emit_json({"tenant": tenant, "total": sum(p.count for p in found),
-                          "patterns": [p.as_dict() for p in found]})
+        render.emit_json(
+            {
+                "tenant": tenant,
+                "total": sum(p.count for p in found),
+                "patterns": [p.as_dict() for p in found],
+            }
+        )
     else:
         render.patterns(found)
 
@@ -184,18 +183,23 @@ def redrive(
     tenant: TenantOpt = None,
     reason: ReasonsOpt = None,
     source: Annotated[list[str] | None, typer.Option(help="Source name (repeatable).")] = None,
-    sink: Annotated[list[str] | None, typer.Option(help="Sink name; '-' = failed before "
-                                                    "routing (repeatable).")] = None,
-    since: Annotated[str | None, typer.Option(help="Last failure at/after: ISO or 2h, 7d.")]
-    = None,
-    until: Annotated[str | None, typer.Option(help="Last failure before: ISO or 2h, 7d.")]
-    = None,
-    entry_id: Annotated[list[int] | None, typer.Option("--id", help="Entry id (repeatable).")]
-    = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go; change "
-                                          "nothing.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Also redrive non-retryable codes "
-                                        "(after fixing their cause).")] = False,
+    sink: Annotated[
+        list[str] | None, typer.Option(help="Sink name; '-' = failed before routing (repeatable).")
+    ] = None,
+    since: Annotated[str | None, typer.Option(help="Last failure at/after: ISO or 2h, 7d.")] = None,
+    until: Annotated[str | None, typer.Option(help="Last failure before: ISO or 2h, 7d.")] = None,
+    entry_id: Annotated[
+        list[int] | None, typer.Option("--id", help="Entry id (repeatable).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would go; change nothing.")
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Also redrive non-retryable codes (after fixing their cause)."
+        ),
+    ] = False,
     page_size: Annotated[int, typer.Option("--page-size", min=1, max=5000)] = 200,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
@@ -205,17 +209,25 @@ def redrive(
     if not reasons and not entry_id:
         valid = ", ".join(r.value for r in ReasonCode)
         fail(f"say what to redrive: --reason (one of {valid}) and/or --id", EXIT_USAGE)
-    flt = DLQFilter(tenant=tenant, reasons=reasons, sources=source or (), sinks=sink or (),
-                    since=_when(since, "--since"), until=_when(until, "--until"),
-                    ids=entry_id or ())
+    flt = DLQFilter(
+        tenant=tenant,
+        reasons=reasons,
+        sources=source or (),
+        sinks=sink or (),
+        since=_when(since, "--since"),
+        until=_when(until, "--until"),
+        ids=entry_id or (),
+    )
     cfg = _config(config)
-    code = _run(_redrive(cfg, flt, dry_run=dry_run, force=force, page_size=page_size,
-                         json_out=json_out))
+    code = _run(
+        _redrive(cfg, flt, dry_run=dry_run, force=force, page_size=page_size, json_out=json_out)
+    )
     raise typer.Exit(code)
 
 
-async def _redrive(cfg: Config, flt: DLQFilter, *, dry_run: bool, force: bool,
-                   page_size: int, json_out: bool) -> int:
+async def _redrive(
+    cfg: Config, flt: DLQFilter, *, dry_run: bool, force: bool, page_size: int, json_out: bool
+) -> int:
     from ingest.service import build_core
     from ingest.triage.redrive import redrive as run_redrive
 
@@ -227,8 +239,14 @@ async def _redrive(cfg: Config, flt: DLQFilter, *, dry_run: bool, force: bool,
         if dry_run:
             entries = await _first(core.stores.dlq, flt, 10_000 if json_out else 50)
             if json_out:
-                render.emit_json({"dry_run": True, "count": total, "needs_force": why,
-                                  "ids": [e.id for e in entries]})
+                render.emit_json(
+                    {
+                        "dry_run": True,
+                        "count": total,
+                        "needs_force": why,
+                        "ids": [e.id for e in entries],
+                    }
+                )
             else:
                 render.entry_list("would redrive", entries, total)
                 if why and not force:
@@ -242,8 +260,9 @@ async def _redrive(cfg: Config, flt: DLQFilter, *, dry_run: bool, force: bool,
             fail(f"a sink is unreachable, nothing was redriven: {exc}", EXIT_UNAVAILABLE)
         stop = _StopFlag()
         with stop.installed(), _progress(total, enabled=not json_out) as advance:
-            result = await run_redrive(core, flt, page_size=page_size, on_page=advance,
-                                       should_stop=stop.is_set)
+            result = await run_redrive(
+                core, flt, page_size=page_size, on_page=advance, should_stop=stop.is_set
+            )
     finally:
         await core.close()
     if json_out:
@@ -253,8 +272,12 @@ async def _redrive(cfg: Config, flt: DLQFilter, *, dry_run: bool, force: bool,
             f"redrive: {result.selected} entries, {result.delivered} delivered (removed from "
             f"the DLQ), {result.failed} failed again"
             + (f" ({dict(result.new_reasons)})" if result.new_reasons else "")
-            + (" — interrupted: run the same command again to continue" if result.interrupted
-               else ""))
+            + (
+                " — interrupted: run the same command again to continue"
+                if result.interrupted
+                else ""
+            )
+        )
     if result.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_FAILED if result.failed else 0
@@ -303,8 +326,13 @@ def _progress(total: int, *, enabled: bool) -> Any:
         if not enabled or total <= 500:
             yield lambda n: None
             return
-        with Progress("redrive", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=Console(stderr=True)) as bar:
+        with Progress(
+            "redrive",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        ) as bar:
             task = bar.add_task("redrive", total=total)
             yield lambda n: bar.advance(task, n)
 
@@ -313,19 +341,22 @@ def _progress(total: int, *, enabled: bool) -> Any:
 
 @app.command()
 def purge(
-    older_than: Annotated[float, typer.Option("--older-than", min=0, help="Days since the "
-                                              "entry first failed.")],
+    older_than: Annotated[
+        float, typer.Option("--older-than", min=0, help="Days since the entry first failed.")
+    ],
     reason: ReasonsOpt = None,
     tenant: TenantOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go.")] = False,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
-    = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Delete entries older than DAYS (for a reason code), after a dry run or confirmation."""
-    flt = DLQFilter(tenant=tenant, reasons=_reasons(reason),
-                    older_than=datetime.now(UTC) - timedelta(days=older_than))
+    flt = DLQFilter(
+        tenant=tenant,
+        reasons=_reasons(reason),
+        older_than=datetime.now(UTC) - timedelta(days=older_than),
+    )
     cfg = _config(config)
 
     async def listing(dlq: DLQStore) -> tuple[int, list[DLQEntry]]:
@@ -340,8 +371,11 @@ def purge(
         return
     if not yes:
         if not sys.stdin.isatty():
-            fail(f"refusing to purge {total} entries without confirmation: stdin is not a "
-                 "terminal; pass --yes", EXIT_USAGE)
+            fail(
+                f"refusing to purge {total} entries without confirmation: stdin is not a "
+                "terminal; pass --yes",
+                EXIT_USAGE,
+            )
         if not typer.confirm(f"Purge {total} DLQ entries? This cannot be undone."):
             fail("purge aborted; nothing was deleted", EXIT_FAILED)
 

@@ -24,9 +24,16 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from ingest.cli.common import EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE, fail, load
-from ingest.config import Config, SQLiteStateConfig
-from ingest.errors import ConfigError, StoreUnavailable
+from ingest.cli.common import (
+    EXIT_FAILED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    fail,
+    load_existing_state,
+    run_async,
+)
+from ingest.config import Config
+from ingest.errors import StoreUnavailable
 from ingest.replay import plans as P
 from ingest.replay import runner as R
 
@@ -69,34 +76,11 @@ def _when(value: str, option: str) -> float:
 
 
 def _config(path: Path | None) -> Config:
-    """The service's config; an embedded store that does not exist is 'unreachable', never
-    created empty (the usual cause is running from the wrong directory)."""
-    cfg = load(path)
-    if isinstance(cfg.state, SQLiteStateConfig):
-        db = cfg.under_data_dir(cfg.state.path, "state.db")
-        if not db.exists():
-            fail(
-                f"sqlite replay store at {db.resolve()} does not exist: run replayctl where "
-                "the service keeps its data/ directory, or set INGEST_DATA_DIR / --config",
-                EXIT_UNAVAILABLE,
-            )
-    return cfg
+    return load_existing_state(path, "replayctl")
 
 
 def _run(coro: Awaitable[T]) -> T:
-    """asyncio.run with store failures in words (exit 3), never a traceback."""
-
-    async def main() -> T:
-        return await coro
-
-    try:
-        return asyncio.run(main())
-    except StoreUnavailable as exc:
-        fail(str(exc), EXIT_UNAVAILABLE)
-    except ConfigError as exc:
-        fail(str(exc), EXIT_USAGE)
-    except P.PlanError as exc:
-        fail(str(exc), EXIT_USAGE)
+    return run_async(coro, (P.PlanError,))
 
 
 def plan_store(stores: Any) -> P.PlanStore:

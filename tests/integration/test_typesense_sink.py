@@ -244,10 +244,13 @@ async def test_documents_without_replay_fields_still_work(
     got = await typesense_sink.fetch(tenant, "customer", "c1")
     assert got is not None and got["_dedupe_key"] == rec.dedupe_key.hex()
     assert "_prev_revision" not in got  # attributes cannot set the replay fields
+    # As a sink from before the replay fields wrote it:
     old = {"id": "c1", "entity_id": "c1", "revision": 3, "deleted": False, "name": "old"}
     admin = typesense_admin(typesense_coords)
-    admin.collections[f"{tenant}__customer"].documents.upsert(old)  # as an old sink wrote it
-    fresh = TypesenseSink("typesense-fresh", fields=TS_FIELDS, **typesense_coords)
+    admin.collections[f"{tenant}__customer"].documents.upsert(old)  # type: ignore[arg-type]
+    fresh = TypesenseSink(
+        "typesense-fresh", typesense_coords["url"], typesense_coords["api_key"], TS_FIELDS
+    )
     try:  # a new process: the existing collection is checked, not altered
         res = await fresh.write(
             [make_record(tenant, "customer", "c1", 2), make_record(tenant, "customer", "c1", 3)]
