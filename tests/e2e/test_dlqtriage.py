@@ -176,7 +176,7 @@ def test_errors_say_what_to_do(root: Path, tmp_path: Path) -> None:
     empty = tmp_path / "elsewhere"
     empty.mkdir()
     r = dlqt(empty, "summary")
-    assert r.returncode == 3 and "sqlite DLQ store at" in said(r) and "Traceback" not in r.stderr
+    assert r.returncode == 3 and "sqlite state store at" in said(r) and "Traceback" not in r.stderr
     assert not (empty / "data").exists()  # never creates an empty store
 
     with socket.socket() as s:  # a port nobody listens on

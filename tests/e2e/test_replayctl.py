@@ -288,7 +288,7 @@ def test_errors_say_what_to_do(root: Path, tmp_path: Path) -> None:
     empty = tmp_path / "elsewhere"
     empty.mkdir()
     r = rctl(empty, "list")
-    assert r.returncode == 3 and "sqlite replay store at" in said(r)
+    assert r.returncode == 3 and "sqlite state store at" in said(r)
     assert not (empty / "data").exists()
     cfg = tmp_path / "prod.yaml"
     cfg.write_text("state:\n  kind: production\n  redis_url: redis://127.0.0.1:1/0\n"
