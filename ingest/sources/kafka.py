@@ -135,6 +135,7 @@ class KafkaSource:
         self._keepalive: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._paused = False  # partitions paused by stop() or the watcher; _read un-pauses
+        self._paused_tps: set[TP] = set()  # every partition paused since: see _unpause
         self._suspended_at: float | None = None  # monotonic: batches() left waiting at yield
         self._admin_client: AdminClient | None = None  # offsets only: see _refresh_offsets
         self._next_refresh = 0.0  # monotonic: no watermark refresh before (backoff on errors)
@@ -218,11 +219,7 @@ class KafkaSource:
             await self._keepalive
             self._keepalive = None
 
-        def unpause() -> None:
-            self._consumer.resume(self._consumer.assignment())
-            self._paused = False
-
-        await self._on_poll_thread(unpause)
+        await self._on_poll_thread(self._unpause)
         self._health.status = "running"
 
     async def close(self) -> None:
@@ -274,8 +271,7 @@ class KafkaSource:
 
     def _read(self) -> SourceBatch | None:
         if self._paused:  # by the watcher while the iterator waited (drained runner)
-            self._consumer.resume(self._consumer.assignment())
-            self._paused = False
+            self._unpause()
         if self._held:
             msgs, self._held = self._held[: self.cfg.batch_size], self._held[self.cfg.batch_size :]
         else:
@@ -403,6 +399,11 @@ class KafkaSource:
     # -- rebalance callbacks (run inside consume(), on the poll thread) ----------------------
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        if not self._paused and partitions:  # a stale pause flag from an earlier ownership
+            try:
+                consumer.resume(partitions)
+            except KafkaException as exc:
+                log.info("%s: resume on assign: %s", self.name, exc)
         with self._state:
             for tp in partitions:
                 key = (tp.topic, tp.partition)
@@ -502,6 +503,8 @@ class KafkaSource:
             group = await self._group_offsets(unknown) if unknown else {}
         except (KafkaException, TimeoutError) as exc:  # broker unreachable: retry later
             self._next_refresh = time.monotonic() + 5 * WATERMARK_STALE_S
+            self._admin_client = None  # a new one: after a broker restart the old one's
+            # metadata (leader epochs) can stay stale and every request fail
             log.info("%s: watermark refresh failed: %s", self.name, exc)
             return
         now, fresh = self._clock(), time.monotonic()
@@ -529,6 +532,7 @@ class KafkaSource:
                 info = await asyncio.wait_for(asyncio.wrap_future(fut), 2 * WATERMARK_TIMEOUT_S)
             except KafkaException as exc:  # this partition only (e.g. leader moving)
                 log.info("%s: offsets of %s: %s", self.name, tp_name((tp.topic, tp.partition)), exc)
+                self._admin_client = None  # stale metadata (FENCED_LEADER_EPOCH): start over
                 continue
             if info.offset >= 0:
                 out[(tp.topic, tp.partition)] = int(info.offset)
@@ -563,6 +567,17 @@ class KafkaSource:
 
     # -- keepalive while stopped ------------------------------------------------------------
 
+    def _unpause(self) -> None:
+        """Resume the assignment AND every partition paused since: librdkafka keeps the
+        pause flag of a partition that is lost (e.g. a broker restart) and later assigned to
+        this member again; resuming only the assignment of the moment would leave it paused,
+        never fetched, for good."""
+        consumer = self._consumer
+        keys = self._paused_tps | {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        consumer.resume([TopicPartition(*key) for key in sorted(keys)])
+        self._paused_tps.clear()
+        self._paused = False
+
     def _start_keepalive(self) -> None:
         idle = self._keepalive is None or self._keepalive.done()
         if self._stopping and not self._closed and self._consumer is not None and idle:
@@ -574,8 +589,10 @@ class KafkaSource:
 
     def _idle_poll(self) -> None:
         consumer = self._consumer
-        consumer.pause(consumer.assignment())
+        assigned = consumer.assignment()
+        consumer.pause(assigned)
         self._paused = True
+        self._paused_tps.update((tp.topic, tp.partition) for tp in assigned)
         msgs = consumer.consume(self.cfg.batch_size, POLL_TIMEOUT_S)
         if msgs:  # fetched before the pause took effect: keep them, in order, for resume()
             self._held.extend(m for m in msgs if m.error() is None)
