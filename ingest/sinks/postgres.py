@@ -215,9 +215,35 @@ class PostgresSink:
         refused: set[EntityKey] = set()
         bad: dict[EntityKey, SinkResult] = {}
         await self._apply(rows, stored, refused, bad)
+        # A winner refused although the statement's snapshot held nothing newer lost a race
+        # with a concurrent writer (another worker replaying the same records after a
+        # rebalance, say). Judge it against what that writer committed, read now: an equal
+        # revision is then UNCHANGED, not OLDER_REVISION.
+        raced = [
+            w.entity_key for w in winners
+            if w.entity_key in refused
+            and (w.entity_key not in stored or stored[w.entity_key][0] < w.revision)
+        ]
+        if raced:
+            stored.update(await self._current(raced))
+            refused.difference_update(raced)
         written = {w.entity_key for w in winners} - refused - bad.keys()
         results = judge_batch(records, stored, written)
         return [bad.get(r.entity_key, res) for r, res in zip(records, results, strict=True)]
+
+    async def _current(self, keys: list[EntityKey]) -> dict[EntityKey, StoredRow]:
+        """The committed (revision, dedupe_key, prev_revision) of `keys`, read now."""
+        sql = (
+            f"SELECT tenant, entity_type, entity_id, revision, dedupe_key, prev_revision"
+            f" FROM {self.table} WHERE (tenant, entity_type, entity_id) IN"
+            " (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))"
+        )
+        try:
+            async with self.pool.acquire(timeout=2.0) as conn:
+                found = await conn.fetch(sql, *(list(col) for col in zip(*keys, strict=True)))
+        except Exception as exc:
+            raise _classify(exc) from exc
+        return {(r[0], r[1], r[2]): (r[3], r[4], r[5]) for r in found}
 
     async def _apply(
         self,

@@ -158,3 +158,43 @@ async def test_too_many_connections_is_rate_limited(private_postgres: PrivateSer
         private_postgres.superuser_sql("ALTER ROLE ingest CONNECTION LIMIT -1")
         await holder.close()
         await sink.close()
+
+
+async def test_a_concurrent_writer_of_the_same_record_makes_it_unchanged(
+    sink: PostgresSink, pg_dsn: str
+) -> None:
+    """Two workers write the same record at once (a rebalance replays a batch): the one that
+    loses the row lock sees an equal revision committed, not an older one."""
+    first = await sink.write([make_record("race", 1)])
+    assert reasons(first) == ["applied"]
+    rec = make_record("race", 2)
+    other = await asyncpg.connect(pg_dsn)
+    try:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute(
+            "UPDATE entities SET revision = 2, dedupe_key = $1, prev_revision = 1"
+            " WHERE tenant = 'acme' AND entity_type = 'order' AND entity_id = 'race'",
+            rec.dedupe_key,
+        )
+        losing = asyncio.create_task(sink.write([rec]))  # waits on the row lock
+        await asyncio.sleep(0.5)
+        assert not losing.done()
+        await tx.commit()
+        assert reasons(await losing) == ["unchanged"]
+        newer = make_record("race", 5)
+        tx = other.transaction()
+        await tx.start()
+        await other.execute(
+            "UPDATE entities SET revision = 5, dedupe_key = $1, prev_revision = 2"
+            " WHERE tenant = 'acme' AND entity_type = 'order' AND entity_id = 'race'",
+            newer.dedupe_key,
+        )
+        older = asyncio.create_task(sink.write([make_record("race", 3)]))
+        await asyncio.sleep(0.5)
+        await tx.commit()
+        result = (await older)[0]
+        assert result.reason is ReasonCode.OLDER_REVISION
+        assert result.detail is not None and result.detail["stored_revision"] == 5
+    finally:
+        await other.close()
