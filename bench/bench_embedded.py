@@ -35,7 +35,6 @@ from ingest.pipeline.decode import Decoder  # noqa: E402
 from ingest.records import RawRecord, Record  # noqa: E402
 from ingest.sinks.sqlite import SQLiteSink  # noqa: E402
 
-
 # The tenant's token bucket is a fairness limit, not what this measures: open it wide.
 BENCH_CONFIG = """
 admission:
@@ -170,7 +169,8 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-embedded-"))
     try:
         lines = make_lines(args.records)
-        print(f"machine: {platform.node()} {os.cpu_count()} cores, Python {platform.python_version()}")
+        print(f"machine: {platform.node()} {os.cpu_count()} cores, "
+              f"Python {platform.python_version()}")
         limit = asyncio.run(bulk_limit(lines, workdir / "limit.db"))
         rate, p95, rss = run_service(lines, workdir, args.port)
         print(f"records:               {args.records}")

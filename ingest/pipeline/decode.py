@@ -177,13 +177,27 @@ def _repair(
         except EnvelopeError as exc:
             return _failure(exc.reason, *_fields(exc.detail()), body=body, version=version)
         except Exception as exc:
-            return _failure(ReasonCode.SCHEMA_DRIFT, "transformer", "$", "a repaired record",
-                            type(exc).__name__, f"transformer {name} failed: {exc}",
-                            body=body, version=version)
+            return _failure(
+                ReasonCode.SCHEMA_DRIFT,
+                "transformer",
+                "$",
+                "a repaired record",
+                type(exc).__name__,
+                f"transformer {name} failed: {exc}",
+                body=body,
+                version=version,
+            )
         if type(out) is not dict:
-            return _failure(ReasonCode.SCHEMA_DRIFT, "transformer", "$", "object",
-                            json_type(out), f"transformer {name} did not return an object",
-                            body=body, version=version)
+            return _failure(
+                ReasonCode.SCHEMA_DRIFT,
+                "transformer",
+                "$",
+                "object",
+                json_type(out),
+                f"transformer {name} did not return an object",
+                body=body,
+                version=version,
+            )
         body = out
     return body
 

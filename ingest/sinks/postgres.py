@@ -220,7 +220,8 @@ class PostgresSink:
         # rebalance, say). Judge it against what that writer committed, read now: an equal
         # revision is then UNCHANGED, not OLDER_REVISION.
         raced = [
-            w.entity_key for w in winners
+            w.entity_key
+            for w in winners
             if w.entity_key in refused
             and (w.entity_key not in stored or stored[w.entity_key][0] < w.revision)
         ]

@@ -194,12 +194,21 @@ class InboxSource:
     def _raw(self, tenant: str, path: Path, line: Line, mtime: float) -> RawRecord:
         self._seq += 1
         raw = RawRecord(
-            data=line.data, tenant=tenant, source=self.name, seq=self._seq,
-            position=line.offset, event_time=mtime, decoded=line.decoded,
+            data=line.data,
+            tenant=tenant,
+            source=self.name,
+            seq=self._seq,
+            position=line.offset,
+            event_time=mtime,
+            decoded=line.decoded,
         )
         if line.error:
-            raw.meta["reject"] = {"kind": "corrupt_file", "message": line.error,
-                                  "file": path.name, "offset": line.offset}
+            raw.meta["reject"] = {
+                "kind": "corrupt_file",
+                "message": line.error,
+                "file": path.name,
+                "offset": line.offset,
+            }
         return raw
 
     def _batch(self, raws: list[RawRecord], pos: InboxPosition) -> SourceBatch:

@@ -324,8 +324,14 @@ class KafkaSource:
             seq += 1
             records.append(
                 RawRecord(
-                    value or b"", tenant, header_source or name, seq,
-                    (topic, partition, offset), ts, body, meta,
+                    value or b"",
+                    tenant,
+                    header_source or name,
+                    seq,
+                    (topic, partition, offset),
+                    ts,
+                    body,
+                    meta,
                 )
             )
         self._seq = seq

@@ -138,8 +138,11 @@ class Pattern:
             "last_seen": _iso(self.last_seen),
             "sources": sorted(self.sources),
             "sinks": sorted(self.sinks),
-            "example": {"id": self.example_id, "entity": self.example_entity,
-                        "message": self.detail.get("message")},
+            "example": {
+                "id": self.example_id,
+                "entity": self.example_entity,
+                "message": self.detail.get("message"),
+            },
             "suggestion": self.suggestion,
         }
 
@@ -165,8 +168,9 @@ def patterns(entries: Iterable[DLQEntry]) -> list[Pattern]:
         key = (e.reason, signature(e))
         p = found.get(key)
         if p is None:
-            p = found[key] = Pattern(e.reason, key[1], dict(e.detail), example_id=e.id,
-                                     example_entity=_entity(e))
+            p = found[key] = Pattern(
+                e.reason, key[1], dict(e.detail), example_id=e.id, example_entity=_entity(e)
+            )
         p.count += 1
         p.first_seen = _min(p.first_seen, e.first_failed_at)
         p.last_seen = _max(p.last_seen, e.last_failed_at)
@@ -200,25 +204,35 @@ def suggest(p: Pattern) -> str:
             problem = f"schema_version {d.get('found')!r} is not one this service reads"
         else:
             problem = f"{what} does not match the schema ({kind})"
-        return (f"{problem}{origin} — add a transformer in ingest/transformers/ (or a config "
-                f"transformer) then redrive: {redrive} --force")
+        return (
+            f"{problem}{origin} — add a transformer in ingest/transformers/ (or a config "
+            f"transformer) then redrive: {redrive} --force"
+        )
     if p.reason is ReasonCode.VALIDATION_FAIL:
         kind = d.get("kind")
         if kind in ("json", "utf8", "corrupt_file", "unreadable", "size"):
-            return (f"unreadable or oversized input{origin} ({d.get('message')}) — fix the "
-                    "producer; these bytes cannot be repaired here: purge after review")
+            return (
+                f"unreadable or oversized input{origin} ({d.get('message')}) — fix the "
+                "producer; these bytes cannot be repaired here: purge after review"
+            )
         what = _field(str(d.get("path", "$")))
-        return (f"{what} breaks rule `{kind}` (expected {d.get('expected')}, found "
-                f"{d.get('found')!r}){origin} — fix the data at the source or review the rule "
-                f"in ingest/schema/; once fixed, redrive: {redrive} --force")
+        return (
+            f"{what} breaks rule `{kind}` (expected {d.get('expected')}, found "
+            f"{d.get('found')!r}){origin} — fix the data at the source or review the rule "
+            f"in ingest/schema/; once fixed, redrive: {redrive} --force"
+        )
     if p.reason is ReasonCode.OLDER_REVISION:
-        return ("a newer revision of the entity is already stored — safe to purge after review: "
-                "dlqtriage purge --older-than 7 --reason OLDER_REVISION")
+        return (
+            "a newer revision of the entity is already stored — safe to purge after review: "
+            "dlqtriage purge --older-than 7 --reason OLDER_REVISION"
+        )
     sinks = ", ".join(f"`{s}`" for s in sorted(p.sinks)) or "the sink"
     if p.reason is ReasonCode.CONSTRAINT_VIOLATION:
         what = d.get("constraint") or d.get("error_class") or "a constraint"
-        return (f"sink {sinks} refused the rows ({what}){origin} — fix the data or the sink "
-                f"schema, then redrive: {redrive} --force")
+        return (
+            f"sink {sinks} refused the rows ({what}){origin} — fix the data or the sink "
+            f"schema, then redrive: {redrive} --force"
+        )
     if p.reason is ReasonCode.RATE_LIMITED:
         return f"check rate limits and quotas of {sinks}, then redrive: {redrive}"
     return f"check the sink {sinks} (health, connectivity, latency), then redrive: {redrive}"
@@ -237,8 +251,8 @@ def _redrive_cmd(p: Pattern) -> str:
 def _field(path: str) -> str:
     """`$.attributes.amount` -> attribute `amount`; other paths as they are."""
     prefix = "$.attributes."
-    if path.startswith(prefix) and "." not in path[len(prefix):]:
-        return f"attribute `{path[len(prefix):]}`"
+    if path.startswith(prefix) and "." not in path[len(prefix) :]:
+        return f"attribute `{path[len(prefix) :]}`"
     return f"field `{path}`"
 
 

@@ -54,8 +54,16 @@ def to_raw(entry: DLQEntry, seq: int) -> RawRecord:
     meta: dict[str, Any] = {"redrive": entry.id}
     if isinstance(header, list):
         meta["csv_header"] = header
-    return RawRecord(entry.payload, entry.tenant, entry.source, seq, None,
-                     entry.first_failed_at.timestamp(), decoded, meta)
+    return RawRecord(
+        entry.payload,
+        entry.tenant,
+        entry.source,
+        seq,
+        None,
+        entry.first_failed_at.timestamp(),
+        decoded,
+        meta,
+    )
 
 
 def _csv_row(header: list[Any], payload: bytes) -> dict[str, Any] | None:
@@ -86,8 +94,9 @@ async def redrive(
             raws.append(to_raw(e, seq))
         decoded = core.decoder.decode_many(raws)
         only = [{e.sink} if e.sink is not None else None for e in page]
-        report = await core.pipeline.deliver(raws, decoded, check_duplicates=False,
-                                             only_sinks=only, count_processed=False)
+        report = await core.pipeline.deliver(
+            raws, decoded, check_duplicates=False, only_sinks=only, count_processed=False
+        )
         done, stale = _settle(core, page, raws, decoded, report, result)
         await core.stores.dlq.delete(done + stale)
         result.selected += len(page)
@@ -118,8 +127,11 @@ def _settle(
             rows = {(raw_dedupe_key(raws[i]), None)}
             reasons = [item.reason]
         else:
-            targets = [s for s in core.config.sinks_for(item.tenant, item.entity_type)
-                       if entry.sink is None or s == entry.sink]
+            targets = [
+                s
+                for s in core.config.sinks_for(item.tenant, item.entity_type)
+                if entry.sink is None or s == entry.sink
+            ]
             if not targets:  # its sink is no longer configured or routed: leave it alone
                 result.failed += 1
                 result.failed_ids.append(entry.id)

@@ -31,14 +31,30 @@ def entry_dict(e: DLQEntry, full: bool = False) -> dict[str, Any]:
     if e.sink is None:
         error = {k: d.get(k) for k in ("path", "kind", "expected", "found", "message")}
     else:
-        error = {k: d[k] for k in ("error_class", "constraint", "message", "stored_revision",
-                                   "incoming_revision") if d.get(k) is not None}
+        error = {
+            k: d[k]
+            for k in (
+                "error_class",
+                "constraint",
+                "message",
+                "stored_revision",
+                "incoming_revision",
+            )
+            if d.get(k) is not None
+        }
     out: dict[str, Any] = {
-        "id": e.id, "tenant": e.tenant, "source": e.source, "sink": e.sink,
-        "reason": e.reason.value, "entity_type": e.entity_type, "entity_id": e.entity_id,
-        "revision": e.revision, "attempts": e.attempts,
+        "id": e.id,
+        "tenant": e.tenant,
+        "source": e.source,
+        "sink": e.sink,
+        "reason": e.reason.value,
+        "entity_type": e.entity_type,
+        "entity_id": e.entity_id,
+        "revision": e.revision,
+        "attempts": e.attempts,
         "first_failed_at": e.first_failed_at.isoformat(),
-        "last_failed_at": e.last_failed_at.isoformat(), "error": error,
+        "last_failed_at": e.last_failed_at.isoformat(),
+        "error": error,
     }
     if full:
         out["payload"] = payload_text(e.payload)
@@ -58,11 +74,14 @@ def summary(s: Summary, tenant: str | None) -> None:
     scope = f"tenant {tenant}" if tenant else "all tenants"
     rate = "n/a (nothing processed yet)" if s.rate is None else f"{s.rate:.3%}"
     mark = {"over": "[bold red]OVER[/]", "under": "[green]under[/]"}.get(s.slo, s.slo)
-    console.print(f"[bold]DLQ summary[/] ({scope}): {s.total} entries, {s.processed} records "
-                  f"processed, DLQ rate {rate} — {mark} the 0.5% SLO")
+    console.print(
+        f"[bold]DLQ summary[/] ({scope}): {s.total} entries, {s.processed} records "
+        f"processed, DLQ rate {rate} — {mark} the 0.5% SLO"
+    )
     if s.oldest is not None and s.newest is not None:
-        console.print(f"oldest entry {s.oldest:%Y-%m-%d %H:%M:%S}Z, "
-                      f"newest {s.newest:%Y-%m-%d %H:%M:%S}Z")
+        console.print(
+            f"oldest entry {s.oldest:%Y-%m-%d %H:%M:%S}Z, newest {s.newest:%Y-%m-%d %H:%M:%S}Z"
+        )
     by_reason = Table(title="by reason")
     for col in ("reason", "retryable", "count"):
         by_reason.add_column(col, justify="right" if col == "count" else "left")
@@ -84,9 +103,11 @@ def sample(entries: Sequence[DLQEntry], full: bool) -> None:
     for e in entries:
         d = entry_dict(e, full)
         console.rule(f"#{e.id} {e.reason.value} {e.tenant}/{e.source} sink={e.sink or '-'}")
-        console.print(f"entity {e.entity_type}/{e.entity_id} revision {e.revision}; "
-                      f"attempts {e.attempts}; first failed {d['first_failed_at']}, "
-                      f"last failed {d['last_failed_at']}")
+        console.print(
+            f"entity {e.entity_type}/{e.entity_id} revision {e.revision}; "
+            f"attempts {e.attempts}; first failed {d['first_failed_at']}, "
+            f"last failed {d['last_failed_at']}"
+        )
         for key, value in d["error"].items():
             if value is not None:
                 console.print(f"  {key}: {value}")
@@ -103,21 +124,34 @@ def patterns(found: Sequence[Pattern]) -> None:
         table.add_column(col, justify="right" if col == "count" else "left")
     for p in found:
         d = p.as_dict()
-        table.add_row(p.reason.value, p.signature, str(p.count),
-                      f"{d['first_seen']}\n{d['last_seen']}", ", ".join(d["sources"]),
-                      f"#{p.example_id} {p.example_entity or ''}\n{p.detail.get('message', '')}")
+        table.add_row(
+            p.reason.value,
+            p.signature,
+            str(p.count),
+            f"{d['first_seen']}\n{d['last_seen']}",
+            ", ".join(d["sources"]),
+            f"#{p.example_id} {p.example_entity or ''}\n{p.detail.get('message', '')}",
+        )
     console.print(table)
     for n, p in enumerate(found, 1):
         console.print(f"{n}. [bold]{p.reason.value}[/] {p.signature}: {p.suggestion}")
 
 
 def entry_list(title: str, entries: Sequence[DLQEntry], total: int) -> None:
-    table = Table(title=f"{title}: {total} entries" + (" (first shown)" if total > len(entries)
-                                                       else ""))
+    table = Table(
+        title=f"{title}: {total} entries" + (" (first shown)" if total > len(entries) else "")
+    )
     for col in ("id", "tenant", "source", "sink", "reason", "entity", "attempts", "first failed"):
         table.add_column(col)
     for e in entries:
-        table.add_row(str(e.id), e.tenant, e.source, e.sink or "-", e.reason.value,
-                      f"{e.entity_type}/{e.entity_id}@{e.revision}", str(e.attempts),
-                      f"{e.first_failed_at:%Y-%m-%d %H:%M:%S}")
+        table.add_row(
+            str(e.id),
+            e.tenant,
+            e.source,
+            e.sink or "-",
+            e.reason.value,
+            f"{e.entity_type}/{e.entity_id}@{e.revision}",
+            str(e.attempts),
+            f"{e.first_failed_at:%Y-%m-%d %H:%M:%S}",
+        )
     console.print(table)
