@@ -190,10 +190,10 @@ class PostgresSink:
         relations = body.get("relations")
         occurred = body.get("occurred_at")
         return (
-            str(body["tenant_id"]),
-            str(body["entity_type"]),
-            str(body["entity_id"]),
-            int(body["revision"]),
+            record.tenant,
+            record.entity_type,
+            record.entity_id,
+            record.revision,
             deleted,
             None if occurred is None else datetime.fromisoformat(occurred),
             None if deleted or attributes is None else orjson.dumps(attributes),

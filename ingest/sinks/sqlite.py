@@ -121,10 +121,10 @@ class SQLiteSink:
         attributes = body.get("attributes")
         relations = body.get("relations")
         return (
-            str(body["tenant_id"]),
-            str(body["entity_type"]),
-            str(body["entity_id"]),
-            int(body["revision"]),
+            record.tenant,
+            record.entity_type,
+            record.entity_id,
+            record.revision,
             deleted,
             body.get("occurred_at"),
             None if deleted or attributes is None else _dumps(attributes).decode(),
