@@ -44,12 +44,13 @@ admission:
 """
 
 
-def make_lines(n: int) -> list[bytes]:
+def make_lines(n: int, revision: int = 1) -> list[bytes]:
+    """n JSON lines of entities o-0..o-{n-1} at `revision` (the benchmarks' shared feed)."""
     out = []
     for i in range(n):
         out.append(json.dumps({
             "schema_version": 3, "tenant_id": "acme-corp", "entity_type": "order",
-            "entity_id": f"o-{i}", "revision": 1, "occurred_at": "2025-01-01T00:00:00Z",
+            "entity_id": f"o-{i}", "revision": revision, "occurred_at": "2025-01-01T00:00:00Z",
             "priority": "normal",
             "attributes": {"amount": i % 1000 + 0.5, "currency": "EUR", "status": "new"},
         }, separators=(",", ":")).encode())

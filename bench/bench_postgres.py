@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import json
 import os
 import platform
 import shutil
@@ -37,6 +36,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench_embedded import make_lines, peak_rss_mb  # noqa: E402
 
 from ingest.pipeline.decode import Decoder  # noqa: E402
 from ingest.records import RawRecord, Record  # noqa: E402
@@ -57,27 +58,6 @@ ADMISSION = {
     "queue_high_watermark": 100_000_000,
     "queue_low_watermark": 1_000_000,
 }
-
-
-def make_lines(n: int, revision: int) -> list[bytes]:
-    out = []
-    for i in range(n):
-        out.append(
-            json.dumps(
-                {
-                    "schema_version": 3,
-                    "tenant_id": "acme-corp",
-                    "entity_type": "order",
-                    "entity_id": f"o-{i}",
-                    "revision": revision,
-                    "occurred_at": "2025-01-01T00:00:00Z",
-                    "priority": "normal",
-                    "attributes": {"amount": i % 1000 + 0.5, "currency": "EUR", "status": "new"},
-                },
-                separators=(",", ":"),
-            ).encode()
-        )
-    return out
 
 
 def config_for(
@@ -172,13 +152,6 @@ def p95(before: dict[float, float], after: dict[float, float]) -> float | None:
         if delta[bound] >= 0.95 * total:
             return bound
     return None
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Service:
