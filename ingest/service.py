@@ -447,24 +447,18 @@ class Service:
         log.info("shutting down: draining in-flight work")
         self.admission.drain()
         self.stopping.set()
-        runners = [t for t in self._tasks if t.get_name() != "tick"]
-        done, pending = (
-            await asyncio.wait(self._tasks, timeout=timeout) if self._tasks else (set(), set())
-        )
-        for task in pending:
-            log.error("task %s did not finish within %.0fs; cancelling", task.get_name(), timeout)
-            task.cancel()
-        del runners, done
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in pending:
+                log.error("task %s did not finish in %.0fs; cancelling", task.get_name(), timeout)
+                task.cancel()
         for source in self.sources:
             with contextlib.suppress(Exception):
                 await source.close()
         if self.intake is not None and hasattr(self.intake, "close"):
             with contextlib.suppress(Exception):
                 await self.intake.close()
-        for lane in self.lanes.values():
-            with contextlib.suppress(Exception):
-                await lane.sink.close()
-        await self.stores.close()
+        await self.core.close()  # sinks, then stores
         log.info("shutdown complete")
 
 

@@ -92,9 +92,7 @@ class SourceRunner:
                 except StopAsyncIteration:
                     break
                 self.on_pending(len(batch.records))
-                if not await self._admit(batch):
-                    self.on_pending(-len(batch.records))
-                    break
+                await self._admit(batch)
                 decoded = self.decoder.decode_many(batch.records)
                 lookup = self.pipeline.prefetch_seen(decoded)
                 await queue.put(_Decoded(batch, decoded, lookup))
@@ -109,8 +107,9 @@ class SourceRunner:
                 with contextlib.suppress(Exception):
                     await aclose()
 
-    async def _admit(self, batch: SourceBatch) -> bool:
-        """Take tokens for each tenant in the batch; waits while throttled or paused."""
+    async def _admit(self, batch: SourceBatch) -> None:
+        """Take tokens for each tenant in the batch; waits while throttled or paused. A drain
+        that arrives after the batch was read lets it through: it is in flight, so finish it."""
         per_tenant = Counter(raw.tenant for raw in batch.records)  # empty batch: no tokens
         for tenant, n in per_tenant.items():
             while True:
@@ -118,13 +117,9 @@ class SourceRunner:
                     await self.admission.admit(tenant, n)
                     break
                 except Rejected:
-                    # drain arrived after the batch was read: it is in flight, so finish it
-                    if self.stopping.is_set():
-                        return True
-                    if self.admission.state is BackpressureState.DRAIN:
-                        return True
+                    if self.stopping.is_set() or self.admission.state is BackpressureState.DRAIN:
+                        return
                     await asyncio.sleep(0.1)
-        return True
 
     async def _consume(self, queue: asyncio.Queue[_Decoded | None]) -> None:
         while True:
