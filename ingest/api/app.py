@@ -195,7 +195,7 @@ async def _webhook(service: Service, request: Request) -> Response:
         return lines
 
     try:
-        service.admission.try_admit(tenant, len(lines))
+        await service.admission.try_admit(tenant, len(lines))
     except Rejected as rej:
         if rej.state is BackpressureState.THROTTLED:
             retry_after = max(1, math.ceil(rej.retry_after or 1))

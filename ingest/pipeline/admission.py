@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from ingest.config import AdmissionConfig, TenantLimits
 
@@ -81,6 +81,50 @@ class TokenBucket:
         return max(0.0, (n - self._tokens) / self.rate)
 
 
+class RateLimiter(Protocol):
+    """A per-tenant rate limit, taken a batch at a time (one call per batch, not per record).
+
+    `LocalRateLimiter` (token buckets in this process) serves embedded mode; the fleet-wide
+    GCRA in Redis (`ingest.state.ratelimit`) holds a tenant's limit across every pod.
+    """
+
+    async def take(self, tenant: str, n: float) -> float:
+        """Take n tokens at once or none: 0.0 when taken, else the seconds until n would be
+        there (math.inf when n exceeds the tenant's burst: split the request)."""
+        ...
+
+    def tokens(self) -> dict[str, float]:
+        """Tokens left per tenant (as last seen), for /health/detailed."""
+        ...
+
+
+class LocalRateLimiter:
+    """Token buckets in this process: the embedded-mode limiter."""
+
+    def __init__(
+        self,
+        limits_for: Callable[[str], TenantLimits],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._limits_for = limits_for
+        self._clock = clock
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def bucket(self, tenant: str) -> TokenBucket:
+        b = self._buckets.get(tenant)
+        if b is None:
+            lim = self._limits_for(tenant)
+            b = self._buckets[tenant] = TokenBucket(lim.rate, lim.burst, self._clock)
+        return b
+
+    async def take(self, tenant: str, n: float) -> float:
+        b = self.bucket(tenant)
+        return 0.0 if b.try_take(n) else b.wait_time(n)  # wait_time: inf past the burst
+
+    def tokens(self) -> dict[str, float]:
+        return {t: b.tokens for t, b in self._buckets.items()}
+
+
 class Rejected(Exception):
     """Work refused at the door. `reason` is for humans; `state` and `retry_after` for HTTP."""
 
@@ -107,6 +151,7 @@ class Admission:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.cfg = cfg
         self.on_change: Callable[[BackpressureState], None] | None = None
@@ -114,7 +159,7 @@ class Admission:
         self._clock = clock
         self._wall = wall_clock
         self._sleep = sleep
-        self._buckets: dict[str, TokenBucket] = {}
+        self.limiter: RateLimiter = limiter or LocalRateLimiter(limits_for, clock)
         self._sem = asyncio.Semaphore(cfg.max_in_flight)
         self._in_flight = 0
         self._paused = False
@@ -185,13 +230,6 @@ class Admission:
 
     # -- tokens --------------------------------------------------------------------------
 
-    def bucket(self, tenant: str) -> TokenBucket:
-        b = self._buckets.get(tenant)
-        if b is None:
-            lim = self._limits_for(tenant)
-            b = self._buckets[tenant] = TokenBucket(lim.rate, lim.burst, self._clock)
-        return b
-
     def _throttle(self) -> None:
         self._throttled_until = self._clock() + THROTTLE_WINDOW
         self._refresh()
@@ -203,42 +241,45 @@ class Admission:
         if st is BackpressureState.DRAIN:
             raise Rejected(st, "ingest is draining: finishing in-flight work, accepting none")
 
-    def try_admit(self, tenant: str, n: int) -> None:
-        """Push path: admit n records now or raise Rejected; never waits."""
+    async def try_admit(self, tenant: str, n: int) -> None:
+        """Push path: admit n records now or raise Rejected; never waits (one limiter call)."""
         self._refuse_if_closed()
         if n <= 0:
             return
-        b = self.bucket(tenant)
-        if n > b.burst:
-            self._throttle()
+        wait = await self.limiter.take(tenant, n)
+        if wait <= 0:
+            return
+        self._throttle()
+        lim = self._limits_for(tenant)
+        if math.isinf(wait):
             raise Rejected(
                 BackpressureState.THROTTLED,
-                f"{n} records exceed tenant '{tenant}' burst of {b.burst:g}: send smaller batches",
+                f"{n} records exceed tenant '{tenant}' burst of {lim.burst:g}: "
+                "send smaller batches",
             )
-        if not b.try_take(n):
-            self._throttle()
-            raise Rejected(
-                BackpressureState.THROTTLED,
-                f"tenant '{tenant}' is over its rate of {b.rate:g} records/s",
-                retry_after=b.wait_time(n),
-            )
+        raise Rejected(
+            BackpressureState.THROTTLED,
+            f"tenant '{tenant}' is over its rate of {lim.rate:g} records/s",
+            retry_after=wait,
+        )
 
     async def admit(self, tenant: str, n: int) -> None:
         """Pull path: wait for n tokens (in burst-sized parts), wait while paused.
 
         Raises Rejected(DRAIN) in drain, also if drain starts while waiting.
         """
-        b = self.bucket(tenant)
+        burst = self._limits_for(tenant).burst
         remaining = float(n)
         while remaining > 0:
             await self.wait_while_paused()
             self._refuse_if_closed()
-            part = min(remaining, b.burst)
-            if b.try_take(part):
+            part = min(remaining, burst)
+            wait = await self.limiter.take(tenant, part)
+            if wait <= 0:
                 remaining -= part
                 continue
             self._throttle()
-            await self._sleep(b.wait_time(part))
+            await self._sleep(wait if math.isfinite(wait) else 1.0)  # inf: limits changed
             self._throttle()
 
     # -- concurrency ---------------------------------------------------------------------
@@ -341,7 +382,7 @@ class Admission:
         return {
             "state": st.value,
             "since": _iso(self._since),
-            "tokens": {t: b.tokens for t, b in self._buckets.items()},
+            "tokens": self.limiter.tokens(),
             "in_flight": self._in_flight,
             "queue_depth": self._depth,
             "brownout_rate": self.brownout_rate,

@@ -6,7 +6,9 @@ import asyncio
 import hashlib
 import itertools
 import math
+from collections.abc import Coroutine
 from datetime import datetime
+from typing import Any, TypeVar, cast
 
 import pytest
 from hypothesis import given, settings
@@ -22,6 +24,7 @@ from ingest.pipeline.admission import (
 )
 
 S = BackpressureState
+T = TypeVar("T")
 WALL0 = 1_700_000_000.0
 
 
@@ -42,6 +45,16 @@ class FakeTime:
         self.slept.append(delay)
         self.now += delay
         await asyncio.sleep(0)
+
+
+def run_now(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends (the local limiter) from a sync hypothesis test."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return cast(T, stop.value)
+    coro.close()
+    raise AssertionError("the coroutine suspended")
 
 
 def state_of(adm: Admission) -> BackpressureState:
@@ -126,17 +139,17 @@ def test_wait_time_is_exactly_enough(rate: float, burst: float, first: float, n:
 # -- push path -----------------------------------------------------------------------------
 
 
-def test_try_admit_throttles_with_retry_after_and_expires_lazily() -> None:
+async def test_try_admit_throttles_with_retry_after_and_expires_lazily() -> None:
     ft = FakeTime()
     adm, changes = make(ft, rate=10, burst=5)
-    adm.try_admit("acme", 5)
+    await adm.try_admit("acme", 5)
     with pytest.raises(Rejected) as ei:
-        adm.try_admit("acme", 3)
+        await adm.try_admit("acme", 3)
     assert ei.value.state is S.THROTTLED
     assert ei.value.retry_after == pytest.approx(0.3)
     assert "acme" in ei.value.reason
     assert state_of(adm) is S.THROTTLED
-    adm.try_admit("other", 5)  # buckets are per tenant
+    await adm.try_admit("other", 5)  # buckets are per tenant
     ft.now += 0.99
     assert state_of(adm) is S.THROTTLED
     ft.now += 0.02
@@ -147,27 +160,27 @@ def test_try_admit_throttles_with_retry_after_and_expires_lazily() -> None:
     )
 
 
-def test_try_admit_larger_than_burst_is_refused_without_retry_after() -> None:
+async def test_try_admit_larger_than_burst_is_refused_without_retry_after() -> None:
     ft = FakeTime()
     adm, _ = make(ft, burst=5)
     with pytest.raises(Rejected) as ei:
-        adm.try_admit("acme", 6)
+        await adm.try_admit("acme", 6)
     assert ei.value.state is S.THROTTLED and ei.value.retry_after is None
 
 
-def test_drain_and_pause_refuse_push_and_say_which() -> None:
+async def test_drain_and_pause_refuse_push_and_say_which() -> None:
     ft = FakeTime()
     adm, changes = make(ft)
     adm.drain()
     with pytest.raises(Rejected) as ei:
-        adm.try_admit("acme", 1)
+        await adm.try_admit("acme", 1)
     assert ei.value.state is S.DRAIN and "drain" in ei.value.reason
     adm.pause()
     with pytest.raises(Rejected) as ei:
-        adm.try_admit("acme", 1)
+        await adm.try_admit("acme", 1)
     assert ei.value.state is S.PAUSED and "pause" in ei.value.reason
     adm.resume()
-    adm.try_admit("acme", 1)
+    await adm.try_admit("acme", 1)
     assert changes == [S.DRAIN, S.PAUSED, S.NORMAL]
 
 
@@ -201,10 +214,10 @@ async def test_paused_blocks_admit_until_resume() -> None:
     for _ in range(20):
         await asyncio.sleep(0)
     assert not task.done()
-    assert adm.bucket("acme").tokens == 5  # nothing taken while paused
+    assert adm.limiter.tokens().get("acme", 5) == 5  # nothing taken while paused
     adm.resume()
     await asyncio.wait_for(task, 1.0)
-    assert adm.bucket("acme").tokens == 4
+    assert adm.limiter.tokens()["acme"] == 4
 
 
 async def test_drain_releases_paused_waiters_with_rejection() -> None:
@@ -269,8 +282,8 @@ def test_state_precedence(ops: list[str]) -> None:
             manual = True
         elif op == "throttle":
             try:
-                adm.try_admit("t", 1)
-                adm.try_admit("t", 1)
+                run_now(adm.try_admit("t", 1))
+                run_now(adm.try_admit("t", 1))
             except Rejected:
                 pass
             if not (paused or drain):
@@ -393,10 +406,10 @@ def test_keep_in_brownout_share_determinism_and_priorities(rate: float, seed: in
         assert adm.keep_in_brownout(k, "low") is (int.from_bytes(k[:8], "big") / 2**64 < rate)
 
 
-def test_snapshot_shape() -> None:
+async def test_snapshot_shape() -> None:
     ft = FakeTime()
     adm, _ = make(ft, rate=10, burst=5)
-    adm.try_admit("acme", 2)
+    await adm.try_admit("acme", 2)
     adm.set_queue_depth(7)
     snap = adm.snapshot()
     assert snap == {
@@ -412,3 +425,44 @@ def test_snapshot_shape() -> None:
         "queue_low_watermark": 20,
     }
     assert datetime.fromisoformat(snap["since"]).timestamp() == WALL0
+
+
+# -- pluggable limiter (the fleet-wide GCRA plugs in here) ---------------------------------
+
+
+class CountingLimiter:
+    """Answers each call from a script of waits (then grants); records every call."""
+
+    def __init__(self, waits: list[float]) -> None:
+        self.calls: list[tuple[str, float]] = []
+        self.waits = waits
+
+    async def take(self, tenant: str, n: float) -> float:
+        self.calls.append((tenant, n))
+        return self.waits.pop(0) if self.waits else 0.0
+
+    def tokens(self) -> dict[str, float]:
+        return {"acme": 1.0}
+
+
+async def test_limiter_is_asked_once_per_batch_and_its_wait_is_the_retry_after() -> None:
+    ft = FakeTime()
+    lim = CountingLimiter([0.0, 0.25, 0.0, 0.5])
+    adm = Admission(
+        AdmissionConfig(),
+        lambda t: TenantLimits(rate=100, burst=1000),
+        clock=ft,
+        wall_clock=ft.wall,
+        sleep=ft.sleep,
+        limiter=lim,
+    )
+    await adm.try_admit("acme", 500)
+    assert lim.calls == [("acme", 500)]  # one call for the whole batch
+    with pytest.raises(Rejected) as ei:
+        await adm.try_admit("acme", 10)
+    assert ei.value.retry_after == 0.25 and state_of(adm) is S.THROTTLED
+    lim.calls.clear()
+    await adm.admit("acme", 2500)  # burst-sized parts; waits what the limiter says
+    assert [n for _, n in lim.calls] == [1000, 1000, 1000, 500]
+    assert ft.slept == [0.5]
+    assert adm.snapshot()["tokens"] == {"acme": 1.0}
