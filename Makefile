@@ -3,8 +3,12 @@
 #   make test  - install and start every real server the tests need, run the whole suite
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
+# `make test` gives each run a run dir of its own unless INGEST_RUN_DIR is set; the
+# by-hand targets (services-up/down, bench) use this stable default.
+RUN_DIR_GIVEN := $(filter-out undefined,$(origin INGEST_RUN_DIR))
 export INGEST_RUN_DIR ?= /tmp/ingest-test-run
-UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+# `make uv` puts uv here when it is not on PATH (pip --user)
+export PATH := $(HOME)/.local/bin:$(PATH)
 PYTEST_ARGS ?=
 
 .PHONY: help
@@ -12,12 +16,20 @@ help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 .PHONY: uv
-uv:
-	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
+uv: ## Install uv if missing (pip --user; Debian's python3 gets python3-pip first)
+	@scripts/install-uv.sh
 
 .PHONY: install
 install: uv ## Install the project and its dev tools into .venv (from uv.lock)
 	uv sync --frozen
+
+.PHONY: tools
+tools: ## Install every program the tests and scripts run (scripts/services/tools.list)
+	scripts/services/tools.sh install
+
+.PHONY: doctor
+doctor: ## Check that every program the tests and scripts run is present
+	@scripts/check-tools.sh
 
 .PHONY: run
 run: uv ## Run the service embedded on :8080 (inbox ./data/inbox/<tenant>/, webhooks)
@@ -25,7 +37,7 @@ run: uv ## Run the service embedded on :8080 (inbox ./data/inbox/<tenant>/, webh
 	uv run --frozen --no-dev ingest run
 
 .PHONY: services-up
-services-up: install ## Install and start every test server (Postgres, Redis, Kafka, Neo4j, Typesense, SeaweedFS, sshd)
+services-up: install tools ## Install and start every test server on free ports; prints the env line to source
 	scripts/services/up.sh
 
 .PHONY: services-down
@@ -33,8 +45,13 @@ services-down: ## Stop the test servers
 	scripts/services/down.sh
 
 .PHONY: test
-test: install ## Start all test servers, run unit + integration + e2e tests, stop the servers
-	@set -o pipefail; trap 'scripts/services/down.sh >/dev/null 2>&1' EXIT; \
+test: tools install ## Check tools, start all test servers (own ports + run dir), run unit + integration + e2e tests
+	@set -o pipefail; scripts/check-tools.sh || exit 1; \
+	if [ -z "$(RUN_DIR_GIVEN)" ]; then export INGEST_RUN_DIR="$$(mktemp -d /tmp/ingest-test-run.XXXXXX)"; fresh=1; fi; \
+	trap 'rc=$$?; scripts/services/down.sh >/dev/null 2>&1; \
+	  if [ "$$rc" = 0 ] && [ -n "$${fresh:-}" ]; then rm -rf "$$INGEST_RUN_DIR"; \
+	  else echo "make test: servers data and logs kept in $$INGEST_RUN_DIR"; fi' EXIT; \
+	echo "make test: run dir $$INGEST_RUN_DIR"; \
 	scripts/services/up.sh && source "$$INGEST_RUN_DIR/all.env" && \
 	uv run pytest -p no:cacheprovider $(PYTEST_ARGS)
 

@@ -13,7 +13,7 @@ def require_env(name: str, script: str) -> str:
     if not value:
         pytest.fail(
             f"{name} is not set: start the server with `scripts/services/up.sh {script}` and "
-            f"`source $INGEST_RUN_DIR/all.env` (make test does both)",
+            f"source the env file it names on its last line (make test does both)",
             pytrace=False,
         )
     return value

@@ -6,11 +6,15 @@
 #   kafka.sh stop           stop the broker (by PID file); data kept for post-mortem
 #   kafka.sh stop-server    same as stop: for restart tests, followed by ...
 #   kafka.sh start-server   start again on the SAME data (no format) and wait until ready
+#   kafka.sh format         only a fresh log dir and formatted storage (what start does first)
+#   kafka.sh cluster-id [N] N random cluster ids (as start draws them)
 #
 # Writes $INGEST_RUN_DIR/kafka.env and installs kafka-topics.sh / kafka-consumer-groups.sh
 # into $INGEST_RUN_DIR/bin (the runbook's commands, on the same classpath).
+# ports: INGEST_TEST_KAFKA_PORT INGEST_TEST_KAFKA_CONTROLLER_PORT
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+. "$here/lib.sh"
 tmpl="$here/kafka"
 run="${INGEST_RUN_DIR:-/tmp/ingest-test-run}"
 dir="$run/kafka"
@@ -33,7 +37,7 @@ install() {
   fi
   if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
     # a fresh Debian machine: Kafka 4 needs Java 17+, the classpath comes from Maven Central
-    apt-get update -q && apt-get install -y -q openjdk-17-jre-headless maven
+    apt_install openjdk-17-jre-headless maven
   fi
   rm -rf "$lib.tmp"
   mkdir -p "$cache"
@@ -100,18 +104,39 @@ stop_server() {
   rm -f "$pidfile"
 }
 
-start() {
-  install
-  stop_server
+# cluster_id [N]: N random KRaft cluster ids (16 bytes, base64url), each drawn again while it
+# starts with '-', as Kafka's own Uuid.randomUuid() does.
+cluster_id() {
+  python3 - "${1:-1}" <<'PY'
+import base64, sys, uuid
+for _ in range(int(sys.argv[1])):
+    while (i := base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")).startswith("-"):
+        pass
+    print(i)
+PY
+}
+
+# `--cluster-id=ID`, never `--cluster-id ID`: an id starting with '-' would be read as an option.
+format_storage() {
+  java "${java_opts[@]}" -cp "$lib/*" kafka.tools.StorageTool format \
+      "--cluster-id=$1" "--config=$dir/server.properties" >"$dir/format.log" 2>&1 \
+      || { cat "$dir/format.log" >&2; exit 1; }
+}
+
+# A fresh log dir and server.properties, storage formatted (INGEST_TEST_KAFKA_CLUSTER_ID or
+# a random id).
+prepare() {
   rm -rf "$dir"
   mkdir -p "$dir/data"
   sed -e "s|@PORT@|$port|g" -e "s|@CONTROLLER_PORT@|$cport|g" -e "s|@LOG_DIR@|$dir/data|g" \
       "$tmpl/server.properties.in" > "$dir/server.properties"
-  local cluster_id
-  cluster_id="$(python3 -c 'import base64,uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')"
-  java "${java_opts[@]}" -cp "$lib/*" kafka.tools.StorageTool format \
-      --cluster-id "$cluster_id" --config "$dir/server.properties" >"$dir/format.log" 2>&1 \
-      || { cat "$dir/format.log" >&2; exit 1; }
+  format_storage "${INGEST_TEST_KAFKA_CLUSTER_ID:-$(cluster_id)}"
+}
+
+start() {
+  install
+  stop_server
+  prepare
   write_tools
   write_env
   start_server
@@ -120,7 +145,9 @@ start() {
 case "${1:-}" in
   install) install ;;
   start) start ;;
+  format) install; stop_server; prepare ;;
+  cluster-id) cluster_id "${2:-1}" ;;
   stop|stop-server) stop_server ;;
   start-server) start_server ;;
-  *) echo "usage: $0 install|start|stop|stop-server|start-server" >&2; exit 2 ;;
+  *) echo "usage: $0 install|start|format|cluster-id|stop|stop-server|start-server" >&2; exit 2 ;;
 esac

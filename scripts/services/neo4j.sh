@@ -4,8 +4,10 @@
 #   neo4j.sh install | start | stop        (interface: scripts/services/README.md)
 # Bolt on 127.0.0.1:${INGEST_TEST_NEO4J_BOLT_PORT:-17687}, HTTP on ${INGEST_TEST_NEO4J_HTTP_PORT:-17474}.
 # Auth is on, as in production: user neo4j, a password generated per start (in neo4j.env).
+# ports: INGEST_TEST_NEO4J_BOLT_PORT INGEST_TEST_NEO4J_HTTP_PORT
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+. "$here/lib.sh"
 run_dir="${INGEST_RUN_DIR:-/tmp/ingest-test-run}"
 cache="${HOME}/.cache/ingest-services/neo4j"
 bolt_port="${INGEST_TEST_NEO4J_BOLT_PORT:-17687}"
@@ -15,9 +17,7 @@ pid_file="$run_dir/neo4j.pid"
 log="$data/server.log"
 
 install() {
-  command -v java >/dev/null && command -v mvn >/dev/null || {
-    apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
-  }
+  command -v java >/dev/null && command -v mvn >/dev/null || apt_install openjdk-17-jre-headless maven
   mkdir -p "$cache"
   # Re-resolve only when the pom changed; the jar set is the install marker.
   if ! cmp -s "$here/neo4j/pom.xml" "$cache/pom.xml" || [ ! -f "$cache/lib/.complete" ]; then

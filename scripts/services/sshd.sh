@@ -3,7 +3,9 @@
 # key login for user `ingestsftp`, sftp only (ForceCommand internal-sftp -d <inbox>).
 #   sshd.sh install | start | stop      (see scripts/services/README.md; needs root)
 # The inbox lives under the run dir, not a chroot: sshd refuses a chroot under /tmp.
+# ports: INGEST_TEST_SFTP_PORT
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 run_dir="${INGEST_RUN_DIR:-/tmp/ingest-test-run}"
 data="$run_dir/sshd"
 env_file="$run_dir/sshd.env"
@@ -12,9 +14,9 @@ port="${INGEST_TEST_SFTP_PORT:-12222}"
 user="${INGEST_TEST_SFTP_USER:-ingestsftp}"
 
 install() {
+  # openssh-server pinned to the installed client's version (lib.sh): the client is not upgraded
   if [ ! -x /usr/sbin/sshd ] || ! command -v sftp >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server openssh-client \
-      || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server openssh-client; }
+    apt_install openssh-client openssh-server
   fi
   # '*' (no password) rather than a locked '!' account, which sshd refuses even for keys.
   id "$user" >/dev/null 2>&1 || useradd -M -s /usr/sbin/nologin -p '*' "$user"

@@ -5,6 +5,7 @@
 #   typesense.sh stop-server | start-server      stop / restart on the SAME data dir, port and key
 #                                                (outage tests: data must survive the restart)
 # API on 127.0.0.1:${INGEST_TEST_TYPESENSE_PORT:-18108}, peering on ${INGEST_TEST_TYPESENSE_PEERING_PORT:-18109}.
+# ports: INGEST_TEST_TYPESENSE_PORT INGEST_TEST_TYPESENSE_PEERING_PORT
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"

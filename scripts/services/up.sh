@@ -1,19 +1,79 @@
 #!/usr/bin/env bash
-# Install and start test servers: `up.sh` (all) or `up.sh postgres redis ...`.
-# Writes $INGEST_RUN_DIR/all.env, which sources each server's env file.
+# Install and start test servers: `up.sh` (all) or `up.sh postgres redis ...`;
+# `--no-install` skips the install steps (make test has run them already).
+#
+# Ports: each script names its port variables on a `# ports:` line (NAME:N = N consecutive
+# ports from NAME). Every one not set in the environment gets a free port for this run, so
+# two runs on one machine never collide; a set one (e.g. from /tmp/ports/<slug>.env) is kept.
+# The servers start in parallel (each in its own dir, on its own ports); each one's output is
+# in $INGEST_RUN_DIR/<name>.up.log.
+#
+# Writes $INGEST_RUN_DIR/all.env (INGEST_RUN_DIR, every port, then each server's env file):
+# `source` it before running tests by hand. The exact line is printed at the end.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+. "$here/lib.sh"
 export INGEST_RUN_DIR="${INGEST_RUN_DIR:-/tmp/ingest-test-run}"
 mkdir -p "$INGEST_RUN_DIR"
+chmod 755 "$INGEST_RUN_DIR"  # servers that run as their own OS user (postgres) look inside
+install=1
+if [ "${1:-}" = --no-install ]; then install=0; shift; fi
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(tools postgres redis kafka neo4j typesense seaweedfs sshd)
-: > "$INGEST_RUN_DIR/all.env"
+
+if [ "$install" = 1 ]; then
+  for n in "${names[@]}"; do
+    echo "== $n: install"
+    "$here/$n.sh" install
+  done
+fi
+
+# Free ports for every unset port variable, chosen together (all distinct).
+want=() counts=()
 for n in "${names[@]}"; do
-  echo "== $n: install"
-  "$here/$n.sh" install
-  echo "== $n: start"
-  t0=$(date +%s)
-  "$here/$n.sh" start
-  echo "== $n: ready in $(( $(date +%s) - t0 ))s"
-  echo "source '$INGEST_RUN_DIR/$n.env'" >> "$INGEST_RUN_DIR/all.env"
+  for spec in $(sed -n 's/^# ports://p' "$here/$n.sh"); do
+    var="${spec%%:*}"; count=1
+    [[ "$spec" == *:* ]] && count="${spec#*:}"
+    [ -n "${!var:-}" ] || { want+=("$var"); counts+=("$count"); }
+  done
 done
+if [ ${#want[@]} -gt 0 ]; then
+  mapfile -t got < <(free_ports "${counts[@]}")
+  [ ${#got[@]} -eq ${#want[@]} ] || { echo "up.sh: could not find free ports" >&2; exit 1; }
+  for i in "${!want[@]}"; do export "${want[$i]}=${got[$i]}"; done
+fi
+
+env_file="$INGEST_RUN_DIR/all.env"
+{
+  echo "export INGEST_RUN_DIR='$INGEST_RUN_DIR'"
+  for n in "${names[@]}"; do
+    for spec in $(sed -n 's/^# ports://p' "$here/$n.sh"); do
+      var="${spec%%:*}"; echo "export $var=${!var}"
+    done
+  done
+} > "$env_file.tmp"
+
+t0=$(date +%s)
+pids=()
+for n in "${names[@]}"; do
+  ( s=$(date +%s)
+    if "$here/$n.sh" start >"$INGEST_RUN_DIR/$n.up.log" 2>&1; then
+      echo "== $n: ready in $(( $(date +%s) - s ))s"
+    else
+      echo "== $n: FAILED to start; $INGEST_RUN_DIR/$n.up.log:" >&2
+      tail -n 40 "$INGEST_RUN_DIR/$n.up.log" >&2
+      exit 1
+    fi ) &
+  pids+=($!)
+done
+failed=0
+for p in "${pids[@]}"; do wait "$p" || failed=1; done
+if [ "$failed" = 1 ]; then
+  echo "up.sh: a server failed to start; stopping the others" >&2
+  "$here/down.sh" "${names[@]}" >/dev/null 2>&1 || true
+  exit 1
+fi
+for n in "${names[@]}"; do echo "source '$INGEST_RUN_DIR/$n.env'" >> "$env_file.tmp"; done
+mv "$env_file.tmp" "$env_file"
+echo "== all ${#names[@]} up in $(( $(date +%s) - t0 ))s; for tests by hand:"
+echo "source '$env_file'"

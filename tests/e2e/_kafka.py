@@ -46,7 +46,7 @@ def shared_kafka() -> tuple[str, str]:
     if "INGEST_TEST_KAFKA_BROKERS" not in env or "INGEST_TEST_KAFKA_BIN" not in env:
         raise RuntimeError(
             "INGEST_TEST_KAFKA_BROKERS is not set: run `scripts/services/up.sh kafka` and "
-            "`source $INGEST_RUN_DIR/kafka.env`"
+            "source the all.env it prints"
         )
     return env["INGEST_TEST_KAFKA_BROKERS"], env["INGEST_TEST_KAFKA_BIN"]
 

@@ -54,7 +54,7 @@ def shared_env() -> dict[str, str]:
         if key not in out:
             raise RuntimeError(
                 f"{key} is not set: run `scripts/services/up.sh postgres redis` and "
-                "`source $INGEST_RUN_DIR/all.env`"
+                "source the all.env it prints"
             )
     return out
 

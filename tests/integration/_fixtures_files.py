@@ -1,6 +1,6 @@
 """Fixtures and helpers for the S3 and SFTP source tests (real SeaweedFS and OpenSSH servers).
 
-Servers: `scripts/services/up.sh seaweedfs sshd` then `source $INGEST_RUN_DIR/all.env`.
+Servers: `scripts/services/up.sh seaweedfs sshd`, then source the all.env it prints.
 Each test gets its own bucket prefix / inbox subdirectory and its own SQLite state file.
 """
 
@@ -32,7 +32,7 @@ def require_env(name: str, script: str) -> str:
     if not value:
         pytest.fail(
             f"{name} is not set: run `scripts/services/up.sh {script}` and "
-            f"`source $INGEST_RUN_DIR/all.env` (scripts/services/{script}.sh)",
+            f"source the all.env it prints (scripts/services/{script}.sh)",
             pytrace=False,
         )
     return value

@@ -35,7 +35,7 @@ def kafka_var(name: str) -> str:
     if not value:
         pytest.fail(
             f"{name} is not set: run `{SCRIPT} install && {SCRIPT} start` (or "
-            f"`scripts/services/up.sh kafka`) and `source $INGEST_RUN_DIR/kafka.env`",
+            f"`scripts/services/up.sh kafka`) and source the all.env it prints",
             pytrace=False,
         )
     return value

@@ -1,6 +1,6 @@
 """Fixtures for the Redis and Postgres state and sink tests (real servers, no mocks).
 
-Shared servers: `scripts/services/up.sh postgres redis` then `source $INGEST_RUN_DIR/all.env`.
+Shared servers: `scripts/services/up.sh postgres redis`, then source the all.env it prints.
 Each test gets its own Postgres schema (dropped afterwards) and its own Redis key prefix /
 tenant. Tests that stop or restart a server start a private one with the same scripts under a
 temporary INGEST_RUN_DIR, so other tests using the shared servers are not disturbed.
@@ -34,7 +34,7 @@ def require_env(name: str, script: str) -> str:
     if not value:
         pytest.fail(
             f"{name} is not set: run `scripts/services/up.sh {script}` and "
-            f"`source $INGEST_RUN_DIR/all.env` (scripts/services/{script}.sh)",
+            f"source the all.env it prints (scripts/services/{script}.sh)",
             pytrace=False,
         )
     return value
