@@ -4,7 +4,8 @@ No file at all means the embedded default: SQLite state and sink under `./data`,
 directory and webhooks. Unknown keys are refused (`extra="forbid"`), and every error names
 the key path and what was wrong, e.g. `config error at 'sinks[0].dsn': field required`.
 Environment variables override the store URLs: INGEST_REDIS_URL, INGEST_POSTGRES_URL,
-INGEST_HTTP_PORT, INGEST_DATA_DIR (the last two in every mode).
+INGEST_HTTP_PORT, INGEST_ADMIN_PORT, INGEST_CREDENTIALS_FILE, INGEST_DATA_DIR (all but the
+first two in every mode).
 """
 
 from __future__ import annotations
@@ -64,8 +65,22 @@ class BreakerConfig(_Model):
 
 
 class HttpConfig(_Model):
-    host: str = Field("0.0.0.0", description="Listen address.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Listen address: loopback by default; 0.0.0.0 to serve other hosts "
+        "(a container, a pod).",
+    )
     port: int = Field(8080, ge=0, le=65535, description="Listen port (INGEST_HTTP_PORT).")
+    admin_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="When set, /admin/* is served only on this port (INGEST_ADMIN_PORT), "
+        "not on `port`; probes, /metrics and /health/* answer on both.",
+    )
+    admin_host: str | None = Field(
+        None, description="Listen address of admin_port (default: host)."
+    )
     max_body_bytes: int = Field(5 * 1024 * 1024, ge=1, description="Larger webhook bodies get 413.")
     max_record_bytes: int = Field(1024 * 1024, ge=1, description="Larger records go to the DLQ.")
 
@@ -82,6 +97,34 @@ class ProductionStateConfig(_Model):
     postgres_url: str = Field(description="DLQ (and replay plans).")
     idempotency_ttl_seconds: int = Field(7 * 86400, ge=1)
     worker_id: str | None = None
+
+
+class AuthConfig(_Model):
+    """`auth: disabled` (the whole section as one word) turns every check off."""
+
+    mode: Literal["enabled", "disabled"] = Field(
+        "enabled",
+        description="disabled: no webhook or token checks (health and the log say so). "
+        "Shorthand: `auth: disabled`.",
+    )
+    credentials_file: Path | None = Field(
+        None,
+        description="Tokens, tenant secrets and API keys (INGEST_CREDENTIALS_FILE; or the YAML "
+        "inline in INGEST_CREDENTIALS). Embedded mode without one generates "
+        "<data_dir>/credentials.yaml; production refuses to start without one.",
+    )
+    tolerance_seconds: int = Field(
+        300, ge=1, le=3600, description="Webhook signatures older or newer than this are refused."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"mode": value} if value in ("enabled", "disabled") else value
+
+    @property
+    def disabled(self) -> bool:
+        return self.mode == "disabled"
 
 
 StateConfig = Annotated[SQLiteStateConfig | ProductionStateConfig, Field(discriminator="kind")]
@@ -224,6 +267,9 @@ class Config(_Model):
     state: StateConfig = Field(
         SQLiteStateConfig(), description="Checkpoints, idempotency keys, DLQ: sqlite or production."
     )
+    auth: AuthConfig = Field(
+        AuthConfig(), description="Webhook signatures, operator tokens (docs/security.md)."
+    )
     tenants: dict[str, TenantLimits] = Field(
         default_factory=dict, description="Per-tenant token bucket; others get the defaults."
     )
@@ -273,6 +319,8 @@ _ENV_OVERRIDES = {
     "INGEST_REDIS_URL": ("state", "redis_url"),
     "INGEST_POSTGRES_URL": ("state", "postgres_url"),
     "INGEST_HTTP_PORT": ("http", "port"),
+    "INGEST_ADMIN_PORT": ("http", "admin_port"),
+    "INGEST_CREDENTIALS_FILE": ("auth", "credentials_file"),
 }
 
 

@@ -99,6 +99,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             " body BLOB NOT NULL)",
         ),
     ),
+    Migration(
+        7,
+        "audit",
+        (
+            "CREATE TABLE audit_log (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,"
+            " actor TEXT NOT NULL, via TEXT NOT NULL, action TEXT NOT NULL,"
+            " outcome TEXT NOT NULL, remote TEXT NOT NULL, tenant TEXT, target TEXT NOT NULL,"
+            " detail TEXT NOT NULL)",
+            "CREATE INDEX audit_log_at ON audit_log (at)",
+        ),
+    ),
+    Migration(
+        8,
+        "seen_signatures",
+        (
+            "CREATE TABLE seen_signatures (key BLOB PRIMARY KEY, expires_at REAL NOT NULL)"
+            " WITHOUT ROWID",
+        ),
+    ),
 )
 
 

@@ -18,6 +18,7 @@ from ingest import config as C
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("top level", C.Config),
     ("http", C.HttpConfig),
+    ("auth (or `auth: disabled`)", C.AuthConfig),
     ("state (kind: sqlite, the default)", C.SQLiteStateConfig),
     ("state (kind: production)", C.ProductionStateConfig),
     ("tenants.<tenant> and admission.default_limits", C.TenantLimits),
@@ -77,7 +78,8 @@ def render() -> str:
         "Generated from `ingest/config.py` by `python -m ingest.tools.config_docs`; do not edit.",
         "One YAML file, `ingest run --config FILE` (or `INGEST_CONFIG`). Unknown keys are refused.",
         "Environment overrides: `INGEST_REDIS_URL`, `INGEST_POSTGRES_URL` (production state),",
-        "`INGEST_HTTP_PORT`, `INGEST_DATA_DIR`.",
+        "`INGEST_HTTP_PORT`, `INGEST_ADMIN_PORT`, `INGEST_CREDENTIALS_FILE`, `INGEST_DATA_DIR`.",
+        "Credentials (tokens, tenant secrets) never go in this file: see docs/security.md.",
         "",
     ]
     for title, model in SECTIONS:

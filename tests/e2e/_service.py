@@ -1,4 +1,16 @@
-"""Run the service as an operator would: a process, driven over HTTP and signals."""
+"""Run the service as an operator would: a process, driven over HTTP and signals.
+
+The service authenticates webhooks and operator calls (docs/security.md). `ServiceProcess`
+writes the test session's credentials into its data dir and points the service at them, so:
+
+    svc.post_webhook("acme-corp", "shop", body)      # signed for that tenant
+    svc.post_webhook("acme-corp", "shop", json=rec)  # same, body = the JSON of rec
+    svc.admin("drain")  svc.admin("brownout", rate=0.1)   # operator calls, all-roles token
+    svc.get("/health/detailed")                      # viewer calls
+    svc.env["INGEST_TOKEN"]                          # for curl -H "Authorization: Bearer ..."
+Clients posting on their own: `sign_headers(tenant, body)` and `bearer(role)` from _auth.
+`ServiceProcess(..., auth=False)` starts it with no credentials (what that means is the test's).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
+
+from tests.e2e._auth import TOKENS, bearer, sign_headers, write_credentials
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,11 +41,17 @@ class ServiceProcess:
     """`ingest run` in a subprocess with its own data dir and port."""
 
     def __init__(self, data_dir: Path, config: Path | None = None,
-                 env: dict[str, str] | None = None, port: int | None = None) -> None:
+                 env: dict[str, str] | None = None, port: int | None = None,
+                 auth: bool = True) -> None:
         self.data_dir = data_dir
         self.config = config
         self.port = port or free_port()
-        self.env = {**os.environ, "INGEST_DATA_DIR": str(data_dir), **(env or {})}
+        self.env = {**os.environ, "INGEST_DATA_DIR": str(data_dir)}
+        if auth:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self.env["INGEST_CREDENTIALS_FILE"] = str(write_credentials(data_dir))
+            self.env["INGEST_TOKEN"] = TOKENS["admin"]
+        self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / f"service-{self.port}.log"
 
@@ -52,7 +73,7 @@ class ServiceProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/health/detailed", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/health/live", timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -62,13 +83,42 @@ class ServiceProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
 
-    def health(self) -> dict[str, Any]:
-        r = httpx.get(f"{self.url}/health/detailed", timeout=5)
+    def health(self, timeout: float = 5) -> dict[str, Any]:
+        r = self.get("/health/detailed", timeout=timeout)
         r.raise_for_status()
         data: dict[str, Any] = r.json()
         return data
 
-    def metrics(self) -> str:
+    def get(self, path: str, role: str = "admin", **kw: Any) -> httpx.Response:
+        """GET with the session's token of `role` (viewer reads: health, DLQ, audit)."""
+        kw.setdefault("timeout", 10)
+        return httpx.get(f"{self.url}{path}", headers=bearer(role), **kw)
+
+    def admin(self, action: str, role: str = "admin", timeout: float = 10,
+              **params: Any) -> httpx.Response:
+        """POST /admin/<action>?params with the session's token of `role`."""
+        return httpx.post(f"{self.url}/admin/{action}", params=params or None,
+                          headers=bearer(role), timeout=timeout)
+
+    def post_webhook(self, tenant: str, source: str, body: bytes | str | None = None, *,
+                     json: Any = None, content_type: str = "application/json",
+                     client: httpx.Client | None = None, timeout: float = 10) -> httpx.Response:
+        """POST /v1/webhooks/<tenant>/<source>, signed as `tenant` over the exact bytes sent."""
+        raw = orjson.dumps(json) if body is None else body
+        raw = raw.encode() if isinstance(raw, str) else raw
+        url = f"{self.url}/v1/webhooks/{tenant}/{source}"
+        headers = sign_headers(tenant, raw, content_type=content_type)
+        if client is not None:
+            return client.post(url, content=raw, headers=headers, timeout=timeout)
+        return httpx.post(url, content=raw, headers=headers, timeout=timeout)
+
+    def runbook(self, command: str) -> str:
+        """A runbook command for bash (with env=self.env): the host becomes this service, and
+        curl sends the operator token, the one documented difference (docs/security.md)."""
+        return command.replace("http://ingest-service:8080", self.url).replace(
+            "curl ", 'curl -H "Authorization: Bearer $INGEST_TOKEN" ')
+
+    def metrics(self) -> str:  # /metrics stays open for scrapes
         return httpx.get(f"{self.url}/metrics", timeout=5).text
 
     def kill9(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.e2e._auth import sign_headers
 from tests.e2e._service import ServiceProcess, free_port
 
 pytestmark = pytest.mark.e2e
@@ -77,8 +78,9 @@ def post_all(url: str, bodies: list[str], stop: threading.Event) -> None:
         for body in bodies:
             while not stop.is_set():
                 try:
-                    r = client.post(url, content=body,
-                                    headers={"Content-Type": "application/x-ndjson"})
+                    r = client.post(url, content=body,  # signed afresh on every attempt
+                                    headers=sign_headers(TENANT, body,
+                                                         content_type="application/x-ndjson"))
                     if r.status_code == 202:
                         break
                 except httpx.HTTPError:

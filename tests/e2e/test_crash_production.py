@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.e2e._auth import sign_headers
 from tests.e2e._production import (
     TENANT,
     Feed,
@@ -62,8 +63,10 @@ def post_all(url: str, bodies: list[str], stop: threading.Event) -> None:
         for body in bodies:
             while not stop.is_set():
                 try:
-                    r = client.post(
-                        url, content=body, headers={"Content-Type": "application/x-ndjson"}
+                    r = client.post(  # signed afresh on every attempt
+                        url,
+                        content=body,
+                        headers=sign_headers(TENANT, body, content_type="application/x-ndjson"),
                     )
                     if r.status_code == 202:
                         break

@@ -10,7 +10,6 @@ import sqlite3
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.e2e._service import ServiceProcess, metric_value
@@ -37,17 +36,16 @@ def test_throttled_tenant_gets_429_with_retry_after(tmp_path: Path) -> None:
     config.write_text("tenants:\n  acme-corp: {rate: 1, burst: 5}\n")
     svc = ServiceProcess(tmp_path / "d", config=config).start()
     try:
-        url = f"{svc.url}/v1/webhooks/{TENANT}/shop"
         body = "\n".join(json.dumps(record(i)) for i in range(5))
-        first = httpx.post(url, content=body, headers={"Content-Type": "application/x-ndjson"})
+        first = svc.post_webhook(TENANT, "shop", body, content_type="application/x-ndjson")
         assert first.status_code == 202
-        second = httpx.post(url, content=body, headers={"Content-Type": "application/x-ndjson"})
+        second = svc.post_webhook(TENANT, "shop", body, content_type="application/x-ndjson")
         assert second.status_code == 429
         assert int(second.headers["Retry-After"]) >= 1
         assert second.json()["error"] == "throttled" and second.json()["reason"]
         assert svc.health()["backpressure"]["state"] == "throttled"
-        other = httpx.post(f"{svc.url}/v1/webhooks/other-tenant/shop",
-                           json={**record(1), "tenant_id": "other-tenant"})
+        other = svc.post_webhook("other-tenant", "shop",
+                                 json={**record(1), "tenant_id": "other-tenant"})
         assert other.status_code == 202  # the bucket is per tenant
         m = svc.metrics()
         assert 'ingest_backpressure_state{state="throttled"} 1.0' in m

@@ -203,10 +203,13 @@ def test_late_lower_key_runbook_tools_and_health(
         wait_for(lambda: sink_count(pg_dsn) == 6 * n, 60, "the late object's rows", interval=0.3)
         wait_for(lambda: done_count(pg_dsn, "s3-main") == 4, 30, "4 objects done")
 
-        # The runbook's adapter check, run as written (only the host differs).
+        # The runbook's adapter check, run as written (the host differs, and curl sends the
+        # operator token: `svc.runbook` adds -H "Authorization: Bearer $INGEST_TOKEN").
         jq = subprocess.run(
-            ["bash", "-c", f"""curl -s {svc.url}/health/detailed | jq '.adapters["s3-main"]'"""],
-            capture_output=True, text=True, timeout=30, check=True,
+            ["bash", "-c", svc.runbook(
+                """curl -s http://ingest-service:8080/health/detailed | jq '.adapters["s3-main"]'"""
+            )],
+            capture_output=True, text=True, timeout=30, check=True, env=svc.env,
         )  # fmt: skip
         adapter = json.loads(jq.stdout)
         assert adapter["kind"] == "s3" and adapter["status"] in ("idle", "running"), adapter

@@ -97,9 +97,9 @@ def test_webhook_intake_202_only_once_on_topic_and_503_when_broker_down(
             # each 202 means: already on the topic, readable by anyone (kcat, independently)
             for i in range(5):
                 lines = [json.dumps(rec(f"wh-now-{i}-{j}", 1)) for j in range(3)]
-                url = f"{workers[i % 2].url}/v1/webhooks/{TENANT}/shop"
-                r = client.post(url, content="\n".join(lines),
-                                headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+                r = workers[i % 2].post_webhook(TENANT, "shop", "\n".join(lines),
+                                                content_type="application/x-ndjson",
+                                                client=client, timeout=60)  # fmt: skip
                 assert r.status_code == 202, r.text
                 assert r.json()["records"] == 3
                 on_topic = kcat_values(brokers, topic)
@@ -112,9 +112,9 @@ def test_webhook_intake_202_only_once_on_topic_and_503_when_broker_down(
             # volume: 100 requests of 50 lines, alternating between the two receivers
             for i in range(100):
                 lines = [json.dumps(rec(f"wh-{i}-{j}", 1 + (i + j) % 4)) for j in range(50)]
-                r = client.post(f"{workers[i % 2].url}/v1/webhooks/{TENANT}/shop",
-                                content="\n".join(lines),
-                                headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+                r = workers[i % 2].post_webhook(TENANT, "shop", "\n".join(lines),
+                                                content_type="application/x-ndjson",
+                                                client=client, timeout=60)  # fmt: skip
                 assert r.status_code == 202, r.text
                 sent += lines
                 expected.update({f"wh-{i}-{j}": 1 + (i + j) % 4 for j in range(50)})
@@ -127,8 +127,7 @@ def test_webhook_intake_202_only_once_on_topic_and_503_when_broker_down(
         server.run("stop-server")
         body = json.dumps(rec("wh-down-1", 1))
         t0 = time.monotonic()
-        r = httpx.post(f"{workers[0].url}/v1/webhooks/{TENANT}/shop", content=body,
-                       headers={"Content-Type": "application/json"}, timeout=60)  # fmt: skip
+        r = workers[0].post_webhook(TENANT, "shop", body, timeout=60)
         took = time.monotonic() - t0
         assert r.status_code == 503, r.text
         assert r.json()["error"] == "intake_unavailable", r.text
@@ -139,9 +138,7 @@ def test_webhook_intake_202_only_once_on_topic_and_503_when_broker_down(
 
         # the client retries until 202; the record then reaches Postgres
         def accepted() -> bool:
-            resp = httpx.post(f"{workers[1].url}/v1/webhooks/{TENANT}/shop", content=body,
-                              headers={"Content-Type": "application/json"},
-                              timeout=60)  # fmt: skip
+            resp = workers[1].post_webhook(TENANT, "shop", body, timeout=60)
             return resp.status_code == 202
 
         wait_for(accepted, 90, "a 202 after the broker restart", interval=1.0)
@@ -237,7 +234,7 @@ def test_drain_pause_resume_keep_progress_and_health_shows_lag(
             brokers, topic, group, PARTITIONS).values()) >= len(feed.messages) // 10, 120,
             "10% committed")  # fmt: skip
         for action in ("drain", "pause"):
-            assert httpx.post(f"{w.url}/admin/{action}", timeout=10).status_code == 200
+            assert w.admin(action).status_code == 200
             time.sleep(3)  # in-flight batches finish and commit
             held = committed_offsets(brokers, topic, group, PARTITIONS)
             rows = len(sink_rows(pg_dsn))
@@ -255,7 +252,7 @@ def test_drain_pause_resume_keep_progress_and_health_shows_lag(
                 f"{topic}[{p}]": behind[p] for p in range(PARTITIONS)
             }
             assert max(v["lag_seconds"] for v in parts.values()) == adapter["lag_seconds"]
-        assert httpx.post(f"{w.url}/admin/resume", timeout=10).status_code == 200
+        assert w.admin("resume").status_code == 200
         wait_for(lambda: committed_offsets(brokers, topic, group, PARTITIONS) == ends, 180,
                  "everything committed after resume")  # fmt: skip
         wait_for(lambda: w.health()["adapters"]["kafka-main"]["lag_seconds"] == 0, 30,

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.e2e._service import ServiceProcess, metric_value
@@ -84,18 +83,17 @@ def test_mixed_feed_lands_exactly(svc: ServiceProcess) -> None:
     (inbox / ".orders.jsonl.tmp").write_text("\n".join(lines) + "\n")
     (inbox / ".orders.jsonl.tmp").rename(inbox / "orders.jsonl")
 
-    hook = f"{svc.url}/v1/webhooks/{TENANT}/shop"
     web_valid = [v3(f"w-{i}", 1) for i in range(10)]
-    r = httpx.post(hook, content="\n".join(line(x) for x in web_valid) + "\n{oops\n",
-                   headers={"Content-Type": "application/x-ndjson"})
+    r = svc.post_webhook(TENANT, "shop", "\n".join(line(x) for x in web_valid) + "\n{oops\n",
+                         content_type="application/x-ndjson")
     assert r.status_code == 202, r.text
     assert r.json()["records"] == 11 and r.json()["malformed"] == 1
-    r = httpx.post(hook, json=web_valid[0])  # duplicate of an accepted record
+    r = svc.post_webhook(TENANT, "shop", json=web_valid[0])  # duplicate of an accepted record
     assert r.status_code == 202
-    r = httpx.post(hook, content=b"this is not json", headers={"Content-Type": "application/json"})
+    r = svc.post_webhook(TENANT, "shop", b"this is not json")
     assert r.status_code == 400 and r.json()["error"] == "invalid_json"
     big = [v3(f"big-{i}", 1, name="x" * 400) for i in range(60)]
-    r = httpx.post(hook, json=big)
+    r = svc.post_webhook(TENANT, "shop", json=big)
     assert r.status_code == 413 and r.json()["error"] == "body_too_large"
 
     wait_idle(svc, inbox)

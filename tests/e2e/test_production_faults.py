@@ -27,7 +27,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.e2e._production import (
@@ -88,10 +87,7 @@ class Env:
 
     def health(self) -> dict[str, Any]:
         assert self.svc is not None
-        r = httpx.get(f"{self.svc.url}/health/detailed", timeout=20)
-        r.raise_for_status()
-        data: dict[str, Any] = r.json()
-        return data
+        return self.svc.health(timeout=20)
 
     def idle(self) -> bool:
         if any(p.is_file() for p in self.inbox.iterdir()):
@@ -151,12 +147,7 @@ def test_postgres_stopped_mid_run_breaker_opens_and_closes_nothing_lost(
     try:
         drop_file(env.inbox, "during.jsonl", feed.unit("during", 1500))
         body = "\n".join(feed.unit("hook", 200))
-        r = httpx.post(
-            f"{svc.url}/v1/webhooks/{TENANT}/shop",
-            content=body,
-            timeout=20,
-            headers={"Content-Type": "application/x-ndjson"},
-        )
+        r = svc.post_webhook(TENANT, "shop", body, content_type="application/x-ndjson", timeout=20)
         assert r.status_code == 202  # the webhook intake is local: accepted while PG is down
 
         h = wait_for(
@@ -313,12 +304,7 @@ def test_checkpoint_get_shows_json_and_del_starts_the_source_over(
     path_a = drop_file(env.inbox, "a.jsonl", lines_a)
     size_a = path_a.stat().st_size
     body = "\n".join(feed.unit("hook", 50))
-    r = httpx.post(
-        f"{svc.url}/v1/webhooks/{TENANT}/shop",
-        content=body,
-        timeout=20,
-        headers={"Content-Type": "application/x-ndjson"},
-    )
+    r = svc.post_webhook(TENANT, "shop", body, content_type="application/x-ndjson", timeout=20)
     assert r.status_code == 202
     env.wait_idle()
 

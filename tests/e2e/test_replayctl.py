@@ -23,7 +23,6 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
-import httpx
 import pytest
 
 from tests.conftest import require_env
@@ -91,7 +90,7 @@ def browned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     root = tmp_path_factory.mktemp("browned")
     svc = ServiceProcess(root / "data").start()
     try:
-        r = httpx.post(f"{svc.url}/admin/brownout", params={"rate": 0.1}, timeout=5)
+        r = svc.admin("brownout", rate=0.1)
         assert r.status_code == 200, r.text
         inbox = svc.data_dir / "inbox" / TENANT
         inbox.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """The runbook's Common Operations and Incident Response commands, as written, against `ingest run`.
 
-Host `ingest-service:8080` becomes the test service's 127.0.0.1 address; everything else is the
-runbook's text. Each command runs in bash, so pipes into jq/grep behave as for an operator.
+Host `ingest-service:8080` becomes the test service's 127.0.0.1 address and curl sends the
+operator token (`-H "Authorization: Bearer $INGEST_TOKEN"`, docs/security.md); everything else is
+the runbook's text. Each command runs in bash, so pipes into jq/grep behave as for an operator.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.e2e._auth import bearer
 from tests.e2e._service import ROOT, ServiceProcess
 
 pytestmark = pytest.mark.e2e
@@ -27,9 +29,8 @@ def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
 
 
 def sh(svc: ServiceProcess, command: str) -> subprocess.CompletedProcess[str]:
-    cmd = command.replace("http://ingest-service:8080", svc.url)
-    out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True,
-                         timeout=30, cwd=ROOT)
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", svc.runbook(command)],
+                         capture_output=True, text=True, timeout=30, cwd=ROOT, env=svc.env)
     assert out.returncode == 0, f"{command!r} failed ({out.returncode}): {out.stderr}"
     return out
 
@@ -54,7 +55,7 @@ def test_drain_and_resume(svc: ServiceProcess) -> None:
     sh(svc, "curl -X POST http://ingest-service:8080/admin/drain")
     bp = json.loads(sh(svc, 'curl -s http://ingest-service:8080/health/detailed | jq ".backpressure"').stdout)  # noqa: E501 - the runbook's command, verbatim
     assert bp["state"] == "drain"
-    r = httpx.post(f"{svc.url}/v1/webhooks/acme-corp/orders", json={"x": 1})
+    r = svc.post_webhook("acme-corp", "orders", json={"x": 1})
     assert r.status_code == 503 and r.json()["error"] == "drain"
     sh(svc, "curl -X POST http://ingest-service:8080/admin/resume")
     assert svc.health()["backpressure"]["state"] == "normal"
@@ -99,14 +100,14 @@ def test_schema_file_as_in_runbook(svc: ServiceProcess) -> None:
     ],
 )
 def test_admin_refuses_with_reason(svc: ServiceProcess, path: str, status: int, code: str) -> None:
-    r = httpx.post(f"{svc.url}{path}")
+    r = httpx.post(f"{svc.url}{path}", headers=bearer("operator"))
     assert r.status_code == status
     assert r.json()["error"] == code and r.json()["reason"]
     assert svc.health()["backpressure"]["state"] == "normal"
 
 
 def test_get_on_admin_is_405_with_reason(svc: ServiceProcess) -> None:
-    r = httpx.get(f"{svc.url}/admin/drain")
+    r = httpx.get(f"{svc.url}/admin/drain", headers=bearer("operator"))
     assert r.status_code == 405 and "POST" in r.json()["reason"]
 
 

@@ -61,10 +61,12 @@ def entry(
 
 
 async def test_migrations_are_versioned_and_idempotent(pool: Any) -> None:
-    assert [v for v, _, _ in migration_files()] == [1, 2]
+    files = migration_files()
+    assert [v for v, _, _ in files] == list(range(1, len(files) + 1))  # no gap, no repeat
+    assert [n for _, n, _ in files][:3] == ["0001_dlq.sql", "0002_dropped.sql", "0003_audit.sql"]
     assert await migrate(pool) == []  # second run: nothing to do
     rows = await pool.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
-    assert [(r[0], r[1]) for r in rows] == [(1, "0001_dlq.sql"), (2, "0002_dropped.sql")]
+    assert [(r[0], r[1]) for r in rows] == [(v, n) for v, n, _ in files]
 
 
 async def test_add_is_an_upsert_per_key_and_sink(pool: Any) -> None:

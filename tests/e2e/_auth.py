@@ -1,0 +1,71 @@
+"""Credentials for tests that drive the service: operator tokens per role, tenant signatures.
+
+One set per test session. `ServiceProcess` writes them into its data dir and points the
+service at them (INGEST_CREDENTIALS_FILE), so every tenant can sign (its secret is derived
+from the session's tenant secret key) and every role has a token:
+
+    headers = sign_headers("acme-corp", body)            # X-Ingest-Signature for that body
+    httpx.post(url, content=body, headers=headers)
+    httpx.post(f"{url}/admin/drain", headers=bearer("operator"))
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from ingest.auth import credentials as C
+from ingest.auth import signing
+
+TENANT_KEY = C.new_secret(C.MASTER_PREFIX)
+ROLES: dict[str, list[str]] = {
+    "admin": ["viewer", "operator", "approver"],
+    "viewer": ["viewer"],
+    "operator": ["operator"],
+    "approver": ["approver"],
+}
+TOKENS: dict[str, str] = {role: C.new_token() for role in ROLES}
+CREDENTIALS_FILE = "test-credentials.yaml"
+
+
+def credentials() -> C.Credentials:
+    tokens = [
+        C.TokenEntry(
+            name=f"test-{role}", roles=[C.Role(r) for r in roles], sha256=C.sha256_hex(TOKENS[role])
+        )
+        for role, roles in ROLES.items()
+    ]
+    return C.Credentials(tokens=tokens, tenant_secret_keys=[SecretStr(TENANT_KEY)])
+
+
+def write_credentials(directory: Path) -> Path:
+    path = directory / CREDENTIALS_FILE
+    C.write_private(path, C.dump(credentials()))
+    return path
+
+
+def tenant_secret(tenant: str) -> str:
+    return C.derive_secret(TENANT_KEY, tenant)
+
+
+def sign_headers(
+    tenant: str,
+    body: bytes | str,
+    *,
+    timestamp: int | None = None,
+    content_type: str | None = "application/json",
+) -> dict[str, str]:
+    """Headers that authenticate `body` as tenant `tenant` (sign the exact bytes you send)."""
+    raw = body.encode() if isinstance(body, str) else body
+    ts = int(time.time()) if timestamp is None else timestamp
+    headers = {signing.HEADER: signing.header_value([tenant_secret(tenant)], raw, timestamp=ts)}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    return headers
+
+
+def bearer(role: str = "admin") -> dict[str, str]:
+    """`Authorization: Bearer <token>` of the session's token with that role."""
+    return {"Authorization": f"Bearer {TOKENS[role]}"}
