@@ -1,12 +1,15 @@
 # Shared by scripts/services/*.sh (sourced, not run): quiet Debian installs and free ports.
 
-# apt_install PKG...: install the Debian packages that are not installed yet, quietly.
+# apt_install [--recommends] PKG...: install the Debian packages that are not installed yet,
+# quietly (without their Recommends unless --recommends).
 # apt's output goes to a log (its tail is shown on failure); the package lists are refreshed
 # only when a first attempt fails (a fresh machine has none, a stale one may 404).
 # openssh-server is pinned to the installed openssh-client's version, so installing the
 # server never upgrades the host's client as a side effect.
 apt_install() {
   local want=() p
+  _apt_recommends=--no-install-recommends
+  if [ "${1:-}" = --recommends ]; then _apt_recommends=--install-recommends; shift; fi
   for p in "$@"; do
     dpkg-query -W -f='${Status}' "${p%%=*}" 2>/dev/null | grep -q 'install ok installed' || want+=("$p")
   done
@@ -43,7 +46,7 @@ _apt_get() {  # LOG PKG...: one quiet apt-get install, openssh-server pinned (se
     pkgs+=("$p")
   done
   echo "apt: installing ${pkgs[*]} (log: $log)"
-  apt-get install -y -q --no-install-recommends -o Dpkg::Use-Pty=0 "${pkgs[@]}" >>"$log" 2>&1
+  apt-get install -y -q "$_apt_recommends" -o Dpkg::Use-Pty=0 "${pkgs[@]}" >>"$log" 2>&1
 }
 
 # free_ports N...: for each N, the first of N consecutive TCP ports free on 127.0.0.1 right now,
