@@ -31,6 +31,30 @@ class TenantLimits(_Model):
     burst: float = Field(40_000.0, gt=0, description="Bucket size: records admitted at once.")
 
 
+class IntakeBoundConfig(_Model):
+    """Closed-loop admission of webhooks (ingest/pipeline/closed_loop.py): the intake backlog
+    may hold what the pipeline drains in `lag_budget_seconds`, past it 429 + Retry-After."""
+
+    lag_budget_seconds: float = Field(
+        30.0, gt=0, description="Share of the 60 s lag SLO the intake backlog may hold."
+    )
+    max_backlog_records: int = Field(
+        1_000_000, ge=1, description="Hard cap on records waiting in the intake."
+    )
+    max_backlog_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="Hard cap on bytes waiting in the intake."
+    )
+    min_backlog_records: int = Field(
+        10_000, ge=1, description="Always allowed (before the drain rate is measured)."
+    )
+    rate_window_seconds: float = Field(
+        5.0, gt=0, description="Smoothing time of the measured drain rate."
+    )
+    max_retry_after_seconds: float = Field(
+        60.0, ge=1, description="Upper bound of the Retry-After answered with a 429."
+    )
+
+
 class AdmissionConfig(_Model):
     max_in_flight: int = Field(4, ge=1, description="Batches in sinks at once (semaphore).")
     queue_high_watermark: int = Field(50_000, ge=1, description="Queue depth that starts brownout.")
@@ -42,6 +66,9 @@ class AdmissionConfig(_Model):
         0.5, gt=0, le=1, description="Share of low-priority records kept in brownout."
     )
     default_limits: TenantLimits = TenantLimits()
+    intake: IntakeBoundConfig = Field(
+        IntakeBoundConfig(), description="Bound of the webhook intake backlog (429 beyond)."
+    )
 
     @model_validator(mode="after")
     def _watermarks(self) -> AdmissionConfig:

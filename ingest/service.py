@@ -327,6 +327,7 @@ class Service:
         self.started_at = time.time()
         self._pending = 0
         self._intake_backlog = 0
+        self._intake_committed = 0
         self._tasks: list[asyncio.Task[None]] = []
         self.worker = worker_id()
 
@@ -386,11 +387,20 @@ class Service:
         while not self.stopping.is_set():
             if self._webhook is not None:
                 with contextlib.suppress(Exception):
-                    self._intake_backlog = (await self._webhook.refresh_backlog())[0]
+                    await self._observe_intake(self._webhook)
             self.admission.set_queue_depth(self.queue_depth())
             self.refresh_gauges()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), 0.5)
+
+    async def _observe_intake(self, webhook: Any) -> None:
+        """Feed the closed loop: records committed out of the intake, then its size."""
+        records, _, nbytes = await webhook.refresh_backlog()
+        committed = webhook.committed_records
+        self.admission.intake.drained(committed - self._intake_committed)
+        self._intake_committed = committed
+        self.admission.intake.observe(records, nbytes)
+        self._intake_backlog = records
 
     def queue_depth(self) -> int:
         return max(0, self._pending) + self._intake_backlog
@@ -487,6 +497,9 @@ async def serve(
             log_level="warning",
             access_log=False,
             lifespan="off",
+            # Longer than any Retry-After we answer, so a client that waited as told finds
+            # its connection still open (a close racing its next POST looks like a failure).
+            timeout_keep_alive=75,
         )
     )
     loop = asyncio.get_running_loop()

@@ -176,6 +176,11 @@ async def _webhook(service: Service, request: Request) -> Response:
             headers={"Retry-After": "30"},
         )
 
+    try:  # a full intake refuses before the body is read: refusing must stay cheap
+        service.admission.check_open()
+    except Rejected as rej:
+        return _refused(rej)
+
     limit = service.config.http.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -194,29 +199,26 @@ async def _webhook(service: Service, request: Request) -> Response:
     if isinstance(lines, Response):
         return lines
 
+    admission = service.admission
     try:
-        await service.admission.try_admit(tenant, len(lines))
+        await admission.try_admit(tenant, len(lines), len(body))
     except Rejected as rej:
-        if rej.state is BackpressureState.THROTTLED:
-            retry_after = max(1, math.ceil(rej.retry_after or 1))
-            return error(
-                429,
-                "throttled",
-                rej.reason,
-                retry_after_seconds=retry_after,
-                headers={"Retry-After": str(retry_after)},
-            )
-        return error(503, rej.state.value, rej.reason, headers={"Retry-After": "30"})
+        return _refused(rej)
 
     try:
         intake_id = await intake.append(tenant, source, lines, time.time())
     except StoreUnavailable as exc:
+        admission.appended(len(lines), len(body), ok=False)
         return error(
             503,
             "intake_unavailable",
             f"could not make the body durable ({exc}); nothing was accepted, retry later",
             headers={"Retry-After": "5"},
         )
+    except BaseException:
+        admission.appended(len(lines), len(body), ok=False)
+        raise
+    admission.appended(len(lines), len(body), ok=True)
     service.notify_webhook()
     return json_response(
         {
@@ -235,6 +237,20 @@ async def _webhook(service: Service, request: Request) -> Response:
         },
         202,
     )
+
+
+def _refused(rej: Rejected) -> Response:
+    """429 with Retry-After while throttled (tenant rate, full intake); 503 drain/pause."""
+    if rej.state is BackpressureState.THROTTLED:
+        retry_after = max(1, math.ceil(rej.retry_after or 1))
+        return error(
+            429,
+            "throttled",
+            rej.reason,
+            retry_after_seconds=retry_after,
+            headers={"Retry-After": str(retry_after)},
+        )
+    return error(503, rej.state.value, rej.reason, headers={"Retry-After": "30"})
 
 
 def _split_records(body: bytes, content_type: str) -> tuple[list[bytes] | Response, int]:

@@ -2,10 +2,12 @@
 
 Everything that enters the pipeline passes here. Push sources (webhooks) cannot be made to
 wait, so `try_admit` answers at once and the HTTP layer turns a refusal into 429/503; pull
-sources simply read more slowly (`admit` waits). The state machine is what operators see as
-`ingest_backpressure_state` and steer with /admin/drain, /admin/pause, /admin/brownout and
-/admin/resume. Time-based transitions (throttled expiring, automatic brownout) are noticed
-lazily when `state` is read, so nothing needs a timer task.
+sources simply read more slowly (`admit` waits). Push is closed-loop: besides the tenant's
+token bucket (fairness between tenants), the intake backlog is bounded by what the pipeline
+drains within the lag budget (`ingest.pipeline.closed_loop`). The state machine is what
+operators see as `ingest_backpressure_state` and steer with /admin/drain, /admin/pause,
+/admin/brownout and /admin/resume. Time-based transitions (throttled expiring, automatic
+brownout) are noticed lazily when `state` is read, so nothing needs a timer task.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from ingest.config import AdmissionConfig, TenantLimits
+from ingest.pipeline.closed_loop import IntakeBound, Refusal
 
 THROTTLE_WINDOW = 1.0  # seconds a wait or refusal keeps the state "throttled"
 _EPS = 1e-9  # float slack, so a bucket refilled for exactly n tokens hands them out
@@ -169,6 +172,8 @@ class Admission:
         self._depth = 0
         self._above_since: float | None = None  # monotonic; depth > high watermark since then
         self._throttled_until = -math.inf
+        self._throttle_reason: str | None = None
+        self.intake = IntakeBound(cfg.intake, clock)
         self._wake = asyncio.Event()  # set unless paused (or when draining: waiters must leave)
         self._wake.set()
         self._state = BackpressureState.NORMAL
@@ -204,7 +209,8 @@ class Admission:
 
     @property
     def state(self) -> BackpressureState:
-        """Precedence: paused > drain > brownout > throttled > normal."""
+        """Precedence: paused > drain > brownout > throttled > normal. Throttled: in the last
+        second a tenant waited for tokens or was refused, or the intake was at its bound."""
         return self._refresh()
 
     @property
@@ -230,9 +236,15 @@ class Admission:
 
     # -- tokens --------------------------------------------------------------------------
 
-    def _throttle(self) -> None:
+    def _throttle(self, reason: str) -> None:
         self._throttled_until = self._clock() + THROTTLE_WINDOW
+        self._throttle_reason = reason
         self._refresh()
+
+    def _refuse_full(self, refusal: Refusal) -> None:
+        self.intake.refused += 1
+        self._throttle("intake_backlog")
+        raise Rejected(BackpressureState.THROTTLED, refusal.reason, refusal.retry_after)
 
     def _refuse_if_closed(self) -> None:
         st = self._refresh()
@@ -241,15 +253,35 @@ class Admission:
         if st is BackpressureState.DRAIN:
             raise Rejected(st, "ingest is draining: finishing in-flight work, accepting none")
 
-    async def try_admit(self, tenant: str, n: int) -> None:
-        """Push path: admit n records now or raise Rejected; never waits (one limiter call)."""
+    def check_open(self) -> None:
+        """Push path, before reading a body: raise Rejected if nothing could be admitted now
+        (paused, draining, or the intake backlog at its bound), so refusing costs no parsing."""
+        self._refuse_if_closed()
+        refusal = self.intake.check(0, 0)
+        if refusal is not None:
+            self._refuse_full(refusal)
+
+    async def try_admit(self, tenant: str, n: int, nbytes: int = 0) -> None:
+        """Push path: admit n records (nbytes) into the intake now or raise Rejected; never
+        waits (one limiter call). Admitted records count in the intake backlog at once; the
+        caller reports the end of its append with `appended`. A request the intake bound
+        refuses takes no tokens."""
         self._refuse_if_closed()
         if n <= 0:
             return
-        wait = await self.limiter.take(tenant, n)
+        refusal = self.intake.check(n, nbytes)
+        if refusal is not None:
+            self._refuse_full(refusal)
+        self.intake.reserve(n, nbytes)  # before the await: concurrent requests see it
+        try:
+            wait = await self.limiter.take(tenant, n)
+        except BaseException:
+            self.intake.settle(n, nbytes, appended=False)
+            raise
         if wait <= 0:
             return
-        self._throttle()
+        self.intake.settle(n, nbytes, appended=False)
+        self._throttle("tenant_rate")
         lim = self._limits_for(tenant)
         if math.isinf(wait):
             raise Rejected(
@@ -262,6 +294,11 @@ class Admission:
             f"tenant '{tenant}' is over its rate of {lim.rate:g} records/s",
             retry_after=wait,
         )
+
+    def appended(self, n: int, nbytes: int, *, ok: bool) -> None:
+        """The intake append of an admitted request finished (ok) or failed."""
+        if n > 0:
+            self.intake.settle(n, nbytes, appended=ok)
 
     async def admit(self, tenant: str, n: int) -> None:
         """Pull path: wait for n tokens (in burst-sized parts), wait while paused.
@@ -278,9 +315,9 @@ class Admission:
             if wait <= 0:
                 remaining -= part
                 continue
-            self._throttle()
+            self._throttle("tenant_rate")
             await self._sleep(wait if math.isfinite(wait) else 1.0)  # inf: limits changed
-            self._throttle()
+            self._throttle("tenant_rate")
 
     # -- concurrency ---------------------------------------------------------------------
 
@@ -390,4 +427,6 @@ class Admission:
             "max_in_flight": self.cfg.max_in_flight,
             "queue_high_watermark": self.cfg.queue_high_watermark,
             "queue_low_watermark": self.cfg.queue_low_watermark,
+            "throttled_by": self._throttle_reason if st is BackpressureState.THROTTLED else None,
+            "intake": self.intake.snapshot(),
         }

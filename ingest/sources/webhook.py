@@ -53,8 +53,9 @@ class WebhookSource:
         self._seq = 0
         self._read_through = 0
         self._oldest_uncommitted: float | None = None
-        # (records, oldest received_at), refreshed by refresh_backlog
-        self._backlog: tuple[int, float | None] = (0, None)
+        # (records, oldest received_at, bytes), refreshed by refresh_backlog
+        self._backlog: tuple[int, float | None, int] = (0, None, 0)
+        self.committed_records = 0  # committed out of the intake, ever: its drain rate
 
     def notify(self) -> None:
         """The HTTP handler appended a row: wake the reader instead of waiting for the poll."""
@@ -70,7 +71,7 @@ class WebhookSource:
     async def close(self) -> None:
         await self.stop()
 
-    async def refresh_backlog(self) -> tuple[int, float | None]:
+    async def refresh_backlog(self) -> tuple[int, float | None, int]:
         self._backlog = await self.intake.backlog()
         return self._backlog
 
@@ -121,5 +122,6 @@ class WebhookSource:
         for tenant, source, last_id in pos.streams:
             await self.checkpoints.save(tenant, source, {"intake_id": last_id})
         await self.intake.delete_through(pos.ids)
+        self.committed_records += len(batch.records)
         self._health.last_checkpoint = {"intake_id": pos.ids[-1]}
         self._health.last_checkpoint_at = self.clock()

@@ -86,12 +86,15 @@ class SQLiteIntake:
 
         await self._db.call("intake", write)
 
-    async def backlog(self) -> tuple[int, float | None]:
-        """(records waiting, received_at of the oldest row) for queue depth and lag."""
+    async def backlog(self) -> tuple[int, float | None, int]:
+        """(records waiting, received_at of the oldest row, bytes waiting) for queue depth,
+        lag and the closed-loop bound. length() of a BLOB reads the row header only."""
 
-        def read(c: sqlite3.Connection) -> tuple[int, float | None]:
-            (n,) = c.execute("SELECT COALESCE(SUM(n_records), 0) FROM intake").fetchone()
+        def read(c: sqlite3.Connection) -> tuple[int, float | None, int]:
+            n, nbytes = c.execute(
+                "SELECT COALESCE(SUM(n_records), 0), COALESCE(SUM(length(body)), 0) FROM intake"
+            ).fetchone()
             row = c.execute("SELECT received_at FROM intake ORDER BY id LIMIT 1").fetchone()
-            return int(n), (row[0] if row else None)
+            return int(n), (row[0] if row else None), int(nbytes)
 
         return await self._db.call("intake", read)

@@ -23,6 +23,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("state (kind: production)", C.ProductionStateConfig),
     ("tenants.<tenant> and admission.default_limits", C.TenantLimits),
     ("admission", C.AdmissionConfig),
+    ("admission.intake", C.IntakeBoundConfig),
     ("retry", C.RetryConfig),
     ("breaker", C.BreakerConfig),
     ("sources[] type: inbox", C.InboxSourceConfig),

@@ -346,7 +346,7 @@ async def test_intake_append_read_delete_backlog(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     db = await SQLiteDB.open(path)
     intake = SQLiteIntake(db)
-    assert await intake.backlog() == (0, None)
+    assert await intake.backlog() == (0, None, 0)
     a = await intake.append("acme", "webhook", [b'{"a":1}', b'{"a":2}', b'{"a":3}'], T0)
     b = await intake.append("acme", "webhook", [b'{"b":1}'], T0 + 1)
     c = await intake.append("globex", "webhook", [b'{"c":1}', b'{"c":2}'], T0 + 2)
@@ -355,7 +355,7 @@ async def test_intake_append_read_delete_backlog(tmp_path: Path) -> None:
 
     db = await SQLiteDB.open(path)
     intake = SQLiteIntake(db)
-    assert await intake.backlog() == (6, T0)
+    assert await intake.backlog() == (6, T0, 23 + 7 + 15)
     rows = await intake.read_after(0, limit_records=4)
     assert [r.id for r in rows] == [a, b]  # stops once 4 records are reached
     assert rows[0].lines == [b'{"a":1}', b'{"a":2}', b'{"a":3}']
@@ -364,10 +364,10 @@ async def test_intake_append_read_delete_backlog(tmp_path: Path) -> None:
     assert [r.id for r in big] == [a]  # at least one row even when it exceeds the limit
     assert [r.id for r in await intake.read_after(b, 100)] == [c]
     await intake.delete_through([a, b])
-    assert await intake.backlog() == (2, T0 + 2)
+    assert await intake.backlog() == (2, T0 + 2, 15)
     assert await intake.read_after(c, 100) == []
     await intake.delete_through([c])
-    assert await intake.backlog() == (0, None)
+    assert await intake.backlog() == (0, None, 0)
     await db.close()
 
 

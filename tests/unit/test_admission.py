@@ -423,7 +423,10 @@ async def test_snapshot_shape() -> None:
         "max_in_flight": 2,
         "queue_high_watermark": 100,
         "queue_low_watermark": 20,
+        "throttled_by": None,
+        "intake": snap["intake"],
     }
+    assert snap["intake"]["records"] == 2  # admitted, append not reported yet
     assert datetime.fromisoformat(snap["since"]).timestamp() == WALL0
 
 

@@ -1,0 +1,305 @@
+"""Closed-loop admission of the webhook intake: the bound, the drain rate, Retry-After."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ingest.config import AdmissionConfig, IntakeBoundConfig, TenantLimits
+from ingest.pipeline.admission import Admission, BackpressureState, Rejected
+from ingest.pipeline.closed_loop import SAMPLE_SECONDS, IntakeBound
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def bound(clock: Clock, **kw: float) -> IntakeBound:
+    cfg = IntakeBoundConfig(
+        lag_budget_seconds=kw.get("budget", 30.0),
+        max_backlog_records=int(kw.get("max_records", 1_000_000)),
+        max_backlog_bytes=int(kw.get("max_bytes", 1 << 30)),
+        min_backlog_records=int(kw.get("floor", 1_000)),
+        rate_window_seconds=kw.get("window", 5.0),
+        max_retry_after_seconds=kw.get("cap", 60.0),
+    )
+    return IntakeBound(cfg, clock)
+
+
+def admit(b: IntakeBound, n: int, nbytes: int) -> bool:
+    if b.check(n, nbytes) is not None:
+        return False
+    b.reserve(n, nbytes)
+    b.settle(n, nbytes, appended=True)
+    return True
+
+
+class Pipeline:
+    """A FIFO intake drained at `capacity` records/s in whole batches, like the webhook source
+    (rows are deleted when a batch of up to `batch` records commits)."""
+
+    def __init__(self, capacity: float, batch: int = 2000) -> None:
+        self.capacity = capacity
+        self.batch = batch
+        self.queue: deque[tuple[int, float]] = deque()  # (records, accepted at)
+        self.size = 0
+        self.credit = 0.0
+        self.waits: list[tuple[float, int]] = []  # (seconds waited, records)
+
+    def add(self, n: int, at: float) -> None:
+        self.queue.append((n, at))
+        self.size += n
+
+    def run(self, dt: float, now: float) -> int:
+        """Drain for dt seconds; returns the records committed."""
+        if not self.queue:
+            self.credit = 0.0
+            return 0
+        self.credit += self.capacity * dt
+        done = 0
+        while self.queue:
+            take = min(self.batch, self.size)
+            if self.credit < take:
+                break
+            self.credit -= take
+            got = 0
+            while self.queue and got < take:
+                n, at = self.queue.popleft()
+                got += n
+                self.waits.append((now - at, n))
+            self.size -= got
+            done += got
+        return done
+
+
+# -- the bound holds under any interleaving ------------------------------------------------
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("admit"), st.integers(1, 5_000), st.integers(1, 2_000_000)),
+        st.tuples(st.just("observe"), st.integers(0, 200_000), st.integers(0, 10**8)),
+        st.tuples(st.just("drain"), st.integers(0, 20_000), st.just(0)),
+        st.tuples(st.just("tick"), st.integers(1, 3_000), st.just(0)),
+        st.tuples(st.just("fail"), st.integers(1, 5_000), st.integers(1, 2_000_000)),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=ops, floor=st.integers(1, 50_000), max_bytes=st.integers(1, 10**8))
+def test_never_admits_past_the_bound(
+    ops: list[tuple[str, int, int]], floor: int, max_bytes: int
+) -> None:
+    clock = Clock()
+    b = bound(clock, floor=floor, max_bytes=max_bytes, max_records=200_000)
+    for op, x, y in ops:
+        if op == "admit":
+            before_r, before_b, limit = b.backlog_records, b.backlog_bytes, b.limit_records
+            ok = admit(b, x, y)
+            assert ok == (before_r + x <= limit and before_b + y <= max_bytes)
+            if ok:
+                assert b.backlog_records <= limit and b.backlog_bytes <= max_bytes
+        elif op == "fail":  # an append that failed leaves the backlog as it was
+            before = (b.backlog_records, b.backlog_bytes)
+            if b.check(x, y) is None:
+                b.reserve(x, y)
+                b.settle(x, y, appended=False)
+            assert (b.backlog_records, b.backlog_bytes) == before
+        elif op == "observe":
+            b.observe(x, y)
+            assert b.backlog_records == x and b.backlog_bytes == y
+        elif op == "drain":
+            b.drained(x)
+        else:
+            clock.now += x / 1000
+        rate = b.rate
+        assert rate is None or rate >= 0
+        assert floor <= b.limit_records <= 200_000 or b.limit_records == 200_000
+        refusal = b.check(0, 0)
+        if refusal is not None:
+            assert 1.0 <= refusal.retry_after <= 60.0
+            assert "lag budget" in refusal.reason
+
+
+def test_first_burst_is_the_floor_until_a_rate_is_measured() -> None:
+    clock = Clock()
+    b = bound(clock, floor=1_000)
+    assert b.rate is None and b.limit_records == 1_000
+    assert admit(b, 800, 80_000)
+    refusal = b.check(201, 1)
+    assert refusal is not None and refusal.retry_after == 1.0  # unknown rate: come back soon
+    assert admit(b, 200, 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    capacity=st.floats(1_000, 60_000),
+    overload=st.floats(1.5, 30),
+    budget=st.sampled_from([10.0, 30.0]),
+)
+def test_little_law_keeps_the_wait_of_accepted_records_within_the_budget(
+    capacity: float, overload: float, budget: float
+) -> None:
+    """Clients offer `overload` x what the pipeline drains for 90 s; accepted records are
+    delivered within the lag budget (plus the measurement's slack), and the pipeline is kept
+    busy: the door refuses the excess, not the work the pipeline could do."""
+    clock = Clock()
+    b = bound(clock, budget=budget, floor=2_000)
+    pipe = Pipeline(capacity)
+    dt, offered_per_tick = 0.1, capacity * overload * 0.1
+    carry, refused, delivered = 0.0, 0, 0
+    for step in range(int(90 / dt)):
+        clock.now = step * dt
+        carry += offered_per_tick
+        requests, carry = divmod(carry, 200)  # 200-record requests this tick
+        for i in range(int(requests)):
+            if not admit(b, 200, 200 * 300):
+                refused += int(requests) - i  # nothing changes until the next tick
+                break
+            pipe.add(200, clock.now)
+        done = pipe.run(dt, clock.now)
+        b.drained(done)
+        delivered += done
+        if step % 5 == 0:  # the service's tick: 0.5 s
+            b.observe(pipe.size, pipe.size * 300)
+    assert refused > 0
+    assert b.rate is not None and abs(b.rate - capacity) / capacity < 0.3, b.rate
+    waits = sorted(w for w, n in pipe.waits for _ in range(n // 200))
+    p95 = waits[int(0.95 * (len(waits) - 1))]
+    slack = 2000 / capacity + 2 * SAMPLE_SECONDS  # one batch, one sample
+    assert p95 <= budget * 1.3 + slack, (p95, b.rate, capacity)
+    assert delivered >= 0.8 * capacity * 90  # the pipeline stayed busy
+
+
+def test_idle_windows_raise_the_rate_but_never_lower_it() -> None:
+    clock = Clock()
+    b = bound(clock)
+    b.observe(5_000, 1)
+    for _ in range(4):  # saturated: 1000 records/s
+        clock.now += 1.0
+        b.drained(1_000)
+        b.observe(5_000, 1)
+    assert b.rate == pytest.approx(1000.0)
+    for _ in range(10):  # idle, little arrives: the rate stays what capacity showed
+        clock.now += 1.0
+        b.drained(10)
+        b.observe(0, 0)
+    assert b.rate == pytest.approx(1000.0)
+    for _ in range(2):  # idle windows that drained more than the estimate: it rises
+        clock.now += 1.0
+        b.drained(3_000)
+        b.observe(0, 0)
+    assert b.rate == pytest.approx(3000.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rate=st.floats(10, 100_000),
+    backlog_s=st.floats(0, 200),
+    n=st.integers(1, 10_000),
+    budget=st.floats(1, 60),
+)
+def test_retry_after_is_the_excess_over_the_drain_rate(
+    rate: float, backlog_s: float, n: int, budget: float
+) -> None:
+    clock = Clock()
+    b = bound(clock, budget=budget, floor=1, cap=3600)
+    backlog = int(rate * 4)
+    b.observe(backlog, 0)
+    clock.now += SAMPLE_SECONDS
+    b.drained(int(rate * SAMPLE_SECONDS))
+    b.observe(int(rate * backlog_s), 0)
+    measured = b.rate
+    assert measured is not None and measured == pytest.approx(
+        int(rate * SAMPLE_SECONDS) / SAMPLE_SECONDS
+    )
+    refusal = b.check(n, 0)
+    limit = b.limit_records
+    if refusal is None:
+        assert b.backlog_records + n <= limit
+        return
+    excess = b.backlog_records + n - limit
+    assert refusal.retry_after == max(1.0, math.ceil(excess / measured))
+    # Waiting that long while the pipeline drains at the measured rate makes room.
+    clock.now += refusal.retry_after
+    b.drained(int(measured * refusal.retry_after))
+    if n <= limit:
+        assert b.check(n, 0) is None
+
+
+def test_bytes_cap_refuses_with_its_own_reason() -> None:
+    b = bound(Clock(), max_bytes=10_000, floor=1_000_000)
+    assert admit(b, 10, 9_000)
+    refusal = b.check(1, 2_000)
+    assert refusal is not None and "bytes" in refusal.reason
+
+
+def test_stalled_pipeline_answers_the_longest_retry_after() -> None:
+    clock = Clock()
+    b = bound(clock, floor=100, cap=45)
+    b.observe(100, 0)
+    for _ in range(3):
+        clock.now += 1.0
+        b.observe(100, 0)  # nothing drains: the rate falls towards 0
+    assert b.rate == 0.0
+    refusal = b.check(1, 0)
+    assert refusal is not None and refusal.retry_after == 45
+
+
+# -- through Admission: 429 reasons and the throttled state ---------------------------------
+
+
+def make_admission(clock: Clock, floor: int = 100) -> Admission:
+    cfg = AdmissionConfig(
+        default_limits=TenantLimits(rate=1e9, burst=1e9),
+        intake=IntakeBoundConfig(min_backlog_records=floor),
+    )
+    return Admission(
+        cfg, lambda t: cfg.default_limits, clock=clock, wall_clock=lambda: 1e9 + clock.now
+    )
+
+
+async def test_full_intake_is_throttled_with_retry_after_and_shown_in_the_snapshot() -> None:
+    clock = Clock()
+    adm = make_admission(clock)
+    await adm.try_admit("acme", 100, 1000)
+    adm.appended(100, 1000, ok=True)
+    with pytest.raises(Rejected) as exc:
+        await adm.try_admit("acme", 1, 10)
+    assert exc.value.state is BackpressureState.THROTTLED
+    assert exc.value.retry_after is not None and exc.value.retry_after >= 1
+    with pytest.raises(Rejected):
+        adm.check_open()  # refused before a body is read
+    snap = adm.snapshot()
+    assert snap["state"] == "throttled" and snap["throttled_by"] == "intake_backlog"
+    assert snap["intake"]["records"] == 100 and snap["intake"]["refused_requests"] == 2
+    clock.now += 1.5
+    assert adm.state is BackpressureState.NORMAL  # the throttled window expires
+
+
+async def test_refusal_by_the_bound_takes_no_tokens() -> None:
+    clock = Clock()
+    cfg = AdmissionConfig(
+        default_limits=TenantLimits(rate=1, burst=500),
+        intake=IntakeBoundConfig(min_backlog_records=100),
+    )
+    adm = Admission(cfg, lambda t: cfg.default_limits, clock=clock)
+    with pytest.raises(Rejected):
+        await adm.try_admit("acme", 200, 0)
+    assert adm.limiter.tokens() == {}  # the limiter was never asked
+    await adm.try_admit("acme", 100, 0)
+    assert adm.limiter.tokens() == {"acme": 400}
+    adm.appended(100, 0, ok=False)  # the append failed: the backlog gives the room back
+    assert adm.intake.backlog_records == 0
+    with pytest.raises(Rejected):  # refused by the tenant's tokens: nothing stays reserved
+        await adm.try_admit("acme", 100, 0)
+    assert adm.intake.backlog_records == 0
