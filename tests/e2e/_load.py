@@ -4,7 +4,8 @@ asyncio + aiohttp (one event loop, one connection per client), light enough that
 really are concurrent on a 2-core machine next to the service. Each record's entity id is
 unique (`<prefix>-c<client>-b<batch>-<i>`), so what was accepted is known exactly and can be
 compared with what the sink holds. A client that gets 429 waits the Retry-After it was given
-(at most until the end) and sends its next batch; a 202 batch is never sent again.
+(at most until the end) and sends its next batch; a 202 batch is never sent again. Requests
+are signed as the e2e harness signs them (tests/e2e/_auth.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import orjson
+
+from tests.e2e._auth import sign_headers
 
 
 @dataclass
@@ -89,7 +92,7 @@ async def run_load(
                 async with session.post(
                     f"{url}/v1/webhooks/{tenant}/load",
                     data=body,
-                    headers={"Content-Type": "application/x-ndjson"},
+                    headers=sign_headers(tenant, body, content_type="application/x-ndjson"),
                 ) as resp:
                     await resp.read()
                     status = resp.status

@@ -290,16 +290,16 @@ async def test_refusal_by_the_bound_takes_no_tokens() -> None:
     clock = Clock()
     cfg = AdmissionConfig(
         default_limits=TenantLimits(rate=1, burst=500),
-        intake=IntakeBoundConfig(min_backlog_records=100),
+        intake=IntakeBoundConfig(min_backlog_records=1000),
     )
     adm = Admission(cfg, lambda t: cfg.default_limits, clock=clock)
     with pytest.raises(Rejected):
-        await adm.try_admit("acme", 200, 0)
+        await adm.try_admit("acme", 1200, 0)
     assert adm.limiter.tokens() == {}  # the limiter was never asked
     await adm.try_admit("acme", 100, 0)
     assert adm.limiter.tokens() == {"acme": 400}
     adm.appended(100, 0, ok=False)  # the append failed: the backlog gives the room back
     assert adm.intake.backlog_records == 0
     with pytest.raises(Rejected):  # refused by the tenant's tokens: nothing stays reserved
-        await adm.try_admit("acme", 100, 0)
+        await adm.try_admit("acme", 450, 0)
     assert adm.intake.backlog_records == 0
