@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import logging
 import os
+import re
+import socket
 import sys
+import time
 from collections.abc import Awaitable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from rich.console import Console
 
@@ -97,3 +102,64 @@ def run_async(coro: Awaitable[T], usage_errors: tuple[type[Exception], ...] = ()
         fail(str(exc), EXIT_UNAVAILABLE)
     except usage as exc:
         fail(str(exc), EXIT_USAGE)
+
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_when(value: str | None, option: str) -> datetime | None:
+    """ISO 8601 (naive = UTC) or a relative age like 30m, 2h, 7d."""
+    if value is None:
+        return None
+    m = _RELATIVE.match(value.strip())
+    if m:
+        return datetime.now(UTC) - timedelta(**{_UNITS[m.group(2)]: float(m.group(1))})
+    try:
+        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        fail(
+            f"{option} '{value}' is neither an ISO date-time nor an age like 30m, 2h, 7d",
+            EXIT_USAGE,
+        )
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
+def actor(option: str | None) -> str:
+    """Who runs this CLI, for the audit trail and four-eyes checks: --as, else INGEST_ACTOR,
+    else the OS user. A statement, not a proof: for CLIs that open the stores directly the
+    store credentials are the boundary (docs/security.md)."""
+    for value in (option, os.environ.get("INGEST_ACTOR")):
+        if value is not None and value.strip():
+            return value.strip()
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid-{os.getuid()}"
+
+
+async def audit_cli(
+    stores: Any,
+    who: str,
+    action: str,
+    *,
+    outcome: str = "ok",
+    tenant: str | None = None,
+    target: str = "",
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Append one audit row for a CLI action, on the store the CLI opened."""
+    from ingest.state.audit import AuditEntry, audit_store
+
+    entry = AuditEntry(
+        at=time.time(),
+        actor=who,
+        via="cli",
+        action=action,
+        outcome=outcome,
+        remote=f"cli@{socket.gethostname()}",
+        tenant=tenant,
+        target=target,
+        detail=detail or {},
+    )
+    await audit_store(stores).record(entry)

@@ -9,11 +9,10 @@ takes --json. Exit codes: 0 ok, 1 some entries failed again (or the run was stop
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -24,8 +23,11 @@ from ingest.cli.common import (
     EXIT_FAILED,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    actor,
+    audit_cli,
     fail,
     load_existing_state,
+    parse_when,
     run_async,
 )
 from ingest.config import Config
@@ -48,6 +50,12 @@ app = typer.Typer(
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Service config file.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
 TenantOpt = Annotated[str | None, typer.Option("--tenant", "-t", help="Tenant (default: all).")]
+AsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--as", help="Who you are in the audit trail (default: INGEST_ACTOR, else the OS user)."
+    ),
+]
 ReasonsOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -66,27 +74,6 @@ def _reasons(values: list[str] | None) -> list[ReasonCode]:
         fail(str(exc), EXIT_USAGE)
 
 
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-
-def _when(value: str | None, option: str) -> datetime | None:
-    """ISO 8601 (naive = UTC) or a relative age like 30m, 2h, 7d."""
-    if value is None:
-        return None
-    m = _RELATIVE.match(value.strip())
-    if m:
-        return datetime.now(UTC) - timedelta(**{_UNITS[m.group(2)]: float(m.group(1))})
-    try:
-        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        fail(
-            f"{option} '{value}' is neither an ISO date-time nor an age like 30m, 2h, 7d",
-            EXIT_USAGE,
-        )
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
-
-
 def _config(path: Path | None) -> Config:
     return load_existing_state(path, "dlqtriage")
 
@@ -95,14 +82,18 @@ def _run(coro: Awaitable[T]) -> T:
     return run_async(coro)
 
 
-async def _with_dlq(cfg: Config, fn: Callable[[DLQStore], Awaitable[T]]) -> T:
+async def _with_stores(cfg: Config, fn: Callable[[Any], Awaitable[T]]) -> T:
     from ingest.service import open_stores
 
     stores = await open_stores(cfg)
     try:
-        return await fn(stores.dlq)
+        return await fn(stores)
     finally:
         await stores.close()
+
+
+async def _with_dlq(cfg: Config, fn: Callable[[DLQStore], Awaitable[T]]) -> T:
+    return await _with_stores(cfg, lambda stores: fn(stores.dlq))
 
 
 async def _first(dlq: DLQStore, flt: DLQFilter, limit: int) -> list[DLQEntry]:
@@ -203,6 +194,7 @@ def redrive(
     page_size: Annotated[int, typer.Option("--page-size", min=1, max=5000)] = 200,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
+    as_: AsOpt = None,
 ) -> None:
     """Send entries back through decode and delivery, to the sink where each failed."""
     reasons = _reasons(reason)
@@ -214,19 +206,34 @@ def redrive(
         reasons=reasons,
         sources=source or (),
         sinks=sink or (),
-        since=_when(since, "--since"),
-        until=_when(until, "--until"),
+        since=parse_when(since, "--since"),
+        until=parse_when(until, "--until"),
         ids=entry_id or (),
     )
     cfg = _config(config)
     code = _run(
-        _redrive(cfg, flt, dry_run=dry_run, force=force, page_size=page_size, json_out=json_out)
+        _redrive(
+            cfg,
+            flt,
+            dry_run=dry_run,
+            force=force,
+            page_size=page_size,
+            json_out=json_out,
+            who=actor(as_),
+        )
     )
     raise typer.Exit(code)
 
 
 async def _redrive(
-    cfg: Config, flt: DLQFilter, *, dry_run: bool, force: bool, page_size: int, json_out: bool
+    cfg: Config,
+    flt: DLQFilter,
+    *,
+    dry_run: bool,
+    force: bool,
+    page_size: int,
+    json_out: bool,
+    who: str,
 ) -> int:
     from ingest.service import build_core
     from ingest.triage.redrive import redrive as run_redrive
@@ -263,6 +270,11 @@ async def _redrive(
             result = await run_redrive(
                 core, flt, page_size=page_size, on_page=advance, should_stop=stop.is_set
             )
+        outcome = "interrupted" if result.interrupted else "failed" if result.failed else "ok"
+        detail = {"filter": _filter_doc(flt), "force": force, **result.as_dict()}
+        await audit_cli(
+            core.stores, who, "dlq.redrive", outcome=outcome, tenant=flt.tenant, detail=detail
+        )
     finally:
         await core.close()
     if json_out:
@@ -350,6 +362,7 @@ def purge(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
+    as_: AsOpt = None,
 ) -> None:
     """Delete entries older than DAYS (for a reason code), after a dry run or confirmation."""
     flt = DLQFilter(
@@ -379,19 +392,31 @@ def purge(
         if not typer.confirm(f"Purge {total} DLQ entries? This cannot be undone."):
             fail("purge aborted; nothing was deleted", EXIT_FAILED)
 
-    async def delete(dlq: DLQStore) -> list[int]:
+    async def delete(stores: Any) -> list[int]:
         gone: list[int] = []
-        async for page in dlq.scan(flt, 1000):
+        async for page in stores.dlq.scan(flt, 1000):
             ids = [e.id for e in page if e.id is not None]
-            await dlq.delete(ids)
+            await stores.dlq.delete(ids)
             gone.extend(ids)
+        await audit_cli(
+            stores,
+            actor(as_),
+            "dlq.purge",
+            tenant=tenant,
+            detail={"filter": _filter_doc(flt), "deleted": len(gone)},
+        )
         return gone
 
-    gone = _run(_with_dlq(cfg, delete))
+    gone = _run(_with_stores(cfg, delete))
     if json_out:
         render.emit_json({"dry_run": False, "deleted": len(gone), "ids": gone})
     else:
         render.console.print(f"purged {len(gone)} DLQ entries")
+
+
+def _filter_doc(flt: DLQFilter) -> dict[str, Any]:
+    """The filter as the audit trail keeps it."""
+    return {k: v for k, v in asdict(flt).items() if v not in (None, (), [])}
 
 
 def main() -> None:

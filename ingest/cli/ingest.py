@@ -135,6 +135,20 @@ def idempotency_stats(config: ConfigOpt = None, json_out: JsonOpt = False) -> No
     Console().print(table)
 
 
+def _credentials_commands() -> None:
+    """`ingest auth ...`, `ingest sign`, `ingest post`, `ingest audit` (docs/security.md)."""
+    from ingest.cli import audit as audit_cli
+    from ingest.cli import auth as auth_cli
+
+    app.add_typer(auth_cli.app, name="auth")
+    app.command("sign")(auth_cli.sign)
+    app.command("post")(auth_cli.post)
+    app.command("audit")(audit_cli.audit)
+
+
+_credentials_commands()
+
+
 def main() -> None:
     app()
 

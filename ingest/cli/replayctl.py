@@ -28,6 +28,8 @@ from ingest.cli.common import (
     EXIT_FAILED,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    actor,
+    audit_cli,
     fail,
     load_existing_state,
     run_async,
@@ -52,6 +54,14 @@ app = typer.Typer(
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Service config file.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
+AsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--as",
+        help="Who you are, for the audit trail and the four-eyes rule (default: INGEST_ACTOR, "
+        "else the OS user).",
+    ),
+]
 
 
 # ------------------------------------------------------------------------------ plumbing
@@ -108,10 +118,6 @@ async def _get(store: P.PlanStore, plan_id: str) -> P.Plan:
     return plan
 
 
-def _user() -> str:
-    return os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
-
-
 def _threshold(option: int | None) -> int:
     if option is not None:
         return option
@@ -157,6 +163,7 @@ def plan(
     ] = 100.0,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
+    as_: AsOpt = None,
 ) -> None:
     """Create a plan (pending_approval) with a size estimate; prints its id."""
     t0, t1 = _when(start, "--from"), _when(end, "--to")
@@ -175,12 +182,22 @@ def plan(
         sources=resolved,
         throttle=throttle,
         created_at=time.time(),
-        created_by=_user(),
+        created_by=actor(as_),
     )
 
     async def go(stores: Any, store: P.PlanStore) -> None:
         await R.estimate(cfg, stores, new)
         await store.save(new)
+        detail = {
+            "from": _iso(t0),
+            "to": _iso(t1),
+            "sources": [s.name for s in resolved],
+            "throttle": throttle,
+            "estimate_records": new.estimate_records,
+        }
+        await audit_cli(
+            stores, new.created_by, "replay.plan", tenant=tenant, target=new.id, detail=detail
+        )
 
     _run(_with_store(cfg, go))
     if json_out:
@@ -212,15 +229,31 @@ def approve(
     ] = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
+    as_: AsOpt = None,
 ) -> None:
-    """Approve a pending plan (records who and when)."""
+    """Approve a pending plan written by someone else (four eyes; records who and when)."""
     cfg = _config(config)
     threshold = _threshold(large_threshold)
+    who = actor(as_)
 
     async def go(stores: Any, store: P.PlanStore) -> P.Plan:
         p = await _get(store, plan_id)
-        P.approve(p, user=_user(), rfa=rfa, threshold=threshold, now=time.time())
+        detail: dict[str, Any] = {"rfa": rfa, "author": p.created_by}
+        try:
+            P.approve(p, user=who, rfa=rfa, threshold=threshold, now=time.time())
+        except P.PlanError as exc:
+            await audit_cli(
+                stores,
+                who,
+                "replay.approve",
+                outcome="refused",
+                tenant=p.tenant,
+                target=p.id,
+                detail={**detail, "reason": str(exc)},
+            )
+            raise
         await store.save(p)
+        await audit_cli(stores, who, "replay.approve", tenant=p.tenant, target=p.id, detail=detail)
         return p
 
     p = _run(_with_store(cfg, go))
@@ -240,10 +273,11 @@ def run_cmd(
     plan_id: Annotated[str, typer.Option("--plan", help="Plan id (rp-...).")],
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
+    as_: AsOpt = None,
 ) -> None:
     """Run (or resume) an approved plan through decode and delivery at its throttle."""
     cfg = _config(config)
-    code, p = _run(_replay(cfg, plan_id, json_out=json_out))
+    code, p = _run(_replay(cfg, plan_id, json_out=json_out, who=actor(as_)))
     if json_out:
         _emit(_doc(p))
     else:
@@ -251,7 +285,9 @@ def run_cmd(
     raise typer.Exit(code)
 
 
-async def _replay(cfg: Config, plan_id: str, *, json_out: bool) -> tuple[int, P.Plan]:
+async def _replay(cfg: Config, plan_id: str, *, json_out: bool, who: str) -> tuple[int, P.Plan]:
+    """Run the plan between two audit rows: replay.run.start once it may run, and
+    replay.run.end with the outcome (refused, failed, interrupted, ok) in any case."""
     from ingest.service import build_core
 
     core = await build_core(cfg)
@@ -259,34 +295,78 @@ async def _replay(cfg: Config, plan_id: str, *, json_out: bool) -> tuple[int, P.
         store = plan_store(core.stores)
         await store.ensure_schema()
         p = await _get(store, plan_id)
-        if p.state not in P.RUNNABLE:
-            P.start(p, time.time())  # raises the reason it cannot
-        url = os.environ.get("INGEST_LEGAL_HOLD_URL")
+        plan = p
+
+        async def started() -> None:
+            await audit_cli(
+                core.stores,
+                who,
+                "replay.run.start",
+                tenant=plan.tenant,
+                target=plan.id,
+                detail={"state": plan.state},
+            )
+
+        outcome = "failed"
         try:
-            hold = await R.check_legal_hold(url, p.tenant)
-        except Exception as exc:
-            p.last_error = f"legal-hold service at {url} unreachable: {exc or type(exc).__name__}"
-            await store.save(p)
-            fail(f"{p.last_error}; not running plan {p.id}", EXIT_UNAVAILABLE)
-        if hold.blocked:
-            P.block(p, hold.note)
-            await store.save(p)
-            err = f"refusing to run plan {p.id}: {hold.note} (state {P.BLOCKED})"
-            return _refused(err, json_out), p
-        p.legal_hold = hold.note
-        await core.start_sinks()
-        stop = _StopFlag()
-        try:
-            with stop.installed(), _progress(p, enabled=not json_out) as advance:
-                done = await R.run(core, p, store, on_batch=advance, should_stop=stop.is_set)
-        except (StoreUnavailable, P.PlanError):
+            code, p = await _replay_plan(core, store, p, json_out=json_out, started=started)
+            outcome = {0: "ok", EXIT_INTERRUPTED: "interrupted"}.get(code, "refused")
+            return code, p
+        except P.PlanError:
+            outcome = "refused"
             raise
-        except Exception as exc:  # a source failed: in words, in the plan, resumable
-            unreachable = "unreachable" in str(exc) or isinstance(exc, OSError)
-            msg = f"plan {p.id} failed: {p.last_error}; fix it and run again to resume"
-            fail(msg, EXIT_UNAVAILABLE if unreachable else EXIT_FAILED)
+        finally:
+            detail = {"state": p.state, "records_done": p.records_done(), "error": p.last_error}
+            with contextlib.suppress(Exception):
+                await audit_cli(
+                    core.stores,
+                    who,
+                    "replay.run.end",
+                    outcome=outcome,
+                    tenant=p.tenant,
+                    target=p.id,
+                    detail=detail,
+                )
     finally:
         await core.close()
+
+
+async def _replay_plan(
+    core: Any,
+    store: P.PlanStore,
+    p: P.Plan,
+    *,
+    json_out: bool,
+    started: Callable[[], Awaitable[None]],
+) -> tuple[int, P.Plan]:
+    """Legal hold, then the run; returns the exit code and the plan as it ended."""
+    if p.state not in P.RUNNABLE:
+        P.start(p, time.time())  # raises the reason it cannot
+    await started()
+    url = os.environ.get("INGEST_LEGAL_HOLD_URL")
+    try:
+        hold = await R.check_legal_hold(url, p.tenant)
+    except Exception as exc:
+        p.last_error = f"legal-hold service at {url} unreachable: {exc or type(exc).__name__}"
+        await store.save(p)
+        fail(f"{p.last_error}; not running plan {p.id}", EXIT_UNAVAILABLE)
+    if hold.blocked:
+        P.block(p, hold.note)
+        await store.save(p)
+        err = f"refusing to run plan {p.id}: {hold.note} (state {P.BLOCKED})"
+        return _refused(err, json_out), p
+    p.legal_hold = hold.note
+    await core.start_sinks()
+    stop = _StopFlag()
+    try:
+        with stop.installed(), _progress(p, enabled=not json_out) as advance:
+            done = await R.run(core, p, store, on_batch=advance, should_stop=stop.is_set)
+    except (StoreUnavailable, P.PlanError):
+        raise
+    except Exception as exc:  # a source failed: in words, in the plan, resumable
+        unreachable = "unreachable" in str(exc) or isinstance(exc, OSError)
+        msg = f"plan {p.id} failed: {p.last_error}; fix it and run again to resume"
+        fail(msg, EXIT_UNAVAILABLE if unreachable else EXIT_FAILED)
     return (0 if done else EXIT_INTERRUPTED), p
 
 

@@ -132,7 +132,8 @@ def needs_rfa(plan: Plan, threshold: int) -> bool:
 
 
 def approve(plan: Plan, *, user: str, rfa: str | None, threshold: int, now: float) -> None:
-    """Approve once, by a named user; large or unknown-size replays need an RFA."""
+    """Approve once, by a named user other than the plan's author (four eyes); large or
+    unknown-size replays need an RFA."""
     if plan.state != PENDING:
         if plan.approved_by is not None:
             raise PlanError(
@@ -141,6 +142,11 @@ def approve(plan: Plan, *, user: str, rfa: str | None, threshold: int, now: floa
                 + "); nothing to approve"
             )
         raise PlanError(f"plan {plan.id} is {plan.state}; only pending_approval plans are approved")
+    if user == plan.created_by:
+        raise PlanError(
+            f"plan {plan.id} was written by {user}; four eyes: someone else approves it "
+            "(replayctl approve --as NAME, or INGEST_ACTOR)"
+        )
     if rfa is not None and not RFA_PATTERN.match(rfa):
         raise PlanError(f"--rfa '{rfa}' is not an RFA id like RFA-1234")
     if rfa is None and needs_rfa(plan, threshold):

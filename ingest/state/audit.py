@@ -156,3 +156,10 @@ class PostgresAuditStore:
         )
         rows = await self._run(lambda c: c.fetch(sql, *args, flt.limit))
         return [_entry(r) for r in rows]
+
+
+def audit_store(stores: Any) -> AuditStore:
+    """The audit store on the same database as the other state stores (`Stores`)."""
+    if stores.sqlite_db is not None:
+        return SQLiteAuditStore(stores.sqlite_db)
+    return PostgresAuditStore(stores.pg_pool)

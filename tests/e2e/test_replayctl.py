@@ -31,6 +31,7 @@ from tests.e2e._service import ServiceProcess
 pytestmark = pytest.mark.e2e
 TENANT = "acme-corp"
 REPLAYCTL = str(Path(sys.executable).parent / "replayctl")
+INGEST = str(Path(sys.executable).parent / "ingest")
 N_LOW, N_NORMAL = 300, 20
 
 
@@ -49,7 +50,8 @@ def rctl(cwd: Path, *args: str, env: dict[str, str] | None = None,
     base = {k: v for k, v in os.environ.items()
             if k not in ("INGEST_DATA_DIR", "INGEST_CONFIG", "INGEST_LEGAL_HOLD_URL",
                          "INGEST_REPLAY_RFA_THRESHOLD")}
-    return subprocess.run([REPLAYCTL, *args], cwd=cwd, env={**base, "USER": "alice",
+    # alice writes plans; approvals say `--as bob` (four eyes: never the plan's author)
+    return subprocess.run([REPLAYCTL, *args], cwd=cwd, env={**base, "INGEST_ACTOR": "alice",
                                                              **(env or {})},
                           capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
@@ -154,17 +156,20 @@ def test_runbook_replay_of_brownout_drops(root: Path, browned: tuple[Path, int])
     small = {"INGEST_REPLAY_RFA_THRESHOLD": "100"}
     r = rctl(root, "run", "--plan", plan_id)
     assert r.returncode == 2 and f"plan {plan_id} is not approved yet" in said(r)
-    r = rctl(root, "approve", plan_id, env=small)
+    r = rctl(root, "approve", plan_id, "--rfa", "RFA-1234")  # by its author: four eyes refuse
+    assert r.returncode == 2 and f"plan {plan_id} was written by alice; four eyes" in said(r)
+    assert rjson(root, "status", plan_id)["state"] == "pending_approval"
+    r = rctl(root, "approve", plan_id, "--as", "bob", env=small)
     assert r.returncode == 2
     assert f"large replay (of {drops} records, threshold 100)" in said(r)
     assert "--rfa RFA-<number>" in said(r)
-    r = rctl(root, "approve", plan_id, "--rfa", "RFA-12x", env=small)
+    r = rctl(root, "approve", plan_id, "--as", "bob", "--rfa", "RFA-12x", env=small)
     assert r.returncode == 2 and "--rfa 'RFA-12x' is not an RFA id" in said(r)
-    r = rctl(root, "approve", plan_id, "--rfa", "RFA-1234", env=small)
-    assert r.returncode == 0 and "approved by alice" in said(r) and "RFA-1234" in said(r)
-    r = rctl(root, "approve", plan_id, "--rfa", "RFA-1234")
+    r = rctl(root, "approve", plan_id, "--as", "bob", "--rfa", "RFA-1234", env=small)
+    assert r.returncode == 0 and "approved by bob" in said(r) and "RFA-1234" in said(r)
+    r = rctl(root, "approve", plan_id, "--as", "bob", "--rfa", "RFA-1234")
     assert r.returncode == 2
-    assert f"plan {plan_id} is already approved (approved by alice under RFA-1234)" in said(r)
+    assert f"plan {plan_id} is already approved (approved by bob under RFA-1234)" in said(r)
 
     done = rjson(root, "run", "--plan", plan_id)
     assert done["state"] == "completed" and done["last_error"] is None
@@ -183,14 +188,14 @@ def test_runbook_replay_of_brownout_drops(root: Path, browned: tuple[Path, int])
     assert r.returncode == 0 and "completed" in flat and "alice" in flat and "RFA-1234" in flat
     r = rctl(root, "run", "--plan", plan_id)
     assert r.returncode == 2 and f"plan {plan_id} already completed" in said(r)
-    r = rctl(root, "approve", plan_id)
+    r = rctl(root, "approve", plan_id, "--as", "bob")
     assert r.returncode == 2 and "already completed" in said(r)
 
     # a small replay (nothing left in the window) is approved without an RFA
     second = plan_dropped(root)
     assert second["estimate_records"] == 0
-    ok = rjson(root, "approve", second["id"])
-    assert ok["state"] == "approved" and ok["rfa"] is None and ok["approved_by"] == "alice"
+    ok = rjson(root, "approve", second["id"], "--as", "bob")
+    assert ok["state"] == "approved" and ok["rfa"] is None and ok["approved_by"] == "bob"
     listed = rjson(root, "list", "--tenant", TENANT)
     assert [p["id"] for p in listed] == [second["id"], plan_id]
     assert [p["records_done"] for p in listed] == [0, drops]
@@ -198,11 +203,30 @@ def test_runbook_replay_of_brownout_drops(root: Path, browned: tuple[Path, int])
     r = rctl(root, "list", "--tenant", TENANT)
     assert r.returncode == 0 and plan_id in r.stdout and second["id"] in r.stdout
 
+    # the audit trail: who planned, who tried and who approved, who ran, from where
+    out = subprocess.run([INGEST, "audit", "--json", "--action", "replay."], cwd=root,
+                         capture_output=True, text=True, timeout=60, check=True)
+    trail = [(r["action"], r["actor"], r["outcome"], r["target"])
+             for r in reversed(json.loads(out.stdout))]  # fmt: skip
+    assert trail[:9] == [
+        ("replay.plan", "alice", "ok", plan_id),
+        ("replay.run.end", "alice", "refused", plan_id),  # not approved yet
+        ("replay.approve", "alice", "refused", plan_id),  # four eyes
+        ("replay.approve", "bob", "refused", plan_id),  # no RFA for a large replay
+        ("replay.approve", "bob", "refused", plan_id),  # RFA-12x
+        ("replay.approve", "bob", "ok", plan_id),
+        ("replay.approve", "bob", "refused", plan_id),  # already approved
+        ("replay.run.start", "alice", "ok", plan_id),
+        ("replay.run.end", "alice", "ok", plan_id),
+    ]
+    rows = json.loads(out.stdout)
+    assert all(r["via"] == "cli" and r["remote"].startswith("cli@") for r in rows)
+
 
 def test_interrupted_run_resumes_where_it_stopped(root: Path, browned: tuple[Path, int]) -> None:
     data, drops = root / "data", browned[1]
     plan_id = plan_dropped(root, throttle="60")["id"]
-    rjson(root, "approve", plan_id, "--rfa", "RFA-7")
+    rjson(root, "approve", plan_id, "--as", "bob", "--rfa", "RFA-7")
     env = {k: v for k, v in os.environ.items() if k not in ("INGEST_DATA_DIR", "INGEST_CONFIG")}
     proc = subprocess.Popen([REPLAYCTL, "run", "--plan", plan_id, "--json"], cwd=root,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -252,7 +276,7 @@ def test_legal_hold_blocks_until_lifted(root: Path, browned: tuple[Path, int]) -
     try:
         env = {"INGEST_LEGAL_HOLD_URL": f"http://127.0.0.1:{server.server_port}"}
         plan_id = plan_dropped(root)["id"]
-        rjson(root, "approve", plan_id, "--rfa", "RFA-9")
+        rjson(root, "approve", plan_id, "--as", "bob", "--rfa", "RFA-9")
         _Holds.holds = [{"id": "LH-77", "tenant": TENANT, "active": True}]
         r = rctl(root, "run", "--plan", plan_id, env=env)
         assert r.returncode == 1
@@ -337,9 +361,9 @@ def test_s3_window_replayed_into_sqlite_sink(tmp_path: Path) -> None:
     assert (src["name"], src["estimate_objects"]) == ("s3-main", 3)
     assert src["estimate_bytes"] == sum(len(b) for b in objects.values())
     assert p["estimate_records"] is None  # objects are counted, records are not
-    r = rctl(tmp_path, "approve", p["id"], env=env)
+    r = rctl(tmp_path, "approve", p["id"], "--as", "bob", env=env)
     assert r.returncode == 2 and "of unknown size" in said(r)
-    rjson(tmp_path, "approve", p["id"], "--rfa", "RFA-42", env=env)
+    rjson(tmp_path, "approve", p["id"], "--as", "bob", "--rfa", "RFA-42", env=env)
     done = rjson(tmp_path, "run", "--plan", p["id"], env=env)
     prog = done["progress"]["s3-main"]
     assert done["state"] == "completed" and prog["delivered"] == 120 and prog["dlq"] == 0
@@ -384,11 +408,11 @@ def test_plan_approve_status_on_postgres(tmp_path: Path) -> None:
                   "--to", "2025-01-02T00:00:00Z", "--sources", "inbox-dropped", "--throttle",
                   "100", *c)
         assert p["state"] == "pending_approval" and p["estimate_records"] == 0
-        a = rjson(tmp_path, "approve", p["id"], "--rfa", "RFA-1234", *c)
-        assert (a["state"], a["approved_by"], a["rfa"]) == ("approved", "alice", "RFA-1234")
+        a = rjson(tmp_path, "approve", p["id"], "--as", "bob", "--rfa", "RFA-1234", *c)
+        assert (a["state"], a["approved_by"], a["rfa"]) == ("approved", "bob", "RFA-1234")
         st = rjson(tmp_path, "status", p["id"], *c)
         assert st == {**a, "legal_hold": "no legal-hold service configured"}
-        r = rctl(tmp_path, "approve", p["id"], *c)
+        r = rctl(tmp_path, "approve", p["id"], "--as", "bob", *c)
         assert r.returncode == 2 and "already approved" in said(r)
         assert [x["id"] for x in rjson(tmp_path, "list", "--tenant", TENANT, *c)] == [p["id"]]
         r = rctl(tmp_path, "status", "rp-deadbeef", *c)

@@ -19,8 +19,8 @@ def make(estimate: int | None = 10) -> P.Plan:
                   throttle=100.0, created_at=1.0, created_by="alice")
 
 
-ACTIONS = st.lists(st.sampled_from(["approve", "approve_rfa", "start", "finish", "fail",
-                                    "interrupt", "block"]), max_size=12)
+ACTIONS = st.lists(st.sampled_from(["approve", "approve_rfa", "approve_self", "start", "finish",
+                                    "fail", "interrupt", "block"]), max_size=12)
 
 
 def apply(plan: P.Plan, action: str) -> bool:
@@ -30,6 +30,8 @@ def apply(plan: P.Plan, action: str) -> bool:
             P.approve(plan, user="bob", rfa=None, threshold=100, now=2.0)
         elif action == "approve_rfa":
             P.approve(plan, user="bob", rfa="RFA-1", threshold=100, now=2.0)
+        elif action == "approve_self":  # the author: four eyes refuse, whatever the state
+            P.approve(plan, user="alice", rfa="RFA-1", threshold=100, now=2.0)
         elif action == "start":
             P.start(plan, 3.0)
         elif action == "finish":
@@ -58,6 +60,7 @@ def test_no_run_before_approval_and_one_approval(actions: list[str], est: int | 
         if not ok:
             assert plan.to_dict() == before  # a refusal changes nothing
             continue
+        assert action != "approve_self", "the plan's author approved it"
         if action.startswith("approve"):
             approvals += 1
         assert plan.state in P.STATES
@@ -89,6 +92,10 @@ def test_refusals_say_why() -> None:
         P.start(plan, 7.0)
     with pytest.raises(P.PlanError, match="already completed"):
         P.approve(plan, user="b", rfa="RFA-2", threshold=10, now=2.0)
+    mine = make(10)
+    with pytest.raises(P.PlanError, match="written by alice; four eyes: someone else approves"):
+        P.approve(mine, user="alice", rfa="RFA-3", threshold=10, now=1.0)
+    assert mine.state == P.PENDING and mine.approved_by is None
     unknown = make(None)
     with pytest.raises(P.PlanError, match="of unknown size"):
         P.approve(unknown, user="a", rfa=None, threshold=10**9, now=1.0)

@@ -1,0 +1,66 @@
+"""`ingest audit`: the audit trail — who did what, when, from where — as a table or JSON."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ingest.cli.common import load_existing_state, parse_when, run_async
+from ingest.state.audit import AuditEntry, AuditFilter, audit_store
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def audit(
+    actor: Annotated[str | None, typer.Option("--actor", help="Only this actor.")] = None,
+    action: Annotated[
+        str | None,
+        typer.Option("--action", help="Action or prefix: admin., replay.approve, dlq. ..."),
+    ] = None,
+    tenant: Annotated[str | None, typer.Option("--tenant", "-t", help="Only this tenant.")] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="ISO date-time or 30m, 2h, 7d.")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=100_000)] = 50,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Service config.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
+) -> None:
+    """The audit trail, newest first: every admin call and replay/redrive step."""
+    start = parse_when(since, "--since")
+    cfg = load_existing_state(config, "ingest audit")
+    flt = AuditFilter(
+        since=start.timestamp() if start else None,
+        actor=actor,
+        action=action,
+        tenant=tenant,
+        limit=limit,
+    )
+
+    async def go() -> list[AuditEntry]:
+        from ingest.service import open_stores
+
+        stores = await open_stores(cfg)
+        try:
+            return await audit_store(stores).query(flt)
+        finally:
+            await stores.close()
+
+    rows = run_async(go())
+    if json_out:
+        print(json.dumps([{**r.to_dict(), "when": _iso(r.at)} for r in rows], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("when", "actor", "via", "action", "outcome", "tenant", "target", "from")
+    for r in rows:
+        table.add_row(
+            _iso(r.at), r.actor, r.via, r.action, r.outcome, r.tenant or "", r.target, r.remote
+        )
+    Console().print(table)
