@@ -284,6 +284,32 @@ def _default_sources() -> list[SourceConfig]:
     return [InboxSourceConfig(), WebhookSourceConfig()]
 
 
+class FleetConfig(_Model):
+    control_poll_seconds: float = Field(
+        1.0,
+        gt=0,
+        le=10,
+        description="How often every process re-reads the fleet's control record (what "
+        "/admin/* set), the fallback to change notifications (Postgres LISTEN/NOTIFY).",
+    )
+    rate_limits: Literal["auto", "fleet", "local"] = Field(
+        "auto",
+        description="Per-tenant limits: fleet = GCRA in Redis, one limit shared by every pod "
+        "(one script call per batch); local = a token bucket per process (N pods admit N x "
+        "the limit); auto = fleet in production mode, local in embedded mode.",
+    )
+
+
+class ReplayConfig(_Model):
+    rto_seconds: float = Field(
+        4 * 3600.0,
+        gt=0,
+        description="Recovery time objective of a replay, first start to finish. Kept in each "
+        "plan at `replayctl plan` (--rto overrides); IngestReplayRTOAtRisk fires when a "
+        "replay is projected to miss it.",
+    )
+
+
 def _default_sinks() -> list[SinkConfig]:
     return [SQLiteSinkConfig()]
 
@@ -301,6 +327,10 @@ class Config(_Model):
         default_factory=dict, description="Per-tenant token bucket; others get the defaults."
     )
     admission: AdmissionConfig = Field(AdmissionConfig(), description="Backpressure settings.")
+    fleet: FleetConfig = Field(
+        FleetConfig(), description="Fleet-wide control state and rate limits."
+    )
+    replay: ReplayConfig = Field(ReplayConfig(), description="Replay objectives.")
     retry: RetryConfig = Field(RetryConfig(), description="Retry of retryable sink failures.")
     breaker: BreakerConfig = Field(BreakerConfig(), description="Circuit breaker per sink.")
     sources: list[SourceConfig] = Field(default_factory=lambda: _default_sources())

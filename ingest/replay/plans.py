@@ -16,6 +16,7 @@ Plans are stored next to the state the service writes (embedded: `replay_plans` 
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 import sqlite3
@@ -38,6 +39,7 @@ STATES = (PENDING, APPROVED, RUNNING, INTERRUPTED, BLOCKED, FAILED, COMPLETED)
 RUNNABLE = (APPROVED, RUNNING, INTERRUPTED, BLOCKED, FAILED)  # RUNNING = resume after a kill
 
 DEFAULT_RFA_THRESHOLD = 100_000
+NO_PROGRESS_GRACE = 300.0  # seconds a running plan may show no progress before ETA is inf
 RFA_PATTERN = re.compile(r"^RFA-\d+$")
 PLAN_ID = re.compile(r"^rp-[0-9a-f]{8}$")
 
@@ -94,6 +96,7 @@ class Plan:
     last_error: str | None = None
     legal_hold: str | None = None  # what the last hold check said
     progress: dict[str, Progress] = field(default_factory=dict)
+    rto_seconds: float | None = None  # recovery time objective: started_at -> finished_at
 
     @property
     def estimate_records(self) -> int | None:
@@ -120,6 +123,82 @@ class Plan:
         data["sources"] = [PlanSource(**s) for s in d["sources"]]
         data["progress"] = {k: Progress(**v) for k, v in d.get("progress", {}).items()}
         return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressView:
+    """How far a plan is, how long it has taken and whether it will make its RTO.
+
+    `ratio` (0..1) weighs each source by its record estimate when every source has one;
+    otherwise each source counts equally, an object source by its finished objects. Kafka
+    sources of unknown size make it None. `eta_seconds` projects the ratio linearly over the
+    wall time since the first start (interruptions included, as the RTO counts them); it is
+    infinite for a plan that is not running (nothing moves it) or has not moved yet.
+    """
+
+    ratio: float | None
+    records_done: int
+    estimate_records: int | None
+    duration_seconds: float | None  # first start -> finish (or now)
+    eta_seconds: float | None
+    rto_seconds: float | None
+    needs_seconds: float | None  # estimate / throttle: the least time the plan can take
+    at_risk: bool | None  # None: cannot tell (no RTO, not started, or size unknown)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _source_fraction(src: PlanSource, prog: Progress | None) -> float | None:
+    if prog is not None and prog.done:
+        return 1.0
+    done = 0 if prog is None else prog.delivered + prog.duplicate + prog.dlq
+    if src.estimate_records is not None:
+        return 1.0 if src.estimate_records == 0 else min(1.0, done / src.estimate_records)
+    if src.estimate_objects:
+        return min(1.0, len(prog.items_done) / src.estimate_objects) if prog else 0.0
+    return None
+
+
+def progress_ratio(plan: Plan) -> float | None:
+    if plan.state == COMPLETED:
+        return 1.0
+    fractions = [_source_fraction(s, plan.progress.get(s.name)) for s in plan.sources]
+    if not fractions or any(f is None for f in fractions):
+        return None
+    known = [f for f in fractions if f is not None]
+    est = plan.estimate_records
+    if est:
+        weights = [s.estimate_records or 0 for s in plan.sources]
+        return sum(f * w for f, w in zip(known, weights, strict=True)) / est
+    return sum(known) / len(known)
+
+
+def progress_view(plan: Plan, now: float) -> ProgressView:
+    ratio = progress_ratio(plan)
+    est = plan.estimate_records
+    duration = eta = None
+    if plan.started_at is not None:
+        duration = max(0.0, (plan.finished_at or now) - plan.started_at)
+        if plan.state == COMPLETED:
+            eta = 0.0
+        elif plan.state != RUNNING:
+            eta = math.inf  # interrupted, failed or blocked: nothing moves it
+        elif ratio is None:
+            eta = None
+        elif ratio == 0:  # no record yet: too early to tell, then as bad as it gets
+            eta = None if duration < NO_PROGRESS_GRACE else math.inf
+        else:
+            eta = duration * (1 - ratio) / ratio
+    rto = plan.rto_seconds
+    at_risk: bool | None = None
+    if rto is not None and duration is not None:
+        if duration > rto:
+            at_risk = True
+        elif eta is not None:
+            at_risk = duration + eta > rto
+    needs = est / plan.throttle if est is not None and plan.throttle > 0 else None
+    return ProgressView(ratio, plan.records_done(), est, duration, eta, rto, needs, at_risk)
 
 
 def new_id() -> str:

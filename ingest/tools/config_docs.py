@@ -24,6 +24,8 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("tenants.<tenant> and admission.default_limits", C.TenantLimits),
     ("admission", C.AdmissionConfig),
     ("admission.intake", C.IntakeBoundConfig),
+    ("fleet", C.FleetConfig),
+    ("replay", C.ReplayConfig),
     ("retry", C.RetryConfig),
     ("breaker", C.BreakerConfig),
     ("sources[] type: inbox", C.InboxSourceConfig),
