@@ -37,6 +37,7 @@ from ingest.cli.common import (
 from ingest.config import Config
 from ingest.errors import StoreUnavailable
 from ingest.replay import plans as P
+from ingest.replay import render as V
 from ingest.replay import runner as R
 
 T = TypeVar("T")
@@ -140,6 +141,7 @@ def _doc(plan: P.Plan) -> dict[str, Any]:
     d = plan.to_dict()
     d["window"] = {"from": _iso(plan.start), "to": _iso(plan.end)}
     d["legal_hold"] = _hold_note(plan)
+    d["completion"] = V.completion_doc(plan, time.time())
     return d
 
 
@@ -161,6 +163,14 @@ def plan(
     throttle: Annotated[
         float, typer.Option("--throttle", min=0.001, help="Records per second during the run.")
     ] = 100.0,
+    rto: Annotated[
+        str | None,
+        typer.Option(
+            "--rto",
+            help="Recovery time objective, first start to finish: 3600, 90m, 4h, 1h30m "
+            "(default: replay.rto_seconds of the config, 4h).",
+        ),
+    ] = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
     as_: AsOpt = None,
@@ -169,6 +179,10 @@ def plan(
     t0, t1 = _when(start, "--from"), _when(end, "--to")
     if t0 >= t1:
         fail(f"--from {start} must be before --to {end}", EXIT_USAGE)
+    try:
+        rto_seconds = None if rto is None else V.parse_duration(rto)
+    except ValueError as exc:
+        fail(f"--rto {exc}", EXIT_USAGE)
     cfg = _config(config)
     try:
         resolved = R.resolve_sources(cfg, tenant, sources.split(","))
@@ -183,6 +197,7 @@ def plan(
         throttle=throttle,
         created_at=time.time(),
         created_by=actor(as_),
+        rto_seconds=rto_seconds or cfg.replay.rto_seconds,
     )
 
     async def go(stores: Any, store: P.PlanStore) -> None:
@@ -211,6 +226,14 @@ def plan(
         f"state {new.state}. Next: replayctl approve {new.id}"
         + (" --rfa RFA-<number>" if P.needs_rfa(new, _threshold(None)) else "")
     )
+    view = P.progress_view(new, time.time())
+    needs, rto_s = view.needs_seconds, view.rto_seconds
+    if needs is not None and rto_s is not None and needs > rto_s:
+        console.print(
+            f"[bold yellow]warning:[/] at {throttle:g} records/s this replay needs at least "
+            f"{V.human(needs)}, more than its RTO of {V.human(rto_s)}: raise --throttle or "
+            "split the window"
+        )
     _estimate_table(new)
 
 
@@ -427,7 +450,8 @@ def status(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """State, window, sources, estimate, approval, progress per source, errors."""
+    """State, window, sources, estimate, approval, progress (bar, duration, ETA, RTO) and
+    progress per source, errors."""
     cfg = _config(config)
     p = _run(_with_store(cfg, lambda stores, store: _get(store, plan_id)))
     if json_out:
@@ -461,6 +485,7 @@ def _status(p: P.Plan) -> None:
     ]
     for k, v in lines:
         console.print(f"[bold]{k:>13}[/]  {v}")
+    console.print(V.completion(p, time.time()))
     _estimate_table(p)
 
 
@@ -501,15 +526,17 @@ def list_cmd(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Plans, newest first: id, state, window, sources, created, records done."""
+    """Plans, newest first: id, state, window, sources, created, records done, progress."""
     cfg = _config(config)
     found = _run(_with_store(cfg, lambda stores, store: store.list(tenant)))
     if json_out:
         _emit([_doc(p) for p in found])
         return
-    table = Table("tenant", "state", "window", "sources", "created", "records done")
+    table = Table("tenant", "state", "window", "sources", "created", "records done", "progress")
     table.columns.insert(0, Column("id", no_wrap=True))
+    now = time.time()
     for p in found:
+        ratio = P.progress_ratio(p)
         table.add_row(
             p.id,
             p.tenant,
@@ -518,6 +545,8 @@ def list_cmd(
             ",".join(s.name for s in p.sources),
             _iso(p.created_at) or "",
             str(p.records_done()),
+            ("-" if ratio is None else f"{100 * ratio:.0f}%")
+            + (" [red]RTO at risk[/]" if P.progress_view(p, now).at_risk else ""),
         )
     console.print(table)
 

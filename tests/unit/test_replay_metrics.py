@@ -6,11 +6,14 @@ import math
 import re
 from pathlib import Path
 
+import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
 from ingest.replay import plans as P
+from ingest.replay import render as V
 from ingest.replay.metrics import ReplayCollector
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,3 +142,46 @@ async def test_collector_keeps_last_plans_when_the_store_fails() -> None:
     reg = CollectorRegistry()
     reg.register(collector)
     assert "rp-0000abcd" in generate_latest(reg).decode()
+
+
+# -- replayctl's rendering -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("3600", 3600), ("90m", 5400), ("4h", 14400), ("1h30m", 5400), ("2d", 172800), ("1.5h", 5400)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert V.parse_duration(text) == seconds
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=20))
+def test_any_duration_text_parses_or_says_what_is_accepted(text: str) -> None:
+    try:
+        value = V.parse_duration(text)
+    except ValueError as exc:
+        assert "duration" in str(exc)
+    else:
+        assert math.isfinite(value) and value > 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    state=st.sampled_from(list(P.STATES)),
+    done=st.integers(0, 2000),
+    est=st.one_of(st.none(), st.integers(0, 2000)),
+    started=st.one_of(st.none(), st.floats(0, 10_000)),
+    rto=st.one_of(st.none(), st.floats(1, 10_000)),
+)
+def test_completion_json_is_finite_and_explains_missing_eta(
+    state: str, done: int, est: int | None, started: float | None, rto: float | None
+) -> None:
+    p = plan(state=state, estimates=(est,), done=(done,),
+             started=None if started is None else T0 - started, rto=rto)
+    doc = V.completion_doc(p, T0)
+    orjson.loads(orjson.dumps(doc))  # no Infinity/NaN reaches JSON
+    for value in doc.values():
+        assert not (isinstance(value, float) and not math.isfinite(value))
+    if doc["eta_seconds"] is None and state != P.COMPLETED:
+        assert doc["eta_note"]
