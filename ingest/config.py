@@ -191,6 +191,12 @@ class KafkaSourceConfig(_Model):
     extra: dict[str, str] = Field(default_factory=dict, description="librdkafka settings.")
 
 
+_LEASE_TTL = (
+    "A worker's claim on an object/file lapses this long after its last renewal (renewed every "
+    "third of it), so another worker takes over a dead one's items after at most this long."
+)
+
+
 class S3SourceConfig(_Model):
     type: Literal["s3"] = "s3"
     name: str = "s3-main"
@@ -202,6 +208,7 @@ class S3SourceConfig(_Model):
     secret_access_key: str | None = None
     poll_seconds: float = Field(5.0, gt=0)
     batch_size: int = Field(2000, ge=1)
+    lease_ttl_seconds: float = Field(60.0, gt=0, description=_LEASE_TTL)
 
 
 class SFTPSourceConfig(_Model):
@@ -219,6 +226,7 @@ class SFTPSourceConfig(_Model):
     poll_seconds: float = Field(5.0, gt=0)
     settle_seconds: float = Field(2.0, ge=0, description="Size/mtime must be stable this long.")
     batch_size: int = Field(2000, ge=1)
+    lease_ttl_seconds: float = Field(60.0, gt=0, description=_LEASE_TTL)
 
 
 SourceConfig = Annotated[

@@ -55,7 +55,7 @@ class S3Source(ItemSource):
         *,
         worker_id: str,
         clock: Clock = time.time,
-        lease_ttl: float = 60.0,
+        lease_ttl: float | None = None,
     ) -> None:
         super().__init__(
             name=cfg.name,
@@ -66,7 +66,7 @@ class S3Source(ItemSource):
             leases=leases,
             worker_id=worker_id,
             clock=clock,
-            lease_ttl=lease_ttl,
+            lease_ttl=cfg.lease_ttl_seconds if lease_ttl is None else lease_ttl,
         )
         self.cfg = cfg
         self.bucket, self.prefix = parse_s3_url(cfg.url)

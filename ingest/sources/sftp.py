@@ -43,7 +43,7 @@ class SFTPSource(ItemSource):
         *,
         worker_id: str,
         clock: Clock = time.time,
-        lease_ttl: float = 60.0,
+        lease_ttl: float | None = None,
         auth_retry_seconds: float = 30.0,
     ) -> None:
         super().__init__(
@@ -55,7 +55,7 @@ class SFTPSource(ItemSource):
             leases=leases,
             worker_id=worker_id,
             clock=clock,
-            lease_ttl=lease_ttl,
+            lease_ttl=cfg.lease_ttl_seconds if lease_ttl is None else lease_ttl,
         )
         self.cfg = cfg
         self._auth_retry = auth_retry_seconds

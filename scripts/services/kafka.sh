@@ -41,7 +41,7 @@ install() {
   fi
   rm -rf "$lib.tmp"
   mkdir -p "$cache"
-  mvn -q -B -f "$tmpl/pom.xml" dependency:copy-dependencies \
+  mvn -q -B -Dstyle.color=never -f "$tmpl/pom.xml" dependency:copy-dependencies \
       -DoutputDirectory="$lib.tmp" -Dmaven.repo.local="$cache/m2"
   rm -rf "$lib"
   mv "$lib.tmp" "$lib"

@@ -19,6 +19,7 @@ apt_install() {
   fi
   local log="${TMPDIR:-/tmp}/ingest-apt.$$.log"
   export DEBIAN_FRONTEND=noninteractive
+  echo "apt: installing ${want[*]} (log: $log)"
   if ! _apt_get "$log" "${want[@]}"; then
     apt-get update -q >>"$log" 2>&1 || { tail -20 "$log" >&2; return 1; }
     _apt_get "$log" "${want[@]}" || { echo "apt-get install ${want[*]} failed:" >&2; tail -30 "$log" >&2; return 1; }
@@ -45,7 +46,7 @@ _apt_get() {  # LOG PKG...: one quiet apt-get install, openssh-server pinned (se
     fi
     pkgs+=("$p")
   done
-  echo "apt: installing ${pkgs[*]} (log: $log)"
+  echo "apt-get install ${pkgs[*]}" >>"$log"
   apt-get install -y -q "$_apt_recommends" -o Dpkg::Use-Pty=0 "${pkgs[@]}" >>"$log" 2>&1
 }
 

@@ -23,7 +23,7 @@ install() {
   if ! cmp -s "$here/neo4j/pom.xml" "$cache/pom.xml" || [ ! -f "$cache/lib/.complete" ]; then
     cp "$here/neo4j/pom.xml" "$cache/pom.xml"
     rm -rf "$cache/lib"
-    (cd "$cache" && mvn -q -B dependency:copy-dependencies)
+    (cd "$cache" && mvn -q -B -Dstyle.color=never dependency:copy-dependencies)
     touch "$cache/lib/.complete"
   fi
   cp "$here/neo4j/Launcher.java" "$cache/Launcher.java"

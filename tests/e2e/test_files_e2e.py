@@ -116,7 +116,8 @@ def test_kill9_mid_object_and_mid_file_then_restart_exactly_once(
         tmp_path / "ingest.yaml",
         redis_url=redis_with_db(redis_server.url, 1),
         postgres_url=pg_dsn,
-        sources=[s3_source(prefix), sftp_source(inbox)],
+        # leases lapse 10 s after the kill (not the default 60 s): the restart takes them over
+        sources=[s3_source(prefix, lease_ttl_seconds=10), sftp_source(inbox, lease_ttl_seconds=10)],
     )
     port = free_port()
     data = tmp_path / "data"

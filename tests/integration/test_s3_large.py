@@ -32,14 +32,14 @@ pytestmark = pytest.mark.integration
 
 PART = 32 << 20
 PARTS = 32  # 1 GiB
-PAD = b"x" * 150
+PAD = b"x" * 4000
 RSS_LIMIT = 300 << 20
 
 
 def _part(n: int, first_id: int) -> tuple[bytes, int]:
-    """About PART bytes of whole lines, ids from first_id; returns the bytes and the count."""
+    """At least PART bytes of whole lines, ids from first_id; returns the bytes and the count."""
     line_len = len(b'{"id":"L-%d","p":%d,"pad":"%s"}\n' % (first_id, n, PAD))
-    count = PART // line_len
+    count = -(-PART // line_len)
     body = b"".join(
         b'{"id":"L-%d","p":%d,"pad":"%s"}\n' % (i, n, PAD)
         for i in range(first_id, first_id + count)
