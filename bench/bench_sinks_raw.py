@@ -53,7 +53,7 @@ def records(tenant: str, n: int) -> list[Record]:
             "deleted": False,
         }  # fmt: skip
         raw = RawRecord(data=b"", tenant=tenant, source="s", seq=i, position=None, event_time=0.0)
-        out.append(Record(raw=raw, body=body, dedupe_key=dedupe_key(body)))
+        out.append(Record.of(raw, body, dedupe_key(body)))
     return out
 
 

@@ -2,26 +2,46 @@
 
 This is where every record's problems are classified exactly once: SCHEMA_DRIFT when the shape
 is wrong (see ingest/schema/validate.py for the keyword split), VALIDATION_FAIL when a value is
-wrong or the bytes are not a JSON object at all. It runs for every record, so the valid path
-does only: parse, version check, defaults, one compiled `is_valid`, two rule checks, hash.
+wrong or the bytes are not a JSON object at all.
+
+Two paths. The fast path (`ingest/schema/fast.py`) decodes current-version bytes straight into
+a typed Struct compiled from the schema, checks the few rules left (tenant, known attributes,
+occurred_at, at most one jsonschema format call per distinct timestamp), builds the body and
+hashes it: no dict walk, no error machinery. Anything it does not accept, for whatever reason,
+goes through the slow path, the full classifier, which alone decides what is wrong and how to
+say it; the fast path never accepts a record the slow path would refuse (property-tested).
+
+Integers are parsed exactly (msgspec keeps big integers as ints; orjson would turn them into
+floats and lose digits). One beyond 64 bits (outside -2^63..2^64-1, what the canonical
+encoding and every sink keep exactly) is refused as VALIDATION_FAIL `range`, never altered.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import msgspec
 import orjson
 
 from ingest.records import RawRecord, ReasonCode, Record, dedupe_key
 from ingest.schema import EnvelopeError, json_type
-from ingest.schema.validate import SchemaValidator, reason_for
+from ingest.schema.fast import FastSchema
+from ingest.schema.validate import SchemaValidator, json_path, json_safe, reason_for
 from ingest.transformers import CURRENT_VERSION, upgrade
 
 FUTURE_LIMIT_SECONDS = 24 * 3600
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1  # what orjson (the canonical encoding) keeps exactly
+_TIMES_KEPT = 4096  # occurred_at strings remembered (parsed time, or not a date-time)
+_SORTED = orjson.OPT_SORT_KEYS
+_json_loads = msgspec.json.Decoder().decode  # exact integers, unlike orjson
+_DecodeError = msgspec.DecodeError
+_sha256 = hashlib.sha256
 
 
 @dataclass(slots=True)
@@ -52,15 +72,109 @@ class Decoder:
         self._now = now
         self._validator = SchemaValidator()
         self._is_valid = self._validator.is_valid
+        self._fast = FastSchema()
+        self._times: dict[str, float] = {}  # occurred_at -> epoch seconds (inf: not valid)
 
     def decode(self, raw: RawRecord) -> Record | DecodeFailure:
-        return self._decode(raw, self._now() + FUTURE_LIMIT_SECONDS)
+        return self.decode_many([raw])[0]
 
     def decode_many(self, raws: Sequence[RawRecord]) -> list[Record | DecodeFailure]:
-        """One clock read per batch; results in input order."""
+        """One clock read per batch; results in input order.
+
+        The loop is the fast path written out flat (it runs for every record: each call or
+        attribute lookup saved here is saved a million times); `_decode` is the slow path.
+        """
         horizon = self._now() + FUTURE_LIMIT_SECONDS
-        decode = self._decode
-        return [decode(raw, horizon) for raw in raws]
+        slow = self._decode
+        fast = self._fast
+        if not fast.enabled or self._extra:  # repair functions may change anything: no fast path
+            return [slow(raw, horizon) for raw in raws]
+        typed = fast.decode
+        attributes_ok = fast.attributes_ok
+        strings_ok = fast.strings_ok
+        times = self._times
+        if len(times) > _TIMES_KEPT:
+            times.clear()
+        limit = self._max
+        dumps = orjson.dumps
+        out: list[Record | DecodeFailure] = []
+        append = out.append
+        for raw in raws:
+            data = raw.data
+            if raw.decoded is not None or raw.meta or len(data) > limit:
+                append(slow(raw, horizon))
+                continue
+            try:
+                env: Any = typed(data)
+            except _DecodeError:
+                append(slow(raw, horizon))
+                continue
+            tenant = env.tenant_id
+            attributes = env.attributes
+            occurred = env.occurred_at
+            when = times.get(occurred)
+            if when is None:
+                when = times[occurred] = self._time_of(occurred)
+            if (
+                tenant != raw.tenant
+                or when > horizon
+                or not strings_ok(env)
+                or (attributes and not attributes_ok(attributes))
+            ):
+                append(slow(raw, horizon))
+                continue
+            relations = env.relations
+            if relations:
+                relations = [
+                    {"type": r.type, "target_type": r.target_type, "target_id": r.target_id}
+                    for r in relations
+                ]
+            entity_type = env.entity_type
+            entity_id = env.entity_id
+            revision = env.revision
+            deleted = env.deleted
+            priority = env.priority
+            body = {
+                "schema_version": CURRENT_VERSION,
+                "tenant_id": tenant,
+                "entity_type": entity_type,
+                "entity_id": entity_id,
+                "revision": revision,
+                "occurred_at": occurred,
+                "priority": priority,
+                "attributes": attributes,
+                "relations": relations,
+                "deleted": deleted,
+            }
+            try:
+                canonical = dumps(body, option=_SORTED)
+            except orjson.JSONEncodeError:  # an integer beyond 64 bits: the slow path says where
+                append(slow(raw, horizon))
+                continue
+            append(
+                Record(
+                    raw,
+                    body,
+                    _sha256(canonical).digest(),
+                    tenant,
+                    entity_type,
+                    entity_id,
+                    revision,
+                    (tenant, entity_type, entity_id),
+                    deleted,
+                    priority,
+                )
+            )
+        return out
+
+    def _time_of(self, occurred: str) -> float:
+        """Epoch seconds of a valid date-time (the schema's format), else +inf (slow path)."""
+        if not self._fast.date_time(occurred):
+            return math.inf
+        try:
+            return datetime.fromisoformat(occurred).timestamp()
+        except ValueError:
+            return math.inf
 
     def _decode(self, raw: RawRecord, horizon: float) -> Record | DecodeFailure:
         if raw.meta and "reject" in raw.meta:
@@ -77,8 +191,8 @@ class Decoder:
         body = raw.decoded
         if body is None:
             try:
-                body = orjson.loads(raw.data)
-            except orjson.JSONDecodeError as exc:
+                body = _json_loads(raw.data)
+            except _DecodeError as exc:
                 kind = "utf8" if "UTF-8" in str(exc) else "json"
                 return _failure(
                     ReasonCode.VALIDATION_FAIL,
@@ -160,7 +274,37 @@ class Decoder:
                 body=body,
                 version=sent_version,
             )
-        return Record(raw, body, dedupe_key(body))
+        try:
+            key = dedupe_key(body)
+        except orjson.JSONEncodeError:
+            path, value = _beyond_64_bits(body)
+            return _failure(
+                ReasonCode.VALIDATION_FAIL,
+                "range",
+                path,
+                f"an integer within {INT_MIN}..{INT_MAX}",
+                json_safe(value),
+                f"integer at {path} is beyond 64 bits: refused rather than stored altered",
+                body=body,
+                version=sent_version,
+            )
+        return Record.of(raw, body, key)
+
+
+def _beyond_64_bits(value: Any, at: tuple[Any, ...] = ()) -> tuple[str, Any]:
+    """Where the first integer outside INT_MIN..INT_MAX is (JSON path), and the integer."""
+    if type(value) is int and not INT_MIN <= value <= INT_MAX:
+        return json_path(at), value
+    items: Any = ()
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    for key, item in items:
+        found = _beyond_64_bits(item, (*at, key))
+        if found[0]:
+            return found
+    return "", None
 
 
 def _repair(
@@ -217,8 +361,9 @@ def _failure(
     body: dict[str, Any] | None = None,
     version: Any = None,
 ) -> DecodeFailure:
+    found = json_safe(found)
     first = {"kind": kind, "path": path, "expected": expected, "found": found, "message": message}
-    version = version if type(version) is int else None
+    version = version if type(version) is int and INT_MIN <= version <= INT_MAX else None
     return DecodeFailure(reason, {**first, "schema_version": version, "errors": [first]}, body)
 
 

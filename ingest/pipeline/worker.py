@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
+from operator import attrgetter
 from typing import Any, TypeVar
 
 from ingest.config import Config
@@ -54,6 +55,14 @@ T = TypeVar("T")
 _RECENT_CLAIMS = 100_000
 _FAILED = SinkStatus.FAILED  # module constants: Enum attribute access is slow in a hot loop
 _UNCHANGED = SinkStatus.UNCHANGED
+_APPLIED = SinkResult.applied()  # the shared instance every sink returns for "applied"
+_TENANT = attrgetter("tenant")
+_SOURCE = attrgetter("source")
+_EVENT_TIME = attrgetter("raw.event_time")
+_TENANT_TYPE = attrgetter("tenant", "entity_type")
+_RAW_TENANT = attrgetter("raw.tenant")
+_RAW_SOURCE = attrgetter("raw.source")
+_REVISION_MAX = 2**63 - 1  # input.schema.json: revision maximum
 
 
 @dataclass(slots=True)
@@ -65,8 +74,19 @@ class BatchReport:
     dropped: int = 0
     dlq: int = 0
     dlq_entries: list[DLQEntry] = field(default_factory=list)
-    # For redrive: final result per (record index in the input, sink name)
-    sink_results: dict[tuple[int, str], SinkResult] = field(default_factory=dict)
+    # Per sink: the records sent to it and their final results, in the same order.
+    sink_results: dict[str, tuple[Sequence[Record], list[SinkResult]]] = field(default_factory=dict)
+
+    def result_for(self, record: Record, sink: str) -> SinkResult | None:
+        """The final result of `record` (the object passed to deliver) at `sink`, for redrive;
+        None if it was not sent there. Linear per call: redrive pages are small."""
+        sent = self.sink_results.get(sink)
+        if sent is None:
+            return None
+        for rec, result in zip(*sent, strict=True):
+            if rec is record:
+                return result
+        return None
 
 
 @dataclass(slots=True)
@@ -157,81 +177,128 @@ class Pipeline:
         and `only_sinks[i]`, the sink a DLQ entry failed at (None: every routed sink), and
         `count_processed=False` (the records were counted when first processed).
         `claimed_before` is the runner's `prefetch_seen` of this batch.
+
+        Work is per batch wherever the batch allows it: a batch of one tenant and source
+        whose records all apply (the common case) costs a few C-level passes over its lists,
+        not Python work per record; anything else takes the per-record path.
         """
         report = BatchReport()
         tally: Counter[tuple[str, str, str]] = Counter()  # (tenant, source, outcome)
         now = self.clock()
         dlq_entries: list[DLQEntry] = []
-        records: list[tuple[int, Record]] = []
-        failures = 0
-        for i, item in enumerate(decoded):
-            if isinstance(item, DecodeFailure):
-                failures += 1
-                dlq_entries.append(_decode_failure_entry(raws[i], item, now))
-                tally[(raws[i].tenant, raws[i].source, "dlq")] += 1
-            else:
-                records.append((i, item))
+        records = [item for item in decoded if type(item) is Record]
+        failures = len(decoded) - len(records)
+        if failures:
+            for raw, item in zip(raws, decoded, strict=True):
+                if type(item) is not Record:
+                    assert isinstance(item, DecodeFailure)
+                    dlq_entries.append(_decode_failure_entry(raw, item, now))
+                    tally[(raw.tenant, raw.source, "dlq")] += 1
+        targets: dict[int, Collection[str] | None] | None = None
+        if only_sinks is not None:
+            targets = {id(d): only_sinks[i] for i, d in enumerate(decoded) if type(d) is Record}
 
         if check_duplicates:
             records = await self._drop_duplicates(records, report, tally, claimed_before)
         records = await self._brownout(records, report, tally, now)
 
-        by_sink: dict[str, list[tuple[int, Record]]] = defaultdict(list)
-        for i, rec in records:
-            targets = only_sinks[i] if only_sinks is not None else None
-            for sink_name in self.config.sinks_for(rec.tenant, rec.entity_type):
-                if targets is None or sink_name in targets:
-                    by_sink[sink_name].append((i, rec))
+        by_sink = self._route(records, targets)
         outcomes = await asyncio.gather(
             *(
                 self._deliver_to_sink(name, items, [n for n in by_sink if n != name])
                 for name, items in by_sink.items()
             )
         )
-        failed_records: set[int] = set()
-        all_unchanged: dict[int, bool] = {}
         commit_time = self.clock()
+        label = _one_label(records)
+        failed: set[int] = set()  # id() of records that failed at some sink
+        unchanged: Counter[int] = Counter()  # id() -> sinks that found it already stored
         lags: Counter[tuple[str, str, str, float]] = Counter()  # same event time, one key
-        sink_results = report.sink_results
-        for sink_name, results in zip(by_sink, outcomes, strict=True):
-            for (i, rec), (result, attempts) in zip(by_sink[sink_name], results, strict=True):
-                sink_results[(i, sink_name)] = result
-                if result.status is _FAILED:
-                    failed_records.add(i)
+        for sink_name, (results, attempts) in zip(by_sink, outcomes, strict=True):
+            items = by_sink[sink_name]
+            report.sink_results[sink_name] = (items, results)
+            if label is not None and results.count(_APPLIED) == len(results):
+                for event_time, n in Counter(map(_EVENT_TIME, items)).items():
+                    lags[(*label, sink_name, event_time)] += n
+                continue
+            for rec, result, tries in zip(items, results, attempts, strict=True):
+                status = result.status
+                if status is _FAILED:
+                    failed.add(id(rec))
                     dlq_entries.append(
-                        _sink_failure_entry(rec, sink_name, result, attempts, commit_time)
+                        _sink_failure_entry(rec, sink_name, result, tries, commit_time)
                     )
                     continue
-                unchanged = result.status is _UNCHANGED
-                all_unchanged[i] = all_unchanged.get(i, True) and unchanged
+                if status is _UNCHANGED:
+                    unchanged[id(rec)] += 1
                 raw = rec.raw
                 lags[(raw.tenant, raw.source, sink_name, raw.event_time)] += 1
 
         if dlq_entries:
             await self.until_ok("dlq", lambda: self.dlq.add(dlq_entries))
-        claim = [rec.dedupe_key for _, rec in records]
+        claim = [rec.dedupe_key for rec in records]
         if claim:
             await self.until_ok("idempotency", lambda: self.idempotency.claim(claim))
             self._remember_claims(claim)
 
         if count_processed:
-            counts: Counter[tuple[str, str]] = Counter((raw.tenant, raw.source) for raw in raws)
+            counts = Counter(zip(map(_TENANT, raws), map(_SOURCE, raws), strict=True))
             await self.until_ok("dlq", lambda: self.dlq.record_processed(counts))
 
-        for i, rec in records:
-            if i in failed_records:
+        if not failed and not unchanged and label is not None:
+            report.delivered = len(records)
+            if records:
+                tally[(*label, "delivered")] += len(records)
+        else:
+            self._outcomes(records, by_sink, failed, unchanged, report, tally)
+        report.dlq = failures + len(failed)
+        report.dlq_entries = dlq_entries
+        self._publish(tally, dlq_entries, lags, commit_time)
+        return report
+
+    def _route(
+        self, records: list[Record], targets: Mapping[int, Collection[str] | None] | None
+    ) -> dict[str, list[Record]]:
+        """Records per sink. Routes are decided once per (tenant, entity_type) in the batch;
+        a batch of one such pair and no `targets` goes whole to each of its sinks."""
+        if not records:
+            return {}
+        pairs = set(map(_TENANT_TYPE, records))
+        if len(pairs) == 1 and targets is None:
+            ((tenant, entity_type),) = pairs
+            return {name: records for name in self.config.sinks_for(tenant, entity_type)}
+        routes = {pair: self.config.sinks_for(*pair) for pair in pairs}
+        by_sink: dict[str, list[Record]] = defaultdict(list)
+        for rec in records:
+            allowed = targets.get(id(rec)) if targets is not None else None
+            for name in routes[(rec.tenant, rec.entity_type)]:
+                if allowed is None or name in allowed:
+                    by_sink[name].append(rec)
+        return by_sink
+
+    @staticmethod
+    def _outcomes(
+        records: list[Record],
+        by_sink: Mapping[str, list[Record]],
+        failed: set[int],
+        unchanged: Counter[int],
+        report: BatchReport,
+        tally: Counter[tuple[str, str, str]],
+    ) -> None:
+        """Each record's end: dlq if any sink failed it, duplicate if every sink it went to
+        already held it, else delivered (also when no sink was routed)."""
+        sent: Counter[int] = Counter(id(rec) for items in by_sink.values() for rec in items)
+        for rec in records:
+            key = id(rec)
+            if key in failed:
                 outcome = "dlq"
-            elif all_unchanged.get(i, False):
+            elif key in unchanged and unchanged[key] == sent[key]:
                 outcome = "duplicate"
                 report.duplicate += 1
             else:
                 outcome = "delivered"
                 report.delivered += 1
             tally[(rec.raw.tenant, rec.raw.source, outcome)] += 1
-        report.dlq = failures + len(failed_records)
-        report.dlq_entries = dlq_entries
-        self._publish(tally, dlq_entries, lags, commit_time)
-        return report
 
     def _publish(
         self,
@@ -254,59 +321,64 @@ class Pipeline:
 
     async def _drop_duplicates(
         self,
-        records: list[tuple[int, Record]],
+        records: list[Record],
         report: BatchReport,
         tally: Counter[tuple[str, str, str]],
         claimed_before: Awaitable[set[bytes]] | None,
-    ) -> list[tuple[int, Record]]:
+    ) -> list[Record]:
         """A record whose key is in this batch already, or was claimed before, has no effect.
 
         `claimed_before` is a lookup started while the previous batches were still being
         delivered (see `prefetch_seen`); claims made since are in `_recent_claims`.
         """
-        first: list[tuple[int, Record]] = []
-        keys_in_batch: set[bytes] = set()
-        for i, rec in records:
-            if rec.dedupe_key in keys_in_batch:
-                tally[(rec.raw.tenant, rec.raw.source, "duplicate")] += 1
-                report.duplicate += 1
-            else:
-                keys_in_batch.add(rec.dedupe_key)
-                first.append((i, rec))
+        keys = [rec.dedupe_key for rec in records]
+        first = records
+        if len(set(keys)) != len(keys):
+            first = []
+            keys_in_batch: set[bytes] = set()
+            for rec in records:
+                if rec.dedupe_key in keys_in_batch:
+                    tally[(rec.raw.tenant, rec.raw.source, "duplicate")] += 1
+                    report.duplicate += 1
+                else:
+                    keys_in_batch.add(rec.dedupe_key)
+                    first.append(rec)
+            keys = [rec.dedupe_key for rec in first]
         if not first:
             return first
         if claimed_before is None:
-            keys = [rec.dedupe_key for _, rec in first]
             flags = await self.until_ok("idempotency", lambda: self.idempotency.seen(keys))
             seen = {k for k, f in zip(keys, flags, strict=True) if f}
         else:
             seen = await claimed_before
         recent = self._recent_claims
-        fresh: list[tuple[int, Record]] = []
-        for i, rec in first:
+        if not seen and recent.keys().isdisjoint(keys):
+            return first
+        fresh: list[Record] = []
+        for rec in first:
             key = rec.dedupe_key
             if key in seen or key in recent:
                 tally[(rec.raw.tenant, rec.raw.source, "duplicate")] += 1
                 report.duplicate += 1
             else:
-                fresh.append((i, rec))
+                fresh.append(rec)
         return fresh
 
     async def _brownout(
         self,
-        records: list[tuple[int, Record]],
+        records: list[Record],
         report: BatchReport,
         tally: Counter[tuple[str, str, str]],
         now: float,
-    ) -> list[tuple[int, Record]]:
+    ) -> list[Record]:
         """In brownout, low-priority records sample out by key; they are kept for replay."""
         if self.admission.brownout_rate is None:
             return records
-        kept: list[tuple[int, Record]] = []
+        kept: list[Record] = []
         dropped: list[tuple[bytes, str, str, bytes, float]] = []
-        for i, rec in records:
-            if self.admission.keep_in_brownout(rec.dedupe_key, rec.priority.value):
-                kept.append((i, rec))
+        for rec in records:
+            if self.admission.keep_in_brownout(rec.dedupe_key, rec.priority):
+                kept.append(rec)
             else:
                 dropped.append((rec.dedupe_key, rec.tenant, rec.raw.source, rec.raw.data, now))
                 tally[(rec.raw.tenant, rec.raw.source, "dropped")] += 1
@@ -317,23 +389,25 @@ class Pipeline:
 
     # ------------------------------------------------------------------ one sink
     async def _deliver_to_sink(
-        self, sink_name: str, items: Sequence[tuple[int, Record]], others: Sequence[str]
-    ) -> list[tuple[SinkResult, int]]:
-        """Final (result, attempts) per record: retry retryable failures, breaker first.
+        self, sink_name: str, records: Sequence[Record], others: Sequence[str]
+    ) -> tuple[list[SinkResult], list[int]]:
+        """Final results and attempts per record: retry retryable failures, breaker first.
 
         An open breaker is waited out (records wait for the sink to come back) only when no
         other sink of the batch is working: otherwise its records go to the DLQ as
         CIRCUIT_OPEN at once, for redrive, so a broken sink never holds back the others.
         """
         lane = self.lanes[sink_name]
-        records = [rec for _, rec in items]
-        final: list[tuple[SinkResult, int] | None] = [None] * len(records)
+        results = await self._attempt(lane, list(records))
+        attempts = [1] * len(records)
+        if results.count(_APPLIED) == len(results):  # the common case: nothing to look at
+            self.metrics.sink_writes.labels(sink_name, "applied").inc(len(results))
+            return results, attempts
+        final = list(results)
         pending = list(range(len(records)))
-        attempt = 0
+        attempt = 1
         started = time.monotonic()
-        while pending:
-            attempt += 1
-            results = await self._attempt(lane, [records[j] for j in pending])
+        while True:
             retry_next: list[int] = []
             statuses: Counter[str] = Counter()
             reason: ReasonCode | None = None
@@ -342,7 +416,8 @@ class Pipeline:
                 if result.reason is not None and result.reason.retryable:
                     retry_next.append(j)
                     reason = result.reason
-                final[j] = (result, attempt)
+                final[j] = result
+                attempts[j] = attempt
             for status, n in statuses.items():
                 self.metrics.sink_writes.labels(sink_name, status).inc(n)
             if reason is None:
@@ -359,11 +434,9 @@ class Pipeline:
                 self.metrics.retry.labels(tenant, sink_name, reason.value).inc(n)
             await self.sleep(delay)
             pending = retry_next
-        out: list[tuple[SinkResult, int]] = []
-        for item in final:
-            assert item is not None
-            out.append(item)
-        return out
+            attempt += 1
+            results = await self._attempt(lane, [records[j] for j in pending])
+        return final, attempts
 
     async def _attempt(self, lane: SinkLane, records: list[Record]) -> list[SinkResult]:
         """One write through the breaker; whole-batch errors become one result per record."""
@@ -430,7 +503,7 @@ def _decode_failure_entry(raw: RawRecord, item: DecodeFailure, now: float) -> DL
         last_failed_at=at,
         entity_type=_str_or_none(body.get("entity_type")),
         entity_id=_str_or_none(body.get("entity_id")),
-        revision=body.get("revision") if isinstance(body.get("revision"), int) else None,
+        revision=_revision_or_none(body.get("revision")),
     )
 
 
@@ -457,6 +530,24 @@ def _sink_failure_entry(
         entity_id=rec.entity_id,
         revision=rec.revision,
     )
+
+
+def _one_label(records: Sequence[Record]) -> tuple[str, str] | None:
+    """(tenant, source) when every record shares them (a batch from one source usually does),
+    else None: then metrics are labelled record by record."""
+    if not records:
+        return None
+    tenants = set(map(_RAW_TENANT, records))
+    sources = set(map(_RAW_SOURCE, records))
+    if len(tenants) == 1 and len(sources) == 1:
+        return (next(iter(tenants)), next(iter(sources)))
+    return None
+
+
+def _revision_or_none(value: Any) -> int | None:
+    """A revision the DLQ's 64-bit column holds (the schema's range), else None: the record's
+    bytes and `detail.found` still say what was sent."""
+    return value if type(value) is int and 0 <= value <= _REVISION_MAX else None
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -127,8 +127,19 @@ def _order(detail: dict[str, Any]) -> tuple[int, int, str]:
     return (0 if rank < len(DRIFT_KEYWORDS) else 1, rank, detail["path"])
 
 
+def json_safe(value: Any) -> Any:
+    """`value`, or its digits as a string when it is an integer no 64-bit field holds: DLQ
+    details are stored as JSON (orjson), which refuses integers outside -2^63..2^64-1."""
+    if type(value) is int and not -(2**63) <= value <= 2**64 - 1:
+        text = str(value)
+        return text if len(text) <= _FOUND_CHARS else text[:_FOUND_CHARS] + "…"
+    return value
+
+
 def _shown(value: Any) -> Any:
     """The offending value, kept small: scalars as-is (long strings cut), containers by type."""
+    if type(value) is int:
+        return json_safe(value)
     if isinstance(value, str):
         return value if len(value) <= _FOUND_CHARS else value[:_FOUND_CHARS] + "…"
     if isinstance(value, list | dict):

@@ -137,14 +137,14 @@ def _settle(
                 result.failed_ids.append(entry.id)
                 result.new_reasons["NOT_ROUTED"] += 1
                 continue
-            outcomes = {s: report.sink_results[(i, s)] for s in targets}
-            bad = {s: r for s, r in outcomes.items() if r.status is SinkStatus.FAILED}
+            outcomes = {s: report.result_for(item, s) for s in targets}
+            bad = {s: r for s, r in outcomes.items() if r is None or r.status is SinkStatus.FAILED}
             if not bad:
                 done.append(entry.id)
                 result.delivered += 1
                 continue
             rows = {(item.dedupe_key, s) for s in bad}
-            reasons = [r.reason or ReasonCode.CONNECTION_ERROR for r in bad.values()]
+            reasons = [(r and r.reason) or ReasonCode.CONNECTION_ERROR for r in bad.values()]
         result.failed += 1
         result.failed_ids.append(entry.id)
         result.new_reasons.update(r.value for r in reasons)

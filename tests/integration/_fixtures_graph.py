@@ -66,7 +66,7 @@ def make_record(
         "deleted": deleted,
     }
     raw = RawRecord(data=b"", tenant=tenant, source="s", seq=seq, position=None, event_time=0.0)
-    return Record(raw=raw, body=body, dedupe_key=dedupe_key(body))
+    return Record.of(raw, body, dedupe_key(body))
 
 
 @pytest.fixture

@@ -180,4 +180,4 @@ def make_record(
         "deleted": deleted,
     }
     raw = RawRecord(b"", tenant, "test", revision, None, 0.0)
-    return Record(raw=raw, body=body, dedupe_key=dedupe_key(body))
+    return Record.of(raw, body, dedupe_key(body))

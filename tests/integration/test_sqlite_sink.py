@@ -38,7 +38,7 @@ def rec(
     raw = RawRecord(
         data=b"{}", tenant=tenant, source="s", seq=revision, position=None, event_time=0.0
     )
-    return Record(raw=raw, body=body, dedupe_key=dedupe_key(body))
+    return Record.of(raw, body, dedupe_key(body))
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ def rec(entity: str, revision: int, salt: int = 0) -> Record:
                             "entity_id": entity, "revision": revision,
                             "occurred_at": "2025-01-01T00:00:00Z", "attributes": {"s": salt}}
     raw = RawRecord(data=b"", tenant="t", source="s", seq=0, position=None, event_time=0.0)
-    return Record(raw=raw, body=body, dedupe_key=dedupe_key(body))
+    return Record.of(raw, body, dedupe_key(body))
 
 
 def apply(records: list[Record], stored: dict[EntityKey, StoredRow]) -> dict[EntityKey, StoredRow]:

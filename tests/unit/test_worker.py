@@ -7,11 +7,15 @@ it stands for "some sink", not for any real server, whose behaviour the integrat
 from __future__ import annotations
 
 import random
+import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ingest.config import parse_config
 from ingest.errors import SinkError
@@ -195,5 +199,84 @@ async def test_brownout_drops_low_priority_deterministically_and_keeps_them(db: 
     assert 50 < report.dropped < 150  # ~half of the 200 low-priority records
     assert report.delivered + report.dropped == 400
     assert await pipe.dropped.count("t") == report.dropped
-    high = [r for r in decoded if isinstance(r, Record) and r.priority.value == "high"]
+    high = [r for r in decoded if isinstance(r, Record) and r.priority == "high"]
     assert all(r.entity_key in sink.rows for r in high)
+
+
+class ScriptedSink(MemorySink):
+    """Answers each record with the status its entity id was scripted to get."""
+
+    def __init__(self, name: str, script: dict[str, str]) -> None:
+        super().__init__(name)
+        self.script = script
+
+    async def write(self, records: Sequence[Record]) -> list[SinkResult]:
+        answer = {
+            "applied": SinkResult.applied(),
+            "unchanged": SinkResult.unchanged(),
+            "failed": SinkResult.failed(ReasonCode.CONSTRAINT_VIOLATION, message="scripted"),
+        }
+        return [answer[self.script.get(r.entity_id, "applied")] for r in records]
+
+
+statuses = st.sampled_from(["applied", "applied", "unchanged", "failed"])
+batch_specs = st.lists(
+    st.tuples(st.sampled_from(["t", "u"]), st.sampled_from(["s", "r"]), st.integers(0, 5),
+              st.booleans(), statuses, statuses),
+    min_size=1, max_size=12,
+)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch_specs)
+async def test_batch_counts_match_the_per_record_rule(tmp_path: Path, specs: list[Any]) -> None:
+    """Per-batch shortcuts (one tenant/source, all applied) and the per-record path agree with
+    the rule: dlq if any sink failed it, duplicate if all its sinks held it, else delivered."""
+    database = await SQLiteDB.open(tmp_path / f"{uuid.uuid4().hex}.db")
+    try:
+        script_a = {f"e{i}": a for i, (_, _, _, _, a, _) in enumerate(specs)}
+        script_b = {f"e{i}": b for i, (_, _, _, _, _, b) in enumerate(specs)}
+        sinks = {"a": ScriptedSink("a", script_a), "b": ScriptedSink("b", script_b)}
+        pipe = make_pipeline(database, sinks, FakeSleep())  # type: ignore[arg-type]
+        raws = [RawRecord(
+            data=(b'{"schema_version":3,"tenant_id":"%s","entity_type":"order","entity_id":"%s",'
+                  b'"revision":%d,"occurred_at":"2025-01-01T00:00:00Z","attributes":{}}'
+                  % (t.encode(), (f"e{i}" if not bad else "").encode(), rev))
+            if not bad else b"not json",
+            tenant=t, source=src, seq=i, position=i, event_time=float(rev))
+            for i, (t, src, rev, bad, _, _) in enumerate(specs)]
+        decoded = Decoder().decode_many(raws)
+        report = await pipe.deliver(raws, decoded)
+        want: Counter[tuple[str, str, str]] = Counter()
+        lag: Counter[tuple[str, str, str]] = Counter()
+        for t, src, _, bad, a, b in specs:
+            if bad or "failed" in (a, b):
+                outcome = "dlq"
+            elif a == b == "unchanged":
+                outcome = "duplicate"
+            else:
+                outcome = "delivered"
+            want[(t, src, outcome)] += 1
+            for sink, status in (("a", a), ("b", b)):
+                if not bad and status != "failed":
+                    lag[(t, src, sink)] += 1
+        got = pipe.metrics.registry.get_sample_value
+        for (t, src, outcome), n in want.items():
+            assert got("ingest_records_total",
+                       {"tenant": t, "source": src, "outcome": outcome}) == n
+        for (t, src, sink), n in lag.items():
+            assert got("ingest_lag_seconds_count",
+                       {"tenant": t, "source": src, "sink": sink}) == n
+        assert report.delivered == sum(n for k, n in want.items() if k[2] == "delivered")
+        assert report.duplicate == sum(n for k, n in want.items() if k[2] == "duplicate")
+        assert report.dlq == sum(n for k, n in want.items() if k[2] == "dlq")
+        for sink in ("a", "b"):
+            for rec in decoded:
+                if isinstance(rec, Record):
+                    result = report.result_for(rec, sink)
+                    assert result is not None
+                    scripted = (script_a if sink == "a" else script_b)[rec.entity_id]
+                    assert result.status.value == scripted
+    finally:
+        await database.close()

@@ -1,0 +1,269 @@
+"""Python CPU per record, stage by stage, on the same rows (no servers, no I/O).
+
+Each stage runs over the whole feed (default 200k records, the benchmarks' shared rows from
+`bench_embedded.make_lines`) a few times; the best run is reported in µs per record, with the
+garbage collector on (the service runs with it on), as CPU time of the process
+(`time.process_time`), which a loaded machine disturbs far less than wall time. Stages:
+
+  read         JSON-lines bytes -> `RawRecord`s (the inbox's line reader)
+  decode+check bytes -> typed Struct compiled from the schema: parse, version (the upgrade
+               check: a v3 record needs none), types, patterns, bounds, in one pass
+  validate     the rules left: tenant, known attributes, occurred_at (format, future)
+  dedupe key   the body dict, its canonical bytes (sorted keys) and SHA-256
+  record       building the `Record`s the pipeline carries
+  decoder      `Decoder.decode_many`, all of the above but `read` as the service runs them;
+               `decoder v1`: the same rows sent as schema_version 1 (upgrade + slow path)
+  routing      sinks per record (`Config.sinks_for`)
+  bookkeeping  `Pipeline.deliver` around a sink that does nothing, in-memory stores
+  pg rows      `PostgresSink` rows for COPY;  sqlite rows: `SQLiteSink.row_of`
+
+    uv run python bench/bench_cpu.py [--records 200000] [--repeat 3] [--profile]
+
+`--profile` also prints a cProfile of decoder + bookkeeping (top functions by own time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import hashlib
+import io
+import os
+import platform
+import pstats
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import orjson  # noqa: E402
+from bench_embedded import make_lines  # noqa: E402
+
+from ingest.config import parse_config  # noqa: E402
+from ingest.formats import LineReader  # noqa: E402
+from ingest.metrics import Metrics  # noqa: E402
+from ingest.pipeline.admission import Admission  # noqa: E402
+from ingest.pipeline.breaker import CircuitBreaker  # noqa: E402
+from ingest.pipeline.decode import Decoder  # noqa: E402
+from ingest.pipeline.retry import RetryPolicy  # noqa: E402
+from ingest.pipeline.worker import Pipeline, SinkLane  # noqa: E402
+from ingest.records import RawRecord, Record, SinkResult  # noqa: E402
+from ingest.sinks.postgres import PostgresSink  # noqa: E402
+from ingest.sinks.sqlite import SQLiteSink  # noqa: E402
+from ingest.state.base import DroppedRow  # noqa: E402
+
+TENANT = "acme-corp"
+BATCH = 2000  # the inbox's default batch size
+
+
+def v1_lines(lines: Sequence[bytes]) -> list[bytes]:
+    """The same rows spelled as schema_version 1 (for the upgrade stage)."""
+    out = []
+    for line in lines:
+        b = orjson.loads(line)
+        out.append(
+            orjson.dumps(
+                {
+                    "schema_version": 1,
+                    "tenant": b["tenant_id"],
+                    "type": b["entity_type"],
+                    "id": b["entity_id"],
+                    "rev": b["revision"],
+                    "ts": 1735689600,
+                    "data": b["attributes"],
+                }
+            )
+        )
+    return out
+
+
+def read(blob: bytes) -> list[RawRecord]:
+    reader = LineReader("jsonl", False)
+    lines = [*reader.feed(blob), *reader.finish()]
+    return [
+        RawRecord(
+            data=ln.data,
+            tenant=TENANT,
+            source="inbox",
+            seq=i,
+            position=ln.offset,
+            event_time=0.0,
+            decoded=ln.decoded,
+        )
+        for i, ln in enumerate(lines)
+    ]
+
+
+class NullSink:
+    """A sink that stores nothing: what is left of `deliver` is the pipeline's own work."""
+
+    kind = "null"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def health(self) -> dict[str, Any]:
+        return {"connected": True}
+
+    async def write(self, records: Sequence[Record]) -> list[SinkResult]:
+        return [SinkResult.applied()] * len(records)
+
+
+class MemoryIdempotency:
+    def __init__(self) -> None:
+        self.keys: set[bytes] = set()
+
+    async def seen(self, keys: Sequence[bytes]) -> list[bool]:
+        return [k in self.keys for k in keys]
+
+    async def claim(self, keys: Sequence[bytes]) -> None:
+        self.keys.update(keys)
+
+    async def stats(self) -> dict[str, Any]:
+        return {"keys": len(self.keys)}
+
+
+class MemoryDLQ:
+    async def add(self, entries: Sequence[Any]) -> None: ...
+
+    async def record_processed(self, counts: Any) -> None: ...
+
+
+class MemoryDropped:
+    async def add(self, records: Sequence[DroppedRow]) -> None: ...
+
+
+def pipeline() -> Pipeline:
+    config = parse_config({"sinks": [{"type": "sqlite", "name": "sink"}]})
+    lane = SinkLane(NullSink("sink"), CircuitBreaker("sink"))  # type: ignore[arg-type]
+    return Pipeline(
+        config=config,
+        admission=Admission(config.admission, config.limits_for),
+        idempotency=MemoryIdempotency(),
+        dlq=MemoryDLQ(),  # type: ignore[arg-type]
+        dropped=MemoryDropped(),  # type: ignore[arg-type]
+        lanes={"sink": lane},
+        metrics=Metrics(),
+        retry=RetryPolicy(),
+    )
+
+
+def deliver_all(pipe: Pipeline, raws: list[RawRecord], decoded: list[Any]) -> None:
+    async def go() -> None:
+        for i in range(0, len(raws), BATCH):
+            await pipe.deliver(raws[i : i + BATCH], decoded[i : i + BATCH])
+
+    asyncio.run(go())
+
+
+def best_us(fn: Callable[[], Any], n: int, repeat: int) -> float:
+    """CPU time of this process (not wall time): other people's work on a shared machine
+    slows the wall clock, much less the CPU seconds a stage needs."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t0)
+    return best / n * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--records", type=int, default=200_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    n, rep = args.records, args.repeat
+    print(
+        f"machine: {platform.node()} {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, load average {os.getloadavg()}"
+    )
+    lines = make_lines(n)
+    blob = b"\n".join(lines) + b"\n"
+    old = v1_lines(lines)
+    raws = read(blob)
+    old_raws = [RawRecord(ln, TENANT, "inbox", i, i, 0.0) for i, ln in enumerate(old)]
+    decoder = Decoder()
+    decoded = decoder.decode_many(raws)
+    records = [r for r in decoded if isinstance(r, Record)]
+    assert len(records) == n, "every bench row must decode"
+    config = parse_config({"sinks": [{"type": "sqlite", "name": "sink"}]})
+    fast = decoder._fast
+    envs = [fast.decode(ln) for ln in lines]
+    bodies = [r.body for r in records]
+    keys = [r.dedupe_key for r in records]
+
+    def validate() -> None:
+        times: dict[str, float] = {}
+        for env in envs:
+            _ = env.tenant_id != TENANT
+            if not fast.known_attributes.isdisjoint(env.attributes):
+                fast.attributes_ok(env.attributes)
+            if times.get(env.occurred_at) is None:
+                times[env.occurred_at] = decoder._time_of(env.occurred_at)
+
+    def key_of() -> None:
+        for env in envs:
+            body = {
+                "schema_version": 3,
+                "tenant_id": env.tenant_id,
+                "entity_type": env.entity_type,
+                "entity_id": env.entity_id,
+                "revision": env.revision,
+                "occurred_at": env.occurred_at,
+                "priority": env.priority,
+                "attributes": env.attributes,
+                "relations": env.relations,
+                "deleted": env.deleted,
+            }
+            hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
+
+    def build() -> None:
+        for env, body, key in zip(envs, bodies, keys, strict=True):
+            t, e, i = env.tenant_id, env.entity_type, env.entity_id
+            Record(raw, body, key, t, e, i, env.revision, (t, e, i), env.deleted, env.priority)
+
+    raw = raws[0]
+    stages: list[tuple[str, Callable[[], Any]]] = [
+        ("read", lambda: read(blob)),
+        ("decode+check", lambda: [fast.decode(ln) for ln in lines]),
+        ("validate", validate),
+        ("dedupe key", key_of),
+        ("record", build),
+        ("decoder", lambda: decoder.decode_many(raws)),
+        ("decoder v1", lambda: decoder.decode_many(old_raws)),
+        ("routing", lambda: [config.sinks_for(r.tenant, r.entity_type) for r in records]),
+        ("bookkeeping", lambda: deliver_all(pipeline(), raws, decoded)),
+        ("pg rows", lambda: [PostgresSink.row_of(r) for r in records]),
+        ("sqlite rows", lambda: [SQLiteSink.row_of(r, 0.0) for r in records]),
+    ]
+    print(f"records: {n:,}, best of {rep}, CPU µs per record (GC on)")
+    figures: dict[str, float] = {}
+    for name, fn in stages:
+        figures[name] = best_us(fn, n, rep)
+        print(f"  {name:12s} {figures[name]:7.2f}")
+    total = figures["read"] + figures["decoder"] + figures["routing"] + figures["bookkeeping"]
+    print(f"  {'= pipeline':12s} {total:7.2f}  (read + decoder + routing + bookkeeping)")
+    print(f"load average after: {os.getloadavg()}")
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        deliver_all(pipeline(), raws, decoder.decode_many(raws))
+        prof.disable()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(15)
+        print(out.getvalue())
+
+
+if __name__ == "__main__":
+    main()
