@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 
 from ingest.records import RawRecord, Record, dedupe_key
 from ingest.state.redis import redis_client
+from tests.e2e._service import free_port
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "services"
 
@@ -139,7 +140,7 @@ def private_postgres() -> Iterator[PrivateServer]:
     # not under pytest's 0700 tmp root: the server runs as the postgres OS user
     tmp = Path(tempfile.mkdtemp(prefix="ingest-test-pg-"))
     os.chmod(tmp, 0o755)
-    port = os.environ.get("INGEST_TEST_PG_PRIVATE_PORT", "15433")
+    port = os.environ.get("INGEST_TEST_PG_PRIVATE_PORT") or str(free_port())
     server = _private(tmp, "postgres", "INGEST_TEST_PG_PORT", port, "INGEST_TEST_POSTGRES_URL")
     yield server
     server.run("stop")
@@ -150,7 +151,7 @@ def private_postgres() -> Iterator[PrivateServer]:
 def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateServer]:
     require_env("INGEST_TEST_REDIS_URL", "redis")
     tmp = tmp_path_factory.mktemp("redisrun")
-    port = os.environ.get("INGEST_TEST_REDIS_PRIVATE_PORT", "16380")
+    port = os.environ.get("INGEST_TEST_REDIS_PRIVATE_PORT") or str(free_port())
     server = _private(tmp, "redis", "INGEST_TEST_REDIS_PORT", port, "INGEST_TEST_REDIS_URL")
     yield server
     server.run("stop")
