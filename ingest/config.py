@@ -11,6 +11,7 @@ first two in every mode).
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -405,27 +406,29 @@ def _apply_env(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def _tags(union: Any) -> set[str]:
+    """The discriminator values (`type` / `kind`) of a discriminated union of models."""
+    members = typing.get_args(typing.get_args(union)[0])
+    out: set[str] = set()
+    for model in members:
+        for name in ("type", "kind"):
+            f = model.model_fields.get(name)
+            if f is not None:
+                out.update(typing.get_args(f.annotation))
+    return out
+
+
+# Pydantic inserts the tag of the union member into an error's location; it is not a key the
+# operator wrote. Derived from the unions, so a new source or sink needs no edit here.
+_TAGS = frozenset(_tags(StateConfig) | _tags(SourceConfig) | _tags(SinkConfig))
+
+
 def _key_path(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif (
-            part
-            in (
-                "sqlite",
-                "production",
-                "inbox",
-                "webhook",
-                "kafka",
-                "s3",
-                "sftp",
-                "postgres",
-                "neo4j",
-                "typesense",
-            )
-            and out
-        ):
+        elif part in _TAGS and out:
             continue  # discriminator tag pydantic inserts; not a key the operator wrote
         else:
             out += f".{part}" if out else str(part)

@@ -21,7 +21,6 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-OUTCOMES = ("delivered", "duplicate", "dlq", "dropped")
 BACKPRESSURE_STATES = ("normal", "throttled", "brownout", "drain", "paused")
 BREAKER_STATES = ("closed", "open", "half_open")
 

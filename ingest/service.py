@@ -1,7 +1,7 @@
-"""Builds the service from its config and runs it: stores, sinks, sources, pipeline, HTTP.
+"""Runs the service: start, supervise each source's runner, tick, health, drain, serve HTTP.
 
-Which class serves each config `type` is spelled out in the two registries below (no
-registration by import side effect); drivers are imported only when their type is configured.
+What runs is built by `ingest.factory` (stores, sinks, sources, the delivery Core); this
+module only runs it. The HTTP layer sees it through `ingest.api.app.ServiceHost`.
 """
 
 from __future__ import annotations
@@ -10,47 +10,18 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import signal
-import socket
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from ingest import config as C
-from ingest.errors import ConfigError
-from ingest.metrics import Metrics
-from ingest.pipeline.admission import Admission, BackpressureState
-from ingest.pipeline.breaker import BreakerState, CircuitBreaker
-from ingest.pipeline.decode import Decoder
-from ingest.pipeline.retry import RetryPolicy
+from ingest.factory import Core, SourceSet, build_core, build_sources, worker_id
+from ingest.pipeline.admission import BackpressureState
+from ingest.pipeline.breaker import BreakerState
 from ingest.pipeline.runner import SourceRunner
-from ingest.pipeline.worker import Pipeline, SinkLane
-from ingest.sinks.base import Sink
-from ingest.sources.base import Source
-from ingest.state.base import CheckpointStore, DLQStore, DroppedStore, IdempotencyStore
 
 log = logging.getLogger(__name__)
-
-
-class Intake:
-    """What the webhook handler needs: make a body durable (SQLite table or Kafka topic)."""
-
-    async def append(self, tenant: str, source: str, lines: list[bytes], received_at: float) -> int:
-        raise NotImplementedError
-
-
-@dataclass
-class Stores:
-    checkpoints: CheckpointStore
-    idempotency: IdempotencyStore
-    dlq: DLQStore
-    dropped: DroppedStore
-    health: Callable[[], Awaitable[dict[str, Any]]]
-    close: Callable[[], Awaitable[None]]
-    sqlite_db: Any = None  # ingest.state.sqlite.SQLiteDB in embedded mode (intake, leases)
-    pg_pool: Any = None  # asyncpg pool in production mode (leases)
 
 
 def tune_gc() -> None:
@@ -63,254 +34,11 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
-def worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
-# ---------------------------------------------------------------------- stores
-async def open_stores(cfg: C.Config) -> Stores:
-    state = cfg.state
-    if isinstance(state, C.SQLiteStateConfig):
-        from ingest.state.sqlite import (
-            SQLiteCheckpointStore,
-            SQLiteDB,
-            SQLiteDLQStore,
-            SQLiteDroppedStore,
-            SQLiteIdempotencyStore,
-        )
-
-        db = await SQLiteDB.open(cfg.under_data_dir(state.path, "state.db"))
-        dlq = SQLiteDLQStore(db)
-
-        async def sqlite_health() -> dict[str, Any]:
-            return {"state": await dlq.health()}
-
-        return Stores(
-            checkpoints=SQLiteCheckpointStore(db, worker_id()),
-            idempotency=SQLiteIdempotencyStore(db, state.idempotency_ttl_seconds),
-            dlq=dlq,
-            dropped=SQLiteDroppedStore(db),
-            health=sqlite_health,
-            close=db.close,
-            sqlite_db=db,
-        )
-    from ingest.state.postgres import (
-        PostgresDLQStore,
-        PostgresDroppedStore,
-        connect_pool,
-        migrate,
-    )
-    from ingest.state.redis import RedisCheckpointStore, RedisIdempotencyStore, redis_client
-
-    client = redis_client(state.redis_url)
-    pool = await connect_pool(state.postgres_url)
-    await migrate(pool)
-    idem = RedisIdempotencyStore(client, state.idempotency_ttl_seconds)
-    pg_dlq = PostgresDLQStore(pool)
-
-    async def prod_health() -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name, probe in (("redis", idem.health), ("postgres", pg_dlq.health)):
-            try:
-                out[name] = await probe()
-            except Exception as exc:
-                out[name] = {"ok": False, "error": str(exc)}
-        return out
-
-    async def prod_close() -> None:
-        await client.aclose()
-        await pool.close()
-
-    return Stores(
-        checkpoints=RedisCheckpointStore(client, state.worker_id or worker_id()),
-        idempotency=idem,
-        dlq=pg_dlq,
-        dropped=PostgresDroppedStore(pool),
-        health=prod_health,
-        close=prod_close,
-        pg_pool=pool,
-    )
-
-
-# ---------------------------------------------------------------------- sinks
-def _sqlite_sink(cfg: C.Config, sc: Any) -> Sink:
-    from ingest.sinks.sqlite import SQLiteSink
-
-    return SQLiteSink(sc.name, cfg.under_data_dir(sc.path, "sink.db"))
-
-
-def _postgres_sink(cfg: C.Config, sc: Any) -> Sink:
-    from ingest.sinks.postgres import PostgresSink
-
-    dsn = sc.dsn or (
-        cfg.state.postgres_url if isinstance(cfg.state, C.ProductionStateConfig) else None
-    )
-    if dsn is None:
-        raise ConfigError(f"sinks[{sc.name}].dsn", "required when state is not production")
-    return PostgresSink(sc.name, dsn, sc.table, sc.statement_timeout_ms)
-
-
-def _neo4j_sink(cfg: C.Config, sc: Any) -> Sink:
-    from ingest.sinks.neo4j import Neo4jSink
-
-    sink: Sink = Neo4jSink(sc.name, sc.uri, sc.user, sc.password, sc.database)
-    return sink
-
-
-def _typesense_sink(cfg: C.Config, sc: Any) -> Sink:
-    from ingest.sinks.typesense import TypesenseSink
-
-    sink: Sink = TypesenseSink(sc.name, sc.url, sc.api_key, sc.fields, sc.timeout_seconds)
-    return sink
-
-
-SINKS: dict[str, Callable[[C.Config, Any], Sink]] = {
-    "sqlite": _sqlite_sink,
-    "postgres": _postgres_sink,
-    "neo4j": _neo4j_sink,
-    "typesense": _typesense_sink,
-}
-
-
-# ---------------------------------------------------------------------- sources
-@dataclass
-class SourceSet:
-    sources: list[Source] = field(default_factory=list)
-    intake: Any = None  # SQLiteIntake | KafkaIntake for the webhook handler
-    webhook: Any = None  # the embedded WebhookSource, to wake on new rows
-
-
-async def build_sources(cfg: C.Config, stores: Stores) -> SourceSet:
-    out = SourceSet()
-    for sc in cfg.sources:
-        if isinstance(sc, C.InboxSourceConfig):
-            from ingest.sources.inbox import InboxSource
-
-            inbox_cfg = sc.model_copy(update={"path": cfg.under_data_dir(sc.path, "inbox")})
-            out.sources.append(InboxSource(inbox_cfg, stores.checkpoints))
-        elif isinstance(sc, C.WebhookSourceConfig):
-            if sc.intake == "kafka":
-                from ingest.sources.kafka import KafkaSource
-                from ingest.sources.kafka_intake import KafkaIntake
-
-                if not sc.brokers:
-                    raise ConfigError(f"sources[{sc.name}].brokers", "required for intake: kafka")
-                out.intake = KafkaIntake(sc.brokers, sc.topic)
-                await out.intake.start()
-                kcfg = C.KafkaSourceConfig(
-                    name=sc.name,
-                    brokers=sc.brokers,
-                    topics=[sc.topic],
-                    group_id=sc.group_id,
-                    batch_size=sc.batch_size,
-                )
-                out.sources.append(KafkaSource(kcfg, max_record_bytes=cfg.http.max_record_bytes))
-            else:
-                from ingest.sources.webhook import WebhookSource
-                from ingest.state.intake import SQLiteIntake
-                from ingest.state.sqlite import SQLiteDB
-
-                db = stores.sqlite_db or await SQLiteDB.open(cfg.data_dir / "intake.db")
-                out.intake = SQLiteIntake(db)
-                out.webhook = WebhookSource(sc, out.intake, stores.checkpoints)
-                out.sources.append(out.webhook)
-        elif isinstance(sc, C.KafkaSourceConfig):
-            from ingest.sources.kafka import KafkaSource
-
-            out.sources.append(KafkaSource(sc, max_record_bytes=cfg.http.max_record_bytes))
-        elif isinstance(sc, C.S3SourceConfig | C.SFTPSourceConfig):
-            leases = await _lease_store(cfg, stores)
-            # A stable state.worker_id lets a restarted worker take back its own leases at
-            # once instead of waiting for them to expire.
-            state = cfg.state
-            wid = (
-                state.worker_id
-                if isinstance(state, C.ProductionStateConfig) and state.worker_id
-                else worker_id()
-            )
-            if isinstance(sc, C.S3SourceConfig):
-                from ingest.sources.s3 import S3Source
-
-                out.sources.append(S3Source(sc, stores.checkpoints, leases, worker_id=wid))
-            else:
-                from ingest.sources.sftp import SFTPSource
-
-                out.sources.append(SFTPSource(sc, stores.checkpoints, leases, worker_id=wid))
-    return out
-
-
-async def _lease_store(cfg: C.Config, stores: Stores) -> Any:
-    if stores.pg_pool is not None:
-        from ingest.state.leases import PostgresLeaseStore
-
-        pg_leases = PostgresLeaseStore(stores.pg_pool)
-        await pg_leases.ensure_schema()
-        return pg_leases
-    from ingest.state.leases import SQLiteLeaseStore
-
-    return SQLiteLeaseStore(stores.sqlite_db)
-
-
-# ---------------------------------------------------------------------- the core
-@dataclass
-class Core:
-    """Everything but sources: what the service and `dlqtriage redrive` both deliver with."""
-
-    config: C.Config
-    stores: Stores
-    lanes: dict[str, SinkLane]
-    metrics: Metrics
-    admission: Admission
-    decoder: Decoder
-    pipeline: Pipeline
-
-    async def start_sinks(self) -> None:
-        """Start every sink; one that is down is started again on its first write."""
-        for name, lane in self.lanes.items():
-            try:
-                await asyncio.wait_for(lane.ensure_started(), 15.0)
-            except Exception as exc:
-                log.error("sink %s could not start (%s); will retry on first write", name, exc)
-
-    async def close(self) -> None:
-        for lane in self.lanes.values():
-            with contextlib.suppress(Exception):
-                await lane.sink.close()
-        await self.stores.close()
-
-
-async def build_core(cfg: C.Config, *, metrics: Metrics | None = None) -> Core:
-    from ingest.transformers.extra import load_extra
-
-    extra = load_extra(cfg.transformers)  # before opening anything: a bad spec leaks nothing
-    metrics = metrics or Metrics()
-    admission = Admission(cfg.admission, cfg.limits_for)
-    admission.on_change = lambda st: metrics.set_backpressure(st.value)
-    stores = await open_stores(cfg)
-    lanes: dict[str, SinkLane] = {}
-    for sc in cfg.sinks:
-        sink = SINKS[sc.type](cfg, sc)
-        breaker = CircuitBreaker.from_config(
-            sc.name, cfg.breaker, on_change=lambda name, st: metrics.set_breaker(name, st.value)
-        )
-        lanes[sc.name] = SinkLane(sink, breaker)
-        metrics.declare_sink(sc.name)
-    decoder = Decoder(max_record_bytes=cfg.http.max_record_bytes, extra=extra)
-    pipeline = Pipeline(
-        config=cfg,
-        admission=admission,
-        idempotency=stores.idempotency,
-        dlq=stores.dlq,
-        dropped=stores.dropped,
-        lanes=lanes,
-        metrics=metrics,
-        retry=RetryPolicy.from_config(cfg.retry),
-    )
-    return Core(cfg, stores, lanes, metrics, admission, decoder, pipeline)
-
-
 # ---------------------------------------------------------------------- the service
 class Service:
+    """One running worker: its sources' runners under supervision, the admission tick, health,
+    and the drain on shutdown. Satisfies `ingest.api.app.ServiceHost`."""
+
     def __init__(self, core: Core, sources: SourceSet) -> None:
         self.core = core
         self.config = core.config
@@ -465,7 +193,7 @@ class Service:
         for source in self.sources:
             with contextlib.suppress(Exception):
                 await source.close()
-        if self.intake is not None and hasattr(self.intake, "close"):
+        if self.intake is not None:
             with contextlib.suppress(Exception):
                 await self.intake.close()
         await self.core.close()  # sinks, then stores

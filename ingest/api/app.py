@@ -10,7 +10,7 @@ import logging
 import math
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -20,11 +20,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ingest.config import Config
 from ingest.errors import StoreUnavailable
-from ingest.pipeline.admission import BackpressureState, Rejected
-
-if TYPE_CHECKING:
-    from ingest.service import Service
+from ingest.metrics import Metrics
+from ingest.pipeline.admission import Admission, BackpressureState, Rejected
+from ingest.sources.base import Intake
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -35,6 +35,34 @@ _NDJSON_TYPES = (
     "application/json-seq",
     "text/plain",
 )
+
+
+class ServiceHost(Protocol):
+    """What the HTTP layer needs from the running service (`ingest.service.Service`)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def admission(self) -> Admission: ...
+
+    @property
+    def intake(self) -> Intake | None:
+        """Where webhook bodies are made durable; None when no webhook source is configured."""
+        ...
+
+    async def health(self) -> dict[str, Any]:
+        """The /health/detailed document."""
+        ...
+
+    def refresh_gauges(self) -> None: ...
+
+    def notify_webhook(self) -> None:
+        """A body was appended to the intake: wake its reader."""
+        ...
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -51,7 +79,7 @@ def error(status: int, code: str, reason: str, **extra: Any) -> Response:
     return json_response({"error": code, "reason": reason, **extra}, status, headers)
 
 
-def build_app(service: Service) -> Starlette:
+def build_app(service: ServiceHost) -> Starlette:
     async def health_detailed(request: Request) -> Response:
         return json_response(await service.health())
 
@@ -157,7 +185,7 @@ def _parse_rate(value: str | None) -> float | Response | None:
     return rate
 
 
-async def _webhook(service: Service, request: Request) -> Response:
+async def _webhook(service: ServiceHost, request: Request) -> Response:
     tenant = request.path_params["tenant"]
     source = request.path_params["source"]
     for what, value in (("tenant", tenant), ("source", source)):

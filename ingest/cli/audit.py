@@ -43,7 +43,7 @@ def audit(
     )
 
     async def go() -> list[AuditEntry]:
-        from ingest.service import open_stores
+        from ingest.factory import open_stores
 
         stores = await open_stores(cfg)
         try:

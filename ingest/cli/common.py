@@ -18,7 +18,7 @@ from typing import Any, NoReturn, TypeVar
 from rich.console import Console
 
 from ingest.config import Config, load_config
-from ingest.errors import ConfigError, IngestError
+from ingest.errors import ConfigError
 
 T = TypeVar("T")
 err_console = Console(stderr=True)
@@ -55,18 +55,6 @@ def setup_logging(level: str = "INFO") -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-
-
-def exit_code_for(exc: BaseException) -> int:
-    from ingest.errors import StoreUnavailable
-
-    if isinstance(exc, StoreUnavailable):
-        return EXIT_UNAVAILABLE
-    if isinstance(exc, ConfigError):
-        return EXIT_USAGE
-    if isinstance(exc, IngestError):
-        return EXIT_FAILED
-    return EXIT_FAILED
 
 
 def load_existing_state(option: Path | None, tool: str) -> Config:

@@ -83,7 +83,7 @@ def _run(coro: Awaitable[T]) -> T:
 
 
 async def _with_stores(cfg: Config, fn: Callable[[Any], Awaitable[T]]) -> T:
-    from ingest.service import open_stores
+    from ingest.factory import open_stores
 
     stores = await open_stores(cfg)
     try:
@@ -235,7 +235,7 @@ async def _redrive(
     json_out: bool,
     who: str,
 ) -> int:
-    from ingest.service import build_core
+    from ingest.factory import build_core
     from ingest.triage.redrive import redrive as run_redrive
 
     core = await build_core(cfg)

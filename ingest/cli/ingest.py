@@ -125,7 +125,7 @@ def idempotency_stats(config: ConfigOpt = None, json_out: JsonOpt = False) -> No
     cfg = load(config)
 
     async def go() -> dict[str, Any]:
-        from ingest.service import open_stores
+        from ingest.factory import open_stores
 
         stores = await open_stores(cfg)
         try:

@@ -101,7 +101,7 @@ def plan_store(stores: Any) -> P.PlanStore:
 
 
 async def _with_store(cfg: Config, fn: Callable[[Any, P.PlanStore], Awaitable[T]]) -> T:
-    from ingest.service import open_stores
+    from ingest.factory import open_stores
 
     stores = await open_stores(cfg)
     try:
@@ -311,7 +311,7 @@ def run_cmd(
 async def _replay(cfg: Config, plan_id: str, *, json_out: bool, who: str) -> tuple[int, P.Plan]:
     """Run the plan between two audit rows: replay.run.start once it may run, and
     replay.run.end with the outcome (refused, failed, interrupted, ok) in any case."""
-    from ingest.service import build_core
+    from ingest.factory import build_core
 
     core = await build_core(cfg)
     try:

@@ -18,15 +18,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from ingest import config as C
+from ingest.factory import SOURCES, Core, Stores, lease_store, worker_id
+from ingest.factory import object_source as build_object_source
 from ingest.pipeline.admission import TokenBucket
 from ingest.records import RawRecord
 from ingest.replay import plans as P
-from ingest.service import Core, Stores
 from ingest.sources.objects import ItemRef, ItemSource
 
 DROPPED = "inbox-dropped"
-OBJECT_KINDS = ("s3", "sftp")
-KINDS = (*OBJECT_KINDS, "kafka", DROPPED)
+OBJECT_KINDS = tuple(kind for kind, entry in SOURCES.items() if entry.replay == "objects")
+REPLAYABLE = (*OBJECT_KINDS, *(kind for kind, entry in SOURCES.items() if entry.replay == "kafka"))
+KINDS = (*REPLAYABLE, DROPPED)
 MAX_BATCH = 500
 KAFKA_IDLE_SECONDS = 5.0
 
@@ -40,7 +42,7 @@ class UnknownSource(Exception):
 
 def _configured(cfg: C.Config) -> dict[str, str]:
     """Replayable configured sources: name -> kind."""
-    return {s.name: s.type for s in cfg.sources if s.type in ("s3", "sftp", "kafka")}
+    return {s.name: s.type for s in cfg.sources if s.type in REPLAYABLE}
 
 
 def resolve_sources(cfg: C.Config, tenant: str, tokens: Sequence[str]) -> list[P.PlanSource]:
@@ -55,7 +57,7 @@ def resolve_sources(cfg: C.Config, tenant: str, tokens: Sequence[str]) -> list[P
             out[DROPPED] = P.PlanSource(DROPPED, DROPPED)
         elif token in known:
             out[token] = P.PlanSource(token, known[token])
-        elif token in ("s3", "sftp", "kafka"):
+        elif token in REPLAYABLE:
             names = [n for n, k in known.items() if k == token and _serves(cfg, n, tenant)]
             if not names:
                 raise UnknownSource(
@@ -81,22 +83,8 @@ def _source_config(cfg: C.Config, name: str) -> Any:
 
 def object_source(cfg: C.Config, name: str, stores: Stores) -> ItemSource:
     """An S3/SFTP source for listing and reading only: the lease store is never touched."""
-    from ingest.service import worker_id
-    from ingest.state.leases import PostgresLeaseStore, SQLiteLeaseStore
-
     sc = _source_config(cfg, name)
-    leases: Any = (
-        PostgresLeaseStore(stores.pg_pool)
-        if stores.pg_pool is not None
-        else SQLiteLeaseStore(stores.sqlite_db)
-    )
-    if isinstance(sc, C.S3SourceConfig):
-        from ingest.sources.s3 import S3Source
-
-        return S3Source(sc, stores.checkpoints, leases, worker_id=f"replay-{worker_id()}")
-    from ingest.sources.sftp import SFTPSource
-
-    return SFTPSource(sc, stores.checkpoints, leases, worker_id=f"replay-{worker_id()}")
+    return build_object_source(sc, stores, lease_store(stores), f"replay-{worker_id()}")
 
 
 async def _window(src: ItemSource, start: float, end: float) -> list[ItemRef]:

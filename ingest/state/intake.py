@@ -31,6 +31,9 @@ class SQLiteIntake:
     def __init__(self, db: SQLiteDB) -> None:
         self._db = db
 
+    async def close(self) -> None:
+        """Nothing of its own to close: the database belongs to the state stores."""
+
     async def append(
         self, tenant: str, source: str, lines: Sequence[bytes], received_at: float
     ) -> int:

@@ -27,8 +27,6 @@ the scripts when the restarted server answers NOSCRIPT.
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -126,10 +124,6 @@ async def _guard(client: aioredis.Redis) -> AsyncIterator[None]:
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def default_worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class RedisCheckpointStore:

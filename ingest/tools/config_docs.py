@@ -14,32 +14,52 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from ingest import config as C
+from ingest.factory import SINKS, SOURCES, STORES
 
-SECTIONS: list[tuple[str, type[BaseModel]]] = [
-    ("top level", C.Config),
-    ("http", C.HttpConfig),
-    ("auth (or `auth: disabled`)", C.AuthConfig),
-    ("state (kind: sqlite, the default)", C.SQLiteStateConfig),
-    ("state (kind: production)", C.ProductionStateConfig),
-    ("tenants.<tenant> and admission.default_limits", C.TenantLimits),
-    ("admission", C.AdmissionConfig),
-    ("admission.intake", C.IntakeBoundConfig),
-    ("fleet", C.FleetConfig),
-    ("replay", C.ReplayConfig),
-    ("retry", C.RetryConfig),
-    ("breaker", C.BreakerConfig),
-    ("sources[] type: inbox", C.InboxSourceConfig),
-    ("sources[] type: webhook", C.WebhookSourceConfig),
-    ("sources[] type: kafka", C.KafkaSourceConfig),
-    ("sources[] type: s3", C.S3SourceConfig),
-    ("sources[] type: sftp", C.SFTPSourceConfig),
-    ("sinks[] type: sqlite", C.SQLiteSinkConfig),
-    ("sinks[] type: postgres", C.PostgresSinkConfig),
-    ("sinks[] type: neo4j", C.Neo4jSinkConfig),
-    ("sinks[] type: typesense", C.TypesenseSinkConfig),
-    ("sinks[].fields.<entity_type>[] (typesense)", C.TypesenseField),
-    ("routes[]", C.Route),
-]
+
+def _nested(model: type[BaseModel]) -> list[tuple[str, type[BaseModel]]]:
+    """Models used inside a model's fields (e.g. Typesense's `fields` entries): (field, model)."""
+    out: list[tuple[str, type[BaseModel]]] = []
+
+    def walk(name: str, tp: Any) -> None:
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            out.append((name, tp))
+        for arg in typing.get_args(tp):
+            walk(name, arg)
+
+    for name, field in model.model_fields.items():
+        walk(name, field.annotation)
+    return out
+
+
+def sections() -> list[tuple[str, type[BaseModel]]]:
+    """The page's sections; state, sources and sinks come from the factory's registries."""
+    default_state = C.Config.model_fields["state"].default.kind
+    out: list[tuple[str, type[BaseModel]]] = [
+        ("top level", C.Config),
+        ("http", C.HttpConfig),
+        ("auth (or `auth: disabled`)", C.AuthConfig),
+    ]
+    for kind, store in STORES.items():
+        default = ", the default" if kind == default_state else ""
+        out.append((f"state (kind: {kind}{default})", store.model))
+    out += [
+        ("tenants.<tenant> and admission.default_limits", C.TenantLimits),
+        ("admission", C.AdmissionConfig),
+        ("admission.intake", C.IntakeBoundConfig),
+        ("fleet", C.FleetConfig),
+        ("replay", C.ReplayConfig),
+        ("retry", C.RetryConfig),
+        ("breaker", C.BreakerConfig),
+    ]
+    for section, registry in (("sources", SOURCES), ("sinks", SINKS)):
+        entries: dict[str, Any] = dict(registry)
+        for kind, entry in entries.items():
+            out.append((f"{section}[] type: {kind}", entry.model))
+            for name, model in _nested(entry.model):
+                out.append((f"{section}[].{name} entries ({kind}): {model.__name__}", model))
+    out.append(("routes[]", C.Route))
+    return out
 
 
 def _type_name(tp: Any) -> str:
@@ -85,7 +105,7 @@ def render() -> str:
         "Credentials (tokens, tenant secrets) never go in this file: see docs/security.md.",
         "",
     ]
-    for title, model in SECTIONS:
+    for title, model in sections():
         out += [f"## {title}", "", "| key | type | default | description |", "|---|---|---|---|"]
         for name, field in model.model_fields.items():
             desc = (field.description or "").replace("|", "\\|")

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from ingest.factory import Core
 from ingest.formats import LineReader
 from ingest.pipeline.decode import DecodeFailure
 from ingest.pipeline.worker import BatchReport
 from ingest.records import DLQEntry, RawRecord, ReasonCode, Record, SinkStatus, raw_dedupe_key
-from ingest.service import Core
 from ingest.state.base import DLQFilter
 
 PAGE_SIZE = 200

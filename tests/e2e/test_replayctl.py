@@ -9,6 +9,7 @@ runs the runbook's Replay Operations as written. The S3 test replays objects fro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -69,7 +70,9 @@ def rjson(cwd: Path, *args: str, env: dict[str, str] | None = None, code: int = 
 
 
 def count(db: Path, sql: str) -> int:
-    with sqlite3.connect(db, timeout=10) as c:
+    # closing(): a connection left to the garbage collector deletes the -wal file whenever it
+    # is collected, e.g. in the middle of the next test's copytree of the same directory.
+    with contextlib.closing(sqlite3.connect(db, timeout=10)) as c:
         return int(c.execute(sql).fetchone()[0])
 
 
@@ -132,7 +135,7 @@ def plan_dropped(root: Path, throttle: str = "1000", env: dict[str, str] | None 
 
 
 def sink_ids(data: Path) -> list[str]:
-    with sqlite3.connect(data / "sink.db") as c:
+    with contextlib.closing(sqlite3.connect(data / "sink.db")) as c:
         return [r[0] for r in c.execute("SELECT entity_id FROM entities WHERE tenant = ?",
                                          (TENANT,))]
 
