@@ -25,6 +25,7 @@ import asyncio
 import re
 from collections.abc import Sequence
 from datetime import datetime
+from operator import attrgetter
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]  # no stubs; see docs/postgres.md
@@ -33,6 +34,8 @@ import orjson
 from ingest.errors import SinkError
 from ingest.records import ReasonCode, Record, SinkResult
 from ingest.sinks.base import EntityKey, StoredRow, judge_batch, latest_per_entity
+
+_ENTITY_KEY = attrgetter("entity_key")
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
 COLUMNS = (
@@ -53,6 +56,13 @@ _CONNECTION_ERRORS = (
     asyncpg.CannotConnectNowError,
 )
 _ROW_ERRORS = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
+# Staged columns that need a cast on the way into the real table (see _stage_ddl).
+_STAGED = {
+    "occurred_at": "occurred_at::timestamptz",
+    "attributes": "convert_from(attributes, 'UTF8')::jsonb",
+    "relations": "convert_from(relations, 'UTF8')::jsonb",
+}
+_EMPTY_LIST = b"[]"
 
 
 def _ddl(t: str) -> str:
@@ -77,10 +87,13 @@ CREATE OR REPLACE VIEW {t}_live AS SELECT * FROM {t} WHERE NOT deleted;
 
 
 def _stage_ddl(t: str) -> str:
+    """The per-connection staging table. `occurred_at` arrives as the record's RFC 3339 text
+    and the JSON columns as UTF-8 bytes: asyncpg's C codecs encode text and bytea, so a row
+    costs no Python call; the server casts while inserting into the real table."""
     return (
-        f"CREATE TEMP TABLE IF NOT EXISTS _stage_{t} ("
+        f"CREATE TEMP TABLE IF NOT EXISTS _stage2_{t} ("
         " tenant text, entity_type text, entity_id text, revision bigint, deleted boolean,"
-        " occurred_at timestamptz, attributes jsonb, relations jsonb, dedupe_key bytea,"
+        " occurred_at text, attributes bytea, relations bytea, dedupe_key bytea,"
         " min_rev bigint) ON COMMIT DELETE ROWS"
     )
 
@@ -90,6 +103,7 @@ def _upsert_sql(t: str) -> str:
     (their stored revision) and winners the guard refused. The common batch, one record per
     entity and all applied, returns no rows and skips the anti-join (a one-time filter)."""
     cols = ", ".join(COLUMNS)
+    staged = ", ".join(_STAGED.get(c, c) for c in COLUMNS)
     sets = (
         f"prev_revision = {t}.revision, "
         + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[3:])
@@ -103,19 +117,19 @@ def _upsert_sql(t: str) -> str:
     )
     return f"""
 WITH up AS (
-    INSERT INTO {t} ({cols}, updated_at) SELECT {cols}, now() FROM _stage_{t}
+    INSERT INTO {t} ({cols}, updated_at) SELECT {staged}, now() FROM _stage2_{t}
     ON CONFLICT (tenant, entity_type, entity_id) DO UPDATE SET {sets}
     WHERE {t}.revision < excluded.revision
     RETURNING tenant, entity_type, entity_id
 )
 SELECT s.tenant, s.entity_type, s.entity_id, {stored}, false
-FROM _stage_{t} s
-WHERE (SELECT count(*) FROM up) < (SELECT count(*) FROM _stage_{t})
+FROM _stage2_{t} s
+WHERE (SELECT count(*) FROM up) < (SELECT count(*) FROM _stage2_{t})
   AND s.min_rev = s.revision AND NOT EXISTS (SELECT 1 FROM up u WHERE {same})
 UNION ALL
 SELECT s.tenant, s.entity_type, s.entity_id, {stored},
        (s.tenant, s.entity_type, s.entity_id) IN (SELECT * FROM up)  -- a hashed subplan
-FROM _stage_{t} s
+FROM _stage2_{t} s
 WHERE s.min_rev < s.revision
 """
 
@@ -201,20 +215,65 @@ class PostgresSink:
             record.dedupe_key,
         )
 
+    @staticmethod
+    def stage_rows(
+        winners: Sequence[Record], low: dict[EntityKey, int] | None = None
+    ) -> list[tuple[Any, ...]]:
+        """The staging rows of a batch's winners (layout in `_stage_ddl`); `low` is each
+        entity's lowest revision in the batch (None: one record per entity)."""
+        dumps = orjson.dumps
+        rows = []
+        for rec in winners:
+            body = rec.body
+            deleted = rec.deleted
+            if deleted:
+                attributes = relations = None
+            else:
+                attributes = body.get("attributes")
+                if attributes is not None:
+                    attributes = dumps(attributes)
+                relations = body.get("relations")
+                if relations is not None:
+                    relations = dumps(relations) if relations else _EMPTY_LIST
+            rows.append(
+                (
+                    rec.tenant,
+                    rec.entity_type,
+                    rec.entity_id,
+                    rec.revision,
+                    deleted,
+                    body.get("occurred_at"),
+                    attributes,
+                    relations,
+                    rec.dedupe_key,
+                    rec.revision if low is None else low[rec.entity_key],
+                )
+            )
+        return rows
+
     async def write(self, records: Sequence[Record]) -> list[SinkResult]:
+        """One COPY + one upsert for the batch. A batch with one record per entity whose rows
+        all applied (what the statement says by returning nothing) is judged in one step."""
         if not records:
             return []
-        winners = latest_per_entity(records)
-        low: dict[EntityKey, int] = {}
-        for rec in records:
-            key = rec.entity_key
-            if key not in low or rec.revision < low[key]:
-                low[key] = rec.revision
-        rows = [(*self.row_of(w), low[w.entity_key]) for w in winners]
+        single = len(set(map(_ENTITY_KEY, records))) == len(records)
+        if single:
+            winners: Sequence[Record] = records
+            rows = self.stage_rows(records)
+        else:
+            winners = latest_per_entity(records)
+            low: dict[EntityKey, int] = {}
+            for rec in records:
+                key = rec.entity_key
+                if key not in low or rec.revision < low[key]:
+                    low[key] = rec.revision
+            rows = self.stage_rows(winners, low)
         stored: dict[EntityKey, StoredRow] = {}
         refused: set[EntityKey] = set()
         bad: dict[EntityKey, SinkResult] = {}
         await self._apply(rows, stored, refused, bad)
+        if single and not stored and not refused and not bad:
+            return [SinkResult.applied()] * len(records)
         # A winner refused although the statement's snapshot held nothing newer lost a race
         # with a concurrent writer (another worker replaying the same records after a
         # rebalance, say). Judge it against what that writer committed, read now: an equal
@@ -292,7 +351,7 @@ class PostgresSink:
             try:
                 async with conn.transaction():
                     await conn.copy_records_to_table(
-                        f"_stage_{self.table}", records=rows, columns=[*COLUMNS, "min_rev"]
+                        f"_stage2_{self.table}", records=rows, columns=[*COLUMNS, "min_rev"]
                     )
                     return list(await conn.fetch(self._upsert))
             except _ROW_ERRORS:

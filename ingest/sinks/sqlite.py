@@ -117,7 +117,7 @@ class SQLiteSink:
         """The row write() stores for a record (the benchmark builds the same rows);
         `now` is the updated_at column, read once per batch by write()."""
         body = record.body
-        deleted = 1 if body.get("deleted") else 0
+        deleted = 1 if record.deleted else 0
         attributes = body.get("attributes")
         relations = body.get("relations")
         return (
@@ -128,7 +128,7 @@ class SQLiteSink:
             deleted,
             body.get("occurred_at"),
             None if deleted or attributes is None else _dumps(attributes).decode(),
-            None if relations is None else _dumps(relations).decode(),
+            None if relations is None else (_dumps(relations).decode() if relations else "[]"),
             record.dedupe_key,
             time.time() if now is None else now,
         )
@@ -166,9 +166,15 @@ class SQLiteSink:
         # Rows first: their first three columns are the entity keys, which saves computing
         # `Record.entity_key` (not free) once more per record.
         now = time.time()
-        rows = [SQLiteSink.row_of(rec, now) for rec in batch]
+        row_of = SQLiteSink.row_of
+        rows = [row_of(rec, now) for rec in batch]
         keys: list[EntityKey] = [row[:3] for row in rows]
-        results = judge_batch(batch, _stored_rows(c, list(dict.fromkeys(keys))))
+        unique = dict.fromkeys(keys)
+        stored = _stored_rows(c, list(unique))
+        if not stored and len(unique) == len(keys):  # all new, one record each: all applied
+            c.executemany(_UPSERT, rows)
+            return [SinkResult.applied()] * len(batch)
+        results = judge_batch(batch, stored)
         # The last APPLIED record of an entity is its `latest_per_entity` winner (highest
         # revision, first among equals) and is newer than stored: exactly the rows to write.
         winners: dict[EntityKey, tuple[Any, ...]] = {}
