@@ -1,0 +1,188 @@
+"""Lag at steady load: webhooks at 80 % of the measured peak for 5 minutes (embedded mode).
+
+Two phases against one `ingest run` process (embedded: webhook intake and sink on SQLite):
+  peak    --peak-clients clients post --batch-record batches as fast as they are answered for
+          --peak-seconds; the peak is what the pipeline *delivered* per second over the load
+          and its drain (not what the front door took)
+  steady  a paced sender offers --share (0.8) of that peak, one batch every batch/rate
+          seconds on a fixed schedule (late sends catch up, never bunch), for --seconds (300)
+Lag is `ingest_lag_seconds` (webhook receipt -> sink commit, i.e. from acceptance) over the
+steady phase only (histogram delta), p50/p95/p99 interpolated inside the buckets as
+Prometheus' histogram_quantile does. Also printed: records/s offered and delivered, the ratio
+delivered/peak, the service's peak RSS, load average before and after.
+
+    uv run python bench/bench_steady.py [--seconds 300] [--share 0.8] [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench_embedded import peak_rss_mb  # noqa: E402
+
+from tests.e2e._auth import sign_headers  # noqa: E402
+from tests.e2e._load import batch_body, run_load  # noqa: E402
+from tests.e2e._service import ServiceProcess, metric_value  # noqa: E402
+
+TENANT = "acme-corp"
+CONFIG = """
+admission:
+  default_limits: {rate: 10000000, burst: 10000000}
+"""
+
+
+def buckets(metrics: str, name: str = "ingest_lag_seconds") -> dict[float, float]:
+    """Cumulative bucket counts by upper bound, summed over every label set."""
+    out: dict[float, float] = {}
+    for line in metrics.splitlines():
+        if line.startswith(f"{name}_bucket{{"):
+            le = line.split('le="')[1].split('"')[0]
+            bound = float("inf") if le == "+Inf" else float(le)
+            out[bound] = out.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def quantile(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
+    """histogram_quantile over the difference of two scrapes (linear within a bucket)."""
+    delta = sorted((b, after.get(b, 0.0) - before.get(b, 0.0)) for b in after)
+    total = delta[-1][1] if delta else 0.0
+    if not total:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound, count in delta:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = bound, count
+    return None
+
+
+def delivered(url: str) -> float:
+    return metric_value(httpx.get(f"{url}/metrics", timeout=30).text, "ingest_records_total",
+                        outcome="delivered")
+
+
+def wait_drained(url: str) -> None:
+    while True:
+        bp = httpx.get(f"{url}/health/detailed", timeout=30).json()["backpressure"]
+        if bp["queue_depth"] == 0 and bp.get("intake", {}).get("records", 0) == 0:
+            return
+        time.sleep(0.2)
+
+
+async def paced(url: str, rate: float, batch: int, seconds: float) -> tuple[int, int, int]:
+    """Offer `rate` records/s as `batch`-record requests on a fixed schedule.
+    Returns (accepted, refused, errors) in records."""
+    interval = batch / rate
+    accepted = refused = errors = 0
+    pending: set[asyncio.Task[None]] = set()
+    timeout = aiohttp.ClientTimeout(total=60)
+
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+
+        async def send(n: int) -> None:
+            nonlocal accepted, refused, errors
+            body = batch_body(TENANT, f"st-{n}", batch)
+            try:
+                async with session.post(
+                    f"{url}/v1/webhooks/{TENANT}/load",
+                    data=body,
+                    headers=sign_headers(TENANT, body, content_type="application/x-ndjson"),
+                ) as resp:
+                    await resp.read()
+                    if resp.status == 202:
+                        accepted += batch
+                    else:
+                        refused += batch
+            except (aiohttp.ClientError, TimeoutError):
+                errors += batch
+
+        start = time.monotonic()
+        n = 0
+        while (due := start + n * interval) < start + seconds:
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.ensure_future(send(n))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            n += 1
+        if pending:
+            await asyncio.gather(*pending)
+    return accepted, refused, errors
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=300.0)
+    ap.add_argument("--share", type=float, default=0.8)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--peak-seconds", type=float, default=30.0)
+    ap.add_argument("--peak-clients", type=int, default=16)
+    ap.add_argument("--peak-batch", type=int, default=500)
+    ap.add_argument("--workers", type=int, default=None)
+    args = ap.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-steady-"))
+    config = workdir / "bench.yaml"
+    text = CONFIG + (f"workers: {args.workers}\n" if args.workers is not None else "")
+    config.write_text(text)
+    print(f"machine: {platform.node()} {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}; uptime: {subprocess.getoutput('uptime').strip()}")
+    svc = ServiceProcess(workdir / "data", config=config)
+    try:
+        svc.start()
+        url = svc.url
+        t0 = time.monotonic()
+        asyncio.run(run_load(url, clients=args.peak_clients, batch=args.peak_batch,
+                             seconds=args.peak_seconds, prefix="pk"))
+        wait_drained(url)
+        peak = delivered(url) / (time.monotonic() - t0)
+        rate = args.share * peak
+        print(f"peak (delivered over {args.peak_seconds:.0f} s load + drain): {peak:,.0f} rec/s")
+        print(f"steady: offering {rate:,.0f} rec/s ({args.share:.0%} of peak) in "
+              f"{args.batch}-record requests for {args.seconds:.0f} s")
+        before = buckets(httpx.get(f"{url}/metrics", timeout=30).text)
+        got0 = delivered(url)
+        t1 = time.monotonic()
+        accepted, refused, errors = asyncio.run(paced(url, rate, args.batch, args.seconds))
+        wait_drained(url)
+        elapsed = time.monotonic() - t1
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+        after = buckets(metrics)
+        got = delivered(url) - got0
+        assert svc.proc is not None
+        rss = peak_rss_mb(svc.proc.pid)
+    finally:
+        if svc.proc is not None:
+            svc.terminate(120)
+        shutil.rmtree(workdir, ignore_errors=True)
+    p50, p95, p99 = (quantile(before, after, q) for q in (0.5, 0.95, 0.99))
+    bounds = sorted(b for b in after if b != float("inf"))
+    print(f"accepted {accepted:,} refused {refused:,} errors {errors:,} records; "
+          f"delivered {got:,.0f} in {elapsed:.0f} s ({got / elapsed:,.0f} rec/s, "
+          f"{got / elapsed / peak:.2f}x of peak)")
+    print(f"lag from acceptance: p50 {p50:.3f} s, p95 {p95:.3f} s, p99 {p99:.3f} s "
+          f"(histogram buckets {bounds[0]}..{bounds[-1]} s, {len(bounds)} bounds)")
+    print(f"peak RSS (service): {rss:.0f} MB")
+    print(f"uptime after: {subprocess.getoutput('uptime').strip()}")
+
+
+if __name__ == "__main__":
+    main()
