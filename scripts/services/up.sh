@@ -8,8 +8,9 @@
 # The servers start in parallel (each in its own dir, on its own ports); each one's output is
 # in $INGEST_RUN_DIR/<name>.up.log.
 #
-# Writes $INGEST_RUN_DIR/all.env (INGEST_RUN_DIR, every port, then each server's env file):
-# `source` it before running tests by hand. The exact line is printed at the end.
+# Writes $INGEST_RUN_DIR/all.env (INGEST_RUN_DIR, then the env file of each server started in
+# this run dir, ports included): `source` it before running tests by hand. The exact line is
+# printed at the end.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 . "$here/lib.sh"
@@ -44,20 +45,15 @@ if [ ${#want[@]} -gt 0 ]; then
 fi
 
 env_file="$INGEST_RUN_DIR/all.env"
-{
-  echo "export INGEST_RUN_DIR='$INGEST_RUN_DIR'"
-  for n in "${names[@]}"; do
-    for spec in $(sed -n 's/^# ports://p' "$here/$n.sh"); do
-      var="${spec%%:*}"; echo "export $var=${!var}"
-    done
-  done
-} > "$env_file.tmp"
-
 t0=$(date +%s)
 pids=()
 for n in "${names[@]}"; do
   ( s=$(date +%s)
     if "$here/$n.sh" start >"$INGEST_RUN_DIR/$n.up.log" 2>&1; then
+      # the server's ports go with its env, so restarts from a test reuse them
+      for spec in $(sed -n 's/^# ports://p' "$here/$n.sh"); do
+        var="${spec%%:*}"; echo "export $var=${!var}" >> "$INGEST_RUN_DIR/$n.env"
+      done
       echo "== $n: ready in $(( $(date +%s) - s ))s"
     else
       echo "== $n: FAILED to start; $INGEST_RUN_DIR/$n.up.log:" >&2
@@ -73,7 +69,13 @@ if [ "$failed" = 1 ]; then
   "$here/down.sh" "${names[@]}" >/dev/null 2>&1 || true
   exit 1
 fi
-for n in "${names[@]}"; do echo "source '$INGEST_RUN_DIR/$n.env'" >> "$env_file.tmp"; done
+# all.env: this run's servers plus those an earlier up.sh started in the same run dir.
+{
+  echo "export INGEST_RUN_DIR='$INGEST_RUN_DIR'"
+  { [ -f "$env_file" ] && grep "^source " "$env_file" || true
+    for n in "${names[@]}"; do echo "source '$INGEST_RUN_DIR/$n.env'"; done
+  } | awk '!seen[$0]++'
+} > "$env_file.tmp"
 mv "$env_file.tmp" "$env_file"
 echo "== all ${#names[@]} up in $(( $(date +%s) - t0 ))s; for tests by hand:"
 echo "source '$env_file'"

@@ -73,8 +73,23 @@ def test_an_override_port_is_kept(run_dirs: list[Path]) -> None:
     env = {**clean_env(d), "INGEST_TEST_REDIS_PORT": port}
     done = up_redis(env)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert env_file(d / "all.env")["INGEST_TEST_REDIS_PORT"] == port
+    assert env_file(d / "redis.env")["INGEST_TEST_REDIS_PORT"] == port
     assert redis.Redis(port=int(port)).ping()
+
+
+def test_a_second_up_in_the_same_run_dir_keeps_the_first_servers(run_dirs: list[Path]) -> None:
+    require_env("INGEST_TEST_REDIS_URL", "redis")
+    d = Path(tempfile.mkdtemp(prefix="ingest-test-up-"))
+    run_dirs.append(d)
+    assert up_redis(clean_env(d)).returncode == 0
+    done = subprocess.run([str(SCRIPTS / "up.sh"), "--no-install", "tools"], env=clean_env(d),
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    sourced = (d / "all.env").read_text()
+    assert f"source '{d}/redis.env'" in sourced and f"source '{d}/tools.env'" in sourced
+    out = subprocess.run(["bash", "-c", f"source '{d}/all.env' && echo $INGEST_TEST_REDIS_URL"],
+                         capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert out == env_file(d / "redis.env")["INGEST_TEST_REDIS_URL"]
 
 
 def test_free_ports_are_distinct_runs_of_free_ports() -> None:

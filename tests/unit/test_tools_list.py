@@ -18,9 +18,10 @@ ROOT = Path(__file__).resolve().parents[2]
 TOOLS_LIST = ROOT / "scripts" / "services" / "tools.list"
 CHECK = ROOT / "scripts" / "check-tools.sh"
 LIB = ROOT / "scripts" / "services" / "lib.sh"
-# In every Debian (essential packages): no entry needed.
-ESSENTIAL = {".", "source", "bash", "sh", "cat", "grep", "sed", "env", "kill", "sleep", "gzip",
-             "tar", "awk"}  # fmt: skip
+# Shell builtins, and programs in every Debian (essential packages): no entry needed.
+ESSENTIAL = {".", "source", "echo", "printf", "test", "true", "false", "cd", "exit", "export",
+             "bash", "sh", "cat", "grep", "sed", "env", "kill", "sleep", "gzip", "tar",
+             "awk"}  # fmt: skip
 SPAWN = {"run", "Popen", "check_output", "check_call", "call", "create_subprocess_exec"}
 
 
