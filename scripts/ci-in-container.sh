@@ -9,6 +9,9 @@
 # into an image. Host network: the run's servers take free ports next to anyone else's.
 # Log: $INGEST_CI_LOG (default /tmp/ingest-ci-in-container.<time>.log); exit status = .ci/run's.
 set -euo pipefail
+# All in one function: bash parses it whole before running, so editing this file while a
+# run is going (it takes long) cannot change what the run does.
+main() {
 root="$(cd "$(dirname "$0")/.." && pwd)"
 . "$root/scripts/image/lib.sh"
 keep=0; [ "${1:-}" = --keep ] && keep=1
@@ -70,3 +73,5 @@ podman start -a "$name" > "$log" 2>&1 || rc=$?
 echo "ci-in-container: exit $rc in $(( ($(date +%s) - t0) / 60 ))m$(( ($(date +%s) - t0) % 60 ))s; log $log"
 grep -E '^([0-9:]{8} )?(=+ .*(passed|failed|error).* in |== \.ci/run exit|FAILED|ERROR)' "$log" || tail -20 "$log"
 exit "$rc"
+}
+main "$@"
