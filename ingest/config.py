@@ -113,6 +113,43 @@ class HttpConfig(_Model):
     max_record_bytes: int = Field(1024 * 1024, ge=1, description="Larger records go to the DLQ.")
 
 
+class HealthConfig(_Model):
+    stall_after_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="A source with pending work and no commit for this long is `stalled`.",
+    )
+    lag_slo_seconds: float = Field(
+        60.0, gt=0, description="Adapter lag above this makes health `degraded` (the lag SLO)."
+    )
+    probe_seconds: float = Field(
+        5.0, gt=0, description="How often sinks and state stores are actively probed."
+    )
+    live_timeout_seconds: float = Field(
+        30.0, gt=0, description="/health/live fails when the event loop stalled this long."
+    )
+
+
+class DiskConfig(_Model):
+    low_watermark_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        description="Free space under data_dir below which webhook intake is refused (507); "
+        "what is left is the reserve for the pipeline's own writes (sinks, DLQ, checkpoints).",
+    )
+    high_watermark_bytes: int | None = Field(
+        None, ge=0, description="Intake is accepted again above this (default: 2x low)."
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> DiskConfig:
+        if self.high_watermark_bytes is not None and (
+            self.high_watermark_bytes < self.low_watermark_bytes
+        ):
+            raise ValueError("high_watermark_bytes must not be below low_watermark_bytes")
+        return self
+
+
 class SQLiteStateConfig(_Model):
     kind: Literal["sqlite"] = "sqlite"
     path: Path | None = Field(None, description="Defaults to <data_dir>/state.db.")
@@ -342,6 +379,8 @@ class Config(_Model):
     replay: ReplayConfig = Field(ReplayConfig(), description="Replay objectives.")
     retry: RetryConfig = Field(RetryConfig(), description="Retry of retryable sink failures.")
     breaker: BreakerConfig = Field(BreakerConfig(), description="Circuit breaker per sink.")
+    health: HealthConfig = Field(HealthConfig(), description="Stall detection and probes.")
+    disk: DiskConfig = Field(DiskConfig(), description="Free-space watermarks on data_dir.")
     sources: list[SourceConfig] = Field(default_factory=lambda: _default_sources())
     sinks: list[SinkConfig] = Field(default_factory=lambda: _default_sinks())
     routes: list[Route] = Field(

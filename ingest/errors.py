@@ -3,6 +3,10 @@
     IngestError                 base; never reaches an operator as a traceback
     ├── ConfigError             bad config file: names the key and what was wrong (exit 2)
     ├── StoreUnavailable        a state store (checkpoints, idempotency, DLQ) cannot be reached
+    │   └── DiskFull            no space left where a store or sink writes: waited out, never a
+    │                           DLQ reason and never a breaker failure (see `is_disk_full`)
+    ├── Abandoned               the service is stopping while a batch waits for a store, a sink
+    │                           or disk space: the batch stays uncommitted and is repeated
     └── SinkError(reason)       a whole-batch sink failure, already classified:
                                 SINK_TIMEOUT, CONNECTION_ERROR, RATE_LIMITED (retryable)
                                 or CONSTRAINT_VIOLATION (not)
@@ -13,6 +17,8 @@ worker's retry and breaker logic never imports a driver.
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 from typing import Any
 
 from ingest.records import ReasonCode
@@ -45,3 +51,39 @@ class SinkError(IngestError):
         self.reason = reason
         self.message = message
         self.detail = {"message": message, **detail}
+
+
+class DiskFull(StoreUnavailable):
+    """A write found no space left (ENOSPC, SQLite's "database or disk is full", Postgres
+    53100). Records stay where they are until space comes back: a full disk is not a reason
+    to give up on a valid, acknowledged record."""
+
+    def __init__(self, where: str, cause: str) -> None:
+        super().__init__("disk", where, cause)
+
+
+class Abandoned(IngestError):
+    """Stopping while a batch waits out an outage: leave it uncommitted, so it is repeated."""
+
+
+_FULL_MESSAGES = ("database or disk is full", "no space left on device", "disk full")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Does this error, or one it was raised from, say the disk is full? Drivers are told
+    apart by what they carry (errno, SQLite error code, SQLSTATE), so no driver is imported."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, DiskFull):
+            return True
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return True
+        if getattr(exc, "sqlstate", None) == "53100":  # Postgres disk_full
+            return True
+        if any(m in str(exc).lower() for m in _FULL_MESSAGES):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False

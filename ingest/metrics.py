@@ -5,7 +5,9 @@ reason from the eight ReasonCodes, outcome and state from small fixed sets.
 
     ingest_records_total{tenant,source,outcome}  every record once, at its end:
         delivered (durable in all its sinks) | duplicate | dlq | dropped (brownout)
-    ingest_dlq_total{tenant,source,sink,reason}  DLQ entries written (sink "-" = before routing)
+    ingest_dlq_total{tenant,source,reason}       records sent to the DLQ, once per record (a
+        record failing two sinks counts once, with the reason of its first failure)
+    ingest_sink_failures_total{tenant,source,sink,reason}  DLQ entries per failing sink
     ingest_retry_total{tenant,sink,reason}       records sent again after a retryable failure
     ingest_lag_seconds{tenant,source,sink}       histogram: source event time -> sink commit
     ingest_backpressure_state{state}             1 for the current state, 0 for the others
@@ -14,6 +16,14 @@ reason from the eight ReasonCodes, outcome and state from small fixed sets.
     ingest_queue_depth, ingest_in_flight         admission inputs
     ingest_adapter_lag_seconds{adapter}          the same figure as /health/detailed lag_seconds
     ingest_source_errors_total{adapter}          errors a source reported (connection, auth, ...)
+    ingest_source_restarts_total{adapter}        runner restarts after an unexpected error
+    ingest_source_stalled{adapter}               1 while pending work has not moved for
+        health.stall_after_seconds
+    ingest_poison_isolations_total{stage}        batches split to isolate a record that raised
+    ingest_sink_up{sink}                         1 when the sink's last active probe answered
+    ingest_disk_free_bytes, ingest_disk_low_watermark_bytes   free space under data_dir and
+        the level below which webhook intake is refused
+    ingest_disk_full                             1 while a write waits for disk space
 """
 
 from __future__ import annotations
@@ -64,7 +74,13 @@ class Metrics:
         )
         self.dlq = Counter(
             "ingest_dlq_total",
-            "Records sent to the DLQ.",
+            "Records sent to the DLQ (once per record).",
+            ["tenant", "source", "reason"],
+            registry=r,
+        )
+        self.sink_failures = Counter(
+            "ingest_sink_failures_total",
+            "DLQ entries per failing sink (a record failing two sinks counts at each).",
             ["tenant", "source", "sink", "reason"],
             registry=r,
         )
@@ -115,6 +131,38 @@ class Metrics:
             ["adapter"],
             registry=r,
         )
+        self.source_restarts = Counter(
+            "ingest_source_restarts_total",
+            "Source runner restarts after an unexpected error.",
+            ["adapter"],
+            registry=r,
+        )
+        self.source_stalled = Gauge(
+            "ingest_source_stalled",
+            "1 while a source has pending work that has not moved for the stall time.",
+            ["adapter"],
+            registry=r,
+        )
+        self.isolations = Counter(
+            "ingest_poison_isolations_total",
+            "Batches split to isolate records that made the code raise.",
+            ["stage"],
+            registry=r,
+        )
+        self.sink_up = Gauge(
+            "ingest_sink_up", "1 when the sink's last active probe answered.", ["sink"], registry=r
+        )
+        self.disk_free = Gauge(
+            "ingest_disk_free_bytes", "Free bytes on the data directory's filesystem.", registry=r
+        )
+        self.disk_low = Gauge(
+            "ingest_disk_low_watermark_bytes",
+            "Free space below which webhook intake is refused (reserve for the pipeline).",
+            registry=r,
+        )
+        self.disk_full = Gauge(
+            "ingest_disk_full", "1 while a write waits for disk space.", registry=r
+        )
         self.set_backpressure("normal")
 
     def set_backpressure(self, state: str) -> None:
@@ -125,9 +173,16 @@ class Metrics:
         for s in BREAKER_STATES:
             self.breaker.labels(sink, s).set(1 if s == state else 0)
 
+    def declare_source(self, adapter: str) -> None:
+        """Create an adapter's series so alerts and dashboards see it before any event."""
+        self.source_errors.labels(adapter)
+        self.source_restarts.labels(adapter)
+        self.source_stalled.labels(adapter).set(0)
+
     def declare_sink(self, sink: str) -> None:
         """Create a sink's series so dashboards see it before any event."""
         self.set_breaker(sink, "closed")
+        self.sink_up.labels(sink).set(1)
         for result in ("applied", "unchanged", "failed"):
             self.sink_writes.labels(sink, result)
 

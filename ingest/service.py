@@ -16,10 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ingest import config as C
-from ingest.factory import Core, SourceSet, build_core, build_sources, worker_id
-from ingest.pipeline.admission import BackpressureState
-from ingest.pipeline.breaker import BreakerState
+from ingest.disk import DiskGuard
+from ingest.factory import SOURCES, Core, SourceSet, build_core, build_sources, worker_id
+from ingest.health import HealthMonitor
+from ingest.pipeline.progress import SourceProgress
 from ingest.pipeline.runner import SourceRunner
+from ingest.sources.base import Source
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,30 @@ class Service:
         self._intake_committed = 0
         self._tasks: list[asyncio.Task[None]] = []
         self.worker = worker_id()
+        self.pipeline.stopping = self.stopping  # outage waits give up on shutdown
+        self.progress = {s.name: SourceProgress() for s in self.sources}
+        self.disk = DiskGuard(
+            self.config.data_dir,
+            self.config.disk,
+            self.metrics,
+            guards_intake=self._webhook is not None,  # intake on this disk (not Kafka)
+        )
+        self.monitor = HealthMonitor(
+            cfg=self.config.health,
+            metrics=self.metrics,
+            admission=self.admission,
+            pipeline=self.pipeline,
+            lanes=self.lanes,
+            probe_stores=self.stores.health,
+            sources=lambda: self.sources,
+            progress=self.progress,
+            queue_depth=self.queue_depth,
+            disk=self.disk,
+            info={
+                "mode": "embedded" if self.stores.sqlite_db is not None else "production",
+                "worker": self.worker,
+            },
+        )
 
     @classmethod
     async def build(cls, cfg: C.Config) -> Service:
@@ -72,43 +98,80 @@ class Service:
         self._pending += delta
 
     async def start(self) -> None:
+        self.disk.sample()
+        self._tasks.append(asyncio.create_task(self.monitor.run(self.stopping), name="health"))
         await self.core.start_sinks()
         for source in self.sources:
             await source.start()
-        for source in self.sources:
-            runner = SourceRunner(
-                source,
-                self.pipeline,
-                self.decoder,
-                self.admission,
-                stopping=self.stopping,
-                on_pending=self._on_pending,
+        for index, source in enumerate(self.sources):
+            self.metrics.declare_source(source.name)
+            self._tasks.append(
+                asyncio.create_task(self._supervise(index), name=f"source:{source.name}")
             )
-            self._tasks.append(asyncio.create_task(self._supervise(runner), name=source.name))
         self._tasks.append(asyncio.create_task(self._tick(), name="tick"))
+        self.monitor.started = True
 
-    async def _supervise(self, runner: SourceRunner) -> None:
-        """Restart a source's runner after an unexpected error, with backoff; never exit."""
+    def _runner(self, source: Source) -> SourceRunner:
+        return SourceRunner(
+            source,
+            self.pipeline,
+            self.decoder,
+            self.admission,
+            stopping=self.stopping,
+            on_pending=self._on_pending,
+            progress=self.progress[source.name],
+        )
+
+    async def _supervise(self, index: int) -> None:
+        """Run a source; after an unexpected error, rebuild it and run it again, with backoff.
+        Never exits before stopping. Each restart is visible: the log, the adapter's errors
+        and status (`restarting`), `ingest_source_restarts_total` and `ingest_source_errors_total`.
+
+        The source is rebuilt from its config rather than resumed: what the failed run had
+        read and not committed must be read again, and only a fresh source (starting from its
+        checkpoint, offsets or leases) does that for every kind of source."""
         delay = 1.0
         while not self.stopping.is_set():
+            source = self.sources[index]
+            progress = self.progress[source.name]
             try:
-                await runner.run()
+                progress.running()
+                await self._runner(source).run()
                 return
             except Exception as exc:
-                log.exception("source %s stopped; restarting in %.0fs", runner.source.name, delay)
-                runner.source.health().error(f"runner restarted after error: {exc}")
-                self.metrics.source_errors.labels(runner.source.name).inc()
+                log.exception("source %s stopped; restarting in %.0fs", source.name, delay)
+                source.health().error(f"runner restarting after {type(exc).__name__}: {exc}")
+                self.metrics.source_restarts.labels(source.name).inc()
+                progress.restarted(exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), delay)
                 delay = min(delay * 2, 30.0)
-                runner = SourceRunner(
-                    runner.source,
-                    self.pipeline,
-                    self.decoder,
-                    self.admission,
-                    stopping=self.stopping,
-                    on_pending=self._on_pending,
-                )
+                if not self.stopping.is_set():
+                    await self._rebuild(index)
+
+    async def _rebuild(self, index: int) -> None:
+        """Close source `index` and put a fresh one from its config in its place; if that
+        fails, keep the old one (the next run fails again, visibly, and is retried). The
+        HTTP handler keeps its intake: a second one the builder made is closed."""
+        old = self.sources[index]
+        sc = next(s for s in self.config.sources if s.name == old.name)
+        with contextlib.suppress(Exception):
+            await old.close()
+        try:
+            built = await SOURCES[sc.type].build(self.config, sc, self.stores)
+            await built.source.start()
+        except Exception as exc:
+            log.exception("source %s could not be rebuilt", old.name)
+            old.health().error(f"could not rebuild the source: {type(exc).__name__}: {exc}")
+            return
+        if built.intake is not None and built.intake is not self.intake:
+            with contextlib.suppress(Exception):
+                await built.intake.close()
+        if built.webhook is not None:
+            self._webhook = built.webhook
+            self._intake_committed = 0
+        built.source.health().errors[:0] = old.health().errors  # keep the history visible
+        self.sources[index] = built.source
 
     async def _tick(self) -> None:
         """Feed queue depth to admission (automatic brownout) and refresh gauges."""
@@ -139,46 +202,20 @@ class Service:
         self.metrics.set_backpressure(self.admission.state.value)
         for name, lane in self.lanes.items():
             self.metrics.set_breaker(name, lane.breaker.state.value)
-        for source in self.sources:
-            self.metrics.adapter_lag.labels(source.name).set(source.health().lag_seconds)
+        self.monitor.observe()  # adapter lag, errors, stalls
 
     async def health(self) -> dict[str, Any]:
-        adapters = {s.name: {"kind": s.kind, **s.health().as_dict()} for s in self.sources}
-        sinks: dict[str, Any] = {}
-        for name, lane in self.lanes.items():
-            try:
-                conn = await asyncio.wait_for(lane.sink.health(), 2.0)
-            except Exception as exc:
-                conn = {"connected": False, "error": str(exc) or type(exc).__name__}
-            snap = lane.breaker.snapshot()
-            sinks[name] = {
-                "kind": lane.sink.kind,
-                "state": snap["state"],
-                "breaker": snap,
-                "connection": conn,
-            }
-        try:
-            stores = await asyncio.wait_for(self.stores.health(), 2.0)
-        except Exception as exc:
-            stores = {"ok": False, "error": str(exc) or type(exc).__name__}
-        backpressure = self.admission.snapshot()
-        backpressure["queue_depth"] = self.queue_depth()
-        degraded = (
-            any(s["state"] != BreakerState.CLOSED.value for s in sinks.values())
-            or any(a["status"] == "error" for a in adapters.values())
-            or self.admission.state is not BackpressureState.NORMAL
-        )
-        return {
-            "status": "degraded" if degraded else "ok",
-            "mode": "embedded" if self.stores.sqlite_db is not None else "production",
-            "worker": self.worker,
-            "uptime_seconds": round(time.time() - self.started_at, 1),
-            "adapters": adapters,
-            "backpressure": backpressure,
-            "sinks": sinks,
-            "stores": stores,
-            "store_errors": list(self.pipeline.store_errors),
-        }
+        """/health/detailed: see ingest.health."""
+        return await self.monitor.detailed()
+
+    def live(self) -> tuple[bool, dict[str, Any]]:
+        return self.monitor.live()
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        return self.monitor.ready()
+
+    def refuse_intake(self, incoming_bytes: int) -> str | None:
+        return self.disk.refuse_intake(incoming_bytes)
 
     async def shutdown(self, timeout: float = 60.0) -> None:
         """Drain: stop taking new work, finish and commit what is in flight, close."""

@@ -21,7 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ingest.config import Config
-from ingest.errors import StoreUnavailable
+from ingest.errors import DiskFull, StoreUnavailable, is_disk_full
 from ingest.metrics import Metrics
 from ingest.pipeline.admission import Admission, BackpressureState, Rejected
 from ingest.sources.base import Intake
@@ -58,6 +58,18 @@ class ServiceHost(Protocol):
         """The /health/detailed document."""
         ...
 
+    def live(self) -> tuple[bool, dict[str, Any]]:
+        """/health/live: (the event loop turns, the document)."""
+        ...
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        """/health/ready: (this pod should get traffic, the document with `reasons`)."""
+        ...
+
+    def refuse_intake(self, incoming_bytes: int) -> str | None:
+        """Why a webhook body of this size is refused for lack of disk space, or None."""
+        ...
+
     def refresh_gauges(self) -> None: ...
 
     def notify_webhook(self) -> None:
@@ -84,7 +96,12 @@ def build_app(service: ServiceHost) -> Starlette:
         return json_response(await service.health())
 
     async def health_live(request: Request) -> Response:
-        return json_response({"status": "ok"})
+        ok, body = service.live()
+        return json_response(body, 200 if ok else 503)
+
+    async def health_ready(request: Request) -> Response:
+        ok, body = service.ready()
+        return json_response(body, 200 if ok else 503)
 
     async def metrics(request: Request) -> Response:
         service.refresh_gauges()
@@ -159,6 +176,7 @@ def build_app(service: ServiceHost) -> Starlette:
         Route("/health/detailed", health_detailed, methods=["GET"]),
         Route("/health", health_live, methods=["GET"]),
         Route("/health/live", health_live, methods=["GET"]),
+        Route("/health/ready", health_ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/admin/{action}", admin, methods=["POST"]),
         Route("/v1/webhooks/{tenant}/{source}", webhook, methods=["POST"]),
@@ -208,6 +226,10 @@ async def _webhook(service: ServiceHost, request: Request) -> Response:
         service.admission.check_open()
     except Rejected as rej:
         return _refused(rej)
+    declared_size = request.headers.get("content-length", "")
+    refused = service.refuse_intake(int(declared_size) if declared_size.isdigit() else 0)
+    if refused is not None:  # below the disk's low watermark: the rest is the pipeline's
+        return _insufficient_storage(refused)
 
     limit = service.config.http.max_body_bytes
     declared = request.headers.get("content-length")
@@ -226,6 +248,9 @@ async def _webhook(service: ServiceHost, request: Request) -> Response:
     lines, malformed = _split_records(bytes(body), request.headers.get("content-type", ""))
     if isinstance(lines, Response):
         return lines
+    refused = service.refuse_intake(len(body))
+    if refused is not None:
+        return _insufficient_storage(refused)
 
     admission = service.admission
     try:
@@ -237,6 +262,8 @@ async def _webhook(service: ServiceHost, request: Request) -> Response:
         intake_id = await intake.append(tenant, source, lines, time.time())
     except StoreUnavailable as exc:
         admission.appended(len(lines), len(body), ok=False)
+        if isinstance(exc, DiskFull) or is_disk_full(exc):
+            return _insufficient_storage(f"the data disk is full ({exc.cause})")
         return error(
             503,
             "intake_unavailable",
@@ -279,6 +306,15 @@ def _refused(rej: Rejected) -> Response:
             headers={"Retry-After": str(retry_after)},
         )
     return error(503, rej.state.value, rej.reason, headers={"Retry-After": "30"})
+
+
+def _insufficient_storage(why: str) -> Response:
+    return error(
+        507,
+        "insufficient_storage",
+        f"{why}; nothing was accepted, retry later",
+        headers={"Retry-After": "30"},
+    )
 
 
 def _split_records(body: bytes, content_type: str) -> tuple[list[bytes] | Response, int]:

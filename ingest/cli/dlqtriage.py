@@ -114,8 +114,11 @@ def summary(tenant: TenantOpt = None, config: ConfigOpt = None, json_out: JsonOp
     cfg = _config(config)
 
     async def go(dlq: DLQStore) -> analyze.Summary:
-        groups = await dlq.groups(DLQFilter(tenant=tenant))
-        return analyze.summarize(groups, await dlq.processed_total(tenant))
+        flt = DLQFilter(tenant=tenant)
+        groups = await dlq.groups(flt)
+        return analyze.summarize(
+            groups, await dlq.processed_total(tenant), await dlq.count_records(flt)
+        )
 
     result = _run(_with_dlq(cfg, go))
     if json_out:

@@ -5,6 +5,12 @@ batch's sink writes (I/O). Delivery is sequential per source: records of one ent
 source reach the sinks in source order, which is what makes revision judgements repeatable
 after a crash. Commits go through the commit watermark: a position is acknowledged only once
 its batch and every batch before it are durable.
+
+Neither stage can wait for the other forever: the consumer watches the producer's task as well
+as the queue, so a reader that fails (or a consumer that fails) ends the run with its error,
+for the supervisor to restart; a batch read ahead but not yet handed over is cancelled with
+its reader. Records that make the code raise are isolated (`ingest.pipeline.isolate`), and
+`Abandoned` (stopping during an outage) ends the run without committing the batch.
 """
 
 from __future__ import annotations
@@ -16,8 +22,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ingest.errors import Abandoned
 from ingest.pipeline.admission import Admission, BackpressureState, Rejected
 from ingest.pipeline.decode import DecodeFailure, Decoder
+from ingest.pipeline.isolate import decode_isolating, deliver_isolating
+from ingest.pipeline.progress import SourceProgress
 from ingest.pipeline.watermark import CommitTracker
 from ingest.pipeline.worker import Pipeline
 from ingest.records import Record
@@ -45,6 +54,7 @@ class SourceRunner:
         *,
         stopping: asyncio.Event,
         on_pending: Callable[[int], None],
+        progress: SourceProgress | None = None,
     ) -> None:
         self.source = source
         self.pipeline = pipeline
@@ -52,18 +62,32 @@ class SourceRunner:
         self.admission = admission
         self.stopping = stopping
         self.on_pending = on_pending  # +n when records are read, -n once committed
+        self.progress = progress or SourceProgress()
+        self._held = 0  # records this run read and has not committed (given back at its end)
         self.tracker: CommitTracker[SourceBatch] = CommitTracker()
 
     async def run(self) -> None:
-        """Until `stopping` is set: then finish what was read, commit it, and return."""
-        queue: asyncio.Queue[_Decoded | None] = asyncio.Queue(maxsize=1)
+        """Until `stopping` is set: then finish what was read, commit it, and return.
+        An error in either stage ends the run with that error (for the supervisor)."""
+        queue: asyncio.Queue[_Decoded] = asyncio.Queue(maxsize=1)
         producer = asyncio.create_task(self._produce(queue), name=f"read:{self.source.name}")
         try:
-            await self._consume(queue)
+            await self._consume(queue, producer)
+        except Abandoned:
+            log.warning(
+                "source %s: stopping during an outage; the batch is repeated later",
+                self.source.name,
+            )
         finally:
             if not producer.done():
                 producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
+            while not queue.empty():  # read ahead, never delivered: not pending any more
+                queue.get_nowait().claimed_before.cancel()
+            if self._held:  # uncommitted reads are read again by the next run
+                self.on_pending(-self._held)
+                self._held = 0
+            self.progress.forget_uncommitted()
 
     async def _gate(self) -> bool:
         """Wait while drained or paused; False once the service is stopping."""
@@ -73,8 +97,9 @@ class SourceRunner:
             await asyncio.sleep(0.1)
         return False
 
-    async def _produce(self, queue: asyncio.Queue[_Decoded | None]) -> None:
+    async def _produce(self, queue: asyncio.Queue[_Decoded]) -> None:
         batches = self.source.batches()
+        next_batch: asyncio.Future[SourceBatch] | None = None
         try:
             while await self._gate():
                 next_batch = asyncio.ensure_future(anext(batches))
@@ -91,17 +116,25 @@ class SourceRunner:
                     batch = next_batch.result()
                 except StopAsyncIteration:
                     break
+                next_batch = None
                 self.on_pending(len(batch.records))
+                self._held += len(batch.records)
+                self.progress.read(len(batch.records))
                 await self._admit(batch)
-                decoded = self.decoder.decode_many(batch.records)
-                lookup = self.pipeline.prefetch_seen(decoded)
+                decoded = decode_isolating(self.decoder, batch.records, self.pipeline.metrics)
+                lookup = self.pipeline.prefetch_seen(decoded, batch.records)
                 await queue.put(_Decoded(batch, decoded, lookup))
-        except Exception:
+        except Exception as exc:
             log.exception("source %s failed while reading", self.source.name)
-            self.source.health().error("reader stopped after an unexpected error; see logs")
+            self.source.health().error(
+                f"reader stopped after an unexpected error ({type(exc).__name__}: {exc})"
+            )
             raise
         finally:
-            await queue.put(None)
+            if next_batch is not None and not next_batch.done():
+                # cancelled while waiting: a batch it went on to read would never be delivered
+                next_batch.cancel()
+                await asyncio.gather(next_batch, return_exceptions=True)
             aclose = getattr(batches, "aclose", None)
             if aclose is not None:
                 with contextlib.suppress(Exception):
@@ -121,18 +154,31 @@ class SourceRunner:
                         return
                     await asyncio.sleep(0.1)
 
-    async def _consume(self, queue: asyncio.Queue[_Decoded | None]) -> None:
-        while True:
-            item = await queue.get()
-            if item is None:
-                return
+    async def _next(
+        self, queue: asyncio.Queue[_Decoded], producer: asyncio.Task[None]
+    ) -> _Decoded | None:
+        """The next batch, or None once the producer has finished and nothing is queued
+        (its error, if any, is raised here)."""
+        if queue.empty() and producer.done():
+            producer.result()
+            return None
+        getter = asyncio.ensure_future(queue.get())
+        await asyncio.wait({getter, producer}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            return getter.result()
+        getter.cancel()
+        await asyncio.gather(getter, return_exceptions=True)
+        return await self._next(queue, producer)
+
+    async def _consume(self, queue: asyncio.Queue[_Decoded], producer: asyncio.Task[None]) -> None:
+        while (item := await self._next(queue, producer)) is not None:
             while self.admission.state is BackpressureState.PAUSED and not self.stopping.is_set():
                 await asyncio.sleep(0.1)
             self.tracker.add(item.batch)
             if item.batch.records:  # an empty batch still commits (e.g. end of a file)
                 async with self.admission.in_flight():
-                    await self.pipeline.deliver(
-                        item.batch.records, item.decoded, claimed_before=item.claimed_before
+                    await deliver_isolating(
+                        self.pipeline, item.batch.records, item.decoded, item.claimed_before
                     )
             else:
                 item.claimed_before.cancel()
@@ -142,3 +188,5 @@ class SourceRunner:
     async def _commit(self, batch: SourceBatch) -> None:
         await self.pipeline.until_ok("checkpoint", lambda: self.source.commit(batch))
         self.on_pending(-len(batch.records))
+        self._held -= len(batch.records)
+        self.progress.committed(len(batch.records))

@@ -1,18 +1,24 @@
 """A record's whole life after its source hands it over, top to bottom.
 
     decode (bytes -> upgraded, validated record)       ingest.pipeline.decode
-      └─ failure -> DLQ (SCHEMA_DRIFT / VALIDATION_FAIL, sink "-")
+      └─ failure -> DLQ (SCHEMA_DRIFT / VALIDATION_FAIL, sink "-"), keyed by its bytes
     dedupe: same key earlier in this batch, or claimed before -> counted as duplicate
+      (failures too: the same bad bytes again have no second effect)
     brownout: low priority sampled out -> dropped store (replayable), counted
     route: the sinks configured for (tenant, entity_type)
     deliver to every sink at once, each behind its breaker, with retry for retryable codes
       └─ per-sink failure -> DLQ entry for that sink only
-    DLQ written -> idempotency keys claimed -> processed counts -> metrics
+    DLQ written (fitted: ingest.state.dlq_fit) -> idempotency keys claimed -> processed
+    counts -> metrics
     (then the runner commits the source position, in order, through the commit watermark)
 
 Nothing here acknowledges a source: `Pipeline.deliver` returns only once every record of the
 batch is durable in its sinks or in the DLQ. Stores that are briefly down (Redis restarting,
-Postgres failing over) are waited for, never skipped, because skipping would lose records.
+Postgres failing over) are waited for, never skipped, because skipping would lose records;
+so is a full disk, in a store or a sink (`ingest.errors.is_disk_full`): never a DLQ reason,
+never a breaker failure. Stopping while waiting raises `Abandoned`: the batch stays
+uncommitted and is repeated after the restart. An unexpected exception in here is isolated
+by the runner (`ingest.pipeline.isolate`).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from operator import attrgetter
 from typing import Any, TypeVar
 
 from ingest.config import Config
-from ingest.errors import SinkError, StoreUnavailable
+from ingest.errors import Abandoned, SinkError, StoreUnavailable, is_disk_full
 from ingest.metrics import Metrics, observe_many
 from ingest.pipeline.admission import Admission
 from ingest.pipeline.breaker import BreakerState, CircuitBreaker
@@ -47,6 +53,7 @@ from ingest.records import (
 )
 from ingest.sinks.base import Sink
 from ingest.state.base import DLQStore, DroppedStore, IdempotencyStore
+from ingest.state.dlq_fit import add_fitted
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -131,6 +138,9 @@ class Pipeline:
         self.sleep = sleep
         self.rng = rng or random.Random()
         self.store_errors: list[str] = []  # recent store outages, for /health/detailed
+        self.stopping: asyncio.Event | None = None  # set: waits for outages give up
+        self.disk_full_since: float | None = None  # a write is waiting for disk space
+        self.disk_full_error: str | None = None
         # Keys claimed by the last few batches: a lookup prefetched before they were claimed
         # (prefetch_seen) is completed from here, so prefetching loses no duplicate.
         self._recent_claims: dict[bytes, None] = {}  # insertion-ordered, bounded
@@ -143,13 +153,19 @@ class Pipeline:
             for key in list(islice(recent, excess)):
                 del recent[key]
 
-    def prefetch_seen(self, decoded: Sequence[Record | DecodeFailure]) -> asyncio.Task[set[bytes]]:
+    def prefetch_seen(
+        self, decoded: Sequence[Record | DecodeFailure], raws: Sequence[RawRecord]
+    ) -> asyncio.Task[set[bytes]]:
         """Start the idempotency lookup of a batch now, while earlier batches are delivered.
 
         The runner decodes one batch ahead; starting its lookup at once overlaps the store's
         round trip with the sink writes of the batch before.
         """
-        keys = [r.dedupe_key for r in decoded if isinstance(r, Record)]
+        keys = [r.dedupe_key for r in decoded if type(r) is Record]
+        if len(keys) != len(decoded):  # failures are keyed by their bytes
+            keys += [
+                raw_dedupe_key(raws[i]) for i, r in enumerate(decoded) if type(r) is not Record
+            ]
 
         async def lookup() -> set[bytes]:
             if not keys:
@@ -187,19 +203,23 @@ class Pipeline:
         now = self.clock()
         dlq_entries: list[DLQEntry] = []
         records = [item for item in decoded if type(item) is Record]
-        failures = len(decoded) - len(records)
-        if failures:
+        failed: list[_Failed] = []
+        if len(records) != len(decoded):
             for raw, item in zip(raws, decoded, strict=True):
                 if type(item) is not Record:
                     assert isinstance(item, DecodeFailure)
-                    dlq_entries.append(_decode_failure_entry(raw, item, now))
-                    tally[(raw.tenant, raw.source, "dlq")] += 1
+                    failed.append(_Failed(raw, item, raw_dedupe_key(raw)))
         targets: dict[int, Collection[str] | None] | None = None
         if only_sinks is not None:
             targets = {id(d): only_sinks[i] for i, d in enumerate(decoded) if type(d) is Record}
 
         if check_duplicates:
-            records = await self._drop_duplicates(records, report, tally, claimed_before)
+            records, failed = await self._drop_duplicates(
+                records, failed, report, tally, claimed_before
+            )
+        for f in failed:
+            dlq_entries.append(_decode_failure_entry(f.raw, f.failure, now, f.key))
+            tally[(f.raw.tenant, f.raw.source, "dlq")] += 1
         records = await self._brownout(records, report, tally, now)
 
         by_sink = self._route(records, targets)
@@ -211,7 +231,7 @@ class Pipeline:
         )
         commit_time = self.clock()
         label = _one_label(records)
-        failed: set[int] = set()  # id() of records that failed at some sink
+        failed_ids: set[int] = set()  # id() of records that failed at some sink
         unchanged: Counter[int] = Counter()  # id() -> sinks that found it already stored
         lags: Counter[tuple[str, str, str, float]] = Counter()  # same event time, one key
         for sink_name, (results, attempts) in zip(by_sink, outcomes, strict=True):
@@ -224,7 +244,7 @@ class Pipeline:
             for rec, result, tries in zip(items, results, attempts, strict=True):
                 status = result.status
                 if status is _FAILED:
-                    failed.add(id(rec))
+                    failed_ids.add(id(rec))
                     dlq_entries.append(
                         _sink_failure_entry(rec, sink_name, result, tries, commit_time)
                     )
@@ -235,8 +255,10 @@ class Pipeline:
                 lags[(raw.tenant, raw.source, sink_name, raw.event_time)] += 1
 
         if dlq_entries:
-            await self.until_ok("dlq", lambda: self.dlq.add(dlq_entries))
+            await self.until_ok("dlq", lambda: add_fitted(self.dlq, dlq_entries))
         claim = [rec.dedupe_key for rec in records]
+        if failed:
+            claim += [f.key for f in failed]
         if claim:
             await self.until_ok("idempotency", lambda: self.idempotency.claim(claim))
             self._remember_claims(claim)
@@ -245,13 +267,13 @@ class Pipeline:
             counts = Counter(zip(map(_TENANT, raws), map(_SOURCE, raws), strict=True))
             await self.until_ok("dlq", lambda: self.dlq.record_processed(counts))
 
-        if not failed and not unchanged and label is not None:
+        if not failed_ids and not unchanged and label is not None:
             report.delivered = len(records)
             if records:
                 tally[(*label, "delivered")] += len(records)
         else:
-            self._outcomes(records, by_sink, failed, unchanged, report, tally)
-        report.dlq = failures + len(failed)
+            self._outcomes(records, by_sink, failed_ids, unchanged, report, tally)
+        report.dlq = len(failed) + len(failed_ids)
         report.dlq_entries = dlq_entries
         self._publish(tally, dlq_entries, lags, commit_time)
         return report
@@ -307,30 +329,45 @@ class Pipeline:
         lags: Counter[tuple[str, str, str, float]],
         commit_time: float,
     ) -> None:
-        """Metrics once per batch and label set: per-record label lookups cost more than work."""
+        """Metrics once per batch and label set: per-record label lookups cost more than work.
+
+        `ingest_dlq_total` counts records (the first entry of each), so a record failing at
+        two sinks counts once there and twice in `ingest_sink_failures_total`."""
         m = self.metrics
         for (tenant, source, outcome), n in tally.items():
             m.records.labels(tenant, source, outcome).inc(n)
-        dlq_counts = Counter(
-            (e.tenant, e.source, e.sink or "-", e.reason.value) for e in dlq_entries
-        )
-        for labels, n in dlq_counts.items():
-            m.dlq.labels(*labels).inc(n)
+        if dlq_entries:
+            first_entry: dict[bytes, DLQEntry] = {}
+            sink_counts: Counter[tuple[str, str, str, str]] = Counter()
+            for e in dlq_entries:
+                first_entry.setdefault(e.dedupe_key, e)
+                if e.sink is not None:
+                    sink_counts[(e.tenant, e.source, e.sink, e.reason.value)] += 1
+            per_record = Counter((e.tenant, e.source, e.reason.value) for e in first_entry.values())
+            for labels, n in per_record.items():
+                m.dlq.labels(*labels).inc(n)
+            for sink_labels, n in sink_counts.items():
+                m.sink_failures.labels(*sink_labels).inc(n)
         for (tenant, source, sink, event_time), n in lags.items():
             observe_many(m.lag.labels(tenant, source, sink), max(0.0, commit_time - event_time), n)
 
     async def _drop_duplicates(
         self,
         records: list[Record],
+        failed: list[_Failed],
         report: BatchReport,
         tally: Counter[tuple[str, str, str]],
         claimed_before: Awaitable[set[bytes]] | None,
-    ) -> list[Record]:
-        """A record whose key is in this batch already, or was claimed before, has no effect.
+    ) -> tuple[list[Record], list[_Failed]]:
+        """A record whose key is in this batch already, or was claimed before, has no effect;
+        nor do bytes that failed decoding before (keyed by tenant and bytes: `_Failed.key`).
 
         `claimed_before` is a lookup started while the previous batches were still being
         delivered (see `prefetch_seen`); claims made since are in `_recent_claims`.
         """
+        prefetched = None if claimed_before is None else await claimed_before
+        if failed:
+            failed = await self._drop_repeated_failures(failed, report, tally, prefetched)
         keys = [rec.dedupe_key for rec in records]
         first = records
         if len(set(keys)) != len(keys):
@@ -345,15 +382,15 @@ class Pipeline:
                     first.append(rec)
             keys = [rec.dedupe_key for rec in first]
         if not first:
-            return first
-        if claimed_before is None:
+            return first, failed
+        if prefetched is None:
             flags = await self.until_ok("idempotency", lambda: self.idempotency.seen(keys))
             seen = {k for k, f in zip(keys, flags, strict=True) if f}
         else:
-            seen = await claimed_before
+            seen = prefetched
         recent = self._recent_claims
         if not seen and recent.keys().isdisjoint(keys):
-            return first
+            return first, failed
         fresh: list[Record] = []
         for rec in first:
             key = rec.dedupe_key
@@ -362,6 +399,31 @@ class Pipeline:
                 report.duplicate += 1
             else:
                 fresh.append(rec)
+        return fresh, failed
+
+    async def _drop_repeated_failures(
+        self,
+        failed: list[_Failed],
+        report: BatchReport,
+        tally: Counter[tuple[str, str, str]],
+        prefetched: set[bytes] | None,
+    ) -> list[_Failed]:
+        """The decode failures of a batch whose bytes did not fail before (nor earlier in it)."""
+        keys = [f.key for f in failed]
+        if prefetched is None:
+            flags = await self.until_ok("idempotency", lambda: self.idempotency.seen(keys))
+            seen = {k for k, flag in zip(keys, flags, strict=True) if flag}
+        else:
+            seen = {k for k in keys if k in prefetched}
+        seen.update(k for k in (f.key for f in failed) if k in self._recent_claims)
+        fresh: list[_Failed] = []
+        for f in failed:
+            if f.key in seen:
+                tally[(f.raw.tenant, f.raw.source, "duplicate")] += 1
+                report.duplicate += 1
+            else:
+                seen.add(f.key)
+                fresh.append(f)
         return fresh
 
     async def _brownout(
@@ -447,17 +509,27 @@ class Pipeline:
             }
             return [SinkResult.failed(ReasonCode.CIRCUIT_OPEN, **detail)] * len(records)
         try:
-            await lane.ensure_started()
-            results = await lane.sink.write(records)
+            results = await self._write_waiting_for_disk(lane, records)
+        except Abandoned:
+            raise
         except SinkError as exc:
             if exc.reason.retryable:
                 lane.breaker.record_failure()
             else:
                 lane.breaker.record_success()
-            detail = {"error_class": type(exc.__cause__ or exc).__name__, **exc.detail}
-            return [SinkResult.failed(exc.reason, **detail)] * len(records)
-        except Exception as exc:  # a sink bug must not crash the worker: classify and keep going
-            log.exception("sink %s raised an unclassified error", lane.sink.name)
+            return [_sink_error_result(exc)] * len(records)
+        except Exception as exc:  # a sink bug must not crash the worker: isolate, classify
+            log.warning(
+                "sink %s raised an unclassified %s on %d records: %s",
+                lane.sink.name,
+                type(exc).__name__,
+                len(records),
+                exc,
+            )
+            isolated = await self._isolate_in_sink(lane, records) if len(records) > 1 else None
+            if isolated is not None:  # some records went in: the others are the poison
+                lane.breaker.record_success()
+                return isolated
             lane.breaker.record_failure()
             detail = {"error_class": type(exc).__name__, "message": str(exc) or repr(exc)}
             return [SinkResult.failed(ReasonCode.CONNECTION_ERROR, **detail)] * len(records)
@@ -468,30 +540,152 @@ class Pipeline:
             )
         return results
 
+    async def _isolate_in_sink(
+        self, lane: SinkLane, records: list[Record], budget: int = 64
+    ) -> list[SinkResult] | None:
+        """Bisect a batch on which the sink raised something unclassified. Records that still
+        make it raise on their own are VALIDATION_FAIL (`unexpected_error`, with the error);
+        the rest get their real results. None when no part of the batch went in at all: then
+        it is the sink, not a record (a retryable failure, through the breaker)."""
+        results: list[SinkResult | None] = [None] * len(records)
+        calls = 0
+        wrote_some = False
+        pending: list[tuple[int, int]] = [(0, len(records) // 2), (len(records) // 2, len(records))]
+        while pending:
+            lo, hi = pending.pop()
+            part = records[lo:hi]
+            if calls >= budget:
+                return None
+            calls += 1
+            try:
+                out = await self._write_waiting_for_disk(lane, part)
+            except Abandoned:
+                raise
+            except SinkError as exc:
+                results[lo:hi] = [_sink_error_result(exc)] * len(part)
+                continue
+            except Exception as exc:
+                if hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    pending += [(lo, mid), (mid, hi)]
+                    continue
+                self.metrics.isolations.labels(f"sink:{lane.sink.name}").inc()
+                results[lo] = SinkResult.failed(
+                    ReasonCode.VALIDATION_FAIL,
+                    kind="unexpected_error",
+                    stage=f"sink {lane.sink.name}",
+                    error_class=type(exc).__name__,
+                    message=f"sink {lane.sink.name} raised {type(exc).__name__}: {exc}",
+                )
+                continue
+            if len(out) != len(part):
+                return None
+            wrote_some = True
+            results[lo:hi] = out
+        if not wrote_some:
+            return None
+        return [
+            r if r is not None else SinkResult.failed(ReasonCode.CONNECTION_ERROR) for r in results
+        ]
+
+    async def _write_waiting_for_disk(
+        self, lane: SinkLane, records: list[Record]
+    ) -> list[SinkResult]:
+        """One sink write; a full disk is waited out here (the breaker and the DLQ never see
+        it: the records are valid and acknowledged, only space is missing)."""
+        delay = 0.2
+        while True:
+            try:
+                await lane.ensure_started()
+                results = await lane.sink.write(records)
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    raise
+                self._disk_full(f"sink {lane.sink.name}", exc, delay)
+                await self._pause(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self._disk_ok()
+            return results
+
     # ------------------------------------------------------------------ stores
     async def until_ok(self, store: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """Call a state store until it answers: a store outage pauses delivery, loses nothing."""
+        """Call a state store until it answers: a store outage pauses delivery, loses nothing.
+        A full disk is an outage too. Raises `Abandoned` if the service stops meanwhile."""
         delay = 0.1
         while True:
             try:
-                return await fn()
-            except (StoreUnavailable, OSError, ConnectionError) as exc:
-                message = f"{store} store unavailable: {exc}"
-                log.warning("%s; retrying in %.1fs", message, delay)
-                self.store_errors.insert(0, f"{_iso(time.time())} {message}")
-                del self.store_errors[10:]
-                await self.sleep(delay)
+                result = await fn()
+            except Exception as exc:
+                full = is_disk_full(exc)
+                if not (full or isinstance(exc, StoreUnavailable | OSError | ConnectionError)):
+                    raise
+                if full:
+                    self._disk_full(f"{store} store", exc, delay)
+                else:
+                    message = f"{store} store unavailable: {exc}"
+                    log.warning("%s; retrying in %.1fs", message, delay)
+                    self.store_errors.insert(0, f"{_iso(time.time())} {message}")
+                    del self.store_errors[10:]
+                await self._pause(delay)
                 delay = min(delay * 2, 5.0)
+                continue
+            self._disk_ok()
+            return result
+
+    def _disk_full(self, where: str, exc: BaseException, delay: float) -> None:
+        message = f"{where}: no space left ({type(exc).__name__}: {exc})"
+        if self.disk_full_since is None:
+            self.disk_full_since = time.time()
+            log.error("%s; waiting for free space, retrying every few seconds", message)
+        else:
+            log.debug("%s; retrying in %.1fs", message, delay)
+        self.disk_full_error = message
+        self.metrics.disk_full.set(1)
+
+    def _disk_ok(self) -> None:
+        if self.disk_full_since is not None:
+            log.warning("disk space is back after %.0fs", time.time() - self.disk_full_since)
+            self.disk_full_since = None
+            self.metrics.disk_full.set(0)
+
+    async def _pause(self, delay: float) -> None:
+        """Sleep before retrying an outage; raise `Abandoned` once the service is stopping."""
+        stopping = self.stopping
+        if stopping is None:
+            await self.sleep(delay)
+            return
+        if not stopping.is_set():
+            nap = asyncio.ensure_future(self.sleep(delay))
+            stop = asyncio.ensure_future(stopping.wait())
+            try:
+                await asyncio.wait({nap, stop}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                nap.cancel()
+                stop.cancel()
+        if stopping.is_set():
+            raise Abandoned("stopping while waiting for a store, a sink or disk space")
 
 
-def _decode_failure_entry(raw: RawRecord, item: DecodeFailure, now: float) -> DLQEntry:
+@dataclass(slots=True)
+class _Failed:
+    """A record that failed decoding, with the key of its bytes (repeats are duplicates)."""
+
+    raw: RawRecord
+    failure: DecodeFailure
+    key: bytes
+
+
+def _decode_failure_entry(
+    raw: RawRecord, item: DecodeFailure, now: float, key: bytes | None = None
+) -> DLQEntry:
     body = item.body or {}
     detail = dict(item.detail)
     if "csv_header" in raw.meta:
         detail["csv_header"] = raw.meta["csv_header"]
     at = datetime.fromtimestamp(now, UTC)
     return DLQEntry(
-        dedupe_key=raw_dedupe_key(raw),
+        dedupe_key=raw_dedupe_key(raw) if key is None else key,
         tenant=raw.tenant,
         source=raw.source,
         sink=None,
@@ -548,6 +742,11 @@ def _revision_or_none(value: Any) -> int | None:
     """A revision the DLQ's 64-bit column holds (the schema's range), else None: the record's
     bytes and `detail.found` still say what was sent."""
     return value if type(value) is int and 0 <= value <= _REVISION_MAX else None
+
+
+def _sink_error_result(exc: SinkError) -> SinkResult:
+    detail = {"error_class": type(exc.__cause__ or exc).__name__, **exc.detail}
+    return SinkResult.failed(exc.reason, **detail)
 
 
 def _str_or_none(value: Any) -> str | None:

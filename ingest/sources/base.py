@@ -43,10 +43,12 @@ class AdapterHealth:
     errors: list[str] = field(default_factory=list)  # most recent first, bounded
     records_read: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    error_count: int = 0  # every error() ever: ingest_source_errors_total follows it
 
     def error(self, message: str, keep: int = 10) -> None:
         self.errors.insert(0, f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {message}")
         del self.errors[keep:]
+        self.error_count += 1
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +58,7 @@ class AdapterHealth:
             "last_checkpoint_at": self.last_checkpoint_at,
             "errors": list(self.errors),
             "records_read": self.records_read,
+            "error_count": self.error_count,
             **self.extra,
         }
 

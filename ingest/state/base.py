@@ -83,6 +83,11 @@ class DLQStore(Protocol):
 
     async def count(self, flt: DLQFilter) -> int: ...
 
+    async def count_records(self, flt: DLQFilter) -> int:
+        """Distinct records (dedupe keys) among the matching entries: a record that failed
+        at two sinks has two entries and counts once here (the DLQ rate's numerator)."""
+        ...
+
     async def groups(self, flt: DLQFilter) -> list[DLQGroup]:
         """Counts by (reason, sink, source) with oldest/newest last_failed_at."""
         ...

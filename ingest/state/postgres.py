@@ -235,6 +235,11 @@ class PostgresDLQStore:
         sql = f"SELECT count(*) FROM dlq WHERE {_filter_sql(flt, args)}"
         return int(await _retrying(self._pool, lambda c: c.fetchval(sql, *args)))
 
+    async def count_records(self, flt: DLQFilter) -> int:
+        args: list[Any] = []
+        sql = f"SELECT count(DISTINCT dedupe_key) FROM dlq WHERE {_filter_sql(flt, args)}"
+        return int(await _retrying(self._pool, lambda c: c.fetchval(sql, *args)))
+
     async def groups(self, flt: DLQFilter) -> list[DLQGroup]:
         args: list[Any] = []
         sql = (

@@ -509,6 +509,12 @@ class SQLiteDLQStore:
         row = await self._call(fetchone(f"SELECT count(*) FROM dlq WHERE {where}", params))
         return int(row[0])
 
+    async def count_records(self, flt: DLQFilter) -> int:
+        where, params = _where(flt)
+        sql = f"SELECT count(DISTINCT dedupe_key) FROM dlq WHERE {where}"
+        row = await self._call(fetchone(sql, params))
+        return int(row[0])
+
     async def groups(self, flt: DLQFilter) -> list[DLQGroup]:
         where, params = _where(flt)
         sql = (

@@ -51,6 +51,8 @@ def sections() -> list[tuple[str, type[BaseModel]]]:
         ("replay", C.ReplayConfig),
         ("retry", C.RetryConfig),
         ("breaker", C.BreakerConfig),
+        ("health", C.HealthConfig),
+        ("disk", C.DiskConfig),
     ]
     for section, registry in (("sources", SOURCES), ("sinks", SINKS)):
         entries: dict[str, Any] = dict(registry)

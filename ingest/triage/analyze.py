@@ -51,6 +51,10 @@ def refusal(reasons: Iterable[ReasonCode]) -> str | None:
 
 @dataclass(slots=True)
 class Summary:
+    """`total` counts DLQ entries (one per record and failing sink); `records` counts the
+    records they belong to, which is what the DLQ rate divides (the runbook: records sent
+    to the DLQ over records processed), so a record failing two sinks counts once."""
+
     total: int
     processed: int
     by_reason: dict[str, int]
@@ -58,10 +62,15 @@ class Summary:
     by_source: dict[str, int]
     oldest: datetime | None
     newest: datetime | None
+    records: int | None = None  # None: not known, taken as `total`
+
+    @property
+    def dlq_records(self) -> int:
+        return self.total if self.records is None else self.records
 
     @property
     def rate(self) -> float | None:
-        return self.total / self.processed if self.processed else None
+        return self.dlq_records / self.processed if self.processed else None
 
     @property
     def slo(self) -> str:
@@ -74,6 +83,7 @@ class Summary:
     def as_dict(self) -> dict[str, Any]:
         return {
             "total": self.total,
+            "records": self.dlq_records,
             "processed": self.processed,
             "dlq_rate": self.rate,
             "slo_rate": SLO_RATE,
@@ -89,7 +99,7 @@ class Summary:
         }
 
 
-def summarize(groups: Sequence[DLQGroup], processed: int) -> Summary:
+def summarize(groups: Sequence[DLQGroup], processed: int, records: int | None = None) -> Summary:
     reasons: Counter[str] = Counter()
     sinks: Counter[str] = Counter()
     sources: Counter[str] = Counter()
@@ -100,6 +110,7 @@ def summarize(groups: Sequence[DLQGroup], processed: int) -> Summary:
     return Summary(
         total=sum(g.count for g in groups),
         processed=processed,
+        records=records,
         by_reason=dict(reasons.most_common()),
         by_sink=dict(sinks.most_common()),
         by_source=dict(sources.most_common()),

@@ -75,8 +75,8 @@ def summary(s: Summary, tenant: str | None) -> None:
     rate = "n/a (nothing processed yet)" if s.rate is None else f"{s.rate:.3%}"
     mark = {"over": "[bold red]OVER[/]", "under": "[green]under[/]"}.get(s.slo, s.slo)
     console.print(
-        f"[bold]DLQ summary[/] ({scope}): {s.total} entries, {s.processed} records "
-        f"processed, DLQ rate {rate} — {mark} the 0.5% SLO"
+        f"[bold]DLQ summary[/] ({scope}): {s.total} entries for {s.dlq_records} records, "
+        f"{s.processed} records processed, DLQ rate {rate} — {mark} the 0.5% SLO"
     )
     if s.oldest is not None and s.newest is not None:
         console.print(

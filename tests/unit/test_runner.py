@@ -1,0 +1,244 @@
+"""SourceRunner: no deadlock, no orphaned reads, no record able to stop its source.
+
+The source here is a test double of the Source protocol (batches from a list, with hooks to
+fail or hold); the pipeline is the real one on real SQLite stores with the in-memory sink of
+test_worker. Each test names the bug it pins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from ingest.errors import StoreUnavailable
+from ingest.pipeline.decode import Decoder
+from ingest.pipeline.progress import SourceProgress
+from ingest.pipeline.runner import SourceRunner
+from ingest.pipeline.worker import Pipeline
+from ingest.records import RawRecord, ReasonCode, Record, SinkResult
+from ingest.sources.base import AdapterHealth, SourceBatch
+from ingest.state.base import DLQFilter
+from ingest.state.sqlite import SQLiteDB
+from tests.unit.test_worker import FakeSleep, MemorySink, make_pipeline
+
+TIMEOUT = 10.0
+
+
+def line(eid: str, revision: int | str = 1, tenant: str = "t") -> bytes:
+    return (
+        b'{"schema_version":3,"tenant_id":"%s","entity_type":"order","entity_id":"%s",'
+        b'"revision":%s,"occurred_at":"2025-01-01T00:00:00Z","attributes":{}}'
+        % (tenant.encode(), eid.encode(), str(revision).encode())
+    )
+
+
+class ListSource:
+    """Yields the given batches in order (each waits for `gates[i]` if set), then idles."""
+
+    kind = "memory"
+
+    def __init__(self, batches: Sequence[Sequence[bytes]], name: str = "mem") -> None:
+        self.name = name
+        self._batches = [list(b) for b in batches]
+        self.gates: dict[int, asyncio.Event] = {}
+        self.yielded = 0
+        self.committed: list[int] = []
+        self.fail_commit: list[BaseException] = []
+        self._health = AdapterHealth(status="idle")
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None: ...
+
+    async def batches(self) -> AsyncIterator[SourceBatch]:
+        seq = 0
+        for i, lines in enumerate(self._batches):
+            if i in self.gates:
+                await self.gates[i].wait()
+            raws = []
+            for data in lines:
+                seq += 1
+                raws.append(RawRecord(data, "t", self.name, seq, i, 0.0))
+            self.yielded += 1
+            yield SourceBatch(raws, position=i, first_seq=raws[0].seq if raws else seq,
+                              last_seq=seq)
+        await self._stop.wait()
+
+    async def commit(self, batch: SourceBatch) -> None:
+        if self.fail_commit:
+            raise self.fail_commit.pop(0)
+        self.committed.append(batch.position)
+
+    async def stop(self) -> None:
+        self._stop.set()
+
+    def health(self) -> AdapterHealth:
+        return self._health
+
+    async def close(self) -> None:
+        self._stop.set()
+
+
+@pytest.fixture()
+async def db(tmp_path: Path) -> AsyncIterator[SQLiteDB]:
+    database = await SQLiteDB.open(tmp_path / "state.db")
+    yield database
+    await database.close()
+
+
+def runner(source: ListSource, pipe: Pipeline, stopping: asyncio.Event,
+           decoder: Decoder | None = None) -> SourceRunner:
+    return SourceRunner(source, pipe, decoder or Decoder(), pipe.admission, stopping=stopping,
+                        on_pending=lambda n: None, progress=SourceProgress())
+
+
+async def dlq_entries(pipe: Pipeline) -> list[Any]:
+    return [e async for page in pipe.dlq.scan(DLQFilter()) for e in page]
+
+
+async def run_until_committed(src: ListSource, pipe: Pipeline, n: int,
+                              decoder: Decoder | None = None) -> None:
+    stopping = asyncio.Event()
+    task = asyncio.create_task(runner(src, pipe, stopping, decoder).run())
+    async with asyncio.timeout(TIMEOUT):
+        while len(src.committed) < n:
+            await asyncio.sleep(0.01)
+    stopping.set()
+    await asyncio.wait_for(task, TIMEOUT)
+
+
+async def test_consumer_failure_with_a_full_queue_ends_the_run_instead_of_hanging(
+        db: SQLiteDB) -> None:
+    """Bug: the reader waited forever at `await queue.put(None)` on a full queue once the
+    consumer had died, so the runner never returned and was never restarted."""
+    src = ListSource([[line(f"e{i}")] for i in range(6)])
+    src.fail_commit = [RuntimeError("commit exploded")]
+    pipe = make_pipeline(db, {"a": MemorySink("a")}, FakeSleep())
+    with pytest.raises(RuntimeError, match="commit exploded"):
+        await asyncio.wait_for(runner(src, pipe, asyncio.Event()).run(), TIMEOUT)
+
+
+async def test_a_read_in_progress_is_cancelled_with_the_reader(db: SQLiteDB) -> None:
+    """Bug: when the reader was cancelled while waiting for the next batch, that `anext` task
+    kept running: the batch it read later was never delivered (and the source thought it
+    was in flight)."""
+    src = ListSource([[line("e1")], [line("e2")]])
+    src.gates[1] = asyncio.Event()  # the second batch arrives only later
+    src.fail_commit = [RuntimeError("commit exploded")]
+    pipe = make_pipeline(db, {"a": MemorySink("a")}, FakeSleep())
+    with pytest.raises(RuntimeError):
+        await asyncio.wait_for(runner(src, pipe, asyncio.Event()).run(), TIMEOUT)
+    src.gates[1].set()
+    await asyncio.sleep(0.1)
+    assert src.yielded == 1  # nobody read batch 2 into the void
+
+
+async def test_a_record_that_makes_the_decoder_raise_is_isolated(db: SQLiteDB) -> None:
+    class Fragile(Decoder):
+        def decode_many(self, raws: Sequence[RawRecord]) -> Any:
+            if any(b"boom" in r.data for r in raws):
+                raise ZeroDivisionError("boom")
+            return super().decode_many(raws)
+
+    sink = MemorySink("a")
+    pipe = make_pipeline(db, {"a": sink}, FakeSleep())
+    src = ListSource([[line("e1"), line("boom"), line("e3")], [line("e4")]])
+    await run_until_committed(src, pipe, 2, Fragile())
+    assert set(sink.rows) == {("t", "order", e) for e in ("e1", "e3", "e4")}
+    [entry] = await dlq_entries(pipe)
+    assert entry.reason is ReasonCode.VALIDATION_FAIL and entry.sink is None
+    assert entry.detail["kind"] == "unexpected_error"
+    assert entry.detail["error_class"] == "ZeroDivisionError" and entry.detail["stage"] == "decode"
+    assert entry.payload == line("boom")
+
+
+async def test_an_out_of_range_revision_is_dead_lettered_not_a_stranded_batch(
+        db: SQLiteDB) -> None:
+    """Bug: revision 2**63 raised OverflowError writing its DLQ row; the batch was stranded."""
+    sink = MemorySink("a")
+    pipe = make_pipeline(db, {"a": sink}, FakeSleep())
+    src = ListSource([[line("e1"), line("e2", 2**63), line("e3", -(2**70))], [line("e4")]])
+    await run_until_committed(src, pipe, 2)
+    assert set(sink.rows) == {("t", "order", e) for e in ("e1", "e4")}
+    entries = {e.entity_id: e for e in await dlq_entries(pipe)}
+    assert entries["e2"].revision is None and entries["e2"].reason is ReasonCode.VALIDATION_FAIL
+    assert entries["e2"].payload == line("e2", 2**63)  # the original bytes, untouched
+    assert entries["e3"].reason is ReasonCode.VALIDATION_FAIL
+
+
+class PoisonSink(MemorySink):
+    """Raises something unclassified whenever a batch holds the entity 'poison'."""
+
+    async def write(self, records: Sequence[Record]) -> list[SinkResult]:
+        self.calls += 1
+        if any(r.entity_id == "poison" for r in records):
+            raise TypeError("cannot adapt value")
+        self.calls -= 1
+        return await super().write(records)
+
+
+async def test_a_record_the_sink_chokes_on_is_isolated_and_the_rest_written(
+        db: SQLiteDB) -> None:
+    sink = PoisonSink("a")
+    pipe = make_pipeline(db, {"a": sink}, FakeSleep())
+    batch = [line(f"e{i}") for i in range(7)] + [line("poison")] + [line("e9")]
+    src = ListSource([batch])
+    await run_until_committed(src, pipe, 1)
+    assert len(sink.rows) == 8 and ("t", "order", "poison") not in sink.rows
+    [entry] = await dlq_entries(pipe)
+    assert entry.reason is ReasonCode.VALIDATION_FAIL and entry.sink == "a"
+    assert entry.detail["kind"] == "unexpected_error" and entry.detail["error_class"] == "TypeError"
+    assert pipe.lanes["a"].breaker.state.value == "closed"  # a record is not an outage
+
+
+async def test_bookkeeping_that_raises_for_one_record_is_isolated(db: SQLiteDB) -> None:
+    pipe = make_pipeline(db, {"a": MemorySink("a")}, FakeSleep())
+    poisoned = Decoder().decode(RawRecord(line("e2"), "t", "mem", 1, 0, 0.0))
+    assert isinstance(poisoned, Record)
+    real_claim = pipe.idempotency.claim
+
+    async def claim(keys: Sequence[bytes]) -> None:
+        if poisoned.dedupe_key in keys:
+            raise ValueError("index out of range")
+        await real_claim(keys)
+
+    pipe.idempotency.claim = claim  # type: ignore[method-assign]
+    src = ListSource([[line("e1"), line("e2"), line("e3")], [line("e4")]])
+    await run_until_committed(src, pipe, 2)
+    [entry] = await dlq_entries(pipe)
+    assert entry.entity_id == "e2" and entry.detail["stage"] == "deliver"
+    assert entry.detail["error_class"] == "ValueError"
+    assert pipe.metrics.registry.get_sample_value(
+        "ingest_poison_isolations_total", {"stage": "deliver"}) >= 1
+
+
+async def test_stopping_during_a_store_outage_leaves_the_batch_uncommitted(
+        db: SQLiteDB) -> None:
+    """Bug: SIGTERM waited the full shutdown timeout while a store (or the disk) was down."""
+    pipe = make_pipeline(db, {"a": MemorySink("a")}, FakeSleep())
+    pipe.sleep = asyncio.sleep  # type: ignore[method-assign]
+
+    async def down(keys: Sequence[bytes]) -> None:
+        raise StoreUnavailable("idempotency", "here", "down")
+
+    pipe.idempotency.claim = down  # type: ignore[method-assign]
+    stopping = asyncio.Event()
+    pipe.stopping = stopping
+    src = ListSource([[line("e1")]])
+    task = asyncio.create_task(runner(src, pipe, stopping).run())
+    await asyncio.sleep(0.5)
+    assert not task.done()  # waiting for the store, as it should
+    stopping.set()
+    await asyncio.wait_for(task, 2.0)  # gives up promptly instead of waiting the store out
+    assert src.committed == []
+
+
+def test_unexpected_failure_detail_is_json() -> None:
+    from ingest.pipeline.isolate import unexpected_failure
+
+    failure = unexpected_failure(OverflowError("int too big"), "deliver", {"revision": 2**70})
+    assert orjson.loads(orjson.dumps(failure.detail))["error_class"] == "OverflowError"
