@@ -113,7 +113,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("adapters", ("ingest.sources", "ingest.sinks", "ingest.state")),
-    ("mechanisms", ("ingest.pipeline", "ingest.auth")),
+    ("mechanisms", ("ingest.pipeline", "ingest.auth", "ingest.health", "ingest.disk")),
     ("assembly", ("ingest.factory",)),
     ("tools and HTTP", ("ingest.replay", "ingest.triage", "ingest.tools", "ingest.api")),
     ("running", ("ingest.service",)),
