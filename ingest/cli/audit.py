@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -11,10 +10,7 @@ import typer
 
 from ingest.cli.common import load_existing_state, parse_when, run_async
 from ingest.state.audit import AuditEntry, AuditFilter, audit_store
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+from ingest.timefmt import iso
 
 
 def audit(
@@ -53,7 +49,7 @@ def audit(
 
     rows = run_async(go())
     if json_out:
-        print(json.dumps([{**r.to_dict(), "when": _iso(r.at)} for r in rows], indent=2))
+        print(json.dumps([{**r.to_dict(), "when": iso(r.at)} for r in rows], indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -61,6 +57,6 @@ def audit(
     table = Table("when", "actor", "via", "action", "outcome", "tenant", "target", "from")
     for r in rows:
         table.add_row(
-            _iso(r.at), r.actor, r.via, r.action, r.outcome, r.tenant or "", r.target, r.remote
+            iso(r.at), r.actor, r.via, r.action, r.outcome, r.tenant or "", r.target, r.remote
         )
     Console().print(table)

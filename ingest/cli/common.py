@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -151,3 +153,30 @@ async def audit_cli(
         detail=detail or {},
     )
     await audit_store(stores).record(entry)
+
+
+class StopFlag:
+    """First SIGINT/SIGTERM: finish the unit of work in flight (a redrive page, a replay
+    batch), save progress, stop. A second one: stop now (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def _signal(self) -> None:
+        if self._set:
+            raise KeyboardInterrupt
+        self._set = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopFlag]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._signal)
+        try:
+            yield self
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)

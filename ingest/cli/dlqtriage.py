@@ -8,8 +8,6 @@ takes --json. Exit codes: 0 ok, 1 some entries failed again (or the run was stop
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
@@ -23,6 +21,7 @@ from ingest.cli.common import (
     EXIT_FAILED,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    StopFlag,
     actor,
     audit_cli,
     fail,
@@ -268,7 +267,7 @@ async def _redrive(
             await core.start_sinks()
         except SinkError as exc:
             fail(f"a sink is unreachable, nothing was redriven: {exc}", EXIT_UNAVAILABLE)
-        stop = _StopFlag()
+        stop = StopFlag()
         with stop.installed(), _progress(total, enabled=not json_out) as advance:
             result = await run_redrive(
                 core, flt, page_size=page_size, on_page=advance, should_stop=stop.is_set
@@ -296,37 +295,6 @@ async def _redrive(
     if result.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_FAILED if result.failed else 0
-
-
-class _StopFlag:
-    """First SIGINT/SIGTERM: finish the page in flight, then stop. A second one: stop now."""
-
-    def __init__(self) -> None:
-        self._set = False
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def _signal(self) -> None:
-        if self._set:
-            raise KeyboardInterrupt
-        self._set = True
-
-    def installed(self) -> Any:
-        import contextlib
-
-        @contextlib.contextmanager
-        def cm() -> Any:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, self._signal)
-            try:
-                yield self
-            finally:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.remove_signal_handler(sig)
-
-        return cm()
 
 
 def _progress(total: int, *, enabled: bool) -> Any:

@@ -9,10 +9,8 @@ plan or source, refused transition), 3 store, source or legal-hold service unrea
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
@@ -28,6 +26,7 @@ from ingest.cli.common import (
     EXIT_FAILED,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    StopFlag,
     actor,
     audit_cli,
     fail,
@@ -39,6 +38,7 @@ from ingest.errors import StoreUnavailable
 from ingest.replay import plans as P
 from ingest.replay import render as V
 from ingest.replay import runner as R
+from ingest.timefmt import iso
 
 T = TypeVar("T")
 EXIT_INTERRUPTED = 130
@@ -70,12 +70,6 @@ AsOpt = Annotated[
 
 def _emit(doc: Any) -> None:
     print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
-
-
-def _iso(ts: float | None) -> str | None:
-    return (
-        None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
-    )
 
 
 def _when(value: str, option: str) -> float:
@@ -139,7 +133,7 @@ def _hold_note(plan: P.Plan) -> str:
 
 def _doc(plan: P.Plan) -> dict[str, Any]:
     d = plan.to_dict()
-    d["window"] = {"from": _iso(plan.start), "to": _iso(plan.end)}
+    d["window"] = {"from": iso(plan.start), "to": iso(plan.end)}
     d["legal_hold"] = _hold_note(plan)
     d["completion"] = V.completion_doc(plan, time.time())
     return d
@@ -204,8 +198,8 @@ def plan(
         await R.estimate(cfg, stores, new)
         await store.save(new)
         detail = {
-            "from": _iso(t0),
-            "to": _iso(t1),
+            "from": iso(t0),
+            "to": iso(t1),
             "sources": [s.name for s in resolved],
             "throttle": throttle,
             "estimate_records": new.estimate_records,
@@ -221,7 +215,7 @@ def plan(
     console.print(new.id)
     est = new.estimate_records
     console.print(
-        f"plan {new.id}: {tenant} {_iso(t0)} .. {_iso(t1)}, {throttle:g} records/s, "
+        f"plan {new.id}: {tenant} {iso(t0)} .. {iso(t1)}, {throttle:g} records/s, "
         f"estimate {'unknown' if est is None else f'{est} records'}; "
         f"state {new.state}. Next: replayctl approve {new.id}"
         + (" --rfa RFA-<number>" if P.needs_rfa(new, _threshold(None)) else "")
@@ -284,7 +278,7 @@ def approve(
         _emit(_doc(p))
     else:
         console.print(
-            f"plan {p.id} approved by {p.approved_by} at {_iso(p.approved_at)}"
+            f"plan {p.id} approved by {p.approved_by} at {iso(p.approved_at)}"
             + (f" under {p.rfa}" if p.rfa else "")
             + f". Next: replayctl run "
             f"--plan {p.id}"
@@ -380,7 +374,7 @@ async def _replay_plan(
         return _refused(err, json_out), p
     p.legal_hold = hold.note
     await core.start_sinks()
-    stop = _StopFlag()
+    stop = StopFlag()
     try:
         with stop.installed(), _progress(p, enabled=not json_out) as advance:
             done = await R.run(core, p, store, on_batch=advance, should_stop=stop.is_set)
@@ -397,32 +391,6 @@ def _refused(message: str, json_out: bool) -> int:
     if not json_out:
         Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}")
     return EXIT_FAILED
-
-
-class _StopFlag:
-    """First SIGINT/SIGTERM: finish the batch in flight, save progress, stop. Second: now."""
-
-    def __init__(self) -> None:
-        self._set = False
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def _signal(self) -> None:
-        if self._set:
-            raise KeyboardInterrupt
-        self._set = True
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[_StopFlag]:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._signal)
-        try:
-            yield self
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
 
 
 @contextlib.contextmanager
@@ -466,19 +434,19 @@ def _status(p: P.Plan) -> None:
         ("plan", p.id),
         ("state", p.state),
         ("tenant", p.tenant),
-        ("window", f"{_iso(p.start)} .. {_iso(p.end)}"),
+        ("window", f"{iso(p.start)} .. {iso(p.end)}"),
         ("sources", ", ".join(s.name for s in p.sources)),
         ("throttle", f"{p.throttle:g} records/s"),
         ("estimate", "unknown" if est is None else f"{est} records"),
-        ("created", f"{_iso(p.created_at)} by {p.created_by}"),
+        ("created", f"{iso(p.created_at)} by {p.created_by}"),
         (
             "approval",
             "not approved"
             if p.approved_by is None
-            else f"{p.approved_by} at {_iso(p.approved_at)}" + (f" ({p.rfa})" if p.rfa else ""),
+            else f"{p.approved_by} at {iso(p.approved_at)}" + (f" ({p.rfa})" if p.rfa else ""),
         ),
-        ("started", _iso(p.started_at) or "-"),
-        ("finished", _iso(p.finished_at) or "-"),
+        ("started", iso(p.started_at) or "-"),
+        ("finished", iso(p.finished_at) or "-"),
         ("records done", str(p.records_done())),
         ("legal hold", _hold_note(p)),
         ("last error", p.last_error or "-"),
@@ -541,9 +509,9 @@ def list_cmd(
             p.id,
             p.tenant,
             p.state,
-            f"{_iso(p.start)} .. {_iso(p.end)}",
+            f"{iso(p.start)} .. {iso(p.end)}",
             ",".join(s.name for s in p.sources),
-            _iso(p.created_at) or "",
+            iso(p.created_at) or "",
             str(p.records_done()),
             ("-" if ratio is None else f"{100 * ratio:.0f}%")
             + (" [red]RTO at risk[/]" if P.progress_view(p, now).at_risk else ""),

@@ -17,12 +17,12 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
 from ingest.config import AdmissionConfig, TenantLimits
 from ingest.pipeline.closed_loop import IntakeBound, Refusal
+from ingest.timefmt import iso
 
 THROTTLE_WINDOW = 1.0  # seconds a wait or refusal keeps the state "throttled"
 _EPS = 1e-9  # float slack, so a bucket refilled for exactly n tokens hands them out
@@ -138,10 +138,6 @@ class Rejected(Exception):
         self.state = state
         self.reason = reason
         self.retry_after = retry_after
-
-
-def _iso(wall: float) -> str:
-    return datetime.fromtimestamp(wall, UTC).isoformat()
 
 
 class Admission:
@@ -418,7 +414,7 @@ class Admission:
         st = self.state
         return {
             "state": st.value,
-            "since": _iso(self._since),
+            "since": iso(self._since),
             "tokens": self.limiter.tokens(),
             "in_flight": self._in_flight,
             "queue_depth": self._depth,

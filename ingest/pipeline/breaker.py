@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 from ingest.config import BreakerConfig
+from ingest.timefmt import iso
 
 
 class BreakerState(StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
-
-
-def _iso(wall: float) -> str:
-    return datetime.fromtimestamp(wall, UTC).isoformat()
 
 
 class CircuitBreaker:
@@ -140,8 +136,8 @@ class CircuitBreaker:
         return {
             "state": st.value,
             "consecutive_failures": self._failures,
-            "opened_at": None if self._opened_wall is None else _iso(self._opened_wall),
-            "since": _iso(self._since_wall),
+            "opened_at": None if self._opened_wall is None else iso(self._opened_wall),
+            "since": iso(self._since_wall),
             "trips": self._trips,
             "retry_after_seconds": self.retry_after(),
         }

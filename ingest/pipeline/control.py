@@ -21,20 +21,16 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from ingest.errors import StoreUnavailable
 from ingest.pipeline.admission import Admission
 from ingest.state.control import ControlRecord, ControlRecordMissing, ControlStore, transition
 from ingest.state.control import update as cas_update
+from ingest.timefmt import iso
 
 log = logging.getLogger(__name__)
 LISTEN_RETRY_SECONDS = 5.0
-
-
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
 
 
 class ControlFollower:
@@ -198,13 +194,13 @@ class ControlFollower:
                 "state": a.state,
                 "version": a.version,
                 "brownout_rate": a.brownout_rate,
-                "applied_at": _iso(self.applied_at),
+                "applied_at": iso(self.applied_at),
             },
             "in_sync": d is not None and d.version == a.version,
-            "last_read_at": _iso(self.last_read_at),
+            "last_read_at": iso(self.last_read_at),
             "error": None
             if self.error is None
-            else f"control record unreadable since {_iso(self.error_since)} ({self.error}); "
+            else f"control record unreadable since {iso(self.error_since)} ({self.error}); "
             f"this pod keeps its applied state ({a.state})",
         }
 
@@ -218,5 +214,5 @@ def _record(r: ControlRecord) -> dict[str, Any]:
         "version": r.version,
         "action": r.action,
         "updated_by": r.updated_by,
-        "updated_at": _iso(r.updated_at),
+        "updated_at": iso(r.updated_at),
     }

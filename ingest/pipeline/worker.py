@@ -52,8 +52,9 @@ from ingest.records import (
     raw_dedupe_key,
 )
 from ingest.sinks.base import Sink
-from ingest.state.base import DLQStore, DroppedStore, IdempotencyStore
+from ingest.state.base import DLQStore, DroppedRow, DroppedStore, IdempotencyStore
 from ingest.state.dlq_fit import add_fitted
+from ingest.timefmt import iso
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -437,7 +438,7 @@ class Pipeline:
         if self.admission.brownout_rate is None:
             return records
         kept: list[Record] = []
-        dropped: list[tuple[bytes, str, str, bytes, float]] = []
+        dropped: list[DroppedRow] = []
         for rec in records:
             if self.admission.keep_in_brownout(rec.dedupe_key, rec.priority):
                 kept.append(rec)
@@ -625,7 +626,7 @@ class Pipeline:
                 else:
                     message = f"{store} store unavailable: {exc}"
                     log.warning("%s; retrying in %.1fs", message, delay)
-                    self.store_errors.insert(0, f"{_iso(time.time())} {message}")
+                    self.store_errors.insert(0, f"{iso(time.time())} {message}")
                     del self.store_errors[10:]
                 await self._pause(delay)
                 delay = min(delay * 2, 5.0)
@@ -751,7 +752,3 @@ def _sink_error_result(exc: SinkError) -> SinkResult:
 
 def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

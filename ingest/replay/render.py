@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Group, RenderableType
@@ -14,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ingest.replay import plans as P
+from ingest.timefmt import iso
 
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -49,10 +49,6 @@ def human(seconds: float | None) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
-
-
 def eta_note(plan: P.Plan, view: P.ProgressView) -> str | None:
     """Why there is no finite ETA, in words (None when there is one)."""
     if view.eta_seconds is not None and math.isfinite(view.eta_seconds):
@@ -79,12 +75,12 @@ def completion_doc(plan: P.Plan, now: float) -> dict[str, Any]:
         "estimate_records": v.estimate_records,
         "duration_seconds": v.duration_seconds,
         "eta_seconds": eta,
-        "eta_at": None if eta is None or plan.state != P.RUNNING else _iso(now + eta),
+        "eta_at": None if eta is None or plan.state != P.RUNNING else iso(now + eta),
         "eta_note": eta_note(plan, v),
         "rto_seconds": v.rto_seconds,
         "rto_deadline": None
         if v.rto_seconds is None or plan.started_at is None
-        else _iso(plan.started_at + v.rto_seconds),
+        else iso(plan.started_at + v.rto_seconds),
         "rto_at_risk": v.at_risk,
         "needs_seconds_at_throttle": v.needs_seconds,
     }

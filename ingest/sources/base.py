@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ingest.records import RawRecord
+from ingest.timefmt import iso
 
 
 @dataclass(slots=True)
@@ -46,7 +47,7 @@ class AdapterHealth:
     error_count: int = 0  # every error() ever: ingest_source_errors_total follows it
 
     def error(self, message: str, keep: int = 10) -> None:
-        self.errors.insert(0, f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {message}")
+        self.errors.insert(0, f"{iso(time.time())} {message}")
         del self.errors[keep:]
         self.error_count += 1
 

@@ -109,9 +109,8 @@ class DLQStore(Protocol):
     async def close(self) -> None: ...
 
 
-DroppedRow = tuple[
-    bytes, str, str, bytes, float
-]  # (dedupe key, tenant, source, payload, dropped_at)
+# A record brownout dropped: (dedupe key, tenant, source, payload, dropped_at epoch seconds).
+DroppedRow = tuple[bytes, str, str, bytes, float]
 
 
 class DroppedStore(Protocol):

@@ -42,6 +42,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ingest.errors import StoreUnavailable
+from ingest.timefmt import iso
 
 DAY = 86_400
 
@@ -122,10 +123,6 @@ async def _guard(client: aioredis.Redis) -> AsyncIterator[None]:
         raise StoreUnavailable("redis", _where(client), f"{type(exc).__name__}: {exc}") from exc
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 class RedisCheckpointStore:
     """CheckpointStore on plain string keys an operator can GET and DEL by hand."""
 
@@ -146,7 +143,7 @@ class RedisCheckpointStore:
         return dict(position) if isinstance(position, dict) else None
 
     async def save(self, tenant: str, source: str, position: Mapping[str, Any]) -> None:
-        doc = {"position": dict(position), "updated_at": _iso(time.time()), "worker": self._worker}
+        doc = {"position": dict(position), "updated_at": iso(time.time()), "worker": self._worker}
         async with _guard(self._r):
             await self._r.set(self.key(tenant, source), orjson.dumps(doc))
 
@@ -230,7 +227,7 @@ class RedisIdempotencyStore:
             "memory_bytes": used,
             "bytes_per_key": round(base / keys, 1) if keys else None,
             "buckets": len(live),
-            "oldest_bucket": _iso(min(d for d, _ in live) * DAY) if live else None,
+            "oldest_bucket": iso(min(d for d, _ in live) * DAY) if live else None,
             "ttl_seconds": self._ttl,
         }
 

@@ -27,11 +27,11 @@ import orjson
 
 from ingest.errors import StoreUnavailable
 from ingest.records import DLQEntry, ReasonCode
-from ingest.state.base import DLQFilter, DLQGroup
+from ingest.state.base import DLQFilter, DLQGroup, DroppedRow
+from ingest.timefmt import iso
 
 T = TypeVar("T")
 Clock = Callable[[], float]
-DroppedRow = tuple[bytes, str, str, bytes, float]
 
 CHUNK = 900  # bound parameters per IN (...) list; below SQLite's historical 999 limit
 
@@ -272,7 +272,7 @@ class SQLiteCheckpointStore:
         value = _json(
             {
                 "position": dict(position),
-                "updated_at": datetime.now(UTC).isoformat(),
+                "updated_at": iso(time.time()),
                 "worker": self._worker,
             }
         )

@@ -14,6 +14,7 @@ from typing import Any
 
 from ingest.records import DLQEntry, ReasonCode
 from ingest.state.base import DLQGroup
+from ingest.timefmt import iso
 
 SLO_RATE = 0.005  # the runbook's "DLQ rate <0.5%"
 NON_RETRYABLE_HINT = {
@@ -94,8 +95,8 @@ class Summary:
             },
             "by_sink": self.by_sink,
             "by_source": self.by_source,
-            "oldest": _iso(self.oldest),
-            "newest": _iso(self.newest),
+            "oldest": iso(self.oldest),
+            "newest": iso(self.newest),
         }
 
 
@@ -145,8 +146,8 @@ class Pattern:
             "retryable": self.reason.retryable,
             "signature": self.signature,
             "count": self.count,
-            "first_seen": _iso(self.first_seen),
-            "last_seen": _iso(self.last_seen),
+            "first_seen": iso(self.first_seen),
+            "last_seen": iso(self.last_seen),
             "sources": sorted(self.sources),
             "sinks": sorted(self.sinks),
             "example": {
@@ -280,7 +281,3 @@ def _min(a: datetime | None, b: datetime) -> datetime:
 
 def _max(a: datetime | None, b: datetime) -> datetime:
     return b if a is None or b > a else a
-
-
-def _iso(dt: datetime | None) -> str | None:
-    return dt.isoformat() if dt is not None else None

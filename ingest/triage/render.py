@@ -16,6 +16,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from ingest.records import DLQEntry
+from ingest.timefmt import iso
 from ingest.triage.analyze import Pattern, Summary
 
 console = Console(highlight=False)
@@ -52,8 +53,8 @@ def entry_dict(e: DLQEntry, full: bool = False) -> dict[str, Any]:
         "entity_id": e.entity_id,
         "revision": e.revision,
         "attempts": e.attempts,
-        "first_failed_at": e.first_failed_at.isoformat(),
-        "last_failed_at": e.last_failed_at.isoformat(),
+        "first_failed_at": iso(e.first_failed_at),
+        "last_failed_at": iso(e.last_failed_at),
         "error": error,
     }
     if full:

@@ -108,6 +108,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "ingest.config",
             "ingest.metrics",
             "ingest.formats",
+            "ingest.timefmt",
             "ingest.schema",
             "ingest.transformers",
         ),
