@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
@@ -338,13 +338,20 @@ class Core:
     decoder: Decoder
     pipeline: Pipeline
 
-    async def start_sinks(self) -> None:
-        """Start every sink; one that is down is started again on its first write."""
+    async def start_sinks(self, only: Collection[str] | None = None) -> dict[str, str]:
+        """Start every sink (or those named); one that is down is started again on its first
+        write. Returns the sinks that could not start, with why (for tools that must not
+        run against an unreachable sink)."""
+        down: dict[str, str] = {}
         for name, lane in self.lanes.items():
+            if only is not None and name not in only:
+                continue
             try:
                 await asyncio.wait_for(lane.ensure_started(), 15.0)
             except Exception as exc:
+                down[name] = str(exc) or type(exc).__name__
                 log.error("sink %s could not start (%s); will retry on first write", name, exc)
+        return down
 
     async def close(self) -> None:
         for lane in self.lanes.values():

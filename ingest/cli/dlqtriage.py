@@ -30,7 +30,6 @@ from ingest.cli.common import (
     run_async,
 )
 from ingest.config import Config
-from ingest.errors import SinkError
 from ingest.records import DLQEntry, ReasonCode
 from ingest.state.base import DLQFilter, DLQStore
 from ingest.triage import analyze, render
@@ -263,10 +262,13 @@ async def _redrive(
             return 0
         if why and not force:
             fail(f"refusing to redrive: {why}", EXIT_USAGE)
-        try:
-            await core.start_sinks()
-        except SinkError as exc:
-            fail(f"a sink is unreachable, nothing was redriven: {exc}", EXIT_UNAVAILABLE)
+        # Entries go back to the sink they failed at (every routed sink for decode failures):
+        # if one of those cannot even start, redriving would only put them back (exit 3).
+        targets = {g.sink for g in groups if g.sink is not None}
+        down = await core.start_sinks(None if any(g.sink is None for g in groups) else targets)
+        if down:
+            where = "; ".join(f"{name}: {why}" for name, why in sorted(down.items()))
+            fail(f"sink unreachable, nothing was redriven ({where})", EXIT_UNAVAILABLE)
         stop = StopFlag()
         with stop.installed(), _progress(total, enabled=not json_out) as advance:
             result = await run_redrive(

@@ -381,7 +381,11 @@ async def _replay_plan(
     except (StoreUnavailable, P.PlanError):
         raise
     except Exception as exc:  # a source failed: in words, in the plan, resumable
-        unreachable = "unreachable" in str(exc) or isinstance(exc, OSError)
+        from ingest.sources.objects import SourceFailure
+
+        unreachable = isinstance(exc, OSError) or (
+            isinstance(exc, SourceFailure) and exc.unreachable
+        )
         msg = f"plan {p.id} failed: {p.last_error}; fix it and run again to resume"
         fail(msg, EXIT_UNAVAILABLE if unreachable else EXIT_FAILED)
     return (0 if done else EXIT_INTERRUPTED), p

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ingest import config as C
+from ingest.errors import StoreUnavailable
 from ingest.factory import SOURCES, Core, Stores, lease_store, worker_id
 from ingest.factory import object_source as build_object_source
 from ingest.pipeline.admission import TokenBucket
 from ingest.records import RawRecord
 from ingest.replay import plans as P
-from ingest.sources.objects import ItemRef, ItemSource
+from ingest.sources.objects import ItemRef, ItemSource, SourceFailure
 
 DROPPED = "inbox-dropped"
 OBJECT_KINDS = tuple(kind for kind, entry in SOURCES.items() if entry.replay == "objects")
@@ -269,6 +270,10 @@ class Replay:
                 prog.items_done.append(item)
                 prog.current_item, prog.current_offset = None, 0
                 await self.store.save(self.plan)
+        except (StoreUnavailable, P.PlanError, SourceFailure):
+            raise
+        except Exception as exc:  # the bucket or server, put in words (unreachable: exit 3)
+            raise src.describe(exc) from exc
         finally:
             await src.close_client()
 

@@ -52,12 +52,14 @@ class _ItemState:
 
 
 class SourceFailure(Exception):
-    """A listing/reading failure already put in words, with how long to wait before retrying."""
+    """A listing/reading failure already put in words, with how long to wait before retrying;
+    `unreachable` when the server could not be reached at all (tools exit 3 on it)."""
 
-    def __init__(self, message: str, retry_after: float) -> None:
+    def __init__(self, message: str, retry_after: float, *, unreachable: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.unreachable = unreachable
 
 
 class ItemSource(ABC):

@@ -153,6 +153,7 @@ class S3Source(ItemSource):
                 f"CONNECTION_ERROR: S3 at {self.cfg.endpoint_url or 'AWS'} unreachable"
                 f" ({type(exc).__name__}: {exc})",
                 backoff(self._failures),
+                unreachable=True,
             )
         return SourceFailure(f"{type(exc).__name__}: {exc}", backoff(self._failures))
 

@@ -188,6 +188,7 @@ class SFTPSource(ItemSource):
             return SourceFailure(
                 f"CONNECTION_ERROR: SFTP {where} ({type(exc).__name__}: {exc}); reconnecting",
                 backoff(self._failures),
+                unreachable=True,
             )
         return SourceFailure(f"SFTP {where}: {type(exc).__name__}: {exc}", backoff(self._failures))
 

@@ -376,6 +376,15 @@ def test_connection_error_redrive_survives_interrupts(tmp_path: Path, pg_url: st
     assert reasons == {"CONNECTION_ERROR": n}
     assert dlqt_json(tmp_path, "summary", "--tenant", TENANT)["by_sink"] == {"pg": n}
 
+    # the sink is still down: redrive refuses at once with exit 3 (docs/dlqtriage.md) and
+    # nothing leaves the DLQ
+    r = dlqt(tmp_path, "redrive", "--tenant", TENANT, "--reason", "CONNECTION_ERROR",
+             "--config", "service.yaml")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "sink unreachable, nothing was redriven (pg:" in said(r)
+    assert "Traceback" not in r.stderr
+    assert dlq_count(data) == n
+
     # the sink is back (the config points at the real server): redrive, interrupted twice
     (tmp_path / "ingest.yaml").write_text(SINKS_YAML.format(dsn=dsn))
     args = [DLQTRIAGE, "redrive", "--tenant", TENANT, "--reason", "CONNECTION_ERROR",

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import pytest
 
 from tests.conftest import require_env
-from tests.e2e._service import ServiceProcess
+from tests.e2e._service import ServiceProcess, free_port
 
 pytestmark = pytest.mark.e2e
 TENANT = "acme-corp"
@@ -343,6 +343,16 @@ async def _create_state(path: Path) -> None:
     await (await SQLiteDB.open(path)).close()
 
 
+def _s3_setup(root: Path, url: str, endpoint: str, extra: str = "") -> dict[str, str]:
+    """An embedded state store and a config with one S3 source; the env that selects it."""
+    asyncio.run(_create_state(root / "data" / "state.db"))
+    cfg = root / "s3.yaml"
+    cfg.write_text(
+        "sources:\n  - type: s3\n    name: s3-main\n    tenant: acme-corp\n"
+        f"    url: {url}\n    endpoint_url: {endpoint}\n    region: us-east-1\n" + extra)
+    return {"INGEST_CONFIG": str(cfg)}
+
+
 def test_s3_window_replayed_into_sqlite_sink(tmp_path: Path) -> None:
     endpoint = require_env("INGEST_TEST_S3_ENDPOINT", "seaweedfs")
     bucket = require_env("INGEST_TEST_S3_BUCKET", "seaweedfs")
@@ -350,13 +360,7 @@ def test_s3_window_replayed_into_sqlite_sink(tmp_path: Path) -> None:
     objects = {f"obj-{k}.jsonl": "".join(json.dumps(v3(f"s3-{k}-{i}", "normal")) + "\n"
                                          for i in range(40)).encode() for k in range(3)}
     asyncio.run(_upload(endpoint, prefix, objects))
-    asyncio.run(_create_state(tmp_path / "data" / "state.db"))
-    cfg = tmp_path / "s3.yaml"
-    cfg.write_text(
-        "sources:\n  - type: s3\n    name: s3-main\n    tenant: acme-corp\n"
-        f"    url: s3://{bucket}/{prefix}\n    endpoint_url: {endpoint}\n"
-        "    region: us-east-1\n")
-    env = {"INGEST_CONFIG": str(cfg)}
+    env = _s3_setup(tmp_path, f"s3://{bucket}/{prefix}", endpoint)
     now = time.time()
     p = rjson(tmp_path, "plan", "--tenant", TENANT, "--from", iso(now - 3600), "--to",
               iso(now + 3600), "--sources", "s3", "--throttle", "1000", env=env)
@@ -380,6 +384,24 @@ def test_s3_window_replayed_into_sqlite_sink(tmp_path: Path) -> None:
     q = rjson(tmp_path, "plan", "--tenant", TENANT, "--from", "2020-01-01T00:00:00Z", "--to",
               "2020-01-02T00:00:00Z", "--sources", "s3-main", env=env)
     assert q["estimate_records"] == 0 and q["sources"][0]["estimate_objects"] == 0
+
+
+def test_run_against_unreachable_s3_exits_3_and_the_plan_says_why(tmp_path: Path) -> None:
+    """docs/replay.md: exit 3 when a source is unreachable; the plan says why and stays
+    resumable. The endpoint is a port nobody listens on (no S3 server needed)."""
+    env = _s3_setup(tmp_path, "s3://nowhere/x/", f"http://127.0.0.1:{free_port()}",
+                    "    access_key_id: k\n    secret_access_key: s\n")
+    now = time.time()
+    p = rjson(tmp_path, "plan", "--tenant", TENANT, "--from", iso(now - 3600), "--to",
+              iso(now + 3600), "--sources", "s3", env=env)
+    assert "could not list" in p["sources"][0]["note"]
+    rjson(tmp_path, "approve", p["id"], "--as", "bob", "--rfa", "RFA-7", env=env)
+    r = rctl(tmp_path, "run", "--plan", p["id"], env=env)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    assert "unreachable" in said(r) and f"plan {p['id']} failed" in said(r)
+    st = rjson(tmp_path, "status", p["id"], env=env)
+    assert st["state"] == "failed" and "CONNECTION_ERROR" in st["last_error"]
 
 
 # ----------------------------------------------------------------------------- Postgres
