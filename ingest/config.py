@@ -4,8 +4,8 @@ No file at all means the embedded default: SQLite state and sink under `./data`,
 directory and webhooks. Unknown keys are refused (`extra="forbid"`), and every error names
 the key path and what was wrong, e.g. `config error at 'sinks[0].dsn': field required`.
 Environment variables override the store URLs: INGEST_REDIS_URL, INGEST_POSTGRES_URL,
-INGEST_HTTP_PORT, INGEST_ADMIN_PORT, INGEST_CREDENTIALS_FILE, INGEST_DATA_DIR (all but the
-first two in every mode).
+INGEST_HTTP_PORT, INGEST_ADMIN_PORT, INGEST_CREDENTIALS_FILE, INGEST_DATA_DIR, INGEST_WORKERS
+(all but the first two in every mode).
 """
 
 from __future__ import annotations
@@ -377,6 +377,14 @@ class Config(_Model):
         FleetConfig(), description="Fleet-wide control state and rate limits."
     )
     replay: ReplayConfig = Field(ReplayConfig(), description="Replay objectives.")
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Pipeline processes in this pod (INGEST_WORKERS); default: the cores this "
+        "process may use. 1 = one process, as before; more = one control plane (HTTP, health, "
+        "metrics) and N workers dividing the sources (docs/architecture.md, Scale-out).",
+    )
     retry: RetryConfig = Field(RetryConfig(), description="Retry of retryable sink failures.")
     breaker: BreakerConfig = Field(BreakerConfig(), description="Circuit breaker per sink.")
     health: HealthConfig = Field(HealthConfig(), description="Stall detection and probes.")
@@ -410,6 +418,12 @@ class Config(_Model):
         """A configured path, or the default file name under data_dir."""
         return path if path is not None else self.data_dir / default_name
 
+    def worker_count(self) -> int:
+        """`workers`, or the cores this process may run on."""
+        if self.workers is not None:
+            return self.workers
+        return max(1, len(os.sched_getaffinity(0)))
+
     def limits_for(self, tenant: str) -> TenantLimits:
         return self.tenants.get(tenant, self.admission.default_limits)
 
@@ -442,6 +456,8 @@ def _apply_env(raw: dict[str, Any]) -> dict[str, Any]:
         sect[key] = value
     if os.environ.get("INGEST_DATA_DIR"):
         raw["data_dir"] = os.environ["INGEST_DATA_DIR"]
+    if os.environ.get("INGEST_WORKERS"):
+        raw["workers"] = os.environ["INGEST_WORKERS"]
     return raw
 
 

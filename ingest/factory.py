@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # imported when their type is configured (objects and leases:
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
+Shard = tuple[int, int]  # (i, n): worker i of a pod of n workers
 
 
 def worker_id() -> str:
@@ -219,26 +220,47 @@ class SourceKind(Generic[M]):
     (`objects`: list and read a time window without leases; `kafka`: a group of its own)."""
 
     model: type[M]
-    build: Callable[[C.Config, M, Stores], Awaitable[BuiltSource]]
+    build: Callable[[C.Config, M, Stores, Shard | None], Awaitable[BuiltSource]]
     replay: Literal["objects", "kafka"] | None = None
 
 
-async def _inbox_source(cfg: C.Config, sc: C.InboxSourceConfig, stores: Stores) -> BuiltSource:
+async def _inbox_source(
+    cfg: C.Config, sc: C.InboxSourceConfig, stores: Stores, shard: Shard | None
+) -> BuiltSource:
     from ingest.sources.inbox import InboxSource
 
     inbox_cfg = sc.model_copy(update={"path": cfg.under_data_dir(sc.path, "inbox")})
-    return BuiltSource(InboxSource(inbox_cfg, stores.checkpoints))
+    if shard is None:
+        return BuiltSource(InboxSource(inbox_cfg, stores.checkpoints))
+    leases = await _inbox_leases(cfg, stores)
+    return BuiltSource(
+        InboxSource(inbox_cfg, stores.checkpoints, leases=leases, owner=f"w{shard[0]}")
+    )
 
 
-async def _webhook_source(cfg: C.Config, sc: C.WebhookSourceConfig, stores: Stores) -> BuiltSource:
+async def _inbox_leases(cfg: C.Config, stores: Stores) -> LeaseStore:
+    """The inbox is local to a pod, so are its leases: the SQLite state file, or a SQLite
+    file of their own beside the inbox in production mode."""
+    from ingest.state.leases import SQLiteLeaseStore
+    from ingest.state.sqlite import SQLiteDB
+
+    db = stores.sqlite_db or await SQLiteDB.open(cfg.data_dir / "inbox-leases.db")
+    return SQLiteLeaseStore(db)
+
+
+async def _webhook_source(
+    cfg: C.Config, sc: C.WebhookSourceConfig, stores: Stores, shard: Shard | None
+) -> BuiltSource:
     if sc.intake == "kafka":
         from ingest.sources.kafka import KafkaSource
         from ingest.sources.kafka_intake import KafkaIntake
 
         if not sc.brokers:
             raise ConfigError(f"sources[{sc.name}].brokers", "required for intake: kafka")
-        intake = KafkaIntake(sc.brokers, sc.topic)
-        await intake.start()
+        intake = None
+        if shard is None:  # in a pod the control plane owns the producer
+            intake = KafkaIntake(sc.brokers, sc.topic)
+            await intake.start()
         kcfg = C.KafkaSourceConfig(
             name=sc.name,
             brokers=sc.brokers,
@@ -255,11 +277,13 @@ async def _webhook_source(cfg: C.Config, sc: C.WebhookSourceConfig, stores: Stor
 
     db = stores.sqlite_db or await SQLiteDB.open(cfg.data_dir / "intake.db")
     sqlite_intake = SQLiteIntake(db)
-    webhook = WebhookSource(sc, sqlite_intake, stores.checkpoints)
+    webhook = WebhookSource(sc, sqlite_intake, stores.checkpoints, shard=shard)
     return BuiltSource(webhook, intake=sqlite_intake, webhook=webhook)
 
 
-async def _kafka_source(cfg: C.Config, sc: C.KafkaSourceConfig, stores: Stores) -> BuiltSource:
+async def _kafka_source(
+    cfg: C.Config, sc: C.KafkaSourceConfig, stores: Stores, shard: Shard | None
+) -> BuiltSource:
     from ingest.sources.kafka import KafkaSource
 
     return BuiltSource(KafkaSource(sc, max_record_bytes=cfg.http.max_record_bytes))
@@ -279,7 +303,10 @@ def object_source(
 
 
 async def _leased_source(
-    cfg: C.Config, sc: C.S3SourceConfig | C.SFTPSourceConfig, stores: Stores
+    cfg: C.Config,
+    sc: C.S3SourceConfig | C.SFTPSourceConfig,
+    stores: Stores,
+    shard: Shard | None,
 ) -> BuiltSource:
     leases = lease_store(stores)
     if stores.pg_pool is not None:
@@ -291,7 +318,7 @@ async def _leased_source(
     # once instead of waiting for them to expire.
     state = cfg.state
     wid = (
-        state.worker_id
+        state.worker_id + (f"-w{shard[0]}" if shard else "")
         if isinstance(state, C.ProductionStateConfig) and state.worker_id
         else worker_id()
     )
@@ -314,10 +341,12 @@ class SourceSet:
     webhook: WebhookSource | None = None  # to wake on new rows and measure the intake
 
 
-async def build_sources(cfg: C.Config, stores: Stores) -> SourceSet:
+async def build_sources(cfg: C.Config, stores: Stores, shard: Shard | None = None) -> SourceSet:
+    """`shard` (i, n): worker i of a pod of n (ingest.pod), sharing the work through leases
+    (inbox, S3, SFTP), the consumer group (Kafka) and intake partitions (webhooks)."""
     out = SourceSet()
     for sc in cfg.sources:
-        built = await SOURCES[sc.type].build(cfg, sc, stores)
+        built = await SOURCES[sc.type].build(cfg, sc, stores, shard)
         out.sources.append(built.source)
         if built.intake is not None:
             out.intake = built.intake

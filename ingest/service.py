@@ -17,6 +17,7 @@ from typing import Any
 
 from ingest import config as C
 from ingest.disk import DiskGuard
+from ingest.errors import IngestError
 from ingest.factory import SOURCES, Core, SourceSet, build_core, build_sources, worker_id
 from ingest.health import HealthMonitor
 from ingest.pipeline.progress import SourceProgress
@@ -58,6 +59,7 @@ class Service:
         self._pending = 0
         self._intake_backlog = 0
         self._intake_committed = 0
+        self.in_pod = False  # a worker of a pod: its control plane watches the intake
         self._tasks: list[asyncio.Task[None]] = []
         self.worker = worker_id()
         self.pipeline.stopping = self.stopping  # outage waits give up on shutdown
@@ -86,9 +88,12 @@ class Service:
         )
 
     @classmethod
-    async def build(cls, cfg: C.Config) -> Service:
+    async def build(cls, cfg: C.Config, shard: tuple[int, int] | None = None) -> Service:
+        """`shard` (i, n): worker i of a pod (ingest.pod.worker)."""
         core = await build_core(cfg)
-        return cls(core, await build_sources(cfg, core.stores))
+        service = cls(core, await build_sources(cfg, core.stores, shard))
+        service.in_pod = shard is not None
+        return service
 
     def notify_webhook(self) -> None:
         if self._webhook is not None:
@@ -176,7 +181,7 @@ class Service:
     async def _tick(self) -> None:
         """Feed queue depth to admission (automatic brownout) and refresh gauges."""
         while not self.stopping.is_set():
-            if self._webhook is not None:
+            if self._webhook is not None and not self.in_pod:
                 with contextlib.suppress(Exception):
                     await self._observe_intake(self._webhook)
             self.admission.set_queue_depth(self.queue_depth())
@@ -192,6 +197,15 @@ class Service:
         self._intake_committed = committed
         self.admission.intake.observe(records, nbytes)
         self._intake_backlog = records
+
+    @property
+    def pending(self) -> int:
+        """Records read from sources and not yet committed."""
+        return max(0, self._pending)
+
+    def intake_committed(self) -> int:
+        """Records this process committed out of the webhook intake, ever."""
+        return self._webhook.committed_records if self._webhook is not None else 0
 
     def queue_depth(self) -> int:
         return max(0, self._pending) + self._intake_backlog
@@ -242,16 +256,21 @@ async def serve(
     *,
     host: str | None = None,
     port: int | None = None,
-    ready: Callable[[Service], None] | None = None,
+    ready: Callable[[Any], None] | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT: then drain, flush, checkpoint and return (exit 0)."""
+    """Run until SIGTERM/SIGINT: then drain, flush, checkpoint and return (exit 0).
+
+    With `workers` > 1 this process is the pod's control plane (`ingest.pod.control`) and
+    the pipeline runs in that many worker processes."""
     import uvicorn
 
     tune_gc()
 
     from ingest.api.app import build_app
+    from ingest.pod.control import Pod
 
-    service = await Service.build(cfg)
+    count = cfg.worker_count()
+    service: Service | Pod = Pod(cfg, count) if count > 1 else await Service.build(cfg)
     await service.start()
     app = build_app(service)
     server = uvicorn.Server(
@@ -283,6 +302,14 @@ async def serve(
             f"cannot serve HTTP on {server.config.host}:{server.config.port} "
             "(is the port in use? set http.port or INGEST_HTTP_PORT)"
         )
+    if isinstance(service, Pod):
+        try:
+            await service.wait_ready()
+        except BaseException:
+            server.should_exit = True
+            with contextlib.suppress(SystemExit):
+                await server_task
+            raise
     if ready is not None:
         ready(service)
     await stop.wait()
@@ -290,3 +317,6 @@ async def serve(
     await service.shutdown()
     server.should_exit = True
     await server_task
+    failed = [c for c in getattr(service, "exit_codes", []) if c != 0]
+    if failed:
+        raise IngestError(f"workers did not drain cleanly (exit codes {failed}); see the log")

@@ -104,7 +104,10 @@ def build_app(service: ServiceHost) -> Starlette:
         return json_response(body, 200 if ok else 503)
 
     async def metrics(request: Request) -> Response:
-        service.refresh_gauges()
+        service.refresh_gauges()  # first: the state as of the request
+        fresh = getattr(service, "fresh_reports", None)  # a pod: its workers' figures, now
+        if fresh is not None:
+            await fresh()
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def admin(request: Request) -> Response:

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from ingest.cli.common import EXIT_UNAVAILABLE, fail, load, setup_logging
+from ingest.config import SQLiteStateConfig
 from ingest.errors import IngestError, StoreUnavailable
 
 app = typer.Typer(
@@ -27,22 +28,31 @@ ConfigOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
+def service_mode(service: Any) -> str:
+    return "embedded" if isinstance(service.config.state, SQLiteStateConfig) else "production"
+
+
 def _banner(service: Any, host: str, port: int) -> None:
     from ingest.sources.inbox import InboxSource
 
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{shown}:{port}"
     lines = [
-        f"ingest is running ({'embedded' if service.stores.sqlite_db else 'production'} "
-        f"mode, worker {service.worker})",
+        f"ingest is running ({service_mode(service)} mode, worker {service.worker}"
+        + (f", {service.count} pipeline workers)" if hasattr(service, "count") else ")"),
         f"  health:   curl -s {base}/health/detailed | jq",
         f"  metrics:  curl -s {base}/metrics | grep ^ingest_",
     ]
-    for source in service.sources:
-        if isinstance(source, InboxSource):
-            root = source.root.resolve()
-            lines.append(f"  drop files (.jsonl, .csv, .gz) into {root}/<tenant>/")
-            lines.append(f"            e.g. {root}/acme-corp/orders.jsonl")
+    roots = [s.root for s in getattr(service, "sources", []) if isinstance(s, InboxSource)]
+    if hasattr(service, "count"):  # a pod: its workers read the inbox(es) of the config
+        roots = [
+            service.config.under_data_dir(sc.path, "inbox")
+            for sc in service.config.sources
+            if sc.type == "inbox"
+        ]
+    for root in (r.resolve() for r in roots):
+        lines.append(f"  drop files (.jsonl, .csv, .gz) into {root}/<tenant>/")
+        lines.append(f"            e.g. {root}/acme-corp/orders.jsonl")
     if service.intake is not None:
         record = {
             "schema_version": 3,

@@ -24,7 +24,9 @@ from ingest.config import AdmissionConfig, TenantLimits
 from ingest.pipeline.closed_loop import IntakeBound, Refusal
 from ingest.timefmt import iso
 
-THROTTLE_WINDOW = 1.0  # seconds a wait or refusal keeps the state "throttled"
+# Seconds a wait or refusal keeps the state "throttled": long enough that an operator polling
+# health once a second, or a pod's control plane folding in its workers' reports, sees it.
+THROTTLE_WINDOW = 5.0
 _EPS = 1e-9  # float slack, so a bucket refilled for exactly n tokens hands them out
 
 
@@ -206,7 +208,8 @@ class Admission:
     @property
     def state(self) -> BackpressureState:
         """Precedence: paused > drain > brownout > throttled > normal. Throttled: in the last
-        second a tenant waited for tokens or was refused, or the intake was at its bound."""
+        THROTTLE_WINDOW seconds a tenant waited for tokens or was refused, or the intake was
+        at its bound."""
         return self._refresh()
 
     @property
@@ -393,6 +396,24 @@ class Admission:
         if not 0.0 < r <= 1.0:
             raise ValueError(f"brownout rate must be in (0, 1], got {r}")
         self._manual_rate = r
+        self._refresh()
+
+    def control(self) -> dict[str, Any]:
+        """What a pod's control plane hands its workers: the operator modes in force and the
+        effective brownout rate (manual, or automatic from the pod's queue depth)."""
+        return {
+            "paused": self._paused,
+            "draining": self._draining,
+            "brownout_rate": self.brownout_rate,
+        }
+
+    def apply_control(self, control: dict[str, Any]) -> None:
+        """A worker takes its control plane's modes as its own (see `control`)."""
+        self._paused = bool(control.get("paused"))
+        self._draining = bool(control.get("draining"))
+        rate = control.get("brownout_rate")
+        self._manual_rate = float(rate) if rate is not None else None
+        self._sync_wake()
         self._refresh()
 
     def keep_in_brownout(self, dedupe_key: bytes, priority: str) -> bool:

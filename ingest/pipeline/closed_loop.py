@@ -94,7 +94,7 @@ class IntakeBound:
         if not self._sample_busy:
             # The pipeline ran dry at some point: this shows demand, not capacity, so it
             # may raise the estimate but never lower it.
-            if self._rate is None or sample > self._rate:
+            if sample > 0 and (self._rate is None or sample > self._rate):
                 self._rate = sample
         elif self._rate is None:
             self._rate = sample
@@ -146,7 +146,11 @@ class IntakeBound:
     def check(self, n: int, nbytes: int) -> Refusal | None:
         """Would n records (nbytes) fit now? Refusal with Retry-After if not; never waits.
 
-        n = 0 asks whether anything fits (the HTTP layer asks before reading a body)."""
+        n = 0 asks whether anything fits (the HTTP layer asks before reading a body). Until
+        the intake's size has been observed once the bound is not enforced: an intake that
+        cannot tell its size (the Kafka topic, for now) is not refused on a guess."""
+        if self._observed_at is None:
+            return None
         records, nbytes_now = self.backlog_records, self.backlog_bytes
         limit = self.limit_records
         over_records = records + n - limit if records + n > limit else 0

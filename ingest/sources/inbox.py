@@ -10,6 +10,14 @@ offset (in the decompressed stream) after the last committed batch; a restart re
 Batches never span files and are cut every `batch_size` lines from the checkpointed offset, so
 a crash replays exactly the same batches. When a file's last batch is committed the file moves
 to `<inbox>/<tenant>/done/`: it is never taken twice.
+
+Several workers of one pod (`workers` > 1) share the inbox through leases, as S3/SFTP workers
+share a bucket (`ingest.state.leases`): a worker reads a file only under its lease (item
+`<tenant>/<file>`, version = the file's identity), renewed while any of its batches is
+uncommitted; the lease row's offset is then what a restart resumes from, and the checkpoint
+key mirrors the last commit. Files of one tenant may then be read by two workers at once, so
+their order across files holds only per worker (the sinks' revision guard keeps the data
+right either way).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from ingest.formats import Line, LineReader, detect_format
 from ingest.records import RawRecord
 from ingest.sources.base import AdapterHealth, SourceBatch
 from ingest.state.base import CheckpointStore
+from ingest.state.leases import LeaseStore
 
 _TENANT = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SKIP_SUFFIXES = (".tmp", ".part", ".partial", ".filepart")
@@ -53,6 +62,9 @@ class InboxSource:
         *,
         settle_seconds: float = 1.0,
         clock: Callable[[], float] = time.time,
+        leases: LeaseStore | None = None,
+        owner: str = "",
+        lease_ttl: float = 30.0,
     ) -> None:
         self.name = cfg.name
         self.cfg = cfg
@@ -69,16 +81,45 @@ class InboxSource:
         self._pending_mtimes: dict[tuple[str, str], float] = {}  # (tenant, file) -> mtime
         self._warned: set[Path] = set()
         self._reading: set[Path] = set()  # read (maybe fully) but last batch not yet committed
+        self._leases = leases
+        self._owner = owner
+        self._lease_ttl = lease_ttl
+        self._held: dict[str, str] = {}  # leased item -> version, until its file is done
+        self._renewer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self._health.status = "idle"
+        if self._leases is not None and self._renewer is None:
+            self._renewer = asyncio.create_task(self._renew_loop(), name=f"{self.name}-leases")
 
     async def stop(self) -> None:
         self._stopped.set()
 
     async def close(self) -> None:
+        """Stop; give up held leases so another worker need not wait for them to expire."""
         self._stopped.set()
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
+        if self._leases is not None:
+            for item in list(self._held):
+                with contextlib.suppress(Exception):
+                    await self._leases.release(self.name, item, self._owner)
+            self._held.clear()
+
+    async def _renew_loop(self) -> None:
+        assert self._leases is not None
+        while True:
+            await asyncio.sleep(self._lease_ttl / 3)
+            for item in list(self._held):
+                try:
+                    if not await self._leases.renew(self.name, item, self._owner, self._lease_ttl):
+                        self._health.error(f"lease on {item} lost to another worker")
+                except Exception as exc:
+                    self._health.error(f"lease store unreachable while renewing {item}: {exc}")
 
     def health(self) -> AdapterHealth:
         oldest = min(self._pending_mtimes.values(), default=None)
@@ -93,7 +134,7 @@ class InboxSource:
             produced = False
             for tenant_dir in self._tenant_dirs():
                 tenant = tenant_dir.name
-                path = self._next_file(tenant_dir)
+                path = await self._take_file(tenant_dir)
                 if path is None:
                     continue
                 produced = True
@@ -124,11 +165,31 @@ class InboxSource:
             dirs.append(entry)
         return dirs
 
-    def _next_file(self, tenant_dir: Path) -> Path | None:
-        """The oldest settled, readable file of the tenant, or None."""
+    async def _take_file(self, tenant_dir: Path) -> Path | None:
+        """The oldest ready file of the tenant this worker may read (leased, with leases)."""
+        ready = self._ready_files(tenant_dir)
+        if self._leases is None:
+            return ready[0] if ready else None
+        for path in ready:
+            try:
+                version = _identity(path.stat())
+            except FileNotFoundError:  # another worker just finished it
+                continue
+            item = f"{tenant_dir.name}/{path.name}"
+            if await self._leases.try_acquire(
+                self.name, item, version, self._owner, self._lease_ttl
+            ):
+                self._held[item] = version
+                return path
+        return None
+
+    def _ready_files(self, tenant_dir: Path) -> list[Path]:
+        """The tenant's settled, readable files, oldest first."""
         now = self.clock()
         ready: list[tuple[float, str, Path]] = []
+        present: set[str] = set()
         for entry in tenant_dir.iterdir():
+            present.add(entry.name)
             if (
                 not entry.is_file()
                 or entry.name.startswith(".")
@@ -141,7 +202,10 @@ class InboxSource:
             except ValueError:
                 self._warn_once(entry, f"skipping {entry}: unknown format (use .jsonl, .csv, .gz)")
                 continue
-            st = entry.stat()
+            try:
+                st = entry.stat()
+            except FileNotFoundError:  # moved to done/ by another worker meanwhile
+                continue
             self._pending_mtimes[(tenant_dir.name, entry.name)] = st.st_mtime
             seen = self._sizes.get(entry)
             if seen is None or seen[:2] != (st.st_size, st.st_mtime):
@@ -150,17 +214,21 @@ class InboxSource:
             settled = now - max(seen[2], st.st_mtime) >= self.settle_seconds
             if settled:
                 ready.append((st.st_mtime, entry.name, entry))
-        if not ready:
-            return None
-        return min(ready)[2]
+        for key in [k for k in self._pending_mtimes if k[0] == tenant_dir.name]:
+            if key[1] not in present:  # finished (by another worker, with leases)
+                del self._pending_mtimes[key]
+        return [path for _, _, path in sorted(ready)]
 
     async def _read_file(self, tenant: str, path: Path) -> AsyncIterator[SourceBatch]:
         saved = await self.checkpoints.load(tenant, self.name)
         st = path.stat()
         mtime = st.st_mtime
-        identity = f"{st.st_ino}:{st.st_mtime_ns}"
+        identity = _identity(st)
         start = 0
-        if saved and saved.get("file") == path.name and saved.get("id") == identity:
+        if self._leases is not None:
+            # The lease row's offset is authoritative: whoever read the file last saved it.
+            start = await self._leases.offset(self.name, f"{tenant}/{path.name}")
+        elif saved and saved.get("file") == path.name and saved.get("id") == identity:
             if saved.get("complete"):
                 # Committed in full before a crash, not yet moved: finish the move only.
                 yield self._batch(
@@ -220,6 +288,9 @@ class InboxSource:
     async def commit(self, batch: SourceBatch) -> None:
         pos: InboxPosition = batch.position
         tenant_dir = self.root / pos.tenant
+        item = f"{pos.tenant}/{pos.file}"
+        if self._leases is not None:
+            await self._leases.save_offset(self.name, item, self._owner, pos.offset)
         if not pos.last:
             await self.checkpoints.save(
                 pos.tenant, self.name, {"file": pos.file, "id": pos.id, "offset": pos.offset}
@@ -236,6 +307,9 @@ class InboxSource:
             )
             if src.exists():
                 os.replace(src, _free_name(done_dir, pos.file))
+            if self._leases is not None:
+                await self._leases.mark_done(self.name, item, pos.id, self._owner)
+                self._held.pop(item, None)
             self._pending_mtimes.pop((pos.tenant, pos.file), None)
             self._sizes.pop(src, None)
             self._reading.discard(src)
@@ -269,6 +343,11 @@ class _FileLines:
             while chunk := fh.read(1 << 20):
                 yield from self.reader.feed(chunk)
         yield from self.reader.finish()
+
+
+def _identity(st: os.stat_result) -> str:
+    """inode:mtime_ns: a new file that reuses a done file's name is a new version."""
+    return f"{st.st_ino}:{st.st_mtime_ns}"
 
 
 def _take(lines: Iterator[Line], n: int) -> list[Line]:

@@ -40,6 +40,7 @@ class WebhookSource:
         *,
         poll_seconds: float = 0.2,
         clock: Callable[[], float] = time.time,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         self.name = cfg.name
         self.cfg = cfg
@@ -47,6 +48,7 @@ class WebhookSource:
         self.checkpoints = checkpoints
         self.poll_seconds = poll_seconds
         self.clock = clock
+        self.shard = shard  # (i, n): worker i of n reads its tenants' partitions only
         self._health = AdapterHealth(status="starting")
         self._stopped = asyncio.Event()
         self._arrived = asyncio.Event()
@@ -83,7 +85,7 @@ class WebhookSource:
 
     async def batches(self) -> AsyncIterator[SourceBatch]:
         while not self._stopped.is_set():
-            rows = await self.intake.read_after(self._read_through, self.cfg.batch_size)
+            rows = await self.intake.read_after(self._read_through, self.cfg.batch_size, self.shard)
             if not rows:
                 self._health.status = "idle"
                 self._arrived.clear()

@@ -10,10 +10,18 @@ between re-reads them and idempotency absorbs the repeat. The table is created b
 from __future__ import annotations
 
 import sqlite3
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ingest.state.sqlite import SQLiteDB, chunks, immediate, marks
+
+PARTITIONS = 1 << 16
+
+
+def partition(tenant: str) -> int:
+    """The tenant's intake partition: a tenant's requests stay in order on one worker."""
+    return zlib.crc32(tenant.encode()) % PARTITIONS
 
 
 @dataclass(slots=True)
@@ -41,10 +49,10 @@ class SQLiteIntake:
         body = b"\n".join(lines)
         if lines and body.count(b"\n") != len(lines) - 1:
             raise ValueError("intake lines must not contain newlines")
-        params = (tenant, source, len(lines), received_at, body)
+        params = (tenant, source, len(lines), received_at, body, partition(tenant))
         sql = (
-            "INSERT INTO intake (tenant, source, n_records, received_at, body)"
-            " VALUES (?, ?, ?, ?, ?)"
+            "INSERT INTO intake (tenant, source, n_records, received_at, body, part)"
+            " VALUES (?, ?, ?, ?, ?, ?)"
         )
 
         def write(c: sqlite3.Connection) -> int:
@@ -55,18 +63,22 @@ class SQLiteIntake:
 
         return await self._db.call("intake", write)
 
-    async def read_after(self, after_id: int, limit_records: int) -> list[IntakeRow]:
+    async def read_after(
+        self, after_id: int, limit_records: int, shard: tuple[int, int] | None = None
+    ) -> list[IntakeRow]:
         """Rows with id > after_id in id order; at least one row if any, then rows until
-        `limit_records` records are reached (a large row is never split)."""
+        `limit_records` records are reached (a large row is never split). `shard` (i, n):
+        only the rows of worker i of n (by tenant partition)."""
         sql = (
             "SELECT id, tenant, source, n_records, received_at, body FROM intake"
-            " WHERE id > ? ORDER BY id"
+            " WHERE id > ?" + (" AND part % ? = ?" if shard else "") + " ORDER BY id"
         )
+        args = (after_id, shard[1], shard[0]) if shard else (after_id,)
 
         def read(c: sqlite3.Connection) -> list[IntakeRow]:
             out: list[IntakeRow] = []
             total = 0
-            for id_, tenant, source, n, received_at, body in c.execute(sql, (after_id,)):
+            for id_, tenant, source, n, received_at, body in c.execute(sql, args):
                 lines = body.split(b"\n") if n else []
                 out.append(IntakeRow(id_, tenant, source, lines, received_at))
                 total += n

@@ -118,6 +118,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             " WITHOUT ROWID",
         ),
     ),
+    Migration(
+        9,
+        "intake_partition",
+        # hash of the tenant: worker i of N reads the rows with part % N == i
+        ("ALTER TABLE intake ADD COLUMN part INTEGER NOT NULL DEFAULT 0",),
+    ),
 )
 
 

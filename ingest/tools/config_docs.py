@@ -103,7 +103,8 @@ def render() -> str:
         "Generated from `ingest/config.py` by `python -m ingest.tools.config_docs`; do not edit.",
         "One YAML file, `ingest run --config FILE` (or `INGEST_CONFIG`). Unknown keys are refused.",
         "Environment overrides: `INGEST_REDIS_URL`, `INGEST_POSTGRES_URL` (production state),",
-        "`INGEST_HTTP_PORT`, `INGEST_ADMIN_PORT`, `INGEST_CREDENTIALS_FILE`, `INGEST_DATA_DIR`.",
+        "`INGEST_HTTP_PORT`, `INGEST_ADMIN_PORT`, `INGEST_CREDENTIALS_FILE`, `INGEST_DATA_DIR`, "
+        "`INGEST_WORKERS`.",
         "Credentials (tokens, tenant secrets) never go in this file: see docs/security.md.",
         "",
     ]

@@ -66,8 +66,9 @@ class ServiceProcess:
         if self.config is not None:
             cmd += ["--config", str(self.config)]
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        # Its own process group, so kill_group() reaches a pod's workers and nothing else.
         self.proc = subprocess.Popen(cmd, cwd=self.data_dir, env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -125,6 +126,17 @@ class ServiceProcess:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+
+    def kill_group(self) -> None:
+        """kill -9 the whole pod: control plane and every worker at the same instant."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def worker_pids(self) -> dict[str, int]:
+        """A pod's worker processes (workers > 1), from /health/detailed `.workers`."""
+        return {name: w["pid"] for name, w in self.health().get("workers", {}).items()
+                if w["status"] == "running"}
 
     def terminate(self, timeout: float = 60.0) -> int:
         assert self.proc is not None

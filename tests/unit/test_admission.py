@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from ingest.config import AdmissionConfig, TenantLimits
 from ingest.pipeline.admission import (
     STATE_VALUES,
+    THROTTLE_WINDOW,
     Admission,
     BackpressureState,
     Rejected,
@@ -150,13 +151,13 @@ async def test_try_admit_throttles_with_retry_after_and_expires_lazily() -> None
     assert "acme" in ei.value.reason
     assert state_of(adm) is S.THROTTLED
     await adm.try_admit("other", 5)  # buckets are per tenant
-    ft.now += 0.99
+    ft.now += THROTTLE_WINDOW - 0.01
     assert state_of(adm) is S.THROTTLED
     ft.now += 0.02
     assert state_of(adm) is S.NORMAL  # noticed lazily, still reported
     assert changes == [S.THROTTLED, S.NORMAL]
     assert datetime.fromisoformat(adm.snapshot()["since"]).timestamp() == pytest.approx(
-        WALL0 + 1.01
+        WALL0 + THROTTLE_WINDOW + 0.01
     )
 
 
@@ -287,7 +288,7 @@ def test_state_precedence(ops: list[str]) -> None:
             except Rejected:
                 pass
             if not (paused or drain):
-                throttled_until = ft.now + 1.0
+                throttled_until = ft.now + THROTTLE_WINDOW
         elif op == "deep":
             depth = 1000
             adm.set_queue_depth(depth)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingest.config import AdmissionConfig, IntakeBoundConfig, TenantLimits
-from ingest.pipeline.admission import Admission, BackpressureState, Rejected
+from ingest.pipeline.admission import THROTTLE_WINDOW, Admission, BackpressureState, Rejected
 from ingest.pipeline.closed_loop import SAMPLE_SECONDS, IntakeBound
 
 
@@ -101,6 +101,7 @@ def test_never_admits_past_the_bound(
 ) -> None:
     clock = Clock()
     b = bound(clock, floor=floor, max_bytes=max_bytes, max_records=200_000)
+    b.observe(0, 0)
     for op, x, y in ops:
         if op == "admit":
             before_r, before_b, limit = b.backlog_records, b.backlog_bytes, b.limit_records
@@ -130,9 +131,17 @@ def test_never_admits_past_the_bound(
             assert "lag budget" in refusal.reason
 
 
+def test_not_enforced_until_the_intake_was_observed() -> None:
+    b = bound(Clock(), floor=10, max_bytes=10)
+    assert admit(b, 1_000, 1_000)  # an intake that never reports its size is not guessed at
+    b.observe(0, 0)
+    assert not admit(b, 11, 1)
+
+
 def test_first_burst_is_the_floor_until_a_rate_is_measured() -> None:
     clock = Clock()
     b = bound(clock, floor=1_000)
+    b.observe(0, 0)
     assert b.rate is None and b.limit_records == 1_000
     assert admit(b, 800, 80_000)
     refusal = b.check(201, 1)
@@ -154,6 +163,7 @@ def test_little_law_keeps_the_wait_of_accepted_records_within_the_budget(
     busy: the door refuses the excess, not the work the pipeline could do."""
     clock = Clock()
     b = bound(clock, budget=budget, floor=2_000)
+    b.observe(0, 0)
     pipe = Pipeline(capacity)
     dt, offered_per_tick = 0.1, capacity * overload * 0.1
     carry, refused, delivered = 0.0, 0, 0
@@ -238,6 +248,7 @@ def test_retry_after_is_the_excess_over_the_drain_rate(
 
 def test_bytes_cap_refuses_with_its_own_reason() -> None:
     b = bound(Clock(), max_bytes=10_000, floor=1_000_000)
+    b.observe(0, 0)
     assert admit(b, 10, 9_000)
     refusal = b.check(1, 2_000)
     assert refusal is not None and "bytes" in refusal.reason
@@ -271,6 +282,7 @@ def make_admission(clock: Clock, floor: int = 100) -> Admission:
 async def test_full_intake_is_throttled_with_retry_after_and_shown_in_the_snapshot() -> None:
     clock = Clock()
     adm = make_admission(clock)
+    adm.intake.observe(0, 0)
     await adm.try_admit("acme", 100, 1000)
     adm.appended(100, 1000, ok=True)
     with pytest.raises(Rejected) as exc:
@@ -282,7 +294,7 @@ async def test_full_intake_is_throttled_with_retry_after_and_shown_in_the_snapsh
     snap = adm.snapshot()
     assert snap["state"] == "throttled" and snap["throttled_by"] == "intake_backlog"
     assert snap["intake"]["records"] == 100 and snap["intake"]["refused_requests"] == 2
-    clock.now += 1.5
+    clock.now += THROTTLE_WINDOW + 0.1
     assert adm.state is BackpressureState.NORMAL  # the throttled window expires
 
 
@@ -293,6 +305,7 @@ async def test_refusal_by_the_bound_takes_no_tokens() -> None:
         intake=IntakeBoundConfig(min_backlog_records=1000),
     )
     adm = Admission(cfg, lambda t: cfg.default_limits, clock=clock)
+    adm.intake.observe(0, 0)
     with pytest.raises(Rejected):
         await adm.try_admit("acme", 1200, 0)
     assert adm.limiter.tokens() == {}  # the limiter was never asked

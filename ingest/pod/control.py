@@ -1,0 +1,429 @@
+"""A pod's control plane: N worker processes under one HTTP listener, one health, one /metrics.
+
+With `workers` > 1, `ingest run` becomes this process. It owns what must be one per pod: the
+HTTP listener (webhooks, admin, health, metrics), the webhook intake's writer and its
+closed-loop bound (`Admission.intake`), the operator modes; and it runs N worker processes
+(`ingest.pod.worker`), each a full pipeline taking its share of the work through what already
+divides it: Kafka partitions in one consumer group, S3/SFTP/inbox leases, webhook intake
+partitions by tenant. Workers report over a Unix socket (`ingest.pod.ipc`); the control plane
+sends them the modes (paused, drain, brownout rate) and wakes them on new webhook bodies.
+
+A worker that dies is started again (backoff 0.5 s doubling to 10 s) and shows in
+/health/detailed `.workers` (restarts, last exit) and `ingest_worker_restarts_total`; its
+counters stay in /metrics. SIGTERM drains every worker (each exits 0), then the pod exits 0.
+Workers die with the control plane (PR_SET_PDEATHSIG), so a kill -9 of the pod never leaves
+one behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ingest import config as C
+from ingest.errors import IngestError
+from ingest.pipeline.admission import Admission, BackpressureState
+from ingest.pod import ipc
+from ingest.pod.health import first_stores, merge_adapters, merge_sinks
+from ingest.pod.metrics import Dump, PodMetrics, add_dumps
+from ingest.pod.worker import ENV_PARENT, ENV_SOCKET, ENV_WORKER
+
+log = logging.getLogger(__name__)
+TICK_SECONDS = 0.25
+START_TIMEOUT = 120.0
+_BACKOFF_MAX = 10.0
+
+
+@dataclass
+class WorkerSlot:
+    """What the control plane knows about worker `index` (across its restarts)."""
+
+    index: int
+    proc: asyncio.subprocess.Process | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    last_exit: dict[str, Any] | None = None
+    writer: asyncio.StreamWriter | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    progress: dict[str, Any] = field(default_factory=dict)
+    health: dict[str, Any] | None = None
+    metrics: Dump = field(default_factory=list)
+    reported_at: float | None = None
+    committed_seen: int = 0  # intake_committed as last seen from this incarnation
+    asked: asyncio.Future[None] | None = None  # a fresh report was asked for
+
+    @property
+    def name(self) -> str:
+        return f"w{self.index}"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+
+class Pod:
+    """Satisfies `ingest.api.app`'s service protocol, like `ingest.service.Service`."""
+
+    def __init__(self, cfg: C.Config, count: int) -> None:
+        from ingest.service import worker_id
+
+        self.config = cfg
+        self.count = count
+        self.slots = [WorkerSlot(i) for i in range(count)]
+        self.metrics = PodMetrics(self._worker_dumps)
+        self.admission = Admission(cfg.admission, cfg.limits_for)
+        self.admission.on_change = self._on_state_change
+        self.intake: Any = None
+        self._intake_db: Any = None
+        self.stopping = False
+        self.started_at = time.time()
+        self.worker = worker_id()
+        self._retired: Dump = []  # counters of worker incarnations that ended
+        self._dir = tempfile.mkdtemp(prefix="ingest-pod-")
+        self.socket_path = str(Path(self._dir) / "control.sock")
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sent_control: dict[str, Any] | None = None
+        self._intake_backlog = 0
+        self._bg: set[asyncio.Future[None]] = set()
+        self._ready = asyncio.Event()  # every worker said hello once
+
+    # -- start -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the intake and start the workers; `wait_ready` waits for them (the HTTP
+        listener can answer meanwhile: webhooks are durable in the intake either way)."""
+        await self._open_intake()
+        self._server = await asyncio.start_unix_server(
+            self._serve, path=self.socket_path, limit=ipc.LIMIT
+        )
+        for slot in self.slots:
+            await self._spawn(slot)
+        self._tasks.append(asyncio.create_task(self._tick(), name="pod-tick"))
+
+    async def wait_ready(self) -> None:
+        """Until every worker said hello; IngestError if one dies first (a store it cannot
+        reach, say), after the pod was shut down."""
+        deadline = time.monotonic() + START_TIMEOUT
+        for slot in self.slots:
+            while not slot.ready.is_set():
+                if slot.last_exit is not None:
+                    await self.shutdown(timeout=10)
+                    raise IngestError(
+                        f"worker {slot.name} exited while starting ({_exit_text(slot.last_exit)});"
+                        " its error is logged above"
+                    )
+                if time.monotonic() > deadline:
+                    await self.shutdown(timeout=10)
+                    raise IngestError(f"worker {slot.name} did not start in {START_TIMEOUT:.0f}s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(slot.ready.wait(), 0.1)
+        self._ready.set()
+
+    async def _open_intake(self) -> None:
+        for sc in self.config.sources:
+            if not isinstance(sc, C.WebhookSourceConfig):
+                continue
+            if sc.intake == "kafka":
+                from ingest.sources.kafka_intake import KafkaIntake
+
+                if not sc.brokers:
+                    raise IngestError(f"sources[{sc.name}].brokers is required for intake: kafka")
+                self.intake = KafkaIntake(sc.brokers, sc.topic)
+                await self.intake.start()
+            else:
+                from ingest.state.intake import SQLiteIntake
+                from ingest.state.sqlite import SQLiteDB
+
+                state = self.config.state
+                path = (
+                    self.config.under_data_dir(state.path, "state.db")
+                    if isinstance(state, C.SQLiteStateConfig)
+                    else self.config.data_dir / "intake.db"
+                )
+                self._intake_db = await SQLiteDB.open(path)
+                self.intake = SQLiteIntake(self._intake_db)
+            return
+
+    async def _spawn(self, slot: WorkerSlot) -> None:
+        env = {
+            **os.environ,
+            ENV_WORKER: f"{slot.index}/{self.count}",
+            ENV_SOCKET: self.socket_path,
+            ENV_PARENT: str(os.getpid()),
+            "INGEST_LOG_LEVEL": logging.getLevelName(logging.getLogger().level),
+        }
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ingest.pod.worker", stdin=asyncio.subprocess.PIPE, env=env
+        )
+        assert proc.stdin is not None
+        proc.stdin.write(self.config.model_dump_json().encode())
+        await proc.stdin.drain()
+        proc.stdin.close()
+        slot.proc = proc
+        slot.started_at = time.time()
+        slot.ready.clear()
+        slot.committed_seen = 0
+        self._tasks.append(asyncio.create_task(self._watch(slot, proc), name=f"watch-{slot.name}"))
+
+    async def _watch(self, slot: WorkerSlot, proc: asyncio.subprocess.Process) -> None:
+        """Wait for the worker to end; unless the pod is stopping, start it again."""
+        rc = await proc.wait()
+        slot.last_exit = {"code": rc, "at": time.time()}
+        if rc < 0:
+            slot.last_exit["signal"] = signal.Signals(-rc).name
+        # What it counted stays counted: its last report's counters join the retired ones.
+        self._retired = add_dumps(self._retired, slot.metrics)
+        slot.metrics = []
+        slot.writer = None
+        slot.ready.clear()
+        if self.stopping:
+            return
+        delay = min(_BACKOFF_MAX, 0.5 * 2 ** min(slot.restarts, 5))
+        if time.time() - slot.started_at > 60:
+            delay = 0.5  # it ran a good while: not a crash loop
+        log.error(
+            "worker %s (pid %s) died (%s); starting it again in %.1fs",
+            slot.name,
+            proc.pid,
+            _exit_text(slot.last_exit),
+            delay,
+        )
+        await asyncio.sleep(delay)
+        if self.stopping:
+            return
+        slot.restarts += 1
+        self.metrics.worker_restarts.labels(slot.name).inc()
+        await self._spawn(slot)
+
+    # -- the wire --------------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hello = await ipc.recv(reader)
+        if hello is None or hello.get("type") != "hello":
+            writer.close()
+            return
+        slot = self.slots[int(hello["index"])]
+        slot.writer = writer
+        with contextlib.suppress(ConnectionError):
+            await ipc.send(writer, {"type": "control", "control": self.admission.control()})
+        slot.ready.set()
+        while (msg := await ipc.recv(reader)) is not None:
+            kind = msg.get("type")
+            if kind == "progress":
+                committed = int(msg.get("intake_committed", 0))
+                self.admission.intake.drained(committed - slot.committed_seen)
+                slot.committed_seen = committed
+                slot.progress = msg
+            elif kind == "report":
+                if msg.get("health") is not None:
+                    slot.health = msg["health"]
+                slot.metrics = msg.get("metrics") or slot.metrics
+                slot.reported_at = time.time()
+                if slot.asked is not None and not slot.asked.done():
+                    slot.asked.set_result(None)
+        if slot.writer is writer:
+            slot.writer = None
+
+    async def _broadcast(self, msg: dict[str, Any]) -> None:
+        for slot in self.slots:
+            if slot.writer is not None:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await ipc.send(slot.writer, msg)
+
+    def _on_state_change(self, state: BackpressureState) -> None:
+        self.metrics.set_backpressure(state.value)
+        self._background(self._push_control())
+
+    async def _push_control(self) -> None:
+        control = self.admission.control()
+        if control != self._sent_control:
+            self._sent_control = control
+            await self._broadcast({"type": "control", "control": control})
+
+    async def fresh_reports(self, timeout: float = 2.0) -> None:
+        """Ask every worker for its report now, so /health/detailed and /metrics are as fresh
+        as a single process's (a worker that does not answer in time shows its last one)."""
+        loop = asyncio.get_running_loop()
+        waits = []
+        for slot in self.slots:
+            if slot.writer is None:
+                continue
+            if slot.asked is None or slot.asked.done():
+                slot.asked = loop.create_future()
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await ipc.send(slot.writer, {"type": "report_now"})
+            waits.append(slot.asked)
+        if waits:
+            await asyncio.wait(waits, timeout=timeout)
+
+    def notify_webhook(self) -> None:
+        self._background(self._broadcast({"type": "notify"}))
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def _tick(self) -> None:
+        """Feed the closed loop and automatic brownout with the pod's figures; push modes."""
+        while not self.stopping:
+            if self.intake is not None and hasattr(self.intake, "backlog"):
+                with contextlib.suppress(Exception):
+                    records, _, nbytes = await self.intake.backlog()
+                    self._intake_backlog = records
+                    self.admission.intake.observe(records, nbytes)
+            self.admission.set_queue_depth(self.queue_depth())
+            await self._push_control()
+            self.refresh_gauges()
+            await asyncio.sleep(TICK_SECONDS)
+
+    # -- what the HTTP layer reads -----------------------------------------------------------
+
+    def queue_depth(self) -> int:
+        return self._intake_backlog + sum(int(s.progress.get("pending", 0)) for s in self.slots)
+
+    def _worker_dumps(self) -> list[Dump]:
+        return [self._retired, *(s.metrics for s in self.slots if s.metrics)]
+
+    def _state(self) -> BackpressureState:
+        """The pod's state. Operator modes and brownout are the control plane's own (workers
+        only mirror them, a report late); `throttled` also when a worker waits for tokens."""
+        state = self.admission.state
+        if state is BackpressureState.NORMAL and any(
+            s.progress.get("state") == BackpressureState.THROTTLED.value for s in self.slots
+        ):
+            return BackpressureState.THROTTLED
+        return state
+
+    def refresh_gauges(self) -> None:
+        self.metrics.queue_depth.set(self.queue_depth())
+        self.metrics.in_flight.set(sum(int(s.progress.get("in_flight", 0)) for s in self.slots))
+        self.metrics.set_backpressure(self._state().value)
+        alive = sum(1 for s in self.slots if s.alive and s.ready.is_set())
+        self.metrics.workers_alive.labels("alive").set(alive)
+        self.metrics.workers_alive.labels("down").set(self.count - alive)
+
+    def _workers_view(self) -> dict[str, Any]:
+        now = time.time()
+        out: dict[str, Any] = {}
+        for s in self.slots:
+            up = s.alive and s.ready.is_set()
+            out[s.name] = {
+                "status": "running" if up else ("starting" if s.alive else "down"),
+                "pid": s.proc.pid if s.proc is not None else None,
+                "started_at": s.started_at,
+                "restarts": s.restarts,
+                "last_exit": s.last_exit,
+                "report_age_seconds": None
+                if s.reported_at is None
+                else round(now - s.reported_at, 1),
+                "state": s.progress.get("state"),
+                "queue_depth": s.progress.get("pending"),
+                "health": (s.health or {}).get("status"),
+            }
+        return out
+
+    async def health(self) -> dict[str, Any]:
+        backpressure = self.admission.snapshot()  # the state as of the request
+        state = self._state()
+        if not self._ready.is_set():  # starting: the workers' view is worth a short wait
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), 10.0)
+        await self.fresh_reports()
+        docs = {s.name: s.health for s in self.slots if s.health is not None}
+        workers = self._workers_view()
+        adapters = merge_adapters(docs)
+        sinks = merge_sinks(docs)
+        for sc in self.config.sources:  # workers still starting: shown, not left out
+            adapters.setdefault(sc.name, {"kind": sc.type, **_STARTING_ADAPTER, "workers": {}})
+        for sk in self.config.sinks:
+            sinks.setdefault(sk.name, {"kind": sk.type, "state": "closed", "workers": {}})
+        backpressure["state"] = state.value
+        backpressure["queue_depth"] = self.queue_depth()
+        backpressure["in_flight"] = sum(int(s.progress.get("in_flight", 0)) for s in self.slots)
+        backpressure["max_in_flight"] = self.config.admission.max_in_flight * self.count
+        degraded = (
+            any(w["status"] != "running" for w in workers.values())
+            or any(d.get("status") != "ok" for d in docs.values())
+            or state is not BackpressureState.NORMAL
+        )
+        any_doc = next(iter(docs.values()), {})
+        return {
+            "status": "degraded" if degraded else "ok",
+            "mode": any_doc.get("mode", "embedded"),
+            "worker": self.worker,
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "adapters": adapters,
+            "backpressure": backpressure,
+            "sinks": sinks,
+            "stores": first_stores(docs),
+            "store_errors": [e for d in docs.values() for e in d.get("store_errors", [])],
+            "workers": workers,
+        }
+
+    # -- stop ------------------------------------------------------------------------------
+
+    async def shutdown(self, timeout: float = 90.0) -> None:
+        """Drain: refuse new webhooks, let every worker finish, commit and exit, then close."""
+        log.info("shutting down: draining %d workers", self.count)
+        self.admission.drain()
+        self.stopping = True
+        for slot in self.slots:
+            if slot.alive and slot.proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    slot.proc.send_signal(signal.SIGTERM)
+        procs = [s.proc for s in self.slots if s.proc is not None]
+        done = asyncio.gather(*(p.wait() for p in procs))
+        try:
+            await asyncio.wait_for(asyncio.shield(done), timeout)
+        except TimeoutError:
+            log.error("workers did not finish in %.0fs; killing them", timeout)
+            for p in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+            await done
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+        if self.intake is not None:
+            with contextlib.suppress(Exception):
+                await self.intake.close()
+        if self._intake_db is not None:
+            await self._intake_db.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.socket_path)
+            os.rmdir(self._dir)
+        log.info("shutdown complete")
+
+    @property
+    def exit_codes(self) -> list[int | None]:
+        return [s.proc.returncode if s.proc is not None else None for s in self.slots]
+
+
+_STARTING_ADAPTER: dict[str, Any] = {
+    "status": "starting",
+    "lag_seconds": 0.0,
+    "last_checkpoint": None,
+    "last_checkpoint_at": None,
+    "errors": [],
+    "records_read": 0,
+}
+
+
+def _exit_text(last_exit: dict[str, Any]) -> str:
+    if "signal" in last_exit:
+        return f"killed by {last_exit['signal']}"
+    return f"exit code {last_exit['code']}"

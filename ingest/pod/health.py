@@ -1,0 +1,92 @@
+"""The pod's /health/detailed: every worker's document folded into one, with the same keys.
+
+An adapter or sink appears once, as the worst any worker sees it (status, breaker state), with
+the largest lag, the summed counts, the union of per-worker maps (a Kafka adapter's
+partitions) and each worker's own view under `workers`; a runbook query
+such as `.adapters["s3-main"]` or `select(.value.lag_seconds > 60)` reads it as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ADAPTER_RANK = {
+    "error": 6,
+    "draining": 5,
+    "paused": 4,
+    "starting": 3,
+    "running": 2,
+    "stopped": 1,
+    "idle": 0,
+}
+_BREAKER_RANK = {"open": 2, "half_open": 1, "closed": 0}
+
+
+def merge_adapters(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Adapters by name across workers (`docs`: worker name -> its health document)."""
+    out: dict[str, Any] = {}
+    for wname, doc in docs.items():
+        for name, a in doc.get("adapters", {}).items():
+            m = out.get(name)
+            if m is None:
+                m = out[name] = {**a, "errors": list(a.get("errors", [])), "workers": {}}
+            else:
+                if _ADAPTER_RANK.get(a["status"], 0) > _ADAPTER_RANK.get(m["status"], 0):
+                    m["status"] = a["status"]
+                m["lag_seconds"] = max(m.get("lag_seconds", 0.0), a.get("lag_seconds", 0.0))
+                m["records_read"] = m.get("records_read", 0) + a.get("records_read", 0)
+                if (a.get("last_checkpoint_at") or 0) > (m.get("last_checkpoint_at") or 0):
+                    m["last_checkpoint"] = a.get("last_checkpoint")
+                    m["last_checkpoint_at"] = a.get("last_checkpoint_at")
+                m["errors"] = sorted(m["errors"] + list(a.get("errors", [])), reverse=True)[:10]
+                for key, value in a.items():  # source-specific extras: partitions, backlogs
+                    if key in _FOLDED:
+                        continue
+                    have = m.get(key)
+                    if isinstance(value, dict) and isinstance(have, dict):
+                        m[key] = {**have, **value}  # e.g. Kafka partitions: each worker's own
+                    elif _number(value) and _number(have):
+                        m[key] = have + value
+            m["workers"][wname] = {
+                k: a.get(k) for k in ("status", "lag_seconds", "records_read", "last_checkpoint")
+            }
+    return out
+
+
+_FOLDED = {
+    "kind",
+    "status",
+    "lag_seconds",
+    "records_read",
+    "last_checkpoint",
+    "last_checkpoint_at",
+    "errors",
+    "workers",
+}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def merge_sinks(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for wname, doc in docs.items():
+        for name, s in doc.get("sinks", {}).items():
+            m = out.get(name)
+            if m is None or _BREAKER_RANK.get(s["state"], 0) > _BREAKER_RANK.get(m["state"], 0):
+                kept = {} if m is None else m["workers"]
+                m = out[name] = {**s, "workers": kept}
+            elif not s.get("connection", {}).get("connected", True):
+                m["connection"] = s["connection"]
+            m["workers"][wname] = s["state"]
+    return out
+
+
+def first_stores(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The stores are shared: any worker's view, preferring one that reports a failure."""
+    views = [d["stores"] for d in docs.values() if "stores" in d]
+    for view in views:
+        if "error" in str(view) or '"ok": false' in str(view).lower():
+            return dict(view)
+    return dict(views[0]) if views else {}

@@ -1,0 +1,127 @@
+"""One worker process of a pod: a whole pipeline (all sources, its share of their work).
+
+Started by the control plane (`ingest.pod.control`) as `python -m ingest.pod.worker` with its
+index in INGEST_POD_WORKER ("i/n"), the control socket in INGEST_POD_SOCKET and the pod's
+effective configuration as JSON on stdin (so secrets never sit in the environment). It builds
+the service as worker i of n (see `ingest.service.build_sources`: leases, consumer group,
+intake partitions), reports to the control plane, applies the modes it is sent, and on
+SIGTERM drains and exits 0 like a single-process service. It dies with the control plane
+(PR_SET_PDEATHSIG): a killed pod never leaves workers behind to race its restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from ingest.config import Config
+from ingest.pod import ipc
+from ingest.pod.metrics import dump
+
+log = logging.getLogger(__name__)
+ENV_WORKER = "INGEST_POD_WORKER"
+ENV_SOCKET = "INGEST_POD_SOCKET"
+ENV_PARENT = "INGEST_POD_PARENT"
+PROGRESS_SECONDS = 0.25
+REPORT_SECONDS = 1.0
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when the control plane dies, however it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the line above took effect
+        os._exit(1)
+
+
+async def run(cfg: Config, index: int, count: int, socket_path: str) -> int:
+    from ingest.service import Service, tune_gc
+
+    tune_gc()
+    service = await Service.build(cfg, shard=(index, count))
+    service.worker = f"{service.worker}/w{index}"
+    await service.start()
+    reader, writer = await asyncio.open_unix_connection(socket_path, limit=ipc.LIMIT)
+    await ipc.send(writer, {"type": "hello", "index": index, "pid": os.getpid()})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def progress() -> dict[str, Any]:
+        return {
+            "type": "progress",
+            "pending": service.pending,
+            "in_flight": service.admission.in_flight_count,
+            "state": service.admission.state.value,
+            "intake_committed": service.intake_committed(),
+        }
+
+    async def full_report() -> None:
+        service.refresh_gauges()
+        await ipc.send(writer, await progress())
+        health = await service.health()
+        metrics = dump(service.metrics.registry)
+        await ipc.send(writer, {"type": "report", "health": health, "metrics": metrics})
+
+    async def report() -> None:
+        ticks = 0
+        while True:
+            if ticks % round(REPORT_SECONDS / PROGRESS_SECONDS) == 0:
+                await full_report()
+            else:
+                await ipc.send(writer, await progress())
+            ticks += 1
+            await asyncio.sleep(PROGRESS_SECONDS)
+
+    async def commands() -> None:
+        while (msg := await ipc.recv(reader)) is not None:
+            kind = msg.get("type")
+            if kind == "control":
+                service.admission.apply_control(msg["control"])
+            elif kind == "notify":
+                service.notify_webhook()
+            elif kind == "report_now":  # a scrape or health read on the control plane
+                await full_report()
+        log.warning("control plane gone: draining and exiting")
+        stop.set()
+
+    tasks = [asyncio.create_task(report()), asyncio.create_task(commands())]
+    await stop.wait()
+    await service.shutdown()
+    for task in tasks:
+        task.cancel()
+    with contextlib.suppress(Exception):  # last word: what it counted while draining
+        service.refresh_gauges()
+        await ipc.send(writer, await progress())
+        metrics = dump(service.metrics.registry)
+        await ipc.send(writer, {"type": "report", "health": None, "metrics": metrics})
+        writer.close()
+    return 0
+
+
+def main() -> None:
+    index, count = (int(x) for x in os.environ[ENV_WORKER].split("/"))
+    die_with_parent(int(os.environ[ENV_PARENT]))
+    from ingest.cli.common import setup_logging
+
+    setup_logging(os.environ.get("INGEST_LOG_LEVEL", "INFO"))
+    cfg = Config.model_validate_json(sys.stdin.buffer.read())
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+    sys.exit(asyncio.run(run(cfg, index, count, os.environ[ENV_SOCKET])))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""kill -9 a pod of two workers at random moments: its whole process group, its control plane
+alone (the workers must die with it), or one worker (the control plane restarts it); exact
+counts at the end, as in test_crash_embedded.
+
+Inbox files of one tenant are shared between the workers through leases; webhooks of two
+tenants go to their intake partitions; both workers commit into the same SQLite state and sink.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.e2e._service import ServiceProcess, free_port, metric_value
+from tests.e2e.test_crash_embedded import SEED, TENANT, Feed, finished, post_all
+
+pytestmark = pytest.mark.e2e
+WORKERS = {"INGEST_WORKERS": "2"}
+
+
+def workers_of(pid: int) -> list[int]:
+    try:
+        return [c.pid for c in psutil.Process(pid).children()]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def wait_gone(pids: list[int], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids):
+        assert time.monotonic() < deadline, f"workers {pids} outlived their pod"
+        time.sleep(0.05)
+
+
+def test_kill9_pod_and_workers_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    rng = random.Random(SEED)
+    print(f"crash test seed: {SEED} (set INGEST_CRASH_SEED to replay)")
+    feed = Feed(rng)
+    data = tmp_path / "data"
+    inbox = data / "inbox" / TENANT
+    inbox.mkdir(parents=True)
+    for f in range(8):  # ~40k lines in 8 files, read by both workers under leases
+        lines = feed.unit(f"file{f}", 3_900)
+        tmp = inbox / f".f{f}.tmp"
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.rename(inbox / f"orders-{f}.jsonl")
+    bodies = ["\n".join(feed.unit(f"hook{b}", 78)) for b in range(120)]
+
+    port = free_port()
+    svc = ServiceProcess(data, port=port, env=WORKERS).start()
+    assert set(svc.worker_pids()) == {"w0", "w1"}
+    stop = threading.Event()
+    sender = threading.Thread(
+        target=post_all, args=(f"{svc.url}/v1/webhooks/{TENANT}/shop", bodies, stop),
+        daemon=True,
+    )
+    sender.start()
+    kinds: Counter[str] = Counter()
+    try:
+        for i in range(6):
+            time.sleep(rng.uniform(0.5, 2.5))
+            if finished(svc, inbox) and not sender.is_alive():
+                break
+            kind = ("group", "control-plane", "worker")[i % 3]
+            kinds[kind] += 1
+            pids = workers_of(svc.proc.pid) if svc.proc else []
+            if kind == "worker":
+                victim = rng.choice(sorted(svc.worker_pids().items()))
+                os.kill(victim[1], signal.SIGKILL)
+                deadline = time.monotonic() + 30
+                while True:  # restarted by the control plane, and visible in health
+                    w = svc.health()["workers"][victim[0]]
+                    if w["status"] == "running" and w["pid"] != victim[1]:
+                        break
+                    assert time.monotonic() < deadline, w
+                    time.sleep(0.1)
+                assert w["restarts"] >= 1 and w["last_exit"]["signal"] == "SIGKILL"
+                continue
+            if kind == "group":
+                svc.kill_group()
+            else:
+                svc.kill9()
+            wait_gone(pids)
+            svc = ServiceProcess(data, port=port, env=WORKERS).start()
+        sender.join(timeout=300)
+        assert not sender.is_alive(), "webhook sender did not finish"
+        deadline = time.monotonic() + 300
+        while not finished(svc, inbox):
+            assert time.monotonic() < deadline, f"not finished: {svc.health()}"
+            time.sleep(0.3)
+        metrics = svc.metrics()
+        pids = workers_of(svc.proc.pid) if svc.proc else []
+        assert svc.terminate() == 0
+        wait_gone(pids, timeout=1)  # SIGTERM drained every worker before the pod exited
+    finally:
+        stop.set()
+        svc.stop()
+    assert kinds["group"] >= 1 and kinds["worker"] >= 1, kinds
+    assert metric_value(metrics, "ingest_workers", state="alive") == 2
+
+    sink = sqlite3.connect(data / "sink.db")
+    rows = dict(sink.execute("SELECT entity_id, revision FROM entities"))
+    missing = set(feed.final) - set(rows)
+    assert not missing, f"{len(missing)} entities missing, e.g. {sorted(missing)[:5]}"
+    assert rows == feed.final
+    state = sqlite3.connect(data / "state.db")
+    dlq = Counter(r for (r,) in state.execute("SELECT reason FROM dlq"))
+    assert dlq == feed.dlq
+
+
+def test_health_and_metrics_cover_every_worker(tmp_path: Path) -> None:
+    """One listener, one health with every worker, one /metrics summing them; a killed
+    worker is restarted and its counts stay counted; SIGTERM exits 0 with no worker left."""
+    data = tmp_path / "data"
+    svc = ServiceProcess(data, env=WORKERS).start()
+    try:
+        h = svc.health()
+        assert set(h["workers"]) == {"w0", "w1"} and h["status"] == "ok", h
+        bodies = {t: "\n".join(
+            f'{{"schema_version":3,"tenant_id":"{t}","entity_type":"order","entity_id":"{t}-{i}",'
+            f'"revision":1,"occurred_at":"2025-01-01T00:00:00Z","attributes":{{}}}}'
+            for i in range(50)) for t in ("t-a", "t-b", "t-c", "t-d")}
+        for t, body in bodies.items():
+            r = svc.post_webhook(t, "hook", body, content_type="application/x-ndjson")
+            assert r.status_code == 202, r.text
+        deadline = time.monotonic() + 60
+        while metric_value(svc.metrics(), "ingest_records_total", outcome="delivered") < 200:
+            assert time.monotonic() < deadline, svc.health()
+            time.sleep(0.2)
+        hook = svc.health()["adapters"]["webhook"]
+        read = {w: a["records_read"] for w, a in hook["workers"].items()}
+        assert read == {"w0": 50, "w1": 150}  # t-d on w0, t-a..t-c on w1 (tenant partitions)
+        assert hook["records_read"] == 200
+        victim = svc.worker_pids()["w0"]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            h = svc.health()
+            w0 = h["workers"]["w0"]
+            if w0["status"] == "running" and w0["pid"] != victim:
+                break
+            assert h["status"] == "degraded" or w0["status"] == "running"
+            assert time.monotonic() < deadline, h
+            time.sleep(0.1)
+        assert w0["restarts"] == 1 and w0["last_exit"]["signal"] == "SIGKILL"
+        metrics = svc.metrics()
+        assert metric_value(metrics, "ingest_records_total", outcome="delivered") == 200
+        assert metric_value(metrics, "ingest_worker_restarts_total", worker="w0") == 1
+        pids = list(svc.worker_pids().values())
+        assert svc.terminate() == 0
+        wait_gone(pids, timeout=1)
+    finally:
+        svc.stop()
+    with pytest.raises(httpx.HTTPError):
+        svc.health()

@@ -1,0 +1,96 @@
+"""A pod's one /metrics and one health over its workers; the modes a worker takes over."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import generate_latest
+
+from ingest.config import AdmissionConfig
+from ingest.metrics import Metrics
+from ingest.pipeline.admission import Admission, BackpressureState
+from ingest.pod.health import merge_adapters, merge_sinks
+from ingest.pod.metrics import Dump, PodMetrics, add_dumps, dump
+from tests.e2e._service import metric_value
+
+OUTCOMES = ("delivered", "duplicate", "dlq")
+
+
+def worker_metrics(counts: dict[str, int], lag: float, breaker: str) -> Dump:
+    m = Metrics()
+    for outcome, n in counts.items():
+        m.records.labels("acme", "inbox", outcome).inc(n)
+    m.lag.labels("acme", "inbox", "sqlite").observe(lag)
+    m.set_breaker("sqlite", breaker)
+    m.queue_depth.set(123)
+    return dump(m.registry)
+
+
+counts = st.dictionaries(st.sampled_from(OUTCOMES), st.integers(0, 10_000), min_size=1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    workers=st.lists(
+        st.tuples(counts, st.floats(0, 100), st.sampled_from(["closed", "half_open", "open"])),
+        min_size=1,
+        max_size=4,
+    ),
+    dead=st.lists(counts, max_size=3),
+)
+def test_pod_metrics_sum_workers_and_keep_what_dead_ones_counted(
+    workers: list[tuple[dict[str, int], float, str]], dead: list[dict[str, int]]
+) -> None:
+    live = [worker_metrics(c, lag, b) for c, lag, b in workers]
+    retired: Dump = []
+    for c in dead:
+        retired = add_dumps(retired, worker_metrics(c, 1.0, "open"))
+    pod = PodMetrics(lambda: [retired, *live])
+    pod.queue_depth.set(7)
+    text = generate_latest(pod.registry).decode()
+    for outcome in OUTCOMES:
+        want = sum(c.get(outcome, 0) for c, _, _ in workers) + sum(c.get(outcome, 0) for c in dead)
+        assert metric_value(text, "ingest_records_total", outcome=outcome) == want
+    assert metric_value(text, "ingest_lag_seconds_count") == len(workers) + len(dead)
+    assert metric_value(text, "ingest_queue_depth") == 7  # the pod's own figure, not a sum
+    worst = max((b for _, _, b in workers), key=["closed", "half_open", "open"].index)
+    for state in ("closed", "half_open", "open"):
+        got = metric_value(text, "ingest_circuit_breaker_state", sink="sqlite", state=state)
+        assert got == (1 if state == worst else 0)  # dead workers' breakers do not count
+    assert text.count("# TYPE ingest_records_total counter") == 1
+
+
+def test_health_folds_adapters_and_sinks() -> None:
+    def doc(status: str, lag: float, read: int, breaker: str, at: float) -> dict[str, object]:
+        return {
+            "adapters": {
+                "inbox": {
+                    "kind": "inbox",
+                    "status": status,
+                    "lag_seconds": lag,
+                    "records_read": read,
+                    "errors": [f"2026-01-01T00:00:0{read % 10}Z e{read}"],
+                    "last_checkpoint": {"at": at},
+                    "last_checkpoint_at": at,
+                }
+            },
+            "sinks": {"sqlite": {"state": breaker, "connection": {"connected": True}}},
+        }
+
+    docs = {"w0": doc("idle", 1.0, 5, "closed", 10.0), "w1": doc("error", 9.0, 7, "open", 20.0)}
+    adapters = merge_adapters(docs)["inbox"]
+    assert adapters["status"] == "error" and adapters["lag_seconds"] == 9.0
+    assert adapters["records_read"] == 12 and adapters["last_checkpoint"] == {"at": 20.0}
+    assert set(adapters["workers"]) == {"w0", "w1"} and len(adapters["errors"]) == 2
+    sinks = merge_sinks(docs)["sqlite"]
+    assert sinks["state"] == "open" and sinks["workers"] == {"w0": "closed", "w1": "open"}
+
+
+def test_worker_takes_the_control_planes_modes() -> None:
+    cfg = AdmissionConfig()
+    pod, worker = (Admission(cfg, lambda t: cfg.default_limits) for _ in range(2))
+    for act in (lambda: pod.brownout(0.2), pod.pause, pod.drain, pod.resume):
+        act()
+        worker.apply_control(pod.control())
+        assert worker.state is pod.state and worker.brownout_rate == pod.brownout_rate
+    assert worker.state is BackpressureState.NORMAL
