@@ -35,8 +35,8 @@ from ingest.errors import IngestError
 from ingest.pipeline.admission import Admission, BackpressureState
 from ingest.pod import ipc
 from ingest.pod.health import first_stores, merge_adapters, merge_sinks
+from ingest.pod.ipc import ENV_PARENT, ENV_SOCKET, ENV_WORKER
 from ingest.pod.metrics import Dump, PodMetrics, add_dumps
-from ingest.pod.worker import ENV_PARENT, ENV_SOCKET, ENV_WORKER
 
 log = logging.getLogger(__name__)
 TICK_SECONDS = 0.25
@@ -75,7 +75,7 @@ class Pod:
     """Satisfies `ingest.api.app`'s service protocol, like `ingest.service.Service`."""
 
     def __init__(self, cfg: C.Config, count: int) -> None:
-        from ingest.service import worker_id
+        from ingest.factory import worker_id
 
         self.config = cfg
         self.count = count

@@ -14,6 +14,9 @@ from typing import Any
 
 import orjson
 
+ENV_WORKER = "INGEST_POD_WORKER"  # "i/n": this process is worker i of a pod of n
+ENV_SOCKET = "INGEST_POD_SOCKET"  # the control plane's Unix socket
+ENV_PARENT = "INGEST_POD_PARENT"  # the control plane's pid (die with it)
 LIMIT = 64 * 1024 * 1024  # one line may carry a whole health document and metric set
 
 Message = dict[str, Any]

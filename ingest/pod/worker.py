@@ -22,12 +22,10 @@ from typing import Any
 
 from ingest.config import Config
 from ingest.pod import ipc
+from ingest.pod.ipc import ENV_PARENT, ENV_SOCKET, ENV_WORKER
 from ingest.pod.metrics import dump
 
 log = logging.getLogger(__name__)
-ENV_WORKER = "INGEST_POD_WORKER"
-ENV_SOCKET = "INGEST_POD_SOCKET"
-ENV_PARENT = "INGEST_POD_PARENT"
 PROGRESS_SECONDS = 0.25
 REPORT_SECONDS = 1.0
 _PR_SET_PDEATHSIG = 1

@@ -117,8 +117,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("mechanisms", ("ingest.pipeline", "ingest.auth", "ingest.health", "ingest.disk")),
     ("assembly", ("ingest.factory",)),
     ("tools and HTTP", ("ingest.replay", "ingest.triage", "ingest.tools", "ingest.api")),
-    ("running", ("ingest.service",)),
-    ("entry points", ("ingest.cli",)),
+    ("running", ("ingest.service", "ingest.pod")),
+    ("entry points", ("ingest.cli", "ingest.pod.worker")),
 ]
 
 
