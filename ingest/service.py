@@ -272,6 +272,8 @@ async def serve(
     count = cfg.worker_count()
     service: Service | Pod = Pod(cfg, count) if count > 1 else await Service.build(cfg)
     await service.start()
+    if isinstance(service, Pod):
+        await service.wait_ready()  # serve once every worker runs, as one process would
     app = build_app(service)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -302,14 +304,6 @@ async def serve(
             f"cannot serve HTTP on {server.config.host}:{server.config.port} "
             "(is the port in use? set http.port or INGEST_HTTP_PORT)"
         )
-    if isinstance(service, Pod):
-        try:
-            await service.wait_ready()
-        except BaseException:
-            server.should_exit = True
-            with contextlib.suppress(SystemExit):
-                await server_task
-            raise
     if ready is not None:
         ready(service)
     await stop.wait()

@@ -101,8 +101,7 @@ class Pod:
     # -- start -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the intake and start the workers; `wait_ready` waits for them (the HTTP
-        listener can answer meanwhile: webhooks are durable in the intake either way)."""
+        """Open the intake and start the workers; `wait_ready` waits for them."""
         await self._open_intake()
         self._server = await asyncio.start_unix_server(
             self._serve, path=self.socket_path, limit=ipc.LIMIT
@@ -251,7 +250,7 @@ class Pod:
             self._sent_control = control
             await self._broadcast({"type": "control", "control": control})
 
-    async def fresh_reports(self, timeout: float = 2.0) -> None:
+    async def fresh_reports(self, timeout: float = 1.0) -> None:
         """Ask every worker for its report now, so /health/detailed and /metrics are as fresh
         as a single process's (a worker that does not answer in time shows its last one)."""
         loop = asyncio.get_running_loop()
@@ -339,8 +338,9 @@ class Pod:
         state = self._state()
         if not self._ready.is_set():  # starting: the workers' view is worth a short wait
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), 10.0)
-        await self.fresh_reports()
+                await asyncio.wait_for(self._ready.wait(), 2.5)
+        else:
+            await self.fresh_reports()
         docs = {s.name: s.health for s in self.slots if s.health is not None}
         workers = self._workers_view()
         adapters = merge_adapters(docs)
