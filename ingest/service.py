@@ -60,6 +60,7 @@ class Service:
         self._intake_backlog = 0
         self._intake_committed = 0
         self.in_pod = False  # a worker of a pod: its control plane watches the intake
+        self.shard: tuple[int, int] | None = None  # (i, n) as a pod's worker i of n
         self._tasks: list[asyncio.Task[None]] = []
         self.worker = worker_id()
         self.pipeline.stopping = self.stopping  # outage waits give up on shutdown
@@ -93,6 +94,7 @@ class Service:
         core = await build_core(cfg)
         service = cls(core, await build_sources(cfg, core.stores, shard))
         service.in_pod = shard is not None
+        service.shard = shard
         return service
 
     def notify_webhook(self) -> None:
@@ -163,7 +165,7 @@ class Service:
         with contextlib.suppress(Exception):
             await old.close()
         try:
-            built = await SOURCES[sc.type].build(self.config, sc, self.stores)
+            built = await SOURCES[sc.type].build(self.config, sc, self.stores, self.shard)
             await built.source.start()
         except Exception as exc:
             log.exception("source %s could not be rebuilt", old.name)

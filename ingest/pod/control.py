@@ -97,6 +97,13 @@ class Pod:
         self._intake_backlog = 0
         self._bg: set[asyncio.Future[None]] = set()
         self._ready = asyncio.Event()  # every worker said hello once
+        self._beat = time.monotonic()  # the tick's last turn: the control plane's liveness
+        from ingest.disk import DiskGuard
+
+        sqlite_intake = any(
+            isinstance(sc, C.WebhookSourceConfig) and sc.intake == "sqlite" for sc in cfg.sources
+        )
+        self.disk = DiskGuard(cfg.data_dir, cfg.disk, self.metrics, guards_intake=sqlite_intake)
 
     # -- start -----------------------------------------------------------------------------
 
@@ -285,6 +292,8 @@ class Pod:
             self.admission.set_queue_depth(self.queue_depth())
             await self._push_control()
             self.refresh_gauges()
+            self.disk.sample()
+            self._beat = time.monotonic()
             await asyncio.sleep(TICK_SECONDS)
 
     # -- what the HTTP layer reads -----------------------------------------------------------
@@ -332,6 +341,31 @@ class Pod:
                 "health": (s.health or {}).get("status"),
             }
         return out
+
+    def live(self) -> tuple[bool, dict[str, Any]]:
+        """The control plane's loop turns (each worker's own liveness is its restart)."""
+        age = time.monotonic() - self._beat
+        ok = age < self.config.health.live_timeout_seconds
+        return ok, {"status": "ok" if ok else "stuck", "heartbeat_age_seconds": round(age, 3)}
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Traffic welcome: every worker running, not draining or paused, none unhealthy."""
+        reasons: list[str] = []
+        state = self.admission.state
+        if state is BackpressureState.DRAIN:
+            reasons.append("draining")
+        elif state is BackpressureState.PAUSED:
+            reasons.append("paused")
+        for slot in self.slots:
+            if not (slot.alive and slot.ready.is_set()):
+                reasons.append(f"worker {slot.name} is not running")
+            elif (slot.health or {}).get("status") == "unhealthy":
+                reasons.append(f"worker {slot.name} is unhealthy")
+        status = "ok" if not reasons else "unhealthy"
+        return not reasons, {"ready": not reasons, "status": status, "reasons": reasons}
+
+    def refuse_intake(self, incoming_bytes: int) -> str | None:
+        return self.disk.refuse_intake(incoming_bytes)
 
     async def health(self) -> dict[str, Any]:
         backpressure = self.admission.snapshot()  # the state as of the request

@@ -59,7 +59,7 @@ class ServiceProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, wait: float = 30.0) -> ServiceProcess:
+    def start(self, wait: float = 60.0) -> ServiceProcess:  # a pod starts N+1 processes
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "ingest.cli.ingest", "run", "--host", "127.0.0.1",
                "--port", str(self.port)]
