@@ -140,8 +140,9 @@ class Pipeline:
         self.rng = rng or random.Random()
         self.store_errors: list[str] = []  # recent store outages, for /health/detailed
         self.stopping: asyncio.Event | None = None  # set: waits for outages give up
-        self.disk_full_since: float | None = None  # a write is waiting for disk space
-        self.disk_full_error: str | None = None
+        # writes waiting for disk space, by where (a store or a sink): (since, message)
+        self._full: dict[str, tuple[float, str]] = {}
+        self.disk_full_error: str | None = None  # the last such message, kept for health
         # Keys claimed by the last few batches: a lookup prefetched before they were claimed
         # (prefetch_seen) is completed from here, so prefetching loses no duplicate.
         self._recent_claims: dict[bytes, None] = {}  # insertion-ordered, bounded
@@ -602,11 +603,11 @@ class Pipeline:
             except Exception as exc:
                 if not is_disk_full(exc):
                     raise
-                self._disk_full(f"sink {lane.sink.name}", exc, delay)
+                self._disk_full(f"sink {lane.sink.name}", exc)
                 await self._pause(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            self._disk_ok()
+            self._disk_ok(f"sink {lane.sink.name}")
             return results
 
     # ------------------------------------------------------------------ stores
@@ -622,7 +623,7 @@ class Pipeline:
                 if not (full or isinstance(exc, StoreUnavailable | OSError | ConnectionError)):
                     raise
                 if full:
-                    self._disk_full(f"{store} store", exc, delay)
+                    self._disk_full(f"{store} store", exc)
                 else:
                     message = f"{store} store unavailable: {exc}"
                     log.warning("%s; retrying in %.1fs", message, delay)
@@ -631,24 +632,29 @@ class Pipeline:
                 await self._pause(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            self._disk_ok()
+            self._disk_ok(f"{store} store")
             return result
 
-    def _disk_full(self, where: str, exc: BaseException, delay: float) -> None:
-        message = f"{where}: no space left ({type(exc).__name__}: {exc})"
-        if self.disk_full_since is None:
-            self.disk_full_since = time.time()
+    @property
+    def disk_full_since(self) -> float | None:
+        """Since when a write has been waiting for disk space (None: none is)."""
+        return min((since for since, _ in self._full.values()), default=None)
+
+    def _disk_full(self, where: str, exc: BaseException) -> None:
+        cause = _disk_full_cause(exc)
+        message = f"{where}: no space left ({type(cause).__name__}: {cause})"
+        if where not in self._full:
             log.error("%s; waiting for free space, retrying every few seconds", message)
-        else:
-            log.debug("%s; retrying in %.1fs", message, delay)
+        self._full[where] = (self._full.get(where, (time.time(), ""))[0], message)
         self.disk_full_error = message
         self.metrics.disk_full.set(1)
 
-    def _disk_ok(self) -> None:
-        if self.disk_full_since is not None:
-            log.warning("disk space is back after %.0fs", time.time() - self.disk_full_since)
-            self.disk_full_since = None
-            self.metrics.disk_full.set(0)
+    def _disk_ok(self, where: str) -> None:
+        if self._full and where in self._full:
+            since, _ = self._full.pop(where)
+            log.warning("%s: disk space is back after %.0fs", where, time.time() - since)
+            if not self._full:
+                self.metrics.disk_full.set(0)
 
     async def _pause(self, delay: float) -> None:
         """Sleep before retrying an outage; raise `Abandoned` once the service is stopping."""
@@ -743,6 +749,20 @@ def _revision_or_none(value: Any) -> int | None:
     """A revision the DLQ's 64-bit column holds (the schema's range), else None: the record's
     bytes and `detail.found` still say what was sent."""
     return value if type(value) is int and 0 <= value <= _REVISION_MAX else None
+
+
+def _disk_full_cause(exc: BaseException) -> BaseException:
+    """The innermost error of the chain that says the disk is full (what to show)."""
+    found = exc
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 10:
+        if is_disk_full(cur) and not is_disk_full(cur.__cause__ or cur.__context__):
+            return cur
+        found = cur
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return found
 
 
 def _sink_error_result(exc: SinkError) -> SinkResult:
