@@ -6,6 +6,7 @@ drives the running service (tests/e2e/test_fuzz_service.py).
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -67,3 +68,76 @@ def assert_stored(entries: list[DLQEntry], stored: list[DLQEntry]) -> None:
         assert got.payload == e.payload and got.reason is e.reason
         if e.revision is not None and -(2**63) <= e.revision < 2**63:
             assert got.revision == e.revision
+
+
+# ------------------------------------------------------------------ records and files
+# A line as sent: its bytes, and the entity id when it is one of "our" records (unique per
+# line, so the sink can be searched for it); None for arbitrary JSON or bytes.
+SentLine = tuple[bytes, str | None]
+# What the strategy draws: a record-shaped body (with the name of its id field and the
+# encoding) or raw bytes. `render` gives it a unique id, so every line is told apart.
+Hostile = tuple[dict[str, Any] | bytes, str | None, str]
+
+DATES = st.sampled_from(["2025-01-01T00:00:00Z", "2025-01-01T00:00:00.123456+02:00",
+                         "2025-13-01T00:00:00Z", "", "9999-12-31T23:59:59Z", "yesterday",
+                         "2025-01-01"]) | st.text(max_size=30)
+ENTITY_TYPES = st.sampled_from(["order", "order", "note", "", "x" * 300, "ordér", "a\x00b"])
+REVISIONS = st.sampled_from([1, 1, 2, 0, -1]) | BIG_INTS | st.floats() | st.sampled_from(
+    ["1", None, True, [1]])
+
+
+def _encode(value: Any, mode: str) -> bytes:
+    """As JSON text: `ascii` escapes everything (lone surrogates as \\ud800), `raw` writes
+    UTF-8 (lone surrogates as invalid bytes). Big integers stay exact (stdlib json)."""
+    if mode == "ascii":
+        return json.dumps(value, ensure_ascii=True, allow_nan=True).encode()
+    return json.dumps(value, ensure_ascii=False, allow_nan=True).encode("utf-8", "surrogatepass")
+
+
+@st.composite
+def hostile_records(draw: st.DrawFn, tenant: str) -> Hostile:
+    """Mostly record-shaped (v1/v2/v3) with hostile values, else arbitrary JSON or bytes.
+    No line holds a newline or surrounding whitespace (transport, not content)."""
+    kind = draw(st.sampled_from(["v3", "v3", "v3", "v2", "v1", "json", "bytes"]))
+    mode = draw(st.sampled_from(["ascii", "ascii", "raw"]))
+    if kind == "bytes":
+        raw = draw(st.binary(min_size=1, max_size=80)).replace(b"\n", b" ").replace(b"\r", b" ")
+        return raw.strip().removeprefix(b"\xef\xbb\xbf") or b"\xff", None, mode
+    if kind == "json":
+        return _encode(draw(JSON_VALUE), mode), None, mode
+    eid = draw(ODD_TEXT)
+    tenant_value = draw(st.sampled_from([tenant, tenant, tenant, tenant, "other-tenant", ""]))
+    attributes = draw(st.dictionaries(ODD_TEXT, JSON_VALUE, max_size=4))
+    if kind == "v1":
+        body: dict[str, Any] = {"schema_version": 1, "tenant": tenant_value, "type": "order",
+                                "id": eid, "rev": draw(REVISIONS),
+                                "ts": draw(st.sampled_from([1.7e9, 0, -1, 1e20]) | BIG_INTS),
+                                "data": attributes}
+        return body, "id", mode
+    body = {"schema_version": 2 if kind == "v2" else 3, "tenant_id": tenant_value,
+            "entity_type": draw(ENTITY_TYPES), "entity_id": eid,
+            "revision": draw(REVISIONS), "occurred_at": draw(DATES),
+            "attributes": attributes}
+    if kind == "v3" and draw(st.booleans()):
+        body["priority"] = draw(st.sampled_from(["high", "low", "urgent", 1]))
+    if draw(st.integers(0, 9)) == 0:
+        body["unexpected"] = draw(JSON_VALUE)
+    return body, "entity_id", mode
+
+
+def render(item: Hostile, prefix: str) -> SentLine:
+    """The line to send; a record's id becomes `prefix` + its drawn text (still hostile)."""
+    value, id_field, mode = item
+    if isinstance(value, bytes):
+        return value, None
+    body = dict(value)
+    eid = f"{prefix}{body[id_field]}" if id_field else None
+    if id_field:
+        body[id_field] = eid
+    return _encode(body, mode), eid
+
+
+FILE_NAMES = st.sampled_from([
+    "plain.jsonl", "with space.jsonl", "ünïcödé.jsonl", "-leading-dash.jsonl", "x" * 200 + ".jsonl",
+    "UPPER.JSONL", "dots...jsonl", "semi;colon.ndjson", "quote'name.jsonl", "tab\tname.jsonl",
+])

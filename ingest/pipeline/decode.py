@@ -106,7 +106,7 @@ class Decoder:
                 continue
             try:
                 env: Any = typed(data)
-            except _DecodeError:
+            except (_DecodeError, RecursionError):  # deep nesting: the slow path refuses it
                 append(slow(raw, horizon))
                 continue
             tenant = env.tenant_id
@@ -192,6 +192,8 @@ class Decoder:
         if body is None:
             try:
                 body = _json_loads(raw.data)
+            except RecursionError:
+                return _too_deep()
             except _DecodeError as exc:
                 kind = "utf8" if "UTF-8" in str(exc) else "json"
                 return _failure(
@@ -229,8 +231,14 @@ class Decoder:
             body["relations"] = []
         if "deleted" not in body:
             body["deleted"] = False
-        if not self._is_valid(body):
-            errors = self._validator.errors(body)
+        try:
+            valid = self._is_valid(body)
+            errors = [] if valid else self._validator.errors(body)
+        except (RecursionError, ValueError) as exc:  # jsonschema_rs: "Recursion limit reached"
+            if "ecursion" not in str(exc):
+                raise
+            return _too_deep(body, sent_version)
+        if not valid:
             first = errors[0]
             return DecodeFailure(
                 reason_for(errors),
@@ -278,6 +286,8 @@ class Decoder:
             key = dedupe_key(body)
         except orjson.JSONEncodeError:
             path, value = _beyond_64_bits(body)
+            if not path:  # no such integer: nested deeper than the encoder goes
+                return _too_deep(body, sent_version)
             return _failure(
                 ReasonCode.VALIDATION_FAIL,
                 "range",
@@ -289,6 +299,23 @@ class Decoder:
                 version=sent_version,
             )
         return Record.of(raw, body, key)
+
+
+MAX_DEPTH = 254  # nesting orjson (the sinks' and the dedupe key's encoder) can write
+
+
+def _too_deep(body: dict[str, Any] | None = None, version: Any = None) -> DecodeFailure:
+    """A record nested deeper than can be read or stored (issue 11's fuzz found it raising)."""
+    return _failure(
+        ReasonCode.VALIDATION_FAIL,
+        "depth",
+        "$",
+        f"JSON nested at most {MAX_DEPTH} levels",
+        "deeper",
+        f"the record is nested deeper than {MAX_DEPTH} levels: refused, it cannot be stored",
+        body=body,
+        version=version,
+    )
 
 
 def _beyond_64_bits(value: Any, at: tuple[Any, ...] = ()) -> tuple[str, Any]:

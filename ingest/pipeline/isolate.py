@@ -62,8 +62,15 @@ def decode_isolating(
     makes the decoder raise is dead-lettered."""
     try:
         return decoder.decode_many(raws)
-    except Exception:
-        log.exception("decoder raised on a batch of %d records; isolating", len(raws))
+    except Exception as exc:
+        # one line for operators (the DLQ entry has the detail); the traceback for debugging
+        log.error(
+            "decoder raised %s on a batch of %d records; isolating: %s",
+            type(exc).__name__,
+            len(raws),
+            exc,
+        )
+        log.debug("decoder traceback", exc_info=True)
         if metrics is not None:
             metrics.isolations.labels("decode").inc()
     out: list[Record | DecodeFailure] = []
