@@ -24,6 +24,9 @@ reason from the eight ReasonCodes, outcome and state from small fixed sets.
     ingest_disk_free_bytes, ingest_disk_low_watermark_bytes   free space under data_dir and
         the level below which webhook intake is refused
     ingest_disk_full                             1 while a write waits for disk space
+    ingest_auth_failures_total{surface,error}    refused credentials: surface webhook | admin,
+        error one of the 401/403 codes in docs/security.md
+    ingest_audit_write_failures_total            audit rows that could not be stored (logged)
 """
 
 from __future__ import annotations
@@ -123,6 +126,17 @@ class Metrics:
             "ingest_adapter_lag_seconds",
             "Per-adapter lag, as in /health/detailed.",
             ["adapter"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "ingest_auth_failures_total",
+            "Requests refused for their credential (401/403).",
+            ["surface", "error"],
+            registry=r,
+        )
+        self.audit_failures = Counter(
+            "ingest_audit_write_failures_total",
+            "Audit rows that could not be stored (each is in the log instead).",
             registry=r,
         )
         self.source_errors = Counter(

@@ -53,6 +53,7 @@ class Refusal:
     status: int
     error: str
     reason: str
+    actor: str | None = None  # the token's name when it is valid but lacks the role (403)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -113,6 +114,7 @@ class Guard:
                 "missing_role",
                 f"token '{entry.name}' has roles {', '.join(r.value for r in entry.roles)}; "
                 f"this endpoint needs {role.value}",
+                actor=entry.name,
             )
         return who
 

@@ -7,13 +7,12 @@ import contextlib
 import getpass
 import logging
 import os
-import re
 import signal
 import socket
 import sys
 import time
 from collections.abc import Awaitable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -94,25 +93,16 @@ def run_async(coro: Awaitable[T], usage_errors: tuple[type[Exception], ...] = ()
         fail(str(exc), EXIT_USAGE)
 
 
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-
 def parse_when(value: str | None, option: str) -> datetime | None:
-    """ISO 8601 (naive = UTC) or a relative age like 30m, 2h, 7d."""
+    """ISO 8601 (naive = UTC) or a relative age like 30m, 2h, 7d; exit 2 otherwise."""
+    from ingest.when import parse_when as parse
+
     if value is None:
         return None
-    m = _RELATIVE.match(value.strip())
-    if m:
-        return datetime.now(UTC) - timedelta(**{_UNITS[m.group(2)]: float(m.group(1))})
     try:
-        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        fail(
-            f"{option} '{value}' is neither an ISO date-time nor an age like 30m, 2h, 7d",
-            EXIT_USAGE,
-        )
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+        return parse(value)
+    except ValueError as exc:
+        fail(f"{option} {exc}", EXIT_USAGE)
 
 
 def actor(option: str | None) -> str:

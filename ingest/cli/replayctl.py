@@ -88,10 +88,7 @@ def _run(coro: Awaitable[T]) -> T:
     return run_async(coro, (P.PlanError,))
 
 
-def plan_store(stores: Any) -> P.PlanStore:
-    if stores.sqlite_db is not None:
-        return P.SQLitePlanStore(stores.sqlite_db)
-    return P.PostgresPlanStore(stores.pg_pool)
+plan_store = P.plan_store
 
 
 async def _with_store(cfg: Config, fn: Callable[[Any, P.PlanStore], Awaitable[T]]) -> T:

@@ -394,3 +394,10 @@ class PostgresPlanStore:
             )
         )
         return [Plan.from_dict(orjson.loads(r[0])) for r in rows]
+
+
+def plan_store(stores: Any) -> PlanStore:
+    """The plan store on the same database as the other state stores (`Stores`)."""
+    if stores.sqlite_db is not None:
+        return SQLitePlanStore(stores.sqlite_db)
+    return PostgresPlanStore(stores.pg_pool)
