@@ -9,11 +9,13 @@ _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
-def parse_when(value: str) -> datetime:
-    """Raises ValueError with a sentence that says what is accepted."""
+def parse_when(value: str, *, future: bool = False) -> datetime:
+    """Raises ValueError with a sentence that says what is accepted. An age counts back from
+    now, or forward with `future` (an expiry: 90d = ninety days from now)."""
     m = _RELATIVE.match(value.strip())
     if m:
-        return datetime.now(UTC) - timedelta(**{_UNITS[m.group(2)]: float(m.group(1))})
+        delta = timedelta(**{_UNITS[m.group(2)]: float(m.group(1))})
+        return datetime.now(UTC) + (delta if future else -delta)
     try:
         dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:

@@ -201,7 +201,7 @@ def routes(host: AdminHost, gate: Gate) -> list[Route]:
         return _json([e.to_dict() for e in await audit_store(stores).query(flt)])
 
     def op(role: Role, action: str, fn: Handler) -> Any:
-        return gate.operator(role, action, _handled(fn))
+        return gate.operator(role, action, _handled(fn), every_tenant=False)
 
     return [
         Route("/admin/dlq/summary", op(Role.VIEWER, "", dlq_summary), methods=["GET"]),

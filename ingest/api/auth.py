@@ -67,14 +67,29 @@ class Gate:
 
     # ------------------------------------------------------------------ operators
     def operator(
-        self, role: Role, action: str | Callable[[Request], str], handler: Handler
+        self,
+        role: Role,
+        action: str | Callable[[Request], str],
+        handler: Handler,
+        *,
+        every_tenant: bool = True,
     ) -> Endpoint:
         """An endpoint that needs `role`; `action` names it in the audit trail ("" = reads
-        that are not audited, like /health/detailed)."""
+        that are not audited, like /health/detailed). `every_tenant`: it acts on all tenants
+        at once (drain, health), so a token scoped to some tenants gets 403 `tenant_scope`;
+        endpoints about one tenant check the scope themselves."""
 
         async def endpoint(request: Request) -> Response:
             name = action(request) if callable(action) else action
             who = self.guard.admin(request.headers.get("authorization"), role)
+            if not isinstance(who, Refusal) and every_tenant and not who.sees(None):
+                who = Refusal(
+                    403,
+                    "tenant_scope",
+                    f"token '{who.name}' is limited to tenants "
+                    f"{', '.join(sorted(who.tenants))}; this endpoint acts on all tenants",
+                    actor=who.name,
+                )
             if isinstance(who, Refusal):
                 response = self._failed("admin", who)
                 if who.status == 403 and name and who.actor:

@@ -7,8 +7,10 @@ takes effect without a restart:
     tokens:                        # operator/admin bearer tokens, only their SHA-256 kept
       - name: alice                # the identity the audit trail records
         roles: [viewer, operator]  # viewer | operator | approver
-        tenants: ["*"]             # whose DLQ entries the token may read or redrive
+        tenants: ["*"]             # whose data it may read or act on ("*": all, and global
+                                   # actions like drain); default "*"
         sha256: 9f86d0...          # `ingest auth new-token` prints the token once
+        expires: 2026-06-30T00:00:00Z   # optional
     tenants:                       # webhook credentials per tenant
       acme-corp:
         secrets: [whsec_old, whsec_new]   # 1 or 2 active HMAC secrets (two while rotating)
@@ -30,6 +32,7 @@ import os
 import secrets as rnd
 import stat
 import time
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,7 @@ class TokenEntry(_Model):
     roles: list[Role] = Field(min_length=1)
     tenants: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
     sha256: str = Field(pattern=_HEX64)
+    expires: datetime | None = None  # after this the token is refused (401 expired_credential)
 
     @field_validator("tenants")
     @classmethod

@@ -11,8 +11,9 @@ that can be refused from its headers alone:
     release(check)                    the body was not accepted after all (429/503): forget it
 
 Answers: 401 `missing_credential`, `malformed_credential`, `bad_credential`,
-`bad_signature`, `expired_timestamp`, `replayed_signature`; 403 `wrong_tenant`,
-`missing_role`. With `auth: disabled` every request is the all-roles identity `anonymous`.
+`expired_credential`, `bad_signature`, `expired_timestamp`, `replayed_signature`;
+403 `wrong_tenant`, `missing_role` (and `tenant_scope`, decided by the endpoint).
+With `auth: disabled` every request is the all-roles identity `anonymous`.
 """
 
 from __future__ import annotations
@@ -107,6 +108,11 @@ class Guard:
         entry = self.source.current().token(token)
         if entry is None:
             return _unauthorized("bad_credential", "the token is not valid (unknown or revoked)")
+        if entry.expires is not None and entry.expires.timestamp() <= self.clock():
+            return _unauthorized(
+                "expired_credential",
+                f"token '{entry.name}' expired at {entry.expires.isoformat()}; ask for a new one",
+            )
         who = Identity(entry.name, "token", frozenset(entry.roles), frozenset(entry.tenants))
         if not who.may(role):
             return Refusal(

@@ -22,6 +22,7 @@ from ingest.auth import credentials as C
 from ingest.auth import signing
 from ingest.cli.common import EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE, err_console, fail, load
 from ingest.errors import ConfigError
+from ingest.when import parse_when
 
 app = typer.Typer(
     help="Credentials: operator tokens, tenant signing secrets and API keys "
@@ -129,8 +130,11 @@ def new_token(
         str, typer.Option("--roles", help="Comma-separated: viewer,operator,approver.")
     ],
     tenants: Annotated[
-        str, typer.Option("--tenants", help="Comma-separated tenants it may read/redrive, or *.")
+        str, typer.Option("--tenants", help="Comma-separated tenants it may act on, or *.")
     ] = "*",
+    expires: Annotated[
+        str | None, typer.Option("--expires", help="ISO date-time or a lifetime like 90d.")
+    ] = None,
     file: FileOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -143,8 +147,15 @@ def new_token(
     known = {r.value for r in C.Role}
     if not role_list or set(role_list) - known:
         fail(f"--roles takes a comma-separated list of {', '.join(sorted(known))}", EXIT_USAGE)
+    until = None
+    if expires is not None:
+        try:
+            until = parse_when(expires, future=True)
+        except ValueError as exc:
+            fail(f"--expires {exc}", EXIT_USAGE)
     token = C.new_token()
     entry = {
+        "expires": until,
         "name": name,
         "roles": role_list,
         "tenants": [t.strip() for t in tenants.split(",") if t.strip()],

@@ -292,3 +292,20 @@ def test_no_tenant_credential_writes_another_tenant(
         assert result.sees(target) and not result.may(C.Role.VIEWER)
     else:
         assert isinstance(result, Refusal) and result.status in (401, 403)
+
+
+def test_expired_token_is_refused() -> None:
+    clock = Clock()
+    c = C.Credentials.model_validate(
+        {
+            "tokens": [
+                {"name": "temp", "roles": ["operator"], "sha256": C.sha256_hex(TOKENS["operator"]),
+                 "expires": "2027-01-15T00:00:00Z"}  # fmt: skip
+            ]
+        }
+    )
+    g = Guard(C.CredentialSource(c), MemorySeen(clock), clock=clock)
+    clock.now = 1_800_000_000.0  # 2027-01-15T08:00Z: past it
+    refused(g.admin(f"Bearer {TOKENS['operator']}", C.Role.OPERATOR), 401, "expired_credential")
+    clock.now = 1_700_000_000.0  # 2023: before it
+    assert isinstance(g.admin(f"Bearer {TOKENS['operator']}", C.Role.OPERATOR), Identity)
