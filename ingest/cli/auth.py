@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +18,8 @@ from pydantic import SecretStr, ValidationError
 
 from ingest.auth import credentials as C
 from ingest.auth import signing
-from ingest.cli.common import EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE, err_console, fail, load
+from ingest.cli.common import EXIT_FAILED, EXIT_USAGE, err_console, fail, load
+from ingest.cli.remote import DEFAULT_URL, call
 from ingest.errors import ConfigError
 from ingest.when import parse_when
 
@@ -386,7 +385,7 @@ def post(
     file: BodyFileOpt = None,
     url: Annotated[
         str, typer.Option("--url", envvar="INGEST_URL", help="The service.", show_envvar=True)
-    ] = "http://127.0.0.1:8080",
+    ] = DEFAULT_URL,
     secret: SecretOpt = None,
     api_key: Annotated[
         str | None,
@@ -411,15 +410,13 @@ def post(
         headers["Authorization"] = f"Bearer {api_key}"
     else:
         headers[signing.HEADER] = signing.header_value([_secret(tenant, secret, config)], raw)
-    endpoint = f"{url.rstrip('/')}/v1/webhooks/{tenant}/{source}"
-    request = urllib.request.Request(endpoint, data=raw, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            print(resp.read().decode(errors="replace"))
-    except urllib.error.HTTPError as exc:
-        print(exc.read().decode(errors="replace"))
-        err_console.print(f"[bold red]error:[/] {endpoint} answered {exc.code}", highlight=False)
-        raise typer.Exit(EXIT_FAILED) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        fail(f"cannot reach {endpoint}: {reason}", EXIT_UNAVAILABLE)
+    status, doc = call(
+        "POST", url, f"/v1/webhooks/{tenant}/{source}", headers=headers, body=raw, operator=False
+    )
+    print(json.dumps(doc, indent=2))
+    if status >= 300:
+        err_console.print(
+            f"[bold red]error:[/] the service answered {status} {doc.get('error', '')}",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_FAILED)

@@ -244,11 +244,50 @@ def approve(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
     as_: AsOpt = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            envvar="INGEST_URL",
+            help="Approve through the running service with an approver token (INGEST_TOKEN); "
+            "the token's name is the approver.",
+        ),
+    ] = None,
 ) -> None:
     """Approve a pending plan written by someone else (four eyes; records who and when)."""
+    if url:
+        p = _approve_remote(url, plan_id, rfa)
+    else:
+        p = _approve_local(config, plan_id, rfa, large_threshold, actor(as_))
+    if json_out:
+        _emit(_doc(p))
+    else:
+        console.print(
+            f"plan {p.id} approved by {p.approved_by} at {iso(p.approved_at)}"
+            + (f" under {p.rfa}" if p.rfa else "")
+            + f". Next: replayctl run "
+            f"--plan {p.id}"
+        )
+
+
+def _approve_remote(url: str, plan_id: str, rfa: str | None) -> P.Plan:
+    """POST /admin/replay/<id>/approve: the service checks the token's role and scope."""
+    from ingest.cli.remote import call
+
+    status, doc = call(
+        "POST", url, f"/admin/replay/{plan_id}/approve", params={"rfa": rfa} if rfa else None
+    )
+    if status == 200:
+        return P.Plan.from_dict(doc)
+    reason = f"{doc.get('reason') or doc} ({status} {doc.get('error', '')})"
+    fail(reason, EXIT_FAILED if status in (401, 403) else EXIT_USAGE)
+
+
+def _approve_local(
+    config: Path | None, plan_id: str, rfa: str | None, large: int | None, who: str
+) -> P.Plan:
     cfg = _config(config)
-    threshold = _threshold(large_threshold)
-    who = actor(as_)
+    threshold = _threshold(large)
 
     async def go(stores: Any, store: P.PlanStore) -> P.Plan:
         p = await _get(store, plan_id)
@@ -270,16 +309,7 @@ def approve(
         await audit_cli(stores, who, "replay.approve", tenant=p.tenant, target=p.id, detail=detail)
         return p
 
-    p = _run(_with_store(cfg, go))
-    if json_out:
-        _emit(_doc(p))
-    else:
-        console.print(
-            f"plan {p.id} approved by {p.approved_by} at {iso(p.approved_at)}"
-            + (f" under {p.rfa}" if p.rfa else "")
-            + f". Next: replayctl run "
-            f"--plan {p.id}"
-        )
+    return _run(_with_store(cfg, go))
 
 
 @app.command("run")
