@@ -149,8 +149,11 @@ async def test_api_key_writes_only_its_tenant() -> None:
     assert who == Identity("acme-corp", "api_key", tenants=frozenset({"acme-corp"}))
     refused(await webhook(g, "globex", headers, BODY), 403, "wrong_tenant")
     # an operator token is no tenant credential
-    refused(await webhook(g, "acme-corp", {"authorization": f"Bearer {TOKENS['all']}"}, BODY),
-            401, "bad_credential")  # fmt: skip
+    refused(
+        await webhook(g, "acme-corp", {"authorization": f"Bearer {TOKENS['all']}"}, BODY),
+        401,
+        "bad_credential",
+    )
 
 
 async def test_window_edges_and_release_after_a_refused_body() -> None:
@@ -276,8 +279,9 @@ tenants = st.sampled_from(["acme-corp", "globex", "initech", "umbrella"])
 
 
 @settings(max_examples=300)
-@given(owner=tenants, target=tenants, body=st.binary(max_size=64), kid=st.booleans(),
-       api=st.booleans())  # fmt: skip
+@given(
+    owner=tenants, target=tenants, body=st.binary(max_size=64), kid=st.booleans(), api=st.booleans()
+)
 def test_no_tenant_credential_writes_another_tenant(
     owner: str, target: str, body: bytes, kid: bool, api: bool
 ) -> None:
@@ -299,8 +303,12 @@ def test_expired_token_is_refused() -> None:
     c = C.Credentials.model_validate(
         {
             "tokens": [
-                {"name": "temp", "roles": ["operator"], "sha256": C.sha256_hex(TOKENS["operator"]),
-                 "expires": "2027-01-15T00:00:00Z"}  # fmt: skip
+                {
+                    "name": "temp",
+                    "roles": ["operator"],
+                    "sha256": C.sha256_hex(TOKENS["operator"]),
+                    "expires": "2027-01-15T00:00:00Z",
+                }
             ]
         }
     )
