@@ -69,3 +69,42 @@ def guard(cfg: C.Config, setup: AuthSetup, stores: Any) -> Guard:
     if setup.source is None:
         return Guard(None, None)
     return Guard(setup.source, seen_store(stores), tolerance_seconds=cfg.auth.tolerance_seconds)
+
+
+def banner(cfg: C.Config, base: str, record: str) -> tuple[list[str], list[str]]:
+    """What `ingest run` prints about auth: (how to call operator endpoints, how to post).
+
+    In dev mode the generated token and tenant acme-corp's signing secret are printed: this
+    machine's own credentials, in a 0600 file under the data dir already."""
+    if cfg.auth.disabled:
+        return ["  auth:     DISABLED (auth: disabled) - anyone who reaches it may do anything"], [
+            f"    curl -s -X POST {base}/v1/webhooks/acme-corp/orders "
+            f"-H 'Content-Type: application/json' -d '{record}'"
+        ]
+    hdr = '-H "Authorization: Bearer $INGEST_TOKEN"'
+    ops = [f"  health:   curl -s {hdr} {base}/health/detailed | jq"]
+    post = [f"    ingest post acme-corp/orders '{record}'   (signs with INGEST_WEBHOOK_SECRET)"]
+    dev = cfg.data_dir / credentials.DEV_FILE
+    if credentials.configured(cfg.auth.credentials_file) is not None or not dev.exists():
+        return ["  auth:     operator calls need a token: export INGEST_TOKEN=...", *ops], post
+    try:
+        token = (cfg.data_dir / credentials.DEV_TOKEN_FILE).read_text().strip()
+        secret = credentials.read_file(dev).secrets_for("acme-corp")[-1]
+    except (OSError, ConfigError, IndexError):
+        return [f"  auth:     dev credentials in {dev.resolve()}", *ops], post
+    ops = [
+        f"  auth:     dev credentials in {dev.resolve()} (mode 0600, docs/security.md)",
+        f"  token:    export INGEST_TOKEN={token}",
+        *ops,
+    ]
+    post = [
+        f"    ingest post acme-corp/orders '{record}'",
+        "  or with curl and openssl (acme-corp's signing secret):",
+        f"    body='{record}'",
+        f'    ts=$(date +%s); sig=$(printf \'%s.%s\' "$ts" "$body" | openssl dgst -sha256 '
+        f"-hmac '{secret}' | cut -d' ' -f2)",
+        f"    curl -s -X POST {base}/v1/webhooks/acme-corp/orders "
+        "-H \"X-Ingest-Signature: t=$ts,v1=$sig\" -H 'Content-Type: application/json' "
+        '-d "$body"',
+    ]
+    return ops, post

@@ -33,14 +33,26 @@ def service_mode(service: Any) -> str:
 
 
 def _banner(service: Any, host: str, port: int) -> None:
+    from ingest.auth.setup import banner
     from ingest.sources.inbox import InboxSource
 
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{shown}:{port}"
+    record = {
+        "schema_version": 3,
+        "tenant_id": "acme-corp",
+        "entity_type": "order",
+        "entity_id": "o-1",
+        "revision": 1,
+        "occurred_at": "2025-01-01T00:00:00Z",
+        "attributes": {"amount": 12.5, "currency": "EUR"},
+    }
+    ops, post = banner(service.config, base, json.dumps(record, separators=(",", ":")))
     lines = [
         f"ingest is running ({service_mode(service)} mode, worker {service.worker}"
-        + (f", {service.count} pipeline workers)" if hasattr(service, "count") else ")"),
-        f"  health:   curl -s {base}/health/detailed | jq",
+        + (f", {service.count} pipeline workers)" if hasattr(service, "count") else ")")
+        + f" on {base}",
+        *ops,
         f"  metrics:  curl -s {base}/metrics | grep ^ingest_",
     ]
     roots = [s.root for s in getattr(service, "sources", []) if isinstance(s, InboxSource)]
@@ -54,21 +66,8 @@ def _banner(service: Any, host: str, port: int) -> None:
         lines.append(f"  drop files (.jsonl, .csv, .gz) into {root}/<tenant>/")
         lines.append(f"            e.g. {root}/acme-corp/orders.jsonl")
     if service.intake is not None:
-        record = {
-            "schema_version": 3,
-            "tenant_id": "acme-corp",
-            "entity_type": "order",
-            "entity_id": "o-1",
-            "revision": 1,
-            "occurred_at": "2025-01-01T00:00:00Z",
-            "attributes": {"amount": 12.5, "currency": "EUR"},
-        }
-        lines.append("  post a record:")
-        lines.append(
-            f"    curl -s -X POST {base}/v1/webhooks/acme-corp/orders "
-            "-H 'Content-Type: application/json' \\"
-        )
-        lines.append(f"      -d '{json.dumps(record)}'")
+        lines.append("  post a record (signed):")
+        lines += post
     lines.append("  stop: Ctrl-C or SIGTERM (drains, flushes, checkpoints, exits 0)")
     print("\n".join(lines), flush=True)
 
