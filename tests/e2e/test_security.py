@@ -436,3 +436,115 @@ def test_no_tenant_credential_reaches_another_tenant(
             assert all(x.get("tenant") in (owner, None) for x in rows), rows
         if endpoint == "webhook":
             env.wait_idle()
+
+
+# ------------------------------------------------------------------------------ rotation
+def ingest_cli(e: Env, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "ingest"), *args], env=e.svc.env, cwd=e.svc.data_dir,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def post_as(e: Env, tenant: str, secret: str) -> httpx.Response:
+    body = json.dumps(record(tenant, f"rot-{time.monotonic_ns()}")).encode()
+    return httpx.post(f"{e.svc.url}/v1/webhooks/{tenant}/orders", content=body,
+                      headers=signed(tenant, body, secret=secret), timeout=30)  # fmt: skip
+
+
+def eventually(cond: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_key_rotation_with_two_secrets_without_restart(env: Env) -> None:
+    """initech: one secret -> add a second (both accepted) -> retire the first (refused)."""
+    old = SECRETS[INITECH][0]
+    assert post_as(env, INITECH, old).status_code == 202
+    out = ingest_cli(env, "auth", "add-secret", "--tenant", INITECH, "--file", str(env.creds))
+    assert out.returncode == 0, out.stderr
+    new = out.stdout.strip()
+    assert new.startswith("whsec_") and new not in out.stderr
+    eventually(lambda: post_as(env, INITECH, new).status_code == 202, "the new secret")
+    assert post_as(env, INITECH, old).status_code == 202  # both while senders switch
+    out = ingest_cli(env, "auth", "retire-secret", "--tenant", INITECH, "--file", str(env.creds))
+    assert out.returncode == 0, out.stderr
+    eventually(lambda: post_as(env, INITECH, old).status_code == 401, "the old secret refused")
+    r = post_as(env, INITECH, old)
+    assert r.json()["error"] == "bad_signature"
+    assert post_as(env, INITECH, new).status_code == 202
+    out = ingest_cli(env, "auth", "retire-secret", "--tenant", INITECH, "--file", str(env.creds))
+    assert out.returncode == 2 and "would leave it none" in " ".join(out.stderr.split())
+    assert stat_mode(env.creds) == 0o600
+    env.wait_idle()
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+# ------------------------------------------------------------------------------ audit trail
+def test_every_admin_call_is_in_the_audit_trail(env: Env) -> None:
+    url, admin = env.svc.url, bearer("ops-admin")
+    calls = [
+        ("POST", "/admin/drain", 200, "admin.drain", "ok"),
+        ("POST", "/admin/resume", 200, "admin.resume", "ok"),
+        ("POST", "/admin/brownout?rate=0.2", 200, "admin.brownout", "ok"),
+        ("POST", "/admin/brownout?rate=7", 400, "admin.brownout", "refused"),
+        ("POST", "/admin/pause", 200, "admin.pause", "ok"),
+        ("POST", "/admin/resume", 200, "admin.resume", "ok"),
+        ("GET", f"/admin/dlq/sample?tenant={GLOBEX}", 200, "dlq.sample", "ok"),
+        ("POST", f"/admin/dlq/redrive?tenant={GLOBEX}&id=999999", 200, "dlq.redrive", "ok"),
+    ]
+    start = time.time()
+    for method, path, status, _, _ in calls:
+        r = httpx.request(method, f"{url}{path}", headers=admin, timeout=60)
+        assert r.status_code == status, (path, r.text)
+    r = httpx.post(f"{url}/admin/drain", headers=bearer("viewer"), timeout=10)
+    assert r.status_code == 403
+    out = ingest_cli(env, "audit", "--json", "--since", f"{int(time.time() - start) + 5}s")
+    assert out.returncode == 0, out.stderr
+    rows = [r for r in reversed(json.loads(out.stdout)) if r["via"] == "token"]
+    got = [(r["action"], r["actor"], r["outcome"]) for r in rows]
+    assert got == [(a, "ops-admin", o) for *_, a, o in calls] + [
+        ("admin.drain", "viewer", "denied")
+    ]
+    for row in rows:
+        assert row["remote"].startswith("127.0.0.1:") and row["at"] >= start - 1
+    assert (
+        rows[2]["detail"]["params"] == {"rate": "0.2"}
+        and rows[3]["detail"]["error"] == "invalid_rate"
+    )
+    assert rows[6]["tenant"] == GLOBEX
+    table = ingest_cli(env, "audit", "--action", "admin.", "--limit", "3")
+    assert table.returncode == 0 and "ops-admin" in table.stdout and "viewer" in table.stdout
+    via_api = httpx.get(f"{url}/admin/audit?action=admin.&limit=2", headers=bearer("viewer"))
+    assert [r["action"] for r in via_api.json()] == ["admin.drain", "admin.resume"]
+
+
+def test_replay_approval_through_the_service_needs_an_approver_other_than_the_author(
+    env: Env, tmp_path: Path
+) -> None:
+    out = replayctl(env.svc, "plan", "--tenant", ACME, "--from", "2025-01-01T00:00:00Z",
+                    "--to", "2025-01-02T00:00:00Z", "--sources", "inbox-dropped",
+                    "--as", "acme-ops", "--json")  # fmt: skip
+    mine = json.loads(out.stdout)["id"]
+    cli = {**env.svc.env, "INGEST_URL": env.svc.url, "INGEST_TOKEN": TOKENS["acme-ops"]}
+    r = subprocess.run([str(BIN / "replayctl"), "approve", mine, "--json"], env=cli,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2 and "four eyes" in r.stderr, r.stderr  # the token wrote it
+    cli["INGEST_TOKEN"] = TOKENS["globex-ops"]
+    r = subprocess.run([str(BIN / "replayctl"), "approve", mine], env=cli,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 1 and "tenant_scope" in r.stderr, r.stderr
+    cli["INGEST_TOKEN"] = TOKENS["ops-admin"]
+    r = subprocess.run([str(BIN / "replayctl"), "approve", mine, "--json"], env=cli,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["approved_by"] == "ops-admin"
+    trail = json.loads(ingest_cli(env, "audit", "--json", "--action", "replay.approve").stdout)
+    assert [(t["actor"], t["outcome"], t["target"]) for t in trail[:3]] == [
+        ("ops-admin", "ok", mine),
+        ("globex-ops", "denied", mine),
+        ("acme-ops", "refused", mine),
+    ]
