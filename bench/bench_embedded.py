@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from ingest.pipeline.decode import Decoder  # noqa: E402
 from ingest.records import RawRecord, Record  # noqa: E402
 from ingest.sinks.sqlite import SQLiteSink  # noqa: E402
+from tests.e2e._auth import detailed, service_env  # noqa: E402
 
 # The tenant's token bucket is a fairness limit, not what this measures: open it wide.
 BENCH_CONFIG = """
@@ -101,7 +102,7 @@ def run_service(lines: list[bytes], workdir: Path, port: int) -> tuple[float, fl
     data = workdir / "svc"
     inbox = data / "inbox" / "acme-corp"
     inbox.mkdir(parents=True)
-    env = {**os.environ, "INGEST_DATA_DIR": str(data)}
+    env = {**os.environ, "INGEST_DATA_DIR": str(data), **service_env(workdir)}
     config = workdir / "bench.yaml"
     config.write_text(BENCH_CONFIG)
     proc = subprocess.Popen([sys.executable, "-m", "ingest.cli.ingest", "run", "--host",
@@ -112,7 +113,7 @@ def run_service(lines: list[bytes], workdir: Path, port: int) -> tuple[float, fl
     try:
         for _ in range(300):
             try:
-                httpx.get(f"{url}/health/detailed", timeout=1)
+                detailed(url, 1)
                 break
             except httpx.HTTPError:
                 time.sleep(0.1)

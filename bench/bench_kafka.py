@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_kafka_raw import consume_raw  # noqa: E402
 from bench_postgres import csv_of, histogram, make_lines, p95, peak_rss_mb, psql_copy  # noqa: E402
 
+from tests.e2e._auth import detailed, service_env  # noqa: E402
 from tests.e2e._kafka import (  # noqa: E402
     committed_offsets,
     create_topic,
@@ -60,7 +61,7 @@ class Worker:
         self.port = free_port()
         data = workdir / f"w{self.port}"
         data.mkdir()
-        env = {**os.environ, "INGEST_DATA_DIR": str(data)}
+        env = {**os.environ, "INGEST_DATA_DIR": str(data), **service_env(data)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ingest.cli.ingest", "run", "--host", "127.0.0.1", "--port",
              str(self.port), "--log-level", "WARNING", "--config", str(config)],
@@ -68,7 +69,7 @@ class Worker:
         self.url = f"http://127.0.0.1:{self.port}"
         for _ in range(600):
             try:
-                if httpx.get(f"{self.url}/health/detailed", timeout=2).status_code == 200:
+                if detailed(self.url, 2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -78,7 +79,7 @@ class Worker:
         raise RuntimeError("a worker did not start")
 
     def partitions(self) -> int:
-        return len(httpx.get(f"{self.url}/health/detailed", timeout=10).json()["adapters"]
+        return len(detailed(self.url, 10).json()["adapters"]
                    ["kafka-main"]["partitions"])  # fmt: skip
 
     def metrics(self) -> str:

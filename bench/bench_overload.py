@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_embedded import bulk_limit, make_lines, peak_rss_mb  # noqa: E402
 
+from tests.e2e._auth import detailed  # noqa: E402
 from tests.e2e._load import run_load  # noqa: E402
 from tests.e2e._service import ServiceProcess, metric_value  # noqa: E402
 
@@ -86,7 +87,7 @@ def main() -> None:
         while not stop.wait(1.0):
             peak["dir"] = max(peak["dir"], dir_bytes(data))
             try:
-                intake = httpx.get(f"{url}/health/detailed", timeout=5).json()["backpressure"]
+                intake = detailed(url, 5).json()["backpressure"]
             except (httpx.HTTPError, KeyError, ValueError):
                 continue
             intake = intake.get("intake", {})
@@ -109,7 +110,7 @@ def main() -> None:
         )
         t_load = time.monotonic()
         while True:
-            bp = httpx.get(f"{url}/health/detailed", timeout=10).json()["backpressure"]
+            bp = detailed(url, 10).json()["backpressure"]
             if bp["queue_depth"] == 0 and bp.get("intake", {}).get("records", 0) == 0:
                 break
             time.sleep(0.25)

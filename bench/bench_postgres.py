@@ -42,6 +42,7 @@ from bench_embedded import make_lines, peak_rss_mb  # noqa: E402
 from ingest.pipeline.decode import Decoder  # noqa: E402
 from ingest.records import RawRecord, Record  # noqa: E402
 from ingest.sinks.postgres import COLUMNS, PostgresSink  # noqa: E402
+from tests.e2e._auth import detailed, service_env  # noqa: E402
 from tests.e2e._production import (  # noqa: E402
     drop_schema,
     fresh_schema,
@@ -162,7 +163,7 @@ class Service:
         self.workdir = workdir
         config = workdir / "bench.yaml"
         config.write_text(yaml.safe_dump(cfg))
-        env = {**os.environ, "INGEST_DATA_DIR": str(self.data)}
+        env = {**os.environ, "INGEST_DATA_DIR": str(self.data), **service_env(self.data)}
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -185,7 +186,7 @@ class Service:
         self.url = f"http://127.0.0.1:{port}"
         for _ in range(600):
             try:
-                if httpx.get(f"{self.url}/health/detailed", timeout=2).status_code == 200:
+                if detailed(self.url, 2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -44,6 +44,7 @@ from bench_embedded import p95_from_histogram, peak_rss_mb  # noqa: E402
 from ingest.pipeline.decode import Decoder  # noqa: E402
 from ingest.records import RawRecord, Record  # noqa: E402
 from ingest.sinks.postgres import COLUMNS, PostgresSink  # noqa: E402
+from tests.e2e._auth import detailed, service_env  # noqa: E402
 from tests.e2e._files import (  # noqa: E402
     BUCKET,
     client_kwargs,
@@ -148,7 +149,7 @@ def run_service(
     config: Path, workdir: Path, port: int, dsn: str, objects: int, t_uploaded: float
 ) -> tuple[float, float, float | None, float]:
     """(seconds from upload complete to all done, start-up seconds, p95 lag, peak RSS MB)."""
-    env = {**os.environ, "INGEST_DATA_DIR": str(workdir / "svc")}
+    env = {**os.environ, "INGEST_DATA_DIR": str(workdir / "svc"), **service_env(workdir)}
     log = (workdir / "service.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "ingest.cli.ingest", "run", "--host", "127.0.0.1", "--port",
@@ -159,7 +160,7 @@ def run_service(
     try:
         for _ in range(600):
             try:
-                httpx.get(f"{url}/health/detailed", timeout=1)
+                detailed(url, 1)
                 break
             except httpx.HTTPError:
                 if proc.poll() is not None:

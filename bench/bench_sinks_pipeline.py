@@ -51,6 +51,7 @@ from bench_sinks_raw import RAW_NEO4J, records  # noqa: E402
 
 from ingest.records import Record  # noqa: E402
 from ingest.sinks.postgres import PostgresSink  # noqa: E402
+from tests.e2e._auth import detailed, service_env  # noqa: E402
 
 RUN_DIR = Path(os.environ.get("INGEST_RUN_DIR", "/tmp/ingest-test-run"))
 BATCH = 2000
@@ -215,7 +216,7 @@ def run_pipeline(
     }
     config = workdir / f"{sink}.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "INGEST_DATA_DIR": str(data)}
+    env = {**os.environ, "INGEST_DATA_DIR": str(data), **service_env(workdir)}
     log = open(workdir / f"{sink}.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [
@@ -241,7 +242,7 @@ def run_pipeline(
     try:
         for _ in range(600):
             try:
-                if httpx.get(f"{url}/health/detailed", timeout=1).status_code == 200:
+                if detailed(url, 1).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_embedded import peak_rss_mb  # noqa: E402
 
-from tests.e2e._auth import sign_headers  # noqa: E402
+from tests.e2e._auth import detailed, sign_headers  # noqa: E402
 from tests.e2e._load import batch_body, run_load  # noqa: E402
 from tests.e2e._service import ServiceProcess, metric_value  # noqa: E402
 
@@ -81,7 +81,7 @@ def delivered(url: str) -> float:
 
 def wait_drained(url: str) -> None:
     while True:
-        bp = httpx.get(f"{url}/health/detailed", timeout=30).json()["backpressure"]
+        bp = detailed(url, 30).json()["backpressure"]
         if bp["queue_depth"] == 0 and bp.get("intake", {}).get("records", 0) == 0:
             return
         time.sleep(0.2)

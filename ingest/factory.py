@@ -62,6 +62,7 @@ class Stores:
     close: Callable[[], Awaitable[None]]
     sqlite_db: Any = None  # ingest.state.sqlite.SQLiteDB in embedded mode (intake, leases)
     pg_pool: Any = None  # asyncpg pool in production mode (leases)
+    redis: Any = None  # redis.asyncio client in production mode (seen webhook signatures)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ async def _open_production(cfg: C.Config, state: C.ProductionStateConfig) -> Sto
         health=prod_health,
         close=prod_close,
         pg_pool=pool,
+        redis=client,
     )
 
 

@@ -13,7 +13,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from ingest import config as C
 from ingest.disk import DiskGuard
@@ -263,56 +263,123 @@ async def serve(
     """Run until SIGTERM/SIGINT: then drain, flush, checkpoint and return (exit 0).
 
     With `workers` > 1 this process is the pod's control plane (`ingest.pod.control`) and
-    the pipeline runs in that many worker processes."""
+    the pipeline runs in that many worker processes. Every request meets the guard
+    (`ingest.api.auth.Gate`, docs/security.md); `http.admin_port` puts /admin/* on a listener
+    of its own."""
     import uvicorn
 
     tune_gc()
 
+    from ingest.api import admin
     from ingest.api.app import build_app
+    from ingest.api.auth import Gate
+    from ingest.auth import setup as auth_setup
     from ingest.pod.control import Pod
+    from ingest.state.audit import audit_store
 
+    auth = auth_setup.load(cfg)  # before anything opens: production without credentials stops
     count = cfg.worker_count()
     service: Service | Pod = Pod(cfg, count) if count > 1 else await Service.build(cfg)
     await service.start()
     if isinstance(service, Pod):
         await service.wait_ready()  # serve once every worker runs, as one process would
-    app = build_app(service)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=host or cfg.http.host,
-            port=port if port is not None else cfg.http.port,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            # Longer than any Retry-After we answer, so a client that waited as told finds
-            # its connection still open (a close racing its next POST looks like a failure).
-            timeout_keep_alive=75,
-        )
+    control = await _ControlState.of(cfg, service)
+    gate = Gate(
+        auth_setup.guard(cfg, auth, control.stores), audit_store(control.stores), service.metrics
     )
+    main_host = host or cfg.http.host
+    main_port = port if port is not None else cfg.http.port
+    extra = admin.routes(control.stores, control.core, gate)
+    listeners: list[tuple[Literal["all", "main", "admin"], str, int]] = [
+        ("all", main_host, main_port)
+    ]
+    if cfg.http.admin_port is not None:
+        listeners = [
+            ("main", main_host, main_port),
+            ("admin", cfg.http.admin_host or main_host, cfg.http.admin_port),
+        ]
+    servers = [
+        uvicorn.Server(
+            uvicorn.Config(
+                build_app(service, gate, auth_health=auth.health, extra_admin=extra, part=part),
+                host=h,
+                port=p,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                # Longer than any Retry-After we answer, so a client that waited as told finds
+                # its connection still open (a close racing its next POST looks like a failure).
+                timeout_keep_alive=75,
+            )
+        )
+        for part, h, p in listeners
+    ]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # Server._serve skips uvicorn's own signal capture: SIGTERM must drain the pipeline first.
-    server_task = asyncio.create_task(server._serve())
-    while not server.started and not server_task.done():
+    tasks = [asyncio.create_task(server._serve()) for server in servers]
+    while not all(s.started or t.done() for s, t in zip(servers, tasks, strict=True)):
         await asyncio.sleep(0.02)
-    if server_task.done():
+    failed_servers = [s for s, t in zip(servers, tasks, strict=True) if t.done()]
+    if failed_servers:
+        for server in servers:
+            server.should_exit = True
         await service.shutdown(timeout=5)
-        with contextlib.suppress(SystemExit):
-            await server_task
+        await control.close()
+        for task in tasks:
+            with contextlib.suppress(SystemExit, Exception):
+                await task
         raise OSError(
-            f"cannot serve HTTP on {server.config.host}:{server.config.port} "
-            "(is the port in use? set http.port or INGEST_HTTP_PORT)"
+            f"cannot serve HTTP on {failed_servers[0].config.host}:"
+            f"{failed_servers[0].config.port} (is the port in use? set http.port / "
+            "INGEST_HTTP_PORT, http.admin_port / INGEST_ADMIN_PORT)"
         )
     if ready is not None:
         ready(service)
     await stop.wait()
     log.info("signal received")
     await service.shutdown()
-    server.should_exit = True
-    await server_task
+    await control.close()
+    for server in servers:
+        server.should_exit = True
+    await asyncio.gather(*tasks)
     failed = [c for c in getattr(service, "exit_codes", []) if c != 0]
     if failed:
         raise IngestError(f"workers did not drain cleanly (exit codes {failed}); see the log")
+
+
+class _ControlState:
+    """The state stores the HTTP layer reads and writes itself (seen signatures, the audit
+    trail, DLQ reads, plans) and the Core a redrive delivers through: the service's own, or,
+    in a pod's control plane, a handle of its own on the same shared stores (the Core is built
+    on the first redrive)."""
+
+    def __init__(self, cfg: C.Config, stores: Any, core: Core | None, owned: bool) -> None:
+        self._cfg = cfg
+        self.stores = stores
+        self._core = core
+        self._owned = owned
+
+    @classmethod
+    async def of(cls, cfg: C.Config, service: Any) -> _ControlState:
+        if isinstance(service, Service):
+            return cls(cfg, service.stores, service.core, owned=False)
+        from ingest.factory import open_stores
+
+        return cls(cfg, await open_stores(cfg), None, owned=True)
+
+    async def core(self) -> Core:
+        if self._core is None:
+            self._core = await build_core(self._cfg)
+            await self._core.start_sinks()
+        return self._core
+
+    async def close(self) -> None:
+        if not self._owned:
+            return
+        with contextlib.suppress(Exception):
+            if self._core is not None:
+                await self._core.close()
+            await self.stores.close()

@@ -1,11 +1,13 @@
 """The one way this service writes a point in time for people and JSON: ISO 8601 in UTC with
 a `Z`, to the second, e.g. `2025-01-01T00:00:00Z` (the runbook's form), in /health/detailed,
 checkpoints, CLI output and tool reports alike. Exact times stay numbers where they are
-stored (epoch seconds, timestamptz); this is how they are shown."""
+stored (epoch seconds, timestamptz); this is how they are shown. `parse_when` reads what
+operators type: that form, any ISO 8601 (naive = UTC), or an age like 30m, 2h, 7d."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import re
+from datetime import UTC, datetime, timedelta
 from typing import overload
 
 
@@ -27,3 +29,23 @@ def iso(when: float | datetime | None) -> str | None:
     else:
         dt = datetime.fromtimestamp(when, UTC)
     return dt.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_when(value: str, *, future: bool = False) -> datetime:
+    """Raises ValueError with a sentence that says what is accepted. An age counts back from
+    now, or forward with `future` (an expiry: 90d = ninety days from now)."""
+    m = _RELATIVE.match(value.strip())
+    if m:
+        delta = timedelta(**{_UNITS[m.group(2)]: float(m.group(1))})
+        return datetime.now(UTC) + (delta if future else -delta)
+    try:
+        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"'{value}' is neither an ISO date-time nor an age like 30m, 2h, 7d"
+        ) from None
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)

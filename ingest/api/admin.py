@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -28,19 +28,11 @@ from ingest.auth.guard import Identity
 from ingest.replay import plans as P
 from ingest.state.audit import AuditFilter, audit_store
 from ingest.state.base import DLQFilter
+from ingest.timefmt import parse_when
 from ingest.triage import analyze, render
 from ingest.triage.redrive import redrive
-from ingest.when import parse_when
 
 MAX_SAMPLE = 1000
-
-
-class AdminHost(Protocol):
-    """What these endpoints need from the running service."""
-
-    @property
-    def core(self) -> Any:  # ingest Core: stores, decoder, pipeline (redrive delivers through it)
-        ...
 
 
 class BadRequest(Exception):
@@ -123,8 +115,9 @@ def _handled(fn: Handler) -> Handler:
     return run
 
 
-def routes(host: AdminHost, gate: Gate) -> list[Route]:
-    stores = host.core.stores
+def routes(stores: Any, core: Callable[[], Awaitable[Any]], gate: Gate) -> list[Route]:
+    """`stores`: the state stores (factory `Stores`); `core()`: the Core a redrive delivers
+    through (the service's, or one the pod's control plane builds on first use)."""
 
     async def dlq_summary(request: Request, who: Identity) -> Response:
         tenant = _one(_params(request, {"tenant"}), "tenant")
@@ -162,7 +155,7 @@ def routes(host: AdminHost, gate: Gate) -> list[Route]:
         why = analyze.refusal({*reasons, *(g.reason for g in groups)})
         if why and _one(params, "force") not in ("1", "true", "yes"):
             raise BadRequest(409, "needs_force", f"refusing to redrive: {why} (force=1)")
-        result = await redrive(host.core, flt)
+        result = await redrive(await core(), flt)
         return _json(result.as_dict())
 
     async def replay_list(request: Request, who: Identity) -> Response:
@@ -200,22 +193,26 @@ def routes(host: AdminHost, gate: Gate) -> list[Route]:
         )
         return _json([e.to_dict() for e in await audit_store(stores).query(flt)])
 
-    def op(role: Role, action: str, fn: Handler) -> Any:
-        return gate.operator(role, action, _handled(fn), every_tenant=False)
+    def op(role: Role, action: str, fn: Handler, audit_ok: bool = True) -> Any:
+        return gate.operator(role, action, _handled(fn), every_tenant=False, audit_ok=audit_ok)
 
     return [
-        Route("/admin/dlq/summary", op(Role.VIEWER, "", dlq_summary), methods=["GET"]),
+        Route(
+            "/admin/dlq/summary",
+            op(Role.VIEWER, "dlq.summary", dlq_summary, False),
+            methods=["GET"],
+        ),
         Route("/admin/dlq/sample", op(Role.VIEWER, "dlq.sample", dlq_sample), methods=["GET"]),
         Route(
             "/admin/dlq/redrive", op(Role.OPERATOR, "dlq.redrive", dlq_redrive), methods=["POST"]
         ),
-        Route("/admin/replay", op(Role.VIEWER, "", replay_list), methods=["GET"]),
+        Route("/admin/replay", op(Role.VIEWER, "replay.list", replay_list, False), methods=["GET"]),
         Route(
             "/admin/replay/{plan_id}/approve",
             op(Role.APPROVER, "replay.approve", replay_approve),
             methods=["POST"],
         ),
-        Route("/admin/audit", op(Role.VIEWER, "", audit), methods=["GET"]),
+        Route("/admin/audit", op(Role.VIEWER, "audit.read", audit, False), methods=["GET"]),
     ]
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -20,6 +20,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ingest.api.auth import Gate
+from ingest.auth.credentials import Role
+from ingest.auth.signing import NAME as _NAME
 from ingest.config import Config
 from ingest.errors import DiskFull, StoreUnavailable, is_disk_full
 from ingest.metrics import Metrics
@@ -27,7 +30,6 @@ from ingest.pipeline.admission import Admission, BackpressureState, Rejected
 from ingest.sources.base import Intake
 
 log = logging.getLogger(__name__)
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _NDJSON_TYPES = (
     "application/x-ndjson",
     "application/ndjson",
@@ -91,9 +93,20 @@ def error(status: int, code: str, reason: str, **extra: Any) -> Response:
     return json_response({"error": code, "reason": reason, **extra}, status, headers)
 
 
-def build_app(service: ServiceHost) -> Starlette:
-    async def health_detailed(request: Request) -> Response:
-        return json_response(await service.health())
+def build_app(
+    service: ServiceHost,
+    gate: Gate,
+    *,
+    auth_health: Callable[[], dict[str, Any]] = dict,
+    extra_admin: Sequence[Route] = (),
+    part: Literal["all", "main", "admin"] = "all",
+) -> Starlette:
+    """The HTTP app. `gate` decides who may call what (docs/security.md); `part` splits it
+    over two listeners when `http.admin_port` is set: "main" without /admin/*, "admin" with
+    /admin/* and without webhooks (probes, /metrics and /health/detailed on both)."""
+
+    async def health_detailed(request: Request, who: Any) -> Response:
+        return json_response({**await service.health(), "auth": auth_health()})
 
     async def health_live(request: Request) -> Response:
         ok, body = service.live()
@@ -110,7 +123,7 @@ def build_app(service: ServiceHost) -> Starlette:
             await fresh()
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def admin(request: Request) -> Response:
+    async def admin(request: Request, who: Any) -> Response:
         action = request.path_params["action"]
         params = dict(request.query_params)
         allowed = {"brownout": {"rate"}}.get(action, set())
@@ -141,7 +154,9 @@ def build_app(service: ServiceHost) -> Starlette:
                 "unknown_action",
                 f"no admin action '{action}'; use drain, pause, resume or brownout",
             )
-        log.warning("admin %s: backpressure %s -> %s", action, previous, adm.state.value)
+        log.warning(
+            "admin %s by %s: backpressure %s -> %s", action, who.name, previous, adm.state.value
+        )
         return json_response(
             {
                 "action": action,
@@ -152,7 +167,7 @@ def build_app(service: ServiceHost) -> Starlette:
         )
 
     async def webhook(request: Request) -> Response:
-        return await _webhook(service, request)
+        return await _webhook(service, gate, request)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -175,15 +190,27 @@ def build_app(service: ServiceHost) -> Starlette:
         log.exception("unhandled error on %s", request.url.path)
         return error(500, "internal_error", "the service hit an unexpected error; see its log")
 
+    def action(request: Request) -> str:
+        return f"admin.{request.path_params['action']}"
+
     routes = [
-        Route("/health/detailed", health_detailed, methods=["GET"]),
+        Route(
+            "/health/detailed",
+            gate.operator(Role.VIEWER, "health.detailed", health_detailed, audit_ok=False),
+            methods=["GET"],
+        ),
         Route("/health", health_live, methods=["GET"]),
         Route("/health/live", health_live, methods=["GET"]),
         Route("/health/ready", health_ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        Route("/admin/{action}", admin, methods=["POST"]),
-        Route("/v1/webhooks/{tenant}/{source}", webhook, methods=["POST"]),
     ]
+    if part != "main":
+        routes += [
+            *extra_admin,
+            Route("/admin/{action}", gate.operator(Role.OPERATOR, action, admin), methods=["POST"]),
+        ]
+    if part != "admin":
+        routes.append(Route("/v1/webhooks/{tenant}/{source}", webhook, methods=["POST"]))
     return Starlette(
         routes=routes, exception_handlers={HTTPException: not_found, Exception: server_error}
     )
@@ -206,7 +233,7 @@ def _parse_rate(value: str | None) -> float | Response | None:
     return rate
 
 
-async def _webhook(service: ServiceHost, request: Request) -> Response:
+async def _webhook(service: ServiceHost, gate: Gate, request: Request) -> Response:
     tenant = request.path_params["tenant"]
     source = request.path_params["source"]
     for what, value in (("tenant", tenant), ("source", source)):
@@ -215,6 +242,9 @@ async def _webhook(service: ServiceHost, request: Request) -> Response:
     intake = service.intake
     if intake is None:
         return error(404, "webhooks_disabled", "no webhook source is configured")
+    check = gate.webhook_headers(tenant, request)  # a credential the headers refuse: 401/403
+    if isinstance(check, Response):
+        return check
     state = service.admission.state
     if state in (BackpressureState.DRAIN, BackpressureState.PAUSED):
         return error(
@@ -243,12 +273,27 @@ async def _webhook(service: ServiceHost, request: Request) -> Response:
         body.extend(chunk)
         if len(body) > limit:
             return error(413, "body_too_large", f"body exceeds the limit of {limit} bytes")
+    who = await gate.webhook_body(check, bytes(body))  # the signature, before anything is stored
+    if isinstance(who, Response):
+        return who
+    response = await _take(service, tenant, source, body, request.headers.get("content-type", ""))
+    if response.status_code != 202:
+        await gate.release(check)  # not accepted: the sender may send the same request again
+    return response
+
+
+async def _take(
+    service: ServiceHost, tenant: str, source: str, body: bytearray, content_type: str
+) -> Response:
+    """Split an authenticated body into records, admit them and make them durable (202)."""
+    intake = service.intake
+    assert intake is not None
     if not body.strip():
         return error(
             400, "empty_body", "the body is empty; send a JSON object, an array, or NDJSON"
         )
 
-    lines, malformed = _split_records(bytes(body), request.headers.get("content-type", ""))
+    lines, malformed = _split_records(bytes(body), content_type)
     if isinstance(lines, Response):
         return lines
     refused = service.refuse_intake(len(body))

@@ -73,11 +73,13 @@ class Gate:
         handler: Handler,
         *,
         every_tenant: bool = True,
+        audit_ok: bool = True,
     ) -> Endpoint:
-        """An endpoint that needs `role`; `action` names it in the audit trail ("" = reads
-        that are not audited, like /health/detailed). `every_tenant`: it acts on all tenants
-        at once (drain, health), so a token scoped to some tenants gets 403 `tenant_scope`;
-        endpoints about one tenant check the scope themselves."""
+        """An endpoint that needs `role`; `action` names it in the audit trail. Denials (403)
+        are always audited, answered calls unless `audit_ok` is False (frequent reads like
+        /health/detailed). `every_tenant`: it acts on all tenants at once (drain, health), so
+        a token scoped to some tenants gets 403 `tenant_scope`; endpoints about one tenant
+        check the scope themselves."""
 
         async def endpoint(request: Request) -> Response:
             name = action(request) if callable(action) else action
@@ -92,11 +94,11 @@ class Gate:
                 )
             if isinstance(who, Refusal):
                 response = self._failed("admin", who)
-                if who.status == 403 and name and who.actor:
+                if who.status == 403 and who.actor:
                     await self.record(request, Identity(who.actor, "token"), name, response)
                 return response
             response = await handler(request, who)
-            if name:
+            if audit_ok or response.status_code == 403:
                 await self.record(request, who, name, response)
             return response
 

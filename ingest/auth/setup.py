@@ -83,6 +83,9 @@ def banner(cfg: C.Config, base: str, record: str) -> tuple[list[str], list[str]]
         ]
     hdr = '-H "Authorization: Bearer $INGEST_TOKEN"'
     ops = [f"  health:   curl -s {hdr} {base}/health/detailed | jq"]
+    if cfg.http.admin_port is not None:
+        where = f"{cfg.http.admin_host or cfg.http.host}:{cfg.http.admin_port}"
+        ops.append(f"  admin:    /admin/* only on http://{where} (http.admin_port)")
     post = [f"    ingest post acme-corp/orders '{record}'   (signs with INGEST_WEBHOOK_SECRET)"]
     dev = cfg.data_dir / credentials.DEV_FILE
     if credentials.configured(cfg.auth.credentials_file) is not None or not dev.exists():

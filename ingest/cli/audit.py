@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -52,11 +53,13 @@ def audit(
         print(json.dumps([{**r.to_dict(), "when": iso(r.at)} for r in rows], indent=2))
         return
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
-    table = Table("when", "actor", "via", "action", "outcome", "tenant", "target", "from")
+    heads = ("when", "actor", "via", "action", "outcome", "tenant", "target", "from")
+    table = Table(*(Column(h, overflow="fold") for h in heads))
     for r in rows:
         table.add_row(
             iso(r.at), r.actor, r.via, r.action, r.outcome, r.tenant or "", r.target, r.remote
         )
-    Console().print(table)
+    # a pipe or a file gets whole lines, a terminal its width
+    Console(width=None if sys.stdout.isatty() else 240).print(table)

@@ -21,7 +21,7 @@ from ingest.auth import signing
 from ingest.cli.common import EXIT_FAILED, EXIT_USAGE, err_console, fail, load
 from ingest.cli.remote import DEFAULT_URL, call
 from ingest.errors import ConfigError
-from ingest.when import parse_when
+from ingest.timefmt import parse_when
 
 app = typer.Typer(
     help="Credentials: operator tokens, tenant signing secrets and API keys "

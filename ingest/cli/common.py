@@ -95,7 +95,7 @@ def run_async(coro: Awaitable[T], usage_errors: tuple[type[Exception], ...] = ()
 
 def parse_when(value: str | None, option: str) -> datetime | None:
     """ISO 8601 (naive = UTC) or a relative age like 30m, 2h, 7d; exit 2 otherwise."""
-    from ingest.when import parse_when as parse
+    from ingest.timefmt import parse_when as parse
 
     if value is None:
         return None

@@ -10,9 +10,9 @@ from typing import Annotated, Any
 
 import typer
 
-from ingest.cli.common import EXIT_UNAVAILABLE, fail, load, setup_logging
+from ingest.cli.common import EXIT_UNAVAILABLE, EXIT_USAGE, fail, load, setup_logging
 from ingest.config import SQLiteStateConfig
-from ingest.errors import IngestError, StoreUnavailable
+from ingest.errors import ConfigError, IngestError, StoreUnavailable
 
 app = typer.Typer(
     help="Multi-tenant ingest service: sources -> schema -> dedupe -> sinks, with a DLQ.\n\n"
@@ -111,6 +111,8 @@ def run(
         asyncio.run(serve(cfg, host=h, port=p, ready=lambda s: _banner(s, h, p)))
     except StoreUnavailable as exc:
         fail(str(exc), EXIT_UNAVAILABLE)
+    except ConfigError as exc:  # e.g. production without credentials
+        fail(str(exc), EXIT_USAGE)
     except (IngestError, OSError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:

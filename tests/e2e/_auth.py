@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import httpx
 from pydantic import SecretStr
 
 from ingest.auth import credentials as C
@@ -69,3 +70,18 @@ def sign_headers(
 def bearer(role: str = "admin") -> dict[str, str]:
     """`Authorization: Bearer <token>` of the session's token with that role."""
     return {"Authorization": f"Bearer {TOKENS[role]}"}
+
+
+def service_env(directory: Path) -> dict[str, str]:
+    """Environment for an `ingest run` started by hand (benchmarks): the session's credentials
+    written into `directory`, and the operator token for CLIs (INGEST_TOKEN)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return {
+        "INGEST_CREDENTIALS_FILE": str(write_credentials(directory)),
+        "INGEST_TOKEN": TOKENS["admin"],
+    }
+
+
+def detailed(url: str, timeout: float = 10) -> httpx.Response:
+    """GET <url>/health/detailed as a viewer (the session's all-roles token)."""
+    return httpx.get(f"{url}/health/detailed", headers=bearer(), timeout=timeout)
