@@ -11,6 +11,7 @@ from the session's tenant secret key) and every role has a token:
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -58,13 +59,32 @@ def sign_headers(
     timestamp: int | None = None,
     content_type: str | None = "application/json",
 ) -> dict[str, str]:
-    """Headers that authenticate `body` as tenant `tenant` (sign the exact bytes you send)."""
+    """Headers that authenticate `body` as tenant `tenant` (sign the exact bytes you send).
+    Each call is a new delivery: the same body signed twice gets two different `t`."""
     raw = body.encode() if isinstance(body, str) else body
-    ts = int(time.time()) if timestamp is None else timestamp
+    ts = _fresh_second(tenant, raw) if timestamp is None else timestamp
     headers = {signing.HEADER: signing.header_value([tenant_secret(tenant)], raw, timestamp=ts)}
     if content_type is not None:
         headers["Content-Type"] = content_type
     return headers
+
+
+_signed: dict[tuple[str, bytes, int], None] = {}
+
+
+def _fresh_second(tenant: str, body: bytes) -> int:
+    """Now, or a second earlier when this exact body was already signed for this tenant at
+    that second: the service refuses an exact replay (same tenant, t and body), and a test
+    that sends the same body twice means two deliveries, as a sender re-signing would."""
+    now = int(time.time())
+    digest = hashlib.sha256(body).digest()
+    ts = now
+    while (tenant, digest, ts) in _signed:
+        ts -= 1
+    if len(_signed) > 100_000:
+        _signed.clear()
+    _signed[(tenant, digest, ts)] = None
+    return ts
 
 
 def bearer(role: str = "admin") -> dict[str, str]:
