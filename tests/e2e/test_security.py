@@ -510,7 +510,8 @@ def test_every_admin_call_is_in_the_audit_trail(env: Env) -> None:
         assert r.status_code == status, (path, r.text)
     r = httpx.post(f"{url}/admin/drain", headers=bearer("viewer"), timeout=10)
     assert r.status_code == 403
-    out = ingest_cli(env, "audit", "--json", "--since", f"{int(time.time() - start) + 5}s")
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start - 1))
+    out = ingest_cli(env, "audit", "--json", "--since", since)
     assert out.returncode == 0, out.stderr
     rows = [r for r in reversed(json.loads(out.stdout)) if r["via"] == "token"]
     got = [(r["action"], r["actor"], r["outcome"]) for r in rows]
