@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from ingest import config as C
 from ingest.disk import DiskGuard
-from ingest.errors import IngestError
+from ingest.errors import IngestError, is_disk_full
 from ingest.factory import SOURCES, Core, SourceSet, build_core, build_sources, worker_id
 from ingest.health import HealthMonitor
 from ingest.pipeline.progress import SourceProgress
@@ -146,7 +146,12 @@ class Service:
                 await self._runner(source).run()
                 return
             except Exception as exc:
-                log.exception("source %s stopped; restarting in %.0fs", source.name, delay)
+                if is_disk_full(exc):  # already logged by the runner, in one line
+                    log.error(
+                        "source %s stopped: no disk space; restarting in %.0fs", source.name, delay
+                    )
+                else:
+                    log.exception("source %s stopped; restarting in %.0fs", source.name, delay)
                 source.health().error(f"runner restarting after {type(exc).__name__}: {exc}")
                 self.metrics.source_restarts.labels(source.name).inc()
                 progress.restarted(exc)

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ingest.errors import Abandoned
+from ingest.errors import Abandoned, is_disk_full
 from ingest.pipeline.admission import Admission, BackpressureState, Rejected
 from ingest.pipeline.decode import DecodeFailure, Decoder
 from ingest.pipeline.isolate import decode_isolating, deliver_isolating
@@ -64,6 +64,7 @@ class SourceRunner:
         self.on_pending = on_pending  # +n when records are read, -n once committed
         self.progress = progress or SourceProgress()
         self._held = 0  # records this run read and has not committed (given back at its end)
+        self._where = f"source {source.name}"  # for disk-full bookkeeping
         self.tracker: CommitTracker[SourceBatch] = CommitTracker()
 
     async def run(self) -> None:
@@ -117,6 +118,7 @@ class SourceRunner:
                 except StopAsyncIteration:
                     break
                 next_batch = None
+                self.pipeline.disk_ok(self._where)  # reading (and its leases) works again
                 self.on_pending(len(batch.records))
                 self._held += len(batch.records)
                 self.progress.read(len(batch.records))
@@ -125,7 +127,11 @@ class SourceRunner:
                 lookup = self.pipeline.prefetch_seen(decoded, batch.records)
                 await queue.put(_Decoded(batch, decoded, lookup))
         except Exception as exc:
-            log.exception("source %s failed while reading", self.source.name)
+            if is_disk_full(exc):  # its own bookkeeping (leases) found no space: shown as such
+                self.pipeline.note_disk_full(self._where, exc)
+                log.error("source %s cannot read on: no disk space (%s)", self.source.name, exc)
+            else:
+                log.exception("source %s failed while reading", self.source.name)
             self.source.health().error(
                 f"reader stopped after an unexpected error ({type(exc).__name__}: {exc})"
             )

@@ -603,11 +603,11 @@ class Pipeline:
             except Exception as exc:
                 if not is_disk_full(exc):
                     raise
-                self._disk_full(f"sink {lane.sink.name}", exc)
+                self.note_disk_full(f"sink {lane.sink.name}", exc)
                 await self._pause(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            self._disk_ok(f"sink {lane.sink.name}")
+            self.disk_ok(f"sink {lane.sink.name}")
             return results
 
     # ------------------------------------------------------------------ stores
@@ -623,7 +623,7 @@ class Pipeline:
                 if not (full or isinstance(exc, StoreUnavailable | OSError | ConnectionError)):
                     raise
                 if full:
-                    self._disk_full(f"{store} store", exc)
+                    self.note_disk_full(f"{store} store", exc)
                 else:
                     message = f"{store} store unavailable: {exc}"
                     log.warning("%s; retrying in %.1fs", message, delay)
@@ -632,7 +632,7 @@ class Pipeline:
                 await self._pause(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            self._disk_ok(f"{store} store")
+            self.disk_ok(f"{store} store")
             return result
 
     @property
@@ -640,7 +640,9 @@ class Pipeline:
         """Since when a write has been waiting for disk space (None: none is)."""
         return min((since for since, _ in self._full.values()), default=None)
 
-    def _disk_full(self, where: str, exc: BaseException) -> None:
+    def note_disk_full(self, where: str, exc: BaseException) -> None:
+        """A write at `where` (a store, a sink, a source's own bookkeeping) found no space;
+        shown in health and `ingest_disk_full` until `disk_ok(where)`."""
         cause = _disk_full_cause(exc)
         message = f"{where}: no space left ({type(cause).__name__}: {cause})"
         if where not in self._full:
@@ -649,7 +651,8 @@ class Pipeline:
         self.disk_full_error = message
         self.metrics.disk_full.set(1)
 
-    def _disk_ok(self, where: str) -> None:
+    def disk_ok(self, where: str) -> None:
+        """A write at `where` went through again (cheap when nothing waits)."""
         if self._full and where in self._full:
             since, _ = self._full.pop(where)
             log.warning("%s: disk space is back after %.0fs", where, time.time() - since)

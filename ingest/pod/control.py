@@ -34,7 +34,14 @@ from ingest import config as C
 from ingest.errors import IngestError
 from ingest.pipeline.admission import Admission, BackpressureState
 from ingest.pod import ipc
-from ingest.pod.health import first_stores, merge_adapters, merge_sinks
+from ingest.pod.health import (
+    first_stores,
+    merge_adapters,
+    merge_disk,
+    merge_problems,
+    merge_sinks,
+    worst_status,
+)
 from ingest.pod.ipc import ENV_PARENT, ENV_SOCKET, ENV_WORKER
 from ingest.pod.metrics import Dump, PodMetrics, add_dumps
 
@@ -387,17 +394,45 @@ class Pod:
         backpressure["queue_depth"] = self.queue_depth()
         backpressure["in_flight"] = sum(int(s.progress.get("in_flight", 0)) for s in self.slots)
         backpressure["max_in_flight"] = self.config.admission.max_in_flight * self.count
-        degraded = (
-            any(w["status"] != "running" for w in workers.values())
-            or any(d.get("status") != "ok" for d in docs.values())
-            or state is not BackpressureState.NORMAL
-        )
+        problems = merge_problems(docs)
+        for wname, w in workers.items():
+            if w["status"] != "running":
+                problems.append(
+                    {
+                        "component": f"worker:{wname}",
+                        "severity": "degraded",
+                        "message": f"worker {w['status']}",
+                    }
+                )
+        if state is not BackpressureState.NORMAL:
+            problems.append(
+                {
+                    "component": "backpressure",
+                    "severity": "degraded",
+                    "message": f"state {state.value}",
+                }
+            )
+        disk = merge_disk(docs, self.disk.snapshot())
+        if disk.get("intake_refused"):
+            problems.append(
+                {
+                    "component": "disk",
+                    "severity": "degraded",
+                    "message": "free space below the low watermark: webhook intake refused",
+                }
+            )
+        # the worst of the workers' own verdicts (each from its stores, sinks, sources, disk)
+        status = worst_status(docs, "degraded" if problems else "ok")
         any_doc = next(iter(docs.values()), {})
+        ready, _ = self.ready()
         return {
-            "status": "degraded" if degraded else "ok",
+            "status": status,
             "mode": any_doc.get("mode", "embedded"),
             "worker": self.worker,
             "uptime_seconds": round(time.time() - self.started_at, 1),
+            "ready": ready,
+            "problems": problems,
+            "disk": disk,
             "adapters": adapters,
             "backpressure": backpressure,
             "sinks": sinks,

@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 _ADAPTER_RANK = {
+    "restarting": 8,
+    "stalled": 7,
     "error": 6,
     "draining": 5,
     "paused": 4,
@@ -39,6 +41,7 @@ def merge_adapters(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                     m["last_checkpoint"] = a.get("last_checkpoint")
                     m["last_checkpoint_at"] = a.get("last_checkpoint_at")
                 m["errors"] = sorted(m["errors"] + list(a.get("errors", [])), reverse=True)[:10]
+                _merge_progress(m, a)
                 for key, value in a.items():  # source-specific extras: partitions, backlogs
                     if key in _FOLDED:
                         continue
@@ -54,6 +57,9 @@ def merge_adapters(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 _FOLDED = {
+    "stalled",
+    "stalled_since",
+    "progress",
     "kind",
     "status",
     "lag_seconds",
@@ -63,6 +69,65 @@ _FOLDED = {
     "errors",
     "workers",
 }
+
+
+def _merge_progress(m: dict[str, Any], a: dict[str, Any]) -> None:
+    """Stalled if any worker's share is; progress summed (pending, restarts) or the worst."""
+    m["stalled"] = bool(m.get("stalled")) or bool(a.get("stalled"))
+    since = [t for t in (m.get("stalled_since"), a.get("stalled_since")) if t is not None]
+    m["stalled_since"] = min(since) if since else None
+    mine, theirs = m.get("progress"), a.get("progress")
+    if not isinstance(theirs, dict):
+        return
+    if not isinstance(mine, dict):
+        m["progress"] = dict(theirs)
+        return
+    merged = dict(mine)
+    for key in ("pending_records", "restarts"):
+        merged[key] = (mine.get(key) or 0) + (theirs.get(key) or 0)
+    merged["seconds_since_progress"] = max(
+        mine.get("seconds_since_progress") or 0, theirs.get("seconds_since_progress") or 0
+    )
+    for key, partner in (("last_commit_at", None), ("last_restart_at", "last_restart_error")):
+        if (theirs.get(key) or 0) > (mine.get(key) or 0):
+            merged[key] = theirs.get(key)
+            if partner is not None:
+                merged[partner] = theirs.get(partner)
+    m["progress"] = merged
+
+
+_STATUS_RANK = {"ok": 0, "degraded": 1, "unhealthy": 2}
+
+
+def worst_status(docs: dict[str, dict[str, Any]], floor: str = "ok") -> str:
+    """The worst top-level status of the workers' documents (and `floor`)."""
+    statuses = [floor, *(str(d.get("status", "ok")) for d in docs.values())]
+    return max(statuses, key=lambda st: _STATUS_RANK.get(st, 1))
+
+
+def merge_problems(docs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every worker's problems, each naming its worker; one shared part (a store, the disk)
+    seen by several workers is listed once per worker, so an operator sees who sees it."""
+    return [
+        {**problem, "worker": wname}
+        for wname, doc in docs.items()
+        for problem in doc.get("problems", [])
+    ]
+
+
+def merge_disk(docs: dict[str, dict[str, Any]], own: dict[str, Any]) -> dict[str, Any]:
+    """The pod's own disk view (free space, intake refusal) with any worker's full disk."""
+    view = dict(own)
+    full = [d["disk"] for d in docs.values() if isinstance(d.get("disk"), dict)]
+    waiting = [d for d in full if d.get("full")]
+    view["full"] = bool(waiting)
+    view["full_since"] = min(
+        (d["full_since"] for d in waiting if d.get("full_since")), default=None
+    )
+    view["last_error"] = next((d.get("last_error") for d in waiting), None) or next(
+        (d.get("last_error") for d in full if d.get("last_error")), None
+    )
+    return view
 
 
 def _number(v: Any) -> bool:

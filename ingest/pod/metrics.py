@@ -5,7 +5,8 @@ collector merges them at scrape time. Counters and histograms add up across work
 worker that died keeps counting with its last report (its samples move to `retired`), so pod
 counters never go backwards when a worker is restarted. Gauges: the pod's state, queue depth
 and in-flight count are the control plane's own (it sums what workers report); a circuit
-breaker shows the worst state any worker sees for that sink; any other gauge the largest value.
+breaker shows the worst state any worker sees for that sink; `ingest_sink_up` the smallest (a
+sink one worker cannot reach is not up); any other gauge the largest value.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ingest.metrics import Metrics
 Dump = list[list[Any]]
 POD_OWNED = {"ingest_backpressure_state", "ingest_queue_depth", "ingest_in_flight"}
 _BREAKER_ORDER = {"closed": 0, "half_open": 1, "open": 2}
+_MIN_GAUGES = {"ingest_sink_up"}
 
 
 def dump(registry: CollectorRegistry) -> Dump:
@@ -59,7 +61,8 @@ def _merge(dumps: Iterable[Dump], *, gauges: bool = True) -> Dump:
                 elif sname.endswith("_created"):
                     fam[key] = min(fam[key], value)
                 elif kind == "gauge":
-                    fam[key] = max(fam[key], value)
+                    pick = min if name in _MIN_GAUGES else max
+                    fam[key] = pick(fam[key], value)
                 else:
                     fam[key] += value
     if "ingest_circuit_breaker_state" in families:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
@@ -94,3 +96,45 @@ def test_worker_takes_the_control_planes_modes() -> None:
         worker.apply_control(pod.control())
         assert worker.state is pod.state and worker.brownout_rate == pod.brownout_rate
     assert worker.state is BackpressureState.NORMAL
+
+
+def test_pod_health_keeps_each_workers_truth() -> None:
+    """Issue 11: the pod's document is never better than its worst worker's."""
+    from ingest.pod.health import merge_adapters, merge_disk, merge_problems, worst_status
+
+    def doc(status: str, stalled: bool, pending: int, problems: list[dict[str, str]],
+            full: bool = False) -> dict[str, Any]:
+        return {
+            "status": status,
+            "problems": problems,
+            "disk": {"full": full, "full_since": 5.0 if full else None,
+                     "last_error": "sink sqlite: no space left" if full else None},
+            "adapters": {"s3-main": {
+                "kind": "s3", "status": "stalled" if stalled else "running", "lag_seconds": 9.0,
+                "records_read": 1, "errors": [], "stalled": stalled,
+                "stalled_since": 3.0 if stalled else None,
+                "progress": {"pending_records": pending, "restarts": 1,
+                             "seconds_since_progress": 30.0 if stalled else 1.0}}},
+        }
+
+    sick = [{"component": "store:state", "severity": "unhealthy", "message": "disk full"}]
+    docs = {"w0": doc("ok", False, 2, []), "w1": doc("unhealthy", True, 5, sick, full=True)}
+    assert worst_status(docs) == "unhealthy"
+    assert worst_status({"w0": doc("ok", False, 0, [])}, "degraded") == "degraded"
+    assert merge_problems(docs) == [{**sick[0], "worker": "w1"}]
+    s3 = merge_adapters(docs)["s3-main"]
+    assert s3["status"] == "stalled" and s3["stalled"] is True and s3["stalled_since"] == 3.0
+    assert s3["progress"]["pending_records"] == 7 and s3["progress"]["restarts"] == 2
+    assert s3["progress"]["seconds_since_progress"] == 30.0
+    disk = merge_disk(docs, {"free_bytes": 10, "intake_refused": False})
+    assert disk["full"] is True and disk["full_since"] == 5.0 and disk["free_bytes"] == 10
+
+
+def test_a_sink_one_worker_cannot_reach_is_not_up() -> None:
+    from ingest.pod.metrics import _merge
+
+    def up(value: float) -> list[list[Any]]:
+        return [["ingest_sink_up", "gauge", "up", [["ingest_sink_up", {"sink": "pg"}, value]]]]
+
+    [[_, _, _, samples]] = _merge([up(1.0), up(0.0)])
+    assert samples == [["ingest_sink_up", {"sink": "pg"}, 0.0]]
