@@ -46,7 +46,7 @@ sinks:
   - {{type: sqlite, name: sqlite}}
   - {{type: postgres, name: postgres, dsn: "postgresql://u:p@127.0.0.1:{pg_port}/db"}}
 """)
-    svc = ServiceProcess(tmp_path / "data", config=config).start(wait=60)
+    svc = ServiceProcess(tmp_path / "data", config=config).start(wait=180)
     try:
         wait_until(lambda: svc.health()["adapters"]["s3-main"]["stalled"], 60, "s3 stalled")
         h = svc.health()
