@@ -1,4 +1,9 @@
-# Shared by scripts/services/*.sh (sourced, not run): quiet Debian installs and free ports.
+# Shared by scripts/services/*.sh (sourced, not run): quiet Debian installs, free ports, and
+# how long a server may take to start.
+
+# A server that is still starting is not a failure: on 2 cores shared with other work a JVM
+# server took 130-180 s to start. A server that died is seen at once (each script checks).
+READY_TIMEOUT="${INGEST_TEST_READY_TIMEOUT:-600}"
 
 # apt_install [--recommends] PKG...: install the Debian packages that are not installed yet,
 # quietly (without their Recommends unless --recommends).

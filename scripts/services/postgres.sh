@@ -27,8 +27,9 @@ running() { [ -f "$DATA/postmaster.pid" ] && kill -0 "$(head -1 "$DATA/postmaste
 start_server() {
   local bin; bin="$(pg_bin)"
   running && return 0
-  as_pg "$bin/pg_ctl" -D "$DATA" -l "$DIR/postgres.log" -w -t 30 start >/dev/null
-  for _ in $(seq 1 100); do
+  as_pg "$bin/pg_ctl" -D "$DATA" -l "$DIR/postgres.log" -w -t "$READY_TIMEOUT" start >/dev/null
+  local deadline=$((SECONDS + 60))
+  while [ "$SECONDS" -lt "$deadline" ]; do
     "$bin/pg_isready" -q -h 127.0.0.1 -p "$PORT" && return 0
     sleep 0.1
   done

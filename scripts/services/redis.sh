@@ -25,8 +25,10 @@ start_server() {
   mkdir -p "$DIR"
   redis-server --port "$PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
     --pidfile "$PIDFILE" --dir "$DIR" --logfile "$DIR/redis.log"
-  for _ in $(seq 1 100); do
+  local deadline=$((SECONDS + READY_TIMEOUT))
+  while [ "$SECONDS" -lt "$deadline" ]; do
     redis-cli -h 127.0.0.1 -p "$PORT" ping 2>/dev/null | grep -q PONG && return 0
+    [ -f "$PIDFILE" ] && ! running && break  # it died
     sleep 0.05
   done
   echo "redis did not become ready; see $DIR/redis.log" >&2; return 1

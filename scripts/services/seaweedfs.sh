@@ -66,12 +66,11 @@ EOF
   endpoint="http://127.0.0.1:$s3_port"
   export AWS_ACCESS_KEY_ID="$access" AWS_SECRET_ACCESS_KEY="$secret" AWS_DEFAULT_REGION=us-east-1
   # Ready = the bucket lists with our signed credentials (not just an open port).
-  for i in $(seq 240); do
-    if aws s3api head-bucket --bucket "$bucket" --endpoint-url "$endpoint" >/dev/null 2>&1; then
-      break
-    fi
+  local deadline=$((SECONDS + READY_TIMEOUT))
+  until aws s3api head-bucket --bucket "$bucket" --endpoint-url "$endpoint" >/dev/null 2>&1; do
     kill -0 "$(cat "$pid_file")" 2>/dev/null || { tail -30 "$data/weed.log" >&2; exit 1; }
-    [ "$i" -eq 240 ] && { echo "seaweedfs not ready after 120s" >&2; tail -30 "$data/weed.log" >&2; exit 1; }
+    [ "$SECONDS" -lt "$deadline" ] || {
+      echo "seaweedfs not ready after ${READY_TIMEOUT}s" >&2; tail -30 "$data/weed.log" >&2; exit 1; }
     sleep 0.5
   done
   cat > "$env_file" <<EOF

@@ -66,13 +66,12 @@ EOF
   /usr/sbin/sshd -D -e -f "$data/sshd_config" >"$data/sshd.log" 2>&1 &
   echo $! > "$pid_file"
   echo "pwd" > "$data/probe.batch"
-  for i in $(seq 100); do
-    if sftp -q -b "$data/probe.batch" -i "$data/client_key" -P "$port" \
-        -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes \
-        "$user@127.0.0.1" >/dev/null 2>&1; then
-      break
-    fi
-    [ "$i" -eq 100 ] && { echo "sshd not ready after 20s" >&2; tail -20 "$data/sshd.log" >&2; exit 1; }
+  local deadline=$((SECONDS + READY_TIMEOUT))
+  until sftp -q -b "$data/probe.batch" -i "$data/client_key" -P "$port" \
+      -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes \
+      "$user@127.0.0.1" >/dev/null 2>&1; do
+    kill -0 "$(cat "$pid_file")" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ] || {
+      echo "sshd not ready (exited, or ${READY_TIMEOUT}s passed)" >&2; tail -20 "$data/sshd.log" >&2; exit 1; }
     sleep 0.2
   done
   echo "[127.0.0.1]:$port $(cut -d' ' -f1,2 "$data/host_key.pub")" > "$data/known_hosts"

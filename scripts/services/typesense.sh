@@ -8,6 +8,7 @@
 # ports: INGEST_TEST_TYPESENSE_PORT INGEST_TEST_TYPESENSE_PEERING_PORT
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+. "$here/lib.sh"
 repo="$(cd "$here/../.." && pwd)"
 run_dir="${INGEST_RUN_DIR:-/tmp/ingest-test-run}"
 cache="${HOME}/.cache/ingest-services/typesense"
@@ -49,13 +50,14 @@ launch() {
     --peering-address 127.0.0.1 --peering-port "$peering_port" \
     >>"$data/server.log" 2>&1 </dev/null &
   echo $! >"$pid_file"
-  for _ in $(seq 1 240); do
+  local deadline=$((SECONDS + READY_TIMEOUT))
+  while [ "$SECONDS" -lt "$deadline" ]; do
     if healthy; then break; fi
     if ! running; then echo "typesense exited during start; log:" >&2; tail -50 "$data/server.log" >&2; exit 1; fi
     sleep 0.25
   done
   healthy || {
-    echo "typesense not healthy after 60s; log:" >&2; tail -50 "$data/server.log" >&2; stop; exit 1; }
+    echo "typesense not healthy after ${READY_TIMEOUT}s; log:" >&2; tail -50 "$data/server.log" >&2; stop; exit 1; }
   cat >"$run_dir/typesense.env" <<ENV
 export INGEST_TEST_TYPESENSE_URL=http://127.0.0.1:$port
 export INGEST_TEST_TYPESENSE_API_KEY=$(cat "$key_file")
