@@ -22,14 +22,21 @@ apt_install() {
   if [ "$(id -u)" != 0 ]; then
     echo "apt_install: need root to install: ${want[*]}" >&2; return 1
   fi
-  local log="${TMPDIR:-/tmp}/ingest-apt.$$.log"
+  local log="${TMPDIR:-/tmp}/ingest-apt.$BASHPID.log" rc=0
   export DEBIAN_FRONTEND=noninteractive
   echo "apt: installing ${want[*]} (log: $log)"
+  # One apt at a time (up.sh installs servers in parallel): wait for the others, not fail.
+  exec {_apt_lock}>"${TMPDIR:-/tmp}/ingest-apt.lock"
+  flock "$_apt_lock"
   if ! _apt_get "$log" "${want[@]}"; then
-    apt-get update -q >>"$log" 2>&1 || { tail -20 "$log" >&2; return 1; }
-    _apt_get "$log" "${want[@]}" || { echo "apt-get install ${want[*]} failed:" >&2; tail -30 "$log" >&2; return 1; }
+    if ! apt-get update -q >>"$log" 2>&1; then tail -20 "$log" >&2; rc=1
+    elif ! _apt_get "$log" "${want[@]}"; then
+      echo "apt-get install ${want[*]} failed:" >&2; tail -30 "$log" >&2; rc=1
+    fi
   fi
-  rm -f "$log"
+  exec {_apt_lock}>&-
+  [ "$rc" = 0 ] && rm -f "$log"
+  return "$rc"
 }
 
 _apt_get() {  # LOG PKG...: one quiet apt-get install, openssh-server pinned (see apt_install)

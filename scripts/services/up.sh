@@ -5,8 +5,8 @@
 # Ports: each script names its port variables on a `# ports:` line (NAME:N = N consecutive
 # ports from NAME). Every one not set in the environment gets a free port for this run, so
 # two runs on one machine never collide; a set one (e.g. from /tmp/ports/<slug>.env) is kept.
-# The servers start in parallel (each in its own dir, on its own ports); each one's output is
-# in $INGEST_RUN_DIR/<name>.up.log.
+# The servers install and start in parallel (each in its own dir, on its own ports); each
+# one's output is in $INGEST_RUN_DIR/<name>.install.log and <name>.up.log.
 #
 # Writes $INGEST_RUN_DIR/all.env (INGEST_RUN_DIR, then the env file of each server started in
 # this run dir, ports included): `source` it before running tests by hand. The exact line is
@@ -22,11 +22,23 @@ if [ "${1:-}" = --no-install ]; then install=0; shift; fi
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(tools postgres redis kafka neo4j typesense seaweedfs sshd)
 
+# Installs in parallel too (mostly downloads: Maven Central, PyPI); apt_install takes turns.
 if [ "$install" = 1 ]; then
+  t0=$(date +%s)
+  pids=()
   for n in "${names[@]}"; do
-    echo "== $n: install"
-    "$here/$n.sh" install
+    ( if "$here/$n.sh" install >"$INGEST_RUN_DIR/$n.install.log" 2>&1; then
+        echo "== $n: installed ($(( $(date +%s) - t0 ))s)"
+      else
+        echo "== $n: install FAILED; $INGEST_RUN_DIR/$n.install.log:" >&2
+        tail -n 40 "$INGEST_RUN_DIR/$n.install.log" >&2
+        exit 1
+      fi ) &
+    pids+=($!)
   done
+  failed=0
+  for p in "${pids[@]}"; do wait "$p" || failed=1; done
+  [ "$failed" = 0 ] || { echo "up.sh: an install failed" >&2; exit 1; }
 fi
 
 # Free ports for every unset port variable, chosen together (all distinct).
