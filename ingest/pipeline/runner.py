@@ -1,10 +1,12 @@
 """Drives one source: read -> admit -> decode -> deliver -> commit, in that order, forever.
 
-Two stages joined by a one-batch queue, so decoding the next batch (CPU) overlaps the current
-batch's sink writes (I/O). Delivery is sequential per source: records of one entity from one
-source reach the sinks in source order, which is what makes revision judgements repeatable
-after a crash. Commits go through the commit watermark: a position is acknowledged only once
-its batch and every batch before it are durable.
+Three stages: reading + decoding runs one batch ahead (a one-batch queue), so decoding the next
+batch (CPU) overlaps the current batch's sink writes (I/O); and a batch's settling (DLQ
+entries, idempotency claims, processed counts, commit) overlaps the next batch's sink writes
+when the two batches share no entity (`_consume`). Sink writes are sequential per source:
+records of one entity from one source reach the sinks in source order, which is what makes
+revision judgements repeatable after a crash. Commits go through the commit watermark: a
+position is acknowledged only once its batch and every batch before it are durable.
 
 Neither stage can wait for the other forever: the consumer watches the producer's task as well
 as the queue, so a reader that fails (or a consumer that fails) ends the run with its error,
@@ -19,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ingest.errors import Abandoned, is_disk_full
@@ -28,8 +30,8 @@ from ingest.pipeline.decode import DecodeFailure, Decoder
 from ingest.pipeline.isolate import decode_isolating, deliver_isolating
 from ingest.pipeline.progress import SourceProgress
 from ingest.pipeline.watermark import CommitTracker
-from ingest.pipeline.worker import Pipeline
-from ingest.records import Record
+from ingest.pipeline.worker import Pipeline, Written
+from ingest.records import RawRecord, Record, raw_dedupe_key
 from ingest.sources.base import Source, SourceBatch
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class SourceRunner:
         stopping: asyncio.Event,
         on_pending: Callable[[int], None],
         progress: SourceProgress | None = None,
+        pipelined: bool = True,
     ) -> None:
         self.source = source
         self.pipeline = pipeline
@@ -66,6 +69,7 @@ class SourceRunner:
         self._held = 0  # records this run read and has not committed (given back at its end)
         self._where = f"source {source.name}"  # for disk-full bookkeeping
         self.tracker: CommitTracker[SourceBatch] = CommitTracker()
+        self.pipelined = pipelined  # settle batch N while N+1 is written (see _consume)
 
     async def run(self) -> None:
         """Until `stopping` is set: then finish what was read, commit it, and return.
@@ -177,22 +181,99 @@ class SourceRunner:
         return await self._next(queue, producer)
 
     async def _consume(self, queue: asyncio.Queue[_Decoded], producer: asyncio.Task[None]) -> None:
-        while (item := await self._next(queue, producer)) is not None:
-            while self.admission.state is BackpressureState.PAUSED and not self.stopping.is_set():
-                await asyncio.sleep(0.1)
-            self.tracker.add(item.batch)
-            if item.batch.records:  # an empty batch still commits (e.g. end of a file)
-                async with self.admission.in_flight():
-                    await deliver_isolating(
-                        self.pipeline, item.batch.records, item.decoded, item.claimed_before
-                    )
-            else:
-                item.claimed_before.cancel()
-            for ready in self.tracker.done(item.batch):
-                await self._commit(ready)
+        """Write batch N+1 to the sinks while batch N settles (DLQ, claims, commit).
+
+        Exact under kill -9 because the overlap is allowed only between two batches that
+        share no entity: a replay of N then finds N's entities as N's first pass left them,
+        whatever N+1 wrote (docs/architecture.md, "Pipelined batches"). A batch that shares
+        an entity with the one settling waits for it to finish first. At most one batch
+        settles at a time, and in order, so commits stay in read order.
+        """
+        settling: asyncio.Task[None] | None = None
+        settling_keys: set[object] = set()
+        try:
+            while (item := await self._next(queue, producer)) is not None:
+                while (
+                    self.admission.state is BackpressureState.PAUSED and not self.stopping.is_set()
+                ):
+                    await asyncio.sleep(0.1)
+                self.tracker.add(item.batch)
+                keys = _conflict_keys(item.batch.records, item.decoded)
+                if settling is not None and (
+                    not self.pipelined
+                    or not item.batch.records
+                    or not settling_keys.isdisjoint(keys)
+                ):
+                    await settling
+                    settling = None
+                written: Written | None = None
+                if item.batch.records:  # an empty batch still commits (e.g. end of a file)
+                    async with self.admission.in_flight():
+                        written = await self._write(item)
+                    if written is None:  # the write raised: isolate, one batch at a time
+                        if settling is not None:
+                            await settling
+                            settling = None
+                        async with self.admission.in_flight():
+                            await deliver_isolating(self.pipeline, item.batch.records, item.decoded)
+                else:
+                    item.claimed_before.cancel()
+                if settling is not None:
+                    await settling
+                settling = asyncio.ensure_future(self._settle(item, written))
+                settling_keys = keys
+            if settling is not None:
+                await settling
+                settling = None
+        finally:
+            if settling is not None and not settling.done():
+                settling.cancel()  # like a crash: the batch is not committed, it is replayed
+                await asyncio.gather(settling, return_exceptions=True)
+
+    async def _write(self, item: _Decoded) -> Written | None:
+        """`Pipeline.write`, or None when it raised something unexpected (then the batch is
+        delivered by `deliver_isolating`, which finds the records that make it raise)."""
+        try:
+            return await self.pipeline.write(
+                item.batch.records, item.decoded, claimed_before=item.claimed_before
+            )
+        except (Abandoned, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.warning("source %s: writing a batch raised %r; isolating", self.source.name, exc)
+            item.claimed_before.cancel()
+            return None
+
+    async def _settle(self, item: _Decoded, written: Written | None) -> None:
+        """Finish a written batch (DLQ, claims, counts), then commit what is contiguous."""
+        if written is not None:
+            try:
+                await self.pipeline.settle(written)
+            except (Abandoned, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                log.warning("source %s: settling raised %r; isolating", self.source.name, exc)
+                await deliver_isolating(self.pipeline, item.batch.records, item.decoded)
+        for ready in self.tracker.done(item.batch):
+            await self._commit(ready)
 
     async def _commit(self, batch: SourceBatch) -> None:
         await self.pipeline.until_ok("checkpoint", lambda: self.source.commit(batch))
         self.on_pending(-len(batch.records))
         self._held -= len(batch.records)
         self.progress.committed(len(batch.records))
+
+
+def _conflict_keys(
+    raws: Sequence[RawRecord], decoded: Sequence[Record | DecodeFailure]
+) -> set[object]:
+    """What two batches must not share to be settled and written at once: the entities they
+    write, and the bytes of records that failed decoding (their DLQ rows and claims)."""
+    keys: set[object] = {r.entity_key for r in decoded if type(r) is Record}
+    if len(keys) < len(decoded):
+        keys.update(
+            raw_dedupe_key(raw)
+            for raw, r in zip(raws, decoded, strict=True)
+            if type(r) is not Record
+        )
+    return keys

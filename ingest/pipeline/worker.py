@@ -98,6 +98,21 @@ class BatchReport:
 
 
 @dataclass(slots=True)
+class Written:
+    """A batch whose sink writes are done and whose bookkeeping is not (`Pipeline.settle`)."""
+
+    raws: Sequence[RawRecord]
+    records: list[Record]  # after duplicates and brownout: what went to the sinks
+    failed: list[_Failed]  # decode failures (their DLQ entries are in dlq_entries already)
+    dlq_entries: list[DLQEntry]
+    tally: Counter[tuple[str, str, str]]
+    report: BatchReport
+    by_sink: dict[str, list[Record]]
+    outcomes: list[tuple[list[SinkResult], list[int]]]
+    count_processed: bool
+
+
+@dataclass(slots=True)
 class SinkLane:
     """A sink with its own breaker: one failing sink never holds back the others."""
 
@@ -200,6 +215,28 @@ class Pipeline:
         whose records all apply (the common case) costs a few C-level passes over its lists,
         not Python work per record; anything else takes the per-record path.
         """
+        written = await self.write(
+            raws,
+            decoded,
+            check_duplicates=check_duplicates,
+            only_sinks=only_sinks,
+            count_processed=count_processed,
+            claimed_before=claimed_before,
+        )
+        return await self.settle(written)
+
+    async def write(
+        self,
+        raws: Sequence[RawRecord],
+        decoded: Sequence[Record | DecodeFailure],
+        *,
+        check_duplicates: bool = True,
+        only_sinks: Sequence[Collection[str] | None] | None = None,
+        count_processed: bool = True,
+        claimed_before: Awaitable[set[bytes]] | None = None,
+    ) -> Written:
+        """The first half of `deliver`: decode failures, duplicates, brownout, routing, and
+        the sink writes (with retry and breakers). Nothing is acknowledged or claimed yet."""
         report = BatchReport()
         tally: Counter[tuple[str, str, str]] = Counter()  # (tenant, source, outcome)
         now = self.clock()
@@ -231,12 +268,29 @@ class Pipeline:
                 for name, items in by_sink.items()
             )
         )
+        return Written(
+            raws, records, failed, dlq_entries, tally, report, by_sink, outcomes, count_processed
+        )
+
+    async def settle(self, written: Written) -> BatchReport:
+        """The second half of `deliver`, once the sinks answered: DLQ entries, idempotency
+        claims, processed counts, metrics. The runner may run it while the next batch is in
+        the sinks (see SourceRunner._consume for when that is exact)."""
+        raws, records, failed, dlq_entries, tally, report, by_sink = (
+            written.raws,
+            written.records,
+            written.failed,
+            written.dlq_entries,
+            written.tally,
+            written.report,
+            written.by_sink,
+        )
         commit_time = self.clock()
         label = _one_label(records)
         failed_ids: set[int] = set()  # id() of records that failed at some sink
         unchanged: Counter[int] = Counter()  # id() -> sinks that found it already stored
         lags: Counter[tuple[str, str, str, float]] = Counter()  # same event time, one key
-        for sink_name, (results, attempts) in zip(by_sink, outcomes, strict=True):
+        for sink_name, (results, attempts) in zip(by_sink, written.outcomes, strict=True):
             items = by_sink[sink_name]
             report.sink_results[sink_name] = (items, results)
             if label is not None and results.count(_APPLIED) == len(results):
@@ -265,7 +319,7 @@ class Pipeline:
             await self.until_ok("idempotency", lambda: self.idempotency.claim(claim))
             self._remember_claims(claim)
 
-        if count_processed:
+        if written.count_processed:
             counts = Counter(zip(map(_TENANT, raws), map(_SOURCE, raws), strict=True))
             await self.until_ok("dlq", lambda: self.dlq.record_processed(counts))
 

@@ -1,0 +1,147 @@
+"""kill -9 while batch N settles and batch N+1 is written: the sink and the DLQ stay exact.
+
+The runner writes batch N+1 to the sinks while batch N's DLQ entries, claims and commit are
+still being written, but only when the two batches share no entity (docs/architecture.md,
+"Pipelined batches"). The feed is built, batch by batch (small inbox batches, so hundreds of
+boundaries), to hit both cases at every boundary:
+
+* disjoint neighbours whose entities have superseded revisions inside the batch (3, 1, 2:
+  two OLDER_REVISION entries), which a replay must judge exactly as the first pass did;
+* neighbours sharing an entity across the boundary, revision 1 at the end of batch N and
+  revision 2 at the start of N+1: both apply, no DLQ entry. Had N+1 been written while N
+  was unsettled, a kill there would replay N against N+1's revision 2 and put a false
+  OLDER_REVISION in the DLQ.
+
+The service is killed with SIGKILL at random moments, restarted each time; at the end every
+entity holds its highest revision and the DLQ holds exactly the expected OLDER_REVISION rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e._service import ServiceProcess, free_port
+
+pytestmark = pytest.mark.e2e
+TENANT = "acme-corp"
+BATCH = 20
+SEED = int(os.environ.get("INGEST_CRASH_SEED", str(random.SystemRandom().randrange(1 << 30))))
+CONFIG = f"""
+sources:
+  - {{type: inbox, name: inbox, batch_size: {BATCH}, poll_seconds: 0.1}}
+admission:
+  default_limits: {{rate: 10000000, burst: 10000000}}
+"""
+
+
+def line(entity_id: str, revision: int) -> str:
+    return json.dumps({"schema_version": 3, "tenant_id": TENANT, "entity_type": "order",
+                       "entity_id": entity_id, "revision": revision,
+                       "occurred_at": "2025-01-01T00:00:00Z",
+                       "attributes": {"amount": float(revision)}})
+
+
+class Feed:
+    """Files of whole batches; `final` and `older` are what an uninterrupted run leaves."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.final: dict[str, int] = {}
+        self.older: set[tuple[str, int]] = set()
+
+    def _add(self, out: list[str], entity_id: str, revision: int) -> None:
+        out.append(line(entity_id, revision))
+        high = self.final.get(entity_id, 0)
+        if revision < high:
+            self.older.add((entity_id, revision))
+        self.final[entity_id] = max(high, revision)
+
+    def file(self, name: str, batches: int) -> list[str]:
+        out: list[str] = []
+        for b in range(batches):
+            start = len(out)
+            shared = b % 2 == 1  # odd batches open with the entity the previous batch closed
+            if shared:
+                self._add(out, f"{name}-x{b - 1}", 2)
+            n = 0
+            while len(out) - start < BATCH - (0 if b % 2 == 1 else 1):
+                eid = f"{name}-b{b}-{n}"
+                n += 1
+                room = BATCH - (len(out) - start) - (0 if shared else 1)
+                revs = [3, 1, 2] if room >= 3 and self.rng.random() < 0.5 else [1]
+                for r in revs:
+                    self._add(out, eid, r)
+            if not shared:
+                self._add(out, f"{name}-x{b}", 1)  # its revision 2 opens the next batch
+            assert len(out) - start == BATCH
+        return out
+
+
+def finished(svc: ServiceProcess, inbox: Path) -> bool:
+    try:
+        h = svc.health()
+    except httpx.HTTPError:
+        return False
+    return (not any(p.is_file() for p in inbox.iterdir())
+            and h["backpressure"]["queue_depth"] == 0)
+
+
+def test_kill9_between_settling_and_writing_keeps_sink_and_dlq_exact(tmp_path: Path) -> None:
+    rng = random.Random(SEED)
+    print(f"crash test seed: {SEED} (set INGEST_CRASH_SEED to replay)")
+    feed = Feed(rng)
+    data = tmp_path / "data"
+    inbox = data / "inbox" / TENANT
+    inbox.mkdir(parents=True)
+    config = tmp_path / "ingest.yaml"
+    config.write_text(CONFIG)
+    for f in range(6):  # 6 files x 300 batches x 20 lines = 36k lines
+        lines = feed.file(f"f{f}", 300)
+        tmp = inbox / f".f{f}.tmp"
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.rename(inbox / f"orders-{f}.jsonl")
+    assert len(feed.older) > 1000
+
+    port = free_port()
+    svc = ServiceProcess(data, config=config, port=port).start()
+    kills = 0
+    try:
+        for _ in range(8):
+            time.sleep(rng.uniform(0.5, 2.0))
+            if finished(svc, inbox):
+                break
+            svc.kill9()
+            kills += 1
+            svc = ServiceProcess(data, config=config, port=port).start()
+        deadline = time.monotonic() + 600
+        while not finished(svc, inbox):
+            assert time.monotonic() < deadline, f"not finished: {svc.health()}"
+            time.sleep(0.3)
+        assert svc.terminate() == 0
+    finally:
+        svc.stop()
+    assert kills >= 3
+
+    sink = sqlite3.connect(data / "sink.db")
+    rows: dict[str, Any] = dict(sink.execute("SELECT entity_id, revision FROM entities"))
+    assert rows == feed.final
+    state = sqlite3.connect(data / "state.db")
+    dlq = state.execute("SELECT reason, entity_id, revision FROM dlq").fetchall()
+    reasons = {r for r, _, _ in dlq}
+    assert reasons <= {"OLDER_REVISION"}, reasons
+    got = {(e, r) for _, e, r in dlq}
+    assert len(got) == len(dlq), "a DLQ row twice"
+    extra, missing = got - feed.older, feed.older - got
+    assert not extra and not missing, (
+        f"{len(extra)} unexpected DLQ rows, e.g. {sorted(extra)[:5]}; "
+        f"{len(missing)} missing, e.g. {sorted(missing)[:5]}"
+    )
