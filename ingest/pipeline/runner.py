@@ -23,6 +23,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ingest.errors import Abandoned, is_disk_full
 from ingest.pipeline.admission import Admission, BackpressureState, Rejected
@@ -165,20 +166,29 @@ class SourceRunner:
                     await asyncio.sleep(0.1)
 
     async def _next(
-        self, queue: asyncio.Queue[_Decoded], producer: asyncio.Task[None]
+        self,
+        queue: asyncio.Queue[_Decoded],
+        producer: asyncio.Task[None],
+        settling: asyncio.Task[None] | None = None,
     ) -> _Decoded | None:
         """The next batch, or None once the producer has finished and nothing is queued
-        (its error, if any, is raised here)."""
-        if queue.empty() and producer.done():
-            producer.result()
-            return None
-        getter = asyncio.ensure_future(queue.get())
-        await asyncio.wait({getter, producer}, return_when=asyncio.FIRST_COMPLETED)
-        if getter.done():
-            return getter.result()
-        getter.cancel()
-        await asyncio.gather(getter, return_exceptions=True)
-        return await self._next(queue, producer)
+        (its error, if any, is raised here, as is an error of the batch `settling`)."""
+        while True:
+            if queue.empty() and producer.done():
+                producer.result()
+                return None
+            getter = asyncio.ensure_future(queue.get())
+            waiting: set[asyncio.Future[Any]] = {getter, producer}
+            if settling is not None:
+                waiting.add(settling)
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                return getter.result()
+            getter.cancel()
+            await asyncio.gather(getter, return_exceptions=True)
+            if settling is not None and settling.done():
+                settling.result()  # its error ends the run now, not at the next batch
+                settling = None
 
     async def _consume(self, queue: asyncio.Queue[_Decoded], producer: asyncio.Task[None]) -> None:
         """Write batch N+1 to the sinks while batch N settles (DLQ, claims, commit).
@@ -192,7 +202,7 @@ class SourceRunner:
         settling: asyncio.Task[None] | None = None
         settling_keys: set[object] = set()
         try:
-            while (item := await self._next(queue, producer)) is not None:
+            while (item := await self._next(queue, producer, settling)) is not None:
                 while (
                     self.admission.state is BackpressureState.PAUSED and not self.stopping.is_set()
                 ):
