@@ -188,6 +188,13 @@ def main() -> None:
         f"machine: {platform.node()} {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, load average {os.getloadavg()}"
     )
+    try:  # the collector settings `ingest run` uses (older trees had none: default GC)
+        from ingest.cli.ingest import tune_gc
+
+        tune_gc()
+        print("gc: as `ingest run` sets it (tune_gc)")
+    except ImportError:
+        print("gc: Python's defaults")
     lines = make_lines(n)
     blob = b"\n".join(lines) + b"\n"
     old = v1_lines(lines)

@@ -29,8 +29,11 @@ def raw_of(data: bytes, tenant: str = "acme") -> RawRecord:
     return RawRecord(data, tenant, "test", 1, 1, NOW)
 
 
+DECODER = Decoder(now=lambda: NOW)  # compiling the schemas is slow: one for every example
+
+
 def both(data: bytes, tenant: str = "acme") -> tuple[Any, Any]:
-    decoder = Decoder(now=lambda: NOW)
+    decoder = DECODER
     raw = raw_of(data, tenant)
     fast = decoder.decode_many([raw])[0]
     slow = decoder._decode(raw, NOW + 86400)
@@ -165,7 +168,7 @@ def encode(body: dict[str, Any]) -> bytes:
     return json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
-@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated())
 @example(good(attributes={"amount": 2**64}))
 @example(good(attributes={"deep": [{"x": -(2**63) - 1}]}))
@@ -181,7 +184,7 @@ def test_fast_and_slow_path_give_the_same_answer(body: dict[str, Any]) -> None:
         assert entry.revision is None or 0 <= entry.revision <= 2**63 - 1
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.integers())
 @example(2**64 - 1)
 @example(2**64)
