@@ -71,6 +71,9 @@ class SourceRunner:
         self._where = f"source {source.name}"  # for disk-full bookkeeping
         self.tracker: CommitTracker[SourceBatch] = CommitTracker()
         self.pipelined = pipelined  # settle batch N while N+1 is written (see _consume)
+        # Sink writes of this source, one at a time: N+1's write and a settle of N that fell
+        # back to isolation (which writes N again) never reach a sink connection together.
+        self._writing = asyncio.Lock()
 
     async def run(self) -> None:
         """Until `stopping` is set: then finish what was read, commit it, and return.
@@ -244,9 +247,10 @@ class SourceRunner:
         """`Pipeline.write`, or None when it raised something unexpected (then the batch is
         delivered by `deliver_isolating`, which finds the records that make it raise)."""
         try:
-            return await self.pipeline.write(
-                item.batch.records, item.decoded, claimed_before=item.claimed_before
-            )
+            async with self._writing:
+                return await self.pipeline.write(
+                    item.batch.records, item.decoded, claimed_before=item.claimed_before
+                )
         except (Abandoned, asyncio.CancelledError):
             raise
         except Exception as exc:
@@ -263,7 +267,8 @@ class SourceRunner:
                 raise
             except Exception as exc:
                 log.warning("source %s: settling raised %r; isolating", self.source.name, exc)
-                await deliver_isolating(self.pipeline, item.batch.records, item.decoded)
+                async with self._writing:
+                    await deliver_isolating(self.pipeline, item.batch.records, item.decoded)
         for ready in self.tracker.done(item.batch):
             await self._commit(ready)
 

@@ -242,3 +242,102 @@ def test_unexpected_failure_detail_is_json() -> None:
 
     failure = unexpected_failure(OverflowError("int too big"), "deliver", {"revision": 2**70})
     assert orjson.loads(orjson.dumps(failure.detail))["error_class"] == "OverflowError"
+
+
+def key_of(data: bytes) -> bytes:
+    rec = Decoder().decode(RawRecord(data, "t", "mem", 1, 0, 0.0))
+    assert isinstance(rec, Record)
+    return rec.dedupe_key
+
+
+def hold_claims(pipe: Pipeline, data: bytes) -> asyncio.Event:
+    """The claim of `data`'s record waits for the returned event: its batch stays settling."""
+    release, real_claim, held = asyncio.Event(), pipe.idempotency.claim, key_of(data)
+
+    async def claim(keys: Sequence[bytes]) -> None:
+        if held in keys:
+            await release.wait()
+        await real_claim(keys)
+
+    pipe.idempotency.claim = claim  # type: ignore[method-assign]
+    return release
+
+
+async def test_the_next_batch_is_written_while_a_disjoint_one_settles(db: SQLiteDB) -> None:
+    sink = MemorySink("a")
+    pipe = make_pipeline(db, {"a": sink}, FakeSleep())
+    release = hold_claims(pipe, line("e1"))
+    src = ListSource([[line("e1")], [line("e2")]])
+    stopping = asyncio.Event()
+    task = asyncio.create_task(runner(src, pipe, stopping).run())
+    async with asyncio.timeout(TIMEOUT):
+        while ("t", "order", "e2") not in sink.rows:
+            await asyncio.sleep(0.01)
+    assert src.committed == []  # batch 0 still settling, batch 1 already in the sink
+    release.set()
+    async with asyncio.timeout(TIMEOUT):
+        while len(src.committed) < 2:
+            await asyncio.sleep(0.01)
+    assert src.committed == [0, 1]  # commits stay in read order
+    stopping.set()
+    await asyncio.wait_for(task, TIMEOUT)
+
+
+async def test_a_batch_sharing_an_entity_waits_until_the_previous_one_settled(
+        db: SQLiteDB) -> None:
+    """Why: a kill while revision 2 is written and revision 1's batch is unsettled would
+    replay revision 1 against revision 2 and dead-letter it as a false OLDER_REVISION."""
+    sink = MemorySink("a")
+    pipe = make_pipeline(db, {"a": sink}, FakeSleep())
+    release = hold_claims(pipe, line("e1", 1))
+    src = ListSource([[line("e1", 1)], [line("x"), line("e1", 2)]])
+    stopping = asyncio.Event()
+    task = asyncio.create_task(runner(src, pipe, stopping).run())
+    await asyncio.sleep(0.3)
+    assert sink.rows == {("t", "order", "e1"): 1} and src.committed == []
+    release.set()
+    async with asyncio.timeout(TIMEOUT):
+        while len(src.committed) < 2:
+            await asyncio.sleep(0.01)
+    assert sink.rows[("t", "order", "e1")] == 2 and await dlq_entries(pipe) == []
+    stopping.set()
+    await asyncio.wait_for(task, TIMEOUT)
+
+
+class CountingSink(MemorySink):
+    """Slow writes that note how many were ever under way at once."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.active = self.most = 0
+
+    async def write(self, records: Sequence[Record]) -> list[SinkResult]:
+        self.active += 1
+        self.most = max(self.most, self.active)
+        try:
+            await asyncio.sleep(0.2 if any(r.entity_id == "slow" for r in records) else 0)
+            return await super().write(records)
+        finally:
+            self.active -= 1
+
+
+async def test_a_settle_falling_back_to_isolation_never_writes_beside_the_next_batch(
+        db: SQLiteDB) -> None:
+    """Bug: the isolation of a batch whose settling raised wrote it again while the next
+    batch was in the sink: two writes at once on one sink connection."""
+    sink = CountingSink("a")
+    pipe = make_pipeline(db, {"a": sink}, FakeSleep())
+    poisoned, real_claim = key_of(line("e2")), pipe.idempotency.claim
+
+    async def claim(keys: Sequence[bytes]) -> None:
+        if poisoned in keys:
+            raise ValueError("index out of range")
+        await real_claim(keys)
+
+    pipe.idempotency.claim = claim  # type: ignore[method-assign]
+    src = ListSource([[line("e1"), line("e2")], [line("slow"), line("e3")]])
+    await run_until_committed(src, pipe, 2)
+    assert sink.most == 1
+    assert set(sink.rows) == {("t", "order", e) for e in ("e1", "e2", "slow", "e3")}
+    [entry] = await dlq_entries(pipe)
+    assert entry.entity_id == "e2" and entry.detail["stage"] == "deliver"
