@@ -55,6 +55,15 @@ test: tools install ## Check tools, start all test servers (own ports + run dir)
 	scripts/services/up.sh && source "$$INGEST_RUN_DIR/all.env" && \
 	uv run pytest -p no:cacheprovider $(PYTEST_ARGS)
 
+.PHONY: image
+image: ## Build the container image localhost/ingest:latest with podman (root; Dockerfile)
+	scripts/image/build.sh
+
+.PHONY: image-test
+image-test: install image ## Build the image, then run it as Kubernetes would: ready, a signed record lands, SIGTERM exits 0
+	@set -o pipefail; . scripts/image/lib.sh && podman_setup && \
+	INGEST_IMAGE_TEST=1 uv run pytest -p no:cacheprovider tests/image -v $(PYTEST_ARGS)
+
 .PHONY: test-unit
 test-unit: install ## Unit tests only (no servers)
 	uv run pytest tests/unit -q

@@ -17,3 +17,7 @@ def require_env(name: str, script: str) -> str:
             pytrace=False,
         )
     return value
+
+
+# tests/image/ runs the container image (root + podman): `make image-test` only.
+collect_ignore = [] if os.environ.get("INGEST_IMAGE_TEST") == "1" else ["image"]

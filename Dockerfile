@@ -1,0 +1,54 @@
+# The service's image: Debian 12 + Debian's python3.11 + the locked dependencies, run as a
+# non-root user with `ingest run` as PID 1 (SIGTERM drains, flushes, checkpoints, exits 0).
+#   make image        build localhost/ingest:latest (scripts/image/build.sh)
+#   make image-test   build it, then prove it (tests/image/): ready, a signed record lands,
+#                     SIGTERM exits 0
+# No image registry is reachable here, so the base is made from Debian's archive by
+# scripts/image/debian-base.sh (localhost/debian:bookworm). HTTPS during the build (PyPI) may be
+# re-signed by a local CA: build.sh passes the host's CA bundle as the build secret `ca_bundle`,
+# used by the RUN steps that download and never stored in a layer.
+ARG BASE_IMAGE=localhost/debian:bookworm
+
+FROM ${BASE_IMAGE} AS build
+ARG UV_VERSION=0.13.9
+RUN apt-get update -q \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+      python3.11 python3.11-venv \
+ && rm -rf /var/lib/apt/lists/*
+RUN --mount=type=secret,id=ca_bundle \
+    python3.11 -m venv /opt/uv \
+ && PIP_CERT=/run/secrets/ca_bundle /opt/uv/bin/pip install -q --no-cache-dir "uv==${UV_VERSION}"
+# Debian's interpreter (the runtime stage has the same one at the same path), no downloads;
+# bytecode compiled now because the root filesystem is read-only at run time.
+ENV UV_PYTHON=/usr/bin/python3.11 UV_PYTHON_DOWNLOADS=never UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy UV_PROJECT_ENVIRONMENT=/app/.venv
+WORKDIR /src
+# Dependencies first: their layer is reused until uv.lock changes.
+COPY pyproject.toml uv.lock ./
+RUN --mount=type=secret,id=ca_bundle --mount=type=cache,target=/root/.cache/uv \
+    SSL_CERT_FILE=/run/secrets/ca_bundle /opt/uv/bin/uv sync --frozen --no-dev --no-install-project
+COPY README.md ./
+COPY ingest ./ingest
+# The project itself as a wheel (not editable): the runtime stage needs /app/.venv only.
+RUN --mount=type=secret,id=ca_bundle --mount=type=cache,target=/root/.cache/uv \
+    SSL_CERT_FILE=/run/secrets/ca_bundle /opt/uv/bin/uv sync --frozen --no-dev --no-editable
+
+FROM ${BASE_IMAGE}
+RUN apt-get update -q \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+      python3.11 ca-certificates \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /usr/share/doc/* /usr/share/man/* \
+ && useradd --system --uid 10001 --user-group --home-dir /var/lib/ingest --create-home \
+      --shell /usr/sbin/nologin ingest
+COPY --from=build /app/.venv /app/.venv
+# Embedded mode keeps its SQLite files, inbox and dev credentials in the data dir: a volume
+# (Kubernetes: an emptyDir or a PVC) when the root filesystem is read-only.
+ENV PATH=/app/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 INGEST_DATA_DIR=/var/lib/ingest
+WORKDIR /var/lib/ingest
+USER 10001:10001
+EXPOSE 8080
+STOPSIGNAL SIGTERM
+# PID 1 is the service itself (no shell in between), so SIGTERM reaches its drain handler.
+ENTRYPOINT ["ingest"]
+CMD ["run", "--host", "0.0.0.0"]
