@@ -3,8 +3,11 @@
     /health/live      200 while the event loop turns: a heartbeat task stamps the time every
                       quarter second; older than `health.live_timeout_seconds` -> 503.
     /health/ready     200 {"ready": true} when this pod should get traffic; 503
-                      {"ready": false, "reasons": [...]} while starting, draining, paused or
-                      unhealthy.
+                      {"ready": false, "reasons": [...]} while starting, draining, paused, or
+                      unhealthy itself (event loop stuck, its disk full or below the low
+                      watermark, its embedded state store failing). A shared store or a sink
+                      down is `unhealthy` in /health/detailed but not a reason to send
+                      webhooks elsewhere: every pod shares it, and the intake still works.
     /health/detailed  everything, with a top-level `status` computed from the parts and the
                       `problems` behind it: never `ok` while a part is failing.
 
@@ -40,6 +43,10 @@ if TYPE_CHECKING:
     from ingest.pipeline.worker import Pipeline, SinkLane
 
 PROBE_TIMEOUT = 2.0
+# Parts of this pod itself: when they fail, traffic is better sent to another pod. A shared
+# store or a sink that is down fails every pod alike; this one's intake still takes webhooks
+# durably, so it stays ready (and says `unhealthy` in /health/detailed).
+_LOCAL = ("event_loop", "disk", "store:state")
 _HELD = (BackpressureState.DRAIN, BackpressureState.PAUSED)
 
 
@@ -177,12 +184,12 @@ class HealthMonitor:
         elif state is BackpressureState.PAUSED:
             reasons.append("paused")
         status, problems = self.assess()
-        if status == "unhealthy":
-            reasons += [
-                f"unhealthy: {p.component}: {p.message}"
-                for p in problems
-                if p.severity == "unhealthy"
-            ]
+        reasons += [
+            f"{p.severity}: {p.component}: {p.message}"
+            for p in problems
+            if p.component.startswith(_LOCAL)
+            and (p.severity == "unhealthy" or p.component == "disk")
+        ]
         return not reasons, {"ready": not reasons, "status": status, "reasons": reasons}
 
     async def detailed(self) -> dict[str, Any]:

@@ -366,8 +366,8 @@ class Pod:
         for slot in self.slots:
             if not (slot.alive and slot.ready.is_set()):
                 reasons.append(f"worker {slot.name} is not running")
-            elif (slot.health or {}).get("status") == "unhealthy":
-                reasons.append(f"worker {slot.name} is unhealthy")
+            elif (slot.health or {}).get("ready") is False:
+                reasons.append(f"worker {slot.name} is not ready")
         status = "ok" if not reasons else "unhealthy"
         return not reasons, {"ready": not reasons, "status": status, "reasons": reasons}
 
