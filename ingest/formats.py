@@ -4,8 +4,10 @@ Sources hand over byte chunks (async streams from S3/SFTP, or a local file); `Li
 them into `Line`s, each carrying the decompressed byte offset just after it, so a checkpoint
 can resume mid-file by skipping exactly the lines already committed. Nothing here interprets
 the envelope beyond CSV type coercion: the decoder classifies every problem, except the ones
-only the reader can see (corrupt gzip, non-UTF-8 CSV, ragged CSV rows), which come back as
-`Line.error` so the caller can send the raw bytes to the DLQ and carry on.
+only the reader can see (corrupt gzip, non-UTF-8 CSV, ragged CSV rows, lines over the size
+limit), which come back as `Line.error` so the caller can send the bytes to the DLQ (through
+the `reject` meta, `reject_meta`) and carry on. Memory stays bounded by the line limit plus one
+chunk: a longer line is counted and dropped as it streams past, never assembled.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ Format = Literal["jsonl", "csv"]
 _BOM = b"\xef\xbb\xbf"
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
 _SALVAGE_STEP = 256  # bytes of compressed input per step when salvaging before a corruption
+DEFAULT_MAX_LINE_BYTES = 1024 * 1024  # = http.max_record_bytes's default
+PREVIEW_BYTES = 1024  # of an oversized line: kept as its DLQ payload
+_INFLATE_STEP = 1 << 20  # decompressed bytes per step (a gzip bomb is read a step at a time)
+_DETAIL_PREVIEW = 200  # of an oversized line: shown in its DLQ detail
 _EXTENSIONS: dict[str, Format] = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
@@ -54,12 +60,44 @@ def detect_format(name: str) -> tuple[Format, bool]:
 
 @dataclass(slots=True)
 class Line:
-    """One record's bytes. `offset` is the resume point just after it (decompressed bytes)."""
+    """One record's bytes. `offset` is the resume point just after it (decompressed bytes).
+
+    `error` says why the reader could not read it (the record goes to the DLQ as it is);
+    `detail` adds fields for that DLQ entry (an oversized line's `size`, `limit`, `first_bytes`).
+    """
 
     offset: int
     data: bytes
     decoded: dict[str, Any] | None = None
     error: str | None = None
+    detail: dict[str, Any] | None = None
+
+
+def reject_meta(line: Line, kind: str, **where: Any) -> dict[str, Any]:
+    """The `reject` meta of a RawRecord made of a Line the reader could not read (see
+    ingest.sources.base.SourceBatch): the decoder DLQs it as VALIDATION_FAIL with these fields."""
+    return {
+        "kind": kind,
+        "message": line.error,
+        **where,
+        "offset": line.offset,
+        **(line.detail or {}),
+    }
+
+
+@dataclass(slots=True)
+class _Oversize:
+    """A line (CSV: a row) past the limit, being skipped: only its size and head are kept."""
+
+    start: int  # offset of its first byte
+    size: int  # bytes so far (newlines inside a CSV row included)
+    head: bytes  # its first PREVIEW_BYTES
+    quotes: int  # CSV: parity of the quotes so far; the row ends at a newline when even
+
+    def take(self, data: bytes) -> None:
+        self.size += len(data)
+        if len(self.head) < PREVIEW_BYTES:
+            self.head += data[: PREVIEW_BYTES - len(self.head)]
 
 
 class LineReader:
@@ -68,19 +106,35 @@ class LineReader:
     `start_offset` skips every line ending at or before it (a value from `Line.offset`). For
     CSV the header row is read first regardless. `input_offset` says the caller already seeked
     the (uncompressed) stream to that decompressed offset, so skipped bytes need not be fed.
+
+    Memory is bounded by `max_line_bytes` plus one chunk, whatever the input: a line (CSV: a
+    row) longer than `max_line_bytes` is never assembled; its bytes are counted and dropped as
+    they arrive, and once it ends it comes back as one error Line carrying its size and its
+    first PREVIEW_BYTES, so the caller can DLQ it and read on.
     """
 
     def __init__(
-        self, fmt: Format, gzipped: bool, start_offset: int = 0, *, input_offset: int = 0
+        self,
+        fmt: Format,
+        gzipped: bool,
+        start_offset: int = 0,
+        *,
+        input_offset: int = 0,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
         if input_offset and (gzipped or fmt == "csv"):
             raise ValueError("input_offset needs an uncompressed JSON-lines stream")
+        if max_line_bytes < 1:
+            raise ValueError("max_line_bytes must be at least 1")
         self._csv = fmt == "csv"
         self._z = zlib.decompressobj(_GZIP_WBITS) if gzipped else None
         self._fed = False
         self._skip = start_offset
-        self._pos = input_offset  # decompressed offset of the start of `_tail`
-        self._tail = b""
+        self._max = max_line_bytes
+        self._pos = input_offset  # decompressed offset just after the last complete line
+        self._tail: list[bytes] = []  # the incomplete line after `_pos`, in pieces
+        self._tail_len = 0
+        self._over: _Oversize | None = None  # the line being skipped, if any
         self._first = input_offset == 0  # the next line may start with a BOM
         self._done = False
         self._header: list[str] | None = None
@@ -92,17 +146,29 @@ class LineReader:
     def header(self) -> list[str] | None:
         return self._header
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for incomplete lines (never more than max_line_bytes + one chunk)."""
+        held = len(self._over.head) if self._over is not None else self._tail_len
+        return held + len(self._pending)
+
     def feed(self, chunk: bytes) -> list[Line]:
+        return [line for lines in self.pieces(chunk) for line in lines]
+
+    def pieces(self, chunk: bytes) -> Iterator[list[Line]]:
+        """The lines a chunk completes, in lists of at most one decompression step's worth:
+        a small gzip chunk that inflates to gigabytes is never held whole."""
         if self._done or not chunk:
-            return []
+            return
         if self._z is None:
-            return self._split(chunk)
+            yield self._split(chunk)
+            return
         self._fed = True
-        data, error = self._inflate(chunk)
-        out = self._split(data) if data else []
-        if error is not None:
-            out.append(self._fail(error))
-        return out
+        for data, error in self._inflate(chunk):
+            out = self._split(data) if data else []
+            if error is not None:
+                out.append(self._fail(error))
+            yield out
 
     def finish(self) -> list[Line]:
         if self._done:
@@ -119,34 +185,46 @@ class LineReader:
                 out.append(self._fail("truncated gzip stream (ended before its trailer)"))
                 return out
         self._done = True
-        if self._tail:
-            out += self._split(b"\n", final=True)
+        end = self._pos + self._tail_len
+        if self._over is None and self._tail:
+            part = b"".join(self._tail)
+            self._tail, self._tail_len = [], 0
+            self._line(part, end, out)
+        if self._over is not None:  # ends with the stream (a CSV row: unterminated too)
+            if end > self._skip or (self._csv and self._header is None):
+                out.append(self._too_long(self._over, end))
+            self._over = None
         if self._pending:
             out.append(
                 Line(self._pos, self._pending, None, "CSV row has an unterminated quoted field")
             )
             self._pending = b""
+        self._pos = end
         return out
 
     # -- decompression --------------------------------------------------------------------
 
-    def _inflate(self, chunk: bytes) -> tuple[bytes, str | None]:
-        """Decompress a chunk across concatenated gzip members; keep output before an error."""
+    def _inflate(self, chunk: bytes) -> Iterator[tuple[bytes, str | None]]:
+        """Decompress a chunk across concatenated gzip members, at most _INFLATE_STEP bytes
+        at a time; on an error, the output just before it comes with the message."""
         assert self._z is not None
-        parts: list[bytes] = []
-        while chunk:
-            if self._z.eof:
+        while True:
+            z = self._z
+            if z.eof:
                 if not chunk.strip(b"\0"):  # zero padding after the last member
-                    break
-                self._z = zlib.decompressobj(_GZIP_WBITS)
-            saved = self._z.copy()
+                    return
+                z = self._z = zlib.decompressobj(_GZIP_WBITS)
+            saved = z.copy()
             try:
-                parts.append(self._z.decompress(chunk))
+                data = z.decompress(chunk, _INFLATE_STEP)
             except zlib.error as exc:
-                parts.append(self._salvage(saved, chunk))
-                return b"".join(parts), f"corrupt gzip stream: {exc}"
-            chunk = self._z.unused_data if self._z.eof else b""
-        return b"".join(parts), None
+                yield self._salvage(saved, chunk), f"corrupt gzip stream: {exc}"
+                return
+            chunk = z.unused_data if z.eof else z.unconsumed_tail
+            if data:
+                yield data, None
+            if not chunk and (z.eof or len(data) < _INFLATE_STEP):
+                return
 
     @staticmethod
     def _salvage(z: Any, chunk: bytes) -> bytes:
@@ -162,41 +240,123 @@ class LineReader:
     def _fail(self, message: str) -> Line:
         """The one error Line for an unreadable stream: carries the partial line; reading stops."""
         self._done = True
-        data = self._pending + self._tail
-        line = Line(self._pos + len(self._tail), data, None, message)
-        self._tail = self._pending = b""
+        data = self._over.head if self._over is not None else self._pending + b"".join(self._tail)
+        line = Line(self._pos + self._tail_len, data, None, message)
+        self._tail, self._tail_len, self._pending, self._over = [], 0, b"", None
         return line
 
     # -- splitting ------------------------------------------------------------------------
 
-    def _split(self, data: bytes, final: bool = False) -> list[Line]:
-        buf = self._tail + data if self._tail else data
-        parts = buf.split(b"\n")
-        self._tail = parts.pop()
+    def _split(self, data: bytes) -> list[Line]:
+        parts = data.split(b"\n")
+        rest = parts.pop()  # the start of the next, still incomplete, line
         out: list[Line] = []
-        pos = self._pos
-        skip = self._skip
-        for part in parts:
-            pos += len(part) + (0 if final else 1)
-            if self._first:
-                self._first = False
-                if part.startswith(_BOM):
-                    part = part[3:]
-            if self._csv:
-                line = self._csv_line(part, pos)
-                if line is not None and (pos > skip or self._header is None):
-                    out.append(line)
+        if parts:
+            pos = self._pos
+            if self._over is not None:
+                pos += self._tail_len  # bytes of it already counted and dropped
+                self._tail_len = 0
+            elif self._tail:
+                parts[0] = b"".join(self._tail) + parts[0]  # at most max_line_bytes + a chunk
+                self._tail, self._tail_len = [], 0
+            line, skip_over = self._line, self._skip_over
+            for part in parts:
+                pos += len(part) + 1
+                if self._over is None:
+                    line(part, pos, out)
+                else:
+                    skip_over(part, pos, out)
                 if self._done:
                     break
-                continue
-            if pos <= skip:
-                continue
-            if part.endswith(b"\r"):
-                part = part[:-1]
-            if part and not part.isspace():
-                out.append(Line(pos, part))
-        self._pos = pos
+            self._pos = pos
+        if rest and not self._done:
+            self._hold(rest)
         return out
+
+    def _hold(self, rest: bytes) -> None:
+        """Keep the incomplete end of a chunk, or only count it once past the limit."""
+        over = self._over
+        if over is not None:
+            over.take(rest)
+            if self._csv:
+                over.quotes += rest.count(b'"')
+            self._tail_len += len(rest)
+            return
+        self._tail.append(rest)
+        self._tail_len += len(rest)
+        if self._tail_len + len(self._pending) > self._max:
+            head = b"".join(self._tail)[:PREVIEW_BYTES]
+            # A CSV row's earlier physical lines, each with the newline after it.
+            pending = self._pending + b"\n" if self._pending else b""
+            self._over = _Oversize(
+                self._pos - len(pending),
+                len(pending) + self._tail_len,
+                (pending[:PREVIEW_BYTES] + head)[:PREVIEW_BYTES],
+                self._quotes(pending) + self._quotes(b"".join(self._tail)),
+            )
+            self._tail, self._pending, self._first = [], b"", False
+
+    def _quotes(self, data: bytes) -> int:
+        return data.count(b'"') if self._csv else 0
+
+    def _skip_over(self, part: bytes, pos: int, out: list[Line]) -> None:
+        """The next physical line of the oversized line being skipped: does it end it?"""
+        over = self._over
+        assert over is not None
+        over.take(part)
+        if self._csv:
+            over.quotes += part.count(b'"')
+            if over.quotes % 2:
+                over.take(b"\n")  # a quoted field goes on past this newline
+                return
+        self._over = None
+        if pos > self._skip or (self._csv and self._header is None):
+            out.append(self._too_long(over, pos))
+
+    def _too_long(self, over: _Oversize, pos: int) -> Line:
+        what = "line"
+        if self._csv:
+            what = "CSV row" if self._header is not None else "CSV header"
+            if self._header is None:
+                self._done = True  # no header, no rows
+        first = over.head[:_DETAIL_PREVIEW].decode("utf-8", "backslashreplace")
+        message = (
+            f"{what} is {over.size} bytes, over the {self._max}-byte limit (max_record_bytes); "
+            f"cut off unread after its first {len(over.head)} bytes"
+        )
+        detail = {
+            "kind": "size",
+            "path": "$",
+            "expected": f"<= {self._max} bytes",
+            "found": over.size,
+            "size": over.size,
+            "limit": self._max,
+            "first_bytes": first,
+            "start_offset": over.start,
+        }
+        return Line(pos, over.head, None, message, detail)
+
+    def _line(self, part: bytes, pos: int, out: list[Line]) -> None:
+        """One complete physical line ending at `pos`."""
+        if self._first:
+            self._first = False
+            if part.startswith(_BOM):
+                part = part[3:]
+        if self._csv:
+            line = self._csv_line(part, pos)
+            if line is not None and (pos > self._skip or self._header is None):
+                out.append(line)
+            return
+        if pos <= self._skip:
+            return
+        if len(part) > self._max:
+            over = _Oversize(pos - len(part) - 1, len(part), part[:PREVIEW_BYTES], 0)
+            out.append(self._too_long(over, pos))
+            return
+        if part.endswith(b"\r"):
+            part = part[:-1]
+        if part and not part.isspace():
+            out.append(Line(pos, part))
 
     # -- CSV ------------------------------------------------------------------------------
 
@@ -205,6 +365,14 @@ class LineReader:
         if self._pending:
             part = self._pending + b"\n" + part
             self._pending = b""
+        if len(part) > self._max:
+            quotes = part.count(b'"')
+            over = _Oversize(pos - len(part) - 1, len(part), part[:PREVIEW_BYTES], quotes)
+            if quotes % 2:
+                over.take(b"\n")  # the row goes on past this newline: skip the rest of it
+                self._over = over
+                return None
+            return self._too_long(over, pos)
         if part.count(b'"') % 2:
             self._pending = part
             return None
@@ -309,28 +477,39 @@ _COERCE: dict[str, Callable[[str], Any]] = {
 
 
 def read_file_lines(
-    path: Path, start_offset: int = 0, chunk_size: int = 1 << 20
+    path: Path,
+    start_offset: int = 0,
+    chunk_size: int = 1 << 20,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> Iterator[list[Line]]:
     """Lines of a local file in batches (one per chunk); seeks when the format allows it."""
     fmt, gzipped = detect_format(path.name)
     seek = start_offset if fmt == "jsonl" and not gzipped else 0
-    reader = LineReader(fmt, gzipped, start_offset, input_offset=seek)
+    reader = LineReader(
+        fmt, gzipped, start_offset, input_offset=seek, max_line_bytes=max_line_bytes
+    )
     with path.open("rb") as fh:
         fh.seek(seek)
         while chunk := fh.read(chunk_size):
-            if lines := reader.feed(chunk):
-                yield lines
+            for lines in reader.pieces(chunk):
+                if lines:
+                    yield lines
     if lines := reader.finish():
         yield lines
 
 
 async def read_lines(
-    chunks: AsyncIterator[bytes], fmt: Format, gzipped: bool, start_offset: int = 0
+    chunks: AsyncIterator[bytes],
+    fmt: Format,
+    gzipped: bool,
+    start_offset: int = 0,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> AsyncIterator[list[Line]]:
     """Lines of an async byte stream in batches (one per chunk that completed any line)."""
-    reader = LineReader(fmt, gzipped, start_offset)
+    reader = LineReader(fmt, gzipped, start_offset, max_line_bytes=max_line_bytes)
     async for chunk in chunks:
-        if lines := reader.feed(chunk):
-            yield lines
+        for lines in reader.pieces(chunk):
+            if lines:
+                yield lines
     if lines := reader.finish():
         yield lines

@@ -24,7 +24,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ingest.formats import Line, LineReader, detect_format
+from ingest.formats import DEFAULT_MAX_LINE_BYTES, Line, LineReader, detect_format, reject_meta
 from ingest.records import RawRecord
 from ingest.sources.base import AdapterHealth, SourceBatch
 from ingest.state.base import CheckpointStore
@@ -82,6 +82,7 @@ class ItemSource(ABC):
         clock: Clock,
         lease_ttl: float,
         chunk_size: int = 1 << 20,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
         self.name = name
         self.tenant = tenant
@@ -93,6 +94,7 @@ class ItemSource(ABC):
         self._clock = clock
         self._ttl = lease_ttl
         self._chunk = chunk_size
+        self._max_line = max_line_bytes
         self._health = AdapterHealth()
         self._stop = asyncio.Event()
         self._seq = 0
@@ -268,12 +270,13 @@ class ItemSource(ABC):
     async def _lines(self, ref: ItemRef, start: int) -> AsyncGenerator[list[Line], None]:
         fmt, gzipped = detect_format(ref.name)
         seek = start if fmt == "jsonl" and not gzipped else 0
-        reader = LineReader(fmt, gzipped, start, input_offset=seek)
+        reader = LineReader(fmt, gzipped, start, input_offset=seek, max_line_bytes=self._max_line)
         if not (seek and seek >= ref.size):
             async with contextlib.aclosing(_read_ahead(self.open_item(ref, seek))) as chunks:
                 async for chunk in chunks:
-                    if lines := reader.feed(chunk):
-                        yield lines
+                    for lines in reader.pieces(chunk):
+                        if lines:
+                            yield lines
         if lines := reader.finish():
             yield lines
 
@@ -288,12 +291,7 @@ class ItemSource(ABC):
             pos = {nf: name, vf: version, "offset": line.offset}
             rec = RawRecord(line.data, tenant, source, seq, pos, mtime, line.decoded, {})
             if line.error is not None:
-                rec.meta["reject"] = {
-                    "kind": "corrupt_object",
-                    "message": line.error,
-                    "key": name,
-                    "offset": line.offset,
-                }
+                rec.meta["reject"] = reject_meta(line, "corrupt_object", key=name)
             append(rec)
         self._seq = seq
         return out

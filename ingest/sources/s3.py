@@ -25,6 +25,7 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
 )
 
 from ingest.config import S3SourceConfig
+from ingest.formats import DEFAULT_MAX_LINE_BYTES
 from ingest.sources.objects import Clock, ItemRef, ItemSource, SourceFailure, backoff
 from ingest.state.base import CheckpointStore
 from ingest.state.leases import LeaseStore
@@ -56,6 +57,7 @@ class S3Source(ItemSource):
         worker_id: str,
         clock: Clock = time.time,
         lease_ttl: float | None = None,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
         super().__init__(
             name=cfg.name,
@@ -67,6 +69,7 @@ class S3Source(ItemSource):
             worker_id=worker_id,
             clock=clock,
             lease_ttl=cfg.lease_ttl_seconds if lease_ttl is None else lease_ttl,
+            max_line_bytes=max_line_bytes,
         )
         self.cfg = cfg
         self.bucket, self.prefix = parse_s3_url(cfg.url)

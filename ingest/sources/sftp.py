@@ -23,6 +23,7 @@ from typing import Any
 import asyncssh
 
 from ingest.config import SFTPSourceConfig
+from ingest.formats import DEFAULT_MAX_LINE_BYTES
 from ingest.sources.objects import Clock, ItemRef, ItemSource, SourceFailure, backoff
 from ingest.state.base import CheckpointStore
 from ingest.state.leases import LeaseStore
@@ -44,6 +45,7 @@ class SFTPSource(ItemSource):
         worker_id: str,
         clock: Clock = time.time,
         lease_ttl: float | None = None,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         auth_retry_seconds: float = 30.0,
     ) -> None:
         super().__init__(
@@ -56,6 +58,7 @@ class SFTPSource(ItemSource):
             worker_id=worker_id,
             clock=clock,
             lease_ttl=cfg.lease_ttl_seconds if lease_ttl is None else lease_ttl,
+            max_line_bytes=max_line_bytes,
         )
         self.cfg = cfg
         self._auth_retry = auth_retry_seconds
