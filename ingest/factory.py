@@ -232,11 +232,18 @@ async def _inbox_source(
     from ingest.sources.inbox import InboxSource
 
     inbox_cfg = sc.model_copy(update={"path": cfg.under_data_dir(sc.path, "inbox")})
+    limit = cfg.http.max_record_bytes
     if shard is None:
-        return BuiltSource(InboxSource(inbox_cfg, stores.checkpoints))
+        return BuiltSource(InboxSource(inbox_cfg, stores.checkpoints, max_line_bytes=limit))
     leases = await _inbox_leases(cfg, stores)
     return BuiltSource(
-        InboxSource(inbox_cfg, stores.checkpoints, leases=leases, owner=f"w{shard[0]}")
+        InboxSource(
+            inbox_cfg,
+            stores.checkpoints,
+            leases=leases,
+            owner=f"w{shard[0]}",
+            max_line_bytes=limit,
+        )
     )
 
 
@@ -292,16 +299,24 @@ async def _kafka_source(
 
 
 def object_source(
-    sc: C.S3SourceConfig | C.SFTPSourceConfig, stores: Stores, leases: LeaseStore, worker: str
+    sc: C.S3SourceConfig | C.SFTPSourceConfig,
+    stores: Stores,
+    leases: LeaseStore,
+    worker: str,
+    max_line_bytes: int,
 ) -> ItemSource:
     """An S3 or SFTP source; `replayctl` builds one too, to list and read without leasing."""
     if isinstance(sc, C.S3SourceConfig):
         from ingest.sources.s3 import S3Source
 
-        return S3Source(sc, stores.checkpoints, leases, worker_id=worker)
+        return S3Source(
+            sc, stores.checkpoints, leases, worker_id=worker, max_line_bytes=max_line_bytes
+        )
     from ingest.sources.sftp import SFTPSource
 
-    return SFTPSource(sc, stores.checkpoints, leases, worker_id=worker)
+    return SFTPSource(
+        sc, stores.checkpoints, leases, worker_id=worker, max_line_bytes=max_line_bytes
+    )
 
 
 async def _leased_source(
@@ -324,7 +339,7 @@ async def _leased_source(
         if isinstance(state, C.ProductionStateConfig) and state.worker_id
         else worker_id()
     )
-    return BuiltSource(object_source(sc, stores, leases, wid))
+    return BuiltSource(object_source(sc, stores, leases, wid, cfg.http.max_record_bytes))
 
 
 SOURCES: dict[str, SourceKind[Any]] = {

@@ -22,14 +22,15 @@ from starlette.routing import Route
 
 from ingest.api.auth import Gate
 from ingest.auth.credentials import Role
-from ingest.auth.signing import NAME as _NAME
 from ingest.config import Config
 from ingest.errors import DiskFull, StoreUnavailable, is_disk_full
 from ingest.metrics import Metrics
+from ingest.names import NAME_RULE
 from ingest.pipeline.admission import Admission, BackpressureState, Rejected
 from ingest.sources.base import Intake
 
 log = logging.getLogger(__name__)
+_NAME = NAME_RULE
 _NDJSON_TYPES = (
     "application/x-ndjson",
     "application/ndjson",

@@ -22,10 +22,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ingest.names import NAME_RULE
+
 HEADER = "X-Ingest-Signature"
 MAX_HEADER_CHARS = 1024
 MAX_SIGNATURES = 4  # v1 entries looked at; more is refused as malformed (bounded work)
-NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # tenant and source names
+NAME = NAME_RULE  # tenant and source names: one rule (ingest.names)
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _ITEM_KEY = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
 

@@ -85,7 +85,9 @@ def _source_config(cfg: C.Config, name: str) -> Any:
 def object_source(cfg: C.Config, name: str, stores: Stores) -> ItemSource:
     """An S3/SFTP source for listing and reading only: the lease store is never touched."""
     sc = _source_config(cfg, name)
-    return build_object_source(sc, stores, lease_store(stores), f"replay-{worker_id()}")
+    return build_object_source(
+        sc, stores, lease_store(stores), f"replay-{worker_id()}", cfg.http.max_record_bytes
+    )
 
 
 async def _window(src: ItemSource, start: float, end: float) -> list[ItemRef]:
