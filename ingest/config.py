@@ -16,11 +16,21 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ingest.errors import ConfigError
+from ingest.names import representable, shown
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_config"]
+
+
+def _usable_path(path: Path) -> Path:
+    if "\0" in str(path):
+        raise ValueError("a path cannot contain a NUL character")
+    return path
+
+
+FilePath = Annotated[Path, AfterValidator(_usable_path)]
 
 
 class _Model(BaseModel):
@@ -152,7 +162,7 @@ class DiskConfig(_Model):
 
 class SQLiteStateConfig(_Model):
     kind: Literal["sqlite"] = "sqlite"
-    path: Path | None = Field(None, description="Defaults to <data_dir>/state.db.")
+    path: FilePath | None = Field(None, description="Defaults to <data_dir>/state.db.")
     idempotency_ttl_seconds: int = Field(7 * 86400, ge=1)
 
 
@@ -198,7 +208,7 @@ StateConfig = Annotated[SQLiteStateConfig | ProductionStateConfig, Field(discrim
 class InboxSourceConfig(_Model):
     type: Literal["inbox"] = "inbox"
     name: str = "inbox"
-    path: Path | None = Field(None, description="Defaults to <data_dir>/inbox.")
+    path: FilePath | None = Field(None, description="Defaults to <data_dir>/inbox.")
     poll_seconds: float = Field(0.5, gt=0)
     batch_size: int = Field(2000, ge=1)
 
@@ -256,7 +266,7 @@ class SFTPSourceConfig(_Model):
     host: str
     port: int = 22
     user: str
-    key_path: Path
+    key_path: FilePath
     host_key: str = Field(description="Pinned host public key, OpenSSH format.")
     directory: str = "."
     processed_dir: str = "processed"
@@ -276,7 +286,7 @@ SourceConfig = Annotated[
 class SQLiteSinkConfig(_Model):
     type: Literal["sqlite"] = "sqlite"
     name: str = "sqlite"
-    path: Path | None = Field(None, description="Defaults to <data_dir>/sink.db.")
+    path: FilePath | None = Field(None, description="Defaults to <data_dir>/sink.db.")
 
 
 class PostgresSinkConfig(_Model):
@@ -362,7 +372,9 @@ def _default_sinks() -> list[SinkConfig]:
 
 class Config(_Model):
     http: HttpConfig = Field(HttpConfig(), description="HTTP listener and body limits.")
-    data_dir: Path = Field(Path("data"), description="Embedded files live here (INGEST_DATA_DIR).")
+    data_dir: FilePath = Field(
+        Path("data"), description="Embedded files live here (INGEST_DATA_DIR)."
+    )
     state: StateConfig = Field(
         SQLiteStateConfig(), description="Checkpoints, idempotency keys, DLQ: sqlite or production."
     )
@@ -455,7 +467,10 @@ def _apply_env(raw: dict[str, Any]) -> dict[str, Any]:
             continue  # store URLs only mean something in production mode
         sect[key] = value
     if os.environ.get("INGEST_DATA_DIR"):
-        raw["data_dir"] = os.environ["INGEST_DATA_DIR"]
+        data_dir = os.environ["INGEST_DATA_DIR"]
+        if not representable(data_dir):
+            raise ConfigError("INGEST_DATA_DIR", f"'{shown(data_dir)}' is not UTF-8")
+        raw["data_dir"] = data_dir
     if os.environ.get("INGEST_WORKERS"):
         raw["workers"] = os.environ["INGEST_WORKERS"]
     return raw
@@ -506,12 +521,21 @@ def load_config(path: Path | None) -> Config:
     """Load and validate; `None` gives the embedded default (environment overrides apply)."""
     if path is None:
         return parse_config({})
+    where = shown(str(path))
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(str(path), f"cannot read config file: {exc.strerror}") from None
+        raise ConfigError(where, f"cannot read config file: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            where, f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start}"
+        ) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(str(path), f"not valid YAML: {exc}") from None
+        raise ConfigError(where, f"not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(where, "not valid YAML: nested too deeply") from None
     return parse_config(raw)

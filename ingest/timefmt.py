@@ -39,12 +39,12 @@ def parse_when(value: str, *, future: bool = False) -> datetime:
     """Raises ValueError with a sentence that says what is accepted. An age counts back from
     now, or forward with `future` (an expiry: 90d = ninety days from now)."""
     m = _RELATIVE.match(value.strip())
-    if m:
-        delta = timedelta(**{_UNITS[m.group(2)]: float(m.group(1))})
-        return datetime.now(UTC) + (delta if future else -delta)
     try:
+        if m:
+            delta = timedelta(**{_UNITS[m.group(2)]: float(m.group(1))})
+            return datetime.now(UTC) + (delta if future else -delta)
         dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ValueError(
             f"'{value}' is neither an ISO date-time nor an age like 30m, 2h, 7d"
         ) from None

@@ -18,12 +18,19 @@ from pydantic import SecretStr, ValidationError
 
 from ingest.auth import credentials as C
 from ingest.auth import signing
-from ingest.cli.common import EXIT_FAILED, EXIT_USAGE, err_console, fail, load
+from ingest.cli.common import (
+    CLI,
+    EXIT_FAILED,
+    EXIT_USAGE,
+    err_console,
+    fail,
+    load,
+)
 from ingest.cli.remote import DEFAULT_URL, call
 from ingest.errors import ConfigError
 from ingest.timefmt import parse_when
 
-app = typer.Typer(
+app = CLI(
     help="Credentials: operator tokens, tenant signing secrets and API keys "
     "(docs/security.md). Each command edits the credentials file in place (mode 0600) and "
     "prints a new secret once.",

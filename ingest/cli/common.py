@@ -1,4 +1,9 @@
-"""What every console script shares: config loading, logging, clean error exits."""
+"""What every console script shares: config loading, logging, clean error exits.
+
+`CLI` is the Typer app every console script is built with. Before any command runs it refuses
+arguments that are not UTF-8 (or hold a NUL) with exit 2, and an exception no command put in
+words ends in one line on stderr and exit 1, never a traceback (INGEST_DEBUG=1 shows it).
+"""
 
 from __future__ import annotations
 
@@ -6,20 +11,26 @@ import asyncio
 import contextlib
 import getpass
 import logging
+import math
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+import typer
 from rich.console import Console
+from typer import _click as click  # Typer's own copy of click: its types and exceptions
+from typer._click.exceptions import UsageError
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from ingest.config import Config, load_config
 from ingest.errors import ConfigError
+from ingest.names import NAME_RULE_TEXT, representable, shown, valid_name
 
 T = TypeVar("T")
 err_console = Console(stderr=True)
@@ -46,8 +57,87 @@ def load(option: Path | None) -> Config:
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {shown(message)}", highlight=False, markup=True)
     sys.exit(code)
+
+
+# ------------------------------------------------------------------------------ the Typer app
+
+_PASS_THROUGH = (typer.TyperException, typer.Exit, typer.Abort)
+
+
+def _check_args(args: list[str]) -> None:
+    for arg in args:
+        if not representable(arg):
+            raise UsageError(f"argument '{shown(arg)}' is not valid UTF-8")
+        if "\0" in arg:
+            raise UsageError(f"argument {arg!r} contains a NUL character")
+
+
+def _plain_flags(params: list[click.Parameter]) -> list[click.Parameter]:
+    """Flags take no value: show no `<bool>` type next to them in --help."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class CLICommand(TyperCommand):
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        return _plain_flags(super().get_params(ctx))
+
+
+class CLIGroup(TyperGroup):
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        return _plain_flags(super().get_params(ctx))
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        _check_args(args)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (*_PASS_THROUGH, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if os.environ.get("INGEST_DEBUG"):
+                raise
+            log = logging.getLogger("ingest.cli")
+            log.debug("unexpected error", exc_info=True)
+            fail(
+                f"unexpected {type(exc).__name__}: {exc} (a bug: please report it with the "
+                "command; INGEST_DEBUG=1 shows the traceback)",
+                EXIT_FAILED,
+            )
+
+
+class CLI(typer.Typer):
+    """typer.Typer with CLIGroup/CLICommand and no pretty tracebacks."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(cls=CLIGroup, pretty_exceptions_enable=False, **kw)
+
+    def command(self, *args: Any, **kw: Any) -> Callable[[Any], Any]:
+        kw.setdefault("cls", CLICommand)
+        return super().command(*args, **kw)
+
+
+# ------------------------------------------------------------------------------ option values
+
+
+def tenant_name(value: str | None, option: str = "--tenant") -> str | None:
+    """A tenant for something new (a plan): the service's tenant name rule, else exit 2."""
+    if value is not None and not valid_name(value):
+        fail(f"{option} '{value}' is not a valid tenant name ({NAME_RULE_TEXT})", EXIT_USAGE)
+    return value
+
+
+def finite(value: float, option: str, *, low: float, high: float) -> float:
+    """A number within [low, high] (nan and inf never are), else exit 2."""
+    if not (math.isfinite(value) and low <= value <= high):
+        fail(f"{option} must be a number from {low:g} to {high:g}; got {value}", EXIT_USAGE)
+    return value
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -101,7 +191,7 @@ def parse_when(value: str | None, option: str) -> datetime | None:
         return None
     try:
         return parse(value)
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         fail(f"{option} {exc}", EXIT_USAGE)
 
 

@@ -18,6 +18,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from ingest.cli.common import (
+    CLI,
     EXIT_FAILED,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
@@ -25,6 +26,7 @@ from ingest.cli.common import (
     actor,
     audit_cli,
     fail,
+    finite,
     load_existing_state,
     parse_when,
     run_async,
@@ -36,8 +38,10 @@ from ingest.triage import analyze, render
 
 T = TypeVar("T")
 EXIT_INTERRUPTED = 130
+MAX_DAYS = 36_500  # --older-than: a century is "everything"
+MAX_ID = 2**63 - 1  # DLQ ids are 64-bit integers in every store
 
-app = typer.Typer(
+app = CLI(
     help="DLQ triage: what failed, why, and what to do — then redrive or purge.\n\n"
     "Uses the service's config (--config FILE or INGEST_CONFIG); without one, the embedded "
     "SQLite store under ./data (or INGEST_DATA_DIR).",
@@ -181,7 +185,7 @@ def redrive(
     since: Annotated[str | None, typer.Option(help="Last failure at/after: ISO or 2h, 7d.")] = None,
     until: Annotated[str | None, typer.Option(help="Last failure before: ISO or 2h, 7d.")] = None,
     entry_id: Annotated[
-        list[int] | None, typer.Option("--id", help="Entry id (repeatable).")
+        list[int] | None, typer.Option("--id", min=1, max=MAX_ID, help="Entry id (repeatable).")
     ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List what would go; change nothing.")
@@ -327,7 +331,8 @@ def _progress(total: int, *, enabled: bool) -> Any:
 @app.command()
 def purge(
     older_than: Annotated[
-        float, typer.Option("--older-than", min=0, help="Days since the entry first failed.")
+        float,
+        typer.Option("--older-than", help=f"Days since the entry first failed (0 to {MAX_DAYS})."),
     ],
     reason: ReasonsOpt = None,
     tenant: TenantOpt = None,
@@ -338,10 +343,11 @@ def purge(
     as_: AsOpt = None,
 ) -> None:
     """Delete entries older than DAYS (for a reason code), after a dry run or confirmation."""
+    days = finite(older_than, "--older-than", low=0, high=MAX_DAYS)
     flt = DLQFilter(
         tenant=tenant,
         reasons=_reasons(reason),
-        older_than=datetime.now(UTC) - timedelta(days=older_than),
+        older_than=datetime.now(UTC) - timedelta(days=days),
     )
     cfg = _config(config)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import gc
 import json
 from pathlib import Path
@@ -10,11 +11,11 @@ from typing import Annotated, Any
 
 import typer
 
-from ingest.cli.common import EXIT_UNAVAILABLE, EXIT_USAGE, fail, load, setup_logging
+from ingest.cli.common import CLI, EXIT_UNAVAILABLE, EXIT_USAGE, fail, load, setup_logging
 from ingest.config import SQLiteStateConfig
 from ingest.errors import ConfigError, IngestError, StoreUnavailable
 
-app = typer.Typer(
+app = CLI(
     help="Multi-tenant ingest service: sources -> schema -> dedupe -> sinks, with a DLQ.\n\n"
     "Without a config file it runs embedded: SQLite state and sink under ./data, an inbox "
     "directory and webhooks. Config: --config FILE or INGEST_CONFIG.",
@@ -30,6 +31,13 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 
 def service_mode(service: Any) -> str:
     return "embedded" if isinstance(service.config.state, SQLiteStateConfig) else "production"
+
+
+class LogLevel(enum.StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
 
 
 def _banner(service: Any, host: str, port: int) -> None:
@@ -90,11 +98,13 @@ def tune_gc() -> None:
 def run(
     config: ConfigOpt = None,
     host: Annotated[str | None, typer.Option(help="Listen address (default from config).")] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP port (default 8080).")] = None,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING.")] = "INFO",
+    port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="HTTP port (default 8080).")
+    ] = None,
+    log_level: Annotated[LogLevel, typer.Option(case_sensitive=False)] = LogLevel.INFO,
 ) -> None:
     """Run the service until SIGTERM / Ctrl-C."""
-    setup_logging(log_level)
+    setup_logging(log_level.value)
     cfg = load(config)
     from ingest.service import serve
 

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from ingest.cli.common import (
+    CLI,
     EXIT_FAILED,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
@@ -30,8 +31,10 @@ from ingest.cli.common import (
     actor,
     audit_cli,
     fail,
+    finite,
     load_existing_state,
     run_async,
+    tenant_name,
 )
 from ingest.config import Config
 from ingest.errors import StoreUnavailable
@@ -42,9 +45,10 @@ from ingest.timefmt import iso
 
 T = TypeVar("T")
 EXIT_INTERRUPTED = 130
+MAX_RATE = 1e9  # --throttle: records per second
 console = Console(highlight=False)
 
-app = typer.Typer(
+app = CLI(
     help="Replay plans: plan a window of a tenant's sources, approve it (an RFA for large "
     "replays), run it through the normal pipeline, follow it.\n\nUses the service's config "
     "(--config FILE or INGEST_CONFIG); without one, the embedded SQLite store under ./data "
@@ -75,9 +79,9 @@ def _emit(doc: Any) -> None:
 def _when(value: str, option: str) -> float:
     try:
         dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
+        return (dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)).timestamp()
+    except (ValueError, OverflowError):
         fail(f"{option} '{value}' is not an ISO date-time like 2025-01-01T00:00:00Z", EXIT_USAGE)
-    return (dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)).timestamp()
 
 
 def _config(path: Path | None) -> Config:
@@ -152,7 +156,10 @@ def plan(
         ),
     ],
     throttle: Annotated[
-        float, typer.Option("--throttle", min=0.001, help="Records per second during the run.")
+        float,
+        typer.Option(
+            "--throttle", help=f"Records per second during the run (0.001 to {MAX_RATE:g})."
+        ),
     ] = 100.0,
     rto: Annotated[
         str | None,
@@ -167,6 +174,8 @@ def plan(
     as_: AsOpt = None,
 ) -> None:
     """Create a plan (pending_approval) with a size estimate; prints its id."""
+    tenant_name(tenant)
+    throttle = finite(throttle, "--throttle", low=0.001, high=MAX_RATE)
     t0, t1 = _when(start, "--from"), _when(end, "--to")
     if t0 >= t1:
         fail(f"--from {start} must be before --to {end}", EXIT_USAGE)
