@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_embedded import BENCH_CONFIG, peak_rss_mb  # noqa: E402
+
 from tests.e2e._service import free_port  # noqa: E402
 
 SMALL_RECORDS = 10

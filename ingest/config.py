@@ -120,7 +120,24 @@ class HttpConfig(_Model):
         None, description="Listen address of admin_port (default: host)."
     )
     max_body_bytes: int = Field(5 * 1024 * 1024, ge=1, description="Larger webhook bodies get 413.")
-    max_record_bytes: int = Field(1024 * 1024, ge=1, description="Larger records go to the DLQ.")
+    max_record_bytes: int = Field(
+        1024 * 1024,
+        ge=1,
+        description="Larger records go to the DLQ; file lines longer than this are cut off "
+        "unread (size and first bytes kept).",
+    )
+    body_timeout_seconds: float = Field(
+        60.0, gt=0, description="A webhook body must be complete within this long, else 408."
+    )
+    min_body_bytes_per_second: float = Field(
+        1024.0,
+        ge=0,
+        description="After body_grace_seconds, a webhook body slower than this on average gets "
+        "408 and the connection is closed (0: no minimum).",
+    )
+    body_grace_seconds: float = Field(
+        5.0, ge=0, description="Time a body may take before the minimum rate applies."
+    )
 
 
 class HealthConfig(_Model):

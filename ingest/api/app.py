@@ -16,11 +16,12 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from ingest.api.auth import Gate
+from ingest.api.body import BodyTooLarge, BodyTooSlow, read_body
 from ingest.auth.credentials import Role
 from ingest.config import Config
 from ingest.errors import DiskFull, StoreUnavailable, is_disk_full
@@ -187,6 +188,16 @@ def build_app(
             "POST /admin/{drain,resume,pause,brownout}, POST /v1/webhooks/{tenant}/{source}",
         )
 
+    async def disconnected(request: Request, exc: Exception) -> Response:
+        """A client gone mid-request: one log line, no traceback; nothing was accepted."""
+        log.info(
+            "client %s disconnected during %s %s; nothing was accepted",
+            _peer(request),
+            request.method,
+            request.url.path,
+        )
+        return error(400, "client_disconnected", "the client closed the connection")
+
     async def server_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s", request.url.path)
         return error(500, "internal_error", "the service hit an unexpected error; see its log")
@@ -213,8 +224,18 @@ def build_app(
     if part != "admin":
         routes.append(Route("/v1/webhooks/{tenant}/{source}", webhook, methods=["POST"]))
     return Starlette(
-        routes=routes, exception_handlers={HTTPException: not_found, Exception: server_error}
+        routes=routes,
+        exception_handlers={
+            HTTPException: not_found,
+            ClientDisconnect: disconnected,
+            Exception: server_error,
+        },
     )
+
+
+def _peer(request: Request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client is not None else "?"
 
 
 def _parse_rate(value: str | None) -> float | Response | None:
@@ -269,12 +290,21 @@ async def _webhook(service: ServiceHost, gate: Gate, request: Request) -> Respon
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         return error(413, "body_too_large", f"body is {declared} bytes; the limit is {limit}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > limit:
-            return error(413, "body_too_large", f"body exceeds the limit of {limit} bytes")
-    who = await gate.webhook_body(check, bytes(body))  # the signature, before anything is stored
+    http = service.config.http
+    try:
+        body = await read_body(
+            request,
+            limit=limit,
+            timeout=http.body_timeout_seconds,
+            min_rate=http.min_body_bytes_per_second,
+            grace=http.body_grace_seconds,
+        )
+    except BodyTooLarge as exc:
+        return error(413, "body_too_large", str(exc))
+    except BodyTooSlow as exc:
+        log.info("webhook %s/%s from %s: %s", tenant, source, _peer(request), exc)
+        return error(408, "request_timeout", str(exc), headers={"Connection": "close"})
+    who = await gate.webhook_body(check, body)  # the signature, before anything is stored
     if isinstance(who, Response):
         return who
     response = await _take(service, tenant, source, body, request.headers.get("content-type", ""))
@@ -284,7 +314,7 @@ async def _webhook(service: ServiceHost, gate: Gate, request: Request) -> Respon
 
 
 async def _take(
-    service: ServiceHost, tenant: str, source: str, body: bytearray, content_type: str
+    service: ServiceHost, tenant: str, source: str, body: bytes, content_type: str
 ) -> Response:
     """Split an authenticated body into records, admit them and make them durable (202)."""
     intake = service.intake
@@ -294,7 +324,7 @@ async def _take(
             400, "empty_body", "the body is empty; send a JSON object, an array, or NDJSON"
         )
 
-    lines, malformed = _split_records(bytes(body), content_type)
+    lines, malformed = _split_records(body, content_type)
     if isinstance(lines, Response):
         return lines
     refused = service.refuse_intake(len(body))

@@ -109,6 +109,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "ingest.metrics",
             "ingest.formats",
             "ingest.timefmt",
+            "ingest.names",
             "ingest.schema",
             "ingest.transformers",
         ),

@@ -40,7 +40,8 @@ def records(tenant: str, n: int, tag: str = "r", start: int = 0) -> bytes:
 
 class Harness:
     def __init__(self, root: Path, db: SQLiteDB, **kw: Any) -> None:
-        cfg = InboxSourceConfig(path=root / "inbox", poll_seconds=0.01, batch_size=kw.pop("batch", 5))
+        batch = kw.pop("batch", 5)
+        cfg = InboxSourceConfig(path=root / "inbox", poll_seconds=0.01, batch_size=batch)
         self.inbox = root / "inbox"
         self.checkpoints = SQLiteCheckpointStore(db, "test")
         self.source = InboxSource(cfg, self.checkpoints, settle_seconds=0, **kw)
