@@ -11,7 +11,36 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+import orjson
+
+from ingest.names import representable, shown
 from ingest.records import DLQEntry, ReasonCode
+
+
+def checkpoint_key(tenant: str, source: str) -> str:
+    return f"checkpoint:{tenant}:{source}"
+
+
+def checkpoint_value(
+    tenant: str, source: str, position: Mapping[str, Any], updated_at: str, worker: str
+) -> bytes:
+    """The JSON value every checkpoint store writes. A string that is not Unicode text (a
+    file name with undecodable bytes) cannot be stored: ValueError naming it, not a driver's
+    encoding error deep in a retry loop. Sources quarantine such names before they get here."""
+    doc = {"position": dict(position), "updated_at": updated_at, "worker": worker}
+    try:
+        checkpoint_key(tenant, source).encode("utf-8")
+        return orjson.dumps(doc, default=str)
+    except (UnicodeEncodeError, orjson.JSONEncodeError):
+        bad = [
+            f"{k} '{shown(v)}'"
+            for k, v in (("tenant", tenant), ("source", source), *position.items())
+            if isinstance(v, str) and not representable(v)
+        ]
+        raise ValueError(
+            f"checkpoint {shown(checkpoint_key(tenant, source))} cannot be stored: text that "
+            f"is not UTF-8 in {', '.join(bad) or 'the position'}"
+        ) from None
 
 
 class CheckpointStore(Protocol):

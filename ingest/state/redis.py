@@ -42,6 +42,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ingest.errors import StoreUnavailable
+from ingest.state.base import checkpoint_key, checkpoint_value
 from ingest.timefmt import iso
 
 DAY = 86_400
@@ -130,9 +131,7 @@ class RedisCheckpointStore:
         self._r = client
         self._worker = worker
 
-    @staticmethod
-    def key(tenant: str, source: str) -> str:
-        return f"checkpoint:{tenant}:{source}"
+    key = staticmethod(checkpoint_key)
 
     async def load(self, tenant: str, source: str) -> dict[str, Any] | None:
         async with _guard(self._r):
@@ -143,9 +142,9 @@ class RedisCheckpointStore:
         return dict(position) if isinstance(position, dict) else None
 
     async def save(self, tenant: str, source: str, position: Mapping[str, Any]) -> None:
-        doc = {"position": dict(position), "updated_at": iso(time.time()), "worker": self._worker}
+        value = checkpoint_value(tenant, source, position, iso(time.time()), self._worker)
         async with _guard(self._r):
-            await self._r.set(self.key(tenant, source), orjson.dumps(doc))
+            await self._r.set(self.key(tenant, source), value)
 
     async def delete(self, tenant: str, source: str) -> None:
         async with _guard(self._r):

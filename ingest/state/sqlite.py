@@ -27,7 +27,13 @@ import orjson
 
 from ingest.errors import StoreUnavailable
 from ingest.records import DLQEntry, ReasonCode
-from ingest.state.base import DLQFilter, DLQGroup, DroppedRow
+from ingest.state.base import (
+    DLQFilter,
+    DLQGroup,
+    DroppedRow,
+    checkpoint_key,
+    checkpoint_value,
+)
 from ingest.timefmt import iso
 
 T = TypeVar("T")
@@ -259,9 +265,7 @@ class SQLiteCheckpointStore:
         self._db = db
         self._worker = worker
 
-    @staticmethod
-    def key(tenant: str, source: str) -> str:
-        return f"checkpoint:{tenant}:{source}"
+    key = staticmethod(checkpoint_key)
 
     async def load(self, tenant: str, source: str) -> dict[str, Any] | None:
         key = self.key(tenant, source)
@@ -275,13 +279,7 @@ class SQLiteCheckpointStore:
 
     async def save(self, tenant: str, source: str, position: Mapping[str, Any]) -> None:
         key = self.key(tenant, source)
-        value = _json(
-            {
-                "position": dict(position),
-                "updated_at": iso(time.time()),
-                "worker": self._worker,
-            }
-        )
+        value = checkpoint_value(tenant, source, position, iso(time.time()), self._worker).decode()
         sql = "INSERT OR REPLACE INTO checkpoints (key, value) VALUES (?, ?)"
         await self._db.call("checkpoint", lambda c: c.execute(sql, (key, value)))
 
