@@ -337,6 +337,7 @@ class Pod:
             out[s.name] = {
                 "status": "running" if up else ("starting" if s.alive else "down"),
                 "pid": s.proc.pid if s.proc is not None else None,
+                "id": (s.health or {}).get("worker"),  # as checkpoints and leases name it
                 "started_at": s.started_at,
                 "restarts": s.restarts,
                 "last_exit": s.last_exit,

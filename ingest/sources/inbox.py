@@ -17,9 +17,9 @@ Several workers of one pod (`workers` > 1) share the inbox through leases, as S3
 share a bucket (`ingest.state.leases`): a worker reads a file only under its lease (item
 `<tenant>/<file>`, version = the file's identity), renewed while any of its batches is
 uncommitted; the lease row's offset is then what a restart resumes from, and the checkpoint
-key mirrors the last commit. Files of one tenant may then be read by two workers at once, so
-their order across files holds only per worker (the sinks' revision guard keeps the data
-right either way).
+key mirrors the last commit (deleting the key still starts the tenant's files over). Files
+of one tenant may then be read by two workers at once, so their order across files holds only
+per worker (the sinks' revision guard keeps the data right either way).
 
 Hostile contents are contained:
 * Symlinks are never followed: a symlinked tenant directory, file, `done/` or `quarantine/` is
@@ -312,7 +312,10 @@ class InboxSource:
             start = 0
             if self._leases is not None:
                 # The lease row's offset is authoritative: whoever read the file last saved it.
-                start = await self._leases.offset(self.name, f"{tenant}/{name}")
+                # Unless the checkpoint key is gone: an operator reset the source (the runbook's
+                # `DEL checkpoint:<tenant>:<source>` reprocesses), so the file starts over.
+                if saved is not None:
+                    start = await self._leases.offset(self.name, f"{tenant}/{name}")
             elif saved and saved.get("file") == name and _same_file(saved, st, identity):
                 if saved.get("complete"):
                     # Committed in full before a crash, not yet moved: finish the move only.

@@ -244,7 +244,8 @@ def rec(entity_id: str, revision: int, **extra: Any) -> dict[str, Any]:
 class Feed:
     """Lines grouped per unit (an inbox file or a webhook request), plus what must result:
     `final` (entity -> highest revision in the sink), `dlq` (reason -> rows) and `valid`
-    (the distinct valid records, i.e. the idempotency keys the feed claims)."""
+    (the distinct valid records); `keyed` adds the distinct lines that fail decoding: together
+    the idempotency keys the feed claims."""
 
     def __init__(self, rng: Any) -> None:
         import collections
@@ -287,6 +288,12 @@ class Feed:
             elif roll < 0.06:
                 self._bad(lines, '{"broken": ' + eid, "VALIDATION_FAIL")
         return lines
+
+    @property
+    def keyed(self) -> set[str]:
+        """The lines the idempotency store keeps a key for: each distinct valid record, and
+        each distinct line that failed decoding (keyed by its bytes: a repeat is a duplicate)."""
+        return self.valid | self._bad_lines
 
     def _bad(self, lines: list[str], line: str, reason: str) -> None:
         lines.append(line)

@@ -166,4 +166,4 @@ def test_kill9_during_200k_records_loses_and_doubles_nothing(
         timeout=60,
         check=True,
     )
-    assert json.loads(out.stdout)["keys"] == len(feed.valid)
+    assert json.loads(out.stdout)["keys"] == len(feed.keyed)

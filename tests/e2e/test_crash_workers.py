@@ -71,7 +71,7 @@ def test_kill9_pod_and_workers_loses_and_doubles_nothing(tmp_path: Path) -> None
             time.sleep(rng.uniform(0.5, 2.5))
             if finished(svc, inbox) and not sender.is_alive():
                 break
-            kind = ("group", "control-plane", "worker")[i % 3]
+            kind = ("worker", "group", "control-plane")[i % 3]
             kinds[kind] += 1
             pids = workers_of(svc.proc.pid) if svc.proc else []
             if kind == "worker":

@@ -271,7 +271,7 @@ def test_two_workers_2000_objects_each_once(
     assert len(rows) == n_objects
     assert {item: done for item, _, _, _, done in rows} == etags  # each object done, this version
     owners = {owner for _, _, owner, _, _ in rows}
-    assert len(owners) == 2, owners  # both workers took objects
+    assert len(owners) >= 2, owners  # both services took objects (each is a pod of workers)
     assert sum(read) == total  # no object read twice (by either worker)
     assert all(r > 0 for r in read)
     assert sink_count(pg_dsn) == total
