@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
+
+# Property tests check answers, not speed: on 2 loaded cores one example can take far longer
+# than hypothesis' default 200 ms deadline, and a deadline miss is then a failure about nothing.
+settings.register_profile("ingest", deadline=None)
+settings.load_profile("ingest")
 
 
 def require_env(name: str, script: str) -> str:
