@@ -31,10 +31,23 @@ tools: ## Install every program the tests and scripts run (scripts/services/tool
 doctor: ## Check that every program the tests and scripts run is present
 	@scripts/check-tools.sh
 
+# make itself exits 143 when SIGTERM reaches it (GNU make re-raises the signal after its child
+# ends), whatever the service answers; a supervisor runs `uv run --no-dev ingest run` instead,
+# which drains and exits 0 (docs/operations.md).
 .PHONY: run
 run: uv ## Run the service embedded on :8080 (inbox ./data/inbox/<tenant>/, webhooks)
 	uv sync --frozen --no-dev --inexact
 	uv run --frozen --no-dev ingest run
+
+# The operator's commands without the dev toolchain (`uv run` alone would install it).
+TENANT ?= acme-corp
+.PHONY: records
+records: uv ## Records of TENANT (default acme-corp) in the sink, newest first
+	uv run --frozen --no-dev ingest records --tenant $(TENANT)
+
+.PHONY: dlq
+dlq: uv ## DLQ summary of TENANT (default acme-corp): counts by reason, sink, source
+	uv run --frozen --no-dev dlqtriage summary --tenant $(TENANT)
 
 .PHONY: services-up
 services-up: install tools ## Install and start every test server on free ports; prints the env line to source

@@ -306,10 +306,14 @@ class HealthMonitor:
 
     def _stores_view(self) -> dict[str, Any]:
         """The last store probe, with a full disk shown on the embedded state store (its
-        reads still answer, its writes cannot)."""
+        reads still answer, its writes cannot). A DLQ store's row count is named for what it
+        counts: `dlq_entries` (the stores answer `entries`)."""
         stores = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self._stores.items()}
         if "error" in stores and not isinstance(stores.get("error"), dict):
             return {"all": stores}
+        for view in stores.values():
+            if isinstance(view, dict) and "entries" in view:
+                view["dlq_entries"] = view.pop("entries")
         full = self.pipeline.disk_full_since is not None
         if full and isinstance(stores.get("state"), dict):
             stores["state"].update(ok=False, error=self.pipeline.disk_full_error)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import settings
@@ -11,6 +14,8 @@ from hypothesis import settings
 # than hypothesis' default 200 ms deadline, and a deadline miss is then a failure about nothing.
 settings.register_profile("ingest", deadline=None)
 settings.load_profile("ingest")
+
+T = TypeVar("T")
 
 
 def require_env(name: str, script: str) -> str:
@@ -27,3 +32,28 @@ def require_env(name: str, script: str) -> str:
 
 # tests/image/ runs the container image (root + podman): `make image-test` only.
 collect_ignore = [] if os.environ.get("INGEST_IMAGE_TEST") == "1" else ["image"]
+
+
+def wait_for(cond: Callable[[], T], timeout: float = 60.0, what: str = "condition",
+             interval: float = 0.1) -> T:
+    """Poll `cond()` until it returns something truthy and return that; fail naming `what`
+    after `timeout`. An exception from `cond` counts as "not yet" (a service restarting)."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+            if value:
+                return value
+        except Exception as exc:
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
+
+
+def rec(entity_id: str, revision: int = 1, tenant: str = "acme-corp",
+        **extra: Any) -> dict[str, Any]:
+    """A valid input record (schema 3) of `tenant`; `extra` replaces or adds top-level keys."""
+    return {"schema_version": 3, "tenant_id": tenant, "entity_type": "order",
+            "entity_id": entity_id, "revision": revision, "occurred_at": "2025-01-01T00:00:00Z",
+            "attributes": {"amount": float(revision)}, **extra}

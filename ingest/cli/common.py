@@ -35,6 +35,22 @@ from ingest.names import NAME_RULE_TEXT, representable, shown, valid_name
 T = TypeVar("T")
 err_console = Console(stderr=True)
 
+
+def _flags_without_type() -> None:
+    """Typer 0.29 prints a type column for flags too (`--help <bool>`, `--json <bool>`), as
+    if they took a value. A flag takes none: show no type for it."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_without_type()
+
 # Exit codes shared by the CLIs: scripts can tell a usage error from an unreachable store.
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran and found a problem (e.g. redrive left failures)

@@ -186,6 +186,16 @@ def _credentials_commands() -> None:
 _credentials_commands()
 
 
+def _records_command() -> None:
+    """`ingest records`: what landed in a table sink, readably (ingest/cli/records.py)."""
+    from ingest.cli.records import records
+
+    app.command("records")(records)
+
+
+_records_command()
+
+
 def main() -> None:
     app()
 

@@ -30,6 +30,7 @@ import yaml
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from tests.conftest import rec as rec  # re-exported for the Kafka e2e modules
 from tests.e2e._production import RUN_DIR, SCRIPTS, PrivateServer, _env_file
 from tests.e2e._service import free_port
 
@@ -231,12 +232,6 @@ def write_kafka_config(
 
 # ---------------------------------------------------------------------- feeds
 TENANT = "acme-corp"
-
-
-def rec(entity_id: str, revision: int, **extra: Any) -> dict[str, Any]:
-    return {"schema_version": 3, "tenant_id": TENANT, "entity_type": "order",
-            "entity_id": entity_id, "revision": revision, "occurred_at": "2025-01-01T00:00:00Z",
-            "attributes": {"amount": float(revision)}, **extra}  # fmt: skip
 
 
 class KafkaFeed:

@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,8 @@ from urllib.parse import quote, urlparse
 import asyncpg  # type: ignore[import-untyped]
 import yaml
 
+from tests.conftest import rec as rec  # re-exported: the e2e modules import them from here
+from tests.conftest import wait_for as wait_for
 from tests.e2e._service import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -209,36 +210,8 @@ def write_config(
     return path
 
 
-def wait_for(cond: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
-    """Poll `cond()` until it returns something truthy; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last_exc: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = cond()
-            if value:
-                return value
-        except Exception as exc:  # the service may be restarting: keep polling
-            last_exc = exc
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
-
-
 # ---------------------------------------------------------------------- feeds
 TENANT = "acme-corp"
-
-
-def rec(entity_id: str, revision: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "schema_version": 3,
-        "tenant_id": TENANT,
-        "entity_type": "order",
-        "entity_id": entity_id,
-        "revision": revision,
-        "occurred_at": "2025-01-01T00:00:00Z",
-        "attributes": {"amount": float(revision)},
-        **extra,
-    }
 
 
 class Feed:

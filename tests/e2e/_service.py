@@ -45,8 +45,11 @@ class ServiceProcess:
 
     def __init__(self, data_dir: Path, config: Path | None = None,
                  env: dict[str, str] | None = None, port: int | None = None,
-                 auth: bool = True) -> None:
+                 auth: bool = True, launcher: list[str] | None = None) -> None:
         self.data_dir = data_dir
+        # How `ingest` is started: this interpreter, or e.g. `uv run --no-dev ingest` as the
+        # README says.
+        self.launcher = launcher or [sys.executable, "-m", "ingest.cli.ingest"]
         self.config = config
         self.port = port or free_port()
         self.env = {**os.environ, "INGEST_DATA_DIR": str(data_dir)}
@@ -64,7 +67,7 @@ class ServiceProcess:
 
     def start(self, wait: float = 60.0) -> ServiceProcess:  # a pod starts N+1 processes
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "ingest.cli.ingest", "run", "--host", "127.0.0.1",
+        cmd = [*self.launcher, "run", "--host", "127.0.0.1",
                "--port", str(self.port)]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
@@ -145,6 +148,12 @@ class ServiceProcess:
     def terminate(self, timeout: float = 60.0) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def terminate_group(self, timeout: float = 60.0) -> int:
+        """SIGTERM to the whole process group, as a terminal's Ctrl-C or a supervisor does."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGTERM)
         return self.proc.wait(timeout)
 
     def stop(self) -> None:

@@ -15,23 +15,17 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
+from tests.conftest import rec
 from tests.e2e._auth import sign_headers
 from tests.e2e._service import ServiceProcess, free_port
 
 pytestmark = pytest.mark.e2e
 TENANT = "acme-corp"
 SEED = int(os.environ.get("INGEST_CRASH_SEED", str(random.SystemRandom().randrange(1 << 30))))
-
-
-def rec(entity_id: str, revision: int, **extra: Any) -> dict[str, Any]:
-    return {"schema_version": 3, "tenant_id": TENANT, "entity_type": "order",
-            "entity_id": entity_id, "revision": revision, "occurred_at": "2025-01-01T00:00:00Z",
-            "attributes": {"amount": float(revision)}, **extra}
 
 
 class Feed:

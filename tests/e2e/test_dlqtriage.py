@@ -18,7 +18,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -27,7 +26,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import require_env
+from tests.conftest import require_env, wait_for
 from tests.e2e._service import ServiceProcess
 
 pytestmark = pytest.mark.e2e
@@ -52,15 +51,6 @@ def feed(data: Path, records: list[dict[str, Any]], name: str = "orders.jsonl") 
 def dlq_count(data: Path, where: str = "1") -> int:
     with sqlite3.connect(data / "state.db", timeout=10) as db:
         return int(db.execute(f"SELECT count(*) FROM dlq WHERE {where}").fetchone()[0])
-
-
-def wait_for(check: Any, timeout: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def dlqt(cwd: Path, *args: str, env: dict[str, str] | None = None,

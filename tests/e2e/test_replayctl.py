@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from tests.conftest import require_env
+from tests.conftest import require_env, wait_for
 from tests.e2e._service import ServiceProcess, free_port
 
 pytestmark = pytest.mark.e2e
@@ -74,15 +74,6 @@ def count(db: Path, sql: str) -> int:
     # is collected, e.g. in the middle of the next test's copytree of the same directory.
     with contextlib.closing(sqlite3.connect(db, timeout=10)) as c:
         return int(c.execute(sql).fetchone()[0])
-
-
-def wait_for(check: Any, timeout: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 WINDOW: tuple[str, str] = ("", "")

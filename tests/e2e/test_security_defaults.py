@@ -16,18 +16,11 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import require_env
+from tests.conftest import require_env, wait_for
 from tests.e2e._service import ServiceProcess, free_port
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
-
-
-def wait_for(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def banner(svc: ServiceProcess) -> str:
