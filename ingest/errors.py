@@ -44,13 +44,30 @@ class StoreUnavailable(IngestError):
 
 
 class SinkError(IngestError):
-    """A sink could not take a batch at all. `reason` decides retry and breaker handling."""
+    """A sink could not take a batch at all. `reason` decides retry and breaker handling.
 
-    def __init__(self, reason: ReasonCode, message: str, **detail: Any) -> None:
+    A sink never retries by itself (`ingest.pipeline.retry` does); it passes on what the
+    server said instead: `retry_after` (seconds, e.g. a 429's Retry-After) is the earliest
+    the worker tries again, and `conflict` marks a failure that says nothing about the
+    sink's health (a deadlock or a race with another writer: retried, but not counted by
+    the breaker)."""
+
+    def __init__(
+        self,
+        reason: ReasonCode,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        conflict: bool = False,
+        **detail: Any,
+    ) -> None:
         super().__init__(f"{reason.value}: {message}")
         self.reason = reason
         self.message = message
+        self.conflict = conflict
         self.detail = {"message": message, **detail}
+        if retry_after is not None:
+            self.detail["retry_after_seconds"] = retry_after
 
 
 class DiskFull(StoreUnavailable):

@@ -1,14 +1,29 @@
-"""Bounded retries with full-jitter exponential backoff.
+"""The one retry layer: bounded (or patient) retries with full-jitter exponential backoff.
+
+Every retry of a sink write or a state-store call in the service goes through `retry_call`:
+the worker's per-sink retry (`Pipeline._deliver_to_sink`), its wait for state stores
+(`Pipeline.until_ok`) and for disk space. Adapters never loop themselves; they classify
+their driver's errors once (`SinkError(reason, retry_after=...)`, `StoreUnavailable`) and pass
+on what the server said about when to come back (a 429's Retry-After, a breaker's reset).
 
 Full jitter (a uniform draw below an exponentially growing cap) spreads the retries of many
-workers hitting the same failing sink, so they do not come back in lock-step. Three bounds
-keep a record from retrying forever: attempts, total time, and the reason code itself
-(only the runbook's retryable codes are retried; the rest go straight to the DLQ).
+workers hitting the same failing sink, so they do not come back in lock-step; a server's hint
+is a floor under the draw. Three bounds keep a record from retrying forever: attempts, total
+time, and the reason code itself (only the runbook's retryable codes are retried; the rest go
+straight to the DLQ). A store outage is waited out without bounds (`RetryPolicy.patient`):
+records wait for the store, they are never dropped.
+
+Why not tenacity or stamina: the worker retries only the records of a batch that failed,
+counts each retry by tenant and reason, lets an open breaker's reset time and a server's
+Retry-After set the wait, stops waiting when the service drains (`Abandoned` from its
+sleep), and is property-tested against a fake clock; that is this small function with a
+`classify` callback, and a library would add a layer of adapters around the same loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -21,11 +36,20 @@ from ingest.records import ReasonCode
 R = TypeVar("R")
 
 
+@dataclass(frozen=True, slots=True)
+class Retryable:
+    """`classify`'s answer for a failure worth another attempt."""
+
+    reason: ReasonCode = ReasonCode.CONNECTION_ERROR
+    retry_after: float | None = None  # the server's own hint (Retry-After, breaker reset)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how long to retry; pure arithmetic, so it can be property-tested."""
+    """How often and how long to retry; pure arithmetic, so it can be property-tested.
+    `math.inf` attempts and total time: retry until it works (state stores)."""
 
-    max_attempts: int = 6
+    max_attempts: float = 6
     base_delay: float = 0.2
     max_delay: float = 10.0
     max_total: float = 60.0
@@ -45,6 +69,11 @@ class RetryPolicy:
             max_total=cfg.max_total_seconds,
         )
 
+    @classmethod
+    def patient(cls, base_delay: float, max_delay: float) -> RetryPolicy:
+        """No bound on attempts or time: for outages that must be waited out."""
+        return cls(math.inf, base_delay, max_delay, math.inf)
+
     def cap(self, attempt: int) -> float:
         """Upper bound of the delay after the attempt-th failure (1-based)."""
         if attempt < 1:
@@ -56,6 +85,11 @@ class RetryPolicy:
     def backoff(self, attempt: int, rng: random.Random) -> float:
         """Delay after the attempt-th failure: uniform in [0, cap(attempt)] (full jitter)."""
         return rng.uniform(0.0, self.cap(attempt))
+
+    def delay(self, attempt: int, rng: random.Random, hint: float | None = None) -> float:
+        """The backoff, but never sooner than the server asked (`hint`, seconds)."""
+        drawn = self.backoff(attempt, rng)
+        return drawn if hint is None or not hint > drawn else hint
 
     def should_retry(
         self, reason: ReasonCode, attempts_made: int, elapsed: float, next_delay: float
@@ -72,17 +106,19 @@ async def retry_call(
     fn: Callable[[], Awaitable[R]],
     policy: RetryPolicy,
     *,
-    classify: Callable[[BaseException], ReasonCode | None],
-    on_retry: Callable[[ReasonCode, int, float], None] | None = None,
+    classify: Callable[[Exception], Retryable | None],
+    on_retry: Callable[[Exception, Retryable, int, float], None] | None = None,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     clock: Callable[[], float] = time.monotonic,
     rng: random.Random | None = None,
 ) -> R:
     """Call `fn` until it succeeds or the policy gives up; then re-raise the last exception.
 
-    `classify` maps an exception to a ReasonCode, or None when it is not ours to retry (it
-    is re-raised at once). `on_retry(reason, attempt, delay)` fires before each sleep, so
-    the caller can count `ingest_retry_total` by reason.
+    `classify` says whether an exception is worth another attempt (and why, and what the
+    server hinted), or None when it is not ours to retry (re-raised at once).
+    `on_retry(exc, verdict, attempt, delay)` fires before each sleep, so the caller can log
+    and count `ingest_retry_total` by reason. Whatever `sleep` raises (the worker's
+    `Abandoned` when the service stops) ends the retries.
     """
     rand = rng if rng is not None else random.Random()
     start = clock()
@@ -93,14 +129,14 @@ async def retry_call(
         try:
             return await fn()
         except Exception as exc:
-            reason = classify(exc)
-            if reason is None:
+            verdict = classify(exc)
+            if verdict is None:
                 raise
-            delay = policy.backoff(attempt, rand)
+            delay = policy.delay(attempt, rand, verdict.retry_after)
             elapsed = max(clock() - start, slept)
-            if not policy.should_retry(reason, attempt, elapsed, delay):
+            if not policy.should_retry(verdict.reason, attempt, elapsed, delay):
                 raise
             if on_retry is not None:
-                on_retry(reason, attempt, delay)
+                on_retry(exc, verdict, attempt, delay)
             await sleep(delay)
             slept += delay

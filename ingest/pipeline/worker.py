@@ -24,6 +24,7 @@ by the runner (`ingest.pipeline.isolate`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -41,7 +42,7 @@ from ingest.metrics import Metrics, observe_many
 from ingest.pipeline.admission import Admission
 from ingest.pipeline.breaker import BreakerState, CircuitBreaker
 from ingest.pipeline.decode import DecodeFailure
-from ingest.pipeline.retry import RetryPolicy
+from ingest.pipeline.retry import Retryable, RetryPolicy, retry_call
 from ingest.records import (
     DLQEntry,
     RawRecord,
@@ -523,37 +524,60 @@ class Pipeline:
             return results, attempts
         final = list(results)
         pending = list(range(len(records)))
-        attempt = 1
-        started = time.monotonic()
-        while True:
+        attempt = 0
+
+        async def settle() -> None:
+            """Take the results of the records still pending (writing them again after the
+            first time); raise `_RetryRecords` for those worth another attempt."""
+            nonlocal results, pending, attempt
+            if attempt:
+                results = await self._attempt(lane, [records[j] for j in pending])
+            attempt += 1
             retry_next: list[int] = []
             statuses: Counter[str] = Counter()
             reason: ReasonCode | None = None
+            hint: float | None = None
             for j, result in zip(pending, results, strict=True):
                 statuses[result.status.value] += 1
                 if result.reason is not None and result.reason.retryable:
                     retry_next.append(j)
                     reason = result.reason
+                    hint = _later(hint, result)
                 final[j] = result
                 attempts[j] = attempt
             for status, n in statuses.items():
                 self.metrics.sink_writes.labels(sink_name, status).inc(n)
-            if reason is None:
-                break
-            delay = self.retry.backoff(attempt, self.rng)
-            if reason is ReasonCode.CIRCUIT_OPEN:
+            if reason is not None:
+                pending = retry_next
+                raise _RetryRecords(Retryable(reason, hint), retry_next)
+
+        def classify(exc: Exception) -> Retryable | None:
+            if not isinstance(exc, _RetryRecords):
+                return None  # Abandoned, a bug: not ours to retry
+            verdict = exc.verdict
+            if verdict.reason is ReasonCode.CIRCUIT_OPEN:
                 if any(self.lanes[o].breaker.state is not BreakerState.OPEN for o in others):
-                    break
-                delay = max(delay, lane.breaker.retry_after())
-            elapsed = time.monotonic() - started
-            if not self.retry.should_retry(reason, attempt, elapsed, delay):
-                break
-            for tenant, n in Counter(records[j].tenant for j in retry_next).items():
-                self.metrics.retry.labels(tenant, sink_name, reason.value).inc(n)
-            await self.sleep(delay)
-            pending = retry_next
-            attempt += 1
-            results = await self._attempt(lane, [records[j] for j in pending])
+                    return None  # another sink works: to the DLQ now, for redrive
+                wait = lane.breaker.retry_after()
+                return Retryable(verdict.reason, max(wait, verdict.retry_after or 0.0))
+            return verdict
+
+        def counted(exc: Exception, verdict: Retryable, attempt: int, delay: float) -> None:
+            assert isinstance(exc, _RetryRecords)
+            for tenant, n in Counter(records[j].tenant for j in exc.indices).items():
+                self.metrics.retry.labels(tenant, sink_name, verdict.reason.value).inc(n)
+
+        # Out of attempts or time: `final` holds each record's last failure.
+        with contextlib.suppress(_RetryRecords):
+            await retry_call(
+                settle,
+                self.retry,
+                classify=classify,
+                on_retry=counted,
+                sleep=self.sleep,
+                clock=time.monotonic,
+                rng=self.rng,
+            )
         return final, attempts
 
     async def _attempt(self, lane: SinkLane, records: list[Record]) -> list[SinkResult]:
@@ -569,9 +593,9 @@ class Pipeline:
         except Abandoned:
             raise
         except SinkError as exc:
-            if exc.reason.retryable:
+            if exc.reason.retryable and not exc.conflict:
                 lane.breaker.record_failure()
-            else:
+            else:  # the sink answered: refused data, or a conflict between writers
                 lane.breaker.record_success()
             return [_sink_error_result(exc)] * len(records)
         except Exception as exc:  # a sink bug must not crash the worker: isolate, classify
@@ -649,45 +673,53 @@ class Pipeline:
     ) -> list[SinkResult]:
         """One sink write; a full disk is waited out here (the breaker and the DLQ never see
         it: the records are valid and acknowledged, only space is missing)."""
-        delay = 0.2
-        while True:
-            try:
-                await lane.ensure_started()
-                results = await lane.sink.write(records)
-            except Exception as exc:
-                if not is_disk_full(exc):
-                    raise
-                self.note_disk_full(f"sink {lane.sink.name}", exc)
-                await self._pause(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            self.disk_ok(f"sink {lane.sink.name}")
-            return results
+
+        where = f"sink {lane.sink.name}"
+
+        async def write() -> list[SinkResult]:
+            await lane.ensure_started()
+            return await lane.sink.write(records)
+
+        def disk_full(exc: Exception) -> Retryable | None:
+            return _NO_SPACE if is_disk_full(exc) else None
+
+        results = await retry_call(
+            write,
+            _DISK_WAIT,
+            classify=disk_full,
+            on_retry=lambda exc, _, __, ___: self.note_disk_full(where, exc),
+            sleep=self._pause,
+            rng=self.rng,
+        )
+        self.disk_ok(where)
+        return results
 
     # ------------------------------------------------------------------ stores
     async def until_ok(self, store: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Call a state store until it answers: a store outage pauses delivery, loses nothing.
         A full disk is an outage too. Raises `Abandoned` if the service stops meanwhile."""
-        delay = 0.1
-        while True:
-            try:
-                result = await fn()
-            except Exception as exc:
-                full = is_disk_full(exc)
-                if not (full or isinstance(exc, StoreUnavailable | OSError | ConnectionError)):
-                    raise
-                if full:
-                    self.note_disk_full(f"{store} store", exc)
-                else:
-                    message = f"{store} store unavailable: {exc}"
-                    log.warning("%s; retrying in %.1fs", message, delay)
-                    self.store_errors.insert(0, f"{iso(time.time())} {message}")
-                    del self.store_errors[10:]
-                await self._pause(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            self.disk_ok(f"{store} store")
-            return result
+
+        def outage(exc: Exception) -> Retryable | None:
+            if is_disk_full(exc):
+                return _NO_SPACE
+            if isinstance(exc, StoreUnavailable | OSError | ConnectionError):
+                return _STORE_DOWN
+            return None
+
+        def waiting(exc: Exception, verdict: Retryable, attempt: int, delay: float) -> None:
+            if verdict is _NO_SPACE:
+                self.note_disk_full(f"{store} store", exc)
+                return
+            message = f"{store} store unavailable: {exc}"
+            log.warning("%s; retrying in %.1fs", message, delay)
+            self.store_errors.insert(0, f"{iso(time.time())} {message}")
+            del self.store_errors[10:]
+
+        result = await retry_call(
+            fn, _STORE_WAIT, classify=outage, on_retry=waiting, sleep=self._pause, rng=self.rng
+        )
+        self.disk_ok(f"{store} store")
+        return result
 
     @property
     def disk_full_since(self) -> float | None:
@@ -829,3 +861,28 @@ def _sink_error_result(exc: SinkError) -> SinkResult:
 
 def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+# Outages are waited out without bounds; a sink's failures are bounded by `retry` instead.
+_STORE_WAIT = RetryPolicy.patient(base_delay=0.1, max_delay=5.0)
+_DISK_WAIT = RetryPolicy.patient(base_delay=0.2, max_delay=5.0)
+_STORE_DOWN = Retryable(ReasonCode.CONNECTION_ERROR)
+_NO_SPACE = Retryable(ReasonCode.CONNECTION_ERROR)
+
+
+class _RetryRecords(Exception):
+    """Some records of a sink write failed with a retryable reason: write those again."""
+
+    def __init__(self, verdict: Retryable, indices: list[int]) -> None:
+        super().__init__(verdict.reason.value)
+        self.verdict = verdict
+        self.indices = indices
+
+
+def _later(hint: float | None, result: SinkResult) -> float | None:
+    """The longest wait a failed result asked for (`retry_after_seconds` in its detail:
+    a server's Retry-After, passed on by the sink)."""
+    asked = (result.detail or {}).get("retry_after_seconds")
+    if not isinstance(asked, int | float) or isinstance(asked, bool) or not asked > 0:
+        return hint
+    return float(asked) if hint is None or asked > hint else hint

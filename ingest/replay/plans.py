@@ -356,9 +356,9 @@ class PostgresPlanStore:
         self._pool = pool
 
     async def _run(self, fn: Any) -> Any:
-        from ingest.state.postgres import _retrying
+        from ingest.state.postgres import on_conn
 
-        return await _retrying(self._pool, fn)
+        return await on_conn(self._pool, fn)
 
     async def ensure_schema(self) -> None:
         await self._run(

@@ -3,6 +3,8 @@
 A sink takes a batch of validated records and returns one `SinkResult` per record, in order.
 Whole-batch failures raise `SinkError` with a ReasonCode; per-record failures (a constraint
 broken by one row, an older revision, a rejected document) come back as failed results.
+A sink never retries: the worker does (`ingest.pipeline.retry`), and a sink passes on the
+server's own hint of when to come back (`SinkError(retry_after=...)`, `retry_after_seconds`).
 
 Revision rule, identical in every sink: within a batch and against what is stored, records
 of one entity are judged in arrival order. A record whose revision is higher than the highest
@@ -22,7 +24,10 @@ the same judgement as the first pass (`replay_baseline`).
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Mapping, Sequence
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 from ingest.records import ReasonCode, Record, SinkResult
@@ -140,3 +145,19 @@ def judge_batch(
                 results[i] = SinkResult.unchanged()
                 del replayed[rec.entity_key]
     return results
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """An HTTP `Retry-After` header (delta-seconds or an HTTP-date) as seconds from now, for
+    `SinkError(retry_after=...)`; None when absent or unreadable (then plain backoff)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isascii() and text.isdigit():
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    wait = when - (time.time() if now is None else now)
+    return max(0.0, wait) if math.isfinite(wait) else None

@@ -15,7 +15,6 @@ stored before that write; `judge_batch` reads them. Model and reasoning: docs/si
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -104,7 +103,6 @@ _RESERVED = frozenset(
         "_prev_revision",
     }
 )
-_ATTEMPTS = 5
 _ENTITY_GONE = "Neo.ClientError.Statement.EntityNotFound"  # a concurrent tombstone deleted it
 
 
@@ -173,26 +171,33 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _retryable(exc: Exception) -> bool:
-    if isinstance(exc, AuthError):
-        return False
-    if isinstance(exc, TransientError | ServiceUnavailable | SessionExpired | ConstraintError):
-        return True
+def _conflict(exc: Exception) -> bool:
+    """A failure caused by another writer, not by the server or the data: a deadlock, a lock
+    wait, a MERGE race on the unique key, an entity a concurrent tombstone removed. Trying
+    again resolves it; it says nothing about the sink's health."""
+    if isinstance(exc, ConstraintError):  # on our own key only: a user's constraint is data
+        return "`entity_id`" in (exc.message or "")
+    if isinstance(exc, TransientError):
+        return any(word in (exc.code or "") for word in ("Deadlock", "Lock"))
     return isinstance(exc, ClientError) and exc.code == _ENTITY_GONE
 
 
 def _classify(exc: Exception, target: str) -> Exception:
-    """Translate a driver error that survived the retries; `_RowRefused` means per-row."""
+    """Translate a driver error once (never retried here: the worker's retry layer does);
+    `_RowRefused` means this row's data was refused."""
     name = type(exc).__name__
+    where = f"neo4j at {target}: {exc}"
+    if _conflict(exc):
+        return SinkError(ReasonCode.SINK_TIMEOUT, where, conflict=True, error_class=name)
     if isinstance(exc, ServiceUnavailable | SessionExpired | AuthError | OSError):
-        return SinkError(ReasonCode.CONNECTION_ERROR, f"neo4j at {target}: {exc}", error_class=name)
+        return SinkError(ReasonCode.CONNECTION_ERROR, where, error_class=name)
     if isinstance(exc, TransientError | ConnectionAcquisitionTimeoutError | TimeoutError):
-        return SinkError(ReasonCode.SINK_TIMEOUT, f"neo4j at {target}: {exc}", error_class=name)
+        return SinkError(ReasonCode.SINK_TIMEOUT, where, error_class=name)
     if isinstance(exc, ClientError) and "TransactionTimedOut" in (exc.code or ""):
-        return SinkError(ReasonCode.SINK_TIMEOUT, f"neo4j at {target}: {exc}", error_class=name)
+        return SinkError(ReasonCode.SINK_TIMEOUT, where, error_class=name)
     if isinstance(exc, ClientError):
         return _RowRefused(exc)
-    return SinkError(ReasonCode.CONNECTION_ERROR, f"neo4j at {target}: {exc}", error_class=name)
+    return SinkError(ReasonCode.CONNECTION_ERROR, where, error_class=name)
 
 
 class Neo4jSink:
@@ -281,17 +286,13 @@ class Neo4jSink:
         return judge_batch(records, stored, written)
 
     async def _run_write(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        """Run in one write transaction, retrying transient failures a few times."""
-        for attempt in range(_ATTEMPTS):
-            try:
-                return await asyncio.wait_for(self._tx(query, params), self._timeout + 5.0)
-            except (Neo4jError, ServiceUnavailable, SessionExpired) as exc:
-                if attempt + 1 == _ATTEMPTS or not _retryable(exc):
-                    raise _classify(exc, self._uri) from exc
-            except (ConnectionAcquisitionTimeoutError, TimeoutError, OSError) as exc:
-                raise _classify(exc, self._uri) from exc
-            await asyncio.sleep(0.02 * 2**attempt * (1 + random.random()))
-        raise AssertionError("unreachable")
+        """Run in one write transaction; a failure is classified, never retried here."""
+        try:
+            return await asyncio.wait_for(self._tx(query, params), self._timeout + 5.0)
+        except (Neo4jError, ServiceUnavailable, SessionExpired) as exc:
+            raise _classify(exc, self._uri) from exc
+        except (ConnectionAcquisitionTimeoutError, TimeoutError, OSError) as exc:
+            raise _classify(exc, self._uri) from exc
 
     async def _tx(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         async with self._driver.session(database=self._database) as session:

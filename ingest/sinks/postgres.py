@@ -338,32 +338,24 @@ class PostgresSink:
                 refused.add(key)
 
     async def _run(self, rows: list[tuple[Any, ...]]) -> list[asyncpg.Record]:
-        """COPY + upsert in one transaction; one retry on a dropped connection."""
-        for attempt in (1, 2):
-            try:
-                conn = await self.pool.acquire(timeout=2.0)
-            except Exception as exc:  # refused, or no answer within the connect timeout
-                err = _classify(exc, connecting=True)
-                if attempt == 2:
-                    raise err from exc
-                await asyncio.sleep(0.05)
-                continue
-            try:
-                async with conn.transaction():
-                    await conn.copy_records_to_table(
-                        f"_stage2_{self.table}", records=rows, columns=[*COLUMNS, "min_rev"]
-                    )
-                    return list(await conn.fetch(self._upsert))
-            except _ROW_ERRORS:
-                raise
-            except Exception as exc:
-                err = _classify(exc)
-                if attempt == 2 or err.reason is not ReasonCode.CONNECTION_ERROR:
-                    raise err from exc
-                await asyncio.sleep(0.05)
-            finally:
-                await self.pool.release(conn)
-        raise AssertionError("unreachable")
+        """COPY + upsert in one transaction. Errors are classified, never retried here: a
+        dropped connection (CONNECTION_ERROR) is retried by the worker's one retry layer."""
+        try:
+            conn = await self.pool.acquire(timeout=2.0)
+        except Exception as exc:  # refused, or no answer within the connect timeout
+            raise _classify(exc, connecting=True) from exc
+        try:
+            async with conn.transaction():
+                await conn.copy_records_to_table(
+                    f"_stage2_{self.table}", records=rows, columns=[*COLUMNS, "min_rev"]
+                )
+                return list(await conn.fetch(self._upsert))
+        except _ROW_ERRORS:
+            raise
+        except Exception as exc:
+            raise _classify(exc) from exc
+        finally:
+            await self.pool.release(conn)
 
     async def copy_raw(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Plain binary COPY of `row_of` rows into the table: the physical limit for benches."""
@@ -401,7 +393,7 @@ class PostgresSink:
 
 def _classify(exc: BaseException, connecting: bool = False) -> SinkError:
     """A driver exception as a whole-batch SinkError with its ReasonCode."""
-    detail = {"error_class": type(exc).__name__}
+    detail: dict[str, Any] = {"error_class": type(exc).__name__}
     if isinstance(exc, SinkError):
         return exc
     if connecting and isinstance(exc, asyncio.TimeoutError):

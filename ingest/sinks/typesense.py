@@ -41,7 +41,13 @@ from typesense.types.collection import CollectionCreateSchema, CollectionUpdateS
 from ingest.config import TypesenseField
 from ingest.errors import SinkError
 from ingest.records import ReasonCode, Record, SinkResult, SinkStatus
-from ingest.sinks.base import EntityKey, StoredRow, judge_batch, latest_per_entity
+from ingest.sinks.base import (
+    EntityKey,
+    StoredRow,
+    judge_batch,
+    latest_per_entity,
+    retry_after_seconds,
+)
 
 _FIXED_FIELDS: tuple[dict[str, Any], ...] = (
     {"name": "entity_id", "type": "string"},
@@ -92,8 +98,11 @@ def _classify(exc: Exception, target: str) -> SinkError:
     name = type(exc).__name__
     status = exc.args[0] if isinstance(exc, TypesenseClientError) and exc.args else None
     msg = f"typesense at {target}: {exc}"
-    if status == 429:
-        return SinkError(ReasonCode.RATE_LIMITED, msg, error_class=name, status=429)
+    if status == 429:  # honoured: the worker waits at least the server's Retry-After
+        hint = exc.retry_after if isinstance(exc, _TooManyRequests) else None
+        return SinkError(
+            ReasonCode.RATE_LIMITED, msg, retry_after=hint, error_class=name, status=429
+        )
     if isinstance(exc, ServiceUnavailable | ServerError | httpx.TimeoutException):
         return SinkError(ReasonCode.SINK_TIMEOUT, msg, error_class=name, status=status)
     if isinstance(exc, HTTPStatus0Error | RequestUnauthorized | RequestForbidden):
@@ -104,6 +113,20 @@ def _classify(exc: Exception, target: str) -> SinkError:
 
 
 _TRANSPORT_ERRORS = (TypesenseClientError, httpx.HTTPError, OSError)
+
+
+class _TooManyRequests(TypesenseClientError):
+    """A 429, raised from the HTTP client's response hook so that the server's Retry-After
+    survives: the client's own exceptions carry only the status and the message."""
+
+    def __init__(self, retry_after: float | None) -> None:
+        super().__init__(429, "rate limited by the server")
+        self.retry_after = retry_after
+
+
+async def _keep_retry_after(response: httpx.Response) -> None:
+    if response.status_code == 429:
+        raise _TooManyRequests(retry_after_seconds(response.headers.get("retry-after")))
 
 
 class TypesenseSink:
@@ -123,6 +146,9 @@ class TypesenseSink:
         self._url = url
         self._fields = fields
         parsed = httpx.URL(url)
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_seconds), event_hooks={"response": [_keep_retry_after]}
+        )
         self._client = typesense.AsyncClient(
             {
                 "api_key": api_key,
@@ -135,7 +161,8 @@ class TypesenseSink:
                 ],
                 "connection_timeout_seconds": timeout_seconds,
                 "num_retries": 0,  # the worker owns retries and the breaker
-            }
+            },
+            http_client=self._http,
         )
         self._ready: set[str] = set()
 
@@ -148,6 +175,7 @@ class TypesenseSink:
 
     async def close(self) -> None:
         await self._client.api_call.aclose()
+        await self._http.aclose()  # passed in, so the client leaves it open
 
     async def health(self) -> dict[str, Any]:
         try:

@@ -129,10 +129,10 @@ class PostgresAuditStore:
         self._pool = pool
 
     async def _run(self, fn: Any) -> Any:
-        from ingest.state.postgres import _retrying
+        from ingest.state.postgres import on_conn
 
         try:
-            return await _retrying(self._pool, fn)
+            return await on_conn(self._pool, fn)
         except StoreUnavailable:
             raise
         except Exception as exc:

@@ -211,9 +211,9 @@ class PostgresControlStore:
         self._on_change: Callable[[], None] | None = None
 
     async def _run(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
-        from ingest.state.postgres import _retrying
+        from ingest.state.postgres import on_conn
 
-        return await _retrying(self._pool, fn)
+        return await on_conn(self._pool, fn)
 
     async def ensure_schema(self) -> None:
         seed = ControlRecord().to_json().decode()

@@ -58,20 +58,14 @@ async def connect_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asy
     return pool
 
 
-async def _retrying(pool: asyncpg.Pool, op: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-    """Run `op` on a pooled connection; one retry on a dropped connection, then
-    StoreUnavailable."""
-    for attempt in (1, 2):
-        try:
-            async with pool.acquire(timeout=5.0) as conn:
-                return await op(conn)
-        except CONNECTION_ERRORS as exc:
-            if attempt == 2:
-                raise StoreUnavailable(
-                    "postgres", _where(pool), f"{type(exc).__name__}: {exc}"
-                ) from exc
-            await asyncio.sleep(0.1)
-    raise AssertionError("unreachable")
+async def on_conn(pool: asyncpg.Pool, op: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """Run `op` on a pooled connection; a connection failure becomes StoreUnavailable
+    (never retried here: the pipeline's `until_ok` waits the outage out)."""
+    try:
+        async with pool.acquire(timeout=5.0) as conn:
+            return await op(conn)
+    except CONNECTION_ERRORS as exc:
+        raise StoreUnavailable("postgres", _where(pool), f"{type(exc).__name__}: {exc}") from exc
 
 
 def migration_files() -> list[tuple[int, str, str]]:
@@ -113,7 +107,7 @@ async def migrate(pool: asyncpg.Pool) -> list[int]:
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
 
-    return await _retrying(pool, run)
+    return await on_conn(pool, run)
 
 
 def _filter_sql(flt: DLQFilter, args: list[Any]) -> str:
@@ -209,7 +203,7 @@ class PostgresDLQStore:
             [e.entity_id for e in rows],
             [e.revision for e in rows],
         ]
-        await _retrying(self._pool, lambda c: c.execute(_ADD_SQL, *cols))
+        await on_conn(self._pool, lambda c: c.execute(_ADD_SQL, *cols))
 
     async def record_processed(self, counts: Mapping[tuple[str, str], int]) -> None:
         if not counts:
@@ -221,24 +215,24 @@ class PostgresDLQStore:
             " ON CONFLICT (tenant, source) DO UPDATE SET total = p.total + excluded.total"
         )
         args = ([t for t, _ in keys], [s for _, s in keys], [counts[k] for k in keys])
-        await _retrying(self._pool, lambda c: c.execute(sql, *args))
+        await on_conn(self._pool, lambda c: c.execute(sql, *args))
 
     async def processed_total(self, tenant: str | None) -> int:
         sql = (
             "SELECT coalesce(sum(total), 0) FROM dlq_processed"
             " WHERE $1::text IS NULL OR tenant = $1"
         )
-        return int(await _retrying(self._pool, lambda c: c.fetchval(sql, tenant)))
+        return int(await on_conn(self._pool, lambda c: c.fetchval(sql, tenant)))
 
     async def count(self, flt: DLQFilter) -> int:
         args: list[Any] = []
         sql = f"SELECT count(*) FROM dlq WHERE {_filter_sql(flt, args)}"
-        return int(await _retrying(self._pool, lambda c: c.fetchval(sql, *args)))
+        return int(await on_conn(self._pool, lambda c: c.fetchval(sql, *args)))
 
     async def count_records(self, flt: DLQFilter) -> int:
         args: list[Any] = []
         sql = f"SELECT count(DISTINCT dedupe_key) FROM dlq WHERE {_filter_sql(flt, args)}"
-        return int(await _retrying(self._pool, lambda c: c.fetchval(sql, *args)))
+        return int(await on_conn(self._pool, lambda c: c.fetchval(sql, *args)))
 
     async def groups(self, flt: DLQFilter) -> list[DLQGroup]:
         args: list[Any] = []
@@ -249,7 +243,7 @@ class PostgresDLQStore:
             f" FROM dlq WHERE {_filter_sql(flt, args)}"
             " GROUP BY reason, sink, source ORDER BY n DESC, reason, sink, source"
         )
-        rows = await _retrying(self._pool, lambda c: c.fetch(sql, *args))
+        rows = await on_conn(self._pool, lambda c: c.fetch(sql, *args))
         return [
             DLQGroup(
                 reason=ReasonCode(r["reason"]),
@@ -272,7 +266,7 @@ class PostgresDLQStore:
                 f"SELECT * FROM dlq WHERE id > $1 AND {_filter_sql(flt, args)}"
                 f" ORDER BY id LIMIT {int(batch_size)}"
             )
-            rows = await _retrying(self._pool, _fetcher(sql, args))
+            rows = await on_conn(self._pool, _fetcher(sql, args))
             if not rows:
                 return
             last = rows[-1]["id"]
@@ -284,7 +278,7 @@ class PostgresDLQStore:
         if not ids:
             return 0
         sql = "DELETE FROM dlq WHERE id = ANY($1::bigint[])"
-        status = await _retrying(self._pool, lambda c: c.execute(sql, list(ids)))
+        status = await on_conn(self._pool, lambda c: c.execute(sql, list(ids)))
         return int(status.split()[-1])
 
     async def fail_again(
@@ -295,11 +289,11 @@ class PostgresDLQStore:
             " last_failed_at = $5 WHERE id = $1"
         )
         args = (entry_id, attempts, reason.value, orjson.dumps(dict(detail)).decode(), _now())
-        await _retrying(self._pool, lambda c: c.execute(sql, *args))
+        await on_conn(self._pool, lambda c: c.execute(sql, *args))
 
     async def health(self) -> dict[str, Any]:
         try:
-            n = await _retrying(self._pool, lambda c: c.fetchval("SELECT count(*) FROM dlq"))
+            n = await on_conn(self._pool, lambda c: c.fetchval("SELECT count(*) FROM dlq"))
         except StoreUnavailable as exc:
             return {"connected": False, "target": _where(self._pool), "error": exc.cause}
         return {"connected": True, "target": _where(self._pool), "entries": int(n)}
@@ -342,11 +336,11 @@ class PostgresDroppedStore:
             " $5::float8[]) ON CONFLICT (key) DO NOTHING"
         )
         cols = [list(c) for c in zip(*records, strict=True)]
-        await _retrying(self._pool, lambda c: c.execute(sql, *cols))
+        await on_conn(self._pool, lambda c: c.execute(sql, *cols))
 
     async def count(self, tenant: str | None = None) -> int:
         sql = "SELECT count(*) FROM dropped WHERE $1::text IS NULL OR tenant = $1"
-        return int(await _retrying(self._pool, lambda c: c.fetchval(sql, tenant)))
+        return int(await on_conn(self._pool, lambda c: c.fetchval(sql, tenant)))
 
     async def scan(
         self, tenant: str | None = None, batch_size: int = 500
@@ -358,7 +352,7 @@ class PostgresDroppedStore:
             " WHERE key > $1 AND ($2::text IS NULL OR tenant = $2) ORDER BY key LIMIT $3"
         )
         while True:
-            rows = await _retrying(self._pool, _fetcher(sql, [last, tenant, batch_size]))
+            rows = await on_conn(self._pool, _fetcher(sql, [last, tenant, batch_size]))
             if not rows:
                 return
             last = bytes(rows[-1]["key"])
@@ -370,7 +364,7 @@ class PostgresDroppedStore:
         if not keys:
             return 0
         sql = "DELETE FROM dropped WHERE key = ANY($1::bytea[])"
-        status = await _retrying(self._pool, lambda c: c.execute(sql, list(keys)))
+        status = await on_conn(self._pool, lambda c: c.execute(sql, list(keys)))
         return int(status.split()[-1])
 
     async def close(self) -> None:

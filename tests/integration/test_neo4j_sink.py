@@ -11,6 +11,7 @@ import pytest
 from neo4j import AsyncDriver
 
 from ingest.errors import SinkError
+from ingest.pipeline.retry import Retryable, RetryPolicy, retry_call
 from ingest.records import ReasonCode, SinkStatus
 from ingest.sinks.neo4j import Neo4jSink
 
@@ -178,12 +179,29 @@ async def test_concurrent_writers_converge_on_highest_revision(
     for b in batches:
         rng.shuffle(b)
 
+    conflicts = 0
+
+    def conflict(exc: Exception) -> Retryable | None:
+        """The sink classifies deadlocks and MERGE races as conflicts and never retries them
+        itself; the pipeline's one retry layer does, as here."""
+        nonlocal conflicts
+        if isinstance(exc, SinkError) and exc.conflict:
+            conflicts += 1
+            return Retryable(exc.reason)
+        return None
+
     async def run(i: int) -> list[SinkStatus]:
         sink = neo4j_sink if i % 2 else other
         out: list[SinkStatus] = []
         chunk = batches[i]
         for k in range(0, len(chunk), 25):
-            for res in await sink.write(chunk[k : k + 25]):  # type: ignore[arg-type]
+            part = chunk[k : k + 25]
+            written = await retry_call(
+                lambda s=sink, p=part: s.write(p),  # type: ignore[misc]
+                RetryPolicy(max_attempts=20, base_delay=0.02, max_delay=0.5),
+                classify=conflict,
+            )
+            for res in written:
                 assert res.status is not FAILED or res.reason is ReasonCode.OLDER_REVISION, res
                 out.append(res.status)
         return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -12,9 +13,16 @@ from pathlib import Path
 import pytest
 from typesense.exceptions import ServiceUnavailable, TypesenseClientError
 
+from ingest.config import parse_config
 from ingest.errors import SinkError
+from ingest.metrics import Metrics
+from ingest.pipeline.admission import Admission
+from ingest.pipeline.breaker import CircuitBreaker
+from ingest.pipeline.retry import RetryPolicy
+from ingest.pipeline.worker import Pipeline, SinkLane
 from ingest.records import ReasonCode, SinkStatus
 from ingest.sinks.typesense import TypesenseSink, _classify, collection_name
+from ingest.state.sqlite import SQLiteDB, SQLiteDLQStore, SQLiteDroppedStore, SQLiteIdempotencyStore
 
 from ._fixtures_graph import (
     TS_FIELDS,
@@ -259,3 +267,120 @@ async def test_documents_without_replay_fields_still_work(
         await fresh.close()
     assert [x.status for x in res] == [FAILED, UNCHANGED]
     assert res[0].reason is ReasonCode.OLDER_REVISION
+
+
+class TooManyRequestsProxy:
+    """A TCP proxy in front of the real server that answers the first `refuse` document
+    imports itself with 429 + `Retry-After` (0.24.1 has no rate limiter of its own), and
+    forwards everything else untouched."""
+
+    def __init__(self, target: str, refuse: int, retry_after: str) -> None:
+        self.host, port = target.removeprefix("http://").split(":")
+        self.port_up = int(port)
+        self.refuse = refuse
+        self.retry_after = retry_after
+        self.refused = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Request by request (HTTP/1.1 without pipelining: a request is sent only once the
+        answer to the one before was read), so a kept-alive connection is still inspected."""
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port_up)
+
+        async def answers() -> None:
+            with contextlib.suppress(OSError):
+                while chunk := await up_reader.read(65536):
+                    writer.write(chunk)
+                    await writer.drain()
+
+        relay = asyncio.create_task(answers())
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, OSError):
+                    return
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = await reader.readexactly(length)
+                if b"/documents/import" in head.split(b"\r\n", 1)[0] and (
+                    self.refused < self.refuse
+                ):
+                    self.refused += 1
+                    msg = b'{"message": "Rate limit exceeded"}'
+                    writer.write(
+                        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: "
+                        + self.retry_after.encode()
+                        + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                        + str(len(msg)).encode() + b"\r\n\r\n" + msg
+                    )
+                    await writer.drain()
+                    continue
+                up_writer.write(head + body)
+                await up_writer.drain()
+        finally:
+            relay.cancel()
+            up_writer.close()
+            writer.close()
+
+
+async def test_429_passes_the_servers_retry_after_on(
+    typesense_coords: dict[str, str], tenant: str
+) -> None:
+    async with TooManyRequestsProxy(typesense_coords["url"], 1, "3") as url:
+        sink = TypesenseSink("limited", url, typesense_coords["api_key"], fields=TS_FIELDS)
+        try:
+            with pytest.raises(SinkError) as err:
+                await sink.write([make_record(tenant, "customer", "c1", 1)])
+            assert err.value.reason is ReasonCode.RATE_LIMITED
+            assert err.value.detail["retry_after_seconds"] == 3.0
+            res = await sink.write([make_record(tenant, "customer", "c1", 1)])  # allowed now
+            assert [r.status for r in res] == [APPLIED]
+        finally:
+            await sink.close()
+
+
+async def test_the_worker_waits_the_retry_after_of_a_429(
+    typesense_coords: dict[str, str], tenant: str, tmp_path: Path
+) -> None:
+    """Through the pipeline's one retry layer: the second attempt comes after the server's
+    4 s, not after the policy's 0.2 s backoff, and the record lands."""
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async with TooManyRequestsProxy(typesense_coords["url"], 1, "4") as url:
+        sink = TypesenseSink("limited", url, typesense_coords["api_key"], fields=TS_FIELDS)
+        db = await SQLiteDB.open(tmp_path / "state.db")
+        try:
+            config = parse_config({"sinks": [{"type": "sqlite", "name": "limited"}]})
+            pipe = Pipeline(
+                config=config,
+                admission=Admission(config.admission, config.limits_for),
+                idempotency=SQLiteIdempotencyStore(db),
+                dlq=SQLiteDLQStore(db),
+                dropped=SQLiteDroppedStore(db),
+                lanes={"limited": SinkLane(sink, CircuitBreaker("limited", 5, 30.0))},
+                metrics=Metrics(),
+                retry=RetryPolicy(base_delay=0.2, max_delay=0.2),
+                sleep=sleep,
+            )
+            rec = make_record(tenant, "customer", "c9", 1, {"name": "Ada"})
+            report = await pipe.deliver([rec.raw], [rec])
+            assert report.delivered == 1 and report.dlq == 0
+            assert slept == [4.0]
+            assert (await sink.fetch(tenant, "customer", "c9") or {}).get("name") == "Ada"
+        finally:
+            await sink.close()
+            await db.close()

@@ -1,8 +1,12 @@
-"""RetryPolicy and retry_call: bounded, jittered, and never retrying what cannot succeed."""
+"""The one retry layer (RetryPolicy, retry_call): bounded, jittered, honouring the server's
+hint, patient for outages, and never retrying what cannot succeed."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import random
+from email.utils import formatdate
 
 import pytest
 from hypothesis import given, settings
@@ -10,8 +14,9 @@ from hypothesis import strategies as st
 
 from ingest.config import RetryConfig
 from ingest.errors import SinkError
-from ingest.pipeline.retry import RetryPolicy, retry_call
+from ingest.pipeline.retry import Retryable, RetryPolicy, retry_call
 from ingest.records import ReasonCode
+from ingest.sinks.base import retry_after_seconds
 
 RETRYABLE = [r for r in ReasonCode if r.retryable]
 FATAL = [r for r in ReasonCode if not r.retryable]
@@ -41,8 +46,11 @@ class FakeTime:
         self.now += delay
 
 
-def classify(exc: BaseException) -> ReasonCode | None:
-    return exc.reason if isinstance(exc, SinkError) else None
+def classify(exc: Exception) -> Retryable | None:
+    if not isinstance(exc, SinkError):
+        return None
+    hint = exc.detail.get("retry_after_seconds")
+    return Retryable(exc.reason, hint)
 
 
 def test_from_config_maps_fields() -> None:
@@ -115,7 +123,7 @@ async def test_success_after_transient_failures() -> None:
         fn,
         RetryPolicy(),
         classify=classify,
-        on_retry=lambda r, a, d: seen.append((r, a, d)),
+        on_retry=lambda e, v, a, d: seen.append((v.reason, a, d)),
         sleep=ft.sleep,
         clock=ft.clock,
         rng=random.Random(1),
@@ -197,3 +205,114 @@ async def test_retry_call_respects_every_bound(
         assert sum(ft.slept) + draws[calls - 1] > p.max_total
     if raised and not raised[0].reason.retryable:
         assert calls == 1
+
+
+hints = st.one_of(st.none(), st.floats(0.0, 200.0))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    p=policies,
+    hints=st.lists(hints, min_size=1, max_size=12),
+    succeed_after=st.integers(0, 15),
+    seed=st.integers(0, 2**32),
+)
+async def test_a_server_hint_is_a_floor_and_the_bounds_still_hold(
+    p: RetryPolicy, hints: list[float | None], succeed_after: int, seed: int
+) -> None:
+    """A 429's Retry-After (or a breaker's reset) is never undercut, and never stretches the
+    retries past max_total: a hint too long to fit gives up instead of sleeping past it."""
+    ft = FakeTime()
+    calls = 0
+
+    async def fn() -> int:
+        nonlocal calls
+        calls += 1
+        if calls > succeed_after:
+            return calls
+        hint = hints[(calls - 1) % len(hints)]
+        raise SinkError(ReasonCode.RATE_LIMITED, "slow down", retry_after=hint)
+
+    with contextlib.suppress(SinkError):
+        await retry_call(
+            fn, p, classify=classify, sleep=ft.sleep, clock=ft.clock, rng=random.Random(seed)
+        )
+    rng = random.Random(seed)
+    for i, slept in enumerate(ft.slept, start=1):
+        drawn = p.backoff(i, rng)
+        hint = hints[(i - 1) % len(hints)]
+        assert slept == max(drawn, hint or 0.0)  # the draw, or the server's hint if longer
+    assert sum(ft.slept) <= p.max_total + 1e-9
+    assert calls <= p.max_attempts
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    base=st.floats(0.001, 1.0),
+    cap=st.floats(0.001, 10.0),
+    failures=st.integers(0, 300),
+    seed=st.integers(0, 2**32),
+)
+async def test_patient_policy_waits_out_any_outage(
+    base: float, cap: float, failures: int, seed: int
+) -> None:
+    """State stores: however long the outage, the call ends only by succeeding, and no
+    single wait exceeds the cap."""
+    ft = FakeTime()
+    calls = 0
+
+    async def fn() -> str:
+        nonlocal calls
+        calls += 1
+        if calls <= failures:
+            raise SinkError(ReasonCode.CONNECTION_ERROR, "down")
+        return "up"
+
+    p = RetryPolicy.patient(base, cap)
+    out = await retry_call(
+        fn, p, classify=classify, sleep=ft.sleep, clock=ft.clock, rng=random.Random(seed)
+    )
+    assert out == "up" and calls == failures + 1
+    assert len(ft.slept) == failures and all(0 <= d <= cap for d in ft.slept)
+    assert p.max_attempts == math.inf and p.max_total == math.inf
+
+
+async def test_whatever_sleep_raises_ends_the_retries() -> None:
+    """The worker's sleep raises Abandoned when the service stops: no further attempt."""
+    calls = 0
+
+    class Stop(Exception):
+        pass
+
+    async def fn() -> None:
+        nonlocal calls
+        calls += 1
+        raise SinkError(ReasonCode.CONNECTION_ERROR, "down")
+
+    async def sleep(delay: float) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):
+        await retry_call(fn, RetryPolicy.patient(0.1, 1.0), classify=classify, sleep=sleep)
+    assert calls == 1
+
+
+# -- server hints: an HTTP Retry-After as the sinks pass it on ------------------------------
+
+
+@given(st.integers(0, 10**9))
+def test_retry_after_delta_seconds(n: int) -> None:
+    assert retry_after_seconds(str(n)) == float(n)
+    assert retry_after_seconds(f"  {n} ") == float(n)
+
+
+@given(st.integers(-10**6, 10**6), st.floats(1e9, 2e9))
+def test_retry_after_http_date_is_seconds_from_now(offset: int, now: float) -> None:
+    when = formatdate(int(now) + offset, usegmt=True)  # e.g. "Wed, 21 Oct 2015 07:28:00 GMT"
+    assert retry_after_seconds(when, now=now) == max(0.0, int(now) + offset - now)
+
+
+@given(st.one_of(st.text(), st.sampled_from(["²", "٣", "9" * 400, "-1", "1.5", "Wed, 99 Foo"])))
+def test_retry_after_never_raises_and_is_never_negative(value: str) -> None:
+    got = retry_after_seconds(value)
+    assert got is None or got >= 0

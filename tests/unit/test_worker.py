@@ -42,7 +42,7 @@ class MemorySink:
     def __init__(self, name: str) -> None:
         self.name = name
         self.rows: dict[tuple[str, str, str], int] = {}
-        self.fail_next: list[ReasonCode] = []
+        self.fail_next: list[ReasonCode | SinkError] = []
         self.calls = 0
 
     async def start(self) -> None: ...
@@ -55,8 +55,10 @@ class MemorySink:
     async def write(self, records: Sequence[Record]) -> list[SinkResult]:
         self.calls += 1
         if self.fail_next:
-            reason = self.fail_next.pop(0)
-            raise SinkError(reason, f"injected {reason.value}")
+            fail = self.fail_next.pop(0)
+            if isinstance(fail, SinkError):
+                raise fail
+            raise SinkError(fail, f"injected {fail.value}")
         stored = {r.entity_key: self.rows.get(r.entity_key) for r in records}
         results = judge_in_order(records, stored)
         for rec in latest_per_entity(records):
@@ -130,6 +132,38 @@ async def test_exhausted_retries_go_to_dlq_with_attempts(db: SQLiteDB) -> None:
     # claimed: durable in the DLQ, so a repeat of the record is a duplicate
     again = await pipe.deliver(*batch(("e1", 1)))
     assert again.duplicate == 1 and sink.calls == 4
+
+
+async def test_a_servers_retry_after_is_waited_and_kept_in_the_dlq(db: SQLiteDB) -> None:
+    """A 429 with Retry-After: 7 (as the Typesense sink passes it on): the next attempt comes
+    no sooner than 7 s, far above the policy's own 0.1 s backoff."""
+    sink = MemorySink("a")
+    sink.fail_next = [SinkError(ReasonCode.RATE_LIMITED, "429", retry_after=7.0)]
+    sleep = FakeSleep()
+    pipe = make_pipeline(db, {"a": sink}, sleep)
+    report = await pipe.deliver(*batch(("e1", 1)))
+    assert report.delivered == 1 and sink.calls == 2 and sleep.total == 7.0
+    sink.fail_next = [SinkError(ReasonCode.RATE_LIMITED, "429", retry_after=500.0)]
+    report = await pipe.deliver(*batch(("e2", 1)))  # a hint past max_total: to the DLQ now
+    entries = [e async for page in pipe.dlq.scan(DLQFilter()) for e in page]
+    assert report.dlq == 1 and sink.calls == 3 and sleep.total == 7.0
+    assert [(e.reason, e.detail["retry_after_seconds"]) for e in entries] == [
+        (ReasonCode.RATE_LIMITED, 500.0)]
+
+
+async def test_conflicts_between_writers_are_retried_without_tripping_the_breaker(
+    db: SQLiteDB,
+) -> None:
+    """A deadlock or a MERGE race (the Neo4j sink's `conflict=True`) says the sink works."""
+    sink = MemorySink("a")
+    sink.fail_next = [SinkError(ReasonCode.SINK_TIMEOUT, "deadlock", conflict=True)] * 3
+    pipe = make_pipeline(db, {"a": sink}, FakeSleep(), threshold=2)
+    report = await pipe.deliver(*batch(("e1", 1)))
+    assert report.delivered == 1 and sink.calls == 4
+    assert pipe.lanes["a"].breaker.state.value == "closed"
+    sink.fail_next = [ReasonCode.SINK_TIMEOUT] * 2  # the same failures, not conflicts: open
+    await pipe.deliver(*batch(("e2", 1)))
+    assert pipe.lanes["a"].breaker.state.value == "open"
 
 
 async def test_open_breaker_gives_circuit_open_without_touching_the_sink(db: SQLiteDB) -> None:
