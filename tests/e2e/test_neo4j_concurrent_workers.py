@@ -122,7 +122,7 @@ def test_concurrent_workers_end_at_highest_revision(tmp_path: Path, setup: dict[
         assert all(r[4] < TOP for r in rows)  # the top revision always wins
         assert max(Counter(r[3] for r in rows).values(), default=0) < TOP
 
-        applied = failed = unchanged = 0
+        applied = failed = unchanged = retried = 0
         for svc in svcs:
             m = svc.metrics()
             applied += int(
@@ -134,8 +134,12 @@ def test_concurrent_workers_end_at_highest_revision(tmp_path: Path, setup: dict[
             unchanged += int(
                 metric_value(m, "ingest_sink_writes_total", sink="neo4j", result="unchanged")
             )
-        # Every record exactly once: applied, or refused as older (one DLQ entry each).
-        assert (applied, unchanged, failed) == (total - len(rows), 0, len(rows))
+            # deadlocks and MERGE races between the workers: the sink classifies them as
+            # conflicts and the worker's retry layer writes those records again
+            retried += int(metric_value(m, "ingest_retry_total", sink="neo4j"))
+        # Every record exactly once: applied, or refused as older (one DLQ entry each); a
+        # failed attempt that was retried is not a record's end.
+        assert (applied, unchanged, failed - retried) == (total - len(rows), 0, len(rows))
         print(
             f"\n{WORKERS} workers, {total} records on {ENTITIES} entities: "
             f"{applied} applied, {len(rows)} OLDER_REVISION"
