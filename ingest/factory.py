@@ -32,13 +32,14 @@ from ingest.pipeline.decode import Decoder
 from ingest.pipeline.retry import RetryPolicy
 from ingest.pipeline.worker import Pipeline, SinkLane
 from ingest.sinks.base import Sink
-from ingest.sources.base import Intake, Source
+from ingest.sources.base import Source
 from ingest.state.base import CheckpointStore, DLQStore, DroppedStore, IdempotencyStore
+from ingest.webhook import Intake
 
 if TYPE_CHECKING:  # imported when their type is configured (objects and leases: asyncpg)
     from ingest.sources.objects import ItemSource
-    from ingest.sources.webhook import WebhookSource
     from ingest.state.leases import LeaseStore
+    from ingest.webhook.source import WebhookSource
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,7 @@ class BuiltSource:
     source: Source
     intake: Intake | None = None  # where the webhook handler makes bodies durable
     webhook: WebhookSource | None = None  # the embedded reader of that intake
+    prepaid: bool = False  # its records took their tokens at the door (ingest.webhook)
 
 
 @dataclass(frozen=True)
@@ -262,7 +264,7 @@ async def _webhook_source(
 ) -> BuiltSource:
     if sc.intake == "kafka":
         from ingest.sources.kafka import KafkaSource
-        from ingest.sources.kafka_intake import KafkaIntake
+        from ingest.webhook.kafka import KafkaIntake
 
         if not sc.brokers:
             raise ConfigError(f"sources[{sc.name}].brokers", "required for intake: kafka")
@@ -278,16 +280,18 @@ async def _webhook_source(
             batch_size=sc.batch_size,
         )
         return BuiltSource(
-            KafkaSource(kcfg, max_record_bytes=cfg.http.max_record_bytes), intake=intake
+            KafkaSource(kcfg, max_record_bytes=cfg.http.max_record_bytes),
+            intake=intake,
+            prepaid=True,
         )
-    from ingest.sources.webhook import WebhookSource
-    from ingest.state.intake import SQLiteIntake
     from ingest.state.sqlite import SQLiteDB
+    from ingest.webhook.source import WebhookSource
+    from ingest.webhook.sqlite import SQLiteIntake
 
     db = stores.sqlite_db or await SQLiteDB.open(cfg.data_dir / "intake.db")
     sqlite_intake = SQLiteIntake(db)
     webhook = WebhookSource(sc, sqlite_intake, stores.checkpoints, shard=shard)
-    return BuiltSource(webhook, intake=sqlite_intake, webhook=webhook)
+    return BuiltSource(webhook, intake=sqlite_intake, webhook=webhook, prepaid=True)
 
 
 async def _kafka_source(
@@ -356,6 +360,7 @@ class SourceSet:
     sources: list[Source] = field(default_factory=list)
     intake: Intake | None = None  # for the webhook handler
     webhook: WebhookSource | None = None  # to wake on new rows and measure the intake
+    prepaid: set[str] = field(default_factory=set)  # sources whose tokens the door took
 
 
 async def build_sources(cfg: C.Config, stores: Stores, shard: Shard | None = None) -> SourceSet:
@@ -365,6 +370,8 @@ async def build_sources(cfg: C.Config, stores: Stores, shard: Shard | None = Non
     for sc in cfg.sources:
         built = await SOURCES[sc.type].build(cfg, sc, stores, shard)
         out.sources.append(built.source)
+        if built.prepaid:
+            out.prepaid.add(built.source.name)
         if built.intake is not None:
             out.intake = built.intake
             out.webhook = built.webhook

@@ -49,6 +49,7 @@ class Service:
         self.sources = sources.sources
         self.intake = sources.intake
         self._webhook = sources.webhook
+        self._prepaid = sources.prepaid  # webhook readers: tokens were taken at the door
         self.lanes = core.lanes
         self.metrics = core.metrics
         self.admission = core.admission
@@ -127,6 +128,7 @@ class Service:
             stopping=self.stopping,
             on_pending=self._on_pending,
             progress=self.progress[source.name],
+            take_tokens=source.name not in self._prepaid,
         )
 
     async def _supervise(self, index: int) -> None:

@@ -59,6 +59,7 @@ class SourceRunner:
         on_pending: Callable[[int], None],
         progress: SourceProgress | None = None,
         pipelined: bool = True,
+        take_tokens: bool = True,
     ) -> None:
         self.source = source
         self.pipeline = pipeline
@@ -67,6 +68,8 @@ class SourceRunner:
         self.stopping = stopping
         self.on_pending = on_pending  # +n when records are read, -n once committed
         self.progress = progress or SourceProgress()
+        # False for webhook readers: their records were charged at the door (ingest.webhook)
+        self.take_tokens = take_tokens
         self._held = 0  # records this run read and has not committed (given back at its end)
         self._where = f"source {source.name}"  # for disk-full bookkeeping
         self.tracker: CommitTracker[SourceBatch] = CommitTracker()
@@ -157,6 +160,8 @@ class SourceRunner:
     async def _admit(self, batch: SourceBatch) -> None:
         """Take tokens for each tenant in the batch; waits while throttled or paused. A drain
         that arrives after the batch was read lets it through: it is in flight, so finish it."""
+        if not self.take_tokens:
+            return
         per_tenant = Counter(raw.tenant for raw in batch.records)  # empty batch: no tokens
         for tenant, n in per_tenant.items():
             while True:

@@ -148,15 +148,15 @@ class Pod:
             if not isinstance(sc, C.WebhookSourceConfig):
                 continue
             if sc.intake == "kafka":
-                from ingest.sources.kafka_intake import KafkaIntake
+                from ingest.webhook.kafka import KafkaIntake
 
                 if not sc.brokers:
                     raise IngestError(f"sources[{sc.name}].brokers is required for intake: kafka")
                 self.intake = KafkaIntake(sc.brokers, sc.topic)
                 await self.intake.start()
             else:
-                from ingest.state.intake import SQLiteIntake
                 from ingest.state.sqlite import SQLiteDB
+                from ingest.webhook.sqlite import SQLiteIntake
 
                 state = self.config.state
                 path = (

@@ -11,7 +11,7 @@ done. A crash before `commit` repeats the batch on restart; idempotency absorbs 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -91,19 +91,6 @@ class Source(Protocol):
     def health(self) -> AdapterHealth:
         """Status, lag (now minus the event time of the oldest record not yet committed,
         0 when caught up), last checkpoint and recent errors."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-class Intake(Protocol):
-    """Where the webhook handler makes an accepted body durable before answering 202 (a SQLite
-    table embedded, a Kafka topic in production); a source reads it back."""
-
-    async def append(
-        self, tenant: str, source: str, lines: Sequence[bytes], received_at: float
-    ) -> int:
-        """Durable on return (else raises StoreUnavailable); returns an id for the sender."""
         ...
 
     async def close(self) -> None: ...

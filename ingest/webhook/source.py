@@ -1,4 +1,4 @@
-"""Webhook records, read back from the durable intake the HTTP handler appended them to.
+"""Webhook records, read back from the embedded (SQLite) intake the door appended them to.
 
 `POST /v1/webhooks/{tenant}/{source}` answers 202 only after the body is durable in the intake
 (SQLite here; a Kafka topic in production, read by the Kafka source instead of this one). This
@@ -20,7 +20,7 @@ from ingest.config import WebhookSourceConfig
 from ingest.records import RawRecord
 from ingest.sources.base import AdapterHealth, SourceBatch
 from ingest.state.base import CheckpointStore
-from ingest.state.intake import SQLiteIntake
+from ingest.webhook.sqlite import SQLiteIntake
 
 
 @dataclass(slots=True, frozen=True)

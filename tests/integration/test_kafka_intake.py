@@ -12,7 +12,7 @@ from confluent_kafka.admin import AdminClient
 
 from ingest.errors import StoreUnavailable
 from ingest.sources.kafka import KafkaSource
-from ingest.sources.kafka_intake import KafkaIntake
+from ingest.webhook.kafka import KafkaIntake
 from tests.integration import _fixtures_kafka as fx
 from tests.integration._fixtures_kafka import Reader, TopicFactory, source_for
 

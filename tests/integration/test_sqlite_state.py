@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 from ingest.records import DLQEntry, ReasonCode
 from ingest.state.base import DLQFilter
-from ingest.state.intake import SQLiteIntake
 from ingest.state.sqlite import (
     MIGRATIONS,
     SQLiteCheckpointStore,
@@ -24,6 +23,7 @@ from ingest.state.sqlite import (
     SQLiteDroppedStore,
     SQLiteIdempotencyStore,
 )
+from ingest.webhook.sqlite import SQLiteIntake
 
 T0 = 1_700_000_000.0
 

@@ -114,10 +114,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "ingest.transformers",
         ),
     ),
-    ("adapters", ("ingest.sources", "ingest.sinks", "ingest.state")),
+    ("adapters", ("ingest.sources", "ingest.sinks", "ingest.state", "ingest.webhook")),
     ("mechanisms", ("ingest.pipeline", "ingest.auth", "ingest.health", "ingest.disk")),
     ("assembly", ("ingest.factory",)),
-    ("tools and HTTP", ("ingest.replay", "ingest.triage", "ingest.tools", "ingest.api")),
+    (
+        "tools and HTTP",
+        ("ingest.replay", "ingest.triage", "ingest.tools", "ingest.api", "ingest.webhook.http"),
+    ),
     ("running", ("ingest.service", "ingest.pod")),
     ("entry points", ("ingest.cli", "ingest.pod.worker")),
 ]
