@@ -92,6 +92,8 @@ class Decoder:
         typed = fast.decode
         attributes_ok = fast.attributes_ok
         strings_ok = fast.strings_ok
+        strings_of = fast.strings_of
+        good_strings = fast.good_strings
         times = self._times
         if len(times) > _TIMES_KEPT:
             times.clear()
@@ -118,7 +120,7 @@ class Decoder:
             if (
                 tenant != raw.tenant
                 or when > horizon
-                or not strings_ok(env)
+                or (strings_of(env) not in good_strings and not strings_ok(env))
                 or (attributes and not attributes_ok(attributes))
             ):
                 append(slow(raw, horizon))

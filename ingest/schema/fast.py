@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Annotated, Any, Literal
 
 import jsonschema_rs
@@ -227,6 +228,10 @@ class FastSchema:
         self.known_attributes: frozenset[str] = frozenset()
         self.attribute_checks: dict[str, Check] = {}
         self.patterned: tuple[tuple[str, Callable[[str], bool]], ...] = ()
+        # The patterned fields' values of a record as one hashable (one C call), and the
+        # combinations already found good: one set lookup per record (see `strings_ok`).
+        self.strings_of: Callable[[Any], Any] = lambda env: ()
+        self.good_strings: set[Any] = set()
         try:
             props = schema["properties"]
             relations = props.get("relations", {})
@@ -248,6 +253,8 @@ class FastSchema:
             self.patterned = tuple(
                 (prop, _cached(re.compile(regex).search)) for prop, regex in patterns.items()
             )
+            if patterns:
+                self.strings_of = attrgetter(*patterns)
             self.date_time = _format_check("date-time")
             self.decode = msgspec.json.Decoder(self.envelope).decode
             self.enabled = True
@@ -255,8 +262,18 @@ class FastSchema:
             self.reason = str(exc)
 
     def strings_ok(self, envelope: Any) -> bool:
-        """The top-level string patterns (tenant_id, entity_type), through their caches."""
-        return all(matches(getattr(envelope, prop)) for prop, matches in self.patterned)
+        """The top-level string patterns (tenant_id, entity_type), through their caches. A
+        good combination is remembered whole in `good_strings` (bounded), which the decoder's
+        loop tests first: (tenant, entity type) pairs repeat far more than they vary."""
+        key = self.strings_of(envelope)
+        if key in self.good_strings:
+            return True
+        if not all(matches(getattr(envelope, prop)) for prop, matches in self.patterned):
+            return False
+        if len(self.good_strings) >= _REMEMBERED:
+            self.good_strings.clear()
+        self.good_strings.add(key)
+        return True
 
     def attributes_ok(self, attributes: dict[str, Any]) -> bool:
         """The known attributes present follow their rules (any other attribute is free)."""

@@ -222,3 +222,19 @@ def test_occurred_at_cache_keeps_the_answer() -> None:
     out = decoder.decode_many([raw_of(d) for d in lines])
     assert [type(r).__name__ for r in out] == ["Record", "DecodeFailure", "DecodeFailure", "Record"]
     assert decoder._times["bad"] == math.inf
+
+
+def test_remembered_good_strings_let_no_bad_combination_through() -> None:
+    """The decoder remembers (tenant, entity_type) pairs found good; a pair with one bad
+    member is checked, and refused, however many good pairs were seen before."""
+    decoder = Decoder(now=lambda: NOW)
+    for i in range(3000):  # past the bound: the memory is cleared, not grown
+        rec = decoder.decode_many([raw_of(orjson.dumps(good(entity_type=f"t{i}")))])[0]
+        assert isinstance(rec, Record)
+        assert len(decoder._fast.good_strings) <= 1024
+    for bad in ("Order", "order!", "9order", ""):
+        fast, slow = both(orjson.dumps(good(entity_type=bad)))
+        assert isinstance(slow, DecodeFailure)
+        same(fast, slow)
+        out = decoder.decode_many([raw_of(orjson.dumps(good(entity_type=bad)))])[0]
+        assert isinstance(out, DecodeFailure) and out.reason is VALUE
