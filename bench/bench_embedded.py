@@ -98,7 +98,31 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def run_service(lines: list[bytes], workdir: Path, port: int) -> tuple[float, float | None, float]:
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of `pid` and every live descendant (a pod's workers)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        child = int(stat.parent.name)
+        parents[child] = int(fields[1])
+        times[child] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += times.get(p, 0.0)
+        todo.extend(c for c, parent in parents.items() if parent == p)
+    return total
+
+
+def run_service(
+    lines: list[bytes], workdir: Path, port: int
+) -> tuple[float, float | None, float, float]:
+    """(records/s, p95 lag, peak RSS MB, service CPU µs per record)."""
     data = workdir / "svc"
     inbox = data / "inbox" / "acme-corp"
     inbox.mkdir(parents=True)
@@ -119,17 +143,19 @@ def run_service(lines: list[bytes], workdir: Path, port: int) -> tuple[float, fl
                 time.sleep(0.1)
         staged = workdir / "orders.jsonl"
         staged.write_bytes(b"\n".join(lines) + b"\n")
+        cpu0 = tree_cpu_seconds(proc.pid)
         t0 = time.perf_counter()
         os.replace(staged, inbox / "orders.jsonl")
         while (inbox / "orders.jsonl").exists():
             time.sleep(0.05)
         elapsed = time.perf_counter() - t0
+        cpu = tree_cpu_seconds(proc.pid) - cpu0
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         rss = peak_rss_mb(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-    return len(lines) / elapsed, p95_from_histogram(metrics), rss
+    return len(lines) / elapsed, p95_from_histogram(metrics), rss, cpu / len(lines) * 1e6
 
 
 def profile(lines: list[bytes], workdir: Path) -> str:
@@ -174,13 +200,16 @@ def main() -> None:
         print(f"machine: {platform.node()} {os.cpu_count()} cores, "
               f"Python {platform.python_version()}")
         limit = asyncio.run(bulk_limit(lines, workdir / "limit.db"))
-        rate, p95, rss = run_service(lines, workdir, args.port)
+        load = os.getloadavg()
+        rate, p95, rss, cpu_us = run_service(lines, workdir, args.port)
         print(f"records:               {args.records}")
         print(f"limit (SQLite bulk):   {limit:,.0f} records/s")
         print(f"pipeline (ingest run): {rate:,.0f} records/s")
         print(f"ratio:                 {rate / limit:.2f}x of the limit")
         print(f"p95 lag:               <= {p95} s (histogram bucket bound)")
         print(f"peak RSS (service):    {rss:.0f} MB")
+        print(f"service CPU:           {cpu_us:.1f} µs/record (user+sys, all its processes)")
+        print(f"load average:          {load} at start, {os.getloadavg()} after")
         if args.profile_records:
             print(f"\nprofile ({args.profile_records} records, in-process, pyinstrument):")
             print(profile(lines[: args.profile_records], workdir))

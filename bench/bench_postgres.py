@@ -37,7 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_embedded import make_lines, peak_rss_mb  # noqa: E402
+from bench_embedded import make_lines, peak_rss_mb, tree_cpu_seconds  # noqa: E402
 
 from ingest.pipeline.decode import Decoder  # noqa: E402
 from ingest.records import RawRecord, Record  # noqa: E402
@@ -62,16 +62,26 @@ ADMISSION = {
 
 
 def config_for(
-    redis_url: str, dsn: str, table: str, data_dir: Path | None = None
+    redis_url: str,
+    dsn: str,
+    table: str,
+    data_dir: Path | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
+    source: dict[str, Any] = {"type": "inbox", "name": "inbox", "poll_seconds": 0.1}
+    if batch_size is not None:
+        source["batch_size"] = batch_size
     cfg: dict[str, Any] = {
         "state": {"kind": "production", "redis_url": redis_url, "postgres_url": dsn},
         "sinks": [{"type": "postgres", "name": "postgres", "table": table}],
-        "sources": [{"type": "inbox", "name": "inbox", "poll_seconds": 0.1}],
+        "sources": [source],
         "admission": ADMISSION,
     }
     if data_dir is not None:
         cfg["data_dir"] = str(data_dir)
+    if workers is not None:
+        cfg["workers"] = workers
     return cfg
 
 
@@ -198,17 +208,23 @@ class Service:
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=30).text
 
-    def run_file(self, lines: list[bytes], name: str) -> tuple[float, float | None]:
-        """Drop the file, wait until committed: (records/s, p95 lag of this phase)."""
+    def run_file(self, lines: list[bytes], name: str, files: int = 1) -> tuple[float, float | None]:
+        """Drop the records as `files` files at once, wait until all are committed:
+        (records/s, p95 lag of this phase)."""
         before = histogram(self.metrics())
-        staged = self.workdir / f"{name}.staged"
-        staged.write_bytes(b"\n".join(lines) + b"\n")
+        names = [f"{i}-{name}" for i in range(files)]
+        for i, part in enumerate(names):
+            chunk = lines[i * len(lines) // files : (i + 1) * len(lines) // files]
+            (self.workdir / f"{part}.staged").write_bytes(b"\n".join(chunk) + b"\n")
+        cpu0 = tree_cpu_seconds(self.proc.pid)
         t0 = time.perf_counter()
-        os.replace(staged, self.inbox / name)
-        while (self.inbox / name).exists():
+        for part in names:
+            os.replace(self.workdir / f"{part}.staged", self.inbox / part)
+        while any((self.inbox / part).exists() for part in names):
             time.sleep(0.05)
         elapsed = time.perf_counter() - t0
-        return len(lines) / elapsed, p95(before, histogram(self.metrics()))
+        cpu_us = (tree_cpu_seconds(self.proc.pid) - cpu0) / len(lines) * 1e6
+        return len(lines) / elapsed, p95(before, histogram(self.metrics())), cpu_us
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -251,6 +267,11 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--profile-records", type=int, default=100_000)
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument(
+        "--batch-size", type=int, default=None, help="inbox batch_size (default: config's)"
+    )
+    ap.add_argument("--workers", type=int, default=None, help="pod workers (default: config's)")
+    ap.add_argument("--files", type=int, default=1, help="split the records into this many files")
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-postgres-"))
     url = shared_env()["INGEST_TEST_POSTGRES_URL"]
@@ -269,10 +290,15 @@ def main() -> None:
         copy_s = psql_copy(dsn, schema, "copy_entities", workdir / "rows.csv")
         copy_rate = args.records / copy_s
 
-        svc = Service(workdir, config_for(redis.url, dsn, "entities"), args.port or free_port())
+        cfg = config_for(redis.url, dsn, "entities", None, args.batch_size, args.workers)
+        print(
+            f"batch_size {args.batch_size or 'default'}, workers {args.workers or 'default'},"
+            f" {args.files} file(s)"
+        )
+        svc = Service(workdir, cfg, args.port or free_port())
         try:
-            new_rate, new_p95 = svc.run_file(lines, "new.jsonl")
-            upd_rate, upd_p95 = svc.run_file(updates, "update.jsonl")
+            new_rate, new_p95, new_cpu = svc.run_file(lines, "new.jsonl", args.files)
+            upd_rate, upd_p95, upd_cpu = svc.run_file(updates, "update.jsonl", args.files)
             rss = peak_rss_mb(svc.proc.pid)
         finally:
             svc.stop()
@@ -285,11 +311,13 @@ def main() -> None:
         print(f"psql \\copy (limit):       {copy_rate:,.0f} records/s ({copy_s:.1f} s)")
         print(
             f"pipeline, new rows:       {new_rate:,.0f} records/s  "
-            f"({new_rate / copy_rate:.2f}x of \\copy), p95 lag <= {new_p95} s"
+            f"({new_rate / copy_rate:.2f}x of \\copy), p95 lag <= {new_p95} s, "
+            f"service CPU {new_cpu:.1f} µs/record"
         )
         print(
             f"pipeline, rev-2 updates:  {upd_rate:,.0f} records/s  "
-            f"({upd_rate / copy_rate:.2f}x of \\copy), p95 lag <= {upd_p95} s"
+            f"({upd_rate / copy_rate:.2f}x of \\copy), p95 lag <= {upd_p95} s, "
+            f"service CPU {upd_cpu:.1f} µs/record"
         )
         print(f"peak RSS (service):       {rss:.0f} MB")
         print(f"load average after:       {os.getloadavg()}")
