@@ -39,8 +39,8 @@ def call(
     token = token or os.environ.get("INGEST_TOKEN")
     if operator and token and "Authorization" not in all_headers:
         all_headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(endpoint, data=body, headers=all_headers, method=method)
-    try:
+    try:  # Request() itself refuses a URL it cannot parse (ValueError, below)
+        request = urllib.request.Request(endpoint, data=body, headers=all_headers, method=method)
         with urllib.request.urlopen(request, timeout=60) as resp:
             status, raw = resp.status, resp.read()
     except urllib.error.HTTPError as exc:
