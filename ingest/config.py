@@ -373,6 +373,19 @@ class FleetConfig(_Model):
     )
 
 
+class ShutdownConfig(_Model):
+    drain_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="On SIGTERM, how long in-flight batches may take to reach their sinks and "
+        "commit before they are cancelled (they are then read again on the next start, nothing "
+        "is acknowledged early). A pod's control plane waits this plus 10 s for its "
+        "workers: Kubernetes' terminationGracePeriodSeconds must exceed preStop + this + 10 s "
+        "(deploy/k8s, docs/deploy.md).",
+    )
+
+
 class ReplayConfig(_Model):
     rto_seconds: float = Field(
         4 * 3600.0,
@@ -406,6 +419,7 @@ class Config(_Model):
         FleetConfig(), description="Fleet-wide control state and rate limits."
     )
     replay: ReplayConfig = Field(ReplayConfig(), description="Replay objectives.")
+    shutdown: ShutdownConfig = Field(ShutdownConfig(), description="Drain on SIGTERM.")
     workers: int | None = Field(
         None,
         ge=1,

@@ -240,8 +240,11 @@ class Service:
     def refuse_intake(self, incoming_bytes: int) -> str | None:
         return self.disk.refuse_intake(incoming_bytes)
 
-    async def shutdown(self, timeout: float = 60.0) -> None:
-        """Drain: stop taking new work, finish and commit what is in flight, close."""
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Drain: stop taking new work, finish and commit what is in flight, close.
+        `timeout` defaults to shutdown.drain_timeout_seconds."""
+        if timeout is None:
+            timeout = self.config.shutdown.drain_timeout_seconds
         log.info("shutting down: draining in-flight work")
         self.admission.drain()
         self.stopping.set()

@@ -48,6 +48,9 @@ from ingest.pod.metrics import Dump, PodMetrics, add_dumps
 log = logging.getLogger(__name__)
 TICK_SECONDS = 0.25
 START_TIMEOUT = 120.0
+# After its drain timeout, what a worker may still take to close its sinks and stores
+# (config.ShutdownConfig says the same to operators).
+WORKER_CLOSE_SECONDS = 10.0
 _BACKOFF_MAX = 10.0
 
 
@@ -444,8 +447,12 @@ class Pod:
 
     # -- stop ------------------------------------------------------------------------------
 
-    async def shutdown(self, timeout: float = 90.0) -> None:
-        """Drain: refuse new webhooks, let every worker finish, commit and exit, then close."""
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Drain: refuse new webhooks, let every worker finish, commit and exit, then close.
+        `timeout` defaults to each worker's drain timeout plus WORKER_CLOSE_SECONDS, the time
+        a worker takes to close its sinks and stores once drained."""
+        if timeout is None:
+            timeout = self.config.shutdown.drain_timeout_seconds + WORKER_CLOSE_SECONDS
         log.info("shutting down: draining %d workers", self.count)
         self.admission.drain()
         self.stopping = True

@@ -49,6 +49,7 @@ def sections() -> list[tuple[str, type[BaseModel]]]:
         ("admission.intake", C.IntakeBoundConfig),
         ("fleet", C.FleetConfig),
         ("replay", C.ReplayConfig),
+        ("shutdown", C.ShutdownConfig),
         ("retry", C.RetryConfig),
         ("breaker", C.BreakerConfig),
         ("health", C.HealthConfig),

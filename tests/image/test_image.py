@@ -35,10 +35,12 @@ def podman(
     *args: str, check: bool = True, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     if not os.environ.get("CONTAINERS_CONF"):
-        pytest.fail("run through `make image-test` (it sets CONTAINERS_CONF for this host)",
-                    pytrace=False)
-    return subprocess.run(["podman", *args], capture_output=True, text=True, check=check,
-                          timeout=timeout)
+        pytest.fail(
+            "run through `make image-test` (it sets CONTAINERS_CONF for this host)", pytrace=False
+        )
+    return subprocess.run(
+        ["podman", *args], capture_output=True, text=True, check=check, timeout=timeout
+    )
 
 
 class Container:
@@ -55,13 +57,28 @@ class Container:
 
     def start(self) -> Container:
         podman(
-            "run", "-d", "--name", self.name,
-            "--user", f"{UID}:{UID}", "--read-only", "--tmpfs", "/tmp",
-            "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-            "-v", f"{self.data}:/var/lib/ingest",
-            "-e", "INGEST_CREDENTIALS",  # the value from this process's environment
-            "-e", "INGEST_WORKERS=2",
-            "-p", f"127.0.0.1:{self.port}:8080", IMAGE,
+            "run",
+            "-d",
+            "--name",
+            self.name,
+            "--user",
+            f"{UID}:{UID}",
+            "--read-only",
+            "--tmpfs",
+            "/tmp",
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
+            "-v",
+            f"{self.data}:/var/lib/ingest",
+            "-e",
+            "INGEST_CREDENTIALS",  # the value from this process's environment
+            "-e",
+            "INGEST_WORKERS=2",
+            "-p",
+            f"127.0.0.1:{self.port}:8080",
+            IMAGE,
         )
         deadline = time.monotonic() + START_WAIT
         while time.monotonic() < deadline:
@@ -111,16 +128,26 @@ def container(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Conta
 
 
 def record(i: int) -> bytes:
-    return orjson.dumps({
-        "schema_version": 3, "tenant_id": "acme-corp", "entity_type": "order",
-        "entity_id": f"o-{i}", "revision": 1, "occurred_at": "2025-01-01T00:00:00Z",
-        "attributes": {"amount": i},
-    })
+    return orjson.dumps(
+        {
+            "schema_version": 3,
+            "tenant_id": "acme-corp",
+            "entity_type": "order",
+            "entity_id": f"o-{i}",
+            "revision": 1,
+            "occurred_at": "2025-01-01T00:00:00Z",
+            "attributes": {"amount": i},
+        }
+    )
 
 
 def post(c: Container, body: bytes) -> httpx.Response:
-    return httpx.post(f"{c.url}/v1/webhooks/acme-corp/orders", content=body,
-                      headers=sign_headers("acme-corp", body), timeout=30)
+    return httpx.post(
+        f"{c.url}/v1/webhooks/acme-corp/orders",
+        content=body,
+        headers=sign_headers("acme-corp", body),
+        timeout=30,
+    )
 
 
 def sink_ids(data: Path) -> set[str]:
@@ -150,8 +177,11 @@ def test_image_runs_non_root_with_the_service_as_pid_1(container: Container) -> 
     user = podman("image", "inspect", "-f", "{{.Config.User}}", IMAGE).stdout.strip()
     assert user and not user.startswith(("0", "root")), user
     cmdline = podman("exec", container.name, "cat", "/proc/1/cmdline").stdout
-    assert cmdline.split("\0")[:3] == ["/app/.venv/bin/python", "/app/.venv/bin/ingest", "run"] \
-        or cmdline.split("\0")[1:3] == ["/app/.venv/bin/ingest", "run"], cmdline
+    assert cmdline.split("\0")[:3] == [
+        "/app/.venv/bin/python",
+        "/app/.venv/bin/ingest",
+        "run",
+    ] or cmdline.split("\0")[1:3] == ["/app/.venv/bin/ingest", "run"], cmdline
     status = podman("exec", container.name, "cat", "/proc/1/status").stdout
     uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
     assert set(uids) == {str(UID)}, status
@@ -163,8 +193,12 @@ def test_ready_signed_record_lands_unsigned_refused(container: Container) -> Non
     live = httpx.get(f"{container.url}/health/live", timeout=5)
     assert live.status_code == 200, live.text
 
-    unsigned = httpx.post(f"{container.url}/v1/webhooks/acme-corp/orders", content=record(0),
-                          headers={"Content-Type": "application/json"}, timeout=10)
+    unsigned = httpx.post(
+        f"{container.url}/v1/webhooks/acme-corp/orders",
+        content=record(0),
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
     assert unsigned.status_code == 401, unsigned.text
     assert unsigned.json()["error"] == "missing_credential"
 
