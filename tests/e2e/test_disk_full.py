@@ -120,27 +120,31 @@ def test_small_disk_refuses_intake_waits_out_a_full_disk_and_loses_nothing(
             # 1. watermark: 202 until the data disk nears the reserve, then a clear 507
             fill(data / "ballast-a", leave=4 * MB)
             refused: httpx.Response | None = None
-            size = 100  # records per body; after a 507 for a body that would cross the
-            for n in range(3000):  # watermark, single records until the disk is below it
-                body = "\n".join(json.dumps(rec(f"w{n}-{i}")) for i in range(size))
+            for n in range(400):
+                body = "\n".join(json.dumps(rec(f"w{n}-{i}")) for i in range(100))
                 r = svc.post_webhook(TENANT, "orders", body, content_type="application/x-ndjson")
-                if r.status_code == 507:
+                if r.status_code == 507:  # this body would have crossed the low watermark
                     refused = r
-                    if svc.health()["disk"]["intake_refused"]:
-                        break
-                    size = 1
-                    continue
+                    break
                 assert r.status_code == 202, r.text
-                accepted += size
+                accepted += 100
             assert refused is not None, "never refused"
             assert refused.json()["error"] == "insufficient_storage"
             assert "free" in refused.json()["reason"] and refused.headers["Retry-After"]
             assert free(data) > 0  # refused before the disk was full
-            h = svc.health()  # at once: delivery may free space (intake rows) meanwhile
-            assert h["disk"]["intake_refused"] is True and h["status"] != "ok"
-            assert any(p["component"] == "disk" for p in h["problems"])
+            # below the low watermark (something else took the space): shown, and not ready
+            fill(data / "ballast-low", leave=MB)
+            wait_until(
+                lambda: svc.health(timeout=10)["disk"]["intake_refused"], 15, "intake refused"
+            )
+            h = svc.health(timeout=10)
+            assert h["status"] != "ok"
+            assert any(p["component"] == "disk" for p in h["problems"]), h["problems"]
             ready = httpx.get(f"{svc.url}/health/ready", timeout=5)  # send webhooks elsewhere
             assert ready.status_code == 503 and not ready.json()["ready"], ready.text
+            one = svc.post_webhook(TENANT, "orders", json.dumps(rec("tiny")))
+            assert one.status_code == 507, one.text  # even a small body: the rest is reserved
+            (data / "ballast-low").unlink()
             wait_until(lambda: sink_count(data) == accepted, 60, "accepted records delivered")
 
             # 2. full for real: an inbox file arrives while the disk has no space at all
