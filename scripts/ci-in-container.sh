@@ -61,8 +61,11 @@ ca_env=()
 for v in SSL_CERT_FILE REQUESTS_CA_BUNDLE PIP_CERT AWS_CA_BUNDLE CURL_CA_BUNDLE; do
   ca_env+=(-e "$v=/etc/ssl/certs/ca-certificates.crt")
 done
-podman create -q --name "$name" --init --network host --shm-size 1g \
-  -v "$CA_BUNDLE:/run/host-ca.crt:ro" "${ca_env[@]}" -e PIP_DISABLE_PIP_VERSION_CHECK=1 \
+# --privileged and a container store of its own: .ci/run's `make image-test` runs podman
+# inside (debootstrap, build, run); the store starts empty, as on a fresh machine.
+mkdir -p "$work/containers"
+podman create -q --name "$name" --init --network host --shm-size 1g --privileged \
+  -v "$work/containers:/var/lib/containers" -v "$CA_BUNDLE:/run/host-ca.crt:ro" "${ca_env[@]}" -e PIP_DISABLE_PIP_VERSION_CHECK=1 \
   "$ci_image" bash -c "$inner" >/dev/null
 podman cp "$work/ci" "$name:/ci"
 
