@@ -4,7 +4,8 @@ No file at all means the embedded default: SQLite state and sink under `./data`,
 directory and webhooks. Unknown keys are refused (`extra="forbid"`), and every error names
 the key path and what was wrong, e.g. `config error at 'sinks[0].dsn': field required`.
 Environment variables override the store URLs: INGEST_REDIS_URL, INGEST_POSTGRES_URL,
-INGEST_HTTP_PORT, INGEST_ADMIN_PORT, INGEST_CREDENTIALS_FILE, INGEST_DATA_DIR, INGEST_WORKERS
+INGEST_HTTP_PORT, INGEST_ADMIN_PORT, INGEST_CREDENTIALS_FILE, INGEST_DATA_DIR, INGEST_WORKERS,
+INGEST_LOG_FORMAT
 (all but the first two in every mode).
 """
 
@@ -396,6 +397,15 @@ class ReplayConfig(_Model):
     )
 
 
+class LoggingConfig(_Model):
+    format: Literal["text", "json"] = Field(
+        "text",
+        description="`text`: one readable line per event. `json`: one JSON object per line "
+        "with ts, level, logger, message and, where known, tenant, source, batch and record "
+        "(INGEST_LOG_FORMAT; docs/operations.md).",
+    )
+
+
 def _default_sinks() -> list[SinkConfig]:
     return [SQLiteSinkConfig()]
 
@@ -432,6 +442,9 @@ class Config(_Model):
     breaker: BreakerConfig = Field(BreakerConfig(), description="Circuit breaker per sink.")
     health: HealthConfig = Field(HealthConfig(), description="Stall detection and probes.")
     disk: DiskConfig = Field(DiskConfig(), description="Free-space watermarks on data_dir.")
+    logging: LoggingConfig = Field(
+        LoggingConfig(), description="Log format (the level is `ingest run --log-level`)."
+    )
     sources: list[SourceConfig] = Field(default_factory=lambda: _default_sources())
     sinks: list[SinkConfig] = Field(default_factory=lambda: _default_sinks())
     routes: list[Route] = Field(
@@ -483,6 +496,7 @@ _ENV_OVERRIDES = {
     "INGEST_HTTP_PORT": ("http", "port"),
     "INGEST_ADMIN_PORT": ("http", "admin_port"),
     "INGEST_CREDENTIALS_FILE": ("auth", "credentials_file"),
+    "INGEST_LOG_FORMAT": ("logging", "format"),
 }
 
 

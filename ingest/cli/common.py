@@ -36,21 +36,6 @@ T = TypeVar("T")
 err_console = Console(stderr=True)
 
 
-def _flags_without_type() -> None:
-    """Typer 0.29 prints a type column for flags too (`--help <bool>`, `--json <bool>`), as
-    if they took a value. A flag takes none: show no type for it."""
-    from typer.core import TyperOption
-
-    shown = TyperOption.display_type_rich
-
-    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
-        return None if self.is_flag else shown(self, ctx)
-
-    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
-
-
-_flags_without_type()
-
 # Exit codes shared by the CLIs: scripts can tell a usage error from an unreachable store.
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran and found a problem (e.g. redrive left failures)
@@ -156,12 +141,17 @@ def finite(value: float, option: str, *, low: float, high: float) -> float:
     return value
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Log to stderr, as text lines or (`fmt="json"`) one JSON object per line carrying the
+    tenant, source, batch and record the line is about (ingest/logctx.py)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        from ingest.logctx import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def load_existing_state(option: Path | None, tool: str) -> Config:

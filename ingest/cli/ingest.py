@@ -101,11 +101,13 @@ def run(
     port: Annotated[
         int | None, typer.Option(min=0, max=65535, help="HTTP port (default 8080).")
     ] = None,
-    log_level: Annotated[LogLevel, typer.Option(case_sensitive=False)] = LogLevel.INFO,
+    log_level: Annotated[
+        LogLevel, typer.Option(case_sensitive=False, envvar="INGEST_LOG_LEVEL")
+    ] = LogLevel.INFO,
 ) -> None:
     """Run the service until SIGTERM / Ctrl-C."""
-    setup_logging(log_level.value)
     cfg = load(config)
+    setup_logging(log_level.value, cfg.logging.format)
     from ingest.service import serve
 
     h = host or cfg.http.host

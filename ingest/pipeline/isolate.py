@@ -21,6 +21,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ingest import logctx
 from ingest.errors import Abandoned
 from ingest.metrics import Metrics
 from ingest.pipeline.decode import DecodeFailure, Decoder
@@ -109,6 +110,7 @@ async def deliver_isolating(
                 raws[0].source,
                 type(exc).__name__,
                 exc,
+                extra=logctx.about(decoded[0] if isinstance(decoded[0], Record) else raws[0]),
             )
             # The DLQ path of a classified failure; if even that raises, it is a bug worth a
             # visible runner restart rather than a silent loss (`add_fitted` already keeps

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ingest import logctx
 from ingest.errors import Abandoned, is_disk_full
 from ingest.pipeline.admission import Admission, BackpressureState, Rejected
 from ingest.pipeline.decode import DecodeFailure, Decoder
@@ -81,6 +82,7 @@ class SourceRunner:
     async def run(self) -> None:
         """Until `stopping` is set: then finish what was read, commit it, and return.
         An error in either stage ends the run with that error (for the supervisor)."""
+        logctx.source.set(self.source.name)  # log lines of this run and its tasks name it
         queue: asyncio.Queue[_Decoded] = asyncio.Queue(maxsize=1)
         producer = asyncio.create_task(self._produce(queue), name=f"read:{self.source.name}")
         try:
@@ -215,6 +217,7 @@ class SourceRunner:
                     self.admission.state is BackpressureState.PAUSED and not self.stopping.is_set()
                 ):
                     await asyncio.sleep(0.1)
+                logctx.batch.set(item.batch)  # this batch's log lines (and its settle task's)
                 self.tracker.add(item.batch)
                 keys = _conflict_keys(item.batch.records, item.decoded)
                 if settling is not None and (
@@ -279,6 +282,7 @@ class SourceRunner:
 
     async def _commit(self, batch: SourceBatch) -> None:
         await self.pipeline.until_ok("checkpoint", lambda: self.source.commit(batch))
+        log.debug("committed %d records", len(batch.records))  # JSON logs: tenant, batch
         self.on_pending(-len(batch.records))
         self._held -= len(batch.records)
         self.progress.committed(len(batch.records))

@@ -110,8 +110,8 @@ def main() -> None:
     die_with_parent(int(os.environ[ENV_PARENT]))
     from ingest.cli.common import setup_logging
 
-    setup_logging(os.environ.get("INGEST_LOG_LEVEL", "INFO"))
     cfg = Config.model_validate_json(sys.stdin.buffer.read())
+    setup_logging(os.environ.get("INGEST_LOG_LEVEL", "INFO"), cfg.logging.format)
     try:
         import uvloop
 

@@ -54,6 +54,7 @@ def sections() -> list[tuple[str, type[BaseModel]]]:
         ("breaker", C.BreakerConfig),
         ("health", C.HealthConfig),
         ("disk", C.DiskConfig),
+        ("logging", C.LoggingConfig),
     ]
     for section, registry in (("sources", SOURCES), ("sinks", SINKS)):
         entries: dict[str, Any] = dict(registry)
@@ -105,7 +106,7 @@ def render() -> str:
         "One YAML file, `ingest run --config FILE` (or `INGEST_CONFIG`). Unknown keys are refused.",
         "Environment overrides: `INGEST_REDIS_URL`, `INGEST_POSTGRES_URL` (production state),",
         "`INGEST_HTTP_PORT`, `INGEST_ADMIN_PORT`, `INGEST_CREDENTIALS_FILE`, `INGEST_DATA_DIR`, "
-        "`INGEST_WORKERS`.",
+        "`INGEST_WORKERS`, `INGEST_LOG_FORMAT`.",
         "Credentials (tokens, tenant secrets) never go in this file: see docs/security.md.",
         "",
     ]

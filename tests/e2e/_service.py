@@ -14,6 +14,7 @@ Clients posting on their own: `sign_headers(tenant, body)` and `bearer(role)` fr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -157,8 +158,11 @@ class ServiceProcess:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
+        """kill -9 the process group (its own session): with a launcher such as `uv run`,
+        killing the launcher alone would leave the service running."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
 

@@ -110,6 +110,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "ingest.formats",
             "ingest.timefmt",
             "ingest.names",
+            "ingest.logctx",
             "ingest.schema",
             "ingest.transformers",
         ),
