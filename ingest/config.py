@@ -468,6 +468,10 @@ class Config(_Model):
             for s in route.sinks:
                 if s not in sink_names:
                     raise ValueError(f"routes[{i}] names unknown sink '{s}' (known: {sink_names})")
+        if self.fleet.rate_limits == "fleet" and self.state.kind != "production":
+            raise ValueError(
+                "fleet.rate_limits: fleet needs state kind production (the limits live in Redis)"
+            )
         return self
 
     def under_data_dir(self, path: Path | None, default_name: str) -> Path:

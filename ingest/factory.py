@@ -26,14 +26,16 @@ from pydantic import BaseModel
 from ingest import config as C
 from ingest.errors import ConfigError
 from ingest.metrics import Metrics
-from ingest.pipeline.admission import Admission
+from ingest.pipeline.admission import Admission, RateLimiter
 from ingest.pipeline.breaker import CircuitBreaker
+from ingest.pipeline.control import ControlFollower
 from ingest.pipeline.decode import Decoder
 from ingest.pipeline.retry import RetryPolicy
 from ingest.pipeline.worker import Pipeline, SinkLane
 from ingest.sinks.base import Sink
 from ingest.sources.base import Source
 from ingest.state.base import CheckpointStore, DLQStore, DroppedStore, IdempotencyStore
+from ingest.state.control import ControlStore, MemoryControlStore, PostgresControlStore
 from ingest.webhook import Intake
 
 if TYPE_CHECKING:  # imported when their type is configured (objects and leases: asyncpg)
@@ -61,9 +63,10 @@ class Stores:
     dropped: DroppedStore
     health: Callable[[], Awaitable[dict[str, Any]]]
     close: Callable[[], Awaitable[None]]
+    control: ControlStore  # the fleet's control record (what /admin/* set)
     sqlite_db: Any = None  # ingest.state.sqlite.SQLiteDB in embedded mode (intake, leases)
     pg_pool: Any = None  # asyncpg pool in production mode (leases)
-    redis: Any = None  # redis.asyncio client in production mode (seen webhook signatures)
+    redis: Any = None  # redis.asyncio client in production (seen signatures, rate limits)
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ async def _open_sqlite(cfg: C.Config, state: C.SQLiteStateConfig) -> Stores:
         dropped=SQLiteDroppedStore(db),
         health=sqlite_health,
         close=db.close,
+        control=MemoryControlStore(),  # embedded: per process, as before the fleet
         sqlite_db=db,
     )
 
@@ -114,6 +118,8 @@ async def _open_production(cfg: C.Config, state: C.ProductionStateConfig) -> Sto
     await migrate(pool)
     idem = RedisIdempotencyStore(client, state.idempotency_ttl_seconds)
     pg_dlq = PostgresDLQStore(pool)
+    pg_control = PostgresControlStore(pool, state.postgres_url)
+    await pg_control.ensure_schema()
 
     async def prod_health() -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -125,6 +131,7 @@ async def _open_production(cfg: C.Config, state: C.ProductionStateConfig) -> Sto
         return out
 
     async def prod_close() -> None:
+        await pg_control.close()
         await client.aclose()
         await pool.close()
 
@@ -135,6 +142,7 @@ async def _open_production(cfg: C.Config, state: C.ProductionStateConfig) -> Sto
         dropped=PostgresDroppedStore(pool),
         health=prod_health,
         close=prod_close,
+        control=pg_control,
         pg_pool=pool,
         redis=client,
     )
@@ -390,6 +398,7 @@ class Core:
     admission: Admission
     decoder: Decoder
     pipeline: Pipeline
+    control: ControlFollower  # follows the fleet's control record (run by the service)
 
     async def start_sinks(self, only: Collection[str] | None = None) -> dict[str, str]:
         """Start every sink (or those named); one that is down is started again on its first
@@ -421,6 +430,10 @@ async def build_core(cfg: C.Config, *, metrics: Metrics | None = None) -> Core:
     admission = Admission(cfg.admission, cfg.limits_for)
     admission.on_change = lambda st: metrics.set_backpressure(st.value)
     stores = await open_stores(cfg)
+    admission.limiter = rate_limiter(cfg, stores.redis) or admission.limiter
+    control = ControlFollower(
+        stores.control, admission, poll_seconds=cfg.fleet.control_poll_seconds
+    )
     lanes: dict[str, SinkLane] = {}
     for sc in cfg.sinks:
         sink = build_sink(cfg, sc)
@@ -440,4 +453,50 @@ async def build_core(cfg: C.Config, *, metrics: Metrics | None = None) -> Core:
         metrics=metrics,
         retry=RetryPolicy.from_config(cfg.retry),
     )
-    return Core(cfg, stores, lanes, metrics, admission, decoder, pipeline)
+    return Core(cfg, stores, lanes, metrics, admission, decoder, pipeline, control)
+
+
+def rate_limiter(cfg: C.Config, redis: Any) -> RateLimiter | None:
+    """The fleet-wide GCRA in Redis (fleet.rate_limits: fleet, or auto in production mode);
+    None keeps admission's local token buckets."""
+    if cfg.fleet.rate_limits == "local" or redis is None:
+        return None  # config validation refuses `fleet` without production state
+    from ingest.state.ratelimit import RedisRateLimiter
+
+    return RedisRateLimiter(redis, cfg.limits_for)
+
+
+@dataclass
+class FleetState:
+    """What a pod's control plane shares with the fleet, opened without the pipeline's stores:
+    the control record, the tenant limits (webhooks are admitted there) and, through
+    `sqlite_db` / `pg_pool`, the replay plans it exports."""
+
+    control: ControlStore
+    limiter: RateLimiter | None
+    close: Callable[[], Awaitable[None]]
+    sqlite_db: Any = None
+    pg_pool: Any = None
+
+
+async def open_fleet_state(cfg: C.Config) -> FleetState:
+    state = cfg.state
+    if isinstance(state, C.SQLiteStateConfig):
+        from ingest.state.sqlite import SQLiteDB
+
+        db = await SQLiteDB.open(cfg.under_data_dir(state.path, "state.db"))
+        return FleetState(MemoryControlStore(), None, db.close, sqlite_db=db)
+    from ingest.state.postgres import connect_pool
+    from ingest.state.redis import redis_client
+
+    pool = await connect_pool(state.postgres_url, max_size=2)
+    pg_control = PostgresControlStore(pool, state.postgres_url)
+    await pg_control.ensure_schema()
+    client = redis_client(state.redis_url)
+
+    async def close() -> None:
+        await pg_control.close()
+        await client.aclose()
+        await pool.close()
+
+    return FleetState(pg_control, rate_limiter(cfg, client), close, pg_pool=pool)

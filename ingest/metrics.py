@@ -27,6 +27,10 @@ reason from the eight ReasonCodes, outcome and state from small fixed sets.
     ingest_auth_failures_total{surface,error}    refused credentials: surface webhook | admin,
         error one of the 401/403 codes in docs/security.md
     ingest_audit_write_failures_total            audit rows that could not be stored (logged)
+    ingest_control_version{view}                 fleet control record: desired | applied version
+    ingest_control_readable                      1 while the control record can be read
+    ingest_replay_*{tenant,plan}                 replay progress from the plan store
+                                                 (ingest/replay/metrics.py)
 """
 
 from __future__ import annotations
@@ -177,11 +181,29 @@ class Metrics:
         self.disk_full = Gauge(
             "ingest_disk_full", "1 while a write waits for disk space.", registry=r
         )
+        self.control_version = Gauge(
+            "ingest_control_version",
+            "Fleet control record version: desired (last read from the store) and applied "
+            "(by this process); they differ while a change is being followed.",
+            ["view"],
+            registry=r,
+        )
+        self.control_readable = Gauge(
+            "ingest_control_readable",
+            "1 while this process can read the fleet control record (0: keeps its state).",
+            registry=r,
+        )
         self.set_backpressure("normal")
 
     def set_backpressure(self, state: str) -> None:
         for s in BACKPRESSURE_STATES:
             self.backpressure.labels(s).set(1 if s == state else 0)
+
+    def set_control(self, desired: int | None, applied: int, readable: bool) -> None:
+        if desired is not None:
+            self.control_version.labels("desired").set(desired)
+        self.control_version.labels("applied").set(applied)
+        self.control_readable.set(1 if readable else 0)
 
     def set_breaker(self, sink: str, state: str) -> None:
         for s in BREAKER_STATES:

@@ -20,8 +20,11 @@ from ingest.disk import DiskGuard
 from ingest.errors import IngestError, is_disk_full
 from ingest.factory import SOURCES, Core, SourceSet, build_core, build_sources, worker_id
 from ingest.health import HealthMonitor
+from ingest.pipeline.control import add_to_health
 from ingest.pipeline.progress import SourceProgress
 from ingest.pipeline.runner import SourceRunner
+from ingest.replay.metrics import ReplayCollector, replay_metrics
+from ingest.replay.plans import plan_store
 from ingest.sources.base import Source
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,8 @@ class Service:
         self.shard: tuple[int, int] | None = None  # (i, n) as a pod's worker i of n
         self._tasks: list[asyncio.Task[None]] = []
         self.worker = worker_id()
+        self.control = core.control  # run only outside a pod: a pod's control plane follows
+        self.replays = ReplayCollector()  # replay progress from the plan store, on /metrics
         self.pipeline.stopping = self.stopping  # outage waits give up on shutdown
         self.progress = {s.name: SourceProgress() for s in self.sources}
         self.disk = DiskGuard(
@@ -106,6 +111,24 @@ class Service:
         self._pending += delta
 
     async def start(self) -> None:
+        if not self.in_pod:  # a pod's workers take the modes from their control plane
+            await self.control.sync()  # a pod joining a drained or paused fleet starts so
+            if self.control.applied.state != "normal":
+                log.warning(
+                    "fleet control: starting %s (set by %s)",
+                    self.control.applied.state,
+                    self.control.applied.updated_by,
+                )
+            self.metrics.registry.register(self.replays)
+            self._tasks.append(
+                asyncio.create_task(self.control.run(self.stopping), name="fleet-control")
+            )
+            self._tasks.append(
+                asyncio.create_task(
+                    replay_metrics(self.replays, plan_store(self.stores), self.stopping),
+                    name="replay-metrics",
+                )
+            )
         self.disk.sample()
         self._tasks.append(asyncio.create_task(self.monitor.run(self.stopping), name="health"))
         await self.core.start_sinks()
@@ -226,10 +249,15 @@ class Service:
         for name, lane in self.lanes.items():
             self.metrics.set_breaker(name, lane.breaker.state.value)
         self.monitor.observe()  # adapter lag, errors, stalls
+        if not self.in_pod:
+            self.control.export(self.metrics)
 
     async def health(self) -> dict[str, Any]:
-        """/health/detailed: see ingest.health."""
-        return await self.monitor.detailed()
+        """/health/detailed: see ingest.health (plus fleet control and rate limits)."""
+        doc = await self.monitor.detailed()
+        if not self.in_pod:
+            add_to_health(doc, self.control, self.admission.limiter)
+        return doc
 
     def live(self) -> tuple[bool, dict[str, Any]]:
         return self.monitor.live()
@@ -246,6 +274,7 @@ class Service:
         if timeout is None:
             timeout = self.config.shutdown.drain_timeout_seconds
         log.info("shutting down: draining in-flight work")
+        self.control.freeze()  # this pod's drain is its own: no fleet resume may undo it
         self.admission.drain()
         self.stopping.set()
         if self._tasks:

@@ -21,7 +21,9 @@ from starlette.routing import Route
 from ingest.api.auth import Gate, peer
 from ingest.api.responses import error, json_response
 from ingest.auth.credentials import Role
+from ingest.errors import StoreUnavailable
 from ingest.metrics import Metrics
+from ingest.pipeline.control import ControlFollower
 from ingest.webhook.http import WebhookHost, receive
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,16 @@ class ServiceHost(WebhookHost, Protocol):
 
     @property
     def metrics(self) -> Metrics: ...
+
+    @property
+    def control(self) -> ControlFollower:
+        """This process's follower of the fleet's control record (what /admin/* writes)."""
+        ...
+
+    @property
+    def worker(self) -> str:
+        """This process's identity (host-pid), named in the control record's `updated_by`."""
+        ...
 
     async def health(self) -> dict[str, Any]:
         """The /health/detailed document."""
@@ -93,32 +105,39 @@ def build_app(
             )
         adm = service.admission
         previous = adm.state.value
-        if action == "drain":
-            adm.drain()
-        elif action == "pause":
-            adm.pause()
-        elif action == "resume":
-            adm.resume()
-        elif action == "brownout":
-            rate = _parse_rate(params.get("rate"))
-            if isinstance(rate, Response):
-                return rate
-            adm.brownout(rate)
-        else:
+        rate: float | None = None
+        if action == "brownout":
+            parsed = _parse_rate(params.get("rate"))
+            if isinstance(parsed, Response):
+                return parsed
+            rate = service.config.admission.brownout_rate if parsed is None else parsed
+        elif action not in ("drain", "pause", "resume"):
             return error(
                 404,
                 "unknown_action",
                 f"no admin action '{action}'; use drain, pause, resume or brownout",
             )
+        try:  # the fleet's record first: every pod follows it, this one at once
+            rec = await service.control.submit(action, rate=rate, who=_who(request, who, service))
+        except StoreUnavailable as exc:
+            return error(
+                503,
+                "control_store_unavailable",
+                f"cannot write the fleet's control record ({exc}); nothing was changed on any "
+                "pod. Retry when the store answers (GET /health/detailed shows .control)",
+                headers={"Retry-After": "5"},
+            )
         log.warning(
-            "admin %s by %s: backpressure %s -> %s", action, who.name, previous, adm.state.value
-        )
+            "admin %s by %s: backpressure %s -> %s (fleet control version %d)",
+            action, rec.updated_by, previous, adm.state.value, rec.version,
+        )  # fmt: skip
         return json_response(
             {
                 "action": action,
                 "previous_state": previous,
                 "state": adm.state.value,
                 "backpressure": adm.snapshot(),
+                "control": service.control.snapshot()["desired"],
             }
         )
 
@@ -185,6 +204,12 @@ def build_app(
             Exception: server_error,
         },
     )
+
+
+def _who(request: Request, identity: Any, service: ServiceHost) -> str:
+    """For the control record: the caller (its identity and address), and this pod."""
+    host = request.client.host if request.client is not None else "unknown"
+    return f"{getattr(identity, 'name', 'anonymous')} ({host}) via {service.worker}"
 
 
 def _parse_rate(value: str | None) -> float | Response | None:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ingest.errors import StoreUnavailable
+from ingest.metrics import Metrics
 from ingest.pipeline.admission import Admission
 from ingest.state.control import ControlRecord, ControlRecordMissing, ControlStore, transition
 from ingest.state.control import update as cas_update
@@ -182,6 +183,11 @@ class ControlFollower:
 
     # -- health --------------------------------------------------------------------------
 
+    def export(self, metrics: Metrics) -> None:
+        """`ingest_control_version{view}` and `ingest_control_readable`."""
+        desired = None if self.desired is None else self.desired.version
+        metrics.set_control(desired, self.applied.version, self.error is None)
+
     def snapshot(self) -> dict[str, Any]:
         """For /health/detailed `.control`: the fleet's desired state vs this pod's."""
         d, a = self.desired, self.applied
@@ -195,6 +201,10 @@ class ControlFollower:
                 "version": a.version,
                 "brownout_rate": a.brownout_rate,
                 "applied_at": iso(self.applied_at),
+                # written -> applied here, exactly (wall clocks of two pods may differ a bit)
+                "after_seconds": None
+                if self.applied_at is None or a.version == 0
+                else round(max(0.0, self.applied_at - a.updated_at), 4),
             },
             "in_sync": d is not None and d.version == a.version,
             "last_read_at": iso(self.last_read_at),
@@ -216,3 +226,28 @@ def _record(r: ControlRecord) -> dict[str, Any]:
         "updated_by": r.updated_by,
         "updated_at": iso(r.updated_at),
     }
+
+
+def rate_limit_status(limiter: object) -> dict[str, Any]:
+    """`.rate_limits` of /health/detailed: fleet-wide (GCRA in Redis) or per process."""
+    status = getattr(limiter, "status", None)
+    if status is not None:
+        out: dict[str, Any] = status()
+        return out
+    return {"backend": "local-token-bucket", "fleet_wide": False, "error": None}
+
+
+def add_to_health(doc: dict[str, Any], follower: ControlFollower, limiter: object) -> None:
+    """Put `.control` and `.rate_limits` into a /health/detailed document; a control record
+    that cannot be read, or limits no longer fleet-wide, make a `degraded` problem."""
+    doc["control"] = control = follower.snapshot()
+    doc["rate_limits"] = limits = rate_limit_status(limiter)
+    found = [("fleet_control", control["error"]), ("rate_limits", limits.get("error"))]
+    for component, message in found:
+        if message is None:
+            continue
+        doc.setdefault("problems", []).append(
+            {"component": component, "severity": "degraded", "message": str(message)}
+        )
+        if doc.get("status") == "ok":
+            doc["status"] = "degraded"

@@ -163,6 +163,7 @@ class SourceRunner:
         """Take tokens for each tenant in the batch; waits while throttled or paused. A drain
         that arrives after the batch was read lets it through: it is in flight, so finish it."""
         if not self.take_tokens:
+            await self.admission.wait_while_paused()
             return
         per_tenant = Counter(raw.tenant for raw in batch.records)  # empty batch: no tokens
         for tenant, n in per_tenant.items():

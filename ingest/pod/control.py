@@ -33,7 +33,9 @@ from typing import Any
 from ingest import config as C
 from ingest.errors import IngestError
 from ingest.pipeline.admission import Admission, BackpressureState
+from ingest.pipeline.control import ControlFollower
 from ingest.pod import ipc
+from ingest.pod.fleet import PodFleet
 from ingest.pod.health import (
     first_stores,
     merge_adapters,
@@ -114,11 +116,18 @@ class Pod:
             isinstance(sc, C.WebhookSourceConfig) and sc.intake == "sqlite" for sc in cfg.sources
         )
         self.disk = DiskGuard(cfg.data_dir, cfg.disk, self.metrics, guards_intake=sqlite_intake)
+        self.fleet = PodFleet(cfg, self.admission, self.metrics)
+
+    @property
+    def control(self) -> ControlFollower:
+        """The fleet's control record, followed for the whole pod (`ingest.pod.fleet`)."""
+        return self.fleet.control
 
     # -- start -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Open the intake and start the workers; `wait_ready` waits for them."""
+        self._tasks += await self.fleet.start(self.metrics.own_registry)  # modes before workers
         await self._open_intake()
         self._server = await asyncio.start_unix_server(
             self._serve, path=self.socket_path, limit=ipc.LIMIT
@@ -331,6 +340,7 @@ class Pod:
         alive = sum(1 for s in self.slots if s.alive and s.ready.is_set())
         self.metrics.workers_alive.labels("alive").set(alive)
         self.metrics.workers_alive.labels("down").set(self.count - alive)
+        self.fleet.export()
 
     def _workers_view(self) -> dict[str, Any]:
         now = time.time()
@@ -429,7 +439,7 @@ class Pod:
         status = worst_status(docs, "degraded" if problems else "ok")
         any_doc = next(iter(docs.values()), {})
         ready, _ = self.ready()
-        return {
+        doc = {
             "status": status,
             "mode": any_doc.get("mode", "embedded"),
             "worker": self.worker,
@@ -444,6 +454,8 @@ class Pod:
             "store_errors": [e for d in docs.values() for e in d.get("store_errors", [])],
             "workers": workers,
         }
+        self.fleet.add_to_health(doc)
+        return doc
 
     # -- stop ------------------------------------------------------------------------------
 
@@ -454,6 +466,7 @@ class Pod:
         if timeout is None:
             timeout = self.config.shutdown.drain_timeout_seconds + WORKER_CLOSE_SECONDS
         log.info("shutting down: draining %d workers", self.count)
+        self.fleet.freeze()  # the pod's drain is its own: no fleet resume may undo it
         self.admission.drain()
         self.stopping = True
         for slot in self.slots:
@@ -480,6 +493,8 @@ class Pod:
                 await self.intake.close()
         if self._intake_db is not None:
             await self._intake_db.close()
+        with contextlib.suppress(Exception):
+            await self.fleet.close()
         with contextlib.suppress(OSError):
             os.unlink(self.socket_path)
             os.rmdir(self._dir)

@@ -21,7 +21,13 @@ from ingest.metrics import Metrics
 
 # [family name, type, help, [[sample name, labels, value], ...]] per family
 Dump = list[list[Any]]
-POD_OWNED = {"ingest_backpressure_state", "ingest_queue_depth", "ingest_in_flight"}
+POD_OWNED = {
+    "ingest_backpressure_state",
+    "ingest_queue_depth",
+    "ingest_in_flight",
+    "ingest_control_version",  # the control plane follows the fleet for its workers
+    "ingest_control_readable",
+}
 _BREAKER_ORDER = {"closed": 0, "half_open": 1, "open": 2}
 _MIN_GAUGES = {"ingest_sink_up"}
 

@@ -23,6 +23,7 @@ final duration stays visible); labels stay bounded by the plans of that window.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -122,3 +123,16 @@ class ReplayCollector(Collector):
             if view.estimate_records is not None:
                 estimate.add_metric(key, view.estimate_records)
         yield from (records, ratio, duration, eta, rto, estimate, state)
+
+
+async def replay_metrics(
+    collector: ReplayCollector, plans: P.PlanStore, stopping: asyncio.Event
+) -> None:
+    """Keep `collector` fresh from the plan store until `stopping` (the service's or the pod
+    control plane's task)."""
+    with contextlib.suppress(Exception):
+        await plans.ensure_schema()  # so reads work before the first plan is written
+    while not stopping.is_set():
+        await collector.refresh(plans)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), REFRESH_SECONDS)

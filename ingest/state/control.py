@@ -1,10 +1,11 @@
 """The fleet's control record: what operators asked every pod to do, in the shared store.
 
-`/admin/drain|pause|resume|brownout` sent to any pod writes one record; every pod (and every
-worker process of a pod) follows it (`ingest.pipeline.control.ControlFollower`). The record
-keeps the operator's three switches, not one state, so the admission rules stay as they are
-(drain while paused stays paused; brownout while draining keeps its rate for after), plus
-who changed it, when, with which action, and a version:
+`/admin/drain|pause|resume|brownout` sent to any pod writes one record; every pod follows it
+(`ingest.pipeline.control.ControlFollower`; in a pod of N workers its control plane, which
+hands the modes to its worker processes). The record keeps the operator's three switches,
+not one state, so the admission rules stay as they are (drain while paused stays paused;
+brownout while draining keeps its rate for after), plus who changed it, when, with which
+action, and a version:
 
     {"paused": false, "draining": true, "brownout_rate": null, "version": 7,
      "action": "drain", "updated_by": "10.0.0.7 via ingest-worker-5d9c-abc12-1",
@@ -14,7 +15,8 @@ Writes are compare-and-set on the version (`update`): two pods changing it at on
 land, one after the other, never one over the other. Where it lives:
 
     production   Postgres table `fleet_control` (one row), NOTIFY `ingest_control` on change
-    embedded     SQLite table `fleet_control` in state.db (worker processes poll it)
+    embedded     in the process (`MemoryControlStore`): today's per-process behaviour, a
+                 restart starts normal
 
 Postgres because the record must outlive a store restart: a lost record would read as
 "normal" and resume a fleet an operator had paused.
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
@@ -35,6 +36,7 @@ from ingest.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 CHANNEL = "ingest_control"
+_SCHEMA_LOCK = 0x1D6E58  # pg_advisory_xact_lock key: N pods creating the table at once
 ACTIONS = ("drain", "pause", "resume", "brownout")
 
 
@@ -99,7 +101,7 @@ def transition(
 
 
 class ControlStore(Protocol):
-    kind: str  # "postgres" | "sqlite", for health
+    kind: str  # "postgres" | "memory", for health
 
     async def ensure_schema(self) -> None: ...
 
@@ -136,57 +138,32 @@ async def update(
     raise StoreUnavailable(store.kind, "fleet_control", f"{attempts} concurrent writes in a row")
 
 
-# ---------------------------------------------------------------------------- SQLite
+# ---------------------------------------------------------------------------- embedded
 
 
-class SQLiteControlStore:
-    """`fleet_control` in the embedded state.db; no notifications (followers poll)."""
+class MemoryControlStore:
+    """Embedded mode: the record lives in this process (a pod's control plane) and ends with
+    it, so a restart starts `normal` as it always has; there is no fleet to share it with."""
 
-    kind = "sqlite"
+    kind = "memory"
 
-    def __init__(self, db: Any) -> None:  # ingest.state.sqlite.SQLiteDB
-        self._db = db
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        try:
-            return await self._db.run(fn)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable("sqlite", str(self._db.path), str(exc)) from exc
+    def __init__(self) -> None:
+        self._record = ControlRecord()
 
     async def ensure_schema(self) -> None:
-        seed = ControlRecord().to_json().decode()
-
-        def run(c: sqlite3.Connection) -> None:
-            c.execute(
-                "CREATE TABLE IF NOT EXISTS fleet_control (id INTEGER PRIMARY KEY CHECK (id = 1),"
-                " version INTEGER NOT NULL, doc TEXT NOT NULL)"
-            )
-            c.execute("INSERT OR IGNORE INTO fleet_control VALUES (1, 0, ?)", (seed,))
-
-        await self._run(run)
+        return None
 
     async def read(self) -> ControlRecord:
-        row = await self._run(
-            lambda c: c.execute("SELECT doc FROM fleet_control WHERE id = 1").fetchone()
-        )
-        if row is None:
-            raise ControlRecordMissing("table fleet_control has no row")
-        return ControlRecord.from_json(row[0])
+        return self._record
 
     async def write(self, expected_version: int, record: ControlRecord) -> bool:
-        args = (record.version, record.to_json().decode(), expected_version)
-        changed = await self._run(
-            lambda c: (
-                c.execute(
-                    "UPDATE fleet_control SET version = ?, doc = ? WHERE id = 1 AND version = ?",
-                    args,
-                ).rowcount
-            )
-        )
-        return bool(changed == 1)
+        if self._record.version != expected_version:
+            return False
+        self._record = record
+        return True
 
     async def listen(self, on_change: Callable[[], None]) -> bool:
-        return False
+        return False  # the only writer applies its own writes at once
 
     @property
     def listening(self) -> bool:
@@ -216,15 +193,23 @@ class PostgresControlStore:
         return await on_conn(self._pool, fn)
 
     async def ensure_schema(self) -> None:
+        """Create and seed the row; under an advisory lock, as N pods start at once."""
         seed = ControlRecord().to_json().decode()
-        await self._run(
-            lambda c: c.execute(
-                "CREATE TABLE IF NOT EXISTS fleet_control (id smallint PRIMARY KEY"
-                " CHECK (id = 1), version bigint NOT NULL, doc jsonb NOT NULL);"
-                f" INSERT INTO fleet_control VALUES (1, 0, '{seed}'::jsonb)"
-                " ON CONFLICT (id) DO NOTHING"
-            )
-        )
+
+        async def run(c: Any) -> None:
+            async with c.transaction():
+                await c.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
+                await c.execute(
+                    "CREATE TABLE IF NOT EXISTS fleet_control (id smallint PRIMARY KEY"
+                    " CHECK (id = 1), version bigint NOT NULL, doc jsonb NOT NULL)"
+                )
+                await c.execute(
+                    "INSERT INTO fleet_control VALUES (1, 0, $1::jsonb)"
+                    " ON CONFLICT (id) DO NOTHING",
+                    seed,
+                )
+
+        await self._run(run)
 
     async def read(self) -> ControlRecord:
         doc = await self._run(

@@ -105,6 +105,7 @@ class RedisRateLimiter:
         self._since: float | None = None  # wall time the fallback began
         self._tokens: dict[str, float] = {}
         self.calls = 0  # script calls made (one per batch): tests and health read it
+        self.fallbacks = 0  # times Redis failed and local buckets took over
 
     async def take(self, tenant: str, n: float, now: float | None = None) -> float:
         lim = self._limits_for(tenant)
@@ -134,6 +135,7 @@ class RedisRateLimiter:
                 "rate limits: Redis unreachable (%s); limiting per pod until it answers", exc
             )
             self._since = time.time()
+            self.fallbacks += 1
         self._error = f"{type(exc).__name__}: {exc}"
         self._down_until = self._clock() + self._retry_seconds
 
@@ -149,4 +151,5 @@ class RedisRateLimiter:
             "fleet_wide": self._error is None,
             "error": self._error,
             "fallback_since": self._since,
+            "fallbacks": self.fallbacks,
         }

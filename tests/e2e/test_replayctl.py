@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -27,7 +28,7 @@ from typing import Any, ClassVar
 import pytest
 
 from tests.conftest import require_env, wait_for
-from tests.e2e._service import ServiceProcess, free_port
+from tests.e2e._service import ServiceProcess, free_port, metric_value
 
 pytestmark = pytest.mark.e2e
 TENANT = "acme-corp"
@@ -288,6 +289,66 @@ def test_legal_hold_blocks_until_lifted(root: Path, browned: tuple[Path, int]) -
         assert done["legal_hold"] == f"no active legal hold for {TENANT} at {url}"
     finally:
         server.shutdown()
+
+
+def test_replay_progress_in_status_and_the_service_metrics(
+    root: Path, browned: tuple[Path, int]
+) -> None:
+    """A replay running in replayctl shows on the service's /metrics (read from the plan
+    store) and in `replayctl status` (bar, ETA, RTO); killed, it shows as not moving."""
+    data, drops = root / "data", browned[1]
+    r = rctl(root, "plan", "--tenant", TENANT, "--from", WINDOW[0], "--to", WINDOW[1],
+             "--sources", "inbox-dropped", "--throttle", "8", "--rto", "3s")
+    assert r.returncode == 0, r.stderr
+    plan_id = r.stdout.splitlines()[0]
+    assert "needs at least" in said(r) and "more than its RTO of 3s" in said(r)
+    rjson(root, "approve", plan_id, "--as", "bob", "--rfa", "RFA-11")
+    svc = ServiceProcess(data).start()
+    env = {k: v for k, v in os.environ.items() if k not in ("INGEST_DATA_DIR", "INGEST_CONFIG")}
+    proc = subprocess.Popen([REPLAYCTL, "run", "--plan", plan_id, "--json"], cwd=root,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lab = {"tenant": TENANT, "plan": plan_id}
+
+        def moving() -> bool:
+            m = svc.metrics()
+            return (metric_value(m, "ingest_replay_records_total", **lab) >= 16
+                    and metric_value(m, "ingest_replay_state", state="running", **lab) == 1)
+
+        wait_for(moving, timeout=60, what="the running replay on the service's /metrics")
+        m = svc.metrics()
+        ratio = metric_value(m, "ingest_replay_progress_ratio", **lab)
+        assert 0 < ratio < 1
+        assert metric_value(m, "ingest_replay_estimate_records", **lab) == drops
+        assert metric_value(m, "ingest_replay_rto_seconds", **lab) == 3
+        assert metric_value(m, "ingest_replay_duration_seconds", **lab) > 0
+        assert 0 < metric_value(m, "ingest_replay_eta_seconds", **lab) < math.inf
+        st = rjson(root, "status", plan_id)
+        c = st["completion"]
+        assert st["state"] == "running" and 0 < c["ratio"] < 1 and c["rto_seconds"] == 3
+        assert c["estimate_records"] == drops and c["eta_seconds"] > 0
+        human = said(rctl(root, "status", plan_id))
+        assert "%" in human and "eta" in human and "rto 3s" in human
+        proc.send_signal(signal.SIGKILL)  # replayctl dies: nothing moves the plan any more
+        proc.wait(10)
+        time.sleep(6)  # the service re-reads the plan store every 5 s at most
+        m = svc.metrics()
+        assert metric_value(m, "ingest_replay_state", state="running", **lab) == 1
+        assert metric_value(m, "ingest_replay_duration_seconds", **lab) > 3  # past its RTO
+        st = rjson(root, "status", plan_id)
+        assert st["completion"]["rto_at_risk"] is True
+        assert "AT RISK" in said(rctl(root, "status", plan_id))
+        done = rjson(root, "run", "--plan", plan_id)  # resumes to the end
+        assert done["state"] == "completed" and done["completion"]["ratio"] == 1.0
+        time.sleep(6)
+        m = svc.metrics()
+        assert metric_value(m, "ingest_replay_state", state="completed", **lab) == 1
+        assert metric_value(m, "ingest_replay_progress_ratio", **lab) == 1
+        assert metric_value(m, "ingest_replay_records_total", outcome="delivered", **lab) == drops
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        svc.stop()
 
 
 def test_errors_say_what_to_do(root: Path, tmp_path: Path) -> None:

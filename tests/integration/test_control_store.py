@@ -1,4 +1,4 @@
-"""The fleet control record on real Postgres and SQLite: compare-and-set under concurrent
+"""The fleet control record on real Postgres: compare-and-set under concurrent
 writers loses nothing, NOTIFY reaches other connections at once, and followers keep their
 state through a Postgres restart and pick up changes made meanwhile."""
 
@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 from ingest.config import AdmissionConfig, TenantLimits
 from ingest.pipeline.admission import Admission, BackpressureState
@@ -14,12 +13,10 @@ from ingest.pipeline.control import ControlFollower
 from ingest.state.control import (
     ControlStore,
     PostgresControlStore,
-    SQLiteControlStore,
     transition,
     update,
 )
 from ingest.state.postgres import connect_pool
-from ingest.state.sqlite import SQLiteDB
 from tests.integration._fixtures_pg import *  # noqa: F403  (fixtures: pg_dsn, private_postgres)
 from tests.integration._fixtures_pg import PrivateServer
 
@@ -56,18 +53,6 @@ async def test_postgres_compare_and_set_under_concurrent_writers(pg_dsn: str) ->
     finally:
         for p in pools:
             await p.close()
-
-
-async def test_sqlite_compare_and_set_across_processes_files(tmp_path: Path) -> None:
-    dbs = [await SQLiteDB.open(tmp_path / "state.db") for _ in range(3)]  # 3 connections
-    stores: list[ControlStore] = [SQLiteControlStore(db) for db in dbs]
-    try:
-        for s in stores:
-            await s.ensure_schema()
-        await _concurrent_writers(stores)
-    finally:
-        for db in dbs:
-            await db.close()
 
 
 async def test_notify_reaches_the_other_pods_at_once(pg_dsn: str) -> None:

@@ -117,6 +117,7 @@ async def test_redis_outage_falls_back_per_pod_and_comes_back(
             "fleet_wide": True,
             "error": None,
             "fallback_since": None,
+            "fallbacks": 1,
         }
     finally:
         await client.aclose()
