@@ -23,6 +23,7 @@ def _service(drain: float, task: asyncio.Task[Any]) -> Any:
     return SimpleNamespace(
         config=C.Config.model_validate({"shutdown": {"drain_timeout_seconds": drain}}),
         admission=SimpleNamespace(drain=lambda: None),
+        control=SimpleNamespace(freeze=lambda: None),  # the fleet follower stops following
         stopping=asyncio.Event(),
         _tasks=[task],
         sources=[],
