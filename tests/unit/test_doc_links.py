@@ -42,3 +42,35 @@ def test_readme_operator_commands_do_not_install_the_dev_toolchain() -> None:
     text = (ROOT / "README.md").read_text().split("\n## Development", 1)[0]
     plain = [line for line in text.splitlines() if re.search(r"uv run (?!--no-dev)", line)]
     assert not plain, f"README runs commands with the dev toolchain: {plain}"
+
+
+def _cli_lines(doc: Path) -> list[list[str]]:
+    """The `ingest`/`dlqtriage`/`replayctl` command lines of a doc's bash blocks, as words."""
+    import shlex
+
+    out: list[list[str]] = []
+    for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            command = line.split(" #")[0].split("|")[0].replace("<", "").replace(">", "")
+            if command.split()[:1] in (["ingest"], ["dlqtriage"], ["replayctl"]):
+                out.append(shlex.split(command))
+    return out
+
+
+def test_operations_commands_exist_with_their_flags() -> None:
+    """docs/operations.md names only subcommands and flags the real CLIs accept."""
+    import typer
+
+    from ingest.cli import dlqtriage, ingest, replayctl
+
+    apps = {"ingest": ingest.app, "dlqtriage": dlqtriage.app, "replayctl": replayctl.app}
+    lines = _cli_lines(ROOT / "docs" / "operations.md")
+    assert len(lines) >= 12
+    for words in lines:
+        group = typer.main.get_command(apps[words[0]])
+        sub = group.commands.get(words[1])  # type: ignore[attr-defined]
+        assert sub is not None, f"{' '.join(words)}: no command {words[1]!r}"
+        known = {o for p in sub.params for o in (*p.opts, *p.secondary_opts)}
+        flags = [w.split("=")[0] for w in words[2:] if w.startswith("-")]
+        unknown = [f for f in flags if f not in known]
+        assert not unknown, f"{' '.join(words)}: {words[0]} {words[1]} has no {unknown}"
