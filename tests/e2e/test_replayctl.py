@@ -298,7 +298,7 @@ def test_replay_progress_in_status_and_the_service_metrics(
     store) and in `replayctl status` (bar, ETA, RTO); killed, it shows as not moving."""
     data, drops = root / "data", browned[1]
     r = rctl(root, "plan", "--tenant", TENANT, "--from", WINDOW[0], "--to", WINDOW[1],
-             "--sources", "inbox-dropped", "--throttle", "8", "--rto", "3s")
+             "--sources", "inbox-dropped", "--throttle", "16", "--rto", "3s")
     assert r.returncode == 0, r.stderr
     plan_id = r.stdout.splitlines()[0]
     assert "needs at least" in said(r) and "more than its RTO of 3s" in said(r)
@@ -331,18 +331,19 @@ def test_replay_progress_in_status_and_the_service_metrics(
         assert "%" in human and "eta" in human and "rto 3s" in human
         proc.send_signal(signal.SIGKILL)  # replayctl dies: nothing moves the plan any more
         proc.wait(10)
-        time.sleep(6)  # the service re-reads the plan store every 5 s at most
+        # the service re-reads the plan store every 5 s at most
+        wait_for(lambda: metric_value(svc.metrics(), "ingest_replay_duration_seconds", **lab) > 3,
+                 timeout=15, what="the killed replay's duration past its RTO on /metrics")
         m = svc.metrics()
         assert metric_value(m, "ingest_replay_state", state="running", **lab) == 1
-        assert metric_value(m, "ingest_replay_duration_seconds", **lab) > 3  # past its RTO
         st = rjson(root, "status", plan_id)
         assert st["completion"]["rto_at_risk"] is True
         assert "AT RISK" in said(rctl(root, "status", plan_id))
         done = rjson(root, "run", "--plan", plan_id)  # resumes to the end
         assert done["state"] == "completed" and done["completion"]["ratio"] == 1.0
-        time.sleep(6)
+        wait_for(lambda: metric_value(svc.metrics(), "ingest_replay_state", state="completed",
+                                      **lab) == 1, timeout=15, what="completed on /metrics")
         m = svc.metrics()
-        assert metric_value(m, "ingest_replay_state", state="completed", **lab) == 1
         assert metric_value(m, "ingest_replay_progress_ratio", **lab) == 1
         assert metric_value(m, "ingest_replay_records_total", outcome="delivered", **lab) == drops
     finally:
