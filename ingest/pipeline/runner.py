@@ -8,6 +8,11 @@ records of one entity from one source reach the sinks in source order, which is 
 revision judgements repeatable after a crash. Commits go through the commit watermark: a
 position is acknowledged only once its batch and every batch before it are durable.
 
+The runner tells its source when it holds (`Source.pause()` / `resume()`): at once for drain
+and pause, and after HOLD_AFTER_S when tokens or the delivery of the batch before keep the
+reader waiting (a Kafka member must keep polling to stay in its group). When the service
+stops, `Source.stop()` lets `batches()` end after the read in progress.
+
 Neither stage can wait for the other forever: the consumer watches the producer's task as well
 as the queue, so a reader that fails (or a consumer that fails) ends the run with its error,
 for the supervisor to restart; a batch read ahead but not yet handed over is cancelled with
@@ -21,9 +26,9 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ingest import logctx
 from ingest.errors import Abandoned, is_disk_full
@@ -39,6 +44,9 @@ from ingest.sources.base import Source, SourceBatch
 log = logging.getLogger(__name__)
 
 _HOLD = (BackpressureState.DRAIN, BackpressureState.PAUSED)
+HOLD_AFTER_S = 5.0  # the reader waited this long for tokens or the consumer: pause the source
+STOP_GRACE_S = 5.0  # on stop, how long the read in progress may take to end by itself
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -78,6 +86,7 @@ class SourceRunner:
         # Sink writes of this source, one at a time: N+1's write and a settle of N that fell
         # back to isolation (which writes N again) never reach a sink connection together.
         self._writing = asyncio.Lock()
+        self._source_stopped = False
 
     async def run(self) -> None:
         """Until `stopping` is set: then finish what was read, commit it, and return.
@@ -104,12 +113,44 @@ class SourceRunner:
             self.progress.forget_uncommitted()
 
     async def _gate(self) -> bool:
-        """Wait while drained or paused; False once the service is stopping."""
-        while not self.stopping.is_set():
-            if self.admission.state not in _HOLD:
-                return True
-            await asyncio.sleep(0.1)
-        return False
+        """Wait while drained or paused, the source paused meanwhile; False once the service
+        is stopping."""
+        held = False
+        try:
+            while not self.stopping.is_set():
+                if self.admission.state not in _HOLD:
+                    return True
+                if not held:
+                    await self.source.pause()
+                    held = True
+                await asyncio.sleep(0.1)
+            return False
+        finally:
+            if held and not self.stopping.is_set():
+                await self.source.resume()
+
+    async def _stop_source(self) -> None:
+        if not self._source_stopped:
+            self._source_stopped = True
+            await self.source.stop()
+
+    async def _waiting(self, work: Awaitable[T]) -> T:
+        """Await something the reader must wait for (tokens, room in the queue); past
+        HOLD_AFTER_S the source is paused until it is done."""
+        task = asyncio.ensure_future(work)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=HOLD_AFTER_S)
+            if task in done:
+                return task.result()
+            await self.source.pause()
+            try:
+                return await task
+            finally:
+                if not self.stopping.is_set():
+                    await self.source.resume()
+        except BaseException:
+            task.cancel()
+            raise
 
     async def _produce(self, queue: asyncio.Queue[_Decoded]) -> None:
         batches = self.source.batches()
@@ -123,8 +164,10 @@ class SourceRunner:
                 )
                 stop_wait.cancel()
                 if next_batch not in done:
-                    next_batch.cancel()
-                    await asyncio.gather(next_batch, return_exceptions=True)
+                    # stopping: the source ends `batches()` after the read in progress; a batch
+                    # read now is never delivered (nor committed), so it is read again later
+                    await self._stop_source()
+                    await asyncio.wait({next_batch}, timeout=STOP_GRACE_S)
                     break
                 try:
                     batch = next_batch.result()
@@ -135,10 +178,10 @@ class SourceRunner:
                 self.on_pending(len(batch.records))
                 self._held += len(batch.records)
                 self.progress.read(len(batch.records))
-                await self._admit(batch)
+                await self._waiting(self._admit(batch))
                 decoded = decode_isolating(self.decoder, batch.records, self.pipeline.metrics)
                 lookup = self.pipeline.prefetch_seen(decoded, batch.records)
-                await queue.put(_Decoded(batch, decoded, lookup))
+                await self._waiting(queue.put(_Decoded(batch, decoded, lookup)))
         except Exception as exc:
             if is_disk_full(exc):  # its own bookkeeping (leases) found no space: shown as such
                 self.pipeline.note_disk_full(self._where, exc)
@@ -150,6 +193,9 @@ class SourceRunner:
             )
             raise
         finally:
+            if self.stopping.is_set():
+                with contextlib.suppress(Exception):
+                    await self._stop_source()
             if next_batch is not None and not next_batch.done():
                 # cancelled while waiting: a batch it went on to read would never be delivered
                 next_batch.cancel()

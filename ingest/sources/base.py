@@ -65,7 +65,13 @@ class AdapterHealth:
 
 
 class Source(Protocol):
-    """Lifecycle: start, iterate batches until stopped, commit in order, close."""
+    """Lifecycle: start, iterate batches until stopped, commit in order, close.
+
+    The runner (`ingest.pipeline.runner`) says when to hold: `pause()` when it stops pulling
+    batches for a while (drain, pause, or downstream keeping it waiting), `resume()` before it
+    pulls again, `stop()` when the service stops. A source never guesses these from how long
+    its iterator was left alone.
+    """
 
     name: str  # adapter name as configured, e.g. "inbox", "kafka-main", "s3-main"
     kind: str  # inbox | webhook | kafka | s3 | sftp
@@ -84,8 +90,17 @@ class Source(Protocol):
         """Everything up to and including this batch is durable: acknowledge upstream."""
         ...
 
+    async def pause(self) -> None:
+        """The runner holds (the `batches()` iterator stays open): fetch nothing meanwhile,
+        but stay where you are (a Kafka member keeps its place in the group)."""
+        ...
+
+    async def resume(self) -> None:
+        """The runner pulls again: continue exactly where reading was held."""
+        ...
+
     async def stop(self) -> None:
-        """Stop fetching (drain / pause / shutdown); `batches()` ends after the current one."""
+        """Shutdown: `batches()` ends after the current read; `close()` follows."""
         ...
 
     def health(self) -> AdapterHealth:
@@ -94,3 +109,23 @@ class Source(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class PullOnly:
+    """`pause`/`resume` for a source that fetches only while its iterator is pulled (inbox,
+    webhook, S3, SFTP): holding costs nothing, so they only say so in health (an error
+    status stays shown; the status before the hold comes back on resume)."""
+
+    _health: AdapterHealth
+    _before_hold: str | None = None
+
+    async def pause(self) -> None:
+        if self._before_hold is None and self._health.status != "error":
+            self._before_hold = self._health.status
+            self._health.status = "paused"
+
+    async def resume(self) -> None:
+        if self._before_hold is not None:
+            if self._health.status == "paused":
+                self._health.status = self._before_hold
+            self._before_hold = None

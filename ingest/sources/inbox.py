@@ -55,7 +55,7 @@ from ingest.config import InboxSourceConfig
 from ingest.formats import DEFAULT_MAX_LINE_BYTES, Line, LineReader, detect_format, reject_meta
 from ingest.names import representable, shown, valid_name
 from ingest.records import RawRecord
-from ingest.sources.base import AdapterHealth, SourceBatch
+from ingest.sources.base import AdapterHealth, PullOnly, SourceBatch
 from ingest.state.base import CheckpointStore
 from ingest.state.leases import LeaseStore
 
@@ -83,7 +83,7 @@ class InboxPosition:
     ino: int = 0
 
 
-class InboxSource:
+class InboxSource(PullOnly):
     kind = "inbox"
 
     def __init__(

@@ -13,9 +13,13 @@ Why it is shaped this way:
   partition (logged and counted in `skipped_commits`): the new owner re-reads from the last
   committed offset and idempotency absorbs the repeat. Nothing of an old epoch can move the
   group's offset.
-* `stop()` pauses the assigned partitions and keeps polling in the background (so the member
-  stays in the group past max.poll.interval.ms and still answers rebalances); `resume()`
-  continues exactly where reading stopped.
+* `pause()` (the runner holds: drain, pause, downstream keeping it waiting) pauses the
+  assigned partitions at once and, from KEEPALIVE_AFTER_S on, polls in the background (not
+  at once: polling beside the commits of the batches still finishing delayed them by
+  seconds); `stop()` (shutdown; `batches()` ends) pauses and polls at once. Either way the
+  member stays in the group past max.poll.interval.ms and still answers rebalances;
+  `resume()` continues exactly where reading was held. The runner calls them; the source
+  does not guess a hold from how long its iterator was left alone.
 
 * A watcher task keeps the lag true while nobody reads: librdkafka's statistics (the usual
   source of the high watermark) arrive only from inside consume() and only for partitions
@@ -23,9 +27,7 @@ Why it is shaped this way:
   is drained/paused (it stops pulling batches) or the source is stopped. When a partition's
   high watermark is older than WATERMARK_STALE_S, the watcher asks the broker (ListOffsets,
   and the group's committed offset when this member knows none) through a small admin
-  client, awaited on the loop, at most every WATERMARK_STALE_S. When the `batches()`
-  iterator has been left suspended for KEEPALIVE_AFTER_S (the runner's drain/pause gate), the
-  watcher pauses the partitions and polls, as `stop()` does, so the member stays in the group.
+  client, awaited on the loop, at most every WATERMARK_STALE_S.
 
 Lag (`health().lag_seconds`, the max over partitions, and `partition_lag()`): per partition,
 now minus the timestamp of the oldest message read but not yet committed; with nothing in
@@ -74,7 +76,7 @@ CALL_TIMEOUT_S = 10.0  # broker round trips made on purpose (offsets_for_times, 
 WATCH_INTERVAL_S = 1.0  # how often the watcher looks at watermarks and the iterator
 WATERMARK_STALE_S = 2.0  # a high watermark older than this is fetched from the broker
 WATERMARK_TIMEOUT_S = 2.0  # per request of that refresh: never hold the poll thread long
-KEEPALIVE_AFTER_S = 5.0  # iterator suspended this long (drained/paused runner): keep alive
+KEEPALIVE_AFTER_S = 5.0  # held (pause()) this long: poll in the background to stay in the group
 _EARLIEST = ("earliest", "smallest", "beginning")
 _LATEST: OffsetSpec = OffsetSpec.latest()  # type: ignore[no-untyped-call]
 _EARLIEST_SPEC: OffsetSpec = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
@@ -134,9 +136,10 @@ class KafkaSource:
         self._iterating = False
         self._keepalive: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self._paused = False  # partitions paused by stop() or the watcher; _read un-pauses
+        self._paused = False  # partitions paused by pause()/stop(); _read un-pauses
         self._paused_tps: set[TP] = set()  # every partition paused since: see _unpause
-        self._suspended_at: float | None = None  # monotonic: batches() left waiting at yield
+        self._holding = False  # pause(): the runner does not pull for now
+        self._hold_since = 0.0
         self._admin_client: AdminClient | None = None  # offsets only: see _refresh_offsets
         self._next_refresh = 0.0  # monotonic: no watermark refresh before (backoff on errors)
         reset = str(cfg.extra.get("auto.offset.reset", "earliest"))
@@ -184,11 +187,7 @@ class KafkaSource:
             while not self._stopping and not self._closed:
                 batch = await self._on_poll_thread(self._read)
                 if batch is not None:
-                    self._suspended_at = time.monotonic()
-                    try:
-                        yield batch
-                    finally:
-                        self._suspended_at = None
+                    yield batch
         finally:
             self._iterating = False
             self._start_keepalive()
@@ -203,6 +202,17 @@ class KafkaSource:
                 self._commit_pool, self._commit_sync, position
             )
 
+    async def pause(self) -> None:
+        """The runner holds: the assigned partitions are paused now (nothing more is fetched);
+        from KEEPALIVE_AFTER_S on, the watcher polls in the background so the member stays
+        in the group and answers rebalances, however long the hold lasts."""
+        if self._holding or self._closed or self._consumer is None:
+            return
+        self._holding = True
+        self._hold_since = time.monotonic()
+        self._health.status = "paused"
+        await self._on_poll_thread(self._pause_assigned)
+
     async def stop(self) -> None:
         """Stop fetching: `batches()` ends after the current read; partitions get paused."""
         self._stopping = True
@@ -211,10 +221,12 @@ class KafkaSource:
             self._start_keepalive()
 
     async def resume(self) -> None:
-        """Undo `stop()`: fetching continues where it stopped; iterate `batches()` again."""
+        """Undo `pause()` or `stop()`: fetching continues where it was held (after a
+        `stop()`, iterate `batches()` again)."""
         if self._closed:
             return
         self._stopping = False
+        self._holding = False
         if self._keepalive is not None:
             await self._keepalive
             self._keepalive = None
@@ -270,7 +282,7 @@ class KafkaSource:
         return await asyncio.get_running_loop().run_in_executor(self._poll_pool, fn)
 
     def _read(self) -> SourceBatch | None:
-        if self._paused:  # by the watcher while the iterator waited (drained runner)
+        if self._paused:  # held by pause()/stop() before this read
             self._unpause()
         if self._held:
             msgs, self._held = self._held[: self.cfg.batch_size], self._held[self.cfg.batch_size :]
@@ -457,15 +469,8 @@ class KafkaSource:
                     return
                 if self._stale():
                     await self._refresh_offsets()
-                suspended = self._suspended_at
-                if (
-                    suspended is not None
-                    and not self._stopping
-                    and time.monotonic() - suspended >= KEEPALIVE_AFTER_S
-                ):
-                    # the runner holds the iterator (drain/pause): keep the member in the
-                    # group and fetch nothing, as stop() does; the next read un-pauses
-                    await self._on_poll_thread(self._keepalive_poll)
+                if self._holding and time.monotonic() - self._hold_since >= KEEPALIVE_AFTER_S:
+                    self._start_keepalive()  # held a while: poll, to stay in the group
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # never let the watcher die: lag would freeze again
@@ -479,10 +484,6 @@ class KafkaSource:
             return any(
                 p.hi_at is None or now - p.hi_at >= WATERMARK_STALE_S for p in self._parts.values()
             )
-
-    def _keepalive_poll(self) -> None:
-        if self._suspended_at is not None and not self._stopping and not self._closed:
-            self._idle_poll()
 
     async def _refresh_offsets(self) -> None:
         """High (and low) watermarks from the broker for partitions whose statistics are
@@ -586,20 +587,24 @@ class KafkaSource:
 
     def _start_keepalive(self) -> None:
         idle = self._keepalive is None or self._keepalive.done()
-        if self._stopping and not self._closed and self._consumer is not None and idle:
+        held = self._stopping or self._holding
+        if held and not self._closed and self._consumer is not None and idle:
             self._keepalive = asyncio.get_running_loop().create_task(self._idle())
 
     async def _idle(self) -> None:
-        while self._stopping and not self._closed:
+        while (self._stopping or self._holding) and not self._closed:
             await self._on_poll_thread(self._idle_poll)
 
-    def _idle_poll(self) -> None:
+    def _pause_assigned(self) -> None:
         consumer = self._consumer
         assigned = consumer.assignment()
         consumer.pause(assigned)
         self._paused = True
         self._paused_tps.update((tp.topic, tp.partition) for tp in assigned)
-        msgs = consumer.consume(self.cfg.batch_size, POLL_TIMEOUT_S)
+
+    def _idle_poll(self) -> None:
+        self._pause_assigned()
+        msgs = self._consumer.consume(self.cfg.batch_size, POLL_TIMEOUT_S)
         if msgs:  # fetched before the pause took effect: keep them, in order, for resume()
             self._held.extend(m for m in msgs if m.error() is None)
 
@@ -681,7 +686,7 @@ class KafkaSource:
             b.get("state") == "UP" and b.get("nodeid", -1) >= 0
             for b in stats.get("brokers", {}).values()
         ):
-            self._health.status = "paused" if self._stopping else "running"
+            self._health.status = "paused" if self._stopping or self._holding else "running"
 
 
 def _first(*values: int | None) -> int | None:

@@ -26,7 +26,7 @@ from typing import Any
 
 from ingest.formats import DEFAULT_MAX_LINE_BYTES, Line, LineReader, detect_format, reject_meta
 from ingest.records import RawRecord
-from ingest.sources.base import AdapterHealth, SourceBatch
+from ingest.sources.base import AdapterHealth, PullOnly, SourceBatch
 from ingest.state.base import CheckpointStore
 from ingest.state.leases import LeaseStore
 
@@ -62,7 +62,7 @@ class SourceFailure(Exception):
         self.unreachable = unreachable
 
 
-class ItemSource(ABC):
+class ItemSource(PullOnly, ABC):
     """Base of S3Source and SFTPSource; see the module docstring."""
 
     kind: str
@@ -118,15 +118,13 @@ class ItemSource(ABC):
     def describe(self, exc: Exception) -> SourceFailure:
         """Put a driver's exception in words (reason code first) with a retry delay."""
 
-    async def finished(self, ref: ItemRef) -> None:  # noqa: B027 - optional hook
+    async def finished(self, ref: ItemRef) -> None:
         """Called once an item is done and committed (SFTP moves it to processed/)."""
 
-    async def after_listing(  # noqa: B027 - optional hook
-        self, refs: list[ItemRef], done: dict[str, str]
-    ) -> None:
+    async def after_listing(self, refs: list[ItemRef], done: dict[str, str]) -> None:
         """Hook after each listing pass (SFTP retries moves of done files still present)."""
 
-    async def close_client(self) -> None:  # noqa: B027 - optional hook
+    async def close_client(self) -> None:
         """Close connections."""
 
     # -- Source protocol ------------------------------------------------------------------

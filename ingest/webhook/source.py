@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ingest.config import WebhookSourceConfig
 from ingest.records import RawRecord
-from ingest.sources.base import AdapterHealth, SourceBatch
+from ingest.sources.base import AdapterHealth, PullOnly, SourceBatch
 from ingest.state.base import CheckpointStore
 from ingest.webhook.sqlite import SQLiteIntake
 
@@ -29,7 +29,7 @@ class IntakePosition:
     streams: tuple[tuple[str, str, int], ...]  # (tenant, webhook source, last intake id)
 
 
-class WebhookSource:
+class WebhookSource(PullOnly):
     kind = "webhook"
 
     def __init__(

@@ -398,8 +398,9 @@ async def test_lag_while_not_fetching_comes_from_the_broker_and_returns_to_zero(
 async def test_lag_of_partitions_never_fetched_while_the_reader_is_held(
     brokers: str, make_topic: TopicFactory, group: str, sources: list[KafkaSource]
 ) -> None:
-    """A reader that holds the iterator (the runner's drain/pause gate) without stop(): the
-    backlog of a new group (no committed offset) is the whole partition, from the broker."""
+    """A reader that holds the iterator (the runner's drain/pause gate: `pause()`, not
+    `stop()`): the backlog of a new group (no committed offset) is the whole partition, from
+    the broker."""
     topic = make_topic(4)
     for p in range(4):
         produce(brokers, topic, [body(i) for i in range(20 + p)], partition=p)
@@ -419,9 +420,13 @@ async def test_lag_of_partitions_never_fetched_while_the_reader_is_held(
     await until(lambda: behind() == expect, 10, f"offsets_behind {expect}")
     await asyncio.sleep(0.1)
     assert all(v["lag_seconds"] >= 0.1 for v in src.partition_lag().values())
-    # held past the keepalive: partitions paused, member still in the group, nothing lost
-    await asyncio.sleep(7.0)  # past KEEPALIVE_AFTER_S: the watcher pauses and polls
+    # the runner holds: partitions paused, polled in the background, nothing lost
+    await src.pause()
+    assert src.health().status == "paused"
+    await asyncio.sleep(2.0)
     assert behind() == expect
+    await src.resume()
+    assert src.health().status == "running"
     got = list(first.records)
     while len(got) < 86:
         b = await asyncio.wait_for(anext(batches), 10)
