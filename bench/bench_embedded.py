@@ -99,7 +99,8 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds (user + system) of `pid` and every live descendant (a pod's workers)."""
+    """CPU seconds (user + system) of `pid` and every live descendant (a pod's workers, a
+    server's backends), children already reaped included (cutime, cstime)."""
     parents: dict[int, int] = {}
     times: dict[int, float] = {}
     tick = os.sysconf("SC_CLK_TCK")
@@ -110,13 +111,26 @@ def tree_cpu_seconds(pid: int) -> float:
             continue
         child = int(stat.parent.name)
         parents[child] = int(fields[1])
-        times[child] = (int(fields[11]) + int(fields[12])) / tick
+        times[child] = sum(int(f) for f in fields[11:15]) / tick
     total, todo = 0.0, [pid]
     while todo:
         p = todo.pop()
         total += times.get(p, 0.0)
         todo.extend(c for c, parent in parents.items() if parent == p)
     return total
+
+
+def server_pid(*needles: str) -> int | None:
+    """The oldest process whose command line holds every needle (a server by name and port)."""
+    found = []
+    for cmd in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = cmd.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if all(n in line for n in needles):
+            found.append(int(cmd.parent.name))
+    return min(found) if found else None
 
 
 def run_service(

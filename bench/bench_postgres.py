@@ -37,7 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_embedded import make_lines, peak_rss_mb, tree_cpu_seconds  # noqa: E402
+from bench_embedded import make_lines, peak_rss_mb, server_pid, tree_cpu_seconds  # noqa: E402
 
 from ingest.pipeline.decode import Decoder  # noqa: E402
 from ingest.records import RawRecord, Record  # noqa: E402
@@ -208,27 +208,47 @@ class Service:
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=30).text
 
-    def run_file(self, lines: list[bytes], name: str, files: int = 1) -> tuple[float, float | None]:
+    def run_file(
+        self, lines: list[bytes], name: str, files: int = 1, servers: dict[str, int] | None = None
+    ) -> tuple[float, float | None, dict[str, float]]:
         """Drop the records as `files` files at once, wait until all are committed:
-        (records/s, p95 lag of this phase)."""
+        (records/s, p95 lag of this phase, CPU µs per record of the service and `servers`)."""
+        pids = {"service": self.proc.pid, **(servers or {})}
         before = histogram(self.metrics())
         names = [f"{i}-{name}" for i in range(files)]
         for i, part in enumerate(names):
             chunk = lines[i * len(lines) // files : (i + 1) * len(lines) // files]
             (self.workdir / f"{part}.staged").write_bytes(b"\n".join(chunk) + b"\n")
-        cpu0 = tree_cpu_seconds(self.proc.pid)
+        cpu0 = {who: tree_cpu_seconds(pid) for who, pid in pids.items()}
         t0 = time.perf_counter()
         for part in names:
             os.replace(self.workdir / f"{part}.staged", self.inbox / part)
         while any((self.inbox / part).exists() for part in names):
             time.sleep(0.05)
         elapsed = time.perf_counter() - t0
-        cpu_us = (tree_cpu_seconds(self.proc.pid) - cpu0) / len(lines) * 1e6
-        return len(lines) / elapsed, p95(before, histogram(self.metrics())), cpu_us
+        cpu = {
+            who: (tree_cpu_seconds(pid) - cpu0[who]) / len(lines) * 1e6 for who, pid in pids.items()
+        }
+        return len(lines) / elapsed, p95(before, histogram(self.metrics())), cpu
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(120)
+
+
+def postgres_and_redis(redis_port: int) -> dict[str, int]:
+    """The bench's Postgres (its postmaster.pid in the run dir, if this machine runs it) and
+    private Redis, for their CPU per record; absent ones are left out."""
+    found: dict[str, int] = {}
+    pidfile = (
+        Path(os.environ.get("INGEST_RUN_DIR", "/nonexistent")) / "postgres/data/postmaster.pid"
+    )
+    if pidfile.exists():
+        found["postgres"] = int(pidfile.read_text().split()[0])
+    pid = server_pid("redis-server", f":{redis_port}")
+    if pid is not None:
+        found["redis"] = pid
+    return found
 
 
 def profile(
@@ -287,8 +307,11 @@ def main() -> None:
         updates = make_lines(args.records, 2)
         n_csv = csv_of(lines, workdir / "rows.csv")
         assert n_csv == args.records
+        pg_pid = postgres_and_redis(redis.port).get("postgres")
+        pg0 = tree_cpu_seconds(pg_pid) if pg_pid else 0.0
         copy_s = psql_copy(dsn, schema, "copy_entities", workdir / "rows.csv")
         copy_rate = args.records / copy_s
+        copy_pg_us = (tree_cpu_seconds(pg_pid) - pg0) / args.records * 1e6 if pg_pid else None
 
         cfg = config_for(redis.url, dsn, "entities", None, args.batch_size, args.workers)
         print(
@@ -296,9 +319,11 @@ def main() -> None:
             f" {args.files} file(s)"
         )
         svc = Service(workdir, cfg, args.port or free_port())
+        print(f"CPU measured for: service, {', '.join(postgres_and_redis(redis.port))}")
         try:
-            new_rate, new_p95, new_cpu = svc.run_file(lines, "new.jsonl", args.files)
-            upd_rate, upd_p95, upd_cpu = svc.run_file(updates, "update.jsonl", args.files)
+            servers = postgres_and_redis(redis.port)
+            new_rate, new_p95, new_cpu = svc.run_file(lines, "new.jsonl", args.files, servers)
+            upd_rate, upd_p95, upd_cpu = svc.run_file(updates, "update.jsonl", args.files, servers)
             rss = peak_rss_mb(svc.proc.pid)
         finally:
             svc.stop()
@@ -311,14 +336,17 @@ def main() -> None:
         print(f"psql \\copy (limit):       {copy_rate:,.0f} records/s ({copy_s:.1f} s)")
         print(
             f"pipeline, new rows:       {new_rate:,.0f} records/s  "
-            f"({new_rate / copy_rate:.2f}x of \\copy), p95 lag <= {new_p95} s, "
-            f"service CPU {new_cpu:.1f} µs/record"
+            f"({new_rate / copy_rate:.2f}x of \\copy), p95 lag <= {new_p95} s"
         )
         print(
             f"pipeline, rev-2 updates:  {upd_rate:,.0f} records/s  "
-            f"({upd_rate / copy_rate:.2f}x of \\copy), p95 lag <= {upd_p95} s, "
-            f"service CPU {upd_cpu:.1f} µs/record"
+            f"({upd_rate / copy_rate:.2f}x of \\copy), p95 lag <= {upd_p95} s"
         )
+        if copy_pg_us is not None:
+            print(f"CPU µs/record, \\copy:    postgres {copy_pg_us:.1f}")
+        for phase, cpu in (("new rows", new_cpu), ("updates", upd_cpu)):
+            shown = ", ".join(f"{who} {us:.1f}" for who, us in cpu.items())
+            print(f"CPU µs/record, {phase + ':':10}{shown}")
         print(f"peak RSS (service):       {rss:.0f} MB")
         print(f"load average after:       {os.getloadavg()}")
         if args.profile_records:
