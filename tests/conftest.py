@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import pytest
@@ -51,9 +51,25 @@ def wait_for(cond: Callable[[], T], timeout: float = 60.0, what: str = "conditio
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
 
 
+def v3_body(tenant: str, entity_type: str, entity_id: str, revision: int, *,
+            occurred_at: str = "2025-01-01T00:00:00Z", attributes: dict[str, Any] | None = None,
+            relations: Iterable[tuple[str, str, str]] = (), **extra: Any) -> dict[str, Any]:
+    """A schema-3 record body; `relations` as (type, target_type, target_id); `extra` adds or
+    replaces top-level keys (deleted, priority, ...). The one builder the tests' record
+    helpers share."""
+    body: dict[str, Any] = {"schema_version": 3, "tenant_id": tenant,
+                            "entity_type": entity_type, "entity_id": entity_id,
+                            "revision": revision, "occurred_at": occurred_at,
+                            "attributes": attributes if attributes is not None else {}}
+    if relations:
+        body["relations"] = [{"type": t, "target_type": tt, "target_id": tid}
+                             for t, tt, tid in relations]
+    body.update(extra)
+    return body
+
+
 def rec(entity_id: str, revision: int = 1, tenant: str = "acme-corp",
         **extra: Any) -> dict[str, Any]:
     """A valid input record (schema 3) of `tenant`; `extra` replaces or adds top-level keys."""
-    return {"schema_version": 3, "tenant_id": tenant, "entity_type": "order",
-            "entity_id": entity_id, "revision": revision, "occurred_at": "2025-01-01T00:00:00Z",
-            "attributes": {"amount": float(revision)}, **extra}
+    return v3_body(tenant, "order", entity_id, revision,
+                   attributes={"amount": float(revision)}, **extra)

@@ -30,6 +30,7 @@ import httpx
 import yaml
 from neo4j import GraphDatabase
 
+from tests.conftest import v3_body
 from tests.e2e._production import RUN_DIR, SCRIPTS, PrivateServer, _env_file, pg_query
 from tests.e2e._service import free_port
 
@@ -169,21 +170,11 @@ def v3(
     relations: Iterable[tuple[str, str, str]] = (),
     **attrs: Any,
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "schema_version": 3,
-        "tenant_id": tenant,
-        "entity_type": entity_type,
-        "entity_id": entity_id,
-        "revision": revision,
-        "occurred_at": "2025-01-01T00:00:00Z",
-        "attributes": {} if deleted else (attrs or {"amount": float(revision), "status": "new"}),
-    }
+    attributes = {} if deleted else (attrs or {"amount": float(revision), "status": "new"})
+    body = v3_body(tenant, entity_type, entity_id, revision, attributes=attributes,
+                   relations=relations)
     if deleted:
         body["deleted"] = True
-    if relations:
-        body["relations"] = [
-            {"type": t, "target_type": tt, "target_id": tid} for t, tt, tid in relations
-        ]
     return body
 
 

@@ -23,19 +23,11 @@ from ingest.sources.base import SourceBatch
 from ingest.sources.objects import ItemSource
 from ingest.state.leases import SQLiteLeaseStore
 from ingest.state.sqlite import SQLiteCheckpointStore, SQLiteDB
+from tests.conftest import require_env
 
 BUCKET = "ingest-bucket"
 
 
-def require_env(name: str, script: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        pytest.fail(
-            f"{name} is not set: run `scripts/services/up.sh {script}` and "
-            f"source the all.env it prints (scripts/services/{script}.sh)",
-            pytrace=False,
-        )
-    return value
 
 
 # -- S3 ---------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ tenant. Import the fixtures explicitly in a test module (`from ._fixtures_graph 
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
@@ -17,9 +16,11 @@ import typesense
 from neo4j import AsyncDriver, AsyncGraphDatabase
 
 from ingest.config import TypesenseField
-from ingest.records import RawRecord, Record, dedupe_key
+from ingest.records import Record
 from ingest.sinks.neo4j import Neo4jSink
 from ingest.sinks.typesense import TypesenseSink
+from tests.conftest import require_env, v3_body
+from tests.integration.conftest import record_of
 
 TS_FIELDS: dict[str, list[TypesenseField]] = {
     "customer": [
@@ -30,16 +31,6 @@ TS_FIELDS: dict[str, list[TypesenseField]] = {
 }
 
 
-def require_env(name: str, script: str) -> str:
-    """A server coordinate from the environment, or a test error saying how to get it."""
-    value = os.environ.get(name)
-    if not value:
-        pytest.fail(
-            f"{name} is not set: run `scripts/services/{script}.sh start` (or `up.sh {script}`) "
-            f"and `source $INGEST_RUN_DIR/{script}.env`",
-            pytrace=False,
-        )
-    return value
 
 
 def make_record(
@@ -53,20 +44,19 @@ def make_record(
     seq: int = 0,
 ) -> Record:
     """A validated v3 record as the pipeline would hand it to a sink."""
-    body: dict[str, Any] = {
-        "schema_version": 3,
-        "tenant_id": tenant,
-        "entity_type": entity_type,
-        "entity_id": entity_id,
-        "revision": revision,
-        "occurred_at": f"2025-01-01T00:00:{revision % 60:02d}Z",
-        "priority": "normal",
-        "attributes": dict(attributes or {}),
-        "relations": [{"type": t, "target_type": tt, "target_id": tid} for t, tt, tid in relations],
-        "deleted": deleted,
-    }
-    raw = RawRecord(data=b"", tenant=tenant, source="s", seq=seq, position=None, event_time=0.0)
-    return Record.of(raw, body, dedupe_key(body))
+    body = v3_body(
+        tenant,
+        entity_type,
+        entity_id,
+        revision,
+        occurred_at=f"2025-01-01T00:00:{revision % 60:02d}Z",
+        priority="normal",
+        attributes=dict(attributes or {}),
+        relations=relations,
+        deleted=deleted,
+    )
+    body.setdefault("relations", [])
+    return record_of(body, seq=seq)
 
 
 @pytest.fixture

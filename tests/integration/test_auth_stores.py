@@ -13,7 +13,8 @@ import redis.asyncio as aioredis
 from ingest.auth.seen import RedisSeen, request_key
 from ingest.state.audit import DENIED, OK, AuditEntry, AuditFilter, PostgresAuditStore
 from ingest.state.postgres import connect_pool, migrate
-from tests.integration._fixtures_pg import *  # noqa: F403  (pytest fixtures: pg_dsn, rclient)
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture

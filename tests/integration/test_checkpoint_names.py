@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from ingest.state.base import CheckpointStore
 from ingest.state.redis import RedisCheckpointStore, redis_client
 from ingest.state.sqlite import SQLiteCheckpointStore, SQLiteDB
-from tests.integration._fixtures_pg import *  # noqa: F403  (fixtures: redis_url)
+
+pytestmark = pytest.mark.integration
 
 TEXT = st.text(st.characters(codec="utf-8"), min_size=1, max_size=30)
 UNDECODABLE = st.binary(min_size=1, max_size=20).map(

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from ingest.config import AdmissionConfig, TenantLimits
 from ingest.pipeline.admission import Admission, BackpressureState
 from ingest.pipeline.control import ControlFollower
@@ -17,8 +19,9 @@ from ingest.state.control import (
     update,
 )
 from ingest.state.postgres import connect_pool
-from tests.integration._fixtures_pg import *  # noqa: F403  (fixtures: pg_dsn, private_postgres)
-from tests.integration._fixtures_pg import PrivateServer
+from tests.integration.conftest import PrivateServer
+
+pytestmark = pytest.mark.integration
 
 
 def admission() -> Admission:

@@ -34,8 +34,9 @@ from ingest.sinks.postgres import PostgresSink
 from ingest.state.base import DLQFilter
 from ingest.state.postgres import PostgresDLQStore, PostgresDroppedStore, connect_pool, migrate
 from ingest.state.sqlite import SQLiteDB, SQLiteIdempotencyStore
-from tests.integration._fixtures_pg import *  # noqa: F403  (private_postgres)
-from tests.integration._fixtures_pg import PrivateServer
+from tests.integration.conftest import PrivateServer
+
+pytestmark = pytest.mark.integration
 
 MB = 1024 * 1024
 

@@ -9,6 +9,7 @@ import random
 import uuid
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,9 +26,10 @@ from ingest.state.dlq_fit import add_fitted
 from ingest.state.postgres import PostgresDLQStore, PostgresDroppedStore, connect_pool, migrate
 from ingest.state.redis import RedisIdempotencyStore, redis_client
 from tests._hostile import assert_stored, hostile_entries
-from tests.integration._fixtures_pg import *  # noqa: F403  (pytest fixtures: pg_url, ...)
-from tests.integration._fixtures_pg import _drop_schema, _fresh_schema
+from tests.integration.conftest import _drop_schema, _fresh_schema
 from tests.unit.test_worker import MemorySink
+
+pytestmark = pytest.mark.integration
 
 
 @settings(max_examples=40, deadline=None,

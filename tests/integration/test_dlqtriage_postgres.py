@@ -15,7 +15,6 @@ import pytest
 
 from tests.e2e._service import ServiceProcess
 from tests.e2e.test_dlqtriage import FIX, dlqt, dlqt_json, said, wait_for
-from tests.integration._fixtures_pg import pg_dsn, pg_url, redis_url  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +31,7 @@ def _sql(dsn: str, sql: str, *args: Any) -> Any:
 
 
 @pytest.fixture()
-def prod(tmp_path: Path, pg_dsn: str, redis_url: str) -> Iterator[tuple[Path, str, str]]:  # noqa: F811
+def prod(tmp_path: Path, pg_dsn: str, redis_url: str) -> Iterator[tuple[Path, str, str]]:
     """(working dir with ingest.yaml, tenant, dsn) after a mixed feed through the service."""
     tenant = f"acme-{uuid.uuid4().hex[:8]}"  # Redis is shared: keys of our own
     (tmp_path / "ingest.yaml").write_text(

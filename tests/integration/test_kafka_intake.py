@@ -16,6 +16,8 @@ from ingest.webhook.kafka import KafkaIntake
 from tests.integration import _fixtures_kafka as fx
 from tests.integration._fixtures_kafka import Reader, TopicFactory, source_for
 
+pytestmark = pytest.mark.integration
+
 # fixtures, by name
 brokers, group, make_topic, sources = (fx.brokers, fx.group, fx.make_topic, fx.sources)
 

@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import orjson
+import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from ingest.records import RawRecord
@@ -21,6 +22,8 @@ from tests.integration._fixtures_kafka import (
     source_for,
     until,
 )
+
+pytestmark = pytest.mark.integration
 
 # fixtures, by name
 brokers, kafka_bin, group, make_topic, sources = (

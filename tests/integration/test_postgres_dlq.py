@@ -20,7 +20,8 @@ from ingest.state.postgres import (
     migrate,
     migration_files,
 )
-from tests.integration._fixtures_pg import *  # noqa: F403  (pytest fixtures: pg_dsn, pg_url)
+
+pytestmark = pytest.mark.integration
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -13,8 +13,9 @@ import pytest
 from ingest.errors import SinkError
 from ingest.records import ReasonCode, SinkResult, SinkStatus
 from ingest.sinks.postgres import PostgresSink
-from tests.integration._fixtures_pg import *  # noqa: F403  (fixtures: pg_dsn, private_postgres)
-from tests.integration._fixtures_pg import PrivateServer, make_record
+from tests.integration.conftest import PrivateServer, make_record
+
+pytestmark = pytest.mark.integration
 
 APPLIED, UNCHANGED = SinkResult.applied(), SinkResult.unchanged()
 

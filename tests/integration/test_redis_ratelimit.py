@@ -15,8 +15,9 @@ from ingest.config import AdmissionConfig, TenantLimits
 from ingest.pipeline.admission import Admission, Rejected
 from ingest.state.ratelimit import PREFIX, RedisRateLimiter, gcra, gcra_tokens
 from ingest.state.redis import redis_client
-from tests.integration._fixtures_pg import *  # noqa: F403  (fixtures: rclient, uid, private_redis)
-from tests.integration._fixtures_pg import PrivateServer
+from tests.integration.conftest import PrivateServer
+
+pytestmark = pytest.mark.integration
 
 
 def limiter(client: aioredis.Redis, rate: float, burst: float) -> RedisRateLimiter:

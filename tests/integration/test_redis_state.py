@@ -14,8 +14,9 @@ import redis.asyncio as aioredis
 
 from ingest.errors import StoreUnavailable
 from ingest.state.redis import DAY, RedisCheckpointStore, RedisIdempotencyStore, redis_client
-from tests.integration._fixtures_pg import *  # noqa: F403  (fixtures: rclient, uid, private_redis)
-from tests.integration._fixtures_pg import PrivateServer
+from tests.integration.conftest import PrivateServer
+
+pytestmark = pytest.mark.integration
 
 TTL = 7 * DAY
 

@@ -15,7 +15,9 @@ import pytest
 import redis
 
 from tests.conftest import require_env
-from tests.integration._fixtures_pg import _env_file as env_file
+from tests.integration.conftest import _env_file as env_file
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts" / "services"

@@ -10,8 +10,12 @@ from typing import Any
 import pytest
 
 from ingest.errors import SinkError
-from ingest.records import RawRecord, ReasonCode, Record, SinkResult, SinkStatus, dedupe_key
+from ingest.records import ReasonCode, Record, SinkResult, SinkStatus
 from ingest.sinks.sqlite import SQLiteSink
+from tests.conftest import v3_body
+from tests.integration.conftest import record_of
+
+pytestmark = pytest.mark.integration
 
 
 def rec(
@@ -23,22 +27,11 @@ def rec(
     entity_type: str = "customer",
     attrs: dict[str, Any] | None = None,
 ) -> Record:
-    body: dict[str, Any] = {
-        "schema_version": 3,
-        "tenant_id": tenant,
-        "entity_type": entity_type,
-        "entity_id": entity_id,
-        "revision": revision,
-        "occurred_at": "2025-01-01T00:00:00Z",
-        "priority": "normal",
-        "attributes": attrs if attrs is not None else {"name": f"{entity_id}@{revision}"},
-        "relations": [{"type": "owns", "entity_type": "account", "entity_id": "a-1"}],
-        "deleted": deleted,
-    }
-    raw = RawRecord(
-        data=b"{}", tenant=tenant, source="s", seq=revision, position=None, event_time=0.0
-    )
-    return Record.of(raw, body, dedupe_key(body))
+    attributes = attrs if attrs is not None else {"name": f"{entity_id}@{revision}"}
+    body = v3_body(tenant, entity_type, entity_id, revision, attributes=attributes,
+                   priority="normal", deleted=deleted)
+    body["relations"] = [{"type": "owns", "entity_type": "account", "entity_id": "a-1"}]
+    return record_of(body, seq=revision)
 
 
 @pytest.fixture

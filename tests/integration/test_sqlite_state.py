@@ -25,6 +25,8 @@ from ingest.state.sqlite import (
 )
 from ingest.webhook.sqlite import SQLiteIntake
 
+pytestmark = pytest.mark.integration
+
 T0 = 1_700_000_000.0
 
 

@@ -25,20 +25,12 @@ import redis.asyncio as aioredis
 
 from ingest.records import RawRecord, Record, dedupe_key
 from ingest.state.redis import redis_client
+from tests.conftest import require_env, v3_body
 from tests.e2e._service import free_port
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "services"
 
 
-def require_env(name: str, script: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        pytest.fail(
-            f"{name} is not set: run `scripts/services/up.sh {script}` and "
-            f"source the all.env it prints (scripts/services/{script}.sh)",
-            pytrace=False,
-        )
-    return value
 
 
 @pytest.fixture
@@ -169,16 +161,20 @@ def make_record(
     deleted: bool = False,
     attributes: dict[str, Any] | None = None,
 ) -> Record:
-    body: dict[str, Any] = {
-        "schema_version": 3,
-        "tenant_id": tenant,
-        "entity_type": entity_type,
-        "entity_id": entity_id,
-        "revision": revision,
-        "occurred_at": "2026-01-02T03:04:05.123456Z",
-        "attributes": attributes if attributes is not None else {"amount": revision, "n": "x"},
-        "relations": [{"type": "PLACED_BY", "target_type": "customer", "target_id": "c1"}],
-        "deleted": deleted,
-    }
-    raw = RawRecord(b"", tenant, "test", revision, None, 0.0)
+    body = v3_body(
+        tenant,
+        entity_type,
+        entity_id,
+        revision,
+        occurred_at="2026-01-02T03:04:05.123456Z",
+        attributes=attributes if attributes is not None else {"amount": revision, "n": "x"},
+        relations=[("PLACED_BY", "customer", "c1")],
+        deleted=deleted,
+    )
+    return record_of(body, source="test", seq=revision)
+
+
+def record_of(body: dict[str, Any], *, source: str = "s", seq: int = 0) -> Record:
+    """The Record a decoder would hand a sink for `body` (a valid current-version body)."""
+    raw = RawRecord(b"", body["tenant_id"], source, seq, None, 0.0)
     return Record.of(raw, body, dedupe_key(body))
