@@ -55,7 +55,7 @@ def production(data: Path, port: int, image: str) -> list[str]:
         "--network", "host",
         "-e", f"INGEST_POSTGRES_URL={os.environ['INGEST_TEST_POSTGRES_URL']}",
         "-e", f"INGEST_REDIS_URL={os.environ['INGEST_TEST_REDIS_URL']}",
-        "-e", f"INGEST_HTTP_PORT={port}", "-e", f"INGEST_ADMIN_PORT={free_port()}",
+        "-e", f"INGEST_HTTP_PORT={port}",
         image, "run", "--config", "/var/lib/ingest/ingest.yaml",
     ]  # fmt: skip
 
