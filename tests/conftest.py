@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -73,3 +75,18 @@ def rec(entity_id: str, revision: int = 1, tenant: str = "acme-corp",
     """A valid input record (schema 3) of `tenant`; `extra` replaces or adds top-level keys."""
     return v3_body(tenant, "order", entity_id, revision,
                    attributes={"amount": float(revision)}, **extra)
+
+
+async def until(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition",
+                step: float = 0.05) -> None:
+    """`wait_for` inside an event loop: awaits between polls; `cond` may return an awaitable."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if inspect.isawaitable(got):
+            got = await got
+        if got:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(step)

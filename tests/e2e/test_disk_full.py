@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import wait_for as wait_until
 from tests.e2e._service import ServiceProcess, metric_value
 
 pytestmark = pytest.mark.e2e
@@ -71,13 +72,6 @@ def rec(eid: str) -> dict[str, Any]:
     return {"schema_version": 3, "tenant_id": TENANT, "entity_type": "order", "entity_id": eid,
             "revision": 1, "occurred_at": "2025-01-01T00:00:00Z",
             "attributes": {"note": "x" * 200}}
-
-
-def wait_until(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def sink_count(data: Path) -> int:

@@ -7,11 +7,11 @@ import gzip
 import io
 import json
 import sqlite3
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_for as wait_until
 from tests.e2e._service import ServiceProcess, metric_value
 
 pytestmark = pytest.mark.e2e
@@ -22,13 +22,6 @@ def record(i: int, revision: int = 1) -> dict[str, object]:
     return {"schema_version": 3, "tenant_id": TENANT, "entity_type": "order",
             "entity_id": f"o-{i}", "revision": revision, "occurred_at": "2025-01-01T00:00:00Z",
             "attributes": {"amount": float(i)}}
-
-
-def wait_until(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_throttled_tenant_gets_429_with_retry_after(tmp_path: Path) -> None:

@@ -8,22 +8,15 @@ breaker trips, and the top-level status, problems, metrics and readiness must ag
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.conftest import wait_for as wait_until
 from tests.e2e._service import ServiceProcess, free_port, metric_value
 
 pytestmark = pytest.mark.e2e
-
-
-def wait_until(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_failing_source_and_unreachable_sink_are_not_ok(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import wait_for as wait_until
 from tests.e2e._service import ServiceProcess, metric_value
 
 pytestmark = pytest.mark.e2e
@@ -29,13 +30,6 @@ def rec(tenant: str, eid: str, revision: int = 1) -> dict[str, Any]:
 
 def ndjson(*records: dict[str, Any]) -> str:
     return "\n".join(json.dumps(r) for r in records) + "\n"
-
-
-def wait_until(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def sink_ids(data: Path) -> set[tuple[str, str]]:

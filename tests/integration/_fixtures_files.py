@@ -11,7 +11,7 @@ import contextlib
 import os
 import pwd
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -166,15 +166,6 @@ def record_ids(batches: list[SourceBatch]) -> list[str]:
     import orjson
 
     return [str(orjson.loads(r.data)["id"]) for b in batches for r in b.records if not r.meta]
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what or cond}")
-        await asyncio.sleep(0.05)
 
 
 # -- SFTP -------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from ingest.config import KafkaSourceConfig
 from ingest.records import RawRecord
 from ingest.sources.base import SourceBatch
 from ingest.sources.kafka import KafkaSource
+from tests.conftest import until as until
 
 SCRIPT = "scripts/services/kafka.sh"
 # Faster rebalances than librdkafka's defaults (3 s heartbeats, 45 s session) for tests.
@@ -173,21 +174,6 @@ class Reader:
         await self.source.stop()
         if self.task is not None:
             await asyncio.wait_for(self.task, 10)
-
-
-async def until(
-    cond: Callable[[], bool | Awaitable[bool]], timeout: float, what: str, step: float = 0.05
-) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if not isinstance(got, bool):
-            got = await got
-        if got:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(step)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import pytest
 from ingest.sources.s3 import S3Source
 from ingest.state.leases import LeaseStore, PostgresLeaseStore, SQLiteLeaseStore
 from ingest.state.sqlite import SQLiteDB
+from tests.conftest import until as wait_for
 from tests.integration._fixtures_files import (
     BUCKET,
     Pump,
@@ -32,7 +33,6 @@ from tests.integration._fixtures_files import (
     s3_config,
     s3_endpoint,
     state,
-    wait_for,
 )
 
 __all__ = ["prefix", "s3", "s3_endpoint", "state"]  # fixtures used by name

@@ -14,6 +14,7 @@ import asyncssh
 import pytest
 
 from ingest.sources.sftp import SFTPSource
+from tests.conftest import until as wait_for
 from tests.integration._fixtures_files import (
     Pump,
     SFTPServer,
@@ -24,7 +25,6 @@ from tests.integration._fixtures_files import (
     sftp_dir,
     sftp_server,
     state,
-    wait_for,
 )
 
 __all__ = ["sftp_dir", "sftp_server", "state"]  # fixtures used by name

@@ -19,6 +19,7 @@ from ingest.pipeline.runner import SourceRunner
 from ingest.records import RawRecord
 from ingest.sources.base import AdapterHealth, PullOnly, SourceBatch
 from ingest.state.sqlite import SQLiteDB
+from tests.conftest import until
 from tests.unit.test_worker import FakeSleep, MemorySink, make_pipeline
 
 
@@ -73,13 +74,6 @@ class ScriptedSource:
         return self._health
 
     async def close(self) -> None: ...
-
-
-async def until(cond: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture()
