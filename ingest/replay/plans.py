@@ -361,13 +361,16 @@ class PostgresPlanStore:
         return await on_conn(self._pool, fn)
 
     async def ensure_schema(self) -> None:
+        from ingest.state.postgres import ddl_once  # pods and CLIs may start together
+
         await self._run(
-            lambda c: c.execute(
+            lambda c: ddl_once(
+                c,
                 "CREATE TABLE IF NOT EXISTS replay_plans (id text PRIMARY KEY,"
                 " tenant text NOT NULL, state text NOT NULL,"
                 " created_at double precision NOT NULL, doc jsonb NOT NULL);"
                 " CREATE INDEX IF NOT EXISTS replay_plans_tenant ON replay_plans"
-                " (tenant, created_at)"
+                " (tenant, created_at)",
             )
         )
 

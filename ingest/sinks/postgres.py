@@ -34,6 +34,7 @@ import orjson
 from ingest.errors import SinkError
 from ingest.records import ReasonCode, Record, SinkResult
 from ingest.sinks.base import EntityKey, StoredRow, judge_batch, latest_per_entity
+from ingest.state.postgres import ddl_once
 
 _ENTITY_KEY = attrgetter("entity_key")
 
@@ -174,7 +175,7 @@ class PostgresSink:
         try:
             conn = await asyncpg.connect(self._dsn, timeout=2.0)
             try:
-                await conn.execute(_ddl(self.table))
+                await ddl_once(conn, _ddl(self.table))  # a pod's workers start together
             finally:
                 await conn.close()
             self._pool = await asyncpg.create_pool(

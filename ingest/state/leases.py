@@ -212,7 +212,10 @@ class PostgresLeaseStore:
         self._pool = pool
 
     async def ensure_schema(self) -> None:
-        await self._pool.execute(_PG_SCHEMA)
+        from ingest.state.postgres import ddl_once  # N workers start at once
+
+        async with self._pool.acquire() as conn:
+            await ddl_once(conn, _PG_SCHEMA)
 
     async def try_acquire(
         self, source: str, item: str, version: str, owner: str, ttl: float

@@ -25,6 +25,7 @@ from ingest.state.base import DLQFilter, DLQGroup, DroppedRow
 
 T = TypeVar("T")
 _MIGRATION_LOCK = 0x1D6E57  # pg_advisory_lock key shared by every worker
+_DDL_LOCK = 0x1D6E59  # pg_advisory_xact_lock key of ddl_once
 _MIGRATION_FILE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -66,6 +67,14 @@ async def on_conn(pool: asyncpg.Pool, op: Callable[[asyncpg.Connection], Awaitab
             return await op(conn)
     except CONNECTION_ERRORS as exc:
         raise StoreUnavailable("postgres", _where(pool), f"{type(exc).__name__}: {exc}") from exc
+
+
+async def ddl_once(conn: asyncpg.Connection, sql: str) -> None:
+    """Run `CREATE ... IF NOT EXISTS` statements one process at a time: N workers starting
+    together otherwise race inside Postgres (UniqueViolation on pg_type, a worker dead)."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _DDL_LOCK)
+        await conn.execute(sql)
 
 
 def migration_files() -> list[tuple[int, str, str]]:
