@@ -73,8 +73,8 @@ def v3_body(tenant: str, entity_type: str, entity_id: str, revision: int, *,
 def rec(entity_id: str, revision: int = 1, tenant: str = "acme-corp",
         **extra: Any) -> dict[str, Any]:
     """A valid input record (schema 3) of `tenant`; `extra` replaces or adds top-level keys."""
-    return v3_body(tenant, "order", entity_id, revision,
-                   attributes={"amount": float(revision)}, **extra)
+    attributes = extra.pop("attributes", {"amount": float(revision)})
+    return v3_body(tenant, "order", entity_id, revision, attributes=attributes, **extra)
 
 
 async def until(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition",
