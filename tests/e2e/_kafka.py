@@ -202,9 +202,11 @@ def write_kafka_config(
     batch_size: int = 2000,
     webhook_topic: str | None = None,
     webhook_group: str | None = None,
+    tenant_rate: int = 10_000_000,
 ) -> Path:
     """Production config: Redis + Postgres state, one Postgres sink; a Kafka source
-    `kafka-main` on `topic` and/or a webhook source with `intake: kafka` on `webhook_topic`."""
+    `kafka-main` on `topic` and/or a webhook source with `intake: kafka` on `webhook_topic`.
+    `tenant_rate`: records/s per tenant across the fleet (pulled batches wait for tokens)."""
     sources: list[dict[str, Any]] = []
     if topic is not None:
         sources.append({"type": "kafka", "name": "kafka-main", "brokers": brokers,
@@ -221,7 +223,7 @@ def write_kafka_config(
         "sources": sources,
         "http": {"max_record_bytes": MAX_RECORD_BYTES},
         "admission": {
-            "default_limits": {"rate": 10_000_000, "burst": 10_000_000},
+            "default_limits": {"rate": tenant_rate, "burst": max(tenant_rate, batch_size)},
             "queue_high_watermark": 100_000_000,
             "queue_low_watermark": 1_000_000,
         },

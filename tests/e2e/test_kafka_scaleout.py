@@ -87,9 +87,11 @@ def test_three_workers_kill9_and_join_exact_once(
     assert sum(ends.values()) == len(feed.messages)
     print(f"produced in {time.monotonic() - t0:.1f} s; end offsets {ends}")
 
+    # 5,000 records/s for the fleet: the run lasts a minute however fast the machine, so the
+    # kill lands mid-run (a quiet machine once finished before three pods had started)
     config = write_kafka_config(tmp_path / "ingest.yaml", redis_url=redis_server.url,
                                 postgres_url=pg_dsn, brokers=brokers, topic=topic,
-                                group=group)  # fmt: skip
+                                group=group, tenant_rate=5_000)  # fmt: skip
     workers = [ServiceProcess(tmp_path / f"w{i}", config) for i in range(3)]
     late = ServiceProcess(tmp_path / "w3", config)
     try:

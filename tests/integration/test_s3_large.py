@@ -1,4 +1,4 @@
-"""A 1 GiB object streams through S3Source with bounded memory (peak RSS < 300 MB).
+"""A 1 GiB object streams through S3Source with bounded memory (RSS grows < 128 MiB).
 
 The object is generated on the fly as a multipart upload (32 parts of 32 MiB of JSON lines),
 so neither the test nor the source ever holds it whole. Runs alone in about a minute.
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.integration
 PART = 32 << 20
 PARTS = 32  # 1 GiB
 PAD = b"x" * 4000
-RSS_LIMIT = 300 << 20
+READ_GROWTH_LIMIT = 128 << 20
 
 
 def _part(n: int, first_id: int) -> tuple[bytes, int]:
@@ -50,7 +50,7 @@ def _part(n: int, first_id: int) -> tuple[bytes, int]:
 class PeakRSS:
     def __init__(self) -> None:
         self.proc = psutil.Process()
-        self.peak = self.proc.memory_info().rss
+        self.start = self.peak = self.proc.memory_info().rss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -119,9 +119,13 @@ async def test_one_gib_object_streams_with_bounded_memory(
         f"\n1 GiB object: {total_lines} lines; upload {upload_s:.1f}s; read {read_s:.1f}s"
         f" ({size / read_s / 1e6:.0f} MB/s, {total_lines / read_s:,.0f} records/s);"
         f" peak RSS upload {during_upload.peak >> 20} MiB, read {during_read.peak >> 20} MiB"
+        f" (from {during_read.start >> 20} MiB)"
     )
     assert seen == total_lines and last_id == total_lines - 1 and ids_in_order
     assert last_offset == size
     done = await state.leases.done_versions(cfg.name)
     assert done[key] == str(head["ETag"]).strip('"')
-    assert during_read.peak < RSS_LIMIT, f"peak RSS {during_read.peak >> 20} MiB"
+    # Growth, not the absolute figure: this pytest process carries whatever the tests before
+    # it left (306 MiB at the start once in CI), the 1 GiB object must add little to it.
+    grew = during_read.peak - during_read.start
+    assert grew < READ_GROWTH_LIMIT, f"RSS grew {grew >> 20} MiB while reading 1 GiB"
