@@ -337,12 +337,7 @@ async def _leased_source(
     stores: Stores,
     shard: Shard | None,
 ) -> BuiltSource:
-    leases = lease_store(stores)
-    if stores.pg_pool is not None:
-        from ingest.state.leases import PostgresLeaseStore
-
-        assert isinstance(leases, PostgresLeaseStore)
-        await leases.ensure_schema()
+    leases = lease_store(stores)  # its table comes with the store's migrations
     # A stable state.worker_id lets a restarted worker take back its own leases at
     # once instead of waiting for them to expire.
     state = cfg.state

@@ -217,6 +217,4 @@ def routes(stores: Any, core: Callable[[], Awaitable[Any]], gate: Gate) -> list[
 
 
 async def _plans(stores: Any) -> P.PlanStore:
-    store = P.plan_store(stores)
-    await store.ensure_schema()
-    return store
+    return P.plan_store(stores)

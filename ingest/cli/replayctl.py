@@ -101,7 +101,6 @@ async def _with_store(cfg: Config, fn: Callable[[Any, P.PlanStore], Awaitable[T]
     stores = await open_stores(cfg)
     try:
         store = plan_store(stores)
-        await store.ensure_schema()
         return await fn(stores, store)
     finally:
         await stores.close()
@@ -346,7 +345,6 @@ async def _replay(cfg: Config, plan_id: str, *, json_out: bool, who: str) -> tup
     core = await build_core(cfg)
     try:
         store = plan_store(core.stores)
-        await store.ensure_schema()
         p = await _get(store, plan_id)
         plan = p
 

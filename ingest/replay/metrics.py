@@ -130,8 +130,6 @@ async def replay_metrics(
 ) -> None:
     """Keep `collector` fresh from the plan store until `stopping` (the service's or the pod
     control plane's task)."""
-    with contextlib.suppress(Exception):
-        await plans.ensure_schema()  # so reads work before the first plan is written
     while not stopping.is_set():
         await collector.refresh(plans)
         with contextlib.suppress(TimeoutError):

@@ -11,7 +11,8 @@ CLI, the runner and the unit tests all go through the same rules:
 
 Plans are stored next to the state the service writes (embedded: `replay_plans` in
 `state.db`; production: `replay_plans` in the Postgres DLQ database), each table created by
-`ensure_schema()` with IF NOT EXISTS: the replay tool owns it, the service never reads it.
+the state store's versioned migrations (SQLite `MIGRATIONS` 11, Postgres `0005_replay_plans`),
+like every other table.
 """
 
 from __future__ import annotations
@@ -278,8 +279,6 @@ def interrupt(plan: Plan) -> None:
 
 
 class PlanStore(Protocol):
-    async def ensure_schema(self) -> None: ...
-
     async def save(self, plan: Plan) -> None:
         """Insert or replace the whole plan."""
         ...
@@ -306,21 +305,6 @@ class SQLitePlanStore:
             return await self._db.run(fn)
         except sqlite3.Error as exc:
             raise StoreUnavailable("sqlite", str(self._db.path), str(exc)) from exc
-
-    async def ensure_schema(self) -> None:
-        await self._run(
-            lambda c: c.execute(
-                "CREATE TABLE IF NOT EXISTS replay_plans (id TEXT PRIMARY KEY,"
-                " tenant TEXT NOT NULL, state TEXT NOT NULL, created_at REAL NOT NULL,"
-                " doc TEXT NOT NULL)"
-            )
-        )
-        await self._run(
-            lambda c: c.execute(
-                "CREATE INDEX IF NOT EXISTS replay_plans_tenant"
-                " ON replay_plans (tenant, created_at)"
-            )
-        )
 
     async def save(self, plan: Plan) -> None:
         row = (plan.id, plan.tenant, plan.state, plan.created_at, _doc(plan))
@@ -359,20 +343,6 @@ class PostgresPlanStore:
         from ingest.state.postgres import on_conn
 
         return await on_conn(self._pool, fn)
-
-    async def ensure_schema(self) -> None:
-        from ingest.state.postgres import ddl_once  # pods and CLIs may start together
-
-        await self._run(
-            lambda c: ddl_once(
-                c,
-                "CREATE TABLE IF NOT EXISTS replay_plans (id text PRIMARY KEY,"
-                " tenant text NOT NULL, state text NOT NULL,"
-                " created_at double precision NOT NULL, doc jsonb NOT NULL);"
-                " CREATE INDEX IF NOT EXISTS replay_plans_tenant ON replay_plans"
-                " (tenant, created_at)",
-            )
-        )
 
     async def save(self, plan: Plan) -> None:
         sql = (

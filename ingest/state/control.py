@@ -36,7 +36,6 @@ from ingest.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 CHANNEL = "ingest_control"
-_SCHEMA_LOCK = 0x1D6E58  # pg_advisory_xact_lock key: N pods creating the table at once
 ACTIONS = ("drain", "pause", "resume", "brownout")
 
 
@@ -193,23 +192,18 @@ class PostgresControlStore:
         return await on_conn(self._pool, fn)
 
     async def ensure_schema(self) -> None:
-        """Create and seed the row; under an advisory lock, as N pods start at once."""
+        """The table comes with the state migrations (`ingest.state.postgres.migrate`, under
+        their advisory lock, as N pods start at once); then the row is seeded once."""
+        from ingest.state.postgres import migrate
+
+        await migrate(self._pool)
         seed = ControlRecord().to_json().decode()
-
-        async def run(c: Any) -> None:
-            async with c.transaction():
-                await c.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
-                await c.execute(
-                    "CREATE TABLE IF NOT EXISTS fleet_control (id smallint PRIMARY KEY"
-                    " CHECK (id = 1), version bigint NOT NULL, doc jsonb NOT NULL)"
-                )
-                await c.execute(
-                    "INSERT INTO fleet_control VALUES (1, 0, $1::jsonb)"
-                    " ON CONFLICT (id) DO NOTHING",
-                    seed,
-                )
-
-        await self._run(run)
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO fleet_control VALUES (1, 0, $1::jsonb) ON CONFLICT (id) DO NOTHING",
+                seed,
+            )
+        )
 
     async def read(self) -> ControlRecord:
         doc = await self._run(

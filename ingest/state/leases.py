@@ -63,19 +63,6 @@ class SQLiteRunner(Protocol):
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
 
 
-_SQLITE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS source_leases (
-    source       TEXT NOT NULL,
-    item         TEXT NOT NULL,
-    version      TEXT NOT NULL,
-    owner        TEXT NOT NULL,
-    lease_until  REAL NOT NULL,
-    "offset"     INTEGER NOT NULL DEFAULT 0,
-    done_version TEXT,
-    PRIMARY KEY (source, item)
-)
-"""
-
 # A live lease of another owner, or this exact version already done, makes the WHERE false:
 # the row is untouched and no row counts as changed.
 _SQLITE_ACQUIRE = """
@@ -102,11 +89,8 @@ class SQLiteLeaseStore:
     def __init__(self, db: SQLiteRunner, clock: Callable[[], float] = time.time) -> None:
         self._db = db
         self._clock = clock
-        self._ready = False
 
     async def _exec(self, sql: str, args: tuple[Any, ...]) -> int:
-        await self._ensure()
-
         def fn(conn: sqlite3.Connection) -> int:
             n = conn.execute(sql, args).rowcount
             if conn.in_transaction:
@@ -114,18 +98,6 @@ class SQLiteLeaseStore:
             return n
 
         return await self._db.run(fn)
-
-    async def _ensure(self) -> None:
-        if self._ready:
-            return
-
-        def fn(conn: sqlite3.Connection) -> None:
-            conn.execute(_SQLITE_SCHEMA)
-            if conn.in_transaction:
-                conn.commit()
-
-        await self._db.run(fn)
-        self._ready = True
 
     async def try_acquire(
         self, source: str, item: str, version: str, owner: str, ttl: float
@@ -143,8 +115,6 @@ class SQLiteLeaseStore:
         await self._exec(sql, (offset, source, item, owner, self._clock()))
 
     async def offset(self, source: str, item: str) -> int:
-        await self._ensure()
-
         def fn(conn: sqlite3.Connection) -> int:
             row = conn.execute(
                 'SELECT "offset" FROM source_leases WHERE source = ? AND item = ?', (source, item)
@@ -162,8 +132,6 @@ class SQLiteLeaseStore:
         await self._exec(sql, (version, source, item, owner, self._clock()))
 
     async def done_versions(self, source: str) -> dict[str, str]:
-        await self._ensure()
-
         def fn(conn: sqlite3.Connection) -> dict[str, str]:
             rows = conn.execute(
                 "SELECT item, done_version FROM source_leases"
@@ -174,19 +142,6 @@ class SQLiteLeaseStore:
 
         return await self._db.run(fn)
 
-
-_PG_SCHEMA = """
-CREATE TABLE IF NOT EXISTS ingest_source_leases (
-    source       text NOT NULL,
-    item         text NOT NULL,
-    version      text NOT NULL,
-    owner        text NOT NULL,
-    lease_until  timestamptz NOT NULL,
-    "offset"     bigint NOT NULL DEFAULT 0,
-    done_version text,
-    PRIMARY KEY (source, item)
-)
-"""
 
 _PG_ACQUIRE = """
 INSERT INTO ingest_source_leases AS l (source, item, version, owner, lease_until, "offset")
@@ -210,12 +165,6 @@ class PostgresLeaseStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
-
-    async def ensure_schema(self) -> None:
-        from ingest.state.postgres import ddl_once  # N workers start at once
-
-        async with self._pool.acquire() as conn:
-            await ddl_once(conn, _PG_SCHEMA)
 
     async def try_acquire(
         self, source: str, item: str, version: str, owner: str, ttl: float

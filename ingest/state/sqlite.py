@@ -130,6 +130,27 @@ MIGRATIONS: tuple[Migration, ...] = (
         # hash of the tenant: worker i of N reads the rows with part % N == i
         ("ALTER TABLE intake ADD COLUMN part INTEGER NOT NULL DEFAULT 0",),
     ),
+    # Tables of stores that once created their own (IF NOT EXISTS: such files keep them).
+    Migration(
+        10,
+        "source_leases",  # ingest.state.leases.SQLiteLeaseStore
+        (
+            "CREATE TABLE IF NOT EXISTS source_leases (source TEXT NOT NULL,"
+            " item TEXT NOT NULL, version TEXT NOT NULL, owner TEXT NOT NULL,"
+            ' lease_until REAL NOT NULL, "offset" INTEGER NOT NULL DEFAULT 0,'
+            " done_version TEXT, PRIMARY KEY (source, item))",
+        ),
+    ),
+    Migration(
+        11,
+        "replay_plans",  # ingest.replay.plans.SQLitePlanStore
+        (
+            "CREATE TABLE IF NOT EXISTS replay_plans (id TEXT PRIMARY KEY,"
+            " tenant TEXT NOT NULL, state TEXT NOT NULL, created_at REAL NOT NULL,"
+            " doc TEXT NOT NULL)",
+            "CREATE INDEX IF NOT EXISTS replay_plans_tenant ON replay_plans (tenant, created_at)",
+        ),
+    ),
 )
 
 

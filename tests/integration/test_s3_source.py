@@ -19,6 +19,7 @@ import pytest
 
 from ingest.sources.s3 import S3Source
 from ingest.state.leases import LeaseStore, PostgresLeaseStore, SQLiteLeaseStore
+from ingest.state.postgres import migrate
 from ingest.state.sqlite import SQLiteDB
 from tests.conftest import until as wait_for
 from tests.integration._fixtures_files import (
@@ -194,8 +195,8 @@ async def _lease_store(tmp_path: Path) -> tuple[LeaseStore, Any]:
     url = os.environ.get("INGEST_TEST_POSTGRES_URL")
     if url:
         pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
+        await migrate(pool)
         store = PostgresLeaseStore(pool)
-        await store.ensure_schema()
         return store, pool.close
     db = await SQLiteDB.open(tmp_path / "leases.db")
     return SQLiteLeaseStore(db), db.close
@@ -314,8 +315,8 @@ async def test_lease_store_contract(engine: str, tmp_path: Path) -> None:
         if not url:
             pytest.fail("INGEST_TEST_POSTGRES_URL not set: run scripts/services/postgres.sh start")
         pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+        await migrate(pool)
         pg = PostgresLeaseStore(pool)
-        await pg.ensure_schema()
         store: LeaseStore = pg
         closer = pool.close
     else:

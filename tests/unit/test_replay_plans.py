@@ -131,8 +131,6 @@ def test_sqlite_store_round_trip(tmp_path: Path) -> None:
         db = await SQLiteDB.open(tmp_path / "state.db")
         try:
             store = P.SQLitePlanStore(db)
-            await store.ensure_schema()
-            await store.ensure_schema()  # idempotent
             a, b = make(1), make(2)
             b.id, b.tenant, b.created_at = "rp-0000beef", "other", 5.0
             await store.save(a)
