@@ -77,13 +77,6 @@ async def test_in_batch_order_is_judged_in_arrival_order(sink: SQLiteSink) -> No
     assert row is not None and row["revision"] == 5 and row["attributes"] == {"name": "a@5"}
 
 
-async def test_same_entity_id_in_other_tenant_or_type_is_another_entity(sink: SQLiteSink) -> None:
-    await sink.write([rec("a", 5)])
-    results = await sink.write([rec("a", 1, tenant="u"), rec("a", 1, entity_type="order")])
-    assert statuses(results) == ["applied", "applied"]
-    assert await sink.count() == 3
-
-
 async def test_tombstone_is_kept_and_blocks_resurrection(sink: SQLiteSink) -> None:
     await sink.write([rec("a", 1), rec("b", 1)])
     assert statuses(await sink.write([rec("a", 5, deleted=True)])) == ["applied"]
