@@ -37,7 +37,7 @@ from ingest.metrics import Metrics
 from ingest.pipeline.admission import Admission, BackpressureState
 from ingest.pipeline.breaker import BreakerState
 from ingest.pipeline.progress import SourceProgress
-from ingest.sources.base import Source
+from ingest.sources.base import AdapterHealth, Source
 
 if TYPE_CHECKING:
     from ingest.pipeline.worker import Pipeline, SinkLane
@@ -152,7 +152,7 @@ class HealthMonitor:
             erroring = h.status == "error"
             if not erroring:
                 view.last_ok = now
-            view.lag = max(h.lag_seconds, now - view.last_ok if erroring else 0.0)
+            view.lag = _lag(h, view, now)
             progress = self.progress.get(source.name)
             view.stalled = progress is not None and progress.judge(
                 has_work=view.lag > 0 or erroring,
@@ -202,7 +202,8 @@ class HealthMonitor:
             view = self._views.get(source.name, _SourceView())
             progress = self.progress.get(source.name)
             entry: dict[str, Any] = {"kind": source.kind, **h.as_dict()}
-            entry["lag_seconds"] = round(view.lag, 3)
+            # from this same reading of the source: its per-partition lags (extra) agree
+            entry["lag_seconds"] = round(_lag(h, view, now), 3)
             entry["stalled"] = view.stalled
             if progress is not None:
                 entry["stalled_since"] = progress.stalled_since
@@ -333,3 +334,8 @@ def _connected(answer: Mapping[str, Any]) -> bool:
 
 def _store_ok(store: Any) -> bool:
     return isinstance(store, Mapping) and _connected(store) and "error" not in store
+
+
+def _lag(h: AdapterHealth, view: _SourceView, now: float) -> float:
+    """A source's lag: its own figure, or while it errors, the time since it was last ok."""
+    return max(h.lag_seconds, now - view.last_ok if h.status == "error" else 0.0)
