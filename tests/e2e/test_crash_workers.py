@@ -61,7 +61,8 @@ def test_kill9_pod_and_workers_loses_and_doubles_nothing(tmp_path: Path) -> None
     assert set(svc.worker_pids()) == {"w0", "w1"}
     stop = threading.Event()
     sender = threading.Thread(
-        target=post_all, args=(f"{svc.url}/v1/webhooks/{TENANT}/shop", bodies, stop),
+        target=post_all,
+        args=(f"{svc.url}/v1/webhooks/{TENANT}/shop", bodies, stop),
         daemon=True,
     )
     sender.start()
@@ -69,7 +70,13 @@ def test_kill9_pod_and_workers_loses_and_doubles_nothing(tmp_path: Path) -> None
     try:
         for i in range(6):
             time.sleep(rng.uniform(0.5, 2.5))
-            if finished(svc, inbox) and not sender.is_alive():
+            # A quiet machine may finish before the second kill: a worker and the whole group
+            # are killed at least once all the same (a restart must then find nothing to redo).
+            if (
+                finished(svc, inbox)
+                and not sender.is_alive()
+                and min(kinds["worker"], kinds["group"]) >= 1
+            ):
                 break
             kind = ("worker", "group", "control-plane")[i % 3]
             kinds[kind] += 1
@@ -126,10 +133,14 @@ def test_health_and_metrics_cover_every_worker(tmp_path: Path) -> None:
     try:
         h = svc.health()
         assert set(h["workers"]) == {"w0", "w1"} and h["status"] == "ok", h
-        bodies = {t: "\n".join(
-            f'{{"schema_version":3,"tenant_id":"{t}","entity_type":"order","entity_id":"{t}-{i}",'
-            f'"revision":1,"occurred_at":"2025-01-01T00:00:00Z","attributes":{{}}}}'
-            for i in range(50)) for t in ("t-a", "t-b", "t-c", "t-d")}
+        bodies = {
+            t: "\n".join(
+                f'{{"schema_version":3,"tenant_id":"{t}","entity_type":"order","entity_id":"{t}-{i}",'
+                f'"revision":1,"occurred_at":"2025-01-01T00:00:00Z","attributes":{{}}}}'
+                for i in range(50)
+            )
+            for t in ("t-a", "t-b", "t-c", "t-d")
+        }
         for t, body in bodies.items():
             r = svc.post_webhook(t, "hook", body, content_type="application/x-ndjson")
             assert r.status_code == 202, r.text
