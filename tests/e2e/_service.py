@@ -176,3 +176,12 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in head for k, v in labels.items()):
             total += float(value)
     return total
+
+
+def finished(svc: ServiceProcess, inbox: Path) -> bool:
+    """The crash tests' end: no file left in the tenant's inbox and nothing queued."""
+    try:
+        h = svc.health()
+    except httpx.HTTPError:
+        return False
+    return not any(p.is_file() for p in inbox.iterdir()) and h["backpressure"]["queue_depth"] == 0

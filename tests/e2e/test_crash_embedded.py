@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import rec
 from tests.e2e._auth import sign_headers
-from tests.e2e._service import ServiceProcess, free_port
+from tests.e2e._service import ServiceProcess, finished, free_port
 
 pytestmark = pytest.mark.e2e
 TENANT = "acme-corp"
@@ -81,14 +81,6 @@ def post_all(url: str, bodies: list[str], stop: threading.Event) -> None:
                     pass
                 time.sleep(0.05)
 
-
-def finished(svc: ServiceProcess, inbox: Path) -> bool:
-    try:
-        h = svc.health()
-    except httpx.HTTPError:
-        return False
-    return (not any(p.is_file() for p in inbox.iterdir())
-            and h["backpressure"]["queue_depth"] == 0)
 
 
 def test_kill9_during_100k_records_loses_and_doubles_nothing(tmp_path: Path) -> None:

@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.e2e._service import ServiceProcess, free_port
+from tests.e2e._service import ServiceProcess, finished, free_port
 
 pytestmark = pytest.mark.e2e
 TENANT = "acme-corp"
@@ -85,14 +84,6 @@ class Feed:
             assert len(out) - start == BATCH
         return out
 
-
-def finished(svc: ServiceProcess, inbox: Path) -> bool:
-    try:
-        h = svc.health()
-    except httpx.HTTPError:
-        return False
-    return (not any(p.is_file() for p in inbox.iterdir())
-            and h["backpressure"]["queue_depth"] == 0)
 
 
 def test_kill9_between_settling_and_writing_keeps_sink_and_dlq_exact(tmp_path: Path) -> None:

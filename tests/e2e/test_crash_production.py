@@ -36,7 +36,7 @@ from tests.e2e._production import (
     sink_rows,
     write_config,
 )
-from tests.e2e._service import ROOT, ServiceProcess, free_port
+from tests.e2e._service import ROOT, ServiceProcess, finished, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
 SEED = int(os.environ.get("INGEST_CRASH_SEED", str(random.SystemRandom().randrange(1 << 30))))
@@ -74,13 +74,6 @@ def post_all(url: str, bodies: list[str], stop: threading.Event) -> None:
                     pass
                 time.sleep(0.05)
 
-
-def finished(svc: ServiceProcess, inbox: Path) -> bool:
-    try:
-        h = svc.health()
-    except httpx.HTTPError:
-        return False
-    return not any(p.is_file() for p in inbox.iterdir()) and h["backpressure"]["queue_depth"] == 0
 
 
 def test_kill9_during_200k_records_loses_and_doubles_nothing(

@@ -21,8 +21,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.e2e._service import ServiceProcess, free_port, metric_value
-from tests.e2e.test_crash_embedded import SEED, TENANT, Feed, finished, post_all
+from tests.e2e._service import ServiceProcess, finished, free_port, metric_value
+from tests.e2e.test_crash_embedded import SEED, TENANT, Feed, post_all
 
 pytestmark = pytest.mark.e2e
 WORKERS = {"INGEST_WORKERS": "2"}
