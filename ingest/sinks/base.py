@@ -2,7 +2,10 @@
 
 A sink takes a batch of validated records and returns one `SinkResult` per record, in order.
 Whole-batch failures raise `SinkError` with a ReasonCode; per-record failures (a constraint
-broken by one row, an older revision, a rejected document) come back as failed results.
+broken by one row, an older revision, a rejected document) come back as failed results. A row
+the store refuses fails alone (CONSTRAINT_VIOLATION), and its entity's other records are
+judged as if it had never been in the batch (`write_around_refused`): the worker then DLQs
+exactly the refused rows, and a good older record of that entity still lands.
 A sink never retries: the worker does (`ingest.pipeline.retry`), and a sink passes on the
 server's own hint of when to come back (`SinkError(retry_after=...)`, `retry_after_seconds`).
 
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
@@ -145,6 +148,43 @@ def judge_batch(
                 results[i] = SinkResult.unchanged()
                 del replayed[rec.entity_key]
     return results
+
+
+OnePass = Callable[
+    [Sequence[Record]], Awaitable[tuple[list[SinkResult], dict[EntityKey, SinkResult]]]
+]
+
+
+async def write_around_refused(records: Sequence[Record], write: OnePass) -> list[SinkResult]:
+    """Write `records` with `write`, one pass of a sink; a refused row fails alone.
+
+    `write` returns one result per record and the entities whose winner (`latest_per_entity`)
+    the store refused, each with that record's failure; it leaves those entities as they were.
+    Their other records are written again without the refused one (its next best may win),
+    until nothing is refused: the outcome is the batch's as if the refused records had not
+    been in it. Costs one pass more only for a batch with a refused row.
+    """
+    results: dict[int, SinkResult] = {}
+    todo = list(range(len(records)))
+    while todo:
+        batch = [records[i] for i in todo]
+        judged, refused = await write(batch)
+        if not refused:
+            for i, result in zip(todo, judged, strict=True):
+                results[i] = result
+            break
+        losers = {w.entity_key: w for w in latest_per_entity(batch) if w.entity_key in refused}
+        again: list[int] = []
+        for i, result in zip(todo, judged, strict=True):
+            key = records[i].entity_key
+            if key not in refused:
+                results[i] = result
+            elif records[i] is losers[key]:
+                results[i] = refused[key]
+            else:
+                again.append(i)
+        todo = again
+    return [results[i] for i in range(len(records))]
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:

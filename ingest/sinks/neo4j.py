@@ -33,7 +33,13 @@ from neo4j.exceptions import (
 
 from ingest.errors import SinkError
 from ingest.records import ReasonCode, Record, SinkResult
-from ingest.sinks.base import EntityKey, StoredRow, judge_batch, latest_per_entity
+from ingest.sinks.base import (
+    EntityKey,
+    StoredRow,
+    judge_batch,
+    latest_per_entity,
+    write_around_refused,
+)
 
 _SCHEMA = (
     "CREATE CONSTRAINT ingest_entity_key IF NOT EXISTS FOR (n:Entity) "
@@ -241,18 +247,24 @@ class Neo4jSink:
         return {"connected": True, "target": self._uri}
 
     async def write(self, records: Sequence[Record]) -> list[SinkResult]:
+        """A refused row fails alone (sinks/base.py `write_around_refused`)."""
         if not records:
             return []
+        return await write_around_refused(records, self._write_once)
+
+    async def _write_once(
+        self, records: Sequence[Record]
+    ) -> tuple[list[SinkResult], dict[EntityKey, SinkResult]]:
         winners = sorted(latest_per_entity(records), key=lambda r: r.entity_key)  # lock order
         try:
             rows = await self._run_write(_WRITE, {"rows": [_row(r) for r in winners]})
         except _RowRefused:
             return await self._write_isolated(records, winners)
-        return self._judge(records, rows)
+        return self._judge(records, rows), {}
 
     async def _write_isolated(
         self, records: Sequence[Record], winners: list[Record]
-    ) -> list[SinkResult]:
+    ) -> tuple[list[SinkResult], dict[EntityKey, SinkResult]]:
         """One transaction per entity, so one refused row does not fail its neighbours."""
         rows: list[dict[str, Any]] = []
         refused: dict[EntityKey, SinkResult] = {}
@@ -266,8 +278,7 @@ class Neo4jSink:
                     code=exc.cause.code,
                     message=exc.cause.message or str(exc.cause),
                 )
-        judged = self._judge(records, rows)
-        return [refused.get(rec.entity_key, res) for rec, res in zip(records, judged, strict=True)]
+        return self._judge(records, rows), refused
 
     @staticmethod
     def _judge(records: Sequence[Record], rows: list[dict[str, Any]]) -> list[SinkResult]:

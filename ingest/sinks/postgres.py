@@ -14,7 +14,8 @@ Error classification (once, here):
     connection refused / lost: OSError, PostgresConnectionError,
     InterfaceError, CannotConnectNowError, connect/acquire timeout   -> CONNECTION_ERROR
     IntegrityConstraintViolationError or DataError in the upsert     -> bisect the batch;
-        only the entity whose row breaks it gets CONSTRAINT_VIOLATION (constraint, message)
+        only the row that breaks it gets CONSTRAINT_VIOLATION (constraint, message), and
+        its entity's other records are written again without it (`write_around_refused`)
 A connection error is retried once on a fresh connection first (the write is idempotent):
 after a server restart the pool's idle connections are dead, the next one is not.
 """
@@ -33,7 +34,13 @@ import orjson
 
 from ingest.errors import SinkError
 from ingest.records import ReasonCode, Record, SinkResult
-from ingest.sinks.base import EntityKey, StoredRow, judge_batch, latest_per_entity
+from ingest.sinks.base import (
+    EntityKey,
+    StoredRow,
+    judge_batch,
+    latest_per_entity,
+    write_around_refused,
+)
 from ingest.state.postgres import ddl_once
 
 _ENTITY_KEY = attrgetter("entity_key")
@@ -253,10 +260,16 @@ class PostgresSink:
         return rows
 
     async def write(self, records: Sequence[Record]) -> list[SinkResult]:
-        """One COPY + one upsert for the batch. A batch with one record per entity whose rows
-        all applied (what the statement says by returning nothing) is judged in one step."""
+        """One COPY + one upsert for the batch; a refused row fails alone (sinks/base.py)."""
         if not records:
             return []
+        return await write_around_refused(records, self._write_once)
+
+    async def _write_once(
+        self, records: Sequence[Record]
+    ) -> tuple[list[SinkResult], dict[EntityKey, SinkResult]]:
+        """A batch with one record per entity whose rows all applied (what the statement says
+        by returning nothing) is judged in one step. Returns the refused winners apart."""
         single = len(set(map(_ENTITY_KEY, records))) == len(records)
         if single:
             winners: Sequence[Record] = records
@@ -274,7 +287,7 @@ class PostgresSink:
         bad: dict[EntityKey, SinkResult] = {}
         await self._apply(rows, stored, refused, bad)
         if single and not stored and not refused and not bad:
-            return [SinkResult.applied()] * len(records)
+            return [SinkResult.applied()] * len(records), bad
         # A winner refused although the statement's snapshot held nothing newer lost a race
         # with a concurrent writer (another worker replaying the same records after a
         # rebalance, say). Judge it against what that writer committed, read now: an equal
@@ -289,8 +302,7 @@ class PostgresSink:
             stored.update(await self._current(raced))
             refused.difference_update(raced)
         written = {w.entity_key for w in winners} - refused - bad.keys()
-        results = judge_batch(records, stored, written)
-        return [bad.get(r.entity_key, res) for r, res in zip(records, results, strict=True)]
+        return judge_batch(records, stored, written), bad
 
     async def _current(self, keys: list[EntityKey]) -> dict[EntityKey, StoredRow]:
         """The committed (revision, dedupe_key, prev_revision) of `keys`, read now."""

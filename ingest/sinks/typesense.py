@@ -40,13 +40,14 @@ from typesense.types.collection import CollectionCreateSchema, CollectionUpdateS
 
 from ingest.config import TypesenseField
 from ingest.errors import SinkError
-from ingest.records import ReasonCode, Record, SinkResult, SinkStatus
+from ingest.records import ReasonCode, Record, SinkResult
 from ingest.sinks.base import (
     EntityKey,
     StoredRow,
     judge_batch,
     latest_per_entity,
     retry_after_seconds,
+    write_around_refused,
 )
 
 _FIXED_FIELDS: tuple[dict[str, Any], ...] = (
@@ -185,8 +186,14 @@ class TypesenseSink:
         return {"connected": ok, "target": self._url}
 
     async def write(self, records: Sequence[Record]) -> list[SinkResult]:
+        """A rejected document fails alone (sinks/base.py `write_around_refused`)."""
         if not records:
             return []
+        return await write_around_refused(records, self._write_once)
+
+    async def _write_once(
+        self, records: Sequence[Record]
+    ) -> tuple[list[SinkResult], dict[EntityKey, SinkResult]]:
         groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
         for rec in latest_per_entity(records):
             groups[(rec.tenant, rec.entity_type)].append(rec)
@@ -207,13 +214,11 @@ class TypesenseSink:
                     refused |= await self._import(coll, newer)
         except _TRANSPORT_ERRORS as exc:
             raise _classify(exc, self._url) from exc
-        results = judge_batch(records, stored)
-        return [
-            SinkResult.failed(ReasonCode.CONSTRAINT_VIOLATION, **refused[rec.entity_key])
-            if res.status is SinkStatus.APPLIED and rec.entity_key in refused
-            else res
-            for rec, res in zip(records, results, strict=True)
-        ]
+        failed = {
+            key: SinkResult.failed(ReasonCode.CONSTRAINT_VIOLATION, **detail)
+            for key, detail in refused.items()
+        }
+        return judge_batch(records, stored), failed
 
     def _document(self, rec: Record, prev_revision: int | None = None) -> dict[str, Any]:
         """The document stored for `rec`; `prev_revision` is the revision it replaces."""

@@ -1,10 +1,21 @@
 """The contract every sink keeps, one suite for all: adding a backend = adding it to SINKS.
 
-Judged only through what the worker sees (`SinkResult`s, `SinkError` reasons), on real
-servers. Backends here: SQLite (a file), Postgres and Typesense (`scripts/services/up.sh
-postgres typesense`). Neo4j is not in the list yet (its hand-written tests stay). A new sink
-joins by one entry in SINKS: a factory for a working sink and one for a sink whose server
-cannot be reached. Each test has a tenant of its own: nothing is shared on a shared server.
+Judged only through what the worker sees (`SinkResult`s, `SinkError` reasons, and for the
+per-row and replay cases the worker's own counts and DLQ entries), on real servers.
+Backends: SQLite (a file), Postgres, Typesense and Neo4j (`scripts/services/up.sh postgres
+typesense neo4j`). A new sink joins by one `Backend` entry in SINKS: a factory for a working
+sink, one for a sink whose server cannot be reached, and a way to make its store refuse a
+row. Each test has a tenant of its own: nothing is shared on a shared server. A case that
+cannot apply to a backend is listed in NOT_APPLICABLE with the reason (reported as a skip
+that says so); none is at present.
+
+Cases: the revision rule (in batch order, against the stored row); tenant and type are part
+of the key; tombstones; a batch written again after a crash (one record per entity, and
+several, judged like its first pass); replays as `replayctl run` makes them (the worker's
+`check_duplicates=False`: claimed records reach the sink again, what it holds is a duplicate,
+what it never got is applied, nothing is rolled back); per-row failures (a row the store
+refuses fails alone with CONSTRAINT_VIOLATION, its entity judged as if it were not in the
+batch, and the worker DLQs exactly those rows); an unreachable store is CONNECTION_ERROR.
 """
 
 from __future__ import annotations
@@ -13,32 +24,60 @@ import asyncio
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
+from neo4j import GraphDatabase
 
+from ingest.config import TypesenseField, parse_config
 from ingest.errors import SinkError
-from ingest.records import ReasonCode, SinkResult
+from ingest.metrics import Metrics
+from ingest.pipeline.admission import Admission
+from ingest.pipeline.breaker import CircuitBreaker
+from ingest.pipeline.retry import RetryPolicy
+from ingest.pipeline.worker import BatchReport, Pipeline, SinkLane
+from ingest.records import ReasonCode, Record, SinkResult
 from ingest.sinks.base import Sink
+from ingest.sinks.neo4j import Neo4jSink
 from ingest.sinks.postgres import PostgresSink
 from ingest.sinks.sqlite import SQLiteSink
 from ingest.sinks.typesense import TypesenseSink
-from tests.integration._fixtures_graph import TS_FIELDS, tenant, typesense_admin, typesense_coords
+from ingest.state.sqlite import SQLiteDB, SQLiteDLQStore, SQLiteDroppedStore, SQLiteIdempotencyStore
+from tests.integration._fixtures_graph import (
+    neo4j_coords,
+    tenant,
+    typesense_admin,
+    typesense_coords,
+)
 from tests.integration.conftest import make_record
 
-__all__ = ["tenant", "typesense_coords"]  # pytest fixtures
+__all__ = ["neo4j_coords", "tenant", "typesense_coords"]  # pytest fixtures
 
 pytestmark = pytest.mark.integration
 
 Factory = Callable[[Path, Any], Awaitable[Sink]]
+Refusal = Callable[[Sink, Any], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Backend:
+    make: Factory  # a working sink; what it writes is removed after the test
+    down: Factory  # a sink whose store cannot be reached
+    # Makes the store refuse a value (naturally where it has one, else an operator's
+    # constraint) and returns attributes carrying it.
+    refuse: Refusal
 
 
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# -- SQLite ---------------------------------------------------------------------------------
 
 
 async def _sqlite(tmp: Path, _: Any) -> Sink:
@@ -48,6 +87,22 @@ async def _sqlite(tmp: Path, _: Any) -> Sink:
 async def _sqlite_down(tmp: Path, _: Any) -> Sink:
     (tmp / "not-a-dir").write_text("")  # the sink's file would live under a plain file
     return SQLiteSink("sqlite", tmp / "not-a-dir" / "sink.db")
+
+
+async def _sqlite_refuses(sink: Sink, _: Any) -> dict[str, Any]:
+    """SQLite stores any JSON: an operator's trigger is the refusal here."""
+    db = cast(SQLiteSink, sink).db
+    for event in ("INSERT", "UPDATE"):
+        sql = (
+            f"CREATE TRIGGER refuse_{event.lower()} BEFORE {event} ON entities"
+            " WHEN json_extract(NEW.attributes, '$.embargoed') IS NOT NULL"
+            " BEGIN SELECT RAISE(ABORT, 'embargoed rows are refused'); END"
+        )
+        await db.run(lambda c, sql=sql: c.execute(sql))
+    return {"embargoed": True}
+
+
+# -- Postgres -------------------------------------------------------------------------------
 
 
 async def _postgres(tmp: Path, request: Any) -> Sink:
@@ -69,6 +124,17 @@ async def _postgres_down(tmp: Path, _: Any) -> Sink:
     return PostgresSink("pg", f"postgresql://x@127.0.0.1:{_closed_port()}/x", table="entities")
 
 
+async def _postgres_refuses(sink: Sink, _: Any) -> dict[str, Any]:
+    """jsonb cannot hold a NUL character (untranslatable_character)."""
+    return {"note": "a NUL \x00 here"}
+
+
+# -- Typesense ------------------------------------------------------------------------------
+
+# `amount` is declared, so a document whose amount is not a number is refused.
+_TS_FIELDS = {"order": [TypesenseField(name="amount", type="int64", optional=True)]}
+
+
 async def _typesense(tmp: Path, request: Any) -> Sink:
     coords = request.getfixturevalue("typesense_coords")
     tenant = request.getfixturevalue("tenant")
@@ -80,35 +146,121 @@ async def _typesense(tmp: Path, request: Any) -> Sink:
                 admin.collections[coll["name"]].delete()
 
     request.addfinalizer(drop)
-    return TypesenseSink("typesense", fields=TS_FIELDS, **coords)
+    return TypesenseSink("typesense", fields=_TS_FIELDS, **coords)
 
 
 async def _typesense_down(tmp: Path, _: Any) -> Sink:
     url = f"http://127.0.0.1:{_closed_port()}"
-    return TypesenseSink("typesense", url=url, api_key="x", fields=TS_FIELDS)
+    return TypesenseSink("typesense", url=url, api_key="x", fields=_TS_FIELDS)
 
 
-# name -> (a working sink, a sink whose store cannot be reached)
-SINKS: dict[str, tuple[Factory, Factory]] = {
-    "sqlite": (_sqlite, _sqlite_down),
-    "postgres": (_postgres, _postgres_down),
-    "typesense": (_typesense, _typesense_down),
+async def _typesense_refuses(sink: Sink, _: Any) -> dict[str, Any]:
+    return {"amount": "not a number"}
+
+
+# -- Neo4j ----------------------------------------------------------------------------------
+
+
+def _neo4j_run(coords: dict[str, str], query: str, **params: Any) -> None:
+    """An independent (synchronous) driver, for setup and cleanup outside the test's loop."""
+    with GraphDatabase.driver(coords["uri"], auth=(coords["user"], coords["password"])) as d:
+        d.execute_query(query, params)
+
+
+async def _neo4j(tmp: Path, request: Any) -> Sink:
+    coords = request.getfixturevalue("neo4j_coords")
+    tenant = request.getfixturevalue("tenant")
+    request.addfinalizer(
+        lambda: _neo4j_run(
+            coords,
+            "MATCH (n) WHERE (n:Entity OR n:Tombstone) AND n.tenant STARTS WITH $t"
+            " DETACH DELETE n",
+            t=tenant,
+        )
+    )
+    return Neo4jSink("neo4j", **coords)
+
+
+async def _neo4j_down(tmp: Path, _: Any) -> Sink:
+    return Neo4jSink("neo4j", f"bolt://127.0.0.1:{_closed_port()}", "neo4j", "x")
+
+
+async def _neo4j_refuses(sink: Sink, request: Any) -> dict[str, Any]:
+    """Community Neo4j has no property type constraints: an operator's uniqueness
+    constraint, and a node of another tenant already holding the value."""
+    coords = request.getfixturevalue("neo4j_coords")
+    tenant = request.getfixturevalue("tenant")
+    prop = f"badge_{uuid.uuid4().hex[:8]}"
+    _neo4j_run(coords, f"CREATE CONSTRAINT {prop} FOR (n:Entity) REQUIRE n.{prop} IS UNIQUE")
+    request.addfinalizer(lambda: _neo4j_run(coords, f"DROP CONSTRAINT {prop}"))
+    _neo4j_run(
+        coords,
+        f"CREATE (:Entity {{tenant: $t, entity_type: 'holder', entity_id: 'h', {prop}: 'taken'}})",
+        t=f"{tenant}-holder",
+    )
+    return {prop: "taken"}
+
+
+# name -> its factories
+SINKS: dict[str, Backend] = {
+    "sqlite": Backend(_sqlite, _sqlite_down, _sqlite_refuses),
+    "postgres": Backend(_postgres, _postgres_down, _postgres_refuses),
+    "typesense": Backend(_typesense, _typesense_down, _typesense_refuses),
+    "neo4j": Backend(_neo4j, _neo4j_down, _neo4j_refuses),
 }
+# (test name, backend) -> why the case cannot apply to that backend. Shown as a skip with
+# its reason (`pytest -rs`), never a silent pass.
+NOT_APPLICABLE: dict[tuple[str, str], str] = {}
 
 
-@pytest.fixture(params=sorted(SINKS))
-async def sink(request: Any, tmp_path: Path, tenant: str) -> AsyncIterator[Sink]:
+def _backends(test: str) -> list[Any]:
+    return [
+        pytest.param(
+            name,
+            marks=[pytest.mark.skip(reason=f"not applicable to {name}: {why}")]
+            if (why := NOT_APPLICABLE.get((test, name)))
+            else [],
+        )
+        for name in sorted(SINKS)
+    ]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", _backends(metafunc.function.__name__))
+
+
+@pytest.fixture
+async def sink(backend: str, request: Any, tmp_path: Path, tenant: str) -> AsyncIterator[Sink]:
     _TENANT[0] = tenant  # each test its own tenant: nothing shared on a shared server
-    s = await SINKS[request.param][0](tmp_path, request)
+    s = await SINKS[backend].make(tmp_path, request)
     await s.start()
     yield s
     await s.close()
 
 
+@pytest.fixture
+async def pipeline(sink: Sink, tmp_path: Path) -> AsyncIterator[Pipeline]:
+    """The worker's batch path with this sink as its one lane (state in a SQLite file)."""
+    db = await SQLiteDB.open(tmp_path / "state.db")
+    config = parse_config({"sinks": [{"type": "sqlite", "name": sink.name}]})
+    yield Pipeline(
+        config=config,
+        admission=Admission(config.admission, config.limits_for),
+        idempotency=SQLiteIdempotencyStore(db),
+        dlq=SQLiteDLQStore(db),
+        dropped=SQLiteDroppedStore(db),
+        lanes={sink.name: SinkLane(sink, CircuitBreaker(sink.name), started=True)},
+        metrics=Metrics(),
+        retry=RetryPolicy(max_attempts=2, base_delay=0.01, max_total=1),
+    )
+    await db.close()
+
+
 _TENANT = ["acme"]
 
 
-def rec(entity_id: str, revision: int, **kw: Any) -> Any:
+def rec(entity_id: str, revision: int, **kw: Any) -> Record:
     kw.setdefault("tenant", _TENANT[0])
     return make_record(entity_id, revision, **kw)
 
@@ -117,17 +269,33 @@ def outcomes(results: list[SinkResult]) -> list[str]:
     return [r.reason.value if r.reason else r.status.value for r in results]
 
 
+async def deliver(pipe: Pipeline, records: list[Record], *, replay: bool = False) -> BatchReport:
+    """As a source's batch; `replay` as `replayctl run` delivers (no idempotency check)."""
+    raws = [r.raw for r in records]
+    return await pipe.deliver(raws, records, check_duplicates=not replay)
+
+
+def counts(report: BatchReport) -> tuple[int, int, int]:
+    return report.delivered, report.duplicate, report.dlq
+
+
+# -- the revision rule and tombstones ---------------------------------------------------------
+
+
 async def test_revision_rule_in_batch_order_and_against_the_stored_row(sink: Sink) -> None:
     batch = [rec("o1", 1), rec("o1", 3), rec("o1", 2),
              rec("o2", 5), rec("o1", 3)]  # fmt: skip
     results = await sink.write(batch)
     assert outcomes(results) == ["applied", "applied", "OLDER_REVISION", "applied", "unchanged"]
     assert results[2].detail is not None and results[2].detail["stored_revision"] == 3
-    later = [rec("o1", 2), rec("o1", 3), rec("o1", 4),
+    # Not copies of the stored records: beside older ones, that is a replay (below).
+    later = [rec("o1", 2), rec("o1", 3, attributes={"v": 2}), rec("o1", 4),
              rec("o2", 4)]  # fmt: skip
-    assert outcomes(await sink.write(later)) == [
-        "OLDER_REVISION", "unchanged", "applied", "OLDER_REVISION"
-    ]  # fmt: skip
+    results = await sink.write(later)
+    assert outcomes(results) == ["OLDER_REVISION", "unchanged", "applied", "OLDER_REVISION"]
+    assert results[0].detail is not None and results[0].detail["stored_revision"] == 3
+    assert results[0].detail["incoming_revision"] == 2
+    assert results[3].detail is not None and results[3].detail["stored_revision"] == 5
 
 
 async def test_the_same_id_in_another_tenant_or_type_is_another_entity(sink: Sink) -> None:
@@ -141,7 +309,14 @@ async def test_a_tombstone_blocks_older_revisions_and_yields_to_newer(sink: Sink
     assert outcomes(await sink.write([rec("o1", 5, deleted=True)])) == ["applied"]
     assert outcomes(await sink.write([rec("o1", 4)])) == ["OLDER_REVISION"]
     assert outcomes(await sink.write([rec("o1", 5, deleted=True)])) == ["unchanged"]
+    # Deleted in the same batch it was created in, then an older revision arrives late.
+    both = [rec("o2", 1), rec("o2", 2, deleted=True)]
+    assert outcomes(await sink.write(both)) == ["applied", "applied"]
+    assert outcomes(await sink.write([rec("o2", 1, attributes={"v": 0})])) == ["OLDER_REVISION"]
     assert outcomes(await sink.write([rec("o1", 6)])) == ["applied"]
+
+
+# -- batches written again, and replays --------------------------------------------------------
 
 
 async def test_a_batch_written_again_changes_nothing(sink: Sink) -> None:
@@ -151,12 +326,107 @@ async def test_a_batch_written_again_changes_nothing(sink: Sink) -> None:
     assert set(outcomes(await sink.write(batch))) == {"unchanged"}
 
 
-@pytest.mark.parametrize("name", sorted(SINKS))
+async def test_a_batch_written_again_is_judged_like_its_first_pass(sink: Sink) -> None:
+    """A crash between the sink write and the idempotency claim writes the batch again: the
+    records its winners superseded must not turn into OLDER_REVISION the second time."""
+    await sink.write([rec("o3", 1)])
+    batch = [rec("o1", 2), rec("o1", 7), rec("o1", 3),
+             rec("o2", 4), rec("o2", 6, deleted=True), rec("o2", 5),
+             rec("o3", 2), rec("o3", 1), rec("o3", 3)]  # fmt: skip
+    first = ["applied", "applied", "OLDER_REVISION",
+             "applied", "applied", "OLDER_REVISION",
+             "applied", "OLDER_REVISION", "applied"]  # fmt: skip
+    assert outcomes(await sink.write(batch)) == first
+    again = first.copy()
+    again[1] = again[4] = again[8] = "unchanged"  # each entity's winner is stored already
+    assert outcomes(await sink.write(batch)) == again
+    assert outcomes(await sink.write(batch)) == again  # and a third time
+    # One record alone, repeated: an equal revision, UNCHANGED.
+    assert outcomes(await sink.write([rec("o1", 7)])) == ["unchanged"]
+    # A later batch with other records is judged against what is stored, not as a replay.
+    results = await sink.write([rec("o1", 6), rec("o1", 9), rec("o2", 5), rec("o3", 2)])
+    assert outcomes(results) == ["OLDER_REVISION", "applied", "OLDER_REVISION", "OLDER_REVISION"]
+    assert results[0].detail is not None and results[0].detail["stored_revision"] == 7
+    assert results[2].detail is not None and results[2].detail["stored_revision"] == 6
+
+
+async def test_a_replay_reapplies_what_the_sink_never_got_and_rolls_nothing_back(
+    sink: Sink, pipeline: Pipeline
+) -> None:
+    """docs/replay.md: `replayctl run` delivers with `check_duplicates=False`, so records
+    claimed before (delivered, or sent to the DLQ while the sink was down) reach the sink
+    again; the revision guard makes what it holds a duplicate and applies what it lacks."""
+    held = [rec("o1", 1), rec("o2", 1)]
+    assert counts(await deliver(pipeline, held)) == (2, 0, 0)
+    lost = [rec("o3", 1), rec("o1", 2)]  # claimed, never written: as after a DLQ
+    await pipeline.idempotency.claim([r.dedupe_key for r in lost])
+    window = [*held, *lost]
+    assert counts(await deliver(pipeline, window)) == (0, 4, 0)  # the live path: all seen
+
+    report = await deliver(pipeline, window, replay=True)
+    assert counts(report) == (2, 2, 0)
+    assert outcomes(report.sink_results[sink.name][1]) == [
+        "unchanged", "unchanged", "applied", "applied"
+    ]  # fmt: skip
+    again = await deliver(pipeline, window, replay=True)  # a killed replay repeats a batch
+    assert counts(again) == (0, 4, 0)
+
+    # A window older than what is stored is refused, never applied: the DLQ says why.
+    older = await deliver(pipeline, [rec("o1", 1, attributes={"v": 0})], replay=True)
+    assert counts(older) == (0, 0, 1)
+    assert [(e.reason, e.sink, e.revision) for e in older.dlq_entries] == [
+        (ReasonCode.OLDER_REVISION, sink.name, 1)
+    ]
+    assert outcomes(await sink.write([rec("o1", 2, attributes={"v": 0})])) == ["unchanged"]
+
+
+# -- per-row failures ---------------------------------------------------------------------------
+
+
+async def test_a_refused_row_fails_alone_and_its_entity_is_judged_without_it(
+    sink: Sink, backend: str, request: Any
+) -> None:
+    bad = await SINKS[backend].refuse(sink, request)
+    await sink.write([rec("o4", 2)])
+    batch = [rec("o1", 1), rec("o2", 1, attributes=bad),
+             rec("o3", 1), rec("o3", 2, attributes=bad),
+             rec("o4", 3, attributes=bad), rec("o4", 1),
+             rec("o5", 2, attributes=bad), rec("o5", 1)]  # fmt: skip
+    results = await sink.write(batch)
+    assert outcomes(results) == ["applied", "CONSTRAINT_VIOLATION",
+                                 "applied", "CONSTRAINT_VIOLATION",
+                                 "CONSTRAINT_VIOLATION", "OLDER_REVISION",
+                                 "CONSTRAINT_VIOLATION", "applied"]  # fmt: skip
+    for i in (1, 3, 4, 6):
+        assert results[i].detail is not None and results[i].detail["message"], results[i]
+    assert results[5].detail is not None and results[5].detail["stored_revision"] == 2
+    # Nothing of the refused rows was stored: their entities hold what the rest left.
+    after = [rec("o1", 1), rec("o2", 1), rec("o3", 1), rec("o4", 2), rec("o5", 1)]
+    assert outcomes(await sink.write(after)) == ["unchanged", "applied", "unchanged",
+                                                 "unchanged", "unchanged"]  # fmt: skip
+
+
+async def test_the_worker_dead_letters_only_the_refused_rows(
+    sink: Sink, backend: str, request: Any, pipeline: Pipeline
+) -> None:
+    bad = await SINKS[backend].refuse(sink, request)
+    batch = [rec(f"o{i}", 1, attributes=bad if i % 3 == 1 else None) for i in range(9)]
+    report = await deliver(pipeline, batch)
+    assert counts(report) == (6, 0, 3)
+    got = sorted((e.entity_id, e.reason, e.sink, e.attempts) for e in report.dlq_entries)
+    assert got == [(f"o{i}", ReasonCode.CONSTRAINT_VIOLATION, sink.name, 1) for i in (1, 4, 7)]
+    assert all(e.detail["message"] for e in report.dlq_entries)
+    assert counts(await deliver(pipeline, batch)) == (0, 9, 0)  # settled: claimed, not retried
+
+
+# -- outages ---------------------------------------------------------------------------------
+
+
 async def test_an_unreachable_store_is_a_connection_error(
-    name: str, tmp_path: Path, request: Any
+    backend: str, tmp_path: Path, request: Any
 ) -> None:
     """An outage is the worker's to wait out (breaker, retry): never a per-record failure."""
-    s = await SINKS[name][1](tmp_path, request)
+    s = await SINKS[backend].down(tmp_path, request)
     try:
         try:
             await s.start()
