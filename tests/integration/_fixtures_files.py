@@ -1,6 +1,7 @@
 """Fixtures and helpers for the S3 and SFTP source tests (real SeaweedFS and OpenSSH servers).
 
 Servers: `scripts/services/up.sh seaweedfs sshd`, then source the all.env it prints.
+Its fixtures are registered for the folder by tests/integration/conftest.py.
 Each test gets its own bucket prefix / inbox subdirectory and its own SQLite state file.
 """
 

@@ -1,7 +1,8 @@
 """Fixtures and helpers for tests against the real broker of `scripts/services/kafka.sh`.
 
-Imported explicitly by the Kafka tests. Every test gets its own topic and consumer group, so
-tests never see each other's messages or offsets on the shared broker.
+Its fixtures are registered for the folder by tests/integration/conftest.py. Every test gets
+its own topic and consumer group, so tests never see each other's messages or offsets on the
+shared broker.
 """
 
 from __future__ import annotations

@@ -27,6 +27,21 @@ from ingest.records import RawRecord, Record, dedupe_key
 from ingest.state.redis import redis_client
 from tests.conftest import require_env, v3_body
 from tests.e2e._service import free_port
+from tests.integration._fixtures_files import (  # noqa: F401 - fixtures for this folder
+    prefix,
+    s3,
+    s3_endpoint,
+    sftp_dir,
+    sftp_server,
+    state,
+)
+from tests.integration._fixtures_kafka import (  # noqa: F401 - fixtures for this folder
+    brokers,
+    group,
+    kafka_bin,
+    make_topic,
+    sources,
+)
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "services"
 

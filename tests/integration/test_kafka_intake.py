@@ -13,13 +13,9 @@ from confluent_kafka.admin import AdminClient
 from ingest.errors import StoreUnavailable
 from ingest.sources.kafka import KafkaSource
 from ingest.webhook.kafka import KafkaIntake
-from tests.integration import _fixtures_kafka as fx
 from tests.integration._fixtures_kafka import Reader, TopicFactory, source_for
 
 pytestmark = pytest.mark.integration
-
-# fixtures, by name
-brokers, group, make_topic, sources = (fx.brokers, fx.group, fx.make_topic, fx.sources)
 
 
 def read_all(brokers: str, topic: str, n: int, timeout: float = 20) -> list[object]:

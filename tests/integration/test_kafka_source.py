@@ -1,5 +1,7 @@
 """KafkaSource against the real broker: batches, commit watermark, poison messages,
-rebalance, seek by time, stop/resume, lag, and a broker restart mid-consume."""
+rebalance, seek by time, stop/resume, lag, and a broker restart mid-consume. Resuming from the
+group's committed offsets after a crash is the source contract's
+(test_source_contract.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ from confluent_kafka import Consumer, TopicPartition
 
 from ingest.records import RawRecord
 from ingest.sources.kafka import KafkaSource, tp_name
-from tests.integration import _fixtures_kafka as fx
 from tests.integration._fixtures_kafka import (
     Reader,
     TopicFactory,
@@ -24,11 +25,6 @@ from tests.integration._fixtures_kafka import (
 )
 
 pytestmark = pytest.mark.integration
-
-# fixtures, by name
-brokers, kafka_bin, group, make_topic, sources = (
-    fx.brokers, fx.kafka_bin, fx.group, fx.make_topic, fx.sources
-)  # fmt: skip
 
 
 def body(i: int, tenant: str = "acme") -> bytes:
@@ -50,7 +46,7 @@ def committed(brokers: str, group: str, topic: str, partitions: int) -> dict[int
         c.close()
 
 
-async def test_batches_commit_watermark_and_resume(
+async def test_batches_and_commit_watermark(
     brokers: str, kafka_bin: str, make_topic: TopicFactory, group: str,
     sources: list[KafkaSource],
 ) -> None:  # fmt: skip
@@ -100,18 +96,6 @@ async def test_batches_commit_watermark_and_resume(
         assert int(row["LOG-END-OFFSET"]) == ends[p]
         assert int(row["CURRENT-OFFSET"]) == offset
         assert int(row["LAG"]) == ends[p] - offset
-
-    # A new member of the group resumes exactly after the committed offsets.
-    again = source_for(brokers, topic, group, batch_size=25)
-    sources.append(again)
-    await again.start()
-    reader2 = Reader(again).run()
-    done = {where(r) for b in half for r in b.records}
-    rest = await reader2.wait_records(300 - len(done))
-    await until(lambda: True, 1.0, "nothing more")
-    await reader2.halt()
-    assert {where(r) for r in reader2.records} == {where(r) for r in records} - done
-    assert len(reader2.records) == 300 - len(done) == len(rest)
 
 
 async def test_poison_messages_are_yielded_with_reject_and_partition_continues(

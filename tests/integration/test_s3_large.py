@@ -19,14 +19,8 @@ from tests.integration._fixtures_files import (
     BUCKET,
     Pump,
     State,
-    prefix,
-    s3,
     s3_config,
-    s3_endpoint,
-    state,
 )
-
-__all__ = ["prefix", "s3", "s3_endpoint", "state"]  # fixtures used by name
 
 pytestmark = pytest.mark.integration
 

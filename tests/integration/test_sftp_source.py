@@ -22,12 +22,7 @@ from tests.integration._fixtures_files import (
     jsonl,
     record_ids,
     sftp_config,
-    sftp_dir,
-    sftp_server,
-    state,
 )
-
-__all__ = ["sftp_dir", "sftp_server", "state"]  # fixtures used by name
 
 pytestmark = pytest.mark.integration
 
@@ -76,26 +71,6 @@ async def test_skips_files_being_written_and_moves_only_after_commit(
         "processed/upload.jsonl",
     }
     await source.close()
-
-
-async def test_resume_mid_file_after_crash(
-    sftp_server: SFTPServer, sftp_dir: Path, state: State
-) -> None:
-    (sftp_dir / "f.jsonl").write_bytes(jsonl("f", 250))
-    os.utime(sftp_dir / "f.jsonl", (time.time() - 60, time.time() - 60))
-    cfg = sftp_config(sftp_server, sftp_dir)
-    first = await Pump(SFTPSource(cfg, state.checkpoints, state.leases, worker_id="w1")).start()
-    got = await first.take(100)
-    await first.take(1, commit=False)
-    await first.kill()
-    await first.source.close_client()
-    second = await Pump(SFTPSource(cfg, state.checkpoints, state.leases, worker_id="w1")).start()
-    try:
-        got += await second.take(150)
-        await wait_for(lambda: (sftp_dir / "processed" / "f.jsonl").exists(), 5, "move")
-    finally:
-        await second.close()
-    assert record_ids(got) == [f"f-{i}" for i in range(250)]
 
 
 async def test_wrong_host_key_and_refused_login_are_errors_in_health(
