@@ -1,13 +1,13 @@
 """The contract every sink keeps, one suite for all: adding a backend = adding it to SINKS.
 
-Judged only through what the worker sees (`SinkResult`s, `SinkError` reasons, and for the
-per-row and replay cases the worker's own counts and DLQ entries), on real servers.
+Judged only through what the worker sees (`SinkResult`s, `SinkError` reasons, `health()`, and
+for the per-row and replay cases the worker's own counts and DLQ entries), on real servers.
 Backends: SQLite (a file), Postgres, Typesense and Neo4j (`scripts/services/up.sh postgres
 typesense neo4j`). A new sink joins by one `Backend` entry in SINKS: a factory for a working
-sink, one for a sink whose server cannot be reached, and a way to make its store refuse a
-row. Each test has a tenant of its own: nothing is shared on a shared server. A case that
-cannot apply to a backend is listed in NOT_APPLICABLE with the reason (reported as a skip
-that says so); none is at present.
+sink (optionally through a proxy), one for a sink whose server cannot be reached, and a way to
+make its store refuse a row. Each test has a tenant of its own: nothing is shared on a shared
+server. A case that cannot apply to a backend is listed in NOT_APPLICABLE with the reason,
+reported as a skip that says so (`pytest -rs`): only the mid-run outage, for SQLite.
 
 Cases: the revision rule (in batch order, against the stored row); tenant and type are part
 of the key; tombstones; a batch written again after a crash (one record per entity, and
@@ -15,7 +15,10 @@ several, judged like its first pass); replays as `replayctl run` makes them (the
 `check_duplicates=False`: claimed records reach the sink again, what it holds is a duplicate,
 what it never got is applied, nothing is rolled back); per-row failures (a row the store
 refuses fails alone with CONSTRAINT_VIOLATION, its entity judged as if it were not in the
-batch, and the worker DLQs exactly those rows); an unreachable store is CONNECTION_ERROR.
+batch, and the worker DLQs exactly those rows); outages (an unreachable store, and one that
+goes away under a started sink and comes back, are CONNECTION_ERROR, never a per-record
+failure). What only one backend has (its storage layout, its own server errors, concurrent
+writers) stays in that backend's test module.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
@@ -58,13 +62,14 @@ __all__ = ["neo4j_coords", "tenant", "typesense_coords"]  # pytest fixtures
 
 pytestmark = pytest.mark.integration
 
-Factory = Callable[[Path, Any], Awaitable[Sink]]
+Via = Callable[[str, int], tuple[str, int]]  # the server's address -> the one to connect to
+Factory = Callable[[Path, Any, Via | None], Awaitable[Sink]]
 Refusal = Callable[[Sink, Any], Awaitable[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
 class Backend:
-    make: Factory  # a working sink; what it writes is removed after the test
+    make: Factory  # a working sink (through `via`, when given); its data removed afterwards
     down: Factory  # a sink whose store cannot be reached
     # Makes the store refuse a value (naturally where it has one, else an operator's
     # constraint) and returns attributes carrying it.
@@ -77,14 +82,24 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _through(url: str, via: Via | None) -> str:
+    """`url` with its host and port replaced by `via`'s (the outage proxy's)."""
+    if via is None:
+        return url
+    parts = urlsplit(url)
+    host, port = via(parts.hostname or "127.0.0.1", parts.port or 0)
+    user = parts.netloc.rpartition("@")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}:{port}" if user else f"{host}:{port}"))
+
+
 # -- SQLite ---------------------------------------------------------------------------------
 
 
-async def _sqlite(tmp: Path, _: Any) -> Sink:
+async def _sqlite(tmp: Path, _: Any, via: Via | None = None) -> Sink:
     return SQLiteSink("sqlite", tmp / "sink.db")
 
 
-async def _sqlite_down(tmp: Path, _: Any) -> Sink:
+async def _sqlite_down(tmp: Path, _: Any, via: Via | None = None) -> Sink:
     (tmp / "not-a-dir").write_text("")  # the sink's file would live under a plain file
     return SQLiteSink("sqlite", tmp / "not-a-dir" / "sink.db")
 
@@ -105,7 +120,7 @@ async def _sqlite_refuses(sink: Sink, _: Any) -> dict[str, Any]:
 # -- Postgres -------------------------------------------------------------------------------
 
 
-async def _postgres(tmp: Path, request: Any) -> Sink:
+async def _postgres(tmp: Path, request: Any, via: Via | None = None) -> Sink:
     table = f"contract_{uuid.uuid4().hex[:12]}"  # its own table; dropped afterwards
     dsn = request.getfixturevalue("pg_url")
 
@@ -117,10 +132,10 @@ async def _postgres(tmp: Path, request: Any) -> Sink:
             await conn.close()
 
     request.addfinalizer(lambda: asyncio.run(drop()))
-    return PostgresSink("pg", dsn, table=table)
+    return PostgresSink("pg", _through(dsn, via), table=table)
 
 
-async def _postgres_down(tmp: Path, _: Any) -> Sink:
+async def _postgres_down(tmp: Path, _: Any, via: Via | None = None) -> Sink:
     return PostgresSink("pg", f"postgresql://x@127.0.0.1:{_closed_port()}/x", table="entities")
 
 
@@ -135,7 +150,7 @@ async def _postgres_refuses(sink: Sink, _: Any) -> dict[str, Any]:
 _TS_FIELDS = {"order": [TypesenseField(name="amount", type="int64", optional=True)]}
 
 
-async def _typesense(tmp: Path, request: Any) -> Sink:
+async def _typesense(tmp: Path, request: Any, via: Via | None = None) -> Sink:
     coords = request.getfixturevalue("typesense_coords")
     tenant = request.getfixturevalue("tenant")
 
@@ -146,10 +161,11 @@ async def _typesense(tmp: Path, request: Any) -> Sink:
                 admin.collections[coll["name"]].delete()
 
     request.addfinalizer(drop)
-    return TypesenseSink("typesense", fields=_TS_FIELDS, **coords)
+    url = _through(coords["url"], via)
+    return TypesenseSink("typesense", url, coords["api_key"], fields=_TS_FIELDS)
 
 
-async def _typesense_down(tmp: Path, _: Any) -> Sink:
+async def _typesense_down(tmp: Path, _: Any, via: Via | None = None) -> Sink:
     url = f"http://127.0.0.1:{_closed_port()}"
     return TypesenseSink("typesense", url=url, api_key="x", fields=_TS_FIELDS)
 
@@ -167,7 +183,7 @@ def _neo4j_run(coords: dict[str, str], query: str, **params: Any) -> None:
         d.execute_query(query, params)
 
 
-async def _neo4j(tmp: Path, request: Any) -> Sink:
+async def _neo4j(tmp: Path, request: Any, via: Via | None = None) -> Sink:
     coords = request.getfixturevalue("neo4j_coords")
     tenant = request.getfixturevalue("tenant")
     request.addfinalizer(
@@ -178,10 +194,10 @@ async def _neo4j(tmp: Path, request: Any) -> Sink:
             t=tenant,
         )
     )
-    return Neo4jSink("neo4j", **coords)
+    return Neo4jSink("neo4j", _through(coords["uri"], via), coords["user"], coords["password"])
 
 
-async def _neo4j_down(tmp: Path, _: Any) -> Sink:
+async def _neo4j_down(tmp: Path, _: Any, via: Via | None = None) -> Sink:
     return Neo4jSink("neo4j", f"bolt://127.0.0.1:{_closed_port()}", "neo4j", "x")
 
 
@@ -210,7 +226,13 @@ SINKS: dict[str, Backend] = {
 }
 # (test name, backend) -> why the case cannot apply to that backend. Shown as a skip with
 # its reason (`pytest -rs`), never a silent pass.
-NOT_APPLICABLE: dict[tuple[str, str], str] = {}
+NOT_APPLICABLE: dict[tuple[str, str], str] = {
+    ("test_an_outage_mid_run_is_a_connection_error_and_the_same_sink_recovers", "sqlite"): (
+        "an embedded file has no server or connection that can go away; its outages (a locked"
+        " file: SINK_TIMEOUT, an unusable path: CONNECTION_ERROR) are in test_sqlite_sink.py"
+        " and the unreachable-store case"
+    ),
+}
 
 
 def _backends(test: str) -> list[Any]:
@@ -233,7 +255,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture
 async def sink(backend: str, request: Any, tmp_path: Path, tenant: str) -> AsyncIterator[Sink]:
     _TENANT[0] = tenant  # each test its own tenant: nothing shared on a shared server
-    s = await SINKS[backend].make(tmp_path, request)
+    s = await SINKS[backend].make(tmp_path, request, None)
     await s.start()
     yield s
     await s.close()
@@ -426,15 +448,102 @@ async def test_an_unreachable_store_is_a_connection_error(
     backend: str, tmp_path: Path, request: Any
 ) -> None:
     """An outage is the worker's to wait out (breaker, retry): never a per-record failure."""
-    s = await SINKS[backend].down(tmp_path, request)
+    s = await SINKS[backend].down(tmp_path, request, None)
     try:
-        try:
-            await s.start()
-        except SinkError as exc:
-            assert exc.reason is ReasonCode.CONNECTION_ERROR
-            return
         with pytest.raises(SinkError) as info:
-            await s.write([rec("o1", 1)])
+            await s.start()  # a sink may find out here already,
+            await s.write([rec("o1", 1)])  # or at its first write
         assert info.value.reason is ReasonCode.CONNECTION_ERROR
+        assert (await s.health())["connected"] is False
     finally:
         await s.close()
+
+
+class OutageProxy:
+    """A TCP forwarder in front of the real server: `down()` drops every connection through it
+    and refuses new ones (the server is gone, for the sink), `up()` listens again on the same
+    port. A network outage, not a mock: the bytes are the server's."""
+
+    def __init__(self) -> None:
+        self.target = ("127.0.0.1", 0)
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.open: set[asyncio.StreamWriter] = set()
+
+    def via(self, host: str, port: int) -> tuple[str, int]:
+        self.target = (host, port)
+        return "127.0.0.1", self.port
+
+    async def up(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def down(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for writer in self.open:
+            writer.transport.abort()
+        self.open.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.open |= {writer, up_writer}
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:  # one side ended: end the other, as a cut cable would
+                writer.transport.abort()
+                up_writer.transport.abort()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        self.open -= {writer, up_writer}
+
+
+async def test_an_outage_mid_run_is_a_connection_error_and_the_same_sink_recovers(
+    backend: str, tmp_path: Path, request: Any, tenant: str
+) -> None:
+    """The server goes away under a started sink (every connection dropped, new ones refused)
+    and comes back: CONNECTION_ERROR meanwhile, then the same instance writes again within
+    the worker's retries, and what was stored before still holds."""
+    _TENANT[0] = tenant
+    proxy = OutageProxy()
+    await proxy.up()
+    s = await SINKS[backend].make(tmp_path, request, proxy.via)
+    try:
+        await s.start()
+        assert outcomes(await s.write([rec("o1", 1)])) == ["applied"]
+        await proxy.down()
+        with pytest.raises(SinkError) as info:
+            await s.write([rec("o1", 2)])
+        assert info.value.reason is ReasonCode.CONNECTION_ERROR
+        assert (await s.health())["connected"] is False
+        await proxy.up()
+        results, attempts = await _written(s, [rec("o1", 2), rec("o2", 1)])
+        assert outcomes(results) == ["applied", "applied"] and attempts <= 2
+        assert outcomes(await s.write([rec("o1", 1, attributes={"v": 0})])) == ["OLDER_REVISION"]
+    finally:
+        await s.close()
+        await proxy.down()
+
+
+async def _written(s: Sink, batch: list[Record]) -> tuple[list[SinkResult], int]:
+    """`batch` written as the worker would: a CONNECTION_ERROR is tried again (a pool may
+    hand out one connection that died in the outage); returns the results and attempts."""
+    for attempt in range(1, 4):
+        try:
+            return await s.write(batch), attempt
+        except SinkError as exc:
+            if exc.reason is not ReasonCode.CONNECTION_ERROR or attempt == 3:
+                raise
+            await asyncio.sleep(0.2)
+    raise AssertionError("unreachable")

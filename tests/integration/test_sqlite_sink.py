@@ -1,4 +1,5 @@
-"""The SQLite sink on a real file: the revision rule, tombstones, constraint and lock errors."""
+"""The SQLite sink on a real file, beyond the sink contract (test_sink_contract.py): the
+row layout, the guard inside SQL, revisions SQLite cannot hold, a locked file, reopening."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 
 from ingest.errors import SinkError
-from ingest.records import ReasonCode, Record, SinkResult, SinkStatus
+from ingest.records import ReasonCode, Record, SinkResult
 from ingest.sinks.sqlite import SQLiteSink
 from tests.conftest import v3_body
 from tests.integration.conftest import record_of
@@ -46,52 +47,19 @@ def statuses(results: list[SinkResult]) -> list[str]:
     return [r.reason.value if r.reason else r.status.value for r in results]
 
 
-async def test_newer_applies_equal_unchanged_older_fails(sink: SQLiteSink) -> None:
-    assert statuses(await sink.write([rec("a", 5)])) == ["applied"]
-    results = await sink.write([rec("a", 6), rec("b", 1)])
-    assert statuses(results) == ["applied", "applied"]
-    assert statuses(await sink.write([rec("a", 6)])) == ["unchanged"]
-    [older] = await sink.write([rec("a", 3)])
-    assert older.status is SinkStatus.FAILED and older.reason is ReasonCode.OLDER_REVISION
-    assert older.detail is not None
-    assert older.detail["stored_revision"] == 6 and older.detail["incoming_revision"] == 3
+async def test_the_row_holds_the_winner_and_a_tombstone_keeps_its_row(sink: SQLiteSink) -> None:
+    """Storage layout; the judgements themselves are the contract's (test_sink_contract.py)."""
+    await sink.write([rec("a", 5), rec("a", 6), rec("b", 1)])
     row = await sink.fetch("t", "customer", "a")
-    assert row is not None
-    assert row["revision"] == 6 and row["attributes"] == {"name": "a@6"}
+    assert row is not None and row["revision"] == 6 and row["deleted"] is False
+    assert row["attributes"] == {"name": "a@6"}
     assert row["relations"] == [{"type": "owns", "entity_type": "account", "entity_id": "a-1"}]
     assert await sink.count() == 2
-
-
-async def test_in_batch_order_is_judged_in_arrival_order(sink: SQLiteSink) -> None:
-    await sink.write([rec("a", 2)])
-    batch = [rec("a", 3), rec("a", 1), rec("a", 5), rec("a", 5), rec("a", 4), rec("b", 1)]
-    assert statuses(await sink.write(batch)) == [
-        "applied",
-        "OLDER_REVISION",
-        "applied",
-        "unchanged",
-        "OLDER_REVISION",
-        "applied",
-    ]
-    row = await sink.fetch("t", "customer", "a")
-    assert row is not None and row["revision"] == 5 and row["attributes"] == {"name": "a@5"}
-
-
-async def test_tombstone_is_kept_and_blocks_resurrection(sink: SQLiteSink) -> None:
-    await sink.write([rec("a", 1), rec("b", 1)])
-    assert statuses(await sink.write([rec("a", 5, deleted=True)])) == ["applied"]
+    await sink.write([rec("a", 7, deleted=True)])
     row = await sink.fetch("t", "customer", "a")
     assert row is not None
-    assert row["deleted"] is True and row["attributes"] is None and row["revision"] == 5
-    assert await sink.count(live_only=True) == 1
-    # a late, older update must not bring the entity back
-    [late] = await sink.write([rec("a", 4)])
-    assert late.reason is ReasonCode.OLDER_REVISION
-    row = await sink.fetch("t", "customer", "a")
-    assert row is not None and row["deleted"] is True
-    # a genuinely newer revision does
-    assert statuses(await sink.write([rec("a", 6)])) == ["applied"]
-    assert await sink.count(live_only=True) == 2
+    assert row["deleted"] is True and row["attributes"] is None and row["revision"] == 7
+    assert await sink.count() == 2 and await sink.count(live_only=True) == 1
 
 
 async def test_guard_holds_in_sql_even_against_a_stale_judgement(sink: SQLiteSink) -> None:
@@ -106,33 +74,6 @@ def _upsert_sql() -> str:
     from ingest.sinks import sqlite as mod
 
     return mod._UPSERT
-
-
-async def test_constraint_violation_fails_only_that_row(sink: SQLiteSink) -> None:
-    await sink.db.run(
-        lambda c: c.execute(
-            "CREATE TRIGGER poison BEFORE INSERT ON entities"
-            " WHEN NEW.attributes LIKE '%poison%' BEGIN SELECT RAISE(ABORT, 'poisoned'); END"
-        )
-    )
-    batch = [
-        rec("a", 1),
-        rec("b", 1, attrs={"x": "poison"}),
-        rec("c", 1),
-        rec("c", 2, attrs={"x": "poison"}),
-    ]
-    results = await sink.write(batch)
-    assert statuses(results) == [
-        "applied",
-        "CONSTRAINT_VIOLATION",
-        "applied",
-        "CONSTRAINT_VIOLATION",
-    ]
-    assert results[1].detail is not None and "poisoned" in results[1].detail["message"]
-    assert await sink.fetch("t", "customer", "b") is None
-    row = await sink.fetch("t", "customer", "c")
-    assert row is not None and row["revision"] == 1  # retried without the bad newer row
-    assert await sink.count() == 2
 
 
 async def test_revision_too_large_for_sqlite_is_a_constraint_violation(sink: SQLiteSink) -> None:
