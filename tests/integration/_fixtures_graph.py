@@ -1,7 +1,7 @@
 """Fixtures for the Neo4j and Typesense sink tests: real servers from scripts/services.
 
 Each test gets its own tenant id, so tests never see each other's data and cleanup is by
-tenant. Import the fixtures explicitly in a test module (`from ._fixtures_graph import ...`).
+tenant. Its fixtures are registered for the folder by tests/integration/conftest.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from ingest.records import Record
 from ingest.sinks.neo4j import Neo4jSink
 from ingest.sinks.typesense import TypesenseSink
 from tests.conftest import require_env, v3_body
-from tests.integration.conftest import record_of
 
 TS_FIELDS: dict[str, list[TypesenseField]] = {
     "customer": [
@@ -56,11 +55,14 @@ def make_record(
         deleted=deleted,
     )
     body.setdefault("relations", [])
+    from tests.integration.conftest import record_of  # conftest imports this module
+
     return record_of(body, seq=seq)
 
 
-@pytest.fixture
-def tenant() -> str:
+@pytest.fixture(name="tenant")
+def fresh_tenant() -> str:
+    """A tenant id of the test's own (fixture `tenant`)."""
     return f"t{uuid.uuid4().hex[:10]}"
 
 

@@ -35,6 +35,14 @@ from tests.integration._fixtures_files import (  # noqa: F401 - fixtures for thi
     sftp_server,
     state,
 )
+from tests.integration._fixtures_graph import (  # noqa: F401 - fixtures for this folder
+    fresh_tenant,
+    neo4j_coords,
+    neo4j_driver,
+    neo4j_sink,
+    typesense_coords,
+    typesense_sink,
+)
 from tests.integration._fixtures_kafka import (  # noqa: F401 - fixtures for this folder
     brokers,
     group,

@@ -15,9 +15,7 @@ from ingest.pipeline.retry import Retryable, RetryPolicy, retry_call
 from ingest.records import ReasonCode, SinkStatus
 from ingest.sinks.neo4j import Neo4jSink
 
-from ._fixtures_graph import make_record, neo4j_coords, neo4j_driver, neo4j_sink, tenant
-
-__all__ = ["neo4j_coords", "neo4j_driver", "neo4j_sink", "tenant"]
+from ._fixtures_graph import make_record
 
 pytestmark = pytest.mark.integration
 

@@ -50,15 +50,8 @@ from ingest.sinks.postgres import PostgresSink
 from ingest.sinks.sqlite import SQLiteSink
 from ingest.sinks.typesense import TypesenseSink
 from ingest.state.sqlite import SQLiteDB, SQLiteDLQStore, SQLiteDroppedStore, SQLiteIdempotencyStore
-from tests.integration._fixtures_graph import (
-    neo4j_coords,
-    tenant,
-    typesense_admin,
-    typesense_coords,
-)
+from tests.integration._fixtures_graph import typesense_admin
 from tests.integration.conftest import make_record
-
-__all__ = ["neo4j_coords", "tenant", "typesense_coords"]  # pytest fixtures
 
 pytestmark = pytest.mark.integration
 

@@ -25,17 +25,7 @@ from ingest.records import ReasonCode, SinkStatus
 from ingest.sinks.typesense import TypesenseSink, _classify, collection_name
 from ingest.state.sqlite import SQLiteDB, SQLiteDLQStore, SQLiteDroppedStore, SQLiteIdempotencyStore
 
-from ._fixtures_graph import (
-    TS_FIELDS,
-    make_record,
-    require_env,
-    tenant,
-    typesense_admin,
-    typesense_coords,
-    typesense_sink,
-)
-
-__all__ = ["tenant", "typesense_coords", "typesense_sink"]
+from ._fixtures_graph import TS_FIELDS, make_record, require_env, typesense_admin
 
 pytestmark = pytest.mark.integration
 
