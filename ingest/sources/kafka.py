@@ -14,12 +14,16 @@ Why it is shaped this way:
   committed offset and idempotency absorbs the repeat. Nothing of an old epoch can move the
   group's offset.
 * `pause()` (the runner holds: drain, pause, downstream keeping it waiting) pauses the
-  assigned partitions at once and, from KEEPALIVE_AFTER_S on, polls in the background (not
-  at once: polling beside the commits of the batches still finishing delayed them by
-  seconds); `stop()` (shutdown; `batches()` ends) pauses and polls at once. Either way the
-  member stays in the group past max.poll.interval.ms and still answers rebalances;
-  `resume()` continues exactly where reading was held. The runner calls them; the source
-  does not guess a hold from how long its iterator was left alone.
+  assigned partitions at once, and the watcher polls in the background from its next tick
+  (KEEPALIVE_AFTER_S, <= 1 s later). A held member must keep polling: its rebalance
+  callbacks run only inside consume(), so a member that does not poll holds up every
+  rebalance of its group (another pod's worker joining waits for it) and the synchronous
+  commits of its own batches still settling, which queue behind that rebalance (a 5 s
+  delay here made a drain's last commits arrive 5.5 s late). `stop()` (shutdown;
+  `batches()` ends) pauses and polls at once. Either way the member stays in the group past
+  max.poll.interval.ms and still answers rebalances; `resume()` continues exactly where
+  reading was held. The runner calls them; the source does not guess a hold from how long
+  its iterator was left alone.
 
 * A watcher task keeps the lag true while nobody reads: librdkafka's statistics (the usual
   source of the high watermark) arrive only from inside consume() and only for partitions
@@ -76,7 +80,7 @@ CALL_TIMEOUT_S = 10.0  # broker round trips made on purpose (offsets_for_times, 
 WATCH_INTERVAL_S = 1.0  # how often the watcher looks at watermarks and the iterator
 WATERMARK_STALE_S = 2.0  # a high watermark older than this is fetched from the broker
 WATERMARK_TIMEOUT_S = 2.0  # per request of that refresh: never hold the poll thread long
-KEEPALIVE_AFTER_S = 5.0  # held (pause()) this long: poll in the background to stay in the group
+KEEPALIVE_AFTER_S = 0.0  # held (pause()) this long: poll in the background (module docstring)
 _EARLIEST = ("earliest", "smallest", "beginning")
 _LATEST: OffsetSpec = OffsetSpec.latest()  # type: ignore[no-untyped-call]
 _EARLIEST_SPEC: OffsetSpec = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
@@ -204,7 +208,7 @@ class KafkaSource:
 
     async def pause(self) -> None:
         """The runner holds: the assigned partitions are paused now (nothing more is fetched);
-        from KEEPALIVE_AFTER_S on, the watcher polls in the background so the member stays
+        from the watcher's next tick on, it polls in the background so the member stays
         in the group and answers rebalances, however long the hold lasts."""
         if self._holding or self._closed or self._consumer is None:
             return

@@ -22,7 +22,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -205,6 +205,23 @@ def test_broker_restart_mid_run_workers_reconnect_nothing_lost(
     print(f"exact after restart: {len(final)} entities, {extra} superseded replays")
 
 
+def settled(
+    read: Callable[[], dict[int, int]], quiet: float = 1.5, bound: float = 15
+) -> dict[int, int]:
+    """The committed offsets once in-flight batches have finished: unchanged for `quiet` s.
+    How soon is tests/integration/test_kafka_source.py's business (a held member serves the
+    rebalance a pod's second worker may be joining with, and commits behind it land)."""
+    deadline = time.monotonic() + bound
+    last, since = read(), time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, f"commits still moving {bound} s after the hold"
+        time.sleep(0.2)
+        now = read()
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
 def test_drain_pause_resume_keep_progress_and_health_shows_lag(
     tmp_path: Path, kafka: tuple[PrivateServer, str], redis_server: PrivateServer, pg_dsn: str
 ) -> None:
@@ -235,8 +252,7 @@ def test_drain_pause_resume_keep_progress_and_health_shows_lag(
             "10% committed")  # fmt: skip
         for action in ("drain", "pause"):
             assert w.admin(action).status_code == 200
-            time.sleep(3)  # in-flight batches finish and commit
-            held = committed_offsets(brokers, topic, group, PARTITIONS)
+            held = settled(lambda: committed_offsets(brokers, topic, group, PARTITIONS))
             rows = len(sink_rows(pg_dsn))
             time.sleep(3)
             assert committed_offsets(brokers, topic, group, PARTITIONS) == held, action

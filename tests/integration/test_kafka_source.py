@@ -36,6 +36,21 @@ def where(r: RawRecord) -> tuple[int, int]:
     return (r.position[1], r.position[2])
 
 
+def six_partitions_of_ten(brokers: str, make_topic: TopicFactory) -> str:
+    """A new topic of six partitions, ten records each."""
+    topic = make_topic(6)
+    for p in range(6):
+        produce(brokers, topic, [body(i) for i in range(10)], partition=p)
+    return topic
+
+
+async def started(src: KafkaSource, sources: list[KafkaSource]) -> KafkaSource:
+    """`src`, started, and closed at teardown."""
+    sources.append(src)
+    await src.start()
+    return src
+
+
 def committed(brokers: str, group: str, topic: str, partitions: int) -> dict[int, int]:
     """The group's committed offsets, read by an independent client (-1001: none)."""
     c = Consumer({"bootstrap.servers": brokers, "group.id": group})
@@ -147,20 +162,14 @@ async def test_rebalance_never_commits_revoked_partitions_in_flight(
     brokers: str, kafka_bin: str, make_topic: TopicFactory, group: str,
     sources: list[KafkaSource],
 ) -> None:  # fmt: skip
-    topic = make_topic(6)
-    for p in range(6):
-        produce(brokers, topic, [body(i) for i in range(10)], partition=p)
-    a = source_for(brokers, topic, group, batch_size=1000)
-    sources.append(a)
-    await a.start()
+    topic = six_partitions_of_ten(brokers, make_topic)
+    a = await started(source_for(brokers, topic, group, batch_size=1000), sources)
     ra = Reader(a).run()
     await ra.wait_records(60)
     in_flight = list(ra.batches)  # read by A, not yet durable
     assert {r.position[1] for b in in_flight for r in b.records} == set(range(6))
 
-    b = source_for(brokers, topic, group, batch_size=1000)
-    sources.append(b)
-    await b.start()
+    b = await started(source_for(brokers, topic, group, batch_size=1000), sources)
     rb = Reader(b).run()
 
     def split() -> bool:
@@ -380,6 +389,40 @@ async def test_lag_while_not_fetching_comes_from_the_broker_and_returns_to_zero(
     assert src.health().lag_seconds == 0.0
     await asyncio.sleep(3.0)  # a watermark refresh from the broker: still 0
     assert src.partition_lag() == {f"{topic}[{p}]": zero for p in range(3)}
+
+
+async def test_a_held_member_serves_a_rebalance_at_once_and_its_commits_land(
+    brokers: str, make_topic: TopicFactory, group: str, sources: list[KafkaSource]
+) -> None:
+    """Held (the runner's drain/pause: `pause()`), A must keep serving rebalances: its
+    callbacks run only inside consume(), so a member that stops polling holds up the whole
+    group (B, another pod's worker joining, waits) and A's own commit of the batch still
+    settling queues behind that rebalance. With polling only from 5 s on, B got its share and
+    A's commit landed 5.5 s after the drain (the drain e2e's flake)."""
+    topic = six_partitions_of_ten(brokers, make_topic)
+    a = await started(source_for(brokers, topic, group, batch_size=5), sources)
+    batches = a.batches()
+    in_flight = await anext(batches)  # read, not yet durable: the worker is writing it
+    held_at = time.monotonic()
+    await a.pause()  # drain
+    b = await started(source_for(brokers, topic, group, batch_size=5), sources)
+    rb = Reader(b).run()
+
+    def split() -> bool:
+        pa, pb = set(a.health().extra["partitions"]), set(b.health().extra["partitions"])
+        return len(pa) == 3 and len(pb) == 3 and not pa & pb
+
+    # A member that waited 5 s before polling could not split before then; this took
+    # 1.9-3.4 s from the hold (B's join, then the two rounds of a cooperative rebalance)
+    await until(split, held_at + 4.8 - time.monotonic(), "a split within 4.8 s of the hold")
+    kept = {int(k.rsplit("[", 1)[1][:-1]) for k in a.health().extra["partitions"]}
+    # the batch becomes durable now: its commit is not held up by the hold
+    await asyncio.wait_for(a.commit(in_flight), 2)
+    mine = {where(r)[0]: where(r)[1] + 1 for r in in_flight.records if where(r)[0] in kept}
+    got = committed(brokers, group, topic, 6)
+    assert {p: got[p] for p in mine} == mine
+    await rb.halt()
+    await batches.aclose()
 
 
 async def test_lag_of_partitions_never_fetched_while_the_reader_is_held(
