@@ -425,6 +425,34 @@ async def test_a_held_member_serves_a_rebalance_at_once_and_its_commits_land(
     await batches.aclose()
 
 
+async def test_a_member_held_past_max_poll_interval_keeps_its_partitions(
+    brokers: str, make_topic: TopicFactory, group: str, sources: list[KafkaSource]
+) -> None:
+    """A drain longer than max.poll.interval.ms (300 s by default; 6 s here) must not cost
+    the member its partitions: the background polls keep it in the group, so the batch it
+    was writing still commits (same epoch) and reading resumes where it was held."""
+    topic = six_partitions_of_ten(brokers, make_topic)
+    extra = {"max.poll.interval.ms": "6000"}
+    a = await started(source_for(brokers, topic, group, batch_size=5, extra=extra), sources)
+    batches = a.batches()
+    got = list((in_flight := await anext(batches)).records)
+    await a.pause()
+    for _ in range(9):  # 9 s held, past max.poll.interval.ms: never revoked nor lost
+        await asyncio.sleep(1)
+        assert len(a.health().extra["partitions"]) == 6, a.health().extra["partitions"]
+    await a.commit(in_flight)
+    assert a.skipped_commits == 0
+    await a.resume()
+    while len(got) < 60:
+        b = await asyncio.wait_for(anext(batches), 10)
+        got += b.records
+        await a.commit(b)
+    assert sorted(where(r) for r in got) == [(p, o) for p in range(6) for o in range(10)]
+    assert committed(brokers, group, topic, 6) == dict.fromkeys(range(6), 10)
+    await a.stop()
+    await batches.aclose()
+
+
 async def test_lag_of_partitions_never_fetched_while_the_reader_is_held(
     brokers: str, make_topic: TopicFactory, group: str, sources: list[KafkaSource]
 ) -> None:
