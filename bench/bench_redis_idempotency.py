@@ -1,9 +1,12 @@
 """Memory and speed of the Redis idempotency store against plain `SET NX EX` keys.
 
     uv run python bench/bench_redis_idempotency.py [--url redis://...] [--keys 10000000]
+        [--shard-bits 20] [--days 1]
 
 Claims N random 32-byte digests in batches through RedisIdempotencyStore, then prints the
-INFO used_memory delta per key, claims/s and seen/s, and the same figures for the naive layout
+INFO used_memory delta per key (and what `stats()` reports), claims/s and seen/s, the Redis
+server's CPU per key for claims and lookups (INFO cpu, user + sys: unlike the rates it hardly
+moves with the machine's load, so use a Redis of its own), and the same figures for the naive layout
 (one pipelined `SET <hex> 1 NX EX ttl` per key, on fewer keys) measured in the same run, so the
 ratios compare against what this Redis does flat out. Its keys use a private prefix and are
 deleted at the end. Use a Redis of its own: 10M keys take a few hundred MB.
@@ -24,6 +27,12 @@ from ingest.state.redis import RedisIdempotencyStore, redis_client
 def digests(n: int) -> list[bytes]:
     blob = os.urandom(32 * n)
     return [blob[i : i + 32] for i in range(0, 32 * n, 32)]
+
+
+async def redis_cpu(r: aioredis.Redis) -> float:
+    """Seconds of CPU the Redis server has used (user + sys), from INFO cpu."""
+    info = await r.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 async def used_memory(r: aioredis.Redis) -> int:
@@ -47,37 +56,47 @@ async def unlink_store(r: aioredis.Redis, store: RedisIdempotencyStore, shard_bi
         prefix = store.bucket_prefix(day)
         if not await r.exists(prefix + "n"):
             continue
-        width = (shard_bits + 3) // 4
+        width = shard_bits // 4
         names = [f"{prefix}{i:0{width}x}" for i in range(2**shard_bits)] + [prefix + "n"]
         for i in range(0, len(names), 20_000):
             await r.unlink(*names[i : i + 20_000])
 
 
-async def bench_store(r: aioredis.Redis, n: int, batch: int, seen_n: int) -> dict[str, float]:
+async def bench_store(
+    r: aioredis.Redis, n: int, batch: int, seen_n: int, bits: int, days: int
+) -> dict[str, float]:
+    """Claims spread over `days` days up to today (the clock is faked: with 8, every lookup
+    probes 8 days' hashes as a service does in steady state), then lookups today."""
     prefix = f"bench_idem_{os.getpid()}"
-    store = RedisIdempotencyStore(r, prefix=prefix)
+    clock = [time.time()]
+    store = RedisIdempotencyStore(r, prefix=prefix, clock=lambda: clock[0], shard_bits=bits)
+    today = clock[0]
     before = await used_memory(r)
     claimed: list[bytes] = []
-    t_claim = 0.0
+    t_claim = cpu_claim = 0.0
     done = 0
     while done < n:
         chunk = digests(min(batch, n - done))
-        t0 = time.perf_counter()
+        clock[0] = today - (days - 1 - done * days // n) * 86400
+        t0, c0 = time.perf_counter(), await redis_cpu(r)
         await store.claim(chunk)
         t_claim += time.perf_counter() - t0
+        cpu_claim += await redis_cpu(r) - c0
         done += len(chunk)
         if len(claimed) < seen_n // 2:
             claimed.extend(chunk[: seen_n // 2 - len(claimed)])
     mem = await used_memory(r) - before
+    clock[0] = today
     probe = claimed + digests(seen_n - len(claimed))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), await redis_cpu(r)
     hits = 0
     for i in range(0, len(probe), batch):
         hits += sum(await store.seen(probe[i : i + batch]))
     t_seen = time.perf_counter() - t0
+    cpu_seen = await redis_cpu(r) - c0
     assert hits == len(claimed), f"seen() found {hits} of {len(claimed)} claimed keys"
     stats = await store.stats()
-    await unlink_store(r, store, 20)
+    await unlink_store(r, store, bits)
     return {
         "keys": n,
         "mem": mem,
@@ -85,6 +104,9 @@ async def bench_store(r: aioredis.Redis, n: int, batch: int, seen_n: int) -> dic
         "claim_rate": n / t_claim,
         "seen_rate": len(probe) / t_seen,
         "stats_keys": stats["keys"],
+        "stats_bpk": stats["bytes_per_key"],
+        "cpu_claim_us": cpu_claim / n * 1e6,
+        "cpu_seen_us": cpu_seen / len(probe) * 1e6,
     }
 
 
@@ -114,15 +136,22 @@ async def main() -> None:
     ap.add_argument("--batch", type=int, default=2000)
     ap.add_argument("--seen-keys", type=int, default=1_000_000)
     ap.add_argument("--raw-keys", type=int, default=300_000)
+    ap.add_argument("--shard-bits", type=int, default=20)
+    ap.add_argument("--days", type=int, default=1, help="spread the claims over this many days")
     a = ap.parse_args()
     if not a.url:
         raise SystemExit("set INGEST_TEST_REDIS_URL (scripts/services/redis.sh start) or --url")
     r = redis_client(a.url)
+    print(f"load average {os.getloadavg()}")
     raw = await bench_raw(r, a.raw_keys, a.batch, 7 * 86400)
-    st = await bench_store(r, a.keys, a.batch, min(a.seen_keys, a.keys))
+    st = await bench_store(r, a.keys, a.batch, min(a.seen_keys, a.keys), a.shard_bits, a.days)
+    print(f"shard bits {a.shard_bits}, claims over {a.days} day(s), batch {a.batch}")
     print(f"keys claimed            {st['keys']:>14,.0f}   (stats() says {st['stats_keys']:,.0f})")
     print(f"used_memory delta       {st['mem']:>14,.0f} B")
     print(f"bytes/key               {st['bpk']:>14.1f}   raw SET NX EX: {raw['bpk']:.1f}")
+    print(f"bytes/key, stats()      {st['stats_bpk']:>14.1f}")
+    print(f"Redis CPU µs/key claim  {st['cpu_claim_us']:>14.2f}")
+    print(f"Redis CPU µs/key seen   {st['cpu_seen_us']:>14.2f}   (half claimed, half not)")
     print(f"claims/s                {st['claim_rate']:>14,.0f}")
     print(f"seen/s                  {st['seen_rate']:>14,.0f}")
     print(f"raw SET NX EX/s         {raw['rate']:>14,.0f}   ({raw['keys']:,.0f} keys, pipelined)")

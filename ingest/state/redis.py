@@ -7,26 +7,35 @@ Idempotency keys must be compact: a plain key named by a hex SHA-256 costs ~186 
 ~112 GB for 7 days at 1,000 records/s. So digests live as fields of small hashes instead:
 
     key   ingest_idempotency:<YYYY-MM-DD>:<shard>   day of the claim (UTC); shard = the digest's
-                                                   first `shard_bits` bits, in hex
+                                                   first `shard_bits` bits (20: 5 hex digits)
     field digest bytes 3..12 (10 bytes, binary)    with the shard: 100 bits of the digest
     value the claim's hour of day (0..23)          one listpack byte; lets `seen` honour the TTL
                                                    to the hour although the hash expires by day
+    field "" (empty), value ""                     marker, ~4 bytes per hash: HSET of a claim
+                                                   also sets it, and answers 2 only when the
+                                                   hash is new, so only new hashes pay EXPIREAT
     ingest_idempotency:<YYYY-MM-DD>:n              number of keys claimed that day (for stats)
 
-Every hash gets EXPIREAT = end of its day + ttl, so no per-key TTL is stored. With the default
-2^20 shards a hash stays under Redis's default `hash-max-listpack-entries` (128) up to ~134M
-claims a day (~1,550/s sustained), and so keeps the compact listpack encoding (~14 bytes per
-field); beyond that raise `shard_bits` or the listpack limit in redis.conf. A false "seen" needs
-two digests equal in 100 bits: ~N/2^100 per lookup, negligible.
+Every hash gets EXPIREAT = end of its day + ttl, so no per-key TTL is stored; a claim sets it
+in the same script call that creates the hash. Hashes written before the marker existed (same
+names, fields and values) are read as they are and get the marker, and the same EXPIREAT
+again, at their next claim. With the default 2^20 shards a hash stays under Redis's default
+`hash-max-listpack-entries` (128) up to ~133M claims a day (~1,550/s sustained), and so keeps
+the compact listpack encoding (~14 bytes per field); beyond that raise `shard_bits` (whole hex
+digits: 24) or the listpack limit in redis.conf. A false "seen" needs two digests equal in 100
+bits: ~N/2^100 per lookup, negligible.
 
 `seen` is one EVALSHA per batch (a Lua script checks every live day server-side, newest first);
-`claim` is one EVALSHA too. Redis errors become `StoreUnavailable` so the worker waits and
-retries; the connection pool reconnects by itself after a Redis restart, and redis-py reloads
-the scripts when the restarted server answers NOSCRIPT.
+`claim` is one EVALSHA too: per key one HSET, plus an EXPIREAT for a hash it created. The
+client sends the keys' prefixes once raw and once in hex (one C pass each), so a script only
+cuts strings per key and never formats a shard name. Redis errors become `StoreUnavailable` so
+the worker waits and retries; the connection pool reconnects by itself after a Redis restart,
+and redis-py reloads the scripts when the restarted server answers NOSCRIPT.
 """
 
 from __future__ import annotations
 
+import binascii
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -48,48 +57,51 @@ from ingest.timefmt import iso
 DAY = 86_400
 
 _SEEN_LUA = """
-local now, ttl, nb = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local div, width = tonumber(ARGV[4]), tonumber(ARGV[5])
-local fmt = '%0' .. width .. 'x'
-local first = 6 + 2 * nb
-local live = {}  -- days with claims at all: a missing day costs one EXISTS per batch, not per key
+local now, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local nb, width = tonumber(ARGV[3]), tonumber(ARGV[4])
+local prefixes, limits = {}, {}  -- live days only: a missing day costs one EXISTS per batch
 for j = 0, nb - 1 do
-  if redis.call('EXISTS', ARGV[6 + j] .. 'n') == 1 then live[#live + 1] = j end
+  if redis.call('EXISTS', ARGV[5 + j] .. 'n') == 1 then
+    prefixes[#prefixes + 1] = ARGV[5 + j]
+    -- seen while day start + (hour + 1) * 3600 + ttl > now, i.e. (hour + 1) * 3600 > limit
+    limits[#limits + 1] = now - tonumber(ARGV[5 + nb + j]) - ttl
+  end
 end
-local out = {}
-local blob = ARGV[first]  -- the keys' 13-byte prefixes, concatenated: one argument to pack
+local live = #prefixes
+local hex, blob = ARGV[5 + 2 * nb], ARGV[6 + 2 * nb]  -- the keys' 13-byte prefixes: hex, raw
+local sub, call = string.sub, redis.call
+local out, n, h = {}, 0, 1
 for i = 1, #blob, 13 do
-  local d = string.sub(blob, i, i + 12)
-  local b1, b2, b3 = string.byte(d, 1, 3)
-  local shard = string.format(fmt, math.floor((b1 * 65536 + b2 * 256 + b3) / div))
-  local field = string.sub(d, 4, 13)
+  local shard, field = sub(hex, h, h + width - 1), sub(blob, i + 3, i + 12)
   local hit = 0
-  for _, j in ipairs(live) do
-    local h = redis.call('HGET', ARGV[6 + j] .. shard, field)
-    if h and tonumber(ARGV[6 + nb + j]) + (tonumber(h) + 1) * 3600 + ttl > now then
+  for d = 1, live do
+    local hour = call('HGET', prefixes[d] .. shard, field)
+    if hour and (tonumber(hour) + 1) * 3600 > limits[d] then
       hit = 1
       break
     end
   end
-  out[#out + 1] = hit
+  n = n + 1
+  out[n] = hit
+  h = h + 26
 end
 return table.concat(out)  -- one bulk string of '0'/'1': one reply to parse, not one per key
 """
 
 _CLAIM_LUA = """
-local prefix, hour, expire_at = ARGV[1], ARGV[2], ARGV[3]
-local div, width = tonumber(ARGV[4]), tonumber(ARGV[5])
-local fmt = '%0' .. width .. 'x'
-local touched, added = {}, 0
-local blob = ARGV[6]  -- the keys' 13-byte prefixes, concatenated
+local prefix, hour, expire_at, width = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local hex, blob = ARGV[5], ARGV[6]  -- the keys' 13-byte prefixes: hex (shard), raw (field)
+local sub, call = string.sub, redis.call
+local added, h = 0, 1
 for i = 1, #blob, 13 do
-  local d = string.sub(blob, i, i + 12)
-  local b1, b2, b3 = string.byte(d, 1, 3)
-  local key = prefix .. string.format(fmt, math.floor((b1 * 65536 + b2 * 256 + b3) / div))
-  added = added + redis.call('HSET', key, string.sub(d, 4, 13), hour)
-  touched[key] = true
+  local key = prefix .. sub(hex, h, h + width - 1)
+  -- the empty marker field is new only in a hash this call created (or one from before the
+  -- marker existed): only those need their EXPIREAT, every other hash has it already
+  local n = call('HSET', key, '', '', sub(blob, i + 3, i + 12), hour)
+  if n == 2 then call('EXPIREAT', key, expire_at) end
+  if n > 0 then added = added + 1 end
+  h = h + 26
 end
-for key in pairs(touched) do redis.call('EXPIREAT', key, expire_at) end
 local counter = prefix .. 'n'
 redis.call('INCRBY', counter, added)
 redis.call('EXPIREAT', counter, expire_at)
@@ -109,6 +121,14 @@ def redis_client(url: str) -> aioredis.Redis:
         retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=3),
         retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError, OSError],
     )
+
+
+def _prefixes(keys: Sequence[bytes]) -> tuple[bytes, bytes]:
+    """The keys' 13-byte prefixes as hex and raw, each in one C-speed pass: the scripts cut a
+    shard name (the first `width` hex digits) and a field (raw bytes 3..12) per key with two
+    `string.sub`s instead of computing them."""
+    raw = b"".join([k[:13] for k in keys])
+    return binascii.hexlify(raw), raw
 
 
 def _where(client: aioredis.Redis) -> str:
@@ -162,14 +182,13 @@ class RedisIdempotencyStore:
         clock: Callable[[], float] = time.time,
         shard_bits: int = 20,
     ) -> None:
-        if not 1 <= shard_bits <= 24:
-            raise ValueError("shard_bits must be within 1..24")
+        if shard_bits not in range(4, 25, 4):
+            raise ValueError("shard_bits must be one of 4, 8, ..., 24 (whole hex digits)")
         self._r = client
         self._ttl = ttl_seconds
         self._prefix = prefix
         self._clock = clock
-        self._div = 2 ** (24 - shard_bits)
-        self._width = (shard_bits + 3) // 4
+        self._width = shard_bits // 4
         self._seen = client.register_script(_SEEN_LUA)
         self._claim = client.register_script(_CLAIM_LUA)
 
@@ -189,10 +208,10 @@ class RedisIdempotencyStore:
             return []
         now = self._clock()
         days = self.live_days(now)
-        args: list[Any] = [now, self._ttl, len(days), self._div, self._width]
+        args: list[Any] = [now, self._ttl, len(days), self._width]
         args += [self.bucket_prefix(d) for d in days]
         args += [d * DAY for d in days]
-        args.append(b"".join(k[:13] for k in keys))
+        args += _prefixes(keys)
         async with _guard(self._r):
             hits = await self._seen(args=args)
         return [h == 49 for h in hits]  # b"1"
@@ -204,8 +223,8 @@ class RedisIdempotencyStore:
         day = int(now // DAY)
         hour = int(now - day * DAY) // 3600
         expire_at = (day + 1) * DAY + self._ttl
-        args: list[Any] = [self.bucket_prefix(day), hour, expire_at, self._div, self._width]
-        args.append(b"".join(k[:13] for k in keys))
+        args: list[Any] = [self.bucket_prefix(day), hour, expire_at, self._width]
+        args += _prefixes(keys)
         async with _guard(self._r):
             await self._claim(args=args)
 

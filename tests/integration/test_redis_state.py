@@ -7,10 +7,13 @@ import hashlib
 import re
 import time
 from collections.abc import AsyncIterator
+from uuid import uuid4
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ingest.errors import StoreUnavailable
 from ingest.state.redis import DAY, RedisCheckpointStore, RedisIdempotencyStore, redis_client
@@ -78,10 +81,15 @@ async def test_layout_is_compact_hashes_expiring_after_ttl(
     for name in shards[:20]:
         assert re.fullmatch(rb"idem_\w+:20\d\d-\d\d-\d\d:[0-9a-f]{5}", name)
         assert await rclient.object("encoding", name) == b"listpack"
-        fields = await rclient.hkeys(name)
-        assert all(len(f) == 10 for f in fields)
+        fields = await rclient.hgetall(name)
+        assert fields.pop(b"") == b""  # the marker: this hash got its EXPIREAT when created
+        assert fields and all(len(f) == 10 for f in fields)
         ttl = await rclient.ttl(name)
         assert TTL - 60 < ttl <= TTL + DAY  # end of the claim's day + 7 days
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    hour = str(time.gmtime().tm_hour).encode()
+    for d in digests(uid, 300)[:20]:  # shard = the digest's first 5 hex digits (20 bits)
+        assert await rclient.hget(f"{prefix}:{day}:{d.hex()[:5]}", d[3:13]) == hour
     assert await rclient.ttl(f"{prefix}:{time.strftime('%Y-%m-%d', time.gmtime())}:n") > TTL - 60
 
 
@@ -167,3 +175,150 @@ async def test_recovers_after_redis_restart(
     await asyncio.to_thread(private_redis.run, "restart-server")
     assert await store.seen(keys) == [False] * 100
     assert (await store.health())["connected"] is True
+
+
+# The claim script before the marker field (main at 584de71): hashes it wrote are what a
+# deployed service upgrades in place with, and what a not-yet-upgraded worker keeps writing.
+LEGACY_CLAIM = """
+local prefix, hour, expire_at = ARGV[1], ARGV[2], ARGV[3]
+local div, width = tonumber(ARGV[4]), tonumber(ARGV[5])
+local fmt = '%0' .. width .. 'x'
+local touched, added = {}, 0
+local blob = ARGV[6]
+for i = 1, #blob, 13 do
+  local d = string.sub(blob, i, i + 12)
+  local b1, b2, b3 = string.byte(d, 1, 3)
+  local key = prefix .. string.format(fmt, math.floor((b1 * 65536 + b2 * 256 + b3) / div))
+  added = added + redis.call('HSET', key, string.sub(d, 4, 13), hour)
+  touched[key] = true
+end
+for key in pairs(touched) do redis.call('EXPIREAT', key, expire_at) end
+local counter = prefix .. 'n'
+redis.call('INCRBY', counter, added)
+redis.call('EXPIREAT', counter, expire_at)
+return added
+"""
+
+
+async def legacy_claim(
+    r: aioredis.Redis,
+    store: RedisIdempotencyStore,
+    keys: list[bytes],
+    now: float,
+    bits: int,
+    ttl: int = TTL,
+) -> None:
+    day = int(now // DAY)
+    hour = int(now - day * DAY) // 3600
+    args = [store.bucket_prefix(day), hour, (day + 1) * DAY + ttl, 2 ** (24 - bits), bits // 4]
+    await r.eval(LEGACY_CLAIM, 0, *args, b"".join(k[:13] for k in keys))
+
+
+async def test_claims_set_expireat_only_on_hashes_they_create(
+    private_client: aioredis.Redis, uid: str
+) -> None:
+    """16 shards: the first batch creates every hash and gives each its EXPIREAT; the next
+    batch lands in the same hashes and sets none (only the day's counter, once per batch)."""
+    prefix = f"idem_{uid}"
+    store = RedisIdempotencyStore(private_client, prefix=prefix, shard_bits=4)
+    keys = digests(uid, 4000)
+    await store.seen(keys[:1])  # loads the scripts
+    before = await _calls(private_client)
+    await store.claim(keys[:2000])
+    middle = await _calls(private_client)
+    await store.claim(keys[2000:])
+    after = await _calls(private_client)
+    assert middle["cmdstat_expireat"] - before.get("cmdstat_expireat", 0) == 16 + 1
+    assert after["cmdstat_expireat"] - middle["cmdstat_expireat"] == 1
+    assert after["cmdstat_hset"] - middle["cmdstat_hset"] == 2000  # one HSET per key
+    assert await store.seen(keys) == [True] * 4000
+    assert (await store.stats())["keys"] == 4000  # the marker is not counted as a key
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    for shard in "0123456789abcdef":
+        name = f"{prefix}:{day}:{shard}"
+        assert TTL - 60 < await private_client.ttl(name) <= TTL + DAY
+        assert await private_client.hlen(name) > 200  # ~250 keys + the marker
+
+
+async def test_hashes_of_the_old_layout_keep_working(rclient: aioredis.Redis, uid: str) -> None:
+    """Upgrade in place: keys claimed by the old script are seen; new claims into the same
+    hashes keep their TTL; an old worker still writing beside a new one loses nothing."""
+    prefix = f"idem_{uid}"
+    now = time.time()
+    store = RedisIdempotencyStore(rclient, prefix=prefix, shard_bits=8)
+    old, new, late = digests(f"{uid}o", 300), digests(f"{uid}n", 300), digests(f"{uid}l", 300)
+    await legacy_claim(rclient, store, old, now, 8)
+    names = [k async for k in rclient.scan_iter(match=f"{prefix}:*", count=1000)]
+    for name in names:
+        if not name.endswith(b":n"):
+            assert await rclient.hget(name, "") is None  # no marker: the old layout
+    assert await store.seen(old + new) == [True] * 300 + [False] * 300
+    await store.claim(old[:100] + new)  # into the old hashes, some keys again
+    await legacy_claim(rclient, store, late, now, 8)  # a worker not yet upgraded
+    assert await store.seen(old + new + late) == [True] * 900
+    # the day's counter may count a key claimed again once more, once per old hash
+    assert 900 <= (await store.stats())["keys"] <= 900 + 100
+    for name in [k async for k in rclient.scan_iter(match=f"{prefix}:*", count=1000)]:
+        assert TTL - 60 < await rclient.ttl(name) <= TTL + DAY
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    bits=st.sampled_from([4, 20]),
+    ttl=st.sampled_from([3600, 5400, DAY, 2 * DAY + 1800]),
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["claim", "legacy", "seen"]),
+            st.floats(0, 1.5 * DAY),  # seconds the clock moves first
+            st.lists(st.integers(0, 59), min_size=1, max_size=20, unique=True),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_seen_equals_the_model(
+    redis_url: str, uid: str, bits: int, ttl: int, ops: list[tuple[str, float, list[int]]]
+) -> None:
+    """A key is seen exactly while its latest claim's hour + 1 h + ttl is ahead of the clock:
+    never a false negative within the TTL, at most the rest of the hour after it; new and
+    old-layout writers mixed, shared hashes (4 bits) and one key per hash (20 bits)."""
+    universe = digests(f"{uid}{bits}{ttl}", 60)
+
+    async def go() -> None:
+        client = redis_client(redis_url)
+        prefix = f"model_{uuid4().hex[:10]}"
+        now = [time.time() + 60]  # never behind the server's clock: EXPIREAT in the future
+        store = RedisIdempotencyStore(client, ttl, prefix, lambda: now[0], bits)
+        claimed: dict[int, float] = {}
+        try:
+            for op, dt, picks in ops:
+                now[0] += dt
+                keys = [universe[i] for i in picks]
+                if op == "seen":
+                    want = [
+                        i in claimed and claimed[i] // 3600 * 3600 + 3600 + ttl > now[0]
+                        for i in picks
+                    ]
+                    assert await store.seen(keys) == want
+                    continue
+                if op == "claim":
+                    await store.claim(keys)
+                else:
+                    await legacy_claim(client, store, keys, now[0], bits, ttl)
+                claimed.update(dict.fromkeys(picks, now[0]))
+        finally:
+            names = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+            if names:
+                await client.delete(*names)
+            await client.aclose()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("bits", [0, 1, 5, 21, 28])
+def test_shard_bits_are_whole_hex_digits(bits: int) -> None:
+    """Shard names are the digest's first hex digits, cut by the script without formatting."""
+    with pytest.raises(ValueError, match="hex digits"):
+        RedisIdempotencyStore(aioredis.Redis(), shard_bits=bits)
