@@ -195,10 +195,11 @@ def _classify(exc: Exception, target: str) -> Exception:
     where = f"neo4j at {target}: {exc}"
     if _conflict(exc):
         return SinkError(ReasonCode.SINK_TIMEOUT, where, conflict=True, error_class=name)
-    if isinstance(exc, ServiceUnavailable | SessionExpired | AuthError | OSError):
-        return SinkError(ReasonCode.CONNECTION_ERROR, where, error_class=name)
+    # Before OSError, of which TimeoutError is a subclass: no answer in time is a timeout.
     if isinstance(exc, TransientError | ConnectionAcquisitionTimeoutError | TimeoutError):
         return SinkError(ReasonCode.SINK_TIMEOUT, where, error_class=name)
+    if isinstance(exc, ServiceUnavailable | SessionExpired | AuthError | OSError):
+        return SinkError(ReasonCode.CONNECTION_ERROR, where, error_class=name)
     if isinstance(exc, ClientError) and "TransactionTimedOut" in (exc.code or ""):
         return SinkError(ReasonCode.SINK_TIMEOUT, where, error_class=name)
     if isinstance(exc, ClientError):

@@ -23,6 +23,7 @@ after a server restart the pool's idle connections are dead, the next one is not
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Sequence
 from datetime import datetime
@@ -368,7 +369,11 @@ class PostgresSink:
         except Exception as exc:
             raise _classify(exc) from exc
         finally:
-            await self.pool.release(conn)
+            # A connection whose server stopped answering cannot be reset: asyncpg terminates
+            # it and re-raises (a bare TimeoutError), which must not replace the write's own
+            # outcome (its SINK_TIMEOUT, or its rows).
+            with contextlib.suppress(Exception):
+                await self.pool.release(conn)
 
     async def copy_raw(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Plain binary COPY of `row_of` rows into the table: the physical limit for benches."""

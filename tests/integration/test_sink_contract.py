@@ -4,10 +4,11 @@ Judged only through what the worker sees (`SinkResult`s, `SinkError` reasons, `h
 for the per-row and replay cases the worker's own counts and DLQ entries), on real servers.
 Backends: SQLite (a file), Postgres, Typesense and Neo4j (`scripts/services/up.sh postgres
 typesense neo4j`). A new sink joins by one `Backend` entry in SINKS: a factory for a working
-sink (optionally through a proxy), one for a sink whose server cannot be reached, and a way to
-make its store refuse a row. Each test has a tenant of its own: nothing is shared on a shared
-server. A case that cannot apply to a backend is listed in NOT_APPLICABLE with the reason,
-reported as a skip that says so (`pytest -rs`): only the mid-run outage, for SQLite.
+sink (optionally through a proxy, with a short timeout), one for a sink whose server cannot be
+reached, a way to make its store refuse a row, and one to make it stop answering. Each test
+has a tenant of its own: nothing is shared on a shared server. A case that cannot apply to a
+backend is listed in NOT_APPLICABLE with the reason, reported as a skip that says so
+(`pytest -rs`): only the mid-run outage, for SQLite.
 
 Cases: the revision rule (in batch order, against the stored row); tenant and type are part
 of the key; tombstones; a batch written again after a crash (one record per entity, and
@@ -16,20 +17,25 @@ several, judged like its first pass); replays as `replayctl run` makes them (the
 what it never got is applied, nothing is rolled back); per-row failures (a row the store
 refuses fails alone with CONSTRAINT_VIOLATION, its entity judged as if it were not in the
 batch, and the worker DLQs exactly those rows); outages (an unreachable store, and one that
-goes away under a started sink and comes back, are CONNECTION_ERROR, never a per-record
-failure). What only one backend has (its storage layout, its own server errors, concurrent
-writers) stays in that backend's test module.
+goes away under a started sink, are CONNECTION_ERROR; one that stops answering is
+SINK_TIMEOUT within a bound, never a hang; never a per-record failure; the same instance
+writes again once the store is back). What only one backend has (its storage layout, its own
+server errors, concurrent writers) stays in that backend's test module.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
@@ -56,17 +62,28 @@ from tests.integration.conftest import make_record
 pytestmark = pytest.mark.integration
 
 Via = Callable[[str, int], tuple[str, int]]  # the server's address -> the one to connect to
-Factory = Callable[[Path, Any, Via | None], Awaitable[Sink]]
+Down = Callable[[Path, Any], Awaitable[Sink]]
 Refusal = Callable[[Sink, Any], Awaitable[dict[str, Any]]]
+Stall = Callable[[Sink, "Proxy"], AbstractAsyncContextManager[None]]
+
+
+class Factory(Protocol):
+    def __call__(
+        self, tmp: Path, request: Any, *, via: Via | None = None, timeout: float | None = None
+    ) -> Awaitable[Sink]: ...
 
 
 @dataclass(frozen=True)
 class Backend:
-    make: Factory  # a working sink (through `via`, when given); its data removed afterwards
-    down: Factory  # a sink whose store cannot be reached
+    # A working sink (connecting through `via` and giving up after about `timeout` seconds,
+    # when given); what it writes is removed after the test.
+    make: Factory
+    down: Down  # a sink whose store cannot be reached
     # Makes the store refuse a value (naturally where it has one, else an operator's
     # constraint) and returns attributes carrying it.
     refuse: Refusal
+    # While entered, the store stops answering the sink (made with `via=proxy.via`).
+    stall: Stall
 
 
 def _closed_port() -> int:
@@ -88,11 +105,14 @@ def _through(url: str, via: Via | None) -> str:
 # -- SQLite ---------------------------------------------------------------------------------
 
 
-async def _sqlite(tmp: Path, _: Any, via: Via | None = None) -> Sink:
+async def _sqlite(
+    tmp: Path, _: Any, *, via: Via | None = None, timeout: float | None = None
+) -> Sink:
+    """No connection to route through `via`; the busy timeout is set by `_sqlite_locked`."""
     return SQLiteSink("sqlite", tmp / "sink.db")
 
 
-async def _sqlite_down(tmp: Path, _: Any, via: Via | None = None) -> Sink:
+async def _sqlite_down(tmp: Path, _: Any) -> Sink:
     (tmp / "not-a-dir").write_text("")  # the sink's file would live under a plain file
     return SQLiteSink("sqlite", tmp / "not-a-dir" / "sink.db")
 
@@ -110,10 +130,36 @@ async def _sqlite_refuses(sink: Sink, _: Any) -> dict[str, Any]:
     return {"embargoed": True}
 
 
+@contextlib.asynccontextmanager
+async def _sqlite_locked(sink: Sink, _: Proxy) -> AsyncIterator[None]:
+    """Another process holds the file's write lock (longer than the sink's busy timeout)."""
+    db = cast(SQLiteSink, sink).db
+    await db.run(lambda c: c.execute("PRAGMA busy_timeout = 500"))
+    other = sqlite3.connect(cast(SQLiteSink, sink).path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+@contextlib.asynccontextmanager
+async def _frozen(sink: Sink, proxy: Proxy) -> AsyncIterator[None]:
+    """The server (behind the proxy) stops answering; connections stay open."""
+    proxy.freeze()
+    try:
+        yield
+    finally:
+        proxy.thaw()
+
+
 # -- Postgres -------------------------------------------------------------------------------
 
 
-async def _postgres(tmp: Path, request: Any, via: Via | None = None) -> Sink:
+async def _postgres(
+    tmp: Path, request: Any, *, via: Via | None = None, timeout: float | None = None
+) -> Sink:
     table = f"contract_{uuid.uuid4().hex[:12]}"  # its own table; dropped afterwards
     dsn = request.getfixturevalue("pg_url")
 
@@ -125,10 +171,11 @@ async def _postgres(tmp: Path, request: Any, via: Via | None = None) -> Sink:
             await conn.close()
 
     request.addfinalizer(lambda: asyncio.run(drop()))
-    return PostgresSink("pg", _through(dsn, via), table=table)
+    ms = 30000 if timeout is None else int(timeout * 1000)
+    return PostgresSink("pg", _through(dsn, via), table=table, statement_timeout_ms=ms)
 
 
-async def _postgres_down(tmp: Path, _: Any, via: Via | None = None) -> Sink:
+async def _postgres_down(tmp: Path, _: Any) -> Sink:
     return PostgresSink("pg", f"postgresql://x@127.0.0.1:{_closed_port()}/x", table="entities")
 
 
@@ -143,7 +190,9 @@ async def _postgres_refuses(sink: Sink, _: Any) -> dict[str, Any]:
 _TS_FIELDS = {"order": [TypesenseField(name="amount", type="int64", optional=True)]}
 
 
-async def _typesense(tmp: Path, request: Any, via: Via | None = None) -> Sink:
+async def _typesense(
+    tmp: Path, request: Any, *, via: Via | None = None, timeout: float | None = None
+) -> Sink:
     coords = request.getfixturevalue("typesense_coords")
     tenant = request.getfixturevalue("tenant")
 
@@ -155,10 +204,12 @@ async def _typesense(tmp: Path, request: Any, via: Via | None = None) -> Sink:
 
     request.addfinalizer(drop)
     url = _through(coords["url"], via)
-    return TypesenseSink("typesense", url, coords["api_key"], fields=_TS_FIELDS)
+    return TypesenseSink(
+        "typesense", url, coords["api_key"], fields=_TS_FIELDS, timeout_seconds=timeout or 10.0
+    )
 
 
-async def _typesense_down(tmp: Path, _: Any, via: Via | None = None) -> Sink:
+async def _typesense_down(tmp: Path, _: Any) -> Sink:
     url = f"http://127.0.0.1:{_closed_port()}"
     return TypesenseSink("typesense", url=url, api_key="x", fields=_TS_FIELDS)
 
@@ -176,7 +227,9 @@ def _neo4j_run(coords: dict[str, str], query: str, **params: Any) -> None:
         d.execute_query(query, params)
 
 
-async def _neo4j(tmp: Path, request: Any, via: Via | None = None) -> Sink:
+async def _neo4j(
+    tmp: Path, request: Any, *, via: Via | None = None, timeout: float | None = None
+) -> Sink:
     coords = request.getfixturevalue("neo4j_coords")
     tenant = request.getfixturevalue("tenant")
     request.addfinalizer(
@@ -187,10 +240,13 @@ async def _neo4j(tmp: Path, request: Any, via: Via | None = None) -> Sink:
             t=tenant,
         )
     )
-    return Neo4jSink("neo4j", _through(coords["uri"], via), coords["user"], coords["password"])
+    uri = _through(coords["uri"], via)
+    return Neo4jSink(
+        "neo4j", uri, coords["user"], coords["password"], timeout_seconds=timeout or 30.0
+    )
 
 
-async def _neo4j_down(tmp: Path, _: Any, via: Via | None = None) -> Sink:
+async def _neo4j_down(tmp: Path, _: Any) -> Sink:
     return Neo4jSink("neo4j", f"bolt://127.0.0.1:{_closed_port()}", "neo4j", "x")
 
 
@@ -212,18 +268,17 @@ async def _neo4j_refuses(sink: Sink, request: Any) -> dict[str, Any]:
 
 # name -> its factories
 SINKS: dict[str, Backend] = {
-    "sqlite": Backend(_sqlite, _sqlite_down, _sqlite_refuses),
-    "postgres": Backend(_postgres, _postgres_down, _postgres_refuses),
-    "typesense": Backend(_typesense, _typesense_down, _typesense_refuses),
-    "neo4j": Backend(_neo4j, _neo4j_down, _neo4j_refuses),
+    "sqlite": Backend(_sqlite, _sqlite_down, _sqlite_refuses, _sqlite_locked),
+    "postgres": Backend(_postgres, _postgres_down, _postgres_refuses, _frozen),
+    "typesense": Backend(_typesense, _typesense_down, _typesense_refuses, _frozen),
+    "neo4j": Backend(_neo4j, _neo4j_down, _neo4j_refuses, _frozen),
 }
 # (test name, backend) -> why the case cannot apply to that backend. Shown as a skip with
 # its reason (`pytest -rs`), never a silent pass.
 NOT_APPLICABLE: dict[tuple[str, str], str] = {
     ("test_an_outage_mid_run_is_a_connection_error_and_the_same_sink_recovers", "sqlite"): (
-        "an embedded file has no server or connection that can go away; its outages (a locked"
-        " file: SINK_TIMEOUT, an unusable path: CONNECTION_ERROR) are in test_sqlite_sink.py"
-        " and the unreachable-store case"
+        "an embedded file has no server or connection that can go away; its outages are the"
+        " unusable path (unreachable-store case) and the locked file (stops-answering case)"
     ),
 }
 
@@ -248,7 +303,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture
 async def sink(backend: str, request: Any, tmp_path: Path, tenant: str) -> AsyncIterator[Sink]:
     _TENANT[0] = tenant  # each test its own tenant: nothing shared on a shared server
-    s = await SINKS[backend].make(tmp_path, request, None)
+    s = await SINKS[backend].make(tmp_path, request)
     await s.start()
     yield s
     await s.close()
@@ -441,7 +496,7 @@ async def test_an_unreachable_store_is_a_connection_error(
     backend: str, tmp_path: Path, request: Any
 ) -> None:
     """An outage is the worker's to wait out (breaker, retry): never a per-record failure."""
-    s = await SINKS[backend].down(tmp_path, request, None)
+    s = await SINKS[backend].down(tmp_path, request)
     try:
         with pytest.raises(SinkError) as info:
             await s.start()  # a sink may find out here already,
@@ -452,16 +507,19 @@ async def test_an_unreachable_store_is_a_connection_error(
         await s.close()
 
 
-class OutageProxy:
+class Proxy:
     """A TCP forwarder in front of the real server: `down()` drops every connection through it
     and refuses new ones (the server is gone, for the sink), `up()` listens again on the same
-    port. A network outage, not a mock: the bytes are the server's."""
+    port; `freeze()` holds every byte (the server stops answering), `thaw()` lets them go.
+    A network fault, not a mock: the bytes are the server's."""
 
     def __init__(self) -> None:
         self.target = ("127.0.0.1", 0)
         self.port = 0
         self.server: asyncio.Server | None = None
         self.open: set[asyncio.StreamWriter] = set()
+        self.flowing = asyncio.Event()
+        self.flowing.set()
 
     def via(self, host: str, port: int) -> tuple[str, int]:
         self.target = (host, port)
@@ -479,7 +537,14 @@ class OutageProxy:
             writer.transport.abort()
         self.open.clear()
 
+    def freeze(self) -> None:
+        self.flowing.clear()
+
+    def thaw(self) -> None:
+        self.flowing.set()
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.flowing.wait()
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
@@ -490,6 +555,7 @@ class OutageProxy:
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
+                    await self.flowing.wait()
                     dst.write(data)
                     await dst.drain()
             except OSError:
@@ -509,9 +575,9 @@ async def test_an_outage_mid_run_is_a_connection_error_and_the_same_sink_recover
     and comes back: CONNECTION_ERROR meanwhile, then the same instance writes again within
     the worker's retries, and what was stored before still holds."""
     _TENANT[0] = tenant
-    proxy = OutageProxy()
+    proxy = Proxy()
     await proxy.up()
-    s = await SINKS[backend].make(tmp_path, request, proxy.via)
+    s = await SINKS[backend].make(tmp_path, request, via=proxy.via)
     try:
         await s.start()
         assert outcomes(await s.write([rec("o1", 1)])) == ["applied"]
@@ -540,3 +606,30 @@ async def _written(s: Sink, batch: list[Record]) -> tuple[list[SinkResult], int]
                 raise
             await asyncio.sleep(0.2)
     raise AssertionError("unreachable")
+
+
+async def test_a_store_that_stops_answering_is_a_sink_timeout_and_the_sink_recovers(
+    backend: str, tmp_path: Path, request: Any, tenant: str
+) -> None:
+    """A server that holds the connection but does not answer (or a file locked by another
+    process) is SINK_TIMEOUT within a bound set by the sink's timeout: never a hang, never
+    a per-record failure; when it answers again the same instance writes."""
+    _TENANT[0] = tenant
+    proxy = Proxy()
+    await proxy.up()
+    s = await SINKS[backend].make(tmp_path, request, via=proxy.via, timeout=0.5)
+    try:
+        await s.start()
+        assert outcomes(await s.write([rec("o1", 1)])) == ["applied"]
+        async with SINKS[backend].stall(s, proxy):
+            t0 = time.monotonic()
+            with pytest.raises(SinkError) as info:
+                await asyncio.wait_for(s.write([rec("o1", 2)]), 60)
+            took = time.monotonic() - t0
+        assert info.value.reason is ReasonCode.SINK_TIMEOUT, info.value
+        assert took < 20  # Postgres: its 10 s client backstop past statement_timeout
+        results, _ = await _written(s, [rec("o1", 2)])
+        assert outcomes(results) == ["applied"]
+    finally:
+        await s.close()
+        await proxy.down()

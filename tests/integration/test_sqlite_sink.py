@@ -1,9 +1,8 @@
 """The SQLite sink on a real file, beyond the sink contract (test_sink_contract.py): the
-row layout, the guard inside SQL, revisions SQLite cannot hold, a locked file, reopening."""
+row layout, the guard inside SQL, revisions SQLite cannot hold, an unstarted sink, reopening."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -79,20 +78,6 @@ def _upsert_sql() -> str:
 async def test_revision_too_large_for_sqlite_is_a_constraint_violation(sink: SQLiteSink) -> None:
     results = await sink.write([rec("a", 2**63), rec("b", 1)])
     assert statuses(results) == ["CONSTRAINT_VIOLATION", "applied"]
-
-
-async def test_locked_database_is_a_sink_timeout(sink: SQLiteSink) -> None:
-    await sink.db.run(lambda c: c.execute("PRAGMA busy_timeout = 50"))
-    other = sqlite3.connect(sink.path, isolation_level=None)
-    try:
-        other.execute("BEGIN IMMEDIATE")
-        with pytest.raises(SinkError) as err:
-            await sink.write([rec("a", 1)])
-        assert err.value.reason is ReasonCode.SINK_TIMEOUT
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
-    assert statuses(await sink.write([rec("a", 1)])) == ["applied"]  # recovers by itself
 
 
 async def test_unstarted_sink_is_a_connection_error(tmp_path: Path) -> None:
