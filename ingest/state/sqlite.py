@@ -43,9 +43,68 @@ CHUNK = 900  # bound parameters per IN (...) list; below SQLite's historical 999
 
 
 class Migration(NamedTuple):
+    """A schema step: SQL statements, or functions of the connection for steps SQL alone
+    cannot say (tables named by data); all of one migration run in one transaction."""
+
     version: int
     name: str
-    statements: tuple[str, ...]
+    statements: tuple[str | Callable[[sqlite3.Connection], None], ...]
+
+
+# ------------------------------------------------------------- idempotency keys, one table a day
+
+DAY = 86_400
+IDEM_PREFIX = "idem_"
+# The layout of every day's table (migration 12); `idem_YYYYMMDD` holds the claims made that
+# UTC day. One B-tree per claim (no expiry index): a day's keys all expire together, with
+# DROP TABLE, as the Redis store's hashes expire by day.
+_IDEM_DAY_DDL = (
+    "CREATE TABLE IF NOT EXISTS {} (key BLOB PRIMARY KEY, claimed_at REAL NOT NULL) WITHOUT ROWID"
+)
+
+
+def idem_table(day: int) -> str:
+    """`idem_20261201` for day number `day` (days since 1970-01-01 UTC)."""
+    return IDEM_PREFIX + datetime.fromtimestamp(day * DAY, UTC).strftime("%Y%m%d")
+
+
+def idem_day(table: str) -> int | None:
+    """The day number a table name stands for, None if it is not a day table."""
+    digits = table.removeprefix(IDEM_PREFIX)
+    if len(digits) != 8 or not digits.isdigit():
+        return None
+    try:
+        return int(datetime.strptime(digits, "%Y%m%d").replace(tzinfo=UTC).timestamp()) // DAY
+    except ValueError:
+        return None
+
+
+def idem_days(c: sqlite3.Connection) -> dict[int, str]:
+    """The day tables in the file (every process's claims), day number -> name."""
+    (names,) = c.execute(
+        "SELECT group_concat(name, ' ') FROM sqlite_master WHERE type = 'table'"
+        f" AND name GLOB '{IDEM_PREFIX}[0-9]*'"
+    ).fetchone()
+    days = ((idem_day(n), n) for n in (names or "").split())
+    return {d: n for d, n in days if d is not None}
+
+
+def _idem_by_day(c: sqlite3.Connection) -> None:
+    """Adopt the one-table layout of migration 2: unexpired keys move to their claim day's
+    table, then `idem` and its expiry index go."""
+    now = time.time()
+    for (day,) in c.execute(
+        f"SELECT DISTINCT CAST(claimed_at / {DAY} AS INTEGER) FROM idem WHERE expires_at > ?",
+        (now,),
+    ).fetchall():
+        table = idem_table(day)
+        c.execute(_IDEM_DAY_DDL.format(table))
+        c.execute(
+            f"INSERT OR REPLACE INTO {table} SELECT key, claimed_at FROM idem"
+            " WHERE expires_at > ? AND claimed_at >= ? AND claimed_at < ?",
+            (now, day * DAY, (day + 1) * DAY),
+        )
+    c.execute("DROP TABLE idem")
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -151,6 +210,9 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX IF NOT EXISTS replay_plans_tenant ON replay_plans (tenant, created_at)",
         ),
     ),
+    # Idempotency keys in one table per claim day (SQLiteIdempotencyStore); the tables are
+    # made from _IDEM_DAY_DDL as days come.
+    Migration(12, "idempotency_by_day", (_idem_by_day,)),
 )
 
 
@@ -192,6 +254,10 @@ def _connect(path: Path, migrations: Sequence[Migration]) -> sqlite3.Connection:
         conn.execute("PRAGMA busy_timeout = 5000")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
+        # Checkpoint every 4,000 WAL pages (16 MiB; default 1,000): random-key B-trees (the
+        # idempotency keys) dirty a page per key, and pages dirtied again between two
+        # checkpoints are copied and synced once. Commits are as durable either way.
+        conn.execute("PRAGMA wal_autocheckpoint = 4000")
         conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("PRAGMA cache_size = -65536")  # 64 MiB
         conn.execute(
@@ -200,11 +266,14 @@ def _connect(path: Path, migrations: Sequence[Migration]) -> sqlite3.Connection:
         )
         with immediate(conn):
             done = {v for (v,) in conn.execute("SELECT version FROM schema_migrations")}
-            for m in sorted(migrations):
+            for m in sorted(migrations, key=lambda m: m.version):
                 if m.version in done:
                     continue
                 for stmt in m.statements:
-                    conn.execute(stmt)
+                    if callable(stmt):
+                        stmt(conn)
+                    else:
+                        conn.execute(stmt)
                 conn.execute(
                     "INSERT INTO schema_migrations VALUES (?, ?, ?)",
                     (m.version, m.name, time.time()),
@@ -319,11 +388,25 @@ class SQLiteCheckpointStore:
 # --------------------------------------------------------------------------------- idempotency
 
 
-class SQLiteIdempotencyStore:
-    """Implements IdempotencyStore: 32-byte keys as BLOBs with an expiry; expired rows are
-    ignored by seen() at once and purged lazily, every PURGE_EVERY claims."""
+# The batch's keys travel as one blob of 32-byte digests, cut in SQL: one statement per batch,
+# which SQLite runs without taking the GIL back per key as executemany does (in the service,
+# beside the event loop's thread: 5.2 instead of 6.6 µs of CPU per claimed key).
+_KEYS = (
+    "WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 32 FROM k WHERE i + 32 <= length(?1))"
+)
 
-    PURGE_EVERY = 64
+
+def _key_blob(keys: Sequence[bytes]) -> bytes:
+    if any(len(k) != 32 for k in keys):
+        raise ValueError("idempotency keys are 32-byte digests")
+    return b"".join(keys)
+
+
+class SQLiteIdempotencyStore:
+    """Implements IdempotencyStore: 32-byte keys as BLOBs with their claim time, in one
+    table per UTC day of the claim (`idem_YYYYMMDD`, migration 12). seen() ignores keys older
+    than the TTL at once; a day's table is dropped by the first claim after every key in it
+    expired (end of that day + TTL), so the file holds at most TTL + 1 day of keys."""
 
     def __init__(
         self, db: SQLiteDB, ttl_seconds: int = 7 * 86400, clock: Clock = time.time
@@ -331,57 +414,113 @@ class SQLiteIdempotencyStore:
         self._db = db
         self._ttl = ttl_seconds
         self._clock = clock
-        self._claims = 0
+        # Read and written only in the DB thread: the day table known to exist, and when the
+        # oldest table in the file expires whole.
+        self._today: str | None = None
+        self._next_drop = 0.0
+
+    def _live(self, days: Mapping[int, str], now: float) -> list[str]:
+        """Tables that may hold unexpired keys, newest first."""
+        return [days[d] for d in sorted(days, reverse=True) if (d + 1) * DAY + self._ttl > now]
 
     async def seen(self, keys: Sequence[bytes]) -> list[bool]:
         if not keys:
             return []
+        blob = _key_blob(keys)
         now = self._clock()
+        since = now - self._ttl
 
-        def query(c: sqlite3.Connection) -> set[bytes]:
-            found: set[bytes] = set()
-            for part in chunks(list(dict.fromkeys(keys))):
-                sql = f"SELECT key FROM idem WHERE key IN ({marks(len(part))}) AND expires_at > ?"
-                found.update(k for (k,) in c.execute(sql, (*part, now)))
-            return found
+        def query(c: sqlite3.Connection) -> str | None:
+            tables = self._live(idem_days(c), now)
+            if not tables:
+                return None
+            probe = " OR ".join(
+                f"EXISTS (SELECT 1 FROM {t} WHERE key = substr(?1, i, 32) AND claimed_at > ?2)"
+                for t in tables
+            )
+            sql = f"{_KEYS} SELECT group_concat(i) FROM k WHERE {probe}"
+            hits: str | None = c.execute(sql, (blob, since)).fetchone()[0]
+            return hits
 
-        found = await self._db.call("idempotency", query)
-        return [k in found for k in keys]
+        hits = await self._db.call("idempotency", lambda c: _again_if_dropped(c, query))
+        found = [False] * len(keys)
+        if hits:
+            for i in hits.split(","):
+                found[(int(i) - 1) // 32] = True
+        return found
 
     async def claim(self, keys: Sequence[bytes]) -> None:
         if not keys:
             return
+        blob = _key_blob(keys)
         now = self._clock()
-        rows = [(k, now, now + self._ttl) for k in keys]
-        self._claims += 1
-        purge = self._claims % self.PURGE_EVERY == 0
+        table = idem_table(int(now // DAY))
 
         def write(c: sqlite3.Connection) -> None:
-            with immediate(c):
-                c.executemany("INSERT OR REPLACE INTO idem VALUES (?, ?, ?)", rows)
-                if purge:
-                    c.execute("DELETE FROM idem WHERE expires_at <= ?", (now,))
+            if table != self._today or now >= self._next_drop:
+                self._rotate(c, table, now)
+            c.execute(  # one statement: its own transaction
+                f"{_KEYS} INSERT OR REPLACE INTO {table} (key, claimed_at)"
+                " SELECT substr(?1, i, 32), ?2 FROM k",
+                (blob, now),
+            )
 
-        await self._db.call("idempotency", write)
+        def again(c: sqlite3.Connection) -> None:
+            try:
+                write(c)
+            except sqlite3.OperationalError as exc:
+                if "no such table" not in str(exc):
+                    raise
+                self._today = None  # another process dropped it: the clocks disagree; recreate
+                write(c)
+
+        await self._db.call("idempotency", again)
+
+    def _rotate(self, c: sqlite3.Connection, table: str, now: float) -> None:
+        """Make today's table; drop the tables whose keys have all expired."""
+        with immediate(c):
+            c.execute(_IDEM_DAY_DDL.format(table))
+            days = idem_days(c)
+            live = set(self._live(days, now))
+            for name in days.values():
+                if name not in live:
+                    c.execute(f"DROP TABLE {name}")
+        kept = [d for d, name in days.items() if name in live]
+        self._today = table
+        self._next_drop = min((d + 1) * DAY + self._ttl for d in kept)
 
     async def stats(self) -> dict[str, Any]:
         now = self._clock()
 
         def query(c: sqlite3.Connection) -> tuple[int, float | None]:
-            (n,) = c.execute("SELECT count(*) FROM idem WHERE expires_at > ?", (now,)).fetchone()
-            row = c.execute(
-                "SELECT claimed_at FROM idem WHERE expires_at > ? ORDER BY expires_at LIMIT 1",
-                (now,),
-            ).fetchone()
-            return int(n), (row[0] if row else None)
+            n, oldest = 0, None
+            for table in reversed(self._live(idem_days(c), now)):
+                count, first = c.execute(
+                    f"SELECT count(*), min(claimed_at) FROM {table} WHERE claimed_at > ?",
+                    (now - self._ttl,),
+                ).fetchone()
+                n += count
+                oldest = first if oldest is None else oldest
+            return n, oldest
 
-        n, oldest = await self._db.call("idempotency", query)
+        n, oldest = await self._db.call("idempotency", lambda c: _again_if_dropped(c, query))
         return {
             "backend": "sqlite",
             "keys": n,
             "memory_bytes": None,
             "oldest_bucket": _utc(oldest).date().isoformat() if oldest is not None else None,
         }
+
+
+def _again_if_dropped(c: sqlite3.Connection, read: Callable[[sqlite3.Connection], T]) -> T:
+    """A read naming the day tables listed a moment before: if another process dropped one
+    in between (it expired), list them again."""
+    try:
+        return read(c)
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        return read(c)
 
 
 # ------------------------------------------------------------------------------------- DLQ

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,12 +17,14 @@ from hypothesis import strategies as st
 from ingest.records import DLQEntry, ReasonCode
 from ingest.state.base import DLQFilter
 from ingest.state.sqlite import (
+    DAY,
     MIGRATIONS,
     SQLiteCheckpointStore,
     SQLiteDB,
     SQLiteDLQStore,
     SQLiteDroppedStore,
     SQLiteIdempotencyStore,
+    idem_table,
 )
 from ingest.webhook.sqlite import SQLiteIntake
 
@@ -146,15 +149,92 @@ async def test_idempotency_seen_claim_and_ttl(db: SQLiteDB) -> None:
     assert stats["oldest_bucket"] == datetime.fromtimestamp(T0 + 60, UTC).date().isoformat()
 
 
-async def test_idempotency_purges_expired_rows_lazily(db: SQLiteDB) -> None:
-    clock = FakeClock()
-    store = SQLiteIdempotencyStore(db, ttl_seconds=10, clock=clock)
-    await store.claim([i.to_bytes(32, "big") for i in range(50)])
-    clock.now += 20
-    for i in range(store.PURGE_EVERY):
-        await store.claim([(1000 + i).to_bytes(32, "big")])
-    rows = await db.run(lambda c: c.execute("SELECT count(*) FROM idem").fetchone()[0])
-    assert rows == store.PURGE_EVERY  # the 50 expired keys are gone from disk
+async def _day_tables(db: SQLiteDB) -> list[str]:
+    return await db.run(
+        lambda c: [n for (n,) in c.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name GLOB 'idem_*'"
+            " ORDER BY name")]
+    )  # fmt: skip
+
+
+async def test_idempotency_keys_expire_by_day_table(db: SQLiteDB) -> None:
+    day = int(T0 // DAY)
+    clock = FakeClock(day * DAY + DAY - 1800)  # 23:30 UTC
+    store = SQLiteIdempotencyStore(db, ttl_seconds=3600, clock=clock)
+    old, new = b"o" * 32, b"n" * 32
+    await store.claim([old])
+    clock.now += 2400  # 00:10 the next day: a second table
+    await store.claim([new])
+    assert await _day_tables(db) == [idem_table(day), idem_table(day + 1)]
+    assert await store.seen([old, new]) == [True, True]
+    clock.now += 1201  # old is 3601 s old: expired to the second, its day's table still there
+    assert await store.seen([old, new]) == [False, True]
+    assert (await store.stats())["keys"] == 1
+    clock.now = (day + 1) * DAY + 3600  # every key of day `day` expired: its table goes
+    await store.claim([new])
+    assert await _day_tables(db) == [idem_table(day + 1)]
+    assert await store.seen([old, new]) == [False, True]
+
+
+async def test_idempotency_adopts_the_one_table_layout_of_old_files(tmp_path: Path) -> None:
+    """A state file the code before migration 12 made: its live keys stay claimed."""
+    old = await SQLiteDB.open(tmp_path / "state.db", [m for m in MIGRATIONS if m.version < 12])
+    now = time.time()
+    live, expired, older = b"l" * 32, b"e" * 32, b"2" * 32
+    rows = [(live, now - 60, now - 60 + 7 * DAY), (expired, now - 8 * DAY, now - DAY),
+            (older, now - 2 * DAY, now + 5 * DAY)]  # fmt: skip
+    await old.run(lambda c: c.executemany("INSERT INTO idem VALUES (?, ?, ?)", rows))
+    await old.close()
+    db = await SQLiteDB.open(tmp_path / "state.db")
+    try:
+        store = SQLiteIdempotencyStore(db)
+        assert await store.seen([live, expired, older, b"x" * 32]) == [True, False, True, False]
+        tables = await db.run(lambda c: [n for (n,) in c.execute(
+            "SELECT name FROM sqlite_master WHERE name LIKE 'idem%' ORDER BY name")])  # fmt: skip
+        assert tables == [
+            idem_table(int((now - 2 * DAY) // DAY)),
+            idem_table(int((now - 60) // DAY)),
+        ]
+        assert (await store.stats())["keys"] == 2
+    finally:
+        await db.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.floats(min_value=0, max_value=2 * DAY), st.sets(st.integers(0, 20))),
+        min_size=1,
+        max_size=12,
+    ),
+    ttl=st.integers(min_value=1, max_value=3 * DAY),
+    start=st.floats(min_value=0, max_value=DAY),
+)
+def test_idempotency_property_across_days(
+    steps: list[tuple[float, set[int]]], ttl: int, start: float
+) -> None:
+    """Claims spread over days (tables made and dropped on the way): a key is seen exactly
+    while its latest claim is younger than the TTL."""
+
+    async def check() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            db = await SQLiteDB.open(Path(tmp) / "s.db")
+            clock = FakeClock(T0 + start)
+            store = SQLiteIdempotencyStore(db, ttl_seconds=ttl, clock=clock)
+            latest: dict[bytes, float] = {}
+            everything = [i.to_bytes(32, "big") for i in range(21)]
+            for wait, ids in steps:
+                clock.now += wait
+                keys = [i.to_bytes(32, "big") for i in sorted(ids)]
+                await store.claim(keys)
+                latest.update((k, clock.now) for k in keys)
+                expect = [k in latest and clock.now - latest[k] < ttl for k in everything]
+                assert await store.seen(everything) == expect
+            tables = await _day_tables(db)
+            assert len(tables) <= ttl // DAY + 2  # expired days are dropped
+            await db.close()
+
+    asyncio.run(check())
 
 
 async def test_idempotency_seen_handles_batches_beyond_one_query(db: SQLiteDB) -> None:
