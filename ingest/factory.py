@@ -190,7 +190,7 @@ def _postgres_sink(cfg: C.Config, sc: C.PostgresSinkConfig) -> Sink:
     )
     if dsn is None:
         raise ConfigError(f"sinks[{sc.name}].dsn", "required when state is not production")
-    return PostgresSink(sc.name, dsn, sc.table, sc.statement_timeout_ms)
+    return PostgresSink(sc.name, dsn, sc.table, sc.statement_timeout_ms, sc.fillfactor)
 
 
 def _neo4j_sink(cfg: C.Config, sc: C.Neo4jSinkConfig) -> Sink:

@@ -1,12 +1,25 @@
-"""Postgres sink: binary COPY into a temp staging table, then one revision-guarded upsert.
+"""Postgres sink: binary COPY straight into the table for new entities, else binary COPY into
+a temp staging table and one revision-guarded upsert.
 
-Per batch: `latest_per_entity` picks one winner per entity; the winners go by binary COPY
+Per batch: `latest_per_entity` picks one winner per entity. First, optimistically, the winners
+go by one binary COPY straight into the table (its own transaction, committed when it
+returns): when no winner's entity is stored yet it succeeds, every winner is written and
+nothing was stored before, which is all judging needs, at about half the server CPU of the
+upsert. One stored entity makes the whole COPY fail (unique_violation, nothing written), and
+the batch takes the upsert below; after such a fallback the next batches of the table go
+straight to the upsert (4, then 8, ... up to 64 batches while COPYs keep failing) so an
+update-heavy stream does not pay twice. A row error or a time the client cannot encode exactly
+as the server would also sends the batch to the upsert, which says which row broke it.
+
+The upsert: the winners go by binary COPY
 into a per-connection TEMP table (ON COMMIT DELETE ROWS), and ONE statement both applies
 `INSERT ... ON CONFLICT DO UPDATE ... WHERE <table>.revision < excluded.revision` and returns,
 from the statement's snapshot (before the write), the stored revision of the entities that
 need it for judging (several records in the batch, or a winner the guard refused).
 `judge_in_order` turns that into one result per record. Tombstones keep their row
 (deleted = true, attributes NULL) so an older revision cannot resurrect the entity.
+The table is created with a `fillfactor` (default 50) so that a revision update finds room on
+its row's page: a HOT update, no new index entry (docs/postgres.md).
 
 Error classification (once, here):
     QueryCanceledError (statement_timeout), a query past the client timeout -> SINK_TIMEOUT
@@ -72,9 +85,11 @@ _STAGED = {
     "relations": "convert_from(relations, 'UTF8')::jsonb",
 }
 _EMPTY_LIST = b"[]"
+_BACKOFF_FIRST, _BACKOFF_MAX = 4, 64  # upsert-only batches after a failed straight COPY
+_TIMES_KEPT = 4096  # occurred_at strings remembered with their datetime (or None)
 
 
-def _ddl(t: str) -> str:
+def _ddl(t: str, fillfactor: int = 100) -> str:
     return f"""
 CREATE TABLE IF NOT EXISTS {t} (
     tenant      text        NOT NULL,
@@ -89,8 +104,9 @@ CREATE TABLE IF NOT EXISTS {t} (
     updated_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant, entity_type, entity_id),
     CONSTRAINT {t}_valid CHECK (revision >= 0 AND length(entity_id) <= 256)
-);
+) WITH (fillfactor = {int(fillfactor)});
 ALTER TABLE {t} ADD COLUMN IF NOT EXISTS prev_revision bigint;
+ALTER TABLE {t} SET (fillfactor = {int(fillfactor)});
 CREATE OR REPLACE VIEW {t}_live AS SELECT * FROM {t} WHERE NOT deleted;
 """
 
@@ -143,6 +159,74 @@ WHERE s.min_rev < s.revision
 """
 
 
+def _when(occurred: str) -> datetime | None:
+    """`occurred_at` as the datetime the server's `::timestamptz` makes of it, or None where
+    the client cannot promise the same value (no offset: the server reads it in its TimeZone;
+    more than 6 fraction digits: the server rounds, Python truncates)."""
+    try:
+        when = datetime.fromisoformat(occurred)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        return None
+    dot = occurred.find(".")
+    if dot >= 0:
+        end = dot + 1
+        while end < len(occurred) and occurred[end].isdigit():
+            end += 1
+        if end - dot - 1 > 6:
+            return None
+    return when
+
+
+def _rows(
+    winners: Sequence[Record],
+    low: dict[EntityKey, int] | None,
+    times: dict[str, datetime | None] | None,
+) -> list[tuple[Any, ...]] | None:
+    """Staging rows (`times` None: `occurred_at` as text, plus `min_rev`, from `low`), or
+    straight COPY rows (`COLUMNS`: `occurred_at` as a datetime, parsed once per distinct text
+    through `times`; None when one is not exact, see `_when`). One loop for both: a row costs
+    no Python call beyond what its JSON columns need."""
+    dumps = orjson.dumps
+    rows: list[tuple[Any, ...]] = []
+    for rec in winners:
+        body = rec.body
+        deleted = rec.deleted
+        if deleted:
+            attributes = relations = None
+        else:
+            attributes = body.get("attributes")
+            if attributes is not None:
+                attributes = dumps(attributes)
+            relations = body.get("relations")
+            if relations is not None:
+                relations = dumps(relations) if relations else _EMPTY_LIST
+        occurred = body.get("occurred_at")
+        if times is not None and occurred is not None:
+            when = times.get(occurred, False)
+            if when is False:
+                when = times[occurred] = _when(occurred)
+            if when is None:
+                return None
+            occurred = when
+        row: tuple[Any, ...] = (
+            rec.tenant,
+            rec.entity_type,
+            rec.entity_id,
+            rec.revision,
+            deleted,
+            occurred,
+            attributes,
+            relations,
+            rec.dedupe_key,
+        )
+        if times is None:
+            row = (*row, rec.revision if low is None else low[rec.entity_key])
+        rows.append(row)
+    return rows
+
+
 def _jsonb_encode(value: Any) -> bytes:
     return b"\x01" + (value if isinstance(value, bytes) else orjson.dumps(value))
 
@@ -157,15 +241,29 @@ class PostgresSink:
     kind = "postgres"
 
     def __init__(
-        self, name: str, dsn: str, table: str = "entities", statement_timeout_ms: int = 30000
+        self,
+        name: str,
+        dsn: str,
+        table: str = "entities",
+        statement_timeout_ms: int = 30000,
+        fillfactor: int = 50,
     ) -> None:
         if not _IDENT.match(table):
             raise ValueError(f"table name {table!r} must match {_IDENT.pattern}")
+        if not 10 <= fillfactor <= 100:
+            raise ValueError(f"fillfactor {fillfactor} must be within 10..100")
         self.name = name
         self.table = table
+        self.fillfactor = fillfactor
         self._dsn = dsn
         self._timeout_ms = statement_timeout_ms
         self._pool: asyncpg.Pool | None = None
+        self.copy_skip = 0  # batches left that go straight to the upsert (after a fallback)
+        self._backoff = _BACKOFF_FIRST
+        self._times: dict[str, datetime | None] = {}
+        # Batches by path: written by the straight COPY, sent to the upsert after it failed,
+        # sent to the upsert without trying (backoff). Read by tests and benches.
+        self.paths = {"copy": 0, "fallback": 0, "upsert": 0}
         self._upsert = _upsert_sql(table)
         self._target = re.sub(r"//[^@/]*@", "//", dsn)
 
@@ -183,7 +281,9 @@ class PostgresSink:
         try:
             conn = await asyncpg.connect(self._dsn, timeout=2.0)
             try:
-                await ddl_once(conn, _ddl(self.table))  # a pod's workers start together
+                await ddl_once(
+                    conn, _ddl(self.table, self.fillfactor)
+                )  # a pod's workers start together
             finally:
                 await conn.close()
             self._pool = await asyncpg.create_pool(
@@ -230,38 +330,20 @@ class PostgresSink:
     ) -> list[tuple[Any, ...]]:
         """The staging rows of a batch's winners (layout in `_stage_ddl`); `low` is each
         entity's lowest revision in the batch (None: one record per entity)."""
-        dumps = orjson.dumps
-        rows = []
-        for rec in winners:
-            body = rec.body
-            deleted = rec.deleted
-            if deleted:
-                attributes = relations = None
-            else:
-                attributes = body.get("attributes")
-                if attributes is not None:
-                    attributes = dumps(attributes)
-                relations = body.get("relations")
-                if relations is not None:
-                    relations = dumps(relations) if relations else _EMPTY_LIST
-            rows.append(
-                (
-                    rec.tenant,
-                    rec.entity_type,
-                    rec.entity_id,
-                    rec.revision,
-                    deleted,
-                    body.get("occurred_at"),
-                    attributes,
-                    relations,
-                    rec.dedupe_key,
-                    rec.revision if low is None else low[rec.entity_key],
-                )
-            )
+        rows = _rows(winners, low, None)
+        assert rows is not None  # only a straight COPY row can be refused
         return rows
 
+    def copy_rows(self, winners: Sequence[Record]) -> list[tuple[Any, ...]] | None:
+        """The rows of a straight COPY of the winners into the table (`COLUMNS`), or None
+        when an `occurred_at` is one only the server can read exactly (see `_when`)."""
+        if len(self._times) >= _TIMES_KEPT:
+            self._times.clear()
+        return _rows(winners, None, self._times)
+
     async def write(self, records: Sequence[Record]) -> list[SinkResult]:
-        """One COPY + one upsert for the batch; a refused row fails alone (sinks/base.py)."""
+        """A straight COPY when every entity is new, else one staging COPY + one upsert; a
+        refused row fails alone (sinks/base.py)."""
         if not records:
             return []
         return await write_around_refused(records, self._write_once)
@@ -272,11 +354,20 @@ class PostgresSink:
         """A batch with one record per entity whose rows all applied (what the statement says
         by returning nothing) is judged in one step. Returns the refused winners apart."""
         single = len(set(map(_ENTITY_KEY, records))) == len(records)
+        winners: Sequence[Record] = records if single else latest_per_entity(records)
+        if self.copy_skip:
+            self.copy_skip -= 1
+            self.paths["upsert"] += 1
+        elif await self._copy_new(winners):
+            self.paths["copy"] += 1
+            if single:
+                return [SinkResult.applied()] * len(records), {}
+            return judge_batch(records, {}, {w.entity_key for w in winners}), {}
+        else:
+            self.paths["fallback"] += 1
         if single:
-            winners: Sequence[Record] = records
             rows = self.stage_rows(records)
         else:
-            winners = latest_per_entity(records)
             low: dict[EntityKey, int] = {}
             for rec in records:
                 key = rec.entity_key
@@ -304,6 +395,31 @@ class PostgresSink:
             refused.difference_update(raced)
         written = {w.entity_key for w in winners} - refused - bad.keys()
         return judge_batch(records, stored, written), bad
+
+    async def _copy_new(self, winners: Sequence[Record]) -> bool:
+        """COPY `winners` straight into the table, its own transaction: True when written
+        (no entity was stored), False when nothing was and the batch needs the upsert."""
+        rows = self.copy_rows(winners)
+        if rows is None:
+            return False
+        try:
+            conn = await self.pool.acquire(timeout=2.0)
+        except Exception as exc:
+            raise _classify(exc, connecting=True) from exc
+        try:
+            await conn.copy_records_to_table(self.table, records=rows, columns=COLUMNS)
+        except asyncpg.UniqueViolationError:
+            self.copy_skip = self._backoff
+            self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+            return False
+        except _ROW_ERRORS:
+            return False  # the upsert's bisection names the row
+        except Exception as exc:
+            raise _classify(exc) from exc
+        finally:
+            await self.pool.release(conn)
+        self._backoff = _BACKOFF_FIRST
+        return True
 
     async def _current(self, keys: list[EntityKey]) -> dict[EntityKey, StoredRow]:
         """The committed (revision, dedupe_key, prev_revision) of `keys`, read now."""

@@ -1,0 +1,221 @@
+"""PostgresSink's straight COPY for all-new batches and its fillfactor, on a real Postgres.
+
+The straight COPY must be invisible but for its cost: any batch sequence gives the same
+per-record outcomes and the same stored rows as the staged upsert alone; a stored entity
+makes it fall back (nothing written twice) and backs off; revision updates stay on their page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ingest.records import Record, SinkResult
+from ingest.sinks.postgres import COLUMNS, PostgresSink
+from tests.conftest import v3_body
+from tests.integration.conftest import make_record, record_of, with_search_path
+
+pytestmark = pytest.mark.integration
+
+APPLIED = SinkResult.applied()
+NEVER_COPY = 10**9  # copy_skip that keeps a sink on the staged upsert for the whole test
+
+
+def upsert_only(sink: PostgresSink) -> PostgresSink:
+    sink.copy_skip = NEVER_COPY
+    return sink
+
+
+async def rows(sink: PostgresSink) -> list[tuple[Any, ...]]:
+    """Every stored row (tombstones included), without updated_at, in key order."""
+    cols = ", ".join([*COLUMNS, "prev_revision"])
+    got = await sink.pool.fetch(
+        f"SELECT {cols} FROM {sink.table} ORDER BY tenant, entity_type, entity_id"
+    )
+    return [tuple(r) for r in got]
+
+
+@pytest.fixture
+async def pair(pg_dsn: str) -> AsyncIterator[tuple[PostgresSink, PostgresSink]]:
+    fast = PostgresSink("pg", pg_dsn, table="via_copy")
+    slow = upsert_only(PostgresSink("pg", pg_dsn, table="via_upsert"))
+    await fast.start()
+    await slow.start()
+    yield fast, slow
+    await fast.close()
+    await slow.close()
+
+
+async def test_an_all_new_batch_goes_by_copy_with_the_upserts_rows_and_outcomes(
+    pair: tuple[PostgresSink, PostgresSink],
+) -> None:
+    fast, slow = pair
+    batch = [
+        make_record("o1", 1),
+        make_record("o2", 3),
+        make_record("o1", 2),  # several records of one entity: only the winner is written
+        make_record("o3", 1, deleted=True),  # a tombstone keeps its row
+        make_record("o2", 1),  # older than its batch's winner
+        make_record("o1", 2),  # the winner again
+    ]
+    got = await fast.write(batch)
+    assert got == await slow.write(batch)
+    assert [r.status.value for r in got] == [
+        "applied",
+        "applied",
+        "applied",
+        "applied",
+        "failed",
+        "unchanged",
+    ]
+    assert fast.paths == {"copy": 1, "fallback": 0, "upsert": 0}
+    assert await rows(fast) == await rows(slow)
+    assert len(await rows(fast)) == 3
+
+
+async def test_a_stored_entity_makes_the_copy_fall_back_and_back_off(
+    pair: tuple[PostgresSink, PostgresSink],
+) -> None:
+    fast, slow = pair
+    for sink in pair:
+        await sink.write([make_record("a", 1), make_record("b", 1)])
+    mixed = [make_record("c", 1), make_record("a", 2), make_record("b", 1), make_record("d", 1)]
+    got = await fast.write(mixed)
+    assert got == await slow.write(mixed)
+    assert [r.status.value for r in got] == ["applied", "applied", "unchanged", "applied"]
+    assert fast.paths == {"copy": 1, "fallback": 1, "upsert": 0}
+    assert await rows(fast) == await rows(slow)  # c and d once, by the upsert
+
+    # The next 4 batches skip the COPY even though they are all new; the 5th tries again.
+    for i in range(4):
+        await fast.write([make_record(f"n{i}", 1)])
+    assert fast.paths == {"copy": 1, "fallback": 1, "upsert": 4}
+    await fast.write([make_record("a", 3)])  # tried, stored: falls back, now skips 8
+    assert fast.paths == {"copy": 1, "fallback": 2, "upsert": 4}
+    assert fast.copy_skip == 8
+    for i in range(8):
+        await fast.write([make_record(f"m{i}", 1)])
+    assert await fast.write([make_record("new", 1)]) == [APPLIED]
+    assert fast.paths == {"copy": 2, "fallback": 2, "upsert": 12}
+    await fast.write([make_record("a", 4)])  # a success reset the backoff to 4
+    assert fast.copy_skip == 4
+
+
+async def test_a_bad_row_in_an_all_new_batch_fails_alone(
+    pair: tuple[PostgresSink, PostgresSink],
+) -> None:
+    fast, slow = pair
+    batch = [make_record("ok1", 1), make_record("x" * 300, 1), make_record("ok2", 1)]
+    got, want = await fast.write(batch), await slow.write(batch)
+    assert [(r.status, r.reason) for r in got] == [(r.status, r.reason) for r in want]
+    assert [r.status.value for r in got] == ["applied", "failed", "applied"]
+    assert got[1].detail is not None and got[1].detail["constraint"] == "via_copy_valid"
+    assert fast.paths == {"copy": 0, "fallback": 1, "upsert": 0}
+    assert fast.copy_skip == 0  # not a conflict: the next batch tries the COPY again
+    assert await rows(fast) == await rows(slow)
+
+
+TIMES = st.sampled_from(
+    [
+        "2026-01-02T03:04:05Z",
+        "2026-01-02T03:04:05.123456+02:00",
+        "2026-01-02T03:04:05.1234567Z",  # more digits than the server keeps: it rounds
+        "2026-01-02T03:04:05",  # no offset: the server's TimeZone decides
+        "1999-12-31T23:59:59.5-05:30",
+    ]
+)
+
+
+@st.composite
+def records(draw: st.DrawFn) -> Record:
+    entity = draw(st.sampled_from(["e0", "e1", "e2", "e3", "e4"]))
+    revision = draw(st.integers(0, 4))
+    deleted = draw(st.booleans())
+    body = v3_body(
+        "acme",
+        draw(st.sampled_from(["order", "customer"])),
+        entity,
+        revision,
+        occurred_at=draw(TIMES),
+        attributes={"v": draw(st.integers(0, 2))},
+        relations=draw(st.sampled_from([(), [("OF", "customer", "c1")]])),
+        deleted=deleted,
+    )
+    return record_of(body, source="t", seq=revision)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(st.lists(records(), min_size=1, max_size=8), min_size=1, max_size=5))
+def test_any_batch_sequence_gives_the_upserts_outcomes_and_rows(
+    pg_url: str, batches: list[list[Record]]
+) -> None:
+    async def go() -> None:
+        schema = f"cp_{uuid.uuid4().hex[:10]}"
+        admin = await asyncpg.connect(pg_url)
+        await admin.execute(f"CREATE SCHEMA {schema}")
+        dsn = with_search_path(pg_url, schema)
+        fast = PostgresSink("pg", dsn, table="via_copy")
+        slow = upsert_only(PostgresSink("pg", dsn, table="via_upsert"))
+        try:
+            await fast.start()
+            await slow.start()
+            for batch in batches:
+                fast.copy_skip = 0  # try the COPY on every batch, conflicts or not
+                assert await fast.write(batch) == await slow.write(batch)
+            assert await rows(fast) == await rows(slow)
+            assert fast.paths["copy"] + fast.paths["fallback"] == len(batches)
+        finally:
+            await fast.close()
+            await slow.close()
+            await admin.execute(f"DROP SCHEMA {schema} CASCADE")
+            await admin.close()
+
+    asyncio.run(go())
+
+
+async def test_revision_updates_stay_on_their_page(pg_dsn: str) -> None:
+    """fillfactor 50: the rev-2 version of every row of a full first load fits beside it (a
+    HOT update, no new index entry); at 100 the first pages have no room for any."""
+    sink = PostgresSink("pg", pg_dsn, table="hot")
+    await sink.start()
+    try:
+        reloptions = await sink.pool.fetchval(
+            "SELECT reloptions FROM pg_class WHERE oid = 'hot'::regclass"
+        )
+        assert reloptions == ["fillfactor=50"]
+        await sink.write([make_record(f"o{i}", 1) for i in range(2000)])
+        before = await sink.pool.fetch("SELECT entity_id, (ctid::text::point)[0] FROM hot")
+        assert await sink.write([make_record(f"o{i}", 2) for i in range(2000)]) == [APPLIED] * 2000
+        after = dict(
+            (r[0], r[1])
+            for r in await sink.pool.fetch("SELECT entity_id, (ctid::text::point)[0] FROM hot")
+        )
+        assert all(after[eid] == page for eid, page in before)
+    finally:
+        await sink.close()
+
+
+async def test_an_existing_table_takes_the_configured_fillfactor(pg_dsn: str) -> None:
+    old = PostgresSink("pg", pg_dsn, table="ff", fillfactor=100)
+    await old.start()
+    await old.write([make_record("o1", 1)])
+    await old.close()
+    sink = PostgresSink("pg", pg_dsn, table="ff", fillfactor=70)
+    await sink.start()
+    try:
+        got = await sink.pool.fetchval("SELECT reloptions FROM pg_class WHERE oid = 'ff'::regclass")
+        assert got == ["fillfactor=70"]
+        assert len(await rows(sink)) == 1
+    finally:
+        await sink.close()
+    with pytest.raises(ValueError, match="fillfactor"):
+        PostgresSink("pg", pg_dsn, fillfactor=5)
