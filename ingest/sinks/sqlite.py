@@ -89,6 +89,16 @@ def _classify(exc: sqlite3.Error) -> SinkError:
     return SinkError(reason, msg, error_class=type(exc).__name__)
 
 
+def _last_applied(keys: list[EntityKey], results: list[SinkResult]) -> list[int]:
+    """Indexes of the rows to write: per entity its last APPLIED record, which is its
+    `latest_per_entity` winner (highest revision, first among equals) newer than stored."""
+    last: dict[EntityKey, int] = {}
+    for j, (key, result) in enumerate(zip(keys, results, strict=True)):
+        if result.status is SinkStatus.APPLIED:
+            last[key] = j
+    return list(last.values())
+
+
 class SQLiteSink:
     """Implements ingest.sinks.base.Sink on a local SQLite file."""
 
@@ -143,7 +153,8 @@ class SQLiteSink:
 
     def _write(self, c: sqlite3.Connection, records: list[Record]) -> list[SinkResult]:
         """In the DB thread. A row breaking a constraint is judged CONSTRAINT_VIOLATION and
-        the batch is written again without it (its entity's next best record may win)."""
+        the batch is written again without it (its entity's next best record may win): the
+        same outcome as `write_around_refused` (sinks/base.py) gives the other sinks."""
         bad: dict[int, SinkResult] = {}  # index in records -> failed result
         while True:
             live = [i for i in range(len(records)) if i not in bad]
@@ -175,23 +186,22 @@ class SQLiteSink:
             c.executemany(_UPSERT, rows)
             return [SinkResult.applied()] * len(batch)
         results = judge_batch(batch, stored)
-        # The last APPLIED record of an entity is its `latest_per_entity` winner (highest
-        # revision, first among equals) and is newer than stored: exactly the rows to write.
-        winners: dict[EntityKey, tuple[Any, ...]] = {}
-        for key, row, result in zip(keys, rows, results, strict=True):
-            if result.status is SinkStatus.APPLIED:
-                winners[key] = row
-        c.executemany(_UPSERT, list(winners.values()))
+        c.executemany(_UPSERT, [rows[j] for j in _last_applied(keys, results)])
         return results
 
     @staticmethod
     def _find_bad(c: sqlite3.Connection, batch: list[Record]) -> dict[int, SinkResult]:
-        """Write every record alone inside a transaction that is rolled back, to name the
-        ones the database refuses (a failed statement undoes only itself)."""
+        """Write every row `_write_once` would write alone, inside a transaction that is
+        rolled back, to name the ones the database refuses (a failed statement undoes only
+        itself). Only those can be refused: a record its batch supersedes, or one older than
+        stored, is never written, so it is judged by the revision rule (sinks/base.py)."""
         found: dict[int, SinkResult] = {}
         c.execute("BEGIN IMMEDIATE")
         try:
-            for j, rec in enumerate(batch):
+            keys = [rec.entity_key for rec in batch]
+            stored = _stored_rows(c, list(dict.fromkeys(keys)))
+            for j in _last_applied(keys, judge_batch(batch, stored)):
+                rec = batch[j]
                 try:
                     c.execute(_UPSERT, SQLiteSink.row_of(rec))
                 except (sqlite3.IntegrityError, OverflowError) as exc:

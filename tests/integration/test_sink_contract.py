@@ -456,24 +456,31 @@ async def test_a_replay_reapplies_what_the_sink_never_got_and_rolls_nothing_back
 async def test_a_refused_row_fails_alone_and_its_entity_is_judged_without_it(
     sink: Sink, backend: str, request: Any
 ) -> None:
+    """Only what the sink writes can be refused: each entity's newest record. A refused value
+    in a record the batch supersedes, or one older than stored, is judged by the revision
+    rule alone, whatever else in the batch was refused."""
     bad = await SINKS[backend].refuse(sink, request)
-    await sink.write([rec("o4", 2)])
+    await sink.write([rec("o4", 2), rec("o7", 2)])
     batch = [rec("o1", 1), rec("o2", 1, attributes=bad),
              rec("o3", 1), rec("o3", 2, attributes=bad),
              rec("o4", 3, attributes=bad), rec("o4", 1),
-             rec("o5", 2, attributes=bad), rec("o5", 1)]  # fmt: skip
+             rec("o5", 2, attributes=bad), rec("o5", 1),
+             rec("o6", 1, attributes=bad), rec("o6", 2),
+             rec("o7", 1, attributes=bad)]  # fmt: skip
     results = await sink.write(batch)
     assert outcomes(results) == ["applied", "CONSTRAINT_VIOLATION",
                                  "applied", "CONSTRAINT_VIOLATION",
                                  "CONSTRAINT_VIOLATION", "OLDER_REVISION",
-                                 "CONSTRAINT_VIOLATION", "applied"]  # fmt: skip
+                                 "CONSTRAINT_VIOLATION", "applied",
+                                 "applied", "applied",
+                                 "OLDER_REVISION"]  # fmt: skip
     for i in (1, 3, 4, 6):
         assert results[i].detail is not None and results[i].detail["message"], results[i]
     assert results[5].detail is not None and results[5].detail["stored_revision"] == 2
     # Nothing of the refused rows was stored: their entities hold what the rest left.
-    after = [rec("o1", 1), rec("o2", 1), rec("o3", 1), rec("o4", 2), rec("o5", 1)]
+    after = [rec("o1", 1), rec("o2", 1), rec("o3", 1), rec("o4", 2), rec("o5", 1), rec("o6", 2)]
     assert outcomes(await sink.write(after)) == ["unchanged", "applied", "unchanged",
-                                                 "unchanged", "unchanged"]  # fmt: skip
+                                                 "unchanged", "unchanged", "unchanged"]  # fmt: skip
 
 
 async def test_the_worker_dead_letters_only_the_refused_rows(
