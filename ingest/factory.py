@@ -316,7 +316,7 @@ def object_source(
     leases: LeaseStore,
     worker: str,
     max_line_bytes: int,
-) -> ItemSource:
+) -> ItemSource[Any]:
     """An S3 or SFTP source; `replayctl` builds one too, to list and read without leasing."""
     if isinstance(sc, C.S3SourceConfig):
         from ingest.sources.s3 import S3Source

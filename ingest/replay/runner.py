@@ -82,7 +82,7 @@ def _source_config(cfg: C.Config, name: str) -> Any:
     return next(s for s in cfg.sources if s.name == name)
 
 
-def object_source(cfg: C.Config, name: str, stores: Stores) -> ItemSource:
+def object_source(cfg: C.Config, name: str, stores: Stores) -> ItemSource[Any]:
     """An S3/SFTP source for listing and reading only: the lease store is never touched."""
     sc = _source_config(cfg, name)
     return build_object_source(
@@ -90,7 +90,7 @@ def object_source(cfg: C.Config, name: str, stores: Stores) -> ItemSource:
     )
 
 
-async def _window(src: ItemSource, start: float, end: float) -> list[ItemRef]:
+async def _window(src: ItemSource[Any], start: float, end: float) -> list[ItemRef]:
     lister: Any = getattr(src, "list_window", src.window)
     refs: list[ItemRef] = await lister(start, end)
     return refs

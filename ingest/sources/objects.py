@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+from ingest.config import S3SourceConfig, SFTPSourceConfig
 from ingest.formats import DEFAULT_MAX_LINE_BYTES, Line, LineReader, detect_format, reject_meta
 from ingest.records import RawRecord
 from ingest.sources.base import AdapterHealth, PullOnly, SourceBatch
@@ -31,6 +33,7 @@ from ingest.state.base import CheckpointStore
 from ingest.state.leases import LeaseStore
 
 Clock = Callable[[], float]
+CfgT = TypeVar("CfgT", S3SourceConfig, SFTPSourceConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +65,9 @@ class SourceFailure(Exception):
         self.unreachable = unreachable
 
 
-class ItemSource(PullOnly, ABC):
-    """Base of S3Source and SFTPSource; see the module docstring."""
+class ItemSource(PullOnly, ABC, Generic[CfgT]):
+    """Base of S3Source and SFTPSource (built from their config, worker id and stores);
+    see the module docstring."""
 
     kind: str
     name_field = "key"  # names of the item and version in positions and checkpoints
@@ -71,29 +75,26 @@ class ItemSource(PullOnly, ABC):
 
     def __init__(
         self,
-        *,
-        name: str,
-        tenant: str,
-        batch_size: int,
-        poll_seconds: float,
+        cfg: CfgT,
         checkpoints: CheckpointStore,
         leases: LeaseStore,
+        *,
         worker_id: str,
-        clock: Clock,
-        lease_ttl: float,
-        chunk_size: int = 1 << 20,
+        clock: Clock = time.time,
+        lease_ttl: float | None = None,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
-        self.name = name
-        self.tenant = tenant
-        self._batch_size = batch_size
-        self._poll = poll_seconds
+        self.cfg: CfgT = cfg
+        self.name = cfg.name
+        self.tenant = cfg.tenant
+        self._batch_size = cfg.batch_size
+        self._poll = cfg.poll_seconds
         self._checkpoints = checkpoints
         self._leases = leases
         self._worker = worker_id
         self._clock = clock
-        self._ttl = lease_ttl
-        self._chunk = chunk_size
+        self._ttl = cfg.lease_ttl_seconds if lease_ttl is None else lease_ttl
+        self._chunk = 1 << 20
         self._max_line = max_line_bytes
         self._health = AdapterHealth()
         self._stop = asyncio.Event()
@@ -103,8 +104,13 @@ class ItemSource(PullOnly, ABC):
         self._resume: dict[str, Any] = {}  # the checkpoint loaded at start
         self._renewer: asyncio.Task[None] | None = None
         self._warned: set[tuple[str, str]] = set()
+        self._failures = 0  # consecutive failed calls to the server, for backoff
+        self.setup()
 
     # -- what a subclass provides ---------------------------------------------------------
+
+    def setup(self) -> None:
+        """The subclass's own state, once `cfg` and the common state are set."""
 
     @abstractmethod
     async def list_items(self) -> list[ItemRef]:

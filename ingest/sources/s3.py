@@ -12,7 +12,6 @@ Endpoint, region and credentials come from the config or the standard AWS variab
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import AsyncGenerator
 from typing import Any
 from urllib.parse import urlparse
@@ -25,10 +24,7 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
 )
 
 from ingest.config import S3SourceConfig
-from ingest.formats import DEFAULT_MAX_LINE_BYTES
-from ingest.sources.objects import Clock, ItemRef, ItemSource, SourceFailure, backoff
-from ingest.state.base import CheckpointStore
-from ingest.state.leases import LeaseStore
+from ingest.sources.objects import ItemRef, ItemSource, SourceFailure, backoff
 
 ObjectRef = ItemRef  # name = key, version = ETag (unquoted), mtime = LastModified
 
@@ -43,39 +39,15 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return parts.netloc, parts.path.lstrip("/")
 
 
-class S3Source(ItemSource):
+class S3Source(ItemSource[S3SourceConfig]):
     kind = "s3"
     name_field = "key"
     version_field = "etag"
 
-    def __init__(
-        self,
-        cfg: S3SourceConfig,
-        checkpoints: CheckpointStore,
-        leases: LeaseStore,
-        *,
-        worker_id: str,
-        clock: Clock = time.time,
-        lease_ttl: float | None = None,
-        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
-    ) -> None:
-        super().__init__(
-            name=cfg.name,
-            tenant=cfg.tenant,
-            batch_size=cfg.batch_size,
-            poll_seconds=cfg.poll_seconds,
-            checkpoints=checkpoints,
-            leases=leases,
-            worker_id=worker_id,
-            clock=clock,
-            lease_ttl=cfg.lease_ttl_seconds if lease_ttl is None else lease_ttl,
-            max_line_bytes=max_line_bytes,
-        )
-        self.cfg = cfg
-        self.bucket, self.prefix = parse_s3_url(cfg.url)
+    def setup(self) -> None:
+        self.bucket, self.prefix = parse_s3_url(self.cfg.url)
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
-        self._failures = 0
 
     async def _s3(self) -> Any:
         if self._client is None:

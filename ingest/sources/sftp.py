@@ -16,55 +16,27 @@ from __future__ import annotations
 import contextlib
 import posixpath
 import stat
-import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
 import asyncssh
 
 from ingest.config import SFTPSourceConfig
-from ingest.formats import DEFAULT_MAX_LINE_BYTES
-from ingest.sources.objects import Clock, ItemRef, ItemSource, SourceFailure, backoff
-from ingest.state.base import CheckpointStore
-from ingest.state.leases import LeaseStore
+from ingest.sources.objects import ItemRef, ItemSource, SourceFailure, backoff
 
 FileRef = ItemRef  # name = path relative to cfg.directory, version = "size-mtime"
 
 
-class SFTPSource(ItemSource):
+class SFTPSource(ItemSource[SFTPSourceConfig]):
     kind = "sftp"
     name_field = "path"
     version_field = "version"
+    # after a wrong host key or a refused login: an operator has to fix it, so retry slowly
+    auth_retry_seconds = 30.0
 
-    def __init__(
-        self,
-        cfg: SFTPSourceConfig,
-        checkpoints: CheckpointStore,
-        leases: LeaseStore,
-        *,
-        worker_id: str,
-        clock: Clock = time.time,
-        lease_ttl: float | None = None,
-        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
-        auth_retry_seconds: float = 30.0,
-    ) -> None:
-        super().__init__(
-            name=cfg.name,
-            tenant=cfg.tenant,
-            batch_size=cfg.batch_size,
-            poll_seconds=cfg.poll_seconds,
-            checkpoints=checkpoints,
-            leases=leases,
-            worker_id=worker_id,
-            clock=clock,
-            lease_ttl=cfg.lease_ttl_seconds if lease_ttl is None else lease_ttl,
-            max_line_bytes=max_line_bytes,
-        )
-        self.cfg = cfg
-        self._auth_retry = auth_retry_seconds
+    def setup(self) -> None:
         self._conn: asyncssh.SSHClientConnection | None = None
         self._sftp: asyncssh.SFTPClient | None = None
-        self._failures = 0
         self._seen: dict[str, tuple[tuple[int, float], float]] = {}  # path -> (sig, since)
 
     @property
@@ -176,12 +148,12 @@ class SFTPSource(ItemSource):
             return SourceFailure(
                 f"SFTP host key of {self.cfg.host}:{self.cfg.port} does not match the pinned"
                 f" host_key in the config; refusing to connect ({exc})",
-                self._auth_retry,
+                self.auth_retry_seconds,
             )
         if isinstance(exc, asyncssh.PermissionDenied):
             return SourceFailure(
                 f"SFTP login refused for {where} with key {self.cfg.key_path} ({exc})",
-                self._auth_retry,
+                self.auth_retry_seconds,
             )
         if isinstance(exc, (asyncssh.SFTPNoSuchFile, asyncssh.SFTPPermissionDenied)):
             return SourceFailure(f"SFTP {where}: {exc}", backoff(self._failures))

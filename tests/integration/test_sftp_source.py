@@ -84,9 +84,8 @@ async def test_wrong_host_key_and_refused_login_are_errors_in_health(
         (sftp_config(sftp_server, sftp_dir, key_path=stranger), "login refused"),
     ]
     for cfg, words in cases:
-        source = SFTPSource(
-            cfg, state.checkpoints, state.leases, worker_id="w1", auth_retry_seconds=30
-        )
+        source = SFTPSource(cfg, state.checkpoints, state.leases, worker_id="w1")
+        assert source.auth_retry_seconds == 30
         pump = await Pump(source).start()
         try:
             await wait_for(partial(_errored, source), 10, words)
