@@ -27,7 +27,8 @@ from typing import Any
 import yaml
 from aiobotocore.session import get_session
 
-from tests.e2e._production import RUN_DIR, TENANT, _env_file, pg_query
+from tests.e2e._feed import TENANT
+from tests.e2e._production import RUN_DIR, _env_file, pg_query
 
 BUCKET = "ingest-bucket"
 

@@ -31,6 +31,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from tests.conftest import rec as rec  # re-exported for the Kafka e2e modules
+from tests.e2e._feed import TENANT as TENANT  # re-exported for the Kafka e2e modules
+from tests.e2e._feed import Expected, revisions
 from tests.e2e._production import RUN_DIR, SCRIPTS, PrivateServer, _env_file
 from tests.e2e._service import free_port
 
@@ -233,28 +235,19 @@ def write_kafka_config(
 
 
 # ---------------------------------------------------------------------- feeds
-TENANT = "acme-corp"
+class KafkaFeed(Expected):
+    """Messages keyed by entity id, and what must result (`Expected`, tests/e2e/_feed.py).
 
-
-class KafkaFeed:
-    """Messages keyed by entity id, and what must result.
-
-    Each entity has 1 revision (70%) or 3 distinct ones in random order; revisions of one
-    entity are spread over the whole feed (one round per revision), so they fall in different
-    batches. Poison: not JSON, over MAX_RECORD_BYTES, wrong schema (drift), all distinct.
-    `dlq_lines`: line -> reason the DLQ must hold (OLDER_REVISION = below an earlier revision
-    of the same entity). `superseded`: applied, then overtaken by a higher revision; a replay
-    after the higher one is stored judges them OLDER_REVISION (the documented window).
+    Each entity's `revisions` are spread over the whole feed (one round per revision), so they
+    fall in different batches. Poison: not JSON, over MAX_RECORD_BYTES, wrong schema (drift),
+    all distinct. A replay of a `superseded` record after the higher one is stored judges it
+    OLDER_REVISION (the documented window).
     """
 
     def __init__(self, rng: random.Random, prefix: str | None = None) -> None:
-        self.rng = rng
+        super().__init__(rng)
         self.prefix = prefix or uuid.uuid4().hex[:6]
         self.messages: list[tuple[bytes, bytes]] = []
-        self.final: dict[str, int] = {}
-        self.dlq_lines: dict[str, str] = {}
-        self.superseded: set[str] = set()
-        self.valid: set[str] = set()
         self._poisoned = 0
 
     @property
@@ -265,7 +258,7 @@ class KafkaFeed:
         revs: dict[str, list[int]] = {}
         for e in range(n_entities):
             eid = f"{self.prefix}-{e}"
-            revs[eid] = [1] if self.rng.random() < 0.7 else self.rng.sample(range(1, 9), 3)
+            revs[eid] = revisions(self.rng)
             self.final[eid] = max(revs[eid])
         high: dict[str, int] = {}
         n = 0
@@ -275,11 +268,7 @@ class KafkaFeed:
             for eid in ids:
                 r = revs[eid][rnd]
                 line = json.dumps(rec(eid, r))
-                self.valid.add(line)
-                if r < high.get(eid, 0):
-                    self.dlq_lines[line] = "OLDER_REVISION"
-                elif r < self.final[eid]:
-                    self.superseded.add(line)
+                self.judge(line, eid, r, high.get(eid, 0))
                 high[eid] = max(high.get(eid, 0), r)
                 self.messages.append((eid.encode(), line.encode()))
                 n += 1

@@ -26,8 +26,7 @@ from urllib.parse import quote, urlparse
 import asyncpg  # type: ignore[import-untyped]
 import yaml
 
-from tests.conftest import rec as rec  # re-exported: the e2e modules import them from here
-from tests.conftest import wait_for as wait_for
+from tests.conftest import wait_for as wait_for  # re-exported: the e2e modules import it here
 from tests.e2e._service import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -208,82 +207,6 @@ def write_config(
     raw.update(extra or {})
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
-
-
-# ---------------------------------------------------------------------- feeds
-TENANT = "acme-corp"
-
-
-class Feed:
-    """Lines grouped per unit (an inbox file or a webhook request), plus what must result:
-    `final` (entity -> highest revision in the sink), `dlq` (reason -> rows) and `valid`
-    (the distinct valid records); `keyed` adds the distinct lines that fail decoding: together
-    the idempotency keys the feed claims."""
-
-    def __init__(self, rng: Any) -> None:
-        import collections
-
-        self.rng = rng
-        self.final: dict[str, int] = {}
-        self.dlq: collections.Counter[str] = collections.Counter()
-        self.valid: set[str] = set()
-        # line -> reason of each record the DLQ must hold (one row per distinct line)
-        self.dlq_lines: dict[str, str] = {}
-        # records applied in feed order but then superseded by a higher revision: a replay
-        # after the sink already holds the higher one judges them OLDER_REVISION
-        self.superseded: set[str] = set()
-        self._bad_lines: set[str] = set()
-
-    def unit(self, prefix: str, n_entities: int) -> list[str]:
-        import json
-
-        lines: list[str] = []
-        for e in range(n_entities):
-            eid = f"{prefix}-{e}"
-            revs = [1] if self.rng.random() < 0.7 else self.rng.sample(range(1, 9), 3)
-            high = 0
-            for r in revs:
-                lines.append(json.dumps(rec(eid, r)))
-                self.valid.add(lines[-1])
-                if r < high:
-                    self.dlq["OLDER_REVISION"] += 1
-                    self.dlq_lines[lines[-1]] = "OLDER_REVISION"
-                elif r < max(revs):
-                    self.superseded.add(lines[-1])
-                high = max(high, r)
-            self.final[eid] = high
-            roll = self.rng.random()
-            if roll < 0.03:
-                lines.append(lines[-1])  # exact duplicate: no effect
-            elif roll < 0.05:
-                drift = json.dumps(rec(f"{eid}-d", 1, attributes={"amount": "1.5"}))
-                self._bad(lines, drift, "SCHEMA_DRIFT")
-            elif roll < 0.06:
-                self._bad(lines, '{"broken": ' + eid, "VALIDATION_FAIL")
-        return lines
-
-    @property
-    def keyed(self) -> set[str]:
-        """The lines the idempotency store keeps a key for: each distinct valid record, and
-        each distinct line that failed decoding (keyed by its bytes: a repeat is a duplicate)."""
-        return self.valid | self._bad_lines
-
-    def _bad(self, lines: list[str], line: str, reason: str) -> None:
-        lines.append(line)
-        if line not in self._bad_lines:
-            self._bad_lines.add(line)
-            self.dlq[reason] += 1
-            self.dlq_lines[line] = reason
-
-
-def drop_file(inbox: Path, name: str, lines: list[str]) -> Path:
-    """Write elsewhere, rename in: the inbox takes it at once and never half-written."""
-    inbox.mkdir(parents=True, exist_ok=True)
-    tmp = inbox / f".{name}.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    target = inbox / name
-    tmp.rename(target)
-    return target
 
 
 def sink_rows(dsn: str, table: str = "entities") -> dict[str, int]:

@@ -185,3 +185,17 @@ def finished(svc: ServiceProcess, inbox: Path) -> bool:
     except httpx.HTTPError:
         return False
     return not any(p.is_file() for p in inbox.iterdir()) and h["backpressure"]["queue_depth"] == 0
+
+
+def ingest_cli(*args: str, timeout: float = 60) -> str:
+    """`ingest ARGS` as a process (this interpreter); its stdout, or the test fails with its
+    stderr."""
+    out = subprocess.run(
+        [sys.executable, "-m", "ingest.cli.ingest", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout

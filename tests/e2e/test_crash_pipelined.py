@@ -19,34 +19,26 @@ entity holds its highest revision and the DLQ holds exactly the expected OLDER_R
 from __future__ import annotations
 
 import json
-import os
 import random
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import rec
+from tests.e2e._crash import Crashes, wait_finished
+from tests.e2e._feed import TENANT, drop_file, seeded
 from tests.e2e._service import ServiceProcess, finished, free_port
 
 pytestmark = pytest.mark.e2e
-TENANT = "acme-corp"
 BATCH = 20
-SEED = int(os.environ.get("INGEST_CRASH_SEED", str(random.SystemRandom().randrange(1 << 30))))
 CONFIG = f"""
 sources:
   - {{type: inbox, name: inbox, batch_size: {BATCH}, poll_seconds: 0.1}}
 admission:
   default_limits: {{rate: 10000000, burst: 10000000}}
 """
-
-
-def line(entity_id: str, revision: int) -> str:
-    return json.dumps({"schema_version": 3, "tenant_id": TENANT, "entity_type": "order",
-                       "entity_id": entity_id, "revision": revision,
-                       "occurred_at": "2025-01-01T00:00:00Z",
-                       "attributes": {"amount": float(revision)}})
 
 
 class Feed:
@@ -58,7 +50,7 @@ class Feed:
         self.older: set[tuple[str, int]] = set()
 
     def _add(self, out: list[str], entity_id: str, revision: int) -> None:
-        out.append(line(entity_id, revision))
+        out.append(json.dumps(rec(entity_id, revision)))
         high = self.final.get(entity_id, 0)
         if revision < high:
             self.older.add((entity_id, revision))
@@ -85,10 +77,8 @@ class Feed:
         return out
 
 
-
 def test_kill9_between_settling_and_writing_keeps_sink_and_dlq_exact(tmp_path: Path) -> None:
-    rng = random.Random(SEED)
-    print(f"crash test seed: {SEED} (set INGEST_CRASH_SEED to replay)")
+    rng = seeded()
     feed = Feed(rng)
     data = tmp_path / "data"
     inbox = data / "inbox" / TENANT
@@ -96,31 +86,15 @@ def test_kill9_between_settling_and_writing_keeps_sink_and_dlq_exact(tmp_path: P
     config = tmp_path / "ingest.yaml"
     config.write_text(CONFIG)
     for f in range(6):  # 6 files x 300 batches x 20 lines = 36k lines
-        lines = feed.file(f"f{f}", 300)
-        tmp = inbox / f".f{f}.tmp"
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.rename(inbox / f"orders-{f}.jsonl")
+        drop_file(inbox, f"orders-{f}.jsonl", feed.file(f"f{f}", 300))
     assert len(feed.older) > 1000
 
     port = free_port()
-    svc = ServiceProcess(data, config=config, port=port).start()
-    kills = 0
-    try:
-        for _ in range(8):
-            time.sleep(rng.uniform(0.5, 2.0))
-            if finished(svc, inbox):
-                break
-            svc.kill9()
-            kills += 1
-            svc = ServiceProcess(data, config=config, port=port).start()
-        deadline = time.monotonic() + 600
-        while not finished(svc, inbox):
-            assert time.monotonic() < deadline, f"not finished: {svc.health()}"
-            time.sleep(0.3)
-        assert svc.terminate() == 0
-    finally:
-        svc.stop()
-    assert kills >= 3
+    with Crashes(lambda: ServiceProcess(data, config=config, port=port).start()) as run:
+        run.kill9_at_random(rng, 8, (0.5, 2.0), lambda svc: finished(svc, inbox))
+        wait_finished(run.svc, inbox, 600)
+        assert run.svc.terminate() == 0
+    assert run.kills >= 3
 
     sink = sqlite3.connect(data / "sink.db")
     rows: dict[str, Any] = dict(sink.execute("SELECT entity_id, revision FROM entities"))

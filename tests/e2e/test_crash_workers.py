@@ -9,10 +9,8 @@ tenants go to their intake partitions; both workers commit into the same SQLite 
 from __future__ import annotations
 
 import os
-import random
 import signal
 import sqlite3
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,8 +19,9 @@ import httpx
 import psutil
 import pytest
 
+from tests.e2e._crash import Crashes, wait_finished
+from tests.e2e._feed import TENANT, Feed, Sender, seeded
 from tests.e2e._service import ServiceProcess, finished, free_port, metric_value
-from tests.e2e.test_crash_embedded import SEED, TENANT, Feed, post_all
 
 pytestmark = pytest.mark.e2e
 WORKERS = {"INGEST_WORKERS": "2"}
@@ -43,43 +42,34 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> None:
 
 
 def test_kill9_pod_and_workers_loses_and_doubles_nothing(tmp_path: Path) -> None:
-    rng = random.Random(SEED)
-    print(f"crash test seed: {SEED} (set INGEST_CRASH_SEED to replay)")
+    rng = seeded()
     feed = Feed(rng)
     data = tmp_path / "data"
     inbox = data / "inbox" / TENANT
     inbox.mkdir(parents=True)
-    for f in range(8):  # ~40k lines in 8 files, read by both workers under leases
-        lines = feed.unit(f"file{f}", 3_900)
-        tmp = inbox / f".f{f}.tmp"
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.rename(inbox / f"orders-{f}.jsonl")
-    bodies = ["\n".join(feed.unit(f"hook{b}", 78)) for b in range(120)]
+    # ~40k lines in 8 files, read by both workers under leases; 120 requests
+    bodies, _ = feed.drop_and_post(inbox, files=(8, 3_900), requests=(120, 78))
 
     port = free_port()
-    svc = ServiceProcess(data, port=port, env=WORKERS).start()
-    assert set(svc.worker_pids()) == {"w0", "w1"}
-    stop = threading.Event()
-    sender = threading.Thread(
-        target=post_all,
-        args=(f"{svc.url}/v1/webhooks/{TENANT}/shop", bodies, stop),
-        daemon=True,
-    )
-    sender.start()
     kinds: Counter[str] = Counter()
-    try:
+    with (
+        Crashes(lambda: ServiceProcess(data, port=port, env=WORKERS).start()) as run,
+        Sender(f"{run.svc.url}/v1/webhooks/{TENANT}/shop", bodies) as sender,
+    ):
+        assert set(run.svc.worker_pids()) == {"w0", "w1"}
         for i in range(6):
             time.sleep(rng.uniform(0.5, 2.5))
             # A quiet machine may finish before the second kill: a worker and the whole group
             # are killed at least once all the same (a restart must then find nothing to redo).
             if (
-                finished(svc, inbox)
-                and not sender.is_alive()
+                finished(run.svc, inbox)
+                and sender.done()
                 and min(kinds["worker"], kinds["group"]) >= 1
             ):
                 break
             kind = ("worker", "group", "control-plane")[i % 3]
             kinds[kind] += 1
+            svc = run.svc
             pids = workers_of(svc.proc.pid) if svc.proc else []
             if kind == "worker":
                 victim = rng.choice(sorted(svc.worker_pids().items()))
@@ -98,28 +88,18 @@ def test_kill9_pod_and_workers_loses_and_doubles_nothing(tmp_path: Path) -> None
             else:
                 svc.kill9()
             wait_gone(pids)
-            svc = ServiceProcess(data, port=port, env=WORKERS).start()
+            run.svc = run.start()
         sender.join(timeout=300)
-        assert not sender.is_alive(), "webhook sender did not finish"
-        deadline = time.monotonic() + 300
-        while not finished(svc, inbox):
-            assert time.monotonic() < deadline, f"not finished: {svc.health()}"
-            time.sleep(0.3)
-        metrics = svc.metrics()
-        pids = workers_of(svc.proc.pid) if svc.proc else []
-        assert svc.terminate() == 0
+        wait_finished(run.svc, inbox, 300)
+        metrics = run.svc.metrics()
+        pids = workers_of(run.svc.proc.pid) if run.svc.proc else []
+        assert run.svc.terminate() == 0
         wait_gone(pids, timeout=1)  # SIGTERM drained every worker before the pod exited
-    finally:
-        stop.set()
-        svc.stop()
     assert kinds["group"] >= 1 and kinds["worker"] >= 1, kinds
     assert metric_value(metrics, "ingest_workers", state="alive") == 2
 
     sink = sqlite3.connect(data / "sink.db")
-    rows = dict(sink.execute("SELECT entity_id, revision FROM entities"))
-    missing = set(feed.final) - set(rows)
-    assert not missing, f"{len(missing)} entities missing, e.g. {sorted(missing)[:5]}"
-    assert rows == feed.final
+    feed.assert_rows(dict(sink.execute("SELECT entity_id, revision FROM entities")))
     state = sqlite3.connect(data / "state.db")
     dlq = Counter(r for (r,) in state.execute("SELECT reason FROM dlq"))
     assert dlq == feed.dlq

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,31 +46,14 @@ from tests.e2e._files import (
 )
 from tests.e2e._production import (
     PrivateServer,
-    drop_schema,
-    fresh_schema,
-    private_redis,
     redis_with_db,
-    shared_env,
     wait_for,
 )
-from tests.e2e._service import ROOT, ServiceProcess, free_port, metric_value
+from tests.e2e._service import ServiceProcess, free_port, ingest_cli, metric_value
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(360)]
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[PrivateServer]:
-    server = private_redis()
-    yield server
-    server.close()
-
-
-@pytest.fixture()
-def pg_dsn() -> Iterator[str]:
-    url = shared_env()["INGEST_TEST_POSTGRES_URL"]
-    schema, dsn = fresh_schema(url, "e2e_files")
-    yield dsn
-    drop_schema(url, schema)
 
 
 @pytest.fixture()
@@ -89,12 +71,8 @@ def inbox() -> Iterator[Path]:
 
 
 def idempotency_keys(config: Path) -> int:
-    out = subprocess.run(
-        [sys.executable, "-m", "ingest.cli.ingest", "idempotency-stats", "--config",
-         str(config), "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    return int(json.loads(out.stdout)["keys"])
+    out = ingest_cli("idempotency-stats", "--config", str(config), "--json")
+    return int(json.loads(out)["keys"])
 
 
 def checkpoint(svc: ServiceProcess, adapter: str) -> dict[str, object] | None:

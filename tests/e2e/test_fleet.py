@@ -29,6 +29,7 @@ import httpx
 import orjson
 import pytest
 
+from tests.conftest import rec
 from tests.e2e._production import (
     drop_schema,
     fresh_schema,
@@ -157,18 +158,6 @@ def test_any_pod_steers_the_whole_fleet(fleet: Fleet) -> None:
     assert h["desired"]["updated_by"].endswith("via " + fleet.pods[0].health()["worker"])
 
 
-def _record(tenant: str, eid: str) -> dict[str, Any]:
-    return {
-        "schema_version": 3,
-        "tenant_id": tenant,
-        "entity_type": "order",
-        "entity_id": eid,
-        "revision": 1,
-        "occurred_at": "2025-01-01T00:00:00Z",
-        "attributes": {"amount": 1.0},
-    }
-
-
 def test_tenant_limit_holds_across_the_fleet(fleet: Fleet) -> None:
     tenant, per_request, seconds = fleet.limited, 10, 12.0
     interval = per_request / RATE  # each pod is offered the whole limit: 3x in all
@@ -187,7 +176,7 @@ def test_tenant_limit_holds_across_the_fleet(fleet: Fleet) -> None:
                     return
                 time.sleep(max(0.0, at - time.monotonic()))
                 ids = [f"p{i}-{k}-{j}" for j in range(per_request)]
-                body = b"\n".join(orjson.dumps(_record(tenant, e)) for e in ids)
+                body = b"\n".join(orjson.dumps(rec(e, 1, tenant)) for e in ids)
                 r = pod.post_webhook(
                     tenant, "webhook", body, content_type="application/x-ndjson", client=http
                 )

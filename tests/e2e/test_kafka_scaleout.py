@@ -11,15 +11,13 @@ rebalance: the documented window, docs/architecture.md), and the runbook's
 
 from __future__ import annotations
 
-import os
-import random
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.e2e._feed import seeded
 from tests.e2e._kafka import (
     KafkaFeed,
     check_dlq,
@@ -35,33 +33,15 @@ from tests.e2e._kafka import (
 from tests.e2e._production import (
     PrivateServer,
     dlq_lines,
-    drop_schema,
-    fresh_schema,
-    private_redis,
-    shared_env,
     sink_rows,
     wait_for,
 )
 from tests.e2e._service import ServiceProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
-SEED = int(os.environ.get("INGEST_CRASH_SEED", str(random.SystemRandom().randrange(1 << 30))))
 PARTITIONS = 6
 
 
-@pytest.fixture()
-def redis_server() -> Iterator[PrivateServer]:
-    server = private_redis()
-    yield server
-    server.close()
-
-
-@pytest.fixture()
-def pg_dsn() -> Iterator[str]:
-    url = shared_env()["INGEST_TEST_POSTGRES_URL"]
-    schema, dsn = fresh_schema(url, "e2e_kscale")
-    yield dsn
-    drop_schema(url, schema)
 
 
 def progress(brokers: str, topic: str, group: str, ends: dict[int, int]) -> float:
@@ -74,8 +54,7 @@ def test_three_workers_kill9_and_join_exact_once(
     tmp_path: Path, redis_server: PrivateServer, pg_dsn: str
 ) -> None:
     brokers, kafka_bin = shared_kafka()
-    rng = random.Random(SEED)
-    print(f"scale-out seed: {SEED} (set INGEST_CRASH_SEED to replay)")
+    rng = seeded("scale-out")
     topic = create_topic(brokers, PARTITIONS, "e2e-scale")
     group = f"e2e-scale-{uuid.uuid4().hex[:8]}"
     feed = KafkaFeed(rng).build(187_600)

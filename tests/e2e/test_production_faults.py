@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -29,12 +27,10 @@ from typing import Any
 
 import pytest
 
+from tests.e2e._feed import TENANT, Feed, drop_file
 from tests.e2e._production import (
-    TENANT,
-    Feed,
     PrivateServer,
     dlq_lines,
-    drop_file,
     fresh_schema,
     pg_query,
     private_postgres,
@@ -45,7 +41,7 @@ from tests.e2e._production import (
     wait_for,
     write_config,
 )
-from tests.e2e._service import ROOT, ServiceProcess, metric_value
+from tests.e2e._service import ServiceProcess, ingest_cli, metric_value
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -403,23 +399,7 @@ def test_idempotency_stats_counts_the_redis_store(
     assert svc.terminate() == 0
 
     def cli(*args: str) -> str:
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "ingest.cli.ingest",
-                "idempotency-stats",
-                "--config",
-                str(env.config),
-                *args,
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert out.returncode == 0, out.stderr
-        return out.stdout
+        return ingest_cli("idempotency-stats", "--config", str(env.config), *args)
 
     stats = json.loads(cli("--json"))
     today = datetime.now(UTC).strftime("%Y-%m-%dT00:00:00Z")

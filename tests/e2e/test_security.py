@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from ingest.auth import credentials as C
 from ingest.auth import signing
+from tests.conftest import v3_body
 from tests.e2e._auth import TOKENS as HARNESS_TOKENS
 from tests.e2e._service import ServiceProcess
 
@@ -81,17 +82,8 @@ def write_credentials(path: Path) -> Path:
     return path
 
 
-def record(tenant: str, eid: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "schema_version": 3,
-        "tenant_id": tenant,
-        "entity_type": "order",
-        "entity_id": eid,
-        "revision": 1,
-        "occurred_at": "2025-01-01T00:00:00Z",
-        "attributes": {"n": 1},
-        **extra,
-    }
+def record(tenant: str, eid: str, revision: Any = 1, **extra: Any) -> dict[str, Any]:
+    return v3_body(tenant, "order", eid, revision, attributes={"n": 1}, **extra)
 
 
 def signed(
