@@ -19,7 +19,7 @@ from ingest.config import TypesenseField
 from ingest.records import Record
 from ingest.sinks.neo4j import Neo4jSink
 from ingest.sinks.typesense import TypesenseSink
-from tests.conftest import require_env, v3_body
+from tests.conftest import require_env
 
 TS_FIELDS: dict[str, list[TypesenseField]] = {
     "customer": [
@@ -28,8 +28,6 @@ TS_FIELDS: dict[str, list[TypesenseField]] = {
         TypesenseField(name="score", type="int64"),
     ]
 }
-
-
 
 
 def make_record(
@@ -42,22 +40,22 @@ def make_record(
     deleted: bool = False,
     seq: int = 0,
 ) -> Record:
-    """A validated v3 record as the pipeline would hand it to a sink."""
-    body = v3_body(
-        tenant,
-        entity_type,
+    """`tests.integration.conftest.make_record` in the argument order of the graph tests."""
+    from tests.integration.conftest import make_record as record  # conftest imports this module
+
+    return record(
         entity_id,
         revision,
+        tenant=tenant,
+        entity_type=entity_type,
         occurred_at=f"2025-01-01T00:00:{revision % 60:02d}Z",
         priority="normal",
         attributes=dict(attributes or {}),
         relations=relations,
         deleted=deleted,
+        source="s",
+        seq=seq,
     )
-    body.setdefault("relations", [])
-    from tests.integration.conftest import record_of  # conftest imports this module
-
-    return record_of(body, seq=seq)
 
 
 @pytest.fixture(name="tenant")

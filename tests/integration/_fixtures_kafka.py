@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import subprocess
 import time
 import uuid
@@ -25,32 +24,21 @@ from ingest.config import KafkaSourceConfig
 from ingest.records import RawRecord
 from ingest.sources.base import SourceBatch
 from ingest.sources.kafka import KafkaSource
+from tests.conftest import require_env
 from tests.conftest import until as until
 
-SCRIPT = "scripts/services/kafka.sh"
 # Faster rebalances than librdkafka's defaults (3 s heartbeats, 45 s session) for tests.
 FAST_GROUP = {"heartbeat.interval.ms": "500", "session.timeout.ms": "6000"}
 
 
-def kafka_var(name: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        pytest.fail(
-            f"{name} is not set: run `{SCRIPT} install && {SCRIPT} start` (or "
-            f"`scripts/services/up.sh kafka`) and source the all.env it prints",
-            pytrace=False,
-        )
-    return value
-
-
 @pytest.fixture
 def brokers() -> str:
-    return kafka_var("INGEST_TEST_KAFKA_BROKERS")
+    return require_env("INGEST_TEST_KAFKA_BROKERS", "kafka")
 
 
 @pytest.fixture
 def kafka_bin() -> str:
-    return kafka_var("INGEST_TEST_KAFKA_BIN")
+    return require_env("INGEST_TEST_KAFKA_BIN", "kafka")
 
 
 @pytest.fixture
@@ -177,6 +165,13 @@ class Reader:
             await asyncio.wait_for(self.task, 10)
 
 
+async def started(src: KafkaSource, sources: list[KafkaSource]) -> KafkaSource:
+    """`src`, started, and closed at teardown (`sources` is the fixture of that name)."""
+    sources.append(src)
+    await src.start()
+    return src
+
+
 @pytest.fixture
 async def sources() -> AsyncIterator[list[KafkaSource]]:
     """Sources a test appends here are closed (leaving their group) at teardown."""
@@ -208,7 +203,7 @@ def describe_group(
 
 
 def run_script(*args: str) -> str:
-    script = kafka_var("INGEST_TEST_KAFKA_SCRIPT")
+    script = require_env("INGEST_TEST_KAFKA_SCRIPT", "kafka")
     done = subprocess.run([script, *args], capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, f"{script} {' '.join(args)} failed:\n{done.stdout}{done.stderr}"
     return done.stdout

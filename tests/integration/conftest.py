@@ -13,8 +13,9 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -23,9 +24,10 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 import redis.asyncio as aioredis
 
-from ingest.records import RawRecord, Record, dedupe_key
+from ingest.records import DLQEntry, RawRecord, ReasonCode, Record, dedupe_key
 from ingest.state.redis import redis_client
 from tests.conftest import require_env, v3_body
+from tests.e2e._production import _env_file
 from tests.e2e._service import free_port
 from tests.integration._fixtures_files import (  # noqa: F401 - fixtures for this folder
     prefix,
@@ -132,15 +134,6 @@ class PrivateServer:
         subprocess.run([*cmd, "-v", "ON_ERROR_STOP=1", "-qc", sql], check=True, timeout=30)
 
 
-def _env_file(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("export "):
-            key, _, value = line[len("export ") :].partition("=")
-            out[key] = value.strip("'\"")
-    return out
-
-
 def _private(tmp: Path, name: str, port_var: str, port: str, url_var: str) -> PrivateServer:
     env = {**os.environ, "INGEST_RUN_DIR": str(tmp), port_var: port}
     script = SCRIPTS / f"{name}.sh"
@@ -183,18 +176,59 @@ def make_record(
     entity_type: str = "order",
     deleted: bool = False,
     attributes: dict[str, Any] | None = None,
+    occurred_at: str = "2026-01-02T03:04:05.123456Z",
+    relations: Iterable[tuple[str, str, str]] = (("PLACED_BY", "customer", "c1"),),
+    source: str = "test",
+    seq: int | None = None,
+    **extra: Any,
 ) -> Record:
+    """A validated v3 record as the pipeline would hand it to a sink (`seq`: the revision
+    unless given); `extra` adds top-level keys (priority, ...)."""
     body = v3_body(
         tenant,
         entity_type,
         entity_id,
         revision,
-        occurred_at="2026-01-02T03:04:05.123456Z",
+        occurred_at=occurred_at,
         attributes=attributes if attributes is not None else {"amount": revision, "n": "x"},
-        relations=[("PLACED_BY", "customer", "c1")],
+        relations=relations,
         deleted=deleted,
+        **extra,
     )
-    return record_of(body, source="test", seq=revision)
+    body.setdefault("relations", [])
+    return record_of(body, source=source, seq=revision if seq is None else seq)
+
+
+def dlq_entry(
+    n: int,
+    *,
+    at: datetime,
+    tenant: str = "acme",
+    source: str = "s3-main",
+    sink: str | None = "postgres",
+    reason: ReasonCode = ReasonCode.SINK_TIMEOUT,
+    attempts: int = 1,
+    detail: dict[str, Any] | None = None,
+    entity: tuple[str, str] | None = None,
+) -> DLQEntry:
+    """DLQ entry number `n` (its dedupe key, payload and revision follow from `n`; entity
+    (type, id) defaults to ("order", "o<n>")), first and last failed `at`."""
+    entity_type, entity_id = entity or ("order", f"o{n}")
+    return DLQEntry(
+        dedupe_key=n.to_bytes(32, "big"),
+        tenant=tenant,
+        source=source,
+        sink=sink,
+        reason=reason,
+        detail=detail if detail is not None else {"message": f"failure {n}"},
+        payload=b'{"n": %d}' % n,
+        attempts=attempts,
+        first_failed_at=at,
+        last_failed_at=at,
+        entity_type=entity_type,
+        entity_id=entity_id,
+        revision=n,
+    )
 
 
 def record_of(body: dict[str, Any], *, source: str = "s", seq: int = 0) -> Record:

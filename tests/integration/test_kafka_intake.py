@@ -13,7 +13,7 @@ from confluent_kafka.admin import AdminClient
 from ingest.errors import StoreUnavailable
 from ingest.sources.kafka import KafkaSource
 from ingest.webhook.kafka import KafkaIntake
-from tests.integration._fixtures_kafka import Reader, TopicFactory, source_for
+from tests.integration._fixtures_kafka import Reader, TopicFactory, source_for, started
 
 pytestmark = pytest.mark.integration
 
@@ -77,9 +77,7 @@ async def test_intake_read_back_by_kafka_source(
         await intake.close()
     assert all(o >= 24 for o in offsets)
 
-    src = source_for(brokers, topic, group, batch_size=500)
-    sources.append(src)
-    await src.start()
+    src = await started(source_for(brokers, topic, group, batch_size=500), sources)
     reader = Reader(src).run()
     recs = await reader.wait_records(200)
     await reader.halt()

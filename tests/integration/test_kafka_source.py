@@ -21,6 +21,7 @@ from tests.integration._fixtures_kafka import (
     produce,
     run_script,
     source_for,
+    started,
     until,
 )
 
@@ -44,13 +45,6 @@ def six_partitions_of_ten(brokers: str, make_topic: TopicFactory) -> str:
     return topic
 
 
-async def started(src: KafkaSource, sources: list[KafkaSource]) -> KafkaSource:
-    """`src`, started, and closed at teardown."""
-    sources.append(src)
-    await src.start()
-    return src
-
-
 def committed(brokers: str, group: str, topic: str, partitions: int) -> dict[int, int]:
     """The group's committed offsets, read by an independent client (-1001: none)."""
     c = Consumer({"bootstrap.servers": brokers, "group.id": group})
@@ -68,9 +62,7 @@ async def test_batches_and_commit_watermark(
     topic = make_topic(6)
     t0 = time.time()
     produce(brokers, topic, [body(i) for i in range(300)], key=lambda i: str(i).encode())
-    src = source_for(brokers, topic, group, batch_size=25)
-    sources.append(src)
-    await src.start()
+    src = await started(source_for(brokers, topic, group, batch_size=25), sources)
     reader = Reader(src).run()
     records = await reader.wait_records(300)
     await reader.halt()
@@ -121,9 +113,7 @@ async def test_poison_messages_are_yielded_with_reject_and_partition_continues(
     values: list[bytes | None] = [body(0), b"not json {", big, None, b"[1, 2]", body(5)]
     produce(brokers, topic, values, headers=[("tenant", b"from-header")])
     produce(brokers, topic, [b'{"entity_id": "7"}'])  # neither tenant_id nor header
-    src = source_for(brokers, topic, group, max_record_bytes=500)
-    sources.append(src)
-    await src.start()
+    src = await started(source_for(brokers, topic, group, max_record_bytes=500), sources)
     reader = Reader(src).run()
     recs = await reader.wait_records(7)
     await reader.halt()
@@ -149,9 +139,7 @@ async def test_tenant_from_config_when_record_and_header_have_none(
 ) -> None:
     topic = make_topic(1)
     produce(brokers, topic, [b'{"entity_id": "1"}'])
-    src = source_for(brokers, topic, group, cfg={"tenant": "cfg-tenant"})
-    sources.append(src)
-    await src.start()
+    src = await started(source_for(brokers, topic, group, cfg={"tenant": "cfg-tenant"}), sources)
     reader = Reader(src).run()
     (rec,) = await reader.wait_records(1)
     await reader.halt()
@@ -216,9 +204,7 @@ async def test_seek_to_time_replays_from_a_timestamp(
                 timestamp_ms=int(t_mid * 1000))  # fmt: skip
         produce(brokers, topic, [body(i) for i in range(10, 15)], partition=p,
                 timestamp_ms=int(t_new * 1000))  # fmt: skip
-    src = source_for(brokers, topic, group)
-    sources.append(src)
-    await src.start()
+    src = await started(source_for(brokers, topic, group), sources)
     reader = Reader(src).run()
     first = await reader.wait_records(30)
     assert {round(r.event_time) for r in first} == {round(t_old), round(t_mid), round(t_new)}
@@ -251,9 +237,7 @@ async def test_stop_pauses_and_resume_continues_without_loss(
 ) -> None:
     topic = make_topic(3)
     produce(brokers, topic, [body(i) for i in range(30)], key=lambda i: str(i).encode())
-    src = source_for(brokers, topic, group, batch_size=10)
-    sources.append(src)
-    await src.start()
+    src = await started(source_for(brokers, topic, group, batch_size=10), sources)
     reader = Reader(src).run()
     await reader.wait_records(30)
     await reader.halt()
@@ -277,9 +261,7 @@ async def test_lag_and_offsets_behind(
     topic = make_topic(1)
     old = time.time() - 120
     produce(brokers, topic, [body(i) for i in range(10)], timestamp_ms=int(old * 1000))
-    src = source_for(brokers, topic, group)
-    sources.append(src)
-    await src.start()
+    src = await started(source_for(brokers, topic, group), sources)
     reader = Reader(src).run()
     await reader.wait_records(10)
     lag = src.partition_lag()[f"{topic}[0]"]
@@ -302,9 +284,7 @@ async def test_broker_restart_mid_consume_reconnects_by_itself(
 ) -> None:  # fmt: skip
     topic = make_topic(3)
     produce(brokers, topic, [body(i) for i in range(30)], key=lambda i: str(i).encode())
-    src = source_for(brokers, topic, group, batch_size=10)
-    sources.append(src)
-    await src.start()
+    src = await started(source_for(brokers, topic, group, batch_size=10), sources)
     reader = Reader(src).run()
     await reader.wait_records(30)
     for b in reader.batches:
@@ -339,9 +319,7 @@ async def test_lag_while_not_fetching_comes_from_the_broker_and_returns_to_zero(
     topic = make_topic(3)
     for p in range(3):
         produce(brokers, topic, [body(i) for i in range(10)], partition=p)
-    src = source_for(brokers, topic, group, batch_size=100)
-    sources.append(src)
-    await src.start()
+    src = await started(source_for(brokers, topic, group, batch_size=100), sources)
     reader = Reader(src).run()
     await reader.wait_records(30)
     await reader.halt()  # stop(): partitions paused, nothing fetched from here on
@@ -462,9 +440,7 @@ async def test_lag_of_partitions_never_fetched_while_the_reader_is_held(
     topic = make_topic(4)
     for p in range(4):
         produce(brokers, topic, [body(i) for i in range(20 + p)], partition=p)
-    src = source_for(brokers, topic, group, batch_size=5)
-    sources.append(src)
-    await src.start()
+    src = await started(source_for(brokers, topic, group, batch_size=5), sources)
     batches = src.batches()
     first = await anext(batches)  # one batch of one partition; then nobody pulls
     await src.commit(first)

@@ -20,6 +20,7 @@ from ingest.state.postgres import (
     migrate,
     migration_files,
 )
+from tests.integration.conftest import dlq_entry
 
 pytestmark = pytest.mark.integration
 
@@ -34,31 +35,8 @@ async def pool(pg_dsn: str) -> AsyncIterator[Any]:
     await p.close()
 
 
-def entry(
-    n: int,
-    *,
-    tenant: str = "acme",
-    source: str = "s3-main",
-    sink: str | None = "postgres",
-    reason: ReasonCode = ReasonCode.SINK_TIMEOUT,
-    at: datetime = T0,
-    attempts: int = 1,
-) -> DLQEntry:
-    return DLQEntry(
-        dedupe_key=n.to_bytes(32, "big"),
-        tenant=tenant,
-        source=source,
-        sink=sink,
-        reason=reason,
-        detail={"message": f"failure {n}", "path": "$.attributes"},
-        payload=b'{"n": %d}' % n,
-        attempts=attempts,
-        first_failed_at=at,
-        last_failed_at=at,
-        entity_type="order",
-        entity_id=f"o{n}",
-        revision=n,
-    )
+def entry(n: int, *, at: datetime = T0, **kw: Any) -> DLQEntry:
+    return dlq_entry(n, at=at, detail={"message": f"failure {n}", "path": "$.attributes"}, **kw)
 
 
 async def test_migrations_are_versioned_and_idempotent(pool: Any) -> None:

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -27,6 +28,7 @@ from ingest.state.sqlite import (
     idem_table,
 )
 from ingest.webhook.sqlite import SQLiteIntake
+from tests.integration.conftest import dlq_entry
 
 pytestmark = pytest.mark.integration
 
@@ -48,32 +50,9 @@ async def db(tmp_path: Path) -> AsyncIterator[SQLiteDB]:
     await database.close()
 
 
-def entry(
-    n: int,
-    *,
-    tenant: str = "acme",
-    source: str = "inbox",
-    sink: str | None = "sqlite",
-    reason: ReasonCode = ReasonCode.SINK_TIMEOUT,
-    at: float = T0,
-    attempts: int = 1,
-) -> DLQEntry:
-    when = datetime.fromtimestamp(at, UTC)
-    return DLQEntry(
-        dedupe_key=n.to_bytes(32, "big"),
-        tenant=tenant,
-        source=source,
-        sink=sink,
-        reason=reason,
-        detail={"message": f"failure {n}"},
-        payload=b'{"n": %d}' % n,
-        attempts=attempts,
-        first_failed_at=when,
-        last_failed_at=when,
-        entity_type="customer",
-        entity_id=f"c-{n}",
-        revision=n,
-    )
+def entry(n: int, *, at: float = T0, **kw: Any) -> DLQEntry:
+    kw = {"source": "inbox", "sink": "sqlite", "entity": ("customer", f"c-{n}"), **kw}
+    return dlq_entry(n, at=datetime.fromtimestamp(at, UTC), **kw)
 
 
 # ------------------------------------------------------------------------------ SQLiteDB
