@@ -7,8 +7,12 @@ Measured in one run, on the same rows and the same table layout:
             store), revision-guarded upsert, DLQ/claims, checkpoint
 Prints records/s for both, the ratio, p95 lag (ingest_lag_seconds histogram), peak RSS of the
 service process, and a profile (pyinstrument, in-process, on a smaller run) of where time goes.
+`--steps N` adds the CPU each step of a batch costs per record (the embedded stores called
+in-process on N records, batches of 2,000, one step at a time; CPU of the whole process, so
+the stores' SQLite threads are counted).
 
     uv run python bench/bench_embedded.py [--records 1000000] [--profile-records 200000]
+                                          [--steps 100000]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -202,11 +207,68 @@ def profile(lines: list[bytes], workdir: Path) -> str:
     return str(profiler.output_text(unicode=False, color=False, show_all=False))
 
 
+async def step_costs(n: int, workdir: Path, batch: int = 2000) -> dict[str, float]:
+    """µs of CPU per record for each step of the embedded path, in-process and in order:
+    new rows, then revision-2 updates of the same entities (the idempotency table then holds
+    n keys), then a lookup of keys all present."""
+    from ingest.state.sqlite import (
+        SQLiteCheckpointStore,
+        SQLiteDB,
+        SQLiteDLQStore,
+        SQLiteIdempotencyStore,
+    )
+
+    decoder = Decoder()
+    costs: dict[str, float] = {}
+
+    async def step(name: str, work: Any) -> Any:
+        t0 = time.process_time()
+        out = await work
+        costs[name] = costs.get(name, 0.0) + (time.process_time() - t0) / n * 1e6
+        return out
+
+    def decoded(revision: int) -> list[Record]:
+        raws = [RawRecord(data=ln, tenant="acme-corp", source="inbox", seq=i, position=None,
+                          event_time=0.0) for i, ln in enumerate(make_lines(n, revision))]
+        t0 = time.process_time()
+        out = [r for r in decoder.decode_many(raws) if isinstance(r, Record)]
+        costs["decode_many"] = (time.process_time() - t0) / n * 1e6
+        return out
+
+    sink = SQLiteSink("bench", workdir / "steps-sink.db")
+    await sink.start()
+    db = await SQLiteDB.open(workdir / "steps-state.db")
+    idem, dlq = SQLiteIdempotencyStore(db), SQLiteDLQStore(db)
+    checkpoints = SQLiteCheckpointStore(db, "bench")
+    for revision, kind in ((1, "new"), (2, "updates")):
+        records = decoded(revision)
+        for i in range(0, n, batch):
+            part = records[i:i + batch]
+            keys = [r.dedupe_key for r in part]
+            await step(f"idempotency seen ({kind})", idem.seen(keys))
+            await step(f"sink write ({kind})", sink.write(part))
+            await step(f"idempotency claim ({kind})", idem.claim(keys))
+            counts = {("acme-corp", "inbox"): len(part)}
+            await step("processed counts", dlq.record_processed(counts))
+            await step("checkpoint", checkpoints.save("acme-corp", "inbox", {"offset": i}))
+        if revision == 1:
+            for i in range(0, n, batch):
+                keys = [r.dedupe_key for r in records[i:i + batch]]
+                await step("idempotency seen (all present)", idem.seen(keys))
+    for name in ("processed counts", "checkpoint"):
+        costs[name] /= 2  # both passes: per record of one pass
+    await sink.close()
+    await db.close()
+    return costs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--profile-records", type=int, default=200_000)
     ap.add_argument("--port", type=int, default=18099)
+    ap.add_argument("--steps", type=int, default=0, metavar="N",
+                    help="also the CPU per record of each step, in-process on N records")
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-embedded-"))
     try:
@@ -224,6 +286,11 @@ def main() -> None:
         print(f"peak RSS (service):    {rss:.0f} MB")
         print(f"service CPU:           {cpu_us:.1f} µs/record (user+sys, all its processes)")
         print(f"load average:          {load} at start, {os.getloadavg()} after")
+        if args.steps:
+            print(f"\nCPU per record by step ({args.steps} records, in-process, load "
+                  f"{os.getloadavg()[0]:.1f}):")
+            for name, us in asyncio.run(step_costs(args.steps, workdir)).items():
+                print(f"  {name:34s} {us:6.2f} µs")
         if args.profile_records:
             print(f"\nprofile ({args.profile_records} records, in-process, pyinstrument):")
             print(profile(lines[: args.profile_records], workdir))
