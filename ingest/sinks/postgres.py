@@ -417,7 +417,7 @@ class PostgresSink:
         except Exception as exc:
             raise _classify(exc) from exc
         finally:
-            await self.pool.release(conn)
+            await self._release(conn)
         self._backoff = _BACKOFF_FIRST
         return True
 
@@ -492,11 +492,14 @@ class PostgresSink:
         except Exception as exc:
             raise _classify(exc) from exc
         finally:
-            # A connection whose server stopped answering cannot be reset: asyncpg terminates
-            # it and re-raises (a bare TimeoutError), which must not replace the write's own
-            # outcome (its SINK_TIMEOUT, or its rows).
-            with contextlib.suppress(Exception):
-                await self.pool.release(conn)
+            await self._release(conn)
+
+    async def _release(self, conn: asyncpg.Connection) -> None:
+        """Back to the pool. A connection whose server stopped answering cannot be reset:
+        asyncpg terminates it and re-raises (a bare TimeoutError), which must not replace
+        the write's own outcome (its SINK_TIMEOUT, or its rows)."""
+        with contextlib.suppress(Exception):
+            await self.pool.release(conn)
 
     async def copy_raw(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Plain binary COPY of `row_of` rows into the table: the physical limit for benches."""
