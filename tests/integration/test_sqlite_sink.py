@@ -3,11 +3,15 @@ row layout, the guard inside SQL, revisions SQLite cannot hold, an unstarted sin
 
 from __future__ import annotations
 
+import asyncio
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ingest.errors import SinkError
 from ingest.records import ReasonCode, Record, SinkResult
@@ -28,8 +32,15 @@ def rec(
     attrs: dict[str, Any] | None = None,
 ) -> Record:
     attributes = attrs if attrs is not None else {"name": f"{entity_id}@{revision}"}
-    body = v3_body(tenant, entity_type, entity_id, revision, attributes=attributes,
-                   priority="normal", deleted=deleted)
+    body = v3_body(
+        tenant,
+        entity_type,
+        entity_id,
+        revision,
+        attributes=attributes,
+        priority="normal",
+        deleted=deleted,
+    )
     body["relations"] = [{"type": "owns", "entity_type": "account", "entity_id": "a-1"}]
     return record_of(body, seq=revision)
 
@@ -124,3 +135,66 @@ async def test_rows_survive_reopen(tmp_path: Path) -> None:
         "OLDER_REVISION",
     ]
     await second.close()
+
+
+_texts = st.text(max_size=12)  # any code point, NUL and astral ones included
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batches=st.lists(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["a", "b\x00", "c", "é😀"]) | _texts.filter(bool),
+                st.integers(0, 3) | st.integers(-(2**63), 2**64 - 1),
+                st.booleans(),
+                _texts,
+            ),
+            min_size=1,
+            max_size=8,
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_a_plain_insert_first_ends_as_the_lookup_and_upsert_would(
+    batches: list[list[tuple[str, int, bool, str]]],
+) -> None:
+    """Batches written INSERT-first (falling back to the lookup when an entity is stored or
+    a row refused) leave the same results and the same table as lookup-first ones."""
+
+    async def run(tmp: Path, insert_first: bool) -> tuple[list[list[str]], list[Any]]:
+        s = SQLiteSink("sqlite", tmp / f"{insert_first}.db")
+        await s.start()
+        if not insert_first:
+            s.insert_skip = 10**9
+        out = []
+        for batch in batches:
+            records = [rec(e, r, deleted=d, attrs={"name": a}) for e, r, d, a in batch]
+            out.append(statuses(await s.write(records)))
+        rows = await s.db.run(lambda c: c.execute(
+            "SELECT tenant, entity_type, entity_id, revision, deleted, occurred_at,"
+            " attributes, relations, dedupe_key, prev_revision FROM entities"
+            " ORDER BY entity_id").fetchall())  # fmt: skip
+        await s.close()
+        return out, rows
+
+    with tempfile.TemporaryDirectory() as tmp:
+        assert asyncio.run(run(Path(tmp), True)) == asyncio.run(run(Path(tmp), False))
+
+
+async def test_a_feed_of_updates_backs_off_from_the_plain_insert(sink: SQLiteSink) -> None:
+    await sink.write([rec(f"e{i}", 1) for i in range(3)])
+    assert sink.paths == {"insert": 1, "fallback": 0, "upsert": 0}
+    for revision in range(2, 8):  # a failed INSERT, then 4 batches straight to the lookup
+        assert (
+            statuses(await sink.write([rec(f"e{i}", revision) for i in range(3)]))
+            == ["applied"] * 3
+        )
+    assert sink.paths == {"insert": 1, "fallback": 2, "upsert": 4}
+    assert sink.insert_skip == 8  # the second miss doubled the backoff
+    sink.insert_skip = 0
+    await sink.write([rec("new", 1)])  # a new entity goes in by INSERT and resets it
+    assert sink.paths["insert"] == 2
+    await sink.write([rec("e0", 9)])
+    assert sink.insert_skip == 4
