@@ -8,6 +8,8 @@ and cannot resurrect it. Readers use the `live_entities` view.
 Each batch is one transaction: read the stored revisions of the batch's entities, judge every
 record with the shared rule (`judge_in_order`), then upsert only each entity's winner; the
 upsert's `WHERE entities.revision < excluded.revision` keeps the guard in the database too.
+A batch of one record per entity first tries a plain INSERT in a savepoint (all new: all
+applied, no lookup); a stored entity rolls it back to that path (`_insert_new`).
 The file is separate from the state DB (data/sink.db) and has its own connection thread.
 """
 
