@@ -504,9 +504,14 @@ async def read_lines(
     gzipped: bool,
     start_offset: int = 0,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    *,
+    input_offset: int = 0,
 ) -> AsyncIterator[list[Line]]:
-    """Lines of an async byte stream in batches (one per chunk that completed any line)."""
-    reader = LineReader(fmt, gzipped, start_offset, max_line_bytes=max_line_bytes)
+    """Lines of an async byte stream in batches (one per chunk that completed any line);
+    `input_offset`: where in the item the stream starts (a ranged read, see LineReader)."""
+    reader = LineReader(
+        fmt, gzipped, start_offset, input_offset=input_offset, max_line_bytes=max_line_bytes
+    )
     async for chunk in chunks:
         for lines in reader.pieces(chunk):
             if lines:

@@ -26,7 +26,13 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from ingest.config import S3SourceConfig, SFTPSourceConfig
-from ingest.formats import DEFAULT_MAX_LINE_BYTES, Line, LineReader, detect_format, reject_meta
+from ingest.formats import (
+    DEFAULT_MAX_LINE_BYTES,
+    Line,
+    detect_format,
+    read_lines,
+    reject_meta,
+)
 from ingest.records import RawRecord
 from ingest.sources.base import AdapterHealth, PullOnly, SourceBatch
 from ingest.state.base import CheckpointStore
@@ -274,15 +280,13 @@ class ItemSource(PullOnly, ABC, Generic[CfgT]):
     async def _lines(self, ref: ItemRef, start: int) -> AsyncGenerator[list[Line], None]:
         fmt, gzipped = detect_format(ref.name)
         seek = start if fmt == "jsonl" and not gzipped else 0
-        reader = LineReader(fmt, gzipped, start, input_offset=seek, max_line_bytes=self._max_line)
-        if not (seek and seek >= ref.size):
-            async with contextlib.aclosing(_read_ahead(self.open_item(ref, seek))) as chunks:
-                async for chunk in chunks:
-                    for lines in reader.pieces(chunk):
-                        if lines:
-                            yield lines
-        if lines := reader.finish():
-            yield lines
+        past_end = seek and seek >= ref.size  # nothing left to fetch: no ranged GET beyond it
+        chunks = _nothing() if past_end else _read_ahead(self.open_item(ref, seek))
+        async with contextlib.aclosing(chunks):
+            async for lines in read_lines(
+                chunks, fmt, gzipped, start, self._max_line, input_offset=seek
+            ):
+                yield lines
 
     def _records(self, ref: ItemRef, lines: list[Line]) -> list[RawRecord]:
         """Lines as RawRecords; the hot loop of every object source, so locals only."""
@@ -385,6 +389,11 @@ async def _read_ahead(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def _nothing() -> AsyncGenerator[bytes, None]:
+    return
+    yield b""  # an async generator that yields nothing
 
 
 def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:

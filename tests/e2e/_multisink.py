@@ -27,11 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 from neo4j import GraphDatabase
 
 from tests.conftest import v3_body
-from tests.e2e._production import RUN_DIR, SCRIPTS, PrivateServer, _env_file, pg_query
+from tests.e2e._production import (
+    RUN_DIR,
+    SCRIPTS,
+    PrivateServer,
+    _env_file,
+    dump_config,
+    pg_query,
+)
 from tests.e2e._service import free_port
 
 DLQTRIAGE = str(Path(sys.executable).parent / "dlqtriage")
@@ -150,13 +156,7 @@ def write_multisink_config(
         else [{"type": "inbox", "name": "inbox", "poll_seconds": 0.2, "batch_size": batch_size}],
         "routes": list(routes),
     }
-    if retry:
-        raw["retry"] = retry
-    if breaker:
-        raw["breaker"] = breaker
-    raw.update(extra or {})
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+    return dump_config(path, raw, retry=retry, breaker=breaker, extra=extra)
 
 
 # ---------------------------------------------------------------------- records and feeds

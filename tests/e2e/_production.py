@@ -200,6 +200,19 @@ def write_config(
         "sinks": [{"type": "postgres", "name": "postgres", "table": table}],
         "sources": [inbox, webhook],
     }
+    return dump_config(path, raw, retry=retry, breaker=breaker, extra=extra)
+
+
+def dump_config(
+    path: Path,
+    raw: dict[str, Any],
+    *,
+    retry: dict[str, Any] | None = None,
+    breaker: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write config `raw` as YAML, with `retry` and `breaker` sections if given and the
+    top-level keys of `extra` on top."""
     if retry:
         raw["retry"] = retry
     if breaker:
