@@ -472,6 +472,16 @@ class PostgresSink:
             raise _classify(exc) from exc
         return {(r[0], r[1], r[2]): (r[3], r[4], r[5]) for r in found}
 
+    async def _held(self, key: EntityKey) -> StoredRow | None:
+        """What is stored for a refused row's entity; None also when the key itself is what
+        the server refuses (a NUL in an id cannot even be looked up)."""
+        try:
+            return (await self._current([key])).get(key)
+        except SinkError as exc:
+            if isinstance(exc.__cause__, _ROW_ERRORS):
+                return None
+            raise
+
     async def _apply(
         self,
         rows: list[tuple[Any, ...]],
@@ -485,7 +495,7 @@ class PostgresSink:
         except _ROW_ERRORS as exc:
             if len(rows) == 1:
                 key: EntityKey = (rows[0][0], rows[0][1], rows[0][2])
-                held = (await self._current([key])).get(key)
+                held = await self._held(key)
                 if held is not None and held[0] >= rows[0][3]:
                     # The guard would not have written it (the cast failed before the guard
                     # was asked): an older row is judged by the revision rule, not refused.

@@ -1,21 +1,26 @@
 """PostgresSink against a real Postgres, beyond the sink contract (test_sink_contract.py): the
 row layout, its own CHECK constraint, statement timeouts, a restarted server, connection limits,
-a concurrent writer."""
+a concurrent writer, a NUL anywhere in a record (generated)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ingest.errors import SinkError
-from ingest.records import ReasonCode, SinkResult, SinkStatus
+from ingest.records import ReasonCode, Record, SinkResult, SinkStatus
 from ingest.sinks.postgres import PostgresSink
-from tests.integration.conftest import PrivateServer, make_record
+from tests.conftest import v3_body
+from tests.integration.conftest import PrivateServer, make_record, record_of, with_search_path
 
 pytestmark = pytest.mark.integration
 
@@ -172,3 +177,68 @@ async def test_a_concurrent_writer_of_the_same_record_makes_it_unchanged(
         assert result.detail is not None and result.detail["stored_revision"] == 5
     finally:
         await other.close()
+
+
+NUL_PLACES = ("attribute key", "attribute value", "nested value", "list item", "relation",
+              "entity id")  # fmt: skip
+
+
+@st.composite
+def with_nul(draw: st.DrawFn) -> tuple[str, str]:
+    """(where, text): a text holding a NUL character somewhere, and where it goes."""
+    text = draw(st.text(max_size=6))
+    at = draw(st.integers(0, len(text)))
+    return draw(st.sampled_from(NUL_PLACES)), text[:at] + "\x00" + text[at:]
+
+
+def _nul_record(where: str, text: str, revision: int) -> Record:
+    attributes: dict[str, Any] = {"amount": revision}
+    entity_id, relations = "bad", [("PLACED_BY", "customer", "c1")]
+    if where == "attribute key":
+        attributes[text] = 1
+    elif where == "attribute value":
+        attributes["note"] = text
+    elif where == "nested value":
+        attributes["deep"] = {"a": [{"b": text}]}
+    elif where == "list item":
+        attributes["tags"] = ["x", text]
+    elif where == "relation":
+        relations = [("PLACED_BY", "customer", text)]
+    else:
+        entity_id = f"bad{text}"
+    body = v3_body("acme", "order", entity_id, revision, attributes=attributes,
+                   relations=relations)  # fmt: skip
+    return record_of(body, source="test", seq=revision)
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(with_nul(), st.text(st.characters(exclude_characters="\x00"), max_size=6), st.booleans())
+def test_a_nul_anywhere_in_a_record_fails_that_record_alone(
+    pg_url: str, bad: tuple[str, str], fine: str, stored_first: bool
+) -> None:
+    """jsonb and text cannot hold NUL (a valid JSON string can): the whole class, generated.
+    The record is refused with CONSTRAINT_VIOLATION and its neighbours land, whichever path
+    the batch takes (all new: straight COPY; an entity stored: the upsert)."""
+
+    async def go() -> None:
+        schema = f"nul_{uuid.uuid4().hex[:10]}"
+        admin = await asyncpg.connect(pg_url)
+        await admin.execute(f"CREATE SCHEMA {schema}")
+        sink = PostgresSink("pg", with_search_path(pg_url, schema), table="entities")
+        try:
+            await sink.start()
+            if stored_first:
+                assert reasons(await sink.write([make_record("ok1", 1)])) == ["applied"]
+            batch = [make_record("ok1", 2, attributes={"note": fine}),
+                     _nul_record(*bad, revision=3),
+                     make_record("ok2", 1, attributes={fine: fine})]  # fmt: skip
+            results = await sink.write(batch)
+            assert reasons(results) == ["applied", "CONSTRAINT_VIOLATION", "applied"], bad
+            assert await sink.count() == 2
+        finally:
+            await sink.close()
+            await admin.execute(f"DROP SCHEMA {schema} CASCADE")
+            await admin.close()
+
+    asyncio.run(go())
