@@ -146,9 +146,11 @@ def test_kill9_mid_object_and_mid_file_then_restart_exactly_once(
         "orders-0.jsonl", "orders-1.jsonl",
     ]  # fmt: skip
     # The restarted worker read only what was not committed before the kill (resume at the
-    # committed offset, not from 0): at most one uncommitted batch per held item re-read.
+    # committed offset, not from 0). The sink may hold what was not committed: the last two
+    # batches of each item's reader (batch N settling while N+1 is written, docs/architecture.md
+    # "Pipelined batches"), so at most 4 items x 2 batches x 2,000 records more than the rest.
     reread = sum(a["records_read"] for a in health["adapters"].values())
-    assert reread <= len(expected) - at_kill + 4 * 2000, (reread, at_kill)
+    assert reread <= len(expected) - at_kill + 4 * 2 * 2000, (reread, at_kill)
 
 
 # ---------------------------------------------------------------------- 2, 4, 5
