@@ -22,6 +22,7 @@ import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -339,8 +340,11 @@ class TypesenseSink:
         ]
 
     async def _get(self, coll: str, entity_id: str) -> dict[str, Any] | None:
+        # The client puts the id into the path as it is: `/`, `?`, `#`, `%` or a control
+        # character would read another document, or none (then the guard saw nothing stored).
+        path_id = quote(entity_id, safe="")
         try:
-            doc = await self._client.collections[coll].documents[entity_id].retrieve()
+            doc = await self._client.collections[coll].documents[path_id].retrieve()
         except ObjectNotFound:
             return None
         return dict(doc)

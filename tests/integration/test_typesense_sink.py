@@ -1,15 +1,18 @@
 """TypesenseSink against a real typesense-server 0.24.1 (scripts/services/typesense.sh), beyond the
-sink contract (test_sink_contract.py): collections and documents, backtick ids, replay fields,
-a stopped server's data, a wrong key, 429s and their Retry-After."""
+sink contract (test_sink_contract.py): collections and documents, backtick ids (generated),
+replay fields, a stopped server's data, a wrong key, 429s and their Retry-After."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typesense.exceptions import ServiceUnavailable, TypesenseClientError
 
 from ingest.config import parse_config
@@ -69,20 +72,35 @@ async def test_collection_created_with_config_and_fixed_fields(
     assert hits["found"] == 1  # the configured field is really searchable
 
 
-async def test_ids_with_a_backtick_are_read_one_by_one(
-    typesense_sink: TypesenseSink, tenant: str
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(st.text(min_size=1, max_size=5), st.sampled_from("/?#% \x00\x7f"), st.integers(0, 4))
+def test_ids_with_a_backtick_are_read_one_by_one_whatever_else_they_hold(
+    typesense_coords: dict[str, str], tenant: str, text: str, odd: str, at: int
 ) -> None:
-    """filter_by (0.24) cannot quote a backtick: such ids take the per-document read."""
-    await typesense_sink.write(
-        [make_record(tenant, "customer", "e`2", 5), make_record(tenant, "customer", "e1", 1)]
-    )
-    res = await typesense_sink.write(
-        [make_record(tenant, "customer", "e`2", 4), make_record(tenant, "customer", "e`2", 6)]
-    )
-    assert [x.status for x in res] == [FAILED, APPLIED]
-    assert res[0].detail is not None and res[0].detail["stored_revision"] == 5
-    odd = await typesense_sink.fetch(tenant, "customer", "e`2")
-    assert odd is not None and odd["revision"] == 6 and odd["_prev_revision"] == 5
+    """filter_by (0.24) cannot quote a backtick: such ids take the per-document read, whose
+    path must carry the id exactly (a `/`, `?`, `#`, `%` or control character read another
+    document, or none, and an older revision overwrote a newer one). Generated ids."""
+    entity_id = uuid.uuid4().hex[:6] + text[:at] + "`" + odd + text[at:]  # new per example
+
+    async def go() -> None:
+        sink = TypesenseSink("ts", fields=TS_FIELDS, **typesense_coords)
+        try:
+            await sink.write([make_record(tenant, "customer", entity_id, 5)])
+            res = await sink.write(
+                [make_record(tenant, "customer", entity_id, 4),
+                 make_record(tenant, "customer", entity_id, 6)]
+            )  # fmt: skip
+            assert [x.status for x in res] == [FAILED, APPLIED], entity_id
+            assert res[0].detail is not None and res[0].detail["stored_revision"] == 5
+            got = await sink.fetch(tenant, "customer", entity_id)
+            assert got is not None and got["revision"] == 6 and got["_prev_revision"] == 5
+        finally:
+            await sink.close()
+            with contextlib.suppress(Exception):  # the test's tenant: one collection
+                typesense_admin(typesense_coords).collections[f"{tenant}__customer"].delete()
+
+    asyncio.run(go())
 
 
 async def test_a_tombstone_is_a_document_without_content(
