@@ -105,8 +105,16 @@ CREATE TABLE IF NOT EXISTS {t} (
     PRIMARY KEY (tenant, entity_type, entity_id),
     CONSTRAINT {t}_valid CHECK (revision >= 0 AND length(entity_id) <= 256)
 ) WITH (fillfactor = {int(fillfactor)});
-ALTER TABLE {t} ADD COLUMN IF NOT EXISTS prev_revision bigint;
-ALTER TABLE {t} SET (fillfactor = {int(fillfactor)});
+DO $$ BEGIN  -- each ALTER only when needed: it waits behind any VACUUM or write of the table
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{t}'::regclass
+            AND attname = 'prev_revision' AND NOT attisdropped) THEN
+        ALTER TABLE {t} ADD COLUMN prev_revision bigint;
+    END IF;
+    IF NOT coalesce((SELECT 'fillfactor={int(fillfactor)}' = ANY(reloptions)
+            FROM pg_class WHERE oid = '{t}'::regclass), false) THEN
+        ALTER TABLE {t} SET (fillfactor = {int(fillfactor)});
+    END IF;
+END $$;
 CREATE OR REPLACE VIEW {t}_live AS SELECT * FROM {t} WHERE NOT deleted;
 """
 

@@ -219,3 +219,21 @@ async def test_an_existing_table_takes_the_configured_fillfactor(pg_dsn: str) ->
         await sink.close()
     with pytest.raises(ValueError, match="fillfactor"):
         PostgresSink("pg", pg_dsn, fillfactor=5)
+
+
+async def test_a_start_with_the_same_fillfactor_does_not_wait_for_a_vacuum(pg_dsn: str) -> None:
+    """Setting the fillfactor takes a lock a running VACUUM holds (SHARE UPDATE EXCLUSIVE):
+    a worker starting while an (anti-wraparound) vacuum runs must not wait when the table
+    already has the configured fillfactor."""
+    first = PostgresSink("pg", pg_dsn, table="vac")
+    await first.start()
+    await first.close()
+    vacuum = await asyncpg.connect(pg_dsn)
+    try:
+        async with vacuum.transaction():
+            await vacuum.execute("LOCK TABLE vac IN SHARE UPDATE EXCLUSIVE MODE")
+            again = PostgresSink("pg", pg_dsn, table="vac")
+            await asyncio.wait_for(again.start(), 5)
+            await again.close()
+    finally:
+        await vacuum.close()
