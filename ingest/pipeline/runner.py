@@ -196,9 +196,13 @@ class SourceRunner:
             if self.stopping.is_set():
                 with contextlib.suppress(Exception):
                     await self._stop_source()
-            if next_batch is not None and not next_batch.done():
-                # cancelled while waiting: a batch it went on to read would never be delivered
-                next_batch.cancel()
+            if next_batch is not None:
+                if not next_batch.done():
+                    # cancelled while waiting: a batch it went on to read would never be
+                    # delivered
+                    next_batch.cancel()
+                # awaited whatever it ended with (a batch read while stopping, the source's
+                # end, an error): never logged as "Task exception was never retrieved"
                 await asyncio.gather(next_batch, return_exceptions=True)
             aclose = getattr(batches, "aclose", None)
             if aclose is not None:

@@ -92,6 +92,8 @@ def test_sigterm_mid_ingest_drains_checkpoints_and_resumes_exactly(tmp_path: Pat
     wait_until(lambda: (svc.health()["adapters"]["inbox"]["last_checkpoint"] or {})
                .get("offset", 0) > 0, 60, "first commit")
     assert svc.terminate() == 0  # drain, flush, checkpoint, exit 0
+    said = svc.log_path.read_text(errors="replace")
+    assert "Traceback" not in said and " ERROR " not in said, said[-3000:]  # a clean stop
     sink = sqlite3.connect(data / "sink.db")
     landed = sink.execute("SELECT count(*) FROM entities").fetchone()[0]
     state = sqlite3.connect(data / "state.db")

@@ -7,6 +7,7 @@ with an in-memory sink (the test double of tests/unit/test_worker.py).
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -116,7 +117,7 @@ async def test_drain_pauses_the_source_and_resume_resumes_it(
 
 
 async def test_stop_ends_the_read_in_progress_without_cancelling_it(
-    setup: tuple[SourceRunner, ScriptedSource, MemorySink],
+    setup: tuple[SourceRunner, ScriptedSource, MemorySink], caplog: pytest.LogCaptureFixture
 ) -> None:
     runner, source, _ = setup
     task = asyncio.create_task(runner.run())
@@ -126,6 +127,11 @@ async def test_stop_ends_the_read_in_progress_without_cancelling_it(
     await asyncio.wait_for(task, 5)
     assert source.calls == ["stop"]
     assert time.monotonic() - started < R.STOP_GRACE_S  # batches() ended by itself
+    # the read that ended (StopAsyncIteration) was awaited: every shutdown used to log
+    # "Task exception was never retrieved" with a traceback once the task was collected
+    gc.collect()
+    await asyncio.sleep(0)
+    assert "never retrieved" not in caplog.text, caplog.text
 
 
 async def test_a_reader_kept_waiting_downstream_pauses_its_source(
