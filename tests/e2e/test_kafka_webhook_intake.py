@@ -45,10 +45,6 @@ from tests.e2e._kafka import (
 from tests.e2e._production import (
     PrivateServer,
     dlq_lines,
-    drop_schema,
-    fresh_schema,
-    private_redis,
-    shared_env,
     sink_rows,
     wait_for,
 )
@@ -63,21 +59,6 @@ def kafka() -> Iterator[tuple[PrivateServer, str]]:
     server, kafka_bin = private_kafka()
     yield server, kafka_bin
     server.close()
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[PrivateServer]:
-    server = private_redis()
-    yield server
-    server.close()
-
-
-@pytest.fixture()
-def pg_dsn() -> Iterator[str]:
-    url = shared_env()["INGEST_TEST_POSTGRES_URL"]
-    schema, dsn = fresh_schema(url, "e2e_kwh")
-    yield dsn
-    drop_schema(url, schema)
 
 
 def test_webhook_intake_202_only_once_on_topic_and_503_when_broker_down(
