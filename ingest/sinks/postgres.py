@@ -23,14 +23,15 @@ its row's page: a HOT update, no new index entry (docs/postgres.md).
 
 Error classification (once, here):
     QueryCanceledError (statement_timeout), a query past the client timeout -> SINK_TIMEOUT
+    DeadlockDetectedError, LockNotAvailableError (another writer)  -> SINK_TIMEOUT, conflict
     TooManyConnectionsError                                          -> RATE_LIMITED
     connection refused / lost: OSError, PostgresConnectionError,
     InterfaceError, CannotConnectNowError, connect/acquire timeout   -> CONNECTION_ERROR
     IntegrityConstraintViolationError or DataError in the upsert     -> bisect the batch;
         only the row that breaks it gets CONSTRAINT_VIOLATION (constraint, message), and
         its entity's other records are written again without it (`write_around_refused`)
-A connection error is retried once on a fresh connection first (the write is idempotent):
-after a server restart the pool's idle connections are dead, the next one is not.
+The sink never retries: the worker's retry layer does (after a server restart the pool's idle
+connections are dead; the retry's fresh one is not).
 """
 
 from __future__ import annotations
@@ -105,14 +106,24 @@ CREATE TABLE IF NOT EXISTS {t} (
     PRIMARY KEY (tenant, entity_type, entity_id),
     CONSTRAINT {t}_valid CHECK (revision >= 0 AND length(entity_id) <= 256)
 ) WITH (fillfactor = {int(fillfactor)});
-DO $$ BEGIN  -- each ALTER only when needed: it waits behind any VACUUM or write of the table
+DO $$ DECLARE lock_wait text := current_setting('lock_timeout'); BEGIN
+    -- each ALTER only when needed: it waits behind any VACUUM or write of the table
     IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{t}'::regclass
             AND attname = 'prev_revision' AND NOT attisdropped) THEN
         ALTER TABLE {t} ADD COLUMN prev_revision bigint;
     END IF;
     IF NOT coalesce((SELECT 'fillfactor={int(fillfactor)}' = ANY(reloptions)
             FROM pg_class WHERE oid = '{t}'::regclass), false) THEN
-        ALTER TABLE {t} SET (fillfactor = {int(fillfactor)});
+        -- an optimisation: never wait long for it (an anti-wraparound VACUUM is never
+        -- cancelled, and every worker of the pod waits behind this lock); a later start
+        -- applies it
+        PERFORM set_config('lock_timeout', '3s', true);
+        BEGIN
+            ALTER TABLE {t} SET (fillfactor = {int(fillfactor)});
+        EXCEPTION WHEN lock_not_available THEN
+            RAISE WARNING 'fillfactor of % left as it is: the table is busy', '{t}';
+        END;
+        PERFORM set_config('lock_timeout', lock_wait, true);
     END IF;
 END $$;
 CREATE OR REPLACE VIEW {t}_live AS SELECT * FROM {t} WHERE NOT deleted;
@@ -599,6 +610,10 @@ def _classify(exc: BaseException, connecting: bool = False) -> SinkError:
         return SinkError(ReasonCode.CONNECTION_ERROR, "connect timed out", **detail)
     if isinstance(exc, asyncpg.QueryCanceledError):
         return SinkError(ReasonCode.SINK_TIMEOUT, str(exc), **detail)
+    if isinstance(exc, asyncpg.DeadlockDetectedError | asyncpg.LockNotAvailableError):
+        # another writer (two workers copying overlapping new keys in different orders):
+        # trying again resolves it, and it says nothing about the server's health
+        return SinkError(ReasonCode.SINK_TIMEOUT, str(exc), conflict=True, **detail)
     if isinstance(exc, asyncpg.TooManyConnectionsError):
         return SinkError(ReasonCode.RATE_LIMITED, str(exc), **detail)
     if isinstance(exc, asyncio.TimeoutError):

@@ -19,7 +19,9 @@ Idempotency keys must be compact: a plain key named by a hex SHA-256 costs ~186 
 Every hash gets EXPIREAT = end of its day + ttl, so no per-key TTL is stored; a claim sets it
 in the same script call that creates the hash. Hashes written before the marker existed (same
 names, fields and values) are read as they are and get the marker, and the same EXPIREAT
-again, at their next claim. With the default 2^20 shards a hash stays under Redis's default
+again, at their next claim; that claim also counts one key in the day's `n` counter even if
+its key was already there (stats only: at most one extra per old hash, on the upgrade day).
+With the default 2^20 shards a hash stays under Redis's default
 `hash-max-listpack-entries` (128) up to ~133M claims a day (~1,550/s sustained), and so keeps
 the compact listpack encoding (~14 bytes per field); beyond that raise `shard_bits` (whole hex
 digits: 24) or the listpack limit in redis.conf. A false "seen" needs two digests equal in 100

@@ -17,8 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ingest.errors import ReasonCode
 from ingest.records import Record, SinkResult
-from ingest.sinks.postgres import COLUMNS, PostgresSink
+from ingest.sinks.postgres import COLUMNS, PostgresSink, _classify
 from tests.conftest import v3_body
 from tests.integration.conftest import make_record, record_of, with_search_path
 
@@ -237,3 +238,50 @@ async def test_a_start_with_the_same_fillfactor_does_not_wait_for_a_vacuum(pg_ds
             await again.close()
     finally:
         await vacuum.close()
+
+
+async def test_a_new_fillfactor_never_holds_a_start_behind_a_vacuum(pg_dsn: str) -> None:
+    """The first start after an upgrade (or a changed fillfactor) must ALTER the table, which
+    waits behind a running VACUUM: it gives up after a few seconds and starts anyway (the
+    fillfactor is an optimisation); a later start applies it."""
+    old = PostgresSink("pg", pg_dsn, table="vac2", fillfactor=100)
+    await old.start()
+    await old.close()
+    vacuum = await asyncpg.connect(pg_dsn)
+    try:
+        async with vacuum.transaction():
+            await vacuum.execute("LOCK TABLE vac2 IN SHARE UPDATE EXCLUSIVE MODE")
+            busy = PostgresSink("pg", pg_dsn, table="vac2", fillfactor=50)
+            await asyncio.wait_for(busy.start(), 10)
+            await busy.close()
+        options = "SELECT reloptions FROM pg_class WHERE relname = 'vac2'"
+        assert await vacuum.fetchval(options) == ["fillfactor=100"]
+        later = PostgresSink("pg", pg_dsn, table="vac2", fillfactor=50)
+        await later.start()
+        await later.close()
+        assert await vacuum.fetchval(options) == ["fillfactor=50"]
+    finally:
+        await vacuum.close()
+
+
+async def test_a_deadlock_between_writers_is_a_conflict_not_an_outage(pg_dsn: str) -> None:
+    """Two workers copying overlapping new keys in different orders can deadlock: the worker
+    tries again (SINK_TIMEOUT, conflict), and the breaker does not count it against the
+    server (it was "CONNECTION_ERROR: unexpected")."""
+    a, b = await asyncpg.connect(pg_dsn), await asyncpg.connect(pg_dsn)
+    try:
+        await a.execute("CREATE TABLE dl (k int PRIMARY KEY); INSERT INTO dl VALUES (1), (2)")
+        await a.execute("BEGIN; UPDATE dl SET k = k WHERE k = 1")
+        await b.execute("BEGIN; UPDATE dl SET k = k WHERE k = 2")
+        got = await asyncio.gather(
+            a.execute("UPDATE dl SET k = k WHERE k = 2"),
+            b.execute("UPDATE dl SET k = k WHERE k = 1"),
+            return_exceptions=True,
+        )
+        deadlock = next(e for e in got if isinstance(e, BaseException))
+        assert isinstance(deadlock, asyncpg.DeadlockDetectedError), got
+        err = _classify(deadlock)
+        assert err.reason is ReasonCode.SINK_TIMEOUT and err.conflict, err
+    finally:
+        await a.close()  # each open transaction ends with its connection
+        await b.close()
