@@ -222,6 +222,32 @@ async def test_an_existing_table_takes_the_configured_fillfactor(pg_dsn: str) ->
         PostgresSink("pg", pg_dsn, fillfactor=5)
 
 
+async def started_beside_a_vacuum(dsn: str, table: str, fillfactor: int, bound: float) -> None:
+    """Start (and close) a sink on `table`, made before with another fillfactor or the same,
+    while a VACUUM runs on it (its lock, SHARE UPDATE EXCLUSIVE, held by another session);
+    the start must return within `bound` s."""
+    vacuum = await asyncpg.connect(dsn)
+    try:
+        async with vacuum.transaction():
+            await vacuum.execute(f"LOCK TABLE {table} IN SHARE UPDATE EXCLUSIVE MODE")
+            sink = PostgresSink("pg", dsn, table=table, fillfactor=fillfactor)
+            await asyncio.wait_for(sink.start(), bound)
+            await sink.close()
+    finally:
+        await vacuum.close()
+
+
+async def reloptions(dsn: str, table: str) -> list[str] | None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        got: list[str] | None = await conn.fetchval(
+            "SELECT reloptions FROM pg_class WHERE relname = $1", table
+        )
+        return got
+    finally:
+        await conn.close()
+
+
 async def test_a_start_with_the_same_fillfactor_does_not_wait_for_a_vacuum(pg_dsn: str) -> None:
     """Setting the fillfactor takes a lock a running VACUUM holds (SHARE UPDATE EXCLUSIVE):
     a worker starting while an (anti-wraparound) vacuum runs must not wait when the table
@@ -229,15 +255,7 @@ async def test_a_start_with_the_same_fillfactor_does_not_wait_for_a_vacuum(pg_ds
     first = PostgresSink("pg", pg_dsn, table="vac")
     await first.start()
     await first.close()
-    vacuum = await asyncpg.connect(pg_dsn)
-    try:
-        async with vacuum.transaction():
-            await vacuum.execute("LOCK TABLE vac IN SHARE UPDATE EXCLUSIVE MODE")
-            again = PostgresSink("pg", pg_dsn, table="vac")
-            await asyncio.wait_for(again.start(), 5)
-            await again.close()
-    finally:
-        await vacuum.close()
+    await started_beside_a_vacuum(pg_dsn, "vac", first.fillfactor, 5)
 
 
 async def test_a_new_fillfactor_never_holds_a_start_behind_a_vacuum(pg_dsn: str) -> None:
@@ -247,21 +265,12 @@ async def test_a_new_fillfactor_never_holds_a_start_behind_a_vacuum(pg_dsn: str)
     old = PostgresSink("pg", pg_dsn, table="vac2", fillfactor=100)
     await old.start()
     await old.close()
-    vacuum = await asyncpg.connect(pg_dsn)
-    try:
-        async with vacuum.transaction():
-            await vacuum.execute("LOCK TABLE vac2 IN SHARE UPDATE EXCLUSIVE MODE")
-            busy = PostgresSink("pg", pg_dsn, table="vac2", fillfactor=50)
-            await asyncio.wait_for(busy.start(), 10)
-            await busy.close()
-        options = "SELECT reloptions FROM pg_class WHERE relname = 'vac2'"
-        assert await vacuum.fetchval(options) == ["fillfactor=100"]
-        later = PostgresSink("pg", pg_dsn, table="vac2", fillfactor=50)
-        await later.start()
-        await later.close()
-        assert await vacuum.fetchval(options) == ["fillfactor=50"]
-    finally:
-        await vacuum.close()
+    await started_beside_a_vacuum(pg_dsn, "vac2", 50, 10)
+    assert await reloptions(pg_dsn, "vac2") == ["fillfactor=100"]
+    later = PostgresSink("pg", pg_dsn, table="vac2", fillfactor=50)
+    await later.start()
+    await later.close()
+    assert await reloptions(pg_dsn, "vac2") == ["fillfactor=50"]
 
 
 async def test_a_deadlock_between_writers_is_a_conflict_not_an_outage(pg_dsn: str) -> None:
