@@ -15,7 +15,7 @@ Why it is shaped this way:
   group's offset.
 * `pause()` (the runner holds: drain, pause, downstream keeping it waiting) pauses the
   assigned partitions at once, and the watcher polls in the background from its next tick
-  (KEEPALIVE_AFTER_S, <= 1 s later). A held member must keep polling: its rebalance
+  (WATCH_INTERVAL_S, <= 1 s later). A held member must keep polling: its rebalance
   callbacks run only inside consume(), so a member that does not poll holds up every
   rebalance of its group (another pod's worker joining waits for it) and the synchronous
   commits of its own batches still settling, which queue behind that rebalance (a 5 s
@@ -80,7 +80,6 @@ CALL_TIMEOUT_S = 10.0  # broker round trips made on purpose (offsets_for_times, 
 WATCH_INTERVAL_S = 1.0  # how often the watcher looks at watermarks and the iterator
 WATERMARK_STALE_S = 2.0  # a high watermark older than this is fetched from the broker
 WATERMARK_TIMEOUT_S = 2.0  # per request of that refresh: never hold the poll thread long
-KEEPALIVE_AFTER_S = 0.0  # held (pause()) this long: poll in the background (module docstring)
 _EARLIEST = ("earliest", "smallest", "beginning")
 _LATEST: OffsetSpec = OffsetSpec.latest()  # type: ignore[no-untyped-call]
 _EARLIEST_SPEC: OffsetSpec = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
@@ -143,7 +142,6 @@ class KafkaSource:
         self._paused = False  # partitions paused by pause()/stop(); _read un-pauses
         self._paused_tps: set[TP] = set()  # every partition paused since: see _unpause
         self._holding = False  # pause(): the runner does not pull for now
-        self._hold_since = 0.0
         self._admin_client: AdminClient | None = None  # offsets only: see _refresh_offsets
         self._next_refresh = 0.0  # monotonic: no watermark refresh before (backoff on errors)
         reset = str(cfg.extra.get("auto.offset.reset", "earliest"))
@@ -213,7 +211,6 @@ class KafkaSource:
         if self._holding or self._closed or self._consumer is None:
             return
         self._holding = True
-        self._hold_since = time.monotonic()
         self._health.status = "paused"
         await self._on_poll_thread(self._pause_assigned)
 
@@ -473,7 +470,7 @@ class KafkaSource:
                     return
                 if self._stale():
                     await self._refresh_offsets()
-                if self._holding and time.monotonic() - self._hold_since >= KEEPALIVE_AFTER_S:
+                if self._holding:
                     self._start_keepalive()  # held a while: poll, to stay in the group
             except asyncio.CancelledError:
                 raise
