@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import wait_for
 from tests.e2e._auth import sign_headers
 from tests.e2e._service import ServiceProcess
 
@@ -50,6 +51,10 @@ def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     cfg = root / "ingest.yaml"
     cfg.write_text(CONFIG)
     service = ServiceProcess(root / "data", config=cfg).start()
+    # the start-up banner is printed once the service is ready, which can be after /health
+    # answers: the log-line counts below must not see it arrive (the container CI did)
+    wait_for(lambda: "stop: Ctrl-C or SIGTERM" in service.log_path.read_text(errors="replace"),
+             30, "the start-up banner")  # fmt: skip
     yield service
     service.stop()
 
