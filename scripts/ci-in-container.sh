@@ -25,9 +25,17 @@ podman_setup
 "$root/scripts/image/debian-base.sh"
 work="$(mktemp -d /tmp/ingest-ci-src.XXXXXX)"
 name="ingest-ci-$(date +%s)-$$"
+# The container shares the host's network namespace, so the bridges its own podman makes
+# (podman0, cni-podman0: 10.88.0.0/16 both) outlive it; a later run then found two routes to
+# that subnet, the first one down, and its image test could not reach its container ("No
+# route to host"). Bridges that appear during the run are removed after it.
+links_before="$(ip -o link show | awk -F': ' '{print $2}' | sed 's/@.*//' | sort)"
 cleanup() {
   rm -rf "$work"
   [ "$keep" = 1 ] || podman rm -f "$name" >/dev/null 2>&1 || true
+  [ "$keep" = 1 ] || for link in $(ip -o link show type bridge | awk -F': ' '{print $2}'); do
+    grep -qx "$link" <<<"$links_before" || ip link del "$link" 2>/dev/null || true
+  done
 }
 trap cleanup EXIT
 echo "building $ci_image (scripts/image/ci.Containerfile)"
