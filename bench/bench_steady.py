@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -87,6 +88,54 @@ def wait_drained(url: str) -> None:
         time.sleep(0.2)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def dir_mb(path: Path) -> dict[str, float]:
+    """Sizes of the data dir's SQLite files (and their WAL), MB."""
+    return {f.name: f.stat().st_size / 1e6 for f in sorted(path.glob("**/*.db*")) if f.is_file()}
+
+
+class Timeline(threading.Thread):
+    """Every `every` seconds: delivered rate, intake backlog and each process's CPU share,
+    so a run shows whether delivery decays, what the backlog does, and who takes the cores."""
+
+    def __init__(self, svc: ServiceProcess, every: float) -> None:
+        super().__init__(daemon=True)
+        self.svc, self.every = svc, every
+        self.done = threading.Event()
+        self.rows: list[dict[str, float]] = []
+
+    def run(self) -> None:
+        assert self.svc.proc is not None
+        pids = {"ctl": self.svc.proc.pid, **self.svc.worker_pids(), "bench": os.getpid()}
+        t0 = time.monotonic()
+        last = (t0, delivered(self.svc.url), {n: cpu_seconds(p) for n, p in pids.items()})
+        while not self.done.wait(self.every):
+            now = time.monotonic()
+            got = delivered(self.svc.url)
+            cpu = {n: cpu_seconds(p) for n, p in pids.items()}
+            intake = detailed(self.svc.url, 30).json()["backpressure"].get("intake", {})
+            dt = now - last[0]
+            row = {"t": now - t0, "rate": (got - last[1]) / dt,
+                   "backlog": float(intake.get("records", 0)),
+                   "drain": float(intake.get("drain_rate") or 0.0)}
+            row.update({f"cpu_{n}": (cpu[n] - last[2][n]) / dt for n in pids})
+            self.rows.append(row)
+            files = ", ".join(f"{k} {v:.0f}" for k, v in dir_mb(self.svc.data_dir).items())
+            shares = " ".join(f"{n} {row[f'cpu_{n}']:.0%}" for n in pids)
+            print(f"  t={row['t']:5.0f}s delivered {row['rate']:8,.0f}/s backlog "
+                  f"{row['backlog']:8,.0f} drain {row['drain']:8,.0f}/s cpu: {shares}; "
+                  f"MB: {files}", flush=True)
+            last = (now, got, cpu)
+
+
 async def paced(url: str, rate: float, batch: int, seconds: float) -> tuple[int, int, int]:
     """Offer `rate` records/s as `batch`-record requests on a fixed schedule.
     Returns (accepted, refused, errors) in records."""
@@ -138,6 +187,8 @@ def main() -> None:
     ap.add_argument("--peak-clients", type=int, default=16)
     ap.add_argument("--peak-batch", type=int, default=500)
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--every", type=float, default=10.0,
+                    help="seconds between timeline lines (delivered rate, backlog, CPU)")
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-steady-"))
     config = workdir / "bench.yaml"
@@ -161,8 +212,12 @@ def main() -> None:
         before = buckets(httpx.get(f"{url}/metrics", timeout=30).text)
         got0 = delivered(url)
         t1 = time.monotonic()
+        timeline = Timeline(svc, args.every)
+        timeline.start()
         accepted, refused, errors = asyncio.run(paced(url, rate, args.batch, args.seconds))
         wait_drained(url)
+        timeline.done.set()
+        timeline.join()
         elapsed = time.monotonic() - t1
         metrics = httpx.get(f"{url}/metrics", timeout=30).text
         after = buckets(metrics)

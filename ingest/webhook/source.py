@@ -85,7 +85,10 @@ class WebhookSource(PullOnly):
 
     async def batches(self) -> AsyncIterator[SourceBatch]:
         while not self._stopped.is_set():
-            rows = await self.intake.read_after(self._read_through, self.cfg.batch_size, self.shard)
+            rows, through = await self.intake.scan(
+                self._read_through, self.cfg.batch_size, self.shard
+            )
+            self._read_through = through
             if not rows:
                 self._health.status = "idle"
                 self._arrived.clear()
@@ -110,7 +113,6 @@ class WebhookSource(PullOnly):
                         )
                     )
                 last_by_stream[(row.tenant, row.source)] = row.id
-            self._read_through = rows[-1].id
             self._health.records_read += len(raws)
             pos = IntakePosition(
                 ids=tuple(r.id for r in rows),

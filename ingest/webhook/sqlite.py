@@ -69,13 +69,35 @@ class SQLiteIntake:
         """Rows with id > after_id in id order; at least one row if any, then rows until
         `limit_records` records are reached (a large row is never split). `shard` (i, n):
         only the rows of worker i of n (by tenant partition)."""
+        rows, _ = await self.scan(after_id, limit_records, shard)
+        return rows
+
+    async def scan(
+        self, after_id: int, limit_records: int, shard: tuple[int, int] | None = None
+    ) -> tuple[list[IntakeRow], int]:
+        """`read_after`, plus the id this read looked through: the next read starts after it.
+
+        With a shard that id passes the other shards' rows too. Without it a worker whose
+        shard is idle re-scans the whole backlog of the others on every nudge, and `part`,
+        stored after the body (migration 9), costs each row's overflow pages: measured in
+        bench/bench_steady.py, the idle worker's CPU grew with the backlog (7 % -> 37 %) and
+        its back-to-back readers kept the WAL from ever restarting. Ids are AUTOINCREMENT and
+        assigned under SQLite's write lock, so every row at or below max(id) read first is
+        committed: nothing below the returned id can appear later."""
+        where = " AND id <= ? AND part % ? = ?" if shard else ""
         sql = (
             "SELECT id, tenant, source, n_records, received_at, body FROM intake"
-            " WHERE id > ?" + (" AND part % ? = ?" if shard else "") + " ORDER BY id"
+            " WHERE id > ?" + where + " ORDER BY id"
         )
-        args = (after_id, shard[1], shard[0]) if shard else (after_id,)
 
-        def read(c: sqlite3.Connection) -> list[IntakeRow]:
+        def read(c: sqlite3.Connection) -> tuple[list[IntakeRow], int]:
+            args: tuple[int, ...] = (after_id,)
+            through = after_id
+            if shard:
+                (top,) = c.execute("SELECT max(id) FROM intake").fetchone()
+                if top is None or top <= after_id:
+                    return [], after_id
+                args, through = (after_id, top, shard[1], shard[0]), top
             out: list[IntakeRow] = []
             total = 0
             for id_, tenant, source, n, received_at, body in c.execute(sql, args):
@@ -83,8 +105,8 @@ class SQLiteIntake:
                 out.append(IntakeRow(id_, tenant, source, lines, received_at))
                 total += n
                 if total >= limit_records:
-                    break
-            return out
+                    return out, id_
+            return out, max(through, out[-1].id) if out else through
 
         return await self._db.call("intake", read)
 
