@@ -1,15 +1,18 @@
 """Memory and speed of the Redis idempotency store against plain `SET NX EX` keys.
 
     uv run python bench/bench_redis_idempotency.py [--url redis://...] [--keys 10000000]
-        [--shard-bits 20] [--days 1]
+        [--shard-bits B] [--days 8]
 
 Claims N random 32-byte digests in batches through RedisIdempotencyStore, then prints the
 INFO used_memory delta per key (and what `stats()` reports), claims/s and seen/s, the Redis
 server's CPU per key for claims and lookups (INFO cpu, user + sys: unlike the rates it hardly
 moves with the machine's load, so use a Redis of its own), and the same figures for the naive layout
 (one pipelined `SET <hex> 1 NX EX ttl` per key, on fewer keys) measured in the same run, so the
-ratios compare against what this Redis does flat out. Its keys use a private prefix and are
-deleted at the end. Use a Redis of its own: 10M keys take a few hundred MB.
+ratios compare against what this Redis does flat out. The claims are spread over `--days`
+days (default 8: the 7-day window populated, the steady state; 1 = a service's first day).
+Lookups report never-claimed keys (every live bucket probed) and claimed ones apart. Its keys
+use a private prefix and are deleted at the end (SCAN). Use a Redis of its own: 10M keys take
+a few hundred MB.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import asyncio
 import os
 import time
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -50,26 +54,18 @@ async def unlink_prefix(r: aioredis.Redis, prefix: str) -> None:
         await r.unlink(*batch)
 
 
-async def unlink_store(r: aioredis.Redis, store: RedisIdempotencyStore, shard_bits: int) -> None:
-    """Delete the store's hashes by name (every shard of every day with a counter): no SCAN."""
-    for day in store.live_days(time.time()):
-        prefix = store.bucket_prefix(day)
-        if not await r.exists(prefix + "n"):
-            continue
-        width = shard_bits // 4
-        names = [f"{prefix}{i:0{width}x}" for i in range(2**shard_bits)] + [prefix + "n"]
-        for i in range(0, len(names), 20_000):
-            await r.unlink(*names[i : i + 20_000])
-
-
 async def bench_store(
-    r: aioredis.Redis, n: int, batch: int, seen_n: int, bits: int, days: int
+    r: aioredis.Redis, n: int, batch: int, seen_n: int, bits: int | None, days: int
 ) -> dict[str, float]:
-    """Claims spread over `days` days up to today (the clock is faked: with 8, every lookup
-    probes 8 days' hashes as a service does in steady state), then lookups today."""
+    """Claims spread evenly over `days` days up to now (the clock is faked: with 8 and the
+    default 7-day TTL the whole window is populated, as in a service in steady state), then
+    lookups now: keys never claimed (the common case: new records, every live bucket probed),
+    keys claimed on the oldest day (still within the TTL: found in the oldest bucket), and the
+    half-and-half mix of earlier rounds."""
     prefix = f"bench_idem_{os.getpid()}"
     clock = [time.time()]
-    store = RedisIdempotencyStore(r, prefix=prefix, clock=lambda: clock[0], shard_bits=bits)
+    kw: dict[str, Any] = {} if bits is None else {"shard_bits": bits}
+    store = RedisIdempotencyStore(r, prefix=prefix, clock=lambda: clock[0], **kw)
     today = clock[0]
     before = await used_memory(r)
     claimed: list[bytes] = []
@@ -87,26 +83,37 @@ async def bench_store(
             claimed.extend(chunk[: seen_n // 2 - len(claimed)])
     mem = await used_memory(r) - before
     clock[0] = today
-    probe = claimed + digests(seen_n - len(claimed))
-    t0, c0 = time.perf_counter(), await redis_cpu(r)
-    hits = 0
-    for i in range(0, len(probe), batch):
-        hits += sum(await store.seen(probe[i : i + batch]))
-    t_seen = time.perf_counter() - t0
-    cpu_seen = await redis_cpu(r) - c0
-    assert hits == len(claimed), f"seen() found {hits} of {len(claimed)} claimed keys"
+
+    async def lookups(probe: list[bytes]) -> tuple[int, float, float]:
+        t0, c0 = time.perf_counter(), await redis_cpu(r)
+        hits = 0
+        for i in range(0, len(probe), batch):
+            hits += sum(await store.seen(probe[i : i + batch]))
+        return hits, time.perf_counter() - t0, await redis_cpu(r) - c0
+
+    fresh = digests(seen_n - len(claimed))
+    miss_hits, _, cpu_miss = await lookups(fresh)
+    hit_hits, _, cpu_hit = await lookups(claimed)
+    mix = [k for pair in zip(claimed, fresh, strict=False) for k in pair]
+    mix_hits, t_seen, cpu_seen = await lookups(mix)
+    assert miss_hits == 0, f"seen() found {miss_hits} keys never claimed"
+    assert hit_hits == len(claimed), f"seen() found {hit_hits} of {len(claimed)} claimed keys"
+    assert mix_hits == min(len(claimed), len(fresh))
     stats = await store.stats()
-    await unlink_store(r, store, bits)
+    await unlink_prefix(r, prefix)
     return {
         "keys": n,
         "mem": mem,
         "bpk": mem / n,
         "claim_rate": n / t_claim,
-        "seen_rate": len(probe) / t_seen,
+        "seen_rate": len(mix) / t_seen,
         "stats_keys": stats["keys"],
         "stats_bpk": stats["bytes_per_key"],
+        "buckets": stats["buckets"],
         "cpu_claim_us": cpu_claim / n * 1e6,
-        "cpu_seen_us": cpu_seen / len(probe) * 1e6,
+        "cpu_seen_us": cpu_seen / len(mix) * 1e6,
+        "cpu_miss_us": cpu_miss / len(fresh) * 1e6,
+        "cpu_hit_us": cpu_hit / len(claimed) * 1e6,
     }
 
 
@@ -136,8 +143,10 @@ async def main() -> None:
     ap.add_argument("--batch", type=int, default=2000)
     ap.add_argument("--seen-keys", type=int, default=1_000_000)
     ap.add_argument("--raw-keys", type=int, default=300_000)
-    ap.add_argument("--shard-bits", type=int, default=20)
-    ap.add_argument("--days", type=int, default=1, help="spread the claims over this many days")
+    ap.add_argument("--shard-bits", type=int, default=None, help="default: the store's")
+    ap.add_argument(
+        "--days", type=int, default=8, help="spread the claims over this many days (8: steady)"
+    )
     a = ap.parse_args()
     if not a.url:
         raise SystemExit("set INGEST_TEST_REDIS_URL (scripts/services/redis.sh start) or --url")
@@ -145,13 +154,17 @@ async def main() -> None:
     print(f"load average {os.getloadavg()}")
     raw = await bench_raw(r, a.raw_keys, a.batch, 7 * 86400)
     st = await bench_store(r, a.keys, a.batch, min(a.seen_keys, a.keys), a.shard_bits, a.days)
-    print(f"shard bits {a.shard_bits}, claims over {a.days} day(s), batch {a.batch}")
+    bits = a.shard_bits or "the store's default"
+    print(f"shard bits {bits}, claims over {a.days} day(s), batch {a.batch}")
     print(f"keys claimed            {st['keys']:>14,.0f}   (stats() says {st['stats_keys']:,.0f})")
+    print(f"live buckets (stats)    {st['buckets']:>14,.0f}")
     print(f"used_memory delta       {st['mem']:>14,.0f} B")
     print(f"bytes/key               {st['bpk']:>14.1f}   raw SET NX EX: {raw['bpk']:.1f}")
     print(f"bytes/key, stats()      {st['stats_bpk']:>14.1f}")
     print(f"Redis CPU µs/key claim  {st['cpu_claim_us']:>14.2f}")
     print(f"Redis CPU µs/key seen   {st['cpu_seen_us']:>14.2f}   (half claimed, half not)")
+    print(f"  never claimed         {st['cpu_miss_us']:>14.2f}   (new records: every bucket)")
+    print(f"  claimed, oldest day   {st['cpu_hit_us']:>14.2f}")
     print(f"claims/s                {st['claim_rate']:>14,.0f}")
     print(f"seen/s                  {st['seen_rate']:>14,.0f}")
     print(f"raw SET NX EX/s         {raw['rate']:>14,.0f}   ({raw['keys']:,.0f} keys, pipelined)")

@@ -4,35 +4,46 @@ Checkpoints are one plain string key each, `checkpoint:<tenant>:<source>`, holdi
 operator reads with `redis-cli GET` and resets with `redis-cli DEL`.
 
 Idempotency keys must be compact: a plain key named by a hex SHA-256 costs ~186 bytes, which is
-~112 GB for 7 days at 1,000 records/s. So digests live as fields of small hashes instead:
+~112 GB for 7 days at 1,000 records/s. So digests live as fields of small hashes, in buckets as
+wide as the TTL (whole days, D = ceil(ttl / 1 day); 7 by default), so that a lookup probes at
+most two buckets (the current one and the one before) instead of one per day of the window:
 
-    key   ingest_idempotency:<YYYY-MM-DD>:<shard>   day of the claim (UTC); shard = the digest's
-                                                   first `shard_bits` bits (20: 5 hex digits)
-    field digest bytes 3..12 (10 bytes, binary)    with the shard: 100 bits of the digest
-    value the claim's hour of day (0..23)          one listpack byte; lets `seen` honour the TTL
-                                                   to the hour although the hash expires by day
-    field "" (empty), value ""                     marker, ~4 bytes per hash: HSET of a claim
-                                                   also sets it, and answers 2 only when the
-                                                   hash is new, so only new hashes pay EXPIREAT
-    ingest_idempotency:<YYYY-MM-DD>:n              number of keys claimed that day (for stats)
+    key   ingest_idempotency:<YYYY-MM-DD>+<D>d:<shard>   bucket starting that day (UTC, days
+                                    since the epoch divisible by D); shard = the digest's first
+                                    `shard_bits` bits (24 for D > 1: 6 hex digits; 20 for D = 1)
+    field digest bytes 3..12 (10 bytes, binary)  with the shard: >= 100 bits of the digest
+    value the claim's hour in the bucket (0..24*D-1), so `seen` honours the TTL to the hour
+          although the hash expires by bucket
+    field "" (empty), value ""      marker, ~4 bytes per hash: HSET of a claim also sets it and
+                                    answers 2 only when the hash is new, so only new hashes pay
+                                    EXPIREAT (= end of the bucket + ttl)
+    ingest_idempotency:<YYYY-MM-DD>+<D>d:n    number of keys claimed into the bucket (stats)
+    ingest_idempotency:buckets      hash: bucket prefix -> "<start> <expire_at> <shard hex
+                                    digits>", one entry per live bucket, written by the claim
+                                    that opens a bucket (which also drops expired entries)
 
-Every hash gets EXPIREAT = end of its day + ttl, so no per-key TTL is stored; a claim sets it
-in the same script call that creates the hash. Hashes written before the marker existed (same
-names, fields and values) are read as they are and get the marker, and the same EXPIREAT
-again, at their next claim; that claim also counts one key in the day's `n` counter even if
-its key was already there (stats only: at most one extra per old hash, on the upgrade day).
-With the default 2^20 shards a hash stays under Redis's default
-`hash-max-listpack-entries` (128) up to ~133M claims a day (~1,550/s sustained), and so keeps
-the compact listpack encoding (~14 bytes per field); beyond that raise `shard_bits` (whole hex
-digits: 24) or the listpack limit in redis.conf. A false "seen" needs two digests equal in 100
-bits: ~N/2^100 per lookup, negligible.
+A lookup reads the registry (one HGETALL per batch) and probes every live bucket in it, newest
+first, so buckets of another width (a changed TTL, a worker with another `shard_bits`) are
+found too: a bucket's shard width is fixed by the claim that opened it. Wider buckets keep a
+key up to one bucket longer than the TTL in memory (between TTL and 2 x TTL, ~1.5 x on
+average, against ~8/7 with day buckets); `seen` still answers by the claim's hour, so what is
+seen is exactly what it was with day buckets. With 2^24 shards a hash stays under Redis's
+default `hash-max-listpack-entries` (128) up to ~2.1G claims a bucket (~3,500/s sustained at
+7 days), and so keeps the compact listpack encoding (~14 bytes per field); beyond that raise
+the listpack limit in redis.conf. A false "seen" needs two digests equal in 100 bits.
 
-`seen` is one EVALSHA per batch (a Lua script checks every live day server-side, newest first);
-`claim` is one EVALSHA too: per key one HSET, plus an EXPIREAT for a hash it created. The
-client sends the keys' prefixes once raw and once in hex (one C pass each), so a script only
-cuts strings per key and never formats a shard name. Redis errors become `StoreUnavailable` so
-the worker waits and retries; the connection pool reconnects by itself after a Redis restart,
-and redis-py reloads the scripts when the restarted server answers NOSCRIPT.
+The layout before (day buckets, `ingest_idempotency:<YYYY-MM-DD>:<5 hex digits>` with the hour
+of the day and `ingest_idempotency:<YYYY-MM-DD>:n`) is still read, as long as a day's counter
+exists (an EXISTS per live day per batch), so keys claimed before an upgrade are seen until
+they expire; nothing writes it any more. Upgrade every worker that shares a Redis together: an
+old worker does not read the new buckets.
+
+`seen` is one EVALSHA per batch (a Lua script checks the live buckets server-side); `claim` is
+one EVALSHA too: per key one HSET, plus an EXPIREAT for a hash it created. The client sends the
+keys' prefixes once raw and once in hex (one C pass each), so a script only cuts strings per key
+and never formats a shard name. Redis errors become `StoreUnavailable` so the worker waits and
+retries; the connection pool reconnects by itself after a Redis restart, and redis-py reloads
+the scripts when the restarted server answers NOSCRIPT.
 """
 
 from __future__ import annotations
@@ -59,25 +70,38 @@ from ingest.timefmt import iso
 DAY = 86_400
 
 _SEEN_LUA = """
-local now, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
-local nb, width = tonumber(ARGV[3]), tonumber(ARGV[4])
-local prefixes, limits = {}, {}  -- live days only: a missing day costs one EXISTS per batch
-for j = 0, nb - 1 do
-  if redis.call('EXISTS', ARGV[5 + j] .. 'n') == 1 then
-    prefixes[#prefixes + 1] = ARGV[5 + j]
-    -- seen while day start + (hour + 1) * 3600 + ttl > now, i.e. (hour + 1) * 3600 > limit
-    limits[#limits + 1] = now - tonumber(ARGV[5 + nb + j]) - ttl
+local now, ttl, registry = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local nb, old_width = tonumber(ARGV[4]), tonumber(ARGV[5])
+local order, starts = {}, {}
+local entries = redis.call('HGETALL', registry)
+for i = 1, #entries, 2 do
+  local s, e, w = string.match(entries[i + 1], '^(%d+) (%d+) (%d+)$')
+  if tonumber(e) > now then  -- a bucket whose every claim is past the TTL is not probed
+    order[#order + 1] = {entries[i], tonumber(s), tonumber(w)}
+  end
+end
+table.sort(order, function(a, b) return a[2] > b[2] end)  -- newest first
+local prefixes, limits, widths = {}, {}, {}
+for d = 1, #order do
+  -- seen while start + (hour + 1) * 3600 + ttl > now, i.e. (hour + 1) * 3600 > limit
+  prefixes[d], limits[d], widths[d] = order[d][1], now - order[d][2] - ttl, order[d][3]
+end
+for j = 0, nb - 1 do  -- day buckets of the layout before: read until they expire
+  if redis.call('EXISTS', ARGV[6 + j] .. 'n') == 1 then
+    prefixes[#prefixes + 1] = ARGV[6 + j]
+    limits[#limits + 1] = now - tonumber(ARGV[6 + nb + j]) - ttl
+    widths[#widths + 1] = old_width
   end
 end
 local live = #prefixes
-local hex, blob = ARGV[5 + 2 * nb], ARGV[6 + 2 * nb]  -- the keys' 13-byte prefixes: hex, raw
+local hex, blob = ARGV[6 + 2 * nb], ARGV[7 + 2 * nb]  -- the keys' 13-byte prefixes: hex, raw
 local sub, call = string.sub, redis.call
 local out, n, h = {}, 0, 1
 for i = 1, #blob, 13 do
-  local shard, field = sub(hex, h, h + width - 1), sub(blob, i + 3, i + 12)
+  local field = sub(blob, i + 3, i + 12)
   local hit = 0
   for d = 1, live do
-    local hour = call('HGET', prefixes[d] .. shard, field)
+    local hour = call('HGET', prefixes[d] .. sub(hex, h, h + widths[d] - 1), field)
     if hour and (tonumber(hour) + 1) * 3600 > limits[d] then
       hit = 1
       break
@@ -91,22 +115,39 @@ return table.concat(out)  -- one bulk string of '0'/'1': one reply to parse, not
 """
 
 _CLAIM_LUA = """
-local prefix, hour, expire_at, width = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local hex, blob = ARGV[5], ARGV[6]  -- the keys' 13-byte prefixes: hex (shard), raw (field)
-local sub, call = string.sub, redis.call
+local registry, prefix, start, hour = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local expire_at, width, now = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+local hex, blob = ARGV[8], ARGV[9]  -- the keys' 13-byte prefixes: hex (shard), raw (field)
+local call = redis.call
+local meta = call('HGET', registry, prefix)
+local known = meta and tonumber(string.match(meta, '^%d+ (%d+)'))
+if meta then width = string.match(meta, ' (%d+)$') end  -- the width that opened the bucket
+if not known or known < expire_at then
+  -- opening a bucket (or a longer TTL): drop expired entries, keep the registry to the last
+  local top = expire_at
+  local entries = call('HGETALL', registry)
+  for i = 1, #entries, 2 do
+    local e = tonumber(string.match(entries[i + 1], '^%d+ (%d+)'))
+    if e <= now then call('HDEL', registry, entries[i]) elseif e > top then top = e end
+  end
+  call('HSET', registry, prefix, start .. ' ' .. expire_at .. ' ' .. width)
+  call('EXPIREAT', registry, top)
+end
+width = tonumber(width)
+local sub = string.sub
 local added, h = 0, 1
 for i = 1, #blob, 13 do
   local key = prefix .. sub(hex, h, h + width - 1)
-  -- the empty marker field is new only in a hash this call created (or one from before the
-  -- marker existed): only those need their EXPIREAT, every other hash has it already
+  -- the empty marker field is new only in a hash this call created: only those need their
+  -- EXPIREAT, every other hash has it already
   local n = call('HSET', key, '', '', sub(blob, i + 3, i + 12), hour)
   if n == 2 then call('EXPIREAT', key, expire_at) end
   if n > 0 then added = added + 1 end
   h = h + 26
 end
 local counter = prefix .. 'n'
-redis.call('INCRBY', counter, added)
-redis.call('EXPIREAT', counter, expire_at)
+call('INCRBY', counter, added)
+call('EXPIREAT', counter, expire_at)
 return added
 """
 
@@ -174,7 +215,7 @@ class RedisCheckpointStore:
 
 
 class RedisIdempotencyStore:
-    """IdempotencyStore on day-bucketed, sharded hashes (layout in the module docstring)."""
+    """IdempotencyStore on TTL-wide, sharded hashes (layout in the module docstring)."""
 
     def __init__(
         self,
@@ -182,25 +223,47 @@ class RedisIdempotencyStore:
         ttl_seconds: int = 7 * DAY,
         prefix: str = "ingest_idempotency",
         clock: Callable[[], float] = time.time,
-        shard_bits: int = 20,
+        shard_bits: int | None = None,
+        old_shard_bits: int = 20,
     ) -> None:
-        if shard_bits not in range(4, 25, 4):
-            raise ValueError("shard_bits must be one of 4, 8, ..., 24 (whole hex digits)")
+        self.bucket_days = max(1, -(-ttl_seconds // DAY))
+        bits = (20 if self.bucket_days == 1 else 24) if shard_bits is None else shard_bits
+        for b in (bits, old_shard_bits):
+            if b not in range(4, 25, 4):
+                raise ValueError("shard_bits must be one of 4, 8, ..., 24 (whole hex digits)")
         self._r = client
         self._ttl = ttl_seconds
         self._prefix = prefix
         self._clock = clock
-        self._width = shard_bits // 4
+        self._width = bits // 4
+        self._old_width = old_shard_bits // 4
+        self.registry = f"{prefix}:buckets"
         self._seen = client.register_script(_SEEN_LUA)
         self._claim = client.register_script(_CLAIM_LUA)
 
-    def bucket_prefix(self, day: int) -> str:
-        """`ingest_idempotency:2026-01-31:` for day number `day` (days since the epoch)."""
+    def bucket_start(self, now: float) -> int:
+        """Start (epoch seconds, UTC midnight) of the bucket a claim at `now` goes into."""
+        width = self.bucket_days * DAY
+        return int(now // width) * width
+
+    def bucket(self, now: float) -> tuple[int, int, int]:
+        """(start, hour in the bucket, EXPIREAT) of a claim at `now`: the hash outlives the
+        claim's hour + ttl, and only this bucket and the one before can hold a live claim."""
+        start = self.bucket_start(now)
+        return start, int(now - start) // 3600, start + self.bucket_days * DAY + self._ttl
+
+    def bucket_prefix(self, start: int) -> str:
+        """`ingest_idempotency:2026-01-29+7d:` for the bucket starting at `start`."""
+        date = datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%d")
+        return f"{self._prefix}:{date}+{self.bucket_days}d:"
+
+    def day_prefix(self, day: int) -> str:
+        """`ingest_idempotency:2026-01-31:`, day bucket `day` of the layout before (read only)."""
         date = datetime.fromtimestamp(day * DAY, UTC).strftime("%Y-%m-%d")
         return f"{self._prefix}:{date}:"
 
     def live_days(self, now: float) -> list[int]:
-        """Days whose hash may still hold unexpired claims, newest first."""
+        """Days whose day bucket (layout before) may still hold unexpired claims, newest first."""
         today = int(now // DAY)
         oldest = int((now - self._ttl) // DAY)
         return list(range(today, oldest - 1, -1))
@@ -210,8 +273,8 @@ class RedisIdempotencyStore:
             return []
         now = self._clock()
         days = self.live_days(now)
-        args: list[Any] = [now, self._ttl, len(days), self._width]
-        args += [self.bucket_prefix(d) for d in days]
+        args: list[Any] = [now, self._ttl, self.registry, len(days), self._old_width]
+        args += [self.day_prefix(d) for d in days]
         args += [d * DAY for d in days]
         args += _prefixes(keys)
         async with _guard(self._r):
@@ -222,22 +285,33 @@ class RedisIdempotencyStore:
         if not keys:
             return
         now = self._clock()
-        day = int(now // DAY)
-        hour = int(now - day * DAY) // 3600
-        expire_at = (day + 1) * DAY + self._ttl
-        args: list[Any] = [self.bucket_prefix(day), hour, expire_at, self._width]
+        start, hour, expire_at = self.bucket(now)
+        prefix = self.bucket_prefix(start)
+        args: list[Any] = [self.registry, prefix, start, hour, expire_at, self._width, now]
         args += _prefixes(keys)
         async with _guard(self._r):
             await self._claim(args=args)
 
-    async def stats(self) -> dict[str, Any]:
-        """Totals from the per-day counters (INFO keyspace cannot show fields inside hashes)."""
-        now = self._clock()
-        days = self.live_days(now)
+    async def _live_buckets(self, now: float) -> list[tuple[str, int]]:
+        """(prefix, start) of every live bucket: the registry's and the old layout's days."""
         async with _guard(self._r):
-            counts = await self._r.mget([self.bucket_prefix(d) + "n" for d in days])
+            entries = await self._r.hgetall(self.registry)
+        live = []
+        for name, meta in entries.items():
+            start, expire_at, _ = meta.split()
+            if int(expire_at) > now:
+                live.append((name.decode() if isinstance(name, bytes) else name, int(start)))
+        live += [(self.day_prefix(d), d * DAY) for d in self.live_days(now)]
+        return live
+
+    async def stats(self) -> dict[str, Any]:
+        """Totals from the per-bucket counters (INFO keyspace cannot show fields in hashes)."""
+        now = self._clock()
+        buckets = await self._live_buckets(now)
+        async with _guard(self._r):
+            counts = await self._r.mget([p + "n" for p, _ in buckets])
             info = await self._r.info("memory")
-        live = [(d, int(c)) for d, c in zip(days, counts, strict=True) if c is not None]
+        live = [(s, int(c)) for (_, s), c in zip(buckets, counts, strict=True) if c is not None]
         keys = sum(c for _, c in live)
         used = int(info["used_memory"])
         base = used - int(info.get("used_memory_startup", 0))
@@ -247,7 +321,7 @@ class RedisIdempotencyStore:
             "memory_bytes": used,
             "bytes_per_key": round(base / keys, 1) if keys else None,
             "buckets": len(live),
-            "oldest_bucket": iso(min(d for d, _ in live) * DAY) if live else None,
+            "oldest_bucket": iso(min(s for s, _ in live)) if live else None,
             "ttl_seconds": self._ttl,
         }
 

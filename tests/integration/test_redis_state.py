@@ -63,8 +63,8 @@ async def test_seen_and_claim(rclient: aioredis.Redis, uid: str) -> None:
     assert stats["backend"] == "redis"
     assert stats["keys"] == 200
     assert stats["buckets"] == 1
-    today = int(time.time() // DAY) * DAY
-    assert stats["oldest_bucket"] == time.strftime("%Y-%m-%dT00:00:00Z", time.gmtime(today))
+    start = store.bucket_start(time.time())  # the 7-day bucket of today
+    assert stats["oldest_bucket"] == time.strftime("%Y-%m-%dT00:00:00Z", time.gmtime(start))
     assert stats["memory_bytes"] > 0
     assert await store.seen([]) == []
 
@@ -74,23 +74,28 @@ async def test_layout_is_compact_hashes_expiring_after_ttl(
 ) -> None:
     prefix = f"idem_{uid}"
     store = RedisIdempotencyStore(rclient, prefix=prefix)
+    now = time.time()
     await store.claim(digests(uid, 300))
+    start = store.bucket_start(now)  # UTC midnight of a day divisible by 7 since the epoch
+    assert start % (7 * DAY) == 0 and start <= now < start + 7 * DAY
+    bucket = f"{prefix}:{time.strftime('%Y-%m-%d', time.gmtime(start))}+7d:"
     names = [k async for k in rclient.scan_iter(match=f"{prefix}:*", count=1000)]
-    shards = [n for n in names if not n.endswith(b":n")]
-    assert len(names) == len(shards) + 1  # plus the day's counter
+    shards = [n for n in names if not n.endswith((b":n", b":buckets"))]
+    assert len(names) == len(shards) + 2  # plus the bucket's counter and the registry
     for name in shards[:20]:
-        assert re.fullmatch(rb"idem_\w+:20\d\d-\d\d-\d\d:[0-9a-f]{5}", name)
+        assert re.fullmatch(rb"idem_\w+:20\d\d-\d\d-\d\d\+7d:[0-9a-f]{6}", name)
         assert await rclient.object("encoding", name) == b"listpack"
         fields = await rclient.hgetall(name)
         assert fields.pop(b"") == b""  # the marker: this hash got its EXPIREAT when created
         assert fields and all(len(f) == 10 for f in fields)
         ttl = await rclient.ttl(name)
-        assert TTL - 60 < ttl <= TTL + DAY  # end of the claim's day + 7 days
-    day = time.strftime("%Y-%m-%d", time.gmtime())
-    hour = str(time.gmtime().tm_hour).encode()
-    for d in digests(uid, 300)[:20]:  # shard = the digest's first 5 hex digits (20 bits)
-        assert await rclient.hget(f"{prefix}:{day}:{d.hex()[:5]}", d[3:13]) == hour
-    assert await rclient.ttl(f"{prefix}:{time.strftime('%Y-%m-%d', time.gmtime())}:n") > TTL - 60
+        assert TTL - 60 < ttl <= 2 * TTL  # end of the claim's bucket + 7 days
+    hour = str(int(now - start) // 3600).encode()  # hour of the claim in its bucket
+    for d in digests(uid, 300)[:20]:  # shard = the digest's first 6 hex digits (24 bits)
+        assert await rclient.hget(f"{bucket}{d.hex()[:6]}", d[3:13]) == hour
+    assert await rclient.ttl(f"{bucket}n") > TTL - 60
+    registry = await rclient.hgetall(f"{prefix}:buckets")
+    assert registry == {bucket.encode(): f"{start} {start + 14 * DAY} 6".encode()}
 
 
 async def test_seen_honours_ttl_to_the_hour(rclient: aioredis.Redis, uid: str) -> None:
@@ -142,6 +147,7 @@ async def test_one_round_trip_per_batch(private_client: aioredis.Redis, uid: str
         "cmdstat_expireat",
         "cmdstat_incrby",
         "cmdstat_exists",
+        "cmdstat_hgetall",  # the bucket registry, once per script call
     }
     assert client_cmds["cmdstat_info"] == 1
 
@@ -200,25 +206,11 @@ return added
 """
 
 
-async def legacy_claim(
-    r: aioredis.Redis,
-    store: RedisIdempotencyStore,
-    keys: list[bytes],
-    now: float,
-    bits: int,
-    ttl: int = TTL,
-) -> None:
-    day = int(now // DAY)
-    hour = int(now - day * DAY) // 3600
-    args = [store.bucket_prefix(day), hour, (day + 1) * DAY + ttl, 2 ** (24 - bits), bits // 4]
-    await r.eval(LEGACY_CLAIM, 0, *args, b"".join(k[:13] for k in keys))
-
-
 async def test_claims_set_expireat_only_on_hashes_they_create(
     private_client: aioredis.Redis, uid: str
 ) -> None:
     """16 shards: the first batch creates every hash and gives each its EXPIREAT; the next
-    batch lands in the same hashes and sets none (only the day's counter, once per batch)."""
+    batch lands in the same hashes and sets none (only the bucket's counter, once per batch)."""
     prefix = f"idem_{uid}"
     store = RedisIdempotencyStore(private_client, prefix=prefix, shard_bits=4)
     keys = digests(uid, 4000)
@@ -228,69 +220,144 @@ async def test_claims_set_expireat_only_on_hashes_they_create(
     middle = await _calls(private_client)
     await store.claim(keys[2000:])
     after = await _calls(private_client)
-    assert middle["cmdstat_expireat"] - before.get("cmdstat_expireat", 0) == 16 + 1
+    # 16 hashes, the counter and the registry (the first claim opens the bucket)
+    assert middle["cmdstat_expireat"] - before.get("cmdstat_expireat", 0) == 16 + 1 + 1
     assert after["cmdstat_expireat"] - middle["cmdstat_expireat"] == 1
     assert after["cmdstat_hset"] - middle["cmdstat_hset"] == 2000  # one HSET per key
     assert await store.seen(keys) == [True] * 4000
     assert (await store.stats())["keys"] == 4000  # the marker is not counted as a key
-    day = time.strftime("%Y-%m-%d", time.gmtime())
+    bucket = store.bucket_prefix(store.bucket_start(time.time()))
     for shard in "0123456789abcdef":
-        name = f"{prefix}:{day}:{shard}"
-        assert TTL - 60 < await private_client.ttl(name) <= TTL + DAY
+        name = f"{bucket}{shard}"
+        assert TTL - 60 < await private_client.ttl(name) <= 2 * TTL
         assert await private_client.hlen(name) > 200  # ~250 keys + the marker
 
 
-async def test_hashes_of_the_old_layout_keep_working(rclient: aioredis.Redis, uid: str) -> None:
-    """Upgrade in place: keys claimed by the old script are seen; new claims into the same
-    hashes keep their TTL; an old worker still writing beside a new one loses nothing."""
+# The claim script of the day-bucket layout (main at 879a4f6, with the marker field): the keys a
+# deployed service holds when it upgrades, and what a not-yet-upgraded worker keeps writing.
+DAY_CLAIM = """
+local prefix, hour, expire_at, width = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local hex, blob = ARGV[5], ARGV[6]
+local added, h = 0, 1
+for i = 1, #blob, 13 do
+  local key = prefix .. string.sub(hex, h, h + width - 1)
+  local n = redis.call('HSET', key, '', '', string.sub(blob, i + 3, i + 12), hour)
+  if n == 2 then redis.call('EXPIREAT', key, expire_at) end
+  if n > 0 then added = added + 1 end
+  h = h + 26
+end
+redis.call('INCRBY', prefix .. 'n', added)
+redis.call('EXPIREAT', prefix .. 'n', expire_at)
+return added
+"""
+
+
+async def day_claim(
+    r: aioredis.Redis,
+    store: RedisIdempotencyStore,
+    keys: list[bytes],
+    now: float,
+    bits: int,
+    ttl: int = TTL,
+    *,
+    marker: bool = True,
+) -> None:
+    """Claim `keys` into the day buckets as main at 879a4f6 did (`marker`) or 584de71."""
+    day = int(now // DAY)
+    hour = int(now - day * DAY) // 3600
+    raw = b"".join(k[:13] for k in keys)
+    args = [store.day_prefix(day), hour, (day + 1) * DAY + ttl]
+    if marker:
+        await r.eval(DAY_CLAIM, 0, *args, bits // 4, raw.hex(), raw)
+    else:
+        await r.eval(LEGACY_CLAIM, 0, *args, 2 ** (24 - bits), bits // 4, raw)
+
+
+async def test_keys_of_the_day_layouts_are_seen_until_they_expire(
+    rclient: aioredis.Redis, uid: str
+) -> None:
+    """Upgrade in place: keys claimed into day buckets (with and without the marker) are seen
+    beside the new buckets; an old worker still writing day buckets loses nothing; once the
+    TTL has passed they are not seen, and the new buckets never were day buckets."""
     prefix = f"idem_{uid}"
-    now = time.time()
-    store = RedisIdempotencyStore(rclient, prefix=prefix, shard_bits=8)
-    old, new, late = digests(f"{uid}o", 300), digests(f"{uid}n", 300), digests(f"{uid}l", 300)
-    await legacy_claim(rclient, store, old, now, 8)
-    names = [k async for k in rclient.scan_iter(match=f"{prefix}:*", count=1000)]
-    for name in names:
-        if not name.endswith(b":n"):
-            assert await rclient.hget(name, "") is None  # no marker: the old layout
-    assert await store.seen(old + new) == [True] * 300 + [False] * 300
-    await store.claim(old[:100] + new)  # into the old hashes, some keys again
-    await legacy_claim(rclient, store, late, now, 8)  # a worker not yet upgraded
-    assert await store.seen(old + new + late) == [True] * 900
-    # the day's counter may count a key claimed again once more, once per old hash
-    assert 900 <= (await store.stats())["keys"] <= 900 + 100
+    now = [time.time() + 60]
+    store = RedisIdempotencyStore(rclient, prefix=prefix, clock=lambda: now[0], old_shard_bits=8)
+    old, day, new, late = (digests(f"{uid}{t}", 300) for t in "odnl")
+    await day_claim(rclient, store, old, now[0], 8, marker=False)
+    await day_claim(rclient, store, day, now[0], 8)
+    assert await store.seen(old + day + new) == [True] * 600 + [False] * 300
+    await store.claim(old[:100] + new)  # into the new bucket, some keys again
+    await day_claim(rclient, store, late, now[0], 8)  # a worker not yet upgraded
+    assert await store.seen(old + day + new + late) == [True] * 1200
+    stats = await store.stats()
+    assert stats["keys"] == 900 + 400  # today's day counter, the new bucket's counter
+    assert stats["buckets"] == 2
     for name in [k async for k in rclient.scan_iter(match=f"{prefix}:*", count=1000)]:
-        assert TTL - 60 < await rclient.ttl(name) <= TTL + DAY
+        day_layout = re.search(rb":\d{4}-\d\d-\d\d:", name)  # else a new bucket, the registry
+        assert TTL - 60 < await rclient.ttl(name) <= (TTL + DAY if day_layout else 2 * TTL) + 120
+    now[0] += TTL + 3600  # past the TTL (to the hour) of every claim
+    assert await store.seen(old + day + new + late) == [False] * 1200
+    await store.claim(late)  # the next bucket
+    assert await store.seen(old + day + new + late) == [False] * 900 + [True] * 300
+
+
+async def test_buckets_of_another_ttl_are_found(rclient: aioredis.Redis, uid: str) -> None:
+    """The registry lists every live bucket, so a changed TTL (another bucket width) still
+    finds the keys claimed before the change, by the TTL in force when asked."""
+    prefix = f"idem_{uid}"
+    now = [time.time() + 60]
+    week = RedisIdempotencyStore(rclient, TTL, prefix, lambda: now[0])
+    three = RedisIdempotencyStore(rclient, 3 * DAY, prefix, lambda: now[0])
+    one = RedisIdempotencyStore(rclient, DAY, prefix, lambda: now[0], shard_bits=8)
+    a, b = digests(f"{uid}a", 200), digests(f"{uid}b", 200)
+    await week.claim(a)
+    now[0] += 2 * DAY
+    await one.claim(b)  # a 1-day bucket, 2 hex digits of shard
+    for store in (week, three, one):
+        want_a = store is not one  # 2 days old: past one day, within three
+        assert await store.seen(a + b) == [want_a] * 200 + [True] * 200
+    now[0] += 2 * DAY + 3600  # a: 4 days + 1 h old; b's 1-day bucket: past its end + 1 day
+    assert await three.seen(a + b) == [False] * 400
+    assert await week.seen(a + b) == [True] * 200 + [False] * 200
+    assert (await week.stats())["buckets"] == 1
 
 
 @settings(
-    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    bits=st.sampled_from([4, 20]),
-    ttl=st.sampled_from([3600, 5400, DAY, 2 * DAY + 1800]),
+    bits=st.sampled_from([4, 24, None]),
+    old_bits=st.sampled_from([4, 20]),
+    ttl=st.sampled_from([3600, 5400, DAY, 2 * DAY + 1800, 7 * DAY]),
     ops=st.lists(
         st.tuples(
-            st.sampled_from(["claim", "legacy", "seen"]),
-            st.floats(0, 1.5 * DAY),  # seconds the clock moves first
+            st.sampled_from(["claim", "claim", "day", "legacy", "seen", "seen"]),
+            st.floats(0, 3 * DAY),  # seconds the clock moves first
             st.lists(st.integers(0, 59), min_size=1, max_size=20, unique=True),
         ),
         min_size=1,
-        max_size=12,
+        max_size=16,
     ),
 )
 def test_seen_equals_the_model(
-    redis_url: str, uid: str, bits: int, ttl: int, ops: list[tuple[str, float, list[int]]]
+    redis_url: str,
+    uid: str,
+    bits: int | None,
+    old_bits: int,
+    ttl: int,
+    ops: list[tuple[str, float, list[int]]],
 ) -> None:
     """A key is seen exactly while its latest claim's hour + 1 h + ttl is ahead of the clock:
-    never a false negative within the TTL, at most the rest of the hour after it; new and
-    old-layout writers mixed, shared hashes (4 bits) and one key per hash (20 bits)."""
-    universe = digests(f"{uid}{bits}{ttl}", 60)
+    never a false negative within the TTL, at most the rest of the hour after it; new buckets
+    and both day layouts (an old worker) mixed over weeks, shared hashes (4 bits) and one key
+    per hash (20, 24 bits)."""
+    universe = digests(f"{uid}{bits}{old_bits}{ttl}", 60)
 
     async def go() -> None:
         client = redis_client(redis_url)
         prefix = f"model_{uuid4().hex[:10]}"
         now = [time.time() + 60]  # never behind the server's clock: EXPIREAT in the future
-        store = RedisIdempotencyStore(client, ttl, prefix, lambda: now[0], bits)
+        store = RedisIdempotencyStore(client, ttl, prefix, lambda: now[0], bits, old_bits)
         claimed: dict[int, float] = {}
         try:
             for op, dt, picks in ops:
@@ -305,8 +372,10 @@ def test_seen_equals_the_model(
                     continue
                 if op == "claim":
                     await store.claim(keys)
+                elif op == "day":
+                    await day_claim(client, store, keys, now[0], old_bits, ttl)
                 else:
-                    await legacy_claim(client, store, keys, now[0], bits, ttl)
+                    await day_claim(client, store, keys, now[0], old_bits, ttl, marker=False)
                 claimed.update(dict.fromkeys(picks, now[0]))
         finally:
             names = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
@@ -322,3 +391,5 @@ def test_shard_bits_are_whole_hex_digits(bits: int) -> None:
     """Shard names are the digest's first hex digits, cut by the script without formatting."""
     with pytest.raises(ValueError, match="hex digits"):
         RedisIdempotencyStore(aioredis.Redis(), shard_bits=bits)
+    with pytest.raises(ValueError, match="hex digits"):
+        RedisIdempotencyStore(aioredis.Redis(), old_shard_bits=bits)
