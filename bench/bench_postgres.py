@@ -13,6 +13,7 @@ run) of where the time goes. Uses the shared Postgres (a schema of its own, drop
 a private Redis started with scripts/services/redis.sh on a free port.
 
     uv run python bench/bench_postgres.py [--records 1000000] [--profile-records 100000]
+        [--window-keys N]   (N other keys claimed over the last 8 days first: steady state)
 """
 
 from __future__ import annotations
@@ -251,6 +252,28 @@ def postgres_and_redis(redis_port: int) -> dict[str, int]:
     return found
 
 
+def fill_window(redis_url: str, n: int, days: int = 8) -> dict[str, Any]:
+    """Claim `n` random keys spread over the `days` days up to now through the service's own
+    store (clock faked), so that the service's lookups meet a populated idempotency window, as
+    in steady state, instead of an empty Redis (day one). Returns the store's stats()."""
+    from ingest.state.redis import RedisIdempotencyStore, redis_client
+
+    async def go() -> dict[str, Any]:
+        client = redis_client(redis_url)
+        now = time.time()
+        clock = [now]
+        store = RedisIdempotencyStore(client, clock=lambda: clock[0])
+        for i in range(0, n, 2000):
+            clock[0] = now - (days - 1 - i * days // n) * 86400
+            blob = os.urandom(32 * min(2000, n - i))
+            await store.claim([blob[j : j + 32] for j in range(0, len(blob), 32)])
+        stats = await store.stats()
+        await client.aclose()
+        return stats
+
+    return asyncio.run(go())
+
+
 def profile(
     lines: list[bytes], updates: list[bytes], workdir: Path, redis_url: str, dsn: str
 ) -> str:
@@ -292,6 +315,12 @@ def main() -> None:
     )
     ap.add_argument("--workers", type=int, default=None, help="pod workers (default: config's)")
     ap.add_argument("--files", type=int, default=1, help="split the records into this many files")
+    ap.add_argument(
+        "--window-keys",
+        type=int,
+        default=0,
+        help="first claim this many other keys over the last 8 days (steady-state lookups)",
+    )
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-postgres-"))
     url = shared_env()["INGEST_TEST_POSTGRES_URL"]
@@ -313,6 +342,13 @@ def main() -> None:
         copy_rate = args.records / copy_s
         copy_pg_us = (tree_cpu_seconds(pg_pid) - pg0) / args.records * 1e6 if pg_pid else None
 
+        if args.window_keys:
+            t0 = time.perf_counter()
+            w = fill_window(redis.url, args.window_keys)
+            print(
+                f"idempotency window: {w['keys']:,} keys over 8 days in {w['buckets']} buckets,"
+                f" {w['bytes_per_key']} B/key ({time.perf_counter() - t0:.0f} s)"
+            )
         cfg = config_for(redis.url, dsn, "entities", None, args.batch_size, args.workers)
         print(
             f"batch_size {args.batch_size or 'default'}, workers {args.workers or 'default'},"
