@@ -9,7 +9,8 @@ Each batch is one transaction: read the stored revisions of the batch's entities
 record with the shared rule (`judge_in_order`), then upsert only each entity's winner; the
 upsert's `WHERE entities.revision < excluded.revision` keeps the guard in the database too.
 A batch of one record per entity first tries a plain INSERT in a savepoint (all new: all
-applied, no lookup); a stored entity rolls it back to that path (`_insert_new`).
+applied, no lookup); a stored entity rolls it back to that path (`_insert_new`). Rows go in
+by INSERTs of 500 rows each (`_write_rows`), not row by row: one GIL hand-off per statement.
 The file is separate from the state DB (data/sink.db) and has its own connection thread.
 """
 
@@ -19,6 +20,8 @@ import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from functools import cache
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +53,46 @@ _COLS = (
     "tenant, entity_type, entity_id, revision, deleted, occurred_at, attributes, relations,"
     " dedupe_key, updated_at"
 )
-_INSERT = f"INSERT INTO entities ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INTO = f"INSERT INTO entities ({_COLS}) VALUES "
+_INSERT = _INTO + _ROW
 _BACKOFF_FIRST, _BACKOFF_MAX = 4, 64  # lookup-first batches after a failed plain INSERT
-_UPSERT = (
-    _INSERT + " ON CONFLICT (tenant, entity_type, entity_id) DO UPDATE SET"
+# Rows per multi-row statement (`_write_rows`): 5,000 parameters, well under SQLite's
+# default limit of 32,766 per statement.
+ROWS_PER_STATEMENT = 500
+_ON_CONFLICT = (
+    " ON CONFLICT (tenant, entity_type, entity_id) DO UPDATE SET"
     " prev_revision = entities.revision, revision = excluded.revision,"
     " deleted = excluded.deleted,"
     " occurred_at = excluded.occurred_at, attributes = excluded.attributes,"
     " relations = excluded.relations, dedupe_key = excluded.dedupe_key,"
     " updated_at = excluded.updated_at WHERE entities.revision < excluded.revision"
 )
+_UPSERT = _INSERT + _ON_CONFLICT
+
+
+@cache
+def _rows_sql(n: int, tail: str) -> str:
+    """INSERT of `n` rows in one statement, then `tail` (the upsert's ON CONFLICT, or "")."""
+    return _INTO + ", ".join([_ROW] * n) + tail
+
+
+def _write_rows(
+    c: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], tail: str, per: int
+) -> None:
+    """`executemany(_INSERT + tail, rows)` as a few statements of up to `per` rows each.
+
+    executemany binds and steps one row at a time and takes the GIL back for every row, so
+    beside a busy event loop (decoding the next batch) the sink's thread waits for the GIL
+    about once per row; a statement of 500 rows binds them in one C loop and then runs
+    without the GIL. Its rows hold distinct entities (the callers write one row per entity),
+    so the outcome is the row-by-row one; a statement that fails undoes all of its rows, and
+    the callers roll back the whole attempt anyway.
+    """
+    flat = chain.from_iterable
+    for i in range(0, len(rows), per):
+        part = rows[i : i + per]
+        c.execute(_rows_sql(len(part), tail), tuple(flat(part)))
 
 
 def _stored_rows(c: sqlite3.Connection, keys: list[EntityKey]) -> dict[EntityKey, StoredRow]:
@@ -116,6 +149,7 @@ class SQLiteSink:
         # Batches by path: a plain INSERT, the lookup after an INSERT found a stored entity,
         # the lookup without trying (backoff, or several records of one entity); read by tests.
         self.paths = {"insert": 0, "fallback": 0, "upsert": 0}
+        self.rows_per_statement = ROWS_PER_STATEMENT  # tests set it small, to cross chunks
 
     async def start(self) -> None:
         if self._db is None:
@@ -199,11 +233,12 @@ class SQLiteSink:
         else:
             self.paths["fallback"] += 1
         stored = _stored_rows(c, list(unique))
+        per = self.rows_per_statement
         if not stored and len(unique) == len(keys):  # all new, one record each: all applied
-            c.executemany(_UPSERT, rows)
+            _write_rows(c, rows, _ON_CONFLICT, per)
             return [SinkResult.applied()] * len(batch)
         results = judge_batch(batch, stored)
-        c.executemany(_UPSERT, [rows[j] for j in _last_applied(keys, results)])
+        _write_rows(c, [rows[j] for j in _last_applied(keys, results)], _ON_CONFLICT, per)
         return results
 
     def _insert_new(self, c: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> bool:
@@ -215,7 +250,7 @@ class SQLiteSink:
         pays one failed row per attempt, a feed of new rows none."""
         c.execute("SAVEPOINT new_rows")
         try:
-            c.executemany(_INSERT, rows)
+            _write_rows(c, rows, "", self.rows_per_statement)
         except (sqlite3.IntegrityError, OverflowError) as exc:
             c.execute("ROLLBACK TO new_rows")
             c.execute("RELEASE new_rows")
@@ -252,12 +287,18 @@ class SQLiteSink:
             c.execute("ROLLBACK")
         return found
 
-    async def bulk_insert_raw(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Benchmark limit: plain INSERT of prepared rows, one transaction, no guard."""
+    async def bulk_insert_raw(
+        self, rows: Sequence[tuple[Any, ...]], multi_row: bool = False
+    ) -> None:
+        """Benchmark limit: plain INSERT of prepared rows, one transaction, no guard; by
+        `executemany`, or (`multi_row`) in statements of `rows_per_statement` rows."""
 
         def write(c: sqlite3.Connection) -> None:
             with immediate(c):
-                c.executemany(_INSERT, rows)
+                if multi_row:
+                    _write_rows(c, rows, "", self.rows_per_statement)
+                else:
+                    c.executemany(_INSERT, rows)
 
         try:
             await self.db.run(write)

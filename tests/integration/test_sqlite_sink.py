@@ -138,49 +138,52 @@ async def test_rows_survive_reopen(tmp_path: Path) -> None:
 
 
 _texts = st.text(max_size=12)  # any code point, NUL and astral ones included
+Batch = list[tuple[str, int, bool, str]]  # (entity_id, revision, deleted, attribute text)
+_batches = st.lists(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b\x00", "c", "d", "é😀"]) | _texts.filter(bool),
+            st.integers(0, 3) | st.integers(-(2**63), 2**64 - 1),
+            st.booleans(),
+            _texts,
+        ),
+        min_size=1,
+        max_size=9,
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+async def _written(
+    path: Path, batches: list[Batch], *, insert_first: bool = True, rows_per_statement: int = 500
+) -> tuple[list[list[str]], list[Any]]:
+    """Each batch's results and then the whole table, written by a sink set as asked."""
+    s = SQLiteSink("sqlite", path)
+    await s.start()
+    s.rows_per_statement = rows_per_statement
+    if not insert_first:
+        s.insert_skip = 10**9
+    out = []
+    for batch in batches:
+        records = [rec(e, r, deleted=d, attrs={"name": a}) for e, r, d, a in batch]
+        out.append(statuses(await s.write(records)))
+    rows = await s.db.run(lambda c: c.execute(
+        "SELECT tenant, entity_type, entity_id, revision, deleted, occurred_at,"
+        " attributes, relations, dedupe_key, prev_revision FROM entities"
+        " ORDER BY entity_id").fetchall())  # fmt: skip
+    await s.close()
+    return out, rows
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    batches=st.lists(
-        st.lists(
-            st.tuples(
-                st.sampled_from(["a", "b\x00", "c", "é😀"]) | _texts.filter(bool),
-                st.integers(0, 3) | st.integers(-(2**63), 2**64 - 1),
-                st.booleans(),
-                _texts,
-            ),
-            min_size=1,
-            max_size=8,
-        ),
-        min_size=1,
-        max_size=4,
-    )
-)
-def test_a_plain_insert_first_ends_as_the_lookup_and_upsert_would(
-    batches: list[list[tuple[str, int, bool, str]]],
-) -> None:
+@given(batches=_batches)
+def test_a_plain_insert_first_ends_as_the_lookup_and_upsert_would(batches: list[Batch]) -> None:
     """Batches written INSERT-first (falling back to the lookup when an entity is stored or
     a row refused) leave the same results and the same table as lookup-first ones."""
-
-    async def run(tmp: Path, insert_first: bool) -> tuple[list[list[str]], list[Any]]:
-        s = SQLiteSink("sqlite", tmp / f"{insert_first}.db")
-        await s.start()
-        if not insert_first:
-            s.insert_skip = 10**9
-        out = []
-        for batch in batches:
-            records = [rec(e, r, deleted=d, attrs={"name": a}) for e, r, d, a in batch]
-            out.append(statuses(await s.write(records)))
-        rows = await s.db.run(lambda c: c.execute(
-            "SELECT tenant, entity_type, entity_id, revision, deleted, occurred_at,"
-            " attributes, relations, dedupe_key, prev_revision FROM entities"
-            " ORDER BY entity_id").fetchall())  # fmt: skip
-        await s.close()
-        return out, rows
-
     with tempfile.TemporaryDirectory() as tmp:
-        assert asyncio.run(run(Path(tmp), True)) == asyncio.run(run(Path(tmp), False))
+        first = asyncio.run(_written(Path(tmp) / "insert.db", batches))
+        assert first == asyncio.run(_written(Path(tmp) / "lookup.db", batches, insert_first=False))
 
 
 async def test_a_feed_of_updates_backs_off_from_the_plain_insert(sink: SQLiteSink) -> None:
@@ -198,3 +201,38 @@ async def test_a_feed_of_updates_backs_off_from_the_plain_insert(sink: SQLiteSin
     assert sink.paths["insert"] == 2
     await sink.write([rec("e0", 9)])
     assert sink.insert_skip == 4
+
+
+async def test_a_batch_is_written_by_a_few_multi_row_statements(sink: SQLiteSink) -> None:
+    """Rows go in by INSERTs of up to `rows_per_statement` rows, not one statement per row
+    (executemany takes the GIL back for every row, beside a busy event loop)."""
+    ran: list[str] = []
+    await sink.db.run(lambda c: c.set_trace_callback(ran.append))
+    await sink.write([rec(f"e{i}", 1) for i in range(2000)])  # all new: the plain INSERT
+    inserts = [sql for sql in ran if sql.startswith("INSERT")]
+    assert len(inserts) == 4  # 2,000 rows, 500 a statement
+    ran.clear()
+    sink.insert_skip = 1  # updates, by the lookup and the upsert
+    assert statuses(await sink.write([rec(f"e{i}", 2) for i in range(1200)])) == ["applied"] * 1200
+    assert len([sql for sql in ran if sql.startswith("INSERT")]) == 3
+    await sink.db.run(lambda c: c.set_trace_callback(None))
+    assert await sink.count() == 2000
+    row = await sink.fetch("t", "customer", "e1199")
+    assert row is not None and row["revision"] == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches=_batches, per=st.integers(2, 4), insert_first=st.booleans())
+def test_multi_row_statements_end_as_one_row_at_a_time(
+    batches: list[Batch], per: int, insert_first: bool
+) -> None:
+    """Rows written `per` to a statement (crossing statement bounds, refused rows among them)
+    leave the same results and the same table as one statement per row."""
+    with tempfile.TemporaryDirectory() as tmp:
+        many = asyncio.run(
+            _written(Path(tmp) / "m.db", batches, insert_first=insert_first, rows_per_statement=per)
+        )
+        one = asyncio.run(
+            _written(Path(tmp) / "1.db", batches, insert_first=insert_first, rows_per_statement=1)
+        )
+        assert many == one
