@@ -16,6 +16,11 @@ garbage collector on (the service runs with it on), as CPU time of the process
   routing      sinks per record (`Config.sinks_for`)
   bookkeeping  `Pipeline.deliver` around a sink that does nothing, in-memory stores
   pg rows      `PostgresSink` rows for COPY;  sqlite rows: `SQLiteSink.row_of`
+  kafka read   confluent-kafka Messages (built in memory) -> a SourceBatch (`KafkaSource`'s
+               per-message loop: offsets, timestamp, headers, tenant); `kafka decoder`:
+               `decode_many` of what it yields (Kafka's records through the decoder)
+  s3 read      1 MiB chunks of a JSON-lines object -> `RawRecord`s (`ItemSource`'s line
+               reader and records, as S3 and SFTP run them)
 
     uv run python bench/bench_cpu.py [--records 200000] [--repeat 3] [--profile]
 
@@ -44,8 +49,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import orjson  # noqa: E402
 from bench_embedded import make_lines  # noqa: E402
+from confluent_kafka import Message  # noqa: E402
 
-from ingest.config import parse_config  # noqa: E402
+from ingest.config import KafkaSourceConfig, S3SourceConfig, parse_config  # noqa: E402
 from ingest.formats import LineReader  # noqa: E402
 from ingest.metrics import Metrics  # noqa: E402
 from ingest.pipeline.admission import Admission  # noqa: E402
@@ -56,6 +62,9 @@ from ingest.pipeline.worker import Pipeline, SinkLane  # noqa: E402
 from ingest.records import RawRecord, Record, SinkResult  # noqa: E402
 from ingest.sinks.postgres import PostgresSink  # noqa: E402
 from ingest.sinks.sqlite import SQLiteSink  # noqa: E402
+from ingest.sources.kafka import KafkaSource, _Partition  # noqa: E402
+from ingest.sources.objects import ItemRef  # noqa: E402
+from ingest.sources.s3 import S3Source  # noqa: E402
 from ingest.state.base import DroppedRow  # noqa: E402
 
 TENANT = "acme-corp"
@@ -98,6 +107,59 @@ def read(blob: bytes) -> list[RawRecord]:
         )
         for i, ln in enumerate(lines)
     ]
+
+
+def kafka_source() -> KafkaSource:
+    """A source that owns partition 0..5 of topic `t` without a broker: only `_to_batch` runs."""
+    src = KafkaSource(KafkaSourceConfig(topics=["t"]))
+    src._parts = {("t", p): _Partition(epoch=1) for p in range(6)}
+    return src
+
+
+def kafka_messages(lines: Sequence[bytes]) -> list[Message]:
+    """The rows as the broker hands them over (6 partitions, a tenant-less message, as
+    `bench_kafka.py` produces them)."""
+    return [
+        Message(
+            topic="t",
+            partition=i % 6,
+            offset=i // 6,
+            key=b"k%d" % i,
+            value=ln,
+            timestamp=(1, 1_735_689_600_000),
+        )
+        for i, ln in enumerate(lines)
+    ]
+
+
+def kafka_read(src: KafkaSource, msgs: list[Message]) -> list[RawRecord]:
+    out: list[RawRecord] = []
+    for i in range(0, len(msgs), BATCH):
+        batch = src._to_batch(msgs[i : i + BATCH])
+        assert batch is not None
+        out += batch.records
+    return out
+
+
+def s3_read(blob: bytes) -> list[RawRecord]:
+    """`ItemSource._lines` + `_records` over 1 MiB chunks of one object, in memory."""
+    cfg = S3SourceConfig(url="s3://bench/in/", tenant=TENANT)
+    src = S3Source(cfg, None, None, worker_id="w")  # type: ignore[arg-type]
+    ref = ItemRef("in/rows.jsonl", "etag", len(blob), 0.0)
+
+    async def chunks(ref: ItemRef, start: int) -> Any:
+        for i in range(start, len(blob), 1 << 20):
+            yield blob[i : i + (1 << 20)]
+
+    src.open_item = chunks  # type: ignore[method-assign, assignment]
+
+    async def go() -> list[RawRecord]:
+        out: list[RawRecord] = []
+        async for lines in src._lines(ref, 0):
+            out += src._records(ref, lines)
+        return out
+
+    return asyncio.run(go())
 
 
 class NullSink:
@@ -241,6 +303,10 @@ def main() -> None:
             Record(raw, body, key, t, e, i, env.revision, (t, e, i), env.deleted, env.priority)
 
     raw = raws[0]
+    msgs = kafka_messages(lines)
+    kafka_raws = kafka_read(kafka_source(), msgs)
+    assert all(isinstance(r, Record) for r in decoder.decode_many(kafka_raws))
+    assert len(s3_read(blob)) == n
     stages: list[tuple[str, Callable[[], Any]]] = [
         ("read", lambda: read(blob)),
         ("decode+check", lambda: [fast.decode(ln) for ln in lines]),
@@ -253,6 +319,9 @@ def main() -> None:
         ("bookkeeping", lambda: deliver_all(pipeline(), raws, decoded)),
         ("pg rows", lambda: [PostgresSink.row_of(r) for r in records]),
         ("sqlite rows", lambda: [SQLiteSink.row_of(r, 0.0) for r in records]),
+        ("kafka read", lambda: kafka_read(kafka_source(), msgs)),
+        ("kafka decoder", lambda: decoder.decode_many(kafka_raws)),
+        ("s3 read", lambda: s3_read(blob)),
     ]
     print(f"records: {n:,}, best of {rep}, CPU µs per record (GC on)")
     figures: dict[str, float] = {}

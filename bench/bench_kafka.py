@@ -10,11 +10,14 @@ Measured in one run, on the same rows and the same table layout (the sink's own 
            then the N records are produced and the clock runs until the group's committed
            offsets equal the end offsets (every record durable in Postgres).
 Prints records/s, ratios to both limits, p95 lag (ingest_lag_seconds histogram, summed over
-the workers), and peak RSS (VmHWM) of each worker process. Uses the shared broker and Postgres
-(own topics, groups and schema, removed after) and a private Redis on a free port.
+the workers), peak RSS (VmHWM) of each worker process, and CPU µs per record (user + system)
+of the service (every pod's process tree), the bench's Postgres and its private Redis over
+the timed part (what hardly moves with the machine's load, unlike records/s). Uses the shared
+broker and Postgres (own topics, groups and schema, removed after) and a private Redis on a
+free port.
 
     source $INGEST_RUN_DIR/all.env
-    uv run python bench/bench_kafka.py [--records 1000000]
+    uv run python bench/bench_kafka.py [--records 1000000] [--pods 2]
 """
 
 from __future__ import annotations
@@ -37,8 +40,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from bench_embedded import tree_cpu_seconds  # noqa: E402
 from bench_kafka_raw import consume_raw  # noqa: E402
-from bench_postgres import csv_of, histogram, make_lines, p95, peak_rss_mb, psql_copy  # noqa: E402
+from bench_postgres import (  # noqa: E402
+    csv_of,
+    histogram,
+    make_lines,
+    p95,
+    peak_rss_mb,
+    postgres_and_redis,
+    psql_copy,
+)
 
 from tests.e2e._auth import detailed, service_env  # noqa: E402
 from tests.e2e._kafka import (  # noqa: E402
@@ -101,7 +113,8 @@ def run_workers(
     redis_url: str,
     dsn: str,
     workdir: Path,
-) -> tuple[float, float | None, list[float]]:
+    servers: dict[str, int],
+) -> tuple[float, float | None, list[float], dict[str, float]]:
     topic = create_topic(brokers, PARTITIONS, f"bench-{prefix}")
     group = f"bench-{prefix}-{uuid.uuid4().hex[:6]}"
     config = write_kafka_config(workdir / f"{prefix}.yaml", redis_url=redis_url,
@@ -117,18 +130,22 @@ def run_workers(
             time.sleep(0.5)
         msgs = [(f"{prefix}-{i}".encode(), ln.replace(b'"o-', f'"{prefix}-'.encode(), 1))
                 for i, ln in enumerate(lines)]  # fmt: skip
+        pids = {**{f"pod{i}": w.proc.pid for i, w in enumerate(workers)}, **servers}
+        cpu0 = {who: tree_cpu_seconds(pid) for who, pid in pids.items()}
         t0 = time.perf_counter()
         produce_keyed(brokers, topic, msgs)
         ends = end_offsets(brokers, topic)
         while committed_offsets(brokers, topic, group, PARTITIONS) != ends:
             time.sleep(0.2)
         elapsed = time.perf_counter() - t0
+        cpu = {who: (tree_cpu_seconds(pid) - cpu0[who]) / len(lines) * 1e6
+               for who, pid in pids.items()}  # fmt: skip
         hist: dict[float, float] = {}
         for w in workers:
             for b, v in histogram(w.metrics()).items():
                 hist[b] = hist.get(b, 0.0) + v
         rss = [peak_rss_mb(w.proc.pid) for w in workers]
-        return len(lines) / elapsed, p95({}, hist), rss
+        return len(lines) / elapsed, p95({}, hist), rss, cpu
     finally:
         for w in workers:
             w.stop()
@@ -138,6 +155,7 @@ def run_workers(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--pods", type=int, default=2, choices=(1, 2), help="1: one pod only")
     args = ap.parse_args()
     n = args.records
     brokers, _ = shared_kafka()
@@ -162,11 +180,16 @@ def main() -> None:
         print(f"records:                 {n:,}")
         print(f"raw consume (limit):     {raw:,.0f} records/s (confluent-kafka, no processing)")
         print(f"psql \\copy (limit):      {copy_rate:,.0f} records/s")
-        for k, prefix in ((1, "one"), (2, "two")):
-            rate, lag, rss = run_workers(k, lines, prefix, brokers, redis.url, dsn, workdir)
+        servers = postgres_and_redis(redis.port)
+        for k, prefix in ((1, "one"), (2, "two"))[: args.pods]:
+            rate, lag, rss, cpu = run_workers(
+                k, lines, prefix, brokers, redis.url, dsn, workdir, servers
+            )
             print(f"{k} worker(s):             {rate:,.0f} records/s = {rate / raw:.2f}x raw, "
                   f"{rate / copy_rate:.2f}x \\copy; p95 lag <= {lag} s; peak RSS "
                   f"{', '.join(f'{r:.0f}' for r in rss)} MB")  # fmt: skip
+            shown = ", ".join(f"{who} {us:.1f}" for who, us in cpu.items())
+            print(f"  CPU µs/record:         {shown}")
         print(f"load average after: {os.getloadavg()}")
     finally:
         redis.close()

@@ -9,10 +9,12 @@ Measured in one run, on the same objects, rows and table layout:
   \\copy     `psql \\copy` of exactly the rows the sink stores into a table of the same layout:
             Postgres's bulk-load limit
 Prints records/s for each, the ratios, p95 lag (ingest_lag_seconds histogram; event time is the
-object's LastModified, so objects queued behind others count their wait) and peak RSS (VmHWM)
-of the service. Needs `scripts/services/up.sh seaweedfs postgres redis`; starts a private Redis
-(so idempotency keys do not land in the shared one) and uses a fresh Postgres schema and a
-fresh bucket prefix, all removed afterwards.
+object's LastModified, so objects queued behind others count their wait), peak RSS (VmHWM) of
+the service, and CPU µs per record (user + system) of the service's process tree, the bench's
+Postgres and its private Redis from service ready to all done. Needs
+`scripts/services/up.sh seaweedfs postgres redis`; starts a private Redis (so idempotency keys
+do not land in the shared one) and uses a fresh Postgres schema and a fresh bucket prefix, all
+removed afterwards.
 
     uv run python bench/bench_s3.py [--records 1000000] [--objects 200]
 """
@@ -39,7 +41,8 @@ from aiobotocore.session import get_session
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_embedded import p95_from_histogram, peak_rss_mb  # noqa: E402
+from bench_embedded import p95_from_histogram, peak_rss_mb, tree_cpu_seconds  # noqa: E402
+from bench_postgres import postgres_and_redis  # noqa: E402
 
 from ingest.pipeline.decode import Decoder  # noqa: E402
 from ingest.records import RawRecord, Record  # noqa: E402
@@ -146,9 +149,16 @@ def psql_copy(url: str, schema: str, path: Path) -> float:
 
 
 def run_service(
-    config: Path, workdir: Path, port: int, dsn: str, objects: int, t_uploaded: float
-) -> tuple[float, float, float | None, float]:
-    """(seconds from upload complete to all done, start-up seconds, p95 lag, peak RSS MB)."""
+    config: Path,
+    workdir: Path,
+    port: int,
+    dsn: str,
+    objects: int,
+    t_uploaded: float,
+    servers: dict[str, int],
+) -> tuple[float, float, float | None, float, dict[str, float]]:
+    """(seconds from upload complete to all done, start-up seconds, p95 lag, peak RSS MB,
+    CPU seconds per process from service ready to all done)."""
     env = {**os.environ, "INGEST_DATA_DIR": str(workdir / "svc"), **service_env(workdir)}
     log = (workdir / "service.log").open("wb")
     proc = subprocess.Popen(
@@ -167,18 +177,21 @@ def run_service(
                     raise RuntimeError((workdir / "service.log").read_text()) from None
                 time.sleep(0.1)
         started = time.perf_counter() - t_uploaded
+        pids = {"service": proc.pid, **servers}
+        cpu0 = {who: tree_cpu_seconds(pid) for who, pid in pids.items()}
         while done_count(dsn, "s3-main") < objects:
             if proc.poll() is not None:
                 raise RuntimeError((workdir / "service.log").read_text())
             time.sleep(0.2)
         elapsed = time.perf_counter() - t_uploaded
+        cpu = {who: tree_cpu_seconds(pid) - cpu0[who] for who, pid in pids.items()}
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         rss = peak_rss_mb(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         log.close()
-    return elapsed, started, p95_from_histogram(metrics), rss
+    return elapsed, started, p95_from_histogram(metrics), rss, cpu
 
 
 def main() -> None:
@@ -211,8 +224,14 @@ def main() -> None:
             postgres_url=dsn,
             sources=[s3_source(prefix)],
         )
-        elapsed, started, p95, rss = run_service(
-            config, workdir, args.port or free_port(), dsn, args.objects, t_uploaded
+        elapsed, started, p95, rss, cpu = run_service(
+            config,
+            workdir,
+            args.port or free_port(),
+            dsn,
+            args.objects,
+            t_uploaded,
+            postgres_and_redis(redis.port),
         )
         rows = sink_count(dsn)
         if rows != args.records:
@@ -241,6 +260,8 @@ def main() -> None:
         print(f"ratio pipeline/\\copy:    {rate / copy_rate:.3f}")
         print(f"p95 lag:                 <= {p95} s (ingest_lag_seconds bucket bound)")
         print(f"peak RSS (service):      {rss:.0f} MB (VmHWM)")
+        shown = ", ".join(f"{who} {sec / args.records * 1e6:.1f}" for who, sec in cpu.items())
+        print(f"CPU µs/record:           {shown} (service ready to all done)")
         print(f"load average after:      {os.getloadavg()}")
     finally:
         redis.close()

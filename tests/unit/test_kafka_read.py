@@ -1,0 +1,133 @@
+"""The Kafka source's per-message loop (`KafkaSource._to_batch`), without a broker.
+
+The source reads only a record's tenant_id (msgspec, in C) and leaves the parse to the decoder,
+which then takes its typed fast path once, instead of the source parsing every value into a
+dict that sent the decoder down its slow path. Whatever the bytes, the records it yields must
+decode to what the full parse gave: same tenant, same source-level rejects, and the same
+Record (body, dedupe key) or the same failure from the decoder.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+from confluent_kafka import Message
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ingest.config import KafkaSourceConfig
+from ingest.pipeline.decode import Decoder
+from ingest.records import RawRecord, Record
+from ingest.sources.kafka import KafkaSource, _Partition
+
+MAX_BYTES = 400
+
+
+def source(tenant: str | None = None) -> KafkaSource:
+    src = KafkaSource(KafkaSourceConfig(topics=["t"], tenant=tenant), max_record_bytes=MAX_BYTES)
+    src._parts = {("t", 0): _Partition(epoch=1)}
+    return src
+
+
+def message(value: bytes | None, offset: int, header: bytes | None) -> Any:
+    headers = None if header is None else [("tenant", header)]
+    return Message(topic="t", partition=0, offset=offset, value=value, headers=headers,
+                   timestamp=(1, 1_735_689_600_000))  # fmt: skip
+
+
+def parsed_first(value: bytes | None, header: str | None, cfg_tenant: str | None) -> RawRecord:
+    """What the source yielded when it parsed every value with orjson (the reference)."""
+    body: dict[str, Any] | None = None
+    meta: dict[str, Any] = {}
+    if value is not None and len(value) <= MAX_BYTES:
+        try:
+            parsed = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            meta["reject"] = {"kind": "json", "message": f"not valid JSON: {exc}"}
+        else:
+            if type(parsed) is dict:
+                body = parsed
+    elif value is None:
+        meta["reject"] = {"kind": "json", "message": "null value (a tombstone), not a record"}
+    else:
+        meta["reject"] = {"kind": "size", "message": "over"}
+    tenant = header or (body.get("tenant_id") if body is not None else None)
+    if type(tenant) is not str:
+        tenant = cfg_tenant or "unknown"
+    return RawRecord(value or b"", tenant, "kafka-main", 0, None, 0.0, body, meta)
+
+
+def good(i: int, tenant: Any) -> dict[str, Any]:
+    return {
+        "schema_version": 3,
+        "tenant_id": tenant,
+        "entity_type": "customer",
+        "entity_id": f"c-{i}",
+        "revision": i + 1,
+        "occurred_at": "2025-01-01T00:00:00Z",
+        "attributes": {"name": f"n{i}"},
+    }
+
+
+tenants = st.one_of(
+    st.sampled_from(["acme", "other"]), st.none(), st.integers(), st.text(max_size=5)
+)
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value).encode()  # integers of any size (the hostile ones included)
+
+
+values = st.one_of(
+    st.builds(lambda i, t: dumps(good(i, t)), st.integers(0, 1000), tenants),
+    st.builds(lambda t: dumps({"tenant_id": t}), tenants),
+    st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=8), max_size=4).map(
+        dumps
+    ),
+    st.sampled_from([b"[1, 2]", b"not json {", b"", b"{", b'"acme"', b"null", b"{}  x"]),
+    st.binary(max_size=40),
+    st.just(b'{"tenant_id": "acme", "pad": "' + b"x" * MAX_BYTES + b'"}'),
+    st.none(),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    batch=st.lists(st.tuples(values, st.sampled_from([None, b"acme", b"hdr"])), min_size=1),
+    cfg_tenant=st.sampled_from([None, "cfg"]),
+)
+def test_records_decode_as_when_the_source_parsed_every_value(
+    batch: list[tuple[bytes | None, bytes | None]], cfg_tenant: str | None
+) -> None:
+    src = source(cfg_tenant)
+    out = src._to_batch([message(v, i, h) for i, (v, h) in enumerate(batch)])
+    assert out is not None
+    assert [r.position for r in out.records] == [("t", 0, i) for i in range(len(batch))]
+    decoder = Decoder()
+    got = decoder.decode_many(out.records)
+    refs = [parsed_first(v, None if h is None else h.decode(), cfg_tenant) for v, h in batch]
+    want = decoder.decode_many(refs)
+    for raw, ref, g, w in zip(out.records, refs, got, want, strict=True):
+        assert (raw.data, raw.tenant) == (ref.data, ref.tenant)
+        assert raw.meta.get("reject", {}).get("kind") == ref.meta.get("reject", {}).get("kind")
+        if isinstance(w, Record):
+            assert isinstance(g, Record)
+            assert (g.body, g.dedupe_key, g.tenant, g.entity_key) == (
+                w.body,
+                w.dedupe_key,
+                w.tenant,
+                w.entity_key,
+            )
+            assert raw.decoded is None  # parsed once, by the decoder's typed fast path
+        else:
+            assert not isinstance(g, Record)
+            assert g.reason == w.reason
+
+
+def test_a_valid_record_is_left_for_the_decoder_to_parse() -> None:
+    out = source()._to_batch([message(orjson.dumps(good(1, "acme")), 0, None)])
+    assert out is not None
+    (raw,) = out.records
+    assert (raw.tenant, raw.decoded, raw.meta) == ("acme", None, {})
