@@ -25,6 +25,13 @@ Why it is shaped this way:
   reading was held. The runner calls them; the source does not guess a hold from how long
   its iterator was left alone.
 
+* A commit the broker refuses (a rebalance in progress: ILLEGAL_GENERATION; the coordinator
+  restarting) leaves the offset in `durable`. The next batch's commit carries it, but the last
+  batch before a quiet spell has no next one: the watcher retries it on its next tick
+  (WATCH_INTERVAL_S) for partitions this member still owns in the same epoch, so the group's
+  offset reaches what is durable without new traffic (a broker restart left one partition
+  432 offsets behind for good: the e2e restart test's CI failure).
+
 * A watcher task keeps the lag true while nobody reads: librdkafka's statistics (the usual
   source of the high watermark) arrive only from inside consume() and only for partitions
   being fetched, so they say nothing for a partition not yet fetched, nor while the runner
@@ -46,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -78,6 +86,8 @@ KafkaPosition = dict[TP, tuple[int, int]]
 
 POLL_TIMEOUT_S = 0.5  # bounds how long stop()/close() wait for the poll thread
 CALL_TIMEOUT_S = 10.0  # broker round trips made on purpose (offsets_for_times, watermarks)
+LOG_REPEAT_S = 30.0  # the same librdkafka error is logged at most once in this long
+_DIGITS = re.compile(r"\d+")
 WATCH_INTERVAL_S = 1.0  # how often the watcher looks at watermarks and the iterator
 WATERMARK_STALE_S = 2.0  # a high watermark older than this is fetched from the broker
 WATERMARK_TIMEOUT_S = 2.0  # per request of that refresh: never hold the poll thread long
@@ -149,6 +159,8 @@ class KafkaSource:
         self._iterating = False
         self._keepalive: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._logged: dict[str, tuple[float, int]] = {}  # error -> (logged at, repeats since)
+        self._recommit: asyncio.Future[None] | None = None  # the watcher's retry: _retry_commits
         self._paused = False  # partitions paused by pause()/stop(); _read un-pauses
         self._paused_tps: set[TP] = set()  # every partition paused since: see _unpause
         self._holding = False  # pause(): the runner does not pull for now
@@ -253,6 +265,8 @@ class KafkaSource:
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
+        if self._recommit is not None:
+            await asyncio.gather(self._recommit, return_exceptions=True)
         if self._keepalive is not None:
             await self._keepalive
         if self._consumer is not None:
@@ -506,6 +520,7 @@ class KafkaSource:
             try:
                 if self._closed:
                     return
+                self._retry_commits()
                 if self._stale():
                     await self._refresh_offsets()
                 if self._holding:
@@ -514,6 +529,20 @@ class KafkaSource:
                 raise
             except Exception as exc:  # never let the watcher die: lag would freeze again
                 log.warning("%s: watcher: %s", self.name, exc)
+
+    def _retry_commits(self) -> None:
+        """Commit, on the commit thread, what is durable but was refused (see the module
+        docstring); one retry in flight at a time."""
+        if self._recommit is not None and not self._recommit.done():
+            return
+        with self._state:
+            pending = any(
+                p.durable is not None and p.durable != p.committed for p in self._parts.values()
+            )
+        if pending and not self._closed and self._consumer is not None:
+            self._recommit = asyncio.get_running_loop().run_in_executor(
+                self._commit_pool, self._commit_sync, {}
+            )
 
     def _stale(self) -> bool:
         now = time.monotonic()
@@ -679,13 +708,21 @@ class KafkaSource:
         try:
             results = self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
-            self._health.error(f"commit: {exc.args[0].str() if exc.args else exc}")
-            self._health.status = "error"
-            return  # kept in `durable`: the next commit or the revocation retries it
+            why = exc.args[0].str() if exc.args else str(exc)
+            # kept in `durable`: the next commit, the watcher or the revocation retries it.
+            # Not an "error" status: a broker that is down says so through _on_error, and a
+            # refusal in a rebalance passes by itself
+            self._health.error(f"commit: {why}")
+            log.warning("%s: commit refused, retried: %s", self.name, why)
+            return
         failed = {(tp.topic, tp.partition) for tp in results or () if tp.error is not None}
         for tp in results or ():
             if tp.error is not None:
                 self._health.error(f"commit {tp_name((tp.topic, tp.partition))}: {tp.error}")
+        if failed:
+            log.warning(
+                "%s: commit of %s refused, retried", self.name, sorted(map(tp_name, failed))
+            )
         with self._state:
             for key, epoch, off in todo:
                 part = self._parts.get(key)
@@ -702,7 +739,19 @@ class KafkaSource:
         self._health.error(f"kafka: {err.str()}")
         if err.fatal() or err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
             self._health.status = "error"
-        log.warning("%s: %s", self.name, err.str())
+        # librdkafka reports every reconnect attempt (~20/s per client while a broker is
+        # down): the log gets each distinct error once per LOG_REPEAT_S, with a count
+        message, now = err.str(), time.monotonic()
+        key = _DIGITS.sub("#", message)  # "(after 0ms ...)" and "(after 2ms ...)" alike
+        last, repeats = self._logged.get(key, (-LOG_REPEAT_S, 0))
+        if now - last < LOG_REPEAT_S:
+            self._logged[key] = (last, repeats + 1)
+            return
+        if len(self._logged) > 100:  # keep the memory bounded
+            self._logged.clear()
+        self._logged[key] = (now, 0)
+        more = f" (and {repeats} times in the last {now - last:.0f} s)" if repeats else ""
+        log.warning("%s: %s%s", self.name, message, more)
 
     def _on_stats(self, raw: str) -> None:
         stats = orjson.loads(raw)

@@ -168,13 +168,20 @@ def test_broker_restart_mid_run_workers_reconnect_nothing_lost(
         produce_keyed(brokers, topic, after.messages)  # new data after the restart
         ends = end_offsets(brokers, topic)
         assert sum(ends.values()) == len(before.messages) + len(after.messages)
-        wait_for(lambda: committed_offsets(brokers, topic, group, PARTITIONS) == ends, 240,
-                 "everything committed after the restart")  # fmt: skip
+        try:
+            wait_for(lambda: committed_offsets(brokers, topic, group, PARTITIONS) == ends, 240,
+                     "everything committed after the restart")  # fmt: skip
+        except AssertionError:
+            print(f"ends {ends}\ncommitted {committed_offsets(brokers, topic, group, PARTITIONS)}")
+            for i, w in enumerate(workers):
+                print(f"--- worker {i} health: {w.health().get('adapters')}\n{w.log()}")
+            raise
         rows = describe_group(kafka_bin, brokers, group)
         assert sorted(rows) == list(range(PARTITIONS)), rows
         assert all(row["LAG"] == "0" for row in rows.values()), rows
-        for w in workers:
-            assert w.health()["adapters"]["kafka-main"]["status"] == "running"
+        for w in workers:  # statistics say the broker is up again within a second or so
+            wait_for(lambda w=w: w.health()["adapters"]["kafka-main"]["status"] == "running", 15,
+                     "adapter status back to running")  # fmt: skip
             assert w.terminate() == 0, w.log()
     finally:
         for w in workers:
