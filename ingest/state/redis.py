@@ -10,8 +10,8 @@ most two buckets (the current one and the one before) instead of one per day of 
 
     key   ingest_idempotency:<YYYY-MM-DD>+<D>d:<shard>   bucket starting that day (UTC, days
                                     since the epoch divisible by D); shard = the digest's first
-                                    `shard_bits` bits (24 for D > 1: 6 hex digits; 20 for D = 1)
-    field digest bytes 3..12 (10 bytes, binary)  with the shard: >= 100 bits of the digest
+                                    1-6 hex digits, sized per bucket (below)
+    field digest bytes 3..12 (10 bytes, binary)
     value the claim's hour in the bucket (0..24*D-1), so `seen` honours the TTL to the hour
           although the hash expires by bucket
     field "" (empty), value ""      marker, ~4 bytes per hash: HSET of a claim also sets it and
@@ -19,18 +19,23 @@ most two buckets (the current one and the one before) instead of one per day of 
                                     EXPIREAT (= end of the bucket + ttl)
     ingest_idempotency:<YYYY-MM-DD>+<D>d:n    number of keys claimed into the bucket (stats)
     ingest_idempotency:buckets      hash: bucket prefix -> "<start> <expire_at> <shard hex
-                                    digits>", one entry per live bucket, written by the claim
-                                    that opens a bucket (which also drops expired entries)
+                                    digits> <opened at>", one entry per live bucket, written by
+                                    the claim that opens a bucket (which drops expired ones)
 
 A lookup reads the registry (one HGETALL per batch) and probes every live bucket in it, newest
 first, so buckets of another width (a changed TTL, a worker with another `shard_bits`) are
 found too: a bucket's shard width is fixed by the claim that opened it. Wider buckets keep a
 key up to one bucket longer than the TTL in memory (between TTL and 2 x TTL, ~1.5 x on
 average, against ~8/7 with day buckets); `seen` still answers by the claim's hour, so what is
-seen is exactly what it was with day buckets. With 2^24 shards a hash stays under Redis's
-default `hash-max-listpack-entries` (128) up to ~2.1G claims a bucket (~3,500/s sustained at
-7 days), and so keeps the compact listpack encoding (~14 bytes per field); beyond that raise
-the listpack limit in redis.conf. A false "seen" needs two digests equal in 100 bits.
+seen is exactly what it was with day buckets. The claim that opens a bucket sizes its shards
+by the bucket before (its count over the time it was open, if that was >= 1/8 of a bucket):
+the fewest hex digits that give ~32 keys a hash, so a hash keeps the compact listpack
+encoding (~14 bytes per field, <= `hash-max-listpack-entries`, 128 by default) up to 4x that
+rate, and few keys pay a hash of their own (~150 bytes) at low rates; at most `shard_bits`
+(24 by default, 20 for D = 1), which is also the width of a first bucket. 2^24 shards hold
+~2.1G claims a bucket in listpacks (~3,500/s sustained at 7 days); beyond that raise the
+listpack limit in redis.conf. A false "seen" needs a digest equal in its 80 field bits to
+one of the ~32 in its hash: ~2^-75 per lookup.
 
 The layout before (day buckets, `ingest_idempotency:<YYYY-MM-DD>:<5 hex digits>` with the hour
 of the day and `ingest_idempotency:<YYYY-MM-DD>:n`) is still read, as long as a day's counter
@@ -75,7 +80,7 @@ local nb, old_width = tonumber(ARGV[4]), tonumber(ARGV[5])
 local order, starts = {}, {}
 local entries = redis.call('HGETALL', registry)
 for i = 1, #entries, 2 do
-  local s, e, w = string.match(entries[i + 1], '^(%d+) (%d+) (%d+)$')
+  local s, e, w = string.match(entries[i + 1], '^(%d+) (%d+) (%d+)')
   if tonumber(e) > now then  -- a bucket whose every claim is past the TTL is not probed
     order[#order + 1] = {entries[i], tonumber(s), tonumber(w)}
   end
@@ -115,25 +120,42 @@ return table.concat(out)  -- one bulk string of '0'/'1': one reply to parse, not
 """
 
 _CLAIM_LUA = """
-local registry, prefix, start, hour = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local expire_at, width, now = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
-local hex, blob = ARGV[8], ARGV[9]  -- the keys' 13-byte prefixes: hex (shard), raw (field)
-local call = redis.call
+local registry, prefix, start, hour = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local expire_at, width, now = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local prev, span = ARGV[8], tonumber(ARGV[9])  -- the bucket before this one, the buckets' length
+local hex, blob = ARGV[10], ARGV[11]  -- the keys' 13-byte prefixes: hex (shard), raw (field)
+local call, match = redis.call, string.match
 local meta = call('HGET', registry, prefix)
-local known = meta and tonumber(string.match(meta, '^%d+ (%d+)'))
-if meta then width = string.match(meta, ' (%d+)$') end  -- the width that opened the bucket
+local known, opened = nil, math.floor(now)
+if meta then
+  local e, w, o = match(meta, '^%d+ (%d+) (%d+) ?(%d*)$')  -- (1fa79dc wrote no opening time)
+  known, width = tonumber(e), tonumber(w)  -- the width that opened the bucket
+  if o ~= '' then opened = o end
+else
+  -- size the shards by the bucket before: ~32 keys a hash at its rate, so a hash stays in
+  -- the listpack encoding (<= 128 fields) up to 4x that rate; `width` is the most allowed
+  local pm = call('HGET', registry, prev)
+  local ps, po, covered = nil, nil, 0
+  if pm then ps, po = match(pm, '^(%d+) %d+ %d+ (%d+)$') end
+  if po then covered = tonumber(ps) + span - tonumber(po) end  -- seconds it was open
+  if covered >= span / 8 then
+    local rate = tonumber(call('GET', prev .. 'n') or '0') / covered
+    local w = 1
+    while w < width and rate * span > 32 * 16 ^ w do w = w + 1 end
+    width = w
+  end
+end
 if not known or known < expire_at then
   -- opening a bucket (or a longer TTL): drop expired entries, keep the registry to the last
   local top = expire_at
   local entries = call('HGETALL', registry)
   for i = 1, #entries, 2 do
-    local e = tonumber(string.match(entries[i + 1], '^%d+ (%d+)'))
+    local e = tonumber(match(entries[i + 1], '^%d+ (%d+)'))
     if e <= now then call('HDEL', registry, entries[i]) elseif e > top then top = e end
   end
-  call('HSET', registry, prefix, start .. ' ' .. expire_at .. ' ' .. width)
+  call('HSET', registry, prefix, start .. ' ' .. expire_at .. ' ' .. width .. ' ' .. opened)
   call('EXPIREAT', registry, top)
 end
-width = tonumber(width)
 local sub = string.sub
 local added, h = 0, 1
 for i = 1, #blob, 13 do
@@ -287,7 +309,9 @@ class RedisIdempotencyStore:
         now = self._clock()
         start, hour, expire_at = self.bucket(now)
         prefix = self.bucket_prefix(start)
+        span = self.bucket_days * DAY
         args: list[Any] = [self.registry, prefix, start, hour, expire_at, self._width, now]
+        args += [self.bucket_prefix(start - span), span]
         args += _prefixes(keys)
         async with _guard(self._r):
             await self._claim(args=args)
@@ -298,7 +322,7 @@ class RedisIdempotencyStore:
             entries = await self._r.hgetall(self.registry)
         live = []
         for name, meta in entries.items():
-            start, expire_at, _ = meta.split()
+            start, expire_at = meta.split()[:2]
             if int(expire_at) > now:
                 live.append((name.decode() if isinstance(name, bytes) else name, int(start)))
         live += [(self.day_prefix(d), d * DAY) for d in self.live_days(now)]

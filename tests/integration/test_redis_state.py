@@ -95,7 +95,10 @@ async def test_layout_is_compact_hashes_expiring_after_ttl(
         assert await rclient.hget(f"{bucket}{d.hex()[:6]}", d[3:13]) == hour
     assert await rclient.ttl(f"{bucket}n") > TTL - 60
     registry = await rclient.hgetall(f"{prefix}:buckets")
-    assert registry == {bucket.encode(): f"{start} {start + 14 * DAY} 6".encode()}
+    (meta,) = registry.values()
+    assert list(registry) == [bucket.encode()]
+    assert meta.split()[:3] == [str(start).encode(), str(start + 14 * DAY).encode(), b"6"]
+    assert now - 1 <= int(meta.split()[3]) <= time.time()  # when it was opened
 
 
 async def test_seen_honours_ttl_to_the_hour(rclient: aioredis.Redis, uid: str) -> None:
@@ -320,6 +323,72 @@ async def test_buckets_of_another_ttl_are_found(rclient: aioredis.Redis, uid: st
     assert await three.seen(a + b) == [False] * 400
     assert await week.seen(a + b) == [True] * 200 + [False] * 200
     assert (await week.stats())["buckets"] == 1
+
+
+async def test_a_bucket_sizes_its_shards_by_the_bucket_before(
+    rclient: aioredis.Redis, uid: str
+) -> None:
+    """~32 keys a hash at the last bucket's rate (so <= 128, the listpack limit, up to 4x it),
+    scaled up when the last bucket was opened late, never beyond `shard_bits`; a bucket
+    whose predecessor saw less than an eighth of its span keeps the default."""
+    prefix = f"idem_{uid}"
+    week = 7 * DAY
+    now = [(time.time() // week + 1) * week]  # the start of next week's bucket
+    store = RedisIdempotencyStore(rclient, prefix=prefix, clock=lambda: now[0])
+    keys = digests(uid, 300)
+
+    async def width() -> int:
+        start = store.bucket_start(now[0])
+        meta = await rclient.hget(store.registry, store.bucket_prefix(start))
+        assert meta is not None
+        assert meta.split()[:2] == [str(start).encode(), str(start + week + TTL).encode()]
+        return int(meta.split()[2])
+
+    await store.claim(keys)
+    assert await width() == 6  # nothing before it: the default, 24 bits
+    for count, opened_late, want in [
+        (300, 0, 1),  # 300 a week: 16 shards of ~19
+        (10_000_000, 0, 5),  # 10M a week: 2^20 shards of ~10
+        (1_000_000, 6 * DAY, 5),  # 1M in its last day: 7M a week
+        (40_000_000_000, 0, 6),  # more than 2^24 shards hold at 32: the most allowed
+        (1_000_000, 6 * DAY + 82_000, 6),  # open for < 1/8 of its span: not a measure
+    ]:
+        prev = store.bucket_prefix(store.bucket_start(now[0]))
+        await rclient.set(prev + "n", count)
+        if opened_late:
+            start = store.bucket_start(now[0])
+            await rclient.hset(
+                store.registry, prev, f"{start} {start + week + TTL} 6 {start + opened_late}"
+            )
+        now[0] += week
+        await store.claim(keys)
+        assert await width() == want, (count, opened_late)
+        assert await store.seen(keys) == [True] * 300
+    names = [k async for k in rclient.scan_iter(match=f"{prefix}:*", count=1000)]
+    hashes = [n for n in names if b"+" in n and not n.endswith(b":n")]
+    assert {await rclient.object("encoding", n) for n in hashes} == {b"listpack"}
+
+
+async def test_a_registry_entry_without_its_opening_time_is_kept(
+    rclient: aioredis.Redis, uid: str
+) -> None:
+    """1fa79dc wrote `<start> <expire_at> <width>`: claims go on at that width, the next
+    bucket takes the default (no measure of the one before)."""
+    prefix = f"idem_{uid}"
+    now = [time.time() + 60]
+    store = RedisIdempotencyStore(rclient, prefix=prefix, clock=lambda: now[0])
+    start = store.bucket_start(now[0])
+    bucket = store.bucket_prefix(start)
+    await rclient.hset(store.registry, bucket, f"{start} {start + 14 * DAY} 3")
+    keys = digests(uid, 100)
+    await store.claim(keys)
+    assert await rclient.hget(store.registry, bucket) == f"{start} {start + 14 * DAY} 3".encode()
+    assert await rclient.exists(f"{bucket}{keys[0].hex()[:3]}") == 1
+    now[0] += 7 * DAY
+    await store.claim(keys[:1])
+    meta = await rclient.hget(store.registry, store.bucket_prefix(start + 7 * DAY))
+    assert meta is not None and meta.split()[2] == b"6"
+    assert await store.seen(keys) == [True] * 100
 
 
 @settings(
