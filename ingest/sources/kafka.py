@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
 import time
 from collections import deque
@@ -75,6 +74,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
 from ingest.config import KafkaSourceConfig
+from ingest.kafka_log import Repeats, client_logger
 from ingest.records import RawRecord
 from ingest.sources.base import AdapterHealth, SourceBatch
 
@@ -86,8 +86,6 @@ KafkaPosition = dict[TP, tuple[int, int]]
 
 POLL_TIMEOUT_S = 0.5  # bounds how long stop()/close() wait for the poll thread
 CALL_TIMEOUT_S = 10.0  # broker round trips made on purpose (offsets_for_times, watermarks)
-LOG_REPEAT_S = 30.0  # the same librdkafka error is logged at most once in this long
-_DIGITS = re.compile(r"\d+")
 WATCH_INTERVAL_S = 1.0  # how often the watcher looks at watermarks and the iterator
 WATERMARK_STALE_S = 2.0  # a high watermark older than this is fetched from the broker
 WATERMARK_TIMEOUT_S = 2.0  # per request of that refresh: never hold the poll thread long
@@ -159,7 +157,7 @@ class KafkaSource:
         self._iterating = False
         self._keepalive: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self._logged: dict[str, tuple[float, int]] = {}  # error -> (logged at, repeats since)
+        self._repeats = Repeats()  # errors logged once per window: ingest.kafka_log
         self._recommit: asyncio.Future[None] | None = None  # the watcher's retry: _retry_commits
         self._paused = False  # partitions paused by pause()/stop(); _read un-pauses
         self._paused_tps: set[TP] = set()  # every partition paused since: see _unpause
@@ -186,6 +184,7 @@ class KafkaSource:
             "client.id": f"ingest-{self.cfg.name}",
             "error_cb": self._on_error,
             "stats_cb": self._on_stats,
+            "logger": client_logger(f"{self.cfg.name}"),
             **self.cfg.extra,
         }
 
@@ -523,6 +522,8 @@ class KafkaSource:
                 self._retry_commits()
                 if self._stale():
                     await self._refresh_offsets()
+                if self._admin_client is not None:
+                    self._admin_client.poll(0)  # its log lines, queued for `logger` until served
                 if self._holding:
                     self._start_keepalive()  # held a while: poll, to stay in the group
             except asyncio.CancelledError:
@@ -635,6 +636,7 @@ class KafkaSource:
             conf: dict[str, Any] = {
                 "bootstrap.servers": self.cfg.brokers,
                 "client.id": f"ingest-{self.cfg.name}-offsets",
+                "logger": client_logger(f"{self.cfg.name}-offsets"),
                 **{k: v for k, v in self.cfg.extra.items() if k.startswith(_ADMIN_PREFIXES)},
             }
             self._admin_client = AdminClient(conf)
@@ -739,19 +741,9 @@ class KafkaSource:
         self._health.error(f"kafka: {err.str()}")
         if err.fatal() or err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
             self._health.status = "error"
-        # librdkafka reports every reconnect attempt (~20/s per client while a broker is
-        # down): the log gets each distinct error once per LOG_REPEAT_S, with a count
-        message, now = err.str(), time.monotonic()
-        key = _DIGITS.sub("#", message)  # "(after 0ms ...)" and "(after 2ms ...)" alike
-        last, repeats = self._logged.get(key, (-LOG_REPEAT_S, 0))
-        if now - last < LOG_REPEAT_S:
-            self._logged[key] = (last, repeats + 1)
-            return
-        if len(self._logged) > 100:  # keep the memory bounded
-            self._logged.clear()
-        self._logged[key] = (now, 0)
-        more = f" (and {repeats} times in the last {now - last:.0f} s)" if repeats else ""
-        log.warning("%s: %s%s", self.name, message, more)
+        message = self._repeats.admit(err.str())  # ~20/s per client while a broker is down
+        if message is not None:
+            log.warning("%s: %s", self.name, message)
 
     def _on_stats(self, raw: str) -> None:
         stats = orjson.loads(raw)

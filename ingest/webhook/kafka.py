@@ -23,6 +23,7 @@ from typing import Any
 from confluent_kafka import KafkaException, Producer
 
 from ingest.errors import StoreUnavailable
+from ingest.kafka_log import client_logger
 
 DELIVERY_TIMEOUT_MS = 10_000  # librdkafka reports every message by then, delivered or not
 _GRACE_S = 5.0  # on top of the delivery timeout, in case a report never comes back
@@ -81,7 +82,9 @@ class KafkaIntake:
 
     async def start(self) -> None:
         """Create the producer; raise StoreUnavailable if the topic cannot be seen."""
-        self._producer = Producer({**self._conf, "error_cb": self._on_error})
+        self._producer = Producer(
+            {**self._conf, "error_cb": self._on_error, "logger": client_logger("webhook-intake")}
+        )
         try:
             meta = await asyncio.to_thread(self._producer.list_topics, self.topic, 10.0)
         except KafkaException as exc:
