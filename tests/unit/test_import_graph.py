@@ -111,6 +111,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "ingest.timefmt",
             "ingest.names",
             "ingest.logctx",
+            "ingest.kafka_log",
             "ingest.schema",
             "ingest.transformers",
         ),
