@@ -1,7 +1,8 @@
 """Embedded path benchmark: N records (default 1M) from the inbox into the SQLite sink.
 
 Measured in one run, on the same rows and the same table layout:
-  limit     SQLite's own bulk insert (executemany in one transaction) of the rows write() stores
+  limit     SQLite's own bulk insert of the rows write() stores, one transaction per 2,000:
+            the faster of executemany and INSERTs of 500 rows each (what the sink runs)
   pipeline  `ingest run` as a process: a JSON-lines file dropped in the inbox, timed until the
             file is committed (moved to done/) — decode, validate, dedupe (SQLite idempotency
             store), revision-guarded upsert, DLQ/claims, checkpoint
@@ -9,10 +10,13 @@ Prints records/s for both, the ratio, p95 lag (ingest_lag_seconds histogram), pe
 service process, and a profile (pyinstrument, in-process, on a smaller run) of where time goes.
 `--steps N` adds the CPU each step of a batch costs per record (the embedded stores called
 in-process on N records, batches of 2,000, one step at a time; CPU of the whole process, so
-the stores' SQLite threads are counted).
+the stores' SQLite threads are counted). `--threads N` adds the CPU per record of each
+thread of the service (in-process, one worker, on N records): the event loop's, each SQLite
+file's, the rest. `--files N` drops the records as N files at once (a pod's workers lease one
+file each; default 1).
 
     uv run python bench/bench_embedded.py [--records 1000000] [--profile-records 200000]
-                                          [--steps 100000]
+                                          [--steps 100000] [--threads 200000] [--files 2]
 """
 
 from __future__ import annotations
@@ -141,9 +145,10 @@ def server_pid(*needles: str) -> int | None:
 
 
 def run_service(
-    lines: list[bytes], workdir: Path, port: int
+    lines: list[bytes], workdir: Path, port: int, files: int = 1
 ) -> tuple[float, float | None, float, float]:
-    """(records/s, p95 lag, peak RSS MB, service CPU µs per record)."""
+    """(records/s, p95 lag, peak RSS MB, service CPU µs per record). The records are
+    dropped as `files` files at once (a pod's workers lease one file each)."""
     data = workdir / "svc"
     inbox = data / "inbox" / "acme-corp"
     inbox.mkdir(parents=True)
@@ -162,12 +167,15 @@ def run_service(
                 break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        staged = workdir / "orders.jsonl"
-        staged.write_bytes(b"\n".join(lines) + b"\n")
+        names = [f"orders-{i}.jsonl" for i in range(files)]
+        for i, name in enumerate(names):
+            part = lines[i * len(lines) // files : (i + 1) * len(lines) // files]
+            (workdir / name).write_bytes(b"\n".join(part) + b"\n")
         cpu0 = tree_cpu_seconds(proc.pid)
         t0 = time.perf_counter()
-        os.replace(staged, inbox / "orders.jsonl")
-        while (inbox / "orders.jsonl").exists():
+        for name in names:
+            os.replace(workdir / name, inbox / name)
+        while any((inbox / name).exists() for name in names):
             time.sleep(0.05)
         elapsed = time.perf_counter() - t0
         cpu = tree_cpu_seconds(proc.pid) - cpu0
@@ -207,6 +215,64 @@ def profile(lines: list[bytes], workdir: Path) -> str:
     asyncio.run(go())
     profiler.stop()
     return str(profiler.output_text(unicode=False, color=False, show_all=False))
+
+
+def thread_costs(lines: list[bytes], workdir: Path) -> dict[str, float]:
+    """µs of CPU per record by thread: the service in-process (one worker) on `lines`, each
+    SQLite file's thread timed inside its calls (`SQLiteDB.run`), the event loop's thread
+    around the run, the rest (the inbox's reads, the executor) by difference."""
+    import threading
+
+    import yaml
+
+    from ingest.config import parse_config
+    from ingest.service import Service, tune_gc
+    from ingest.state import sqlite as state_sqlite
+
+    data = workdir / "threads"
+    inbox = data / "inbox" / "acme-corp"
+    inbox.mkdir(parents=True)
+    spent: dict[str, float] = {}
+    lock = threading.Lock()
+    run = state_sqlite.SQLiteDB.run
+
+    async def timed_run(self: Any, fn: Any) -> Any:
+        def call(conn: Any) -> Any:
+            t0 = time.thread_time()
+            try:
+                return fn(conn)
+            finally:
+                with lock:
+                    name = f"{self.path.name} thread"
+                    spent[name] = spent.get(name, 0.0) + time.thread_time() - t0
+
+        return await run(self, call)
+
+    async def go() -> None:
+        cfg = parse_config({**yaml.safe_load(BENCH_CONFIG), "data_dir": str(data)})
+        service = await Service.build(cfg)
+        await service.start()
+        tune_gc()
+        (workdir / "t.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+        spent.clear()
+        cpu0, loop0 = time.process_time(), time.thread_time()
+        os.replace(workdir / "t.jsonl", inbox / "t.jsonl")
+        while (inbox / "t.jsonl").exists():
+            await asyncio.sleep(0.05)
+        spent["event loop thread"] = time.thread_time() - loop0
+        spent["whole process"] = time.process_time() - cpu0
+        await service.shutdown()
+
+    state_sqlite.SQLiteDB.run = timed_run  # type: ignore[method-assign]
+    try:
+        asyncio.run(go())
+    finally:
+        state_sqlite.SQLiteDB.run = run  # type: ignore[method-assign]
+    whole = spent.pop("whole process")
+    spent = {"event loop thread": spent.pop("event loop thread"), **dict(sorted(spent.items()))}
+    spent["other threads"] = whole - sum(spent.values())
+    spent["whole process"] = whole
+    return {k: v / len(lines) * 1e6 for k, v in spent.items()}
 
 
 async def step_costs(n: int, workdir: Path, batch: int = 2000) -> dict[str, float]:
@@ -271,6 +337,10 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--profile-records", type=int, default=200_000)
     ap.add_argument("--port", type=int, default=18099)
+    ap.add_argument("--files", type=int, default=1,
+                    help="split the records into this many files (one per worker at a time)")
+    ap.add_argument("--threads", type=int, default=0, metavar="N",
+                    help="also the CPU per record by thread, the service in-process on N records")
     ap.add_argument("--steps", type=int, default=0, metavar="N",
                     help="also the CPU per record of each step, in-process on N records")
     args = ap.parse_args()
@@ -283,8 +353,8 @@ def main() -> None:
         limit_multi = asyncio.run(bulk_limit(lines, workdir / "limit-multi.db", True))
         limit = max(limit_many, limit_multi)
         load = os.getloadavg()
-        rate, p95, rss, cpu_us = run_service(lines, workdir, args.port)
-        print(f"records:               {args.records}")
+        rate, p95, rss, cpu_us = run_service(lines, workdir, args.port, args.files)
+        print(f"records:               {args.records} in {args.files} file(s)")
         print(f"limit (SQLite bulk):   {limit:,.0f} records/s (executemany {limit_many:,.0f}, "
               f"500-row INSERTs {limit_multi:,.0f})")
         print(f"pipeline (ingest run): {rate:,.0f} records/s")
@@ -297,6 +367,11 @@ def main() -> None:
             print(f"\nCPU per record by step ({args.steps} records, in-process, load "
                   f"{os.getloadavg()[0]:.1f}):")
             for name, us in asyncio.run(step_costs(args.steps, workdir)).items():
+                print(f"  {name:34s} {us:6.2f} µs")
+        if args.threads:
+            print(f"\nCPU per record by thread ({args.threads} records, in-process, load "
+                  f"{os.getloadavg()[0]:.1f}):")
+            for name, us in thread_costs(lines[: args.threads], workdir).items():
                 print(f"  {name:34s} {us:6.2f} µs")
         if args.profile_records:
             print(f"\nprofile ({args.profile_records} records, in-process, pyinstrument):")
