@@ -1,17 +1,25 @@
 """Lag at steady load: webhooks at 80 % of the measured peak for 5 minutes (embedded mode).
 
 Two phases against one `ingest run` process (embedded: webhook intake and sink on SQLite):
-  peak    --peak-clients clients post --batch-record batches as fast as they are answered for
-          --peak-seconds; the peak is what the pipeline *delivered* per second over the load
-          and its drain (not what the front door took)
-  steady  a paced sender offers --share (0.8) of that peak, one batch every batch/rate
-          seconds on a fixed schedule (late sends catch up, never bunch), for --seconds (300)
+  peak    --peak-clients clients post requests of --peak-batch records (default: --batch, the
+          steady phase's size, since a request's fixed cost makes small requests dearer per
+          record) as fast as they are answered for --peak-seconds; the peak is what the
+          pipeline *delivered* per second over the load and its drain (not what the front door
+          took): "burst". Also printed, "sustained": the mean delivered rate of the load's
+          saturated 10-s intervals after the first; --basis sustained offers a share of that.
+  steady  a paced sender offers --share (0.8) of that peak (or --rate records/s, no peak
+          phase), one batch every batch/rate seconds on a fixed schedule (late sends catch
+          up, never bunch), for --seconds (300)
 Lag is `ingest_lag_seconds` (webhook receipt -> sink commit, i.e. from acceptance) over the
 steady phase only (histogram delta), p50/p95/p99 interpolated inside the buckets as
 Prometheus' histogram_quantile does. Also printed: records/s offered and delivered, the ratio
-delivered/peak, the service's peak RSS, load average before and after.
+delivered/peak, the largest service process's peak RSS, load average before and after, and
+every --every seconds a timeline line (delivered rate, p95 of the interval, backlog, CPU share
+of each process, service CPU per record, SQLite file sizes), and the service's CPU per record
+over the first and the last minute (does the cost grow as the files do?).
 
     uv run python bench/bench_steady.py [--seconds 300] [--share 0.8] [--workers N]
+        [--basis burst|sustained] [--rate R] [--linger S]
 """
 
 from __future__ import annotations
@@ -103,8 +111,10 @@ def dir_mb(path: Path) -> dict[str, float]:
 
 
 class Timeline(threading.Thread):
-    """Every `every` seconds: delivered rate, intake backlog and each process's CPU share,
-    so a run shows whether delivery decays, what the backlog does, and who takes the cores."""
+    """Every `every` seconds: delivered rate, p95 lag of what was delivered in the interval,
+    intake backlog, each process's CPU share and the service's CPU per delivered record, so a
+    run shows whether delivery decays, whether the cost per record grows (CPU per record
+    hardly moves with other people's load, wall-clock rates do), and who takes the cores."""
 
     def __init__(self, svc: ServiceProcess, every: float) -> None:
         super().__init__(daemon=True)
@@ -114,26 +124,53 @@ class Timeline(threading.Thread):
 
     def run(self) -> None:
         assert self.svc.proc is not None
-        pids = {"ctl": self.svc.proc.pid, **self.svc.worker_pids(), "bench": os.getpid()}
+        workers = self.svc.worker_pids()
+        pids = {"ctl": self.svc.proc.pid, **workers, "bench": os.getpid()}
+        service = [n for n in pids if n != "bench"]
         t0 = time.monotonic()
-        last = (t0, delivered(self.svc.url), {n: cpu_seconds(p) for n, p in pids.items()})
-        while not self.done.wait(self.every):
-            now = time.monotonic()
-            got = delivered(self.svc.url)
+
+        def sample() -> tuple[float, float, dict[float, float], dict[str, float]]:
+            text = httpx.get(f"{self.svc.url}/metrics", timeout=30).text
+            got = metric_value(text, "ingest_records_total", outcome="delivered")
             cpu = {n: cpu_seconds(p) for n, p in pids.items()}
+            return time.monotonic(), got, buckets(text), cpu
+
+        last = sample()
+        while not self.done.wait(self.every):
+            now, got, hist, cpu = sample()
             intake = detailed(self.svc.url, 30).json()["backpressure"].get("intake", {})
-            dt = now - last[0]
-            row = {"t": now - t0, "rate": (got - last[1]) / dt,
-                   "backlog": float(intake.get("records", 0)),
-                   "drain": float(intake.get("drain_rate") or 0.0)}
-            row.update({f"cpu_{n}": (cpu[n] - last[2][n]) / dt for n in pids})
+            dt, n = now - last[0], got - last[1]
+            p95 = quantile(last[2], hist, 0.95)
+            row = {
+                "t": now - t0,
+                "rate": n / dt,
+                "p95": float("nan") if p95 is None else p95,
+                "backlog": float(intake.get("records", 0)),
+                "us": sum(cpu[k] - last[3][k] for k in service) / max(n, 1) * 1e6,
+            }
+            row.update({f"cpu_{k}": (cpu[k] - last[3][k]) / dt for k in pids})
             self.rows.append(row)
             files = ", ".join(f"{k} {v:.0f}" for k, v in dir_mb(self.svc.data_dir).items())
-            shares = " ".join(f"{n} {row[f'cpu_{n}']:.0%}" for n in pids)
-            print(f"  t={row['t']:5.0f}s delivered {row['rate']:8,.0f}/s backlog "
-                  f"{row['backlog']:8,.0f} drain {row['drain']:8,.0f}/s cpu: {shares}; "
-                  f"MB: {files}", flush=True)
-            last = (now, got, cpu)
+            shares = " ".join(f"{k} {row[f'cpu_{k}']:.0%}" for k in pids)
+            print(
+                f"  t={row['t']:4.0f}s delivered {row['rate']:7,.0f}/s p95 {row['p95']:6.2f} s"
+                f" backlog {row['backlog']:7,.0f}; service {row['us']:4.1f} us/rec, cpu {shares};"
+                f" MB {files}",
+                flush=True,
+            )
+            last = (now, got, hist, cpu)
+
+    def cost_drift(self, span: float = 60.0) -> tuple[float, float] | None:
+        """Service CPU per record (us) over the first and the last `span` s with deliveries."""
+        rows = [r for r in self.rows if r["rate"] > 0]
+        if len(rows) < 2:
+            return None
+
+        def mean(part: list[dict[str, float]]) -> float:
+            return sum(r["us"] * r["rate"] for r in part) / sum(r["rate"] for r in part)
+
+        k = max(1, int(span / self.every))
+        return mean(rows[:k]), mean(rows[-k:])
 
 
 async def paced(url: str, rate: float, batch: int, seconds: float) -> tuple[int, int, int]:
@@ -185,14 +222,25 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--peak-seconds", type=float, default=30.0)
     ap.add_argument("--peak-clients", type=int, default=16)
-    ap.add_argument("--peak-batch", type=int, default=500)
+    ap.add_argument("--peak-batch", type=int, default=None, help="default: --batch")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--every", type=float, default=10.0,
                     help="seconds between timeline lines (delivered rate, backlog, CPU)")
+    ap.add_argument("--basis", choices=("burst", "sustained"), default="burst",
+                    help="peak the share is taken of: delivered over the load and its drain "
+                    "(burst), or the mean delivered rate of the load's saturated intervals "
+                    "after the first (sustained)")
+    ap.add_argument("--linger", type=float, default=None,
+                    help="the webhook source's linger_seconds (default: the config default)")
+    ap.add_argument("--rate", type=float, default=None,
+                    help="offer this many records/s and skip the peak phase")
     args = ap.parse_args()
+    args.peak_batch = args.peak_batch or args.batch
     workdir = Path(tempfile.mkdtemp(prefix="bench-steady-"))
     config = workdir / "bench.yaml"
     text = CONFIG + (f"workers: {args.workers}\n" if args.workers is not None else "")
+    if args.linger is not None:
+        text += f"sources: [{{type: webhook, linger_seconds: {args.linger}}}]\n"
     config.write_text(text)
     print(f"machine: {platform.node()} {os.cpu_count()} cores, Python "
           f"{platform.python_version()}; uptime: {subprocess.getoutput('uptime').strip()}")
@@ -200,15 +248,29 @@ def main() -> None:
     try:
         svc.start()
         url = svc.url
-        t0 = time.monotonic()
-        asyncio.run(run_load(url, clients=args.peak_clients, batch=args.peak_batch,
-                             seconds=args.peak_seconds, prefix="pk"))
-        wait_drained(url)
-        peak = delivered(url) / (time.monotonic() - t0)
-        rate = args.share * peak
-        print(f"peak (delivered over {args.peak_seconds:.0f} s load + drain): {peak:,.0f} rec/s")
-        print(f"steady: offering {rate:,.0f} rec/s ({args.share:.0%} of peak) in "
-              f"{args.batch}-record requests for {args.seconds:.0f} s")
+        peak = float("nan")
+        if args.rate is None:
+            print(f"peak: {args.peak_clients} clients, {args.peak_batch}-record requests, "
+                  f"{args.peak_seconds:.0f} s")
+            t0 = time.monotonic()
+            timeline = Timeline(svc, args.every)
+            timeline.start()
+            asyncio.run(run_load(url, clients=args.peak_clients, batch=args.peak_batch,
+                                 seconds=args.peak_seconds, prefix="pk"))
+            wait_drained(url)
+            timeline.done.set()
+            timeline.join()
+            peak = delivered(url) / (time.monotonic() - t0)
+            full = [r["rate"] for r in timeline.rows[1:] if r["backlog"] > 0]
+            sustained = sum(full) / len(full) if full else peak
+            print(f"peak: burst (delivered over {args.peak_seconds:.0f} s load + drain) "
+                  f"{peak:,.0f} rec/s; sustained (mean of {len(full)} saturated intervals "
+                  f"after the first) {sustained:,.0f} rec/s")
+            if args.basis == "sustained":
+                peak = sustained
+        rate = args.share * peak if args.rate is None else args.rate
+        print(f"steady: offering {rate:,.0f} rec/s ({rate / peak:.0%} of the {args.basis} peak) "
+              f"in {args.batch}-record requests for {args.seconds:.0f} s")
         before = buckets(httpx.get(f"{url}/metrics", timeout=30).text)
         got0 = delivered(url)
         t1 = time.monotonic()
@@ -223,7 +285,8 @@ def main() -> None:
         after = buckets(metrics)
         got = delivered(url) - got0
         assert svc.proc is not None
-        rss = peak_rss_mb(svc.proc.pid)
+        rss = max(peak_rss_mb(p) for p in [svc.proc.pid, *svc.worker_pids().values()])
+        drift = timeline.cost_drift()
     finally:
         if svc.proc is not None:
             svc.terminate(120)
@@ -235,7 +298,10 @@ def main() -> None:
           f"{got / elapsed / peak:.2f}x of peak)")
     print(f"lag from acceptance: p50 {p50:.3f} s, p95 {p95:.3f} s, p99 {p99:.3f} s "
           f"(histogram buckets {bounds[0]}..{bounds[-1]} s, {len(bounds)} bounds)")
-    print(f"peak RSS (service): {rss:.0f} MB")
+    if drift:
+        print(f"service CPU per record: {drift[0]:.1f} us over the first minute, "
+              f"{drift[1]:.1f} us over the last ({drift[1] / drift[0]:.2f}x)")
+    print(f"peak RSS (largest service process): {rss:.0f} MB")
     print(f"uptime after: {subprocess.getoutput('uptime').strip()}")
 
 
