@@ -32,7 +32,7 @@ from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import islice
+from itertools import compress
 from operator import attrgetter
 from typing import Any, TypeVar
 
@@ -42,6 +42,7 @@ from ingest.metrics import Metrics, observe_many
 from ingest.pipeline.admission import Admission
 from ingest.pipeline.breaker import BreakerState, CircuitBreaker
 from ingest.pipeline.decode import DecodeFailure
+from ingest.pipeline.recent import RecentKeys
 from ingest.pipeline.retry import Retryable, RetryPolicy, retry_call
 from ingest.records import (
     DLQEntry,
@@ -59,18 +60,15 @@ from ingest.timefmt import iso
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# Keys of recent claims kept in memory: a prefetched lookup runs at most two batches ahead of
-# its source's claims; this covers that for many sources claiming in between.
+# Keys of recent claims kept in memory (at least this many of the latest): a prefetched lookup
+# runs at most two batches ahead of its source's claims; this covers that for many sources
+# claiming in between.
 _RECENT_CLAIMS = 100_000
 _FAILED = SinkStatus.FAILED  # module constants: Enum attribute access is slow in a hot loop
 _UNCHANGED = SinkStatus.UNCHANGED
 _APPLIED = SinkResult.applied()  # the shared instance every sink returns for "applied"
 _TENANT = attrgetter("tenant")
 _SOURCE = attrgetter("source")
-_EVENT_TIME = attrgetter("raw.event_time")
-_TENANT_TYPE = attrgetter("tenant", "entity_type")
-_RAW_TENANT = attrgetter("raw.tenant")
-_RAW_SOURCE = attrgetter("raw.source")
 _REVISION_MAX = 2**63 - 1  # input.schema.json: revision maximum
 
 
@@ -161,15 +159,7 @@ class Pipeline:
         self.disk_full_error: str | None = None  # the last such message, kept for health
         # Keys claimed by the last few batches: a lookup prefetched before they were claimed
         # (prefetch_seen) is completed from here, so prefetching loses no duplicate.
-        self._recent_claims: dict[bytes, None] = {}  # insertion-ordered, bounded
-
-    def _remember_claims(self, keys: Sequence[bytes]) -> None:
-        recent = self._recent_claims
-        recent.update(dict.fromkeys(keys))
-        excess = len(recent) - _RECENT_CLAIMS
-        if excess > 0:
-            for key in list(islice(recent, excess)):
-                del recent[key]
+        self._recent_claims = RecentKeys(_RECENT_CLAIMS)
 
     def prefetch_seen(
         self, decoded: Sequence[Record | DecodeFailure], raws: Sequence[RawRecord]
@@ -189,7 +179,7 @@ class Pipeline:
             if not keys:
                 return set()
             flags = await self.until_ok("idempotency", lambda: self.idempotency.seen(keys))
-            return {k for k, f in zip(keys, flags, strict=True) if f}
+            return _flagged(keys, flags)
 
         return asyncio.ensure_future(lookup())
 
@@ -295,7 +285,7 @@ class Pipeline:
             items = by_sink[sink_name]
             report.sink_results[sink_name] = (items, results)
             if label is not None and results.count(_APPLIED) == len(results):
-                for event_time, n in Counter(map(_EVENT_TIME, items)).items():
+                for event_time, n in _counts([r.raw.event_time for r in items]).items():
                     lags[(*label, sink_name, event_time)] += n
                 continue
             for rec, result, tries in zip(items, results, attempts, strict=True):
@@ -318,10 +308,10 @@ class Pipeline:
             claim += [f.key for f in failed]
         if claim:
             await self.until_ok("idempotency", lambda: self.idempotency.claim(claim))
-            self._remember_claims(claim)
+            self._recent_claims.add(claim)
 
         if written.count_processed:
-            counts = Counter(zip(map(_TENANT, raws), map(_SOURCE, raws), strict=True))
+            counts = _label_counts(raws)
             await self.until_ok("dlq", lambda: self.dlq.record_processed(counts))
 
         if not failed_ids and not unchanged and label is not None:
@@ -342,10 +332,13 @@ class Pipeline:
         a batch of one such pair and no `targets` goes whole to each of its sinks."""
         if not records:
             return {}
-        pairs = set(map(_TENANT_TYPE, records))
-        if len(pairs) == 1 and targets is None:
-            ((tenant, entity_type),) = pairs
-            return {name: records for name in self.config.sinks_for(tenant, entity_type)}
+        if targets is None:
+            tenants = {rec.tenant for rec in records}
+            types = {rec.entity_type for rec in records}
+            if len(tenants) == 1 and len(types) == 1:
+                sinks = self.config.sinks_for(tenants.pop(), types.pop())
+                return {name: records for name in sinks}
+        pairs = {(rec.tenant, rec.entity_type) for rec in records}
         routes = {pair: self.config.sinks_for(*pair) for pair in pairs}
         by_sink: dict[str, list[Record]] = defaultdict(list)
         for rec in records:
@@ -442,11 +435,11 @@ class Pipeline:
             return first, failed
         if prefetched is None:
             flags = await self.until_ok("idempotency", lambda: self.idempotency.seen(keys))
-            seen = {k for k, f in zip(keys, flags, strict=True) if f}
+            seen = _flagged(keys, flags)
         else:
             seen = prefetched
         recent = self._recent_claims
-        if not seen and recent.keys().isdisjoint(keys):
+        if not seen and recent.isdisjoint(keys):
             return first, failed
         fresh: list[Record] = []
         for rec in first:
@@ -469,7 +462,7 @@ class Pipeline:
         keys = [f.key for f in failed]
         if prefetched is None:
             flags = await self.until_ok("idempotency", lambda: self.idempotency.seen(keys))
-            seen = {k for k, flag in zip(keys, flags, strict=True) if flag}
+            seen = _flagged(keys, flags)
         else:
             seen = {k for k in keys if k in prefetched}
         seen.update(k for k in (f.key for f in failed) if k in self._recent_claims)
@@ -827,11 +820,36 @@ def _one_label(records: Sequence[Record]) -> tuple[str, str] | None:
     else None: then metrics are labelled record by record."""
     if not records:
         return None
-    tenants = set(map(_RAW_TENANT, records))
-    sources = set(map(_RAW_SOURCE, records))
+    tenants = {rec.raw.tenant for rec in records}  # comprehensions: faster than attrgetter
+    sources = {rec.raw.source for rec in records}  # on Structs
     if len(tenants) == 1 and len(sources) == 1:
-        return (next(iter(tenants)), next(iter(sources)))
+        return (tenants.pop(), sources.pop())
     return None
+
+
+def _label_counts(raws: Sequence[RawRecord]) -> Counter[tuple[str, str]]:
+    """Records per (tenant, source): one set pass per field when the batch has one label
+    (the usual case), instead of a tuple and a count per record."""
+    tenants = {raw.tenant for raw in raws}
+    sources = {raw.source for raw in raws}
+    if len(tenants) == 1 and len(sources) == 1:
+        return Counter({(tenants.pop(), sources.pop()): len(raws)})
+    return Counter(zip(map(_TENANT, raws), map(_SOURCE, raws), strict=True))
+
+
+def _counts(values: list[T]) -> Mapping[T, int]:
+    """`Counter(values)`, in one C-level pass when they are all equal (a batch read from one
+    file shares its event time)."""
+    if values and values.count(values[0]) == len(values):
+        return {values[0]: len(values)}
+    return Counter(values)
+
+
+def _flagged(keys: Sequence[bytes], flags: Sequence[bool]) -> set[bytes]:
+    """The keys whose flag is set (an idempotency lookup's answer), one per key."""
+    if len(flags) != len(keys):
+        raise ValueError(f"{len(flags)} answers for {len(keys)} keys")
+    return set(compress(keys, flags))
 
 
 def _revision_or_none(value: Any) -> int | None:

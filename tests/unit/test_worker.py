@@ -219,6 +219,34 @@ async def test_duplicates_in_batch_and_across_batches_are_counted(db: SQLiteDB) 
     assert sink.rows == {("t", "order", "e1"): 1, ("t", "order", "e2"): 3}
 
 
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from([0.0, 1.5, 7.0, 2000.0]), min_size=1, max_size=12))
+async def test_one_label_all_applied_batch_observes_each_event_time(
+    tmp_path: Path, times: list[float]
+) -> None:
+    """The per-batch path (one tenant and source, every record applied) records one lag
+    observation per record at its own event time: counts per bucket and sum exact."""
+    database = await SQLiteDB.open(tmp_path / f"{uuid.uuid4().hex}.db")
+    try:
+        pipe = make_pipeline(database, {"a": MemorySink("a")}, FakeSleep())
+        pipe.clock = lambda: 1000.0
+        raws, _ = batch(*((f"e{i}", 1) for i in range(len(times))))
+        raws = [RawRecord(r.data, r.tenant, r.source, r.seq, r.position, t)
+                for r, t in zip(raws, times, strict=True)]
+        report = await pipe.deliver(raws, Decoder().decode_many(raws))
+        assert report.delivered == len(times)
+        got = pipe.metrics.registry.get_sample_value
+        labels = {"tenant": "t", "source": "s", "sink": "a"}
+        assert got("ingest_lag_seconds_count", labels) == len(times)
+        assert got("ingest_lag_seconds_sum", labels) == sum(max(0.0, 1000 - t) for t in times)
+        assert got("ingest_lag_seconds_bucket", {**labels, "le": "0.5"}) == times.count(2000.0)
+        assert got("ingest_lag_seconds_bucket", {**labels, "le": "+Inf"}) == len(times)
+        assert await pipe.dlq.processed_total("t") == len(times)
+    finally:
+        await database.close()
+
+
 async def test_brownout_drops_low_priority_deterministically_and_keeps_them(db: SQLiteDB) -> None:
     sink = MemorySink("a")
     pipe = make_pipeline(db, {"a": sink}, FakeSleep())
@@ -274,6 +302,7 @@ async def test_batch_counts_match_the_per_record_rule(tmp_path: Path, specs: lis
         script_b = {f"e{i}": b for i, (_, _, _, _, _, b) in enumerate(specs)}
         sinks = {"a": ScriptedSink("a", script_a), "b": ScriptedSink("b", script_b)}
         pipe = make_pipeline(database, sinks, FakeSleep())  # type: ignore[arg-type]
+        pipe.clock = lambda: 1000.0  # commit time: lag sums are exact
         raws = [RawRecord(
             data=(b'{"schema_version":3,"tenant_id":"%s","entity_type":"order","entity_id":"%s",'
                   b'"revision":%d,"occurred_at":"2025-01-01T00:00:00Z","attributes":{}}'
@@ -285,8 +314,11 @@ async def test_batch_counts_match_the_per_record_rule(tmp_path: Path, specs: lis
         report = await pipe.deliver(raws, decoded)
         want: Counter[tuple[str, str, str]] = Counter()
         lag: Counter[tuple[str, str, str]] = Counter()
+        lag_sum: Counter[tuple[str, str, str]] = Counter()
+        processed: Counter[str] = Counter()
         bad_seen: set[str] = set()  # the same bad bytes again (per tenant) are a duplicate
-        for t, src, _, bad, a, b in specs:
+        for t, src, rev, bad, a, b in specs:
+            processed[t] += 1
             if bad and t in bad_seen:
                 outcome = "duplicate"
             elif bad or "failed" in (a, b):
@@ -300,6 +332,7 @@ async def test_batch_counts_match_the_per_record_rule(tmp_path: Path, specs: lis
             for sink, status in (("a", a), ("b", b)):
                 if not bad and status != "failed":
                     lag[(t, src, sink)] += 1
+                    lag_sum[(t, src, sink)] += 1000 - rev  # event_time = revision
         got = pipe.metrics.registry.get_sample_value
         for (t, src, outcome), n in want.items():
             assert got("ingest_records_total",
@@ -307,6 +340,10 @@ async def test_batch_counts_match_the_per_record_rule(tmp_path: Path, specs: lis
         for (t, src, sink), n in lag.items():
             assert got("ingest_lag_seconds_count",
                        {"tenant": t, "source": src, "sink": sink}) == n
+            assert got("ingest_lag_seconds_sum",
+                       {"tenant": t, "source": src, "sink": sink}) == lag_sum[(t, src, sink)]
+        for t in ("t", "u"):
+            assert await pipe.dlq.processed_total(t) == processed[t]
         assert report.delivered == sum(n for k, n in want.items() if k[2] == "delivered")
         assert report.duplicate == sum(n for k, n in want.items() if k[2] == "duplicate")
         assert report.dlq == sum(n for k, n in want.items() if k[2] == "dlq")
