@@ -350,7 +350,7 @@ class KafkaSource:
                 try:
                     # a JSON object's tenant_id alone, in C; the decoder parses it once, typed
                     tenant = tenant_of(value).tenant_id
-                except msgspec.DecodeError:
+                except (msgspec.DecodeError, RecursionError):  # deep nesting: msgspec recurses
                     append(self._unread(value, header_tenant, header_source or name, seq, key,
                                         offset, ts))  # fmt: skip
                     continue

@@ -131,3 +131,14 @@ def test_a_valid_record_is_left_for_the_decoder_to_parse() -> None:
     assert out is not None
     (raw,) = out.records
     assert (raw.tenant, raw.decoded, raw.meta) == ("acme", None, {})
+
+
+def test_deeply_nested_values_are_judged_never_raise() -> None:
+    """msgspec raises RecursionError past ~1000 levels, even in fields it skips: one such
+    message must not fail the batch (the runner would restart on it forever)."""
+    src = KafkaSource(KafkaSourceConfig(topics=["t"]), max_record_bytes=1_048_576)
+    src._parts = {("t", 0): _Partition(epoch=1)}
+    values = [b'{"tenant_id":"acme","x":' + b"[" * depth + b"]" * depth + b"}"
+              for depth in (998, 1020, 1100, 5000)]  # fmt: skip
+    out = src._to_batch([message(v, i, None) for i, v in enumerate(values)])
+    assert out is not None and len(out.records) == len(values)
