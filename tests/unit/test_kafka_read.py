@@ -133,12 +133,19 @@ def test_a_valid_record_is_left_for_the_decoder_to_parse() -> None:
     assert (raw.tenant, raw.decoded, raw.meta) == ("acme", None, {})
 
 
-def test_deeply_nested_values_are_judged_never_raise() -> None:
-    """msgspec raises RecursionError past ~1000 levels, even in fields it skips: one such
-    message must not fail the batch (the runner would restart on it forever)."""
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(900, 4000), st.sampled_from([(b"[", b"]"), (b'{"a":', b"}")]),
+                          st.booleans()), min_size=1, max_size=4))  # fmt: skip
+def test_deeply_nested_values_are_judged_never_raise(
+    shapes: list[tuple[int, tuple[bytes, bytes], bool]],
+) -> None:
+    """msgspec raises RecursionError past ~1000 levels, even in fields it skips: such messages
+    must not fail the batch (the runner would restart on the same message forever)."""
     src = KafkaSource(KafkaSourceConfig(topics=["t"]), max_record_bytes=1_048_576)
     src._parts = {("t", 0): _Partition(epoch=1)}
-    values = [b'{"tenant_id":"acme","x":' + b"[" * depth + b"]" * depth + b"}"
-              for depth in (998, 1020, 1100, 5000)]  # fmt: skip
+    values = []
+    for depth, (open_, close), at_top in shapes:
+        nest = open_ * depth + b"1" + close * depth
+        values.append(nest if at_top else b'{"tenant_id":"acme","x":' + nest + b"}")
     out = src._to_batch([message(v, i, None) for i, v in enumerate(values)])
     assert out is not None and len(out.records) == len(values)
