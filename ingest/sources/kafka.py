@@ -184,7 +184,7 @@ class KafkaSource:
             "client.id": f"ingest-{self.cfg.name}",
             "error_cb": self._on_error,
             "stats_cb": self._on_stats,
-            "logger": client_logger(f"{self.cfg.name}"),
+            "logger": client_logger(self.cfg.name),
             **self.cfg.extra,
         }
 
@@ -715,16 +715,14 @@ class KafkaSource:
             # Not an "error" status: a broker that is down says so through _on_error, and a
             # refusal in a rebalance passes by itself
             self._health.error(f"commit: {why}")
-            log.warning("%s: commit refused, retried: %s", self.name, why)
+            self._warn(f"commit refused, retried: {why}")
             return
         failed = {(tp.topic, tp.partition) for tp in results or () if tp.error is not None}
         for tp in results or ():
             if tp.error is not None:
                 self._health.error(f"commit {tp_name((tp.topic, tp.partition))}: {tp.error}")
         if failed:
-            log.warning(
-                "%s: commit of %s refused, retried", self.name, sorted(map(tp_name, failed))
-            )
+            self._warn(f"commit of {sorted(map(tp_name, failed))} refused, retried")
         with self._state:
             for key, epoch, off in todo:
                 part = self._parts.get(key)
@@ -741,9 +739,14 @@ class KafkaSource:
         self._health.error(f"kafka: {err.str()}")
         if err.fatal() or err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
             self._health.status = "error"
-        message = self._repeats.admit(err.str())  # ~20/s per client while a broker is down
-        if message is not None:
-            log.warning("%s: %s", self.name, message)
+        self._warn(err.str())  # ~20/s per client while a broker is down
+
+    def _warn(self, message: str) -> None:
+        """A warning, each distinct one once per window (the watcher retries a refused
+        commit every second; librdkafka repeats its errors): ingest.kafka_log."""
+        admitted = self._repeats.admit(message)
+        if admitted is not None:
+            log.warning("%s: %s", self.name, admitted)
 
     def _on_stats(self, raw: str) -> None:
         stats = orjson.loads(raw)
