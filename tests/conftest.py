@@ -41,14 +41,16 @@ def wait_for(cond: Callable[[], T], timeout: float = 60.0, what: str = "conditio
     """Poll `cond()` until it returns something truthy and return that; fail naming `what`
     after `timeout`. An exception from `cond` counts as "not yet" (a service restarting)."""
     deadline = time.monotonic() + timeout
-    last_exc: BaseException | None = None
+    last_exc = "none"
     while time.monotonic() < deadline:
         try:
             value = cond()
             if value:
                 return value
         except Exception as exc:
-            last_exc = exc
+            # its text only: the exception itself would keep `cond`'s frame (and any sqlite3
+            # connection in it, with its -wal file) alive until the next garbage collection
+            last_exc = f"{type(exc).__name__}: {exc}"
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
 

@@ -9,6 +9,7 @@ test cuts a TCP proxy in front of the test Postgres, so the sink failures are re
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -92,6 +93,14 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert svc.terminate() == 0
     finally:
         svc.stop()
+    # Close every connection this process still holds (the last close folds the -wal file
+    # into the database and deletes it): copying a live -wal while a collected connection
+    # deletes it failed CI with FileNotFoundError.
+    gc.collect()
+    for db in ("state.db", "sink.db"):
+        if (root / "data" / db).exists():
+            with contextlib.closing(sqlite3.connect(root / "data" / db)) as conn:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return root
 
 
