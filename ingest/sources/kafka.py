@@ -350,7 +350,9 @@ class KafkaSource:
                 try:
                     # a JSON object's tenant_id alone, in C; the decoder parses it once, typed
                     tenant = tenant_of(value).tenant_id
-                except (msgspec.DecodeError, RecursionError):  # deep nesting: msgspec recurses
+                    if not value.isascii():  # msgspec skips the other fields unchecked: bytes
+                        value.decode()  # that are not UTF-8 are judged by the full parse
+                except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):  # or too deep
                     append(self._unread(value, header_tenant, header_source or name, seq, key,
                                         offset, ts))  # fmt: skip
                     continue

@@ -149,3 +149,71 @@ def test_deeply_nested_values_are_judged_never_raise(
         values.append(nest if at_top else b'{"tenant_id":"acme","x":' + nest + b"}")
     out = src._to_batch([message(v, i, None) for i, v in enumerate(values)])
     assert out is not None and len(out.records) == len(values)
+
+
+# Bytes that are not valid UTF-8 (a stray continuation byte, a truncated sequence, an overlong
+# encoding, an encoded surrogate, past U+10FFFF), escapes and control characters JSON refuses,
+# and valid non-ASCII for contrast. msgspec's tenant read skips every field but tenant_id
+# without looking at its bytes; what it lets through must still be judged as the full parse did.
+HOSTILE = st.sampled_from([
+    b"\xff", b"\x80", b"\xc3", b"\xe2\x82", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80",
+    b"\\ud800", b"\\udfff x", b"\\x", b"\x01", b"\x00", b"\xc3\xa9", "𝕏".encode(), b"\\u00e9",
+]) | st.binary(min_size=1, max_size=4)  # fmt: skip
+PLACES = ["skipped value", "skipped key", "skipped list", "attribute value", "attribute key"]
+
+
+@st.composite
+def hostile_values(draw: st.DrawFn) -> bytes:
+    """A record (valid or not otherwise) with hostile bytes in fields the tenant read skips,
+    the skipped field before or after tenant_id."""
+    body = good(draw(st.integers(0, 1000)), draw(st.sampled_from(["acme", "other"])))
+    if draw(st.booleans()):
+        body = {"tenant_id": body["tenant_id"]}
+    marks: list[bytes] = []
+    for i, place in enumerate(draw(st.lists(st.sampled_from(PLACES), min_size=1, max_size=3))):
+        mark = f"@@{i}@@"
+        marks.append(draw(HOSTILE))
+        if place == "skipped value":
+            extra = {"note": mark}
+        elif place == "skipped key":
+            extra = {mark: 1}
+        elif place == "skipped list":
+            extra = {"tags": [1, {"k": [mark]}]}
+        else:
+            attrs = body.setdefault("attributes", {})
+            attrs.update({"name": mark} if place == "attribute value" else {mark: "v"})
+            continue
+        body = {**extra, **body} if draw(st.booleans()) else {**body, **extra}
+    raw = json.dumps(body).encode()
+    for i, fragment in enumerate(marks):
+        raw = raw.replace(f"@@{i}@@".encode(), fragment)
+    return raw
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    batch=st.lists(st.tuples(hostile_values(), st.sampled_from([None, b"acme"])), min_size=1,
+                   max_size=5),
+    cfg_tenant=st.sampled_from([None, "cfg"]),
+)  # fmt: skip
+def test_hostile_bytes_in_skipped_fields_are_judged_as_by_the_full_parse(
+    batch: list[tuple[bytes, bytes | None]], cfg_tenant: str | None
+) -> None:
+    """Invalid UTF-8 (or an escape JSON refuses) where the tenant read does not look: the same
+    tenant, the same source-level reject and the same decoder verdict (reason, or accepted)
+    as when the source parsed every value in full; never an exception out of the batch."""
+    src = source(cfg_tenant)
+    out = src._to_batch([message(v, i, h) for i, (v, h) in enumerate(batch)])
+    assert out is not None and len(out.records) == len(batch)
+    decoder = Decoder()
+    got = decoder.decode_many(out.records)
+    refs = [parsed_first(v, None if h is None else h.decode(), cfg_tenant) for v, h in batch]
+    want = decoder.decode_many(refs)
+    for raw, ref, g, w in zip(out.records, refs, got, want, strict=True):
+        assert (raw.data, raw.tenant) == (ref.data, ref.tenant)
+        assert raw.meta.get("reject", {}).get("kind") == ref.meta.get("reject", {}).get("kind")
+        if isinstance(w, Record):
+            assert isinstance(g, Record) and (g.body, g.dedupe_key) == (w.body, w.dedupe_key)
+        else:
+            assert not isinstance(g, Record)
+            assert (g.reason, g.detail.get("kind")) == (w.reason, w.detail.get("kind"))
