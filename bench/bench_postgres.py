@@ -262,7 +262,7 @@ def fill_window(redis_url: str, n: int, days: int = 8) -> dict[str, Any]:
         client = redis_client(redis_url)
         now = time.time()
         clock = [now]
-        store = RedisIdempotencyStore(client, clock=lambda: clock[0])
+        store = RedisIdempotencyStore(client, server_clock=lambda: clock[0])
         for i in range(0, n, 2000):
             clock[0] = now - (days - 1 - i * days // n) * 86400
             blob = os.urandom(32 * min(2000, n - i))

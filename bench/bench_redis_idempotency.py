@@ -65,7 +65,7 @@ async def bench_store(
     prefix = f"bench_idem_{os.getpid()}"
     clock = [time.time()]
     kw: dict[str, Any] = {} if bits is None else {"shard_bits": bits}
-    store = RedisIdempotencyStore(r, prefix=prefix, clock=lambda: clock[0], **kw)
+    store = RedisIdempotencyStore(r, prefix=prefix, server_clock=lambda: clock[0], **kw)
     today = clock[0]
     before = await used_memory(r)
     claimed: list[bytes] = []

@@ -18,9 +18,29 @@ most two buckets (the current one and the one before) instead of one per day of 
                                     answers 2 only when the hash is new, so only new hashes pay
                                     EXPIREAT (= end of the bucket + ttl)
     ingest_idempotency:<YYYY-MM-DD>+<D>d:n    number of keys claimed into the bucket (stats)
+    ingest_idempotency:<YYYY-MM-DD>+<D>d:w    "<shard hex digits> <opened at>" of the bucket
+                                    (expires with it): its width, should the registry be lost
     ingest_idempotency:buckets      hash: bucket prefix -> "<start> <expire_at> <shard hex
                                     digits> <opened at>", one entry per live bucket, written by
                                     the claim that opens a bucket (which drops expired ones)
+
+One clock: what has expired, which bucket a claim goes into and its hour are decided inside
+the scripts by Redis's own `TIME` (Redis 7 replicates a script's effects, so TIME is allowed
+before writes), never by a worker's clock: a worker whose clock runs fast would otherwise drop
+the registry entry of the bucket before for every worker, and one running slow would store
+hours (and EXPIREATs) already past, so a duplicate delivered to another worker would pass.
+The scripts format the bucket names themselves from that time. `health()` shows each worker's
+skew against Redis (`clock_skew_s`) for the operator; it changes nothing.
+
+Registry loss: a lookup also probes the current bucket and the one before by name (from
+Redis's clock and this store's D) when the registry does not list them, at the width in their
+`w` key (one GET each, only then); a claim that finds its bucket unlisted lists it again at
+that width instead of opening it anew. Every claim batch writes `w` if missing (SET NX), so
+buckets opened before `w` existed get one too. Keys of another width (another TTL) are found
+only through the registry. Redis must run with `maxmemory-policy noeviction`: an evicted
+shard hash loses its keys whatever the registry says, and every other policy may evict one
+(volatile-* ones pick keys with an expiry, which all of these have); with noeviction a full
+Redis refuses the claim (OOM), which is StoreUnavailable: the worker waits, nothing is lost.
 
 A lookup reads the registry (one HGETALL per batch) and probes every live bucket in it, newest
 first, so buckets of another width (a changed TTL, a worker with another `shard_bits`) are
@@ -40,11 +60,13 @@ one of the ~32 in its hash: ~2^-75 per lookup.
 The layout before (day buckets, `ingest_idempotency:<YYYY-MM-DD>:<5 hex digits>` with the hour
 of the day and `ingest_idempotency:<YYYY-MM-DD>:n`) is still read, as long as a day's counter
 exists (an EXISTS per live day per batch), so keys claimed before an upgrade are seen until
-they expire; nothing writes it any more. Upgrade every worker that shares a Redis together: an
-old worker does not read the new buckets.
+they expire; nothing writes it any more. Upgrade every worker that shares a Redis together
+(stop all old workers, then start the new ones; not a rolling update): an old worker does not
+read the new buckets, so a duplicate it receives of a key a new worker claimed goes through.
 
 `seen` is one EVALSHA per batch (a Lua script checks the live buckets server-side); `claim` is
-one EVALSHA too: per key one HSET, plus an EXPIREAT for a hash it created. The client sends the
+one EVALSHA too: per key one HSET, plus an EXPIREAT for a hash it created; per batch a TIME, an
+HGETALL/HGET of the registry and a SET NX of `w`. The client sends the
 keys' prefixes once raw and once in hex (one C pass each), so a script only cuts strings per key
 and never formats a shard name. Redis errors become `StoreUnavailable` so the worker waits and
 retries; the connection pool reconnects by itself after a Redis restart, and redis-py reloads
@@ -74,15 +96,56 @@ from ingest.timefmt import iso
 
 DAY = 86_400
 
-_SEEN_LUA = """
-local now, ttl, registry = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local nb, old_width = tonumber(ARGV[4]), tonumber(ARGV[5])
-local order, starts = {}, {}
-local entries = redis.call('HGETALL', registry)
+# Shared by both scripts: the time every decision is made by (expiry, bucket, hour) is Redis's
+# own `TIME`, one clock for every worker, unless a test stands in for it; bucket names are
+# formatted here from that time (a day count to YYYY-MM-DD, Hinnant's days_from_civil inverse).
+_TIME_LUA = """
+local floor = math.floor
+local function clock(arg)
+  if arg ~= '' then return tonumber(arg) end  -- a test's stand-in for the server's clock
+  local t = redis.call('TIME')  -- allowed before writes: Redis 7 replicates scripts' effects
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+local function date(day)  -- days since 1970-01-01 -> 'YYYY-MM-DD' (UTC)
+  local z = day + 719468
+  local era = floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+  local mp = floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400 + (m <= 2 and 1 or 0)
+  return string.format('%04d-%02d-%02d', y, m, doy - floor((153 * mp + 2) / 5) + 1)
+end
+local function bucket(base, start, days)  -- 'ingest_idempotency:2026-11-26+7d:'
+  return base .. ':' .. date(floor(start / 86400)) .. '+' .. days .. 'd:'
+end
+"""
+
+_SEEN_LUA = (
+    _TIME_LUA
+    + """
+local now, ttl, base = clock(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local days, old_width = tonumber(ARGV[4]), tonumber(ARGV[5])
+local call, match = redis.call, string.match
+local span = days * 86400
+local current = floor(now / span) * span
+local order, listed = {}, {}
+local entries = call('HGETALL', base .. ':buckets')
 for i = 1, #entries, 2 do
-  local s, e, w = string.match(entries[i + 1], '^(%d+) (%d+) (%d+)')
+  listed[entries[i]] = true
+  local s, e, w = match(entries[i + 1], '^(%d+) (%d+) (%d+)')
   if tonumber(e) > now then  -- a bucket whose every claim is past the TTL is not probed
     order[#order + 1] = {entries[i], tonumber(s), tonumber(w)}
+  end
+end
+-- the current bucket and the one before, by name, even if the registry lost them (evicted,
+-- deleted, a replica that missed it): their width is in `<bucket>w`, written by their claims
+for s = current, current - span, -span do
+  local name = bucket(base, s, days)
+  if not listed[name] then
+    local w = call('GET', name .. 'w')
+    if w then order[#order + 1] = {name, s, tonumber(match(w, '^%d+'))} end
   end
 end
 table.sort(order, function(a, b) return a[2] > b[2] end)  -- newest first
@@ -91,16 +154,17 @@ for d = 1, #order do
   -- seen while start + (hour + 1) * 3600 + ttl > now, i.e. (hour + 1) * 3600 > limit
   prefixes[d], limits[d], widths[d] = order[d][1], now - order[d][2] - ttl, order[d][3]
 end
-for j = 0, nb - 1 do  -- day buckets of the layout before: read until they expire
-  if redis.call('EXISTS', ARGV[6 + j] .. 'n') == 1 then
-    prefixes[#prefixes + 1] = ARGV[6 + j]
-    limits[#limits + 1] = now - tonumber(ARGV[6 + nb + j]) - ttl
+for day = floor(now / 86400), floor((now - ttl) / 86400), -1 do
+  local prefix = base .. ':' .. date(day) .. ':'  -- the day layout before: read until it expires
+  if call('EXISTS', prefix .. 'n') == 1 then
+    prefixes[#prefixes + 1] = prefix
+    limits[#limits + 1] = now - day * 86400 - ttl
     widths[#widths + 1] = old_width
   end
 end
 local live = #prefixes
-local hex, blob = ARGV[6 + 2 * nb], ARGV[7 + 2 * nb]  -- the keys' 13-byte prefixes: hex, raw
-local sub, call = string.sub, redis.call
+local hex, blob = ARGV[6], ARGV[7]  -- the keys' 13-byte prefixes: hex, raw
+local sub = string.sub
 local out, n, h = {}, 0, 1
 for i = 1, #blob, 13 do
   local field = sub(blob, i + 3, i + 12)
@@ -118,43 +182,65 @@ for i = 1, #blob, 13 do
 end
 return table.concat(out)  -- one bulk string of '0'/'1': one reply to parse, not one per key
 """
+)
 
-_CLAIM_LUA = """
-local registry, prefix, start, hour = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local expire_at, width, now = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local prev, span = ARGV[8], tonumber(ARGV[9])  -- the bucket before this one, the buckets' length
-local hex, blob = ARGV[10], ARGV[11]  -- the keys' 13-byte prefixes: hex (shard), raw (field)
+_CLAIM_LUA = (
+    _TIME_LUA
+    + """
+local now, ttl, base = clock(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local days, width = tonumber(ARGV[4]), tonumber(ARGV[5])  -- width: the most allowed
+local hex, blob = ARGV[6], ARGV[7]  -- the keys' 13-byte prefixes: hex (shard), raw (field)
 local call, match = redis.call, string.match
+local span = days * 86400
+local start = floor(now / span) * span
+local hour, expire_at = floor((now - start) / 3600), start + span + ttl
+local registry, prefix = base .. ':buckets', bucket(base, start, days)
+local prev = bucket(base, start - span, days)
+local function opening(name)  -- (width, opened at or '') of a bucket: registry, else `<name>w`
+  local meta = call('HGET', registry, name)
+  if meta then return match(meta, '^%d+ %d+ (%d+) ?(%d*)$') end  -- (1fa79dc: no opened at)
+  local saved = call('GET', name .. 'w')
+  if saved then return match(saved, '^(%d+) ?(%d*)$') end
+end
 local meta = call('HGET', registry, prefix)
-local known, opened = nil, math.floor(now)
+local known, opened = nil, ''
 if meta then
-  local e, w, o = match(meta, '^%d+ (%d+) (%d+) ?(%d*)$')  -- (1fa79dc wrote no opening time)
-  known, width = tonumber(e), tonumber(w)  -- the width that opened the bucket
-  if o ~= '' then opened = o end
+  local e, w, o = match(meta, '^%d+ (%d+) (%d+) ?(%d*)$')
+  known, width, opened = tonumber(e), tonumber(w), o  -- the width that opened the bucket
 else
-  -- size the shards by the bucket before: ~32 keys a hash at its rate, so a hash stays in
-  -- the listpack encoding (<= 128 fields) up to 4x that rate; `width` is the most allowed
-  local pm = call('HGET', registry, prev)
-  local ps, po, covered = nil, nil, 0
-  if pm then ps, po = match(pm, '^(%d+) %d+ %d+ (%d+)$') end
-  if po then covered = tonumber(ps) + span - tonumber(po) end  -- seconds it was open
-  if covered >= span / 8 then
-    local rate = tonumber(call('GET', prev .. 'n') or '0') / covered
-    local w = 1
-    while w < width and rate * span > 32 * 16 ^ w do w = w + 1 end
-    width = w
+  local w, o = opening(prefix)  -- the registry lost it: `<prefix>w` keeps its width
+  if w then
+    width, opened = tonumber(w), o
+  else
+    -- opening the bucket: size the shards by the bucket before: ~32 keys a hash at its rate,
+    -- so a hash stays in the listpack encoding (<= 128 fields) up to 4x that rate
+    opened = floor(now)
+    local _, po = opening(prev)
+    local covered = 0
+    if po and po ~= '' then covered = start - tonumber(po) end  -- seconds it was open
+    if covered >= span / 8 then
+      local rate = tonumber(call('GET', prev .. 'n') or '0') / covered
+      local w = 1
+      while w < width and rate * span > 32 * 16 ^ w do w = w + 1 end
+      width = w
+    end
   end
 end
+local saved = width .. (opened ~= '' and ' ' .. opened or '')
 if not known or known < expire_at then
-  -- opening a bucket (or a longer TTL): drop expired entries, keep the registry to the last
+  -- opening a bucket, re-listing a lost one, a longer TTL: drop expired entries, keep the
+  -- registry to the last
   local top = expire_at
   local entries = call('HGETALL', registry)
   for i = 1, #entries, 2 do
     local e = tonumber(match(entries[i + 1], '^%d+ (%d+)'))
     if e <= now then call('HDEL', registry, entries[i]) elseif e > top then top = e end
   end
-  call('HSET', registry, prefix, start .. ' ' .. expire_at .. ' ' .. width .. ' ' .. opened)
+  call('HSET', registry, prefix, start .. ' ' .. expire_at .. ' ' .. saved)
   call('EXPIREAT', registry, top)
+  call('SET', prefix .. 'w', saved, 'EXAT', expire_at)
+else
+  call('SET', prefix .. 'w', saved, 'NX', 'EXAT', expire_at)  -- a bucket opened before it
 end
 local sub = string.sub
 local added, h = 0, 1
@@ -172,6 +258,7 @@ call('INCRBY', counter, added)
 call('EXPIREAT', counter, expire_at)
 return added
 """
+)
 
 
 def redis_client(url: str) -> aioredis.Redis:
@@ -237,7 +324,13 @@ class RedisCheckpointStore:
 
 
 class RedisIdempotencyStore:
-    """IdempotencyStore on TTL-wide, sharded hashes (layout in the module docstring)."""
+    """IdempotencyStore on TTL-wide, sharded hashes (layout in the module docstring).
+
+    Every decision (what has expired, the bucket and the hour of a claim) is made by Redis's
+    `TIME` inside the scripts, so workers whose clocks disagree still agree on every key.
+    `clock` is the worker's own clock: only `health()` reads it, to report its skew against
+    Redis. `server_clock` stands in for Redis's clock (tests and benches that move days);
+    leave it None in production."""
 
     def __init__(
         self,
@@ -247,6 +340,8 @@ class RedisIdempotencyStore:
         clock: Callable[[], float] = time.time,
         shard_bits: int | None = None,
         old_shard_bits: int = 20,
+        *,
+        server_clock: Callable[[], float] | None = None,
     ) -> None:
         self.bucket_days = max(1, -(-ttl_seconds // DAY))
         bits = (20 if self.bucket_days == 1 else 24) if shard_bits is None else shard_bits
@@ -257,6 +352,7 @@ class RedisIdempotencyStore:
         self._ttl = ttl_seconds
         self._prefix = prefix
         self._clock = clock
+        self._server_clock = server_clock
         self._width = bits // 4
         self._old_width = old_shard_bits // 4
         self.registry = f"{prefix}:buckets"
@@ -270,7 +366,8 @@ class RedisIdempotencyStore:
 
     def bucket(self, now: float) -> tuple[int, int, int]:
         """(start, hour in the bucket, EXPIREAT) of a claim at `now`: the hash outlives the
-        claim's hour + ttl, and only this bucket and the one before can hold a live claim."""
+        claim's hour + ttl, and only this bucket and the one before can hold a live claim
+        (the claim script computes the same from Redis's clock)."""
         start = self.bucket_start(now)
         return start, int(now - start) // 3600, start + self.bucket_days * DAY + self._ttl
 
@@ -290,15 +387,23 @@ class RedisIdempotencyStore:
         oldest = int((now - self._ttl) // DAY)
         return list(range(today, oldest - 1, -1))
 
+    def _time_arg(self) -> str:
+        """The scripts' first argument: empty = Redis's own TIME."""
+        return "" if self._server_clock is None else repr(self._server_clock())
+
+    async def server_time(self) -> float:
+        """Redis's clock (or the test's stand-in): what the scripts decide by."""
+        if self._server_clock is not None:
+            return self._server_clock()
+        async with _guard(self._r):
+            sec, usec = await self._r.time()
+        return sec + usec / 1e6
+
     async def seen(self, keys: Sequence[bytes]) -> list[bool]:
         if not keys:
             return []
-        now = self._clock()
-        days = self.live_days(now)
-        args: list[Any] = [now, self._ttl, self.registry, len(days), self._old_width]
-        args += [self.day_prefix(d) for d in days]
-        args += [d * DAY for d in days]
-        args += _prefixes(keys)
+        args: list[Any] = [self._time_arg(), self._ttl, self._prefix, self.bucket_days]
+        args += [self._old_width, *_prefixes(keys)]
         async with _guard(self._r):
             hits = await self._seen(args=args)
         return [h == 49 for h in hits]  # b"1"
@@ -306,31 +411,31 @@ class RedisIdempotencyStore:
     async def claim(self, keys: Sequence[bytes]) -> None:
         if not keys:
             return
-        now = self._clock()
-        start, hour, expire_at = self.bucket(now)
-        prefix = self.bucket_prefix(start)
-        span = self.bucket_days * DAY
-        args: list[Any] = [self.registry, prefix, start, hour, expire_at, self._width, now]
-        args += [self.bucket_prefix(start - span), span]
-        args += _prefixes(keys)
+        args: list[Any] = [self._time_arg(), self._ttl, self._prefix, self.bucket_days]
+        args += [self._width, *_prefixes(keys)]
         async with _guard(self._r):
             await self._claim(args=args)
 
     async def _live_buckets(self, now: float) -> list[tuple[str, int]]:
-        """(prefix, start) of every live bucket: the registry's and the old layout's days."""
+        """(prefix, start) of every live bucket: the registry's, the current bucket and the one
+        before (should the registry have lost them) and the old layout's days."""
         async with _guard(self._r):
             entries = await self._r.hgetall(self.registry)
         live = []
         for name, meta in entries.items():
-            start, expire_at = meta.split()[:2]
+            began, expire_at = meta.split()[:2]
             if int(expire_at) > now:
-                live.append((name.decode() if isinstance(name, bytes) else name, int(start)))
+                live.append((name.decode() if isinstance(name, bytes) else name, int(began)))
+        current = self.bucket_start(now)
+        for start in (current, current - self.bucket_days * DAY):
+            if self.bucket_prefix(start) not in {p for p, _ in live}:
+                live.append((self.bucket_prefix(start), start))
         live += [(self.day_prefix(d), d * DAY) for d in self.live_days(now)]
         return live
 
     async def stats(self) -> dict[str, Any]:
         """Totals from the per-bucket counters (INFO keyspace cannot show fields in hashes)."""
-        now = self._clock()
+        now = await self.server_time()
         buckets = await self._live_buckets(now)
         async with _guard(self._r):
             counts = await self._r.mget([p + "n" for p, _ in buckets])
@@ -350,11 +455,20 @@ class RedisIdempotencyStore:
         }
 
     async def health(self) -> dict[str, Any]:
+        """Connected, ping and `clock_skew_s`: this worker's clock minus Redis's (decisions
+        use Redis's, so a skew is harmless to the keys; it is shown for the operator)."""
         try:
             async with _guard(self._r):
                 t0 = time.perf_counter()
                 await self._r.ping()
                 ms = (time.perf_counter() - t0) * 1000
+                sec, usec = await self._r.time()
+                skew = self._clock() - (sec + usec / 1e6)
         except StoreUnavailable as exc:
             return {"connected": False, "target": _where(self._r), "error": exc.cause}
-        return {"connected": True, "target": _where(self._r), "ping_ms": round(ms, 2)}
+        return {
+            "connected": True,
+            "target": _where(self._r),
+            "ping_ms": round(ms, 2),
+            "clock_skew_s": round(skew, 3),
+        }

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from uuid import uuid4
 
 import orjson
@@ -16,7 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingest.errors import StoreUnavailable
-from ingest.state.redis import DAY, RedisCheckpointStore, RedisIdempotencyStore, redis_client
+from ingest.state.redis import (
+    _TIME_LUA,
+    DAY,
+    RedisCheckpointStore,
+    RedisIdempotencyStore,
+    redis_client,
+)
 from tests.integration.conftest import PrivateServer
 
 pytestmark = pytest.mark.integration
@@ -80,8 +86,8 @@ async def test_layout_is_compact_hashes_expiring_after_ttl(
     assert start % (7 * DAY) == 0 and start <= now < start + 7 * DAY
     bucket = f"{prefix}:{time.strftime('%Y-%m-%d', time.gmtime(start))}+7d:"
     names = [k async for k in rclient.scan_iter(match=f"{prefix}:*", count=1000)]
-    shards = [n for n in names if not n.endswith((b":n", b":buckets"))]
-    assert len(names) == len(shards) + 2  # plus the bucket's counter and the registry
+    shards = [n for n in names if not n.endswith((b":n", b":w", b":buckets"))]
+    assert len(names) == len(shards) + 3  # plus the bucket's counter, its width, the registry
     for name in shards[:20]:
         assert re.fullmatch(rb"idem_\w+:20\d\d-\d\d-\d\d\+7d:[0-9a-f]{6}", name)
         assert await rclient.object("encoding", name) == b"listpack"
@@ -99,11 +105,14 @@ async def test_layout_is_compact_hashes_expiring_after_ttl(
     assert list(registry) == [bucket.encode()]
     assert meta.split()[:3] == [str(start).encode(), str(start + 14 * DAY).encode(), b"6"]
     assert now - 1 <= int(meta.split()[3]) <= time.time()  # when it was opened
+    # the width and opening time again, should the registry be lost; gone with the bucket
+    assert (await rclient.get(f"{bucket}w")).split() == meta.split()[2:]
+    assert TTL - 60 < await rclient.ttl(f"{bucket}w") <= 2 * TTL
 
 
 async def test_seen_honours_ttl_to_the_hour(rclient: aioredis.Redis, uid: str) -> None:
     now = [time.time()]
-    store = RedisIdempotencyStore(rclient, prefix=f"idem_{uid}", clock=lambda: now[0])
+    store = RedisIdempotencyStore(rclient, prefix=f"idem_{uid}", server_clock=lambda: now[0])
     keys = digests(uid, 10)
     await store.claim(keys)
     start = now[0]
@@ -151,8 +160,14 @@ async def test_one_round_trip_per_batch(private_client: aioredis.Redis, uid: str
         "cmdstat_incrby",
         "cmdstat_exists",
         "cmdstat_hgetall",  # the bucket registry, once per script call
+        "cmdstat_time",  # Redis's clock, once per script call
+        "cmdstat_get",  # `<bucket>w` of a bucket not in the registry, once per seen
+        "cmdstat_set",  # `<bucket>w` NX, once per claim
     }
     assert client_cmds["cmdstat_info"] == 1
+    assert client_cmds["cmdstat_time"] == 3
+    assert client_cmds["cmdstat_get"] == 2  # the bucket before: never opened on this Redis
+    assert client_cmds["cmdstat_set"] == 1
 
 
 async def test_recovers_after_redis_restart(
@@ -284,7 +299,9 @@ async def test_keys_of_the_day_layouts_are_seen_until_they_expire(
     TTL has passed they are not seen, and the new buckets never were day buckets."""
     prefix = f"idem_{uid}"
     now = [time.time() + 60]
-    store = RedisIdempotencyStore(rclient, prefix=prefix, clock=lambda: now[0], old_shard_bits=8)
+    store = RedisIdempotencyStore(
+        rclient, prefix=prefix, server_clock=lambda: now[0], old_shard_bits=8
+    )
     old, day, new, late = (digests(f"{uid}{t}", 300) for t in "odnl")
     await day_claim(rclient, store, old, now[0], 8, marker=False)
     await day_claim(rclient, store, day, now[0], 8)
@@ -309,9 +326,10 @@ async def test_buckets_of_another_ttl_are_found(rclient: aioredis.Redis, uid: st
     finds the keys claimed before the change, by the TTL in force when asked."""
     prefix = f"idem_{uid}"
     now = [time.time() + 60]
-    week = RedisIdempotencyStore(rclient, TTL, prefix, lambda: now[0])
-    three = RedisIdempotencyStore(rclient, 3 * DAY, prefix, lambda: now[0])
-    one = RedisIdempotencyStore(rclient, DAY, prefix, lambda: now[0], shard_bits=8)
+    at = {"server_clock": lambda: now[0]}
+    week = RedisIdempotencyStore(rclient, TTL, prefix, **at)
+    three = RedisIdempotencyStore(rclient, 3 * DAY, prefix, **at)
+    one = RedisIdempotencyStore(rclient, DAY, prefix, shard_bits=8, **at)
     a, b = digests(f"{uid}a", 200), digests(f"{uid}b", 200)
     await week.claim(a)
     now[0] += 2 * DAY
@@ -334,7 +352,7 @@ async def test_a_bucket_sizes_its_shards_by_the_bucket_before(
     prefix = f"idem_{uid}"
     week = 7 * DAY
     now = [(time.time() // week + 1) * week]  # the start of next week's bucket
-    store = RedisIdempotencyStore(rclient, prefix=prefix, clock=lambda: now[0])
+    store = RedisIdempotencyStore(rclient, prefix=prefix, server_clock=lambda: now[0])
     keys = digests(uid, 300)
 
     async def width() -> int:
@@ -365,7 +383,7 @@ async def test_a_bucket_sizes_its_shards_by_the_bucket_before(
         assert await width() == want, (count, opened_late)
         assert await store.seen(keys) == [True] * 300
     names = [k async for k in rclient.scan_iter(match=f"{prefix}:*", count=1000)]
-    hashes = [n for n in names if b"+" in n and not n.endswith(b":n")]
+    hashes = [n for n in names if b"+" in n and not n.endswith((b":n", b":w"))]
     assert {await rclient.object("encoding", n) for n in hashes} == {b"listpack"}
 
 
@@ -376,7 +394,7 @@ async def test_a_registry_entry_without_its_opening_time_is_kept(
     bucket takes the default (no measure of the one before)."""
     prefix = f"idem_{uid}"
     now = [time.time() + 60]
-    store = RedisIdempotencyStore(rclient, prefix=prefix, clock=lambda: now[0])
+    store = RedisIdempotencyStore(rclient, prefix=prefix, server_clock=lambda: now[0])
     start = store.bucket_start(now[0])
     bucket = store.bucket_prefix(start)
     await rclient.hset(store.registry, bucket, f"{start} {start + 14 * DAY} 3")
@@ -426,7 +444,14 @@ def test_seen_equals_the_model(
         client = redis_client(redis_url)
         prefix = f"model_{uuid4().hex[:10]}"
         now = [time.time() + 60]  # never behind the server's clock: EXPIREAT in the future
-        store = RedisIdempotencyStore(client, ttl, prefix, lambda: now[0], bits, old_bits)
+        store = RedisIdempotencyStore(
+            client,
+            ttl,
+            prefix,
+            shard_bits=bits,
+            old_shard_bits=old_bits,
+            server_clock=lambda: now[0],
+        )
         claimed: dict[int, float] = {}
         try:
             for op, dt, picks in ops:
@@ -462,3 +487,138 @@ def test_shard_bits_are_whole_hex_digits(bits: int) -> None:
         RedisIdempotencyStore(aioredis.Redis(), shard_bits=bits)
     with pytest.raises(ValueError, match="hex digits"):
         RedisIdempotencyStore(aioredis.Redis(), old_shard_bits=bits)
+
+
+# -- one clock for every worker (Redis's TIME) and a registry that may be lost --------------
+
+
+def test_bucket_dates_formatted_in_lua_are_pythons(redis_url: str) -> None:
+    """The scripts name buckets from Redis's clock with their own day -> YYYY-MM-DD: every day
+    from 1970 to 2243 (leap years, centuries, 2000) agrees with Python's."""
+
+    async def go() -> list[bytes]:
+        client = redis_client(redis_url)
+        try:
+            script = _TIME_LUA + (
+                "local out = {} for d = 0, 100000 do out[#out + 1] = date(d) end "
+                "return table.concat(out, ' ')"
+            )
+            reply = await client.eval(script, 0)
+            assert isinstance(reply, bytes)
+            return reply.split()
+        finally:
+            await client.aclose()
+
+    got = asyncio.run(go())
+    want = [time.strftime("%Y-%m-%d", time.gmtime(d * DAY)).encode() for d in range(100_001)]
+    assert got == want
+
+
+def skewed(seconds: float) -> Callable[[], float]:
+    """A worker's wall clock, `seconds` ahead of the machine's (behind if negative)."""
+    return lambda: time.time() + seconds
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    ttl=st.sampled_from([3600, 5400, DAY, 7 * DAY]),
+    skews=st.lists(st.floats(-30 * DAY, 30 * DAY), min_size=2, max_size=3),
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["claim", "claim", "seen", "seen", "day", "lose registry"]),
+            st.integers(0, 2),  # the worker
+            st.lists(st.integers(0, 39), min_size=1, max_size=12, unique=True),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_workers_with_skewed_clocks_agree_on_every_key(
+    redis_url: str,
+    uid: str,
+    ttl: int,
+    skews: list[float],
+    ops: list[tuple[str, int, list[int]]],
+) -> None:
+    """Workers whose clocks are up to 30 days apart (minutes, hours: anything), sharing one
+    Redis on its real clock: a key claimed by any of them, or by a worker of the day layout
+    before, is seen by every one, and no other key is; deleting the registry key (eviction,
+    a FLUSH, a failover) loses nothing. (A test lasts seconds: every claim is within its TTL.)"""
+    universe = digests(f"{uid}{ttl}{skews}", 40)
+
+    async def go() -> None:
+        client = redis_client(redis_url)
+        prefix = f"skew_{uuid4().hex[:10]}"
+        workers = [RedisIdempotencyStore(client, ttl, prefix, skewed(s)) for s in skews]
+        claimed: set[int] = set()
+        try:
+            for op, w, picks in ops:
+                store = workers[w % len(workers)]
+                keys = [universe[i] for i in picks]
+                if op == "seen":
+                    assert await store.seen(keys) == [i in claimed for i in picks], op
+                elif op == "lose registry":
+                    await client.delete(store.registry)
+                else:
+                    if op == "claim":
+                        await store.claim(keys)
+                    else:  # a worker of the day layout, on a right clock
+                        await day_claim(client, store, keys, time.time(), 20, ttl)
+                    claimed.update(picks)
+            for store in workers:
+                assert await store.seen(universe) == [i in claimed for i in range(40)]
+        finally:
+            names = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+            if names:
+                await client.delete(*names)
+            await client.aclose()
+
+    asyncio.run(go())
+
+
+async def test_losing_the_registry_loses_no_key_and_no_width(
+    rclient: aioredis.Redis, uid: str
+) -> None:
+    """The registry key deleted mid-bucket and again after the next bucket opened: the current
+    bucket and the one before are still probed (by name, width from `<bucket>w`), and a claim
+    that finds its bucket unlisted lists it again at the width it had, not a new one (keys
+    claimed before would sit in shards nobody probes)."""
+    prefix = f"idem_{uid}"
+    week = 7 * DAY
+    now = [(time.time() // week + 1) * week + 3600]  # an hour into next week's bucket
+    store = RedisIdempotencyStore(rclient, prefix=prefix, server_clock=lambda: now[0])
+    start = store.bucket_start(now[0])
+    before = store.bucket_prefix(start - week)
+    await rclient.set(before + "n", 300)  # 300 claims a week before: 1 hex digit of shard
+    await rclient.hset(store.registry, before, f"{start - week} {start + TTL} 6 {start - week}")
+    a, b, c = (digests(f"{uid}{t}", 300) for t in "abc")
+
+    async def width(bucket_start: int) -> int:
+        meta = await rclient.hget(store.registry, store.bucket_prefix(bucket_start))
+        assert meta is not None
+        return int(meta.split()[2])
+
+    await store.claim(a)
+    assert await width(start) == 1
+    await rclient.delete(store.registry)
+    assert await store.seen(a + b) == [True] * 300 + [False] * 300
+    await store.claim(b)  # lists the bucket again, at its width
+    assert await width(start) == 1
+    assert await store.seen(a + b) == [True] * 600
+    now[0] += week  # the next bucket: a and b are an hour short of their TTL
+    await rclient.delete(store.registry)
+    assert await store.seen(a + b + c) == [True] * 600 + [False] * 300
+    await store.claim(c)  # sized by the bucket before, found by its `w` though unlisted
+    assert await width(start + week) == 2  # 600 claims in the bucket before: 2 hex digits
+    await rclient.delete(store.registry)
+    assert await store.seen(a + b + c) == [True] * 900
+    assert (await store.stats())["keys"] == 900  # the counters of both buckets, by name
+
+
+async def test_health_shows_the_workers_clock_skew(rclient: aioredis.Redis, uid: str) -> None:
+    fast = RedisIdempotencyStore(rclient, prefix=f"idem_{uid}", clock=lambda: time.time() + 7200)
+    health = await fast.health()
+    assert health["connected"] is True
+    assert 7200 - 30 < health["clock_skew_s"] < 7200 + 30
