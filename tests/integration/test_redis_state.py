@@ -409,6 +409,14 @@ async def test_a_registry_entry_without_its_opening_time_is_kept(
     assert await store.seen(keys) == [True] * 100
 
 
+async def drop(client: aioredis.Redis, prefix: str) -> None:
+    """Deletes a test's keys and closes its client."""
+    names = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+    if names:
+        await client.delete(*names)
+    await client.aclose()
+
+
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -472,10 +480,7 @@ def test_seen_equals_the_model(
                     await day_claim(client, store, keys, now[0], old_bits, ttl, marker=False)
                 claimed.update(dict.fromkeys(picks, now[0]))
         finally:
-            names = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
-            if names:
-                await client.delete(*names)
-            await client.aclose()
+            await drop(client, prefix)
 
     asyncio.run(go())
 
@@ -570,10 +575,7 @@ def test_workers_with_skewed_clocks_agree_on_every_key(
             for store in workers:
                 assert await store.seen(universe) == [i in claimed for i in range(40)]
         finally:
-            names = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
-            if names:
-                await client.delete(*names)
-            await client.aclose()
+            await drop(client, prefix)
 
     asyncio.run(go())
 
