@@ -624,3 +624,28 @@ async def test_health_shows_the_workers_clock_skew(rclient: aioredis.Redis, uid:
     health = await fast.health()
     assert health["connected"] is True
     assert 7200 - 30 < health["clock_skew_s"] < 7200 + 30
+
+
+async def test_a_bucket_opened_before_its_width_key_gets_one(
+    rclient: aioredis.Redis, uid: str
+) -> None:
+    """A bucket opened by the code before `<bucket>w` (its registry entry alone, with or without
+    the opening time): the next claim writes `w` with the registry's width, so losing the
+    registry afterwards loses no key."""
+    prefix = f"idem_{uid}"
+    now = [time.time() + 60]
+    store = RedisIdempotencyStore(rclient, prefix=prefix, server_clock=lambda: now[0])
+    start = store.bucket_start(now[0])
+    bucket = store.bucket_prefix(start)
+    keys = digests(uid, 200)
+    for meta in (f"{start} {start + 14 * DAY} 2 {start}", f"{start} {start + 14 * DAY} 3"):
+        await rclient.delete(store.registry, f"{bucket}w")
+        await rclient.hset(store.registry, bucket, meta)
+        await store.claim(keys[:100])
+        assert await rclient.get(f"{bucket}w") == " ".join(meta.split()[2:]).encode()
+        assert TTL - 60 < await rclient.ttl(f"{bucket}w") <= 2 * TTL
+        await rclient.delete(store.registry)
+        await store.claim(keys[100:])  # lists the bucket again at its width
+        assert await rclient.hget(store.registry, bucket) == meta.encode()
+        assert await store.seen(keys) == [True] * 200
+        await rclient.delete(*[k async for k in rclient.scan_iter(match=f"{bucket}*")])
