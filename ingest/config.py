@@ -262,6 +262,14 @@ class KafkaSourceConfig(_Model):
     tenant_header: str = "tenant"
     batch_size: int = Field(2000, ge=1)
     extra: dict[str, str] = Field(default_factory=dict, description="librdkafka settings.")
+    commit_stuck_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Offsets durable in the sinks but not committed to Kafka for longer than "
+        "this (the broker refusing commits: a rebalance that does not end, the coordinator "
+        "unavailable) turn the adapter's status to `error` (health `degraded`) until a commit "
+        "succeeds; a shorter refusal is normal in a rebalance.",
+    )
 
 
 _LEASE_TTL = (

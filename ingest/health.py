@@ -295,7 +295,7 @@ class HealthMonitor:
                     f"stalled: pending work has not moved for {self.cfg.stall_after_seconds:.0f}s",
                 )
             if h.status == "error":
-                bad(comp, h.errors[0] if h.errors else "error")
+                bad(comp, h.problem or (h.errors[0] if h.errors else "error"))
             if view is not None and view.lag > self.cfg.lag_slo_seconds:
                 bad(comp, f"lag {view.lag:.0f}s above the {self.cfg.lag_slo_seconds:.0f}s SLO")
         pressure = self.admission.state

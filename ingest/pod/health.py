@@ -41,6 +41,7 @@ def merge_adapters(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                     m["last_checkpoint"] = a.get("last_checkpoint")
                     m["last_checkpoint_at"] = a.get("last_checkpoint_at")
                 m["errors"] = sorted(m["errors"] + list(a.get("errors", [])), reverse=True)[:10]
+                m["problem"] = m.get("problem") or a.get("problem")  # any worker's
                 _merge_progress(m, a)
                 for key, value in a.items():  # source-specific extras: partitions, backlogs
                     if key in _FOLDED:
@@ -51,7 +52,8 @@ def merge_adapters(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                     elif _number(value) and _number(have):
                         m[key] = have + value
             m["workers"][wname] = {
-                k: a.get(k) for k in ("status", "lag_seconds", "records_read", "last_checkpoint")
+                k: a.get(k)
+                for k in ("status", "lag_seconds", "records_read", "last_checkpoint", "problem")
             }
     return out
 
@@ -67,6 +69,7 @@ _FOLDED = {
     "last_checkpoint",
     "last_checkpoint_at",
     "errors",
+    "problem",
     "workers",
 }
 

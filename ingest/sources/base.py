@@ -45,6 +45,9 @@ class AdapterHealth:
     records_read: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     error_count: int = 0  # every error() ever: ingest_source_errors_total follows it
+    # Why `status` is `error` now, when the source knows (a condition that holds, unlike the
+    # events in `errors`); health shows it as the adapter's problem. None when none.
+    problem: str | None = None
 
     def error(self, message: str, keep: int = 10) -> None:
         self.errors.insert(0, f"{iso(time.time())} {message}")
@@ -60,6 +63,7 @@ class AdapterHealth:
             "errors": list(self.errors),
             "records_read": self.records_read,
             "error_count": self.error_count,
+            "problem": self.problem,
             **self.extra,
         }
 

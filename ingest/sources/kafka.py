@@ -31,6 +31,11 @@ Why it is shaped this way:
   (WATCH_INTERVAL_S) for partitions this member still owns in the same epoch, so the group's
   offset reaches what is durable without new traffic (a broker restart left one partition
   432 offsets behind for good: the e2e restart test's CI failure).
+  A refusal is not an error by itself (a rebalance passes), but offsets durable and not
+  committed for longer than `cfg.commit_stuck_seconds` (30) are: `health()` says status
+  `error` with a `problem` naming the partitions, since when and the broker's answer, until a
+  commit succeeds (`uncommitted_since` shows the wait before that). `last_checkpoint_at` moves
+  only when a commit succeeds.
 
 * A watcher task keeps the lag true while nobody reads: librdkafka's statistics (the usual
   source of the high watermark) arrive only from inside consume() and only for partitions
@@ -77,6 +82,7 @@ from ingest.config import KafkaSourceConfig
 from ingest.kafka_log import Repeats, client_logger
 from ingest.records import RawRecord
 from ingest.sources.base import AdapterHealth, SourceBatch
+from ingest.timefmt import iso
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +110,7 @@ class _Partition:
     epoch: int
     committed: int | None = None  # the offset we last committed (next to read), this epoch
     durable: int | None = None  # highest offset+1 the worker declared durable, this epoch
+    durable_since: float | None = None  # clock() since `durable` is ahead of `committed`
     inflight: deque[tuple[int, float]] = field(default_factory=deque)  # (first offset, ts)
     start: int | None = None  # first offset read this epoch
     next_offset: int | None = None  # offset after the last message read
@@ -167,6 +174,7 @@ class KafkaSource:
         reset = str(cfg.extra.get("auto.offset.reset", "earliest"))
         self._reset_earliest = reset in _EARLIEST
         self._health = AdapterHealth()
+        self._refusal: str | None = None  # the broker's last answer to a refused commit
         self.skipped_commits = 0  # partitions of commit() calls ignored: revoked since read
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -298,7 +306,43 @@ class KafkaSource:
         )
         self._health.extra["partitions"] = parts
         self._health.extra["skipped_commits"] = self.skipped_commits
+        self._judge_commits()
         return self._health
+
+    def _judge_commits(self) -> None:
+        """Status `error` with a `problem` while offsets durable in the sinks have waited
+        longer than `commit_stuck_seconds` for a commit the broker refuses; back by itself
+        once a commit succeeds."""
+        now = self._clock()
+        with self._state:
+            waiting = sorted(
+                (p.durable_since, key)
+                for key, p in self._parts.items()
+                if p.durable_since is not None and p.durable != p.committed
+            )
+        since = waiting[0][0] if waiting and not self._closed else None
+        self._health.extra["uncommitted_since"] = since
+        health = self._health
+        if since is None:
+            self._refusal = None  # of partitions revoked since: not what a next wait meets
+        if since is None or now - since < self.cfg.commit_stuck_seconds:
+            if health.problem is not None:
+                health.problem = None
+                if health.status == "error":
+                    health.status = "paused" if self._stopping or self._holding else "running"
+            return
+        names = [tp_name(key) for _, key in waiting]
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        refusal = self._refusal
+        health.status = "error"
+        health.problem = (
+            f"Kafka commits {'refused' if refusal else 'unanswered'} for {now - since:.0f}s "
+            f"(since {iso(since)}): offsets of {shown} are durable in the sinks but not "
+            f"committed to group {self.cfg.group_id}; "
+            + (f"the broker's last answer: {refusal}" if refusal else "no answer yet")
+            + ". Retried every second; until one succeeds a restart re-reads everything since "
+            "(idempotency absorbs the repeats)"
+        )
 
     # -- poll thread ---------------------------------------------------------------------------
 
@@ -387,8 +431,8 @@ class KafkaSource:
                 position[key] = (part.epoch, last[key])
                 part.next_offset = last[key] + 1
                 _note_backlog(part, now)
-        if self._health.status == "error":
-            self._health.status = "running"
+        if self._health.status == "error" and self._health.problem is None:
+            self._health.status = "running"  # reading again (stuck commits say otherwise)
         self._health.records_read += len(records)
         return SourceBatch(records, position, records[0].seq, records[-1].seq)
 
@@ -688,6 +732,7 @@ class KafkaSource:
 
     def _commit_locked(self, position: KafkaPosition) -> None:
         skipped: list[str] = []
+        now = self._clock()
         with self._state:
             for key, (epoch, last) in position.items():
                 part = self._parts.get(key)
@@ -696,6 +741,8 @@ class KafkaSource:
                     continue
                 if part.durable is None or last + 1 > part.durable:
                     part.durable = last + 1
+                    if part.durable_since is None:
+                        part.durable_since = now
                 while part.inflight and part.inflight[0][0] <= last:
                     part.inflight.popleft()
             self.skipped_commits += len(skipped)
@@ -718,22 +765,30 @@ class KafkaSource:
             # refusal in a rebalance passes by itself
             self._health.error(f"commit: {why}")
             self._warn(f"commit refused, retried: {why}")
+            self._refusal = why
             return
         failed = {(tp.topic, tp.partition) for tp in results or () if tp.error is not None}
         for tp in results or ():
             if tp.error is not None:
                 self._health.error(f"commit {tp_name((tp.topic, tp.partition))}: {tp.error}")
+                self._refusal = f"{tp_name((tp.topic, tp.partition))}: {tp.error}"
         if failed:
             self._warn(f"commit of {sorted(map(tp_name, failed))} refused, retried")
+        done = False
         with self._state:
             for key, epoch, off in todo:
                 part = self._parts.get(key)
                 if key not in failed and part is not None and part.epoch == epoch:
                     part.committed = off
+                    part.durable_since = None if part.durable == off else part.durable_since
+                    done = True
             self._health.last_checkpoint = {
                 tp_name(k): p.committed for k, p in sorted(self._parts.items()) if p.committed
             }
-        self._health.last_checkpoint_at = self._clock()
+        if done:  # the checkpoint's age is that of the last commit the broker took
+            self._health.last_checkpoint_at = self._clock()
+            if not failed:
+                self._refusal = None
 
     # -- librdkafka callbacks (inside consume(), on the poll thread) ---------------------------
 
@@ -767,9 +822,13 @@ class KafkaSource:
                     if p.get("committed_offset", -1) >= 0:
                         part.group_committed = int(p["committed_offset"])
                     _note_backlog(part, now)
-        if self._health.status == "error" and any(
-            b.get("state") == "UP" and b.get("nodeid", -1) >= 0
-            for b in stats.get("brokers", {}).values()
+        if (
+            self._health.status == "error"
+            and self._health.problem is None
+            and any(
+                b.get("state") == "UP" and b.get("nodeid", -1) >= 0
+                for b in stats.get("brokers", {}).values()
+            )
         ):
             self._health.status = "paused" if self._stopping or self._holding else "running"
 

@@ -11,6 +11,12 @@ import time
 import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+)
 
 from ingest.records import RawRecord
 from ingest.sources.kafka import KafkaSource, tp_name
@@ -476,3 +482,83 @@ async def test_lag_of_partitions_never_fetched_while_the_reader_is_held(
     assert src.partition_lag() == {f"{topic}[{p}]": zero for p in range(4)}
     await src.stop()
     await batches.aclose()
+
+
+def refuse_commits(brokers: str, refuse: bool) -> None:
+    """Make the broker refuse every offset commit while it stays up and serves everything else
+    (fetches, heartbeats, metadata): __consumer_offsets may only hold records of 20 bytes
+    (`max.message.bytes`, a dynamic topic config), so the group coordinator cannot append a
+    commit and answers with an error, as when the coordinator is unavailable. `refuse=False`
+    removes the override. Every group of the broker is refused meanwhile: callers restore it
+    in a `finally` (and a fresh `kafka.sh start` has a fresh metadata log without it)."""
+    op = AlterConfigOpType.SET if refuse else AlterConfigOpType.DELETE
+    entry = ConfigEntry("max.message.bytes", "20" if refuse else "", incremental_operation=op)
+    resource = ConfigResource(
+        ConfigResource.Type.TOPIC, "__consumer_offsets", incremental_configs=[entry]
+    )
+    admin = AdminClient({"bootstrap.servers": brokers})
+    for fut in admin.incremental_alter_configs([resource]).values():
+        fut.result(timeout=30)
+
+
+async def test_commits_refused_for_long_turn_the_adapter_to_error_until_one_succeeds(
+    brokers: str, make_topic: TopicFactory, group: str, sources: list[KafkaSource]
+) -> None:
+    """Review finding: the watcher retries a refused commit every second and a refusal is not
+    an error (a rebalance passes), so commits refused for minutes showed `running` and a fresh
+    `last_checkpoint_at` while the group's offsets stood still. Past `commit_stuck_seconds`
+    (30 s: a fake clock jumps it) the status is `error` with a problem naming the partitions,
+    since when and the broker's answer; `last_checkpoint_at` moves only on a commit the broker
+    took; the status is back to `running` by itself once a commit succeeds."""
+    skew = [0.0]
+    topic = make_topic(2)
+    produce(brokers, topic, [body(i) for i in range(10)], key=lambda i: str(i).encode())
+    src = await started(
+        source_for(brokers, topic, group, batch_size=10, clock=lambda: time.time() + skew[0]),
+        sources,
+    )
+    reader = Reader(src).run()
+    await reader.wait_records(10)
+    for b in reader.batches:
+        await src.commit(b)
+    before = src.health()
+    checkpoint, checkpoint_at = dict(before.last_checkpoint or {}), before.last_checkpoint_at
+    assert checkpoint_at is not None and before.status == "running" and before.problem is None
+
+    refuse_commits(brokers, True)
+    try:
+        produce(brokers, topic, [body(i) for i in range(10, 16)], key=lambda i: str(i).encode())
+        await reader.wait_records(16)
+        for b in reader.batches:
+            await src.commit(b)  # refused: the offsets stay durable, uncommitted
+        await until(lambda: any("commit" in e for e in src.health().errors), 30, "a refusal")
+        h = src.health()
+        assert h.extra["uncommitted_since"] is not None
+        # a short refusal is normal (a rebalance): not an error yet
+        assert (h.status, h.problem) == ("running", None)
+
+        skew[0] = 31.0  # past the 30-s default
+        h = src.health()
+        assert h.status == "error", h.errors
+        assert h.problem is not None
+        assert "refused for 3" in h.problem and group in h.problem, h.problem
+        assert any(tp_name((topic, p)) in h.problem for p in range(2)), h.problem
+        assert "the broker's last answer: " in h.problem, h.problem
+        assert (h.last_checkpoint, h.last_checkpoint_at) == (checkpoint, checkpoint_at)
+        for _ in range(25):  # the watcher's refused retries and the statistics (a broker is
+            await asyncio.sleep(0.1)  # UP) leave it so
+            assert src.health().status == "error"
+        assert src.health().last_checkpoint_at == checkpoint_at
+        assert committed(brokers, group, topic, 2) == {
+            int(k.rsplit("[", 1)[1].rstrip("]")): v for k, v in checkpoint.items()
+        } | {p: -1001 for p in range(2) if tp_name((topic, p)) not in checkpoint}
+    finally:
+        refuse_commits(brokers, False)
+
+    # the watcher's next retry succeeds: back to running by itself, nothing new read
+    await until(lambda: src.health().status == "running", 30, "status back to running")
+    h = src.health()
+    assert h.problem is None and h.extra["uncommitted_since"] is None
+    assert h.last_checkpoint_at is not None and h.last_checkpoint_at > checkpoint_at
+    assert sum(committed(brokers, group, topic, 2).values()) == 16
+    await reader.halt()

@@ -175,6 +175,23 @@ async def test_an_erroring_source_shows_lag_and_counts_its_errors(db: SQLiteDB) 
     assert view["status"] == "degraded"
 
 
+async def test_an_erroring_adapters_problem_is_what_health_says(db: SQLiteDB) -> None:
+    """A source that knows why it is in error (Kafka: commits refused past
+    commit_stuck_seconds) says so in `problem`: that, not its last error event, is the
+    message of its `degraded` problem."""
+    pipe = make_pipeline(db, {"a": ProbedSink("a")}, FakeSleep())
+    src = ListSource([])
+    mon = monitor(pipe, [src], Clock())
+    src.health().status = "error"
+    src.health().error("kafka: some later event")
+    src.health().problem = "Kafka commits refused for 31s (since ...)"
+    view = await mon.detailed()
+    assert view["status"] == "degraded"
+    assert {"component": "source:mem", "severity": "degraded",
+            "message": "Kafka commits refused for 31s (since ...)"} in view["problems"]  # fmt: skip
+    assert view["adapters"]["mem"]["problem"] == "Kafka commits refused for 31s (since ...)"
+
+
 async def test_liveness_fails_when_the_heartbeat_stops(db: SQLiteDB) -> None:
     pipe = make_pipeline(db, {"a": ProbedSink("a")}, FakeSleep())
     mon = monitor(pipe, [ListSource([])], Clock())
