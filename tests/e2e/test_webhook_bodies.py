@@ -1,0 +1,81 @@
+"""Webhook bodies as senders really write them, against `ingest run` (embedded).
+
+Every body gets a clear answer: 202 and each record in the sink or in the DLQ with its reason,
+or a 4xx with a JSON reason; never a 500, never a traceback in the log, never a record stored
+other than as sent.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.e2e._service import ServiceProcess
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+TENANT = "acme-corp"
+
+
+def rec(eid: str, **attrs: Any) -> dict[str, Any]:
+    return {"schema_version": 3, "tenant_id": TENANT, "entity_type": "order",
+            "entity_id": eid, "revision": 1, "occurred_at": "2025-01-01T00:00:00Z",
+            "attributes": attrs}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    service = ServiceProcess(tmp_path_factory.mktemp("bodies") / "data").start()
+    yield service
+    service.stop()
+
+
+def stored(svc: ServiceProcess, eid: str) -> dict[str, Any] | None:
+    with sqlite3.connect(svc.data_dir / "sink.db") as c:
+        row = c.execute("SELECT attributes FROM entities WHERE entity_id = ?", (eid,)).fetchone()
+    return None if row is None else dict(json.loads(row[0]))
+
+
+def dlq_kind(svc: ServiceProcess, eid: str) -> str | None:
+    with sqlite3.connect(svc.data_dir / "state.db") as c:
+        row = c.execute("SELECT detail FROM dlq WHERE entity_id = ?", (eid,)).fetchone()
+    return None if row is None else str(json.loads(row[0])["kind"])
+
+
+@pytest.mark.parametrize("indent", [2, "\t", 0])
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_pretty_printed_bodies_are_accepted(svc: ServiceProcess, indent: Any,
+                                            newline: str) -> None:
+    tag = f"{len(str(indent))}{len(newline)}"
+    one = json.dumps(rec(f"pretty-{tag}", amount=1), indent=indent).replace("\n", newline)
+    many = json.dumps([rec(f"pretty-{tag}-{i}", amount=i) for i in range(3)], indent=indent)
+    for body, n in ((one, 1), (many.replace("\n", newline), 3)):
+        r = svc.post_webhook(TENANT, "pretty", body)
+        assert r.status_code == 202, r.text
+        assert r.json()["records"] == n
+    wait_for(lambda: stored(svc, f"pretty-{tag}") == {"amount": 1}, 60, "the pretty record")
+    wait_for(lambda: all(stored(svc, f"pretty-{tag}-{i}") == {"amount": i} for i in range(3)),
+             60, "the pretty array")  # fmt: skip
+    assert "Traceback" not in svc.log_path.read_text(errors="replace")
+
+
+def test_integers_beyond_64_bits_in_an_array_are_refused_not_rounded(
+    svc: ServiceProcess,
+) -> None:
+    big = 123456789012345678901234567890
+    body = (
+        "["
+        + json.dumps(rec("big-in-array", x=0)).replace('"x": 0', f'"x": {big}')
+        + ","
+        + json.dumps(rec("fine-in-array", x=2**64 - 1))
+        + "]"
+    )
+    r = svc.post_webhook(TENANT, "arrays", body)
+    assert r.status_code == 202, r.text
+    wait_for(lambda: dlq_kind(svc, "big-in-array") == "range", 60, "a range DLQ entry")
+    wait_for(lambda: stored(svc, "fine-in-array") == {"x": 2**64 - 1}, 60, "the exact uint64")
+    assert stored(svc, "big-in-array") is None
