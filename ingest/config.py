@@ -245,8 +245,8 @@ class WebhookSourceConfig(_Model):
         0.1,
         ge=0,
         description="SQLite intake: a batch short of batch_size waits until its oldest request "
-        "is this old, then takes what arrived meanwhile (a batch costs a fixed ~4 ms; 0 = "
-        "take what is there).",
+        "is this old (never longer than this, whatever the clocks say), then takes what "
+        "arrived meanwhile (a batch costs a fixed ~4 ms; 0 = take what is there).",
     )
 
 

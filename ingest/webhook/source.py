@@ -132,9 +132,14 @@ class WebhookSource(PullOnly):
         per record doubled (bench/bench_steady.py: 72 against 37 us), 80 % of the peak was more
         than the worker could do, and the backlog grew until batches were full again, at the
         closed loop's bound (p95 lag 18.8 s). Waiting at most the linger keeps batches full at
-        any rate; a backlog already older than the linger is read at once."""
+        any rate; a backlog already older than the linger is read at once.
+
+        Never longer than the linger: `received_at` is the wall clock of whichever process
+        appended the row, and a clock can step back (NTP) or run ahead of this one; unbounded,
+        a step back of an hour made a batch wait an hour."""
         have = sum(len(r.lines) for r in rows)
-        wait = rows[0].received_at + self.cfg.linger_seconds - self.clock()
+        linger = self.cfg.linger_seconds
+        wait = min(rows[0].received_at + linger - self.clock(), linger)
         if have >= self.cfg.batch_size or wait <= 0:
             return rows
         with contextlib.suppress(TimeoutError):
