@@ -13,6 +13,7 @@ import typer
 
 from ingest.cli.common import CLI, EXIT_UNAVAILABLE, EXIT_USAGE, fail, load, setup_logging
 from ingest.config import SQLiteStateConfig
+from ingest.datadir import DataDirInUse, hold
 from ingest.errors import ConfigError, IngestError, StoreUnavailable
 
 app = CLI(
@@ -120,10 +121,12 @@ def run(
         pass
     tune_gc()
     try:
+        if isinstance(cfg.state, SQLiteStateConfig):  # embedded: one service per data dir
+            held = hold(cfg.data_dir, p)  # noqa: F841 - the lock lives as long as the file
         asyncio.run(serve(cfg, host=h, port=p, ready=lambda s: _banner(s, h, p)))
     except StoreUnavailable as exc:
         fail(str(exc), EXIT_UNAVAILABLE)
-    except ConfigError as exc:  # e.g. production without credentials
+    except (ConfigError, DataDirInUse) as exc:  # e.g. production without credentials
         fail(str(exc), EXIT_USAGE)
     except (IngestError, OSError) as exc:
         fail(str(exc))

@@ -234,6 +234,17 @@ class Pod:
     # -- the wire --------------------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One worker's connection. Ends quietly when cancelled: the loop cancels it only as
+        it closes (e.g. the HTTP port was taken), and on Python 3.11 a cancelled connection
+        task is logged by asyncio as an error with three tracebacks."""
+        try:
+            await self._serve_worker(reader, writer)
+        except asyncio.CancelledError:
+            writer.close()
+
+    async def _serve_worker(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         hello = await ipc.recv(reader)
         if hello is None or hello.get("type") != "hello":
             writer.close()

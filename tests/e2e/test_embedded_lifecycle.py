@@ -111,3 +111,54 @@ def test_sigterm_mid_ingest_drains_checkpoints_and_resumes_exactly(tmp_path: Pat
             n - landed
     finally:
         svc.stop()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_second_service_on_the_same_data_dir_is_refused(tmp_path: Path, workers: str) -> None:
+    """Two embedded services on one data dir both read its webhook intake (every record
+    processed twice). The second is refused at once, in one line, exit 2; once the first is
+    gone (kill -9 included: the kernel drops the lock) the data dir is free again."""
+    import subprocess
+
+    data = tmp_path / "d"
+    env = {"INGEST_WORKERS": workers}
+    first = ServiceProcess(data, env=env).start()
+    try:
+        second = ServiceProcess(data, env=env)
+        out = subprocess.run(
+            [*second.launcher, "run", "--port", str(second.port)], cwd=data, env=second.env,
+            capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+        assert out.returncode == 2, out.stderr[-3000:]
+        said = out.stdout + out.stderr
+        assert "Traceback" not in said
+        assert "in use by another `ingest run`" in said, said
+        assert f"pid {first.proc and first.proc.pid}" in said, said
+        assert first.health()["status"] == "ok"
+        first.kill9()
+        again = ServiceProcess(data, env=env, port=second.port).start()
+        again.stop()
+    finally:
+        first.stop()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_port_is_one_line_not_a_traceback(tmp_path: Path, workers: str) -> None:
+    """The HTTP port is in use: the service says so in one line and exits non-zero. A pod
+    (workers > 1) printed three asyncio tracebacks per worker connection on the way out."""
+    import socket
+    import subprocess
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        svc = ServiceProcess(tmp_path / "d", env={"INGEST_WORKERS": workers})
+        out = subprocess.run(
+            [*svc.launcher, "run", "--host", "127.0.0.1", "--port",
+             str(taken.getsockname()[1])],
+            cwd=tmp_path, env=svc.env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    said = out.stdout + out.stderr
+    assert out.returncode != 0, said[-3000:]
+    assert "address already in use" in said, said[-3000:]
+    assert "Traceback" not in said and "Exception in callback" not in said, said[-3000:]

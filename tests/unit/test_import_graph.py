@@ -112,6 +112,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "ingest.names",
             "ingest.logctx",
             "ingest.kafka_log",
+            "ingest.datadir",
             "ingest.schema",
             "ingest.transformers",
         ),
