@@ -74,6 +74,7 @@ def test_health_folds_adapters_and_sinks() -> None:
                     "errors": [f"2026-01-01T00:00:0{read % 10}Z e{read}"],
                     "last_checkpoint": {"at": at},
                     "last_checkpoint_at": at,
+                    "problem": f"commits refused ({read})" if status == "error" else None,
                 }
             },
             "sinks": {"sqlite": {"state": breaker, "connection": {"connected": True}}},
@@ -84,6 +85,9 @@ def test_health_folds_adapters_and_sinks() -> None:
     assert adapters["status"] == "error" and adapters["lag_seconds"] == 9.0
     assert adapters["records_read"] == 12 and adapters["last_checkpoint"] == {"at": 20.0}
     assert set(adapters["workers"]) == {"w0", "w1"} and len(adapters["errors"]) == 2
+    # the erroring worker's reason, whichever worker came first
+    assert adapters["problem"] == "commits refused (7)"
+    assert adapters["workers"]["w1"]["problem"] == "commits refused (7)"
     sinks = merge_sinks(docs)["sqlite"]
     assert sinks["state"] == "open" and sinks["workers"] == {"w0": "closed", "w1": "open"}
 
