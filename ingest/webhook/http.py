@@ -1,10 +1,12 @@
 """The webhook door: `POST /v1/webhooks/{tenant}/{source}`, up to the durable intake.
 
 Checked in this order, each as cheaply as it can be: names; the credential in the headers
-(401/403, `ingest.api.auth.Gate`); drain/pause (503); the intake's bound (closed-loop
-admission, 429) and disk space (507) from the headers, before the body is read; size (413);
-the body read under a total deadline and a minimum rate (408); the signature over the body
-(401); the body split into records (400 when nothing in it is JSON); the tenant's tokens
+(401/403, `ingest.api.auth.Gate`); drain/pause (503); a Content-Encoding other than
+gzip/deflate (415); the intake's bound (closed-loop admission, 429) and disk space (507) from
+the headers, before the body is read; size (413); the body read under a total deadline and a
+minimum rate (408); the signature over the body as sent (401); gzip/deflate undone, inflating
+at most `http.max_body_bytes` (413; 400 when the bytes are not what the header says); the
+body split into records (400 when nothing in it is JSON); the tenant's tokens
 (429); then the append, and 202 only once the body is durable. The tenant's tokens are taken
 here, once: the records read back from the intake are not charged again (see
 `ingest.webhook`).
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import zlib
 from typing import Protocol
 
 import msgspec
@@ -41,6 +44,7 @@ _NDJSON_TYPES = (
 )
 # The elements of a JSON array body, as the exact bytes sent (never re-serialized: an integer
 # beyond 64 bits must reach the decoder as its digits, not as orjson's float).
+_GZIP_WBITS = 16 + zlib.MAX_WBITS
 _RAW_ARRAY = msgspec.json.Decoder(list[msgspec.Raw])
 
 
@@ -90,6 +94,9 @@ async def receive(service: WebhookHost, gate: Gate, request: Request) -> Respons
             headers={"Retry-After": "30"},
         )
 
+    codings = _codings(request.headers.get("content-encoding", ""))
+    if isinstance(codings, Response):  # 415 before the body is read
+        return codings
     try:  # a full intake refuses before the body is read: refusing must stay cheap
         service.admission.check_open()
     except Rejected as rej:
@@ -120,7 +127,12 @@ async def receive(service: WebhookHost, gate: Gate, request: Request) -> Respons
     who = await gate.webhook_body(check, body)  # the signature, before anything is stored
     if isinstance(who, Response):
         return who
-    response = await _take(service, tenant, source, body, request.headers.get("content-type", ""))
+    decoded = _decode(body, codings, limit)  # the signature was over the bytes sent
+    if isinstance(decoded, Response):
+        response = decoded
+    else:
+        content_type = request.headers.get("content-type", "")
+        response = await _take(service, tenant, source, decoded, content_type)
     if response.status_code != 202:
         await gate.release(check)  # not accepted: the sender may send the same request again
     return response
@@ -207,6 +219,55 @@ def _insufficient_storage(why: str) -> Response:
         f"{why}; nothing was accepted, retry later",
         headers={"Retry-After": "30"},
     )
+
+
+_CODINGS = ("gzip", "x-gzip", "deflate", "identity")
+
+
+def _codings(header: str) -> list[str] | Response:
+    """The body's content codings, in the order they were applied; 415 for one we cannot
+    undo (refused before the body is read)."""
+    codings = [c.strip().lower() for c in header.split(",") if c.strip()]
+    unknown = [c for c in codings if c not in _CODINGS]
+    if unknown:
+        return error(
+            415,
+            "unsupported_encoding",
+            f"Content-Encoding {header.strip()!r} is not supported; send the body as is, or "
+            "with Content-Encoding gzip or deflate (signed over the bytes sent)",
+        )
+    return [c for c in codings if c != "identity"]
+
+
+def _decode(body: bytes, codings: list[str], limit: int) -> bytes | Response:
+    """Undo the codings (last applied first), inflating at most `limit` bytes (413 past it: a
+    small compressed body must not become gigabytes); 400 when the bytes are not what the
+    header says."""
+    for coding in reversed(codings):
+        if coding == "deflate" and body[:1] != b"\x78":  # raw deflate, as some clients send
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        else:
+            inflater = zlib.decompressobj(_GZIP_WBITS if coding != "deflate" else zlib.MAX_WBITS)
+        try:
+            out = inflater.decompress(body, limit + 1)
+            if len(out) <= limit and not inflater.unconsumed_tail:
+                out += inflater.flush()
+            if len(out) > limit or inflater.unconsumed_tail:
+                return error(
+                    413,
+                    "body_too_large",
+                    f"the body inflates to more than the limit of {limit} bytes",
+                )
+        except zlib.error as exc:
+            return error(
+                400,
+                "bad_encoding",
+                f"the body is not valid {coding} data as its Content-Encoding says ({exc})",
+            )
+        if not inflater.eof:
+            return error(400, "bad_encoding", f"the {coding} body is truncated")
+        body = out
+    return body
 
 
 def split_records(body: bytes, content_type: str) -> tuple[list[bytes] | Response, int]:
