@@ -772,6 +772,10 @@ def _decode_failure_entry(
     detail = dict(item.detail)
     if "csv_header" in raw.meta:
         detail["csv_header"] = raw.meta["csv_header"]
+    if isinstance(raw.position, dict) and "offset" not in detail:
+        # where the bytes were (inbox file, S3 key, SFTP path; offset just after the line),
+        # so the sender can find the line to fix
+        detail["position"] = raw.position
     at = datetime.fromtimestamp(now, UTC)
     return DLQEntry(
         dedupe_key=raw_dedupe_key(raw) if key is None else key,

@@ -362,7 +362,7 @@ class InboxSource(PullOnly):
             tenant=tenant,
             source=self.name,
             seq=self._seq,
-            position=line.offset,
+            position={"file": name, "offset": line.offset},  # a DLQ entry says where it was
             event_time=mtime,
             decoded=line.decoded,
         )
