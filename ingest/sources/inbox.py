@@ -67,6 +67,9 @@ QUARANTINE_DIR = "quarantine"
 CHUNK_BYTES = 1 << 20
 TURN_BYTES = 8 << 20  # bytes one tenant may read before the next tenant's turn
 RETRY_SECONDS = 30.0  # before trying again to move a file whose move to done/ failed
+# before trying again to open or read a file that could not be (permissions, I/O error): at
+# once would spin the event loop on it, starving HTTP and every other tenant
+UNREADABLE_RETRY_SECONDS = 5.0
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO swapped in for a file must not hang the open (regular files ignore it).
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -115,7 +118,7 @@ class InboxSource(PullOnly):
         self._pending_mtimes: dict[tuple[str, str], float] = {}  # (tenant, file) -> mtime
         self._warned: set[tuple[str, str, str]] = set()
         self._reading: set[tuple[str, str]] = set()  # read, last batch not yet committed
-        self._retry_at: dict[tuple[str, str], float] = {}  # could not be moved: wait
+        self._retry_at: dict[tuple[str, str], float] = {}  # not movable, openable or readable: wait
         self._quarantined = 0
         self._leases = leases
         self._owner = owner
@@ -304,6 +307,7 @@ class InboxSource(PullOnly):
             fh, st = _open_file(self.root / tenant, name)
         except OSError as exc:
             self._reading.discard((tenant, name))
+            self._retry_at[(tenant, name)] = time.monotonic() + UNREADABLE_RETRY_SECONDS
             self._warn_once(tenant, name, f"cannot open: {_why(exc)}")
             return
         with fh:
@@ -334,6 +338,7 @@ class InboxSource(PullOnly):
                     chunk = await asyncio.to_thread(lines.take, batch_size - len(raws), TURN_BYTES)
                 except OSError as exc:  # an I/O error: what is uncommitted is read again later
                     self._reading.discard((tenant, name))
+                    self._retry_at[(tenant, name)] = time.monotonic() + UNREADABLE_RETRY_SECONDS
                     self._health.error(f"reading {tenant}/{shown(name)} failed: {_why(exc)}")
                     return
                 header = lines.reader.header

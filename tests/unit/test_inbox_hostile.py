@@ -7,6 +7,7 @@ runs the source the way the runner does (read a batch, commit it, read on) until
 from __future__ import annotations
 
 import asyncio
+import errno
 import gzip
 import os
 import shutil
@@ -348,3 +349,76 @@ def test_a_huge_line_does_not_hold_up_other_tenants() -> None:
         assert len(got) == 5
 
     asyncio.run(with_harness(go, batch=2000))
+
+
+# ------------------------------------------------------------------ unreadable files
+
+_ERRNOS = st.sampled_from([errno.EACCES, errno.EPERM, errno.EIO, errno.ENXIO, errno.ELOOP])
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_ERRNOS, st.sampled_from(["open", "read"]))
+def test_a_file_that_cannot_be_opened_or_read_does_not_spin_the_loop(
+    err: int, where: str
+) -> None:
+    """Found as a non-root service with a `chmod 000` file in the inbox: the failed open ended
+    the file's reader, the source rescanned at once, found the same file ready, and so on
+    without ever awaiting: 100 % CPU, /health/live and every other tenant starved. Now the
+    file waits UNREADABLE_RETRY_SECONDS; the others are read; health names it."""
+    attempts = 0
+    real_open, real_take = inbox_mod._open_file, inbox_mod._FileLines.take
+
+    def broken(name: str) -> None:
+        nonlocal attempts
+        if name == "bad.jsonl":
+            attempts += 1
+            if attempts > 50:  # the spin: stop it here or the test would hang, not fail
+                raise RuntimeError(f"{attempts} attempts on an unreadable file")
+            raise OSError(err, os.strerror(err))
+
+    def open_file(tenant_dir: Path, name: str) -> Any:
+        if where == "open":
+            broken(name)
+        return real_open(tenant_dir, name)
+
+    real_init = inbox_mod._FileLines.__init__
+
+    def init(self: Any, fh: Any, name: str, *args: Any) -> None:
+        real_init(self, fh, name, *args)
+        self.test_name = name
+
+    def take(self: Any, n: int, budget: int) -> Any:
+        if where == "read":
+            broken(self.test_name)
+        return real_take(self, n, budget)
+
+    async def go(h: Harness) -> None:
+        for tenant in ("acme", "other"):
+            (h.inbox / tenant).mkdir(parents=True)
+        (h.inbox / "acme" / "bad.jsonl").write_bytes(records("acme", 3))
+        (h.inbox / "acme" / "good.jsonl").write_bytes(records("acme", 3, "g"))
+        (h.inbox / "other" / "x.jsonl").write_bytes(records("other", 4))
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        t = asyncio.create_task(ticker())
+        try:
+            out = await h.run()
+        finally:
+            t.cancel()
+        assert len(out) == 7  # the readable files of both tenants
+        assert attempts <= 2, attempts
+        assert ticks >= 5  # the loop kept turning
+        assert "bad.jsonl" in " ".join(h.source.health().errors)
+        assert (h.inbox / "acme" / "bad.jsonl").exists()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inbox_mod, "_open_file", open_file)
+        mp.setattr(inbox_mod._FileLines, "__init__", init)
+        mp.setattr(inbox_mod._FileLines, "take", take)
+        asyncio.run(with_harness(go))
