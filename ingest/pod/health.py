@@ -40,7 +40,9 @@ def merge_adapters(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 if (a.get("last_checkpoint_at") or 0) > (m.get("last_checkpoint_at") or 0):
                     m["last_checkpoint"] = a.get("last_checkpoint")
                     m["last_checkpoint_at"] = a.get("last_checkpoint_at")
-                m["errors"] = sorted(m["errors"] + list(a.get("errors", [])), reverse=True)[:10]
+                # the same event seen by several workers (a skipped inbox file) is one line
+                seen = set(m["errors"]) | set(a.get("errors", []))
+                m["errors"] = sorted(seen, reverse=True)[:10]
                 m["problem"] = m.get("problem") or a.get("problem")  # any worker's
                 _merge_progress(m, a)
                 for key, value in a.items():  # source-specific extras: partitions, backlogs
@@ -50,13 +52,17 @@ def merge_adapters(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                     if isinstance(value, dict) and isinstance(have, dict):
                         m[key] = {**have, **value}  # e.g. Kafka partitions: each worker's own
                     elif _number(value) and _number(have):
-                        m[key] = have + value
+                        m[key] = max(have, value) if key in _SHARED_VIEWS else have + value
             m["workers"][wname] = {
                 k: a.get(k)
                 for k in ("status", "lag_seconds", "records_read", "last_checkpoint", "problem")
             }
     return out
 
+
+# Counts every worker takes of the same shared thing, not of its own share: the inbox's files
+# not yet done are listed by each worker scanning the one directory (summing doubled them).
+_SHARED_VIEWS = {"files_pending"}
 
 _FOLDED = {
     "stalled",

@@ -142,3 +142,31 @@ def test_a_sink_one_worker_cannot_reach_is_not_up() -> None:
 
     [[_, _, _, samples]] = _merge([up(1.0), up(0.0)])
     assert samples == [["ingest_sink_up", {"sink": "pg"}, 0.0]]
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    pending=st.integers(0, 50),
+    quarantined=st.lists(st.integers(0, 5), min_size=1, max_size=4),
+    error_lines=st.sets(st.sampled_from(["a", "b", "c"])),
+)
+def test_inbox_files_pending_is_the_directory_not_a_sum(
+    pending: int, quarantined: list[int], error_lines: set[str]
+) -> None:
+    """Every worker of a pod scans the same inbox directory, so each reports all its pending
+    files: the pod showed N times the truth with N workers. What each worker did itself
+    (files it quarantined, records it read) still adds up; the same skipped-file line seen by
+    every worker is listed once."""
+    docs = {
+        f"w{i}": {"adapters": {"inbox": {
+            "kind": "inbox", "status": "idle", "lag_seconds": 0.0, "records_read": 1,
+            "errors": [f"2026-01-01T00:00:00Z skipping acme/{e}.txt" for e in sorted(error_lines)],
+            "files_pending": pending, "files_quarantined": q,
+        }}}
+        for i, q in enumerate(quarantined)
+    }  # fmt: skip
+    inbox = merge_adapters(docs)["inbox"]
+    assert inbox["files_pending"] == pending
+    assert inbox["files_quarantined"] == sum(quarantined)
+    assert inbox["records_read"] == len(quarantined)
+    assert len(inbox["errors"]) == len(error_lines)
