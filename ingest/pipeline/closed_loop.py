@@ -163,6 +163,22 @@ class IntakeBound:
             return None
         if n > 0 and not over_records and not over_bytes:
             return None
+        if (
+            n > limit
+            and records == 0
+            and n <= self.cfg.max_backlog_records
+            and nbytes_now + nbytes <= self.cfg.max_backlog_bytes
+        ):
+            # One body larger than the whole budget would be refused forever, its retries
+            # included: it is taken once the intake is empty (one body of lag over budget).
+            return None
+        if n > self.cfg.max_backlog_records:  # never fits, whatever the wait
+            return Refusal(
+                f"this request holds {n:,} records, more than the intake ever holds "
+                f"({self.cfg.max_backlog_records:,}, admission.intake.max_backlog_records): "
+                "send smaller batches",
+                self.cfg.max_retry_after_seconds,
+            )
         excess = max(float(over_records), over_bytes / self._record_bytes, 1.0)
         retry_after = self._retry_after(excess)
         if over_bytes and not over_records:
