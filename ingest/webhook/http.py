@@ -244,30 +244,77 @@ def _decode(body: bytes, codings: list[str], limit: int) -> bytes | Response:
     small compressed body must not become gigabytes); 400 when the bytes are not what the
     header says."""
     for coding in reversed(codings):
-        if coding == "deflate" and body[:1] != b"\x78":  # raw deflate, as some clients send
-            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        else:
-            inflater = zlib.decompressobj(_GZIP_WBITS if coding != "deflate" else zlib.MAX_WBITS)
-        try:
-            out = inflater.decompress(body, limit + 1)
-            if len(out) <= limit and not inflater.unconsumed_tail:
-                out += inflater.flush()
-            if len(out) > limit or inflater.unconsumed_tail:
+        out = _inflate(body, coding, limit)
+        if isinstance(out, Response):
+            return out
+        body = out
+    return body
+
+
+def _inflate(body: bytes, coding: str, limit: int) -> bytes | Response:
+    """One coding undone, all of it: a gzip body may be several members one after the other
+    (RFC 1952; `cat a.gz b.gz`; NUL padding at the end allowed), each inflated in turn; any
+    other bytes after the compressed data are 400, never dropped (a second member was dropped
+    with a 202: its records lost). deflate is zlib (any window size) or raw.
+
+    The input is fed in growing slices (256 bytes doubling to 1 MiB per member) so that what
+    zlib copies past a member's end (`unused_data`) stays about the member's size: a body of
+    many tiny members costs linear time, not the body's size once per member."""
+    out = bytearray()
+    view = memoryview(body)
+    pos, end = 0, len(body)
+    while True:
+        if coding != "deflate":
+            wbits = _GZIP_WBITS
+        elif _zlib_header(body[pos : pos + 2]):
+            wbits = zlib.MAX_WBITS  # reads any window size the header names
+        else:  # raw deflate, as some clients send
+            wbits = -zlib.MAX_WBITS
+        inflater = zlib.decompressobj(wbits)
+        size = 256
+        while not inflater.eof:
+            if pos >= end:
+                return error(400, "bad_encoding", f"the {coding} body is truncated")
+            chunk = view[pos : pos + size]
+            pos += len(chunk)
+            size = min(size * 2, 1 << 20)
+            try:  # max_length >= 1 here (0 would mean no limit)
+                out += inflater.decompress(chunk, limit + 1 - len(out))
+            except zlib.error as exc:
+                return error(
+                    400,
+                    "bad_encoding",
+                    f"the body is not valid {coding} data as its Content-Encoding says ({exc})",
+                )
+            if len(out) > limit:  # also whenever output was cut short (unconsumed_tail)
                 return error(
                     413,
                     "body_too_large",
                     f"the body inflates to more than the limit of {limit} bytes",
                 )
-        except zlib.error as exc:
+        pos -= len(inflater.unused_data)
+        if pos == end:
+            return bytes(out)
+        if coding != "deflate" and body[pos] == 0 and body.count(0, pos) == end - pos:
+            return bytes(out)  # NUL padding after the last gzip member, as gzip(1) allows
+        if coding == "deflate":
             return error(
                 400,
                 "bad_encoding",
-                f"the body is not valid {coding} data as its Content-Encoding says ({exc})",
+                f"{end - pos} bytes follow the end of the deflate data; send only the "
+                "compressed body",
             )
-        if not inflater.eof:
-            return error(400, "bad_encoding", f"the {coding} body is truncated")
-        body = out
-    return body
+
+
+def _zlib_header(data: bytes) -> bool:
+    """A zlib stream's two header bytes (RFC 1950: method 8, window <= 32K, check bits), not
+    only the usual 0x78: zlib with a smaller window starts 0x08..0x68."""
+    return (
+        len(data) >= 2
+        and data[0] & 0x0F == 8
+        and data[0] >> 4 <= 7
+        and ((data[0] << 8) | data[1]) % 31 == 0
+    )
 
 
 def split_records(body: bytes, content_type: str) -> tuple[list[bytes] | Response, int]:

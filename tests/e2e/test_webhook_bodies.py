@@ -113,8 +113,22 @@ def test_content_encodings(svc: ServiceProcess) -> None:
     for encoding, sent in cases.items():
         r = send(sent, encoding)
         assert r.status_code == 202 and r.json()["records"] == 2, (encoding, r.text)
+    # two gzip members (the second one's records were dropped with a 202); zlib with a small
+    # window (header 0x48, taken for raw deflate: 400)
+    def lines(eid: str) -> bytes:  # NDJSON: two members' bodies are one body of 4 lines
+        return b"".join(json.dumps(rec(e, amount=1)).encode() + b"\n" for e in (eid, eid + "x"))
+
+    sent = gzip.compress(lines("enc-members")) + gzip.compress(lines("enc-member2"))
+    headers = {**sign_headers(TENANT, sent, content_type="application/x-ndjson"),
+               "Content-Encoding": "gzip"}  # fmt: skip
+    r = httpx.post(f"{svc.url}/v1/webhooks/{TENANT}/enc", content=sent, headers=headers,
+                   timeout=30)  # fmt: skip
+    assert r.status_code == 202 and r.json()["records"] == 4, r.text
+    small_window = zlib.compressobj(wbits=12)
+    r = send(small_window.compress(body("enc-window")) + small_window.flush(), "deflate")
+    assert r.status_code == 202 and r.json()["records"] == 2, r.text
     for eid in ("enc-gzip", "enc-xgzip", "enc-deflate", "enc-identity", "enc-twice",
-                "enc-rawdeflate"):
+                "enc-rawdeflate", "enc-members", "enc-member2x", "enc-window"):
         wait_for(lambda eid=eid: stored(svc, eid) == {"amount": 1}, 60, eid)  # type: ignore[misc]
     for encoding, sent, status, error in (
         ("br", body("enc-br"), 415, "unsupported_encoding"),
@@ -122,6 +136,7 @@ def test_content_encodings(svc: ServiceProcess) -> None:
         ("gzip", body("enc-notgzip"), 400, "bad_encoding"),
         ("deflate", b"\x78\x9c garbage", 400, "bad_encoding"),
         ("gzip", gzip.compress(body("enc-cut"))[:-12], 400, "bad_encoding"),
+        ("gzip", gzip.compress(body("enc-junk")) + b"junk", 400, "bad_encoding"),
         ("gzip", gzip.compress(b" " * (6 << 20)), 413, "body_too_large"),  # 6 MiB > 5 MiB
     ):
         r = send(sent, encoding)
