@@ -70,6 +70,10 @@ RETRY_SECONDS = 30.0  # before trying again to move a file whose move to done/ f
 # before trying again to open or read a file that could not be (permissions, I/O error): at
 # once would spin the event loop on it, starving HTTP and every other tenant
 UNREADABLE_RETRY_SECONDS = 5.0
+# How long a file moved to done/ is watched for growth: a writer that paused longer than the
+# settle window and wrote on appends to the moved file, and those lines would go unread
+# without a word.
+WATCH_MOVED_SECONDS = 300.0
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO swapped in for a file must not hang the open (regular files ignore it).
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -116,6 +120,8 @@ class InboxSource(PullOnly):
         # (tenant, file) -> (size, mtime, first seen with them)
         self._sizes: dict[tuple[str, str], tuple[int, float, float]] = {}
         self._pending_mtimes: dict[tuple[str, str], float] = {}  # (tenant, file) -> mtime
+        # (tenant, name in done/) -> (inode, size when moved, watched until): see _watch_moved
+        self._moved: dict[tuple[str, str], tuple[int, int, float]] = {}
         self._warned: set[tuple[str, str, str]] = set()
         self._reading: set[tuple[str, str]] = set()  # read, last batch not yet committed
         self._retry_at: dict[tuple[str, str], float] = {}  # not movable, openable or readable: wait
@@ -250,8 +256,35 @@ class InboxSource(PullOnly):
                 return name
         return None
 
+    def _watch_moved(self, tenant: str) -> None:
+        """Say so when a file this worker moved to done/ grew there: its writer still had it
+        open (it paused longer than the settle window), and the new lines were not read."""
+        now = time.monotonic()
+        for key in [k for k in self._moved if k[0] == tenant]:
+            ino, size, until = self._moved[key]
+            try:
+                st = os.stat(self.root / tenant / DONE_DIR / key[1], follow_symlinks=False)
+            except OSError:
+                st = None
+            if st is None or st.st_ino != ino or now > until:
+                del self._moved[key]
+                continue
+            if st.st_size > size:
+                message = (
+                    f"{tenant}/{DONE_DIR}/{shown(key[1])} grew by {st.st_size - size} bytes "
+                    "after it was read and moved there (its writer still had it open and "
+                    "paused longer than the settle window): those bytes were not read; write "
+                    f"files under a temporary name (.tmp) and rename them into {tenant}/, and "
+                    f"move this one back into {tenant}/ under a new name to read it"
+                )
+                log.warning("%s", message)
+                self._health.error(message)
+                self._moved[key] = (ino, st.st_size, until)
+
     def _ready_files(self, tenant: str) -> list[tuple[str, os.stat_result]]:
         """The tenant's settled, readable files, oldest first."""
+        if self._moved:
+            self._watch_moved(tenant)
         now = self.clock()
         ready: list[tuple[float, str, os.stat_result]] = []
         found: list[tuple[str, os.stat_result]] = []
@@ -430,6 +463,12 @@ class InboxSource(PullOnly):
                         target = _free_name(dfd, pos.file)
                         os.rename(pos.file, target, src_dir_fd=tfd, dst_dir_fd=dfd)
                     after = os.fstat(fd)
+                    key_moved = (pos.tenant, target)
+                    self._moved[key_moved] = (
+                        after.st_ino,
+                        after.st_size,
+                        time.monotonic() + WATCH_MOVED_SECONDS,
+                    )
                     await self._done(pos)
                 finally:
                     os.close(fd)

@@ -422,3 +422,50 @@ def test_a_file_that_cannot_be_opened_or_read_does_not_spin_the_loop(
         mp.setattr(inbox_mod._FileLines, "__init__", init)
         mp.setattr(inbox_mod._FileLines, "take", take)
         asyncio.run(with_harness(go))
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 20), st.integers(1, 20))
+def test_growth_after_the_move_to_done_is_reported(first: int, later: int) -> None:
+    """Found with a writer that wrote 10 lines, paused 1.5 s (longer than the settle window),
+    wrote 10 more, and so on: the file was read, moved to done/ and its writer went on writing
+    into the moved file: 50 of 60 records unread and not a word said. The moved file is now
+    watched; its growth is a health error naming it and what to do."""
+
+    async def go(h: Harness) -> None:
+        tenant = h.inbox / "acme"
+        tenant.mkdir(parents=True)
+        path = tenant / "slow.jsonl"
+        fh = path.open("ab")  # the writer keeps its file open
+        fh.write(records("acme", first))
+        fh.flush()
+        await h.source.start()
+        read: list[bytes] = []
+
+        async def pump() -> None:
+            async for batch in h.source.batches():
+                read.extend(r.data for r in batch.records)
+                await h.source.commit(batch)
+
+        task = asyncio.create_task(pump())
+        try:
+            for _ in range(500):
+                if (tenant / "done" / "slow.jsonl").exists():
+                    break
+                await asyncio.sleep(0.02)
+            assert (tenant / "done" / "slow.jsonl").exists()
+            fh.write(records("acme", first + later, start=first))  # into the moved file
+            fh.flush()
+            for _ in range(500):
+                if any("grew by" in e for e in h.source.health().errors):
+                    break
+                await asyncio.sleep(0.02)
+            errors = " ".join(h.source.health().errors)
+            assert "done/slow.jsonl grew by" in errors and "not read" in errors, errors
+            assert len(read) == first
+        finally:
+            fh.close()
+            await h.source.stop()
+            await asyncio.wait_for(task, 10)
+
+    asyncio.run(with_harness(go))
