@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 import zlib
 from typing import Protocol
@@ -46,6 +47,9 @@ _NDJSON_TYPES = (
 # beyond 64 bits must reach the decoder as its digits, not as orjson's float).
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
 _RAW_ARRAY = msgspec.json.Decoder(list[msgspec.Raw])
+# A JSON string or one structural character: what `_array_elements` walks (strings skipped
+# whole, so a bracket or comma inside one is not structure)
+_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[][{},]')
 
 
 class WebhookHost(Protocol):
@@ -337,10 +341,37 @@ def split_records(body: bytes, content_type: str) -> tuple[list[bytes] | Respons
                 return error(400, "empty_array", "the JSON array holds no records"), 0
             try:
                 return [_one_line(bytes(raw)) for raw in _RAW_ARRAY.decode(body)], 0
-            except (msgspec.DecodeError, RecursionError):  # orjson read it: its values then
-                return [orjson.dumps(v) for v in value], 0
+            except (msgspec.DecodeError, RecursionError):  # an element nested too deep for it
+                return [_one_line(e) for e in _array_elements(body)], 0
         return [_one_line(body.strip())], 0
     return _split_ndjson(body)
+
+
+def _array_elements(body: bytes) -> list[bytes]:
+    """The elements of a JSON array `body` that orjson parsed, as the exact bytes sent, when
+    an element is nested deeper than msgspec recurses (~1,000 levels; orjson reads 1,024).
+    The fallback before re-serialized the elements with orjson, which refuses to write more
+    than 255 levels: a 500 with a traceback (and its siblings' integers beyond 64 bits would
+    have become floats). The deep element goes on to the decoder, which rejects it."""
+    out: list[bytes] = []
+    depth, start = 0, 0
+    for m in _TOKENS.finditer(body):
+        c = body[m.start()]
+        if c == 0x22:  # a string: nothing structural in it
+            continue
+        if c in b"[{":
+            depth += 1
+            if depth == 1:
+                start = m.end()
+        elif c in b"]}":
+            depth -= 1
+            if depth == 0:
+                out.append(body[start : m.start()].strip())
+                break
+        elif depth == 1:  # a comma between two elements
+            out.append(body[start : m.start()].strip())
+            start = m.end()
+    return out
 
 
 def _one_line(value: bytes) -> bytes:

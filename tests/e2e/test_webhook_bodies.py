@@ -81,6 +81,18 @@ def test_integers_beyond_64_bits_in_an_array_are_refused_not_rounded(
     assert stored(svc, "big-in-array") is None
 
 
+def test_an_array_with_an_element_nested_1000_deep(svc: ServiceProcess) -> None:
+    """msgspec gives up at ~1,000 levels (orjson reads 1,024) and the fallback re-serialized
+    with orjson, which writes 255: 500 and a traceback. Now 202: the sibling stored, the deep
+    element in the DLQ."""
+    deep = "[" * 1000 + "1" + "]" * 1000
+    body = "[" + json.dumps(rec("beside-deep", x=2**64 - 1)) + ", " + deep + "]"
+    r = svc.post_webhook(TENANT, "deep", body)
+    assert r.status_code == 202 and r.json()["records"] == 2, r.text
+    wait_for(lambda: stored(svc, "beside-deep") == {"x": 2**64 - 1}, 60, "the sibling")
+    assert "Traceback" not in svc.log_path.read_text(errors="replace")
+
+
 def test_content_encodings(svc: ServiceProcess) -> None:
     """gzip and deflate bodies are inflated (signed over the bytes sent); an encoding the door
     cannot undo is 415, bytes that are not what the header says 400, an inflated body over
