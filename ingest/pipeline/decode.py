@@ -197,14 +197,14 @@ class Decoder:
             except RecursionError:
                 return _too_deep()
             except _DecodeError as exc:
-                kind = "utf8" if "UTF-8" in str(exc) else "json"
+                kind, why = _unparseable(raw.data, exc)
                 return _failure(
                     ReasonCode.VALIDATION_FAIL,
                     kind,
                     "$",
                     "a JSON object",
                     "unparseable bytes",
-                    f"not valid JSON: {exc}",
+                    f"not valid JSON: {why}",
                 )
             if type(body) is not dict:
                 found = json_type(body)
@@ -394,6 +394,28 @@ def _failure(
     first = {"kind": kind, "path": path, "expected": expected, "found": found, "message": message}
     version = version if type(version) is int and INT_MIN <= version <= INT_MAX else None
     return DecodeFailure(reason, {**first, "schema_version": version, "errors": [first]}, body)
+
+
+def _unparseable(data: bytes, exc: Exception) -> tuple[str, str]:
+    """The kind and the why of bytes that are not JSON, with what to do about the common
+    causes (the parser alone says "invalid character (byte 0)" for all of them)."""
+    if data[:2] == b"\x1f\x8b":
+        return "json", "gzip-compressed bytes; name the file .gz (webhooks: Content-Encoding: gzip)"
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or (
+        len(data) >= 4 and (data[1] == data[3] == 0 or data[0] == data[2] == 0)
+    ):
+        return "utf8", "UTF-16 text; convert it to UTF-8"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return "utf8", (
+            f"not UTF-8: byte 0x{data[bad.start]:02x} at offset {bad.start} ({exc}); "
+            "convert the text to UTF-8"
+        )
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        return "json", f"a NUL byte at offset {nul} ({exc}); in a string write \\u0000"
+    return ("utf8" if "UTF-8" in str(exc) else "json"), str(exc)
 
 
 def _rejected(reject: Any) -> DecodeFailure:

@@ -43,3 +43,48 @@ def test_deep_nesting_is_validation_fail_at_every_depth() -> None:
             assert isinstance(got, DecodeFailure), depth
             assert got.reason in (ReasonCode.VALIDATION_FAIL, ReasonCode.SCHEMA_DRIFT)
     assert nested(3) == [{"k": [1]}]
+
+
+_VALID = st.fixed_dictionaries({
+    "schema_version": st.just(3), "tenant_id": st.just("t"), "entity_type": st.just("order"),
+    "entity_id": st.text(min_size=1, max_size=20), "revision": st.integers(0, 10**6),
+    "occurred_at": st.just("2025-01-01T00:00:00Z"),
+    "attributes": st.dictionaries(st.text(max_size=5), st.text(max_size=10), max_size=3),
+})  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(_VALID, st.sampled_from(["gzip", "utf16", "utf16be", "latin1", "nul"]), st.data())
+def test_unparseable_bytes_say_what_they_are(
+    rec: dict[str, object], damage: str, data: st.DataObject
+) -> None:
+    """Found by dropping such files into the inbox: each line's DLQ detail said only "JSON is
+    malformed: invalid character (byte 0)". It now names the cause and the fix (docs/schema.md:
+    kind `utf8` for text that is not UTF-8)."""
+    import gzip
+    import json
+
+    text = json.dumps(rec, ensure_ascii=False)
+    if damage == "gzip":
+        line = gzip.compress(text.encode())
+    elif damage == "utf16":
+        line = text.encode("utf-16")
+    elif damage == "utf16be":
+        line = text.encode("utf-16-be")
+    elif damage == "latin1":
+        line = text.replace('"order"', '"ordér"').encode("latin-1", "replace")
+    else:
+        at = data.draw(st.integers(4, len(text) - 1))  # between characters
+        line = text[:at].encode() + b"\x00" + text[at:].encode()
+    out = DECODER.decode(RawRecord(line, "t", "s", 0, 0, 0.0))
+    assert isinstance(out, DecodeFailure) and out.reason is ReasonCode.VALIDATION_FAIL
+    message = out.detail["message"]
+    expected = {
+        "gzip": ("json", "gzip-compressed"),
+        "utf16": ("utf8", "UTF-16"),
+        "utf16be": ("utf8", "UTF-16"),
+        "latin1": ("utf8", "not UTF-8: byte 0x"),
+        "nul": ("json", "NUL byte at offset"),
+    }[damage]
+    assert out.detail["kind"] == expected[0], out.detail
+    assert expected[1] in message, message
