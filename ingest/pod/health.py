@@ -49,6 +49,9 @@ def merge_adapters(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                     if key in _FOLDED:
                         continue
                     have = m.get(key)
+                    if key in _SINCE:  # a time: the oldest any worker has, None if none
+                        m[key] = min((t for t in (have, value) if _number(t)), default=None)
+                        continue
                     if isinstance(value, dict) and isinstance(have, dict):
                         m[key] = {**have, **value}  # e.g. Kafka partitions: each worker's own
                     elif _number(value) and _number(have):
@@ -61,8 +64,12 @@ def merge_adapters(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 # Counts every worker takes of the same shared thing, not of its own share: the inbox's files
-# not yet done are listed by each worker scanning the one directory (summing doubled them).
-_SHARED_VIEWS = {"files_pending"}
+# not yet done are listed by each worker scanning the one directory (summing doubled them),
+# and each worker's webhook source counts the whole SQLite intake, not its shard's rows.
+_SHARED_VIEWS = {"files_pending", "intake_backlog_records"}
+# Times, not counts: the oldest wait is the pod's (summed, two workers' Kafka
+# `uncommitted_since` made a date in 2077; and one worker's None hid another's time).
+_SINCE = {"uncommitted_since"}
 
 _FOLDED = {
     "stalled",

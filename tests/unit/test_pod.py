@@ -170,3 +170,32 @@ def test_inbox_files_pending_is_the_directory_not_a_sum(
     assert inbox["files_quarantined"] == sum(quarantined)
     assert inbox["records_read"] == len(quarantined)
     assert len(inbox["errors"]) == len(error_lines)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    since=st.lists(st.none() | st.floats(1.7e9, 1.8e9), min_size=1, max_size=4),
+    backlog=st.integers(0, 10_000),
+)
+def test_kafka_uncommitted_since_is_the_oldest_and_the_intake_backlog_not_a_sum(
+    since: list[float | None], backlog: int
+) -> None:
+    """Review finding: numeric extras were summed over workers. `uncommitted_since` is a time:
+    two workers waiting made a date in 2077, and a first worker's None hid the others' wait;
+    it is the oldest any worker has. Each worker's webhook source counts the whole SQLite
+    intake (`intake_backlog_records`), not its shard: summing showed N times the truth."""
+    docs = {
+        f"w{i}": {"adapters": {
+            "orders": {"kind": "kafka", "status": "running", "lag_seconds": 0.0,
+                       "records_read": 1, "errors": [], "uncommitted_since": s,
+                       "skipped_commits": 1},
+            "webhook": {"kind": "webhook", "status": "idle", "lag_seconds": 0.0,
+                        "records_read": 1, "errors": [], "intake_backlog_records": backlog},
+        }}
+        for i, s in enumerate(since)
+    }  # fmt: skip
+    merged = merge_adapters(docs)
+    waiting = [s for s in since if s is not None]
+    assert merged["orders"]["uncommitted_since"] == (min(waiting) if waiting else None)
+    assert merged["orders"]["skipped_commits"] == len(since)  # a count: still summed
+    assert merged["webhook"]["intake_backlog_records"] == backlog
