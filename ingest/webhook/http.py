@@ -93,8 +93,12 @@ async def receive(service: WebhookHost, gate: Gate, request: Request) -> Respons
         return error(
             503,
             state.value,
-            f"ingest is {'draining' if state is BackpressureState.DRAIN else 'paused'}; "
-            "nothing new is accepted until an operator resumes it",
+            (
+                "ingest is draining (an operator's drain, or this instance shutting down); "
+                "nothing new is accepted here: retry later or against another instance"
+                if state is BackpressureState.DRAIN
+                else "ingest is paused; nothing new is accepted until an operator resumes it"
+            ),
             headers={"Retry-After": "30"},
         )
 

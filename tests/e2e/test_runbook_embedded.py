@@ -57,6 +57,7 @@ def test_drain_and_resume(svc: ServiceProcess) -> None:
     assert bp["state"] == "drain"
     r = svc.post_webhook("acme-corp", "orders", json={"x": 1})
     assert r.status_code == 503 and r.json()["error"] == "drain"
+    assert "retry later or against another instance" in r.json()["reason"]
     sh(svc, "curl -X POST http://ingest-service:8080/admin/resume")
     assert svc.health()["backpressure"]["state"] == "normal"
 
