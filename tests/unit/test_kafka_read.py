@@ -10,6 +10,7 @@ Record (body, dedupe key) or the same failure from the decoder.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -59,6 +60,27 @@ def parsed_first(value: bytes | None, header: str | None, cfg_tenant: str | None
     return RawRecord(value or b"", tenant, "kafka-main", 0, None, 0.0, body, meta)
 
 
+def both_ways(
+    batch: Sequence[tuple[bytes | None, bytes | None]], cfg_tenant: str | None
+) -> list[tuple[RawRecord, Any, Any]]:
+    """Each message as the source reads it and the decoder's verdict, beside the verdict on the
+    same message parsed in full first (the reference); asserts the source kept the same
+    bytes, tenant and source-level reject kind as the reference."""
+    out = source(cfg_tenant)._to_batch([message(v, i, h) for i, (v, h) in enumerate(batch)])
+    assert out is not None and len(out.records) == len(batch)
+    decoder = Decoder()
+    refs = [parsed_first(v, None if h is None else h.decode(), cfg_tenant) for v, h in batch]
+    judged = []
+    for raw, ref, g, w in zip(
+        out.records, refs, decoder.decode_many(out.records), decoder.decode_many(refs),
+        strict=True,
+    ):
+        assert (raw.data, raw.tenant) == (ref.data, ref.tenant)
+        assert raw.meta.get("reject", {}).get("kind") == ref.meta.get("reject", {}).get("kind")
+        judged.append((raw, g, w))
+    return judged
+
+
 def good(i: int, tenant: Any) -> dict[str, Any]:
     return {
         "schema_version": 3,
@@ -101,17 +123,9 @@ values = st.one_of(
 def test_records_decode_as_when_the_source_parsed_every_value(
     batch: list[tuple[bytes | None, bytes | None]], cfg_tenant: str | None
 ) -> None:
-    src = source(cfg_tenant)
-    out = src._to_batch([message(v, i, h) for i, (v, h) in enumerate(batch)])
-    assert out is not None
-    assert [r.position for r in out.records] == [("t", 0, i) for i in range(len(batch))]
-    decoder = Decoder()
-    got = decoder.decode_many(out.records)
-    refs = [parsed_first(v, None if h is None else h.decode(), cfg_tenant) for v, h in batch]
-    want = decoder.decode_many(refs)
-    for raw, ref, g, w in zip(out.records, refs, got, want, strict=True):
-        assert (raw.data, raw.tenant) == (ref.data, ref.tenant)
-        assert raw.meta.get("reject", {}).get("kind") == ref.meta.get("reject", {}).get("kind")
+    judged = both_ways(batch, cfg_tenant)
+    assert [raw.position for raw, _, _ in judged] == [("t", 0, i) for i in range(len(batch))]
+    for raw, g, w in judged:
         if isinstance(w, Record):
             assert isinstance(g, Record)
             assert (g.body, g.dedupe_key, g.tenant, g.entity_key) == (
@@ -202,16 +216,7 @@ def test_hostile_bytes_in_skipped_fields_are_judged_as_by_the_full_parse(
     """Invalid UTF-8 (or an escape JSON refuses) where the tenant read does not look: the same
     tenant, the same source-level reject and the same decoder verdict (reason, or accepted)
     as when the source parsed every value in full; never an exception out of the batch."""
-    src = source(cfg_tenant)
-    out = src._to_batch([message(v, i, h) for i, (v, h) in enumerate(batch)])
-    assert out is not None and len(out.records) == len(batch)
-    decoder = Decoder()
-    got = decoder.decode_many(out.records)
-    refs = [parsed_first(v, None if h is None else h.decode(), cfg_tenant) for v, h in batch]
-    want = decoder.decode_many(refs)
-    for raw, ref, g, w in zip(out.records, refs, got, want, strict=True):
-        assert (raw.data, raw.tenant) == (ref.data, ref.tenant)
-        assert raw.meta.get("reject", {}).get("kind") == ref.meta.get("reject", {}).get("kind")
+    for _, g, w in both_ways(batch, cfg_tenant):
         if isinstance(w, Record):
             assert isinstance(g, Record) and (g.body, g.dedupe_key) == (w.body, w.dedupe_key)
         else:
