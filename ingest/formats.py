@@ -27,12 +27,12 @@ from ingest.schema import declared_types
 Format = Literal["jsonl", "csv"]
 
 _BOM = b"\xef\xbb\xbf"
-_GZIP_WBITS = 16 + zlib.MAX_WBITS
+GZIP_WBITS = 16 + zlib.MAX_WBITS
 _SALVAGE_STEP = 256  # bytes of compressed input per step when salvaging before a corruption
 DEFAULT_MAX_LINE_BYTES = 1024 * 1024  # = http.max_record_bytes's default
 PREVIEW_BYTES = 1024  # of an oversized line: kept as its DLQ payload
-_INFLATE_STEP = 1 << 20  # decompressed bytes per step (a gzip bomb is read a step at a time)
-_FEED_FIRST = 256  # compressed bytes first fed per member (see LineReader._inflate)
+INFLATE_STEP = 1 << 20  # decompressed bytes per step (a gzip bomb is read a step at a time)
+FEED_FIRST = 256  # compressed bytes first fed per member (see LineReader._inflate)
 _DETAIL_PREVIEW = 200  # of an oversized line: shown in its DLQ detail
 _EXTENSIONS: dict[str, Format] = {
     ".jsonl": "jsonl",
@@ -101,6 +101,13 @@ class _Oversize:
             self.head += data[: PREVIEW_BYTES - len(self.head)]
 
 
+def only_nul_padding(data: bytes, pos: int) -> bool:
+    """Whether `data[pos:]` is empty or all NUL bytes: the padding gzip(1) allows after the
+    last member of a gzip stream (files and webhook bodies alike)."""
+    end = len(data)
+    return pos == end or (data[pos] == 0 and data.count(0, pos) == end - pos)
+
+
 class LineReader:
     """Incremental splitter/decoder: `feed` chunks, then `finish` once at end of stream.
 
@@ -128,7 +135,7 @@ class LineReader:
         if max_line_bytes < 1:
             raise ValueError("max_line_bytes must be at least 1")
         self._csv = fmt == "csv"
-        self._z = zlib.decompressobj(_GZIP_WBITS) if gzipped else None
+        self._z = zlib.decompressobj(GZIP_WBITS) if gzipped else None
         self._fed = False
         self._skip = start_offset
         self._max = max_line_bytes
@@ -206,35 +213,35 @@ class LineReader:
     # -- decompression --------------------------------------------------------------------
 
     def _inflate(self, chunk: bytes) -> Iterator[tuple[bytes, str | None]]:
-        """Decompress a chunk across concatenated gzip members, at most _INFLATE_STEP bytes
+        """Decompress a chunk across concatenated gzip members, at most INFLATE_STEP bytes
         at a time; on an error, the output just before it comes with the message.
 
-        The chunk is fed in slices growing from _FEED_FIRST bytes, and what was consumed is
+        The chunk is fed in slices growing from FEED_FIRST bytes, and what was consumed is
         counted, never copied: zlib copies everything past a member's end (`unused_data`), so
         feeding the whole chunk cost the rest of the chunk once per member (1 MiB of tiny
         members: 1.5 s, quadratic in the chunk; a hostile file read ~1.5 s per MiB)."""
         assert self._z is not None
         view = memoryview(chunk)
-        pos, end, size = 0, len(chunk), _FEED_FIRST
+        pos, end, size = 0, len(chunk), FEED_FIRST
         while True:
             z = self._z
             if z.eof:
-                if pos == end or (chunk[pos] == 0 and chunk.count(0, pos) == end - pos):
+                if only_nul_padding(chunk, pos):
                     return  # zero padding after the last member
-                z = self._z = zlib.decompressobj(_GZIP_WBITS)
-                size = _FEED_FIRST
+                z = self._z = zlib.decompressobj(GZIP_WBITS)
+                size = FEED_FIRST
             piece = view[pos : pos + size]
-            size = min(size * 2, _INFLATE_STEP)
+            size = min(size * 2, INFLATE_STEP)
             saved = z.copy()
             try:
-                data = z.decompress(piece, _INFLATE_STEP)
+                data = z.decompress(piece, INFLATE_STEP)
             except zlib.error as exc:
                 yield self._salvage(saved, bytes(piece)), f"corrupt gzip stream: {exc}"
                 return
             pos += len(piece) - len(z.unused_data if z.eof else z.unconsumed_tail)
             if data:
                 yield data, None
-            if pos == end and (z.eof or len(data) < _INFLATE_STEP):
+            if pos == end and (z.eof or len(data) < INFLATE_STEP):
                 return
 
     @staticmethod

@@ -31,6 +31,7 @@ from ingest.api.body import BodyTooLarge, BodyTooSlow, read_body
 from ingest.api.responses import error, json_response
 from ingest.config import Config
 from ingest.errors import DiskFull, StoreUnavailable, is_disk_full
+from ingest.formats import FEED_FIRST, GZIP_WBITS, INFLATE_STEP, only_nul_padding
 from ingest.names import NAME_RULE as _NAME
 from ingest.pipeline.admission import Admission, BackpressureState, Rejected
 from ingest.webhook import Intake
@@ -45,7 +46,6 @@ _NDJSON_TYPES = (
 )
 # The elements of a JSON array body, as the exact bytes sent (never re-serialized: an integer
 # beyond 64 bits must reach the decoder as its digits, not as orjson's float).
-_GZIP_WBITS = 16 + zlib.MAX_WBITS
 _RAW_ARRAY = msgspec.json.Decoder(list[msgspec.Raw])
 # A JSON string or one structural character: what `_array_elements` walks (strings skipped
 # whole, so a bracket or comma inside one is not structure)
@@ -265,27 +265,28 @@ def _inflate(body: bytes, coding: str, limit: int) -> bytes | Response:
     other bytes after the compressed data are 400, never dropped (a second member was dropped
     with a 202: its records lost). deflate is zlib (any window size) or raw.
 
-    The input is fed in growing slices (256 bytes doubling to 1 MiB per member) so that what
-    zlib copies past a member's end (`unused_data`) stays about the member's size: a body of
-    many tiny members costs linear time, not the body's size once per member."""
+    The input is fed in growing slices (FEED_FIRST bytes doubling to INFLATE_STEP per member,
+    as `ingest.formats` reads gzip files) so that what zlib copies past a member's end
+    (`unused_data`) stays about the member's size: a body of many tiny members costs linear
+    time, not the body's size once per member."""
     out = bytearray()
     view = memoryview(body)
     pos, end = 0, len(body)
     while True:
         if coding != "deflate":
-            wbits = _GZIP_WBITS
+            wbits = GZIP_WBITS
         elif _zlib_header(body[pos : pos + 2]):
             wbits = zlib.MAX_WBITS  # reads any window size the header names
         else:  # raw deflate, as some clients send
             wbits = -zlib.MAX_WBITS
         inflater = zlib.decompressobj(wbits)
-        size = 256
+        size = FEED_FIRST
         while not inflater.eof:
             if pos >= end:
                 return error(400, "bad_encoding", f"the {coding} body is truncated")
             chunk = view[pos : pos + size]
             pos += len(chunk)
-            size = min(size * 2, 1 << 20)
+            size = min(size * 2, INFLATE_STEP)
             try:  # max_length >= 1 here (0 would mean no limit)
                 out += inflater.decompress(chunk, limit + 1 - len(out))
             except zlib.error as exc:
@@ -301,10 +302,8 @@ def _inflate(body: bytes, coding: str, limit: int) -> bytes | Response:
                     f"the body inflates to more than the limit of {limit} bytes",
                 )
         pos -= len(inflater.unused_data)
-        if pos == end:
-            return bytes(out)
-        if coding != "deflate" and body[pos] == 0 and body.count(0, pos) == end - pos:
-            return bytes(out)  # NUL padding after the last gzip member, as gzip(1) allows
+        if pos == end or (coding != "deflate" and only_nul_padding(body, pos)):
+            return bytes(out)  # the end, or NUL padding after the last gzip member
         if coding == "deflate":
             return error(
                 400,
