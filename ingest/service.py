@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, Literal
 
 from ingest import config as C
 from ingest.disk import DiskGuard
-from ingest.errors import IngestError, is_disk_full
+from ingest.errors import ConfigError, IngestError, is_disk_full
 from ingest.factory import SOURCES, Core, SourceSet, build_core, build_sources, worker_id
 from ingest.health import HealthMonitor
 from ingest.pipeline.control import add_to_health
@@ -317,6 +319,27 @@ async def serve(
     from ingest.state.audit import audit_store
 
     auth = auth_setup.load(cfg)  # before anything opens: production without credentials stops
+    main_host = host or cfg.http.host
+    main_port = port if port is not None else cfg.http.port
+    listeners: list[tuple[Literal["all", "main", "admin"], str, int, str]] = [
+        ("all", main_host, main_port, "http.port")
+    ]
+    if cfg.http.admin_port is not None:
+        listeners = [
+            ("main", main_host, main_port, "http.port"),
+            ("admin", cfg.http.admin_host or main_host, cfg.http.admin_port, "http.admin_port"),
+        ]
+    # Bound (not listening: connections are refused until uvicorn serves) before anything
+    # starts, so a port in use is one line and exit 2 at once, not uvicorn's exit 3.
+    sockets: list[list[socket.socket]] = []
+    try:
+        for _, h, p, key in listeners:
+            sockets.append(bind_listener(h, p, key))
+    except ConfigError:
+        for socks in sockets:
+            for sock in socks:
+                sock.close()
+        raise
     count = cfg.worker_count()
     service: Service | Pod = Pod(cfg, count) if count > 1 else await Service.build(cfg)
     await service.start()
@@ -326,17 +349,7 @@ async def serve(
     gate = Gate(
         auth_setup.guard(cfg, auth, control.stores), audit_store(control.stores), service.metrics
     )
-    main_host = host or cfg.http.host
-    main_port = port if port is not None else cfg.http.port
     extra = admin.routes(control.stores, control.core, gate)
-    listeners: list[tuple[Literal["all", "main", "admin"], str, int]] = [
-        ("all", main_host, main_port)
-    ]
-    if cfg.http.admin_port is not None:
-        listeners = [
-            ("main", main_host, main_port),
-            ("admin", cfg.http.admin_host or main_host, cfg.http.admin_port),
-        ]
     servers = [
         uvicorn.Server(
             uvicorn.Config(
@@ -351,14 +364,17 @@ async def serve(
                 timeout_keep_alive=75,
             )
         )
-        for part, h, p in listeners
+        for part, h, p, _ in listeners
     ]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # Server._serve skips uvicorn's own signal capture: SIGTERM must drain the pipeline first.
-    tasks = [asyncio.create_task(server._serve()) for server in servers]
+    tasks = [
+        asyncio.create_task(server._serve(socks))
+        for server, socks in zip(servers, sockets, strict=True)
+    ]
     while not all(s.started or t.done() for s, t in zip(servers, tasks, strict=True)):
         await asyncio.sleep(0.02)
     failed_servers = [s for s, t in zip(servers, tasks, strict=True) if t.done()]
@@ -370,10 +386,11 @@ async def serve(
         for task in tasks:
             with contextlib.suppress(SystemExit, Exception):
                 await task
-        raise OSError(
-            f"cannot serve HTTP on {failed_servers[0].config.host}:"
-            f"{failed_servers[0].config.port} (is the port in use? set http.port / "
-            "INGEST_HTTP_PORT, http.admin_port / INGEST_ADMIN_PORT)"
+        bad = failed_servers[0].config
+        raise ConfigError(
+            "http.admin_port" if bad.port == cfg.http.admin_port else "http.port",
+            f"cannot serve HTTP on {bad.host}:{bad.port} (is the port in use? set "
+            "http.port / INGEST_HTTP_PORT / --port, http.admin_port / INGEST_ADMIN_PORT)",
         )
     if ready is not None:
         ready(service)
@@ -387,6 +404,37 @@ async def serve(
     failed = [c for c in getattr(service, "exit_codes", []) if c != 0]
     if failed:
         raise IngestError(f"workers did not drain cleanly (exit codes {failed}); see the log")
+
+
+def bind_listener(host: str, port: int, key: str) -> list[socket.socket]:
+    """Sockets bound to every address of host:port, as asyncio's create_server would bind
+    them, but not listening yet. A port that cannot be had (in use, privileged, an address
+    not on this host) is a ConfigError naming the port and the setting (exit 2)."""
+    socks: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        why = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            why = "the port is already in use by another process"
+        elif exc.errno == errno.EACCES:
+            why = "permission denied (ports below 1024 need privileges)"
+        env = "INGEST_ADMIN_PORT" if key == "http.admin_port" else "INGEST_HTTP_PORT / --port"
+        raise ConfigError(
+            key, f"cannot listen on {host or '*'}:{port}: {why}; free it or set {key} ({env})"
+        ) from None
+    return socks
 
 
 class _ControlState:

@@ -144,21 +144,26 @@ def test_a_second_service_on_the_same_data_dir_is_refused(tmp_path: Path, worker
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_taken_port_is_one_line_not_a_traceback(tmp_path: Path, workers: str) -> None:
-    """The HTTP port is in use: the service says so in one line and exits non-zero. A pod
-    (workers > 1) printed three asyncio tracebacks per worker connection on the way out."""
+    """The HTTP port is in use: the service says so in one line naming the port and the
+    setting, and exits 2 (a config error; docs/operations.md). A pod (workers > 1) printed
+    three asyncio tracebacks per worker connection on the way out; both exited 3 (uvicorn's
+    startup failure), which the docs define as "a store or server unreachable"."""
     import socket
     import subprocess
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
+        port = taken.getsockname()[1]
         svc = ServiceProcess(tmp_path / "d", env={"INGEST_WORKERS": workers})
         out = subprocess.run(
-            [*svc.launcher, "run", "--host", "127.0.0.1", "--port",
-             str(taken.getsockname()[1])],
+            [*svc.launcher, "run", "--host", "127.0.0.1", "--port", str(port)],
             cwd=tmp_path, env=svc.env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
     said = out.stdout + out.stderr
-    assert out.returncode != 0, said[-3000:]
-    assert "address already in use" in said, said[-3000:]
+    assert out.returncode == 2, said[-3000:]
+    flat = " ".join(said.split())  # the console wraps long lines
+    assert f"127.0.0.1:{port}" in flat and "already in use" in flat, said[-3000:]
+    assert "http.port" in flat, said[-3000:]
     assert "Traceback" not in said and "Exception in callback" not in said, said[-3000:]
+    assert "shutting down" not in said, said[-3000:]  # refused before anything started
