@@ -2,7 +2,8 @@
 
 Reads the same config as the service (--config or INGEST_CONFIG; none = embedded SQLite under
 ./data or INGEST_DATA_DIR), so it always looks at the store the service writes. Every command
-takes --json. Exit codes: 0 ok, 1 some entries failed again (or the run was stopped), 2 usage,
+takes --json. Exit codes: 0 ok, 1 some entries failed again (or the run was stopped), 2 usage
+(also a --tenant that is not a tenant name, or that redrive/purge finds unknown to the store),
 3 store or sink unreachable; 130 when a redrive was interrupted (safe to run again).
 """
 
@@ -30,6 +31,7 @@ from ingest.cli.common import (
     load_existing_state,
     parse_when,
     run_async,
+    tenant_name,
 )
 from ingest.config import Config
 from ingest.records import DLQEntry, ReasonCode
@@ -107,12 +109,27 @@ async def _first(dlq: DLQStore, flt: DLQFilter, limit: int) -> list[DLQEntry]:
     return out
 
 
+async def _known_tenant(dlq: DLQStore, tenant: str | None) -> None:
+    """Exit 2 for a --tenant this store has never heard of (no DLQ entry, no record processed
+    for it): a typo must not look like "nothing to do" to a redrive or purge."""
+    if tenant is None:
+        return
+    if await dlq.count(DLQFilter(tenant=tenant)) or await dlq.processed_total(tenant):
+        return
+    fail(
+        f"unknown tenant '{tenant}': the DLQ holds no entry for it and no record of it was "
+        "processed here; check the name (`dlqtriage summary` counts every tenant)",
+        EXIT_USAGE,
+    )
+
+
 # ------------------------------------------------------------------------------ commands
 
 
 @app.command()
 def summary(tenant: TenantOpt = None, config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
     """Counts by reason (retryable or not), sink and source; the DLQ rate against the SLO."""
+    tenant_name(tenant)
     cfg = _config(config)
 
     async def go(dlq: DLQStore) -> analyze.Summary:
@@ -139,6 +156,7 @@ def sample(
     json_out: JsonOpt = False,
 ) -> None:
     """Readable entries with their error detail (JSON path, expected, found, message)."""
+    tenant_name(tenant)
     flt = DLQFilter(tenant=tenant, reasons=_reasons(reason))
     cfg = _config(config)
     entries = _run(_with_dlq(cfg, lambda dlq: _first(dlq, flt, limit)))
@@ -153,6 +171,7 @@ def analyze_cmd(
     tenant: TenantOpt = None, config: ConfigOpt = None, json_out: JsonOpt = False
 ) -> None:
     """Group entries into error patterns, each with counts, sources, an example and a next step."""
+    tenant_name(tenant)
     cfg = _config(config)
 
     async def go(dlq: DLQStore) -> list[analyze.Pattern]:
@@ -202,6 +221,7 @@ def redrive(
     as_: AsOpt = None,
 ) -> None:
     """Send entries back through decode and delivery, to the sink where each failed."""
+    tenant_name(tenant)
     reasons = _reasons(reason)
     if not reasons and not entry_id:
         valid = ", ".join(r.value for r in ReasonCode)
@@ -247,6 +267,8 @@ async def _redrive(
     try:
         groups = await core.stores.dlq.groups(flt)
         total = sum(g.count for g in groups)
+        if total == 0:
+            await _known_tenant(core.stores.dlq, flt.tenant)
         why = analyze.refusal({*flt.reasons, *(g.reason for g in groups)})
         if dry_run:
             entries = await _first(core.stores.dlq, flt, 10_000 if json_out else 50)
@@ -343,6 +365,7 @@ def purge(
     as_: AsOpt = None,
 ) -> None:
     """Delete entries older than DAYS (for a reason code), after a dry run or confirmation."""
+    tenant_name(tenant)
     days = finite(older_than, "--older-than", low=0, high=MAX_DAYS)
     flt = DLQFilter(
         tenant=tenant,
@@ -352,7 +375,10 @@ def purge(
     cfg = _config(config)
 
     async def listing(dlq: DLQStore) -> tuple[int, list[DLQEntry]]:
-        return await dlq.count(flt), await _first(dlq, flt, 100_000 if json_out else 50)
+        total = await dlq.count(flt)
+        if total == 0:
+            await _known_tenant(dlq, tenant)
+        return total, await _first(dlq, flt, 100_000 if json_out else 50)
 
     total, entries = _run(_with_dlq(cfg, listing))
     if dry_run or total == 0:

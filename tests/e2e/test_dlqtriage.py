@@ -162,6 +162,37 @@ def test_runbook_commands_as_written(root: Path) -> None:
     assert s2["total"] == 11
 
 
+
+def test_tenant_is_checked_by_every_command(root: Path) -> None:
+    """`--tenant` took any text: '' selected every tenant (a redrive or purge of all of them)
+    and a typo answered "redrive: 0 entries", exit 0. Now a name outside the tenant rule is
+    exit 2 for every command, as replayctl and `ingest auth` answer, and a redrive or purge
+    for a tenant the store never saw is exit 2 naming it; a known tenant with nothing that
+    matches is still "nothing to do", exit 0."""
+    before = dlq_count(root / "data")
+    commands = [
+        ["redrive", "--reason", "SCHEMA_DRIFT", "--force"],
+        ["purge", "--older-than", "0", "--yes"],
+        ["summary"], ["sample"], ["analyze"],
+    ]  # fmt: skip
+    for cmd in commands:
+        r = dlqt(root, *cmd, "--tenant", "")
+        assert r.returncode == 2, said(r)
+        assert "--tenant '' is not a valid tenant name" in said(r), said(r)
+        assert "Traceback" not in said(r)
+    for bad in ("Acme-Corp", "acme corp", "../acme"):
+        r = dlqt(root, "redrive", "--tenant", bad, "--reason", "SCHEMA_DRIFT", "--dry-run")
+        assert r.returncode == 2 and "is not a valid tenant name" in said(r), said(r)
+    for cmd in (commands[0], [*commands[0], "--dry-run"], commands[1]):
+        r = dlqt(root, *cmd, "--tenant", "acme-crop")
+        assert r.returncode == 2, said(r)
+        assert "unknown tenant 'acme-crop'" in said(r), said(r)
+    assert dlq_count(root / "data") == before  # nothing was redriven or purged
+    r = dlqt(root, "redrive", "--tenant", TENANT, "--reason", "CONNECTION_ERROR")
+    assert r.returncode == 0 and "redrive: 0 entries" in said(r), said(r)
+    assert dlqt_json(root, "summary", "--tenant", "nobody")["total"] == 0  # a view: 0, exit 0
+
+
 def test_errors_say_what_to_do(root: Path, tmp_path: Path) -> None:
     r = dlqt(root, "sample", "--reason", "SCHEMA_DRIFTT")
     assert r.returncode == 2 and "unknown reason code 'SCHEMA_DRIFTT'" in said(r)
