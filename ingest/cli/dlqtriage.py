@@ -3,7 +3,7 @@
 Reads the same config as the service (--config or INGEST_CONFIG; none = embedded SQLite under
 ./data or INGEST_DATA_DIR), so it always looks at the store the service writes. Every command
 takes --json. Exit codes: 0 ok, 1 some entries failed again (or the run was stopped), 2 usage
-(also a --tenant that is not a tenant name, or that redrive/purge finds unknown to the store),
+(also a --tenant that is not a tenant name; one unknown to the store only warns),
 3 store or sink unreachable; 130 when a redrive was interrupted (safe to run again).
 """
 
@@ -26,6 +26,7 @@ from ingest.cli.common import (
     StopFlag,
     actor,
     audit_cli,
+    err_console,
     fail,
     finite,
     load_existing_state,
@@ -110,16 +111,19 @@ async def _first(dlq: DLQStore, flt: DLQFilter, limit: int) -> list[DLQEntry]:
 
 
 async def _known_tenant(dlq: DLQStore, tenant: str | None) -> None:
-    """Exit 2 for a --tenant this store has never heard of (no DLQ entry, no record processed
-    for it): a typo must not look like "nothing to do" to a redrive or purge."""
+    """Warn (stderr, exit code unchanged) when a --tenant with nothing to do is one this store
+    has never heard of (no DLQ entry, no record processed for it): a typo must not look like
+    "nothing to do", yet a tenant that simply has no data yet is not an error."""
     if tenant is None:
         return
     if await dlq.count(DLQFilter(tenant=tenant)) or await dlq.processed_total(tenant):
         return
-    fail(
-        f"unknown tenant '{tenant}': the DLQ holds no entry for it and no record of it was "
-        "processed here; check the name (`dlqtriage summary` counts every tenant)",
-        EXIT_USAGE,
+    err_console.print(
+        f"[bold yellow]warning:[/] no DLQ entry and no processed record for tenant "
+        f"'{tenant}' in this store; check the name (`dlqtriage summary` counts every "
+        "tenant)",
+        highlight=False,
+        markup=True,
     )
 
 
