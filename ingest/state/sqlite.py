@@ -61,6 +61,14 @@ IDEM_PREFIX = "idem_"
 _IDEM_DAY_DDL = (
     "CREATE TABLE IF NOT EXISTS {} (key BLOB PRIMARY KEY, claimed_at REAL NOT NULL) WITHOUT ROWID"
 )
+# Claims land here first (migration 13) and move to their days' tables in one sorted merge
+# once RECENT_KEYS were claimed. A batch of random 32-byte keys dirties about one page per
+# key of a day's big B-tree, and each claim's commit writes every page it dirtied to the WAL;
+# into this small tree the same batch dirties a few hundred pages, and the merge writes each
+# page of the day's table about once per RECENT_KEYS keys. Measured on 32-byte keys in
+# 2,000-key claims (CPU per key): 200k keys 7.5-10.4 -> 5.1-6.2 µs, 1M keys 16.5 -> 8.3 µs.
+IDEM_RECENT = "idem_recent"
+RECENT_KEYS = 50_000
 
 
 def idem_table(day: int) -> str:
@@ -213,6 +221,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     # Idempotency keys in one table per claim day (SQLiteIdempotencyStore); the tables are
     # made from _IDEM_DAY_DDL as days come.
     Migration(12, "idempotency_by_day", (_idem_by_day,)),
+    # The recent claims, merged into the day tables in bulk (SQLiteIdempotencyStore._merge).
+    Migration(13, "idempotency_recent", (_IDEM_DAY_DDL.format(IDEM_RECENT),)),
 )
 
 
@@ -403,21 +413,31 @@ def _key_blob(keys: Sequence[bytes]) -> bytes:
 
 
 class SQLiteIdempotencyStore:
-    """Implements IdempotencyStore: 32-byte keys as BLOBs with their claim time, in one
-    table per UTC day of the claim (`idem_YYYYMMDD`, migration 12). seen() ignores keys older
-    than the TTL at once; a day's table is dropped by the first claim after every key in it
-    expired (end of that day + TTL), so the file holds at most TTL + 1 day of keys."""
+    """Implements IdempotencyStore: 32-byte keys as BLOBs with their claim time. A claim
+    goes to `idem_recent` (migration 13), and every `recent_keys` claimed keys the store
+    moves them, sorted, into the table of their UTC claim day (`idem_YYYYMMDD`, migration
+    12) in one transaction, so a key is always in one of the two. seen() probes both and
+    ignores keys older than the TTL at once; a day's table is dropped by the first claim
+    after every key in it expired (end of that day + TTL), so the file holds at most TTL + 1
+    day of keys (and up to `recent_keys` per process not yet merged)."""
 
     def __init__(
-        self, db: SQLiteDB, ttl_seconds: int = 7 * 86400, clock: Clock = time.time
+        self,
+        db: SQLiteDB,
+        ttl_seconds: int = 7 * 86400,
+        clock: Clock = time.time,
+        recent_keys: int = RECENT_KEYS,
     ) -> None:
         self._db = db
         self._ttl = ttl_seconds
         self._clock = clock
-        # Read and written only in the DB thread: the day table known to exist, and when the
-        # oldest table in the file expires whole.
+        self._recent_keys = recent_keys
+        # Read and written only in the DB thread: the day table known to exist, when the
+        # oldest table in the file expires whole, and the keys this store claimed into
+        # `idem_recent` since its last merge (None: not counted yet, e.g. after a restart).
         self._today: str | None = None
         self._next_drop = 0.0
+        self._recent: int | None = None
 
     def _live(self, days: Mapping[int, str], now: float) -> list[str]:
         """Tables that may hold unexpired keys, newest first."""
@@ -431,9 +451,7 @@ class SQLiteIdempotencyStore:
         since = now - self._ttl
 
         def query(c: sqlite3.Connection) -> str | None:
-            tables = self._live(idem_days(c), now)
-            if not tables:
-                return None
+            tables = [IDEM_RECENT, *self._live(idem_days(c), now)]
             probe = " OR ".join(
                 f"EXISTS (SELECT 1 FROM {t} WHERE key = substr(?1, i, 32) AND claimed_at > ?2)"
                 for t in tables
@@ -457,13 +475,19 @@ class SQLiteIdempotencyStore:
         table = idem_table(int(now // DAY))
 
         def write(c: sqlite3.Connection) -> None:
-            if table != self._today or now >= self._next_drop:
-                self._rotate(c, table, now)
             c.execute(  # one statement: its own transaction
-                f"{_KEYS} INSERT OR REPLACE INTO {table} (key, claimed_at)"
+                f"{_KEYS} INSERT OR REPLACE INTO {IDEM_RECENT} (key, claimed_at)"
                 " SELECT substr(?1, i, 32), ?2 FROM k",
                 (blob, now),
             )
+            if self._recent is None:
+                (self._recent,) = c.execute(f"SELECT count(*) FROM {IDEM_RECENT}").fetchone()
+            else:
+                self._recent += len(keys)
+            if table != self._today or now >= self._next_drop:
+                self._rotate(c, table, now)
+            elif self._recent >= self._recent_keys:
+                self._merge(c, now)
 
         def again(c: sqlite3.Connection) -> None:
             try:
@@ -477,9 +501,11 @@ class SQLiteIdempotencyStore:
         await self._db.call("idempotency", again)
 
     def _rotate(self, c: sqlite3.Connection, table: str, now: float) -> None:
-        """Make today's table; drop the tables whose keys have all expired."""
+        """Make today's table; merge the recent claims; drop the tables whose keys have all
+        expired."""
         with immediate(c):
             c.execute(_IDEM_DAY_DDL.format(table))
+            self._merge_in(c, now)
             days = idem_days(c)
             live = set(self._live(days, now))
             for name in days.values():
@@ -489,18 +515,49 @@ class SQLiteIdempotencyStore:
         self._today = table
         self._next_drop = min((d + 1) * DAY + self._ttl for d in kept)
 
+    def _merge(self, c: sqlite3.Connection, now: float) -> None:
+        with immediate(c):
+            for day in self._merge_in(c, now):  # a day's table made now: when it expires
+                self._next_drop = min(self._next_drop, (day + 1) * DAY + self._ttl)
+
+    def _merge_in(self, c: sqlite3.Connection, now: float) -> list[int]:
+        """Inside a write transaction: move every unexpired key of `idem_recent` to the
+        table of its claim day (made if missing), sorted (each page of the day's B-tree is
+        written once), then empty `idem_recent` (expired keys just go). The days moved to."""
+        since = now - self._ttl
+        days = [
+            day
+            for (day,) in c.execute(
+                f"SELECT DISTINCT CAST(claimed_at / {DAY} AS INTEGER) FROM {IDEM_RECENT}"
+                " WHERE claimed_at > ?",
+                (since,),
+            ).fetchall()
+        ]
+        for day in days:
+            table = idem_table(day)
+            c.execute(_IDEM_DAY_DDL.format(table))
+            c.execute(
+                f"INSERT OR REPLACE INTO {table} SELECT key, claimed_at FROM {IDEM_RECENT}"
+                " WHERE claimed_at > ? AND claimed_at >= ? AND claimed_at < ? ORDER BY key",
+                (since, day * DAY, (day + 1) * DAY),
+            )
+        c.execute(f"DELETE FROM {IDEM_RECENT}")
+        self._recent = 0
+        return days
+
     async def stats(self) -> dict[str, Any]:
         now = self._clock()
 
         def query(c: sqlite3.Connection) -> tuple[int, float | None]:
             n, oldest = 0, None
-            for table in reversed(self._live(idem_days(c), now)):
+            for table in [*self._live(idem_days(c), now), IDEM_RECENT]:
                 count, first = c.execute(
                     f"SELECT count(*), min(claimed_at) FROM {table} WHERE claimed_at > ?",
                     (now - self._ttl,),
                 ).fetchone()
                 n += count
-                oldest = first if oldest is None else oldest
+                if first is not None and (oldest is None or first < oldest):
+                    oldest = first
             return n, oldest
 
         n, oldest = await self._db.call("idempotency", lambda c: _again_if_dropped(c, query))

@@ -25,6 +25,7 @@ from ingest.state.sqlite import (
     SQLiteDLQStore,
     SQLiteDroppedStore,
     SQLiteIdempotencyStore,
+    fetchall,
     idem_table,
 )
 from ingest.webhook.sqlite import SQLiteIntake
@@ -131,7 +132,7 @@ async def test_idempotency_seen_claim_and_ttl(db: SQLiteDB) -> None:
 async def _day_tables(db: SQLiteDB) -> list[str]:
     return await db.run(
         lambda c: [n for (n,) in c.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name GLOB 'idem_*'"
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name GLOB 'idem_[0-9]*'"
             " ORDER BY name")]
     )  # fmt: skip
 
@@ -155,6 +156,36 @@ async def test_idempotency_keys_expire_by_day_table(db: SQLiteDB) -> None:
     assert await store.seen([old, new]) == [False, True]
 
 
+async def _recent_keys(db: SQLiteDB) -> list[bytes]:
+    return await db.run(
+        lambda c: [k for (k,) in c.execute("SELECT key FROM idem_recent ORDER BY key")]
+    )
+
+
+async def test_idempotency_claims_wait_in_idem_recent_then_move_to_their_day(
+    db: SQLiteDB,
+) -> None:
+    """Claims go to `idem_recent` and move, all at once, to their day's table once
+    `recent_keys` were claimed; a key is seen wherever it is; a store opened afresh on the
+    file (a restart) counts the keys already waiting."""
+    clock = FakeClock()
+    day = idem_table(int(T0 // DAY))
+    store = SQLiteIdempotencyStore(db, clock=clock, recent_keys=5)
+    keys = [i.to_bytes(32, "big") for i in range(8)]
+    await store.claim(keys[:1])  # the first claim makes today's table (and merges)
+    await store.claim(keys[1:4])
+    assert await _recent_keys(db) == keys[1:4]
+    day_keys = "SELECT key FROM {} ORDER BY key"
+    assert await db.run(fetchall(day_keys.format(day))) == [(keys[0],)]
+    assert await store.seen(keys) == [True] * 4 + [False] * 4
+    restarted = SQLiteIdempotencyStore(db, clock=clock, recent_keys=5)
+    await restarted.claim(keys[4:6])  # 3 waiting + 2: the merge
+    assert await _recent_keys(db) == []
+    assert await db.run(fetchall(day_keys.format(day))) == [(k,) for k in keys[:6]]
+    assert await restarted.seen(keys) == [True] * 6 + [False] * 2
+    assert (await restarted.stats())["keys"] == 6
+
+
 async def test_idempotency_adopts_the_one_table_layout_of_old_files(tmp_path: Path) -> None:
     """A state file the code before migration 12 made: its live keys stay claimed."""
     old = await SQLiteDB.open(tmp_path / "state.db", [m for m in MIGRATIONS if m.version < 12])
@@ -173,6 +204,7 @@ async def test_idempotency_adopts_the_one_table_layout_of_old_files(tmp_path: Pa
         assert tables == [
             idem_table(int((now - 2 * DAY) // DAY)),
             idem_table(int((now - 60) // DAY)),
+            "idem_recent",
         ]
         assert (await store.stats())["keys"] == 2
     finally:
@@ -188,18 +220,22 @@ async def test_idempotency_adopts_the_one_table_layout_of_old_files(tmp_path: Pa
     ),
     ttl=st.integers(min_value=1, max_value=3 * DAY),
     start=st.floats(min_value=0, max_value=DAY),
+    recent_keys=st.sampled_from([1, 5, 20, 50_000]),
 )
 def test_idempotency_property_across_days(
-    steps: list[tuple[float, set[int]]], ttl: int, start: float
+    steps: list[tuple[float, set[int]]], ttl: int, start: float, recent_keys: int
 ) -> None:
-    """Claims spread over days (tables made and dropped on the way): a key is seen exactly
-    while its latest claim is younger than the TTL."""
+    """Claims spread over days (tables made and dropped on the way, the recent claims merged
+    into them every `recent_keys` keys or at a day's change): a key is seen exactly while
+    its latest claim is younger than the TTL."""
 
     async def check() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             db = await SQLiteDB.open(Path(tmp) / "s.db")
             clock = FakeClock(T0 + start)
-            store = SQLiteIdempotencyStore(db, ttl_seconds=ttl, clock=clock)
+            store = SQLiteIdempotencyStore(
+                db, ttl_seconds=ttl, clock=clock, recent_keys=recent_keys
+            )
             latest: dict[bytes, float] = {}
             everything = [i.to_bytes(32, "big") for i in range(21)]
             for wait, ids in steps:
