@@ -67,8 +67,11 @@ _IDEM_DAY_DDL = (
 # into this small tree the same batch dirties a few hundred pages, and the merge writes each
 # page of the day's table about once per RECENT_KEYS keys. Measured on 32-byte keys in
 # 2,000-key claims (CPU per key): 200k keys 7.5-10.4 -> 5.1-6.2 µs, 1M keys 16.5 -> 8.3 µs.
+# The merge goes by key range, one of MERGE_SLICES per claim (a claim waits for an eighth of
+# a merge, not all of it; each page of the day's table is still written once per merge).
 IDEM_RECENT = "idem_recent"
 RECENT_KEYS = 50_000
+MERGE_SLICES = 8
 
 
 def idem_table(day: int) -> str:
@@ -438,6 +441,7 @@ class SQLiteIdempotencyStore:
         self._today: str | None = None
         self._next_drop = 0.0
         self._recent: int | None = None
+        self._slice: int | None = None  # the key range the merge in progress moves next
 
     def _live(self, days: Mapping[int, str], now: float) -> list[str]:
         """Tables that may hold unexpired keys, newest first."""
@@ -486,7 +490,7 @@ class SQLiteIdempotencyStore:
                 self._recent += len(keys)
             if table != self._today or now >= self._next_drop:
                 self._rotate(c, table, now)
-            elif self._recent >= self._recent_keys:
+            elif self._slice is not None or self._recent >= self._recent_keys:
                 self._merge(c, now)
 
         def again(c: sqlite3.Connection) -> None:
@@ -516,21 +520,40 @@ class SQLiteIdempotencyStore:
         self._next_drop = min((d + 1) * DAY + self._ttl for d in kept)
 
     def _merge(self, c: sqlite3.Connection, now: float) -> None:
+        """Move the next key range of `idem_recent` (a merge starts when `recent_keys` were
+        claimed since the last one; keys claimed meanwhile count towards the next)."""
+        if self._slice is None:
+            self._slice, self._recent = 0, 0
+        part = self._slice
+        self._slice = part + 1 if part + 1 < MERGE_SLICES else None
         with immediate(c):
-            for day in self._merge_in(c, now):  # a day's table made now: when it expires
+            for day in self._merge_in(c, now, part):  # a day's table made now: its expiry
                 self._next_drop = min(self._next_drop, (day + 1) * DAY + self._ttl)
 
-    def _merge_in(self, c: sqlite3.Connection, now: float) -> list[int]:
-        """Inside a write transaction: move every unexpired key of `idem_recent` to the
-        table of its claim day (made if missing), sorted (each page of the day's B-tree is
-        written once), then empty `idem_recent` (expired keys just go). The days moved to."""
+    def _merge_in(self, c: sqlite3.Connection, now: float, part: int | None = None) -> list[int]:
+        """Inside a write transaction: move the unexpired keys of `idem_recent` (all, or
+        those of key range `part` of MERGE_SLICES) to the tables of their claim days (made
+        if missing), sorted (each page of a day's B-tree written once), and delete them
+        there (expired keys just go). The days moved to."""
         since = now - self._ttl
+        where, bounds = "", tuple[bytes, ...]()
+        if part is not None:
+            lo = bytes([part * 256 // MERGE_SLICES])
+            if part + 1 < MERGE_SLICES:
+                where, bounds = (
+                    " AND key >= ? AND key < ?",
+                    (lo, bytes([(part + 1) * 256 // MERGE_SLICES])),
+                )
+            else:
+                where, bounds = " AND key >= ?", (lo,)
+        else:
+            self._slice, self._recent = None, 0
         days = [
             day
             for (day,) in c.execute(
                 f"SELECT DISTINCT CAST(claimed_at / {DAY} AS INTEGER) FROM {IDEM_RECENT}"
-                " WHERE claimed_at > ?",
-                (since,),
+                f" WHERE claimed_at > ?{where}",
+                (since, *bounds),
             ).fetchall()
         ]
         for day in days:
@@ -538,11 +561,11 @@ class SQLiteIdempotencyStore:
             c.execute(_IDEM_DAY_DDL.format(table))
             c.execute(
                 f"INSERT OR REPLACE INTO {table} SELECT key, claimed_at FROM {IDEM_RECENT}"
-                " WHERE claimed_at > ? AND claimed_at >= ? AND claimed_at < ? ORDER BY key",
-                (since, day * DAY, (day + 1) * DAY),
+                f" WHERE claimed_at > ? AND claimed_at >= ? AND claimed_at < ?{where}"
+                " ORDER BY key",
+                (since, day * DAY, (day + 1) * DAY, *bounds),
             )
-        c.execute(f"DELETE FROM {IDEM_RECENT}")
-        self._recent = 0
+        c.execute(f"DELETE FROM {IDEM_RECENT} WHERE 1{where}", bounds)
         return days
 
     async def stats(self) -> dict[str, Any]:

@@ -165,25 +165,33 @@ async def _recent_keys(db: SQLiteDB) -> list[bytes]:
 async def test_idempotency_claims_wait_in_idem_recent_then_move_to_their_day(
     db: SQLiteDB,
 ) -> None:
-    """Claims go to `idem_recent` and move, all at once, to their day's table once
-    `recent_keys` were claimed; a key is seen wherever it is; a store opened afresh on the
-    file (a restart) counts the keys already waiting."""
+    """Claims go to `idem_recent`; once `recent_keys` were claimed, each claim moves one key
+    range (an eighth of the key space) to the day's table, until all eight were; a key is
+    seen wherever it is; a store opened afresh on the file (a restart) merges what waits."""
     clock = FakeClock()
     day = idem_table(int(T0 // DAY))
-    store = SQLiteIdempotencyStore(db, clock=clock, recent_keys=5)
-    keys = [i.to_bytes(32, "big") for i in range(8)]
-    await store.claim(keys[:1])  # the first claim makes today's table (and merges)
-    await store.claim(keys[1:4])
-    assert await _recent_keys(db) == keys[1:4]
-    day_keys = "SELECT key FROM {} ORDER BY key"
-    assert await db.run(fetchall(day_keys.format(day))) == [(keys[0],)]
-    assert await store.seen(keys) == [True] * 4 + [False] * 4
-    restarted = SQLiteIdempotencyStore(db, clock=clock, recent_keys=5)
-    await restarted.claim(keys[4:6])  # 3 waiting + 2: the merge
-    assert await _recent_keys(db) == []
-    assert await db.run(fetchall(day_keys.format(day))) == [(k,) for k in keys[:6]]
-    assert await restarted.seen(keys) == [True] * 6 + [False] * 2
-    assert (await restarted.stats())["keys"] == 6
+    store = SQLiteIdempotencyStore(db, clock=clock, recent_keys=3)
+    k = [bytes([i * 32]) * 32 for i in range(8)]  # k[i] is in key range i
+
+    async def tables() -> tuple[list[bytes], list[bytes]]:
+        in_day = [key for (key,) in await db.run(fetchall(f"SELECT key FROM {day} ORDER BY key"))]
+        return await _recent_keys(db), in_day
+
+    await store.claim([k[7]])  # the first claim makes today's table (and merges all)
+    assert await tables() == ([], [k[7]])
+    await store.claim([k[1], k[2], k[5]])  # 3 keys: a merge starts (range 0: none of them)
+    assert await tables() == ([k[1], k[2], k[5]], [k[7]])
+    await store.claim([k[0]])  # range 1
+    assert await tables() == ([k[0], k[2], k[5]], [k[1], k[7]])
+    assert await store.seen(k) == [True, True, True, False, False, True, False, True]
+    for key in (k[3], k[4], k[6], k[6], k[6], k[7]):  # ranges 2..7
+        await store.claim([key])
+    assert await tables() == ([k[0]], k[1:])  # range 0 went before k[0] came
+    assert await store.seen(k) == [True] * 8
+    restarted = SQLiteIdempotencyStore(db, clock=clock, recent_keys=3)
+    await restarted.claim([k[3]])
+    assert await tables() == ([], k)
+    assert (await restarted.stats())["keys"] == 8
 
 
 async def test_idempotency_adopts_the_one_table_layout_of_old_files(tmp_path: Path) -> None:
