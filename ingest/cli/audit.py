@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +11,7 @@ import typer
 from ingest.cli.common import load_existing_state, parse_when, run_async
 from ingest.state.audit import AuditEntry, AuditFilter, audit_store
 from ingest.timefmt import iso
+from ingest.tools.console import console
 
 
 def audit(
@@ -52,7 +52,6 @@ def audit(
     if json_out:
         print(json.dumps([{**r.to_dict(), "when": iso(r.at)} for r in rows], indent=2))
         return
-    from rich.console import Console
     from rich.table import Column, Table
 
     heads = ("when", "actor", "via", "action", "outcome", "tenant", "target", "from")
@@ -62,4 +61,4 @@ def audit(
             iso(r.at), r.actor, r.via, r.action, r.outcome, r.tenant or "", r.target, r.remote
         )
     # a pipe or a file gets whole lines, a terminal its width
-    Console(width=None if sys.stdout.isatty() else 240).print(table)
+    console().print(table)

@@ -29,6 +29,7 @@ from ingest.cli.common import (
 from ingest.cli.remote import DEFAULT_URL, call
 from ingest.errors import ConfigError
 from ingest.timefmt import parse_when
+from ingest.tools.console import console, styled
 
 app = CLI(
     help="Credentials: operator tokens, tenant signing secrets and API keys "
@@ -319,17 +320,16 @@ def list_cmd(
     if json_out:
         print(json.dumps(doc, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("token", "roles", "tenants")
     for t in creds.tokens:
         table.add_row(t.name, ",".join(r.value for r in t.roles), ",".join(t.tenants))
-    Console().print(table)
+    console().print(table)
     table = Table("tenant", "secrets", "api keys")
     for name, e in tenants.items():
         table.add_row(name, str(e["secrets"]), str(e["api_keys"]))
-    Console().print(table)
+    console().print(table)
     print(f"tenant secret keys: {len(creds.tenant_secret_keys)}")
 
 
@@ -422,8 +422,10 @@ def post(
     )
     print(json.dumps(doc, indent=2))
     if status >= 300:
-        err_console.print(
-            f"[bold red]error:[/] the service answered {status} {doc.get('error', '')}",
-            highlight=False,
+        styled(
+            err_console,
+            "[bold red]error:[/] the service answered {} {}",
+            status,
+            doc.get("error", ""),
         )
         raise typer.Exit(EXIT_FAILED)

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import typer
-from rich.console import Console
 from typer import _click as click  # Typer's own copy of click: its types and exceptions
 from typer._click.exceptions import UsageError
 from typer.core import TyperCommand, TyperGroup, TyperOption
@@ -31,9 +30,10 @@ from typer.core import TyperCommand, TyperGroup, TyperOption
 from ingest.config import Config, load_config
 from ingest.errors import ConfigError
 from ingest.names import NAME_RULE_TEXT, representable, shown, valid_name
+from ingest.tools.console import console, styled
 
 T = TypeVar("T")
-err_console = Console(stderr=True)
+err_console = console(stderr=True)
 
 
 # Exit codes shared by the CLIs: scripts can tell a usage error from an unreachable store.
@@ -58,7 +58,7 @@ def load(option: Path | None) -> Config:
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {shown(message)}", highlight=False, markup=True)
+    styled(err_console, "[bold red]error:[/] {}", shown(message))
     sys.exit(code)
 
 

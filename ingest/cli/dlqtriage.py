@@ -148,6 +148,14 @@ def summary(tenant: TenantOpt = None, config: ConfigOpt = None, json_out: JsonOp
         render.emit_json({"tenant": tenant, **result.as_dict()})
     else:
         render.summary(result, tenant)
+    if tenant is not None and result.total == 0 and result.processed == 0:
+        # a mistyped tenant looked exactly like a clean one
+        case = f" (names are lower case: '{tenant.lower()}'?)" if tenant != tenant.lower() else ""
+        err_console.print(
+            f"note: no record of tenant '{tenant}' was ever processed with this store: check the "
+            f"name{case}, and that --config / INGEST_CONFIG / INGEST_DATA_DIR point at the "
+            "service's store"
+        )
 
 
 @app.command()

@@ -11,10 +11,19 @@ from typing import Annotated, Any
 
 import typer
 
-from ingest.cli.common import CLI, EXIT_UNAVAILABLE, EXIT_USAGE, fail, load, setup_logging
+from ingest.cli.common import (
+    CLI,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    fail,
+    load,
+    load_existing_state,
+    setup_logging,
+)
 from ingest.config import SQLiteStateConfig
 from ingest.datadir import DataDirInUse, hold
 from ingest.errors import ConfigError, IngestError, StoreUnavailable
+from ingest.tools.console import console
 
 app = CLI(
     help="Multi-tenant ingest service: sources -> schema -> dedupe -> sinks, with a DLQ.\n\n"
@@ -148,7 +157,8 @@ def idempotency_stats(config: ConfigOpt = None, json_out: JsonOpt = False) -> No
     `redis-cli INFO keyspace | grep ingest_idempotency` cannot show these: INFO keyspace only
     counts keys per database, and the store packs many dedupe keys into each Redis hash.
     """
-    cfg = load(config)
+    # run from the wrong directory it created an empty ./data/state.db and reported 0 keys
+    cfg = load_existing_state(config, "ingest idempotency-stats")
 
     async def go() -> dict[str, Any]:
         from ingest.factory import open_stores
@@ -166,7 +176,6 @@ def idempotency_stats(config: ConfigOpt = None, json_out: JsonOpt = False) -> No
     if json_out:
         print(json.dumps(stats, indent=2, default=str))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="idempotency keys")
@@ -174,7 +183,7 @@ def idempotency_stats(config: ConfigOpt = None, json_out: JsonOpt = False) -> No
     table.add_column("value", justify="right")
     for key, value in stats.items():
         table.add_row(key, str(value))
-    Console().print(table)
+    console().print(table)
 
 
 def _credentials_commands() -> None:

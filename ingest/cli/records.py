@@ -138,8 +138,9 @@ def records(
 
 def _print_table(sink: str, tenant: str, rows: list[dict[str, Any]]) -> None:
     """One line per record; the key's first 8 bytes (the whole key with --json)."""
-    from rich.console import Console
     from rich.table import Table
+
+    from ingest.tools.console import console
 
     table = Table(title=f"{len(rows)} record(s) of tenant {tenant} in sink {sink}")
     for name in ("entity_type", "entity_id", "rev", "occurred_at", "dedupe_key"):
@@ -150,4 +151,6 @@ def _print_table(sink: str, tenant: str, rows: list[dict[str, Any]]) -> None:
         key = (r["dedupe_key"] or "")[:16] + "…"
         attrs = json.dumps(r["attributes"], separators=(",", ":"))
         table.add_row(r["entity_type"], eid, str(r["revision"]), str(r["occurred_at"]), key, attrs)
-    Console(width=max(Console().width, 120)).print(table)
+    con = console()
+    con.width = max(con.width, 120)
+    con.print(table)

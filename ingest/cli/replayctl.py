@@ -19,8 +19,8 @@ from typing import Annotated, Any, TypeVar
 
 import orjson
 import typer
-from rich.console import Console
 from rich.table import Column, Table
+from rich.text import Text
 
 from ingest.cli.common import (
     CLI,
@@ -30,6 +30,7 @@ from ingest.cli.common import (
     StopFlag,
     actor,
     audit_cli,
+    err_console,
     fail,
     finite,
     load_existing_state,
@@ -42,11 +43,12 @@ from ingest.replay import plans as P
 from ingest.replay import render as V
 from ingest.replay import runner as R
 from ingest.timefmt import iso
+from ingest.tools import console as out
 
 T = TypeVar("T")
 EXIT_INTERRUPTED = 130
 MAX_RATE = 1e9  # --throttle: records per second
-console = Console(highlight=False)
+console = out.console()
 
 app = CLI(
     help="Replay plans: plan a window of a tenant's sources, approve it (an RFA for large "
@@ -228,10 +230,13 @@ def plan(
     view = P.progress_view(new, time.time())
     needs, rto_s = view.needs_seconds, view.rto_seconds
     if needs is not None and rto_s is not None and needs > rto_s:
-        console.print(
-            f"[bold yellow]warning:[/] at {throttle:g} records/s this replay needs at least "
-            f"{V.human(needs)}, more than its RTO of {V.human(rto_s)}: raise --throttle or "
-            "split the window"
+        out.styled(
+            console,
+            "[bold yellow]warning:[/] at {} records/s this replay needs at least {}, more than "
+            "its RTO of {}: raise --throttle or split the window",
+            f"{throttle:g}",
+            V.human(needs),
+            V.human(rto_s),
         )
     _estimate_table(new)
 
@@ -427,7 +432,7 @@ async def _replay_plan(
 
 def _refused(message: str, json_out: bool) -> int:
     if not json_out:
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}")
+        out.styled(out.console(stderr=True), "[bold red]error:[/] {}", message)
     return EXIT_FAILED
 
 
@@ -444,7 +449,7 @@ def _progress(p: P.Plan, *, enabled: bool) -> Iterator[Callable[[int], None]]:
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=out.console(stderr=True),
     ) as bar:
         task = bar.add_task("replay", total=p.estimate_records, completed=p.records_done())
         yield lambda n: bar.advance(task, n)
@@ -456,8 +461,7 @@ def status(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """State, window, sources, estimate, approval, progress (bar, duration, ETA, RTO) and
-    progress per source, errors."""
+    """State, window, estimate, approval, progress (bar, ETA, RTO), each source's, errors."""
     cfg = _config(config)
     p = _run(_with_store(cfg, lambda stores, store: _get(store, plan_id)))
     if json_out:
@@ -490,7 +494,7 @@ def _status(p: P.Plan) -> None:
         ("last error", p.last_error or "-"),
     ]
     for k, v in lines:
-        console.print(f"[bold]{k:>13}[/]  {v}")
+        out.styled(console, "[bold]{}[/]  {}", f"{k:>13}", v)
     console.print(V.completion(p, time.time()))
     _estimate_table(p)
 
@@ -538,6 +542,17 @@ def list_cmd(
     if json_out:
         _emit([_doc(p) for p in found])
         return
+    if not found:  # an empty table alone did not say whether the tenant was mistyped
+        case = (
+            f" (names are lower case: '{tenant.lower()}'?)"
+            if tenant and tenant != tenant.lower()
+            else ""
+        )
+        err_console.print(
+            "no replay plans"
+            + (f" of tenant '{tenant}'{case}" if tenant else "")
+            + " in this store; `replayctl plan` creates one"
+        )
     table = Table("tenant", "state", "window", "sources", "created", "records done", "progress")
     table.columns.insert(0, Column("id", no_wrap=True))
     now = time.time()
@@ -551,8 +566,9 @@ def list_cmd(
             ",".join(s.name for s in p.sources),
             iso(p.created_at) or "",
             str(p.records_done()),
-            ("-" if ratio is None else f"{100 * ratio:.0f}%")
-            + (" [red]RTO at risk[/]" if P.progress_view(p, now).at_risk else ""),
+            Text("-" if ratio is None else f"{100 * ratio:.0f}%").append(
+                " RTO at risk" if P.progress_view(p, now).at_risk else "", style="red"
+            ),
         )
     console.print(table)
 

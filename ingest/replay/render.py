@@ -86,14 +86,14 @@ def completion_doc(plan: P.Plan, now: float) -> dict[str, Any]:
     }
 
 
-def verdict(view: P.ProgressView) -> str:
+def verdict(view: P.ProgressView) -> Text:
     if view.rto_seconds is None:
-        return "no RTO set"
+        return Text("no RTO set")
     if view.at_risk is None:
-        return f"{human(view.rto_seconds)} (cannot tell yet)"
+        return Text(f"{human(view.rto_seconds)} (cannot tell yet)")
     if view.at_risk:
-        return f"[bold red]{human(view.rto_seconds)}: AT RISK[/]"
-    return f"{human(view.rto_seconds)}: on track"
+        return Text(f"{human(view.rto_seconds)}: AT RISK", style="bold red")
+    return Text(f"{human(view.rto_seconds)}: on track")
 
 
 def completion(plan: P.Plan, now: float) -> RenderableType:

@@ -1,1 +1,1 @@
-"""Developer tools that ship with the package (docs generation)."""
+"""Developer tools that ship with the package (docs generation), and the CLIs' console."""

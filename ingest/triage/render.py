@@ -11,15 +11,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from rich.console import Console
+from rich.markup import escape
+from rich.rule import Rule
 from rich.syntax import Syntax
 from rich.table import Table
 
 from ingest.records import DLQEntry
 from ingest.timefmt import iso
+from ingest.tools import console as out
 from ingest.triage.analyze import Pattern, Summary
 
-console = Console(highlight=False)
+console = out.console()
 
 
 def emit_json(data: Any) -> None:
@@ -74,10 +76,16 @@ def payload_text(payload: bytes) -> str:
 def summary(s: Summary, tenant: str | None) -> None:
     scope = f"tenant {tenant}" if tenant else "all tenants"
     rate = "n/a (nothing processed yet)" if s.rate is None else f"{s.rate:.3%}"
-    mark = {"over": "[bold red]OVER[/]", "under": "[green]under[/]"}.get(s.slo, s.slo)
-    console.print(
-        f"[bold]DLQ summary[/] ({scope}): {s.total} entries for {s.dlq_records} records, "
-        f"{s.processed} records processed, DLQ rate {rate} — {mark} the 0.5% SLO"
+    mark = {"over": "[bold red]OVER[/]", "under": "[green]under[/]"}.get(s.slo, escape(s.slo))
+    out.styled(
+        console,
+        "[bold]DLQ summary[/] ({}): {} entries for {} records, {} records processed, "
+        "DLQ rate {} — " + mark + " the 0.5% SLO",
+        scope,
+        s.total,
+        s.dlq_records,
+        s.processed,
+        rate,
     )
     if s.oldest is not None and s.newest is not None:
         console.print(
@@ -103,7 +111,9 @@ def sample(entries: Sequence[DLQEntry], full: bool) -> None:
         console.print("no matching DLQ entries")
     for e in entries:
         d = entry_dict(e, full)
-        console.rule(f"#{e.id} {e.reason.value} {e.tenant}/{e.source} sink={e.sink or '-'}")
+        title = f"#{e.id} {e.reason.value} {e.tenant}/{e.source} sink={e.sink or '-'}"
+        # a rule and a payload as wide as their text, not as the console (240 off a terminal)
+        console.print(Rule(title), width=min(console.width, max(80, len(title) + 8)))
         console.print(
             f"entity {e.entity_type}/{e.entity_id} revision {e.revision}; "
             f"attempts {e.attempts}; first failed {d['first_failed_at']}, "
@@ -113,7 +123,11 @@ def sample(entries: Sequence[DLQEntry], full: bool) -> None:
             if value is not None:
                 console.print(f"  {key}: {value}")
         if full:
-            console.print(Syntax(d["payload"], "json", word_wrap=True))
+            text = d["payload"]
+            widest = max((len(line) for line in text.splitlines()), default=1)
+            console.print(
+                Syntax(text, "json", word_wrap=True, code_width=min(widest, console.width))
+            )
 
 
 def patterns(found: Sequence[Pattern]) -> None:
@@ -135,7 +149,7 @@ def patterns(found: Sequence[Pattern]) -> None:
         )
     console.print(table)
     for n, p in enumerate(found, 1):
-        console.print(f"{n}. [bold]{p.reason.value}[/] {p.signature}: {p.suggestion}")
+        out.styled(console, "{}. [bold]{}[/] {}: {}", n, p.reason.value, p.signature, p.suggestion)
 
 
 def entry_list(title: str, entries: Sequence[DLQEntry], total: int) -> None:
