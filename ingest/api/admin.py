@@ -122,8 +122,13 @@ def routes(stores: Any, core: Callable[[], Awaitable[Any]], gate: Gate) -> list[
     async def dlq_summary(request: Request, who: Identity) -> Response:
         tenant = _one(_params(request, {"tenant"}), "tenant")
         _scope(who, tenant)
-        groups = await stores.dlq.groups(DLQFilter(tenant=tenant))
-        result = analyze.summarize(groups, await stores.dlq.processed_total(tenant))
+        flt = DLQFilter(tenant=tenant)
+        groups = await stores.dlq.groups(flt)
+        # records counted once however many sinks each failed at, as `dlqtriage summary` does
+        # (without it a record failing at two sinks was two records: a DLQ rate twice too high)
+        result = analyze.summarize(
+            groups, await stores.dlq.processed_total(tenant), await stores.dlq.count_records(flt)
+        )
         return _json({"tenant": tenant, **result.as_dict()})
 
     async def dlq_sample(request: Request, who: Identity) -> Response:

@@ -95,6 +95,13 @@ def build_app(
         action = request.path_params["action"]
         params = dict(request.query_params)
         allowed = {"brownout": {"rate"}}.get(action, set())
+        twice = sorted(
+            {k for k in request.query_params if len(request.query_params.getlist(k)) > 1}
+        )
+        if twice:  # `?rate=0.1&rate=0.5` took the last one without a word
+            return error(
+                400, "repeated_parameter", f"/admin/{action} takes {', '.join(twice)} once"
+            )
         unknown = sorted(set(params) - allowed)
         if unknown:
             return error(
@@ -154,6 +161,13 @@ def build_app(
                 if request.url.path.startswith(("/admin", "/v1/webhooks"))
                 else f"{request.method} is not allowed on {request.url.path}; use GET",
             )
+        path = request.url.path
+        if path != "/" and path.endswith("/"):  # Starlette answered 307 with an empty body
+            return error(
+                exc.status_code,
+                "not_found",
+                f"no endpoint {path}: drop the trailing slash ({path.rstrip('/') or '/'})",
+            )
         return error(
             exc.status_code,
             "not_found",
@@ -196,7 +210,7 @@ def build_app(
         ]
     if part != "admin":
         routes.append(Route("/v1/webhooks/{tenant}/{source}", webhook, methods=["POST"]))
-    return Starlette(
+    app = Starlette(
         routes=routes,
         exception_handlers={
             HTTPException: not_found,
@@ -204,6 +218,11 @@ def build_app(
             Exception: server_error,
         },
     )
+    # `curl -X POST .../admin/resume/` got 307 and an empty body: curl without -L followed
+    # nothing, printed nothing and exited 0, and the service stayed drained. A 404 that says
+    # what to drop instead.
+    app.router.redirect_slashes = False
+    return app
 
 
 def _who(request: Request, identity: Any, service: ServiceHost) -> str:

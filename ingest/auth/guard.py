@@ -97,9 +97,10 @@ class Guard:
         if self.source is None:
             return ANONYMOUS
         if not authorization:
+            article = "an" if role.value[0] in "aeiou" else "a"  # an operator, an approver
             return _unauthorized(
                 "missing_credential",
-                f"this endpoint needs a {role.value} token: "
+                f"this endpoint needs {article} {role.value} token: "
                 f'-H "Authorization: Bearer $INGEST_TOKEN" ({DOCS})',
             )
         token = _bearer(authorization, "token")

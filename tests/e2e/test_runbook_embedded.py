@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.conftest import wait_for
 from tests.e2e._auth import bearer
 from tests.e2e._service import ROOT, ServiceProcess
 
@@ -98,6 +100,10 @@ def test_schema_file_as_in_runbook(svc: ServiceProcess) -> None:
         ("/admin/brownout?rate=abc", 400, "invalid_rate"),
         ("/admin/drain?force=1", 400, "unknown_parameter"),
         ("/admin/reboot", 404, "unknown_action"),
+        # an operator's slips: the rate given twice took the last one; a trailing slash got
+        # 307 with an empty body, so `curl -X POST` printed nothing and changed nothing
+        ("/admin/brownout?rate=0.1&rate=0.5", 400, "repeated_parameter"),
+        ("/admin/drain/", 404, "not_found"),
     ],
 )
 def test_admin_refuses_with_reason(svc: ServiceProcess, path: str, status: int, code: str) -> None:
@@ -105,6 +111,19 @@ def test_admin_refuses_with_reason(svc: ServiceProcess, path: str, status: int, 
     assert r.status_code == status
     assert r.json()["error"] == code and r.json()["reason"]
     assert svc.health()["backpressure"]["state"] == "normal"
+
+
+def test_trailing_slash_says_what_to_drop(svc: ServiceProcess) -> None:
+    out = sh(svc, "curl -s -X POST http://ingest-service:8080/admin/drain/")
+    assert "drop the trailing slash (/admin/drain)" in json.loads(out.stdout)["reason"]
+    out = sh(svc, "curl -s http://ingest-service:8080/health/detailed/ | jq -r .error")
+    assert out.stdout.strip() == "not_found"
+    assert svc.health()["backpressure"]["state"] == "normal"
+
+
+def test_admin_without_token_names_the_role(svc: ServiceProcess) -> None:
+    r = httpx.post(f"{svc.url}/admin/drain")
+    assert r.status_code == 401 and "needs an operator token" in r.json()["reason"]
 
 
 def test_get_on_admin_is_405_with_reason(svc: ServiceProcess) -> None:
@@ -115,3 +134,34 @@ def test_get_on_admin_is_405_with_reason(svc: ServiceProcess) -> None:
 def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
     service = ServiceProcess(tmp_path).start()
     assert service.terminate() == 0
+
+
+def test_dlq_summary_endpoint_counts_records_as_the_cli_does(tmp_path: Path) -> None:
+    """A record refused by two sinks is two entries but one record, for the rate too."""
+    config = tmp_path / "two-sinks.yaml"
+    config.write_text(f"sinks:\n  - {{type: sqlite, name: a, path: {tmp_path}/a.db}}\n"
+                      f"  - {{type: sqlite, name: b, path: {tmp_path}/b.db}}\n")
+    service = ServiceProcess(tmp_path / "data", config=config).start()
+    try:
+        inbox = service.data_dir / "inbox" / "acme-corp"
+        inbox.mkdir(parents=True)
+        for name, revision in (("new", 5), ("old", 3)):  # the older one: OLDER_REVISION twice
+            rec = {"schema_version": 3, "tenant_id": "acme-corp", "entity_type": "order",
+                   "entity_id": "x-1", "revision": revision,
+                   "occurred_at": "2025-01-01T00:00:00Z", "attributes": {}}
+            (inbox / f".{name}").write_text(json.dumps(rec) + "\n")
+            (inbox / f".{name}").rename(inbox / f"{name}.jsonl")
+            wait_for(lambda: service.health()["adapters"]["inbox"]["files_pending"] == 0,
+                     what=f"{name}.jsonl read")
+        wait_for(lambda: service.get("/admin/dlq/summary").json()["total"] == 2,
+                 what="two DLQ entries")
+        api = service.get("/admin/dlq/summary?tenant=acme-corp").json()
+        cli = json.loads(subprocess.run(
+            [str(Path(sys.executable).parent / "dlqtriage"), "summary", "--tenant", "acme-corp",
+             "--json", "-c", str(config)],
+            cwd=tmp_path, env=service.env, capture_output=True, text=True, timeout=60,
+            check=True).stdout)
+        assert (api["total"], api["records"], api["processed"]) == (2, 1, 2)
+        assert api["dlq_rate"] == cli["dlq_rate"] == 0.5
+    finally:
+        service.stop()
