@@ -49,7 +49,11 @@ def _configured(cfg: C.Config) -> dict[str, str]:
 def resolve_sources(cfg: C.Config, tenant: str, tokens: Sequence[str]) -> list[P.PlanSource]:
     """Kinds expand to every configured source of that kind serving the tenant; names as is."""
     known = _configured(cfg)
-    valid = ", ".join([*KINDS, *sorted(known)])
+    # what this config can replay for this tenant: listing every kind told an embedded
+    # operator "no s3 source ... (valid sources: s3, sftp, kafka, inbox-dropped)"
+    serving = sorted(n for n in known if _serves(cfg, n, tenant))
+    kinds = [k for k in REPLAYABLE if any(known[n] == k for n in serving)]
+    valid = ", ".join([*kinds, DROPPED, *serving])
     out: dict[str, P.PlanSource] = {}
     for token in (t.strip() for t in tokens):
         if not token:
