@@ -16,7 +16,9 @@ most two buckets (the current one and the one before) instead of one per day of 
           although the hash expires by bucket
     field "" (empty), value ""      marker, ~4 bytes per hash: HSET of a claim also sets it and
                                     answers 2 only when the hash is new, so only new hashes pay
-                                    EXPIREAT (= end of the bucket + ttl)
+                                    EXPIREAT (= end of the bucket + D days: what the longest
+                                    TTL of that width needs, so raising the TTL within D days
+                                    holds for keys already claimed; set once, never extended)
     ingest_idempotency:<YYYY-MM-DD>+<D>d:n    number of keys claimed into the bucket (stats)
     ingest_idempotency:<YYYY-MM-DD>+<D>d:w    "<shard hex digits> <opened at>" of the bucket
                                     (expires with it): its width, should the registry be lost
@@ -45,7 +47,7 @@ Redis refuses the claim (OOM), which is StoreUnavailable: the worker waits, noth
 A lookup reads the registry (one HGETALL per batch) and probes every live bucket in it, newest
 first, so buckets of another width (a changed TTL, a worker with another `shard_bits`) are
 found too: a bucket's shard width is fixed by the claim that opened it. Wider buckets keep a
-key up to one bucket longer than the TTL in memory (between TTL and 2 x TTL, ~1.5 x on
+key up to one bucket longer than D days in memory (between D and 2 x D days, ~1.5 x on
 average, against ~8/7 with day buckets); `seen` still answers by the claim's hour, so what is
 seen is exactly what it was with day buckets. The claim that opens a bucket sizes its shards
 by the bucket before (its count over the time it was open, if that was >= 1/8 of a bucket):
@@ -63,6 +65,9 @@ exists (an EXISTS per live day per batch), so keys claimed before an upgrade are
 they expire; nothing writes it any more. Upgrade every worker that shares a Redis together
 (stop all old workers, then start the new ones; not a rolling update): an old worker does not
 read the new buckets, so a duplicate it receives of a key a new worker claimed goes through.
+
+The scripts read and write keys they are not given as KEYS (they name the buckets from
+Redis's clock), so they cannot run on Redis Cluster: one Redis (with replicas) only.
 
 `seen` is one EVALSHA per batch (a Lua script checks the live buckets server-side); `claim` is
 one EVALSHA too: per key one HSET, plus an EXPIREAT for a hash it created; per batch a TIME, an
@@ -193,7 +198,7 @@ local hex, blob = ARGV[6], ARGV[7]  -- the keys' 13-byte prefixes: hex (shard), 
 local call, match = redis.call, string.match
 local span = days * 86400
 local start = floor(now / span) * span
-local hour, expire_at = floor((now - start) / 3600), start + span + ttl
+local hour, expire_at = floor((now - start) / 3600), start + 2 * span  -- any TTL of D days
 local registry, prefix = base .. ':buckets', bucket(base, start, days)
 local prev = bucket(base, start - span, days)
 local function opening(name)  -- (width, opened at or '') of a bucket: registry, else `<name>w`
@@ -366,10 +371,11 @@ class RedisIdempotencyStore:
 
     def bucket(self, now: float) -> tuple[int, int, int]:
         """(start, hour in the bucket, EXPIREAT) of a claim at `now`: the hash outlives the
-        claim's hour + ttl, and only this bucket and the one before can hold a live claim
-        (the claim script computes the same from Redis's clock)."""
+        claim's hour + any TTL of the same bucket width (so a TTL raised within it holds for
+        every key already claimed), and only this bucket and the one before can hold a live
+        claim (the claim script computes the same from Redis's clock)."""
         start = self.bucket_start(now)
-        return start, int(now - start) // 3600, start + self.bucket_days * DAY + self._ttl
+        return start, int(now - start) // 3600, start + 2 * self.bucket_days * DAY
 
     def bucket_prefix(self, start: int) -> str:
         """`ingest_idempotency:2026-01-29+7d:` for the bucket starting at `start`."""

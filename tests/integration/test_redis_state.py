@@ -485,6 +485,91 @@ def test_seen_equals_the_model(
     asyncio.run(go())
 
 
+async def hash_expiry(
+    client: aioredis.Redis, store: RedisIdempotencyStore, key: bytes, claimed_at: float
+) -> int:
+    """EXPIRETIME of the hash holding `key` as claimed at `claimed_at` (any shard width)."""
+    prefix = store.bucket_prefix(store.bucket_start(claimed_at))
+    for width in range(1, 7):
+        name = prefix + key.hex()[:width]
+        if await client.hexists(name, key[3:13]):
+            return int(await client.execute_command("EXPIRETIME", name))
+    raise AssertionError(f"{key.hex()} is in no hash of {prefix}")
+
+
+async def test_raising_the_ttl_within_the_bucket_width_holds_for_claimed_keys(
+    rclient: aioredis.Redis, uid: str
+) -> None:
+    """Found by raising the TTL from 6 d + 1 h to 7 d: a hash got its EXPIREAT once, when it was
+    created, from the TTL of then (end of bucket + 6 d 1 h), so a key claimed into it in the
+    bucket's last hour, seen for 7 d, was gone 23 h early. A hash now lives until the end of
+    its bucket + D days, what any TTL of that bucket width needs."""
+    prefix = f"idem_{uid}"
+    start = RedisIdempotencyStore(rclient).bucket_start(time.time()) + 7 * DAY  # the next one
+    now = [float(start + 3600)]
+    old = RedisIdempotencyStore(rclient, 6 * DAY + 3600, prefix, server_clock=lambda: now[0])
+    new = RedisIdempotencyStore(rclient, 7 * DAY, prefix, server_clock=lambda: now[0])
+    assert old.bucket_days == new.bucket_days == 7
+    keys = digests(uid, 200)
+    await old.claim(keys[:100])  # the hashes are made under the old TTL
+    now[0] = start + 7 * DAY - 1800  # the bucket's last hour, under the new TTL
+    await new.claim(keys)
+    for key in keys:
+        expiry = await hash_expiry(rclient, new, key, now[0])
+        assert expiry >= start + 7 * DAY + 7 * DAY, (expiry - (start + 14 * DAY)) / 3600
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    days=st.integers(1, 8),
+    ttls=st.lists(st.integers(1, DAY), min_size=2, max_size=4),
+    ops=st.lists(
+        st.tuples(
+            st.floats(0, 3 * DAY),  # seconds the clock moves first
+            st.integers(0, 3),  # which TTL the claiming store has
+            st.lists(st.integers(0, 29), min_size=1, max_size=8, unique=True),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_every_seen_key_is_in_a_hash_that_lives_as_long_as_the_ttl_in_force(
+    redis_url: str, uid: str, days: int, ttls: list[int], ops: list[tuple[float, int, list[int]]]
+) -> None:
+    """However the TTL moves within one bucket width (D days: TTLs in ((D-1) d, D d]), a key
+    that counts as seen under the TTL in force (its claim's hour end + TTL ahead of the clock)
+    lies in a hash whose EXPIRETIME is no earlier: it cannot vanish while it should be seen."""
+    universe = digests(f"{uid}{days}", 30)
+    ttl_of = [(days - 1) * DAY + t for t in ttls]
+
+    async def go() -> None:
+        client = redis_client(redis_url)
+        prefix = f"ttl_{uuid4().hex[:10]}"
+        now = [time.time() + 60]  # never behind the server's clock: EXPIREAT in the future
+        stores = [
+            RedisIdempotencyStore(client, t, prefix, server_clock=lambda: now[0]) for t in ttl_of
+        ]
+        claimed: dict[int, float] = {}
+        try:
+            for dt, which, picks in ops:
+                now[0] += dt
+                store = stores[which % len(stores)]
+                await store.claim([universe[i] for i in picks])
+                claimed.update(dict.fromkeys(picks, now[0]))
+                longest = max(ttl_of)  # whichever TTL is in force from now on: the longest
+                for i, at in claimed.items():
+                    seen_until = at // 3600 * 3600 + 3600 + longest
+                    if seen_until > now[0]:
+                        expiry = await hash_expiry(client, store, universe[i], at)
+                        assert expiry >= seen_until, (longest, at, expiry - seen_until)
+        finally:
+            await drop(client, prefix)
+
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize("bits", [0, 1, 5, 21, 28])
 def test_shard_bits_are_whole_hex_digits(bits: int) -> None:
     """Shard names are the digest's first hex digits, cut by the script without formatting."""
