@@ -248,13 +248,15 @@ else
   call('SET', prefix .. 'w', saved, 'NX', 'EXAT', expire_at)  -- a bucket opened before it
 end
 local sub = string.sub
+-- as strings once: redis.call formats a number argument with snprintf on every call
+local hour_s, expire_s = tostring(hour), tostring(expire_at)
 local added, h = 0, 1
 for i = 1, #blob, 13 do
   local key = prefix .. sub(hex, h, h + width - 1)
   -- the empty marker field is new only in a hash this call created: only those need their
   -- EXPIREAT, every other hash has it already
-  local n = call('HSET', key, '', '', sub(blob, i + 3, i + 12), hour)
-  if n == 2 then call('EXPIREAT', key, expire_at) end
+  local n = call('HSET', key, '', '', sub(blob, i + 3, i + 12), hour_s)
+  if n == 2 then call('EXPIREAT', key, expire_s) end
   if n > 0 then added = added + 1 end
   h = h + 26
 end
