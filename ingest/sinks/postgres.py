@@ -86,6 +86,7 @@ _STAGED = {
     "relations": "convert_from(relations, 'UTF8')::jsonb",
 }
 _EMPTY_LIST = b"[]"
+_JSONB = b"\x01"  # jsonb's binary format: a version byte, then the JSON text
 _BACKOFF_FIRST, _BACKOFF_MAX = 4, 64  # upsert-only batches after a failed straight COPY
 _TIMES_KEPT = 4096  # occurred_at strings remembered with their datetime (or None)
 
@@ -205,12 +206,9 @@ def _when(occurred: str) -> Micros | None:
     return ((when - _PG_EPOCH) // _MICROSECOND,)
 
 
-def _timestamptz_encode(value: datetime | Micros) -> Micros:
-    """A `_when` tuple as is; a datetime (naive = the process's local time, as asyncpg reads
-    it) as its microseconds since 2000-01-01 UTC."""
-    if type(value) is tuple:
-        return value
-    assert isinstance(value, datetime)
+def _micros(value: datetime) -> Micros:
+    """A datetime (naive = the process's local time, as asyncpg reads it) as the `_when`
+    tuple: microseconds since 2000-01-01 UTC."""
     return ((value.astimezone(UTC) - _PG_EPOCH) // _MICROSECOND,)
 
 
@@ -231,9 +229,13 @@ def _rows(
 ) -> list[tuple[Any, ...]] | None:
     """Staging rows (`times` None: `occurred_at` as text, plus `min_rev`, from `low`), or
     straight COPY rows (`COLUMNS`: `occurred_at` as a timestamptz, parsed once per distinct text
-    through `times`; None when one is not exact, see `_when`). One loop for both: a row costs
-    no Python call beyond what its JSON columns need."""
+    through `times`; None when one is not exact, see `_when`; the JSON columns with jsonb's
+    version byte in front, as the wire wants them). One loop for both: a row costs no Python
+    call beyond what its JSON columns need, and asyncpg's encoders of the straight COPY's
+    rows are C builtins that return the values as they are (`_init_conn`)."""
     dumps = orjson.dumps
+    version = b"" if times is None else _JSONB  # b"" + x is x itself (no copy)
+    empty = version + _EMPTY_LIST
     rows: list[tuple[Any, ...]] = []
     for rec in winners:
         body = rec.body
@@ -243,10 +245,10 @@ def _rows(
         else:
             attributes = body.get("attributes")
             if attributes is not None:
-                attributes = dumps(attributes)
+                attributes = version + dumps(attributes)
             relations = body.get("relations")
             if relations is not None:
-                relations = dumps(relations) if relations else _EMPTY_LIST
+                relations = version + dumps(relations) if relations else empty
         occurred = body.get("occurred_at")
         if times is not None and occurred is not None:
             when = times.get(occurred, False)
@@ -270,10 +272,6 @@ def _rows(
             row = (*row, rec.revision if low is None else low[rec.entity_key])
         rows.append(row)
     return rows
-
-
-def _jsonb_encode(value: Any) -> bytes:
-    return b"\x01" + (value if isinstance(value, bytes) else orjson.dumps(value))
 
 
 def _jsonb_decode(data: bytes) -> Any:
@@ -313,16 +311,19 @@ class PostgresSink:
         self._target = re.sub(r"//[^@/]*@", "//", dsn)
 
     async def _init_conn(self, conn: asyncpg.Connection) -> None:
+        # The encoders only pass values through (`tuple` and `bytes` return a tuple / bytes
+        # object itself), in C: the rows carry a timestamptz as `_when`'s tuple and a jsonb as
+        # its wire bytes (`_rows`, `copy_raw`). A Python encoder cost a call per value.
         await conn.set_type_codec(
             "timestamptz",
-            encoder=_timestamptz_encode,
+            encoder=tuple,
             decoder=_timestamptz_decode,
             schema="pg_catalog",
             format="tuple",
         )
         await conn.set_type_codec(
             "jsonb",
-            encoder=_jsonb_encode,
+            encoder=bytes,
             decoder=_jsonb_decode,
             schema="pg_catalog",
             format="binary",
@@ -569,8 +570,17 @@ class PostgresSink:
 
     async def copy_raw(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Plain binary COPY of `row_of` rows into the table: the physical limit for benches."""
+        wire = [
+            (
+                *row[:5],
+                None if row[5] is None else _micros(row[5]),
+                *(None if v is None else _JSONB + v for v in row[6:8]),
+                row[8],
+            )
+            for row in rows
+        ]
         async with self.pool.acquire() as conn:
-            await conn.copy_records_to_table(self.table, records=rows, columns=list(COLUMNS))
+            await conn.copy_records_to_table(self.table, records=wire, columns=list(COLUMNS))
 
     async def count(self, live_only: bool = False) -> int:
         """Rows in the table, tombstones included unless `live_only`."""
