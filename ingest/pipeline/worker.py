@@ -306,13 +306,21 @@ class Pipeline:
         claim = [rec.dedupe_key for rec in records]
         if failed:
             claim += [f.key for f in failed]
-        if claim:
+        # The claims (idempotency store) and the processed counts (DLQ store) are
+        # independent of each other: both go out at once, one round trip's wait instead of
+        # two. Both are done before the batch may be committed (the caller's next step).
+        counts = _label_counts(raws) if written.count_processed else None
+        if claim and counts:
+            await _together(
+                self.until_ok("idempotency", lambda: self.idempotency.claim(claim)),
+                self.until_ok("dlq", lambda: self.dlq.record_processed(counts)),
+            )
+        elif claim:
             await self.until_ok("idempotency", lambda: self.idempotency.claim(claim))
-            self._recent_claims.add(claim)
-
-        if written.count_processed:
-            counts = _label_counts(raws)
+        elif counts:
             await self.until_ok("dlq", lambda: self.dlq.record_processed(counts))
+        if claim:
+            self._recent_claims.add(claim)
 
         if not failed_ids and not unchanged and label is not None:
             report.delivered = len(records)
@@ -829,6 +837,19 @@ def _one_label(records: Sequence[Record]) -> tuple[str, str] | None:
     if len(tenants) == 1 and len(sources) == 1:
         return (tenants.pop(), sources.pop())
     return None
+
+
+async def _together(*steps: Awaitable[object]) -> None:
+    """Await `steps` concurrently; if one raises, the others are cancelled (and awaited)
+    before its error propagates, so none is left running behind the caller's back."""
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _label_counts(raws: Sequence[RawRecord]) -> Counter[tuple[str, str]]:
