@@ -96,6 +96,24 @@ class CLIGroup(TyperGroup):
         _check_args(args)
         return super().parse_args(ctx, args)
 
+    def main(self, *args: Any, **kw: Any) -> Any:
+        """Usage errors in one line like every other error, `error: <what> (see `<command>
+        --help`)`, exit 2; Typer drew them in a box of 80 columns that broke the message
+        over lines, after the usage line."""
+        if kw.get("standalone_mode", True) is False:
+            return super().main(*args, **kw)
+        try:
+            rv = super().main(*args, **{**kw, "standalone_mode": False})
+        except click.exceptions.ClickException as exc:
+            if type(exc).__name__ != "NoArgsIsHelpError":  # that one printed the help already
+                ctx = getattr(exc, "ctx", None)
+                hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+                fail(exc.format_message().rstrip(".") + hint, exc.exit_code)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            fail("aborted", EXIT_FAILED)
+        sys.exit(rv if type(rv) is int else EXIT_OK)  # an int is typer.Exit's code
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)

@@ -149,12 +149,11 @@ def summary(tenant: TenantOpt = None, config: ConfigOpt = None, json_out: JsonOp
     else:
         render.summary(result, tenant)
     if tenant is not None and result.total == 0 and result.processed == 0:
-        # a mistyped tenant looked exactly like a clean one
-        case = f" (names are lower case: '{tenant.lower()}'?)" if tenant != tenant.lower() else ""
+        # a mistyped tenant looked exactly like a clean one (tenant_name refused upper case)
         err_console.print(
             f"note: no record of tenant '{tenant}' was ever processed with this store: check the "
-            f"name{case}, and that --config / INGEST_CONFIG / INGEST_DATA_DIR point at the "
-            "service's store"
+            "name, and that --config / INGEST_CONFIG / INGEST_DATA_DIR point at the service's "
+            "store"
         )
 
 
