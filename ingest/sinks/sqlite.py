@@ -199,8 +199,10 @@ class SQLiteSink:
         same outcome as `write_around_refused` (sinks/base.py) gives the other sinks."""
         bad: dict[int, SinkResult] = {}  # index in records -> failed result
         while True:
-            live = [i for i in range(len(records)) if i not in bad]
-            batch = [records[i] for i in live]
+            # Until a row is refused (the usual case), the batch as it is and its results as
+            # they come: no index lists or merge per record.
+            live = [i for i in range(len(records)) if i not in bad] if bad else None
+            batch = records if live is None else [records[i] for i in live]
             try:
                 with immediate(c):
                     results = self._write_once(c, batch)
@@ -209,8 +211,10 @@ class SQLiteSink:
                 if not found:
                     raise
                 for j, result in found.items():
-                    bad[live[j]] = result
+                    bad[j if live is None else live[j]] = result
                 continue
+            if live is None:
+                return results
             merged = dict(zip(live, results, strict=True)) | bad
             return [merged[i] for i in range(len(records))]
 
