@@ -62,8 +62,11 @@ def _params(request: Request, allowed: set[str]) -> dict[str, list[str]]:
 
 
 def _one(params: dict[str, list[str]], name: str) -> str | None:
+    """A parameter given at most once: `?tenant=a&tenant=b` answered for b without a word."""
     values = params.get(name)
-    return values[-1] if values else None
+    if values and len(values) > 1:
+        raise BadRequest(400, "repeated_parameter", f"{name} is given {len(values)} times; once")
+    return values[0] if values else None
 
 
 def _int(params: dict[str, list[str]], name: str, default: int, top: int) -> int:

@@ -126,6 +126,13 @@ def test_admin_without_token_names_the_role(svc: ServiceProcess) -> None:
     assert r.status_code == 401 and "needs an operator token" in r.json()["reason"]
 
 
+@pytest.mark.parametrize("query", ["summary?tenant=acme-corp&tenant=other",
+                                   "sample?limit=1&limit=500"])
+def test_dlq_endpoints_refuse_a_repeated_parameter(svc: ServiceProcess, query: str) -> None:
+    r = svc.get(f"/admin/dlq/{query}")
+    assert r.status_code == 400 and r.json()["error"] == "repeated_parameter", r.text
+
+
 def test_get_on_admin_is_405_with_reason(svc: ServiceProcess) -> None:
     r = httpx.get(f"{svc.url}/admin/drain", headers=bearer("operator"))
     assert r.status_code == 405 and "POST" in r.json()["reason"]
