@@ -40,7 +40,11 @@ class _Model(BaseModel):
 
 class TenantLimits(_Model):
     rate: float = Field(20_000.0, gt=0, description="Tokens (records) per second for the tenant.")
-    burst: float = Field(40_000.0, gt=0, description="Bucket size: records admitted at once.")
+    burst: float = Field(
+        40_000.0,
+        gt=0,
+        description="Bucket size: records admitted at once (a webhook body of more gets 413).",
+    )
 
 
 class IntakeBoundConfig(_Model):
@@ -51,7 +55,9 @@ class IntakeBoundConfig(_Model):
         30.0, gt=0, description="Share of the 60 s lag SLO the intake backlog may hold."
     )
     max_backlog_records: int = Field(
-        1_000_000, ge=1, description="Hard cap on records waiting in the intake."
+        1_000_000,
+        ge=1,
+        description="Hard cap on records waiting in the intake; a webhook body of more gets 413.",
     )
     max_backlog_bytes: int = Field(
         256 * 1024 * 1024, ge=1, description="Hard cap on bytes waiting in the intake."

@@ -131,15 +131,23 @@ class LocalRateLimiter:
 
 
 class Rejected(Exception):
-    """Work refused at the door. `reason` is for humans; `state` and `retry_after` for HTTP."""
+    """Work refused at the door. `reason` is for humans; `state` and `retry_after` for HTTP.
+    `too_large`: the request can never be admitted as it is, whatever the wait (more records
+    than the tenant's burst or than the intake ever holds): split it (HTTP 413)."""
 
     def __init__(
-        self, state: BackpressureState, reason: str, retry_after: float | None = None
+        self,
+        state: BackpressureState,
+        reason: str,
+        retry_after: float | None = None,
+        *,
+        too_large: bool = False,
     ) -> None:
         super().__init__(reason)
         self.state = state
         self.reason = reason
         self.retry_after = retry_after
+        self.too_large = too_large
 
 
 class Admission:
@@ -242,6 +250,8 @@ class Admission:
 
     def _refuse_full(self, refusal: Refusal) -> None:
         self.intake.refused += 1
+        if refusal.never:  # the request is refused, not the intake full: no throttled state
+            raise Rejected(BackpressureState.THROTTLED, refusal.reason, too_large=True)
         self._throttle("intake_backlog")
         raise Rejected(BackpressureState.THROTTLED, refusal.reason, refusal.retry_after)
 
@@ -268,6 +278,15 @@ class Admission:
         self._refuse_if_closed()
         if n <= 0:
             return
+        lim = self._limits_for(tenant)
+        if n > lim.burst:  # never fits the tenant's bucket, whatever the wait
+            raise Rejected(
+                BackpressureState.THROTTLED,
+                f"this request holds {n:,} records, more than tenant '{tenant}' may send at "
+                f"once (its burst, {lim.burst:,.0f}): split it into requests of at most "
+                f"{lim.burst:,.0f} records; it can never be accepted as it is",
+                too_large=True,
+            )
         refusal = self.intake.check(n, nbytes)
         if refusal is not None:
             self._refuse_full(refusal)
@@ -281,12 +300,12 @@ class Admission:
             return
         self.intake.settle(n, nbytes, appended=False)
         self._throttle("tenant_rate")
-        lim = self._limits_for(tenant)
-        if math.isinf(wait):
+        if math.isinf(wait):  # the limits changed under us (a fleet-wide limiter's burst)
             raise Rejected(
                 BackpressureState.THROTTLED,
-                f"{n} records exceed tenant '{tenant}' burst of {lim.burst:g}: "
-                "send smaller batches",
+                f"this request holds {n:,} records, more than tenant '{tenant}' may send at "
+                "once (its burst): split it into smaller requests",
+                too_large=True,
             )
         raise Rejected(
             BackpressureState.THROTTLED,

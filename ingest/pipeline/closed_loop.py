@@ -16,6 +16,14 @@ least `SAMPLE_SECONDS` (the pipeline commits whole batches), then are smoothed (
 
 Between observations the estimate runs on: + records accepted (and those still being appended,
 so 100 concurrent requests cannot all pass on one stale figure), - records drained.
+
+A body larger than the whole bound (but within the hard caps) can only be taken into an empty
+intake (one body of lag over budget). Steady traffic from others keeps the intake from ever
+emptying, so such a body, once refused, holds the door (`LARGE_HOLD_GRACE` past its
+Retry-After): others are refused (429) until the intake has drained and the large body, sent
+again as told, is taken. A body that can never fit (more records than
+`max_backlog_records`, more bytes than `max_backlog_bytes`) is refused for good (`never`:
+413 at the HTTP layer), not told to retry.
 """
 
 from __future__ import annotations
@@ -29,15 +37,18 @@ from typing import Any
 from ingest.config import IntakeBoundConfig
 
 SAMPLE_SECONDS = 2.0  # busy time a rate sample spans (a batch commit drains ~2000 at once)
+LARGE_HOLD_GRACE = 10.0  # seconds past its Retry-After a waiting large body holds the door
 DEFAULT_RECORD_BYTES = 512.0  # bytes per record assumed before any observation
 
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """Why the intake is full and when to come back (seconds, >= 1)."""
+    """Why the intake is full and when to come back (seconds, >= 1). `never`: the request
+    can never fit, whatever the wait (split it); `retry_after` is then meaningless."""
 
     reason: str
     retry_after: float
+    never: bool = False
 
 
 class IntakeBound:
@@ -59,6 +70,7 @@ class IntakeBound:
         self._sample_seconds = 0.0
         self._sample_busy = True  # every window of the sample had a backlog at both ends
         self._record_bytes = DEFAULT_RECORD_BYTES
+        self._held_until = -math.inf  # a refused large body holds the door until then
         self.refused = 0  # requests refused so far (for health)
 
     # -- what the intake and the consumers report -------------------------------------------
@@ -149,6 +161,11 @@ class IntakeBound:
         n = 0 asks whether anything fits (the HTTP layer asks before reading a body). Until
         the intake's size has been observed once the bound is not enforced: an intake that
         cannot tell its size (the Kafka topic, for now) is not refused on a guess."""
+        cfg = self.cfg
+        if n > cfg.max_backlog_records or nbytes > cfg.max_backlog_bytes:
+            if self._observed_at is None:
+                return None
+            return self._never(n, nbytes)
         if self._observed_at is None:
             return None
         records, nbytes_now = self.backlog_records, self.backlog_bytes
@@ -161,24 +178,18 @@ class IntakeBound:
         )
         if n == 0 and records < limit and nbytes_now < self.cfg.max_backlog_bytes:
             return None
-        if n > 0 and not over_records and not over_bytes:
+        held = self._clock() < self._held_until
+        if n > limit:
+            if records == 0 and nbytes_now + nbytes <= self.cfg.max_backlog_bytes:
+                # One body larger than the whole budget would be refused forever, its retries
+                # included: it is taken once the intake is empty (one body of lag over budget).
+                self._held_until = -math.inf
+                return None
+            return self._hold(records)
+        if n > 0 and not over_records and not over_bytes and not held:
             return None
-        if (
-            n > limit
-            and records == 0
-            and n <= self.cfg.max_backlog_records
-            and nbytes_now + nbytes <= self.cfg.max_backlog_bytes
-        ):
-            # One body larger than the whole budget would be refused forever, its retries
-            # included: it is taken once the intake is empty (one body of lag over budget).
-            return None
-        if n > self.cfg.max_backlog_records:  # never fits, whatever the wait
-            return Refusal(
-                f"this request holds {n:,} records, more than the intake ever holds "
-                f"({self.cfg.max_backlog_records:,}, admission.intake.max_backlog_records): "
-                "send smaller batches",
-                self.cfg.max_retry_after_seconds,
-            )
+        if n > 0 and held:
+            return self._held(records)
         excess = max(float(over_records), over_bytes / self._record_bytes, 1.0)
         retry_after = self._retry_after(excess)
         if over_bytes and not over_records:
@@ -192,6 +203,55 @@ class IntakeBound:
             f"retry in {retry_after:.0f} s",
             retry_after,
         )
+
+    def _never(self, n: int, nbytes: int) -> Refusal:
+        cfg = self.cfg
+        if n > cfg.max_backlog_records:
+            what = (
+                f"{n:,} records, more than the intake ever holds ({cfg.max_backlog_records:,}, "
+                f"admission.intake.max_backlog_records): split it into requests of at most "
+                f"{cfg.max_backlog_records:,} records"
+            )
+        else:
+            what = (
+                f"{nbytes:,} bytes, more than the intake ever holds ({cfg.max_backlog_bytes:,}, "
+                "admission.intake.max_backlog_bytes): split it into smaller requests"
+            )
+        return Refusal(
+            f"this request holds {what}; it can never be accepted as it is",
+            cfg.max_retry_after_seconds,
+            never=True,
+        )
+
+    def _drain_seconds(self, records: int) -> float:
+        """Retry-After for a large body: until the backlog has drained, at the measured rate."""
+        return self._retry_after(float(records))
+
+    def _hold(self, records: int) -> Refusal:
+        """Refuse a body larger than the bound while the intake is not empty, and hold the door
+        for it: others are refused until it has been taken (or has not come back in time)."""
+        retry_after = self._drain_seconds(records)
+        self._held_until = self._clock() + retry_after + LARGE_HOLD_GRACE
+        return Refusal(
+            f"this request is larger than the {self.limit_records:,} records the pipeline "
+            f"delivers within the {self.cfg.lag_budget_seconds:g} s lag budget: it is taken "
+            f"alone, once the {records:,} records ahead of it are delivered (new requests "
+            f"wait meanwhile); retry in {retry_after:.0f} s",
+            retry_after,
+        )
+
+    def _held(self, records: int) -> Refusal:
+        retry_after = max(self._drain_seconds(records), 1.0)
+        return Refusal(
+            "the intake is emptying for a request larger than the lag budget, which is "
+            f"taken alone; retry in {retry_after:.0f} s",
+            retry_after,
+        )
+
+    @property
+    def held(self) -> bool:
+        """A refused large body holds the door (others are refused until it is taken)."""
+        return self._clock() < self._held_until
 
     def _retry_after(self, excess_records: float) -> float:
         cap = self.cfg.max_retry_after_seconds
@@ -228,4 +288,5 @@ class IntakeBound:
             "lag_budget_seconds": self.cfg.lag_budget_seconds,
             "drain_rate": None if self._rate is None else round(self._rate, 1),
             "refused_requests": self.refused,
+            "held_for_large_request": self.held,
         }

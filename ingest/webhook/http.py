@@ -6,8 +6,9 @@ gzip/deflate (415); the intake's bound (closed-loop admission, 429) and disk spa
 the headers, before the body is read; size (413); the body read under a total deadline and a
 minimum rate (408); the signature over the body as sent (401); gzip/deflate undone, inflating
 at most `http.max_body_bytes` (413; 400 when the bytes are not what the header says); the
-body split into records (400 when nothing in it is JSON); the tenant's tokens
-(429); then the append, and 202 only once the body is durable. The tenant's tokens are taken
+body split into records (400 when nothing in it is JSON); more records than the tenant's burst
+or the intake ever holds (413: split it); the intake's bound and the tenant's tokens (429);
+then the append, and 202 only once the body is durable. The tenant's tokens are taken
 here, once: the records read back from the intake are not charged again (see
 `ingest.webhook`).
 """
@@ -207,7 +208,11 @@ async def _take(
 
 
 def _refused(rej: Rejected) -> Response:
-    """429 with Retry-After while throttled (tenant rate, full intake); 503 drain/pause."""
+    """413 for a request that can never be admitted as it is (split it; no Retry-After: a
+    retry gets the same); 429 with Retry-After while throttled (tenant rate, full intake);
+    503 drain/pause."""
+    if rej.too_large:
+        return error(413, "too_many_records", rej.reason)
     if rej.state is BackpressureState.THROTTLED:
         retry_after = max(1, math.ceil(rej.retry_after or 1))
         return error(

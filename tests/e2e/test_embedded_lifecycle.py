@@ -46,6 +46,51 @@ def test_throttled_tenant_gets_429_with_retry_after(tmp_path: Path) -> None:
         svc.stop()
 
 
+def test_a_body_that_can_never_be_accepted_is_413_not_429(tmp_path: Path) -> None:
+    """More records than the tenant's burst, or than the intake ever holds, got 429 "send
+    smaller batches": a 429 says "retry later", and a retry of the same body can never be
+    accepted. 413 now, naming the limit and what to do, without Retry-After; health is not
+    throttled by it, and a body within the limits is taken."""
+    config = tmp_path / "ingest.yaml"
+    config.write_text(
+        "tenants:\n  acme-corp: {rate: 1000000, burst: 100}\n"
+        "  other: {rate: 1000000, burst: 100000}\n"
+        "admission:\n  intake: {max_backlog_records: 300, min_backlog_records: 50}\n"
+    )
+    svc = ServiceProcess(tmp_path / "d", config=config).start()
+
+    def ndjson(tenant: str, n: int) -> str:
+        return "\n".join(json.dumps({**record(i), "tenant_id": tenant}) for i in range(n))
+
+    try:
+        r = svc.post_webhook(TENANT, "shop", ndjson(TENANT, 101),
+                             content_type="application/x-ndjson")  # fmt: skip
+        assert r.status_code == 413, r.text
+        assert r.json()["error"] == "too_many_records" and "Retry-After" not in r.headers
+        assert "burst" in r.json()["reason"] and "at most 100 records" in r.json()["reason"]
+
+        def over_intake() -> bool:  # the intake's size is known from the service's first tick
+            r = svc.post_webhook("other", "shop", ndjson("other", 301),
+                                 content_type="application/x-ndjson")  # fmt: skip
+            return r.status_code == 413
+
+        wait_until(over_intake, 30, "413 for more records than the intake holds")
+        r = svc.post_webhook("other", "shop", ndjson("other", 301),
+                             content_type="application/x-ndjson")  # fmt: skip
+        reason = r.json()["reason"]
+        assert "300" in reason and "max_backlog_records" in reason and "split it" in reason
+        assert r.status_code == 413 and "Retry-After" not in r.headers
+        assert svc.health()["backpressure"]["intake"]["refused_requests"] >= 1
+        # refusing one request for good throttles nobody (a 202 before the service's first
+        # look at the intake could have, for 5 s)
+        wait_until(lambda: svc.health()["backpressure"]["state"] == "normal", 30, "normal")
+        ok = svc.post_webhook(TENANT, "shop", ndjson(TENANT, 100),
+                              content_type="application/x-ndjson")  # fmt: skip
+        assert ok.status_code == 202, ok.text
+    finally:
+        svc.stop()
+
+
 def test_csv_and_gzip_files_are_read_once_and_moved_to_done(tmp_path: Path) -> None:
     svc = ServiceProcess(tmp_path / "d").start()
     try:

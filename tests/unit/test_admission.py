@@ -167,6 +167,9 @@ async def test_try_admit_larger_than_burst_is_refused_without_retry_after() -> N
     with pytest.raises(Rejected) as ei:
         await adm.try_admit("acme", 6)
     assert ei.value.state is S.THROTTLED and ei.value.retry_after is None
+    assert ei.value.too_large and "split it into requests of at most 5 records" in ei.value.reason
+    assert state_of(adm) is S.NORMAL  # the request is refused, nobody is throttled
+    assert adm.limiter.tokens() == {}  # the limiter was never asked
 
 
 async def test_drain_and_pause_refuse_push_and_say_which() -> None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ingest.config import AdmissionConfig, IntakeBoundConfig, TenantLimits
 from ingest.pipeline.admission import THROTTLE_WINDOW, Admission, BackpressureState, Rejected
-from ingest.pipeline.closed_loop import SAMPLE_SECONDS, IntakeBound
+from ingest.pipeline.closed_loop import LARGE_HOLD_GRACE, SAMPLE_SECONDS, IntakeBound
 
 
 class Clock:
@@ -105,9 +105,11 @@ def test_never_admits_past_the_bound(
     for op, x, y in ops:
         if op == "admit":
             before_r, before_b, limit = b.backlog_records, b.backlog_bytes, b.limit_records
+            held = b.held  # a large body refused before holds the door: others wait
             ok = admit(b, x, y)
             alone = before_r == 0 and x <= 200_000  # a body over the bound, taken when empty
-            assert ok == ((before_r + x <= limit or alone) and before_b + y <= max_bytes)
+            fits = (before_r + x <= limit or alone) and before_b + y <= max_bytes
+            assert ok == (fits and not (held and x <= limit))
             if ok:
                 assert b.backlog_records <= max(limit, x) and b.backlog_bytes <= max_bytes
         elif op == "fail":  # an append that failed leaves the backlog as it was
@@ -240,6 +242,8 @@ def test_retry_after_is_the_excess_over_the_drain_rate(
         assert b.backlog_records + n <= limit or b.backlog_records == 0  # alone: taken
         return
     excess = b.backlog_records + n - limit
+    if n > limit:  # larger than the bound: taken alone, once the backlog ahead has drained
+        excess = b.backlog_records
     assert refusal.retry_after == max(1.0, math.ceil(excess / measured))
     # Waiting that long while the pipeline drains at the measured rate makes room.
     clock.now += refusal.retry_after
@@ -303,7 +307,7 @@ async def test_full_intake_is_throttled_with_retry_after_and_shown_in_the_snapsh
 async def test_refusal_by_the_bound_takes_no_tokens() -> None:
     clock = Clock()
     cfg = AdmissionConfig(
-        default_limits=TenantLimits(rate=1, burst=500),
+        default_limits=TenantLimits(rate=1, burst=5000),
         intake=IntakeBoundConfig(min_backlog_records=1000),
     )
     adm = Admission(cfg, lambda t: cfg.default_limits, clock=clock)
@@ -311,12 +315,13 @@ async def test_refusal_by_the_bound_takes_no_tokens() -> None:
     with pytest.raises(Rejected):
         await adm.try_admit("acme", 1200, 0)
     assert adm.limiter.tokens() == {}  # the limiter was never asked
+    clock.now += 60  # past the hold the large body had
     await adm.try_admit("acme", 100, 0)
-    assert adm.limiter.tokens() == {"acme": 400}
+    assert adm.limiter.tokens() == {"acme": 4900}
     adm.appended(100, 0, ok=False)  # the append failed: the backlog gives the room back
     assert adm.intake.backlog_records == 10
     with pytest.raises(Rejected):  # refused by the tenant's tokens: nothing stays reserved
-        await adm.try_admit("acme", 450, 0)
+        await adm.try_admit("acme", 4950, 0)
     assert adm.intake.backlog_records == 10
 
 
@@ -351,3 +356,83 @@ def test_a_body_larger_than_the_bound_is_taken_once_the_intake_is_empty(
         assert refusal is not None and refusal.retry_after >= 1
     b.observe(0, 0)  # the backlog drained: the retry is taken if the caps allow
     assert (b.check(body, body * 100) is None) == (body <= 200_000)
+
+
+async def test_a_request_that_can_never_fit_is_refused_for_good() -> None:
+    """A body of more records than the intake ever holds (or the tenant's burst) got 429 with
+    "send smaller batches": told to retry what can never be accepted. It is `too_large` now
+    (HTTP 413), with the limit and what to do, no Retry-After, and nobody is throttled."""
+    clock = Clock()
+    cfg = AdmissionConfig(
+        default_limits=TenantLimits(rate=1e9, burst=1e9),
+        intake=IntakeBoundConfig(max_backlog_records=2_000, min_backlog_records=100),
+    )
+    adm = Admission(cfg, lambda t: cfg.default_limits, clock=clock)
+    adm.intake.observe(0, 0)
+    with pytest.raises(Rejected) as exc:
+        await adm.try_admit("acme", 2_001, 10)
+    assert exc.value.too_large and exc.value.retry_after is None
+    assert "2,000" in exc.value.reason and "split it" in exc.value.reason
+    assert adm.state is BackpressureState.NORMAL and not adm.intake.held
+    await adm.try_admit("acme", 2_000, 10)  # alone, into the empty intake: taken
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    capacity=st.floats(1_000, 20_000),
+    overload=st.floats(1.2, 5),
+    budget=st.sampled_from([5.0, 10.0, 30.0]),
+    factor=st.floats(1.5, 8),
+    start=st.floats(10, 40),
+)
+def test_a_large_body_is_taken_within_bounded_time_under_steady_traffic(
+    capacity: float, overload: float, budget: float, factor: float, start: float
+) -> None:
+    """A body larger than the bound was taken only once the intake was empty, and clients
+    offering more than the pipeline drains keep it from ever emptying: the body, retried as
+    told, was refused for as long as they kept sending (found by review; here: forever).
+    Refused once, it now holds the door: the others are refused until the intake has drained
+    and the body is taken, within about one drain of the backlog plus one Retry-After; the
+    backlog never exceeds max(bound, the body) and the others are taken again after it."""
+    clock = Clock()
+    b = bound(clock, budget=budget, floor=2_000, max_records=2_000_000)
+    b.observe(0, 0)
+    pipe = Pipeline(capacity)
+    dt, offered_per_tick = 0.1, capacity * overload * 0.1
+    carry = 0.0
+    large: int | None = None
+    next_try, taken_at, after = start, None, 0
+    for step in range(int(400 / dt)):
+        clock.now = step * dt
+        if large is None and clock.now >= start:
+            large = min(2_000_000, max(b.limit_records + 1, int(factor * b.limit_records)))
+        if large is not None and taken_at is None and clock.now >= next_try:
+            limit = b.limit_records
+            refusal = b.check(large, large * 100)
+            if refusal is None:
+                b.reserve(large, large * 100)
+                b.settle(large, large * 100, appended=True)
+                assert b.backlog_records <= max(limit, large)
+                pipe.add(large, clock.now)
+                taken_at = clock.now
+            else:
+                assert not refusal.never and 1 <= refusal.retry_after <= 60
+                next_try = clock.now + refusal.retry_after
+        carry += offered_per_tick
+        requests, carry = divmod(carry, 200)
+        for _ in range(int(requests)):
+            limit = b.limit_records
+            if not admit(b, 200, 200 * 100):
+                break
+            assert b.backlog_records <= max(limit, large or 0)
+            pipe.add(200, clock.now)
+            after += taken_at is not None
+        b.drained(pipe.run(dt, clock.now))
+        if step % 5 == 0:  # the service's tick: 0.5 s
+            b.observe(pipe.size, pipe.size * 100)
+        if taken_at is not None and after > 10:
+            break
+    assert taken_at is not None, (b.snapshot(), large)
+    # the backlog ahead of it drains in about budget seconds (the bound), then one retry
+    assert taken_at - start <= 1.5 * budget + 60 + LARGE_HOLD_GRACE, taken_at - start
+    assert after > 10  # and the steady traffic is taken again
