@@ -6,6 +6,7 @@ it stands for "some sink", not for any real server, whose behaviour the integrat
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from collections import Counter
@@ -24,7 +25,7 @@ from ingest.pipeline.admission import Admission
 from ingest.pipeline.breaker import CircuitBreaker
 from ingest.pipeline.decode import Decoder
 from ingest.pipeline.retry import RetryPolicy
-from ingest.pipeline.worker import Pipeline, SinkLane
+from ingest.pipeline.worker import Pipeline, SinkLane, _together
 from ingest.records import RawRecord, ReasonCode, Record, SinkResult
 from ingest.sinks.base import judge_in_order, latest_per_entity
 from ingest.state.base import DLQFilter
@@ -356,3 +357,27 @@ async def test_batch_counts_match_the_per_record_rule(tmp_path: Path, specs: lis
                     assert result.status.value == scripted
     finally:
         await database.close()
+
+
+async def test_settle_steps_run_together_and_a_failure_cancels_the_other() -> None:
+    """`_together` (the settle's claims + processed counts): both run at once, and when one
+    fails the other is cancelled before the error propagates, never left running."""
+    started: list[str] = []
+    slow_done = asyncio.Event()
+
+    async def slow() -> None:
+        started.append("slow")
+        await asyncio.sleep(30)
+        slow_done.set()
+
+    async def fails() -> None:
+        started.append("fails")
+        await asyncio.sleep(0)
+        raise RuntimeError("store down")
+
+    before = set(asyncio.all_tasks())
+    with pytest.raises(RuntimeError, match="store down"):
+        await asyncio.wait_for(_together(slow(), fails()), 5)
+    assert started == ["slow", "fails"]  # both were under way at once
+    assert set(asyncio.all_tasks()) - before == set()  # nothing left running behind
+    assert not slow_done.is_set()
