@@ -537,20 +537,16 @@ def list_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Plans, newest first: id, state, window, sources, created, records done, progress."""
+    tenant_name(tenant)  # as `plan` and every dlqtriage command: 'Acme Corp' is exit 2
     cfg = _config(config)
     found = _run(_with_store(cfg, lambda stores, store: store.list(tenant)))
     if json_out:
         _emit([_doc(p) for p in found])
         return
     if not found:  # an empty table alone did not say whether the tenant was mistyped
-        case = (
-            f" (names are lower case: '{tenant.lower()}'?)"
-            if tenant and tenant != tenant.lower()
-            else ""
-        )
         err_console.print(
             "no replay plans"
-            + (f" of tenant '{tenant}'{case}" if tenant else "")
+            + (f" of tenant '{tenant}'" if tenant else "")
             + " in this store; `replayctl plan` creates one"
         )
     table = Table("tenant", "state", "window", "sources", "created", "records done", "progress")

@@ -144,6 +144,8 @@ def test_a_mistyped_tenant_is_told_apart_from_a_clean_one(root: Path) -> None:
     r = run("replayctl", root, "list", "--tenant", "acme-crop")
     assert r.returncode == 0, r.stderr
     assert "no replay plans of tenant 'acme-crop' in this store" in r.stderr
+    one_line_error(run("replayctl", root, "list", "--tenant", "Acme Corp"), 2,
+                   "--tenant 'Acme Corp' is not a valid tenant name")
 
 
 def test_idempotency_stats_from_the_wrong_directory_creates_nothing(tmp_path: Path) -> None:
