@@ -29,6 +29,12 @@ name="ingest-ci-$(date +%s)-$$"
 # (podman0, cni-podman0: 10.88.0.0/16 both) outlive it; a later run then found two routes to
 # that subnet, the first one down, and its image test could not reach its container ("No
 # route to host"). Bridges that appear during the run are removed after it.
+# A podman bridge left DOWN with nothing attached (by an earlier run, or by `make image-test` on
+# the host) does the same harm before a run as after one: removed first (seen: all 3 image
+# tests "not ready in 180 s" at bdb76a2 with the host's idle cni-podman0 up before the run).
+for link in podman0 cni-podman0; do
+  ip -o link show "$link" 2>/dev/null | grep -q 'NO-CARRIER' && ip link del "$link" 2>/dev/null || true
+done
 links_before="$(ip -o link show | awk -F': ' '{print $2}' | sed 's/@.*//' | sort)"
 cleanup() {
   rm -rf "$work"
