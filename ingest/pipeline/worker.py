@@ -310,15 +310,12 @@ class Pipeline:
         # independent of each other: both go out at once, one round trip's wait instead of
         # two. Both are done before the batch may be committed (the caller's next step).
         counts = _label_counts(raws) if written.count_processed else None
-        if claim and counts:
-            await _together(
-                self.until_ok("idempotency", lambda: self.idempotency.claim(claim)),
-                self.until_ok("dlq", lambda: self.dlq.record_processed(counts)),
-            )
-        elif claim:
-            await self.until_ok("idempotency", lambda: self.idempotency.claim(claim))
-        elif counts:
-            await self.until_ok("dlq", lambda: self.dlq.record_processed(counts))
+        steps: list[Awaitable[object]] = []
+        if claim:
+            steps.append(self.until_ok("idempotency", lambda: self.idempotency.claim(claim)))
+        if counts:
+            steps.append(self.until_ok("dlq", lambda: self.dlq.record_processed(counts)))
+        await _together(*steps)
         if claim:
             self._recent_claims.add(claim)
 
