@@ -110,21 +110,27 @@ async def _first(dlq: DLQStore, flt: DLQFilter, limit: int) -> list[DLQEntry]:
     return out
 
 
+def _warn_unknown_tenant(tenant: str) -> None:
+    """The one wording for a --tenant this store has never heard of (no DLQ entry, no record
+    processed): a typo must not look like "nothing to do" or "clean", yet a tenant that simply
+    has no data yet is not an error, so this goes to stderr and the exit code is unchanged."""
+    err_console.print(
+        f"[bold yellow]warning:[/] no DLQ entry and no processed record for tenant "
+        f"'{tenant}' in this store: check the name, and that --config / INGEST_CONFIG / "
+        "INGEST_DATA_DIR point at the service's store (`dlqtriage summary` counts every tenant)",
+        highlight=False,
+        markup=True,
+    )
+
+
 async def _known_tenant(dlq: DLQStore, tenant: str | None) -> None:
-    """Warn (stderr, exit code unchanged) when a --tenant with nothing to do is one this store
-    has never heard of (no DLQ entry, no record processed for it): a typo must not look like
-    "nothing to do", yet a tenant that simply has no data yet is not an error."""
+    """Warn (`_warn_unknown_tenant`) when a --tenant with nothing to do is one this store has
+    never heard of."""
     if tenant is None:
         return
     if await dlq.count(DLQFilter(tenant=tenant)) or await dlq.processed_total(tenant):
         return
-    err_console.print(
-        f"[bold yellow]warning:[/] no DLQ entry and no processed record for tenant "
-        f"'{tenant}' in this store; check the name (`dlqtriage summary` counts every "
-        "tenant)",
-        highlight=False,
-        markup=True,
-    )
+    _warn_unknown_tenant(tenant)
 
 
 # ------------------------------------------------------------------------------ commands
@@ -149,12 +155,7 @@ def summary(tenant: TenantOpt = None, config: ConfigOpt = None, json_out: JsonOp
     else:
         render.summary(result, tenant)
     if tenant is not None and result.total == 0 and result.processed == 0:
-        # a mistyped tenant looked exactly like a clean one (tenant_name refused upper case)
-        err_console.print(
-            f"note: no record of tenant '{tenant}' was ever processed with this store: check the "
-            "name, and that --config / INGEST_CONFIG / INGEST_DATA_DIR point at the service's "
-            "store"
-        )
+        _warn_unknown_tenant(tenant)  # a mistyped tenant looked exactly like a clean one
 
 
 @app.command()

@@ -138,7 +138,9 @@ def test_a_mistyped_tenant_is_told_apart_from_a_clean_one(root: Path) -> None:
     r = run("dlqtriage", root, "summary", "--tenant", "acme-crop")
     assert r.returncode == 0, r.stderr
     assert "0 entries" in r.stdout
-    assert r.stderr.startswith("note: no record of tenant 'acme-crop' was ever processed")
+    assert r.stderr.startswith(
+        "warning: no DLQ entry and no processed record for tenant 'acme-crop' in this store"
+    ), r.stderr
     r = run("dlqtriage", root, "summary", "--tenant", TENANT)
     assert r.returncode == 0 and r.stderr == "", r.stderr
     r = run("replayctl", root, "list", "--tenant", "acme-crop")
