@@ -359,6 +359,7 @@ async def serve(
                 log_level="warning",
                 access_log=False,
                 lifespan="off",
+                ws="none",  # no WebSocket routes: spares importing `websockets` at start-up
                 # Longer than any Retry-After we answer, so a client that waited as told finds
                 # its connection still open (a close racing its next POST looks like a failure).
                 timeout_keep_alive=75,
