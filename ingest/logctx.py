@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from contextvars import ContextVar
 from typing import Any
@@ -98,3 +99,14 @@ class JsonFormatter(logging.Formatter):
             return orjson.dumps(doc, default=str).decode()
         except TypeError:  # a lone surrogate (e.g. from a file name): escaped, still one line
             return json.dumps(doc, default=str)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Log to stderr, as text lines or (`fmt="json"`) one JSON object per line carrying the
+    tenant, source, batch and record the line is about."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])

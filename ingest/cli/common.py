@@ -29,6 +29,7 @@ from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from ingest.config import Config, load_config
 from ingest.errors import ConfigError
+from ingest.logctx import setup_logging as setup_logging  # the CLIs' and pod workers' one
 from ingest.names import NAME_RULE_TEXT, representable, shown, valid_name
 from ingest.tools.console import console, styled
 
@@ -157,19 +158,6 @@ def finite(value: float, option: str, *, low: float, high: float) -> float:
     if not (math.isfinite(value) and low <= value <= high):
         fail(f"{option} must be a number from {low:g} to {high:g}; got {value}", EXIT_USAGE)
     return value
-
-
-def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """Log to stderr, as text lines or (`fmt="json"`) one JSON object per line carrying the
-    tenant, source, batch and record the line is about (ingest/logctx.py)."""
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        from ingest.logctx import JsonFormatter
-
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def load_existing_state(option: Path | None, tool: str) -> Config:

@@ -118,6 +118,10 @@ def run(
     """Run the service until SIGTERM / Ctrl-C."""
     cfg = load(config)
     setup_logging(log_level.value, cfg.logging.format)
+    if cfg.worker_count() > 1:  # a pod: its workers' imports start now, beside ours
+        from ingest.pod.spawn import start_fork_server
+
+        start_fork_server(cfg)
     from ingest.service import serve
 
     h = host or cfg.http.host

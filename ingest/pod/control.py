@@ -3,7 +3,8 @@
 With `workers` > 1, `ingest run` becomes this process. It owns what must be one per pod: the
 HTTP listener (webhooks, admin, health, metrics), the webhook intake's writer and its
 closed-loop bound (`Admission.intake`), the operator modes; and it runs N worker processes
-(`ingest.pod.worker`), each a full pipeline taking its share of the work through what already
+(`ingest.pod.worker`, forked by a fork server that imported their code once:
+`ingest.pod.spawn`), each a full pipeline taking its share of the work through what already
 divides it: Kafka partitions in one consumer group, S3/SFTP/inbox leases, webhook intake
 partitions by tenant. Workers report over a Unix socket (`ingest.pod.ipc`); the control plane
 sends them the modes (paused, drain, brownout rate) and wakes them on new webhook bodies.
@@ -11,8 +12,8 @@ sends them the modes (paused, drain, brownout rate) and wakes them on new webhoo
 A worker that dies is started again (backoff 0.5 s doubling to 10 s) and shows in
 /health/detailed `.workers` (restarts, last exit) and `ingest_worker_restarts_total`; its
 counters stay in /metrics. SIGTERM drains every worker (each exits 0), then the pod exits 0.
-Workers die with the control plane (PR_SET_PDEATHSIG), so a kill -9 of the pod never leaves
-one behind.
+Workers die with the control plane (PR_SET_PDEATHSIG on the fork server, which exits with it),
+so a kill -9 of the pod never leaves one behind.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import Coroutine
@@ -46,6 +46,7 @@ from ingest.pod.health import (
 )
 from ingest.pod.ipc import ENV_PARENT, ENV_SOCKET, ENV_WORKER
 from ingest.pod.metrics import Dump, PodMetrics, add_dumps
+from ingest.pod.spawn import WorkerProcess, start_fork_server, start_worker
 
 log = logging.getLogger(__name__)
 TICK_SECONDS = 0.25
@@ -61,7 +62,7 @@ class WorkerSlot:
     """What the control plane knows about worker `index` (across its restarts)."""
 
     index: int
-    proc: asyncio.subprocess.Process | None = None
+    proc: WorkerProcess | None = None
     started_at: float = 0.0
     restarts: int = 0
     last_exit: dict[str, Any] | None = None
@@ -127,6 +128,7 @@ class Pod:
 
     async def start(self) -> None:
         """Open the intake and start the workers; `wait_ready` waits for them."""
+        start_fork_server(self.config)  # already running under `ingest run`
         self._tasks += await self.fleet.start(self.metrics.own_registry)  # modes before workers
         await self._open_intake()
         self._server = await asyncio.start_unix_server(
@@ -188,20 +190,14 @@ class Pod:
             ENV_PARENT: str(os.getpid()),
             "INGEST_LOG_LEVEL": logging.getLevelName(logging.getLogger().level),
         }
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ingest.pod.worker", stdin=asyncio.subprocess.PIPE, env=env
-        )
-        assert proc.stdin is not None
-        proc.stdin.write(self.config.model_dump_json().encode())
-        await proc.stdin.drain()
-        proc.stdin.close()
+        proc = await start_worker(env, self.config)
         slot.proc = proc
         slot.started_at = time.time()
         slot.ready.clear()
         slot.committed_seen = 0
         self._tasks.append(asyncio.create_task(self._watch(slot, proc), name=f"watch-{slot.name}"))
 
-    async def _watch(self, slot: WorkerSlot, proc: asyncio.subprocess.Process) -> None:
+    async def _watch(self, slot: WorkerSlot, proc: WorkerProcess) -> None:
         """Wait for the worker to end; unless the pod is stopping, start it again."""
         rc = await proc.wait()
         slot.last_exit = {"code": rc, "at": time.time()}

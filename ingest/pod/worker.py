@@ -1,12 +1,14 @@
 """One worker process of a pod: a whole pipeline (all sources, its share of their work).
 
-Started by the control plane (`ingest.pod.control`) as `python -m ingest.pod.worker` with its
-index in INGEST_POD_WORKER ("i/n"), the control socket in INGEST_POD_SOCKET and the pod's
-effective configuration as JSON on stdin (so secrets never sit in the environment). It builds
-the service as worker i of n (see `ingest.service.build_sources`: leases, consumer group,
-intake partitions), reports to the control plane, applies the modes it is sent, and on
-SIGTERM drains and exits 0 like a single-process service. It dies with the control plane
-(PR_SET_PDEATHSIG): a killed pod never leaves workers behind to race its restart.
+Forked by the pod's fork server at the control plane's request (`ingest.pod.spawn`), with the
+control plane's environment as of the request, its index in INGEST_POD_WORKER ("i/n"), the
+control socket in INGEST_POD_SOCKET and the pod's effective configuration as JSON (an argument
+sent over the fork server's pipe, so secrets never sit in the environment). It builds the
+service as worker i of n (see `ingest.service.build_sources`: leases, consumer group, intake
+partitions), reports to the control plane, applies the modes it is sent, and on SIGTERM drains
+and exits 0 like a single-process service. It dies with the pod (PR_SET_PDEATHSIG on the fork
+server, which exits with the control plane): a killed pod never leaves workers behind to race
+its restart.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 from typing import Any
 
 from ingest.config import Config
+from ingest.logctx import setup_logging
 from ingest.pod import ipc
 from ingest.pod.ipc import ENV_PARENT, ENV_SOCKET, ENV_WORKER
 from ingest.pod.metrics import dump
@@ -31,12 +34,24 @@ REPORT_SECONDS = 1.0
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(parent: int) -> None:
-    """SIGKILL this process when the control plane dies, however it dies."""
+def die_with_parent(control_plane: int) -> None:
+    """SIGKILL this process when its parent, the fork server, dies, however it dies; the fork
+    server exits as soon as the control plane is gone (`ingest.pod.spawn`)."""
+    parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before the line above took effect
+    if os.getppid() != parent or not _alive(control_plane):  # gone before prctl took effect
         os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - alive, someone else's
+        pass
+    return True
 
 
 async def run(cfg: Config, index: int, count: int, socket_path: str) -> int:
@@ -105,12 +120,12 @@ async def run(cfg: Config, index: int, count: int, socket_path: str) -> int:
     return 0
 
 
-def main() -> None:
+def forked(config_json: str) -> None:
+    """The worker, in a child of the pod's fork server, its environment set
+    (`ingest.pod.spawn.start_worker`)."""
     index, count = (int(x) for x in os.environ[ENV_WORKER].split("/"))
     die_with_parent(int(os.environ[ENV_PARENT]))
-    from ingest.cli.common import setup_logging
-
-    cfg = Config.model_validate_json(sys.stdin.buffer.read())
+    cfg = Config.model_validate_json(config_json)
     setup_logging(os.environ.get("INGEST_LOG_LEVEL", "INFO"), cfg.logging.format)
     try:
         import uvloop
@@ -119,7 +134,3 @@ def main() -> None:
     except ImportError:  # pragma: no cover
         pass
     sys.exit(asyncio.run(run(cfg, index, count, os.environ[ENV_SOCKET])))
-
-
-if __name__ == "__main__":
-    main()

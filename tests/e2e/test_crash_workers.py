@@ -8,6 +8,7 @@ tenants go to their intake partitions; both workers commit into the same SQLite 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -28,8 +29,9 @@ WORKERS = {"INGEST_WORKERS": "2"}
 
 
 def workers_of(pid: int) -> list[int]:
+    """Every process under the pod: workers are forks of its fork server (ingest.pod.spawn)."""
     try:
-        return [c.pid for c in psutil.Process(pid).children()]
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
 
@@ -154,3 +156,24 @@ def test_health_and_metrics_cover_every_worker(tmp_path: Path) -> None:
         svc.stop()
     with pytest.raises(httpx.HTTPError):
         svc.health()
+
+
+def test_workers_that_cannot_drain_die_with_a_killed_control_plane(tmp_path: Path) -> None:
+    """kill -9 of the control plane alone kills its workers even when they cannot notice it
+    themselves (stopped: no drain on the socket's EOF): the kernel does it (PR_SET_PDEATHSIG on
+    the fork server, which exits with the control plane; ingest/pod/spawn.py)."""
+    svc = ServiceProcess(tmp_path / "data", env=WORKERS).start()
+    try:
+        assert svc.proc is not None
+        workers = list(svc.worker_pids().values())
+        assert len(workers) == 2
+        everything = workers_of(svc.proc.pid)
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        svc.kill9()
+        wait_gone(everything)
+    finally:
+        if svc.proc is not None:  # whatever of its process group is left
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(svc.proc.pid, signal.SIGKILL)
+        svc.stop()

@@ -125,7 +125,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ("ingest.replay", "ingest.triage", "ingest.tools", "ingest.api", "ingest.webhook.http"),
     ),
     ("running", ("ingest.service", "ingest.pod")),
-    ("entry points", ("ingest.cli", "ingest.pod.worker")),
+    ("entry points", ("ingest.cli",)),
 ]
 
 

@@ -1,0 +1,158 @@
+"""How a pod starts its workers: forks of a fork server that imported their code once.
+
+A worker's start-up is mostly imports: for an S3 pod ~3 s of CPU (aiobotocore, redis, asyncpg,
+pydantic; docs/benchmarks.md). Started as `python -m ingest.pod.worker`, each of N workers paid
+them, competing with each other and with the control plane for the cores. Now the control
+plane starts a fork server (multiprocessing's "forkserver" start method) as early as `ingest
+run` knows it runs a pod (`start_fork_server`): a fresh interpreter that imports, once, the
+modules a worker of this configuration needs (`preload_modules`: the sources, sinks and stores
+configured, nothing else) while the control plane goes on with its own start-up. Every worker,
+and every restart of one, is a fork of it (`start_worker`), its code already loaded.
+
+Fork safety: the fork server is spawned (exec'd), not forked from the control plane, and does
+nothing but import; no event loop, thread, socket or librdkafka handle exists in it when it
+forks (multiprocessing closes its own listener and pipes in the child). A worker opens its
+loop, connections and clients after the fork, as it did when exec'd. Modules imported there
+must not start threads or open connections at import time (none does; a test checks).
+
+Dying with the pod: a worker's parent is the fork server, which exits as soon as the control
+plane is gone (EOF on the pipe only the control plane holds: the worker closes its inherited
+copy, `leave_fork_server`); the worker dies with its parent by PR_SET_PDEATHSIG
+(`ingest.pod.worker.die_with_parent`). The fork server tells the control plane each worker's
+exit status, as waitpid would (`WorkerProcess.wait`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from multiprocessing import forkserver
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from ingest import config as C
+
+_CONTEXT = multiprocessing.get_context("forkserver")
+# Named, as `python -m ingest.pod.worker` named it: the worker imports the service, which
+# imports the control plane, which imports this module.
+WORKER_MODULE = "ingest.pod.worker"
+
+
+def preload_modules(cfg: C.Config) -> list[str]:
+    """What a worker of `cfg` imports before it is ready, by module name: only what its
+    configured sources, sinks and stores need (an S3 client is not loaded for a Kafka pod)."""
+    mods = [WORKER_MODULE, "ingest.service"]
+    # multiprocessing imports the parent's main module in each child (as __mp_main__): loaded
+    # here, that is a cache hit (`ingest run` as a script: "__main__", run by path)
+    main = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    mods.insert(0, main or "__main__")
+    if isinstance(cfg.state, C.ProductionStateConfig):
+        mods += ["ingest.state.postgres", "ingest.state.redis", "ingest.state.leases"]
+    else:
+        mods += ["ingest.state.sqlite", "ingest.state.leases"]
+    for sc in cfg.sources:
+        if isinstance(sc, C.WebhookSourceConfig):
+            mods.append("ingest.webhook.source")
+            intake = ("ingest.webhook.kafka", "ingest.sources.kafka")
+            mods += intake if sc.intake == "kafka" else ("ingest.webhook.sqlite",)
+        else:
+            mods.append(f"ingest.sources.{sc.type}")
+    mods += [f"ingest.sinks.{sk.type}" for sk in cfg.sinks]
+    return list(dict.fromkeys(mods))
+
+
+def start_fork_server(cfg: C.Config) -> None:
+    """Start the fork server now (idempotent): its imports run beside the caller's."""
+    _CONTEXT.set_forkserver_preload(preload_modules(cfg))
+    forkserver.ensure_running()
+
+
+def leave_fork_server() -> None:
+    """In a worker: close its copy of the fork server's 'alive' pipe, which multiprocessing
+    hands every child so that it could fork in turn. Held by a worker, it would keep the fork
+    server (the worker's parent) alive after the control plane died, and the worker with it."""
+    server: Any = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None
+
+
+# Process.start() polls every child multiprocessing knows (its `_cleanup`), which reads an ended
+# child's exit status off its pipe: never beside `WorkerProcess._ended` reading the same.
+_lock = threading.Lock()
+
+
+class WorkerProcess:
+    """A forked worker as the control plane sees it: pid, returncode, wait, signals (the part
+    of `asyncio.subprocess.Process` the pod uses)."""
+
+    def __init__(self, proc: BaseProcess) -> None:
+        self._proc = proc
+        self.pid: int = proc.pid  # type: ignore[assignment]
+        self.returncode: int | None = None
+        loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[int] = loop.create_future()
+        self._sentinel = proc.sentinel
+        loop.add_reader(self._sentinel, self._ended)
+
+    def _ended(self) -> None:
+        """The fork server wrote the exit status (or went away: 255)."""
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._sentinel)
+        if not _lock.acquire(blocking=False):  # a start is polling this process right now
+            loop.call_later(0.05, self._ended)
+            return
+        try:
+            code = self._proc.exitcode
+            if code is not None:
+                self._proc.close()  # its status pipe; multiprocessing forgets it
+        finally:
+            _lock.release()
+        self.returncode = 255 if code is None else code
+        if not self._done.done():
+            self._done.set_result(self.returncode)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._done)
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _worker(config_json: str, env: dict[str, str]) -> None:
+    """In the forked child: the control plane's environment, then the worker."""
+    os.environ.clear()
+    os.environ.update(env)
+    leave_fork_server()
+    importlib.import_module(WORKER_MODULE).forked(config_json)
+
+
+def _start(proc: BaseProcess) -> None:
+    with _lock:
+        proc.start()
+
+
+async def start_worker(env: dict[str, str], cfg: C.Config) -> WorkerProcess:
+    """Fork a worker with environment `env` and the effective configuration `cfg` (as JSON, an
+    argument: never in the environment, it holds secrets)."""
+    proc = _CONTEXT.Process(
+        target=_worker,
+        args=(cfg.model_dump_json(), env),
+        name=f"ingest-worker-{env.get('INGEST_POD_WORKER', '')}",
+        daemon=True,  # should the control plane exit without a shutdown, it stops (SIGTERM) them
+    )
+    # start() waits for the fork server to fork, which comes after its imports: not on the loop
+    await asyncio.to_thread(_start, proc)
+    return WorkerProcess(proc)

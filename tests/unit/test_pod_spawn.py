@@ -1,0 +1,57 @@
+"""What a pod's fork server imports before it forks workers (ingest/pod/spawn.py).
+
+Each configured source, sink and store names a module that exists (a wrong name would only be
+skipped by the fork server, and every worker would import it itself again); and importing every
+module it may preload leaves the process with one thread, so forking it is safe.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+from ingest import config as C
+from ingest.pod.spawn import preload_modules
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def members(union: object) -> list[typing.Any]:
+    return list(typing.get_args(typing.get_args(union)[0]))
+
+
+def every_config() -> list[C.Config]:
+    """One config per source kind (webhooks with each intake), with every sink, both states
+    (built unvalidated: only the kinds matter here)."""
+    sinks = [m.model_construct() for m in members(C.SinkConfig)]
+    sources = [m.model_construct() for m in members(C.SourceConfig)]
+    sources.append(C.WebhookSourceConfig.model_construct(intake="kafka"))
+    states = [m.model_construct() for m in members(C.StateConfig)]
+    return [
+        C.Config.model_construct(state=state, sources=[src], sinks=sinks)
+        for src in sources
+        for state in states
+    ]
+
+
+def test_every_preloaded_module_exists() -> None:
+    configs = every_config()
+    assert len({sc.type for cfg in configs for sc in cfg.sources}) == 5
+    for cfg in configs:
+        for mod in preload_modules(cfg)[1:]:  # [0]: the running program's main module
+            assert importlib.util.find_spec(mod) is not None, mod
+
+
+def test_importing_what_the_fork_server_may_preload_starts_no_thread() -> None:
+    mods = sorted({m for cfg in every_config() for m in preload_modules(cfg)[1:]})
+    code = (
+        f"import os, threading\nfor m in {mods!r}: __import__(m)\n"
+        "print(threading.active_count(), len(os.listdir('/proc/self/task')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["1", "1"], (mods, out.stdout, out.stderr)
