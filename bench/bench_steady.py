@@ -325,7 +325,8 @@ def main() -> None:
                 print("peak: the load did not saturate the pipeline at its end; using burst")
                 peak = burst
         rate = args.share * peak if args.rate is None else args.rate
-        print(f"steady: offering {rate:,.0f} rec/s ({rate / peak:.0%} of the {args.basis} peak) "
+        share = "--rate" if peak != peak else f"{rate / peak:.0%} of the {args.basis} peak"
+        print(f"steady: offering {rate:,.0f} rec/s ({share}) "
               f"in {args.batch}-record requests for {args.seconds:.0f} s")
         before = buckets(httpx.get(f"{url}/metrics", timeout=30).text)
         got0 = delivered(url)
@@ -349,9 +350,10 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     p50, p95, p99 = (quantile(before, after, q) for q in (0.5, 0.95, 0.99))
     bounds = sorted(b for b in after if b != float("inf"))
-    print(f"accepted {accepted:,} refused {refused:,} errors {errors:,} records; "
-          f"delivered {got:,.0f} in {elapsed:.0f} s ({got / elapsed:,.0f} rec/s, "
-          f"{got / elapsed / peak:.2f}x of peak)")
+    of_peak = "" if peak != peak else f", {got / elapsed / peak:.2f}x of the {args.basis} peak"
+    print(f"offered {rate:,.0f} rec/s for {args.seconds:.0f} s: accepted {accepted:,} refused "
+          f"{refused:,} errors {errors:,} records; delivered {got:,.0f} in {elapsed:.0f} s "
+          f"({got / elapsed:,.0f} rec/s{of_peak})")
     print(f"lag from acceptance: p50 {p50:.3f} s, p95 {p95:.3f} s, p99 {p99:.3f} s "
           f"(histogram buckets {bounds[0]}..{bounds[-1]} s, {len(bounds)} bounds)")
     if drift:
