@@ -262,11 +262,11 @@ class Admission:
         if st is BackpressureState.DRAIN:
             raise Rejected(st, "ingest is draining: finishing in-flight work, accepting none")
 
-    def check_open(self) -> None:
+    def check_open(self, tenant: str = "") -> None:
         """Push path, before reading a body: raise Rejected if nothing could be admitted now
         (paused, draining, or the intake backlog at its bound), so refusing costs no parsing."""
         self._refuse_if_closed()
-        refusal = self.intake.check(0, 0)
+        refusal = self.intake.check(0, 0, tenant)
         if refusal is not None:
             self._refuse_full(refusal)
 
@@ -287,7 +287,7 @@ class Admission:
                 f"{lim.burst:,.0f} records; it can never be accepted as it is",
                 too_large=True,
             )
-        refusal = self.intake.check(n, nbytes)
+        refusal = self.intake.check(n, nbytes, tenant)
         if refusal is not None:
             self._refuse_full(refusal)
         self.intake.reserve(n, nbytes)  # before the await: concurrent requests see it

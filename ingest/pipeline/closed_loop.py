@@ -19,11 +19,32 @@ so 100 concurrent requests cannot all pass on one stale figure), - records drain
 
 A body larger than the whole bound (but within the hard caps) can only be taken into an empty
 intake (one body of lag over budget). Steady traffic from others keeps the intake from ever
-emptying, so such a body, once refused, holds the door (`LARGE_HOLD_GRACE` past its
-Retry-After): others are refused (429) until the intake has drained and the large body, sent
-again as told, is taken. A body that can never fit (more records than
-`max_backlog_records`, more bytes than `max_backlog_bytes`) is refused for good (`never`:
-413 at the HTTP layer), not told to retry.
+emptying, so such a body, once refused, holds the door: others are refused (429) until the
+intake has drained and the large body, sent again as told, is taken. Before the hold was
+bounded, every re-send renewed it: one tenant re-sending a large body in a loop kept everyone
+else out for as long as it went on. The rules now (a "large body" is one over the bound):
+
+- One hold at a time, for one tenant (the holder), granted when its large body is refused
+  behind a non-empty intake. Its end is fixed when granted: G = the drain time of the backlog
+  ahead (at most `max_retry_after_seconds`) + `LARGE_HOLD_GRACE`. Nothing renews or extends
+  it: a re-send before its Retry-After is refused with the time still to wait.
+- While it holds, only the holder's large body is taken, once the intake is empty (the hold
+  ends there); every other request, the holder's smaller ones included, gets 429 with
+  Retry-After = what is left of the hold. So no one is refused because of a hold for longer
+  than G <= `max_retry_after_seconds` + `LARGE_HOLD_GRACE`, and a holder that never comes
+  back (a client gone) holds the door G at most.
+- A large body that had the door for D = T + G (T: its drain time; G: its hold, 0 if it was
+  taken alone; a lapsed hold: T = 0) is followed by the others' turn: until it has drained
+  and D more, no large body of anyone is held for, nor taken alone if a tenant other than
+  its own was refused in the last `LARGE_HOLD_GRACE` s; its tenant's next one waits D more
+  again, so another tenant's large body gets the hold first. When no one else is refused, a
+  large body is still taken whenever the intake is empty.
+A large body refused without a hold (another's in force, the others' turn, its tenant's wait)
+is told when it could have one. `/health/detailed` `.backpressure.intake.hold` shows the
+holder and the seconds left, `hold_free_in_seconds` when the next hold may be granted,
+`hold_paused` the tenants whose next large body waits (seconds left). A body that can never
+fit (more records than `max_backlog_records`, more bytes than `max_backlog_bytes`) is refused
+for good (`never`: 413 at the HTTP layer), not told to retry.
 """
 
 from __future__ import annotations
@@ -51,6 +72,20 @@ class Refusal:
     never: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """The door held for one tenant's body larger than the bound (see the module docstring)."""
+
+    tenant: str
+    granted_at: float
+    until: float  # fixed when granted: never renewed or extended
+    limit: int  # the bound when granted: the holder's bodies above it are "the large body"
+
+    @property
+    def length(self) -> float:
+        return self.until - self.granted_at
+
+
 class IntakeBound:
     """The backlog bound for one intake; see the module docstring. Not thread-safe (one loop)."""
 
@@ -70,7 +105,10 @@ class IntakeBound:
         self._sample_seconds = 0.0
         self._sample_busy = True  # every window of the sample had a backlog at both ends
         self._record_bytes = DEFAULT_RECORD_BYTES
-        self._held_until = -math.inf  # a refused large body holds the door until then
+        self._hold: Hold | None = None  # a refused large body holds the door
+        self._hold_free_at = -math.inf  # no hold is granted to anyone before then
+        self._hold_paused: dict[str, float] = {}  # tenant -> no large body of it before then
+        self._refused_at: dict[str, float] = {}  # tenant -> its last refusal (not `never`)
         self.refused = 0  # requests refused so far (for health)
 
     # -- what the intake and the consumers report -------------------------------------------
@@ -155,12 +193,19 @@ class IntakeBound:
             return math.inf if self.backlog_records else 0.0
         return self.backlog_records / self._rate
 
-    def check(self, n: int, nbytes: int) -> Refusal | None:
-        """Would n records (nbytes) fit now? Refusal with Retry-After if not; never waits.
+    def check(self, n: int, nbytes: int, tenant: str = "") -> Refusal | None:
+        """Would n records (nbytes) from `tenant` fit now? Refusal with Retry-After if not;
+        never waits.
 
         n = 0 asks whether anything fits (the HTTP layer asks before reading a body). Until
         the intake's size has been observed once the bound is not enforced: an intake that
         cannot tell its size (the Kafka topic, for now) is not refused on a guess."""
+        refusal = self._check(n, nbytes, tenant)
+        if refusal is not None and not refusal.never:
+            self._refused_at[tenant] = self._clock()
+        return refusal
+
+    def _check(self, n: int, nbytes: int, tenant: str) -> Refusal | None:
         cfg = self.cfg
         if n > cfg.max_backlog_records or nbytes > cfg.max_backlog_bytes:
             if self._observed_at is None:
@@ -178,18 +223,28 @@ class IntakeBound:
         )
         if n == 0 and records < limit and nbytes_now < self.cfg.max_backlog_bytes:
             return None
-        held = self._clock() < self._held_until
+        now = self._clock()
+        hold = self._current_hold(now)
+        if hold is not None and n > 0:
+            if tenant != hold.tenant or n <= hold.limit:
+                return self._held(hold, now)
+            if not over_bytes and (records == 0 or not over_records):
+                self._end_hold(now, self._drain_seconds(n))  # its large body is taken
+                return None
+            return self._wait_alone(records)
         if n > limit:
-            if records == 0 and nbytes_now + nbytes <= self.cfg.max_backlog_bytes:
+            if records == 0 and not over_bytes:
                 # One body larger than the whole budget would be refused forever, its retries
                 # included: it is taken once the intake is empty (one body of lag over budget).
-                self._held_until = -math.inf
+                # Not right after another while others are refused (wait: the module docstring).
+                wait = max(self._hold_free_at, self._hold_paused.get(tenant, -math.inf)) - now
+                if wait > 0 and self._others_refused(tenant, now):
+                    return self._refuse_paused(limit, wait)
+                self._large_taken(tenant, now, self._drain_seconds(n), 0.0)
                 return None
-            return self._hold(records)
-        if n > 0 and not over_records and not over_bytes and not held:
+            return self._refuse_large(tenant, records, limit, now)
+        if n > 0 and not over_records and not over_bytes:
             return None
-        if n > 0 and held:
-            return self._held(records)
         excess = max(float(over_records), over_bytes / self._record_bytes, 1.0)
         retry_after = self._retry_after(excess)
         if over_bytes and not over_records:
@@ -227,31 +282,102 @@ class IntakeBound:
         """Retry-After for a large body: until the backlog has drained, at the measured rate."""
         return self._retry_after(float(records))
 
-    def _hold(self, records: int) -> Refusal:
-        """Refuse a body larger than the bound while the intake is not empty, and hold the door
-        for it: others are refused until it has been taken (or has not come back in time)."""
-        retry_after = self._drain_seconds(records)
-        self._held_until = self._clock() + retry_after + LARGE_HOLD_GRACE
+    # -- the hold of the door for a large body (rules: the module docstring) ------------------
+
+    def _current_hold(self, now: float) -> Hold | None:
+        hold = self._hold
+        if hold is not None and now >= hold.until:  # its holder did not come back in time
+            self._end_hold(hold.until, 0.0)
+            return None
+        return hold
+
+    def _end_hold(self, at: float, drain: float) -> None:
+        """The hold ends at `at`; `drain`: seconds the holder's body takes to drain (0: not
+        taken). The door stays open for others as long as it was held, after that drain."""
+        hold = self._hold
+        assert hold is not None
+        self._hold = None
+        self._large_taken(hold.tenant, at, drain, hold.length)
+
+    def _large_taken(self, tenant: str, at: float, drain: float, held: float) -> None:
+        """A large body of `tenant` was taken at `at` (drain: its drain time; held: the hold it
+        had, 0 if none) or its hold lapsed (drain 0). It had the door for drain + held: once it
+        has drained, the others have the door as long (no large body of anyone is held for or
+        taken over them), then as long again before its tenant's next one."""
+        had = drain + held
+        self._hold_free_at = max(self._hold_free_at, at + drain + had)
+        self._hold_paused[tenant] = at + drain + 2 * had
+        self._hold_paused = {t: u for t, u in self._hold_paused.items() if u > at}
+
+    def _others_refused(self, tenant: str, now: float) -> bool:
+        """Was a tenant other than `tenant` refused in the last LARGE_HOLD_GRACE seconds?"""
+        since = now - LARGE_HOLD_GRACE
+        self._refused_at = {t: at for t, at in self._refused_at.items() if at > since}
+        return any(t != tenant for t in self._refused_at)
+
+    def _refuse_paused(self, limit: int, wait: float) -> Refusal:
+        retry_after = self._seconds(wait)
         return Refusal(
-            f"this request is larger than the {self.limit_records:,} records the pipeline "
-            f"delivers within the {self.cfg.lag_budget_seconds:g} s lag budget: it is taken "
-            f"alone, once the {records:,} records ahead of it are delivered (new requests "
-            f"wait meanwhile); retry in {retry_after:.0f} s",
+            f"this request is larger than the {limit:,} records the pipeline delivers "
+            f"within the {self.cfg.lag_budget_seconds:g} s lag budget, and so was one taken "
+            "just before: requests of others that are waiting go first; retry in "
+            f"{retry_after:.0f} s",
             retry_after,
         )
 
-    def _held(self, records: int) -> Refusal:
-        retry_after = max(self._drain_seconds(records), 1.0)
+    def _refuse_large(self, tenant: str, records: int, limit: int, now: float) -> Refusal:
+        """Refuse a body larger than the bound while the intake is not empty, and hold the door
+        for it if no hold is in force, the door is not open after one, and its tenant may."""
+        wait = max(self._hold_free_at, self._hold_paused.get(tenant, -math.inf)) - now
+        if wait > 0:
+            retry_after = self._seconds(wait)
+            return Refusal(
+                f"this request is larger than the {limit:,} records the pipeline delivers "
+                f"within the {self.cfg.lag_budget_seconds:g} s lag budget: it is taken alone, "
+                "once the intake is empty, and the door cannot be held for it before the "
+                f"traffic of others has had its turn; retry in {retry_after:.0f} s",
+                retry_after,
+            )
+        retry_after = self._drain_seconds(records)
+        self._hold = Hold(tenant, now, now + retry_after + LARGE_HOLD_GRACE, limit)
+        return Refusal(
+            f"this request is larger than the {limit:,} records the pipeline "
+            f"delivers within the {self.cfg.lag_budget_seconds:g} s lag budget: it is taken "
+            f"alone, once the {records:,} records ahead of it are delivered (new requests "
+            f"wait meanwhile, for at most {self._hold.length:.0f} s); retry in "
+            f"{retry_after:.0f} s",
+            retry_after,
+        )
+
+    def _wait_alone(self, records: int) -> Refusal:
+        """The holder's large body, back before the backlog ahead of it drained."""
+        retry_after = self._drain_seconds(records)
+        return Refusal(
+            f"this request is taken alone, once the {records:,} records ahead of it are "
+            f"delivered; the door is held for it meanwhile; retry in {retry_after:.0f} s",
+            retry_after,
+        )
+
+    def _held(self, hold: Hold, now: float) -> Refusal:
+        retry_after = self._seconds(hold.until - now)
         return Refusal(
             "the intake is emptying for a request larger than the lag budget, which is "
             f"taken alone; retry in {retry_after:.0f} s",
             retry_after,
         )
 
+    def _seconds(self, wait: float) -> float:
+        return float(min(self.cfg.max_retry_after_seconds, max(1.0, math.ceil(wait))))
+
     @property
     def held(self) -> bool:
         """A refused large body holds the door (others are refused until it is taken)."""
-        return self._clock() < self._held_until
+        return self._current_hold(self._clock()) is not None
+
+    @property
+    def hold(self) -> Hold | None:
+        """The hold in force, if any."""
+        return self._current_hold(self._clock())
 
     def _retry_after(self, excess_records: float) -> float:
         cap = self.cfg.max_retry_after_seconds
@@ -279,6 +405,8 @@ class IntakeBound:
     def snapshot(self) -> dict[str, Any]:
         """JSON-ready, for /health/detailed `.backpressure.intake`."""
         seconds = self.backlog_seconds()
+        now = self._clock()
+        hold = self._current_hold(now)
         return {
             "records": self.backlog_records,
             "bytes": self.backlog_bytes,
@@ -288,5 +416,16 @@ class IntakeBound:
             "lag_budget_seconds": self.cfg.lag_budget_seconds,
             "drain_rate": None if self._rate is None else round(self._rate, 1),
             "refused_requests": self.refused,
-            "held_for_large_request": self.held,
+            "held_for_large_request": hold is not None,
+            "hold": None
+            if hold is None
+            else {
+                "tenant": hold.tenant,
+                "seconds_left": round(hold.until - now, 1),
+                "length_seconds": round(hold.length, 1),
+            },
+            "hold_free_in_seconds": round(max(0.0, self._hold_free_at - now), 1),
+            "hold_paused": {
+                t: round(u - now, 1) for t, u in sorted(self._hold_paused.items()) if u > now
+            },
         }

@@ -107,7 +107,7 @@ async def receive(service: WebhookHost, gate: Gate, request: Request) -> Respons
     if isinstance(codings, Response):  # 415 before the body is read
         return codings
     try:  # a full intake refuses before the body is read: refusing must stay cheap
-        service.admission.check_open()
+        service.admission.check_open(tenant)
     except Rejected as rej:
         return _refused(rej)
     declared_size = request.headers.get("content-length", "")

@@ -6,7 +6,7 @@ import math
 from collections import deque
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ingest.config import AdmissionConfig, IntakeBoundConfig, TenantLimits
@@ -34,8 +34,8 @@ def bound(clock: Clock, **kw: float) -> IntakeBound:
     return IntakeBound(cfg, clock)
 
 
-def admit(b: IntakeBound, n: int, nbytes: int) -> bool:
-    if b.check(n, nbytes) is not None:
+def admit(b: IntakeBound, n: int, nbytes: int, tenant: str = "") -> bool:
+    if b.check(n, nbytes, tenant) is not None:
         return False
     b.reserve(n, nbytes)
     b.settle(n, nbytes, appended=True)
@@ -85,6 +85,7 @@ class Pipeline:
 ops = st.lists(
     st.one_of(
         st.tuples(st.just("admit"), st.integers(1, 5_000), st.integers(1, 2_000_000)),
+        st.tuples(st.just("admit b"), st.integers(1, 5_000), st.integers(1, 2_000_000)),
         st.tuples(st.just("observe"), st.integers(0, 200_000), st.integers(0, 10**8)),
         st.tuples(st.just("drain"), st.integers(0, 20_000), st.just(0)),
         st.tuples(st.just("tick"), st.integers(1, 3_000), st.just(0)),
@@ -103,13 +104,15 @@ def test_never_admits_past_the_bound(
     b = bound(clock, floor=floor, max_bytes=max_bytes, max_records=200_000)
     b.observe(0, 0)
     for op, x, y in ops:
-        if op == "admit":
+        if op.startswith("admit"):
+            tenant = op[6:]
             before_r, before_b, limit = b.backlog_records, b.backlog_bytes, b.limit_records
-            held = b.held  # a large body refused before holds the door: others wait
-            ok = admit(b, x, y)
+            hold = b.hold  # a large body refused before holds the door: others wait
+            ok = admit(b, x, y, tenant)
             alone = before_r == 0 and x <= 200_000  # a body over the bound, taken when empty
             fits = (before_r + x <= limit or alone) and before_b + y <= max_bytes
-            assert ok == (fits and not (held and x <= limit))
+            holders = hold is None or (hold.tenant == tenant and x > hold.limit)
+            assert ok == (fits and holders)
             if ok:
                 assert b.backlog_records <= max(limit, x) and b.backlog_bytes <= max_bytes
         elif op == "fail":  # an append that failed leaves the backlog as it was
@@ -408,7 +411,7 @@ def test_a_large_body_is_taken_within_bounded_time_under_steady_traffic(
             large = min(2_000_000, max(b.limit_records + 1, int(factor * b.limit_records)))
         if large is not None and taken_at is None and clock.now >= next_try:
             limit = b.limit_records
-            refusal = b.check(large, large * 100)
+            refusal = b.check(large, large * 100, "big")
             if refusal is None:
                 b.reserve(large, large * 100)
                 b.settle(large, large * 100, appended=True)
@@ -422,7 +425,7 @@ def test_a_large_body_is_taken_within_bounded_time_under_steady_traffic(
         requests, carry = divmod(carry, 200)
         for _ in range(int(requests)):
             limit = b.limit_records
-            if not admit(b, 200, 200 * 100):
+            if not admit(b, 200, 200 * 100, "steady"):
                 break
             assert b.backlog_records <= max(limit, large or 0)
             pipe.add(200, clock.now)
@@ -436,3 +439,212 @@ def test_a_large_body_is_taken_within_bounded_time_under_steady_traffic(
     # the backlog ahead of it drains in about budget seconds (the bound), then one retry
     assert taken_at - start <= 1.5 * budget + 60 + LARGE_HOLD_GRACE, taken_at - start
     assert after > 10  # and the steady traffic is taken again
+
+
+# -- the hold is bounded: a tenant re-sending a large body cannot keep the others out --------
+
+GRACE_CAP = 10.0  # max_retry_after_seconds in the tests below
+HOLD_MAX = GRACE_CAP + LARGE_HOLD_GRACE  # the longest a hold may keep the others out
+
+steps = st.lists(
+    st.tuples(
+        st.floats(0, 3),  # seconds since the step before
+        st.one_of(st.none(), st.integers(0, 1_500)),  # the intake's size, if observed now
+        st.lists(  # requests of the large senders: (which, records)
+            st.tuples(st.sampled_from(["h1", "h2"]), st.integers(1, 3_000)), max_size=4
+        ),
+        st.integers(0, 400),  # records drained
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(steps=steps)
+@example(  # one tenant re-sends its large body every second and never waits
+    steps=[(1.0, 500 if i == 0 else None, [("h1", 1_500)], 0) for i in range(40)]
+)
+@example(  # two take turns
+    steps=[(0.5, 500 if i == 0 else None, [("h1", 1_500), ("h2", 2_000)], 5) for i in range(60)]
+)
+@example(  # the holder never comes back
+    steps=[(1.0, 500 if i == 0 else None, [("h1", 1_500)] if i == 0 else [], 0) for i in range(40)]
+)
+def test_a_hold_keeps_the_others_out_for_at_most_its_length(
+    steps: list[tuple[float, int | None, list[tuple[str, int]], int]],
+) -> None:
+    """Since a large body refused held the door (39443c7), every re-send of it renewed the
+    hold: a tenant re-sending a large body in a loop, never waiting, kept every other tenant
+    out (429) for as long as it went on. Now a hold is granted once, for at most its drain time
+    + grace, is not renewed, and is followed by an open door at least as long.
+
+    Whatever the large senders do, the victim's small request that fits the bound is refused
+    (because of a hold) for at most HOLD_MAX in a row; each hold keeps its end, lasts at most
+    HOLD_MAX, and the next one (anyone's) comes at least its length after it ended, the next
+    one of the same tenant at least twice that."""
+    clock = Clock()
+    b = bound(clock, floor=1_000, cap=GRACE_CAP, budget=5.0)
+    b.observe(0, 0)
+    refused_since: float | None = None  # the victim's fitting requests refused since then
+    seen: list[tuple[str, float, float, float]] = []  # holds: tenant, granted, until, ended
+    for dt, size, sends, drained in steps:
+        clock.now += dt
+        if size is not None:
+            b.observe(size, size * 10)
+        b.drained(drained)
+        for tenant, n in sends:
+            admit(b, n, n * 10, tenant)
+            hold = b.hold
+            if hold is not None:
+                if seen and seen[-1][1] == hold.granted_at:
+                    assert seen[-1][2] == hold.until  # never renewed nor extended
+                else:
+                    if seen:
+                        t, granted, until, ended = seen[-1]
+                        ended = min(ended, until)
+                        assert hold.granted_at >= ended + (until - granted) - 1e-9
+                        if t == hold.tenant:
+                            assert hold.granted_at >= ended + 2 * (until - granted) - 1e-9
+                    assert hold.until - hold.granted_at <= HOLD_MAX + 1e-9
+                    seen.append((hold.tenant, hold.granted_at, hold.until, math.inf))
+            elif seen and seen[-1][3] == math.inf:
+                t, granted, until, _ = seen[-1]
+                seen[-1] = (t, granted, until, clock.now)  # taken now, or lapsed before
+        fits = b.backlog_records + 1 <= b.limit_records
+        if admit(b, 1, 10, "victim"):
+            refused_since = None
+        elif fits:
+            if refused_since is None:
+                refused_since = clock.now
+            assert clock.now - refused_since <= HOLD_MAX + 1e-6, (clock.now - refused_since, seen)
+        if refused_since is not None and not fits:
+            refused_since = None  # refused by the bound (the backlog), not by a hold
+
+
+def add(pipe: Pipeline, n: int, at: float) -> None:
+    """A large body's records are committed across batches, like the intake's."""
+    for i in range(0, n, 200):
+        pipe.add(min(200, n - i), at)
+
+
+def _run_door(
+    capacity: float,
+    budget: float,
+    factor: float,
+    hostiles: int,
+    patient: bool,
+    seconds: float = 600,
+) -> tuple[list[float], float | None, int, int, IntakeBound]:
+    """From 40 s, `hostiles` tenants re-send a body `factor` x the bound every 0.5 s, never
+    waiting, and `patient` sends one such body and retries as told; a victim offers 1.5 x
+    what the pipeline drains, in requests of 200 records.
+    Returns the victim's admission times, when the patient's body was taken, how many large
+    bodies of the hostiles were taken, the largest, and the bound."""
+    clock = Clock()
+    b = bound(clock, budget=budget, floor=2_000, max_records=2_000_000, cap=GRACE_CAP)
+    b.observe(0, 0)
+    pipe = Pipeline(capacity)
+    dt = 0.5
+    victim: list[float] = []
+    taken_patient: float | None = None
+    next_patient = 40.0
+    taken_hostile = largest = 0
+    carry = 0.0
+    for step in range(int(seconds / dt)):
+        clock.now = step * dt
+        if step * dt < 40:  # the rate is measured first
+            large = max(b.limit_records + 1, int(factor * capacity * budget))
+        largest = max(largest, large)
+        for h in range(hostiles if step * dt >= 40 else 0):
+            limit = b.limit_records
+            if admit(b, large, large * 100, f"hostile{h}"):
+                assert b.backlog_records <= max(limit, large)
+                add(pipe, large, clock.now)
+                taken_hostile += 1
+        if patient and taken_patient is None and clock.now >= next_patient:
+            refusal = b.check(large, large * 100, "patient")
+            if refusal is None:
+                b.reserve(large, large * 100)
+                b.settle(large, large * 100, appended=True)
+                add(pipe, large, clock.now)
+                taken_patient = clock.now
+            else:
+                assert not refusal.never and 1 <= refusal.retry_after <= GRACE_CAP
+                next_patient = clock.now + refusal.retry_after
+        carry += 1.5 * capacity * dt  # the victim offers more than the pipeline drains
+        requests, carry = divmod(carry, 200)
+        for _ in range(int(requests)):
+            if not admit(b, 200, 200 * 100, "victim"):
+                break
+            pipe.add(200, clock.now)
+            if not victim or victim[-1] != clock.now:
+                victim.append(clock.now)
+        b.drained(pipe.run(dt, clock.now))
+        b.observe(pipe.size, pipe.size * 100)
+    return victim, taken_patient, taken_hostile, largest, b
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    capacity=st.floats(1_000, 20_000),
+    budget=st.sampled_from([2.0, 5.0, 10.0]),
+    factor=st.floats(1.5, 3),
+    hostiles=st.integers(1, 3),
+)
+def test_tenants_resending_large_bodies_in_a_loop_do_not_starve_the_others(
+    capacity: float, budget: float, factor: float, hostiles: int
+) -> None:
+    """One to three tenants re-send a body larger than the bound every 0.5 s without waiting,
+    while another tenant sends small requests and a third sends one large body, retrying as
+    told. Before the hold was bounded the hostile re-sends renewed it for ever: the small
+    requests were refused for the whole run. Now the victim is let in at least once per hold
+    + the drain of the large body taken at its end; the large bodies are taken too, and with one
+    hostile, the patient body is taken within a few holds."""
+    victim, patient, hostile, largest, b = _run_door(
+        capacity, budget, factor, hostiles, patient=True, seconds=300
+    )
+    # between two admissions: at most one hold, the drain of the large body taken at its end
+    # (down to the bound), and the slack of whole batches and 0.5 s steps
+    gap_bound = HOLD_MAX + largest / capacity + 2 * 2000 / capacity + 2.0
+    after = [t for t in victim if t >= 40]
+    gaps = [b2 - b1 for b1, b2 in zip([40.0, *after], [*after, 300.0], strict=True)]
+    assert max(gaps) <= gap_bound, (max(gaps), gap_bound, b.snapshot())
+    assert hostile >= 2  # the large bodies are taken too, not refused for good
+    if hostiles == 1:
+        assert patient is not None and patient - 40 <= 3 * (HOLD_MAX + largest / capacity) + 10
+
+
+async def test_the_hold_is_shown_and_not_renewed_by_re_sends() -> None:
+    """/health/detailed shows who holds the door and until when; a re-send of the held body
+    before its Retry-After does not move the end; another tenant is told the time left; once
+    it lapses (the holder gone) the door is open and the holder waits before its next one."""
+    clock = Clock()
+    cfg = AdmissionConfig(
+        default_limits=TenantLimits(rate=1e9, burst=1e9),
+        intake=IntakeBoundConfig(min_backlog_records=100, max_retry_after_seconds=30),
+    )
+    adm = Admission(cfg, lambda t: cfg.default_limits, clock=clock)
+    adm.intake.observe(50, 500)
+    with pytest.raises(Rejected) as exc:
+        await adm.try_admit("big", 500, 5_000)
+    assert exc.value.retry_after == 1.0  # the rate is not measured yet: come back soon
+    hold = adm.snapshot()["intake"]["hold"]
+    assert hold == {"tenant": "big", "seconds_left": 11.0, "length_seconds": 11.0}
+    for _ in range(20):  # re-sent every half second, never waiting
+        clock.now += 0.5
+        with pytest.raises(Rejected):
+            await adm.try_admit("big", 500, 5_000)
+        with pytest.raises(Rejected) as other:
+            await adm.try_admit("small", 1, 10)
+        left = adm.snapshot()["intake"]["hold"]["seconds_left"]
+        assert left == pytest.approx(11.0 - clock.now)  # the end never moves
+        assert other.value.retry_after == max(1.0, math.ceil(left))
+    clock.now = 11.0  # lapsed: the holder did not come back to an empty intake in time
+    snap = adm.snapshot()["intake"]
+    assert snap["hold"] is None and not snap["held_for_large_request"]
+    assert snap["hold_free_in_seconds"] == 11.0 and snap["hold_paused"] == {"big": 22.0}
+    await adm.try_admit("small", 1, 10)  # the others are let in again
+    adm.appended(1, 10, ok=True)
+    with pytest.raises(Rejected) as again:  # no new hold for it before its wait is over
+        await adm.try_admit("big", 500, 5_000)
+    assert again.value.retry_after == 22.0 and adm.snapshot()["intake"]["hold"] is None
