@@ -108,11 +108,18 @@ def test_never_admits_past_the_bound(
             tenant = op[6:]
             before_r, before_b, limit = b.backlog_records, b.backlog_bytes, b.limit_records
             hold = b.hold  # a large body refused before holds the door: others wait
-            ok = admit(b, x, y, tenant)
+            refusal = b.check(x, y, tenant)
+            ok = refusal is None
+            if ok:
+                b.reserve(x, y)
+                b.settle(x, y, appended=True)
             alone = before_r == 0 and x <= 200_000  # a body over the bound, taken when empty
             fits = (before_r + x <= limit or alone) and before_b + y <= max_bytes
             holders = hold is None or (hold.tenant == tenant and x > hold.limit)
-            assert ok == (fits and holders)
+            # ... except right after another large body, while others are refused
+            turn = refusal is not None and "others that are waiting go first" in refusal.reason
+            assert ok == (fits and holders and not turn)
+            assert not turn or (x > limit and before_r == 0)
             if ok:
                 assert b.backlog_records <= max(limit, x) and b.backlog_bytes <= max_bytes
         elif op == "fail":  # an append that failed leaves the backlog as it was
