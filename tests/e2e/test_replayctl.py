@@ -295,7 +295,10 @@ def test_replay_progress_in_status_and_the_service_metrics(
     root: Path, browned: tuple[Path, int]
 ) -> None:
     """A replay running in replayctl shows on the service's /metrics (read from the plan
-    store) and in `replayctl status` (bar, ETA, RTO); killed, it shows as not moving."""
+    store) and in `replayctl status` (bar, ETA, RTO); killed, it shows as not moving.
+    replayctl is frozen (SIGSTOP) as soon as the store says two batches are in: the checks of
+    a replay part-way through then hold however slow the host is (under load, the throttled
+    run of ~17 s once finished before the checks and the kill were through)."""
     data, drops = root / "data", browned[1]
     r = rctl(root, "plan", "--tenant", TENANT, "--from", WINDOW[0], "--to", WINDOW[1],
              "--sources", "inbox-dropped", "--throttle", "16", "--rto", "3s")
@@ -309,6 +312,11 @@ def test_replay_progress_in_status_and_the_service_metrics(
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lab = {"tenant": TENANT, "plan": plan_id}
+        # two batches of 16 out of the dropped store: the plan saved after the first is in
+        # the plan store (each batch is delivered, deleted from `dropped`, then saved)
+        wait_for(lambda: count(data / "state.db", "SELECT count(*) FROM dropped") <= drops - 32,
+                 timeout=60, what="two replayed batches")
+        proc.send_signal(signal.SIGSTOP)  # part-way, and it stays there until the kill
 
         def moving() -> bool:
             m = svc.metrics()
@@ -329,6 +337,8 @@ def test_replay_progress_in_status_and_the_service_metrics(
         assert c["estimate_records"] == drops and c["eta_seconds"] > 0
         human = said(rctl(root, "status", plan_id))
         assert "%" in human and "eta" in human and "rto 3s" in human
+        left = count(data / "state.db", "SELECT count(*) FROM dropped")
+        assert 0 < left <= drops - 32  # the SIGSTOP landed mid-run
         proc.send_signal(signal.SIGKILL)  # replayctl dies: nothing moves the plan any more
         proc.wait(10)
         # the service re-reads the plan store every 5 s at most
