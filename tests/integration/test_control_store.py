@@ -30,13 +30,20 @@ def admission() -> Admission:
 
 async def _concurrent_writers(stores: list[ControlStore]) -> None:
     """Each store (one per pod) toggles brownout rates 10 times, all at once: every write
-    lands, as one version each."""
+    lands, as one version each.
+
+    Each lost compare-and-set means another writer's write landed after this one's read, so
+    a writer loses at most 10 x (pods - 1) times: that many attempts make the outcome
+    independent of scheduling. With update()'s default of 20, a loaded host once let one
+    writer lose 20 times in a row (StoreUnavailable), which says nothing about the CAS."""
+    attempts = 10 * len(stores)
 
     async def writer(i: int, store: ControlStore) -> None:
         for k in range(10):
             await update(
                 store,
                 lambda r, k=k: transition(r, "brownout", rate=(k + 1) / 10, who=f"pod{i}", now=k),
+                attempts=attempts,
             )
 
     await asyncio.gather(*(writer(i, s) for i, s in enumerate(stores)))
@@ -99,10 +106,17 @@ async def test_postgres_restart_keeps_state_then_catches_up(
         await a.submit("resume", rate=None, who="op")  # whatever an earlier test left
         await a.submit("drain", rate=None, who="op")
         task = asyncio.create_task(b.run(stopping))
-        await asyncio.sleep(0.5)
+        for _ in range(200):  # its first poll (every 0.2 s), however loaded the host
+            if b.admission.state is BackpressureState.DRAIN:
+                break
+            await asyncio.sleep(0.05)
         assert b.admission.state is BackpressureState.DRAIN
         await asyncio.to_thread(private_postgres.run, "stop-server")
-        await asyncio.sleep(1.0)
+        for _ in range(200):  # a poll that finds Postgres gone says so
+            if b.snapshot()["error"]:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # more failed polls
         assert b.admission.state is BackpressureState.DRAIN  # the outage flips nothing
         assert b.snapshot()["error"] and "keeps its applied state (drain)" in b.snapshot()["error"]
         await asyncio.to_thread(private_postgres.run, "start-server")
