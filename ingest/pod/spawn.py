@@ -15,11 +15,12 @@ forks (multiprocessing closes its own listener and pipes in the child). A worker
 loop, connections and clients after the fork, as it did when exec'd. Modules imported there
 must not start threads or open connections at import time (none does; a test checks).
 
-Dying with the pod: a worker's parent is the fork server, which exits as soon as the control
-plane is gone (EOF on the pipe only the control plane holds: the worker closes its inherited
-copy, `leave_fork_server`); the worker dies with its parent by PR_SET_PDEATHSIG
-(`ingest.pod.worker.die_with_parent`). The fork server tells the control plane each worker's
-exit status, as waitpid would (`WorkerProcess.wait`).
+Dying with the pod: a worker's parent is the fork server, which ignores SIGTERM (a SIGTERM to
+the process group must drain the workers, not kill their parent: `ingest.pod.fork_server`) and
+exits as soon as the control plane is gone (EOF on the pipe only the control plane holds: the
+worker closes its inherited copy, `leave_fork_server`); the worker dies with its parent by
+PR_SET_PDEATHSIG (`ingest.pod.worker.die_with_parent`). The fork server tells the control
+plane each worker's exit status, as waitpid would (`WorkerProcess.wait`).
 """
 
 from __future__ import annotations
@@ -42,16 +43,17 @@ _CONTEXT = multiprocessing.get_context("forkserver")
 # Named, as `python -m ingest.pod.worker` named it: the worker imports the service, which
 # imports the control plane, which imports this module.
 WORKER_MODULE = "ingest.pod.worker"
+FORK_SERVER_MODULE = "ingest.pod.fork_server"  # first: the fork server ignores SIGTERM
 
 
 def preload_modules(cfg: C.Config) -> list[str]:
     """What a worker of `cfg` imports before it is ready, by module name: only what its
     configured sources, sinks and stores need (an S3 client is not loaded for a Kafka pod)."""
-    mods = [WORKER_MODULE, "ingest.service"]
+    mods = [FORK_SERVER_MODULE, WORKER_MODULE, "ingest.service"]
     # multiprocessing imports the parent's main module in each child (as __mp_main__): loaded
     # here, that is a cache hit (`ingest run` as a script: "__main__", run by path)
     main = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
-    mods.insert(0, main or "__main__")
+    mods.insert(1, main or "__main__")
     if isinstance(cfg.state, C.ProductionStateConfig):
         mods += ["ingest.state.postgres", "ingest.state.redis", "ingest.state.leases"]
     else:
@@ -132,7 +134,8 @@ class WorkerProcess:
 
 
 def _worker(config_json: str, env: dict[str, str]) -> None:
-    """In the forked child: the control plane's environment, then the worker."""
+    """In the forked child: SIGTERM as usual, the control plane's environment, the worker."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the fork server ignores it
     os.environ.clear()
     os.environ.update(env)
     leave_fork_server()

@@ -177,3 +177,20 @@ def test_workers_that_cannot_drain_die_with_a_killed_control_plane(tmp_path: Pat
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(svc.proc.pid, signal.SIGKILL)
         svc.stop()
+
+
+def test_sigterm_to_the_whole_process_group_drains_every_worker(tmp_path: Path) -> None:
+    """systemd (KillMode=control-group), `timeout` or `kill -TERM -<pgid>` send SIGTERM to
+    every process of the pod, the fork server included: the workers still drain and exit 0,
+    and so does the pod."""
+    svc = ServiceProcess(tmp_path / "data", env=WORKERS).start()
+    try:
+        assert svc.proc is not None
+        health = svc.health()
+        assert {w["status"] for w in health["workers"].values()} == {"running"}, health
+        everything = workers_of(svc.proc.pid)
+        os.killpg(svc.proc.pid, signal.SIGTERM)
+        assert svc.proc.wait(60) == 0, svc.log()
+        wait_gone(everything)
+    finally:
+        svc.stop()
