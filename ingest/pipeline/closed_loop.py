@@ -202,7 +202,10 @@ class IntakeBound:
         cannot tell its size (the Kafka topic, for now) is not refused on a guess."""
         refusal = self._check(n, nbytes, tenant)
         if refusal is not None and not refusal.never:
-            self._refused_at[tenant] = self._clock()
+            now = self._clock()
+            self._refused_at[tenant] = now
+            if len(self._refused_at) > 4096:  # read only for large bodies: keep it small
+                self._others_refused(tenant, now)
         return refusal
 
     def _check(self, n: int, nbytes: int, tenant: str) -> Refusal | None:
