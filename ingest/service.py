@@ -225,11 +225,12 @@ class Service:
 
     async def _observe_intake(self, webhook: Any) -> None:
         """Feed the closed loop: records committed out of the intake, then its size."""
+        before = self.admission.intake.accepted_so_far()
         records, _, nbytes = await webhook.refresh_backlog()
         committed = webhook.committed_records
         self.admission.intake.drained(committed - self._intake_committed)
         self._intake_committed = committed
-        self.admission.intake.observe(records, nbytes)
+        self.admission.intake.observe(records, nbytes, before)
         self._intake_backlog = records
 
     @property

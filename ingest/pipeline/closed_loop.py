@@ -113,8 +113,19 @@ class IntakeBound:
 
     # -- what the intake and the consumers report -------------------------------------------
 
-    def observe(self, records: int, nbytes: int) -> None:
-        """The intake's size now. Closes a measurement window and updates the rate."""
+    def accepted_so_far(self) -> tuple[int, int]:
+        """(records, bytes) appended since the last observation: take it just before reading
+        the intake's size, and hand it to `observe` with that size."""
+        return self._accepted_records, self._accepted_bytes
+
+    def observe(self, records: int, nbytes: int, read_after: tuple[int, int] | None = None) -> None:
+        """The intake's size now. Closes a measurement window and updates the rate.
+
+        `read_after`: `accepted_so_far()` taken before the size was read. Only those appends
+        are known to be in the size; one that finished while the read ran stays counted on
+        top (counted twice for one tick at worst, never missed: a backlog read before an
+        append committed, with every accepted count dropped, let the door admit past the
+        bound for a tick). Without it, every accepted count is taken to be in the size."""
         now = self._clock()
         records, nbytes = max(0, records), max(0, nbytes)
         if self._observed_at is not None:
@@ -126,7 +137,11 @@ class IntakeBound:
             self._record_bytes = max(1.0, nbytes / records)
         self._observed_records, self._observed_bytes = records, nbytes
         self._observed_at = now
-        self._accepted_records = self._accepted_bytes = 0
+        if read_after is None:
+            self._accepted_records = self._accepted_bytes = 0
+        else:
+            self._accepted_records = max(0, self._accepted_records - read_after[0])
+            self._accepted_bytes = max(0, self._accepted_bytes - read_after[1])
         self._drained_since = 0
 
     def drained(self, n: int) -> None:

@@ -312,9 +312,10 @@ class Pod:
         while not self.stopping:
             if self.intake is not None and hasattr(self.intake, "backlog"):
                 with contextlib.suppress(Exception):
+                    before = self.admission.intake.accepted_so_far()
                     records, _, nbytes = await self.intake.backlog()
                     self._intake_backlog = records
-                    self.admission.intake.observe(records, nbytes)
+                    self.admission.intake.observe(records, nbytes, before)
             self.admission.set_queue_depth(self.queue_depth())
             await self._push_control()
             self.refresh_gauges()
