@@ -220,12 +220,24 @@ class Pod:
             _exit_text(slot.last_exit),
             delay,
         )
-        await asyncio.sleep(delay)
-        if self.stopping:
-            return
-        slot.restarts += 1
-        self.metrics.worker_restarts.labels(slot.name).inc()
-        await self._spawn(slot)
+        while True:
+            await asyncio.sleep(delay)
+            if self.stopping:
+                return
+            slot.restarts += 1
+            self.metrics.worker_restarts.labels(slot.name).inc()
+            try:
+                await self._spawn(slot)
+                return
+            except Exception as exc:  # the fork server gone and not startable again, say
+                delay = _BACKOFF_MAX
+                slot.last_exit = {"code": None, "at": time.time(), "start_failed": repr(exc)}
+                log.error(
+                    "worker %s could not be started (%r); trying again in %.1fs",
+                    slot.name,
+                    exc,
+                    delay,
+                )
 
     # -- the wire --------------------------------------------------------------------------
 
@@ -526,4 +538,6 @@ _STARTING_ADAPTER: dict[str, Any] = {
 def _exit_text(last_exit: dict[str, Any]) -> str:
     if "signal" in last_exit:
         return f"killed by {last_exit['signal']}"
+    if "start_failed" in last_exit:
+        return f"could not be started: {last_exit['start_failed']}"
     return f"exit code {last_exit['code']}"

@@ -2,9 +2,12 @@
 
 A SIGTERM sent to the pod's whole process group (systemd's default KillMode=control-group,
 `timeout`, `kill -TERM -<pgid>`) reaches the fork server too. Killed by it, it would take its
-workers with it (PR_SET_PDEATHSIG) in the middle of their drain. So it ignores SIGTERM: it still
-exits as soon as the control plane is gone, and each worker sets SIGTERM back to the default
-before anything else (`ingest.pod.spawn`), so a SIGTERM drains it as before.
+workers with it (PR_SET_PDEATHSIG) in the middle of their drain. So it blocks SIGTERM: it still
+exits as soon as the control plane is gone. Blocked, not ignored: a worker inherits the mask,
+so a SIGTERM sent to a worker while multiprocessing is still setting it up stays pending
+instead of being lost; the worker sets SIGTERM back to the default and unblocks it first thing
+in its own code (`ingest.pod.spawn._worker`), where such a pending SIGTERM ends it at once, as
+it ended a worker that had not started yet before.
 
 multiprocessing runs the control plane's main module again in each child, as `__mp_main__`
 (runpy); the fork server preloaded it under its own name (`python -m ingest.cli.ingest`), so
@@ -16,7 +19,7 @@ workers it forks.
 import signal
 import warnings
 
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 warnings.filterwarnings(
     "ignore", message=r"'.*' found in sys\.modules after import of package", category=RuntimeWarning
 )

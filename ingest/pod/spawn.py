@@ -15,7 +15,7 @@ forks (multiprocessing closes its own listener and pipes in the child). A worker
 loop, connections and clients after the fork, as it did when exec'd. Modules imported there
 must not start threads or open connections at import time (none does; a test checks).
 
-Dying with the pod: a worker's parent is the fork server, which ignores SIGTERM (a SIGTERM to
+Dying with the pod: a worker's parent is the fork server, which blocks SIGTERM (a SIGTERM to
 the process group must drain the workers, not kill their parent: `ingest.pod.fork_server`) and
 exits as soon as the control plane is gone (EOF on the pipe only the control plane holds: the
 worker closes its inherited copy, `leave_fork_server`); the worker dies with its parent by
@@ -43,7 +43,7 @@ _CONTEXT = multiprocessing.get_context("forkserver")
 # Named, as `python -m ingest.pod.worker` named it: the worker imports the service, which
 # imports the control plane, which imports this module.
 WORKER_MODULE = "ingest.pod.worker"
-FORK_SERVER_MODULE = "ingest.pod.fork_server"  # first: the fork server ignores SIGTERM
+FORK_SERVER_MODULE = "ingest.pod.fork_server"  # first: the fork server blocks SIGTERM
 
 
 def preload_modules(cfg: C.Config) -> list[str]:
@@ -51,9 +51,13 @@ def preload_modules(cfg: C.Config) -> list[str]:
     configured sources, sinks and stores need (an S3 client is not loaded for a Kafka pod)."""
     mods = [FORK_SERVER_MODULE, WORKER_MODULE, "ingest.service"]
     # multiprocessing imports the parent's main module in each child (as __mp_main__): loaded
-    # here, that is a cache hit (`ingest run` as a script: "__main__", run by path)
+    # here, that is a cache hit. Run as a script (the `ingest` console script, the image's
+    # entry point), the main module is "__main__", which Python 3.11's fork server does not
+    # preload (it never receives the script's path), so every child runs the script again:
+    # its one import, the CLI module (typer, click, rich), is preloaded by name instead.
     main = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
     mods.insert(1, main or "__main__")
+    mods.insert(2, "ingest.cli.ingest")
     if isinstance(cfg.state, C.ProductionStateConfig):
         mods += ["ingest.state.postgres", "ingest.state.redis", "ingest.state.leases"]
     else:
@@ -135,7 +139,8 @@ class WorkerProcess:
 
 def _worker(config_json: str, env: dict[str, str]) -> None:
     """In the forked child: SIGTERM as usual, the control plane's environment, the worker."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the fork server ignores it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the fork server blocks it; a SIGTERM
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # sent since is delivered now
     os.environ.clear()
     os.environ.update(env)
     leave_fork_server()
