@@ -59,6 +59,7 @@ from ingest.config import IntakeBoundConfig
 
 SAMPLE_SECONDS = 2.0  # busy time a rate sample spans (a batch commit drains ~2000 at once)
 LARGE_HOLD_GRACE = 10.0  # seconds past its Retry-After a waiting large body holds the door
+_REFUSED_KEPT = 4096  # tenants whose last refusal is remembered (the newest)
 DEFAULT_RECORD_BYTES = 512.0  # bytes per record assumed before any observation
 
 
@@ -218,10 +219,21 @@ class IntakeBound:
         refusal = self._check(n, nbytes, tenant)
         if refusal is not None and not refusal.never:
             now = self._clock()
+            self._refused_at.pop(tenant, None)  # re-inserted last: the dict stays in time order
             self._refused_at[tenant] = now
-            if len(self._refused_at) > 4096:  # read only for large bodies: keep it small
-                self._others_refused(tenant, now)
+            self._prune_refused(now)
         return refusal
+
+    def _prune_refused(self, now: float) -> None:
+        """Drop refusals older than LARGE_HOLD_GRACE, oldest first, and keep at most
+        _REFUSED_KEPT: the check runs before a request is authenticated, so any client can
+        name tenants; pruning from the front costs O(1) a refusal however many it names."""
+        since, refused = now - LARGE_HOLD_GRACE, self._refused_at
+        while refused:
+            oldest = next(iter(refused))
+            if refused[oldest] > since and len(refused) <= _REFUSED_KEPT:
+                break
+            del refused[oldest]
 
     def _check(self, n: int, nbytes: int, tenant: str) -> Refusal | None:
         cfg = self.cfg
@@ -329,8 +341,7 @@ class IntakeBound:
 
     def _others_refused(self, tenant: str, now: float) -> bool:
         """Was a tenant other than `tenant` refused in the last LARGE_HOLD_GRACE seconds?"""
-        since = now - LARGE_HOLD_GRACE
-        self._refused_at = {t: at for t, at in self._refused_at.items() if at > since}
+        self._prune_refused(now)
         return any(t != tenant for t in self._refused_at)
 
     def _refuse_paused(self, limit: int, wait: float) -> Refusal:

@@ -683,3 +683,22 @@ def test_an_append_that_finishes_while_the_size_is_read_is_never_missed(
     double = sum(n for n, in_read in during if in_read)
     assert truth <= b.backlog_records <= truth + double
     assert truth * 100 <= b.backlog_bytes <= (truth + double) * 100
+
+
+def test_refusals_naming_many_tenants_keep_little_and_the_newest() -> None:
+    """The door refuses before authentication, so a client can name any number of tenants:
+    what is remembered stays bounded, and a real tenant's refusal still counts for others."""
+    from ingest.pipeline.closed_loop import _REFUSED_KEPT
+
+    clock = Clock()
+    b = bound(clock, floor=10)
+    b.observe(10, 1_000)  # full: every request is refused
+    for i in range(3 * _REFUSED_KEPT):
+        clock.now += 0.001
+        assert b.check(1, 1, f"t{i}") is not None
+    assert len(b._refused_at) <= _REFUSED_KEPT
+    assert f"t{3 * _REFUSED_KEPT - 1}" in b._refused_at  # the newest are kept
+    clock.now += LARGE_HOLD_GRACE + 1  # all of them past the grace: forgotten
+    assert b.check(1, 1, "acme") is not None
+    assert list(b._refused_at) == ["acme"]
+    assert b._others_refused("other", clock.now) and not b._others_refused("acme", clock.now)
