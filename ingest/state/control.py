@@ -131,14 +131,15 @@ async def update(
     """Read, change, compare-and-set; again on a concurrent write. Returns what was stored.
 
     Each lost round means another writer's write landed. The wait before the next round is
-    random and doubles (10 ms up to 0.64 s), so writers that all started at once (a script
+    random, at most 10 ms doubling up to 0.64 s, so writers that all started at once (a script
     sending one action to every pod of a fleet) spread out instead of colliding in step."""
     for attempt in range(attempts):
         current = await store.read()
         new = change(current)
         if await store.write(current.version, new):
             return new
-        await asyncio.sleep(random.uniform(0.0, 0.01 * 2 ** min(attempt, 6)))
+        if attempt + 1 < attempts:
+            await asyncio.sleep(random.uniform(0.0, 0.01 * 2 ** min(attempt, 6)))
     raise StoreUnavailable(store.kind, "fleet_control", f"{attempts} concurrent writes in a row")
 
 
