@@ -267,7 +267,7 @@ class IntakeBound:
                 # One body larger than the whole budget would be refused forever, its retries
                 # included: it is taken once the intake is empty (one body of lag over budget).
                 # Not right after another while others are refused (wait: the module docstring).
-                wait = max(self._hold_free_at, self._hold_paused.get(tenant, -math.inf)) - now
+                wait = self._turn_wait(tenant, now)
                 if wait > 0 and self._others_refused(tenant, now):
                     return self._refuse_paused(limit, wait)
                 self._large_taken(tenant, now, self._drain_seconds(n), 0.0)
@@ -354,10 +354,15 @@ class IntakeBound:
             retry_after,
         )
 
+    def _turn_wait(self, tenant: str, now: float) -> float:
+        """Seconds until a large body of `tenant` may have the door (the others' turn after the
+        last one, its tenant's own pause); <= 0 when it may now."""
+        return max(self._hold_free_at, self._hold_paused.get(tenant, -math.inf)) - now
+
     def _refuse_large(self, tenant: str, records: int, limit: int, now: float) -> Refusal:
         """Refuse a body larger than the bound while the intake is not empty, and hold the door
         for it if no hold is in force, the door is not open after one, and its tenant may."""
-        wait = max(self._hold_free_at, self._hold_paused.get(tenant, -math.inf)) - now
+        wait = self._turn_wait(tenant, now)
         if wait > 0:
             retry_after = self._seconds(wait)
             return Refusal(
