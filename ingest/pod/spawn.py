@@ -19,7 +19,8 @@ Dying with the pod: a worker's parent is the fork server, which blocks SIGTERM (
 the process group must drain the workers, not kill their parent: `ingest.pod.fork_server`) and
 exits as soon as the control plane is gone (EOF on the pipe only the control plane holds: the
 worker closes its inherited copy, `leave_fork_server`); the worker dies with its parent by
-PR_SET_PDEATHSIG (`ingest.pod.worker.die_with_parent`). The fork server tells the control
+PR_SET_PDEATHSIG (`ingest.pod.worker.die_with_parent`), armed first thing in the child and
+checked against the fork server's pid as this process knew it when it asked for the fork. The fork server tells the control
 plane each worker's exit status, as waitpid would (`WorkerProcess.wait`).
 """
 
@@ -38,6 +39,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from ingest import config as C
+from ingest.pod.ipc import ENV_PARENT, ENV_WORKER
 
 _CONTEXT = multiprocessing.get_context("forkserver")
 # Named, as `python -m ingest.pod.worker` named it: the worker imports the service, which
@@ -137,30 +139,39 @@ class WorkerProcess:
         self.send_signal(signal.SIGKILL)
 
 
-def _worker(config_json: str, env: dict[str, str]) -> None:
-    """In the forked child: SIGTERM as usual, the control plane's environment, the worker."""
+def _worker(config_json: str, env: dict[str, str], fork_server: int) -> None:
+    """In the forked child: dying with its parent first (`fork_server`, the parent it was
+    forked by as the control plane saw it), then SIGTERM as usual, the control plane's
+    environment, the worker."""
+    worker = importlib.import_module(WORKER_MODULE)
+    worker.die_with_parent(fork_server, int(env[ENV_PARENT]))
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the fork server blocks it; a SIGTERM
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # sent since is delivered now
     os.environ.clear()
     os.environ.update(env)
     leave_fork_server()
-    importlib.import_module(WORKER_MODULE).forked(config_json)
+    worker.forked(config_json)
 
 
-def _start(proc: BaseProcess) -> None:
+def _start(config_json: str, env: dict[str, str]) -> BaseProcess:
+    """Fork a worker (blocking: the fork server may still be importing)."""
     with _lock:
+        forkserver.ensure_running()  # start() does the same: a fork server gone is started again
+        server: Any = getattr(forkserver, "_forkserver", None)
+        fork_server = int(getattr(server, "_forkserver_pid", None) or 0)
+        proc = _CONTEXT.Process(
+            target=_worker,
+            args=(config_json, env, fork_server),
+            name=f"ingest-worker-{env.get(ENV_WORKER, '')}",
+            daemon=True,  # the control plane exiting without a shutdown stops (SIGTERM) them
+        )
         proc.start()
+    return proc
 
 
 async def start_worker(env: dict[str, str], cfg: C.Config) -> WorkerProcess:
     """Fork a worker with environment `env` and the effective configuration `cfg` (as JSON, an
     argument: never in the environment, it holds secrets)."""
-    proc = _CONTEXT.Process(
-        target=_worker,
-        args=(cfg.model_dump_json(), env),
-        name=f"ingest-worker-{env.get('INGEST_POD_WORKER', '')}",
-        daemon=True,  # should the control plane exit without a shutdown, it stops (SIGTERM) them
-    )
     # start() waits for the fork server to fork, which comes after its imports: not on the loop
-    await asyncio.to_thread(_start, proc)
+    proc = await asyncio.to_thread(_start, cfg.model_dump_json(), env)
     return WorkerProcess(proc)

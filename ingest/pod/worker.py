@@ -25,7 +25,7 @@ from typing import Any
 from ingest.config import Config
 from ingest.logctx import setup_logging
 from ingest.pod import ipc
-from ingest.pod.ipc import ENV_PARENT, ENV_SOCKET, ENV_WORKER
+from ingest.pod.ipc import ENV_SOCKET, ENV_WORKER
 from ingest.pod.metrics import dump
 
 log = logging.getLogger(__name__)
@@ -34,13 +34,18 @@ REPORT_SECONDS = 1.0
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(control_plane: int) -> None:
+def die_with_parent(fork_server: int, control_plane: int) -> None:
     """SIGKILL this process when its parent, the fork server, dies, however it dies; the fork
-    server exits as soon as the control plane is gone (`ingest.pod.spawn`)."""
-    parent = os.getppid()
+    server exits as soon as the control plane is gone (`ingest.pod.spawn`).
+
+    PR_SET_PDEATHSIG watches whoever is the parent when it is set: a fork server that died
+    between the fork and this call has already handed the worker to init (or a subreaper), and
+    a parent read here would be that one. So the parent is compared with the fork server's pid
+    as the control plane knew it when it asked for the fork (`fork_server`), after prctl: a
+    worker orphaned before then exits at once instead of running beside its replacement."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent or not _alive(control_plane):  # gone before prctl took effect
+    if os.getppid() != fork_server or not _alive(control_plane):  # gone before prctl
         os._exit(1)
 
 
@@ -121,10 +126,9 @@ async def run(cfg: Config, index: int, count: int, socket_path: str) -> int:
 
 
 def forked(config_json: str) -> None:
-    """The worker, in a child of the pod's fork server, its environment set
-    (`ingest.pod.spawn.start_worker`)."""
+    """The worker, in a child of the pod's fork server, its environment set and its parent
+    checked (`ingest.pod.spawn._worker`)."""
     index, count = (int(x) for x in os.environ[ENV_WORKER].split("/"))
-    die_with_parent(int(os.environ[ENV_PARENT]))
     cfg = Config.model_validate_json(config_json)
     setup_logging(os.environ.get("INGEST_LOG_LEVEL", "INFO"), cfg.logging.format)
     try:
