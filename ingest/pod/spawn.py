@@ -20,8 +20,9 @@ the process group must drain the workers, not kill their parent: `ingest.pod.for
 exits as soon as the control plane is gone (EOF on the pipe only the control plane holds: the
 worker closes its inherited copy, `leave_fork_server`); the worker dies with its parent by
 PR_SET_PDEATHSIG (`ingest.pod.worker.die_with_parent`), armed first thing in the child and
-checked against the fork server's pid as this process knew it when it asked for the fork. The fork server tells the control
-plane each worker's exit status, as waitpid would (`WorkerProcess.wait`).
+checked against the fork server's pid as this process knew it when it asked for the fork.
+The fork server tells the control plane each worker's exit status, as waitpid would
+(`WorkerProcess.wait`).
 """
 
 from __future__ import annotations
