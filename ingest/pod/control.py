@@ -109,6 +109,7 @@ class Pod:
         self._sent_control: dict[str, Any] | None = None
         self._intake_backlog = 0
         self._bg: set[asyncio.Future[None]] = set()
+        self._starting: set[asyncio.Future[None]] = set()  # worker starts in flight
         self._ready = asyncio.Event()  # every worker said hello once
         self._beat = time.monotonic()  # the tick's last turn: the control plane's liveness
         from ingest.disk import DiskGuard
@@ -183,6 +184,15 @@ class Pod:
             return
 
     async def _spawn(self, slot: WorkerSlot) -> None:
+        """Start slot's worker. The start is a task of its own, shielded: a restart the
+        shutdown finds in flight (the fork server forking, or importing after it was started
+        again) is finished and its worker drained with the others, never left untracked."""
+        start = asyncio.ensure_future(self._start_worker(slot))
+        self._starting.add(start)
+        start.add_done_callback(self._starting.discard)
+        await asyncio.shield(start)
+
+    async def _start_worker(self, slot: WorkerSlot) -> None:
         env = {
             **os.environ,
             ENV_WORKER: f"{slot.index}/{self.count}",
@@ -196,6 +206,9 @@ class Pod:
         slot.ready.clear()
         slot.committed_seen = 0
         self._tasks.append(asyncio.create_task(self._watch(slot, proc), name=f"watch-{slot.name}"))
+        if self.stopping:  # forked after the shutdown stopped waiting for starts: stop it too
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
 
     async def _watch(self, slot: WorkerSlot, proc: WorkerProcess) -> None:
         """Wait for the worker to end; unless the pod is stopping, start it again."""
@@ -489,6 +502,11 @@ class Pod:
         self.fleet.freeze()  # the pod's drain is its own: no fleet resume may undo it
         self.admission.drain()
         self.stopping = True
+        deadline = time.monotonic() + timeout
+        if self._starting:  # a restart in flight: its worker is tracked and drained too
+            log.info("waiting for %d worker start(s) in flight", len(self._starting))
+            await asyncio.wait(set(self._starting), timeout=timeout)
+        timeout = max(1.0, deadline - time.monotonic())
         for slot in self.slots:
             if slot.alive and slot.proc is not None:
                 with contextlib.suppress(ProcessLookupError):

@@ -140,14 +140,21 @@ class WorkerProcess:
         self.send_signal(signal.SIGKILL)
 
 
+def _stop_before_start(signum: int, frame: Any) -> None:
+    os._exit(0)
+
+
 def _worker(config_json: str, env: dict[str, str], fork_server: int) -> None:
     """In the forked child: dying with its parent first (`fork_server`, the parent it was
     forked by as the control plane saw it), then SIGTERM as usual, the control plane's
     environment, the worker."""
     worker = importlib.import_module(WORKER_MODULE)
     worker.die_with_parent(fork_server, int(env[ENV_PARENT]))
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the fork server blocks it; a SIGTERM
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # sent since is delivered now
+    # The fork server blocks SIGTERM; one sent since is delivered once unblocked. Until the
+    # worker's loop takes SIGTERM over (its drain, `ingest.pod.worker.run`), nothing is open
+    # or read: a SIGTERM then is a stop with nothing to drain, exit 0 like a drained worker.
+    signal.signal(signal.SIGTERM, _stop_before_start)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     os.environ.clear()
     os.environ.update(env)
     leave_fork_server()

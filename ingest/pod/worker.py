@@ -63,15 +63,17 @@ async def run(cfg: Config, index: int, count: int, socket_path: str) -> int:
     from ingest.service import Service, tune_gc
 
     tune_gc()
+    # SIGTERM drains from here on (before, `ingest.pod.spawn` exits 0: nothing was open): one
+    # received while the service starts ends it right after, drained, exit 0.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     service = await Service.build(cfg, shard=(index, count))
     service.worker = f"{service.worker}/w{index}"
     await service.start()
     reader, writer = await asyncio.open_unix_connection(socket_path, limit=ipc.LIMIT)
     await ipc.send(writer, {"type": "hello", "index": index, "pid": os.getpid()})
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
 
     async def progress() -> dict[str, Any]:
         return {

@@ -20,6 +20,7 @@ import httpx
 import psutil
 import pytest
 
+from tests.conftest import wait_for
 from tests.e2e._crash import Crashes, wait_finished
 from tests.e2e._feed import TENANT, Feed, Sender, seeded
 from tests.e2e._service import ServiceProcess, finished, free_port, metric_value
@@ -193,4 +194,79 @@ def test_sigterm_to_the_whole_process_group_drains_every_worker(tmp_path: Path) 
         assert svc.proc.wait(60) == 0, svc.log()
         wait_gone(everything)
     finally:
+        svc.stop()
+
+
+def fork_server_of(pid: int) -> psutil.Process | None:
+    """The pod's fork server (ingest.pod.spawn): the control plane's child running
+    multiprocessing's forkserver main."""
+    try:
+        for child in psutil.Process(pid).children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if "multiprocessing.forkserver" in " ".join(child.cmdline()):
+                    return child
+    except psutil.NoSuchProcess:
+        pass
+    return None
+
+
+def pod_processes(data: Path) -> list[int]:
+    """Every process left of a pod run on `data` (a worker's environment is its fork server's,
+    which is the control plane's: INGEST_DATA_DIR names the data dir)."""
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if p.status() != psutil.STATUS_ZOMBIE and p.environ().get("INGEST_DATA_DIR") == str(
+                data
+            ):
+                found.append(p.pid)
+    return found
+
+
+def test_a_restart_in_flight_when_shutdown_begins_is_drained_with_the_pod(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while a worker restart is in flight: the worker forked for it is waited for,
+    stopped and counted by the shutdown (exit 0, nothing of the pod left), not forked after
+    "shutdown complete" and left to multiprocessing's exit handler.
+
+    The restart is held in flight for certain: the fork server is killed (both workers die
+    with it), and the one the control plane starts again to restart them is stopped
+    (SIGSTOP) while it still imports, before it forks; SIGCONT once the shutdown has begun."""
+    data = tmp_path / "data"
+    svc = ServiceProcess(data, env=WORKERS).start()
+    try:
+        assert svc.proc is not None
+        pod = svc.proc.pid
+        assert {w["status"] for w in svc.health()["workers"].values()} == {"running"}
+        for _ in range(3):  # the new fork server caught before it forked (else again)
+            old = fork_server_of(pod)
+            assert old is not None
+            old.kill()
+            new = wait_for(
+                lambda old=old: (fs := fork_server_of(pod)) is not None and fs.pid != old.pid
+                and fs,
+                timeout=60,
+                what="a new fork server",
+                interval=0.01,
+            )
+            new.suspend()
+            if not new.children():
+                break
+            new.resume()
+            wait_for(lambda: {w["status"] for w in svc.health()["workers"].values()}
+                     == {"running"}, timeout=120, what="workers running again")
+        else:
+            pytest.fail("the new fork server always forked before it could be stopped")
+        svc.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "shutting down" in svc.log(), timeout=30, what="shutdown begun")
+        time.sleep(0.5)  # the control plane past its signal handler, into the shutdown
+        new.resume()
+        assert svc.proc.wait(120) == 0, svc.log()
+        log = svc.log()
+        assert "worker start(s) in flight" in log, log
+        wait_for(lambda: not pod_processes(data), timeout=10, what="nothing of the pod left")
+    finally:
+        with contextlib.suppress(psutil.Error, UnboundLocalError):
+            new.resume()
         svc.stop()
