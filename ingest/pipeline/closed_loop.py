@@ -24,42 +24,62 @@ intake has drained and the large body, sent again as told, is taken. Before the 
 bounded, every re-send renewed it: one tenant re-sending a large body in a loop kept everyone
 else out for as long as it went on. The rules now (a "large body" is one over the bound):
 
-- One hold at a time, for one tenant (the holder), granted when its large body is refused
-  behind a non-empty intake. Its end is fixed when granted: G = the drain time of the backlog
-  ahead (at most `max_retry_after_seconds`) + `LARGE_HOLD_GRACE`. Nothing renews or extends
-  it: a re-send before its Retry-After is refused with the time still to wait.
+- Large senders wait in line, first refused first served: a large body refused (a hold in
+  force, the others' turn, another ahead) gives its tenant a place at the end of the line,
+  and its Retry-After says about when its turn comes (the hold ahead, its drain and the
+  others' turn after it, one such turn per sender ahead; at most `max_retry_after_seconds`).
+  Re-sending neither moves a place up nor gets a tenant an earlier turn than a patient one
+  refused before it (the hold went to whoever re-sent first after the others' turn). A place
+  lapses if its tenant is not back within `LARGE_HOLD_GRACE` s of its Retry-After (a client
+  gone cannot block the ones behind), and the line keeps at most `_QUEUE_KEPT` tenants (the
+  door checks before authentication: any client can name tenants): a newcomer to a full line
+  is refused without a place. O(1) a request: two ordered dicts (by place, by last re-send).
+- One hold at a time, for the first in line (or a large sender when no one is in line),
+  granted when its large body is refused behind a non-empty intake and the others have had
+  their turn. Its end is fixed when granted: G = the drain time of the backlog ahead (at most
+  `max_retry_after_seconds`) + `LARGE_HOLD_GRACE`. Nothing renews or extends it: a re-send
+  before its Retry-After is refused with the time still to wait.
 - While it holds, only the holder's large body is taken, once the intake is empty (the hold
-  ends there); every other request, the holder's smaller ones included, gets 429 with
-  Retry-After = what is left of the hold. So no one is refused because of a hold for longer
-  than G <= `max_retry_after_seconds` + `LARGE_HOLD_GRACE`, and a holder that never comes
-  back (a client gone) holds the door G at most.
+  ends there); other large bodies wait in line; every other request, the holder's smaller
+  ones included, gets 429 with Retry-After = what is left of the hold. So no one is refused
+  because of a hold for longer than G <= `max_retry_after_seconds` + `LARGE_HOLD_GRACE`, and
+  a holder that never comes back (a client gone) holds the door G at most.
 - A large body that had the door for D = T + G (T: its drain time; G: its hold, 0 if it was
   taken alone; a lapsed hold: T = 0) is followed by the others' turn: until it has drained
-  and D more, no large body of anyone is held for, nor taken alone if a tenant other than
-  its own was refused in the last `LARGE_HOLD_GRACE` s; its tenant's next one waits D more
-  again, so another tenant's large body gets the hold first. When no one else is refused, a
-  large body is still taken whenever the intake is empty.
-A large body refused without a hold (another's in force, the others' turn, its tenant's wait)
-is told when it could have one. `/health/detailed` `.backpressure.intake.hold` shows the
-holder and the seconds left, `hold_free_in_seconds` when the next hold may be granted,
-`hold_paused` the tenants whose next large body waits (seconds left). A body that can never
-fit (more records than `max_backlog_records`, more bytes than `max_backlog_bytes`) is refused
-for good (`never`: 413 at the HTTP layer), not told to retry.
+  and D more, no large body of anyone is held for; its tenant's next one waits D more again
+  before it takes a place in line. A large body (the first in line's, or anyone's when no
+  one is in line) is taken alone whenever the intake is empty, except in the others' turn if
+  a request within the bound of another tenant was refused since the last large body had
+  the door: everyone refused because of a hold is told to wait >= 10 s (what is left of
+  it), so "refused in the last 10 s", the rule before, let the holder's next body in while
+  they waited as told. A small sender that waits as told is thus let in again within one
+  hold and the drain of the large body taken at its end down to the bound (plus rounding):
+  G + (body - bound) / rate. When no one else was refused, taking it wastes nothing: it
+  never makes the backlog exceed max(bound, that one body), and its lag is its own.
+A large body refused without a hold is told when its turn comes. `/health/detailed`
+`.backpressure.intake.hold` shows the holder and the seconds left, `hold_free_in_seconds` when
+the next hold may be granted, `hold_paused` the tenants whose next large body waits (seconds
+left), `hold_queue_length` and `hold_queue` (the first 10 in line, in order). A body that can
+never fit (more records than `max_backlog_records`, more bytes than `max_backlog_bytes`) is
+refused for good (`never`: 413 at the HTTP layer), not told to retry.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from ingest.config import IntakeBoundConfig
 
 SAMPLE_SECONDS = 2.0  # busy time a rate sample spans (a batch commit drains ~2000 at once)
 LARGE_HOLD_GRACE = 10.0  # seconds past its Retry-After a waiting large body holds the door
-_REFUSED_KEPT = 4096  # tenants whose last refusal is remembered (the newest)
+_QUEUE_KEPT = 1024  # large senders waiting in line at most (a full line: 429, not queued)
+_QUEUE_SHOWN = 10  # the first of them shown by /health/detailed
 DEFAULT_RECORD_BYTES = 512.0  # bytes per record assumed before any observation
 
 
@@ -81,10 +101,21 @@ class Hold:
     granted_at: float
     until: float  # fixed when granted: never renewed or extended
     limit: int  # the bound when granted: the holder's bodies above it are "the large body"
+    records: int = 0  # the holder's large body when granted (to tell the next in line)
 
     @property
     def length(self) -> float:
         return self.until - self.granted_at
+
+
+@dataclass(slots=True)
+class _InLine:
+    """A large sender waiting in line for the door (see the module docstring)."""
+
+    seq: int  # its place: the order of first refusal
+    records: int  # its last large body
+    seen: float  # its last re-send
+    lapses: float  # dropped from the line then unless re-sent: its Retry-After + grace
 
 
 class IntakeBound:
@@ -109,7 +140,14 @@ class IntakeBound:
         self._hold: Hold | None = None  # a refused large body holds the door
         self._hold_free_at = -math.inf  # no hold is granted to anyone before then
         self._hold_paused: dict[str, float] = {}  # tenant -> no large body of it before then
-        self._refused_at: dict[str, float] = {}  # tenant -> its last refusal (not `never`)
+        self._door_since = -math.inf  # the last large body had the door from then (held/taken)
+        self._line: OrderedDict[str, _InLine] = OrderedDict()  # large senders, first refused first
+        self._line_seen: OrderedDict[str, None] = OrderedDict()  # the same, last re-sent last
+        self._line_seq = 0
+        # the newest refusal of a request within the bound, and the newest of another tenant:
+        # enough to tell whether a tenant other than a given one was refused since a time
+        self._refused_last: tuple[str | None, float] = (None, -math.inf)
+        self._refused_other: tuple[str | None, float] = (None, -math.inf)
         self.refused = 0  # requests refused so far (for health)
 
     # -- what the intake and the consumers report -------------------------------------------
@@ -216,24 +254,25 @@ class IntakeBound:
         n = 0 asks whether anything fits (the HTTP layer asks before reading a body). Until
         the intake's size has been observed once the bound is not enforced: an intake that
         cannot tell its size (the Kafka topic, for now) is not refused on a guess."""
+        large = n > self.limit_records
         refusal = self._check(n, nbytes, tenant)
-        if refusal is not None and not refusal.never:
-            now = self._clock()
-            self._refused_at.pop(tenant, None)  # re-inserted last: the dict stays in time order
-            self._refused_at[tenant] = now
-            self._prune_refused(now)
+        if refusal is not None and not refusal.never and not large:
+            self._note_refused(tenant, self._clock())
         return refusal
 
-    def _prune_refused(self, now: float) -> None:
-        """Drop refusals older than LARGE_HOLD_GRACE, oldest first, and keep at most
-        _REFUSED_KEPT: the check runs before a request is authenticated, so any client can
-        name tenants; pruning from the front costs O(1) a refusal however many it names."""
-        since, refused = now - LARGE_HOLD_GRACE, self._refused_at
-        while refused:
-            oldest = next(iter(refused))
-            if refused[oldest] > since and len(refused) <= _REFUSED_KEPT:
-                break
-            del refused[oldest]
+    def _note_refused(self, tenant: str, now: float) -> None:
+        """A request of `tenant` within the bound was refused now. Two slots, O(1) whatever
+        the number of tenants (the check runs before a request is authenticated, so any client
+        can name tenants): the newest refusal, and the newest of a tenant other than its."""
+        if self._refused_last[0] != tenant:
+            self._refused_other = self._refused_last
+        self._refused_last = (tenant, now)
+
+    def _others_refused(self, tenant: str, since: float) -> bool:
+        """Was a request within the bound of a tenant other than `tenant` refused at or after
+        `since`? (Large bodies refused wait in line: the line, not this, orders them.)"""
+        last, other = self._refused_last, self._refused_other
+        return (last if last[0] != tenant else other)[1] >= since
 
     def _check(self, n: int, nbytes: int, tenant: str) -> Refusal | None:
         cfg = self.cfg
@@ -256,23 +295,16 @@ class IntakeBound:
         now = self._clock()
         hold = self._current_hold(now)
         if hold is not None and n > 0:
-            if tenant != hold.tenant or n <= hold.limit:
-                return self._held(hold, now)
-            if not over_bytes and (records == 0 or not over_records):
-                self._end_hold(now, self._drain_seconds(n))  # its large body is taken
-                return None
-            return self._wait_alone(records)
+            if tenant == hold.tenant and n > hold.limit:
+                if not over_bytes and (records == 0 or not over_records):
+                    self._end_hold(now, self._drain_seconds(n))  # its large body is taken
+                    return None
+                return self._wait_alone(records)
+            if n > limit and tenant != hold.tenant:  # another large body: behind the holder
+                return self._wait_turn(tenant, n, records, limit, now)
+            return self._held(hold, now)
         if n > limit:
-            if records == 0 and not over_bytes:
-                # One body larger than the whole budget would be refused forever, its retries
-                # included: it is taken once the intake is empty (one body of lag over budget).
-                # Not right after another while others are refused (wait: the module docstring).
-                wait = self._turn_wait(tenant, now)
-                if wait > 0 and self._others_refused(tenant, now):
-                    return self._refuse_paused(limit, wait)
-                self._large_taken(tenant, now, self._drain_seconds(n), 0.0)
-                return None
-            return self._refuse_large(tenant, records, limit, now)
+            return self._large(tenant, n, records, limit, bool(over_bytes), now)
         if n > 0 and not over_records and not over_bytes:
             return None
         excess = max(float(over_records), over_bytes / self._record_bytes, 1.0)
@@ -339,41 +371,49 @@ class IntakeBound:
         self._hold_paused[tenant] = at + drain + 2 * had
         self._hold_paused = {t: u for t, u in self._hold_paused.items() if u > at}
 
-    def _others_refused(self, tenant: str, now: float) -> bool:
-        """Was a tenant other than `tenant` refused in the last LARGE_HOLD_GRACE seconds?"""
-        self._prune_refused(now)
-        return any(t != tenant for t in self._refused_at)
-
-    def _refuse_paused(self, limit: int, wait: float) -> Refusal:
-        retry_after = self._seconds(wait)
-        return Refusal(
-            f"this request is larger than the {limit:,} records the pipeline delivers "
-            f"within the {self.cfg.lag_budget_seconds:g} s lag budget, and so was one taken "
-            "just before: requests of others that are waiting go first; retry in "
-            f"{retry_after:.0f} s",
-            retry_after,
-        )
-
     def _turn_wait(self, tenant: str, now: float) -> float:
         """Seconds until a large body of `tenant` may have the door (the others' turn after the
         last one, its tenant's own pause); <= 0 when it may now."""
         return max(self._hold_free_at, self._hold_paused.get(tenant, -math.inf)) - now
 
-    def _refuse_large(self, tenant: str, records: int, limit: int, now: float) -> Refusal:
-        """Refuse a body larger than the bound while the intake is not empty, and hold the door
-        for it if no hold is in force, the door is not open after one, and its tenant may."""
+    def _large(
+        self, tenant: str, n: int, records: int, limit: int, over_bytes: bool, now: float
+    ) -> Refusal | None:
+        """A body larger than the bound while no hold is in force: taken alone into an empty
+        intake, or the door held for it, if it is first in line (or the line is empty) and
+        the others have had their turn; else it waits in line (rules: the module docstring)."""
+        self._prune_line(now)
+        head = next(iter(self._line), None)
+        first = head is None or head == tenant
         wait = self._turn_wait(tenant, now)
-        if wait > 0:
-            retry_after = self._seconds(wait)
-            return Refusal(
-                f"this request is larger than the {limit:,} records the pipeline delivers "
-                f"within the {self.cfg.lag_budget_seconds:g} s lag budget: it is taken alone, "
-                "once the intake is empty, and the door cannot be held for it before the "
-                f"traffic of others has had its turn; retry in {retry_after:.0f} s",
-                retry_after,
-            )
+        if first and records == 0 and not over_bytes:
+            # One body larger than the whole budget would be refused forever, its retries
+            # included: it is taken once the intake is empty (one body of lag over budget);
+            # in the others' turn only if no one else was refused since the last large body
+            # had the door (a sender told to wait out a hold is still waiting).
+            since = min(self._door_since, now - LARGE_HOLD_GRACE)
+            if wait <= 0 or not self._others_refused(tenant, since):
+                self._leave_line(tenant)
+                self._door_since = now
+                self._large_taken(tenant, now, self._drain_seconds(n), 0.0)
+                return None
+        elif first and wait <= 0:
+            self._leave_line(tenant)
+            return self._grant_hold(tenant, n, records, limit, now)
+        return self._wait_turn(tenant, n, records, limit, now)
+
+    def _wait_turn(self, tenant: str, n: int, records: int, limit: int, now: float) -> Refusal:
+        """A large body that may not have the door now: in line, or told to wait out its
+        tenant's pause after its last large body (it takes a place in line after that)."""
+        paused = self._hold_paused.get(tenant, -math.inf) - now
+        if paused > 0:
+            return self._refuse_paused(limit, records, self._turn_wait(tenant, now))
+        return self._in_line(tenant, n, records, limit, now)
+
+    def _grant_hold(self, tenant: str, n: int, records: int, limit: int, now: float) -> Refusal:
         retry_after = self._drain_seconds(records)
-        self._hold = Hold(tenant, now, now + retry_after + LARGE_HOLD_GRACE, limit)
+        self._hold = Hold(tenant, now, now + retry_after + LARGE_HOLD_GRACE, limit, n)
+        self._door_since = now
         return Refusal(
             f"this request is larger than the {limit:,} records the pipeline "
             f"delivers within the {self.cfg.lag_budget_seconds:g} s lag budget: it is taken "
@@ -382,6 +422,107 @@ class IntakeBound:
             f"{retry_after:.0f} s",
             retry_after,
         )
+
+    def _refuse_paused(self, limit: int, records: int, wait: float) -> Refusal:
+        retry_after = self._seconds(wait)
+        what = (
+            f"this request is larger than the {limit:,} records the pipeline delivers "
+            f"within the {self.cfg.lag_budget_seconds:g} s lag budget"
+        )
+        if records == 0:
+            return Refusal(
+                f"{what}, and so was one taken just before: requests of others that are "
+                f"waiting go first; retry in {retry_after:.0f} s",
+                retry_after,
+            )
+        return Refusal(
+            f"{what}: it is taken alone, once the intake is empty, and the door cannot be "
+            "held for it before the traffic of others has had its turn; retry in "
+            f"{retry_after:.0f} s",
+            retry_after,
+        )
+
+    # -- the line of large senders: first refused, first served ---------------------------------
+
+    def _in_line(self, tenant: str, n: int, records: int, limit: int, now: float) -> Refusal:
+        """Refuse a large body that is not first in line (or whose turn has not come), keeping
+        or giving its tenant a place; Retry-After: about when its turn comes."""
+        self._prune_line(now)
+        line = self._line
+        what = (
+            f"this request is larger than the {limit:,} records the pipeline delivers "
+            f"within the {self.cfg.lag_budget_seconds:g} s lag budget"
+        )
+        entry = line.get(tenant)
+        if entry is None:
+            if len(line) >= _QUEUE_KEPT:
+                retry_after = float(self.cfg.max_retry_after_seconds)
+                return Refusal(
+                    f"{what}, and {len(line):,} such requests are waiting in line for their "
+                    f"turn, the most the door keeps: retry in {retry_after:.0f} s",
+                    retry_after,
+                )
+            self._line_seq += 1
+            entry = line[tenant] = _InLine(self._line_seq, n, now, now)
+        self._line_seen[tenant] = None
+        self._line_seen.move_to_end(tenant)
+        entry.records, entry.seen = n, now
+        ahead = entry.seq - next(iter(line.values())).seq  # at most: some may have lapsed
+        wait = self._head_wait(now) + ahead * self._turn_length(n, limit)
+        retry_after = self._seconds(wait)
+        entry.lapses = now + retry_after + LARGE_HOLD_GRACE
+        others = "others that are waiting go first; " if records == 0 else ""
+        return Refusal(
+            f"{what}: it is taken alone, in turn with other such requests in the order they "
+            f"were first refused (it is number {ahead + 1} in line; it keeps its place if it "
+            f"is sent again within {LARGE_HOLD_GRACE:.0f} s of its Retry-After); {others}"
+            f"retry in {retry_after:.0f} s",
+            retry_after,
+        )
+
+    def _prune_line(self, now: float) -> None:
+        """Drop the senders who stopped re-sending: the first in line once past its lapse, and
+        anyone silent longer than any lapse (oldest first). O(1) a request, amortized."""
+        line, seen = self._line, self._line_seen
+        stale = now - self.cfg.max_retry_after_seconds - LARGE_HOLD_GRACE
+        while seen:
+            tenant = next(iter(seen))
+            if line[tenant].seen > stale:
+                break
+            del seen[tenant], line[tenant]
+        while line:
+            tenant, entry = next(iter(line.items()))
+            if entry.lapses > now:
+                break
+            del line[tenant], seen[tenant]
+
+    def _leave_line(self, tenant: str) -> None:
+        if self._line.pop(tenant, None) is not None:
+            del self._line_seen[tenant]
+
+    def _head_wait(self, now: float) -> float:
+        """Seconds until the first in line may have the door: the hold in force, its body's
+        drain and the others' turn after it (estimated), or the others' turn now."""
+        hold = self._hold
+        if hold is None:
+            return max(0.0, self._hold_free_at - now)
+        taken = min(hold.until, now + self._eta(self.backlog_records))
+        drain = self._eta(hold.records) if taken < hold.until else 0.0
+        return max(self._hold_free_at, taken + 2 * drain + hold.length) - now
+
+    def _turn_length(self, n: int, limit: int) -> float:
+        """About how long one large body of n records ahead in line has the door: its hold while
+        the backlog ahead (about the bound) drains, its own drain, the others' turn after."""
+        ahead = min(float(self.cfg.max_retry_after_seconds), self._eta(limit))
+        return 2 * (ahead + self._eta(n)) + LARGE_HOLD_GRACE
+
+    def _eta(self, records: int) -> float:
+        """Seconds the pipeline takes to drain `records` at the measured rate (0: unknown)."""
+        if self._rate is None:
+            return 0.0
+        if self._rate <= 0:
+            return float(self.cfg.max_retry_after_seconds)
+        return records / self._rate
 
     def _wait_alone(self, records: int) -> Refusal:
         """The holder's large body, back before the backlog ahead of it drained."""
@@ -441,6 +582,7 @@ class IntakeBound:
         seconds = self.backlog_seconds()
         now = self._clock()
         hold = self._current_hold(now)
+        self._prune_line(now)
         return {
             "records": self.backlog_records,
             "bytes": self.backlog_bytes,
@@ -462,4 +604,6 @@ class IntakeBound:
             "hold_paused": {
                 t: round(u - now, 1) for t, u in sorted(self._hold_paused.items()) if u > now
             },
+            "hold_queue_length": len(self._line),
+            "hold_queue": list(islice(self._line, _QUEUE_SHOWN)),
         }

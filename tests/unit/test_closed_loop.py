@@ -687,18 +687,229 @@ def test_an_append_that_finishes_while_the_size_is_read_is_never_missed(
 
 def test_refusals_naming_many_tenants_keep_little_and_the_newest() -> None:
     """The door refuses before authentication, so a client can name any number of tenants:
-    what is remembered stays bounded, and a real tenant's refusal still counts for others."""
-    from ingest.pipeline.closed_loop import _REFUSED_KEPT
-
+    what is remembered of refusals is two slots (the newest, the newest of another tenant),
+    and a real tenant's refusal still counts for others."""
     clock = Clock()
     b = bound(clock, floor=10)
     b.observe(10, 1_000)  # full: every request is refused
-    for i in range(3 * _REFUSED_KEPT):
+    for i in range(10_000):
         clock.now += 0.001
         assert b.check(1, 1, f"t{i}") is not None
-    assert len(b._refused_at) <= _REFUSED_KEPT
-    assert f"t{3 * _REFUSED_KEPT - 1}" in b._refused_at  # the newest are kept
-    clock.now += LARGE_HOLD_GRACE + 1  # all of them past the grace: forgotten
+    assert b._refused_last[0] == "t9999" and b._refused_other[0] == "t9998"
+    since = clock.now
+    clock.now += LARGE_HOLD_GRACE + 1
     assert b.check(1, 1, "acme") is not None
-    assert list(b._refused_at) == ["acme"]
+    assert b.check(1, 1, "acme") is not None  # the same tenant again: the other slot stays
     assert b._others_refused("other", clock.now) and not b._others_refused("acme", clock.now)
+    assert b._others_refused("acme", since)  # t9999, refused at `since`
+    assert not b._others_refused("acme", since + 0.001)
+
+
+# -- large senders wait in line (first refused, first served); the others' turn is kept ------
+
+
+def _measured(clock: Clock, rate: float = 1_000.0, cap: float = GRACE_CAP) -> IntakeBound:
+    b = bound(clock, floor=100, cap=cap, budget=5.0)
+    b.observe(0, 0)
+    b._rate = rate  # as measured: the bound is rate x budget = 5,000 records
+    return b
+
+
+def test_a_sender_waiting_out_a_long_retry_after_keeps_its_turn() -> None:
+    """Review: the holder's next large body was taken as soon as the intake emptied if no one
+    else had been refused in the last 10 s. But everyone refused because of a hold is told to
+    wait what is left of it (>= 10 s): a small sender that waited as told came back to find
+    the intake full again (the others' turn skipped). Refusals since the hold was granted count
+    now: the holder's next large body waits for the others' turn."""
+    clock = Clock()
+    b = _measured(clock, cap=30.0)
+    b.observe(3_000, 300_000)
+    big = b.check(8_000, 80_000, "big")
+    assert big is not None and big.retry_after == 3.0 and b.hold is not None  # G = 3 + 10
+    clock.now = 0.1
+    small = b.check(1, 10, "small")
+    assert small is not None and small.retry_after == 13.0  # what is left of the hold
+    clock.now = 3.0
+    b.observe(0, 0)
+    assert admit(b, 8_000, 80_000, "big")  # taken alone: the hold ends
+    clock.now = 11.0  # drained: the intake is empty, "small" was refused 10.9 s ago
+    b.observe(0, 0)
+    again = b.check(8_000, 80_000, "big")
+    assert again is not None and "others that are waiting go first" in again.reason
+    clock.now = 13.1  # "small" comes back as told: the intake is empty, it is let in
+    assert admit(b, 1, 10, "small")
+
+
+def test_a_large_body_is_taken_alone_when_nobody_else_waits() -> None:
+    """The door stays work-conserving: a tenant alone with large bodies has the next one taken
+    as soon as the intake is empty (its records wait longer than the budget, nobody else's)."""
+    clock = Clock()
+    b = _measured(clock)
+    assert admit(b, 8_000, 80_000, "big")
+    clock.now = 8.5
+    b.observe(0, 0)
+    assert admit(b, 8_000, 80_000, "big")  # within its pause, but nobody else was refused
+    assert b.backlog_records == 8_000  # max(bound, the body): never more
+
+
+def test_large_senders_are_served_in_the_order_they_were_first_refused() -> None:
+    """Review: two tenants re-sending large bodies every half second won the next hold ahead
+    of a patient third that retried as told. Now the one refused first is served first, and
+    its Retry-After says about when its turn comes."""
+    clock = Clock()
+    b = _measured(clock)
+    b.observe(3_000, 300_000)
+    assert b.check(8_000, 80_000, "first") is not None and b.hold is not None
+    clock.now = 0.5
+    patient = b.check(8_000, 80_000, "patient")
+    assert patient is not None and b.hold is not None and b.hold.tenant == "first"
+    next_patient = clock.now + patient.retry_after
+    order: list[str] = []
+    pipe = Pipeline(1_000.0)
+    pipe.add(3_000, 0.0)
+    while clock.now < 400 and len(order) < 4:
+        clock.now = round(clock.now + 0.5, 1)
+        b.drained(pipe.run(0.5, clock.now))
+        b.observe(pipe.size, pipe.size * 10)
+        senders = ["first", "hammer1", "hammer2"]
+        if clock.now >= next_patient:
+            senders.append("patient")  # after the others at the same instant
+        for tenant in senders:
+            if tenant in order:
+                continue
+            refusal = b.check(8_000, 80_000, tenant)
+            if refusal is None:
+                b.reserve(8_000, 80_000)
+                b.settle(8_000, 80_000, appended=True)
+                add(pipe, 8_000, clock.now)
+                order.append(tenant)
+            elif tenant == "patient":
+                assert 1 <= refusal.retry_after <= GRACE_CAP
+                next_patient = clock.now + refusal.retry_after
+    assert order == ["first", "patient", "hammer1", "hammer2"], order
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    capacity=st.floats(1_000, 20_000),
+    budget=st.sampled_from([2.0, 5.0]),
+    large=st.lists(  # large senders: (starts at, body / bound, re-sends every 0.5 s?)
+        st.tuples(st.floats(20, 60), st.floats(1.5, 3), st.booleans()), min_size=1, max_size=4
+    ),
+    load=st.floats(0.2, 0.8),  # what the small senders offer, x what the pipeline drains
+)
+@example(  # two hammering tenants and a patient one refused before them
+    capacity=1_000.0, budget=5.0, large=[(20, 2, True), (21, 2, False), (22, 2, True),
+                                         (23, 2, True)], load=0.5,
+)  # fmt: skip
+def test_large_senders_in_line_and_small_senders_refused_for_a_bounded_time(
+    capacity: float, budget: float, large: list[tuple[float, float, bool]], load: float
+) -> None:
+    """N large senders (each one body over the bound, re-sent every 0.5 s or as told) and two
+    small senders that retry as told. Each large body is taken, in the order of its first
+    send, within its turns; each small sender, refused, is let in again within one hold, the
+    drain of the largest body down to the bound, and the slack of whole batches and rounding:
+    no hold, nor a large body taken in the others' turn, comes before a refused small sender
+    that waits as told has had its turn (it was 10 s after its refusal)."""
+    clock = Clock()
+    b = bound(clock, budget=budget, floor=100, max_records=2_000_000, cap=GRACE_CAP)
+    b.observe(0, 0)
+    b._rate = capacity  # as measured (the pipeline below drains at that rate)
+    limit = b.limit_records
+    pipe = Pipeline(capacity, batch=500)
+    sizes = [int(f * limit) for _, f, _ in large]
+    next_try = [t for t, _, _ in large]
+    served: dict[int, float] = {}
+    small_next = [0.0, 0.1]
+    refused_since: list[float | None] = [None, None]
+    longest = [0.0, 0.0]
+    interval = 2 * 200 / (load * capacity)
+    dt = 0.5
+    for step in range(int(600 / dt)):
+        clock.now = step * dt
+        for i, (_, _, hammer) in enumerate(large):
+            if i in served or clock.now < next_try[i]:
+                continue
+            sizes[i] = max(sizes[i], b.limit_records + 1)  # over the bound as it is now
+            refusal = b.check(sizes[i], sizes[i] * 10, f"large{i}")
+            if refusal is None:
+                b.reserve(sizes[i], sizes[i] * 10)
+                b.settle(sizes[i], sizes[i] * 10, appended=True)
+                add(pipe, sizes[i], clock.now)
+                served[i] = clock.now
+            else:
+                assert not refusal.never and 1 <= refusal.retry_after <= GRACE_CAP
+                next_try[i] = clock.now + (dt if hammer else refusal.retry_after)
+        for k in range(2):
+            if clock.now < small_next[k]:
+                continue
+            refusal = b.check(200, 2_000, f"small{k}")
+            if refusal is None:
+                b.reserve(200, 2_000)
+                b.settle(200, 2_000, appended=True)
+                pipe.add(200, clock.now)
+                if refused_since[k] is not None:
+                    longest[k] = max(longest[k], clock.now - refused_since[k])
+                refused_since[k] = None
+                small_next[k] = clock.now + interval
+            else:
+                refused_since[k] = refused_since[k] if refused_since[k] is not None else clock.now
+                small_next[k] = clock.now + refusal.retry_after
+        b.drained(pipe.run(dt, clock.now))
+        pipe.credit = min(pipe.credit, pipe.batch)  # idle capacity is not banked
+        b.observe(pipe.size, pipe.size * 10)
+        if len(served) == len(large) and clock.now > max(served.values()) + 60:
+            break
+    arrival = sorted(range(len(large)), key=lambda i: (large[i][0], i))
+    assert sorted(served, key=lambda i: served[i]) == arrival, (served, large)
+    # one hold, the drain of the largest body down to the bound, two rounded Retry-Afters,
+    # a batch and a step
+    small_bound = HOLD_MAX + (max(sizes) - limit + 200) / capacity + 2 + 500 / capacity + 2 * dt
+    assert max(longest) <= small_bound, (longest, small_bound, b.snapshot())
+    assert all(s is None for s in refused_since)
+    # each large body in its turn: the ones before it, one hold + drain + the others' turn each
+    turn = 2 * (GRACE_CAP + max(sizes) / capacity) + LARGE_HOLD_GRACE + GRACE_CAP + 2
+    for place, i in enumerate(arrival):
+        assert served[i] - large[i][0] <= (place + 1) * turn, (place, served, large)
+
+
+def test_a_sender_that_gave_up_leaves_the_line() -> None:
+    """A place in line lapses when its tenant is not back within 10 s of its Retry-After: a
+    client gone cannot keep the ones behind it waiting."""
+    clock = Clock()
+    b = _measured(clock)
+    b.observe(3_000, 300_000)
+    assert b.check(8_000, 80_000, "holder") is not None and b.hold is not None
+    gone = b.check(8_000, 80_000, "gone")
+    behind = b.check(8_000, 80_000, "behind")
+    assert gone is not None and behind is not None
+    assert "number 1 in line" in gone.reason and "number 2 in line" in behind.reason
+    assert b.snapshot()["hold_queue"] == ["gone", "behind"]
+    clock.now = gone.retry_after + LARGE_HOLD_GRACE - 0.5
+    again = b.check(8_000, 80_000, "behind")  # "behind" re-sends as told; "gone" does not
+    assert again is not None and b.snapshot()["hold_queue_length"] == 2
+    clock.now = gone.retry_after + LARGE_HOLD_GRACE
+    snap = b.snapshot()
+    assert snap["hold_queue"] == ["behind"] and snap["hold_queue_length"] == 1
+
+
+def test_the_line_is_bounded_and_costs_little_a_request() -> None:
+    """The door checks before authentication, so any client can name tenants: the line keeps
+    at most _QUEUE_KEPT of them (a newcomer to a full line is refused, told to come back, and
+    not kept), and those that stop re-sending are dropped oldest first."""
+    from ingest.pipeline.closed_loop import _QUEUE_KEPT
+
+    clock = Clock()
+    b = _measured(clock)
+    b.observe(3_000, 300_000)
+    for i in range(3 * _QUEUE_KEPT):
+        clock.now += 0.001
+        refusal = b.check(8_000, 80_000, f"t{i}")
+        assert refusal is not None
+    assert len(b._line) == len(b._line_seen) == _QUEUE_KEPT
+    assert refusal.retry_after == GRACE_CAP and "the most the door keeps" in refusal.reason
+    assert "t0" not in b._line  # t0 has the hold; t1 .. t1024 wait in line
+    assert next(iter(b._line)) == "t1" and f"t{_QUEUE_KEPT}" in b._line
+    clock.now += GRACE_CAP + LARGE_HOLD_GRACE  # none came back: all dropped
+    assert b.check(8_000, 80_000, "late") is not None
+    assert list(b._line) == ["late"] and list(b._line_seen) == ["late"]
