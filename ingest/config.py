@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import typing
+from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -517,10 +518,45 @@ class Config(_Model):
         return self.tenants.get(tenant, self.admission.default_limits)
 
     def sinks_for(self, tenant: str, entity_type: str) -> list[str]:
+        """The sinks of the first route matching the pair (none matching: every sink).
+
+        Remembered per (tenant, entity_type) pair, at most _ROUTES_KEPT of them: the config
+        is frozen (a copy starts without the memo: `__copy__`). The list returned is shared:
+        do not change it.
+        """
+        memo = self.route_memo
+        found = memo.get((tenant, entity_type))
+        if found is None:
+            found = self._match(tenant, entity_type)
+            if len(memo) >= _ROUTES_KEPT:
+                memo.clear()
+            memo[(tenant, entity_type)] = found
+        return found
+
+    def _match(self, tenant: str, entity_type: str) -> list[str]:
         for route in self.routes:
             if route.tenant in ("*", tenant) and route.entity_type in ("*", entity_type):
                 return route.sinks
         return [s.name for s in self.sinks]
+
+    @cached_property
+    def route_memo(self) -> dict[tuple[str, str], list[str]]:
+        """`sinks_for`'s answers so far (not a field: in no dump, no comparison)."""
+        return {}
+
+    def __copy__(self) -> Self:
+        """`model_copy(update=...)` may change the routes or sinks: the copy's memo is new."""
+        copied = super().__copy__()
+        copied.__dict__.pop("route_memo", None)
+        return copied
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Self:
+        copied = super().__deepcopy__(memo)
+        copied.__dict__.pop("route_memo", None)
+        return copied
+
+
+_ROUTES_KEPT = 4096  # (tenant, entity_type) pairs whose sinks `Config.sinks_for` remembers
 
 
 _ENV_OVERRIDES = {
