@@ -6,7 +6,9 @@ valid, so the decoder first tries this: msgspec decodes the bytes straight into 
 field types and constraints are generated here *from the schema file* (types, `const`, `enum`,
 `pattern`, `minLength`/`maxLength`, `minimum`/`maximum`, `required`, `additionalProperties:
 false`), in one pass in C. Known attributes get the same rules, checked in Python on the few
-that are present. Formats (`date-time`, `email`) are checked by jsonschema_rs on the one value.
+that are present by one function generated from the rules (`_attributes_check`: a lookup and
+an inline test per known attribute). Formats (`date-time`, `email`) are checked by
+jsonschema_rs on the one value.
 
 The contract is one-sided: the fast path may refuse a valid record (it then takes the slow
 path, which accepts it), but it never accepts one the full classifier refuses. So it is built
@@ -19,7 +21,6 @@ generated records.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from operator import attrgetter
@@ -60,10 +61,11 @@ def strict_pattern(pattern: str) -> str:
     return "(?a)" + body
 
 
-def _cached(search: Callable[[str], Any]) -> Callable[[str], bool]:
+def _remembering(search: Callable[[str], Any]) -> tuple[set[str], Callable[[str], bool]]:
     """`search(v) is not None`, remembered for the values seen (a Python regex call costs more
     than decoding a whole record; the values under a pattern — tenants, entity types,
-    currencies — repeat). Bounded: forgets everything past _REMEMBERED values."""
+    currencies — repeat). Bounded: forgets everything past _REMEMBERED values. Also returns
+    the set of values found good, for callers that test it inline before calling."""
     good: set[str] = set()
 
     def matches(v: str) -> bool:
@@ -76,7 +78,11 @@ def _cached(search: Callable[[str], Any]) -> Callable[[str], bool]:
         good.add(v)
         return True
 
-    return matches
+    return good, matches
+
+
+def _cached(search: Callable[[str], Any]) -> Callable[[str], bool]:
+    return _remembering(search)[1]
 
 
 def _format_check(fmt: str) -> Check:
@@ -178,44 +184,65 @@ def _struct(
     return msgspec.defstruct(name, fields, forbid_unknown_fields=True, gc=False)
 
 
-def _attribute_check(spec: dict[str, Any]) -> Check:
-    """The rules of one known attribute as one flat predicate over its (parsed) value (no
-    generator or loop inside: it runs for every known attribute of every record)."""
+def _attribute_rule(spec: dict[str, Any], at: int, names: dict[str, Any]) -> str:
+    """The rules of one known attribute as a Python expression over its (parsed) value `v`;
+    the values the expression needs go into `names`, suffixed with `at`."""
     keys = set(spec) - _INERT
     kind = spec.get("type")
     if kind == "string" and keys <= {"type", "pattern", "minLength", "maxLength", "format"}:
-        search = (
-            _cached(re.compile(strict_pattern(spec["pattern"])).search)
-            if "pattern" in spec
-            else None
-        )
-        least = spec.get("minLength", 0)
-        most = spec.get("maxLength", math.inf)
-        fmt = _format_check(spec["format"]) if "format" in spec else None
-
-        def string(v: Any) -> bool:
-            return (
-                type(v) is str
-                and least <= len(v) <= most
-                and (search is None or search(v))
-                and (fmt is None or fmt(v))
-            )
-
-        return string
+        rule = ["type(v) is str"]
+        if "minLength" in spec:
+            names[f"least{at}"] = spec["minLength"]
+            rule.append(f"least{at} <= len(v)")
+        if "maxLength" in spec:
+            names[f"most{at}"] = spec["maxLength"]
+            rule.append(f"len(v) <= most{at}")
+        if "pattern" in spec:
+            good, matches = _remembering(re.compile(strict_pattern(spec["pattern"])).search)
+            names[f"good{at}"], names[f"matches{at}"] = good, matches
+            rule.append(f"(v in good{at} or matches{at}(v))")
+        if "format" in spec:
+            names[f"format{at}"] = _format_check(spec["format"])
+            rule.append(f"format{at}(v)")
+        return " and ".join(rule)
     if kind in ("number", "integer") and keys <= {"type", "minimum", "maximum"}:
-        types = (
-            (int,) if kind == "integer" else (int, float)
-        )  # bool is no number: type(), not isinstance
-        low = spec.get("minimum", -math.inf)
-        high = spec.get("maximum", math.inf)
-
-        def number(v: Any) -> bool:
-            return type(v) in types and low <= v <= high
-
-        return number
+        # bool is no number: type(), not isinstance
+        rule = ["type(v) is int" if kind == "integer" else "(type(v) is int or type(v) is float)"]
+        if "minimum" in spec:
+            names[f"low{at}"] = spec["minimum"]
+            rule.append(f"low{at} <= v")
+        if "maximum" in spec:
+            names[f"high{at}"] = spec["maximum"]
+            rule.append(f"v <= high{at}")
+        return " and ".join(rule)
     if kind == "boolean" and keys <= {"type"}:
-        return lambda v: type(v) is bool
+        return "type(v) is bool"
     raise Unsupported(f"attribute {spec!r}")
+
+
+def _attributes_check(properties: dict[str, Any]) -> Callable[[dict[str, Any]], bool]:
+    """One flat function testing the known attributes present in a dict against their rules
+    (any other attribute is free): for each known name, a lookup and its rule written out
+    inline, no loop and no call per attribute (it runs for every record). Generated from the
+    schema's `attributes.properties`; names and values reach it through its globals only,
+    never as source text."""
+    names: dict[str, Any] = {"_MISSING": _MISSING}
+    source = ["def attributes_ok(a):"]
+    for at, (name, spec) in enumerate(properties.items()):
+        rule = _attribute_rule(spec, at, names)
+        names[f"name{at}"] = name
+        source += [
+            f"    v = a.get(name{at}, _MISSING)",
+            f"    if v is not _MISSING and not ({rule}):",
+            "        return False",
+        ]
+    source.append("    return True")
+    exec("\n".join(source), names)  # the source: fixed fragments and generated names only
+    check: Callable[[dict[str, Any]], bool] = names["attributes_ok"]
+    return check
+
+
+_MISSING = object()
 
 
 class FastSchema:
@@ -226,7 +253,8 @@ class FastSchema:
         self.enabled = False
         self.reason = ""
         self.known_attributes: frozenset[str] = frozenset()
-        self.attribute_checks: dict[str, Check] = {}
+        # The known attributes present in a dict follow their rules (any other is free).
+        self.attributes_ok: Callable[[dict[str, Any]], bool] = lambda attributes: False
         self.patterned: tuple[tuple[str, Callable[[str], bool]], ...] = ()
         # The patterned fields' values of a record as one hashable (one C call), and the
         # combinations already found good: one set lookup per record (see `strings_ok`).
@@ -243,11 +271,9 @@ class FastSchema:
             attributes = props["attributes"]
             if set(attributes) - _INERT - {"type", "additionalProperties", "properties"}:
                 raise Unsupported("attributes keywords")
-            self.attribute_checks = {
-                name: _attribute_check(spec)
-                for name, spec in attributes.get("properties", {}).items()
-            }
-            self.known_attributes = frozenset(self.attribute_checks)
+            known = attributes.get("properties", {})
+            self.attributes_ok = _attributes_check(known)
+            self.known_attributes = frozenset(known)
             patterns: dict[str, str] = {}
             self.envelope = _struct("Envelope", schema, nested, patterns)
             self.patterned = tuple(
@@ -273,13 +299,4 @@ class FastSchema:
         if len(self.good_strings) >= _REMEMBERED:
             self.good_strings.clear()
         self.good_strings.add(key)
-        return True
-
-    def attributes_ok(self, attributes: dict[str, Any]) -> bool:
-        """The known attributes present follow their rules (any other attribute is free)."""
-        get = self.attribute_checks.get
-        for name, value in attributes.items():
-            check = get(name)
-            if check is not None and not check(value):
-                return False
         return True
