@@ -323,3 +323,47 @@ def test_many_tiny_gzip_members_read_in_linear_time(tmp_path: Path) -> None:
     t0 = time.process_time()
     assert sum(len(batch) for batch in read_file_lines(path, chunk_size=4 << 20)) == 135_000
     assert time.process_time() - t0 < 5  # ~0.45 s; quadratic: ~14 s
+
+
+def _jsonl_reference(blob: bytes, start: int) -> list[tuple[int, bytes]]:
+    """JSON lines as the reader's rules say, one line at a time: (end offset, bytes) of each
+    line ending after `start`; a BOM before the first, a final CR, blank lines dropped."""
+    out: list[tuple[int, bytes]] = []
+    pos = 0
+    parts = blob.split(b"\n")
+    last = parts.pop()
+    for i, part in enumerate([*parts, last]):
+        pos += len(part) + (1 if i < len(parts) else 0)
+        if i == 0 and part.startswith(b"\xef\xbb\xbf"):
+            part = part[3:]
+        if pos <= start or (i == len(parts) and not part):
+            continue
+        if part.endswith(b"\r"):
+            part = part[:-1]
+        if part and not part.isspace():
+            out.append((pos, part))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(
+        st.sampled_from(
+            [b'{"a":1}', b"", b" ", b"\t \x0b\x0c", b"\r", b'{"b":2}\r', b"\xef\xbb\xbf{}",
+             b"x\ry", b"  {}  ", b"\xc3\xa9", b"\r\r", b"{}\r "]
+        ),
+        max_size=12,
+    ),
+    newline_at_end=st.booleans(),
+    cuts=st.lists(st.integers(0, 10**6), max_size=8),
+    start=st.integers(0, 120),
+)
+def test_jsonl_lines_by_any_chunking_are_the_lines_one_at_a_time(
+    pieces: list[bytes], newline_at_end: bool, cuts: list[int], start: int
+) -> None:
+    """Whole chunks of JSON lines take a comprehension (`LineReader._split`), the rest a call
+    per line: both give what the rules give line by line, offsets included."""
+    blob = b"\n".join(pieces) + (b"\n" if newline_at_end else b"")
+    lines = _read("jsonl", False, _split(blob, cuts), start)
+    assert all(line.error is None and line.decoded is None for line in lines)
+    assert [(line.offset, line.data) for line in lines] == _jsonl_reference(blob, start)
