@@ -69,9 +69,27 @@ _IDEM_DAY_DDL = (
 # 2,000-key claims (CPU per key): 200k keys 7.5-10.4 -> 5.1-6.2 µs, 1M keys 16.5 -> 8.3 µs.
 # The merge goes by key range, one of MERGE_SLICES per claim (a claim waits for an eighth of
 # a merge, not all of it; each page of the day's table is still written once per merge).
+# Once the day's table outgrew RECENT_KEYS pages (~3M keys: ~60 keys a page) that merge
+# dirtied about a page per key again (state thread 10 -> 23 µs/key from 250k to 2M keys), so
+# a middle level (migration 14) sits between: the recent claims merge into `idem_mid`, which
+# merges into the days' tables once MID_KEYS were moved into it, in MID_SLICES key ranges, one
+# per claim. Pages written per key: ~(MID_KEYS / 2 / 60) / RECENT_KEYS into the middle level
+# plus (the day's keys / 60) / MID_KEYS into the day's (bench/bench_idem_sqlite.py).
 IDEM_RECENT = "idem_recent"
+IDEM_MID = "idem_mid"
 RECENT_KEYS = 50_000
 MERGE_SLICES = 8
+MID_KEYS = 500_000
+MID_SLICES = 64
+
+
+def key_range(part: int, slices: int) -> tuple[str, tuple[bytes, ...]]:
+    """The SQL condition (and its parameters) for key range `part` of `slices` equal ranges
+    of the key space (by the keys' first two bytes; the last range is open above)."""
+    lo = (part * 65536 // slices).to_bytes(2, "big")
+    if part + 1 < slices:
+        return " AND key >= ? AND key < ?", (lo, ((part + 1) * 65536 // slices).to_bytes(2, "big"))
+    return " AND key >= ?", (lo,)
 
 
 def idem_table(day: int) -> str:
@@ -226,6 +244,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(12, "idempotency_by_day", (_idem_by_day,)),
     # The recent claims, merged into the day tables in bulk (SQLiteIdempotencyStore._merge).
     Migration(13, "idempotency_recent", (_IDEM_DAY_DDL.format(IDEM_RECENT),)),
+    # The level between them (SQLiteIdempotencyStore._merge_mid).
+    Migration(14, "idempotency_mid", (_IDEM_DAY_DDL.format(IDEM_MID),)),
 )
 
 
@@ -416,13 +436,18 @@ def _key_blob(keys: Sequence[bytes]) -> bytes:
 
 
 class SQLiteIdempotencyStore:
-    """Implements IdempotencyStore: 32-byte keys as BLOBs with their claim time. A claim
-    goes to `idem_recent` (migration 13), and every `recent_keys` claimed keys the store
-    moves them, sorted, into the table of their UTC claim day (`idem_YYYYMMDD`, migration
-    12) in one transaction, so a key is always in one of the two. seen() probes both and
-    ignores keys older than the TTL at once; a day's table is dropped by the first claim
-    after every key in it expired (end of that day + TTL), so the file holds at most TTL + 1
-    day of keys (and up to `recent_keys` per process not yet merged)."""
+    """Implements IdempotencyStore: 32-byte keys as BLOBs with their claim time, in three
+    levels, each merged into the next in sorted key ranges (an LSM of two small levels over
+    the days' tables). A claim goes to `idem_recent` (migration 13); every `recent_keys`
+    claimed keys the store moves them, in MERGE_SLICES key ranges (one per claim, one
+    transaction each), into `idem_mid` (migration 14); every `mid_keys` keys moved there it
+    moves those, in `mid_slices` ranges, into the table of their UTC claim day
+    (`idem_YYYYMMDD`, migration 12). A move inserts and deletes in one transaction, so a key
+    is in at least one level at every commit; seen() probes them all (recent, mid, each live
+    day) and ignores keys older than the TTL at once; a day's table is dropped by the first
+    claim after every key in it expired (end of that day + TTL), and a merge carries only
+    unexpired keys on, so the file holds at most TTL + 1 day of keys (and, per process, up to
+    `recent_keys` + `mid_keys` not yet merged, expired ones included)."""
 
     def __init__(
         self,
@@ -430,18 +455,26 @@ class SQLiteIdempotencyStore:
         ttl_seconds: int = 7 * 86400,
         clock: Clock = time.time,
         recent_keys: int = RECENT_KEYS,
+        mid_keys: int = MID_KEYS,
+        mid_slices: int = MID_SLICES,
     ) -> None:
         self._db = db
         self._ttl = ttl_seconds
         self._clock = clock
         self._recent_keys = recent_keys
+        self._mid_keys = mid_keys
+        self._mid_slices = mid_slices
         # Read and written only in the DB thread: the day table known to exist, when the
-        # oldest table in the file expires whole, and the keys this store claimed into
-        # `idem_recent` since its last merge (None: not counted yet, e.g. after a restart).
+        # oldest table in the file expires whole, the keys this store claimed into
+        # `idem_recent` / moved into `idem_mid` since that level's last merge (None: not
+        # counted yet, e.g. after a restart), and the key range each merge in progress
+        # moves next (None: no merge in progress).
         self._today: str | None = None
         self._next_drop = 0.0
         self._recent: int | None = None
-        self._slice: int | None = None  # the key range the merge in progress moves next
+        self._slice: int | None = None
+        self._mid: int | None = None
+        self._mid_slice: int | None = None
 
     def _live(self, days: Mapping[int, str], now: float) -> list[str]:
         """Tables that may hold unexpired keys, newest first."""
@@ -455,7 +488,7 @@ class SQLiteIdempotencyStore:
         since = now - self._ttl
 
         def query(c: sqlite3.Connection) -> str | None:
-            tables = [IDEM_RECENT, *self._live(idem_days(c), now)]
+            tables = [IDEM_RECENT, IDEM_MID, *self._live(idem_days(c), now)]
             probe = " OR ".join(
                 f"EXISTS (SELECT 1 FROM {t} WHERE key = substr(?1, i, 32) AND claimed_at > ?2)"
                 for t in tables
@@ -488,10 +521,14 @@ class SQLiteIdempotencyStore:
                 (self._recent,) = c.execute(f"SELECT count(*) FROM {IDEM_RECENT}").fetchone()
             else:
                 self._recent += len(keys)
+            if self._mid is None:
+                (self._mid,) = c.execute(f"SELECT count(*) FROM {IDEM_MID}").fetchone()
             if table != self._today or now >= self._next_drop:
                 self._rotate(c, table, now)
             elif self._slice is not None or self._recent >= self._recent_keys:
                 self._merge(c, now)
+            if self._mid_slice is not None or self._mid >= self._mid_keys:
+                self._merge_mid(c, now)
 
         def again(c: sqlite3.Connection) -> None:
             try:
@@ -505,8 +542,8 @@ class SQLiteIdempotencyStore:
         await self._db.call("idempotency", again)
 
     def _rotate(self, c: sqlite3.Connection, table: str, now: float) -> None:
-        """Make today's table; merge the recent claims; drop the tables whose keys have all
-        expired."""
+        """Make today's table; merge the recent claims (all of them, into `idem_mid`); drop
+        the day tables whose keys have all expired."""
         with immediate(c):
             c.execute(_IDEM_DAY_DDL.format(table))
             self._merge_in(c, now)
@@ -520,60 +557,69 @@ class SQLiteIdempotencyStore:
         self._next_drop = min((d + 1) * DAY + self._ttl for d in kept)
 
     def _merge(self, c: sqlite3.Connection, now: float) -> None:
-        """Move the next key range of `idem_recent` (a merge starts when `recent_keys` were
-        claimed since the last one; keys claimed meanwhile count towards the next)."""
+        """Move the next key range of `idem_recent` into `idem_mid` (a merge starts when
+        `recent_keys` were claimed since the last one; keys claimed meanwhile count towards
+        the next)."""
         if self._slice is None:
             self._slice, self._recent = 0, 0
         part = self._slice
         self._slice = part + 1 if part + 1 < MERGE_SLICES else None
         with immediate(c):
-            for day in self._merge_in(c, now, part):  # a day's table made now: its expiry
-                self._next_drop = min(self._next_drop, (day + 1) * DAY + self._ttl)
+            self._merge_in(c, now, part)
 
-    def _merge_in(self, c: sqlite3.Connection, now: float, part: int | None = None) -> list[int]:
+    def _merge_in(self, c: sqlite3.Connection, now: float, part: int | None = None) -> None:
         """Inside a write transaction: move the unexpired keys of `idem_recent` (all, or
-        those of key range `part` of MERGE_SLICES) to the tables of their claim days (made
-        if missing), sorted (each page of a day's B-tree written once), and delete them
-        there (expired keys just go). The days moved to."""
-        since = now - self._ttl
-        where, bounds = "", tuple[bytes, ...]()
-        if part is not None:
-            lo = bytes([part * 256 // MERGE_SLICES])
-            if part + 1 < MERGE_SLICES:
-                where, bounds = (
-                    " AND key >= ? AND key < ?",
-                    (lo, bytes([(part + 1) * 256 // MERGE_SLICES])),
-                )
-            else:
-                where, bounds = " AND key >= ?", (lo,)
-        else:
+        those of key range `part` of MERGE_SLICES) to `idem_mid`, sorted, and delete them
+        there (expired keys just go)."""
+        where, bounds = key_range(part, MERGE_SLICES) if part is not None else ("", ())
+        if part is None:
             self._slice, self._recent = None, 0
-        days = [
-            day
-            for (day,) in c.execute(
-                f"SELECT DISTINCT CAST(claimed_at / {DAY} AS INTEGER) FROM {IDEM_RECENT}"
-                f" WHERE claimed_at > ?{where}",
-                (since, *bounds),
-            ).fetchall()
-        ]
-        for day in days:
-            table = idem_table(day)
-            c.execute(_IDEM_DAY_DDL.format(table))
-            c.execute(
-                f"INSERT OR REPLACE INTO {table} SELECT key, claimed_at FROM {IDEM_RECENT}"
-                f" WHERE claimed_at > ? AND claimed_at >= ? AND claimed_at < ?{where}"
-                " ORDER BY key",
-                (since, day * DAY, (day + 1) * DAY, *bounds),
-            )
+        moved = c.execute(
+            f"INSERT OR REPLACE INTO {IDEM_MID} SELECT key, claimed_at FROM {IDEM_RECENT}"
+            f" WHERE claimed_at > ?{where} ORDER BY key",
+            (now - self._ttl, *bounds),
+        ).rowcount
         c.execute(f"DELETE FROM {IDEM_RECENT} WHERE 1{where}", bounds)
-        return days
+        self._mid = (self._mid or 0) + moved
+
+    def _merge_mid(self, c: sqlite3.Connection, now: float) -> None:
+        """Move the next key range of `idem_mid` (of `mid_slices`) to the tables of their
+        claim days (made if missing), sorted (each page of a day's B-tree written about once
+        per merge), and delete them there (expired keys just go). A merge starts when
+        `mid_keys` were moved into `idem_mid` since the last one."""
+        if self._mid_slice is None:
+            self._mid_slice, self._mid = 0, 0
+        part = self._mid_slice
+        self._mid_slice = part + 1 if part + 1 < self._mid_slices else None
+        where, bounds = key_range(part, self._mid_slices)
+        since = now - self._ttl
+        with immediate(c):
+            days = [
+                day
+                for (day,) in c.execute(
+                    f"SELECT DISTINCT CAST(claimed_at / {DAY} AS INTEGER) FROM {IDEM_MID}"
+                    f" WHERE claimed_at > ?{where}",
+                    (since, *bounds),
+                ).fetchall()
+            ]
+            for day in days:
+                c.execute(_IDEM_DAY_DDL.format(idem_table(day)))
+                c.execute(
+                    f"INSERT OR REPLACE INTO {idem_table(day)} SELECT key, claimed_at"
+                    f" FROM {IDEM_MID} WHERE claimed_at > ? AND claimed_at >= ?"
+                    f" AND claimed_at < ?{where} ORDER BY key",
+                    (since, day * DAY, (day + 1) * DAY, *bounds),
+                )
+            c.execute(f"DELETE FROM {IDEM_MID} WHERE 1{where}", bounds)
+        for day in days:  # a day's table made now: its expiry
+            self._next_drop = min(self._next_drop, (day + 1) * DAY + self._ttl)
 
     async def stats(self) -> dict[str, Any]:
         now = self._clock()
 
         def query(c: sqlite3.Connection) -> tuple[int, float | None]:
             n, oldest = 0, None
-            for table in [*self._live(idem_days(c), now), IDEM_RECENT]:
+            for table in [*self._live(idem_days(c), now), IDEM_RECENT, IDEM_MID]:
                 count, first = c.execute(
                     f"SELECT count(*), min(claimed_at) FROM {table} WHERE claimed_at > ?",
                     (now - self._ttl,),

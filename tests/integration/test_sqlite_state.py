@@ -25,7 +25,6 @@ from ingest.state.sqlite import (
     SQLiteDLQStore,
     SQLiteDroppedStore,
     SQLiteIdempotencyStore,
-    fetchall,
     idem_table,
 )
 from ingest.webhook.sqlite import SQLiteIntake
@@ -156,26 +155,24 @@ async def test_idempotency_keys_expire_by_day_table(db: SQLiteDB) -> None:
     assert await store.seen([old, new]) == [False, True]
 
 
-async def _recent_keys(db: SQLiteDB) -> list[bytes]:
+async def _keys_of(db: SQLiteDB, table: str) -> list[bytes]:
     return await db.run(
-        lambda c: [k for (k,) in c.execute("SELECT key FROM idem_recent ORDER BY key")]
+        lambda c: [k for (k,) in c.execute(f"SELECT key FROM {table} ORDER BY key")]
     )
 
 
-async def test_idempotency_claims_wait_in_idem_recent_then_move_to_their_day(
+async def test_idempotency_claims_wait_in_idem_recent_then_move_to_idem_mid(
     db: SQLiteDB,
 ) -> None:
     """Claims go to `idem_recent`; once `recent_keys` were claimed, each claim moves one key
-    range (an eighth of the key space) to the day's table, until all eight were; a key is
-    seen wherever it is; a store opened afresh on the file (a restart) merges what waits."""
+    range (an eighth of the key space) to `idem_mid`, until all eight were; a key is seen
+    wherever it is; a store opened afresh on the file (a restart) merges what waits."""
     clock = FakeClock()
-    day = idem_table(int(T0 // DAY))
     store = SQLiteIdempotencyStore(db, clock=clock, recent_keys=3)
     k = [bytes([i * 32]) * 32 for i in range(8)]  # k[i] is in key range i
 
     async def tables() -> tuple[list[bytes], list[bytes]]:
-        in_day = [key for (key,) in await db.run(fetchall(f"SELECT key FROM {day} ORDER BY key"))]
-        return await _recent_keys(db), in_day
+        return await _keys_of(db, "idem_recent"), await _keys_of(db, "idem_mid")
 
     await store.claim([k[7]])  # the first claim makes today's table (and merges all)
     assert await tables() == ([], [k[7]])
@@ -191,9 +188,45 @@ async def test_idempotency_claims_wait_in_idem_recent_then_move_to_their_day(
     restarted = SQLiteIdempotencyStore(db, clock=clock, recent_keys=3)
     await restarted.claim([k[3]])
     assert await tables() == ([], k)
+    assert await _keys_of(db, idem_table(int(T0 // DAY))) == []  # mid_keys not reached
     assert (await restarted.stats())["keys"] == 8
 
 
+async def test_idempotency_idem_mid_moves_to_the_days_by_key_range(db: SQLiteDB) -> None:
+    """Once `mid_keys` were moved into `idem_mid`, each claim moves one of `mid_slices` key
+    ranges of it into the tables of the keys' claim days (made as needed); keys expired by
+    then are dropped on the way; a key is seen wherever it is."""
+    day = int(T0 // DAY)
+    clock = FakeClock(day * DAY + DAY - 100)  # 100 s before midnight
+    store = SQLiteIdempotencyStore(
+        db, ttl_seconds=DAY, clock=clock, recent_keys=1, mid_keys=4, mid_slices=4
+    )
+    k = [bytes([i * 64]) * 32 for i in range(4)]  # k[i] is in mid range i
+    late = [bytes([i * 64 + 1]) * 32 for i in range(4)]
+
+    async def where() -> tuple[list[bytes], list[bytes], list[bytes]]:
+        days = [await _keys_of(db, idem_table(d)) if idem_table(d) in await _day_tables(db)
+                else [] for d in (day, day + 1)]  # fmt: skip
+        return await _keys_of(db, "idem_mid"), days[0], days[1]
+
+    await store.claim([k[0]])  # rotation: all of recent -> mid (1 key)
+    await store.claim([k[1]])  # recent merge, 8 ranges, one a claim ...
+    for _ in range(7):
+        await store.claim([k[2]])
+    assert (await where())[1:] == ([], [])
+    assert await store.seen(k) == [True, True, True, False]
+    clock.now += 200  # the next day
+    await store.claim([k[3]])  # rotation moves it to mid: 4+ keys moved: a mid merge starts
+    # range 0 went to its claim day's table
+    assert await where() == ([k[1], k[2], k[3]], [k[0]], [])
+    await store.claim([late[1]])
+    await store.claim([late[2]])
+    await store.claim([late[3]])  # ranges 1..3: done
+    # k[2]'s latest claim was before midnight, k[3]'s after; late[1] reached mid meanwhile
+    assert await where() == ([late[1]], [k[0], k[1], k[2]], [k[3]])
+    assert await store.seen(k + late) == [True] * 4 + [False, True, True, True]
+    clock.now = (day + 1) * DAY + DAY - 50  # the keys claimed on day `day` expired
+    assert await store.seen(k + late) == [False] * 3 + [True, False, True, True, True]
 async def test_idempotency_adopts_the_one_table_layout_of_old_files(tmp_path: Path) -> None:
     """A state file the code before migration 12 made: its live keys stay claimed."""
     old = await SQLiteDB.open(tmp_path / "state.db", [m for m in MIGRATIONS if m.version < 12])
@@ -212,11 +245,109 @@ async def test_idempotency_adopts_the_one_table_layout_of_old_files(tmp_path: Pa
         assert tables == [
             idem_table(int((now - 2 * DAY) // DAY)),
             idem_table(int((now - 60) // DAY)),
+            "idem_mid",
             "idem_recent",
         ]
         assert (await store.stats())["keys"] == 2
     finally:
         await db.close()
+
+
+async def test_idempotency_files_before_idem_mid_keep_their_keys(tmp_path: Path) -> None:
+    """A state file of the code before migration 14 (keys in `idem_recent` and a day's
+    table): it opens, gets `idem_mid`, and every key stays seen through the merges."""
+    old = await SQLiteDB.open(tmp_path / "state.db", [m for m in MIGRATIONS if m.version < 14])
+    now = time.time()
+    in_day, in_recent = b"d" * 32, b"r" * 32
+    table = idem_table(int(now // DAY))
+    await old.run(lambda c: c.execute(
+        f"CREATE TABLE {table} (key BLOB PRIMARY KEY, claimed_at REAL NOT NULL) WITHOUT ROWID"))
+    await old.run(lambda c: c.execute(f"INSERT INTO {table} VALUES (?, ?)", (in_day, now - 60)))
+    await old.run(lambda c: c.execute("INSERT INTO idem_recent VALUES (?, ?)", (in_recent, now)))
+    await old.close()  # fmt: skip
+    db = await SQLiteDB.open(tmp_path / "state.db")
+    try:
+        store = SQLiteIdempotencyStore(db, recent_keys=1, mid_keys=1, mid_slices=2)
+        both = [in_day, in_recent]
+        assert await store.seen(both) == [True, True]
+        for i in range(12):  # every level merged on into the next, more than once
+            await store.claim([bytes([i]) * 32])
+            assert await store.seen(both) == [True, True]
+        assert await _keys_of(db, "idem_mid") != [in_recent]  # it moved on
+        assert (await store.stats())["keys"] == 14
+    finally:
+        await db.close()
+
+
+_action = st.one_of(
+    st.tuples(st.just("claim"), st.sets(st.integers(0, 40), min_size=1, max_size=6)),
+    st.tuples(st.just("wait"), st.floats(min_value=0, max_value=DAY)),
+    st.tuples(st.just("restart"), st.none()),  # a new store on the same file
+    st.tuples(st.just("reopen"), st.none()),  # the file closed and opened again
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    actions=st.lists(_action, min_size=1, max_size=25),
+    ttl=st.integers(min_value=1, max_value=2 * DAY),
+    start=st.floats(min_value=0, max_value=DAY),
+    recent_keys=st.sampled_from([1, 2, 5]),
+    mid_keys=st.sampled_from([1, 3, 10]),
+    mid_slices=st.sampled_from([1, 2, 3, 64]),
+)
+def test_idempotency_property_through_the_levels(
+    actions: list[tuple[str, Any]],
+    ttl: int,
+    start: float,
+    recent_keys: int,
+    mid_keys: int,
+    mid_slices: int,
+) -> None:
+    """Any interleaving of claims, time passing (days turning, tables dropped), restarts and
+    reopenings, with the levels merging often and in any number of key ranges: after every
+    step a key is seen exactly while its latest claim is younger than the TTL (claimed keys
+    stay seen, expired ones never come back)."""
+
+    async def check() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "s.db"
+            clock = FakeClock(T0 + start)
+            db = await SQLiteDB.open(path)
+
+            def new_store() -> SQLiteIdempotencyStore:
+                return SQLiteIdempotencyStore(
+                    db, ttl_seconds=ttl, clock=clock, recent_keys=recent_keys,
+                    mid_keys=mid_keys, mid_slices=mid_slices,
+                )  # fmt: skip
+
+            store = new_store()
+            latest: dict[bytes, float] = {}
+            # keys spread over the key space (every key range of every level)
+            everything = [bytes([i * 6]) + i.to_bytes(31, "big") for i in range(41)]
+            try:
+                for what, arg in actions:
+                    if what == "claim":
+                        keys = [everything[i] for i in sorted(arg)]
+                        await store.claim(keys)
+                        latest.update((k, clock.now) for k in keys)
+                    elif what == "wait":
+                        clock.now += arg
+                    elif what == "restart":
+                        store = new_store()
+                    else:
+                        await db.close()
+                        db = await SQLiteDB.open(path)
+                        store = new_store()
+                    expect = [k in latest and clock.now - latest[k] < ttl for k in everything]
+                    assert await store.seen(everything) == expect
+                    # a key re-claimed may be in two levels until they merge: counted twice
+                    assert (await store.stats())["keys"] >= sum(expect)
+                assert len(await _day_tables(db)) <= ttl // DAY + 2  # expired days dropped
+            finally:
+                await db.close()
+
+    asyncio.run(check())
 
 
 @settings(max_examples=40, deadline=None)
@@ -258,6 +389,72 @@ def test_idempotency_property_across_days(
             await db.close()
 
     asyncio.run(check())
+
+
+_CLAIMER = """
+import asyncio, hashlib, sys
+from pathlib import Path
+from ingest.state.sqlite import SQLiteDB, SQLiteIdempotencyStore
+
+async def main(path: str, first: int) -> None:
+    db = await SQLiteDB.open(Path(path))
+    store = SQLiteIdempotencyStore(db, recent_keys=40, mid_keys=150, mid_slices=4)
+    i = first
+    while True:
+        keys = [hashlib.sha256(b"%d-%d" % (i, j)).digest() for j in range(20)]
+        await store.seen(keys)
+        await store.claim(keys)
+        print(i, flush=True)  # claimed: every later seen() must find these
+        i += 1
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def test_idempotency_claims_survive_kill9_at_any_merge_step(tmp_path: Path) -> None:
+    """A process claiming without pause (merges of both levels every few claims) is killed
+    with SIGKILL at random moments and started again on the same file: every batch whose
+    claim returned is seen afterwards, wherever the kill fell (a move between levels is one
+    transaction)."""
+    import hashlib
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "state.db"
+    rng = random.Random(12)
+    claimed = -1
+    for _ in range(4):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CLAIMER, str(path), str(claimed + 1)],
+            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+        )  # fmt: skip
+        assert proc.stdout is not None
+        start = time.monotonic()
+        wait = rng.uniform(0.5, 2.0)
+        while time.monotonic() - start < wait or claimed < 0:
+            line = proc.stdout.readline()
+            assert line, f"claimer ended: {proc.wait()}"
+            claimed = int(line)
+        proc.send_signal(signal.SIGKILL)
+        for line in proc.stdout:  # claims reported before the kill landed
+            claimed = int(line)
+        proc.wait()
+
+    async def check() -> list[bool]:
+        db = await SQLiteDB.open(path)
+        try:
+            store = SQLiteIdempotencyStore(db)
+            keys = [hashlib.sha256(b"%d-%d" % (i, j)).digest()
+                    for i in range(claimed + 1) for j in range(20)]  # fmt: skip
+            return await store.seen(keys)
+        finally:
+            await db.close()
+
+    found = asyncio.run(check())
+    assert claimed > 40  # merges of both levels happened
+    assert all(found), f"{found.count(False)} claimed keys lost"
 
 
 async def test_idempotency_seen_handles_batches_beyond_one_query(db: SQLiteDB) -> None:

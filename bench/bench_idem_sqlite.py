@@ -1,0 +1,106 @@
+"""CPU per key of the embedded (SQLite) idempotency store as the day's keys grow.
+
+    uv run python bench/bench_idem_sqlite.py [--keys 2000000] [--batch 2000] [--every 250000]
+
+Claims batches of random 32-byte keys into a fresh `state.db` (in a temporary directory) the
+way the pipeline does, `seen()` then `claim()` of the same batch, one day, default TTL, and
+prints for every `--every` keys: CPU per key of the whole process and of the store's SQLite
+thread alone (`seen`: the thread's CPU in seen(); `time.process_time` / `time.thread_time`:
+a shared machine disturbs CPU time far less than wall time), wall time per key, the slowest
+seen()+claim() of the window (what a batch may wait behind a merge), and the keys in each
+table at the end of the window (where the store keeps them). Nothing else runs in the
+process. `--mid-keys N` sets the store's `mid_keys` (the keys moved into `idem_mid` before it
+merges into the day's table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ingest.state.sqlite import SQLiteDB, SQLiteIdempotencyStore  # noqa: E402
+
+
+def tables(c: sqlite3.Connection) -> dict[str, int]:
+    names = [
+        n
+        for (n,) in c.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name GLOB 'idem_*'"
+            " ORDER BY name"
+        )
+    ]
+    return {n: c.execute(f"SELECT count(*) FROM {n}").fetchone()[0] for n in names}
+
+
+async def main(keys: int, batch: int, every: int, mid_keys: int | None) -> None:
+    print(
+        f"machine: {platform.node()} {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
+        f"load average {os.getloadavg()}"
+    )
+    print(f"{keys:,} keys in claims of {batch:,} (seen() then claim()), a window per {every:,}")
+    head = ("keys", "cpu us/key", "thread", "seen", "wall", "worst ms")
+    print("{:>10} {:>10} {:>8} {:>6} {:>8} {:>9}  tables".format(*head))
+    with tempfile.TemporaryDirectory() as tmp:
+        db = await SQLiteDB.open(Path(tmp) / "state.db")
+        extra: dict[str, Any] = {} if mid_keys is None else {"mid_keys": mid_keys}
+        store = SQLiteIdempotencyStore(db, **extra)
+        done = 0
+        first_cpu = time.process_time()
+        first_thread = await db.run(lambda _c: time.thread_time())
+        while done < keys:
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            thread0 = await db.run(lambda _c: time.thread_time())
+            worst = seen = 0.0
+            n = 0
+            while n < every and done + n < keys:
+                blob = os.urandom(32 * batch)
+                ks = [blob[i : i + 32] for i in range(0, len(blob), 32)]
+                t = time.perf_counter()
+                s0 = await db.run(lambda _c: time.thread_time())
+                await store.seen(ks)
+                seen += await db.run(lambda _c: time.thread_time()) - s0
+                await store.claim(ks)
+                worst = max(worst, time.perf_counter() - t)
+                n += batch
+            thread1 = await db.run(lambda _c: time.thread_time())
+            cpu1, wall1 = time.process_time(), time.perf_counter()
+            done += n
+            counts = await db.run(tables)
+            print(
+                f"{done:>10,} {(cpu1 - cpu0) / n * 1e6:>10.1f} "
+                f"{(thread1 - thread0) / n * 1e6:>8.1f} {seen / n * 1e6:>6.1f} "
+                f"{(wall1 - wall0) / n * 1e6:>8.1f} "
+                f"{worst * 1e3:>9.0f}  " + " ".join(f"{k}={v:,}" for k, v in counts.items()),
+                flush=True,
+            )
+        last_thread = await db.run(lambda _c: time.thread_time())
+        total = time.process_time() - first_cpu
+        print(
+            f"all {done:,} keys: {total / done * 1e6:.1f} us/key CPU, state thread "
+            f"{(last_thread - first_thread) / done * 1e6:.1f}; "
+            f"file {sum(p.stat().st_size for p in Path(tmp).iterdir()) / 2**20:.0f} MiB"
+        )
+        await db.close()
+    print(f"load average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keys", type=int, default=2_000_000)
+    ap.add_argument("--batch", type=int, default=2000)
+    ap.add_argument("--every", type=int, default=250_000)
+    ap.add_argument("--mid-keys", type=int, help="the store's mid_keys (default: its own)")
+    a = ap.parse_args()
+    asyncio.run(main(a.keys, a.batch, a.every, a.mid_keys))
