@@ -200,7 +200,7 @@ class Pod:
             ENV_PARENT: str(os.getpid()),
             "INGEST_LOG_LEVEL": logging.getLevelName(logging.getLogger().level),
         }
-        proc = await start_worker(env, self.config)
+        proc = await start_worker(env, self.config, self.shutdown_timeout)
         slot.proc = proc
         slot.started_at = time.time()
         slot.ready.clear()
@@ -492,12 +492,18 @@ class Pod:
 
     # -- stop ------------------------------------------------------------------------------
 
+    @property
+    def shutdown_timeout(self) -> float:
+        """What the workers get to drain and close: also on an exit without `shutdown`
+        (`ingest.pod.spawn.stop_workers_at_exit`)."""
+        return self.config.shutdown.drain_timeout_seconds + WORKER_CLOSE_SECONDS
+
     async def shutdown(self, timeout: float | None = None) -> None:
         """Drain: refuse new webhooks, let every worker finish, commit and exit, then close.
         `timeout` defaults to each worker's drain timeout plus WORKER_CLOSE_SECONDS, the time
         a worker takes to close its sinks and stores once drained."""
         if timeout is None:
-            timeout = self.config.shutdown.drain_timeout_seconds + WORKER_CLOSE_SECONDS
+            timeout = self.shutdown_timeout
         log.info("shutting down: draining %d workers", self.count)
         self.fleet.freeze()  # the pod's drain is its own: no fleet resume may undo it
         self.admission.drain()

@@ -28,20 +28,25 @@ The fork server tells the control plane each worker's exit status, as waitpid wo
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import importlib
+import logging
 import multiprocessing
 import os
 import signal
 import sys
 import threading
+import time
 from multiprocessing import forkserver
+from multiprocessing import process as mp_process
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 from ingest import config as C
 from ingest.pod.ipc import ENV_PARENT, ENV_WORKER
 
+log = logging.getLogger(__name__)
 _CONTEXT = multiprocessing.get_context("forkserver")
 # Named, as `python -m ingest.pod.worker` named it: the worker imports the service, which
 # imports the control plane, which imports this module.
@@ -123,6 +128,7 @@ class WorkerProcess:
             code = self._proc.exitcode
             if code is not None:
                 self._proc.close()  # its status pipe; multiprocessing forgets it
+                _running.discard(self._proc)
         finally:
             _lock.release()
         self.returncode = 255 if code is None else code
@@ -171,15 +177,58 @@ def _start(config_json: str, env: dict[str, str]) -> BaseProcess:
             target=_worker,
             args=(config_json, env, fork_server),
             name=f"ingest-worker-{env.get(ENV_WORKER, '')}",
-            daemon=True,  # the control plane exiting without a shutdown stops (SIGTERM) them
         )
         proc.start()
+        # Not multiprocessing's to stop at exit (it would SIGTERM a daemon and join every
+        # child with no timeout: a stuck worker hung the control plane's exit): ours.
+        mp_process._children.discard(proc)  # type: ignore[attr-defined]
+        _running.add(proc)
     return proc
 
 
-async def start_worker(env: dict[str, str], cfg: C.Config) -> WorkerProcess:
+# Workers started and not yet seen ended, and how long they get to drain should the control
+# plane exit without its shutdown (`stop_workers_at_exit`).
+_running: set[BaseProcess] = set()
+_exit_timeout = [70.0]
+
+
+def stop_workers_at_exit() -> None:
+    """Every exit of the control plane stops its workers within the pod's shutdown timeout:
+    one without `Pod.shutdown` (`serve` failed after the workers started, say) SIGTERMs the
+    workers still running (they drain, exit 0), waits up to that timeout, then SIGKILLs what
+    is left. Registered with atexit when the first worker starts."""
+    with _lock:
+        procs = [p for p in _running if p.is_alive()]
+        if not procs:
+            return
+        timeout = _exit_timeout[0]
+        log.error(
+            "%d worker(s) still running as the control plane exits: stopping them (SIGTERM,"
+            " SIGKILL after %.0fs)",
+            len(procs),
+            timeout,
+        )
+        for p in procs:
+            with contextlib.suppress(OSError):
+                p.terminate()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
+                with contextlib.suppress(OSError):
+                    p.kill()
+                p.join(5)
+
+
+async def start_worker(env: dict[str, str], cfg: C.Config, exit_timeout: float) -> WorkerProcess:
     """Fork a worker with environment `env` and the effective configuration `cfg` (as JSON, an
-    argument: never in the environment, it holds secrets)."""
+    argument: never in the environment, it holds secrets). `exit_timeout`: what the worker gets
+    to drain should the control plane exit without a shutdown (`stop_workers_at_exit`)."""
+    if not _running:
+        atexit.unregister(stop_workers_at_exit)
+        atexit.register(stop_workers_at_exit)
+    _exit_timeout[0] = exit_timeout
     # start() waits for the fork server to fork, which comes after its imports: not on the loop
     proc = await asyncio.to_thread(_start, cfg.model_dump_json(), env)
     return WorkerProcess(proc)

@@ -12,6 +12,8 @@ import contextlib
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,7 +25,7 @@ import pytest
 from tests.conftest import wait_for
 from tests.e2e._crash import Crashes, wait_finished
 from tests.e2e._feed import TENANT, Feed, Sender, seeded
-from tests.e2e._service import ServiceProcess, finished, free_port, metric_value
+from tests.e2e._service import START_WAIT, ServiceProcess, finished, free_port, metric_value
 
 pytestmark = pytest.mark.e2e
 WORKERS = {"INGEST_WORKERS": "2"}
@@ -269,4 +271,58 @@ def test_a_restart_in_flight_when_shutdown_begins_is_drained_with_the_pod(
     finally:
         with contextlib.suppress(psutil.Error, UnboundLocalError):
             new.resume()
+        svc.stop()
+
+
+# `ingest run` whose serve() fails right after the workers started, one of them stuck
+# (stopped: it cannot drain), so that Pod.shutdown is never called.
+FAILING_SERVE = """
+import os, signal, sys
+import ingest.service
+
+async def fail(cls, cfg, pod):
+    os.kill(pod.slots[0].proc.pid, signal.SIGSTOP)
+    raise RuntimeError("injected: serve fails after the workers started")
+
+ingest.service._ControlState.of = classmethod(fail)
+from ingest.cli.ingest import main
+sys.argv[0] = "ingest"
+main()
+"""
+
+
+def test_a_control_plane_failing_after_its_workers_started_stops_them_in_time(
+    tmp_path: Path,
+) -> None:
+    """serve() fails after the workers started (Pod.shutdown is never called) and one worker
+    cannot drain: the control plane still exits within the drain timeout plus the close
+    time (1 + 10 s here), its workers stopped (SIGTERM), the stuck one killed. Before, the
+    exit waited in multiprocessing's exit handler, which joins its children with no timeout."""
+    data = tmp_path / "data"
+    config = tmp_path / "ingest.yaml"
+    config.write_text("shutdown:\n  drain_timeout_seconds: 1\n")
+    svc = ServiceProcess(data, config=config, env=WORKERS,
+                         launcher=[sys.executable, "-c", FAILING_SERVE])
+    cmd = [*svc.launcher, "run", "--host", "127.0.0.1", "--port", str(svc.port),
+           "--config", str(config)]
+    data.mkdir(parents=True, exist_ok=True)
+    with open(svc.log_path, "ab") as log:
+        svc.proc = subprocess.Popen(cmd, cwd=data, env=svc.env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # start-up is not what is measured (START_WAIT); the exit after the failure is: 11 s
+        # expected, 60 s allowed
+        wait_for(lambda: "injected: serve fails" in svc.log(), timeout=START_WAIT,
+                 what="serve failed")
+        try:
+            code = svc.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the control plane did not exit:\n{svc.log()}")
+        assert code != 0
+        assert "still running as the control plane exits" in svc.log(), svc.log()
+        wait_for(lambda: not pod_processes(data), timeout=10, what="no worker left")
+    finally:
+        for pid in pod_processes(data):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         svc.stop()
