@@ -1,5 +1,5 @@
 # The service's image: Debian 12 + Debian's python3.11 + the locked dependencies, run as a
-# non-root user with `ingest run` as PID 1 (SIGTERM drains, flushes, checkpoints, exits 0).
+# non-root user, `ingest run` under tini as PID 1 (SIGTERM drains, flushes, checkpoints, exits 0).
 #   make image        build localhost/ingest:latest (scripts/image/build.sh)
 #   make image-test   build it, then prove it (tests/image/): ready, a signed record lands,
 #                     SIGTERM exits 0
@@ -30,13 +30,16 @@ RUN --mount=type=secret,id=ca_bundle --mount=type=cache,target=/root/.cache/uv \
 COPY README.md ./
 COPY ingest ./ingest
 # The project itself as a wheel (not editable): the runtime stage needs /app/.venv only.
+# --reinstall-package: uv's cache keys a directory's built wheel on pyproject.toml alone (its
+# mtime), so with the cache mount every build shipped the wheel first built: stale code.
 RUN --mount=type=secret,id=ca_bundle --mount=type=cache,target=/root/.cache/uv \
-    SSL_CERT_FILE=/run/secrets/ca_bundle /opt/uv/bin/uv sync --frozen --no-dev --no-editable
+    SSL_CERT_FILE=/run/secrets/ca_bundle /opt/uv/bin/uv sync --frozen --no-dev --no-editable \
+      --reinstall-package ingest
 
 FROM ${BASE_IMAGE}
 RUN apt-get update -q \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-      python3.11 ca-certificates \
+      python3.11 ca-certificates tini \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /usr/share/doc/* /usr/share/man/* \
  && useradd --system --uid 10001 --user-group --home-dir /var/lib/ingest --create-home \
       --shell /usr/sbin/nologin ingest
@@ -49,6 +52,10 @@ WORKDIR /var/lib/ingest
 USER 10001:10001
 EXPOSE 8080
 STOPSIGNAL SIGTERM
-# PID 1 is the service itself (no shell in between), so SIGTERM reaches its drain handler.
-ENTRYPOINT ["ingest"]
+# PID 1 is tini (no shell in between): it hands SIGTERM to `ingest run` (its drain handler) and
+# exits with its code, and it reaps every orphan. A pod's workers are children of its fork
+# server; one that dies is handed to PID 1, which the service as PID 1 never reaped (zombies).
+# -s: a subreaper too, for when it is not PID 1 (`docker run --init`, a shared PID namespace).
+# Kubernetes: set `args` only; a `command` would replace this entry point and drop tini.
+ENTRYPOINT ["/usr/bin/tini", "-s", "--", "ingest"]
 CMD ["run", "--host", "0.0.0.0"]

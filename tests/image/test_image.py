@@ -10,6 +10,8 @@ unless INGEST_IMAGE_TEST=1): it needs root and podman, which `make image-test` s
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import sqlite3
 import subprocess
@@ -17,16 +19,18 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
 import pytest
 
 from ingest.auth import credentials as C
-from tests.e2e._auth import credentials, sign_headers
+from tests.e2e._auth import bearer, credentials, sign_headers
 from tests.e2e._service import free_port
 
 IMAGE = os.environ.get("INGEST_IMAGE", "localhost/ingest:latest")
+ROOT = Path(__file__).resolve().parents[2]
 UID = 10001
 START_WAIT = float(os.environ.get("INGEST_TEST_START_WAIT", "180"))
 
@@ -173,18 +177,94 @@ def wait_for_ids(data: Path, want: set[str], wait: float = 60) -> set[str]:
     return got
 
 
-def test_image_runs_non_root_with_the_service_as_pid_1(container: Container) -> None:
+# Every process in the container: pid, state, parent, uids, command line (the image has
+# Python, no ps).
+PROCESSES = r"""
+import json, os
+out = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+        status = open(f"/proc/{pid}/status").read()
+        cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace").split("\0")
+    except OSError:
+        continue
+    state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+    uids = next(x for x in status.splitlines() if x.startswith("Uid:")).split()[1:]
+    out.append({"pid": int(pid), "state": state, "ppid": int(ppid), "uids": uids, "cmd": cmd})
+print(json.dumps(out))
+"""
+
+
+def processes(c: Container) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = orjson.loads(
+        podman("exec", c.name, "/usr/bin/python3.11", "-c", PROCESSES).stdout
+    )
+    return [p for p in found if PROCESSES.strip()[:20] not in " ".join(p["cmd"])]
+
+
+def test_image_ships_the_code_it_was_built_from() -> None:
+    """Every module of `ingest` in the image is the one in this tree (uv's cache once kept
+    handing the build the wheel it had built first: an image of stale code)."""
+    digest = (
+        "import hashlib, pathlib, ingest\n"
+        "root = pathlib.Path(ingest.__file__).parent\n"
+        "for p in sorted(root.rglob('*.py')):\n"
+        "    print(p.relative_to(root), hashlib.sha256(p.read_bytes()).hexdigest())\n"
+    )
+    shipped = podman(
+        "run", "--rm", "--entrypoint", "/app/.venv/bin/python", IMAGE, "-c", digest
+    ).stdout.splitlines()
+    root = ROOT / "ingest"
+    here = [
+        f"{p.relative_to(root)} {hashlib.sha256(p.read_bytes()).hexdigest()}"
+        for p in sorted(root.rglob("*.py"))
+    ]
+    assert sorted(shipped) == sorted(here), sorted(set(shipped) ^ set(here))[:10]
+
+
+def test_image_runs_non_root_with_the_service_under_tini_as_pid_1(container: Container) -> None:
+    """PID 1 is tini (it reaps the orphans a pod's workers can leave, and hands SIGTERM on),
+    its child `ingest run`; every process runs as the image's user."""
     user = podman("image", "inspect", "-f", "{{.Config.User}}", IMAGE).stdout.strip()
     assert user and not user.startswith(("0", "root")), user
-    cmdline = podman("exec", container.name, "cat", "/proc/1/cmdline").stdout
-    assert cmdline.split("\0")[:3] == [
-        "/app/.venv/bin/python",
+    procs = {p["pid"]: p for p in processes(container)}
+    assert procs[1]["cmd"][:3] == ["/usr/bin/tini", "-s", "--"], procs[1]
+    service = [p for p in procs.values() if p["ppid"] == 1]
+    assert len(service) == 1, service
+    cmd = service[0]["cmd"]
+    assert cmd[:3] == ["/app/.venv/bin/python", "/app/.venv/bin/ingest", "run"] or cmd[1:3] == [
         "/app/.venv/bin/ingest",
         "run",
-    ] or cmdline.split("\0")[1:3] == ["/app/.venv/bin/ingest", "run"], cmdline
-    status = podman("exec", container.name, "cat", "/proc/1/status").stdout
-    uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
-    assert set(uids) == {str(UID)}, status
+    ], cmd
+    assert {u for p in procs.values() for u in p["uids"]} == {str(UID)}, procs
+
+
+def test_workers_orphaned_by_a_dead_fork_server_are_reaped(container: Container) -> None:
+    """kill -9 of a pod's fork server: its workers die with it (PR_SET_PDEATHSIG), handed to
+    PID 1 first, and the control plane starts them again. PID 1 must reap the dead ones: the
+    service as PID 1 never did, and each such death left zombies behind."""
+    procs = processes(container)
+    forks = [p for p in procs if "multiprocessing.forkserver" in " ".join(p["cmd"])]
+    servers = [p for p in forks if p["ppid"] not in {f["pid"] for f in forks}]  # not a worker
+    assert len(servers) == 1, procs
+    workers = {p["pid"] for p in procs if p["ppid"] == servers[0]["pid"]}
+    assert len(workers) == 2, procs
+    kill = f"import os; os.kill({servers[0]['pid']}, 9)"
+    podman("exec", container.name, "/usr/bin/python3.11", "-c", kill)
+    deadline = time.monotonic() + START_WAIT
+    while True:  # both workers started again (new pids), the pod ready
+        with contextlib.suppress(httpx.TransportError):
+            r = httpx.get(f"{container.url}/health/detailed", headers=bearer("viewer"), timeout=5)
+            pids = {w["pid"] for w in r.json()["workers"].values() if w["status"] == "running"}
+            if len(pids) == 2 and not pids & workers:
+                break
+        assert time.monotonic() < deadline, container.logs()
+        time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while zombies := [p for p in processes(container) if p["state"] == "Z"]:
+        assert time.monotonic() < deadline, f"not reaped: {zombies}"
+        time.sleep(0.5)
 
 
 def test_ready_signed_record_lands_unsigned_refused(container: Container) -> None:

@@ -264,7 +264,11 @@ def test_prometheusrule_render_notices_a_changed_alert() -> None:
 def test_image_of_the_deployment_is_the_one_make_image_builds() -> None:
     _, c = worker(build(K8S / "base"))
     assert c["image"] == "localhost/ingest:latest"
-    assert c["args"][0] == "run" and dockerfile("ENTRYPOINT") == '["ingest"]'
+    # args only: a `command` would replace the image's entry point, tini (the init that
+    # reaps a pod's orphaned workers) with it
+    assert "command" not in c
+    assert c["args"][0] == "run"
+    assert dockerfile("ENTRYPOINT") == '["/usr/bin/tini", "-s", "--", "ingest"]'
 
 
 def test_renderer_merges_lists_of_named_items_like_kustomize() -> None:
