@@ -136,20 +136,23 @@ class Decoder:
             revision = env.revision
             deleted = env.deleted
             priority = env.priority
+            # The keys in sorted order: the canonical form sorts them anyway (OPT_SORT_KEYS
+            # stays, so the bytes are the same whatever the order), and a sorted list sorts
+            # faster. Nothing reads the body's top-level order (sinks pick fields by name).
             body = {
-                "schema_version": CURRENT_VERSION,
-                "tenant_id": tenant,
-                "entity_type": entity_type,
+                "attributes": attributes,
+                "deleted": deleted,
                 "entity_id": entity_id,
-                "revision": revision,
+                "entity_type": entity_type,
                 "occurred_at": occurred,
                 "priority": priority,
-                "attributes": attributes,
                 "relations": relations,
-                "deleted": deleted,
+                "revision": revision,
+                "schema_version": CURRENT_VERSION,
+                "tenant_id": tenant,
             }
             try:
-                canonical = dumps(body, option=_SORTED)
+                canonical = dumps(body, None, _SORTED)  # positional: a cheaper call
             except orjson.JSONEncodeError:  # an integer beyond 64 bits: the slow path says where
                 append(slow(raw, horizon))
                 continue
