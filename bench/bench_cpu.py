@@ -9,11 +9,14 @@ garbage collector on (the service runs with it on), as CPU time of the process
   decode+check bytes -> typed Struct compiled from the schema: parse, version (the upgrade
                check: a v3 record needs none), types, patterns, bounds, in one pass
   validate     the rules left: tenant, known attributes, occurred_at (format, future)
-  dedupe key   the body dict, its canonical bytes (sorted keys) and SHA-256
+  dedupe key   the body dict (built in sorted key order, as the decoder builds it), its
+               canonical bytes (orjson, OPT_SORT_KEYS) and SHA-256
   record       building the `Record`s the pipeline carries
   decoder      `Decoder.decode_many`, all of the above but `read` as the service runs them;
                `decoder v1`: the same rows sent as schema_version 1 (upgrade + slow path)
-  routing      sinks per record (`Config.sinks_for`)
+  routing      sinks per record (`Config.sinks_for`, remembered per (tenant, entity_type)).
+               The service asks once per batch and pair (`Pipeline._route`, inside
+               `bookkeeping`), so counting this stage in the sum overstates routing
   bookkeeping  `Pipeline.deliver` around a sink that does nothing, in-memory stores
   pg rows      `PostgresSink` rows for COPY;  sqlite rows: `SQLiteSink.row_of`
   kafka read   confluent-kafka Messages (built in memory) -> a SourceBatch (`KafkaSource`'s
@@ -284,18 +287,18 @@ def main() -> None:
     def key_of() -> None:
         for env in envs:
             body = {
-                "schema_version": 3,
-                "tenant_id": env.tenant_id,
-                "entity_type": env.entity_type,
+                "attributes": env.attributes,
+                "deleted": env.deleted,
                 "entity_id": env.entity_id,
-                "revision": env.revision,
+                "entity_type": env.entity_type,
                 "occurred_at": env.occurred_at,
                 "priority": env.priority,
-                "attributes": env.attributes,
                 "relations": env.relations,
-                "deleted": env.deleted,
+                "revision": env.revision,
+                "schema_version": 3,
+                "tenant_id": env.tenant_id,
             }
-            hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
+            hashlib.sha256(orjson.dumps(body, None, orjson.OPT_SORT_KEYS)).digest()
 
     def build() -> None:
         for env, body, key in zip(envs, bodies, keys, strict=True):
