@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -294,3 +295,83 @@ async def test_a_deadlock_between_writers_is_a_conflict_not_an_outage(pg_dsn: st
     finally:
         await a.close()  # each open transaction ends with its connection
         await b.close()
+
+
+TEXT = st.text(  # what a decoded record can hold; jsonb refuses \u0000
+    st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=12
+)
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.tuples(
+            st.dictionaries(TEXT, JSON, max_size=5),
+            st.sampled_from([(), [("OF", "customer", "c1")], [('ü"\\', "x", "é\n")]]),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_the_json_columns_hold_what_the_server_makes_of_their_text(
+    pg_url: str, docs: list[tuple[dict[str, Any], list[tuple[str, str, str]]]]
+) -> None:
+    """Both paths send the JSON columns as jsonb's wire bytes (the version byte, then
+    `orjson.dumps`); what is stored must be exactly what the server makes of that JSON text
+    (`convert_from(<bytes>, 'UTF8')::jsonb`, the staged upsert's cast before `_stage3_`):
+    equal as jsonb and as text, for any attributes and relations, by either path."""
+
+    async def go() -> None:
+        schema = f"js_{uuid.uuid4().hex[:10]}"
+        admin = await asyncpg.connect(pg_url)
+        await admin.execute(f"CREATE SCHEMA {schema}")
+        dsn = with_search_path(pg_url, schema)
+        fast = PostgresSink("pg", dsn, table="via_copy")
+        slow = upsert_only(PostgresSink("pg", dsn, table="via_upsert"))
+        batch = [
+            make_record(f"e{i}", 1, attributes=attrs, relations=rels)
+            for i, (attrs, rels) in enumerate(docs)
+        ]
+        try:
+            await fast.start()
+            await slow.start()
+            for sink in (fast, slow):
+                assert await sink.write(batch) == [APPLIED] * len(batch)
+                for rec in batch:
+                    attrs, rels = rec.body["attributes"], rec.body.get("relations")
+                    same = await admin.fetchrow(
+                        f"SELECT attributes = convert_from($1::bytea, 'UTF8')::jsonb,"
+                        f" attributes::text = (convert_from($1::bytea, 'UTF8')::jsonb)::text,"
+                        f" relations IS NOT DISTINCT FROM convert_from($2::bytea, 'UTF8')::jsonb,"
+                        f" relations::text IS NOT DISTINCT FROM"
+                        f"  (convert_from($2::bytea, 'UTF8')::jsonb)::text"
+                        f" FROM {schema}.{sink.table} WHERE entity_id = $3",
+                        orjson.dumps(attrs),
+                        None if rels is None else orjson.dumps(rels),
+                        rec.entity_id,
+                    )
+                    assert same is not None and tuple(same) == (True, True, True, True), (
+                        sink.table,
+                        attrs,
+                        rels,
+                    )
+            assert slow.paths == {"copy": 0, "fallback": 0, "upsert": 1}
+            assert await rows(fast) == await rows(slow)
+        finally:
+            await fast.close()
+            await slow.close()
+            await admin.execute(f"DROP SCHEMA {schema} CASCADE")
+            await admin.close()
+
+    asyncio.run(go())
