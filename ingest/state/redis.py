@@ -170,14 +170,20 @@ end
 local live = #prefixes
 local hex, blob = ARGV[6], ARGV[7]  -- the keys' 13-byte prefixes: hex, raw
 local sub = string.sub
+-- '0' / '1' as strings: table.concat would format a number with sprintf per key; a shard name
+-- is cut once per key and width (the live buckets mostly share one)
 local out, n, h = {}, 0, 1
 for i = 1, #blob, 13 do
   local field = sub(blob, i + 3, i + 12)
-  local hit = 0
+  local hit, w, shard = '0', 0, ''
   for d = 1, live do
-    local hour = call('HGET', prefixes[d] .. sub(hex, h, h + widths[d] - 1), field)
+    if widths[d] ~= w then
+      w = widths[d]
+      shard = sub(hex, h, h + w - 1)
+    end
+    local hour = call('HGET', prefixes[d] .. shard, field)
     if hour and (tonumber(hour) + 1) * 3600 > limits[d] then
-      hit = 1
+      hit = '1'
       break
     end
   end
