@@ -913,3 +913,23 @@ def test_the_line_is_bounded_and_costs_little_a_request() -> None:
     clock.now += GRACE_CAP + LARGE_HOLD_GRACE  # none came back: all dropped
     assert b.check(8_000, 80_000, "late") is not None
     assert list(b._line) == ["late"] and list(b._line_seen) == ["late"]
+
+
+def test_a_tenant_just_served_takes_no_place_in_line_before_its_pause_ends() -> None:
+    """Its next large body waits D more (the others' turn, then as long again) before it
+    takes a place in line, also while another tenant holds the door: another large sender
+    refused meanwhile is ahead of it."""
+    clock = Clock()
+    b = _measured(clock)
+    assert admit(b, 8_000, 80_000, "big")  # alone, into the empty intake: D = 8 s
+    clock.now = 17.0  # drained at 8, the others' turn until 16, its pause until 24
+    b.observe(3_000, 30_000)
+    assert b.check(8_000, 80_000, "other") is not None and b.hold is not None
+    paused = b.check(8_000, 80_000, "big")
+    assert paused is not None and paused.retry_after == 7.0  # its pause: 24 - 17
+    assert b.snapshot()["hold_queue"] == [] and b.snapshot()["hold_paused"] == {"big": 7.0}
+    clock.now = 24.0
+    again = b.check(8_000, 80_000, "late")
+    assert again is not None and "number 1 in line" in again.reason
+    assert b.check(8_000, 80_000, "big") is not None
+    assert b.snapshot()["hold_queue"] == ["late", "big"]
