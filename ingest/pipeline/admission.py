@@ -262,11 +262,12 @@ class Admission:
         if st is BackpressureState.DRAIN:
             raise Rejected(st, "ingest is draining: finishing in-flight work, accepting none")
 
-    def check_open(self, tenant: str = "") -> None:
+    def check_open(self, tenant: str = "", declared_bytes: int = 0) -> None:
         """Push path, before reading a body: raise Rejected if nothing could be admitted now
-        (paused, draining, or the intake backlog at its bound), so refusing costs no parsing."""
+        (paused, draining, or the intake backlog at its bound), so refusing costs no parsing.
+        `declared_bytes` (Content-Length) tells a large body's sender its place in line."""
         self._refuse_if_closed()
-        refusal = self.intake.check(0, 0, tenant)
+        refusal = self.intake.check_open(tenant, declared_bytes)
         if refusal is not None:
             self._refuse_full(refusal)
 

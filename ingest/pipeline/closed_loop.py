@@ -34,6 +34,12 @@ else out for as long as it went on. The rules now (a "large body" is one over th
   gone cannot block the ones behind), and the line keeps at most `_QUEUE_KEPT` tenants (the
   door checks before authentication: any client can name tenants): a newcomer to a full line
   is refused without a place. O(1) a request: two ordered dicts (by place, by last re-send).
+  The door refuses before reading a body while the backlog is at its bound, so the place is
+  also taken there, from the declared size (`check_open`: bytes / the bytes per record the
+  intake holds; a compressed body is underestimated and races as before), by a tenant whose
+  body was counted before (that is before authentication: a tenant never seen by this pod
+  gets its place once its first body is counted); the first in line is let through there,
+  and goes to the back if no large body of it is counted within `LARGE_HOLD_GRACE` s.
 - One hold at a time, for the first in line (or a large sender when no one is in line),
   granted when its large body is refused behind a non-empty intake and the others have had
   their turn. Its end is fixed when granted: G = the drain time of the backlog ahead (at most
@@ -80,6 +86,8 @@ SAMPLE_SECONDS = 2.0  # busy time a rate sample spans (a batch commit drains ~20
 LARGE_HOLD_GRACE = 10.0  # seconds past its Retry-After a waiting large body holds the door
 _QUEUE_KEPT = 1024  # large senders waiting in line at most (a full line: 429, not queued)
 _QUEUE_SHOWN = 10  # the first of them shown by /health/detailed
+_KNOWN_KEPT = 4096  # tenants whose body was counted (authenticated), the latest
+_BODY_WAIT = 3 * LARGE_HOLD_GRACE  # a place let through before its body is read waits so long
 DEFAULT_RECORD_BYTES = 512.0  # bytes per record assumed before any observation
 
 
@@ -116,6 +124,7 @@ class _InLine:
     records: int  # its last large body
     seen: float  # its last re-send
     lapses: float  # dropped from the line then unless re-sent: its Retry-After + grace
+    let_through: float | None = None  # first let past the check before its body was read
 
 
 class IntakeBound:
@@ -144,6 +153,7 @@ class IntakeBound:
         self._line: OrderedDict[str, _InLine] = OrderedDict()  # large senders, first refused first
         self._line_seen: OrderedDict[str, None] = OrderedDict()  # the same, last re-sent last
         self._line_seq = 0
+        self._known: OrderedDict[str, None] = OrderedDict()  # a body of it was counted
         # the newest refusal of a request within the bound, and the newest of another tenant:
         # enough to tell whether a tenant other than a given one was refused since a time
         self._refused_last: tuple[str | None, float] = (None, -math.inf)
@@ -255,10 +265,60 @@ class IntakeBound:
         the intake's size has been observed once the bound is not enforced: an intake that
         cannot tell its size (the Kafka topic, for now) is not refused on a guess."""
         large = n > self.limit_records
+        if n > 0:  # a body counted: its sender was authenticated
+            self._known[tenant] = None
+            self._known.move_to_end(tenant)
+            if len(self._known) > _KNOWN_KEPT:
+                self._known.popitem(last=False)
         refusal = self._check(n, nbytes, tenant)
         if refusal is not None and not refusal.never and not large:
             self._note_refused(tenant, self._clock())
         return refusal
+
+    def check_open(self, tenant: str, declared_bytes: int = 0) -> Refusal | None:
+        """`check(0, 0, tenant)`, before a body is read, knowing its declared size. Refused
+        there, a large sender would never reach its place in line: every request is refused
+        before its body is read while the backlog is at its bound, and the one let through
+        when it falls below is whoever re-sends first. So a body whose declared size is more
+        records than the bound (at the bytes per record the intake holds; a compressed body
+        is underestimated) is taken for a large body's: refused, its tenant takes or keeps a
+        place in line (Retry-After: its turn); first in line with its turn come, it is let
+        through, and its body, counted, decides (the hold).
+
+        This runs before authentication: only a tenant whose body was counted before (it
+        authenticated then) takes a place here, and the first in line let through here loses
+        its place (to the back) if no large body of it is counted within LARGE_HOLD_GRACE s:
+        a client that only sends headers cannot keep the others behind it."""
+        refusal = self.check(0, 0, tenant)
+        if refusal is None or declared_bytes <= 0 or self._observed_at is None:
+            return refusal
+        if tenant not in self._known:
+            return refusal
+        limit, now = self.limit_records, self._clock()
+        records = math.ceil(declared_bytes / self._record_bytes)
+        hold = self._current_hold(now)
+        if records <= limit or records > self.cfg.max_backlog_records:
+            return refusal
+        if hold is not None:
+            if hold.tenant == tenant:
+                return refusal
+            return self._wait_turn(tenant, records, self.backlog_records, limit, now, False)
+        self._prune_line(now)
+        head = next(iter(self._line), None)
+        if (head is None or head == tenant) and self._turn_wait(tenant, now) <= 0:
+            entry = self._line.get(tenant)
+            if entry is None:
+                return None
+            if entry.let_through is None:
+                entry.let_through = now
+                # its body is being read (slowly, on a loaded host): its place waits for it
+                entry.lapses = max(entry.lapses, now + _BODY_WAIT)
+                entry.seen = now
+                self._line_seen.move_to_end(tenant)
+            if now - entry.let_through < LARGE_HOLD_GRACE:
+                return None
+            self._leave_line(tenant)  # let through, no large body of it counted: to the back
+        return self._wait_turn(tenant, records, self.backlog_records, limit, now, False)
 
     def _note_refused(self, tenant: str, now: float) -> None:
         """A request of `tenant` within the bound was refused now. Two slots, O(1) whatever
@@ -402,13 +462,16 @@ class IntakeBound:
             return self._grant_hold(tenant, n, records, limit, now)
         return self._wait_turn(tenant, n, records, limit, now)
 
-    def _wait_turn(self, tenant: str, n: int, records: int, limit: int, now: float) -> Refusal:
+    def _wait_turn(
+        self, tenant: str, n: int, records: int, limit: int, now: float, counted: bool = True
+    ) -> Refusal:
         """A large body that may not have the door now: in line, or told to wait out its
-        tenant's pause after its last large body (it takes a place in line after that)."""
+        tenant's pause after its last large body (it takes a place in line after that).
+        `counted`: its body was counted (not only its declared size, before it was read)."""
         paused = self._hold_paused.get(tenant, -math.inf) - now
         if paused > 0:
             return self._refuse_paused(limit, records, self._turn_wait(tenant, now))
-        return self._in_line(tenant, n, records, limit, now)
+        return self._in_line(tenant, n, records, limit, now, counted)
 
     def _grant_hold(self, tenant: str, n: int, records: int, limit: int, now: float) -> Refusal:
         retry_after = self._drain_seconds(records)
@@ -444,7 +507,9 @@ class IntakeBound:
 
     # -- the line of large senders: first refused, first served ---------------------------------
 
-    def _in_line(self, tenant: str, n: int, records: int, limit: int, now: float) -> Refusal:
+    def _in_line(
+        self, tenant: str, n: int, records: int, limit: int, now: float, counted: bool = True
+    ) -> Refusal:
         """Refuse a large body that is not first in line (or whose turn has not come), keeping
         or giving its tenant a place; Retry-After: about when its turn comes."""
         self._prune_line(now)
@@ -467,6 +532,8 @@ class IntakeBound:
         self._line_seen[tenant] = None
         self._line_seen.move_to_end(tenant)
         entry.records, entry.seen = n, now
+        if counted:
+            entry.let_through = None
         ahead = entry.seq - next(iter(line.values())).seq  # at most: some may have lapsed
         wait = self._head_wait(now) + ahead * self._turn_length(n, limit)
         retry_after = self._seconds(wait)
@@ -484,7 +551,7 @@ class IntakeBound:
         """Drop the senders who stopped re-sending: the first in line once past its lapse, and
         anyone silent longer than any lapse (oldest first). O(1) a request, amortized."""
         line, seen = self._line, self._line_seen
-        stale = now - self.cfg.max_retry_after_seconds - LARGE_HOLD_GRACE
+        stale = now - max(self.cfg.max_retry_after_seconds + LARGE_HOLD_GRACE, _BODY_WAIT)
         while seen:
             tenant = next(iter(seen))
             if line[tenant].seen > stale:

@@ -106,12 +106,13 @@ async def receive(service: WebhookHost, gate: Gate, request: Request) -> Respons
     codings = _codings(request.headers.get("content-encoding", ""))
     if isinstance(codings, Response):  # 415 before the body is read
         return codings
+    declared_size = request.headers.get("content-length", "")
+    declared_bytes = int(declared_size) if declared_size.isdigit() else 0
     try:  # a full intake refuses before the body is read: refusing must stay cheap
-        service.admission.check_open(tenant)
+        service.admission.check_open(tenant, declared_bytes)
     except Rejected as rej:
         return _refused(rej)
-    declared_size = request.headers.get("content-length", "")
-    refused = service.refuse_intake(int(declared_size) if declared_size.isdigit() else 0)
+    refused = service.refuse_intake(declared_bytes)
     if refused is not None:  # below the disk's low watermark: the rest is the pipeline's
         return _insufficient_storage(refused)
 

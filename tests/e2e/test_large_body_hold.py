@@ -118,3 +118,103 @@ def test_a_tenant_re_sending_a_large_body_in_a_loop_does_not_keep_another_out(
     assert {s for _, s in victim} <= {202, 429}, {s for _, s in victim}
     assert held[0] >= 1  # the door was held for the hostile tenant
     assert hostile.count(202) >= 1  # and its body is taken (it is not refused for good)
+
+
+def test_a_patient_large_sender_is_served_before_one_that_came_after_it_and_hammers(
+    tmp_path: Path,
+) -> None:
+    """Large senders wait in line, first refused first served (review: after a hold, the next
+    one went to whoever re-sent first, so tenants re-sending every 50 ms won it ahead of one
+    that retried as told). `hammer1` holds the door; `patient` is refused and retries as told;
+    then `hammer2` re-sends in a loop from 6 clients: `patient`'s body is taken first. Each
+    tenant sent a body before (a place is taken before a body is read only by a tenant that
+    authenticated once: docs/architecture.md)."""
+    config = tmp_path / "ingest.yaml"
+    config.write_text(
+        "tenants:\n"
+        + "".join(f"  {t}: {{rate: 1000000, burst: 1000000}}\n"
+                  for t in ("hammer1", "hammer2", "patient", "victim"))
+        + "admission:\n"
+        "  intake: {lag_budget_seconds: 0.1, min_backlog_records: 50,"
+        f" max_retry_after_seconds: {RETRY_CAP}}}\n"
+    )  # fmt: skip
+    svc = ServiceProcess(tmp_path / "d", config=config).start()
+    stop = threading.Event()
+    accepted: dict[str, list[float]] = {"hammer1": [], "hammer2": []}
+    hammer1_answered = threading.Event()  # hammer1 was refused (holds the door) or taken
+    errors: list[BaseException] = []
+
+    def send(tenant: str, k: int, pause: float) -> None:
+        with httpx.Client() as client:
+            i = 0
+            while not stop.is_set():
+                i += 1  # a new batch each time (an exact replay would be refused as one)
+                n = 10 if tenant == "victim" else LARGE
+                body = ndjson(tenant, f"{tenant}{k}-{i}", n)
+                try:
+                    r = svc.post_webhook(tenant, "shop", body, client=client,
+                                         content_type="application/x-ndjson")  # fmt: skip
+                    if tenant in accepted:
+                        hammer1_answered.set()
+                        if r.status_code == 202:
+                            accepted[tenant].append(time.monotonic())
+                except httpx.HTTPError as exc:
+                    errors.append(exc)
+                stop.wait(pause)
+
+    threads = [threading.Thread(target=send, args=("victim", 0, 0.25), daemon=True)]
+    patient_taken: float | None = None
+    patient_refusals: list[httpx.Response] = []
+    patient_sent: list[float] = []
+    try:
+        threads[0].start()
+        time.sleep(3)  # the victim alone first: the intake's size and rate get measured
+        for tenant in ("hammer1", "hammer2", "patient"):  # tenants this pod has seen before
+            r = svc.post_webhook(tenant, "shop", ndjson(tenant, "hello", 1),
+                                 content_type="application/x-ndjson")  # fmt: skip
+            assert r.status_code == 202, r.text
+        for k in range(3):
+            threads.append(threading.Thread(target=send, args=("hammer1", k, 0.05), daemon=True))
+            threads[-1].start()
+        assert hammer1_answered.wait(30)
+        with httpx.Client() as client:
+            deadline = time.monotonic() + 90
+            i = 0
+            while time.monotonic() < deadline:
+                i += 1
+                patient_sent.append(time.monotonic())
+                r = svc.post_webhook("patient", "shop", ndjson("patient", f"p{i}", LARGE),
+                                     client=client, content_type="application/x-ndjson",
+                                     timeout=30)  # fmt: skip
+                if r.status_code == 202:
+                    patient_taken = time.monotonic()
+                    break
+                assert r.status_code == 429, r.text
+                patient_refusals.append(r)
+                if len(patient_refusals) == 1:  # in line: now the second hammerer comes
+                    for k in range(6):
+                        threads.append(threading.Thread(
+                            target=send, args=("hammer2", k, 0.05), daemon=True))  # fmt: skip
+                        threads[-1].start()
+                time.sleep(float(r.headers["Retry-After"]))  # as told
+        time.sleep(2)
+        stop.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        stop.set()
+        svc.stop()
+
+    hammer2 = accepted["hammer2"]
+    print(f"patient: taken after {len(patient_refusals)} refusals; hammer1: "
+          f"{len(accepted['hammer1'])} taken; hammer2: {len(hammer2)} taken; "
+          f"errors {len(errors)}")  # fmt: skip
+    assert patient_taken is not None, [r.text for r in patient_refusals[-3:]]
+    assert all(int(r.headers["Retry-After"]) <= RETRY_CAP for r in patient_refusals)
+    # taken before any body of the tenant that was refused after it, however hard it tried
+    assert not hammer2 or patient_taken < hammer2[0], (
+        patient_taken,
+        hammer2[:3],
+        patient_sent,
+        [r.text for r in patient_refusals],
+    )

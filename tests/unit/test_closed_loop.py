@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ingest.config import AdmissionConfig, IntakeBoundConfig, TenantLimits
 from ingest.pipeline.admission import THROTTLE_WINDOW, Admission, BackpressureState, Rejected
-from ingest.pipeline.closed_loop import LARGE_HOLD_GRACE, SAMPLE_SECONDS, IntakeBound
+from ingest.pipeline.closed_loop import LARGE_HOLD_GRACE, SAMPLE_SECONDS, IntakeBound, Refusal
 
 
 class Clock:
@@ -860,7 +860,8 @@ def test_large_senders_in_line_and_small_senders_refused_for_a_bounded_time(
         b.observe(pipe.size, pipe.size * 10)
         if len(served) == len(large) and clock.now > max(served.values()) + 60:
             break
-    arrival = sorted(range(len(large)), key=lambda i: (large[i][0], i))
+    # first sent at the first step from its start; at one step, in the order of the loop
+    arrival = sorted(range(len(large)), key=lambda i: (math.ceil(large[i][0] / dt), i))
     assert sorted(served, key=lambda i: served[i]) == arrival, (served, large)
     # one hold, the drain of the largest body down to the bound, two rounded Retry-Afters,
     # a batch and a step
@@ -933,3 +934,85 @@ def test_a_tenant_just_served_takes_no_place_in_line_before_its_pause_ends() -> 
     assert again is not None and "number 1 in line" in again.reason
     assert b.check(8_000, 80_000, "big") is not None
     assert b.snapshot()["hold_queue"] == ["late", "big"]
+
+
+def test_a_large_sender_refused_before_its_body_is_read_takes_its_place_in_line() -> None:
+    """End to end, every request is refused before its body is read while the backlog is at
+    its bound, so a large sender never reached its place: the one let through when the backlog
+    fell below it was whoever re-sent first. The declared size (bytes / bytes per record the
+    intake holds) tells a large body's sender: refused, it takes its place; first in line with
+    its turn come, it is let through so its body is counted."""
+    clock = Clock()
+    b = _measured(clock)
+    for tenant in ("holder", "patient", "hammer"):
+        assert admit(b, 1, 10, tenant)  # a body of each was counted: they authenticated
+    b.observe(6_000, 60_000)  # over the bound (5,000): 10 bytes a record
+    assert b.check_open("small", 100) is not None  # a small body: refused as before
+    assert b.check_open("stranger", 80_000) is not None  # never authenticated: no place
+    assert b.snapshot()["hold_queue"] == []
+    assert b.check_open("holder", 80_000) is None  # about 8,000 records, no one in line
+    assert b.check(8_000, 80_000, "holder") is not None and b.hold is not None
+    first = b.check_open("patient", 80_000)
+    assert first is not None and "number 1 in line" in first.reason
+    clock.now = 0.5
+    late = b.check_open("hammer", 80_000)
+    assert late is not None and "number 2 in line" in late.reason
+    assert b.snapshot()["hold_queue"] == ["patient", "hammer"]
+    pipe = Pipeline(1_000.0)
+    add(pipe, 6_000, 0.0)
+    next_patient, taken = first.retry_after, []
+
+    def send(tenant: str) -> Refusal | None:
+        refusal = b.check_open(tenant, 80_000)
+        if refusal is None:  # the body is read and counted
+            refusal = b.check(8_000, 80_000, tenant)
+            if refusal is None:
+                b.reserve(8_000, 80_000)
+                b.settle(8_000, 80_000, appended=True)
+                add(pipe, 8_000, clock.now)
+                taken.append(tenant)
+        return refusal
+
+    while len(taken) < 3 and clock.now < 300:
+        clock.now += 0.5
+        b.drained(pipe.run(0.5, clock.now))
+        pipe.credit = min(pipe.credit, pipe.batch)  # idle capacity is not banked
+        b.observe(pipe.size, pipe.size * 10)
+        for tenant in ("holder", "hammer"):  # every half second, before the patient
+            if tenant not in taken:
+                send(tenant)
+        if "patient" not in taken and clock.now >= next_patient:
+            refusal = send("patient")
+            if refusal is not None:
+                next_patient = clock.now + refusal.retry_after
+    assert taken == ["holder", "patient", "hammer"], (taken, clock.now)
+
+
+def test_a_first_in_line_let_through_that_sends_no_body_loses_its_place() -> None:
+    """Let past the check before its body is read (its turn), a tenant whose large body is
+    not counted within 10 s (only headers, a signature that fails) goes to the back."""
+    clock = Clock()
+    b = _measured(clock)
+    for tenant in ("holder", "headers", "real"):
+        assert admit(b, 1, 10, tenant)
+    b.observe(6_000, 60_000)
+    assert b.check(8_000, 80_000, "holder") is not None and b.hold is not None
+    assert b.check_open("headers", 80_000) is not None  # number 1 in line
+    assert b.check(8_000, 80_000, "real") is not None  # number 2
+    clock.now = 16.0  # the hold lapses; the others' turn until 32
+    b.observe(6_000, 60_000)
+    for t in range(16, 32, 4):
+        clock.now = float(t)
+        assert b.check_open("headers", 80_000) is not None
+        assert b.check(8_000, 80_000, "real") is not None
+    assert b.snapshot()["hold_queue"] == ["headers", "real"]
+    clock.now = 33.0
+    assert b.check_open("headers", 80_000) is None  # its turn: let through ...
+    clock.now = 40.0
+    assert b.check_open("headers", 80_000) is None  # ... for 10 s
+    assert b.check(8_000, 80_000, "real") is not None
+    clock.now = 43.0
+    assert b.check_open("headers", 80_000) is not None  # no body of it came: to the back
+    assert b.snapshot()["hold_queue"] == ["real", "headers"]
+    refusal = b.check(8_000, 80_000, "real")
+    assert refusal is not None and b.hold is not None and b.hold.tenant == "real"
