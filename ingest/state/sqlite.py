@@ -67,8 +67,8 @@ _IDEM_DAY_DDL = (
 # into this small tree the same batch dirties a few hundred pages, and the merge writes each
 # page of the day's table about once per RECENT_KEYS keys. Measured on 32-byte keys in
 # 2,000-key claims (CPU per key): 200k keys 7.5-10.4 -> 5.1-6.2 µs, 1M keys 16.5 -> 8.3 µs.
-# The merge goes by key range, one of MERGE_SLICES per claim (a claim waits for an eighth of
-# a merge, not all of it; each page of the day's table is still written once per merge).
+# The merge goes by key range, one of MERGE_SLICES per claim (a claim waits for a 32nd of a
+# merge, not all of it; each page of the target is still written once per merge).
 # Once the day's table outgrew RECENT_KEYS pages (~3M keys: ~60 keys a page) that merge
 # dirtied about a page per key again (state thread 10 -> 23 µs/key from 250k to 2M keys), so
 # a middle level (migration 14) sits between: the recent claims merge into `idem_mid`, which
@@ -78,9 +78,15 @@ _IDEM_DAY_DDL = (
 IDEM_RECENT = "idem_recent"
 IDEM_MID = "idem_mid"
 RECENT_KEYS = 50_000
-MERGE_SLICES = 8
+# Slices sized so that a merge lasts about as many claims as its level takes to fill at a
+# steady rate (2,000-key claims: 50k keys ~ 25 claims, 500k ~ 250): the moves are spread over
+# the claims instead of bunched. With 8 and 64 the steady bench's state thread went from
+# ~25 to 42-47 us a record for ~10 s about every 40 s, and the backlog from 2k to 46k records
+# (p95 lag 3.2 s, 2026-12-01 21:27). A merge still due when the next one is (a faster rate)
+# simply goes on: one slice per claim, each a fixed share of a level that grew meanwhile.
+MERGE_SLICES = 32
 MID_KEYS = 500_000
-MID_SLICES = 64
+MID_SLICES = 256
 
 
 def key_range(part: int, slices: int) -> tuple[str, tuple[bytes, ...]]:
@@ -439,7 +445,7 @@ class SQLiteIdempotencyStore:
     """Implements IdempotencyStore: 32-byte keys as BLOBs with their claim time, in three
     levels, each merged into the next in sorted key ranges (an LSM of two small levels over
     the days' tables). A claim goes to `idem_recent` (migration 13); every `recent_keys`
-    claimed keys the store moves them, in MERGE_SLICES key ranges (one per claim, one
+    claimed keys the store moves them, in `recent_slices` key ranges (one per claim, one
     transaction each), into `idem_mid` (migration 14); every `mid_keys` keys moved there it
     moves those, in `mid_slices` ranges, into the table of their UTC claim day
     (`idem_YYYYMMDD`, migration 12). A move inserts and deletes in one transaction, so a key
@@ -457,6 +463,7 @@ class SQLiteIdempotencyStore:
         recent_keys: int = RECENT_KEYS,
         mid_keys: int = MID_KEYS,
         mid_slices: int = MID_SLICES,
+        recent_slices: int = MERGE_SLICES,
     ) -> None:
         self._db = db
         self._ttl = ttl_seconds
@@ -464,6 +471,7 @@ class SQLiteIdempotencyStore:
         self._recent_keys = recent_keys
         self._mid_keys = mid_keys
         self._mid_slices = mid_slices
+        self._recent_slices = recent_slices
         # Read and written only in the DB thread: the day table known to exist, when the
         # oldest table in the file expires whole, the keys this store claimed into
         # `idem_recent` / moved into `idem_mid` since that level's last merge (None: not
@@ -563,15 +571,15 @@ class SQLiteIdempotencyStore:
         if self._slice is None:
             self._slice, self._recent = 0, 0
         part = self._slice
-        self._slice = part + 1 if part + 1 < MERGE_SLICES else None
+        self._slice = part + 1 if part + 1 < self._recent_slices else None
         with immediate(c):
             self._merge_in(c, now, part)
 
     def _merge_in(self, c: sqlite3.Connection, now: float, part: int | None = None) -> None:
         """Inside a write transaction: move the unexpired keys of `idem_recent` (all, or
-        those of key range `part` of MERGE_SLICES) to `idem_mid`, sorted, and delete them
+        those of key range `part` of `recent_slices`) to `idem_mid`, sorted, and delete them
         there (expired keys just go)."""
-        where, bounds = key_range(part, MERGE_SLICES) if part is not None else ("", ())
+        where, bounds = key_range(part, self._recent_slices) if part is not None else ("", ())
         if part is None:
             self._slice, self._recent = None, 0
         moved = c.execute(

@@ -168,7 +168,7 @@ async def test_idempotency_claims_wait_in_idem_recent_then_move_to_idem_mid(
     range (an eighth of the key space) to `idem_mid`, until all eight were; a key is seen
     wherever it is; a store opened afresh on the file (a restart) merges what waits."""
     clock = FakeClock()
-    store = SQLiteIdempotencyStore(db, clock=clock, recent_keys=3)
+    store = SQLiteIdempotencyStore(db, clock=clock, recent_keys=3, recent_slices=8)
     k = [bytes([i * 32]) * 32 for i in range(8)]  # k[i] is in key range i
 
     async def tables() -> tuple[list[bytes], list[bytes]]:
@@ -185,7 +185,7 @@ async def test_idempotency_claims_wait_in_idem_recent_then_move_to_idem_mid(
         await store.claim([key])
     assert await tables() == ([k[0]], k[1:])  # range 0 went before k[0] came
     assert await store.seen(k) == [True] * 8
-    restarted = SQLiteIdempotencyStore(db, clock=clock, recent_keys=3)
+    restarted = SQLiteIdempotencyStore(db, clock=clock, recent_keys=3, recent_slices=8)
     await restarted.claim([k[3]])
     assert await tables() == ([], k)
     assert await _keys_of(db, idem_table(int(T0 // DAY))) == []  # mid_keys not reached
@@ -199,7 +199,7 @@ async def test_idempotency_idem_mid_moves_to_the_days_by_key_range(db: SQLiteDB)
     day = int(T0 // DAY)
     clock = FakeClock(day * DAY + DAY - 100)  # 100 s before midnight
     store = SQLiteIdempotencyStore(
-        db, ttl_seconds=DAY, clock=clock, recent_keys=1, mid_keys=4, mid_slices=4
+        db, ttl_seconds=DAY, clock=clock, recent_keys=1, mid_keys=4, mid_slices=4, recent_slices=8
     )
     k = [bytes([i * 64]) * 32 for i in range(4)]  # k[i] is in mid range i
     late = [bytes([i * 64 + 1]) * 32 for i in range(4)]
@@ -295,6 +295,7 @@ _action = st.one_of(
     recent_keys=st.sampled_from([1, 2, 5]),
     mid_keys=st.sampled_from([1, 3, 10]),
     mid_slices=st.sampled_from([1, 2, 3, 64]),
+    recent_slices=st.sampled_from([1, 3, 8, 32]),
 )
 def test_idempotency_property_through_the_levels(
     actions: list[tuple[str, Any]],
@@ -303,6 +304,7 @@ def test_idempotency_property_through_the_levels(
     recent_keys: int,
     mid_keys: int,
     mid_slices: int,
+    recent_slices: int,
 ) -> None:
     """Any interleaving of claims, time passing (days turning, tables dropped), restarts and
     reopenings, with the levels merging often and in any number of key ranges: after every
@@ -318,7 +320,7 @@ def test_idempotency_property_through_the_levels(
             def new_store() -> SQLiteIdempotencyStore:
                 return SQLiteIdempotencyStore(
                     db, ttl_seconds=ttl, clock=clock, recent_keys=recent_keys,
-                    mid_keys=mid_keys, mid_slices=mid_slices,
+                    mid_keys=mid_keys, mid_slices=mid_slices, recent_slices=recent_slices,
                 )  # fmt: skip
 
             store = new_store()
