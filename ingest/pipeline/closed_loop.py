@@ -478,20 +478,23 @@ class IntakeBound:
         self._hold = Hold(tenant, now, now + retry_after + LARGE_HOLD_GRACE, limit, n)
         self._door_since = now
         return Refusal(
-            f"this request is larger than the {limit:,} records the pipeline "
-            f"delivers within the {self.cfg.lag_budget_seconds:g} s lag budget: it is taken "
+            f"{self._too_large(limit)}: it is taken "
             f"alone, once the {records:,} records ahead of it are delivered (new requests "
             f"wait meanwhile, for at most {self._hold.length:.0f} s); retry in "
             f"{retry_after:.0f} s",
             retry_after,
         )
 
-    def _refuse_paused(self, limit: int, records: int, wait: float) -> Refusal:
-        retry_after = self._seconds(wait)
-        what = (
+    def _too_large(self, limit: int) -> str:
+        """The start of every refusal of a body larger than the bound."""
+        return (
             f"this request is larger than the {limit:,} records the pipeline delivers "
             f"within the {self.cfg.lag_budget_seconds:g} s lag budget"
         )
+
+    def _refuse_paused(self, limit: int, records: int, wait: float) -> Refusal:
+        retry_after = self._seconds(wait)
+        what = self._too_large(limit)
         if records == 0:
             return Refusal(
                 f"{what}, and so was one taken just before: requests of others that are "
@@ -514,10 +517,7 @@ class IntakeBound:
         or giving its tenant a place; Retry-After: about when its turn comes."""
         self._prune_line(now)
         line = self._line
-        what = (
-            f"this request is larger than the {limit:,} records the pipeline delivers "
-            f"within the {self.cfg.lag_budget_seconds:g} s lag budget"
-        )
+        what = self._too_large(limit)
         entry = line.get(tenant)
         if entry is None:
             if len(line) >= _QUEUE_KEPT:
