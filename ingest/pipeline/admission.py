@@ -18,10 +18,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from ingest.config import AdmissionConfig, TenantLimits
-from ingest.pipeline.closed_loop import IntakeBound, Refusal
+from ingest.pipeline.closed_loop import IntakeBound, Let, Refusal
 from ingest.timefmt import iso
 
 # Seconds a wait or refusal keeps the state "throttled": long enough that an operator polling
@@ -248,7 +248,7 @@ class Admission:
         self._throttle_reason = reason
         self._refresh()
 
-    def _refuse_full(self, refusal: Refusal) -> None:
+    def _refuse_full(self, refusal: Refusal) -> NoReturn:
         self.intake.refused += 1
         if refusal.never:  # the request is refused, not the intake full: no throttled state
             raise Rejected(BackpressureState.THROTTLED, refusal.reason, too_large=True)
@@ -262,20 +262,38 @@ class Admission:
         if st is BackpressureState.DRAIN:
             raise Rejected(st, "ingest is draining: finishing in-flight work, accepting none")
 
-    def check_open(self, tenant: str = "", declared_bytes: int = 0) -> None:
+    def check_open(
+        self,
+        tenant: str = "",
+        declared_bytes: int = 0,
+        source: str = "",
+        authenticated: bool = False,
+    ) -> Let | None:
         """Push path, before reading a body: raise Rejected if nothing could be admitted now
         (paused, draining, or the intake backlog at its bound), so refusing costs no parsing.
-        `declared_bytes` (Content-Length) tells a large body's sender its place in line."""
+        `declared_bytes` (Content-Length) tells a large body's sender its place in line;
+        `source`: the peer host; `authenticated`: the headers alone authenticated it (an API
+        key). A `Let` (a large sender's turn at the bound) must be handed back to `body_read`
+        once the body was read (or not), whatever came of it."""
         self._refuse_if_closed()
-        refusal = self.intake.check_open(tenant, declared_bytes)
-        if refusal is not None:
-            self._refuse_full(refusal)
+        answer = self.intake.check_open(tenant, declared_bytes, source, authenticated)
+        if isinstance(answer, Refusal):
+            self._refuse_full(answer)
+        return answer
 
-    async def try_admit(self, tenant: str, n: int, nbytes: int = 0) -> None:
+    def body_read(self, let: Let) -> None:
+        """The body of a `Let` from `check_open` was read (or not), whatever came of it."""
+        self.intake.body_read(let)
+
+    def auth_failed(self, tenant: str, source: str) -> None:
+        """A webhook naming `tenant` from peer host `source` failed authentication."""
+        self.intake.auth_failed(tenant, source)
+
+    async def try_admit(self, tenant: str, n: int, nbytes: int = 0, source: str = "") -> None:
         """Push path: admit n records (nbytes) into the intake now or raise Rejected; never
         waits (one limiter call). Admitted records count in the intake backlog at once; the
         caller reports the end of its append with `appended`. A request the intake bound
-        refuses takes no tokens."""
+        refuses takes no tokens. `source`: the peer host it came from (authenticated)."""
         self._refuse_if_closed()
         if n <= 0:
             return
@@ -288,7 +306,7 @@ class Admission:
                 f"{lim.burst:,.0f} records; it can never be accepted as it is",
                 too_large=True,
             )
-        refusal = self.intake.check(n, nbytes, tenant)
+        refusal = self.intake.check(n, nbytes, tenant, source)
         if refusal is not None:
             self._refuse_full(refusal)
         self.intake.reserve(n, nbytes)  # before the await: concurrent requests see it

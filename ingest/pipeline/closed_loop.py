@@ -37,9 +37,11 @@ else out for as long as it went on. The rules now (a "large body" is one over th
   The door refuses before reading a body while the backlog is at its bound, so the place is
   also taken there, from the declared size (`check_open`: bytes / the bytes per record the
   intake holds; a compressed body is underestimated and races as before), by a tenant whose
-  body was counted before (that is before authentication: a tenant never seen by this pod
-  gets its place once its first body is counted); the first in line is let through there,
-  and goes to the back if no large body of it is counted within `LARGE_HOLD_GRACE` s.
+  body was counted before from the same peer host (that is before authentication, so only a
+  host that authenticated as the tenant, and failed no signature since, acts on the line for
+  it; a tenant never seen by this pod gets its place once its first body is counted); the
+  first in line is let through there, one body read at a time, and leaves the line if no
+  large body of it is counted within `LARGE_HOLD_GRACE` s.
 - One hold at a time, for the first in line (or a large sender when no one is in line),
   granted when its large body is refused behind a non-empty intake and the others have had
   their turn. Its end is fixed when granted: G = the drain time of the backlog ahead (at most
@@ -88,6 +90,7 @@ _QUEUE_KEPT = 1024  # large senders waiting in line at most (a full line: 429, n
 _QUEUE_SHOWN = 10  # the first of them shown by /health/detailed
 _KNOWN_KEPT = 4096  # tenants whose body was counted (authenticated), the latest
 _BODY_WAIT = 3 * LARGE_HOLD_GRACE  # a place let through before its body is read waits so long
+_READ_KEPT = 600.0  # a body let through not handed back (never: `body_read` in a finally) so long
 DEFAULT_RECORD_BYTES = 512.0  # bytes per record assumed before any observation
 
 
@@ -127,6 +130,17 @@ class _InLine:
     let_through: float | None = None  # first let past the check before its body was read
 
 
+@dataclass(frozen=True, slots=True)
+class Let:
+    """A body let through `check_open` at the bound (the first in line's turn): read it, then
+    hand this back to `body_read` whatever became of it. One at a time."""
+
+    tenant: str
+    source: str  # the peer host it came from
+    ticket: int
+    at: float
+
+
 class IntakeBound:
     """The backlog bound for one intake; see the module docstring. Not thread-safe (one loop)."""
 
@@ -153,7 +167,11 @@ class IntakeBound:
         self._line: OrderedDict[str, _InLine] = OrderedDict()  # large senders, first refused first
         self._line_seen: OrderedDict[str, None] = OrderedDict()  # the same, last re-sent last
         self._line_seq = 0
-        self._known: OrderedDict[str, None] = OrderedDict()  # a body of it was counted
+        # (tenant, peer host): a request of that tenant from that host authenticated (a body
+        # counted, or an API key); only these act on the line before authentication
+        self._known: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._reading: Let | None = None  # the one body read at the bound before authentication
+        self._tickets = 0
         # the newest refusal of a request within the bound, and the newest of another tenant:
         # enough to tell whether a tenant other than a given one was refused since a time
         self._refused_last: tuple[str | None, float] = (None, -math.inf)
@@ -257,42 +275,49 @@ class IntakeBound:
             return math.inf if self.backlog_records else 0.0
         return self.backlog_records / self._rate
 
-    def check(self, n: int, nbytes: int, tenant: str = "") -> Refusal | None:
+    def check(self, n: int, nbytes: int, tenant: str = "", source: str = "") -> Refusal | None:
         """Would n records (nbytes) from `tenant` fit now? Refusal with Retry-After if not;
         never waits.
 
         n = 0 asks whether anything fits (the HTTP layer asks before reading a body). Until
         the intake's size has been observed once the bound is not enforced: an intake that
-        cannot tell its size (the Kafka topic, for now) is not refused on a guess."""
+        cannot tell its size (the Kafka topic, for now) is not refused on a guess. `source`:
+        the peer host (n > 0: it authenticated as `tenant`)."""
         large = n > self.limit_records
         if n > 0:  # a body counted: its sender was authenticated
-            self._known[tenant] = None
-            self._known.move_to_end(tenant)
-            if len(self._known) > _KNOWN_KEPT:
-                self._known.popitem(last=False)
+            self._know(tenant, source)
         refusal = self._check(n, nbytes, tenant)
         if refusal is not None and not refusal.never and not large:
             self._note_refused(tenant, self._clock())
         return refusal
 
-    def check_open(self, tenant: str, declared_bytes: int = 0) -> Refusal | None:
+    def check_open(
+        self, tenant: str, declared_bytes: int = 0, source: str = "", authenticated: bool = False
+    ) -> Refusal | Let | None:
         """`check(0, 0, tenant)`, before a body is read, knowing its declared size. Refused
         there, a large sender would never reach its place in line: every request is refused
         before its body is read while the backlog is at its bound, and the one let through
         when it falls below is whoever re-sends first. So a body whose declared size is more
         records than the bound (at the bytes per record the intake holds; a compressed body
         is underestimated) is taken for a large body's: refused, its tenant takes or keeps a
-        place in line (Retry-After: its turn); first in line with its turn come, it is let
-        through, and its body, counted, decides (the hold).
+        place in line (Retry-After: its turn); first in line with its turn come (or the line
+        empty), it is let through (a `Let`: hand it back to `body_read`), and its body,
+        counted, decides (the hold).
 
-        This runs before authentication: only a tenant whose body was counted before (it
-        authenticated then) takes a place here, and the first in line let through here loses
-        its place (to the back) if no large body of it is counted within LARGE_HOLD_GRACE s:
-        a client that only sends headers cannot keep the others behind it."""
+        This runs before the signature (over the body) can be checked, so nothing here acts
+        on the line unless a request of `tenant` from the same peer host `source` has
+        authenticated before (`authenticated`: it has now, an API key) and none from there
+        has failed since (`body_read`): a client elsewhere that knows a tenant's name cannot
+        give it a place, keep its place alive, take or spend its turn, nor have a body read.
+        At the bound one body is read at a time this way (the others: 429, retry in 1 s), and
+        the first in line let through that has no large body counted within
+        LARGE_HOLD_GRACE s loses its place (it joins at the back if it sends again)."""
         refusal = self.check(0, 0, tenant)
         if refusal is None or declared_bytes <= 0 or self._observed_at is None:
             return refusal
-        if tenant not in self._known:
+        if authenticated:
+            self._know(tenant, source)
+        elif (tenant, source) not in self._known:
             return refusal
         limit, now = self.limit_records, self._clock()
         records = math.ceil(declared_bytes / self._record_bytes)
@@ -307,8 +332,10 @@ class IntakeBound:
         head = next(iter(self._line), None)
         if (head is None or head == tenant) and self._turn_wait(tenant, now) <= 0:
             entry = self._line.get(tenant)
-            if entry is None:
-                return None
+            if entry is None:  # the line is empty: first in it, let through now
+                self._line_seq += 1
+                entry = self._line[tenant] = _InLine(self._line_seq, records, now, now)
+                self._line_seen[tenant] = None
             if entry.let_through is None:
                 entry.let_through = now
                 # its body is being read (slowly, on a loaded host): its place waits for it
@@ -316,9 +343,39 @@ class IntakeBound:
                 entry.seen = now
                 self._line_seen.move_to_end(tenant)
             if now - entry.let_through < LARGE_HOLD_GRACE:
-                return None
+                if self._reading is not None and now - self._reading.at > _READ_KEPT:
+                    self._reading = None
+                if self._reading is not None:
+                    return Refusal(
+                        f"{self._too_large(limit)}: it is this tenant's turn, and another "
+                        "request of it is being read; one is read at a time: retry in 1 s",
+                        1.0,
+                    )
+                self._tickets += 1
+                self._reading = Let(tenant, source, self._tickets, now)
+                return self._reading
             self._leave_line(tenant)  # let through, no large body of it counted: to the back
         return self._wait_turn(tenant, records, self.backlog_records, limit, now, False)
+
+    def body_read(self, let: Let) -> None:
+        """The body let through by `check_open` was read (or never came whole) and counted or
+        refused: the next one may be read. Its tenant's turn runs on (LARGE_HOLD_GRACE s from
+        its first let-through); a signature that failed takes its host's right to act on the
+        line before authentication (`auth_failed`), so a client elsewhere never gets here."""
+        if self._reading is not None and self._reading.ticket == let.ticket:
+            self._reading = None
+
+    def auth_failed(self, tenant: str, source: str) -> None:
+        """A request naming `tenant` from host `source` failed authentication: nothing from
+        there acts on the line for it before authentication until one authenticates again."""
+        self._known.pop((tenant, source), None)
+
+    def _know(self, tenant: str, source: str) -> None:
+        key = (tenant, source)
+        self._known[key] = None
+        self._known.move_to_end(key)
+        if len(self._known) > _KNOWN_KEPT:
+            self._known.popitem(last=False)
 
     def _note_refused(self, tenant: str, now: float) -> None:
         """A request of `tenant` within the bound was refused now. Two slots, O(1) whatever
@@ -559,7 +616,13 @@ class IntakeBound:
             del seen[tenant], line[tenant]
         while line:
             tenant, entry = next(iter(line.items()))
-            if entry.lapses > now:
+            reading = self._reading is not None and self._reading.tenant == tenant
+            turn_over = (
+                entry.let_through is not None
+                and now - entry.let_through >= LARGE_HOLD_GRACE
+                and not reading
+            )
+            if entry.lapses > now and not turn_over:
                 break
             del line[tenant], seen[tenant]
 

@@ -30,6 +30,7 @@ from starlette.responses import Response
 from ingest.api.auth import Gate, peer
 from ingest.api.body import BodyTooLarge, BodyTooSlow, read_body
 from ingest.api.responses import error, json_response
+from ingest.auth.guard import WebhookCheck
 from ingest.config import Config
 from ingest.errors import DiskFull, StoreUnavailable, is_disk_full
 from ingest.formats import FEED_FIRST, GZIP_WBITS, INFLATE_STEP, only_nul_padding
@@ -108,18 +109,40 @@ async def receive(service: WebhookHost, gate: Gate, request: Request) -> Respons
         return codings
     declared_size = request.headers.get("content-length", "")
     declared_bytes = int(declared_size) if declared_size.isdigit() else 0
+    host = request.client.host if request.client else ""
     try:  # a full intake refuses before the body is read: refusing must stay cheap
-        service.admission.check_open(tenant, declared_bytes)
+        let = service.admission.check_open(
+            tenant, declared_bytes, host, authenticated=check.identity is not None
+        )
     except Rejected as rej:
         return _refused(rej)
-    refused = service.refuse_intake(declared_bytes)
+    try:
+        return await _read_and_take(service, gate, request, check, tenant, source, codings, host)
+    finally:
+        if let is not None:  # one body read at a time at the bound: the next one's turn
+            service.admission.body_read(let)
+
+
+async def _read_and_take(
+    service: WebhookHost,
+    gate: Gate,
+    request: Request,
+    check: WebhookCheck,
+    tenant: str,
+    source: str,
+    codings: list[str],
+    host: str,
+) -> Response:
+    """The rest of `receive` once the headers and the intake's bound passed."""
+    declared = request.headers.get("content-length")
+    refused = service.refuse_intake(int(declared) if declared and declared.isdigit() else 0)
     if refused is not None:  # below the disk's low watermark: the rest is the pipeline's
         return _insufficient_storage(refused)
 
     limit = service.config.http.max_body_bytes
-    declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        return error(413, "body_too_large", f"body is {declared} bytes; the limit is {limit}")
+        too_large = f"body is {declared} bytes; the limit is {limit}"
+        return error(413, "body_too_large", too_large)
     http = service.config.http
     try:
         body = await read_body(
@@ -136,20 +159,22 @@ async def receive(service: WebhookHost, gate: Gate, request: Request) -> Respons
         return error(408, "request_timeout", str(exc), headers={"Connection": "close"})
     who = await gate.webhook_body(check, body)  # the signature, before anything is stored
     if isinstance(who, Response):
+        if who.status_code == 401:  # its host acts on the line for it only once authenticated
+            service.admission.auth_failed(tenant, host)
         return who
     decoded = _decode(body, codings, limit)  # the signature was over the bytes sent
     if isinstance(decoded, Response):
         response = decoded
     else:
         content_type = request.headers.get("content-type", "")
-        response = await _take(service, tenant, source, decoded, content_type)
+        response = await _take(service, tenant, source, decoded, content_type, host)
     if response.status_code != 202:
         await gate.release(check)  # not accepted: the sender may send the same request again
     return response
 
 
 async def _take(
-    service: WebhookHost, tenant: str, source: str, body: bytes, content_type: str
+    service: WebhookHost, tenant: str, source: str, body: bytes, content_type: str, host: str
 ) -> Response:
     """Split an authenticated body into records, admit them and make them durable (202)."""
     intake = service.intake
@@ -168,7 +193,7 @@ async def _take(
 
     admission = service.admission
     try:
-        await admission.try_admit(tenant, len(lines), len(body))
+        await admission.try_admit(tenant, len(lines), len(body), host)
     except Rejected as rej:
         return _refused(rej)
 

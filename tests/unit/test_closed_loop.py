@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ingest.config import AdmissionConfig, IntakeBoundConfig, TenantLimits
 from ingest.pipeline.admission import THROTTLE_WINDOW, Admission, BackpressureState, Rejected
-from ingest.pipeline.closed_loop import LARGE_HOLD_GRACE, SAMPLE_SECONDS, IntakeBound, Refusal
+from ingest.pipeline.closed_loop import LARGE_HOLD_GRACE, SAMPLE_SECONDS, IntakeBound, Let, Refusal
 
 
 class Clock:
@@ -950,27 +950,32 @@ def test_a_large_sender_refused_before_its_body_is_read_takes_its_place_in_line(
     assert b.check_open("small", 100) is not None  # a small body: refused as before
     assert b.check_open("stranger", 80_000) is not None  # never authenticated: no place
     assert b.snapshot()["hold_queue"] == []
-    assert b.check_open("holder", 80_000) is None  # about 8,000 records, no one in line
+    let = b.check_open("holder", 80_000)  # about 8,000 records, no one in line: let through
+    assert isinstance(let, Let)
     assert b.check(8_000, 80_000, "holder") is not None and b.hold is not None
+    b.body_read(let)
     first = b.check_open("patient", 80_000)
-    assert first is not None and "number 1 in line" in first.reason
+    assert isinstance(first, Refusal) and "number 1 in line" in first.reason
     clock.now = 0.5
     late = b.check_open("hammer", 80_000)
-    assert late is not None and "number 2 in line" in late.reason
+    assert isinstance(late, Refusal) and "number 2 in line" in late.reason
     assert b.snapshot()["hold_queue"] == ["patient", "hammer"]
     pipe = Pipeline(1_000.0)
     add(pipe, 6_000, 0.0)
     next_patient, taken = first.retry_after, []
 
     def send(tenant: str) -> Refusal | None:
-        refusal = b.check_open(tenant, 80_000)
-        if refusal is None:  # the body is read and counted
-            refusal = b.check(8_000, 80_000, tenant)
-            if refusal is None:
-                b.reserve(8_000, 80_000)
-                b.settle(8_000, 80_000, appended=True)
-                add(pipe, 8_000, clock.now)
-                taken.append(tenant)
+        let = b.check_open(tenant, 80_000)
+        if isinstance(let, Refusal):
+            return let
+        refusal = b.check(8_000, 80_000, tenant)  # the body is read and counted
+        if refusal is None:
+            b.reserve(8_000, 80_000)
+            b.settle(8_000, 80_000, appended=True)
+            add(pipe, 8_000, clock.now)
+            taken.append(tenant)
+        if let is not None:
+            b.body_read(let)
         return refusal
 
     while len(taken) < 3 and clock.now < 300:
@@ -1007,12 +1012,75 @@ def test_a_first_in_line_let_through_that_sends_no_body_loses_its_place() -> Non
         assert b.check(8_000, 80_000, "real") is not None
     assert b.snapshot()["hold_queue"] == ["headers", "real"]
     clock.now = 33.0
-    assert b.check_open("headers", 80_000) is None  # its turn: let through ...
+    let = b.check_open("headers", 80_000)  # its turn: let through ...
+    assert isinstance(let, Let)
+    busy = b.check_open("headers", 80_000)  # (one body read at a time)
+    assert isinstance(busy, Refusal) and busy.retry_after == 1.0
+    b.body_read(let)  # (no body came)
     clock.now = 40.0
-    assert b.check_open("headers", 80_000) is None  # ... for 10 s
+    assert isinstance(b.check_open("headers", 80_000), Let)  # ... for 10 s
     assert b.check(8_000, 80_000, "real") is not None
     clock.now = 43.0
-    assert b.check_open("headers", 80_000) is not None  # no body of it came: to the back
+    assert isinstance(b.check_open("headers", 80_000), Refusal)  # no body came: to the back
     assert b.snapshot()["hold_queue"] == ["real", "headers"]
     refusal = b.check(8_000, 80_000, "real")
     assert refusal is not None and b.hold is not None and b.hold.tenant == "real"
+
+
+def test_only_a_host_that_authenticated_as_a_tenant_acts_on_the_line_before_its_body() -> None:
+    """Review of 2026-12-01: the line is kept before the signature (over the body) is checked,
+    so a client that knew a tenant's name could take, keep and spend its place and have bodies
+    read at the bound. Only a (tenant, peer host) pair that authenticated acts there now; a
+    signature that fails takes that from its host; one body is read at a time."""
+    clock = Clock()
+    b = _measured(clock)
+    for tenant in ("honest", "other"):
+        assert b.check(1, 10, tenant, "10.0.0.1") is None  # authenticated from 10.0.0.1
+    b.observe(6_000, 60_000)  # over the bound (5,000): 10 bytes a record
+    # the line empty: from elsewhere, refused before the body, nothing changes
+    for _ in range(3):
+        assert isinstance(b.check_open("honest", 80_000, "10.6.6.6"), Refusal)
+    assert b.snapshot()["hold_queue"] == []
+    let = b.check_open("honest", 80_000, "10.0.0.1")
+    assert isinstance(let, Let)  # its own host: let through (first in line)
+    busy = b.check_open("honest", 80_000, "10.0.0.1")
+    assert isinstance(busy, Refusal) and busy.retry_after == 1.0  # one body at a time
+    b.body_read(let)
+    assert b.check(8_000, 80_000, "honest", "10.0.0.1") is not None and b.hold is not None
+    # behind the hold: no place for a name sent from elsewhere; its own host takes one
+    assert isinstance(b.check_open("other", 80_000, "10.6.6.6"), Refusal)
+    assert b.snapshot()["hold_queue"] == []
+    assert isinstance(b.check_open("other", 80_000, "10.0.0.1"), Refusal)
+    assert b.snapshot()["hold_queue"] == ["other"]
+    # its place lapses though headers naming it keep coming from elsewhere
+    for t in range(1, 30):
+        clock.now = float(t)
+        b.observe(6_000, 60_000)
+        assert isinstance(b.check_open("other", 80_000, "10.6.6.6"), Refusal)
+    assert b.snapshot()["hold_queue"] == []
+    # an API key authenticates from the headers: its host may act at once
+    assert isinstance(b.check_open("new", 80_000, "10.0.0.9", authenticated=True), Refusal)
+    assert "new" in b.snapshot()["hold_queue"]
+    # a failed signature from its own host: that host no longer acts for it
+    b.auth_failed("other", "10.0.0.1")
+    assert isinstance(b.check_open("other", 80_000, "10.0.0.1"), Refusal)
+    assert "other" not in b.snapshot()["hold_queue"]
+
+
+def test_a_first_in_line_let_through_whose_turn_passed_leaves_the_line() -> None:
+    """A head let through that had no large body counted in LARGE_HOLD_GRACE s leaves the line
+    at the next request of anyone, not only at its own (a client gone blocked the others)."""
+    clock = Clock()
+    b = _measured(clock)
+    for tenant in ("gone", "next"):
+        assert b.check(1, 10, tenant) is None
+    b.observe(6_000, 60_000)
+    let = b.check_open("gone", 80_000)
+    assert isinstance(let, Let)
+    b.body_read(let)  # its body never came whole
+    assert isinstance(b.check_open("next", 80_000), Refusal)
+    assert b.snapshot()["hold_queue"] == ["gone", "next"]
+    clock.now = 10.5
+    b.observe(6_000, 60_000)
+    assert isinstance(b.check_open("next", 80_000), Let)
+    assert b.snapshot()["hold_queue"] == ["next"]
