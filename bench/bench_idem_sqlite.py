@@ -10,7 +10,10 @@ a shared machine disturbs CPU time far less than wall time), wall time per key, 
 seen()+claim() of the window (what a batch may wait behind a merge), and the keys in each
 table at the end of the window (where the store keeps them). Nothing else runs in the
 process. `--mid-keys N` sets the store's `mid_keys` (the keys moved into `idem_mid` before it
-merges into the day's table).
+merges into the day's table). `--writer HZ` adds what the service has beside the store: another
+connection (the control plane's) appending a 30 kB intake row HZ times a second, whose commits
+reset the store connection's page cache (SQLite drops a connection's cached pages whenever
+another connection committed since its last read).
 """
 
 from __future__ import annotations
@@ -43,19 +46,39 @@ def tables(c: sqlite3.Connection) -> dict[str, int]:
     return {n: c.execute(f"SELECT count(*) FROM {n}").fetchone()[0] for n in names}
 
 
-async def main(keys: int, batch: int, every: int, mid_keys: int | None) -> None:
+async def append_intake(path: Path, hz: float, stop: asyncio.Event) -> None:
+    """Another connection's commits, as the control plane's intake appends."""
+    other = await SQLiteDB.open(path)
+    body = os.urandom(30_000)
+    sql = "INSERT INTO intake (tenant, source, n_records, received_at, body) VALUES (?,?,?,?,?)"
+    try:
+        while not stop.is_set():
+            await other.run(lambda c: c.execute(sql, ("t", "s", 100, time.time(), body)))
+            await asyncio.sleep(1 / hz)
+    finally:
+        await other.close()
+
+
+async def main(keys: int, batch: int, every: int, mid_keys: int | None, writer: float) -> None:
     print(
         f"machine: {platform.node()} {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
         f"load average {os.getloadavg()}"
     )
-    print(f"{keys:,} keys in claims of {batch:,} (seen() then claim()), a window per {every:,}")
+    print(f"{keys:,} keys in claims of {batch:,} (seen() then claim()), a window per {every:,}"
+          f"; intake appends from another connection: {writer:g}/s")
     head = ("keys", "cpu us/key", "thread", "seen", "wall", "worst ms")
     print("{:>10} {:>10} {:>8} {:>6} {:>8} {:>9}  tables".format(*head))
     with tempfile.TemporaryDirectory() as tmp:
         db = await SQLiteDB.open(Path(tmp) / "state.db")
         extra: dict[str, Any] = {} if mid_keys is None else {"mid_keys": mid_keys}
         store = SQLiteIdempotencyStore(db, **extra)
+        stop = asyncio.Event()
+        appender = (
+            asyncio.ensure_future(append_intake(Path(tmp) / "state.db", writer, stop))
+            if writer
+            else None
+        )
         done = 0
         first_cpu = time.process_time()
         first_thread = await db.run(lambda _c: time.thread_time())
@@ -85,6 +108,9 @@ async def main(keys: int, batch: int, every: int, mid_keys: int | None) -> None:
                 f"{worst * 1e3:>9.0f}  " + " ".join(f"{k}={v:,}" for k, v in counts.items()),
                 flush=True,
             )
+        stop.set()
+        if appender is not None:
+            await appender
         last_thread = await db.run(lambda _c: time.thread_time())
         total = time.process_time() - first_cpu
         print(
@@ -102,5 +128,7 @@ if __name__ == "__main__":
     ap.add_argument("--batch", type=int, default=2000)
     ap.add_argument("--every", type=int, default=250_000)
     ap.add_argument("--mid-keys", type=int, help="the store's mid_keys (default: its own)")
+    ap.add_argument("--writer", type=float, default=0.0,
+                    help="intake appends a second from another connection (0: none)")
     a = ap.parse_args()
-    asyncio.run(main(a.keys, a.batch, a.every, a.mid_keys))
+    asyncio.run(main(a.keys, a.batch, a.every, a.mid_keys, a.writer))

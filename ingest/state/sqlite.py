@@ -87,6 +87,72 @@ RECENT_KEYS = 50_000
 MERGE_SLICES = 32
 MID_KEYS = 500_000
 MID_SLICES = 256
+# `seen` asks an in-memory filter first and SQLite only for the keys the filter may hold
+# (SQLiteIdempotencyStore); the filter learns every process's claims from this log, whose
+# rows are kept LOG_KEEP seconds (a process that fell further behind rebuilds its filter).
+IDEM_LOG = "idem_log"
+LOG_KEEP = 600.0
+
+
+class _Bloom:
+    """A Bloom filter of up to BLOOM_KEYS 32-byte digests, two bits a key (~1.4 % false
+    positives when full), and the newest claim time of its keys (it is dropped once that
+    expired). The keys are SHA-256 digests: their bytes are the hash."""
+
+    __slots__ = ("bits", "n", "newest")
+    BITS = 1 << 26  # 8 MiB
+    KEYS = 1 << 22  # 16 bits a key
+
+    def __init__(self) -> None:
+        self.bits = bytearray(self.BITS >> 3)
+        self.n = 0
+        self.newest = float("-inf")
+
+
+def _words(blob: bytes) -> tuple[list[int], list[int]]:
+    """Two 26-bit positions per 32-byte key of `blob` (its first two 32-bit words)."""
+    words = memoryview(blob).cast("I")
+    return [w >> 6 for w in words[0::8].tolist()], [w >> 6 for w in words[1::8].tolist()]
+
+
+class KeyFilter:
+    """The claimed keys as a chain of Bloom filters: `maybe` never answers False for a key
+    added (and not yet dropped as expired); True may be wrong and is checked in SQLite."""
+
+    def __init__(self) -> None:
+        self._blooms: list[_Bloom] = []
+
+    def __len__(self) -> int:
+        return sum(b.n for b in self._blooms)
+
+    def add(self, blob: bytes, claimed_at: float) -> None:
+        ps, qs = _words(blob)
+        if not self._blooms or self._blooms[-1].n + len(ps) > _Bloom.KEYS:
+            self._blooms.append(_Bloom())
+        bloom = self._blooms[-1]
+        bits = bloom.bits
+        for p, q in zip(ps, qs, strict=True):
+            bits[p >> 3] |= 1 << (p & 7)
+            bits[q >> 3] |= 1 << (q & 7)
+        bloom.n += len(ps)
+        bloom.newest = max(bloom.newest, claimed_at)
+
+    def maybe(self, blob: bytes) -> list[int]:
+        """Indexes of the keys of `blob` that may have been added."""
+        ps, qs = _words(blob)
+        found: set[int] = set()
+        for bloom in self._blooms:
+            bits = bloom.bits
+            found.update(
+                i
+                for i, (p, q) in enumerate(zip(ps, qs, strict=True))
+                if bits[p >> 3] >> (p & 7) & 1 and bits[q >> 3] >> (q & 7) & 1
+            )
+        return sorted(found)
+
+    def expire(self, before: float) -> None:
+        """Drop the filters whose newest key was claimed at or before `before`."""
+        self._blooms = [b for b in self._blooms if b.newest > before]
 
 
 def key_range(part: int, slices: int) -> tuple[str, tuple[bytes, ...]]:
@@ -252,6 +318,21 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(13, "idempotency_recent", (_IDEM_DAY_DDL.format(IDEM_RECENT),)),
     # The level between them (SQLiteIdempotencyStore._merge_mid).
     Migration(14, "idempotency_mid", (_IDEM_DAY_DDL.format(IDEM_MID),)),
+    # Every claim's keys, appended as one row in the claim's transaction, so that each
+    # process's in-memory filter of the claimed keys learns the other processes' claims
+    # (SQLiteIdempotencyStore._catch_up); `idem_log_pruned` says through which id rows were
+    # deleted (a process behind it builds its filter again from the levels).
+    Migration(
+        15,
+        "idempotency_log",
+        (
+            f"CREATE TABLE {IDEM_LOG} (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " claimed_at REAL NOT NULL, keys BLOB NOT NULL)",
+            f"CREATE TABLE {IDEM_LOG}_pruned (one INTEGER PRIMARY KEY CHECK (one = 1),"
+            " through INTEGER NOT NULL)",
+            f"INSERT INTO {IDEM_LOG}_pruned VALUES (1, 0)",
+        ),
+    ),
 )
 
 
@@ -450,10 +531,19 @@ class SQLiteIdempotencyStore:
     moves those, in `mid_slices` ranges, into the table of their UTC claim day
     (`idem_YYYYMMDD`, migration 12). A move inserts and deletes in one transaction, so a key
     is in at least one level at every commit; seen() probes them all (recent, mid, each live
-    day) and ignores keys older than the TTL at once; a day's table is dropped by the first
-    claim after every key in it expired (end of that day + TTL), and a merge carries only
-    unexpired keys on, so the file holds at most TTL + 1 day of keys (and, per process, up to
-    `recent_keys` + `mid_keys` not yet merged, expired ones included)."""
+    day) for the keys its in-memory filter (`KeyFilter`) may hold, and ignores keys older than
+    the TTL at once; a day's table is dropped by the first claim after every key in it expired
+    (end of that day + TTL), and a merge carries only unexpired keys on, so the file holds at
+    most TTL + 1 day of keys (and, per process, up to `recent_keys` + `mid_keys` not yet
+    merged, expired ones included).
+
+    The filter holds every key claimed in the file by any process: built from the levels at
+    the first seen(), then kept up from `idem_log` (migration 15), one row per claim written
+    in the claim's transaction, read on from the last row read before each answer. A Bloom
+    filter never answers "no" for a key it holds, so a key it rules out was never claimed
+    (or its claim expired); the rest are looked up exactly. Log rows older than LOG_KEEP are
+    pruned at the start of each `idem_recent` merge; a process that finds rows it did not
+    read pruned builds its filter again."""
 
     def __init__(
         self,
@@ -483,6 +573,11 @@ class SQLiteIdempotencyStore:
         self._slice: int | None = None
         self._mid: int | None = None
         self._mid_slice: int | None = None
+        # The keys claimed in the file, as far as this process knows (built at its first
+        # seen(), then kept up from `idem_log`), and the last log row it read (None: not
+        # built). Both read and written only in the DB thread.
+        self._filter = KeyFilter()
+        self._logged: int | None = None
 
     def _live(self, days: Mapping[int, str], now: float) -> list[str]:
         """Tables that may hold unexpired keys, newest first."""
@@ -495,22 +590,64 @@ class SQLiteIdempotencyStore:
         now = self._clock()
         since = now - self._ttl
 
-        def query(c: sqlite3.Connection) -> str | None:
+        def query(c: sqlite3.Connection) -> list[int]:
+            self._catch_up(c, now)
+            maybe = self._filter.maybe(blob)
+            if not maybe:
+                return []
+            # only the keys the filter may hold are looked up, in every level
+            few = b"".join(blob[i * 32 : i * 32 + 32] for i in maybe)
             tables = [IDEM_RECENT, IDEM_MID, *self._live(idem_days(c), now)]
             probe = " OR ".join(
                 f"EXISTS (SELECT 1 FROM {t} WHERE key = substr(?1, i, 32) AND claimed_at > ?2)"
                 for t in tables
             )
             sql = f"{_KEYS} SELECT group_concat(i) FROM k WHERE {probe}"
-            hits: str | None = c.execute(sql, (blob, since)).fetchone()[0]
-            return hits
+            hits: str | None = c.execute(sql, (few, since)).fetchone()[0]
+            return [maybe[(int(i) - 1) // 32] for i in hits.split(",")] if hits else []
 
         hits = await self._db.call("idempotency", lambda c: _again_if_dropped(c, query))
         found = [False] * len(keys)
-        if hits:
-            for i in hits.split(","):
-                found[(int(i) - 1) // 32] = True
+        for i in hits:
+            found[i] = True
         return found
+
+    def _catch_up(self, c: sqlite3.Connection, now: float) -> None:
+        """In the DB thread, before the filter answers: add the keys claimed (by any process)
+        since it last looked, from `idem_log`; build it from the levels if it has none yet or
+        if rows it has not read were pruned. One read transaction, so the log's rows and its
+        pruned mark (or the levels and the log's last id) are of one instant."""
+        c.execute("BEGIN")
+        try:
+            (through,) = c.execute(f"SELECT through FROM {IDEM_LOG}_pruned").fetchone()
+            if self._logged is None or through > self._logged:
+                self._build(c, now)
+            else:
+                for id_, claimed_at, keys in c.execute(
+                    f"SELECT id, claimed_at, keys FROM {IDEM_LOG} WHERE id > ? ORDER BY id",
+                    (self._logged,),
+                ):
+                    self._filter.add(keys, claimed_at)
+                    self._logged = id_
+        finally:
+            c.execute("COMMIT")
+        # its keys all expired (an hour's margin for a clock set back)
+        self._filter.expire(now - self._ttl - 3600)
+
+    def _build(self, c: sqlite3.Connection, now: float) -> None:
+        """Inside a read transaction: the filter from every unexpired key in the levels,
+        and the log's last id (every later claim is in a later row). Kept only if whole."""
+        self._logged = None
+        built = KeyFilter()
+        (logged,) = c.execute(f"SELECT COALESCE(max(id), 0) FROM {IDEM_LOG}").fetchone()
+        since = now - self._ttl
+        for table in [IDEM_RECENT, IDEM_MID, *self._live(idem_days(c), now)]:
+            cur = c.execute(f"SELECT key, claimed_at FROM {table} WHERE claimed_at > ?", (since,))
+            while rows := cur.fetchmany(65536):
+                # (seen() takes 32-byte keys only: no other could match)
+                keys = b"".join(k for k, _ in rows if len(k) == 32)
+                built.add(keys, max(t for _, t in rows))
+        self._filter, self._logged = built, logged
 
     async def claim(self, keys: Sequence[bytes]) -> None:
         if not keys:
@@ -520,11 +657,13 @@ class SQLiteIdempotencyStore:
         table = idem_table(int(now // DAY))
 
         def write(c: sqlite3.Connection) -> None:
-            c.execute(  # one statement: its own transaction
-                f"{_KEYS} INSERT OR REPLACE INTO {IDEM_RECENT} (key, claimed_at)"
-                " SELECT substr(?1, i, 32), ?2 FROM k",
-                (blob, now),
-            )
+            with immediate(c):
+                c.execute(
+                    f"{_KEYS} INSERT OR REPLACE INTO {IDEM_RECENT} (key, claimed_at)"
+                    " SELECT substr(?1, i, 32), ?2 FROM k",
+                    (blob, now),
+                )
+                c.execute(f"INSERT INTO {IDEM_LOG} (claimed_at, keys) VALUES (?, ?)", (now, blob))
             if self._recent is None:
                 (self._recent,) = c.execute(f"SELECT count(*) FROM {IDEM_RECENT}").fetchone()
             else:
@@ -534,6 +673,8 @@ class SQLiteIdempotencyStore:
             if table != self._today or now >= self._next_drop:
                 self._rotate(c, table, now)
             elif self._slice is not None or self._recent >= self._recent_keys:
+                if self._slice is None:
+                    self._prune(c, now)
                 self._merge(c, now)
             if self._mid_slice is not None or self._mid >= self._mid_keys:
                 self._merge_mid(c, now)
@@ -548,6 +689,17 @@ class SQLiteIdempotencyStore:
                 write(c)
 
         await self._db.call("idempotency", again)
+
+    def _prune(self, c: sqlite3.Connection, now: float) -> None:
+        """Delete the log's rows older than LOG_KEEP (by id: rows are in claim order per
+        process) and say through which id, in one transaction."""
+        with immediate(c):
+            (last,) = c.execute(
+                f"SELECT max(id) FROM {IDEM_LOG} WHERE claimed_at < ?", (now - LOG_KEEP,)
+            ).fetchone()
+            if last is not None:
+                c.execute(f"DELETE FROM {IDEM_LOG} WHERE id <= ?", (last,))
+                c.execute(f"UPDATE {IDEM_LOG}_pruned SET through = max(through, ?)", (last,))
 
     def _rotate(self, c: sqlite3.Connection, table: str, now: float) -> None:
         """Make today's table; merge the recent claims (all of them, into `idem_mid`); drop

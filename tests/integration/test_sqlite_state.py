@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
 import tempfile
 import time
@@ -19,6 +20,7 @@ from ingest.records import DLQEntry, ReasonCode
 from ingest.state.base import DLQFilter
 from ingest.state.sqlite import (
     DAY,
+    LOG_KEEP,
     MIGRATIONS,
     SQLiteCheckpointStore,
     SQLiteDB,
@@ -227,6 +229,8 @@ async def test_idempotency_idem_mid_moves_to_the_days_by_key_range(db: SQLiteDB)
     assert await store.seen(k + late) == [True] * 4 + [False, True, True, True]
     clock.now = (day + 1) * DAY + DAY - 50  # the keys claimed on day `day` expired
     assert await store.seen(k + late) == [False] * 3 + [True, False, True, True, True]
+
+
 async def test_idempotency_adopts_the_one_table_layout_of_old_files(tmp_path: Path) -> None:
     """A state file the code before migration 12 made: its live keys stay claimed."""
     old = await SQLiteDB.open(tmp_path / "state.db", [m for m in MIGRATIONS if m.version < 12])
@@ -245,6 +249,8 @@ async def test_idempotency_adopts_the_one_table_layout_of_old_files(tmp_path: Pa
         assert tables == [
             idem_table(int((now - 2 * DAY) // DAY)),
             idem_table(int((now - 60) // DAY)),
+            "idem_log",
+            "idem_log_pruned",
             "idem_mid",
             "idem_recent",
         ]
@@ -260,8 +266,11 @@ async def test_idempotency_files_before_idem_mid_keep_their_keys(tmp_path: Path)
     now = time.time()
     in_day, in_recent = b"d" * 32, b"r" * 32
     table = idem_table(int(now // DAY))
-    await old.run(lambda c: c.execute(
-        f"CREATE TABLE {table} (key BLOB PRIMARY KEY, claimed_at REAL NOT NULL) WITHOUT ROWID"))
+    await old.run(
+        lambda c: c.execute(
+            f"CREATE TABLE {table} (key BLOB PRIMARY KEY, claimed_at REAL NOT NULL) WITHOUT ROWID"
+        )
+    )
     await old.run(lambda c: c.execute(f"INSERT INTO {table} VALUES (?, ?)", (in_day, now - 60)))
     await old.run(lambda c: c.execute("INSERT INTO idem_recent VALUES (?, ?)", (in_recent, now)))
     await old.close()  # fmt: skip
@@ -277,6 +286,114 @@ async def test_idempotency_files_before_idem_mid_keep_their_keys(tmp_path: Path)
         assert (await store.stats())["keys"] == 14
     finally:
         await db.close()
+
+
+def _digest(i: int) -> bytes:
+    return hashlib.sha256(b"k%d" % i).digest()
+
+
+async def test_idempotency_never_claimed_keys_are_answered_without_a_lookup(
+    db: SQLiteDB,
+) -> None:
+    """seen() asks the in-memory filter first: a batch of keys never claimed costs no lookup
+    in the levels (one read of the claims log), a claimed key is still looked up and found."""
+    store = SQLiteIdempotencyStore(db, clock=FakeClock())
+    claimed = [_digest(i) for i in range(2000)]
+    await store.claim(claimed)
+    statements: list[str] = []
+    await db.run(lambda c: c.set_trace_callback(statements.append))
+    try:
+        fresh = [_digest(i) for i in range(2000, 4000)]
+        assert await store.seen(fresh) == [False] * 2000
+        assert not [s for s in statements if "EXISTS" in s]  # no lookup
+        assert await store.seen([fresh[0], claimed[7]]) == [False, True]
+        assert [s for s in statements if "EXISTS" in s]
+    finally:
+        await db.run(lambda c: c.set_trace_callback(None))
+
+
+async def test_idempotency_sees_what_another_process_claimed_after_it_started(
+    tmp_path: Path,
+) -> None:
+    """Two processes on one file: each one's filter learns the other's claims from the log,
+    also once the log rows it had not read were pruned (it builds the filter again)."""
+    clock = FakeClock()
+    first = await SQLiteDB.open(tmp_path / "s.db")
+    second = await SQLiteDB.open(tmp_path / "s.db")
+    try:
+        a = SQLiteIdempotencyStore(first, clock=clock, recent_keys=2)
+        b = SQLiteIdempotencyStore(second, clock=clock, recent_keys=2)
+        keys = [_digest(i) for i in range(6)]
+        assert await a.seen(keys) == [False] * 6  # both filters built (empty)
+        assert await b.seen(keys) == [False] * 6
+        await a.claim(keys[:2])
+        assert await b.seen(keys) == [True] * 2 + [False] * 4
+        await b.claim(keys[2:3])
+        assert await a.seen(keys) == [True] * 3 + [False] * 3
+        clock.now += 2 * LOG_KEEP
+        await a.claim(keys[3:4])
+        await a.claim(keys[4:5])  # a merge starts: the log's old rows are pruned
+        assert await second.run(lambda c: c.execute("SELECT through FROM idem_log_pruned")
+                                .fetchone()[0]) > 0  # fmt: skip
+        assert await b.seen(keys) == [True] * 5 + [False]
+    finally:
+        await first.close()
+        await second.close()
+
+
+_two = st.one_of(
+    st.tuples(st.just("claim"), st.integers(0, 1), st.sets(st.integers(0, 30), max_size=5)),
+    st.tuples(st.just("wait"), st.just(0), st.floats(min_value=0, max_value=2 * LOG_KEEP)),
+    st.tuples(st.just("restart"), st.integers(0, 1), st.none()),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    actions=st.lists(_two, min_size=1, max_size=25),
+    ttl=st.integers(min_value=1, max_value=4 * int(LOG_KEEP)),
+    recent_keys=st.sampled_from([1, 3, 50_000]),
+)
+def test_idempotency_property_two_processes(
+    actions: list[tuple[str, int, Any]], ttl: int, recent_keys: int
+) -> None:
+    """Two processes claiming into one file (SHA-256 keys, so the filters answer "never
+    claimed" for most), time passing beyond the log's keep and the TTL, restarts: after
+    every step both see a key exactly while its latest claim, by either, is younger than
+    the TTL."""
+
+    async def check() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            clock = FakeClock()
+            dbs = [await SQLiteDB.open(Path(tmp) / "s.db") for _ in range(2)]
+
+            def new_store(i: int) -> SQLiteIdempotencyStore:
+                return SQLiteIdempotencyStore(
+                    dbs[i], ttl_seconds=ttl, clock=clock, recent_keys=recent_keys,
+                    mid_keys=4, mid_slices=2, recent_slices=2,
+                )  # fmt: skip
+
+            stores = [new_store(0), new_store(1)]
+            everything = [_digest(i) for i in range(31)]
+            latest: dict[bytes, float] = {}
+            try:
+                for what, who, arg in actions:
+                    if what == "claim" and arg:
+                        keys = [everything[i] for i in sorted(arg)]
+                        await stores[who].claim(keys)
+                        latest.update((k, clock.now) for k in keys)
+                    elif what == "wait":
+                        clock.now += arg
+                    elif what == "restart":
+                        stores[who] = new_store(who)
+                    expect = [k in latest and clock.now - latest[k] < ttl for k in everything]
+                    for store in stores:
+                        assert await store.seen(everything) == expect
+            finally:
+                for d in dbs:
+                    await d.close()
+
+    asyncio.run(check())
 
 
 _action = st.one_of(
