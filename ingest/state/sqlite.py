@@ -91,7 +91,7 @@ MID_SLICES = 256
 # (SQLiteIdempotencyStore); the filter learns every process's claims from this log, whose
 # rows are kept LOG_KEEP seconds (a process that fell further behind rebuilds its filter).
 IDEM_LOG = "idem_log"
-LOG_KEEP = 600.0
+LOG_KEEP = 300.0
 
 
 class _Bloom:
