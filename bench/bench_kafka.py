@@ -1,14 +1,21 @@
-"""Kafka -> Postgres end to end: N records (default 1M), one worker, then two workers.
+"""Kafka -> Postgres end to end: N records (default 1M), one pod, then two pods.
 
 Measured in one run, on the same rows and the same table layout (the sink's own DDL):
   raw      confluent-kafka's bare consume of the topic (no processing; bench_kafka_raw.py):
            the read limit of one Python process
   \\copy    `psql \\copy` of a CSV holding exactly the columns the sink stores: the write limit
-  1 / 2    `ingest run` worker processes (production mode: Redis checkpoints + idempotency,
-           Postgres DLQ + sink) in one consumer group on a 6-partition topic. The workers are
-           started on the EMPTY topic and wait until the group has assigned all 6 partitions;
-           then the N records are produced and the clock runs until the group's committed
-           offsets equal the end offsets (every record durable in Postgres).
+  pods     `ingest run` processes (production mode: Redis checkpoints + idempotency, Postgres
+           DLQ + sink) in one consumer group on a 6-partition topic; each is a pod of
+           `--workers` pipeline processes (INGEST_WORKERS; default: the pod's own default, one
+           per core), so on 2 cores "2 pods" is 4 pipeline processes. The pods are started on
+           the EMPTY topic and wait until the group has assigned all 6 partitions. Then, by
+           default, they are paused (`POST /admin/pause`: every partition paused), the N
+           records are produced, and the clock starts at `POST /admin/resume`: the pipeline
+           drains a backlog, as raw consume and `\\copy` do, without the bench's producer
+           (~4.5 µs of CPU a message, plus the broker's) on the same cores. `--produce-during`
+           is the older measure: the clock starts before producing and the producer runs
+           beside the pipeline. Either way it stops when the group's committed offsets equal
+           the end offsets (every record durable in Postgres).
 Prints records/s, ratios to both limits, p95 lag (ingest_lag_seconds histogram, summed over
 the workers), peak RSS (VmHWM) of each worker process, and CPU µs per record (user + system)
 of the service (every pod's process tree), the bench's Postgres and its private Redis over
@@ -17,12 +24,17 @@ broker and Postgres (own topics, groups and schema, removed after) and a private
 free port.
 
     source $INGEST_RUN_DIR/all.env
-    uv run python bench/bench_kafka.py [--records 1000000] [--pods 2]
+    uv run python bench/bench_kafka.py [--records 1000000] [--pods 2] [--workers 1 2]
+        [--produce-during]
+
+`--workers 1 2` runs one pod of 1 worker, then one of 2 (item 2's scaling, same rows, same
+minute); with `--pods 2` each is followed by two such pods.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import shutil
@@ -52,7 +64,8 @@ from bench_postgres import (  # noqa: E402
     psql_copy,
 )
 
-from tests.e2e._auth import detailed, service_env  # noqa: E402
+from ingest.config import KafkaSourceConfig  # noqa: E402
+from tests.e2e._auth import bearer, detailed, service_env  # noqa: E402
 from tests.e2e._kafka import (  # noqa: E402
     committed_offsets,
     create_topic,
@@ -66,14 +79,17 @@ from tests.e2e._production import drop_schema, fresh_schema, private_redis, shar
 from tests.e2e._service import free_port  # noqa: E402
 
 PARTITIONS = 6
+DEFAULT_BATCH: int = KafkaSourceConfig.model_fields["batch_size"].default
 
 
 class Worker:
-    def __init__(self, workdir: Path, config: Path) -> None:
+    def __init__(self, workdir: Path, config: Path, workers: int | None = None) -> None:
         self.port = free_port()
         data = workdir / f"w{self.port}"
         data.mkdir()
         env = {**os.environ, "INGEST_DATA_DIR": str(data), **service_env(data)}
+        if workers is not None:
+            env["INGEST_WORKERS"] = str(workers)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ingest.cli.ingest", "run", "--host", "127.0.0.1", "--port",
              str(self.port), "--log-level", "WARNING", "--config", str(config)],
@@ -93,6 +109,9 @@ class Worker:
     def partitions(self) -> int:
         return len(detailed(self.url, 10).json()["adapters"]
                    ["kafka-main"]["partitions"])  # fmt: skip
+
+    def admin(self, action: str) -> None:
+        httpx.post(f"{self.url}/admin/{action}", headers=bearer(), timeout=30).raise_for_status()
 
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=30).text
@@ -114,15 +133,20 @@ def run_workers(
     dsn: str,
     workdir: Path,
     servers: dict[str, int],
+    workers_per_pod: int | None = None,
+    produce_during: bool = False,
+    batch_size: int | None = None,
 ) -> tuple[float, float | None, list[float], dict[str, float]]:
     topic = create_topic(brokers, PARTITIONS, f"bench-{prefix}")
     group = f"bench-{prefix}-{uuid.uuid4().hex[:6]}"
     config = write_kafka_config(workdir / f"{prefix}.yaml", redis_url=redis_url,
                                 postgres_url=dsn, brokers=brokers, topic=topic, group=group,
-                                table=f"entities_{prefix}")  # fmt: skip
+                                table=f"entities_{prefix}",
+                                batch_size=batch_size or DEFAULT_BATCH,
+                                )  # fmt: skip
     workers: list[Worker] = []
     try:
-        workers = [Worker(workdir, config) for _ in range(n_workers)]
+        workers = [Worker(workdir, config, workers_per_pod) for _ in range(n_workers)]
         deadline = time.monotonic() + 120
         while sum(w.partitions() for w in workers) != PARTITIONS:
             if time.monotonic() > deadline:
@@ -131,21 +155,40 @@ def run_workers(
         msgs = [(f"{prefix}-{i}".encode(), ln.replace(b'"o-', f'"{prefix}-'.encode(), 1))
                 for i, ln in enumerate(lines)]  # fmt: skip
         pids = {**{f"pod{i}": w.proc.pid for i, w in enumerate(workers)}, **servers}
+        before = 0
+        if not produce_during:  # a backlog: produced while the pods are paused
+            for w in workers:
+                w.admin("pause")
+            time.sleep(2)  # a pod's workers follow its control plane's record
+            produce_keyed(brokers, topic, msgs)
+            # a paused runner still finishes the batch it was reading (an empty topic's
+            # read waits in consume()): those records are not in the timed part
+            time.sleep(2)
+            before = sum(
+                max(0, o) for o in committed_offsets(brokers, topic, group, PARTITIONS).values()
+            )
         cpu0 = {who: tree_cpu_seconds(pid) for who, pid in pids.items()}
         t0 = time.perf_counter()
-        produce_keyed(brokers, topic, msgs)
+        if produce_during:
+            produce_keyed(brokers, topic, msgs)
+        else:
+            for w in workers:
+                w.admin("resume")
         ends = end_offsets(brokers, topic)
         while committed_offsets(brokers, topic, group, PARTITIONS) != ends:
             time.sleep(0.2)
         elapsed = time.perf_counter() - t0
-        cpu = {who: (tree_cpu_seconds(pid) - cpu0[who]) / len(lines) * 1e6
+        timed = len(lines) - before
+        cpu = {who: (tree_cpu_seconds(pid) - cpu0[who]) / timed * 1e6
                for who, pid in pids.items()}  # fmt: skip
         hist: dict[float, float] = {}
         for w in workers:
             for b, v in histogram(w.metrics()).items():
                 hist[b] = hist.get(b, 0.0) + v
         rss = [peak_rss_mb(w.proc.pid) for w in workers]
-        return len(lines) / elapsed, p95({}, hist), rss, cpu
+        if before:
+            print(f"  ({before} records committed before the resume, not counted)")
+        return timed / elapsed, p95({}, hist), rss, cpu
     finally:
         for w in workers:
             w.stop()
@@ -156,6 +199,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--pods", type=int, default=2, choices=(1, 2), help="1: one pod only")
+    ap.add_argument("--workers", type=int, nargs="+", default=[None],
+                    help="pipeline processes per pod (INGEST_WORKERS), each count in turn; "
+                    "default: the pod's default (one per core)")  # fmt: skip
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        nargs="+",
+        default=[None],
+        help=f"the source's batch_size, each in turn (default: the service's, {DEFAULT_BATCH})",
+    )
+    ap.add_argument(
+        "--produce-during",
+        action="store_true",
+        help="start the clock before producing (the producer runs beside the pods)",
+    )
     args = ap.parse_args()
     n = args.records
     brokers, _ = shared_kafka()
@@ -181,13 +239,29 @@ def main() -> None:
         print(f"raw consume (limit):     {raw:,.0f} records/s (confluent-kafka, no processing)")
         print(f"psql \\copy (limit):      {copy_rate:,.0f} records/s")
         servers = postgres_and_redis(redis.port)
-        for k, prefix in ((1, "one"), (2, "two"))[: args.pods]:
-            rate, lag, rss, cpu = run_workers(
-                k, lines, prefix, brokers, redis.url, dsn, workdir, servers
+        print(
+            "clock:                   "
+            + (
+                "from before producing (--produce-during)"
+                if args.produce_during
+                else "from resume, the N records produced while the pods were paused"
             )
-            print(f"{k} worker(s):             {rate:,.0f} records/s = {rate / raw:.2f}x raw, "
-                  f"{rate / copy_rate:.2f}x \\copy; p95 lag <= {lag} s; peak RSS "
-                  f"{', '.join(f'{r:.0f}' for r in rss)} MB")  # fmt: skip
+        )
+        shapes = ((1, "one"), (2, "two"))[: args.pods]
+        runs = itertools.product(args.batch_size, args.workers, shapes)
+        for i, (batch, per_pod, (k, prefix)) in enumerate(runs):
+            # each run its own topic, table and record ids: none is a duplicate of another's
+            rate, lag, rss, cpu = run_workers(
+                k, lines, f"{prefix}{i}", brokers, redis.url, dsn, workdir, servers,
+                per_pod, args.produce_during, batch,
+            )  # fmt: skip
+            shape = f"{k} pod(s) x {per_pod or 'default'} worker(s)"
+            shape += f", batch {batch}" if batch else ""
+            print(
+                f"{shape:24s} {rate:,.0f} records/s = {rate / raw:.2f}x raw, "
+                f"{rate / copy_rate:.2f}x \\copy; p95 lag <= {lag} s; peak RSS "
+                f"{', '.join(f'{r:.0f}' for r in rss)} MB"
+            )
             shown = ", ".join(f"{who} {us:.1f}" for who, us in cpu.items())
             print(f"  CPU µs/record:         {shown}")
         print(f"load average after: {os.getloadavg()}")

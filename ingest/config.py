@@ -267,7 +267,13 @@ class KafkaSourceConfig(_Model):
         None, description="Tenant for every record when not in record/header."
     )
     tenant_header: str = "tenant"
-    batch_size: int = Field(2000, ge=1)
+    batch_size: int = Field(
+        5000,
+        ge=1,
+        description="Messages per batch at most (one consume() call). Each batch costs a fixed "
+        "round of work in the service, Postgres and Redis (docs/benchmarks.md, svc 2026-12-01); "
+        "a consume() short of it returns within 0.5 s.",
+    )
     extra: dict[str, str] = Field(default_factory=dict, description="librdkafka settings.")
     commit_stuck_seconds: float = Field(
         30.0,

@@ -215,7 +215,7 @@ class SourceRunner:
         if not self.take_tokens:
             await self.admission.wait_while_paused()
             return
-        per_tenant = Counter(raw.tenant for raw in batch.records)  # empty batch: no tokens
+        per_tenant = _per_tenant(batch.records)  # empty batch: no tokens
         for tenant, n in per_tenant.items():
             while True:
                 try:
@@ -337,6 +337,15 @@ class SourceRunner:
         self.on_pending(-len(batch.records))
         self._held -= len(batch.records)
         self.progress.committed(len(batch.records))
+
+
+def _per_tenant(raws: Sequence[RawRecord]) -> Counter[str]:
+    """Records per tenant: one set pass when the batch has one tenant (the usual case), not a
+    generator step per record."""
+    tenants = {raw.tenant for raw in raws}
+    if len(tenants) == 1:
+        return Counter({tenants.pop(): len(raws)})
+    return Counter(raw.tenant for raw in raws)
 
 
 def _conflict_keys(

@@ -8,17 +8,20 @@ test_worker. Each test names the bug it pins.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ingest.errors import StoreUnavailable
 from ingest.pipeline.decode import Decoder
 from ingest.pipeline.progress import SourceProgress
-from ingest.pipeline.runner import SourceRunner
+from ingest.pipeline.runner import SourceRunner, _per_tenant
 from ingest.pipeline.worker import Pipeline
 from ingest.records import RawRecord, ReasonCode, Record, SinkResult
 from ingest.sources.base import AdapterHealth, SourceBatch
@@ -341,3 +344,12 @@ async def test_a_settle_falling_back_to_isolation_never_writes_beside_the_next_b
     assert set(sink.rows) == {("t", "order", e) for e in ("e1", "e2", "slow", "e3")}
     [entry] = await dlq_entries(pipe)
     assert entry.entity_id == "e2" and entry.detail["stage"] == "deliver"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["acme", "beta", "gamma"]), max_size=30))
+def test_tokens_per_tenant_are_the_records_of_each_tenant(tenants: list[str]) -> None:
+    """`_admit` takes, per tenant, exactly as many tokens as the batch has records of it,
+    whether the batch has one tenant (the set shortcut) or several."""
+    raws = [RawRecord(b"{}", t, "src", i, None, 0.0) for i, t in enumerate(tenants)]
+    assert _per_tenant(raws) == Counter(tenants)
