@@ -12,7 +12,9 @@ update-heavy stream does not pay twice. A row error or a time the client cannot 
 as the server would also sends the batch to the upsert, which says which row broke it.
 
 The upsert: the winners go by binary COPY
-into a per-connection TEMP table (ON COMMIT DELETE ROWS), and ONE statement both applies
+into a per-connection TEMP table (ON COMMIT DELETE ROWS; `occurred_at` as a timestamptz when
+the client can encode every one exactly, as in the straight COPY, else as text the server
+casts), and ONE statement both applies
 `INSERT ... ON CONFLICT DO UPDATE ... WHERE <table>.revision < excluded.revision` and returns,
 from the statement's snapshot (before the write), the stored revision of the entities that
 need it for judging (several records in the batch, or a winner the guard refused).
@@ -127,28 +129,35 @@ CREATE OR REPLACE VIEW {t}_live AS SELECT * FROM {t} WHERE NOT deleted;
 """
 
 
-def _stage_ddl(t: str) -> str:
-    """The per-connection staging table. `occurred_at` arrives as the record's RFC 3339 text
-    (the server casts it while inserting into the real table) and the JSON columns as jsonb's
-    wire bytes, as in the straight COPY (`_rows`): asyncpg's C codecs encode text and pass
-    the bytes through (`_init_conn`), so a row costs no Python call. (`_stage2_` took the JSON
-    as bytea and cast it in the upsert: a row then kept `orjson.dumps`'s own bytes object,
-    which costs ~3 µs of allocator work a row, mostly page faults, where a copy with the
-    version byte in front costs ~0.1 µs.)"""
+def _stage_ddl(t: str, timed: bool) -> str:
+    """A per-connection staging table. `occurred_at` arrives as a timestamptz (`timed`:
+    `_stage4_`, encoded by the client as the straight COPY does, when every one in the batch
+    is exact, see `_when`) or as the record's RFC 3339 text (`_stage3_`, cast by the server
+    while inserting into the real table: ~1 µs of server CPU a row); the JSON columns as
+    jsonb's wire bytes, as in the straight COPY (`_rows`): asyncpg's C codecs encode text and
+    pass the bytes through (`_init_conn`), so a row costs no Python call. (`_stage2_` took
+    the JSON as bytea and cast it in the upsert: a row then kept `orjson.dumps`'s own bytes
+    object, which costs ~3 µs of allocator work a row, mostly page faults, where a copy with
+    the version byte in front costs ~0.1 µs.)"""
     return (
-        f"CREATE TEMP TABLE IF NOT EXISTS _stage3_{t} ("
+        f"CREATE TEMP TABLE IF NOT EXISTS {_stage(t, timed)} ("
         " tenant text, entity_type text, entity_id text, revision bigint, deleted boolean,"
-        " occurred_at text, attributes jsonb, relations jsonb, dedupe_key bytea,"
-        " min_rev bigint) ON COMMIT DELETE ROWS"
+        f" occurred_at {'timestamptz' if timed else 'text'}, attributes jsonb, relations jsonb,"
+        " dedupe_key bytea, min_rev bigint) ON COMMIT DELETE ROWS"
     )
 
 
-def _upsert_sql(t: str) -> str:
+def _stage(t: str, timed: bool) -> str:
+    return f"_stage4_{t}" if timed else f"_stage3_{t}"
+
+
+def _upsert_sql(t: str, timed: bool) -> str:
     """The write, plus only what judging needs: entities with several records in the batch
     (their stored revision) and winners the guard refused. The common batch, one record per
     entity and all applied, returns no rows and skips the anti-join (a one-time filter)."""
     cols = ", ".join(COLUMNS)
-    staged = ", ".join(_STAGED.get(c, c) for c in COLUMNS)
+    staged = ", ".join(c if timed else _STAGED.get(c, c) for c in COLUMNS)
+    stage = _stage(t, timed)
     sets = (
         f"prev_revision = {t}.revision, "
         + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[3:])
@@ -162,19 +171,19 @@ def _upsert_sql(t: str) -> str:
     )
     return f"""
 WITH up AS (
-    INSERT INTO {t} ({cols}, updated_at) SELECT {staged}, now() FROM _stage3_{t}
+    INSERT INTO {t} ({cols}, updated_at) SELECT {staged}, now() FROM {stage}
     ON CONFLICT (tenant, entity_type, entity_id) DO UPDATE SET {sets}
     WHERE {t}.revision < excluded.revision
     RETURNING tenant, entity_type, entity_id
 )
 SELECT s.tenant, s.entity_type, s.entity_id, {stored}, false
-FROM _stage3_{t} s
-WHERE (SELECT count(*) FROM up) < (SELECT count(*) FROM _stage3_{t})
+FROM {stage} s
+WHERE (SELECT count(*) FROM up) < (SELECT count(*) FROM {stage})
   AND s.min_rev = s.revision AND NOT EXISTS (SELECT 1 FROM up u WHERE {same})
 UNION ALL
 SELECT s.tenant, s.entity_type, s.entity_id, {stored},
        (s.tenant, s.entity_type, s.entity_id) IN (SELECT * FROM up)  -- a hashed subplan
-FROM _stage3_{t} s
+FROM {stage} s
 WHERE s.min_rev < s.revision
 """
 
@@ -226,10 +235,11 @@ def _rows(
     winners: Sequence[Record],
     low: dict[EntityKey, int] | None,
     times: dict[str, Micros | None] | None,
+    staged: bool,
 ) -> list[tuple[Any, ...]] | None:
-    """Staging rows (`times` None: `occurred_at` as text, plus `min_rev`, from `low`), or
-    straight COPY rows (`COLUMNS`: `occurred_at` as a timestamptz, parsed once per distinct text
-    through `times`; None when one is not exact, see `_when`). Both carry the JSON columns
+    """Straight COPY rows (`COLUMNS`) or, `staged`, staging rows (plus `min_rev`, from `low`).
+    `occurred_at` as text (`times` None) or as a timestamptz, parsed once per distinct text
+    through `times` (None when one is not exact, see `_when`). Both carry the JSON columns
     with jsonb's version byte in front, as the wire wants them: a new bytes object, so the
     row never keeps `orjson.dumps`'s own (a large allocation shrunk in place: keeping 2,000
     of them alive costs ~3 µs a row, mostly page faults; the copy ~0.1 µs). One loop for
@@ -269,7 +279,7 @@ def _rows(
             relations,
             rec.dedupe_key,
         )
-        if times is None:
+        if staged:
             row = (*row, rec.revision if low is None else low[rec.entity_key])
         rows.append(row)
     return rows
@@ -308,7 +318,7 @@ class PostgresSink:
         # Batches by path: written by the straight COPY, sent to the upsert after it failed,
         # sent to the upsert without trying (backoff). Read by tests and benches.
         self.paths = {"copy": 0, "fallback": 0, "upsert": 0}
-        self._upsert = _upsert_sql(table)
+        self._upserts = {timed: _upsert_sql(table, timed) for timed in (True, False)}
         self._target = re.sub(r"//[^@/]*@", "//", dsn)
 
     async def _init_conn(self, conn: asyncpg.Connection) -> None:
@@ -329,7 +339,8 @@ class PostgresSink:
             schema="pg_catalog",
             format="binary",
         )
-        await conn.execute(_stage_ddl(self.table))
+        await conn.execute(_stage_ddl(self.table, True))
+        await conn.execute(_stage_ddl(self.table, False))
 
     async def start(self) -> None:
         try:
@@ -384,16 +395,28 @@ class PostgresSink:
     ) -> list[tuple[Any, ...]]:
         """The staging rows of a batch's winners (layout in `_stage_ddl`); `low` is each
         entity's lowest revision in the batch (None: one record per entity)."""
-        rows = _rows(winners, low, None)
-        assert rows is not None  # only a straight COPY row can be refused
+        rows = _rows(winners, low, None, True)
+        assert rows is not None  # only a timestamptz can be refused
         return rows
+
+    def staged_rows(
+        self, winners: Sequence[Record], low: dict[EntityKey, int] | None = None
+    ) -> tuple[list[tuple[Any, ...]], bool]:
+        """(rows, timed): the staging rows with `occurred_at` as a timestamptz (timed) when
+        the client can encode every one exactly, else as text (`stage_rows`)."""
+        if len(self._times) >= _TIMES_KEPT:
+            self._times.clear()
+        rows = _rows(winners, low, self._times, True)
+        if rows is not None:
+            return rows, True
+        return self.stage_rows(winners, low), False
 
     def copy_rows(self, winners: Sequence[Record]) -> list[tuple[Any, ...]] | None:
         """The rows of a straight COPY of the winners into the table (`COLUMNS`), or None
         when an `occurred_at` is one only the server can read exactly (see `_when`)."""
         if len(self._times) >= _TIMES_KEPT:
             self._times.clear()
-        return _rows(winners, None, self._times)
+        return _rows(winners, None, self._times, False)
 
     async def write(self, records: Sequence[Record]) -> list[SinkResult]:
         """A straight COPY when every entity is new, else one staging COPY + one upsert; a
@@ -420,18 +443,18 @@ class PostgresSink:
         else:
             self.paths["fallback"] += 1
         if single:
-            rows = self.stage_rows(records)
+            rows, timed = self.staged_rows(records)
         else:
             low: dict[EntityKey, int] = {}
             for rec in records:
                 key = rec.entity_key
                 if key not in low or rec.revision < low[key]:
                     low[key] = rec.revision
-            rows = self.stage_rows(winners, low)
+            rows, timed = self.staged_rows(winners, low)
         stored: dict[EntityKey, StoredRow] = {}
         refused: set[EntityKey] = set()
         bad: dict[EntityKey, SinkResult] = {}
-        await self._apply(rows, stored, refused, bad)
+        await self._apply(rows, timed, stored, refused, bad)
         if single and not stored and not refused and not bad:
             return [SinkResult.applied()] * len(records), bad
         # A winner refused although the statement's snapshot held nothing newer lost a race
@@ -506,13 +529,14 @@ class PostgresSink:
     async def _apply(
         self,
         rows: list[tuple[Any, ...]],
+        timed: bool,
         stored: dict[EntityKey, StoredRow],
         refused: set[EntityKey],
         bad: dict[EntityKey, SinkResult],
     ) -> None:
         """Upsert `rows`; on a row-level error, bisect so only the offending rows fail."""
         try:
-            out = await self._run(rows)
+            out = await self._run(rows, timed)
         except _ROW_ERRORS as exc:
             if len(rows) == 1:
                 key: EntityKey = (rows[0][0], rows[0][1], rows[0][2])
@@ -532,8 +556,8 @@ class PostgresSink:
                 )
                 return
             mid = len(rows) // 2
-            await self._apply(rows[:mid], stored, refused, bad)
-            await self._apply(rows[mid:], stored, refused, bad)
+            await self._apply(rows[:mid], timed, stored, refused, bad)
+            await self._apply(rows[mid:], timed, stored, refused, bad)
             return
         for tenant, etype, eid, revision, dedupe_key, prev_revision, was_written in out:
             key = (tenant, etype, eid)
@@ -542,9 +566,10 @@ class PostgresSink:
             if not was_written:
                 refused.add(key)
 
-    async def _run(self, rows: list[tuple[Any, ...]]) -> list[asyncpg.Record]:
-        """COPY + upsert in one transaction. Errors are classified, never retried here: a
-        dropped connection (CONNECTION_ERROR) is retried by the worker's one retry layer."""
+    async def _run(self, rows: list[tuple[Any, ...]], timed: bool) -> list[asyncpg.Record]:
+        """COPY + upsert in one transaction (`timed`: `occurred_at` staged as a timestamptz).
+        Errors are classified, never retried here: a dropped connection (CONNECTION_ERROR) is
+        retried by the worker's one retry layer."""
         try:
             conn = await self.pool.acquire(timeout=2.0)
         except Exception as exc:  # refused, or no answer within the connect timeout
@@ -552,9 +577,9 @@ class PostgresSink:
         try:
             async with conn.transaction():
                 await conn.copy_records_to_table(
-                    f"_stage3_{self.table}", records=rows, columns=[*COLUMNS, "min_rev"]
+                    _stage(self.table, timed), records=rows, columns=[*COLUMNS, "min_rev"]
                 )
-                return list(await conn.fetch(self._upsert))
+                return list(await conn.fetch(self._upserts[timed]))
         except _ROW_ERRORS:
             raise
         except Exception as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 from ingest.errors import ReasonCode
 from ingest.records import Record, SinkResult
-from ingest.sinks.postgres import COLUMNS, PostgresSink, _classify
+from ingest.sinks.postgres import COLUMNS, PostgresSink, _classify, _when
 from tests.conftest import v3_body
 from tests.integration.conftest import make_record, record_of, with_search_path
 
@@ -375,3 +376,68 @@ def test_the_json_columns_hold_what_the_server_makes_of_their_text(
             await admin.close()
 
     asyncio.run(go())
+
+
+@st.composite
+def occurred(draw: st.DrawFn) -> str:
+    """An RFC 3339-ish time: any fraction digits (0-9: the server rounds past 6), with or
+    without an offset (without: the server's TimeZone decides)."""
+    when = draw(st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1)))
+    digits = draw(st.integers(0, 9))
+    fraction = "".join(
+        draw(st.lists(st.sampled_from("0123456789"), min_size=digits, max_size=digits))
+    )
+    fraction = "." + fraction if fraction else ""
+    offset = draw(st.sampled_from(["Z", "+00:00", "+05:30", "-08:00", "+14:00", "-00:30", ""]))
+    return when.strftime("%Y-%m-%dT%H:%M:%S") + fraction + offset
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(occurred(), min_size=1, max_size=6), st.booleans())
+def test_the_staged_upsert_stores_the_time_the_server_makes_of_the_text(
+    pg_url: str, times: list[str], update: bool
+) -> None:
+    """The staged upsert sends `occurred_at` as a timestamptz the client encodes (`_stage4_`)
+    when it can encode every one of the batch exactly, else as text the server casts
+    (`_stage3_`): either way the row holds `<text>::timestamptz`, new rows and updates."""
+
+    async def go() -> None:
+        schema = f"ts_{uuid.uuid4().hex[:10]}"
+        admin = await asyncpg.connect(pg_url)
+        await admin.execute(f"CREATE SCHEMA {schema}")
+        sink = upsert_only(PostgresSink("pg", with_search_path(pg_url, schema), table="t"))
+        try:
+            await sink.start()
+            if update:  # the same entities stored first: the guarded UPDATE path
+                await sink.write([make_record(f"e{i}", 0) for i in range(len(times))])
+            batch = [make_record(f"e{i}", 1, occurred_at=t) for i, t in enumerate(times)]
+            _, timed = sink.staged_rows(batch)
+            assert timed == all(_when(t) is not None for t in times)
+            assert await sink.write(batch) == [APPLIED] * len(batch)
+            differ = await admin.fetch(
+                f"SELECT u.txt, t.occurred_at FROM {schema}.t t JOIN unnest($1::text[],"
+                " $2::text[]) u(id, txt) ON t.entity_id = u.id"
+                " WHERE t.occurred_at IS DISTINCT FROM u.txt::timestamptz",
+                [f"e{i}" for i in range(len(times))],
+                times,
+            )
+            assert differ == []
+        finally:
+            await sink.close()
+            await admin.execute(f"DROP SCHEMA {schema} CASCADE")
+            await admin.close()
+
+    asyncio.run(go())
+
+
+def test_a_batch_is_staged_timed_only_when_every_time_is_exact() -> None:
+    sink = PostgresSink("pg", "postgresql://unused/x")
+    exact = make_record("a", 1, occurred_at="2026-01-02T03:04:05.123456+02:00")
+    local = make_record("b", 1, occurred_at="2026-01-02T03:04:05")  # the server's TimeZone
+    rows, timed = sink.staged_rows([exact])
+    assert timed and rows[0][5] == _when("2026-01-02T03:04:05.123456+02:00")
+    assert rows[0][-1] == 1  # min_rev
+    rows, timed = sink.staged_rows([exact, local])
+    assert not timed and [r[5] for r in rows] == [exact.body["occurred_at"], "2026-01-02T03:04:05"]
