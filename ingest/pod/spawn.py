@@ -167,12 +167,28 @@ def _worker(config_json: str, env: dict[str, str], fork_server: int) -> None:
     worker.forked(config_json)
 
 
+def _fork_server_pid() -> int:
+    """The running fork server's pid. No public API gives it: multiprocessing's private
+    `_forkserver._forkserver_pid` (CPython 3.11-3.13). Should a Python change that, every
+    worker started with a pid of 0 exited 1 at once (`die_with_parent`: its parent is not
+    pid 0), restarted in a loop with no error; now the start fails, saying why."""
+    server: Any = getattr(forkserver, "_forkserver", None)
+    pid = getattr(server, "_forkserver_pid", None)
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        raise RuntimeError(
+            "cannot start a worker: the pod's fork server's pid is not known "
+            f"(multiprocessing.forkserver._forkserver._forkserver_pid is {pid!r} on Python "
+            f"{sys.version.split()[0]}; ingest.pod.spawn reads that private name); run the pod "
+            "with workers: 1 (INGEST_WORKERS=1) until ingest is updated for this Python"
+        )
+    return pid
+
+
 def _start(config_json: str, env: dict[str, str]) -> BaseProcess:
     """Fork a worker (blocking: the fork server may still be importing)."""
     with _lock:
         forkserver.ensure_running()  # start() does the same: a fork server gone is started again
-        server: Any = getattr(forkserver, "_forkserver", None)
-        fork_server = int(getattr(server, "_forkserver_pid", None) or 0)
+        fork_server = _fork_server_pid()
         proc = _CONTEXT.Process(
             target=_worker,
             args=(config_json, env, fork_server),

@@ -20,7 +20,8 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from ingest.config import Config
 from ingest.logctx import setup_logging
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 PROGRESS_SECONDS = 0.25
 REPORT_SECONDS = 1.0
 _PR_SET_PDEATHSIG = 1
+BUILD_CANCEL_SECONDS = 5.0  # a build stopped by SIGTERM gets so long to unwind
+T = TypeVar("T")
 
 
 def die_with_parent(fork_server: int, control_plane: int) -> None:
@@ -63,13 +66,16 @@ async def run(cfg: Config, index: int, count: int, socket_path: str) -> int:
     from ingest.service import Service, tune_gc
 
     tune_gc()
-    # SIGTERM drains from here on (before, `ingest.pod.spawn` exits 0: nothing was open): one
-    # received while the service starts ends it right after, drained, exit 0.
+    # SIGTERM drains from here on (before, `ingest.pod.spawn` exits 0: nothing was open). One
+    # received while the service is built stops the build (nothing is read or written before
+    # `start`), exit 0; one received while it starts ends it right after, drained, exit 0.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    service = await Service.build(cfg, shard=(index, count))
+    service = await _build_unless_stopped(Service.build(cfg, shard=(index, count)), stop)
+    if service is None:
+        return 0
     service.worker = f"{service.worker}/w{index}"
     await service.start()
     reader, writer = await asyncio.open_unix_connection(socket_path, limit=ipc.LIMIT)
@@ -125,6 +131,30 @@ async def run(cfg: Config, index: int, count: int, socket_path: str) -> int:
         await ipc.send(writer, {"type": "report", "health": None, "metrics": metrics})
         writer.close()
     return 0
+
+
+async def _build_unless_stopped(build: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """`build`, or None when `stop` is set first: the build is cancelled (a store that does not
+    answer kept a worker building until the SIGKILL at drain + 10 s). A build that does not end
+    within BUILD_CANCEL_SECONDS of its cancel is left to the process's exit."""
+    building = asyncio.ensure_future(build)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({building, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if building.done():
+        return building.result()
+    log.warning("stopped while building the service: nothing was started, exiting")
+    building.cancel()
+    await asyncio.wait({building}, timeout=BUILD_CANCEL_SECONDS)
+    if not building.done():
+        log.error("the service's build did not stop within %.0fs; exiting", BUILD_CANCEL_SECONDS)
+        logging.shutdown()
+        os._exit(0)
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        building.result()
+    return None
 
 
 def forked(config_json: str) -> None:

@@ -10,10 +10,16 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import types
 import typing
+from multiprocessing import forkserver
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from ingest import config as C
+from ingest.pod import spawn
 from ingest.pod.spawn import preload_modules
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,3 +67,26 @@ def test_importing_what_the_fork_server_may_preload_starts_no_thread() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["1", "1"], (mods, out.stdout, out.stderr)
+
+
+def test_a_fork_server_pid_that_cannot_be_read_fails_the_start_saying_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fork server's pid comes from a private name of multiprocessing. Read with `or 0`,
+    a Python without it started every worker with pid 0: each exited 1 at once (its parent is
+    not pid 0) and was started again, in a loop, with no error. Now the start raises."""
+    started: list[tuple[Any, ...]] = []
+
+    class Proc:
+        def __init__(self, target: Any, args: tuple[Any, ...], name: str) -> None:
+            started.append(args)
+
+        def start(self) -> None:
+            pass
+
+    monkeypatch.setattr(forkserver, "ensure_running", lambda: None)
+    monkeypatch.setattr(forkserver, "_forkserver", types.SimpleNamespace())
+    monkeypatch.setattr(spawn, "_CONTEXT", types.SimpleNamespace(Process=Proc))
+    with pytest.raises(RuntimeError, match="_forkserver_pid is None"):
+        spawn._start("{}", {})
+    assert started == []
