@@ -206,6 +206,7 @@ def _start(config_json: str, env: dict[str, str]) -> BaseProcess:
 # plane exit without its shutdown (`stop_workers_at_exit`).
 _running: set[BaseProcess] = set()
 _exit_timeout = [70.0]
+_LOCK_WAIT = 5.0  # the exit handler's wait for a worker start in flight
 
 
 def stop_workers_at_exit() -> None:
@@ -213,8 +214,11 @@ def stop_workers_at_exit() -> None:
     one without `Pod.shutdown` (`serve` failed after the workers started, say) SIGTERMs the
     workers still running (they drain, exit 0), waits up to that timeout, then SIGKILLs what
     is left. Registered with atexit when the first worker starts."""
-    with _lock:
-        procs = [p for p in _running if p.is_alive()]
+    # A start in flight holds the lock while a frozen fork server never answers it: not waited
+    # for past _LOCK_WAIT (its thread is a daemon; what it has started is in _running).
+    locked = _lock.acquire(timeout=_LOCK_WAIT)
+    try:
+        procs = [p for p in list(_running) if p.is_alive()]
         if not procs:
             return
         timeout = _exit_timeout[0]
@@ -235,6 +239,9 @@ def stop_workers_at_exit() -> None:
                 with contextlib.suppress(OSError):
                     p.kill()
                 p.join(5)
+    finally:
+        if locked:
+            _lock.release()
 
 
 async def start_worker(env: dict[str, str], cfg: C.Config, exit_timeout: float) -> WorkerProcess:
@@ -245,6 +252,30 @@ async def start_worker(env: dict[str, str], cfg: C.Config, exit_timeout: float) 
         atexit.unregister(stop_workers_at_exit)
         atexit.register(stop_workers_at_exit)
     _exit_timeout[0] = exit_timeout
-    # start() waits for the fork server to fork, which comes after its imports: not on the loop
-    proc = await asyncio.to_thread(_start, cfg.model_dump_json(), env)
-    return WorkerProcess(proc)
+    # start() waits for the fork server to fork, which comes after its imports: not on the loop,
+    # and not in asyncio's thread pool, which the loop's close waits for with no timeout (a
+    # frozen fork server kept the control plane from exiting, and from stopping its workers)
+    loop = asyncio.get_running_loop()
+    started: asyncio.Future[BaseProcess] = loop.create_future()
+    config_json = cfg.model_dump_json()
+
+    def answer(proc: BaseProcess | None, exc: BaseException | None) -> None:
+        if started.done():
+            return
+        if exc is not None:
+            started.set_exception(exc)
+        else:
+            started.set_result(proc)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            proc = _start(config_json, env)
+        except BaseException as exc:  # handed to the awaiting task
+            result: tuple[BaseProcess | None, BaseException | None] = (None, exc)
+        else:
+            result = (proc, None)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(answer, *result)
+
+    threading.Thread(target=run, name="ingest-worker-start", daemon=True).start()
+    return WorkerProcess(await started)

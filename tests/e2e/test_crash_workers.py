@@ -326,3 +326,86 @@ def test_a_control_plane_failing_after_its_workers_started_stops_them_in_time(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         svc.stop()
+
+
+# `ingest run` whose serve() fails while a worker's restart waits on a frozen fork server: the
+# fork server is stopped (SIGSTOP) just before the restart asks it to fork, so the start's
+# thread waits for an answer that never comes.
+FROZEN_FORK_SERVER = """
+import asyncio, os, signal, sys
+from multiprocessing import forkserver
+import psutil
+import ingest.service
+
+async def fail(cls, cfg, pod):
+    fork_server = psutil.Process(forkserver._forkserver._forkserver_pid)
+    spawn = type(pod)._spawn
+
+    async def frozen_spawn(self, slot):
+        fork_server.suspend()
+        return await spawn(self, slot)
+
+    type(pod)._spawn = frozen_spawn
+    os.kill(pod.slots[0].proc.pid, signal.SIGKILL)
+    while not pod.slots[0].restarts:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1)  # its start waiting on the fork server
+    print("injected: serve fails now", file=sys.stderr, flush=True)
+    raise RuntimeError("injected: serve fails while a worker start waits on a frozen fork server")
+
+ingest.service._ControlState.of = classmethod(fail)
+from ingest.cli.ingest import main
+sys.argv[0] = "ingest"
+main()
+"""
+
+
+def test_a_control_plane_exits_though_a_worker_start_waits_on_a_frozen_fork_server(
+    tmp_path: Path,
+) -> None:
+    """serve() fails while a worker's restart waits on a frozen fork server. The start ran in
+    asyncio's thread pool, which the loop's close joins with no timeout, and held the lock the
+    exit handler takes: the control plane never exited, its other worker never stopped. Now
+    it exits within the lock's wait + the drain timeout + the kill's wait (5 + 11 + 5 s here),
+    having stopped the worker still running."""
+    data = tmp_path / "data"
+    config = tmp_path / "ingest.yaml"
+    config.write_text("shutdown:\n  drain_timeout_seconds: 1\n")
+    svc = ServiceProcess(data, config=config, env=WORKERS,
+                         launcher=[sys.executable, "-c", FROZEN_FORK_SERVER])
+    cmd = [*svc.launcher, "run", "--host", "127.0.0.1", "--port", str(svc.port),
+           "--config", str(config)]
+    data.mkdir(parents=True, exist_ok=True)
+    with open(svc.log_path, "ab") as log:
+        svc.proc = subprocess.Popen(cmd, cwd=data, env=svc.env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "injected: serve fails now" in svc.log(), timeout=START_WAIT,
+                 what="serve failed")
+        try:
+            code = svc.proc.wait(90)  # expected ~21 s
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the control plane did not exit:\n{svc.log()}")
+        assert code != 0
+        assert "still running as the control plane exits" in svc.log(), svc.log()
+
+        # left: the frozen fork server, and multiprocessing's resource tracker, which exits
+        # once the fork server's copy of its pipe closes
+        wait_for(lambda: not [p for p in left_of(data)
+                              if " stopped " not in p and "resource_tracker" not in p],
+                 timeout=10, what="no worker left")  # fmt: skip
+    finally:
+        for pid in pod_processes(data):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        svc.stop()
+
+
+def left_of(data: Path) -> list[str]:
+    """The processes left of a pod run on `data`: "pid status command line"."""
+    out = []
+    for pid in pod_processes(data):
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            out.append(f"{pid} {p.status()} {' '.join(p.cmdline())}")
+    return out
