@@ -1,4 +1,5 @@
-# The service's image: Debian 12 + Debian's python3.11 + the locked dependencies, run as a
+# The service's image: Debian 12 + Debian's python3.11 + the locked dependencies + the decoder's
+# compiled fast path (built in the build stage with Debian's Rust), run as a
 # non-root user, `ingest run` under tini as PID 1 (SIGTERM drains, flushes, checkpoints, exits 0).
 #   make image        build localhost/ingest:latest (scripts/image/build.sh)
 #   make image-test   build it, then prove it (tests/image/): ready, a signed record lands,
@@ -11,9 +12,11 @@ ARG BASE_IMAGE=localhost/debian:bookworm
 
 FROM ${BASE_IMAGE} AS build
 ARG UV_VERSION=0.13.9
+# cargo-web: Debian 12's current Rust (bookworm-security), which builds the decoder's compiled
+# fast path (ingest_native/, maturin) and reads the crates.io index over HTTPS.
 RUN apt-get update -q \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-      python3.11 python3.11-venv \
+      python3.11 python3.11-venv cargo-web \
  && rm -rf /var/lib/apt/lists/*
 RUN --mount=type=secret,id=ca_bundle \
     python3.11 -m venv /opt/uv \
@@ -23,18 +26,25 @@ RUN --mount=type=secret,id=ca_bundle \
 ENV UV_PYTHON=/usr/bin/python3.11 UV_PYTHON_DOWNLOADS=never UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy UV_PROJECT_ENVIRONMENT=/app/.venv
 WORKDIR /src
-# Dependencies first: their layer is reused until uv.lock changes.
+# Dependencies first: their layer is reused until uv.lock changes (the workspace's two
+# packages, ingest and ingest-native, come after).
 COPY pyproject.toml uv.lock ./
+COPY ingest_native/pyproject.toml ./ingest_native/
 RUN --mount=type=secret,id=ca_bundle --mount=type=cache,target=/root/.cache/uv \
-    SSL_CERT_FILE=/run/secrets/ca_bundle /opt/uv/bin/uv sync --frozen --no-dev --no-install-project
+    SSL_CERT_FILE=/run/secrets/ca_bundle /opt/uv/bin/uv sync --frozen --no-dev --no-install-workspace
 COPY README.md ./
 COPY ingest ./ingest
-# The project itself as a wheel (not editable): the runtime stage needs /app/.venv only.
-# --reinstall-package: uv's cache keys a directory's built wheel on pyproject.toml alone (its
-# mtime), so with the cache mount every build shipped the wheel first built: stale code.
+COPY ingest_native ./ingest_native
+# The project and its compiled fast path as wheels (not editable): the runtime stage needs
+# /app/.venv only. --reinstall-package: uv's cache keys a directory's built wheel on
+# pyproject.toml alone (its mtime), so with the cache mount every build shipped the wheel first
+# built: stale code. cargo fetches the crates of ingest_native/Cargo.lock (--locked) through
+# the same CA bundle.
 RUN --mount=type=secret,id=ca_bundle --mount=type=cache,target=/root/.cache/uv \
-    SSL_CERT_FILE=/run/secrets/ca_bundle /opt/uv/bin/uv sync --frozen --no-dev --no-editable \
-      --reinstall-package ingest
+    --mount=type=cache,target=/root/.cargo/registry \
+    SSL_CERT_FILE=/run/secrets/ca_bundle CARGO_HTTP_CAINFO=/run/secrets/ca_bundle \
+    /opt/uv/bin/uv sync --frozen --no-dev --no-editable \
+      --reinstall-package ingest --reinstall-package ingest-native
 
 FROM ${BASE_IMAGE}
 RUN apt-get update -q \

@@ -7,8 +7,8 @@ SHELL := /bin/bash
 # by-hand targets (services-up/down, bench) use this stable default.
 RUN_DIR_GIVEN := $(filter-out undefined,$(origin INGEST_RUN_DIR))
 export INGEST_RUN_DIR ?= /tmp/ingest-test-run
-# `make uv` puts uv here when it is not on PATH (pip --user)
-export PATH := $(HOME)/.local/bin:$(PATH)
+# `make uv` puts uv here when it is not on PATH (pip --user); rustup puts cargo in ~/.cargo/bin
+export PATH := $(HOME)/.local/bin:$(HOME)/.cargo/bin:$(PATH)
 PYTEST_ARGS ?=
 
 .PHONY: help
@@ -19,8 +19,12 @@ help: ## Show the targets
 uv: ## Install uv if missing (pip --user; Debian's python3 gets python3-pip first)
 	@scripts/install-uv.sh
 
+.PHONY: cargo
+cargo: ## Install cargo if missing (Debian's cargo-web): uv sync builds ingest_native/ with it
+	@scripts/install-cargo.sh
+
 .PHONY: install
-install: uv ## Install the project and its dev tools into .venv (from uv.lock)
+install: uv cargo ## Install the project and its dev tools into .venv (from uv.lock)
 	uv sync --frozen
 
 .PHONY: tools
@@ -35,7 +39,7 @@ doctor: ## Check that every program the tests and scripts run is present
 # ends), whatever the service answers; a supervisor runs `uv run --no-dev ingest run` instead,
 # which drains and exits 0 (docs/operations.md).
 .PHONY: run
-run: uv ## Run the service embedded on :8080 (inbox ./data/inbox/<tenant>/, webhooks)
+run: uv cargo ## Run the service embedded on :8080 (inbox ./data/inbox/<tenant>/, webhooks)
 	uv sync --frozen --no-dev --inexact
 	uv run --frozen --no-dev ingest run
 

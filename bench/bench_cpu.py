@@ -244,6 +244,18 @@ def best_us(fn: Callable[[], Any], n: int, repeat: int) -> float:
     return best / n * 1e6
 
 
+def alternated(fns: dict[str, Callable[[], Any]], n: int, repeat: int) -> dict[str, float]:
+    """`best_us` of each function, the functions taking turns (a, b, a, b...): the same
+    minutes of the shared machine for each."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.process_time()
+            fn()
+            best[name] = min(best[name], time.process_time() - t0)
+    return {name: t / n * 1e6 for name, t in best.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--records", type=int, default=200_000)
@@ -268,6 +280,8 @@ def main() -> None:
     raws = read(blob)
     old_raws = [RawRecord(ln, TENANT, "inbox", i, i, 0.0) for i, ln in enumerate(old)]
     decoder = Decoder()
+    py_decoder = Decoder(native=False)  # the pure-Python fast path, for the comparison
+    print(f"decoder path: {decoder.path} (INGEST_NO_EXTENSION=1: python)")
     decoded = decoder.decode_many(raws)
     records = [r for r in decoded if isinstance(r, Record)]
     assert len(records) == n, "every bench row must decode"
@@ -336,6 +350,19 @@ def main() -> None:
         print(f"  {name:12s} {figures[name]:7.2f}")
     total = figures["read"] + figures["decoder"] + figures["routing"] + figures["bookkeeping"]
     print(f"  {'= pipeline':12s} {total:7.2f}  (read + decoder + routing + bookkeeping)")
+    if decoder.path == "compiled":
+        both = alternated(
+            {
+                "compiled": lambda: decoder.decode_many(raws),
+                "python": lambda: py_decoder.decode_many(raws),
+            },
+            n,
+            rep,
+        )
+        print(
+            f"decoder, alternated in turns: compiled {both['compiled']:.2f}, "
+            f"python {both['python']:.2f}, saved {both['python'] - both['compiled']:.2f} µs/record"
+        )
     print(f"load average after: {os.getloadavg()}")
     if args.profile:
         prof = cProfile.Profile()

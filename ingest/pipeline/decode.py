@@ -19,7 +19,10 @@ encoding and every sink keep exactly) is refused as VALIDATION_FAIL `range`, nev
 from __future__ import annotations
 
 import hashlib
+import itertools
+import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +33,7 @@ import msgspec
 import orjson
 
 from ingest.records import RawRecord, ReasonCode, Record, dedupe_key
-from ingest.schema import EnvelopeError, json_type
+from ingest.schema import EnvelopeError, json_type, load_schema
 from ingest.schema.fast import FastSchema
 from ingest.schema.validate import SchemaValidator, json_path, json_safe, reason_for
 from ingest.transformers import CURRENT_VERSION, upgrade
@@ -42,6 +45,41 @@ _SORTED = orjson.OPT_SORT_KEYS
 _json_loads = msgspec.json.Decoder().decode  # exact integers, unlike orjson
 _DecodeError = msgspec.DecodeError
 _sha256 = hashlib.sha256
+log = logging.getLogger(__name__)
+NativeDecode = Callable[[list[RawRecord], type[Record], dict[str, float], float, int], list[Any]]
+
+
+def _load_native() -> tuple[NativeDecode | None, str, str]:
+    """The compiled fast path (`ingest_native`, built from ingest_native/ by `make install`),
+    or None and why not; with the schema fingerprint it was written for."""
+    if os.environ.get("INGEST_NO_EXTENSION"):
+        return None, "INGEST_NO_EXTENSION is set", ""
+    try:
+        import ingest_native  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as exc:
+        return (
+            None,
+            f"the compiled extension is not installed ({exc}; `make install` builds it)",
+            "",
+        )
+    decode: NativeDecode = ingest_native.decode_records
+    return decode, "", str(ingest_native.SCHEMA_SHA256)
+
+
+_NATIVE, _NATIVE_MISSING, _NATIVE_SCHEMA = _load_native()
+_logged: set[str] = set()
+
+
+def _schema_fingerprint() -> str:
+    return hashlib.sha256(orjson.dumps(load_schema(), option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _say_once(level: int, message: str) -> None:
+    """The decoder's path, logged once per process (at start-up: the factory builds the one
+    Decoder of a process), never silent."""
+    if message not in _logged:
+        _logged.add(message)
+        log.log(level, message)
 
 
 @dataclass(slots=True)
@@ -66,6 +104,7 @@ class Decoder:
         max_record_bytes: int = 1_048_576,
         now: Callable[[], float] = time.time,
         extra: Sequence[Callable[[dict[str, Any]], dict[str, Any]]] = (),
+        native: bool = True,
     ) -> None:
         self._max = max_record_bytes
         self._extra = tuple(extra)  # config `transformers`: repairs after upgrade
@@ -74,6 +113,27 @@ class Decoder:
         self._is_valid = self._validator.is_valid
         self._fast = FastSchema()
         self._times: dict[str, float] = {}  # occurred_at -> epoch seconds (inf: not valid)
+        self._native, self.path = self._native_path(native)
+
+    def _native_path(self, wanted: bool) -> tuple[NativeDecode | None, str]:
+        """The compiled fast path when it is installed, wanted, and written for this schema
+        and fast path; else None. Logs which path runs (a warning when it is missing)."""
+        if not wanted:
+            return None, "python"
+        why = _NATIVE_MISSING
+        if _NATIVE is not None:
+            if not self._fast.enabled or self._extra:
+                return None, "python"  # the slow path only: nothing compiled would run
+            if _schema_fingerprint() != _NATIVE_SCHEMA:
+                why = "the schema is not the one the extension was written for"
+            elif tuple(p for p, _ in self._fast.patterned) != ("tenant_id", "entity_type"):
+                why = "the fast path's patterned fields changed"
+            else:
+                _say_once(logging.INFO, "decoder: compiled fast path (ingest_native)")
+                return _NATIVE, "compiled"
+        level = logging.INFO if os.environ.get("INGEST_NO_EXTENSION") else logging.WARNING
+        _say_once(level, f"decoder: pure-Python fast path: {why}")
+        return None, "python"
 
     def decode(self, raw: RawRecord) -> Record | DecodeFailure:
         return self.decode_many([raw])[0]
@@ -101,10 +161,49 @@ class Decoder:
         dumps = orjson.dumps
         out: list[Record | DecodeFailure] = []
         append = out.append
-        for raw in raws:
+        native = self._native
+        hits: Any = _NONE
+        if native is not None:
+            hits = native(raws if type(raws) is list else list(raws), Record, times, horizon, limit)
+        for raw, hit in zip(raws, hits, strict=False):  # hits: one per raw, or endless None
+            if hit.__class__ is Record:  # the compiled path did every check
+                append(hit)
+                continue
             data = raw.data
             if raw.decoded is not None or raw.meta or len(data) > limit:
                 append(slow(raw, horizon))
+                continue
+            if hit is not None:  # the compiled path: shape checked, body built and hashed
+                (body, key, tenant, entity_type, entity_id, revision, occurred, deleted,
+                 priority, attributes) = hit  # fmt: skip
+                when = times.get(occurred)
+                if when is None:
+                    when = times[occurred] = self._time_of(occurred)
+                if (
+                    tenant != raw.tenant
+                    or when > horizon
+                    or (
+                        (tenant, entity_type) not in good_strings
+                        and not strings_ok(_Strings(tenant, entity_type))
+                    )
+                    or (attributes and not attributes_ok(attributes))
+                ):
+                    append(slow(raw, horizon))
+                    continue
+                append(
+                    Record(
+                        raw,
+                        body,
+                        key,
+                        tenant,
+                        entity_type,
+                        entity_id,
+                        revision,
+                        (tenant, entity_type, entity_id),
+                        deleted,
+                        priority,
+                    )
+                )
                 continue
             try:
                 env: Any = typed(data)
@@ -433,3 +532,15 @@ def _rejected(reject: Any) -> DecodeFailure:
     }
     detail = {**given, **first, "schema_version": None, "errors": [first]}
     return DecodeFailure(ReasonCode.VALIDATION_FAIL, detail, None)
+
+
+_NONE = itertools.repeat(None)
+
+
+@dataclass(slots=True)
+class _Strings:
+    """The patterned top-level fields of a record decoded by the compiled path, for
+    `FastSchema.strings_ok` (which reads them by name)."""
+
+    tenant_id: str
+    entity_type: str

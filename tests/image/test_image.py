@@ -223,6 +223,20 @@ def test_image_ships_the_code_it_was_built_from() -> None:
     assert sorted(shipped) == sorted(here), sorted(set(shipped) ^ set(here))[:10]
 
 
+def test_image_runs_the_compiled_decoder() -> None:
+    """The image's decoder is the compiled one (ingest_native, built in the build stage), and
+    the service's start-up log says so."""
+    check = (
+        "import logging\n"
+        "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+        "from ingest.pipeline.decode import Decoder\n"
+        "print(Decoder().path)\n"
+    )
+    run = podman("run", "--rm", "--entrypoint", "/app/.venv/bin/python", IMAGE, "-c", check)
+    assert run.stdout.split() == ["compiled"], run.stdout + run.stderr
+    assert "decoder: compiled fast path (ingest_native)" in run.stderr, run.stderr
+
+
 def test_image_runs_non_root_with_the_service_under_tini_as_pid_1(container: Container) -> None:
     """PID 1 is tini (it reaps the orphans a pod's workers can leave, and hands SIGTERM on),
     its child `ingest run`; every process runs as the image's user."""

@@ -1,0 +1,9 @@
+# Types of the compiled module (src/lib.rs), for mypy; maturin ships this file in the wheel.
+from typing import Any
+
+SCHEMA_SHA256: str
+
+def decode_records(
+    raws: list[Any], record: type[Any], times: dict[str, float], horizon: float, limit: int
+) -> list[Any]: ...
+def canonical_json(data: bytes) -> bytes | None: ...

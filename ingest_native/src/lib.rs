@@ -1,0 +1,846 @@
+//! The decoder's fast path for the common valid record, in one pass per line: parse the JSON,
+//! check the shape of schema_version 3 (types, const, enum, lengths, bounds, the relations'
+//! patterns, no unknown or repeated key), write the canonical bytes (orjson's OPT_SORT_KEYS
+//! output, byte for byte) and hash them, then build the Python objects the `Record` carries.
+//!
+//! It answers None for anything it does not handle exactly (a repeated key, an integer beyond
+//! 64 bits, a float that is not finite, a lone surrogate, nesting past 64, any other shape);
+//! the Python side then takes its own path for that line, which alone explains failures. The
+//! rules left to Python: tenant of the route, tenant/entity_type patterns, known attributes,
+//! occurred_at (format, future). `ingest/pipeline/decode.py` turns this path off when the
+//! schema is not the one it was written for (`SCHEMA_SHA256`).
+use std::borrow::Cow;
+use std::io::Write;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString, PyTuple};
+use sha2::{Digest, Sha256};
+
+/// The fingerprint of the schema these rules were written from: sha256 of
+/// `orjson.dumps(load_schema(), option=OPT_SORT_KEYS)`.
+const SCHEMA_SHA256: &str = "27771e5aca5fe626cdaf254c8f062103230d1f1402fd4bab65cc0f730b9bcd74";
+
+const MAX_DEPTH: u32 = 64;
+
+enum V<'a> {
+    Null,
+    Bool(bool),
+    I(i64),
+    U(u64),
+    F(f64),
+    S(Cow<'a, str>),
+    A(Vec<V<'a>>),
+    O(Vec<(Cow<'a, str>, V<'a>)>),
+}
+
+struct P<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> P<'a> {
+    fn ws(&mut self) {
+        while let Some(c) = self.b.get(self.i) {
+            match c {
+                b' ' | b'\t' | b'\n' | b'\r' => self.i += 1,
+                _ => break,
+            }
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn lit(&mut self, word: &[u8], v: V<'a>) -> Option<V<'a>> {
+        if self.b.get(self.i..self.i + word.len())? == word {
+            self.i += word.len();
+            Some(v)
+        } else {
+            None
+        }
+    }
+
+    fn value(&mut self, depth: u32) -> Option<V<'a>> {
+        self.ws();
+        match self.peek()? {
+            b'{' => {
+                if depth >= MAX_DEPTH {
+                    return None;
+                }
+                self.i += 1;
+                let mut items = Vec::new();
+                self.ws();
+                if self.peek() == Some(b'}') {
+                    self.i += 1;
+                    return Some(V::O(items));
+                }
+                loop {
+                    self.ws();
+                    if self.peek()? != b'"' {
+                        return None;
+                    }
+                    self.i += 1;
+                    let k = self.string()?;
+                    self.ws();
+                    if self.peek()? != b':' {
+                        return None;
+                    }
+                    self.i += 1;
+                    let v = self.value(depth + 1)?;
+                    items.push((k, v));
+                    self.ws();
+                    match self.peek()? {
+                        b',' => self.i += 1,
+                        b'}' => {
+                            self.i += 1;
+                            return Some(V::O(items));
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            b'[' => {
+                if depth >= MAX_DEPTH {
+                    return None;
+                }
+                self.i += 1;
+                let mut items = Vec::new();
+                self.ws();
+                if self.peek() == Some(b']') {
+                    self.i += 1;
+                    return Some(V::A(items));
+                }
+                loop {
+                    items.push(self.value(depth + 1)?);
+                    self.ws();
+                    match self.peek()? {
+                        b',' => self.i += 1,
+                        b']' => {
+                            self.i += 1;
+                            return Some(V::A(items));
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            b'"' => {
+                self.i += 1;
+                Some(V::S(self.string()?))
+            }
+            b't' => self.lit(b"true", V::Bool(true)),
+            b'f' => self.lit(b"false", V::Bool(false)),
+            b'n' => self.lit(b"null", V::Null),
+            b'-' | b'0'..=b'9' => self.number(),
+            _ => None,
+        }
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.i;
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.i += 1;
+        }
+        self.i - start
+    }
+
+    fn number(&mut self) -> Option<V<'a>> {
+        let start = self.i;
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        match self.peek()? {
+            b'0' => self.i += 1,
+            b'1'..=b'9' => {
+                self.digits();
+            }
+            _ => return None,
+        }
+        let mut float = false;
+        if self.peek() == Some(b'.') {
+            float = true;
+            self.i += 1;
+            if self.digits() == 0 {
+                return None;
+            }
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            float = true;
+            self.i += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.i += 1;
+            }
+            if self.digits() == 0 {
+                return None;
+            }
+        }
+        let text = std::str::from_utf8(&self.b[start..self.i]).ok()?;
+        if float {
+            let f: f64 = text.parse().ok()?;
+            if f.is_finite() {
+                Some(V::F(f))
+            } else {
+                None
+            }
+        } else if let Ok(n) = text.parse::<i64>() {
+            Some(V::I(n))
+        } else {
+            text.parse::<u64>().ok().map(V::U)
+        }
+    }
+
+    fn hex4(&mut self) -> Option<u32> {
+        let h = self.b.get(self.i..self.i + 4)?;
+        let mut n = 0u32;
+        for &c in h {
+            n = n * 16 + (c as char).to_digit(16)?;
+        }
+        self.i += 4;
+        Some(n)
+    }
+
+    /// A string's content, after its opening quote; None for anything but valid UTF-8 with
+    /// valid escapes (a lone surrogate included).
+    fn string(&mut self) -> Option<Cow<'a, str>> {
+        let start = self.i;
+        loop {
+            let c = self.peek()?;
+            if c == b'"' {
+                let b: &'a [u8] = self.b;
+                let s = std::str::from_utf8(&b[start..self.i]).ok()?;
+                self.i += 1;
+                return Some(Cow::Borrowed(s));
+            }
+            if c == b'\\' {
+                break;
+            }
+            if c < 0x20 {
+                return None;
+            }
+            self.i += 1;
+        }
+        let mut out: Vec<u8> = self.b[start..self.i].to_vec();
+        loop {
+            let c = self.peek()?;
+            self.i += 1;
+            match c {
+                b'"' => return String::from_utf8(out).ok().map(Cow::Owned),
+                b'\\' => {
+                    let e = self.peek()?;
+                    self.i += 1;
+                    match e {
+                        b'"' => out.push(b'"'),
+                        b'\\' => out.push(b'\\'),
+                        b'/' => out.push(b'/'),
+                        b'b' => out.push(8),
+                        b'f' => out.push(12),
+                        b'n' => out.push(b'\n'),
+                        b'r' => out.push(b'\r'),
+                        b't' => out.push(b'\t'),
+                        b'u' => {
+                            let h = self.hex4()?;
+                            let cp = if (0xD800..0xDC00).contains(&h) {
+                                if self.b.get(self.i..self.i + 2)? != b"\\u" {
+                                    return None;
+                                }
+                                self.i += 2;
+                                let l = self.hex4()?;
+                                if !(0xDC00..0xE000).contains(&l) {
+                                    return None;
+                                }
+                                0x10000 + ((h - 0xD800) << 10) + (l - 0xDC00)
+                            } else if (0xDC00..0xE000).contains(&h) {
+                                return None;
+                            } else {
+                                h
+                            };
+                            let ch = char::from_u32(cp)?;
+                            let mut buf = [0u8; 4];
+                            out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+                        }
+                        _ => return None,
+                    }
+                }
+                c if c < 0x20 => return None,
+                c => out.push(c),
+            }
+        }
+    }
+}
+
+fn parse(b: &[u8]) -> Option<V<'_>> {
+    let mut p = P { b, i: 0 };
+    let v = p.value(0)?;
+    p.ws();
+    if p.i == b.len() {
+        Some(v)
+    } else {
+        None
+    }
+}
+
+// ---- canonical bytes: orjson.dumps(..., option=OPT_SORT_KEYS), byte for byte ----
+
+fn write_str(s: &str, out: &mut Vec<u8>) {
+    out.push(b'"');
+    let b = s.as_bytes();
+    if !b.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\') {
+        out.extend_from_slice(b);
+        out.push(b'"');
+        return;
+    }
+    let mut run = 0;
+    for (i, &c) in b.iter().enumerate() {
+        let esc: &[u8] = match c {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            8 => b"\\b",
+            9 => b"\\t",
+            10 => b"\\n",
+            12 => b"\\f",
+            13 => b"\\r",
+            0..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&b[run..i]);
+        run = i + 1;
+        if esc.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[(c >> 4) as usize]);
+            out.push(HEX[(c & 15) as usize]);
+        } else {
+            out.extend_from_slice(esc);
+        }
+    }
+    out.extend_from_slice(&b[run..]);
+    out.push(b'"');
+}
+
+/// orjson's float text: the shortest round-trip digits, fixed notation for decimal exponents
+/// -5..=15 (`0.00001`, `1000000000000000.0`), else `1.5e-7`, `1e+16`.
+fn write_float(f: f64, out: &mut Vec<u8>) {
+    if f == 0.0 {
+        out.extend_from_slice(if f.is_sign_negative() { b"-0.0" } else { b"0.0" });
+        return;
+    }
+    let mut buf = [0u8; 40];
+    let len = {
+        let mut cur: &mut [u8] = &mut buf;
+        let _ = write!(cur, "{:e}", f);
+        40 - cur.len()
+    };
+    let sci = std::str::from_utf8(&buf[..len]).unwrap_or("0e0");
+    let (mant, exp) = sci.split_once('e').unwrap_or((sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let (neg, mant) = match mant.strip_prefix('-') {
+        Some(m) => (true, m),
+        None => (false, mant),
+    };
+    let mut dbuf = [0u8; 32];
+    let mut nd = 0;
+    for &c in mant.as_bytes() {
+        if c != b'.' && nd < 32 {
+            dbuf[nd] = c;
+            nd += 1;
+        }
+    }
+    let digits = &dbuf[..nd];
+    if neg {
+        out.push(b'-');
+    }
+    if (-5..16).contains(&exp) {
+        if exp >= 0 {
+            let whole = exp as usize + 1;
+            for k in 0..whole {
+                out.push(*digits.get(k).unwrap_or(&b'0'));
+            }
+            out.push(b'.');
+            if digits.len() > whole {
+                out.extend_from_slice(&digits[whole..]);
+            } else {
+                out.push(b'0');
+            }
+        } else {
+            out.extend_from_slice(b"0.");
+            for _ in 0..(-exp - 1) {
+                out.push(b'0');
+            }
+            out.extend_from_slice(digits);
+        }
+    } else {
+        out.push(digits[0]);
+        if digits.len() > 1 {
+            out.push(b'.');
+            out.extend_from_slice(&digits[1..]);
+        }
+        out.push(b'e');
+        out.push(if exp > 0 { b'+' } else { b'-' });
+        out.extend_from_slice(exp.unsigned_abs().to_string().as_bytes());
+    }
+}
+
+/// None when an object repeats a key (the Python side decides what that means).
+fn write(v: &V, out: &mut Vec<u8>) -> Option<()> {
+    match v {
+        V::Null => out.extend_from_slice(b"null"),
+        V::Bool(true) => out.extend_from_slice(b"true"),
+        V::Bool(false) => out.extend_from_slice(b"false"),
+        V::I(n) => {
+            let _ = write!(out, "{}", n);
+        }
+        V::U(n) => {
+            let _ = write!(out, "{}", n);
+        }
+        V::F(f) => write_float(*f, out),
+        V::S(s) => write_str(s, out),
+        V::A(items) => {
+            out.push(b'[');
+            for (k, item) in items.iter().enumerate() {
+                if k > 0 {
+                    out.push(b',');
+                }
+                write(item, out)?;
+            }
+            out.push(b']');
+        }
+        V::O(items) => {
+            let mut sorted: Vec<&(Cow<str>, V)> = items.iter().collect();
+            sorted.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            out.push(b'{');
+            for (k, (key, item)) in sorted.iter().map(|e| (&e.0, &e.1)).enumerate() {
+                if k > 0 {
+                    if sorted[k - 1].0 == *key {
+                        return None;
+                    }
+                    out.push(b',');
+                }
+                write_str(key, out);
+                out.push(b':');
+                write(item, out)?;
+            }
+            out.push(b'}');
+        }
+    }
+    Some(())
+}
+
+/// Python strings of a batch for the texts that repeat (object keys, tenants, entity types):
+/// one string (and its cached hash) per distinct text, as msgspec's key cache does.
+struct Names<'py> {
+    py: Python<'py>,
+    seen: std::collections::HashMap<String, Bound<'py, PyString>>,
+}
+
+impl<'py> Names<'py> {
+    fn get(&mut self, s: &str) -> Bound<'py, PyString> {
+        if let Some(v) = self.seen.get(s) {
+            return v.clone();
+        }
+        let v = PyString::new_bound(self.py, s);
+        if self.seen.len() < 4096 && s.len() <= 64 {
+            self.seen.insert(s.to_owned(), v.clone());
+        }
+        v
+    }
+}
+
+fn to_py(py: Python<'_>, v: &V, names: &mut Names<'_>) -> PyObject {
+    match v {
+        V::Null => py.None(),
+        V::Bool(b) => PyBool::new_bound(py, *b).to_owned().into_any().unbind(),
+        V::I(n) => n.into_py(py),
+        V::U(n) => n.into_py(py),
+        V::F(f) => f.into_py(py),
+        V::S(s) => PyString::new_bound(py, s).into_any().unbind(),
+        V::A(items) => {
+            let list = PyList::empty_bound(py);
+            for item in items {
+                let _ = list.append(to_py(py, item, names));
+            }
+            list.into_any().unbind()
+        }
+        V::O(items) => {
+            let dict = PyDict::new_bound(py);
+            for (k, item) in items {
+                let _ = dict.set_item(names.get(k), to_py(py, item, names));
+            }
+            dict.into_any().unbind()
+        }
+    }
+}
+
+// ---- schema_version 3 ----
+
+fn chars_within(s: &str, least: usize, most: usize) -> bool {
+    // a code point count (msgspec's min_length/max_length), bytes first: most are ASCII
+    if s.len() < least {
+        return false;
+    }
+    let n = s.chars().count();
+    least <= n && n <= most
+}
+
+/// `^[A-Z][A-Z0-9_]*$`
+fn relation_type_ok(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b[0].is_ascii_uppercase()
+        && b[1..].iter().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b'_')
+}
+
+/// `^[a-z][a-z0-9_]{0,63}$`
+fn type_name_ok(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_lowercase()
+        && b[1..].iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+}
+
+struct Rel<'a> {
+    kind: Cow<'a, str>,
+    target_type: Cow<'a, str>,
+    target_id: Cow<'a, str>,
+}
+
+struct Env<'a> {
+    tenant: Cow<'a, str>,
+    entity_type: Cow<'a, str>,
+    entity_id: Cow<'a, str>,
+    revision: i64,
+    occurred: Cow<'a, str>,
+    priority: &'static str,
+    attributes: V<'a>,
+    relations: Vec<Rel<'a>>,
+    deleted: bool,
+}
+
+fn relation(v: V<'_>) -> Option<Rel<'_>> {
+    let items = match v {
+        V::O(items) => items,
+        _ => return None,
+    };
+    let (mut kind, mut target_type, mut target_id) = (None, None, None);
+    for (k, v) in items {
+        let s = match v {
+            V::S(s) => s,
+            _ => return None,
+        };
+        let slot = match &*k {
+            "type" if relation_type_ok(&s) => &mut kind,
+            "target_type" if type_name_ok(&s) => &mut target_type,
+            "target_id" if chars_within(&s, 1, 256) => &mut target_id,
+            _ => return None,
+        };
+        if slot.replace(s).is_some() {
+            return None;
+        }
+    }
+    Some(Rel { kind: kind?, target_type: target_type?, target_id: target_id? })
+}
+
+fn envelope(v: V<'_>) -> Option<Env<'_>> {
+    let items = match v {
+        V::O(items) => items,
+        _ => return None,
+    };
+    let mut version = false;
+    let (mut tenant, mut entity_type, mut entity_id, mut occurred) = (None, None, None, None);
+    let (mut revision, mut priority, mut attributes) = (None, None, None);
+    let (mut relations, mut deleted) = (None, None);
+    for (k, v) in items {
+        let fresh = match (&*k, v) {
+            ("schema_version", V::I(3)) => !std::mem::replace(&mut version, true),
+            ("tenant_id", V::S(s)) => tenant.replace(s).is_none(),
+            ("entity_type", V::S(s)) => entity_type.replace(s).is_none(),
+            ("entity_id", V::S(s)) if chars_within(&s, 1, 256) => entity_id.replace(s).is_none(),
+            ("revision", V::I(n)) if n >= 0 => revision.replace(n).is_none(),
+            ("occurred_at", V::S(s)) => occurred.replace(s).is_none(),
+            ("priority", V::S(s)) => {
+                let p: &'static str = match &*s {
+                    "high" => "high",
+                    "normal" => "normal",
+                    "low" => "low",
+                    _ => return None,
+                };
+                priority.replace(p).is_none()
+            }
+            ("attributes", V::O(a)) => attributes.replace(V::O(a)).is_none(),
+            ("relations", V::A(rs)) => {
+                let mut out = Vec::with_capacity(rs.len());
+                for r in rs {
+                    out.push(relation(r)?);
+                }
+                relations.replace(out).is_none()
+            }
+            ("deleted", V::Bool(b)) => deleted.replace(b).is_none(),
+            _ => return None,
+        };
+        if !fresh {
+            return None;
+        }
+    }
+    if !version {
+        return None;
+    }
+    Some(Env {
+        tenant: tenant?,
+        entity_type: entity_type?,
+        entity_id: entity_id?,
+        revision: revision?,
+        occurred: occurred?,
+        priority: priority.unwrap_or("normal"),
+        attributes: attributes?,
+        relations: relations.unwrap_or_default(),
+        deleted: deleted.unwrap_or(false),
+    })
+}
+
+/// The body's canonical bytes, keys in sorted order (as `decode.py` builds the body).
+fn canonical(e: &Env) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"{\"attributes\":");
+    write(&e.attributes, &mut out)?;
+    out.extend_from_slice(if e.deleted { b",\"deleted\":true" } else { b",\"deleted\":false" });
+    out.extend_from_slice(b",\"entity_id\":");
+    write_str(&e.entity_id, &mut out);
+    out.extend_from_slice(b",\"entity_type\":");
+    write_str(&e.entity_type, &mut out);
+    out.extend_from_slice(b",\"occurred_at\":");
+    write_str(&e.occurred, &mut out);
+    out.extend_from_slice(b",\"priority\":");
+    write_str(e.priority, &mut out);
+    out.extend_from_slice(b",\"relations\":[");
+    for (k, r) in e.relations.iter().enumerate() {
+        if k > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"target_id\":");
+        write_str(&r.target_id, &mut out);
+        out.extend_from_slice(b",\"target_type\":");
+        write_str(&r.target_type, &mut out);
+        out.extend_from_slice(b",\"type\":");
+        write_str(&r.kind, &mut out);
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"],\"revision\":");
+    let _ = write!(out, "{}", e.revision);
+    out.extend_from_slice(b",\"schema_version\":3,\"tenant_id\":");
+    write_str(&e.tenant, &mut out);
+    out.push(b'}');
+    Some(out)
+}
+
+struct Keys {
+    attributes: Py<PyString>,
+    deleted: Py<PyString>,
+    entity_id: Py<PyString>,
+    entity_type: Py<PyString>,
+    occurred_at: Py<PyString>,
+    priority: Py<PyString>,
+    relations: Py<PyString>,
+    revision: Py<PyString>,
+    schema_version: Py<PyString>,
+    tenant_id: Py<PyString>,
+    kind: Py<PyString>,
+    target_type: Py<PyString>,
+    target_id: Py<PyString>,
+}
+
+/// The canonical bytes of any JSON text as this module writes them (None: not handled);
+/// for the tests that hold them equal to orjson's.
+#[pyfunction]
+fn canonical_json(py: Python<'_>, data: &[u8]) -> Option<PyObject> {
+    let v = parse(data)?;
+    let mut out = Vec::new();
+    write(&v, &mut out)?;
+    Some(PyBytes::new_bound(py, &out).into_any().unbind())
+}
+
+/// `^[a-z0-9][a-z0-9._-]{0,63}$`
+fn tenant_ok(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b[1..].iter().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
+        })
+}
+
+/// The known attributes' rules (attributes.properties), all but `email`'s format: false
+/// hands the record to Python's checks.
+fn attributes_ok(a: &V) -> bool {
+    let items = match a {
+        V::O(items) => items,
+        _ => return false,
+    };
+    items.iter().all(|(k, v)| match &**k {
+        "amount" => match v {
+            V::I(n) => *n >= 0,
+            V::U(_) => true,
+            V::F(f) => *f >= 0.0,
+            _ => false,
+        },
+        "currency" => match v {
+            V::S(s) => s.len() == 3 && s.bytes().all(|c| c.is_ascii_uppercase()),
+            _ => false,
+        },
+        "email" => false,
+        "name" => match v {
+            V::S(s) => s.len() <= 512 || s.chars().count() <= 512,
+            _ => false,
+        },
+        "quantity" => matches!(v, V::I(n) if *n >= 0) || matches!(v, V::U(_)),
+        "status" => matches!(v, V::S(_)),
+        _ => true,
+    })
+}
+
+/// For each RawRecord: a finished `Record` when every rule the decoder checks holds (shape,
+/// patterns, known attributes, tenant of the route, occurred_at already in `times` and not
+/// past `horizon`); the tuple
+/// (body, dedupe_key, tenant, entity_type, entity_id, revision, occurred_at, deleted, priority,
+/// attributes) when only the Python-side rules are left to
+/// check; None when Python decodes it.
+#[pyfunction]
+fn decode_records(
+    py: Python<'_>,
+    raws: &Bound<'_, PyList>,
+    record: &Bound<'_, PyAny>,
+    times: &Bound<'_, PyDict>,
+    horizon: f64,
+    limit: usize,
+) -> PyResult<Py<PyList>> {
+    let k = |s: &str| PyString::intern_bound(py, s).unbind();
+    let keys = Keys {
+        attributes: k("attributes"),
+        deleted: k("deleted"),
+        entity_id: k("entity_id"),
+        entity_type: k("entity_type"),
+        occurred_at: k("occurred_at"),
+        priority: k("priority"),
+        relations: k("relations"),
+        revision: k("revision"),
+        schema_version: k("schema_version"),
+        tenant_id: k("tenant_id"),
+        kind: k("type"),
+        target_type: k("target_type"),
+        target_id: k("target_id"),
+    };
+    let (a_data, a_tenant) = (k("data"), k("tenant"));
+    let (a_decoded, a_meta) = (k("decoded"), k("meta"));
+    let mut names = Names { py, seen: std::collections::HashMap::new() };
+    let out = PyList::empty_bound(py);
+    for raw in raws.iter() {
+        let data = raw.getattr(&a_data)?;
+        let data = match data.downcast::<PyBytes>() {
+            Ok(b) => b.as_bytes(),
+            Err(_) => {
+                out.append(py.None())?;
+                continue;
+            }
+        };
+        if data.len() > limit
+            || !raw.getattr(&a_decoded)?.is_none()
+            || raw.getattr(&a_meta)?.is_truthy()?
+        {
+            out.append(py.None())?;
+            continue;
+        }
+        let env = match parse(data).and_then(envelope) {
+            Some(env) => env,
+            None => {
+                out.append(py.None())?;
+                continue;
+            }
+        };
+        let bytes = match canonical(&env) {
+            Some(bytes) => bytes,
+            None => {
+                out.append(py.None())?;
+                continue;
+            }
+        };
+        let route = raw.getattr(&a_tenant)?;
+        let mut done = tenant_ok(&env.tenant)
+            && type_name_ok(&env.entity_type)
+            && attributes_ok(&env.attributes)
+            && route.downcast::<PyString>().map_or(false, |t| t.to_str().map_or(false, |t| t == env.tenant));
+        let digest = Sha256::digest(&bytes);
+        let tenant = names.get(&env.tenant);
+        let entity_type = names.get(&env.entity_type);
+        let entity_id = PyString::new_bound(py, &env.entity_id);
+        let occurred = PyString::new_bound(py, &env.occurred);
+        if done {
+            done = match times.get_item(&occurred)? {
+                Some(when) => when.extract::<f64>()? <= horizon,
+                None => false,
+            };
+        }
+        let priority = names.get(env.priority);
+        let revision = env.revision.into_py(py);
+        let deleted = PyBool::new_bound(py, env.deleted).to_owned();
+        let attributes = to_py(py, &env.attributes, &mut names);
+        let relations = PyList::empty_bound(py);
+        for r in &env.relations {
+            let d = PyDict::new_bound(py);
+            d.set_item(&keys.kind, names.get(&r.kind))?;
+            d.set_item(&keys.target_type, names.get(&r.target_type))?;
+            d.set_item(&keys.target_id, PyString::new_bound(py, &r.target_id))?;
+            relations.append(d)?;
+        }
+        let body = PyDict::new_bound(py);
+        body.set_item(&keys.attributes, &attributes)?;
+        body.set_item(&keys.deleted, &deleted)?;
+        body.set_item(&keys.entity_id, &entity_id)?;
+        body.set_item(&keys.entity_type, &entity_type)?;
+        body.set_item(&keys.occurred_at, &occurred)?;
+        body.set_item(&keys.priority, &priority)?;
+        body.set_item(&keys.relations, relations)?;
+        body.set_item(&keys.revision, &revision)?;
+        body.set_item(&keys.schema_version, 3)?;
+        body.set_item(&keys.tenant_id, &tenant)?;
+        let digest = PyBytes::new_bound(py, &digest);
+        if done {
+            let entity_key = PyTuple::new_bound(py, [&tenant, &entity_type, &entity_id]);
+            let args: [PyObject; 10] = [
+                raw.clone().unbind(),
+                body.into_any().unbind(),
+                digest.into_any().unbind(),
+                tenant.into_any().unbind(),
+                entity_type.into_any().unbind(),
+                entity_id.into_any().unbind(),
+                revision,
+                entity_key.into_any().unbind(),
+                deleted.into_any().unbind(),
+                priority.into_any().unbind(),
+            ];
+            out.append(record.call1(PyTuple::new_bound(py, args))?)?;
+        } else {
+            let items: [PyObject; 10] = [
+                body.into_any().unbind(),
+                digest.into_any().unbind(),
+                tenant.into_any().unbind(),
+                entity_type.into_any().unbind(),
+                entity_id.into_any().unbind(),
+                revision,
+                occurred.into_any().unbind(),
+                deleted.into_any().unbind(),
+                priority.into_any().unbind(),
+                attributes,
+            ];
+            out.append(PyTuple::new_bound(py, items))?;
+        }
+    }
+    Ok(out.unbind())
+}
+
+#[pymodule]
+fn ingest_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(decode_records, m)?)?;
+    m.add_function(wrap_pyfunction!(canonical_json, m)?)?;
+    m.add("SCHEMA_SHA256", SCHEMA_SHA256)?;
+    Ok(())
+}

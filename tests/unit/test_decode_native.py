@@ -1,0 +1,207 @@
+"""The decoder's compiled fast path (ingest_native/, Rust) against the pure-Python one.
+
+The compiled path must give byte for byte what the Python path gives: the same `Record`
+(body, canonical bytes, dedupe key, fields) or the same `DecodeFailure`, for any bytes. Where
+this usually breaks: float text, key order, string escapes, big integers, repeated keys;
+each has generated inputs here. Both decoders run in this process: `Decoder(native=False)` is
+the Python path the service runs without the extension (INGEST_NO_EXTENSION=1, or not built).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import msgspec
+import orjson
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+import ingest.pipeline.decode as decode_module
+from ingest.pipeline.decode import DecodeFailure, Decoder
+from ingest.records import RawRecord, Record
+from tests.unit.test_decode import NOW, good
+from tests.unit.test_decode_fast import mutated, values
+
+native = pytest.importorskip("ingest_native", reason="the compiled extension is not built")
+
+COMPILED = Decoder(now=lambda: NOW)
+PYTHON = Decoder(now=lambda: NOW, native=False)
+
+
+def raw_of(data: bytes, tenant: str = "acme") -> RawRecord:
+    return RawRecord(data, tenant, "test", 1, 1, NOW)
+
+
+def identical(a: Any, b: Any) -> None:
+    """The same result, types and bytes included (`1 == 1.0 == True` in a dict compare)."""
+    assert type(a) is type(b), (a, b)
+    if isinstance(b, Record):
+        assert a.dedupe_key == b.dedupe_key
+        assert orjson.dumps(a.body, option=orjson.OPT_SORT_KEYS) == orjson.dumps(
+            b.body, option=orjson.OPT_SORT_KEYS
+        )
+        assert list(a.body) == list(b.body)
+        assert orjson.dumps(a.body["attributes"]) == orjson.dumps(b.body["attributes"])  # order
+        for name in ("tenant", "entity_type", "entity_id", "revision", "deleted", "priority"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (type(x), x) == (type(y), y), name
+        assert a.entity_key == b.entity_key
+        assert a.raw == b.raw
+    else:
+        assert (a.reason, a.detail) == (b.reason, b.detail)
+        assert repr(a.body) == repr(b.body)  # types and order too
+
+
+def both_paths(lines: list[bytes], tenant: str = "acme") -> None:
+    raws = [raw_of(line, tenant) for line in lines]
+    # twice: the first batch meets each occurred_at for the first time (Python's part), the
+    # second finds it remembered (the compiled path finishes the record itself)
+    for _ in range(2):
+        for a, b in zip(COMPILED.decode_many(raws), PYTHON.decode_many(raws), strict=True):
+            identical(a, b)
+
+
+def test_the_service_runs_the_compiled_path_when_it_is_built() -> None:
+    assert COMPILED.path == "compiled"
+    assert PYTHON.path == "python"
+    attributes = {"amount": 1.5, "currency": "EUR"}  # an email's format is Python's to check
+    raws = [raw_of(orjson.dumps(good(entity_id=f"o-{i}", attributes=attributes))) for i in range(3)]
+    COMPILED.decode_many(raws)
+    got = native.decode_records(raws, Record, COMPILED._times, NOW + 86400, 1 << 20)
+    assert all(type(r) is Record for r in got)  # finished in Rust, not handed back
+
+
+def spellings(body: dict[str, Any]) -> list[bytes]:
+    """One body as different JSON texts: escapes, whitespace, key order."""
+    text = json.dumps(body, ensure_ascii=False)
+    return [
+        text.encode("utf-8", "surrogatepass"),
+        json.dumps(body).encode(),  # every non-ASCII character as \\u escapes
+        json.dumps(body, indent=1, sort_keys=True).encode("utf-8", "surrogatepass"),
+    ]
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated())
+@example(good(attributes={"amount": 2**64}))
+@example(good(attributes={"big": 2**64 - 1, "small": -(2**63), "over": -(2**63) - 1}))
+@example(good(attributes={"f": [1e16, 1e15, 1.5e-7, 1e-5, -0.0, 5e-324, 1.7976931348623157e308]}))
+@example(good(attributes={"s": "quote \" back \\ ctl \u0000\u001f\u007f \u2028 😀 é"}))
+@example(good(attributes={"é": 1, "e": 2, "Z": 3, "": 4, "😀": 5, "ÿ": 6}))
+@example(good(revision=2**63 - 1))
+@example(good(relations=[{"type": "OWNS", "target_type": "customer", "target_id": "c-1"}]))
+@example(good(priority="low", deleted=True, relations=[]))
+@example(good(entity_id="x" * 256))
+@example(good(entity_id="é" * 256))
+@example(good(entity_id="é" * 257))
+def test_compiled_and_python_paths_give_identical_records(body: dict[str, Any]) -> None:
+    both_paths(spellings(body))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.text(max_size=4), max_size=4),
+    st.sampled_from(["attributes", "relations", "top", "nested"]),
+)
+def test_repeated_keys_give_the_python_answer(keys: list[str], where: str) -> None:
+    """A key sent twice: msgspec keeps the last; the compiled path hands it to Python."""
+    members = ", ".join(f"{json.dumps(k)}: {i}" for i, k in enumerate(keys + keys[:1]))
+    base = json.dumps(good(tenant_id="acme"))
+    if where == "attributes":
+        line = base.replace('"attributes": {', "\"attributes\": {" + members + ", ", 1)
+    elif where == "nested":
+        line = base.replace('"attributes": {', '"attributes": {"n": {' + members + "}, ", 1)
+    elif where == "relations":
+        twice = '{"type": "OWNS", "type": "OWNS", "target_type": "c", "target_id": "1"}'
+        line = base[:-1] + f', "relations": [{twice}]}}'
+    else:
+        line = base[:-1] + ', "revision": 8}'
+    both_paths([line.replace("{, ", "{").encode()])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40), st.integers(0, 200))
+def test_damaged_bytes_give_the_same_dlq_reason(junk: bytes, at: int) -> None:
+    line = orjson.dumps(good())
+    both_paths([line[:at] + junk + line[at:], junk, line[:at]])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(values, st.booleans())
+@example({"a": [1e16, 1e-7, 0.1, 1e21, 123456789.125, 1e-5, 2.5e-6]}, True)
+@example({"\u0000\n\t\"\\/\u007f\u2028": "\ud83d\ude00"}, False)
+def test_canonical_bytes_are_orjsons(value: Any, ascii_only: bool) -> None:
+    """Any JSON value: the compiled canonical bytes are orjson's (OPT_SORT_KEYS) of what
+    msgspec decodes, or None (the Python path then runs); None only where it must be."""
+    text = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    got = native.canonical_json(text)
+    try:
+        want = orjson.dumps(msgspec.json.decode(text), option=orjson.OPT_SORT_KEYS)
+    except (msgspec.DecodeError, TypeError, orjson.JSONEncodeError):
+        assert got is None
+        return
+    if got is None:  # handed over: only for what the compiled path does not take
+        assert any(
+            not (-(2**63) <= n <= 2**64 - 1) for n in _ints(value)
+        ) or "\\ud8" in text.decode("utf-8", "surrogatepass").lower(), text
+    else:
+        assert got == want
+
+
+def _ints(value: Any) -> list[int]:
+    if type(value) is int:
+        return [value]
+    if isinstance(value, list):
+        return [n for v in value for n in _ints(v)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _ints(v)]
+    return []
+
+
+def test_without_the_extension_the_python_path_runs_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("INGEST_NO_EXTENSION", "1")
+    decode, why, _ = decode_module._load_native()
+    assert decode is None and "INGEST_NO_EXTENSION" in why
+    monkeypatch.delenv("INGEST_NO_EXTENSION")
+    monkeypatch.setitem(sys.modules, "ingest_native", None)  # as if it were not built
+    decode, why, _ = decode_module._load_native()
+    assert decode is None and "not installed" in why
+    monkeypatch.setattr(decode_module, "_NATIVE", None)
+    monkeypatch.setattr(decode_module, "_NATIVE_MISSING", why)
+    monkeypatch.setattr(decode_module, "_logged", set())
+    with caplog.at_level(logging.INFO, logger="ingest.pipeline.decode"):
+        decoder = Decoder(now=lambda: NOW)
+    assert decoder.path == "python"
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("pure-Python fast path" in r.getMessage() for r in warned), caplog.text
+    record = decoder.decode(raw_of(orjson.dumps(good())))
+    assert isinstance(record, Record)
+    identical(record, PYTHON.decode(raw_of(orjson.dumps(good()))))
+
+
+def test_another_schema_turns_the_compiled_path_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(decode_module, "_NATIVE_SCHEMA", "0" * 64)
+    assert Decoder(now=lambda: NOW).path == "python"
+
+
+def test_startup_log_names_the_compiled_path(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(decode_module, "_logged", set())
+    with caplog.at_level(logging.INFO, logger="ingest.pipeline.decode"):
+        assert Decoder(now=lambda: NOW).path == "compiled"
+    assert "decoder: compiled fast path (ingest_native)" in caplog.text
+
+
+def test_failures_from_the_compiled_batch_match(tmp_path: Any) -> None:
+    lines = [orjson.dumps(good(entity_id=f"o-{i}")) for i in range(5)]
+    lines += [b"{", b"[]", orjson.dumps(good(tenant_id="other")), orjson.dumps(good(revision=-1))]
+    lines += [orjson.dumps(good(attributes={"amount": -1})), orjson.dumps(good(schema_version=1))]
+    both_paths(lines)
+    assert isinstance(COMPILED.decode_many([raw_of(b"{")])[0], DecodeFailure)
