@@ -540,16 +540,32 @@ fn relation(v: V<'_>) -> Option<Rel<'_>> {
     Some(Rel { kind: kind?, target_type: target_type?, target_id: target_id? })
 }
 
-fn envelope(v: V<'_>) -> Option<Env<'_>> {
-    let items = match v {
-        V::O(items) => items,
-        _ => return None,
-    };
+/// The envelope of a line, its members checked as they are read: a line that is not
+/// schema_version 3 (its first member, as most senders write it) is left at once.
+fn envelope_of(b: &[u8]) -> Option<Env<'_>> {
+    let mut p = P { b, i: 0 };
+    p.ws();
+    if p.peek()? != b'{' {
+        return None;
+    }
+    p.i += 1;
     let mut version = false;
     let (mut tenant, mut entity_type, mut entity_id, mut occurred) = (None, None, None, None);
     let (mut revision, mut priority, mut attributes) = (None, None, None);
     let (mut relations, mut deleted) = (None, None);
-    for (k, v) in items {
+    loop {
+        p.ws();
+        if p.peek()? != b'"' {
+            return None;
+        }
+        p.i += 1;
+        let k = p.string()?;
+        p.ws();
+        if p.peek()? != b':' {
+            return None;
+        }
+        p.i += 1;
+        let v = p.value(1)?;
         let fresh = match (&*k, v) {
             ("schema_version", V::I(3)) => !std::mem::replace(&mut version, true),
             ("tenant_id", V::S(s)) => tenant.replace(s).is_none(),
@@ -580,8 +596,16 @@ fn envelope(v: V<'_>) -> Option<Env<'_>> {
         if !fresh {
             return None;
         }
+        p.ws();
+        match p.peek()? {
+            b',' => p.i += 1,
+            b'}' => break,
+            _ => return None,
+        }
     }
-    if !version {
+    p.i += 1;
+    p.ws();
+    if p.i != b.len() || !version {
         return None;
     }
     Some(Env {
@@ -749,7 +773,7 @@ fn decode_records(
             out.append(py.None())?;
             continue;
         }
-        let env = match parse(data).and_then(envelope) {
+        let env = match envelope_of(data) {
             Some(env) => env,
             None => {
                 out.append(py.None())?;
