@@ -39,9 +39,17 @@ def workers_of(pid: int) -> list[int]:
         return []
 
 
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (one that exits while asked is gone)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def wait_gone(pids: list[int], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids):
+    while any(running(p) for p in pids):
         assert time.monotonic() < deadline, f"workers {pids} outlived their pod"
         time.sleep(0.05)
 

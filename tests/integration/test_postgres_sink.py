@@ -213,7 +213,13 @@ def _nul_record(where: str, text: str, revision: int) -> Record:
 
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
-@given(with_nul(), st.text(st.characters(exclude_characters="\x00"), max_size=6), st.booleans())
+# `fine`: any text a record can hold (no lone surrogate: the decoder refuses those, and
+# canonical JSON cannot encode them), NUL aside
+@given(
+    with_nul(),
+    st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=6),
+    st.booleans(),
+)
 def test_a_nul_anywhere_in_a_record_fails_that_record_alone(
     pg_url: str, bad: tuple[str, str], fine: str, stored_first: bool
 ) -> None:
