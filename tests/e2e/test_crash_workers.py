@@ -299,6 +299,22 @@ main()
 """
 
 
+def launch_injected(tmp_path: Path, program: str) -> ServiceProcess:
+    """`ingest run` (workers, drain timeout 1 s) under a launcher `program` that injects a
+    fault; started in its own session, not waited for ready (the fault may come first)."""
+    data = tmp_path / "data"
+    config = tmp_path / "ingest.yaml"
+    config.write_text("shutdown:\n  drain_timeout_seconds: 1\n")
+    svc = ServiceProcess(data, config=config, env=WORKERS, launcher=[sys.executable, "-c", program])
+    cmd = [*svc.launcher, "run", "--host", "127.0.0.1", "--port", str(svc.port),
+           "--config", str(config)]  # fmt: skip
+    data.mkdir(parents=True, exist_ok=True)
+    with open(svc.log_path, "ab") as log:
+        svc.proc = subprocess.Popen(cmd, cwd=data, env=svc.env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    return svc
+
+
 def test_a_control_plane_failing_after_its_workers_started_stops_them_in_time(
     tmp_path: Path,
 ) -> None:
@@ -306,17 +322,8 @@ def test_a_control_plane_failing_after_its_workers_started_stops_them_in_time(
     cannot drain: the control plane still exits within the drain timeout plus the close
     time (1 + 10 s here), its workers stopped (SIGTERM), the stuck one killed. Before, the
     exit waited in multiprocessing's exit handler, which joins its children with no timeout."""
+    svc = launch_injected(tmp_path, FAILING_SERVE)
     data = tmp_path / "data"
-    config = tmp_path / "ingest.yaml"
-    config.write_text("shutdown:\n  drain_timeout_seconds: 1\n")
-    svc = ServiceProcess(data, config=config, env=WORKERS,
-                         launcher=[sys.executable, "-c", FAILING_SERVE])
-    cmd = [*svc.launcher, "run", "--host", "127.0.0.1", "--port", str(svc.port),
-           "--config", str(config)]
-    data.mkdir(parents=True, exist_ok=True)
-    with open(svc.log_path, "ab") as log:
-        svc.proc = subprocess.Popen(cmd, cwd=data, env=svc.env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
     try:
         # start-up is not what is measured (START_WAIT); the exit after the failure is: 11 s
         # expected, 60 s allowed
@@ -376,17 +383,8 @@ def test_a_control_plane_exits_though_a_worker_start_waits_on_a_frozen_fork_serv
     exit handler takes: the control plane never exited, its other worker never stopped. Now
     it exits within the lock's wait + the drain timeout + the kill's wait (5 + 11 + 5 s here),
     having stopped the worker still running."""
+    svc = launch_injected(tmp_path, FROZEN_FORK_SERVER)
     data = tmp_path / "data"
-    config = tmp_path / "ingest.yaml"
-    config.write_text("shutdown:\n  drain_timeout_seconds: 1\n")
-    svc = ServiceProcess(data, config=config, env=WORKERS,
-                         launcher=[sys.executable, "-c", FROZEN_FORK_SERVER])
-    cmd = [*svc.launcher, "run", "--host", "127.0.0.1", "--port", str(svc.port),
-           "--config", str(config)]
-    data.mkdir(parents=True, exist_ok=True)
-    with open(svc.log_path, "ab") as log:
-        svc.proc = subprocess.Popen(cmd, cwd=data, env=svc.env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: "injected: serve fails now" in svc.log(), timeout=START_WAIT,
                  what="serve failed")
