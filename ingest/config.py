@@ -235,7 +235,13 @@ class InboxSourceConfig(_Model):
     name: str = "inbox"
     path: FilePath | None = Field(None, description="Defaults to <data_dir>/inbox.")
     poll_seconds: float = Field(0.5, gt=0)
-    batch_size: int = Field(2000, ge=1)
+    batch_size: int = Field(
+        5000,
+        ge=1,
+        description="Lines per batch at most (batches never span files). Each batch costs a "
+        "fixed round of work in the service, Postgres and Redis, as for Kafka and S3 "
+        "(docs/benchmarks.md).",
+    )
 
 
 class WebhookSourceConfig(_Model):
