@@ -23,6 +23,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -517,7 +518,37 @@ def _unparseable(data: bytes, exc: Exception) -> tuple[str, str]:
     nul = data.find(b"\x00")
     if nul >= 0:
         return "json", f"a NUL byte at offset {nul} ({exc}); in a string write \\u0000"
+    lone = _lone_surrogate(data)
+    if lone is not None:
+        at, escape = lone
+        return "utf8", (
+            f"a lone UTF-16 surrogate escape {escape} at offset {at} (no text can hold one); "
+            "write the character itself, or both halves of its surrogate pair"
+        )
     return ("utf8" if "UTF-8" in str(exc) else "json"), str(exc)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(data: bytes) -> tuple[int, str] | None:
+    """Offset and text of the first `\\udXXX` escape that is not half of a pair, if any: the
+    parser reports one as "Input data was truncated" or a bad pair at another byte."""
+    paired_low = -1
+    for m in _SURROGATE_ESCAPE.finditer(data):
+        at = m.start()
+        slashes = 0
+        while at - slashes > 0 and data[at - slashes - 1] == 0x5C:  # backslashes before it
+            slashes += 1
+        if slashes % 2 or at == paired_low:  # an escaped backslash, or the low half of a pair
+            continue
+        unit = int(m.group()[2:], 16)
+        nxt = _SURROGATE_ESCAPE.match(data, m.end())
+        if unit < 0xDC00 and nxt is not None and int(nxt.group()[2:], 16) >= 0xDC00:
+            paired_low = m.end()
+            continue
+        return at, m.group().decode("ascii")
+    return None
 
 
 def _rejected(reject: Any) -> DecodeFailure:

@@ -88,3 +88,44 @@ def test_unparseable_bytes_say_what_they_are(
     }[damage]
     assert out.detail["kind"] == expected[0], out.detail
     assert expected[1] in message, message
+
+
+_HIGH = st.integers(0xD800, 0xDBFF)
+_LOW = st.integers(0xDC00, 0xDFFF)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_VALID, st.sampled_from(["high", "low", "high+other"]), _HIGH, _LOW, st.data())
+def test_a_lone_surrogate_escape_is_named_where_it_is(
+    rec: dict[str, object], shape: str, high: int, low: int, data: st.DataObject
+) -> None:
+    """Found at the end of a session: a record holding `"\\ud800"` went to the DLQ as
+    "not valid JSON: Input data was truncated" (the parser's words), which sends whoever reads
+    it looking for a cut-off line. Valid pairs and escaped backslashes before it are no lone
+    surrogates; the detail names the escape and its offset."""
+    import json
+
+    lone = {"high": f"\\u{high:04x}", "low": f"\\u{low:04X}", "high+other": f"\\u{high:04x}"}[shape]
+    after = "\\u0041" if shape == "high+other" else data.draw(st.sampled_from(["", "x", " "]))
+    before = data.draw(st.sampled_from(["", "\\\\", f"\\u{high:04x}\\u{low:04x}", "\\\\\\\\u"]))
+    text = json.dumps(rec)[:-1] + f', "z": "{before}{lone}{after}"' + "}"
+    line = text.encode()
+    out = DECODER.decode(RawRecord(line, "t", "s", 0, 0, 0.0))
+    assert isinstance(out, DecodeFailure) and out.reason is ReasonCode.VALIDATION_FAIL
+    at = text.rindex(lone)
+    assert out.detail["kind"] == "utf8", out.detail
+    assert f"lone UTF-16 surrogate escape {lone} at offset {at}" in out.detail["message"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(_VALID, _HIGH, _LOW)
+def test_pairs_and_escaped_backslashes_are_no_lone_surrogates(
+    rec: dict[str, object], high: int, low: int
+) -> None:
+    import json
+
+    from ingest.pipeline.decode import _lone_surrogate
+
+    text = json.dumps(rec)[:-1] + f', "z": "\\u{high:04x}\\u{low:04x} \\\\u{low:04x}"' + "}"
+    assert _lone_surrogate(text.encode()) is None
+    assert json.loads(text)["z"].endswith(f"\\u{low:04x}")
