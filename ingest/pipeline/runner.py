@@ -1,12 +1,16 @@
 """Drives one source: read -> admit -> decode -> deliver -> commit, in that order, forever.
 
-Three stages: reading + decoding runs one batch ahead (a one-batch queue), so decoding the next
-batch (CPU) overlaps the current batch's sink writes (I/O); and a batch's settling (DLQ
-entries, idempotency claims, processed counts, commit) overlaps the next batch's sink writes
-when the two batches share no entity (`_consume`). Sink writes are sequential per source:
-records of one entity from one source reach the sinks in source order, which is what makes
-revision judgements repeatable after a crash. Commits go through the commit watermark: a
-position is acknowledged only once its batch and every batch before it are durable.
+Four stages: reading + decoding runs one batch ahead (a one-batch queue), so decoding the next
+batch (CPU) overlaps the current batch's sink writes (I/O); a batch's settling (DLQ entries,
+idempotency claims, processed counts) overlaps the next batch's sink writes when the two
+batches share no entity (`_consume`); and commits run behind both, in read order, one at a
+time (`_commit_all`): a slow checkpoint (a Kafka offset commit took 40 ms at the median and up
+to 1.4 s on a loaded machine) no longer holds up the next batch's settle and write. Batches
+not yet committed never share an entity (a batch that would share one waits for those commits
+first). Sink writes are sequential per source: records of one entity from one source reach the
+sinks in source order, which is what makes revision judgements repeatable after a crash.
+Commits go through the commit watermark: a position is acknowledged only once its batch and
+every batch before it are durable.
 
 The runner tells its source when it holds (`Source.pause()` / `resume()`): at once for drain
 and pause, and after HOLD_AFTER_S when tokens or the delivery of the batch before keep the
@@ -25,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -46,6 +50,9 @@ log = logging.getLogger(__name__)
 _HOLD = (BackpressureState.DRAIN, BackpressureState.PAUSED)
 HOLD_AFTER_S = 5.0  # the reader waited this long for tokens or the consumer: pause the source
 STOP_GRACE_S = 5.0  # on stop, how long the read in progress may take to end by itself
+# Settled batches that may wait for their commit; a settle that would leave more waits for
+# the commits first (so a checkpoint store that stops answering stops the source soon).
+MAX_COMMITS_BEHIND = 4
 T = TypeVar("T")
 
 
@@ -87,11 +94,20 @@ class SourceRunner:
         # back to isolation (which writes N again) never reach a sink connection together.
         self._writing = asyncio.Lock()
         self._source_stopped = False
+        # Commits run behind the settles (`_commit_all`): batches settled and waiting for
+        # their commit, in read order, and the conflict keys of every batch taken for
+        # writing and not yet committed (no two of them share one: see `_consume`).
+        self._to_commit: deque[SourceBatch] = deque()
+        self._committer: asyncio.Task[None] | None = None
+        self._uncommitted: dict[int, set[object]] = {}
 
     async def run(self) -> None:
         """Until `stopping` is set: then finish what was read, commit it, and return.
         An error in either stage ends the run with that error (for the supervisor)."""
         logctx.source.set(self.source.name)  # log lines of this run and its tasks name it
+        self._to_commit.clear()
+        self._uncommitted.clear()
+        self._committer = None
         queue: asyncio.Queue[_Decoded] = asyncio.Queue(maxsize=1)
         producer = asyncio.create_task(self._produce(queue), name=f"read:{self.source.name}")
         try:
@@ -242,6 +258,11 @@ class SourceRunner:
             waiting: set[asyncio.Future[Any]] = {getter, producer}
             if settling is not None:
                 waiting.add(settling)
+            committer = self._committer
+            if committer is not None and not committer.done():
+                waiting.add(committer)
+            elif committer is not None:
+                committer.result()  # a commit's error ends the run now
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if getter.done():
                 return getter.result()
@@ -250,18 +271,21 @@ class SourceRunner:
             if settling is not None and settling.done():
                 settling.result()  # its error ends the run now, not at the next batch
                 settling = None
+            if committer is not None and committer.done():
+                committer.result()
 
     async def _consume(self, queue: asyncio.Queue[_Decoded], producer: asyncio.Task[None]) -> None:
-        """Write batch N+1 to the sinks while batch N settles (DLQ, claims, commit).
+        """Write batch N+1 to the sinks while batch N settles (DLQ, claims) and earlier
+        batches wait for their commits.
 
-        Exact under kill -9 because the overlap is allowed only between two batches that
-        share no entity: a replay of N then finds N's entities as N's first pass left them,
-        whatever N+1 wrote (docs/architecture.md, "Pipelined batches"). A batch that shares
-        an entity with the one settling waits for it to finish first. At most one batch
-        settles at a time, and in order, so commits stay in read order.
+        Exact under kill -9 because the overlap is allowed only between batches that share
+        no entity: every batch not yet committed shares none with any other, so a replay of
+        each finds its entities as its first pass left them, whatever the others wrote
+        (docs/architecture.md, "Pipelined batches"). A batch that shares an entity with one
+        not yet committed waits until that one has settled and every commit before it is
+        done. At most one batch settles at a time, and in order; commits follow in read order.
         """
         settling: asyncio.Task[None] | None = None
-        settling_keys: set[object] = set()
         try:
             while (item := await self._next(queue, producer, settling)) is not None:
                 while (
@@ -271,13 +295,16 @@ class SourceRunner:
                 logctx.batch.set(item.batch)  # this batch's log lines (and its settle task's)
                 self.tracker.add(item.batch)
                 keys = _conflict_keys(item.batch.records, item.decoded)
-                if settling is not None and (
+                if (
                     not self.pipelined
                     or not item.batch.records
-                    or not settling_keys.isdisjoint(keys)
+                    or any(not keys.isdisjoint(held) for held in self._uncommitted.values())
                 ):
-                    await settling
-                    settling = None
+                    if settling is not None:
+                        await settling
+                        settling = None
+                    await self._commits_done()
+                self._uncommitted[id(item.batch)] = keys
                 written: Written | None = None
                 if item.batch.records:  # an empty batch still commits (e.g. end of a file)
                     async with self.admission.in_flight():
@@ -293,14 +320,15 @@ class SourceRunner:
                 if settling is not None:
                     await settling
                 settling = asyncio.ensure_future(self._settle(item, written))
-                settling_keys = keys
             if settling is not None:
                 await settling
                 settling = None
+            await self._commits_done()
         finally:
-            if settling is not None and not settling.done():
-                settling.cancel()  # like a crash: the batch is not committed, it is replayed
-                await asyncio.gather(settling, return_exceptions=True)
+            pending = [t for t in (settling, self._committer) if t is not None and not t.done()]
+            for task in pending:
+                task.cancel()  # like a crash: the batch is not committed, it is replayed
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def _write(self, item: _Decoded) -> Written | None:
         """`Pipeline.write`, or None when it raised something unexpected (then the batch is
@@ -318,7 +346,8 @@ class SourceRunner:
             return None
 
     async def _settle(self, item: _Decoded, written: Written | None) -> None:
-        """Finish a written batch (DLQ, claims, counts), then commit what is contiguous."""
+        """Finish a written batch (DLQ, claims, counts), then hand what is contiguous to the
+        committer; waits for the commits when more than MAX_COMMITS_BEHIND would wait."""
         if written is not None:
             try:
                 await self.pipeline.settle(written)
@@ -328,8 +357,31 @@ class SourceRunner:
                 log.warning("source %s: settling raised %r; isolating", self.source.name, exc)
                 async with self._writing:
                     await deliver_isolating(self.pipeline, item.batch.records, item.decoded)
-        for ready in self.tracker.done(item.batch):
-            await self._commit(ready)
+        self._to_commit.extend(self.tracker.done(item.batch))
+        committer = self._committer
+        if committer is not None and committer.done():
+            committer.result()  # an earlier commit failed: the run ends with its error
+            committer = None
+        if committer is None and self._to_commit:
+            self._committer = asyncio.ensure_future(self._commit_all())
+        if len(self._to_commit) > MAX_COMMITS_BEHIND:
+            await self._commits_done()
+
+    async def _commits_done(self) -> None:
+        """Until every settled batch is committed (a commit's error is raised here)."""
+        while self._committer is not None:
+            committer = self._committer
+            await committer  # not shielded: a cancelled run stops its commits (replayed)
+            if self._committer is committer:
+                self._committer = None
+
+    async def _commit_all(self) -> None:
+        """Commit the settled batches, in read order, one at a time, until none is left."""
+        while self._to_commit:
+            batch = self._to_commit[0]
+            await self._commit(batch)
+            self._to_commit.popleft()
+            self._uncommitted.pop(id(batch), None)
 
     async def _commit(self, batch: SourceBatch) -> None:
         await self.pipeline.until_ok("checkpoint", lambda: self.source.commit(batch))

@@ -8,6 +8,7 @@ test_worker. Each test names the bug it pins.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -353,3 +354,120 @@ def test_tokens_per_tenant_are_the_records_of_each_tenant(tenants: list[str]) ->
     whether the batch has one tenant (the set shortcut) or several."""
     raws = [RawRecord(b"{}", t, "src", i, None, 0.0) for i, t in enumerate(tenants)]
     assert _per_tenant(raws) == Counter(tenants)
+
+
+class SlowCommits(ListSource):
+    """Commits that wait: for `hold` (while it is clear) or for a drawn number of loop turns;
+    notes which batches were committed when each sink write began."""
+
+    def __init__(self, batches: Sequence[Sequence[bytes]], turns: Sequence[int] = ()) -> None:
+        super().__init__(batches)
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.turns = list(turns)
+
+    async def commit(self, batch: SourceBatch) -> None:
+        await self.hold.wait()
+        for _ in range(self.turns[batch.position] if batch.position < len(self.turns) else 0):
+            await asyncio.sleep(0)
+        await super().commit(batch)
+
+
+async def test_a_slow_commit_no_longer_holds_up_the_next_batches(db: SQLiteDB) -> None:
+    """Why: the commit ran inside the settle of its batch, and the next batch's write waited
+    for that settle, so every checkpoint round trip (a Kafka offset commit: 40 ms at the
+    median, up to 1.4 s on a loaded machine) was on the path of every batch. Now commits run
+    behind, in read order: later disjoint batches are written and settled meanwhile."""
+    sink = MemorySink("a")
+    pipe = make_pipeline(db, {"a": sink}, FakeSleep())
+    src = SlowCommits([[line(f"e{i}")] for i in range(4)])
+    src.hold.clear()
+    stopping = asyncio.Event()
+    task = asyncio.create_task(runner(src, pipe, stopping).run())
+    async with asyncio.timeout(TIMEOUT):
+        while len(sink.rows) < 4:  # the old code wrote 2 and waited for commit 0
+            await asyncio.sleep(0.01)
+    assert src.committed == []
+    src.hold.set()
+    async with asyncio.timeout(TIMEOUT):
+        while len(src.committed) < 4:
+            await asyncio.sleep(0.01)
+    assert src.committed == [0, 1, 2, 3]
+    stopping.set()
+    await asyncio.wait_for(task, TIMEOUT)
+
+
+async def test_a_batch_sharing_an_entity_with_an_uncommitted_one_waits_for_its_commit(
+        db: SQLiteDB) -> None:
+    """Why: a kill after revision 2's write, with revision 1's batch settled but not yet
+    committed, would replay revision 1 against revision 2. Batches not yet committed share
+    no entity."""
+    sink = MemorySink("a")
+    pipe = make_pipeline(db, {"a": sink}, FakeSleep())
+    src = SlowCommits([[line("e1", 1)], [line("x")], [line("e1", 2)]])
+    src.hold.clear()
+    stopping = asyncio.Event()
+    task = asyncio.create_task(runner(src, pipe, stopping).run())
+    async with asyncio.timeout(TIMEOUT):
+        while ("t", "order", "x") not in sink.rows:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)
+    assert sink.rows[("t", "order", "e1")] == 1 and src.committed == []
+    src.hold.set()
+    async with asyncio.timeout(TIMEOUT):
+        while len(src.committed) < 3:
+            await asyncio.sleep(0.01)
+    assert sink.rows[("t", "order", "e1")] == 2 and await dlq_entries(pipe) == []
+    stopping.set()
+    await asyncio.wait_for(task, TIMEOUT)
+
+
+class WatchedSink(MemorySink):
+    """Notes, at each write, which batches (ListSource positions) it holds and which of the
+    source's batches were committed then."""
+
+    def __init__(self, name: str, src: ListSource) -> None:
+        super().__init__(name)
+        self.src = src
+        self.writes: list[tuple[set[int], list[int]]] = []
+
+    async def write(self, records: Sequence[Record]) -> list[SinkResult]:
+        self.writes.append(({r.raw.position for r in records}, list(self.src.committed)))
+        await asyncio.sleep(0)
+        return await super().write(records)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=3), min_size=1, max_size=12),
+    st.lists(st.integers(0, 30), max_size=12),
+)
+def test_no_batch_is_written_beside_an_uncommitted_one_of_the_same_entity(
+        entities: list[list[int]], turns: list[int]) -> None:
+    """Mechanism (docs/architecture.md, "Pipelined batches"): with commits running behind
+    at drawn speeds, a batch is written only when no earlier batch sharing one of its
+    entities is still uncommitted; commits stay in read order, and the sink ends with each
+    entity's last revision and nothing dead-lettered."""
+    batches = [[line(f"e{e}", i + 1) for e in sorted(set(ents))] for i, ents in enumerate(entities)]
+
+    async def go() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            database = await SQLiteDB.open(Path(tmp) / "state.db")
+            try:
+                src = SlowCommits(batches, turns)
+                sink = WatchedSink("a", src)
+                pipe = make_pipeline(database, {"a": sink}, FakeSleep())
+                await run_until_committed(src, pipe, len(batches))
+                assert src.committed == list(range(len(batches)))
+                for held, committed in sink.writes:
+                    for i in held:
+                        for j in range(i):
+                            if j not in committed:
+                                assert not set(entities[i]) & set(entities[j]), (i, j, committed)
+                last = {e: i + 1 for i, ents in enumerate(entities) for e in ents}
+                assert sink.rows == {("t", "order", f"e{e}"): r for e, r in last.items()}
+                assert await dlq_entries(pipe) == []
+            finally:
+                await database.close()
+
+    asyncio.run(go())
