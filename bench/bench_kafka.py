@@ -83,11 +83,15 @@ DEFAULT_BATCH: int = KafkaSourceConfig.model_fields["batch_size"].default
 
 
 class Worker:
-    def __init__(self, workdir: Path, config: Path, workers: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, config: Path, workers: int | None = None, code: str | None = None
+    ) -> None:
         self.port = free_port()
         data = workdir / f"w{self.port}"
         data.mkdir()
         env = {**os.environ, "INGEST_DATA_DIR": str(data), **service_env(data)}
+        if code is not None:  # --compare-with: the service's package from another tree
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, env.get("PYTHONPATH")]))
         if workers is not None:
             env["INGEST_WORKERS"] = str(workers)
         self.proc = subprocess.Popen(
@@ -136,6 +140,7 @@ def run_workers(
     workers_per_pod: int | None = None,
     produce_during: bool = False,
     batch_size: int | None = None,
+    code: str | None = None,
 ) -> tuple[float, float | None, list[float], dict[str, float]]:
     topic = create_topic(brokers, PARTITIONS, f"bench-{prefix}")
     group = f"bench-{prefix}-{uuid.uuid4().hex[:6]}"
@@ -146,7 +151,7 @@ def run_workers(
                                 )  # fmt: skip
     workers: list[Worker] = []
     try:
-        workers = [Worker(workdir, config, workers_per_pod) for _ in range(n_workers)]
+        workers = [Worker(workdir, config, workers_per_pod, code) for _ in range(n_workers)]
         deadline = time.monotonic() + 120
         while sum(w.partitions() for w in workers) != PARTITIONS:
             if time.monotonic() > deadline:
@@ -181,6 +186,8 @@ def run_workers(
         timed = len(lines) - before
         cpu = {who: (tree_cpu_seconds(pid) - cpu0[who]) / timed * 1e6
                for who, pid in pids.items()}  # fmt: skip
+        # how many of the cores these processes kept busy: CPU s / wall s
+        cpu["cores busy"] = sum(cpu.values()) * timed / 1e6 / elapsed
         hist: dict[float, float] = {}
         for w in workers:
             for b, v in histogram(w.metrics()).items():
@@ -193,6 +200,16 @@ def run_workers(
         for w in workers:
             w.stop()
         delete_topic(brokers, topic, group)
+
+
+def kafka_broker_pid() -> int | None:
+    """The broker `scripts/services/up.sh kafka` started (its pid file), for its CPU per
+    record; None when the bench uses a broker this machine does not run."""
+    pidfile = os.environ.get("INGEST_TEST_KAFKA_PIDFILE")
+    if not pidfile or not Path(pidfile).exists():
+        return None
+    pid = int(Path(pidfile).read_text().split()[0])
+    return pid if Path(f"/proc/{pid}").exists() else None
 
 
 def main() -> None:
@@ -214,6 +231,13 @@ def main() -> None:
         action="store_true",
         help="start the clock before producing (the producer runs beside the pods)",
     )
+    ap.add_argument(
+        "--compare-with",
+        metavar="DIR",
+        help="also run every shape with the `ingest` package of DIR (a checkout of another "
+        "commit, put first on PYTHONPATH): old and new alternate, in ABBA order per repeat",
+    )
+    ap.add_argument("--repeat", type=int, default=1, help="run every shape this many times")
     args = ap.parse_args()
     n = args.records
     brokers, _ = shared_kafka()
@@ -239,6 +263,9 @@ def main() -> None:
         print(f"raw consume (limit):     {raw:,.0f} records/s (confluent-kafka, no processing)")
         print(f"psql \\copy (limit):      {copy_rate:,.0f} records/s")
         servers = postgres_and_redis(redis.port)
+        broker = kafka_broker_pid()
+        if broker is not None:
+            servers["broker"] = broker
         print(
             "clock:                   "
             + (
@@ -248,22 +275,33 @@ def main() -> None:
             )
         )
         shapes = ((1, "one"), (2, "two"))[: args.pods]
-        runs = itertools.product(args.batch_size, args.workers, shapes)
-        for i, (batch, per_pod, (k, prefix)) in enumerate(runs):
+        codes: list[str | None] = [None]
+        if args.compare_with:
+            codes = [str(Path(args.compare_with).resolve()), None]
+        runs = [
+            (batch, per_pod, shape, code)
+            for batch, per_pod, shape in itertools.product(args.batch_size, args.workers, shapes)
+            for r in range(args.repeat)
+            for code in (codes if r % 2 == 0 else codes[::-1])
+        ]
+        for i, (batch, per_pod, (k, prefix), code) in enumerate(runs):
             # each run its own topic, table and record ids: none is a duplicate of another's
             rate, lag, rss, cpu = run_workers(
                 k, lines, f"{prefix}{i}", brokers, redis.url, dsn, workdir, servers,
-                per_pod, args.produce_during, batch,
+                per_pod, args.produce_during, batch, code,
             )  # fmt: skip
             shape = f"{k} pod(s) x {per_pod or 'default'} worker(s)"
             shape += f", batch {batch}" if batch else ""
+            if args.compare_with:
+                shape += ", old" if code else ", new"
             print(
                 f"{shape:24s} {rate:,.0f} records/s = {rate / raw:.2f}x raw, "
                 f"{rate / copy_rate:.2f}x \\copy; p95 lag <= {lag} s; peak RSS "
                 f"{', '.join(f'{r:.0f}' for r in rss)} MB"
             )
+            busy = cpu.pop("cores busy")
             shown = ", ".join(f"{who} {us:.1f}" for who, us in cpu.items())
-            print(f"  CPU µs/record:         {shown}")
+            print(f"  CPU µs/record:         {shown}; these processes kept {busy:.2f} cores busy")
         print(f"load average after: {os.getloadavg()}")
     finally:
         redis.close()
