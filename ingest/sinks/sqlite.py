@@ -30,7 +30,7 @@ import orjson
 from ingest.errors import IngestError, SinkError
 from ingest.records import ReasonCode, Record, SinkResult, SinkStatus
 from ingest.sinks.base import EntityKey, StoredRow, judge_batch
-from ingest.state.sqlite import Migration, SQLiteDB, chunks, immediate, marks
+from ingest.state.sqlite import Migration, SQLiteDB, chunks, immediate, marks, writer_lock
 
 SINK_MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -273,22 +273,23 @@ class SQLiteSink:
         itself). Only those can be refused: a record its batch supersedes, or one older than
         stored, is never written, so it is judged by the revision rule (sinks/base.py)."""
         found: dict[int, SinkResult] = {}
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            keys = [rec.entity_key for rec in batch]
-            stored = _stored_rows(c, list(dict.fromkeys(keys)))
-            for j in _last_applied(keys, judge_batch(batch, stored)):
-                rec = batch[j]
-                try:
-                    c.execute(_UPSERT, SQLiteSink.row_of(rec))
-                except (sqlite3.IntegrityError, OverflowError) as exc:
-                    found[j] = SinkResult.failed(
-                        ReasonCode.CONSTRAINT_VIOLATION,
-                        error_class=type(exc).__name__,
-                        message=str(exc),
-                    )
-        finally:
-            c.execute("ROLLBACK")
+        with writer_lock(c):
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                keys = [rec.entity_key for rec in batch]
+                stored = _stored_rows(c, list(dict.fromkeys(keys)))
+                for j in _last_applied(keys, judge_batch(batch, stored)):
+                    rec = batch[j]
+                    try:
+                        c.execute(_UPSERT, SQLiteSink.row_of(rec))
+                    except (sqlite3.IntegrityError, OverflowError) as exc:
+                        found[j] = SinkResult.failed(
+                            ReasonCode.CONSTRAINT_VIOLATION,
+                            error_class=type(exc).__name__,
+                            message=str(exc),
+                        )
+            finally:
+                c.execute("ROLLBACK")
         return found
 
     async def bulk_insert_raw(

@@ -25,6 +25,8 @@ from typing import Any, Protocol, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]  # no stubs
 
+from ingest.state.sqlite import immediate
+
 T = TypeVar("T")
 
 
@@ -92,9 +94,8 @@ class SQLiteLeaseStore:
 
     async def _exec(self, sql: str, args: tuple[Any, ...]) -> int:
         def fn(conn: sqlite3.Connection) -> int:
-            n = conn.execute(sql, args).rowcount
-            if conn.in_transaction:
-                conn.commit()
+            with immediate(conn):  # the file's writer lock first (ingest.state.sqlite)
+                n: int = conn.execute(sql, args).rowcount
             return n
 
         return await self._db.run(fn)

@@ -3,8 +3,19 @@
 `SQLiteDB` owns exactly one connection, used only from one dedicated thread, so the event loop
 never blocks and there is no cross-thread locking; every store built on the same file shares
 it. WAL with synchronous=NORMAL survives a process crash (kill -9) at every commit; only an OS
-crash can lose the last transactions. `busy_timeout` still matters because the CLIs
-(dlqtriage, replayctl) open the same file from other processes.
+crash can lose the last transactions.
+
+Several processes write one file (a pod's workers, the control plane's webhook intake, the
+CLIs). Every write transaction (`immediate`) first takes the file's writer lock, an `flock`
+on `<file>-lock`, and only then SQLite's own write lock, which is then free at once. A writer
+that finds SQLite's lock held waits in SQLite's busy handler, which sleeps 1, 2, 5 ... 100 ms
+at a time whatever the holder does: two workers writing one file lost a third of their time
+asleep there (docs/benchmarks.md). The writer lock is asked for again within 50 µs - 1 ms of
+its release instead. It only orders the writers; exclusion and durability are SQLite's, as
+before: a process without it (an older binary, a file whose lock file cannot be opened) is
+still kept out by SQLite's lock and waits in the busy handler (`busy_timeout`), as does a
+writer that waited `busy_timeout` for the writer lock in vain. The kernel drops the lock of a
+killed process.
 
 The schema is versioned in `schema_migrations`; `MIGRATIONS` lists every state table and is
 applied in order at open. Versions are unique project-wide (the sink's start at 101) so two
@@ -14,6 +25,8 @@ components may even share a file.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -336,18 +349,70 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 
+BUSY_TIMEOUT = 5.0  # seconds a writer waits for the writer lock, then as long for SQLite's
+_POLL_FIRST, _POLL_MAX = 50e-6, 1e-3  # the writer lock is asked for again this often
+
+
+class Connection(sqlite3.Connection):
+    """A connection with its file's writer lock: an open descriptor of `<file>-lock`, or
+    None (the lock file could not be opened: SQLite's busy handler alone orders writers)."""
+
+    writer: int | None = None
+    writer_timeout: float = BUSY_TIMEOUT
+
+    def close(self) -> None:
+        super().close()
+        if self.writer is not None:
+            fd, self.writer = self.writer, None
+            os.close(fd)
+
+
+def _flock(fd: int, timeout: float) -> bool:
+    """`flock(LOCK_EX)` on `fd` within `timeout` seconds (False: not taken). Asked again
+    every 50 µs at first, then every 1 ms at most; flock itself has no timeout."""
+    pause, deadline = _POLL_FIRST, None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + timeout
+        elif now >= deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, _POLL_MAX)
+
+
+@contextmanager
+def writer_lock(conn: sqlite3.Connection) -> Iterator[None]:
+    """Hold the file's writer lock (see the module's docstring), if the connection has one."""
+    fd: int | None = getattr(conn, "writer", None)
+    held = fd is not None and _flock(fd, getattr(conn, "writer_timeout", BUSY_TIMEOUT))
+    try:
+        yield
+    finally:
+        if held:
+            assert fd is not None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 @contextmanager
 def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """A write transaction that takes the write lock up front (no deadlocking lock upgrade
-    against another process) and rolls back on any error."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+    against another process), the file's writer lock before it, and rolls back on any
+    error."""
+    with writer_lock(conn):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
 
 def chunks(seq: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
@@ -357,6 +422,13 @@ def chunks(seq: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
 
 def marks(n: int) -> str:
     return ",".join("?" * n)
+
+
+def _write(c: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> int:
+    """One statement in its own write transaction (`immediate`); its rowcount."""
+    with immediate(c):
+        n: int = c.execute(sql, params).rowcount
+    return n
 
 
 def fetchall(sql: str, params: Sequence[Any] = ()) -> Callable[[sqlite3.Connection], list[Any]]:
@@ -369,9 +441,13 @@ def fetchone(sql: str, params: Sequence[Any] = ()) -> Callable[[sqlite3.Connecti
 
 
 def _connect(path: Path, migrations: Sequence[Migration]) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=Connection)
     try:
-        conn.execute("PRAGMA busy_timeout = 5000")
+        try:
+            conn.writer = os.open(f"{path}-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            conn.writer = None  # SQLite's busy handler alone, as before the lock file
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         # Checkpoint every 4,000 WAL pages (16 MiB; default 1,000): random-key B-trees (the
@@ -491,13 +567,12 @@ class SQLiteCheckpointStore:
         key = self.key(tenant, source)
         value = checkpoint_value(tenant, source, position, iso(time.time()), self._worker).decode()
         sql = "INSERT OR REPLACE INTO checkpoints (key, value) VALUES (?, ?)"
-        await self._db.call("checkpoint", lambda c: c.execute(sql, (key, value)))
+        await self._db.call("checkpoint", lambda c: _write(c, sql, (key, value)))
 
     async def delete(self, tenant: str, source: str) -> None:
         key = self.key(tenant, source)
-        await self._db.call(
-            "checkpoint", lambda c: c.execute("DELETE FROM checkpoints WHERE key = ?", (key,))
-        )
+        sql = "DELETE FROM checkpoints WHERE key = ?"
+        await self._db.call("checkpoint", lambda c: _write(c, sql, (key,)))
 
     async def list(self) -> dict[str, dict[str, Any]]:
         """Every checkpoint by key, full value (position, updated_at, worker)."""
@@ -1022,7 +1097,7 @@ class SQLiteDLQStore:
             " WHERE id = ?"
         )
         params = (attempts, ReasonCode(reason).value, _json(dict(detail)), self._clock(), entry_id)
-        await self._call(lambda c: c.execute(sql, params))
+        await self._call(lambda c: _write(c, sql, params))
 
     async def health(self) -> dict[str, Any]:
         row = await self._call(fetchone("SELECT count(*) FROM dlq"))
