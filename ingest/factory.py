@@ -84,21 +84,31 @@ async def _open_sqlite(cfg: C.Config, state: C.SQLiteStateConfig) -> Stores:
         SQLiteDLQStore,
         SQLiteDroppedStore,
         SQLiteIdempotencyStore,
+        open_idempotency_db,
     )
 
     db = await SQLiteDB.open(cfg.under_data_dir(state.path, "state.db"))
+    try:
+        idem_db = await open_idempotency_db(db)  # state.idem.db beside state.db
+    except BaseException:
+        await db.close()
+        raise
     dlq = SQLiteDLQStore(db)
 
     async def sqlite_health() -> dict[str, Any]:
         return {"state": await dlq.health()}
 
+    async def close() -> None:
+        await idem_db.close()
+        await db.close()
+
     return Stores(
         checkpoints=SQLiteCheckpointStore(db, worker_id()),
-        idempotency=SQLiteIdempotencyStore(db, state.idempotency_ttl_seconds),
+        idempotency=SQLiteIdempotencyStore(idem_db, state.idempotency_ttl_seconds),
         dlq=dlq,
         dropped=SQLiteDroppedStore(db),
         health=sqlite_health,
-        close=db.close,
+        close=close,
         control=MemoryControlStore(),  # embedded: per process, as before the fleet
         sqlite_db=db,
     )

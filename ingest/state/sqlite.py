@@ -1,4 +1,6 @@
-"""Embedded state on one SQLite file: checkpoints, idempotency keys, DLQ, processed counts, drops.
+"""Embedded state on SQLite: checkpoints, DLQ, processed counts, drops in the state file
+(`state.db`); idempotency keys in a file of their own beside it (`state.idem.db`,
+`open_idempotency_db`).
 
 `SQLiteDB` owns exactly one connection, used only from one dedicated thread, so the event loop
 never blocks and there is no cross-thread locking; every store built on the same file shares
@@ -195,8 +197,13 @@ def idem_day(table: str) -> int | None:
 
 def idem_days(c: sqlite3.Connection) -> dict[int, str]:
     """The day tables in the file (every process's claims), day number -> name."""
+    return idem_days_in(c, "main")
+
+
+def idem_days_in(c: sqlite3.Connection, schema: str) -> dict[int, str]:
+    """`idem_days` of an attached database `schema`."""
     (names,) = c.execute(
-        "SELECT group_concat(name, ' ') FROM sqlite_master WHERE type = 'table'"
+        f"SELECT group_concat(name, ' ') FROM {schema}.sqlite_master WHERE type = 'table'"
         f" AND name GLOB '{IDEM_PREFIX}[0-9]*'"
     ).fetchone()
     days = ((idem_day(n), n) for n in (names or "").split())
@@ -526,6 +533,79 @@ class SQLiteDB:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._conn.close)
         self._executor.shutdown(wait=True)
+
+
+# ------------------------------------------------------- the idempotency keys' own file
+
+# The idempotency store's tables (migrations 13-15, the day tables made as days come) live in
+# a file of their own beside the state file, `state.idem.db` beside `state.db`, with its own
+# connection, thread and writer lock: a claim holds its file's write lock for its whole
+# transaction (~2,000 random keys into `idem_recent`, ~15 ms), and in one file the other
+# workers' checkpoint, lease and processed-count writes (~0.1 ms each, on the way to every
+# batch's commit) queued behind it; and every commit of those (and of the webhook intake) in
+# the same file threw away the store connection's page cache.
+IDEM_MIGRATIONS: tuple[Migration, ...] = tuple(m for m in MIGRATIONS if m.version in (13, 14, 15))
+
+
+def idem_path(state: Path) -> Path:
+    """The idempotency keys' file for state file `state`: `state.idem.db` for `state.db`."""
+    state = Path(state)
+    return state.with_name(f"{state.stem}.idem{state.suffix}")
+
+
+def _state_keys(c: sqlite3.Connection) -> bool:
+    """Whether the state file still holds idempotency keys (claimed before the keys had a
+    file of their own)."""
+    return bool(idem_days(c)) or any(
+        c.execute(f"SELECT EXISTS (SELECT 1 FROM {t})").fetchone()[0]
+        for t in (IDEM_RECENT, IDEM_MID)
+    )
+
+
+def _copy_state_keys(state: Path) -> Callable[[sqlite3.Connection], None]:
+    """A `run` callable on the idempotency file: copy every key of the state file's levels
+    into the same level here (a key already here keeps its own claim), in one transaction."""
+
+    def copy(c: sqlite3.Connection) -> None:
+        c.execute("ATTACH DATABASE ? AS state", (str(state),))
+        try:
+            with immediate(c):
+                for table in (IDEM_RECENT, IDEM_MID, *idem_days_in(c, "state").values()):
+                    c.execute(_IDEM_DAY_DDL.format(f"main.{table}"))
+                    c.execute(f"INSERT OR IGNORE INTO main.{table} SELECT * FROM state.{table}")
+        finally:
+            c.execute("DETACH DATABASE state")
+
+    return copy
+
+
+def _drop_state_keys(c: sqlite3.Connection) -> None:
+    """On the state file, once its keys were copied: empty the levels, drop the day tables
+    and the log (nothing claims there any more)."""
+    with immediate(c):
+        for table in (IDEM_RECENT, IDEM_MID, IDEM_LOG):
+            c.execute(f"DELETE FROM {table}")
+        for table in idem_days(c).values():
+            c.execute(f"DROP TABLE {table}")
+
+
+async def open_idempotency_db(state: SQLiteDB) -> SQLiteDB:
+    """The idempotency keys' file beside the state file (made if missing), with the keys a
+    state file of older code holds moved into it first: copied in one transaction, then
+    deleted from the state file in another, so a key is in one file or both at every
+    instant; a process killed in between copies again (a key copied twice stays one key)
+    and deletes. Every process of a state file does this before its store answers, so none
+    misses a key the state file held. Stop every process of the old code first, as for
+    any migration."""
+    idem = await SQLiteDB.open(idem_path(state.path), IDEM_MIGRATIONS)
+    try:
+        if await state.call("idempotency", _state_keys):
+            await idem.call("idempotency", _copy_state_keys(state.path))
+            await state.call("idempotency", _drop_state_keys)
+    except BaseException:
+        await idem.close()
+        raise
+    return idem
 
 
 def _utc(ts: float) -> datetime:

@@ -23,6 +23,7 @@ from ingest.records import DLQEntry, ReasonCode
 from ingest.state.base import DLQFilter
 from ingest.state.sqlite import (
     DAY,
+    IDEM_MIGRATIONS,
     LOG_KEEP,
     MIGRATIONS,
     SQLiteCheckpointStore,
@@ -30,11 +31,15 @@ from ingest.state.sqlite import (
     SQLiteDLQStore,
     SQLiteDroppedStore,
     SQLiteIdempotencyStore,
+    _copy_state_keys,
+    _state_keys,
     _write,
     fetchall,
     fetchone,
+    idem_path,
     idem_table,
     immediate,
+    open_idempotency_db,
 )
 from ingest.webhook.sqlite import SQLiteIntake
 from tests.integration.conftest import dlq_entry
@@ -409,6 +414,78 @@ async def test_idempotency_files_before_idem_mid_keep_their_keys(tmp_path: Path)
         assert (await store.stats())["keys"] == 14
     finally:
         await db.close()
+
+
+async def test_idempotency_keys_have_a_file_of_their_own(tmp_path: Path) -> None:
+    """The service's SQLite stores: the keys go to `state.idem.db` beside `state.db`, whose
+    own idempotency tables stay empty (its commits no longer queue behind claims)."""
+    from ingest.config import parse_config
+    from ingest.factory import open_stores
+
+    stores = await open_stores(parse_config({"data_dir": str(tmp_path)}))
+    try:
+        await stores.idempotency.claim([_digest(1), _digest(2)])
+        assert await stores.idempotency.seen([_digest(1), _digest(3)]) == [True, False]
+    finally:
+        await stores.close()
+    idem = sqlite3.connect(tmp_path / "state.idem.db")
+    state = sqlite3.connect(tmp_path / "state.db")
+    try:
+        count = "SELECT count(*) FROM idem_log"
+        assert idem.execute(count).fetchone() == (1,)
+        assert state.execute(count).fetchone() == (0,)
+        assert state.execute("SELECT count(*) FROM idem_recent").fetchone() == (0,)
+    finally:
+        idem.close()
+        state.close()
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    old=st.lists(st.lists(st.integers(0, 400), min_size=1, max_size=12), max_size=10),
+    new=st.lists(st.integers(0, 400), max_size=12),
+    kill_between=st.booleans(),
+)
+def test_idempotency_keys_of_a_state_file_move_to_the_keys_file(
+    old: list[list[int]], new: list[int], kill_between: bool
+) -> None:
+    """Property: a state file of the old layout (keys claimed in batches, spread over
+    `idem_recent`, `idem_mid` and two days' tables by small merge thresholds), and maybe
+    keys already claimed in the keys' file: after `open_idempotency_db` every key claimed in
+    either is seen, and none other; the state file holds no key any more. Also when the
+    process died between the copy and the delete (`kill_between`: the copy alone, then a
+    fresh open)."""
+
+    async def check() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "state.db"
+            clock = FakeClock(DAY * 20_000 + DAY - 50)
+            state = await SQLiteDB.open(path)
+            try:
+                levels = dict(recent_keys=3, mid_keys=6, mid_slices=2, recent_slices=2)
+                store = SQLiteIdempotencyStore(state, clock=clock, **levels)  # type: ignore[arg-type]
+                for batch in old:
+                    await store.claim([_digest(i) for i in batch])
+                    clock.now += 10  # across midnight: two days' tables
+                idem = await SQLiteDB.open(idem_path(path), IDEM_MIGRATIONS)
+                await SQLiteIdempotencyStore(idem, clock=clock).claim([_digest(i) for i in new])
+                if kill_between:
+                    await idem.run(_copy_state_keys(path))
+                await idem.close()
+                idem = await open_idempotency_db(state)
+                try:
+                    moved = SQLiteIdempotencyStore(idem, clock=clock)
+                    claimed = {i for batch in old for i in batch} | set(new)
+                    everything = list(range(401))
+                    found = await moved.seen([_digest(i) for i in everything])
+                    assert found == [i in claimed for i in everything]
+                finally:
+                    await idem.close()
+                assert not await state.run(_state_keys)
+            finally:
+                await state.close()
+
+    asyncio.run(check())
 
 
 def _digest(i: int) -> bytes:
