@@ -14,10 +14,13 @@ as the server would also sends the batch to the upsert, which says which row bro
 The upsert: the winners go by binary COPY
 into a per-connection TEMP table (ON COMMIT DELETE ROWS; `occurred_at` as a timestamptz when
 the client can encode every one exactly, as in the straight COPY, else as text the server
-casts), and ONE statement both applies
-`INSERT ... ON CONFLICT DO UPDATE ... WHERE <table>.revision < excluded.revision` and returns,
-from the statement's snapshot (before the write), the stored revision of the entities that
-need it for judging (several records in the batch, or a winner the guard refused).
+casts), and ONE statement both applies the winners, update first (`UPDATE ... FROM` the
+staging table `WHERE <table>.revision < <staged>.revision`, then, only for what that did not
+write, the guarded `INSERT ... ON CONFLICT DO UPDATE` of the entities the statement's snapshot
+does not hold), and returns, from the statement's snapshot (before the write), the stored
+revision of the entities that need it for judging (several records in the batch, or a winner
+the guard refused). The sink's connections plan it as index probes and never JIT-compile
+(`_SETTINGS`).
 `judge_in_order` turns that into one result per record. Tombstones keep their row
 (deleted = true, attributes NULL) so an older revision cannot resurrect the entity.
 The table is created with a `fillfactor` (default 50) so that a revision update finds room on
@@ -87,6 +90,14 @@ _JSONB = b"\x01"  # jsonb's binary format: a version byte, then the JSON text
 _EMPTY_LIST = _JSONB + b"[]"
 _BACKOFF_FIRST, _BACKOFF_MAX = 4, 64  # upsert-only batches after a failed straight COPY
 _TIMES_KEPT = 4096  # occurred_at strings remembered with their datetime (or None)
+# Planner settings of the sink's connections. The upsert's UPDATE joins the staging table to
+# the table: a probe of the primary key per staged row is what it must do whatever the
+# planner estimates for a never-analysed temp table (a hash join read every row of a 100k
+# table for a 5,000-row batch). No JIT: the upsert's estimated cost passes jit_above_cost
+# from ~7,500 staged rows, and then every statement compiled (EXPLAIN ANALYZE, 10,000 rows:
+# ~290 ms of compiling for a statement that runs in ~200-400 ms); nothing the sink runs gains
+# from it. The judging's other joins are hashed subplans, which these do not touch.
+_SETTINGS = {"enable_hashjoin": "off", "enable_mergejoin": "off", "jit": "off"}
 
 
 def _ddl(t: str, fillfactor: int = 100) -> str:
@@ -154,7 +165,20 @@ def _stage(t: str, timed: bool) -> str:
 def _upsert_sql(t: str, timed: bool) -> str:
     """The write, plus only what judging needs: entities with several records in the batch
     (their stored revision) and winners the guard refused. The common batch, one record per
-    entity and all applied, returns no rows and skips the anti-join (a one-time filter)."""
+    entity and all applied, returns no rows and skips the anti-join (a one-time filter).
+
+    Update first: stored entities take a plain guarded `UPDATE ... FROM` the staging table
+    (an index probe and a HOT update a row: no tuple lock, so one WAL record a row where
+    `INSERT ... ON CONFLICT DO UPDATE` writes two, a lock and the update, and a refused row
+    is not locked at all). Only when it did not write every staged row (new entities, or
+    refused ones) does the guarded `INSERT ... ON CONFLICT` run, for the staged entities the
+    statement's snapshot does not hold: one the UPDATE saw is never touched twice, and one
+    another writer inserted since meets the ON CONFLICT guard as before. Concurrent writers:
+    the UPDATE re-checks its guard on the row version it waited for (READ COMMITTED), as the
+    ON CONFLICT did. What judging reads of the stored rows is one probe a row (a left join),
+    not one per column. The plan must be a nested loop of index probes (`_SETTINGS`).
+    Measured (docs/benchmarks.md, "update first"): server CPU of revision updates -1.8 to
+    -2.0 µs a record, of replays and older revisions -9 µs, ~56 bytes of WAL less a row."""
     cols = ", ".join(COLUMNS)
     staged = ", ".join(c if timed else _STAGED.get(c, c) for c in COLUMNS)
     stage = _stage(t, timed)
@@ -163,27 +187,34 @@ def _upsert_sql(t: str, timed: bool) -> str:
         + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[3:])
         + ", updated_at = now()"
     )
-    same = "(u.tenant, u.entity_type, u.entity_id) = (s.tenant, s.entity_type, s.entity_id)"
-    stored = ", ".join(
-        f"(SELECT o.{col} FROM {t} o WHERE o.tenant = s.tenant"
-        " AND o.entity_type = s.entity_type AND o.entity_id = s.entity_id)"
-        for col in ("revision", "dedupe_key", "prev_revision")
+    update_sets = (
+        "prev_revision = o.revision, "
+        + ", ".join(f"{c} = s.{c if timed else _STAGED.get(c, c)}" for c in COLUMNS[3:])
+        + ", updated_at = now()"
     )
+    key = "o.tenant = s.tenant AND o.entity_type = s.entity_type AND o.entity_id = s.entity_id"
+    keys = "(s.tenant, s.entity_type, s.entity_id)"
+    stored = f"o.revision, o.dedupe_key, o.prev_revision FROM {stage} s LEFT JOIN {t} o ON {key}"
     return f"""
-WITH up AS (
-    INSERT INTO {t} ({cols}, updated_at) SELECT {staged}, now() FROM {stage}
+WITH upd AS (
+    UPDATE {t} o SET {update_sets} FROM {stage} s
+    WHERE {key} AND o.revision < s.revision
+    RETURNING o.tenant, o.entity_type, o.entity_id
+), ins AS (
+    INSERT INTO {t} ({cols}, updated_at) SELECT {staged}, now() FROM {stage} s
+    WHERE (SELECT count(*) FROM upd) < (SELECT count(*) FROM {stage})
+      AND NOT EXISTS (SELECT 1 FROM {t} o WHERE {key})
     ON CONFLICT (tenant, entity_type, entity_id) DO UPDATE SET {sets}
     WHERE {t}.revision < excluded.revision
     RETURNING tenant, entity_type, entity_id
+), up AS (
+    SELECT * FROM upd UNION ALL SELECT * FROM ins
 )
-SELECT s.tenant, s.entity_type, s.entity_id, {stored}, false
-FROM {stage} s
+SELECT s.tenant, s.entity_type, s.entity_id, false, {stored}
 WHERE (SELECT count(*) FROM up) < (SELECT count(*) FROM {stage})
-  AND s.min_rev = s.revision AND NOT EXISTS (SELECT 1 FROM up u WHERE {same})
+  AND s.min_rev = s.revision AND {keys} NOT IN (SELECT * FROM up)  -- a hashed subplan
 UNION ALL
-SELECT s.tenant, s.entity_type, s.entity_id, {stored},
-       (s.tenant, s.entity_type, s.entity_id) IN (SELECT * FROM up)  -- a hashed subplan
-FROM {stage} s
+SELECT s.tenant, s.entity_type, s.entity_id, {keys} IN (SELECT * FROM up), {stored}
 WHERE s.min_rev < s.revision
 """
 
@@ -357,7 +388,7 @@ class PostgresSink:
                 max_size=4,
                 timeout=2.0,
                 command_timeout=self._timeout_ms / 1000 + 10,
-                server_settings={"statement_timeout": str(self._timeout_ms)},
+                server_settings={"statement_timeout": str(self._timeout_ms), **_SETTINGS},
                 init=self._init_conn,
             )
         except Exception as exc:
@@ -559,7 +590,7 @@ class PostgresSink:
             await self._apply(rows[:mid], timed, stored, refused, bad)
             await self._apply(rows[mid:], timed, stored, refused, bad)
             return
-        for tenant, etype, eid, revision, dedupe_key, prev_revision, was_written in out:
+        for tenant, etype, eid, was_written, revision, dedupe_key, prev_revision in out:
             key = (tenant, etype, eid)
             if revision is not None:
                 stored[key] = (revision, dedupe_key, prev_revision)

@@ -1,8 +1,11 @@
-"""PostgresSink's straight COPY for all-new batches and its fillfactor, on a real Postgres.
+"""PostgresSink's straight COPY for all-new batches, its update-first upsert and its
+fillfactor, on a real Postgres.
 
 The straight COPY must be invisible but for its cost: any batch sequence gives the same
-per-record outcomes and the same stored rows as the staged upsert alone; a stored entity
-makes it fall back (nothing written twice) and backs off; revision updates stay on their page.
+per-record outcomes and the same stored rows as the staged upsert alone, and as the plain
+`INSERT ... ON CONFLICT` statement the upsert replaced; a stored entity makes it fall back
+(nothing written twice) and backs off; revision updates stay on their page; a refused row
+is not locked; the upsert probes the key, whatever the planner estimates.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from hypothesis import strategies as st
 
 from ingest.errors import ReasonCode
 from ingest.records import Record, SinkResult
-from ingest.sinks.postgres import COLUMNS, PostgresSink, _classify, _when
+from ingest.sinks.postgres import _STAGED, COLUMNS, PostgresSink, _classify, _stage, _when
 from tests.conftest import v3_body
 from tests.integration.conftest import make_record, record_of, with_search_path
 
@@ -43,6 +46,48 @@ async def rows(sink: PostgresSink) -> list[tuple[Any, ...]]:
         f"SELECT {cols} FROM {sink.table} ORDER BY tenant, entity_type, entity_id"
     )
     return [tuple(r) for r in got]
+
+
+def on_conflict_sql(t: str, timed: bool) -> str:
+    """The staged upsert before update-first (main up to b646b0e), the reference: one
+    `INSERT ... ON CONFLICT DO UPDATE` of every staged row, and the judging SELECT of then
+    (a subquery per stored column; its columns in today's order)."""
+    cols = ", ".join(COLUMNS)
+    staged = ", ".join(c if timed else _STAGED.get(c, c) for c in COLUMNS)
+    stage = _stage(t, timed)
+    sets = (
+        f"prev_revision = {t}.revision, "
+        + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[3:])
+        + ", updated_at = now()"
+    )
+    same = "(u.tenant, u.entity_type, u.entity_id) = (s.tenant, s.entity_type, s.entity_id)"
+    stored = ", ".join(
+        f"(SELECT o.{col} FROM {t} o WHERE o.tenant = s.tenant"
+        " AND o.entity_type = s.entity_type AND o.entity_id = s.entity_id)"
+        for col in ("revision", "dedupe_key", "prev_revision")
+    )
+    return f"""
+WITH up AS (
+    INSERT INTO {t} ({cols}, updated_at) SELECT {staged}, now() FROM {stage}
+    ON CONFLICT (tenant, entity_type, entity_id) DO UPDATE SET {sets}
+    WHERE {t}.revision < excluded.revision
+    RETURNING tenant, entity_type, entity_id
+)
+SELECT s.tenant, s.entity_type, s.entity_id, false, {stored}
+FROM {stage} s
+WHERE (SELECT count(*) FROM up) < (SELECT count(*) FROM {stage})
+  AND s.min_rev = s.revision AND NOT EXISTS (SELECT 1 FROM up u WHERE {same})
+UNION ALL
+SELECT s.tenant, s.entity_type, s.entity_id,
+       (s.tenant, s.entity_type, s.entity_id) IN (SELECT * FROM up), {stored}
+FROM {stage} s
+WHERE s.min_rev < s.revision
+"""
+
+
+def on_conflict_only(sink: PostgresSink) -> PostgresSink:
+    sink._upserts = {timed: on_conflict_sql(sink.table, timed) for timed in (True, False)}
+    return upsert_only(sink)
 
 
 @pytest.fixture
@@ -168,17 +213,21 @@ def test_any_batch_sequence_gives_the_upserts_outcomes_and_rows(
         dsn = with_search_path(pg_url, schema)
         fast = PostgresSink("pg", dsn, table="via_copy")
         slow = upsert_only(PostgresSink("pg", dsn, table="via_upsert"))
+        plain = on_conflict_only(PostgresSink("pg", dsn, table="via_conflict"))
         try:
-            await fast.start()
-            await slow.start()
+            for sink in (fast, slow, plain):
+                await sink.start()
             for batch in batches:
                 fast.copy_skip = 0  # try the COPY on every batch, conflicts or not
-                assert await fast.write(batch) == await slow.write(batch)
-            assert await rows(fast) == await rows(slow)
+                want = await plain.write(batch)
+                assert await fast.write(batch) == want
+                assert await slow.write(batch) == want
+            assert await rows(fast) == await rows(plain)
+            assert await rows(slow) == await rows(plain)
             assert fast.paths["copy"] + fast.paths["fallback"] == len(batches)
         finally:
-            await fast.close()
-            await slow.close()
+            for sink in (fast, slow, plain):
+                await sink.close()
             await admin.execute(f"DROP SCHEMA {schema} CASCADE")
             await admin.close()
 
@@ -203,6 +252,59 @@ async def test_revision_updates_stay_on_their_page(pg_dsn: str) -> None:
             for r in await sink.pool.fetch("SELECT entity_id, (ctid::text::point)[0] FROM hot")
         )
         assert all(after[eid] == page for eid, page in before)
+    finally:
+        await sink.close()
+
+
+async def test_an_older_revision_is_refused_without_waiting_for_a_row_lock(pg_dsn: str) -> None:
+    """The update-first upsert locks only the rows it writes: an older revision of an entity
+    another session holds locked (a reader's FOR UPDATE, a long writer) is refused at once.
+    `INSERT ... ON CONFLICT DO UPDATE` locks every conflicting row before its guard, so it
+    waited for the lock (and wrote a WAL record for it)."""
+    sink = upsert_only(PostgresSink("pg", pg_dsn, table="locked"))
+    await sink.start()
+    other = await asyncpg.connect(pg_dsn)
+    try:
+        assert await sink.write([make_record("held", 5), make_record("free", 1)]) == [APPLIED] * 2
+        async with other.transaction():
+            await other.execute("SELECT 1 FROM locked WHERE entity_id = 'held' FOR UPDATE")
+            older, newer = make_record("held", 3), make_record("free", 2)
+            got = await asyncio.wait_for(sink.write([older, newer]), 15)
+        assert [r.status.value for r in got] == ["failed", "applied"]
+        assert got[0].reason is ReasonCode.OLDER_REVISION
+        assert got[0].detail is not None and got[0].detail["stored_revision"] == 5
+        assert [(r[2], r[3], r[9]) for r in await rows(sink)] == [("free", 2, 1), ("held", 5, None)]
+    finally:
+        await other.close()
+        await sink.close()
+
+
+async def test_the_upsert_probes_the_key_and_is_never_compiled(pg_dsn: str) -> None:
+    """The UPDATE joins a never-analysed temp table to the table: left to its estimates the
+    planner hashed the whole table for every batch (20k rows here, 5,000 staged), and JIT
+    compiled every statement past ~7,500 staged rows. The sink's connections plan an index
+    probe per staged row and never compile."""
+    sink = PostgresSink("pg", pg_dsn, table="probe")
+    await sink.start()
+    try:
+        for i in range(0, 20_000, 5_000):
+            await sink.write([make_record(f"o{j}", 1) for j in range(i, i + 5_000)])
+        rows_, timed = sink.staged_rows([make_record(f"o{j}", 2) for j in range(5_000)])
+        async with sink.pool.acquire() as conn:
+            assert await conn.fetchval("SHOW jit") == "off"
+            async with conn.transaction():
+                await conn.copy_records_to_table(
+                    _stage("probe", timed), records=rows_, columns=[*COLUMNS, "min_rev"]
+                )
+                plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sink._upserts[timed]}"))
+                await conn.execute("SET LOCAL jit_above_cost = 0")  # would compile now
+                analysed = "\n".join(
+                    r[0] for r in await conn.fetch(f"EXPLAIN ANALYZE {sink._upserts[timed]}")
+                )
+        assert "Index Scan using probe_pkey on probe o" in plan, plan
+        assert "Hash Join" not in plan and "Merge Join" not in plan, plan
+        assert "Seq Scan on probe " not in plan, plan
+        assert "JIT" not in analysed, analysed
     finally:
         await sink.close()
 
