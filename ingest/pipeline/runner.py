@@ -7,8 +7,10 @@ batches share no entity (`_consume`); and commits run behind both, in read order
 time (`_commit_all`): a slow checkpoint (a Kafka offset commit took 40 ms at the median and up
 to 1.4 s on a loaded machine) no longer holds up the next batch's settle and write. Batches
 not yet committed never share an entity (a batch that would share one waits for those commits
-first). Sink writes are sequential per source: records of one entity from one source reach the
-sinks in source order, which is what makes revision judgements repeatable after a crash.
+first). Sink writes are sequential per source, or two at once into sinks that take concurrent
+writes (`Pipeline.write_depth`), never two of one entity: records of one entity from one source
+reach the sinks in source order, which is what makes revision judgements repeatable after a
+crash.
 Commits go through the commit watermark: a position is acknowledged only once its batch and
 every batch before it are durable.
 
@@ -30,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -54,6 +56,7 @@ STOP_GRACE_S = 5.0  # on stop, how long the read in progress may take to end by 
 # the commits first (so a checkpoint store that stops answering stops the source soon).
 MAX_COMMITS_BEHIND = 4
 T = TypeVar("T")
+_WOKEN = object()  # SourceRunner._next: the write in flight returned before the next batch
 
 
 @dataclass(slots=True)
@@ -90,9 +93,10 @@ class SourceRunner:
         self._where = f"source {source.name}"  # for disk-full bookkeeping
         self.tracker: CommitTracker[SourceBatch] = CommitTracker()
         self.pipelined = pipelined  # settle batch N while N+1 is written (see _consume)
-        # Sink writes of this source, one at a time: N+1's write and a settle of N that fell
-        # back to isolation (which writes N again) never reach a sink connection together.
-        self._writing = asyncio.Lock()
+        # Sink writes of this source, `Pipeline.write_depth` at a time (1 unless every sink
+        # takes concurrent writes); an isolation (which writes a batch again) takes every
+        # slot, so it never reaches a sink beside another batch's write.
+        self._writing = asyncio.Semaphore(pipeline.write_depth)
         self._source_stopped = False
         # Commits run behind the settles (`_commit_all`): batches settled and waiting for
         # their commit, in read order, and the conflict keys of every batch taken for
@@ -247,9 +251,11 @@ class SourceRunner:
         queue: asyncio.Queue[_Decoded],
         producer: asyncio.Task[None],
         settling: asyncio.Task[None] | None = None,
-    ) -> _Decoded | None:
+        writing: asyncio.Task[Written | None] | None = None,
+    ) -> _Decoded | object | None:
         """The next batch, or None once the producer has finished and nothing is queued
-        (its error, if any, is raised here, as is an error of the batch `settling`)."""
+        (its error, if any, is raised here, as is an error of the batch `settling`), or
+        _WOKEN when the `writing` in flight returned first."""
         while True:
             if queue.empty() and producer.done():
                 producer.result()
@@ -258,6 +264,8 @@ class SourceRunner:
             waiting: set[asyncio.Future[Any]] = {getter, producer}
             if settling is not None:
                 waiting.add(settling)
+            if writing is not None:
+                waiting.add(writing)
             committer = self._committer
             if committer is not None and not committer.done():
                 waiting.add(committer)
@@ -273,21 +281,38 @@ class SourceRunner:
                 settling = None
             if committer is not None and committer.done():
                 committer.result()
+            if writing is not None and writing.done():
+                return _WOKEN
 
     async def _consume(self, queue: asyncio.Queue[_Decoded], producer: asyncio.Task[None]) -> None:
         """Write batch N+1 to the sinks while batch N settles (DLQ, claims) and earlier
-        batches wait for their commits.
+        batches wait for their commits; with sinks that take concurrent writes
+        (`Pipeline.write_depth` 2), N+2's write starts while N+1's is still in the sink.
 
         Exact under kill -9 because the overlap is allowed only between batches that share
         no entity: every batch not yet committed shares none with any other, so a replay of
         each finds its entities as its first pass left them, whatever the others wrote
         (docs/architecture.md, "Pipelined batches"). A batch that shares an entity with one
-        not yet committed waits until that one has settled and every commit before it is
-        done. At most one batch settles at a time, and in order; commits follow in read order.
+        not yet committed waits until that one has been written, settled and committed (and
+        every batch before it). At most one batch settles at a time, and in order; commits
+        follow in read order.
         """
+        depth = self.pipeline.write_depth if self.pipelined else 1
         settling: asyncio.Task[None] | None = None
+        writing: tuple[_Decoded, asyncio.Task[Written | None]] | None = None
         try:
-            while (item := await self._next(queue, producer, settling)) is not None:
+            while True:
+                if writing is not None and (depth == 1 or writing[1].done()):
+                    settling = await self._written(*writing, settling)
+                    writing = None
+                item = await self._next(
+                    queue, producer, settling, writing[1] if writing is not None else None
+                )
+                if item is _WOKEN:
+                    continue  # the write in flight returned: settle it (above)
+                if item is None:
+                    break
+                assert isinstance(item, _Decoded)
                 while (
                     self.admission.state is BackpressureState.PAUSED and not self.stopping.is_set()
                 ):
@@ -300,41 +325,80 @@ class SourceRunner:
                     or not item.batch.records
                     or any(not keys.isdisjoint(held) for held in self._uncommitted.values())
                 ):
+                    if writing is not None:
+                        settling = await self._written(*writing, settling)
+                        writing = None
                     if settling is not None:
                         await settling
                         settling = None
                     await self._commits_done()
                 self._uncommitted[id(item.batch)] = keys
-                written: Written | None = None
-                if item.batch.records:  # an empty batch still commits (e.g. end of a file)
-                    async with self.admission.in_flight():
-                        written = await self._write(item)
-                    if written is None:  # the write raised: isolate, one batch at a time
-                        if settling is not None:
-                            await settling
-                            settling = None
-                        async with self.admission.in_flight():
-                            await deliver_isolating(self.pipeline, item.batch.records, item.decoded)
-                else:
+                if not item.batch.records:  # an empty batch still commits (e.g. end of a file)
                     item.claimed_before.cancel()
-                if settling is not None:
-                    await settling
-                settling = asyncio.ensure_future(self._settle(item, written))
+                    settling = asyncio.ensure_future(self._settle(item, None))
+                    continue
+                task = asyncio.ensure_future(self._write(item))
+                if writing is not None:  # depth 2: N+1 is in the sink beside this one
+                    try:
+                        settling = await self._written(*writing, settling)
+                    finally:
+                        writing = (item, task)
+                else:
+                    writing = (item, task)
+            if writing is not None:
+                settling = await self._written(*writing, settling)
+                writing = None
             if settling is not None:
                 await settling
                 settling = None
             await self._commits_done()
         finally:
-            pending = [t for t in (settling, self._committer) if t is not None and not t.done()]
+            pending = [
+                t
+                for t in (writing[1] if writing else None, settling, self._committer)
+                if t is not None and not t.done()
+            ]
             for task in pending:
                 task.cancel()  # like a crash: the batch is not committed, it is replayed
             await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _written(
+        self,
+        item: _Decoded,
+        write: asyncio.Task[Written | None],
+        settling: asyncio.Task[None] | None,
+    ) -> asyncio.Task[None]:
+        """Once `item`'s write returned and the batch before has settled: its settle task.
+        A write that raised is delivered again by isolation first, one batch at a time."""
+        written = await write
+        if written is None:  # the write raised: isolate, one batch at a time
+            if settling is not None:
+                await settling
+                settling = None
+            async with self.admission.in_flight(), self._isolating():
+                await deliver_isolating(self.pipeline, item.batch.records, item.decoded)
+        if settling is not None:
+            await settling
+        return asyncio.ensure_future(self._settle(item, written))
+
+    @contextlib.asynccontextmanager
+    async def _isolating(self) -> AsyncIterator[None]:
+        """Every write slot of this source: an isolation never writes beside another batch."""
+        taken = 0
+        try:
+            for _ in range(self.pipeline.write_depth):
+                await self._writing.acquire()
+                taken += 1
+            yield
+        finally:
+            for _ in range(taken):
+                self._writing.release()
 
     async def _write(self, item: _Decoded) -> Written | None:
         """`Pipeline.write`, or None when it raised something unexpected (then the batch is
         delivered by `deliver_isolating`, which finds the records that make it raise)."""
         try:
-            async with self._writing:
+            async with self.admission.in_flight(), self._writing:
                 return await self.pipeline.write(
                     item.batch.records, item.decoded, claimed_before=item.claimed_before
                 )
@@ -355,7 +419,7 @@ class SourceRunner:
                 raise
             except Exception as exc:
                 log.warning("source %s: settling raised %r; isolating", self.source.name, exc)
-                async with self._writing:
+                async with self._isolating():
                     await deliver_isolating(self.pipeline, item.batch.records, item.decoded)
         self._to_commit.extend(self.tracker.done(item.batch))
         committer = self._committer

@@ -14,6 +14,8 @@ boundaries), to hit both cases at every boundary:
 
 The service is killed with SIGKILL at random moments, restarted each time; at the end every
 entity holds its highest revision and the DLQ holds exactly the expected OLDER_REVISION rows.
+Once with the SQLite sink (one write at a time) and once with the Postgres sink, where two
+disjoint batches are in the sink at once (`Pipeline.write_depth` 2) and commits run behind.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ import pytest
 from tests.conftest import rec
 from tests.e2e._crash import Crashes, wait_finished
 from tests.e2e._feed import TENANT, drop_file, seeded
+from tests.e2e._production import drop_schema, fresh_schema, pg_query, shared_env
 from tests.e2e._service import ServiceProcess, finished, free_port
 
 pytestmark = pytest.mark.e2e
@@ -77,14 +81,32 @@ class Feed:
         return out
 
 
-def test_kill9_between_settling_and_writing_keeps_sink_and_dlq_exact(tmp_path: Path) -> None:
+@pytest.fixture(params=["sqlite", "postgres"])
+def sink(request: pytest.FixtureRequest) -> Iterator[tuple[str, str | None]]:
+    """The sink: SQLite (one write at a time) or Postgres (two at once: write_depth 2), as
+    (its YAML, the DSN of its schema or None)."""
+    if request.param == "sqlite":
+        yield "", None
+        return
+    url = shared_env()["INGEST_TEST_POSTGRES_URL"]
+    schema, dsn = fresh_schema(url, "e2e_pipelined")
+    try:
+        yield f'sinks: [{{type: postgres, name: pg, dsn: "{dsn}"}}]\n', dsn
+    finally:
+        drop_schema(url, schema)
+
+
+def test_kill9_between_settling_and_writing_keeps_sink_and_dlq_exact(
+    tmp_path: Path, sink: tuple[str, str | None]
+) -> None:
     rng = seeded()
     feed = Feed(rng)
     data = tmp_path / "data"
     inbox = data / "inbox" / TENANT
     inbox.mkdir(parents=True)
     config = tmp_path / "ingest.yaml"
-    config.write_text(CONFIG)
+    sinks_yaml, dsn = sink
+    config.write_text(CONFIG + sinks_yaml)
     for f in range(6):  # 6 files x 300 batches x 20 lines = 36k lines
         drop_file(inbox, f"orders-{f}.jsonl", feed.file(f"f{f}", 300))
     assert len(feed.older) > 1000
@@ -96,8 +118,11 @@ def test_kill9_between_settling_and_writing_keeps_sink_and_dlq_exact(tmp_path: P
         assert run.svc.terminate() == 0
     assert run.kills >= 3
 
-    sink = sqlite3.connect(data / "sink.db")
-    rows: dict[str, Any] = dict(sink.execute("SELECT entity_id, revision FROM entities"))
+    if dsn is None:
+        db = sqlite3.connect(data / "sink.db")
+        rows: dict[str, Any] = dict(db.execute("SELECT entity_id, revision FROM entities"))
+    else:
+        rows = {e: r for e, r in pg_query(dsn, "SELECT entity_id, revision FROM entities")}
     assert rows == feed.final
     state = sqlite3.connect(data / "state.db")
     dlq = state.execute("SELECT reason, entity_id, revision FROM dlq").fetchall()

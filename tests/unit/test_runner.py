@@ -319,7 +319,7 @@ class CountingSink(MemorySink):
         self.active += 1
         self.most = max(self.most, self.active)
         try:
-            await asyncio.sleep(0.2 if any(r.entity_id == "slow" for r in records) else 0)
+            await asyncio.sleep(0.2 if any(r.entity_id.startswith("slow") for r in records) else 0)
             return await super().write(records)
         finally:
             self.active -= 1
@@ -437,17 +437,18 @@ class WatchedSink(MemorySink):
         return await super().write(records)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=3), min_size=1, max_size=12),
     st.lists(st.integers(0, 30), max_size=12),
+    st.sampled_from([1, 2]),
 )
 def test_no_batch_is_written_beside_an_uncommitted_one_of_the_same_entity(
-        entities: list[list[int]], turns: list[int]) -> None:
+        entities: list[list[int]], turns: list[int], depth: int) -> None:
     """Mechanism (docs/architecture.md, "Pipelined batches"): with commits running behind
-    at drawn speeds, a batch is written only when no earlier batch sharing one of its
-    entities is still uncommitted; commits stay in read order, and the sink ends with each
-    entity's last revision and nothing dead-lettered."""
+    at drawn speeds, and one or two sink writes at once, a batch is written only when no
+    earlier batch sharing one of its entities is still uncommitted; commits stay in read
+    order, and the sink ends with each entity's last revision and nothing dead-lettered."""
     batches = [[line(f"e{e}", i + 1) for e in sorted(set(ents))] for i, ents in enumerate(entities)]
 
     async def go() -> None:
@@ -457,6 +458,7 @@ def test_no_batch_is_written_beside_an_uncommitted_one_of_the_same_entity(
                 src = SlowCommits(batches, turns)
                 sink = WatchedSink("a", src)
                 pipe = make_pipeline(database, {"a": sink}, FakeSleep())
+                pipe.write_depth = depth
                 await run_until_committed(src, pipe, len(batches))
                 assert src.committed == list(range(len(batches)))
                 for held, committed in sink.writes:
@@ -471,3 +473,95 @@ def test_no_batch_is_written_beside_an_uncommitted_one_of_the_same_entity(
                 await database.close()
 
     asyncio.run(go())
+
+
+class HeldSink(MemorySink):
+    """Writes that wait for `release`; notes how many were under way at once."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.release = asyncio.Event()
+        self.active = self.most = 0
+
+    async def write(self, records: Sequence[Record]) -> list[SinkResult]:
+        self.active += 1
+        self.most = max(self.most, self.active)
+        try:
+            await self.release.wait()
+            return await super().write(records)
+        finally:
+            self.active -= 1
+
+
+async def test_a_sink_that_takes_concurrent_writes_gets_the_next_disjoint_batch_at_once(
+        db: SQLiteDB) -> None:
+    """Why: one batch's COPY, its commit's fdatasync and the next batch's row building ran
+    one after the other; a sink on a pool of connections (Postgres: write_depth 2) now has
+    two disjoint batches under way at once (the old runner wrote one at a time)."""
+    sink = HeldSink("a")
+    pipe = make_pipeline(db, {"a": sink}, FakeSleep())
+    pipe.write_depth = 2
+    src = ListSource([[line(f"e{i}")] for i in range(4)])
+    stopping = asyncio.Event()
+    task = asyncio.create_task(runner(src, pipe, stopping).run())
+    async with asyncio.timeout(TIMEOUT):
+        while sink.active < 2:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    assert sink.most == 2 and src.committed == []
+    sink.release.set()
+    async with asyncio.timeout(TIMEOUT):
+        while len(src.committed) < 4:
+            await asyncio.sleep(0.01)
+    assert src.committed == [0, 1, 2, 3] and len(sink.rows) == 4
+    stopping.set()
+    await asyncio.wait_for(task, TIMEOUT)
+
+
+async def test_at_depth_two_a_batch_sharing_an_entity_waits_for_the_write_in_flight(
+        db: SQLiteDB) -> None:
+    sink = HeldSink("a")
+    pipe = make_pipeline(db, {"a": sink}, FakeSleep())
+    pipe.write_depth = 2
+    src = ListSource([[line("e1", 1)], [line("e1", 2)]])
+    stopping = asyncio.Event()
+    task = asyncio.create_task(runner(src, pipe, stopping).run())
+    await asyncio.sleep(0.3)
+    assert sink.most == 1
+    sink.release.set()
+    async with asyncio.timeout(TIMEOUT):
+        while len(src.committed) < 2:
+            await asyncio.sleep(0.01)
+    assert sink.most == 1 and sink.rows[("t", "order", "e1")] == 2
+    assert await dlq_entries(pipe) == []
+    stopping.set()
+    await asyncio.wait_for(task, TIMEOUT)
+
+
+async def test_at_depth_two_a_write_that_raises_is_isolated_alone(db: SQLiteDB) -> None:
+    """A batch whose write raised is delivered again by isolation with no other batch of
+    the source in the sink, then everything commits in order."""
+    sink = CountingSink("a")
+    pipe = make_pipeline(db, {"a": sink}, FakeSleep())
+    pipe.write_depth = 2
+    real_write, real_brownout, beside = sink.write, pipe._brownout, []
+
+    async def brownout(records: list[Record], *args: Any) -> list[Record]:
+        if len(records) > 1 and any(r.entity_id == "bad" for r in records):
+            await asyncio.sleep(0.1)  # raises while the next batch is in the sink
+            raise ValueError("index out of range")
+        return await real_brownout(records, *args)
+
+    async def write(records: Sequence[Record]) -> list[SinkResult]:
+        if any(r.raw.position == 1 for r in records):  # only isolation writes batch 1
+            beside.append(sink.active)
+        return await real_write(records)
+
+    pipe._brownout = brownout  # type: ignore[method-assign]
+    sink.write = write  # type: ignore[method-assign]
+    src = ListSource([[line("a0"), line("a1")], [line("bad"), line("b1")],
+                      [line("slow2"), line("c1")]])
+    await run_until_committed(src, pipe, 3)
+    rows = {("t", "order", e) for e in ("a0", "a1", "bad", "b1", "slow2", "c1")}
+    assert set(sink.rows) == rows and src.committed == [0, 1, 2]
+    assert beside and all(n == 0 for n in beside)
