@@ -299,20 +299,35 @@ def _rows(
             if when is None:
                 return None
             occurred = when
-        row: tuple[Any, ...] = (
-            rec.tenant,
-            rec.entity_type,
-            rec.entity_id,
-            rec.revision,
-            deleted,
-            occurred,
-            attributes,
-            relations,
-            rec.dedupe_key,
-        )
-        if staged:
-            row = (*row, rec.revision if low is None else low[rec.entity_key])
-        rows.append(row)
+        if not staged:
+            rows.append(
+                (
+                    rec.tenant,
+                    rec.entity_type,
+                    rec.entity_id,
+                    rec.revision,
+                    deleted,
+                    occurred,
+                    attributes,
+                    relations,
+                    rec.dedupe_key,
+                )
+            )
+        else:  # the same row plus `min_rev`, built at once (a copy of a 9-tuple: ~0.3 µs)
+            rows.append(
+                (
+                    rec.tenant,
+                    rec.entity_type,
+                    rec.entity_id,
+                    rec.revision,
+                    deleted,
+                    occurred,
+                    attributes,
+                    relations,
+                    rec.dedupe_key,
+                    rec.revision if low is None else low[rec.entity_key],
+                )
+            )
     return rows
 
 

@@ -543,3 +543,22 @@ def test_a_batch_is_staged_timed_only_when_every_time_is_exact() -> None:
     assert rows[0][-1] == 1  # min_rev
     rows, timed = sink.staged_rows([exact, local])
     assert not timed and [r[5] for r in rows] == [exact.body["occurred_at"], "2026-01-02T03:04:05"]
+
+
+@given(st.lists(records(), min_size=1, max_size=8))
+def test_a_staging_row_is_the_straight_copys_row_and_the_lowest_revision(
+    batch: list[Record],
+) -> None:
+    """`_rows` builds the two layouts in separate branches (one tuple a row, no copy): the
+    staging row must stay the straight COPY's row plus the entity's lowest revision."""
+    sink = PostgresSink("pg", "postgresql://unused/x")
+    low: dict[tuple[str, str, str], int] = {}
+    for rec in batch:
+        low[rec.entity_key] = min(rec.revision, low.get(rec.entity_key, rec.revision))
+    straight = sink.copy_rows(batch)
+    staged, timed = sink.staged_rows(batch, low)
+    assert timed == (straight is not None)
+    if straight is not None:
+        pairs = zip(straight, batch, strict=True)
+        assert staged == [(*row, low[rec.entity_key]) for row, rec in pairs]
+    assert [row[-1] for row in sink.stage_rows(batch)] == [rec.revision for rec in batch]
