@@ -447,6 +447,22 @@ def fetchone(sql: str, params: Sequence[Any] = ()) -> Callable[[sqlite3.Connecti
     return lambda c: c.execute(sql, params).fetchone()
 
 
+def _wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL. A new file's switch takes an exclusive lock that SQLite does not
+    wait for (no busy handler there): two workers creating state.idem.db at once failed one of
+    them with "database is locked". The caller holds the writer lock, which serializes
+    processes that have the lock file; the retries cover one that does not."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _connect(path: Path, migrations: Sequence[Migration]) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=Connection)
     try:
@@ -455,7 +471,8 @@ def _connect(path: Path, migrations: Sequence[Migration]) -> sqlite3.Connection:
         except OSError:
             conn.writer = None  # SQLite's busy handler alone, as before the lock file
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        with writer_lock(conn):
+            _wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
         # Checkpoint every 4,000 WAL pages (16 MiB; default 1,000): random-key B-trees (the
         # idempotency keys) dirty a page per key, and pages dirtied again between two

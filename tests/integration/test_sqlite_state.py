@@ -188,6 +188,46 @@ def test_writer_lock_property_concurrent_writers_never_meet_a_busy_file(
     asyncio.run(check())
 
 
+def _open_at(path: str, start: float, results: Any) -> None:
+    """Open `path` (the keys file's migrations) at `start`; put "ok" or the error."""
+    while time.time() < start:
+        pass
+
+    async def go() -> None:
+        db = await SQLiteDB.open(Path(path), IDEM_MIGRATIONS)
+        await db.close()
+
+    try:
+        asyncio.run(go())
+        results.put("ok")
+    except Exception as exc:  # the answer is what the test checks
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_creating_one_file_at_once_all_open_it(tmp_path: Path) -> None:
+    """Found by the image test: the pod's two workers created state.idem.db at the same
+    instant and one died at start with "database is locked" (a new file's switch to WAL takes
+    an exclusive lock SQLite does not wait for). 4 processes x 40 fresh files, all must open.
+    The race is narrow: the same shape in a script failed 1 round of 20 on the old code, 0 of
+    100 on the new; this test does not fail on every run of the old code."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    failed: list[str] = []
+    for round_ in range(40):
+        results = ctx.Queue()
+        start = time.time() + 0.3
+        path = str(tmp_path / f"r{round_}.db")
+        procs = [ctx.Process(target=_open_at, args=(path, start, results)) for _ in range(8)]
+        for proc in procs:
+            proc.start()
+        answers = [results.get(timeout=60) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=60)
+        failed += [a for a in answers if a != "ok"]
+    assert not failed, failed[:3]
+
+
 async def test_without_the_writer_lock_sqlite_alone_orders_the_writers(tmp_path: Path) -> None:
     """The lock file cannot be opened (here: a directory of that name), or another holder
     keeps the lock longer than the writer waits for it: writes still go in, ordered by
