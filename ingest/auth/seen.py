@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ingest.errors import StoreUnavailable
+from ingest.state.sqlite import autocommit, immediate
 
 REDIS_PREFIX = "ingest_webhook_seen:"
 
@@ -68,15 +69,17 @@ class SQLiteSeen:
         prune = self._writes % 256 == 0
 
         def run(c: sqlite3.Connection) -> bool:
-            if prune:
-                c.execute("DELETE FROM seen_signatures WHERE expires_at <= ?", (now,))
-            cur = c.execute(
-                "INSERT INTO seen_signatures (key, expires_at) VALUES (?, ?)"
-                " ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at"
-                " WHERE seen_signatures.expires_at <= ?",
-                (key, expires_at, now),
-            )
-            return cur.rowcount == 1
+            # under the file's writer lock, as every writer of state.db (ingest.state.sqlite)
+            with immediate(c):
+                if prune:
+                    c.execute("DELETE FROM seen_signatures WHERE expires_at <= ?", (now,))
+                cur = c.execute(
+                    "INSERT INTO seen_signatures (key, expires_at) VALUES (?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at"
+                    " WHERE seen_signatures.expires_at <= ?",
+                    (key, expires_at, now),
+                )
+                return cur.rowcount == 1
 
         result: bool = await self._db.call("seen-signatures", run)
         return result
@@ -84,7 +87,7 @@ class SQLiteSeen:
     async def release(self, key: bytes) -> None:
         await self._db.call(
             "seen-signatures",
-            lambda c: c.execute("DELETE FROM seen_signatures WHERE key = ?", (key,)),
+            lambda c: autocommit(c, "DELETE FROM seen_signatures WHERE key = ?", (key,)),
         )
 
 

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import orjson
 
 from ingest.errors import StoreUnavailable
+from ingest.state.sqlite import autocommit
 
 PENDING = "pending_approval"
 APPROVED = "approved"
@@ -309,7 +310,8 @@ class SQLitePlanStore:
     async def save(self, plan: Plan) -> None:
         row = (plan.id, plan.tenant, plan.state, plan.created_at, _doc(plan))
         await self._run(
-            lambda c: c.execute(
+            lambda c: autocommit(
+                c,
                 "INSERT INTO replay_plans VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
                 " state = excluded.state, doc = excluded.doc",
                 row,

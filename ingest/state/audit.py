@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import orjson
 
 from ingest.errors import StoreUnavailable
+from ingest.state.sqlite import autocommit
 
 OK = "ok"
 DENIED = "denied"  # authenticated, but the role or tenant scope does not allow it
@@ -106,7 +107,8 @@ class SQLiteAuditStore:
         row = _row(entry)
         await self._db.call(
             "audit",
-            lambda c: c.execute(
+            lambda c: autocommit(
+                c,
                 "INSERT INTO audit_log (at, actor, via, action, outcome, remote, tenant, target,"
                 " detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,

@@ -431,10 +431,21 @@ def marks(n: int) -> str:
     return ",".join("?" * n)
 
 
+def autocommit(c: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+    """One write statement as its own transaction, under the file's writer lock.
+
+    Every writer of a file must take that lock: one that does not (a bare autocommit
+    INSERT, as the webhook door's intake append was) meets SQLite's lock held by those that
+    do and sleeps in the busy handler, up to 100 ms a time, while they take the lock again
+    within 1 ms of its release; and a worker holding the writer lock that meets such a
+    statement's SQLite lock sleeps there in turn."""
+    with writer_lock(c):
+        return c.execute(sql, params)
+
+
 def _write(c: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> int:
-    """One statement in its own write transaction (`immediate`); its rowcount."""
-    with immediate(c):
-        n: int = c.execute(sql, params).rowcount
+    """One statement in its own write transaction; its rowcount."""
+    n: int = autocommit(c, sql, params).rowcount
     return n
 
 

@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ingest.state.sqlite import SQLiteDB, chunks, immediate, marks
+from ingest.state.sqlite import SQLiteDB, autocommit, chunks, immediate, marks
 
 PARTITIONS = 1 << 16
 
@@ -56,8 +56,8 @@ class SQLiteIntake:
         )
 
         def write(c: sqlite3.Connection) -> int:
-            # a single autocommit statement is its own transaction: committed on return
-            rowid = c.execute(sql, params).lastrowid
+            # a single statement is its own transaction: committed on return
+            rowid = autocommit(c, sql, params).lastrowid
             assert rowid is not None
             return rowid
 

@@ -139,6 +139,56 @@ async def test_a_writer_waits_for_another_on_the_writer_lock_not_in_sqlites(
         await second.close()
 
 
+def _state_file_writes(db: SQLiteDB) -> dict[str, Any]:
+    """Every write of state.db that the control plane makes (webhook door, auth, admin API)."""
+    from ingest.auth.seen import SQLiteSeen
+    from ingest.replay.plans import Plan, PlanSource, SQLitePlanStore
+    from ingest.state.audit import OK, AuditEntry, SQLiteAuditStore
+
+    seen = SQLiteSeen(db, clock=lambda: 100.0)
+    plan = Plan(id="rp-0000abcd", tenant="acme-corp", start=0.0, end=10.0,
+                sources=[PlanSource("inbox", "inbox", estimate_records=1)],
+                throttle=1.0, created_at=1.0, created_by="alice")  # fmt: skip
+    return {
+        "intake append": lambda: SQLiteIntake(db).append("acme-corp", "hooks", [b"{}"], 1.0),
+        "seen reserve": lambda: seen.reserve(b"k" * 32, 200.0),
+        "seen release": lambda: seen.release(b"k" * 32),
+        "audit record": lambda: SQLiteAuditStore(db).record(
+            AuditEntry(1.0, "alice", "token", "admin.drain", OK)
+        ),
+        "plan save": lambda: SQLitePlanStore(db).save(plan),
+    }
+
+
+@pytest.mark.parametrize(
+    "write", ["intake append", "seen reserve", "seen release", "audit record", "plan save"]
+)
+async def test_every_state_file_write_waits_on_the_writer_lock(tmp_path: Path, write: str) -> None:
+    """The control plane's writes of state.db (the webhook door's intake append and
+    signature reserve, audit, replay plans) take the file's writer lock like the workers'.
+    Before, they were bare autocommit statements: they met SQLite's lock held and slept in
+    its busy handler (up to 100 ms a time) while the workers, polling the writer lock within
+    1 ms, kept winning it. With the busy handler off the old code fails at once with
+    "database is locked"."""
+    path = tmp_path / "state.db"
+    holder, door = await SQLiteDB.open(path), await SQLiteDB.open(path)
+    entered, release = threading.Event(), threading.Event()
+    try:
+        await door.run(lambda c: c.execute("PRAGMA busy_timeout = 0"))
+        holding = asyncio.ensure_future(holder.run(_hold_write(entered, release)))
+        assert await asyncio.to_thread(entered.wait, 30)
+        writing = asyncio.ensure_future(_state_file_writes(door)[write]())
+        await asyncio.sleep(0.3)
+        assert not writing.done()  # waiting on the writer lock, not failed
+        release.set()
+        await holding
+        await writing
+    finally:
+        release.set()
+        await holder.close()
+        await door.close()
+
+
 @settings(max_examples=15, deadline=None)
 @given(
     plans=st.lists(
