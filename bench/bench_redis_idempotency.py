@@ -6,10 +6,12 @@
 Claims N random 32-byte digests in batches through RedisIdempotencyStore, then prints the
 INFO used_memory delta per key (and what `stats()` reports), claims/s and seen/s, the Redis
 server's CPU per key for claims and lookups (INFO cpu, user + sys: unlike the rates it hardly
-moves with the machine's load, so use a Redis of its own), and the same figures for the naive layout
-(one pipelined `SET <hex> 1 NX EX ttl` per key, on fewer keys) measured in the same run, so the
-ratios compare against what this Redis does flat out. The claims are spread over `--days`
-days (default 8: the 7-day window populated, the steady state; 1 = a service's first day).
+moves with the machine's load, so use a Redis of its own), this process's CPU per key around
+the store's calls (the client's side: encoding, the event loop, parsing replies), and the
+same figures for the naive layout (one pipelined `SET <hex> 1 NX EX ttl` per key, on fewer
+keys) measured in the same run, so the ratios compare against what this Redis does flat out.
+The claims are spread over `--days` days (default 8: the 7-day window populated, the steady
+state; 1 = a service's first day).
 Lookups report never-claimed keys (every live bucket probed) and claimed ones apart. Its keys
 use a private prefix and are deleted at the end (SCAN). Use a Redis of its own: 10M keys take
 a few hundred MB.
@@ -69,14 +71,16 @@ async def bench_store(
     today = clock[0]
     before = await used_memory(r)
     claimed: list[bytes] = []
-    t_claim = cpu_claim = 0.0
+    t_claim = cpu_claim = own_claim = 0.0
     done = 0
     while done < n:
         chunk = digests(min(batch, n - done))
         clock[0] = today - (days - 1 - done * days // n) * 86400
-        t0, c0 = time.perf_counter(), await redis_cpu(r)
+        c0 = await redis_cpu(r)
+        t0, p0 = time.perf_counter(), time.process_time()
         await store.claim(chunk)
         t_claim += time.perf_counter() - t0
+        own_claim += time.process_time() - p0
         cpu_claim += await redis_cpu(r) - c0
         done += len(chunk)
         if len(claimed) < seen_n // 2:
@@ -84,18 +88,20 @@ async def bench_store(
     mem = await used_memory(r) - before
     clock[0] = today
 
-    async def lookups(probe: list[bytes]) -> tuple[int, float, float]:
-        t0, c0 = time.perf_counter(), await redis_cpu(r)
+    async def lookups(probe: list[bytes]) -> tuple[int, float, float, float]:
+        c0 = await redis_cpu(r)
+        t0, p0 = time.perf_counter(), time.process_time()
         hits = 0
         for i in range(0, len(probe), batch):
             hits += sum(await store.seen(probe[i : i + batch]))
-        return hits, time.perf_counter() - t0, await redis_cpu(r) - c0
+        t, own = time.perf_counter() - t0, time.process_time() - p0
+        return hits, t, await redis_cpu(r) - c0, own
 
     fresh = digests(seen_n - len(claimed))
-    miss_hits, _, cpu_miss = await lookups(fresh)
-    hit_hits, _, cpu_hit = await lookups(claimed)
+    miss_hits, _, cpu_miss, own_miss = await lookups(fresh)
+    hit_hits, _, cpu_hit, own_hit = await lookups(claimed)
     mix = [k for pair in zip(claimed, fresh, strict=False) for k in pair]
-    mix_hits, t_seen, cpu_seen = await lookups(mix)
+    mix_hits, t_seen, cpu_seen, _ = await lookups(mix)
     assert miss_hits == 0, f"seen() found {miss_hits} keys never claimed"
     assert hit_hits == len(claimed), f"seen() found {hit_hits} of {len(claimed)} claimed keys"
     assert mix_hits == min(len(claimed), len(fresh))
@@ -114,6 +120,9 @@ async def bench_store(
         "cpu_seen_us": cpu_seen / len(mix) * 1e6,
         "cpu_miss_us": cpu_miss / len(fresh) * 1e6,
         "cpu_hit_us": cpu_hit / len(claimed) * 1e6,
+        "own_claim_us": own_claim / n * 1e6,
+        "own_miss_us": own_miss / len(fresh) * 1e6,
+        "own_hit_us": own_hit / len(claimed) * 1e6,
     }
 
 
@@ -165,6 +174,11 @@ async def main() -> None:
     print(f"Redis CPU µs/key seen   {st['cpu_seen_us']:>14.2f}   (half claimed, half not)")
     print(f"  never claimed         {st['cpu_miss_us']:>14.2f}   (new records: every bucket)")
     print(f"  claimed, oldest day   {st['cpu_hit_us']:>14.2f}")
+    print(
+        f"client CPU µs/key claim {st['own_claim_us']:>14.2f}   (this process: encode, send, parse)"
+    )
+    print(f"  seen, never claimed   {st['own_miss_us']:>14.2f}")
+    print(f"  seen, claimed         {st['own_hit_us']:>14.2f}")
     print(f"claims/s                {st['claim_rate']:>14,.0f}")
     print(f"seen/s                  {st['seen_rate']:>14,.0f}")
     print(f"raw SET NX EX/s         {raw['rate']:>14,.0f}   ({raw['keys']:,.0f} keys, pipelined)")

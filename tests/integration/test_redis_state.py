@@ -135,7 +135,9 @@ async def private_client(private_redis: PrivateServer) -> AsyncIterator[aioredis
     await client.aclose()
 
 
-async def test_one_round_trip_per_batch(private_client: aioredis.Redis, uid: str) -> None:
+async def test_one_script_call_per_claim_and_per_lookup(
+    private_client: aioredis.Redis, uid: str
+) -> None:
     store = RedisIdempotencyStore(private_client, prefix=f"idem_{uid}")
     keys = digests(uid, 2000)
     await store.seen(keys[:1])  # loads the scripts
@@ -150,7 +152,8 @@ async def test_one_round_trip_per_batch(private_client: aioredis.Redis, uid: str
         for k in after
         if k.startswith("cmdstat_") and "|" not in k and after[k] != before.get(k, 0)
     }
-    # 3 EVALSHA plus the INFO that took the first snapshot; HSET etc. run inside the scripts
+    # 3 EVALSHA (two lookups' plans, one claim) plus the INFO that took the first snapshot;
+    # HSET etc. run inside the claim script, a lookup's HGETs are pipelined (one per key)
     assert client_cmds.pop("cmdstat_evalsha") == 3
     assert set(client_cmds) <= {
         "cmdstat_info",
@@ -734,3 +737,69 @@ async def test_a_bucket_opened_before_its_width_key_gets_one(
         assert await rclient.hget(store.registry, bucket) == meta.encode()
         assert await store.seen(keys) == [True] * 200
         await rclient.delete(*[k async for k in rclient.scan_iter(match=f"{bucket}*")])
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    protocol=st.sampled_from([2, 3]),
+    bits=st.sampled_from([4, 24]),
+    claimers=st.lists(
+        st.lists(st.integers(0, 79), min_size=1, max_size=80, unique=True),
+        min_size=2,
+        max_size=5,
+    ),
+    probe=st.lists(st.integers(0, 79), min_size=1, max_size=80),
+)
+def test_concurrent_claimers_add_each_key_once_and_lookups_see_exactly_the_claimed(
+    redis_url: str,
+    uid: str,
+    protocol: int,
+    bits: int,
+    claimers: list[list[int]],
+    probe: list[int],
+) -> None:
+    """Several workers (each its own client and connections) claim overlapping keys at once:
+    every key is added by exactly one of them (the bucket's counter = distinct keys), and a
+    lookup, over RESP2 or RESP3 (the pipelined HGETs' replies are read raw), in a bucket
+    before (3 h before: a second live bucket) and the current one, answers exactly the claimed
+    keys, in the order asked, duplicates included."""
+    universe = digests(f"{uid}{protocol}{bits}", 80)
+
+    async def go() -> None:
+        prefix = f"conc_{uuid4().hex[:10]}"
+        # 2 h into this week's bucket; the claims before 3 h earlier, in the bucket before
+        now = RedisIdempotencyStore(aioredis.Redis()).bucket_start(time.time()) + 7200.0
+        clients = [
+            aioredis.Redis.from_url(redis_url, protocol=protocol) for _ in range(len(claimers))
+        ]
+        stores = [
+            RedisIdempotencyStore(c, prefix=prefix, shard_bits=bits, server_clock=lambda: now)
+            for c in clients
+        ]
+        old = RedisIdempotencyStore(
+            clients[0], prefix=prefix, shard_bits=bits, server_clock=lambda: now - 3 * 3600
+        )
+        try:
+            await old.claim(universe[60:70])  # a live bucket before, probed too
+            await asyncio.gather(
+                *(
+                    s.claim([universe[i] for i in picks])
+                    for s, picks in zip(stores, claimers, strict=True)
+                )
+            )
+            distinct = {i for picks in claimers for i in picks}
+            counter = await clients[0].get(
+                stores[0].bucket_prefix(stores[0].bucket_start(now)) + "n"
+            )
+            assert int(counter) == len(distinct)
+            want = [i in distinct or 60 <= i < 70 for i in probe]
+            got = await asyncio.gather(*(s.seen([universe[i] for i in probe]) for s in stores))
+            assert got == [want] * len(stores)
+        finally:
+            for c in clients[1:]:
+                await c.aclose()
+            await drop(clients[0], prefix)
+
+    asyncio.run(go())
