@@ -173,7 +173,7 @@ def run_workers(
                 max(0, o) for o in committed_offsets(brokers, topic, group, PARTITIONS).values()
             )
         cpu0 = {who: tree_cpu_seconds(pid) for who, pid in pids.items()}
-        t0 = time.perf_counter()
+        t0, wall0 = time.perf_counter(), time.time()
         if produce_during:
             produce_keyed(brokers, topic, msgs)
         else:
@@ -184,6 +184,7 @@ def run_workers(
             time.sleep(0.2)
         elapsed = time.perf_counter() - t0
         timed = len(lines) - before
+        print(f"  timed from {wall0:.3f} for {elapsed:.3f} s (wall clock: to line up with traces)")
         cpu = {who: (tree_cpu_seconds(pid) - cpu0[who]) / timed * 1e6
                for who, pid in pids.items()}  # fmt: skip
         # how many of the cores these processes kept busy: CPU s / wall s

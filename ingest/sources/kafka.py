@@ -2,10 +2,17 @@
 
 Why it is shaped this way:
 
-* librdkafka's consumer blocks, so every consumer call (consume, seek, close, and therefore
-  the rebalance callbacks, which run inside consume) happens on ONE dedicated poll thread;
-  commits run on a second thread so a slow commit never delays fetching, and the event loop
-  only awaits futures.
+* librdkafka's consumer blocks, so every consumer call (consume, commit, seek, close, and
+  therefore the rebalance callbacks, which run inside consume) happens on ONE dedicated poll
+  thread, and the event loop only awaits futures. Commits run there too, between two reads:
+  a synchronous commit made from a second thread while this one loops in consume() was
+  starved (confluent-kafka 2.16 / librdkafka 2.16: the OffsetCommit left only when a
+  consume() happened to return at the right moment; 0.4-5.5 s per commit once the topic was
+  drained, and a small script with a thread looping in consume(5000, 0.1) kept a commit
+  from another thread waiting for good). Fetching does not wait for a commit: librdkafka's
+  broker thread fetches in the background into its queue; a commit only delays the hand-off
+  of the next batch by its round trip (~10-20 ms), and a read waits at most POLL_TIMEOUT_S
+  for messages, so a commit waits at most that long behind an idle read.
 * Offsets are never auto-committed nor auto-stored: `commit(batch)` commits offset+1 per
   partition for the highest offset of that batch, after the worker made it durable.
 * Each assignment of a partition gets a new *epoch*; a batch remembers the epoch it was read
@@ -90,7 +97,9 @@ TP = tuple[str, int]  # (topic, partition)
 # SourceBatch.position of this source: per partition, (epoch it was read in, highest offset).
 KafkaPosition = dict[TP, tuple[int, int]]
 
-POLL_TIMEOUT_S = 0.5  # bounds how long stop()/close() wait for the poll thread
+# How long a read waits for messages: bounds how long a commit (same thread) waits behind
+# an idle read, and how long stop()/close() wait for the poll thread
+POLL_TIMEOUT_S = 0.1
 CALL_TIMEOUT_S = 10.0  # broker round trips made on purpose (offsets_for_times, watermarks)
 WATCH_INTERVAL_S = 1.0  # how often the watcher looks at watermarks and the iterator
 WATERMARK_STALE_S = 2.0  # a high watermark older than this is fetched from the broker
@@ -152,8 +161,7 @@ class KafkaSource:
         self._clock = clock
         self._consumer: Any = None
         self._poll_pool = ThreadPoolExecutor(1, thread_name_prefix=f"kafka-poll-{cfg.name}")
-        self._commit_pool = ThreadPoolExecutor(1, thread_name_prefix=f"kafka-commit-{cfg.name}")
-        self._state = threading.Lock()  # brief: guards _parts against health()/commit threads
+        self._state = threading.Lock()  # brief: guards _parts against health() and the loop
         self._commit_lock = threading.Lock()  # a commit and a revocation never interleave
         self._parts: dict[TP, _Partition] = {}
         self._epochs: dict[TP, int] = {}  # survives revocation: a re-assignment is a new epoch
@@ -230,7 +238,7 @@ class KafkaSource:
             return
         if position:
             await asyncio.get_running_loop().run_in_executor(
-                self._commit_pool, self._commit_sync, position
+                self._poll_pool, self._commit_sync, position
             )
 
     async def pause(self) -> None:
@@ -279,12 +287,9 @@ class KafkaSource:
         if self._consumer is not None:
             # commit what the worker made durable but a broker error kept uncommitted, then
             # leave the group (close() runs the revoke callback, which commits nothing new)
-            await asyncio.get_running_loop().run_in_executor(
-                self._commit_pool, self._commit_sync, {}
-            )
+            await asyncio.get_running_loop().run_in_executor(self._poll_pool, self._commit_sync, {})
             await self._on_poll_thread(self._consumer.close)
         self._poll_pool.shutdown(wait=True)
-        self._commit_pool.shutdown(wait=True)
         self._health.status = "stopped"
 
     # -- replay and observation --------------------------------------------------------------
@@ -531,10 +536,10 @@ class KafkaSource:
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         # Commit what is durable (a commit that failed earlier), then forget the partitions:
         # batches of theirs still in flight will commit nothing.
-        # Never wait for the commit thread here: its synchronous commit can be queued behind
-        # the JoinGroup that this very callback holds up (librdkafka sends it on the same
-        # coordinator connection), a deadlock until request timeouts. If a commit is in
-        # flight, it commits the durable offsets itself (or is refused: old generation).
+        # Commits run on this same thread, so none is in flight here; the lock is only
+        # tried, never waited for: a commit waited for here could be queued behind the
+        # JoinGroup that this very callback holds up (librdkafka sends it on the same
+        # coordinator connection), a deadlock until request timeouts.
         if self._commit_lock.acquire(blocking=False):
             try:
                 self._commit_locked({})
@@ -545,8 +550,7 @@ class KafkaSource:
             self._forget(partitions, "revoked")
 
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
-        # lost: the group moved on, a commit would be refused; forget without waiting for
-        # the commit thread (see _on_revoke)
+        # lost: the group moved on, a commit would be refused; forget without committing
         self._forget(partitions, "lost")
 
     def _forget(self, partitions: list[Any], why: str) -> None:
@@ -578,7 +582,7 @@ class KafkaSource:
                 log.warning("%s: watcher: %s", self.name, exc)
 
     def _retry_commits(self) -> None:
-        """Commit, on the commit thread, what is durable but was refused (see the module
+        """Commit, on the poll thread, what is durable but was refused (see the module
         docstring); one retry in flight at a time."""
         if self._recommit is not None and not self._recommit.done():
             return
@@ -588,7 +592,7 @@ class KafkaSource:
             )
         if pending and not self._closed and self._consumer is not None:
             self._recommit = asyncio.get_running_loop().run_in_executor(
-                self._commit_pool, self._commit_sync, {}
+                self._poll_pool, self._commit_sync, {}
             )
 
     def _stale(self) -> bool:
@@ -724,7 +728,7 @@ class KafkaSource:
         if msgs:  # fetched before the pause took effect: keep them, in order, for resume()
             self._held.extend(m for m in msgs if m.error() is None)
 
-    # -- commits (commit thread; also the poll thread during revocation) ------------------
+    # -- commits (poll thread, between reads, and inside consume() during revocation) -------
 
     def _commit_sync(self, position: KafkaPosition) -> None:
         with self._commit_lock:
