@@ -308,6 +308,15 @@ def _hgets(prefix: bytes, width: int, hexp: bytes, raw: bytes, n: int) -> bytes:
 
 # one reply of HGET: nil (RESP2 `$-1`, RESP3 `_`), a bulk string (the hour: digits), an error
 _REPLY = re.compile(rb"\$(?:-1|\d+\r\n([^\r\n]*))\r\n|_\r\n|(?:-|!\d+\r\n)([^\r\n]*)\r\n")
+# the same without errors (none in the replies, the usual case): one bytes object per reply
+_VALUES = re.compile(rb"\$(?:-1|\d+\r\n(\d*))\r\n|_\r\n")
+
+
+def _complete(data: bytes, replies: int) -> bool:
+    """Whether `data` holds `replies` whole HGET replies, by C-level counts, not a parse: a nil
+    or an error is one line, a value (a bulk string: `$<len>`, digits) two."""
+    bulk = data.count(b"$") - data.count(b"$-1")
+    return data.endswith(b"\r\n") and data.count(b"\r\n") >= replies + bulk
 
 
 async def _pipelined(client: aioredis.Redis, payload: bytes, replies: int) -> list[bytes] | None:
@@ -327,11 +336,8 @@ async def _pipelined(client: aioredis.Redis, payload: bytes, replies: int) -> li
             nil = b"_\r\n" if conn.protocol == 3 else b"$-1\r\n"
             async with asyncio.timeout(conn.socket_timeout):
                 data = await reader.readexactly(len(nil) * replies)  # no reply is shorter
-                found: list[tuple[bytes, bytes]] | None = None
-                while data != nil * replies:
-                    found = _REPLY.findall(data)
-                    if len(found) >= replies and data.endswith(b"\r\n"):
-                        break
+                all_nil = data == nil * replies
+                while not all_nil and not _complete(data, replies):
                     data += await reader.read(1 << 16)
                     if reader.at_eof():
                         raise RedisConnectionError("connection closed while reading replies")
@@ -345,15 +351,17 @@ async def _pipelined(client: aioredis.Redis, payload: bytes, replies: int) -> li
             await conn.disconnect()  # replies may be left unread: never reuse it
             await pool.release(conn)
             raise
-        await pool.release(conn)
-        if found is None:
+        if all_nil:
+            await pool.release(conn)
             return None
-        if len(found) != replies:
-            raise RedisError(f"expected {replies} replies, read {len(found)}")
-        errors = [e for _, e in found if e]
-        if errors:
-            raise RedisError(errors[0].decode(errors="replace"))
-        return [v for v, _ in found]
+        values: list[bytes] = _VALUES.findall(data)
+        if len(values) != replies or data.startswith((b"-", b"!")) or b"\n-" in data:
+            await conn.disconnect()  # an error reply: what follows it is not read, drop it
+            await pool.release(conn)
+            errors = [e for _, e in _REPLY.findall(data) if e]
+            raise RedisError(errors[0].decode(errors="replace") if errors else "bad replies")
+        await pool.release(conn)
+        return values
     raise AssertionError("unreachable")
 
 
@@ -495,8 +503,9 @@ class RedisIdempotencyStore:
         n = len(keys)
         flags = [False] * n
         for d, (_, first_hour, _) in enumerate(buckets):
-            for i, hour in enumerate(values[d * n : (d + 1) * n]):
-                if hour and int(hour) >= first_hour:
+            part = values[d * n : (d + 1) * n]
+            for i in [i for i, hour in enumerate(part) if hour]:  # the keys found: few
+                if int(part[i]) >= first_hour:
                     flags[i] = True
         return flags
 

@@ -803,3 +803,31 @@ def test_concurrent_claimers_add_each_key_once_and_lookups_see_exactly_the_claim
             await drop(clients[0], prefix)
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_an_error_reply_in_a_lookup_is_store_unavailable_and_spoils_no_connection(
+    redis_url: str, uid: str, protocol: int
+) -> None:
+    """A lookup's HGETs are read raw: an error among the replies (a shard key of the wrong
+    type) surfaces as StoreUnavailable, and the connection it came on is not reused with
+    replies left in it: the next lookups answer right, over every pooled connection."""
+    client = aioredis.Redis.from_url(redis_url, protocol=protocol)
+    prefix = f"err_{uid}"
+    store = RedisIdempotencyStore(client, prefix=prefix, shard_bits=8)
+    keys = digests(uid, 40)
+    try:
+        await store.claim(keys[:20])
+        used = {k.hex()[:2] for k in keys[:20]}
+        shard = next(k.hex()[:2] for k in keys[20:] if k.hex()[:2] not in used)
+        bad = store.bucket_prefix(store.bucket_start(time.time())) + shard
+        await client.set(bad, "not a hash")
+        with pytest.raises(StoreUnavailable, match="WRONGTYPE"):
+            await store.seen(keys)
+        await client.delete(bad)
+        for _ in range(3):
+            got = await asyncio.gather(*(store.seen(keys) for _ in range(4)))
+            want = [k in set(keys[:20]) for k in keys]
+            assert got == [want] * 4
+    finally:
+        await drop(client, prefix)
