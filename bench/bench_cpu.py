@@ -20,7 +20,11 @@ garbage collector on (the service runs with it on), as CPU time of the process
   bookkeeping  `Pipeline.deliver` around a sink that does nothing, in-memory stores
   pg rows      `PostgresSink.copy_rows`, a batch at a time: the rows `write()` sends by COPY
                (`row_of`, a test helper, cost ~8 µs: it keeps every `orjson.dumps` result
-               alive, allocator work);  sqlite rows: `SQLiteSink.row_of`
+               alive, allocator work);  sqlite rows: `SQLiteSink.row_of`;
+               `pg payload`: what `write()` sends instead when the compiled decoder wrote
+               each record's row (`Record.copy_row`): the batch's one binary COPY buffer
+               (asyncpg then encodes nothing, where `pg rows` leaves it every value to encode);
+               0 on the Python decoder's records, which carry no row
   kafka read   confluent-kafka Messages (built in memory) -> a SourceBatch (`KafkaSource`'s
                per-message loop: offsets, timestamp, headers, tenant); `kafka decoder`:
                `decode_many` of what it yields (Kafka's records through the decoder)
@@ -65,7 +69,7 @@ from ingest.pipeline.decode import Decoder  # noqa: E402
 from ingest.pipeline.retry import RetryPolicy  # noqa: E402
 from ingest.pipeline.worker import Pipeline, SinkLane  # noqa: E402
 from ingest.records import RawRecord, Record, SinkResult  # noqa: E402
-from ingest.sinks.postgres import PostgresSink  # noqa: E402
+from ingest.sinks.postgres import PostgresSink, _copy_payload  # noqa: E402
 from ingest.sinks.sqlite import SQLiteSink  # noqa: E402
 from ingest.sources.kafka import KafkaSource, _Partition  # noqa: E402
 from ingest.sources.objects import ItemRef  # noqa: E402
@@ -338,6 +342,14 @@ def main() -> None:
         ("routing", lambda: [config.sinks_for(r.tenant, r.entity_type) for r in records]),
         ("bookkeeping", lambda: deliver_all(pipeline(), raws, decoded)),
         ("pg rows", lambda: [pg.copy_rows(records[i : i + BATCH]) for i in range(0, n, BATCH)]),
+        (
+            "pg payload",
+            lambda: [
+                _copy_payload(records[i : i + BATCH])
+                for i in range(0, n, BATCH)
+                if records[i].copy_row is not None
+            ],
+        ),
         ("sqlite rows", lambda: [SQLiteSink.row_of(r, 0.0) for r in records]),
         ("kafka read", lambda: kafka_read(kafka_source(), msgs)),
         ("kafka decoder", lambda: decoder.decode_many(kafka_raws)),

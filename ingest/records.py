@@ -109,6 +109,11 @@ class Record(msgspec.Struct, gc=False):
     entity_key: tuple[str, str, str]
     deleted: bool
     priority: str  # "high" | "normal" | "low"
+    # The Postgres sink's row in binary COPY format (its 9 fields, without the field count),
+    # written by the compiled decoder from the bytes it hashed; None from the Python paths
+    # (the sink then encodes the row itself). Derived from `body`: whoever changes `body`
+    # after decoding must drop it (`msgspec.structs.replace(rec, copy_row=None)`).
+    copy_row: bytes | None = None
 
     @classmethod
     def of(cls, raw: RawRecord, body: dict[str, Any], dedupe_key: bytes) -> Record:

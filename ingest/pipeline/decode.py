@@ -176,7 +176,7 @@ class Decoder:
                 continue
             if hit is not None:  # the compiled path: shape checked, body built and hashed
                 (body, key, tenant, entity_type, entity_id, revision, occurred, deleted,
-                 priority, attributes) = hit  # fmt: skip
+                 priority, attributes, copy_row) = hit  # fmt: skip
                 when = times.get(occurred)
                 if when is None:
                     when = times[occurred] = self._time_of(occurred)
@@ -203,6 +203,7 @@ class Decoder:
                         (tenant, entity_type, entity_id),
                         deleted,
                         priority,
+                        copy_row,
                     )
                 )
                 continue

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import struct
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from operator import attrgetter
@@ -90,6 +91,11 @@ _JSONB = b"\x01"  # jsonb's binary format: a version byte, then the JSON text
 _EMPTY_LIST = _JSONB + b"[]"
 _BACKOFF_FIRST, _BACKOFF_MAX = 4, 64  # upsert-only batches after a failed straight COPY
 _TIMES_KEPT = 4096  # occurred_at strings remembered with their datetime (or None)
+# Binary COPY framing for rows the compiled decoder wrote (`Record.copy_row`: 9 fields).
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, no extension
+_COPY_TRAILER = b"\xff\xff"
+_NINE, _TEN = b"\x00\x09", b"\x00\x0a"  # field counts: the table's row, the staging row
+_MIN_REV = struct.Struct(">iq").pack  # the staging row's 10th field: length 8, int8
 # Planner settings of the sink's connections. The upsert's UPDATE joins the staging table to
 # the table: a probe of the primary key per staged row is what it must do whatever the
 # planner estimates for a never-analysed temp table (a hash join read every row of a 100k
@@ -331,6 +337,46 @@ def _rows(
     return rows
 
 
+def _wired(winners: Sequence[Record]) -> bool:
+    """Every winner carries its binary COPY row (`Record.copy_row`)."""
+    return all(rec.copy_row is not None for rec in winners)
+
+
+def _copy_payload(winners: Sequence[Record]) -> bytes:
+    """The straight COPY's whole binary payload: header, one row a winner, trailer."""
+    parts = [_COPY_HEADER]
+    append = parts.append
+    for rec in winners:
+        append(_NINE)
+        append(rec.copy_row)  # type: ignore[arg-type]  # `_wired` checked
+    append(_COPY_TRAILER)
+    return b"".join(parts)
+
+
+def _wire_rows(
+    winners: Sequence[Record], low: dict[EntityKey, int] | None
+) -> list[tuple[Any, ...]]:
+    """Staging rows from `Record.copy_row`, `_run`'s `wired` form: (tenant, entity_type,
+    entity_id, revision, the row in binary COPY format with `min_rev` (from `low`) added): the
+    key and revision first, as `_apply` reads them off any staging row."""
+    rows: list[tuple[Any, ...]] = []
+    append = rows.append
+    for rec in winners:
+        low_rev = rec.revision if low is None else low[rec.entity_key]
+        wire = _TEN + rec.copy_row + _MIN_REV(8, low_rev)  # type: ignore[operator]
+        append((rec.tenant, rec.entity_type, rec.entity_id, rec.revision, wire))
+    return rows
+
+
+def _stage_payload(rows: Sequence[tuple[Any, ...]]) -> bytes:
+    return b"".join([_COPY_HEADER, *[row[4] for row in rows], _COPY_TRAILER])
+
+
+async def _one(payload: bytes) -> Any:
+    """`payload` as the async iterable asyncpg's `copy_to_table` reads."""
+    yield payload
+
+
 def _jsonb_decode(data: bytes) -> Any:
     return orjson.loads(data[1:])
 
@@ -488,19 +534,22 @@ class PostgresSink:
             return judge_batch(records, {}, {w.entity_key for w in winners}), {}
         else:
             self.paths["fallback"] += 1
-        if single:
-            rows, timed = self.staged_rows(records)
-        else:
-            low: dict[EntityKey, int] = {}
+        low: dict[EntityKey, int] | None = None
+        if not single:
+            low = {}
             for rec in records:
                 key = rec.entity_key
                 if key not in low or rec.revision < low[key]:
                     low[key] = rec.revision
+        wired = _wired(winners)
+        if wired:
+            rows, timed = _wire_rows(winners, low), True
+        else:
             rows, timed = self.staged_rows(winners, low)
         stored: dict[EntityKey, StoredRow] = {}
         refused: set[EntityKey] = set()
         bad: dict[EntityKey, SinkResult] = {}
-        await self._apply(rows, timed, stored, refused, bad)
+        await self._apply(rows, timed, stored, refused, bad, wired)
         if single and not stored and not refused and not bad:
             return [SinkResult.applied()] * len(records), bad
         # A winner refused although the statement's snapshot held nothing newer lost a race
@@ -522,15 +571,25 @@ class PostgresSink:
     async def _copy_new(self, winners: Sequence[Record]) -> bool:
         """COPY `winners` straight into the table, its own transaction: True when written
         (no entity was stored), False when nothing was and the batch needs the upsert."""
-        rows = self.copy_rows(winners)
-        if rows is None:
-            return False
+        payload: bytes | None = None
+        rows: list[tuple[Any, ...]] | None = None
+        if _wired(winners):  # rows the compiled decoder wrote: one buffer, no encoding here
+            payload = _copy_payload(winners)
+        else:
+            rows = self.copy_rows(winners)
+            if rows is None:
+                return False
         try:
             conn = await self.pool.acquire(timeout=2.0)
         except Exception as exc:
             raise _classify(exc, connecting=True) from exc
         try:
-            await conn.copy_records_to_table(self.table, records=rows, columns=COLUMNS)
+            if payload is not None:
+                await conn.copy_to_table(
+                    self.table, source=_one(payload), columns=COLUMNS, format="binary"
+                )
+            else:
+                await conn.copy_records_to_table(self.table, records=rows, columns=COLUMNS)
         except asyncpg.UniqueViolationError:
             self.copy_skip = self._backoff
             self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
@@ -579,10 +638,12 @@ class PostgresSink:
         stored: dict[EntityKey, StoredRow],
         refused: set[EntityKey],
         bad: dict[EntityKey, SinkResult],
+        wired: bool = False,
     ) -> None:
-        """Upsert `rows`; on a row-level error, bisect so only the offending rows fail."""
+        """Upsert `rows` (`wired`: `_wire_rows`'s); on a row-level error, bisect so only the
+        offending rows fail."""
         try:
-            out = await self._run(rows, timed)
+            out = await self._run(rows, timed, wired)
         except _ROW_ERRORS as exc:
             if len(rows) == 1:
                 key: EntityKey = (rows[0][0], rows[0][1], rows[0][2])
@@ -602,8 +663,8 @@ class PostgresSink:
                 )
                 return
             mid = len(rows) // 2
-            await self._apply(rows[:mid], timed, stored, refused, bad)
-            await self._apply(rows[mid:], timed, stored, refused, bad)
+            await self._apply(rows[:mid], timed, stored, refused, bad, wired)
+            await self._apply(rows[mid:], timed, stored, refused, bad, wired)
             return
         for tenant, etype, eid, was_written, revision, dedupe_key, prev_revision in out:
             key = (tenant, etype, eid)
@@ -612,8 +673,11 @@ class PostgresSink:
             if not was_written:
                 refused.add(key)
 
-    async def _run(self, rows: list[tuple[Any, ...]], timed: bool) -> list[asyncpg.Record]:
-        """COPY + upsert in one transaction (`timed`: `occurred_at` staged as a timestamptz).
+    async def _run(
+        self, rows: list[tuple[Any, ...]], timed: bool, wired: bool = False
+    ) -> list[asyncpg.Record]:
+        """COPY + upsert in one transaction (`timed`: `occurred_at` staged as a timestamptz;
+        `wired`: the rows are `_wire_rows`'s, sent as one binary COPY buffer).
         Errors are classified, never retried here: a dropped connection (CONNECTION_ERROR) is
         retried by the worker's one retry layer."""
         try:
@@ -622,9 +686,17 @@ class PostgresSink:
             raise _classify(exc, connecting=True) from exc
         try:
             async with conn.transaction():
-                await conn.copy_records_to_table(
-                    _stage(self.table, timed), records=rows, columns=[*COLUMNS, "min_rev"]
-                )
+                if wired:
+                    await conn.copy_to_table(
+                        _stage(self.table, timed),
+                        source=_one(_stage_payload(rows)),
+                        columns=[*COLUMNS, "min_rev"],
+                        format="binary",
+                    )
+                else:
+                    await conn.copy_records_to_table(
+                        _stage(self.table, timed), records=rows, columns=[*COLUMNS, "min_rev"]
+                    )
                 return list(await conn.fetch(self._upserts[timed]))
         except _ROW_ERRORS:
             raise

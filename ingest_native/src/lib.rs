@@ -621,11 +621,14 @@ fn envelope_of(b: &[u8]) -> Option<Env<'_>> {
     })
 }
 
-/// The body's canonical bytes, keys in sorted order (as `decode.py` builds the body).
-fn canonical(e: &Env) -> Option<Vec<u8>> {
+/// The body's canonical bytes, keys in sorted order (as `decode.py` builds the body), with
+/// where the attributes' and the relations' JSON text sit in them (for `copy_row`).
+fn canonical(e: &Env) -> Option<(Vec<u8>, (usize, usize), (usize, usize))> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(b"{\"attributes\":");
+    let a0 = out.len();
     write(&e.attributes, &mut out)?;
+    let a1 = out.len();
     out.extend_from_slice(if e.deleted { b",\"deleted\":true" } else { b",\"deleted\":false" });
     out.extend_from_slice(b",\"entity_id\":");
     write_str(&e.entity_id, &mut out);
@@ -635,7 +638,9 @@ fn canonical(e: &Env) -> Option<Vec<u8>> {
     write_str(&e.occurred, &mut out);
     out.extend_from_slice(b",\"priority\":");
     write_str(e.priority, &mut out);
-    out.extend_from_slice(b",\"relations\":[");
+    out.extend_from_slice(b",\"relations\":");
+    let r0 = out.len();
+    out.push(b'[');
     for (k, r) in e.relations.iter().enumerate() {
         if k > 0 {
             out.push(b',');
@@ -648,12 +653,122 @@ fn canonical(e: &Env) -> Option<Vec<u8>> {
         write_str(&r.kind, &mut out);
         out.push(b'}');
     }
-    out.extend_from_slice(b"],\"revision\":");
+    out.push(b']');
+    let r1 = out.len();
+    out.extend_from_slice(b",\"revision\":");
     let _ = write!(out, "{}", e.revision);
     out.extend_from_slice(b",\"schema_version\":3,\"tenant_id\":");
     write_str(&e.tenant, &mut out);
     out.push(b'}');
+    Some((out, (a0, a1), (r0, r1)))
+}
+
+/// Microseconds since 2000-01-01 UTC of `YYYY-MM-DDTHH:MM:SS[.f{1,6}](Z|+HH:MM|-HH:MM)`, the
+/// value `ingest/sinks/postgres.py`'s `_when` (Python's `datetime.fromisoformat`) gives; None
+/// for any other spelling (the sink then encodes the batch's rows in Python).
+fn micros_of(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    let num = |from: usize, len: usize| -> Option<i64> {
+        let mut n = 0i64;
+        for &c in b.get(from..from + len)? {
+            if !c.is_ascii_digit() {
+                return None;
+            }
+            n = n * 10 + (c - b'0') as i64;
+        }
+        Some(n)
+    };
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let (y, mo, d) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
+    let (h, mi, sec) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if !(1..=9999).contains(&y) || !(1..=12).contains(&mo) || d < 1 || d > month_days[(mo - 1) as usize]
+        || h > 23 || mi > 59 || sec > 59
+    {
+        return None;
+    }
+    let mut i = 19;
+    let mut frac = 0i64;
+    if b[i] == b'.' {
+        i += 1;
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        let n = i - start;
+        if n == 0 || n > 6 {
+            return None;
+        }
+        frac = num(start, n)? * 10i64.pow((6 - n) as u32);
+    }
+    let offset = match b.get(i..)? {
+        b"Z" => 0,
+        rest if rest.len() == 6 && (rest[0] == b'+' || rest[0] == b'-') && rest[3] == b':' => {
+            let (oh, om) = (num(i + 1, 2)?, num(i + 4, 2)?);
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            let o = oh * 3600 + om * 60;
+            if rest[0] == b'-' {
+                -o
+            } else {
+                o
+            }
+        }
+        _ => return None,
+    };
+    // days from 2000-01-01 (Howard Hinnant's days_from_civil, shifted)
+    let yy = if mo <= 2 { y - 1 } else { y };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468 - 10957;
+    let secs = days * 86400 + h * 3600 + mi * 60 + sec - offset;
+    Some(secs * 1_000_000 + frac)
+}
+
+fn field(out: &mut Vec<u8>, data: &[u8]) {
+    out.extend_from_slice(&(data.len() as i32).to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+/// The Postgres sink's row of this record in binary COPY format, its 9 fields (`COLUMNS` of
+/// ingest/sinks/postgres.py) without the field count: text tenant, entity_type, entity_id;
+/// int8 revision; bool deleted; timestamptz occurred_at; jsonb attributes and relations
+/// (NULL when deleted; the canonical text: sorted keys, which jsonb stores as it stores any
+/// order); bytea dedupe_key. None when `occurred_at` is not one `micros_of` reads.
+fn copy_row(e: &Env, canon: &[u8], attrs: (usize, usize), rels: (usize, usize), digest: &[u8]) -> Option<Vec<u8>> {
+    let when = micros_of(&e.occurred)?;
+    let mut out = Vec::with_capacity(canon.len() + 96);
+    field(&mut out, e.tenant.as_bytes());
+    field(&mut out, e.entity_type.as_bytes());
+    field(&mut out, e.entity_id.as_bytes());
+    field(&mut out, &e.revision.to_be_bytes());
+    field(&mut out, &[e.deleted as u8]);
+    field(&mut out, &when.to_be_bytes());
+    if e.deleted {
+        out.extend_from_slice(&(-1i32).to_be_bytes());
+        out.extend_from_slice(&(-1i32).to_be_bytes());
+    } else {
+        for (a, b) in [attrs, rels] {
+            out.extend_from_slice(&((b - a + 1) as i32).to_be_bytes());
+            out.push(1); // jsonb's binary format version
+            out.extend_from_slice(&canon[a..b]);
+        }
+    }
+    field(&mut out, digest);
     Some(out)
+}
+
+/// `copy_row`'s `occurred_at`, for the tests that hold it equal to the sink's `_when`.
+#[pyfunction]
+fn timestamptz_micros(s: &str) -> Option<i64> {
+    micros_of(s)
 }
 
 struct Keys {
@@ -780,8 +895,8 @@ fn decode_records(
                 continue;
             }
         };
-        let bytes = match canonical(&env) {
-            Some(bytes) => bytes,
+        let (bytes, attrs, rels) = match canonical(&env) {
+            Some(found) => found,
             None => {
                 out.append(py.None())?;
                 continue;
@@ -826,10 +941,14 @@ fn decode_records(
         body.set_item(&keys.revision, &revision)?;
         body.set_item(&keys.schema_version, 3)?;
         body.set_item(&keys.tenant_id, &tenant)?;
+        let row: PyObject = match copy_row(&env, &bytes, attrs, rels, &digest) {
+            Some(row) => PyBytes::new_bound(py, &row).into_any().unbind(),
+            None => py.None(),
+        };
         let digest = PyBytes::new_bound(py, &digest);
         if done {
             let entity_key = PyTuple::new_bound(py, [&tenant, &entity_type, &entity_id]);
-            let args: [PyObject; 10] = [
+            let args: [PyObject; 11] = [
                 raw.clone().unbind(),
                 body.into_any().unbind(),
                 digest.into_any().unbind(),
@@ -840,10 +959,11 @@ fn decode_records(
                 entity_key.into_any().unbind(),
                 deleted.into_any().unbind(),
                 priority.into_any().unbind(),
+                row,
             ];
             out.append(record.call1(PyTuple::new_bound(py, args))?)?;
         } else {
-            let items: [PyObject; 10] = [
+            let items: [PyObject; 11] = [
                 body.into_any().unbind(),
                 digest.into_any().unbind(),
                 tenant.into_any().unbind(),
@@ -854,6 +974,7 @@ fn decode_records(
                 deleted.into_any().unbind(),
                 priority.into_any().unbind(),
                 attributes,
+                row,
             ];
             out.append(PyTuple::new_bound(py, items))?;
         }
@@ -865,6 +986,7 @@ fn decode_records(
 fn ingest_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_records, m)?)?;
     m.add_function(wrap_pyfunction!(canonical_json, m)?)?;
+    m.add_function(wrap_pyfunction!(timestamptz_micros, m)?)?;
     m.add("SCHEMA_SHA256", SCHEMA_SHA256)?;
     Ok(())
 }

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import struct
 import sys
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -23,6 +26,7 @@ from hypothesis import strategies as st
 import ingest.pipeline.decode as decode_module
 from ingest.pipeline.decode import DecodeFailure, Decoder
 from ingest.records import RawRecord, Record
+from ingest.sinks.postgres import _when
 from tests.unit.test_decode import NOW, good
 from tests.unit.test_decode_fast import mutated, values
 
@@ -51,9 +55,33 @@ def identical(a: Any, b: Any) -> None:
             assert (type(x), x) == (type(y), y), name
         assert a.entity_key == b.entity_key
         assert a.raw == b.raw
+        assert b.copy_row is None  # the Python path leaves the sink's row to the sink
+        assert a.copy_row is None or a.copy_row == copy_row_of(b), (a.copy_row, b.body)
     else:
         assert (a.reason, a.detail) == (b.reason, b.detail)
         assert repr(a.body) == repr(b.body)  # types and order too
+
+
+def copy_row_of(rec: Record) -> bytes | None:
+    """The Postgres sink's row of `rec` in binary COPY format, written the plain way from the
+    Python path's record: what the compiled decoder's `Record.copy_row` must be. JSON columns
+    as jsonb's version byte and the sorted text (jsonb keeps no key order)."""
+    when = _when(rec.body["occurred_at"])
+    if when is None:
+        return None
+
+    def field(data: bytes) -> bytes:
+        return struct.pack(">i", len(data)) + data
+
+    out = b"".join(field(s.encode()) for s in (rec.tenant, rec.entity_type, rec.entity_id))
+    out += field(struct.pack(">q", rec.revision)) + field(bytes([rec.deleted]))
+    out += field(struct.pack(">q", when[0]))
+    for value in (rec.body["attributes"], rec.body["relations"]):
+        if rec.deleted:
+            out += struct.pack(">i", -1)
+        else:
+            out += field(b"\x01" + orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
+    return out + field(rec.dedupe_key)
 
 
 def both_paths(lines: list[bytes], tenant: str = "acme") -> None:
@@ -75,6 +103,83 @@ def test_the_service_runs_the_compiled_path_when_it_is_built() -> None:
     assert all(type(r) is Record for r in got)  # finished in Rust, not handed back
 
 
+def test_a_compiled_record_carries_its_postgres_row() -> None:
+    """The common record (and a tombstone) comes with the sink's binary COPY row, on the
+    first batch (Python finishes the checks) and on the next (Rust finishes them)."""
+    bodies = [
+        good(entity_id=f"o-{i}", occurred_at=when, deleted=i == 2)
+        for i, when in enumerate(
+            ["2024-05-01T11:00:00Z", "2024-05-01T11:00:00.123+02:00", "2024-04-30T01:02:03.5-05:30"]
+        )
+    ]
+    raws = [raw_of(orjson.dumps(body)) for body in bodies]
+    for _ in range(2):
+        for a, b in zip(COMPILED.decode_many(raws), PYTHON.decode_many(raws), strict=True):
+            assert isinstance(a, Record) and isinstance(b, Record)
+            assert a.copy_row is not None and a.copy_row == copy_row_of(b)
+
+
+_RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)")
+
+
+@st.composite
+def times(draw: st.DrawFn) -> str:
+    """RFC 3339-ish text, right and slightly wrong (what `_when` takes and refuses)."""
+    when = draw(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)))
+    digits = draw(st.integers(0, 8))
+    fraction = "".join(
+        draw(st.lists(st.sampled_from("0123456789"), min_size=digits, max_size=digits))
+    )
+    offset = draw(
+        st.one_of(
+            st.sampled_from(
+                ["Z", "z", "+00:00", "-00:00", "+05:30", "-08:00", "+14:00", "", "+0530"]
+            ),
+            st.builds(
+                "{}{:02d}:{:02d}".format,
+                st.sampled_from("+-"),
+                st.integers(0, 25),
+                st.integers(0, 61),
+            ),
+        )
+    )
+    sep = draw(st.sampled_from(["T", "T", "T", " ", "t"]))
+    text = when.strftime(f"%Y-%m-%d{sep}%H:%M:%S") + ("." + fraction if digits else "") + offset
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(text)))
+        text = text[:at] + draw(st.text("0123456789:-+.TZ ", max_size=2)) + text[at + 1 :]
+    return text
+
+
+@settings(max_examples=2000, deadline=None)
+@given(times())
+@example("2000-01-01T00:00:00Z")
+@example("0001-01-01T00:00:00+23:59")
+@example("9999-12-31T23:59:59.999999-23:59")
+@example("2024-02-29T12:00:00Z")
+@example("2023-02-29T12:00:00Z")
+@example("2026-12-02T06:00:00.1234567Z")
+def test_the_compiled_time_is_the_sinks(text: str) -> None:
+    """`copy_row`'s occurred_at: `_when`'s value, or None (the sink then encodes the batch
+    itself); never a value `_when` does not give. Plain RFC 3339 is always read."""
+    got = native.timestamptz_micros(text)
+    want = _when(text)
+    if got is not None:
+        assert want is not None and got == want[0], (text, got, want)
+    if want is not None and _RFC3339.fullmatch(text):
+        assert got is not None, text
+
+
+def test_the_compiled_time_is_exact_at_the_ends() -> None:
+    epoch = datetime(2000, 1, 1, tzinfo=UTC)
+    for when in (
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    ):
+        text = when.isoformat().replace("+00:00", "Z")
+        assert native.timestamptz_micros(text) == (when - epoch) // timedelta(microseconds=1)
+
+
 def spellings(body: dict[str, Any]) -> list[bytes]:
     """One body as different JSON texts: escapes, whitespace, key order."""
     text = json.dumps(body, ensure_ascii=False)
@@ -90,7 +195,7 @@ def spellings(body: dict[str, Any]) -> list[bytes]:
 @example(good(attributes={"amount": 2**64}))
 @example(good(attributes={"big": 2**64 - 1, "small": -(2**63), "over": -(2**63) - 1}))
 @example(good(attributes={"f": [1e16, 1e15, 1.5e-7, 1e-5, -0.0, 5e-324, 1.7976931348623157e308]}))
-@example(good(attributes={"s": "quote \" back \\ ctl \u0000\u001f\u007f \u2028 😀 é"}))
+@example(good(attributes={"s": 'quote " back \\ ctl \u0000\u001f\u007f \u2028 😀 é'}))
 @example(good(attributes={"é": 1, "e": 2, "Z": 3, "": 4, "😀": 5, "ÿ": 6}))
 @example(good(revision=2**63 - 1))
 @example(good(relations=[{"type": "OWNS", "target_type": "customer", "target_id": "c-1"}]))
@@ -112,7 +217,7 @@ def test_repeated_keys_give_the_python_answer(keys: list[str], where: str) -> No
     members = ", ".join(f"{json.dumps(k)}: {i}" for i, k in enumerate(keys + keys[:1]))
     base = json.dumps(good(tenant_id="acme"))
     if where == "attributes":
-        line = base.replace('"attributes": {', "\"attributes\": {" + members + ", ", 1)
+        line = base.replace('"attributes": {', '"attributes": {' + members + ", ", 1)
     elif where == "nested":
         line = base.replace('"attributes": {', '"attributes": {"n": {' + members + "}, ", 1)
     elif where == "relations":
@@ -133,7 +238,7 @@ def test_damaged_bytes_give_the_same_dlq_reason(junk: bytes, at: int) -> None:
 @settings(max_examples=1000, deadline=None)
 @given(values, st.booleans())
 @example({"a": [1e16, 1e-7, 0.1, 1e21, 123456789.125, 1e-5, 2.5e-6]}, True)
-@example({"\u0000\n\t\"\\/\u007f\u2028": "\ud83d\ude00"}, False)
+@example({'\u0000\n\t"\\/\u007f\u2028': "\ud83d\ude00"}, False)
 def test_canonical_bytes_are_orjsons(value: Any, ascii_only: bool) -> None:
     """Any JSON value: the compiled canonical bytes are orjson's (OPT_SORT_KEYS) of what
     msgspec decodes, or None (the Python path then runs); None only where it must be."""
@@ -145,9 +250,10 @@ def test_canonical_bytes_are_orjsons(value: Any, ascii_only: bool) -> None:
         assert got is None
         return
     if got is None:  # handed over: only for what the compiled path does not take
-        assert any(
-            not (-(2**63) <= n <= 2**64 - 1) for n in _ints(value)
-        ) or "\\ud8" in text.decode("utf-8", "surrogatepass").lower(), text
+        assert (
+            any(not (-(2**63) <= n <= 2**64 - 1) for n in _ints(value))
+            or "\\ud8" in text.decode("utf-8", "surrogatepass").lower()
+        ), text
     else:
         assert got == want
 
