@@ -69,31 +69,18 @@ read the new buckets, so a duplicate it receives of a key a new worker claimed g
 The scripts read and write keys they are not given as KEYS (they name the buckets from
 Redis's clock), so they cannot run on Redis Cluster: one Redis (with replicas) only.
 
-`seen` is two round trips per batch: one EVALSHA that plans the lookup (TIME, the registry,
-the `w` keys of unlisted buckets, the old layout's counters; it answers each live bucket's
-prefix, shard width and the first hour still within the TTL), then plain `HGET`s, one per key
-and live bucket, pipelined on one pooled connection. The HGETs are built as RESP by strided
-copies of the keys' prefixes (no Python per key) and their replies read raw: when every reply
-is nil (new records) that is one comparison, else one regex pass. A `redis.call` from Lua
-costs the server ~1.3 µs more than the same command pipelined (docs/benchmarks.md, "Redis
-idempotency: lookups as pipelined HGETs"). Each key is looked up independently, so a lookup is
-as exact as one script was: a claim that commits before the plan is seen, one that commits
-during the lookup may or may not be (as with a claim just after a script). `claim` is one
-EVALSHA: per key one HSET, plus an EXPIREAT for a hash it created; per batch a TIME, an
-HGETALL/HGET of the registry and a SET NX of `w` (there, Lua costs about what pipelining does:
-HSET and EXPIREAT dominate). The client sends the keys' prefixes once raw and once in hex (one C
-pass each), so a script only cuts strings per key and never formats a shard name.
-Redis errors become `StoreUnavailable` so the worker waits and
-retries; the connection pool reconnects by itself after a Redis restart (the pipelined HGETs
-drop a connection that fails and send again on a new one), and redis-py reloads the scripts
-when the restarted server answers NOSCRIPT.
+`seen` is one EVALSHA per batch (a Lua script checks the live buckets server-side); `claim` is
+one EVALSHA too: per key one HSET, plus an EXPIREAT for a hash it created; per batch a TIME, an
+HGETALL/HGET of the registry and a SET NX of `w`. The client sends the
+keys' prefixes once raw and once in hex (one C pass each), so a script only cuts strings per key
+and never formats a shard name. Redis errors become `StoreUnavailable` so the worker waits and
+retries; the connection pool reconnects by itself after a Redis restart, and redis-py reloads
+the scripts when the restarted server answers NOSCRIPT.
 """
 
 from __future__ import annotations
 
-import asyncio
 import binascii
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -140,7 +127,7 @@ local function bucket(base, start, days)  -- 'ingest_idempotency:2026-11-26+7d:'
 end
 """
 
-_PLAN_LUA = (
+_SEEN_LUA = (
     _TIME_LUA
     + """
 local now, ttl, base = clock(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
@@ -167,24 +154,44 @@ for s = current, current - span, -span do
   end
 end
 table.sort(order, function(a, b) return a[2] > b[2] end)  -- newest first
--- per live bucket: its prefix, the first hour (in it) of a claim still within the TTL, its
--- shard width. A claim is seen while start + (hour + 1) * 3600 + ttl > now, i.e.
--- (hour + 1) * 3600 > now - start - ttl, i.e. hour >= floor((now - start - ttl) / 3600).
-local out = {}
+local prefixes, limits, widths = {}, {}, {}
 for d = 1, #order do
-  out[#out + 1] = order[d][1]
-  out[#out + 1] = floor((now - order[d][2] - ttl) / 3600)
-  out[#out + 1] = order[d][3]
+  -- seen while start + (hour + 1) * 3600 + ttl > now, i.e. (hour + 1) * 3600 > limit
+  prefixes[d], limits[d], widths[d] = order[d][1], now - order[d][2] - ttl, order[d][3]
 end
 for day = floor(now / 86400), floor((now - ttl) / 86400), -1 do
   local prefix = base .. ':' .. date(day) .. ':'  -- the day layout before: read until it expires
   if call('EXISTS', prefix .. 'n') == 1 then
-    out[#out + 1] = prefix
-    out[#out + 1] = floor((now - day * 86400 - ttl) / 3600)
-    out[#out + 1] = old_width
+    prefixes[#prefixes + 1] = prefix
+    limits[#limits + 1] = now - day * 86400 - ttl
+    widths[#widths + 1] = old_width
   end
 end
-return out
+local live = #prefixes
+local hex, blob = ARGV[6], ARGV[7]  -- the keys' 13-byte prefixes: hex, raw
+local sub = string.sub
+-- '0' / '1' as strings: table.concat would format a number with sprintf per key; a shard name
+-- is cut once per key and width (the live buckets mostly share one)
+local out, n, h = {}, 0, 1
+for i = 1, #blob, 13 do
+  local field = sub(blob, i + 3, i + 12)
+  local hit, w, shard = '0', 0, ''
+  for d = 1, live do
+    if widths[d] ~= w then
+      w = widths[d]
+      shard = sub(hex, h, h + w - 1)
+    end
+    local hour = call('HGET', prefixes[d] .. shard, field)
+    if hour and (tonumber(hour) + 1) * 3600 > limits[d] then
+      hit = '1'
+      break
+    end
+  end
+  n = n + 1
+  out[n] = hit
+  h = h + 26
+end
+return table.concat(out)  -- one bulk string of '0'/'1': one reply to parse, not one per key
 """
 )
 
@@ -289,82 +296,6 @@ def _prefixes(keys: Sequence[bytes]) -> tuple[bytes, bytes]:
     return binascii.hexlify(raw), raw
 
 
-def _hgets(prefix: bytes, width: int, hexp: bytes, raw: bytes, n: int) -> bytes:
-    """`HGET <prefix><shard> <field>` for each of n keys as RESP, built by strided copies (one
-    C pass per byte column of the shard name and the field) instead of Python work per key.
-    `hexp` and `raw` are `_prefixes`': 26 hex digits and 13 raw bytes a key."""
-    head = b"*3\r\n$4\r\nHGET\r\n$%d\r\n%s" % (len(prefix) + width, prefix)
-    mid = b"\r\n$10\r\n"
-    size = len(head) + width + len(mid) + 10 + 2
-    out = bytearray((head + b"0" * width + mid + b"0" * 10 + b"\r\n") * n)
-    at = len(head)
-    for j in range(width):  # the shard: the first `width` hex digits
-        out[at + j :: size] = hexp[j::26]
-    at += width + len(mid)
-    for j in range(10):  # the field: raw bytes 3..12
-        out[at + j :: size] = raw[3 + j :: 13]
-    return bytes(out)
-
-
-# one reply of HGET: nil (RESP2 `$-1`, RESP3 `_`), a bulk string (the hour: digits), an error
-_REPLY = re.compile(rb"\$(?:-1|\d+\r\n([^\r\n]*))\r\n|_\r\n|(?:-|!\d+\r\n)([^\r\n]*)\r\n")
-# the same without errors (none in the replies, the usual case): one bytes object per reply
-_VALUES = re.compile(rb"\$(?:-1|\d+\r\n(\d*))\r\n|_\r\n")
-
-
-def _complete(data: bytes, replies: int) -> bool:
-    """Whether `data` holds `replies` whole HGET replies, by C-level counts, not a parse: a nil
-    or an error is one line, a value (a bulk string: `$<len>`, digits) two."""
-    bulk = data.count(b"$") - data.count(b"$-1")
-    return data.endswith(b"\r\n") and data.count(b"\r\n") >= replies + bulk
-
-
-async def _pipelined(client: aioredis.Redis, payload: bytes, replies: int) -> list[bytes] | None:
-    """Send `payload` (`replies` HGETs) on one pooled connection and read the replies raw:
-    None if every reply is nil, else each reply's value (b"" for nil). redis-py's parser
-    would cost Python work per reply; nil replies (most) are 5 bytes each in RESP2 (3 in
-    RESP3, redis-py's default), so the common case is one read and one comparison. A
-    connection that fails (a Redis restarted since it was pooled) is dropped and the batch
-    sent again on a new one."""
-    pool = client.connection_pool
-    for attempt in range(3):
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await conn.send_packed_command(payload, check_health=False)
-            reader = conn._reader  # the pool's stream, read past redis-py's parser
-            assert reader is not None
-            nil = b"_\r\n" if conn.protocol == 3 else b"$-1\r\n"
-            async with asyncio.timeout(conn.socket_timeout):
-                data = await reader.readexactly(len(nil) * replies)  # no reply is shorter
-                all_nil = data == nil * replies
-                while not all_nil and not _complete(data, replies):
-                    data += await reader.read(1 << 16)
-                    if reader.at_eof():
-                        raise RedisConnectionError("connection closed while reading replies")
-        except (RedisConnectionError, ConnectionError, asyncio.IncompleteReadError) as exc:
-            await conn.disconnect()  # a stale connection: once more on a new one
-            await pool.release(conn)
-            if attempt == 2:
-                raise RedisConnectionError(f"{type(exc).__name__}: {exc}") from exc
-            continue
-        except BaseException:
-            await conn.disconnect()  # replies may be left unread: never reuse it
-            await pool.release(conn)
-            raise
-        if all_nil:
-            await pool.release(conn)
-            return None
-        values: list[bytes] = _VALUES.findall(data)
-        if len(values) != replies or data.startswith((b"-", b"!")) or b"\n-" in data:
-            await conn.disconnect()  # an error reply: what follows it is not read, drop it
-            await pool.release(conn)
-            errors = [e for _, e in _REPLY.findall(data) if e]
-            raise RedisError(errors[0].decode(errors="replace") if errors else "bad replies")
-        await pool.release(conn)
-        return values
-    raise AssertionError("unreachable")
-
-
 def _where(client: aioredis.Redis) -> str:
     kw = client.connection_pool.connection_kwargs
     return f"redis://{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
@@ -438,7 +369,7 @@ class RedisIdempotencyStore:
         self._width = bits // 4
         self._old_width = old_shard_bits // 4
         self.registry = f"{prefix}:buckets"
-        self._plan = client.register_script(_PLAN_LUA)
+        self._seen = client.register_script(_SEEN_LUA)
         self._claim = client.register_script(_CLAIM_LUA)
 
     def bucket_start(self, now: float) -> int:
@@ -486,28 +417,10 @@ class RedisIdempotencyStore:
         if not keys:
             return []
         args: list[Any] = [self._time_arg(), self._ttl, self._prefix, self.bucket_days]
-        args.append(self._old_width)
+        args += [self._old_width, *_prefixes(keys)]
         async with _guard(self._r):
-            plan = await self._plan(args=args)
-        if not plan:
-            return [False] * len(keys)
-        buckets = [
-            (bytes(plan[i]), int(plan[i + 1]), int(plan[i + 2])) for i in range(0, len(plan), 3)
-        ]
-        hexp, raw = _prefixes(keys)
-        payload = b"".join([_hgets(p, w, hexp, raw, len(keys)) for p, _, w in buckets])
-        async with _guard(self._r):
-            values = await _pipelined(self._r, payload, len(keys) * len(buckets))
-        if values is None:  # every reply nil: no key claimed (new records, the common case)
-            return [False] * len(keys)
-        n = len(keys)
-        flags = [False] * n
-        for d, (_, first_hour, _) in enumerate(buckets):
-            part = values[d * n : (d + 1) * n]
-            for i in [i for i, hour in enumerate(part) if hour]:  # the keys found: few
-                if int(part[i]) >= first_hour:
-                    flags[i] = True
-        return flags
+            hits = await self._seen(args=args)
+        return [h == 49 for h in hits]  # b"1"
 
     async def claim(self, keys: Sequence[bytes]) -> None:
         if not keys:

@@ -135,9 +135,7 @@ async def private_client(private_redis: PrivateServer) -> AsyncIterator[aioredis
     await client.aclose()
 
 
-async def test_one_script_call_per_claim_and_per_lookup(
-    private_client: aioredis.Redis, uid: str
-) -> None:
+async def test_one_round_trip_per_batch(private_client: aioredis.Redis, uid: str) -> None:
     store = RedisIdempotencyStore(private_client, prefix=f"idem_{uid}")
     keys = digests(uid, 2000)
     await store.seen(keys[:1])  # loads the scripts
@@ -152,8 +150,7 @@ async def test_one_script_call_per_claim_and_per_lookup(
         for k in after
         if k.startswith("cmdstat_") and "|" not in k and after[k] != before.get(k, 0)
     }
-    # 3 EVALSHA (two lookups' plans, one claim) plus the INFO that took the first snapshot;
-    # HSET etc. run inside the claim script, a lookup's HGETs are pipelined (one per key)
+    # 3 EVALSHA plus the INFO that took the first snapshot; HSET etc. run inside the scripts
     assert client_cmds.pop("cmdstat_evalsha") == 3
     assert set(client_cmds) <= {
         "cmdstat_info",
@@ -762,7 +759,7 @@ def test_concurrent_claimers_add_each_key_once_and_lookups_see_exactly_the_claim
 ) -> None:
     """Several workers (each its own client and connections) claim overlapping keys at once:
     every key is added by exactly one of them (the bucket's counter = distinct keys), and a
-    lookup, over RESP2 or RESP3 (the pipelined HGETs' replies are read raw), in a bucket
+    lookup, over RESP2 or RESP3, in a bucket
     before (3 h before: a second live bucket) and the current one, answers exactly the claimed
     keys, in the order asked, duplicates included."""
     universe = digests(f"{uid}{protocol}{bits}", 80)
@@ -809,9 +806,8 @@ def test_concurrent_claimers_add_each_key_once_and_lookups_see_exactly_the_claim
 async def test_an_error_reply_in_a_lookup_is_store_unavailable_and_spoils_no_connection(
     redis_url: str, uid: str, protocol: int
 ) -> None:
-    """A lookup's HGETs are read raw: an error among the replies (a shard key of the wrong
-    type) surfaces as StoreUnavailable, and the connection it came on is not reused with
-    replies left in it: the next lookups answer right, over every pooled connection."""
+    """An error in a lookup (a shard key of the wrong type) surfaces as StoreUnavailable, and
+    spoils no pooled connection: the next lookups answer right, over every one of them."""
     client = aioredis.Redis.from_url(redis_url, protocol=protocol)
     prefix = f"err_{uid}"
     store = RedisIdempotencyStore(client, prefix=prefix, shard_bits=8)
