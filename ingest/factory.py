@@ -447,7 +447,11 @@ async def build_core(cfg: C.Config, *, metrics: Metrics | None = None) -> Core:
         )
         lanes[sc.name] = SinkLane(sink, breaker)
         metrics.declare_sink(sc.name)
-    decoder = Decoder(max_record_bytes=cfg.http.max_record_bytes, extra=extra)
+    decoder = Decoder(
+        max_record_bytes=cfg.http.max_record_bytes,
+        extra=extra,
+        postgres_rows=any(sc.type == "postgres" for sc in cfg.sinks),  # Record.copy_row
+    )
     pipeline = Pipeline(
         config=cfg,
         admission=admission,

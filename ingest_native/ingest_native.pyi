@@ -4,7 +4,12 @@ from typing import Any
 SCHEMA_SHA256: str
 
 def decode_records(
-    raws: list[Any], record: type[Any], times: dict[str, float], horizon: float, limit: int
+    raws: list[Any],
+    record: type[Any],
+    times: dict[str, float],
+    horizon: float,
+    limit: int,
+    rows: bool = True,
 ) -> list[Any]: ...
 def canonical_json(data: bytes) -> bytes | None: ...
 def timestamptz_micros(s: str) -> int | None: ...

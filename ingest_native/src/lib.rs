@@ -843,7 +843,9 @@ fn attributes_ok(a: &V) -> bool {
 /// (body, dedupe_key, tenant, entity_type, entity_id, revision, occurred_at, deleted, priority,
 /// attributes) when only the Python-side rules are left to
 /// check; None when Python decodes it.
+/// `rows`: also write each record's Postgres row (`copy_row`); else None.
 #[pyfunction]
+#[pyo3(signature = (raws, record, times, horizon, limit, rows=true))]
 fn decode_records(
     py: Python<'_>,
     raws: &Bound<'_, PyList>,
@@ -851,6 +853,7 @@ fn decode_records(
     times: &Bound<'_, PyDict>,
     horizon: f64,
     limit: usize,
+    rows: bool,
 ) -> PyResult<Py<PyList>> {
     let k = |s: &str| PyString::intern_bound(py, s).unbind();
     let keys = Keys {
@@ -941,7 +944,7 @@ fn decode_records(
         body.set_item(&keys.revision, &revision)?;
         body.set_item(&keys.schema_version, 3)?;
         body.set_item(&keys.tenant_id, &tenant)?;
-        let row: PyObject = match copy_row(&env, &bytes, attrs, rels, &digest) {
+        let row: PyObject = match if rows { copy_row(&env, &bytes, attrs, rels, &digest) } else { None } {
             Some(row) => PyBytes::new_bound(py, &row).into_any().unbind(),
             None => py.None(),
         };

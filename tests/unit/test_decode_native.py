@@ -311,3 +311,15 @@ def test_failures_from_the_compiled_batch_match(tmp_path: Any) -> None:
     lines += [orjson.dumps(good(attributes={"amount": -1})), orjson.dumps(good(schema_version=1))]
     both_paths(lines)
     assert isinstance(COMPILED.decode_many([raw_of(b"{")])[0], DecodeFailure)
+
+
+def test_without_a_postgres_sink_no_row_is_written() -> None:
+    """`postgres_rows=False` (the factory's choice when no sink is Postgres): the same records,
+    without the row nothing would send."""
+    decoder = Decoder(now=lambda: NOW, postgres_rows=False)
+    raws = [raw_of(orjson.dumps(good(entity_id=f"o-{i}"))) for i in range(3)]
+    for _ in range(2):
+        for a, b in zip(decoder.decode_many(raws), COMPILED.decode_many(raws), strict=True):
+            assert isinstance(a, Record) and isinstance(b, Record)
+            assert a.copy_row is None and b.copy_row is not None
+            identical(a, PYTHON.decode(a.raw))
