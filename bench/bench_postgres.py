@@ -222,6 +222,7 @@ class Service:
             (self.workdir / f"{part}.staged").write_bytes(b"\n".join(chunk) + b"\n")
         cpu0 = {who: tree_cpu_seconds(pid) for who, pid in pids.items()}
         t0 = time.perf_counter()
+        print(f"{name}: files dropped at {time.time():.3f} (wall clock, to line up traces)")
         for part in names:
             os.replace(self.workdir / f"{part}.staged", self.inbox / part)
         while any((self.inbox / part).exists() for part in names):

@@ -1,11 +1,15 @@
 """The local inbox directory: drop files into `<inbox>/<tenant>/`, each is read once.
 
 Formats by name: `.jsonl`/`.ndjson`/`.json` (JSON lines), `.csv`, and either with `.gz`.
-A file is taken once its size and mtime have been stable for `settle_seconds` and its name does
-not start with `.` or end in `.tmp`/`.part` (write elsewhere and rename into the inbox for
-instant pickup). Files of one tenant are read one at a time in (mtime, name) order; tenants
-take turns batch by batch (and inside a long line, a few MiB at a time), so one tenant's big
-file never holds up the others.
+A file is taken once its name does not start with `.` or end in `.tmp`/`.part` and either no
+process has it open for writing (Linux read-lease probe, `_no_writer`: a file renamed into the
+inbox or copied in and closed is taken at the next scan) or its size and mtime have been stable
+for `settle_seconds` (where the probe cannot tell: another user's file, a filesystem without
+leases, a text file not ending in a newline). Write elsewhere and rename into the inbox for
+instant pickup; lines a writer appends after closing the file are read as growth (below).
+Files of one tenant are read one at a time in (mtime, name) order; tenants take turns batch by
+batch (and inside a long line, a few MiB at a time), so one tenant's big file never holds up
+the others.
 
 Progress: the checkpoint `checkpoint:<tenant>:<source>` holds the file being read and the byte
 offset (in the decompressed stream) after the last committed batch; a restart resumes there.
@@ -41,8 +45,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import os
+import signal
 import stat
 import time
 from collections import deque
@@ -287,6 +293,7 @@ class InboxSource(PullOnly):
             self._watch_moved(tenant)
         now = self.clock()
         ready: list[tuple[float, str, os.stat_result]] = []
+        unsettled: list[tuple[float, str, os.stat_result]] = []
         found: list[tuple[str, os.stat_result]] = []
         try:
             with _dir_fd(self.root / tenant) as tfd, os.scandir(tfd) as it:
@@ -331,6 +338,14 @@ class InboxSource(PullOnly):
                 seen = self._sizes[key] = (st.st_size, st.st_mtime, now)
             if now - max(seen[2], st.st_mtime) >= self.settle_seconds:
                 ready.append((st.st_mtime, name, st))
+            elif st.st_size:
+                unsettled.append((st.st_mtime, name, st))
+        if unsettled:  # closed by their writers (renamed in, copied): no need to wait
+            try:
+                with _dir_fd(self.root / tenant) as tfd:
+                    ready += [r for r in unsettled if _no_writer(tfd, r[1])]
+            except OSError:
+                pass  # the settle wait decides
         return [(name, st) for _, name, st in sorted(ready, key=lambda r: r[:2])]
 
     async def _read_file(self, tenant: str, name: str) -> AsyncGenerator[SourceBatch | None, None]:
@@ -688,6 +703,38 @@ def _open_in(dir_fd: int, name: str) -> int | None:
         os.close(fd)
         raise OSError(errno.EINVAL, "not a regular file")
     return fd
+
+
+def _no_writer(dir_fd: int, name: str) -> bool:
+    """True when no process has the file open for writing right now and a text file ends
+    with a whole line, so it needs no settle wait (a file renamed into the inbox, or copied in
+    and closed): Linux grants a read lease only when no one has the file open for writing.
+    The lease is given back at once; a writer opening the file in that instant waits for it,
+    and this process gets SIGURG (ignored unless handled) rather than SIGIO (which would end
+    it). False wherever leases are not to be had (another user's file, a filesystem without
+    leases, not Linux): then the settle wait decides, as before."""
+    setlease = getattr(fcntl, "F_SETLEASE", None)
+    setsig = getattr(fcntl, "F_SETSIG", None)
+    if setlease is None or setsig is None:
+        return False
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not st.st_size:
+            return False
+        if not name.endswith(".gz") and os.pread(fd, 1, st.st_size - 1) != b"\n":
+            return False  # ends inside a line: its writer may not be done with it
+        fcntl.fcntl(fd, setsig, signal.SIGURG)
+        fcntl.fcntl(fd, setlease, fcntl.F_RDLCK)  # EAGAIN: open for writing somewhere
+        fcntl.fcntl(fd, setlease, fcntl.F_UNLCK)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _open_file(tenant_dir: Path, name: str) -> tuple[IO[bytes], os.stat_result]:

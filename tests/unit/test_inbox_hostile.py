@@ -469,3 +469,38 @@ def test_growth_after_the_move_to_done_is_reported(first: int, later: int) -> No
             await asyncio.wait_for(task, 10)
 
     asyncio.run(with_harness(go))
+
+
+# ------------------------------------------------------------------------------ no settle wait
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 30), torn=st.booleans())
+def test_a_file_closed_by_its_writer_is_taken_without_the_settle_wait(n: int, torn: bool) -> None:
+    """With a settle window far longer than the test: a file some process still holds open
+    for writing, or one that ends inside a line, is not taken; once its writer closed it
+    with whole lines it is taken at the next scan."""
+
+    async def go() -> None:
+        root = Path(tempfile.mkdtemp(prefix="inbox-nowriter-"))
+        db = await SQLiteDB.open(root / "state.db")
+        try:
+            cfg = InboxSourceConfig(path=root / "inbox", poll_seconds=0.01, batch_size=1000)
+            source = InboxSource(cfg, SQLiteCheckpointStore(db, "t"), settle_seconds=3600)
+            tenant = root / "inbox" / "acme"
+            tenant.mkdir(parents=True)
+            body = records("acme", n)
+            fh = (tenant / "a.jsonl").open("wb")
+            fh.write(body)
+            fh.flush()
+            assert source._ready_files("acme") == []  # open for writing
+            if torn:
+                fh.write(b'{"tenant_id": "acme", "entity_id": "half')
+            fh.close()
+            ready = [name for name, _ in source._ready_files("acme")]
+            assert ready == ([] if torn else ["a.jsonl"])
+        finally:
+            await db.close()
+            shutil.rmtree(root, ignore_errors=True)
+
+    asyncio.run(go())
