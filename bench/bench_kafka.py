@@ -47,6 +47,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+from confluent_kafka import Consumer, TopicPartition
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -128,6 +129,28 @@ class Worker:
             self.proc.kill()
 
 
+class CommittedWatch:
+    """The group's committed offsets, read without joining it, through ONE client for the
+    whole wait. A new client per look (`tests.e2e._kafka.committed_offsets`) cost ~3.5 ms of
+    the bench's CPU, ~6.3 ms of the broker's and 44 ms of wall clock, four times a second, on
+    the cores the pods use (measured 2026-12-02, load ~10); one client: 0.5 ms, 0.3 ms, 1 ms."""
+
+    def __init__(self, brokers: str, topic: str, group: str) -> None:
+        self._consumer = Consumer(
+            {"bootstrap.servers": brokers, "group.id": group, "enable.auto.commit": False}
+        )
+        self._tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+
+    def offsets(self) -> dict[int, int]:
+        return {tp.partition: tp.offset for tp in self._consumer.committed(self._tps, timeout=10)}
+
+    def __enter__(self) -> CommittedWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._consumer.close()
+
+
 def run_workers(
     n_workers: int,
     lines: list[bytes],
@@ -180,8 +203,9 @@ def run_workers(
             for w in workers:
                 w.admin("resume")
         ends = end_offsets(brokers, topic)
-        while committed_offsets(brokers, topic, group, PARTITIONS) != ends:
-            time.sleep(0.2)
+        with CommittedWatch(brokers, topic, group) as watch:
+            while watch.offsets() != ends:
+                time.sleep(0.05)
         elapsed = time.perf_counter() - t0
         timed = len(lines) - before
         print(f"  timed from {wall0:.3f} for {elapsed:.3f} s (wall clock: to line up with traces)")
