@@ -205,7 +205,7 @@ def run_workers(
         ends = end_offsets(brokers, topic)
         with CommittedWatch(brokers, topic, group) as watch:
             while watch.offsets() != ends:
-                time.sleep(0.05)
+                time.sleep(0.1)
         elapsed = time.perf_counter() - t0
         timed = len(lines) - before
         print(f"  timed from {wall0:.3f} for {elapsed:.3f} s (wall clock: to line up with traces)")
