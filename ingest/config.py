@@ -310,9 +310,9 @@ class S3SourceConfig(_Model):
     batch_size: int = Field(
         5000,
         ge=1,
-        description="Lines per batch at most (an object's last batch is shorter). Each batch "
-        "costs a fixed round of work in the service, Postgres and Redis (docs/benchmarks.md, "
-        "svc 2026-12-01).",
+        description="Lines per batch at most; a batch runs across objects (the last batch of a "
+        "listing pass is shorter). Each batch costs a fixed round of work in the service, "
+        "Postgres and Redis (docs/benchmarks.md, svc 2026-12-01).",
     )
     lease_ttl_seconds: float = Field(60.0, gt=0, description=_LEASE_TTL)
 

@@ -8,11 +8,16 @@ to do once an item is finished (SFTP moves the file). Everything about correctne
   and a changed version (ETag, size+mtime) is read again.
 * An item is read only under a lease (`ingest.state.leases`), renewed in the background while
   any of its batches is unread or uncommitted, so N workers never read one item at once.
-* Bytes are streamed through `ingest.formats.LineReader` (never whole), cut into batches.
-* `commit(batch)` saves the item's offset in the lease row (authoritative for resume) and
-  mirrors it in the checkpoint key; once the reader hit the item's end *and* every batch of it
-  is committed, the item is marked done and `finished()` runs. A restart (or another worker
-  after the lease TTL) resumes at the committed offset: committed records are never re-read.
+* Bytes are streamed through `ingest.formats.LineReader` (never whole), cut into batches that
+  run across items (small objects still make full batches: each batch costs a fixed round of
+  work downstream); the next item is leased and its first bytes fetched while one is read.
+* `commit(batch)` saves, in one lease-store round trip, the offset of every item the batch
+  holds lines of (the lease row: authoritative for resume) and marks done the items whose
+  last line it holds once nothing else of them is open, then mirrors the batch's last position
+  in the checkpoint key; an item whose end was read after its last batch was cut is marked
+  done when that is seen. Never before every batch of it is committed: a restart (or another
+  worker after the lease TTL) resumes at the committed offset, so committed records are never
+  re-read and uncommitted ones are.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import asyncio
 import contextlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -55,9 +60,70 @@ class ItemRef:
 @dataclass(slots=True)
 class _ItemState:
     ref: ItemRef
-    open_batches: int = 0  # yielded, not yet committed
-    read_to: int = 0  # offset just after the last line yielded
+    open_batches: int = 0  # batches holding its records, yielded, not yet committed
+    buffered: int = 0  # its records read into the pass's buffer, not yet in a batch
+    read_to: int = 0  # offset just after its last line yielded in a batch
     ended: bool = False  # the reader reached the end of the item
+
+
+@dataclass(slots=True)
+class _Opened:
+    """An item leased for reading, its line stream started (`first`: None if empty)."""
+
+    state: _ItemState
+    lines: AsyncGenerator[list[Line], None]
+    first: list[Line] | None
+
+
+class _Buffer:
+    """Records read in a pass and not yet in a batch, in read order, with the run of
+    records each item has in it (items follow each other: one run per item)."""
+
+    def __init__(self) -> None:
+        self.records: list[RawRecord] = []
+        self._runs: list[list[Any]] = []  # [state, count], in order
+
+    def add(self, state: _ItemState, records: list[RawRecord]) -> None:
+        if not records:
+            return
+        self.records += records
+        state.buffered += len(records)
+        if self._runs and self._runs[-1][0] is state:
+            self._runs[-1][1] += len(records)
+        else:
+            self._runs.append([state, len(records)])
+
+    def take(self, n: int) -> tuple[list[RawRecord], list[tuple[_ItemState, RawRecord]]]:
+        """The first `n` records, and (item, its last record among them) for each item."""
+        records, self.records = self.records[:n], self.records[n:]
+        spans: list[tuple[_ItemState, RawRecord]] = []
+        at = 0
+        while at < n:
+            run = self._runs[0]
+            k = min(run[1], n - at)
+            at += k
+            run[0].buffered -= k
+            spans.append((run[0], records[at - 1]))
+            if k == run[1]:
+                self._runs.pop(0)
+            else:
+                run[1] -= k
+        return records, spans
+
+    def drop(self, state: _ItemState) -> None:
+        """Forget the records of `state` (its lease was lost: they are not ours to deliver)."""
+        if self._runs and self._runs[-1][0] is state:
+            _, count = self._runs.pop()
+            del self.records[len(self.records) - count :]
+            state.buffered = 0
+
+    def forget(self) -> None:
+        """The pass ends without delivering these records: each item they belong to is read
+        again from its last yielded offset (`read_to`) by a later pass."""
+        for state, _ in self._runs:
+            state.buffered = 0
+            state.ended = False
+        self.records, self._runs = [], []
 
 
 class SourceFailure(Exception):
@@ -164,16 +230,32 @@ class ItemSource(PullOnly, ABC, Generic[CfgT]):
                 await self._sleep(self._poll)
 
     async def commit(self, batch: SourceBatch) -> None:
+        """One lease-store round trip for the batch (every item's offset, and done for the
+        items it finished), then the checkpoint. Idempotent until it returns (the runner
+        retries it through outages): the item states change only after both writes."""
         pos = batch.position
-        item, offset = pos[self.name_field], int(pos["offset"])
-        await self._leases.save_offset(self.name, item, self._worker, offset)
-        await self._checkpoints.save(self.tenant, self.name, pos)
-        self._health.last_checkpoint = dict(pos)
+        entries = pos.get("items") or [[pos[self.name_field], pos[self.version_field],
+                                        pos["offset"]]]  # fmt: skip
+        mine: list[_ItemState] = []
+        finished: dict[str, str] = {}
+        for name, version, _ in entries:
+            state = self._items.get(name)
+            if state is not None and state.ref.version == version:
+                mine.append(state)
+                if state.open_batches == 1 and self._complete_but_one(state):
+                    finished[name] = version
+        offsets = [(name, int(offset)) for name, _, offset in entries]
+        await self._leases.commit(self.name, self._worker, offsets, finished)
+        checkpoint = {k: v for k, v in pos.items() if k != "items"}
+        await self._checkpoints.save(self.tenant, self.name, checkpoint)
+        self._health.last_checkpoint = checkpoint
         self._health.last_checkpoint_at = self._clock()
-        state = self._items.get(item)
-        if state is not None and state.ref.version == pos[self.version_field]:
+        for state in mine:
             state.open_batches -= 1
-            await self._finish_if_complete(state)
+            if state.ref.name in finished:
+                await self._finished(state)
+            else:  # its end was read meanwhile (or by this batch): done now, one more write
+                await self._finish_if_complete(state)
 
     async def stop(self) -> None:
         self._stop.set()
@@ -217,6 +299,10 @@ class ItemSource(PullOnly, ABC, Generic[CfgT]):
     # -- the listing pass -----------------------------------------------------------------
 
     async def _pass(self) -> AsyncIterator[SourceBatch]:
+        """Read every pending item this worker can lease, in order, into batches of
+        `batch_size` that run across items (an item's tail and the next items' heads share a
+        batch), so small objects still make full batches; the last batch of a pass is what is
+        left. The next item is leased and its first bytes fetched while this one is read."""
         refs = await self.list_items()
         done = await self._leases.done_versions(self.name)
         pending = sorted(
@@ -226,9 +312,28 @@ class ItemSource(PullOnly, ABC, Generic[CfgT]):
         for state in self._items.values():  # ours, listed or not, until committed
             self._unfinished.setdefault(state.ref.name, state.ref.mtime)
         await self.after_listing(refs, done)
-        for ref in pending:
+        todo = iter(pending)
+        buf = _Buffer()
+        ahead: asyncio.Task[_Opened | None] = asyncio.create_task(self._open_next(todo))
+        try:
+            while (opened := await ahead) is not None:
+                ahead = asyncio.create_task(self._open_next(todo))
+                async for batch in self._read(opened, buf):
+                    yield batch
+                if self._stop.is_set():
+                    return
+            if buf.records:
+                yield self._batch(buf, len(buf.records))
+        finally:
+            await _discard(ahead)
+            buf.forget()  # read, never yielded (stopping, or an error): read again later
+
+    async def _open_next(self, todo: Iterator[ItemRef]) -> _Opened | None:
+        """The next pending item leased by this worker (None when none is left), its first
+        lines already fetched: the read of the item before runs meanwhile."""
+        for ref in todo:
             if self._stop.is_set():
-                return
+                return None
             held = self._items.get(ref.name)
             if held is not None and held.ref.version != ref.version and not held.ended:
                 if held.open_batches:
@@ -238,18 +343,22 @@ class ItemSource(PullOnly, ABC, Generic[CfgT]):
             if held is not None and (held.ref.version != ref.version or held.ended):
                 continue  # fully read: wait for its commits first
             if held is None:
-                if not await self._leases.try_acquire(
+                got = await self._leases.acquire(
                     self.name, ref.name, ref.version, self._worker, self._ttl
-                ):
+                )
+                if got is None:
                     continue
                 held = self._items[ref.name] = _ItemState(ref)
-            self._health.status = "running"
-            async for batch in self._read(held):
-                yield batch
+            else:
+                got = await self._leases.offset(self.name, ref.name)
+            opened = await self._open(held, got)
+            if opened is not None:
+                return opened
+        return None
 
-    async def _read(self, state: _ItemState) -> AsyncIterator[SourceBatch]:
+    async def _open(self, state: _ItemState, committed: int) -> _Opened | None:
         ref = state.ref
-        start = max(state.read_to, await self._leases.offset(self.name, ref.name))
+        start = max(state.read_to, committed)
         if (self._resume.get(self.name_field), self._resume.get(self.version_field)) == (
             ref.name,
             ref.version,
@@ -259,21 +368,31 @@ class ItemSource(PullOnly, ABC, Generic[CfgT]):
             detect_format(ref.name)
         except ValueError as exc:
             await self._unsupported(state, str(exc))
-            return
-        buf: list[RawRecord] = []
-        size = self._batch_size
-        async with contextlib.aclosing(self._lines(ref, start)) as batches:
-            async for lines in batches:
-                buf += self._records(ref, lines)
-                while len(buf) >= size:
-                    records, buf = buf[:size], buf[size:]
-                    yield self._batch(state, records)
-                    if self._stop.is_set() or ref.name not in self._items:
-                        return  # stopping, or the lease was lost: leave the rest unread
-        if ref.name not in self._items:
-            return  # lease lost while reading: the new holder finishes the item
-        if buf:
-            yield self._batch(state, buf)
+            return None
+        lines = self._lines(ref, start)
+        try:
+            first = await anext(lines, None)
+        except BaseException:
+            await lines.aclose()
+            raise
+        return _Opened(state, lines, first)
+
+    async def _read(self, opened: _Opened, buf: _Buffer) -> AsyncIterator[SourceBatch]:
+        """Add the item's records to `buf`, yielding a batch whenever it holds `batch_size`."""
+        state, ref, size = opened.state, opened.state.ref, self._batch_size
+        self._health.status = "running"
+        async with contextlib.aclosing(opened.lines) as rest:
+            lines = opened.first
+            while lines is not None:
+                buf.add(state, self._records(ref, lines))
+                while len(buf.records) >= size:
+                    yield self._batch(buf, size)
+                    if self._stop.is_set():
+                        return  # stopping: leave the rest unread
+                if self._items.get(ref.name) is not state:
+                    buf.drop(state)  # the lease was lost: the new holder reads the rest
+                    return
+                lines = await anext(rest, None)
         state.ended = True
         await self._finish_if_complete(state)
 
@@ -304,27 +423,41 @@ class ItemSource(PullOnly, ABC, Generic[CfgT]):
         self._seq = seq
         return out
 
-    def _batch(self, state: _ItemState, records: list[RawRecord]) -> SourceBatch:
-        last = records[-1].position
-        state.read_to = int(last["offset"])
-        state.open_batches += 1
+    def _batch(self, buf: _Buffer, n: int) -> SourceBatch:
+        """The first `n` records of `buf` as a batch; its position is the checkpoint (the last
+        record's item and offset) plus `items`: [name, version, offset] of every item it
+        holds records of, each item's offset being that of its last record in the batch."""
+        records, spans = buf.take(n)
+        items: list[list[Any]] = []
+        for state, last in spans:
+            offset = int(last.position["offset"])
+            state.read_to = offset
+            state.open_batches += 1
+            items.append([state.ref.name, state.ref.version, offset])
         self._health.records_read += len(records)
         return SourceBatch(
             records=records,
-            position={**last, "worker": self._worker},
+            position={**records[-1].position, "worker": self._worker, "items": items},
             first_seq=records[0].seq,
             last_seq=records[-1].seq,
         )
 
     async def _finish_if_complete(self, state: _ItemState) -> None:
-        if (
-            not state.ended
-            or state.open_batches > 0
-            or self._items.get(state.ref.name) is not state
-        ):
+        if not self._complete(state):
             return
         ref = state.ref
         await self._leases.mark_done(self.name, ref.name, ref.version, self._worker)
+        await self._finished(state)
+
+    def _complete_but_one(self, state: _ItemState) -> bool:
+        """Complete once the one batch still open (the one being committed) is."""
+        return state.ended and not state.buffered and self._items.get(state.ref.name) is state
+
+    async def _finished(self, state: _ItemState) -> None:
+        """Marked done in the lease store: forget it, and the subclass's `finished`."""
+        ref = state.ref
+        if self._items.get(ref.name) is not state:
+            return  # already finished (the reader and a commit both saw it complete)
         self._items.pop(ref.name, None)
         if self._unfinished.get(ref.name) == ref.mtime:
             del self._unfinished[ref.name]
@@ -332,6 +465,15 @@ class ItemSource(PullOnly, ABC, Generic[CfgT]):
             await self.finished(ref)
         except Exception as exc:  # retried after the next listing (after_listing)
             self._health.error(self.describe(exc).message)
+
+    def _complete(self, state: _ItemState) -> bool:
+        """Read to its end, every record in a batch, every such batch committed."""
+        return (
+            state.ended
+            and not state.open_batches
+            and not state.buffered
+            and self._items.get(state.ref.name) is state
+        )
 
     async def _unsupported(self, state: _ItemState, message: str) -> None:
         key = (state.ref.name, state.ref.version)
@@ -389,6 +531,17 @@ async def _read_ahead(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def _discard(ahead: asyncio.Task[_Opened | None]) -> None:
+    """Cancel an item opened ahead and never read (the pass ended): its stream is closed;
+    its lease stays held and its state kept, so a later pass reads it from `read_to`."""
+    if not ahead.done():
+        ahead.cancel()
+    (opened,) = await asyncio.gather(ahead, return_exceptions=True)
+    if isinstance(opened, _Opened):
+        with contextlib.suppress(Exception):
+            await opened.lines.aclose()
 
 
 async def _nothing() -> AsyncGenerator[bytes, None]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]  # no stubs
@@ -38,6 +38,13 @@ class LeaseStore(Protocol):
         (item, version) is already done. Taking a new version resets the offset to 0."""
         ...
 
+    async def acquire(
+        self, source: str, item: str, version: str, owner: str, ttl: float
+    ) -> int | None:
+        """`try_acquire` that also reads the committed offset (the resume point) in the same
+        round trip: the offset when `owner` now holds the item, None when it does not."""
+        ...
+
     async def renew(self, source: str, item: str, owner: str, ttl: float) -> bool:
         """Extend a lease `owner` holds; False if it was lost (taken over after expiry)."""
         ...
@@ -53,6 +60,18 @@ class LeaseStore(Protocol):
         ...
 
     async def mark_done(self, source: str, item: str, version: str, owner: str) -> None: ...
+
+    async def commit(
+        self,
+        source: str,
+        owner: str,
+        offsets: Sequence[tuple[str, int]],
+        done: Mapping[str, str],
+    ) -> None:
+        """After a batch is durable, in one round trip: `save_offset` for each (item, offset),
+        and `mark_done` for each item -> version of `done` (items whose last records the
+        batch held). A batch of an object source may span several items."""
+        ...
 
     async def done_versions(self, source: str) -> dict[str, str]:
         """item -> done version, for a listing pass to skip finished items in one query."""
@@ -107,6 +126,24 @@ class SQLiteLeaseStore:
         args = (source, item, version, owner, now + ttl, now)
         return await self._exec(_SQLITE_ACQUIRE, args) == 1
 
+    async def acquire(
+        self, source: str, item: str, version: str, owner: str, ttl: float
+    ) -> int | None:
+        now = self._clock()
+        args = (source, item, version, owner, now + ttl, now)
+
+        def fn(conn: sqlite3.Connection) -> int | None:
+            with immediate(conn):
+                if conn.execute(_SQLITE_ACQUIRE, args).rowcount != 1:
+                    return None
+                row = conn.execute(
+                    'SELECT "offset" FROM source_leases WHERE source = ? AND item = ?',
+                    (source, item),
+                ).fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._db.run(fn)
+
     async def renew(self, source: str, item: str, owner: str, ttl: float) -> bool:
         sql = "UPDATE source_leases SET lease_until = ? WHERE source = ? AND item = ? AND owner = ?"
         return await self._exec(sql, (self._clock() + ttl, source, item, owner)) == 1
@@ -131,6 +168,26 @@ class SQLiteLeaseStore:
     async def mark_done(self, source: str, item: str, version: str, owner: str) -> None:
         sql = f"UPDATE source_leases SET done_version = ?, lease_until = 0 WHERE {_HELD}"
         await self._exec(sql, (version, source, item, owner, self._clock()))
+
+    async def commit(
+        self,
+        source: str,
+        owner: str,
+        offsets: Sequence[tuple[str, int]],
+        done: Mapping[str, str],
+    ) -> None:
+        now = self._clock()
+        save = f'UPDATE source_leases SET "offset" = ? WHERE {_HELD}'
+        finish = f"UPDATE source_leases SET done_version = ?, lease_until = 0 WHERE {_HELD}"
+
+        def fn(conn: sqlite3.Connection) -> None:
+            with immediate(conn):  # one transaction: all or nothing
+                for item, offset in offsets:
+                    conn.execute(save, (offset, source, item, owner, now))
+                for item, version in done.items():
+                    conn.execute(finish, (version, source, item, owner, now))
+
+        await self._db.run(fn)
 
     async def done_versions(self, source: str) -> dict[str, str]:
         def fn(conn: sqlite3.Connection) -> dict[str, str]:
@@ -157,6 +214,19 @@ WHERE (l.lease_until < now() OR l.owner = excluded.owner)
 RETURNING 1
 """
 
+_PG_ACQUIRE_OFFSET = _PG_ACQUIRE.replace("RETURNING 1", 'RETURNING l."offset"')
+
+# A batch's lease writes as one statement: every (item, offset), and done_version for the
+# items finished by it; the same ownership condition as save_offset / mark_done.
+_PG_COMMIT = """
+UPDATE ingest_source_leases AS l SET
+    "offset" = COALESCE(v.off, l."offset"),
+    done_version = COALESCE(v.done, l.done_version),
+    lease_until = CASE WHEN v.done IS NULL THEN l.lease_until ELSE '-infinity' END
+FROM unnest($3::text[], $4::bigint[], $5::text[]) AS v(item, off, done)
+WHERE l.source = $1 AND l.item = v.item AND (l.owner = $2 OR l.lease_until < now())
+"""
+
 _PG_HELD = "source = $1 AND item = $2 AND (owner = $3 OR lease_until < now())"
 
 
@@ -172,6 +242,14 @@ class PostgresLeaseStore:
     ) -> bool:
         got = await self._pool.fetchval(_PG_ACQUIRE, source, item, version, owner, float(ttl))
         return got is not None
+
+    async def acquire(
+        self, source: str, item: str, version: str, owner: str, ttl: float
+    ) -> int | None:
+        got = await self._pool.fetchrow(
+            _PG_ACQUIRE_OFFSET, source, item, version, owner, float(ttl)
+        )
+        return None if got is None else int(got[0])
 
     async def renew(self, source: str, item: str, owner: str, ttl: float) -> bool:
         status = await self._pool.execute(
@@ -218,6 +296,24 @@ class PostgresLeaseStore:
             item,
             owner,
             version,
+        )
+
+    async def commit(
+        self,
+        source: str,
+        owner: str,
+        offsets: Sequence[tuple[str, int]],
+        done: Mapping[str, str],
+    ) -> None:
+        last = dict(offsets)
+        items = [*last, *(item for item in done if item not in last)]
+        await self._pool.execute(
+            _PG_COMMIT,
+            source,
+            owner,
+            items,
+            [last.get(item) for item in items],
+            [done.get(item) for item in items],
         )
 
     async def done_versions(self, source: str) -> dict[str, str]:
