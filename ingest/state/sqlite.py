@@ -130,6 +130,27 @@ def _words(blob: bytes) -> tuple[list[int], list[int]]:
     return [w >> 6 for w in words[0::8].tolist()], [w >> 6 for w in words[1::8].tolist()]
 
 
+def _load_bloom() -> tuple[
+    Callable[[bytearray, bytes], None] | None, Callable[[bytearray, bytes], list[int]] | None
+]:
+    """`add` and `maybe` of one filter compiled (`ingest_native`, the same bits as the Python
+    loops below, ~50x faster: every process adds every key claimed in the file, its own and
+    the other workers', on a thread that holds the GIL beside the event loop); None, None
+    when the extension is missing or older than these functions."""
+    if os.environ.get("INGEST_NO_EXTENSION"):
+        return None, None
+    try:
+        import ingest_native  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None, None
+    add = getattr(ingest_native, "bloom_add", None)
+    maybe = getattr(ingest_native, "bloom_maybe", None)
+    return (add, maybe) if add is not None and maybe is not None else (None, None)
+
+
+_BLOOM_ADD, _BLOOM_MAYBE = _load_bloom()
+
+
 class KeyFilter:
     """The claimed keys as a chain of Bloom filters: `maybe` never answers False for a key
     added (and not yet dropped as expired); True may be wrong and is checked in SQLite."""
@@ -141,19 +162,30 @@ class KeyFilter:
         return sum(b.n for b in self._blooms)
 
     def add(self, blob: bytes, claimed_at: float) -> None:
-        ps, qs = _words(blob)
-        if not self._blooms or self._blooms[-1].n + len(ps) > _Bloom.KEYS:
+        n = len(blob) // 32
+        if not self._blooms or self._blooms[-1].n + n > _Bloom.KEYS:
             self._blooms.append(_Bloom())
         bloom = self._blooms[-1]
         bits = bloom.bits
-        for p, q in zip(ps, qs, strict=True):
-            bits[p >> 3] |= 1 << (p & 7)
-            bits[q >> 3] |= 1 << (q & 7)
-        bloom.n += len(ps)
+        if _BLOOM_ADD is not None:
+            _BLOOM_ADD(bits, blob)
+        else:
+            ps, qs = _words(blob)
+            for p, q in zip(ps, qs, strict=True):
+                bits[p >> 3] |= 1 << (p & 7)
+                bits[q >> 3] |= 1 << (q & 7)
+        bloom.n += n
         bloom.newest = max(bloom.newest, claimed_at)
 
     def maybe(self, blob: bytes) -> list[int]:
         """Indexes of the keys of `blob` that may have been added."""
+        if _BLOOM_MAYBE is not None:
+            if len(self._blooms) == 1:
+                return _BLOOM_MAYBE(self._blooms[0].bits, blob)
+            hits: set[int] = set()
+            for bloom in self._blooms:
+                hits.update(_BLOOM_MAYBE(bloom.bits, blob))
+            return sorted(hits)
         ps, qs = _words(blob)
         found: set[int] = set()
         for bloom in self._blooms:

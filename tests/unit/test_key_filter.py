@@ -1,0 +1,68 @@
+"""The idempotency store's in-memory key filter (`KeyFilter`): the compiled Bloom steps
+(ingest_native's `bloom_add` / `bloom_maybe`) set and read exactly the bits of the Python
+loops they replace, and neither ever rules out a key it was given."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ingest.state import sqlite as state_sqlite
+from ingest.state.sqlite import KeyFilter, _Bloom
+
+native = pytest.importorskip("ingest_native", reason="the compiled extension is not built")
+
+keys = st.binary(min_size=32, max_size=32)
+blobs = st.lists(st.lists(keys, max_size=40).map(b"".join), min_size=1, max_size=4)
+
+
+def _python(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(state_sqlite, "_BLOOM_ADD", None)
+    monkeypatch.setattr(state_sqlite, "_BLOOM_MAYBE", None)
+
+
+def _filled(added: list[bytes]) -> KeyFilter:
+    flt = KeyFilter()
+    for i, blob in enumerate(added):
+        flt.add(blob, float(i))
+    return flt
+
+
+@settings(max_examples=60, deadline=None)
+@given(added=blobs, asked=st.lists(keys, max_size=60).map(b"".join))
+def test_compiled_and_python_filters_agree(added: list[bytes], asked: bytes) -> None:
+    """Property: the same keys added give the same bits, the same `maybe` answers, and every
+    added key is a maybe (no false negative), compiled or not."""
+    assert state_sqlite._BLOOM_ADD is native.bloom_add  # the compiled path is the one in use
+    compiled = _filled(added)
+    with pytest.MonkeyPatch.context() as mp:
+        _python(mp)
+        python = _filled(added)
+        python_maybe = python.maybe(asked)
+        python_added = [python.maybe(blob) for blob in added]
+    assert [b.bits for b in compiled._blooms] == [b.bits for b in python._blooms]
+    assert len(compiled) == len(python)
+    assert compiled.maybe(asked) == python_maybe
+    for blob, found in zip(added, python_added, strict=True):
+        assert found == list(range(len(blob) // 32))
+        assert compiled.maybe(blob) == found
+
+
+def test_compiled_filter_over_several_blooms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past `_Bloom.KEYS` keys a second filter starts: `maybe` asks both (a key of either is
+    found, sorted, once)."""
+    monkeypatch.setattr(_Bloom, "KEYS", 4)
+    first, second = bytes(range(32)) * 3, bytes(range(1, 33)) * 3
+    flt = KeyFilter()
+    flt.add(first, 1.0)
+    flt.add(second, 2.0)
+    assert len(flt._blooms) == 2
+    assert flt.maybe(second + first) == [0, 1, 2, 3, 4, 5]
+
+
+def test_compiled_steps_refuse_a_short_key_or_foreign_bits() -> None:
+    with pytest.raises(ValueError):
+        native.bloom_add(bytearray(_Bloom.BITS >> 3), b"x" * 31)
+    with pytest.raises(ValueError):
+        native.bloom_maybe(bytearray(16), b"x" * 32)
