@@ -30,6 +30,7 @@ import asyncio
 import fcntl
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -398,12 +399,15 @@ class Connection(sqlite3.Connection):
 
     writer: int | None = None
     writer_timeout: float = BUSY_TIMEOUT
+    shm: int | None = None  # `<file>-shm`, read for the WAL's size (`checkpoint_if_due`)
 
     def close(self) -> None:
         super().close()
-        if self.writer is not None:
-            fd, self.writer = self.writer, None
-            os.close(fd)
+        for name in ("writer", "shm"):
+            fd = getattr(self, name)
+            if fd is not None:
+                setattr(self, name, None)
+                os.close(fd)
 
 
 def _flock(fd: int, timeout: float) -> bool:
@@ -452,6 +456,58 @@ def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
                 conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+    checkpoint_if_due(conn)
+
+
+# WAL checkpoints run after the writer lock is released, not inside COMMIT: SQLite's own
+# autocheckpoint runs in the COMMIT statement, so under the writer lock, and the other
+# processes' writers (two workers share sink.db and state.idem.db) waited for it: the copy of
+# 16 MiB of pages and its two fsyncs, a large part of a claim's wall time (docs/benchmarks.md).
+# A passive checkpoint needs no write lock: writers append to the WAL meanwhile. A WAL
+# restarts from its start only when a writer begins with every frame copied back, which
+# writers appending during each checkpoint can keep from happening: once the WAL holds
+# CHECKPOINT_LOCKED frames the checkpoint runs under the writer lock again (it then copies
+# everything, and the next writer restarts the WAL). SQLite's autocheckpoint stays on as a
+# backstop (writes outside `immediate` / `autocommit`, a connection whose `-shm` cannot be
+# read) at WAL_BACKSTOP frames. Durability is unchanged: a commit is in the WAL either way.
+CHECKPOINT_PAGES = 4000  # frames not yet copied back (16 MiB): time for a checkpoint
+CHECKPOINT_LOCKED = 12000  # frames in the WAL (48 MiB): the checkpoint under the writer lock
+WAL_BACKSTOP = 16000  # SQLite's autocheckpoint (64 MiB)
+
+
+def _wal_frames(conn: sqlite3.Connection) -> tuple[int, int] | None:
+    """(frames in the WAL, frames of them copied back) from the wal-index header at the
+    start of `<file>-shm` (mxFrame at byte 16, nBackfill at byte 96, native byte order;
+    sqlite.org/walformat.html), read without its locks: a hint, not a fact. None: unknown."""
+    fd: int | None = getattr(conn, "shm", None)
+    if fd is None:
+        if not isinstance(conn, Connection):
+            return None
+        main = conn.execute("PRAGMA database_list").fetchone()[2]
+        try:
+            fd = conn.shm = os.open(f"{main}-shm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+    head = os.pread(fd, 100, 0)
+    if len(head) < 100:
+        return None
+    return int.from_bytes(head[16:20], sys.byteorder), int.from_bytes(head[96:100], sys.byteorder)
+
+
+def checkpoint_if_due(conn: sqlite3.Connection) -> None:
+    """After a write transaction, outside the writer lock: a passive checkpoint once
+    CHECKPOINT_PAGES frames wait to be copied back, under the writer lock once the WAL holds
+    CHECKPOINT_LOCKED (see above)."""
+    if conn.in_transaction:
+        return
+    frames = _wal_frames(conn)
+    if frames is None or frames[0] - frames[1] < CHECKPOINT_PAGES:
+        return
+    if frames[0] >= CHECKPOINT_LOCKED:
+        with writer_lock(conn):
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    else:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def chunks(seq: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
@@ -472,7 +528,9 @@ def autocommit(c: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> s
     within 1 ms of its release; and a worker holding the writer lock that meets such a
     statement's SQLite lock sleeps there in turn."""
     with writer_lock(c):
-        return c.execute(sql, params)
+        cur = c.execute(sql, params)
+    checkpoint_if_due(c)
+    return cur
 
 
 def _write(c: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> int:
@@ -519,8 +577,10 @@ def _connect(path: Path, migrations: Sequence[Migration]) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous = NORMAL")
         # Checkpoint every 4,000 WAL pages (16 MiB; default 1,000): random-key B-trees (the
         # idempotency keys) dirty a page per key, and pages dirtied again between two
-        # checkpoints are copied and synced once. Commits are as durable either way.
-        conn.execute("PRAGMA wal_autocheckpoint = 4000")
+        # checkpoints are copied and synced once. Commits are as durable either way. Run by
+        # `checkpoint_if_due` after the writer lock is released; SQLite's own (in COMMIT)
+        # only as a backstop.
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_BACKSTOP}")
         conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("PRAGMA cache_size = -65536")  # 64 MiB
         conn.execute(
