@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from ingest.state import sqlite as state_sqlite
 from ingest.state.sqlite import MIGRATIONS, _connect, _wal_frames, autocommit, immediate
 
+pytestmark = pytest.mark.integration
+
 ROW = "x" * 6000  # two pages and more a row: every transaction appends a few frames
 
 
