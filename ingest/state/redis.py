@@ -100,6 +100,11 @@ from ingest.state.base import checkpoint_key, checkpoint_value
 from ingest.timefmt import iso
 
 DAY = 86_400
+# A bucket with no bucket before it to size from (a deployment's first, or after a pause)
+# opens as 2^8 hashes made in the hashtable encoding, and holds at least GROW_KEYS keys
+# (~64 bytes each, ~270 MB) before claims go on in a wider part (module docstring).
+FIRST_SHARD_BITS = 8
+GROW_KEYS = 1 << 22
 
 # Shared by both scripts: the time every decision is made by (expiry, bucket, hour) is Redis's
 # own `TIME`, one clock for every worker, unless a test stands in for it; bucket names are
@@ -136,24 +141,29 @@ local call, match = redis.call, string.match
 local span = days * 86400
 local current = floor(now / span) * span
 local order, listed = {}, {}
+local sub = string.sub
+local function parts(name, s, widths)  -- one probe per part of a bucket (its widths' digits)
+  for k = 1, #widths do order[#order + 1] = {name, s, tonumber(sub(widths, k, k)), k} end
+end
 local entries = call('HGETALL', base .. ':buckets')
 for i = 1, #entries, 2 do
   listed[entries[i]] = true
   local s, e, w = match(entries[i + 1], '^(%d+) (%d+) (%d+)')
   if tonumber(e) > now then  -- a bucket whose every claim is past the TTL is not probed
-    order[#order + 1] = {entries[i], tonumber(s), tonumber(w)}
+    parts(entries[i], tonumber(s), w)
   end
 end
 -- the current bucket and the one before, by name, even if the registry lost them (evicted,
--- deleted, a replica that missed it): their width is in `<bucket>w`, written by their claims
+-- deleted, a replica that missed it): their widths are in `<bucket>w`, written by their claims
 for s = current, current - span, -span do
   local name = bucket(base, s, days)
   if not listed[name] then
     local w = call('GET', name .. 'w')
-    if w then order[#order + 1] = {name, s, tonumber(match(w, '^%d+'))} end
+    if w then parts(name, s, match(w, '^%d+')) end
   end
 end
-table.sort(order, function(a, b) return a[2] > b[2] end)  -- newest first
+-- newest bucket first, and in a bucket its newest (widest) part first
+table.sort(order, function(a, b) return a[2] > b[2] or (a[2] == b[2] and a[4] > b[4]) end)
 local prefixes, limits, widths = {}, {}, {}
 for d = 1, #order do
   -- seen while start + (hour + 1) * 3600 + ttl > now, i.e. (hour + 1) * 3600 > limit
@@ -169,7 +179,6 @@ for day = floor(now / 86400), floor((now - ttl) / 86400), -1 do
 end
 local live = #prefixes
 local hex, blob = ARGV[6], ARGV[7]  -- the keys' 13-byte prefixes: hex, raw
-local sub = string.sub
 -- '0' / '1' as strings: table.concat would format a number with sprintf per key; a shard name
 -- is cut once per key and width (the live buckets mostly share one)
 local out, n, h = {}, 0, 1
@@ -199,30 +208,33 @@ _CLAIM_LUA = (
     _TIME_LUA
     + """
 local now, ttl, base = clock(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local days, width = tonumber(ARGV[4]), tonumber(ARGV[5])  -- width: the most allowed
-local hex, blob = ARGV[6], ARGV[7]  -- the keys' 13-byte prefixes: hex (shard), raw (field)
-local call, match = redis.call, string.match
+local days, most = tonumber(ARGV[4]), tonumber(ARGV[5])  -- most: the widest shards allowed
+local first, grow_keys = tonumber(ARGV[6]), tonumber(ARGV[7])
+local hex, blob = ARGV[8], ARGV[9]  -- the keys' 13-byte prefixes: hex (shard), raw (field)
+local call, match, sub = redis.call, string.match, string.sub
 local span = days * 86400
 local start = floor(now / span) * span
 local hour, expire_at = floor((now - start) / 3600), start + 2 * span  -- any TTL of D days
 local registry, prefix = base .. ':buckets', bucket(base, start, days)
 local prev = bucket(base, start - span, days)
-local function opening(name)  -- (width, opened at or '') of a bucket: registry, else `<name>w`
+local function opening(name)  -- (widths, opened at or '') of a bucket: registry, else `<name>w`
   local meta = call('HGET', registry, name)
   if meta then return match(meta, '^%d+ %d+ (%d+) ?(%d*)$') end  -- (1fa79dc: no opened at)
   local saved = call('GET', name .. 'w')
   if saved then return match(saved, '^(%d+) ?(%d*)$') end
 end
+local function fewest(rate, w)  -- the fewest hex digits (>= w) giving ~32 keys a hash at `rate`
+  while w < most and rate * span > 32 * 16 ^ w do w = w + 1 end
+  return w
+end
 local meta = call('HGET', registry, prefix)
-local known, opened = nil, ''
+local known, widths, opened = nil, nil, ''
 if meta then
   local e, w, o = match(meta, '^%d+ (%d+) (%d+) ?(%d*)$')
-  known, width, opened = tonumber(e), tonumber(w), o  -- the width that opened the bucket
+  known, widths, opened = tonumber(e), w, o  -- the parts the bucket has
 else
-  local w, o = opening(prefix)  -- the registry lost it: `<prefix>w` keeps its width
-  if w then
-    width, opened = tonumber(w), o
-  else
+  widths, opened = opening(prefix)  -- the registry lost it: `<prefix>w` keeps its widths
+  if not widths then
     -- opening the bucket: size the shards by the bucket before: ~32 keys a hash at its rate,
     -- so a hash stays in the listpack encoding (<= 128 fields) up to 4x that rate
     opened = floor(now)
@@ -230,14 +242,26 @@ else
     local covered = 0
     if po and po ~= '' then covered = start - tonumber(po) end  -- seconds it was open
     if covered >= span / 8 then
-      local rate = tonumber(call('GET', prev .. 'n') or '0') / covered
-      local w = 1
-      while w < width and rate * span > 32 * 16 ^ w do w = w + 1 end
-      width = w
+      widths = tostring(fewest(tonumber(call('GET', prev .. 'n') or '0') / covered, 1))
+    else
+      -- nothing to size by: a few hashes, made in the hashtable encoding now (a marker value
+      -- longer than hash-max-listpack-value), so that no claim creates a key or an EXPIREAT
+      -- and no lookup scans a listpack; a wider part opens if they fill (below)
+      local w = math.min(first, most)
+      widths = tostring(w)
+      local fmt, long = '%0' .. w .. 'x', string.rep('-', 65)
+      for shard = 0, 16 ^ w - 1 do
+        local key = prefix .. string.format(fmt, shard)
+        call('HSET', key, '', long)
+        call('EXPIREAT', key, expire_at)
+      end
     end
   end
 end
-local saved = width .. (opened ~= '' and ' ' .. opened or '')
+local width = tonumber(sub(widths, -1))  -- claims go into the newest part
+local function save()
+  return widths .. (opened ~= '' and ' ' .. opened or '')
+end
 if not known or known < expire_at then
   -- opening a bucket, re-listing a lost one, a longer TTL: drop expired entries, keep the
   -- registry to the last
@@ -247,13 +271,12 @@ if not known or known < expire_at then
     local e = tonumber(match(entries[i + 1], '^%d+ (%d+)'))
     if e <= now then call('HDEL', registry, entries[i]) elseif e > top then top = e end
   end
-  call('HSET', registry, prefix, start .. ' ' .. expire_at .. ' ' .. saved)
+  call('HSET', registry, prefix, start .. ' ' .. expire_at .. ' ' .. save())
   call('EXPIREAT', registry, top)
-  call('SET', prefix .. 'w', saved, 'EXAT', expire_at)
+  call('SET', prefix .. 'w', save(), 'EXAT', expire_at)
 else
-  call('SET', prefix .. 'w', saved, 'NX', 'EXAT', expire_at)  -- a bucket opened before it
+  call('SET', prefix .. 'w', save(), 'NX', 'EXAT', expire_at)  -- a bucket opened before it
 end
-local sub = string.sub
 -- as strings once: redis.call formats a number argument with snprintf on every call
 local hour_s, expire_s = tostring(hour), tostring(expire_at)
 local added, h = 0, 1
@@ -267,8 +290,17 @@ for i = 1, #blob, 13 do
   h = h + 26
 end
 local counter = prefix .. 'n'
-call('INCRBY', counter, added)
+local total = call('INCRBY', counter, added)
 call('EXPIREAT', counter, expire_at)
+if width < most and total > math.max(64 * 16 ^ width, grow_keys) then
+  -- the newest part is full (64 keys a hash, half the listpack limit; the first part of an
+  -- unmeasured bucket: `grow_keys`): later claims go into a wider part, sized by this bucket's
+  -- rate so far; its keys stay where they are and lookups probe every part
+  local since = opened ~= '' and tonumber(opened) or start
+  widths = widths .. fewest(total / math.max(now - since, 1), width + 1)
+  call('HSET', registry, prefix, start .. ' ' .. expire_at .. ' ' .. save())
+  call('SET', prefix .. 'w', save(), 'EXAT', expire_at)
+end
 return added
 """
 )
@@ -355,10 +387,12 @@ class RedisIdempotencyStore:
         old_shard_bits: int = 20,
         *,
         server_clock: Callable[[], float] | None = None,
+        first_shard_bits: int = FIRST_SHARD_BITS,
+        grow_keys: int = GROW_KEYS,
     ) -> None:
         self.bucket_days = max(1, -(-ttl_seconds // DAY))
         bits = (20 if self.bucket_days == 1 else 24) if shard_bits is None else shard_bits
-        for b in (bits, old_shard_bits):
+        for b in (bits, old_shard_bits, first_shard_bits):
             if b not in range(4, 25, 4):
                 raise ValueError("shard_bits must be one of 4, 8, ..., 24 (whole hex digits)")
         self._r = client
@@ -368,6 +402,8 @@ class RedisIdempotencyStore:
         self._server_clock = server_clock
         self._width = bits // 4
         self._old_width = old_shard_bits // 4
+        self._first_width = first_shard_bits // 4
+        self._grow_keys = grow_keys
         self.registry = f"{prefix}:buckets"
         self._seen = client.register_script(_SEEN_LUA)
         self._claim = client.register_script(_CLAIM_LUA)
@@ -426,7 +462,7 @@ class RedisIdempotencyStore:
         if not keys:
             return
         args: list[Any] = [self._time_arg(), self._ttl, self._prefix, self.bucket_days]
-        args += [self._width, *_prefixes(keys)]
+        args += [self._width, self._first_width, self._grow_keys, *_prefixes(keys)]
         async with _guard(self._r):
             await self._claim(args=args)
 

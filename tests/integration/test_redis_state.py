@@ -7,6 +7,7 @@ import hashlib
 import re
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 from uuid import uuid4
 
 import orjson
@@ -75,9 +76,11 @@ async def test_seen_and_claim(rclient: aioredis.Redis, uid: str) -> None:
     assert await store.seen([]) == []
 
 
-async def test_layout_is_compact_hashes_expiring_after_ttl(
+async def test_layout_of_a_first_bucket_expiring_after_ttl(
     rclient: aioredis.Redis, uid: str
 ) -> None:
+    """A bucket with none before it: 256 hashes (2 hex digits) made at its opening in the
+    hashtable encoding, each with its EXPIREAT, so claims create no key and set no expiry."""
     prefix = f"idem_{uid}"
     store = RedisIdempotencyStore(rclient, prefix=prefix)
     now = time.time()
@@ -88,26 +91,55 @@ async def test_layout_is_compact_hashes_expiring_after_ttl(
     names = [k async for k in rclient.scan_iter(match=f"{prefix}:*", count=1000)]
     shards = [n for n in names if not n.endswith((b":n", b":w", b":buckets"))]
     assert len(names) == len(shards) + 3  # plus the bucket's counter, its width, the registry
+    assert len(shards) == 256
     for name in shards[:20]:
-        assert re.fullmatch(rb"idem_\w+:20\d\d-\d\d-\d\d\+7d:[0-9a-f]{6}", name)
-        assert await rclient.object("encoding", name) == b"listpack"
+        assert re.fullmatch(rb"idem_\w+:20\d\d-\d\d-\d\d\+7d:[0-9a-f]{2}", name)
+        assert await rclient.object("encoding", name) == b"hashtable"
         fields = await rclient.hgetall(name)
-        assert fields.pop(b"") == b""  # the marker: this hash got its EXPIREAT when created
-        assert fields and all(len(f) == 10 for f in fields)
+        assert b"" in fields  # the marker: set when the hash was made, with its EXPIREAT
+        assert all(len(f) == 10 for f in fields if f)
         ttl = await rclient.ttl(name)
         assert TTL - 60 < ttl <= 2 * TTL  # end of the claim's bucket + 7 days
     hour = str(int(now - start) // 3600).encode()  # hour of the claim in its bucket
-    for d in digests(uid, 300)[:20]:  # shard = the digest's first 6 hex digits (24 bits)
-        assert await rclient.hget(f"{bucket}{d.hex()[:6]}", d[3:13]) == hour
+    for d in digests(uid, 300)[:20]:  # shard = the digest's first 2 hex digits (8 bits)
+        assert await rclient.hget(f"{bucket}{d.hex()[:2]}", d[3:13]) == hour
     assert await rclient.ttl(f"{bucket}n") > TTL - 60
     registry = await rclient.hgetall(f"{prefix}:buckets")
     (meta,) = registry.values()
     assert list(registry) == [bucket.encode()]
-    assert meta.split()[:3] == [str(start).encode(), str(start + 14 * DAY).encode(), b"6"]
+    assert meta.split()[:3] == [str(start).encode(), str(start + 14 * DAY).encode(), b"2"]
     assert now - 1 <= int(meta.split()[3]) <= time.time()  # when it was opened
     # the width and opening time again, should the registry be lost; gone with the bucket
     assert (await rclient.get(f"{bucket}w")).split() == meta.split()[2:]
     assert TTL - 60 < await rclient.ttl(f"{bucket}w") <= 2 * TTL
+
+
+async def test_layout_of_a_sized_bucket_is_compact_listpack_hashes(
+    rclient: aioredis.Redis, uid: str
+) -> None:
+    """A bucket sized by the one before (here 3M keys a week: 5 hex digits): listpack hashes,
+    each made by the claim that puts its first key in and given its EXPIREAT then."""
+    prefix = f"idem_{uid}"
+    week = 7 * DAY
+    now = [(time.time() // week + 1) * week + 60]
+    store = RedisIdempotencyStore(rclient, prefix=prefix, server_clock=lambda: now[0])
+    start = store.bucket_start(now[0])
+    before = store.bucket_prefix(start - week)
+    await rclient.set(before + "n", 3_000_000)
+    await rclient.hset(store.registry, before, f"{start - week} {start + TTL} 2 {start - week}")
+    keys = digests(uid, 300)
+    await store.claim(keys)
+    bucket = store.bucket_prefix(start)
+    meta = await rclient.hget(store.registry, bucket)
+    assert meta is not None and meta.split()[2] == b"5"
+    for d in keys[:20]:
+        name = f"{bucket}{d.hex()[:5]}"
+        assert await rclient.object("encoding", name) == b"listpack"
+        fields = await rclient.hgetall(name)
+        assert fields.pop(b"") == b""  # the marker: this hash got its EXPIREAT when created
+        assert fields and all(len(f) == 10 for f in fields)
+        assert await rclient.execute_command("EXPIRETIME", name) == start + week + TTL
+        assert await rclient.hget(name, d[3:13]) == b"0"  # a minute into the bucket: hour 0
 
 
 async def test_seen_honours_ttl_to_the_hour(rclient: aioredis.Redis, uid: str) -> None:
@@ -350,7 +382,7 @@ async def test_a_bucket_sizes_its_shards_by_the_bucket_before(
 ) -> None:
     """~32 keys a hash at the last bucket's rate (so <= 128, the listpack limit, up to 4x it),
     scaled up when the last bucket was opened late, never beyond `shard_bits`; a bucket
-    whose predecessor saw less than an eighth of its span keeps the default."""
+    whose predecessor saw less than an eighth of its span opens as a first bucket does."""
     prefix = f"idem_{uid}"
     week = 7 * DAY
     now = [(time.time() // week + 1) * week]  # the start of next week's bucket
@@ -365,13 +397,13 @@ async def test_a_bucket_sizes_its_shards_by_the_bucket_before(
         return int(meta.split()[2])
 
     await store.claim(keys)
-    assert await width() == 6  # nothing before it: the default, 24 bits
+    assert await width() == 2  # nothing before it: 2^8 hashtable hashes
     for count, opened_late, want in [
         (300, 0, 1),  # 300 a week: 16 shards of ~19
         (10_000_000, 0, 5),  # 10M a week: 2^20 shards of ~10
         (1_000_000, 6 * DAY, 5),  # 1M in its last day: 7M a week
         (40_000_000_000, 0, 6),  # more than 2^24 shards hold at 32: the most allowed
-        (1_000_000, 6 * DAY + 82_000, 6),  # open for < 1/8 of its span: not a measure
+        (1_000_000, 6 * DAY + 82_000, 2),  # open for < 1/8 of its span: not a measure
     ]:
         prev = store.bucket_prefix(store.bucket_start(now[0]))
         await rclient.set(prev + "n", count)
@@ -386,14 +418,16 @@ async def test_a_bucket_sizes_its_shards_by_the_bucket_before(
         assert await store.seen(keys) == [True] * 300
     names = [k async for k in rclient.scan_iter(match=f"{prefix}:*", count=1000)]
     hashes = [n for n in names if b"+" in n and not n.endswith((b":n", b":w"))]
-    assert {await rclient.object("encoding", n) for n in hashes} == {b"listpack"}
+    # the unmeasured buckets' 2-digit hashes are made as hashtables; every sized one is compact
+    sized = [n for n in hashes if len(n.rsplit(b":", 1)[1]) != 2]
+    assert sized and {await rclient.object("encoding", n) for n in sized} == {b"listpack"}
 
 
 async def test_a_registry_entry_without_its_opening_time_is_kept(
     rclient: aioredis.Redis, uid: str
 ) -> None:
     """1fa79dc wrote `<start> <expire_at> <width>`: claims go on at that width, the next
-    bucket takes the default (no measure of the one before)."""
+    bucket opens as a first bucket (no measure of the one before)."""
     prefix = f"idem_{uid}"
     now = [time.time() + 60]
     store = RedisIdempotencyStore(rclient, prefix=prefix, server_clock=lambda: now[0])
@@ -407,7 +441,7 @@ async def test_a_registry_entry_without_its_opening_time_is_kept(
     now[0] += 7 * DAY
     await store.claim(keys[:1])
     meta = await rclient.hget(store.registry, store.bucket_prefix(start + 7 * DAY))
-    assert meta is not None and meta.split()[2] == b"6"
+    assert meta is not None and meta.split()[2] == b"2"
     assert await store.seen(keys) == [True] * 100
 
 
@@ -829,3 +863,93 @@ async def test_an_error_reply_in_a_lookup_is_store_unavailable_and_spoils_no_con
             assert got == [want] * 4
     finally:
         await drop(client, prefix)
+
+
+def _fewest(rate: float, width: int, most: int, span: int) -> int:
+    """The sizing rule: the fewest hex digits (>= width) giving ~32 keys a hash at `rate`."""
+    while width < most and rate * span > 32 * 16**width:
+        width += 1
+    return width
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    grow=st.sampled_from([0, 700, 2500]),
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["claim", "claim", "claim", "drop"]),
+            st.floats(0, 2 * DAY),  # seconds the clock moves first
+            st.integers(1, 1500),  # new keys claimed
+        ),
+        min_size=1,
+        max_size=10,
+    ),
+)
+def test_buckets_grow_wider_parts_by_the_model_and_every_claimed_key_stays_seen(
+    redis_url: str, uid: str, grow: int, ops: list[tuple[str, float, int]]
+) -> None:
+    """The sizing rule against a model, over weeks: a bucket with a measured one before opens
+    at the fewest hex digits giving ~32 keys a hash at that rate, any other at the first width
+    (made in the hashtable encoding); when a bucket's count passes max(64 keys a hash of its
+    newest part, `grow_keys`) claims go on in a wider part, sized by the bucket's own rate so
+    far. Meanwhile every key claimed within the TTL is seen, none never claimed is, also
+    after the registry is deleted (`drop`: the parts are kept in `<bucket>w`)."""
+    span, most, first = 7 * DAY, 2, 1  # shard_bits 8, first_shard_bits 4
+
+    async def go() -> None:
+        client = redis_client(redis_url)
+        prefix = f"grow_{uuid4().hex[:10]}"
+        now = [(time.time() // span + 1) * span + 60.5]
+        store = RedisIdempotencyStore(
+            client,
+            prefix=prefix,
+            shard_bits=8,
+            first_shard_bits=4,
+            grow_keys=grow,
+            server_clock=lambda: now[0],
+        )
+        model: dict[int, dict[str, Any]] = {}  # bucket start -> widths, opened, total
+        claimed: list[tuple[bytes, float]] = []
+        fresh = digests(f"{prefix}-fresh", 100)
+        try:
+            for i, (op, dt, n) in enumerate(ops):
+                now[0] += dt
+                if op == "drop":
+                    await client.delete(store.registry)
+                    continue
+                keys = digests(f"{prefix}-{i}", n)
+                await store.claim(keys)
+                claimed.extend((k, now[0]) for k in keys)
+                start = store.bucket_start(now[0])
+                if start not in model:
+                    prev = model.get(start - span)
+                    covered = start - prev["opened"] if prev else 0
+                    width = (
+                        _fewest(prev["total"] / covered, 1, most, span)
+                        if prev and covered >= span / 8
+                        else min(first, most)
+                    )
+                    model[start] = {"widths": [width], "opened": now[0] // 1, "total": 0}
+                b = model[start]
+                b["total"] += n
+                width = b["widths"][-1]
+                if width < most and b["total"] > max(64 * 16**width, grow):
+                    rate = b["total"] / max(now[0] - b["opened"], 1)
+                    b["widths"].append(_fewest(rate, width + 1, most, span))
+                meta = await client.hget(store.registry, store.bucket_prefix(start))
+                assert meta is not None
+                want = "".join(map(str, b["widths"]))
+                assert meta.split()[2].decode() == want, (meta, b)
+                saved = await client.get(store.bucket_prefix(start) + "w")
+                assert saved is not None and saved.split()[0].decode() == want
+            live = [at // 3600 * 3600 + 3600 + TTL > now[0] for _, at in claimed]
+            assert await store.seen([k for k, _ in claimed]) == live
+            assert await store.seen(fresh) == [False] * len(fresh)
+            await client.delete(store.registry)
+            assert await store.seen([k for k, _ in claimed]) == live
+        finally:
+            await drop(client, prefix)
+
+    asyncio.run(go())
