@@ -11,7 +11,11 @@ the store's calls (the client's side: encoding, the event loop, parsing replies)
 same figures for the naive layout (one pipelined `SET <hex> 1 NX EX ttl` per key, on fewer
 keys) measured in the same run, so the ratios compare against what this Redis does flat out.
 The claims are spread over `--days` days (default 8: the 7-day window populated, the steady
-state; 1 = a service's first day).
+state; 1 = a service's first day, its first bucket). `--pattern` does what the pipeline does
+instead: per batch of new keys a `seen` (every live bucket probed, nothing found) then their
+`claim`, so lookups meet the hashes as they fill (the claim-then-lookup order above probes a
+full store); `--compare-with DIR` runs the store of another tree (`git archive <commit>
+ingest | tar -x -C DIR`) in the same Redis, batch by batch alternated with this one.
 Lookups report never-claimed keys (every live bucket probed) and claimed ones apart. Its keys
 use a private prefix and are deleted at the end (SCAN). Use a Redis of its own: 10M keys take
 a few hundred MB.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import time
 from typing import Any
@@ -54,6 +59,51 @@ async def unlink_prefix(r: aioredis.Redis, prefix: str) -> None:
             batch = []
     if batch:
         await r.unlink(*batch)
+
+
+def store_class(tree: str | None) -> type[RedisIdempotencyStore]:
+    """RedisIdempotencyStore of this tree, or of the tree at `tree` (its module file)."""
+    if tree is None:
+        return RedisIdempotencyStore
+    spec = importlib.util.spec_from_file_location("other_redis", f"{tree}/ingest/state/redis.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cls: type[RedisIdempotencyStore] = module.RedisIdempotencyStore
+    return cls
+
+
+async def bench_pattern(
+    r: aioredis.Redis, n: int, batch: int, trees: list[str | None], days: int
+) -> dict[str | None, dict[str, float]]:
+    """The pipeline's order: per batch of new keys `seen` then `claim`, the clock moving over
+    `days` days; each tree's store on its own prefix, alternated batch by batch (and which goes
+    first), so both meet the same load. Redis CPU and this process's CPU per key."""
+    clock = [time.time()]
+    stores = {
+        t: store_class(t)(r, prefix=f"bench_pat{i}_{os.getpid()}", server_clock=lambda: clock[0])
+        for i, t in enumerate(trees)
+    }
+    acc = {t: [0.0, 0.0, 0.0] for t in trees}
+    today = clock[0]
+    for done in range(0, n, batch):
+        clock[0] = today - (days - 1 - done * days // n) * 86400
+        order = trees if (done // batch) % 2 == 0 else trees[::-1]
+        for t in order:
+            keys = digests(min(batch, n - done))
+            c0, p0 = await redis_cpu(r), time.process_time()
+            assert not any(await stores[t].seen(keys))
+            c1 = await redis_cpu(r)
+            await stores[t].claim(keys)
+            c2, p1 = await redis_cpu(r), time.process_time()
+            a = acc[t]
+            a[0], a[1], a[2] = a[0] + c1 - c0, a[1] + c2 - c1, a[2] + p1 - p0
+    for i, _ in enumerate(trees):
+        await unlink_prefix(r, f"bench_pat{i}_{os.getpid()}")
+    return {
+        t: {"seen_us": s / n * 1e6, "claim_us": c / n * 1e6, "own_us": o / n * 1e6}
+        for t, (s, c, o) in acc.items()
+    }
 
 
 async def bench_store(
@@ -156,11 +206,26 @@ async def main() -> None:
     ap.add_argument(
         "--days", type=int, default=8, help="spread the claims over this many days (8: steady)"
     )
+    ap.add_argument("--pattern", action="store_true", help="per batch seen then claim")
+    ap.add_argument("--compare-with", default=None, help="with --pattern: another tree's store")
     a = ap.parse_args()
     if not a.url:
         raise SystemExit("set INGEST_TEST_REDIS_URL (scripts/services/redis.sh start) or --url")
     r = redis_client(a.url)
     print(f"load average {os.getloadavg()}")
+    if a.pattern:
+        trees = [None] if a.compare_with is None else [a.compare_with, None]
+        got = await bench_pattern(r, a.keys, a.batch, trees, a.days)
+        print(f"pipeline pattern: {a.keys:,} new keys, batch {a.batch}, over {a.days} day(s)")
+        for tree, f in got.items():
+            both = f["seen_us"] + f["claim_us"]
+            print(
+                f"{tree or 'this tree':>24}: Redis CPU µs/key seen {f['seen_us']:.2f} + claim "
+                f"{f['claim_us']:.2f} = {both:.2f}; client {f['own_us']:.2f}"
+            )
+        print(f"load average after {os.getloadavg()}")
+        await r.aclose()
+        return
     raw = await bench_raw(r, a.raw_keys, a.batch, 7 * 86400)
     st = await bench_store(r, a.keys, a.batch, min(a.seen_keys, a.keys), a.shard_bits, a.days)
     bits = a.shard_bits or "the store's default"

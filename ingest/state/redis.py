@@ -10,7 +10,7 @@ most two buckets (the current one and the one before) instead of one per day of 
 
     key   ingest_idempotency:<YYYY-MM-DD>+<D>d:<shard>   bucket starting that day (UTC, days
                                     since the epoch divisible by D); shard = the digest's first
-                                    1-6 hex digits, sized per bucket (below)
+                                    1-6 hex digits, one width per part of the bucket (below)
     field digest bytes 3..12 (10 bytes, binary)
     value the claim's hour in the bucket (0..24*D-1), so `seen` honours the TTL to the hour
           although the hash expires by bucket
@@ -18,13 +18,17 @@ most two buckets (the current one and the one before) instead of one per day of 
                                     answers 2 only when the hash is new, so only new hashes pay
                                     EXPIREAT (= end of the bucket + D days: what the longest
                                     TTL of that width needs, so raising the TTL within D days
-                                    holds for keys already claimed; set once, never extended)
+                                    holds for keys already claimed; set once, never extended);
+                                    a first bucket's hashes get it when the bucket opens
     ingest_idempotency:<YYYY-MM-DD>+<D>d:n    number of keys claimed into the bucket (stats)
-    ingest_idempotency:<YYYY-MM-DD>+<D>d:w    "<shard hex digits> <opened at>" of the bucket
-                                    (expires with it): its width, should the registry be lost
-    ingest_idempotency:buckets      hash: bucket prefix -> "<start> <expire_at> <shard hex
-                                    digits> <opened at>", one entry per live bucket, written by
-                                    the claim that opens a bucket (which drops expired ones)
+    ingest_idempotency:<YYYY-MM-DD>+<D>d:w    "<widths> <opened at>" of the bucket (expires
+                                    with it): widths = the shard hex digits of each part, one
+                                    digit a part, oldest first ("2", "26"), should the registry
+                                    be lost
+    ingest_idempotency:buckets      hash: bucket prefix -> "<start> <expire_at> <widths>
+                                    <opened at>", one entry per live bucket, written by the
+                                    claim that opens a bucket (which drops expired ones) and by
+                                    the one that opens a wider part
 
 One clock: what has expired, which bucket a claim goes into and its hour are decided inside
 the scripts by Redis's own `TIME` (Redis 7 replicates a script's effects, so TIME is allowed
@@ -35,43 +39,58 @@ The scripts format the bucket names themselves from that time. `health()` shows 
 skew against Redis (`clock_skew_s`) for the operator; it changes nothing.
 
 Registry loss: a lookup also probes the current bucket and the one before by name (from
-Redis's clock and this store's D) when the registry does not list them, at the width in their
-`w` key (one GET each, only then); a claim that finds its bucket unlisted lists it again at
-that width instead of opening it anew. Every claim batch writes `w` if missing (SET NX), so
+Redis's clock and this store's D) when the registry does not list them, at the widths in their
+`w` key (one GET each, only then); a claim that finds its bucket unlisted lists it again with
+those widths instead of opening it anew. Every claim batch writes `w` if missing (SET NX), so
 buckets opened before `w` existed get one too. Keys of another width (another TTL) are found
 only through the registry. Redis must run with `maxmemory-policy noeviction`: an evicted
 shard hash loses its keys whatever the registry says, and every other policy may evict one
 (volatile-* ones pick keys with an expiry, which all of these have); with noeviction a full
 Redis refuses the claim (OOM), which is StoreUnavailable: the worker waits, nothing is lost.
 
-A lookup reads the registry (one HGETALL per batch) and probes every live bucket in it, newest
-first, so buckets of another width (a changed TTL, a worker with another `shard_bits`) are
-found too: a bucket's shard width is fixed by the claim that opened it. Wider buckets keep a
-key up to one bucket longer than D days in memory (between D and 2 x D days, ~1.5 x on
-average, against ~8/7 with day buckets); `seen` still answers by the claim's hour, so what is
-seen is exactly what it was with day buckets. The claim that opens a bucket sizes its shards
-by the bucket before (its count over the time it was open, if that was >= 1/8 of a bucket):
-the fewest hex digits that give ~32 keys a hash, so a hash keeps the compact listpack
+A lookup reads the registry (one HGETALL per batch) and probes every part of every live bucket
+in it, newest first, so buckets of another width (a changed TTL, a worker with another
+`shard_bits`) are found too: a part's shard width is fixed by the claim that opened it. Wider
+buckets keep a key up to one bucket longer than D days in memory (between D and 2 x D days,
+~1.5 x on average, against ~8/7 with day buckets); `seen` still answers by the claim's hour, so
+what is seen is exactly what it was with day buckets. The claim that opens a bucket sizes its
+shards by the bucket before (its count over the time it was open, if that was >= 1/8 of a
+bucket): the fewest hex digits that give ~32 keys a hash, so a hash keeps the compact listpack
 encoding (~14 bytes per field, <= `hash-max-listpack-entries`, 128 by default) up to 4x that
 rate, and few keys pay a hash of their own (~150 bytes) at low rates; at most `shard_bits`
-(24 by default, 20 for D = 1), which is also the width of a first bucket. 2^24 shards hold
-~2.1G claims a bucket in listpacks (~3,500/s sustained at 7 days); beyond that raise the
-listpack limit in redis.conf. A false "seen" needs a digest equal in its 80 field bits to
-one of the ~32 in its hash: ~2^-75 per lookup.
+(24 by default, 20 for D = 1). 2^24 shards hold ~2.1G claims a bucket in listpacks (~3,500/s
+sustained at 7 days); beyond that raise the listpack limit in redis.conf. A false "seen" needs
+a digest equal in its 80 field bits to one of the few in its hash: ~2^-75 per lookup at 32.
+
+A bucket with nothing to size by (a deployment's first, the one after a pause, day one of every
+bench) opens at `first_shard_bits` (8: 256 hashes), all made by that claim with their EXPIREAT
+and a marker value longer than `hash-max-listpack-value` (64 by default), which puts them in
+the hashtable encoding from the start: no claim then creates a key or pays an EXPIREAT (at the
+widest shards each did, ~1.5-3 µs of Redis CPU a key) and no lookup scans a listpack of
+hundreds of fields. A hashtable field costs ~64 bytes (a first bucket at 2^24 cost ~150-180
+bytes a key, one hash each). Growth: when a bucket's count passes max(64 keys a hash of its
+newest part, `grow_keys` = 2^22, ~270 MB of hashtable fields), the claim appends a wider part,
+sized like a new bucket but by this bucket's own rate since it opened, and claims go on there;
+keys already claimed stay in their part, which lookups keep probing (a part is one more HGET a
+key; a first bucket of 1,000/s gets two parts, "26", about 70 minutes in). So a bucket holds
+at most `grow_keys` keys in hashes that left the listpack encoding (a measured part passes 128
+keys a hash only if the rate rose > 4x), then ~64 a hash on average per part outgrown, up to
+`shard_bits`: nothing grows without bound.
 
 The layout before (day buckets, `ingest_idempotency:<YYYY-MM-DD>:<5 hex digits>` with the hour
 of the day and `ingest_idempotency:<YYYY-MM-DD>:n`) is still read, as long as a day's counter
 exists (an EXISTS per live day per batch), so keys claimed before an upgrade are seen until
 they expire; nothing writes it any more. Upgrade every worker that shares a Redis together
 (stop all old workers, then start the new ones; not a rolling update): an old worker does not
-read the new buckets, so a duplicate it receives of a key a new worker claimed goes through.
+read the new buckets, so a duplicate it receives of a key a new worker claimed goes through;
+likewise a worker from before the parts (a single width digit) reads "26" as one width of 26.
 
 The scripts read and write keys they are not given as KEYS (they name the buckets from
 Redis's clock), so they cannot run on Redis Cluster: one Redis (with replicas) only.
 
-`seen` is one EVALSHA per batch (a Lua script checks the live buckets server-side); `claim` is
-one EVALSHA too: per key one HSET, plus an EXPIREAT for a hash it created; per batch a TIME, an
-HGETALL/HGET of the registry and a SET NX of `w`. The client sends the
+`seen` is one EVALSHA per batch (a Lua script checks the live buckets' parts server-side);
+`claim` is one EVALSHA too: per key one HSET, plus an EXPIREAT for a hash it created; per batch
+a TIME, an HGETALL/HGET of the registry and a SET NX of `w`. The client sends the
 keys' prefixes once raw and once in hex (one C pass each), so a script only cuts strings per key
 and never formats a shard name. Redis errors become `StoreUnavailable` so the worker waits and
 retries; the connection pool reconnects by itself after a Redis restart, and redis-py reloads
@@ -179,26 +198,44 @@ for day = floor(now / 86400), floor((now - ttl) / 86400), -1 do
 end
 local live = #prefixes
 local hex, blob = ARGV[6], ARGV[7]  -- the keys' 13-byte prefixes: hex, raw
--- '0' / '1' as strings: table.concat would format a number with sprintf per key; a shard name
--- is cut once per key and width (the live buckets mostly share one)
-local out, n, h = {}, 0, 1
-for i = 1, #blob, 13 do
-  local field = sub(blob, i + 3, i + 12)
-  local hit, w, shard = '0', 0, ''
-  for d = 1, live do
-    if widths[d] ~= w then
-      w = widths[d]
-      shard = sub(hex, h, h + w - 1)
+local n = #blob / 13
+-- '0' / '1' as strings: table.concat would format a number with sprintf per key
+local out = {}
+for i = 1, n do out[i] = '0' end
+for d = 1, live do
+  local w, name, limit = widths[d], prefixes[d], limits[d]
+  if 16 ^ w * 2 <= n then
+    -- few hashes for the batch (a first bucket's 256): one HMGET per hash, not an HGET per key
+    local groups = {}
+    for i = 1, n do
+      if out[i] == '0' then
+        local h = i * 26 - 25
+        local shard = sub(hex, h, h + w - 1)
+        local g = groups[shard]
+        if g then g[#g + 1] = i else groups[shard] = {i} end
+      end
     end
-    local hour = call('HGET', prefixes[d] .. shard, field)
-    if hour and (tonumber(hour) + 1) * 3600 > limits[d] then
-      hit = '1'
-      break
+    for shard, g in pairs(groups) do
+      for from = 1, #g, 500 do  -- bounded: unpack puts every argument on Lua's C stack
+        local to = math.min(from + 499, #g)
+        local fields = {}
+        for k = from, to do fields[k - from + 1] = sub(blob, g[k] * 13 - 9, g[k] * 13) end
+        local hours = call('HMGET', name .. shard, unpack(fields))
+        for k = from, to do
+          local hour = hours[k - from + 1]
+          if hour and (tonumber(hour) + 1) * 3600 > limit then out[g[k]] = '1' end
+        end
+      end
+    end
+  else
+    for i = 1, n do
+      if out[i] == '0' then
+        local h = i * 26 - 25
+        local hour = call('HGET', name .. sub(hex, h, h + w - 1), sub(blob, i * 13 - 9, i * 13))
+        if hour and (tonumber(hour) + 1) * 3600 > limit then out[i] = '1' end
+      end
     end
   end
-  n = n + 1
-  out[n] = hit
-  h = h + 26
 end
 return table.concat(out)  -- one bulk string of '0'/'1': one reply to parse, not one per key
 """
@@ -279,15 +316,46 @@ else
 end
 -- as strings once: redis.call formats a number argument with snprintf on every call
 local hour_s, expire_s = tostring(hour), tostring(expire_at)
-local added, h = 0, 1
-for i = 1, #blob, 13 do
-  local key = prefix .. sub(hex, h, h + width - 1)
-  -- the empty marker field is new only in a hash this call created: only those need their
-  -- EXPIREAT, every other hash has it already
-  local n = call('HSET', key, '', '', sub(blob, i + 3, i + 12), hour_s)
-  if n == 2 then call('EXPIREAT', key, expire_s) end
-  if n > 0 then added = added + 1 end
-  h = h + 26
+local added, count = 0, #blob / 13
+if 16 ^ width * 2 <= count then
+  -- few hashes for the batch (a first bucket's 256): one HSET per hash with its distinct
+  -- fields; the marker is new only if the hash is, then HSET answers one more than the fields
+  local groups = {}
+  for i = 1, count do
+    local h = i * 26 - 25
+    local shard = sub(hex, h, h + width - 1)
+    local g = groups[shard]
+    if not g then g = {}; groups[shard] = g end
+    g[sub(blob, i * 13 - 9, i * 13)] = true
+  end
+  for shard, g in pairs(groups) do
+    local key, args, m = prefix .. shard, {'', ''}, 0
+    local function flush()  -- bounded: unpack puts every argument on Lua's C stack
+      local new = call('HSET', key, unpack(args))
+      if args[1] == '' and new > m then
+        call('EXPIREAT', key, expire_s)
+        new = new - 1
+      end
+      added, args, m = added + new, {}, 0
+    end
+    for field in pairs(g) do
+      args[#args + 1] = field
+      args[#args + 1] = hour_s
+      m = m + 1
+      if m == 500 then flush() end
+    end
+    if m > 0 then flush() end
+  end
+else
+  for i = 1, count do
+    local h = i * 26 - 25
+    local key = prefix .. sub(hex, h, h + width - 1)
+    -- the empty marker field is new only in a hash this call created: only those need their
+    -- EXPIREAT, every other hash has it already
+    local n = call('HSET', key, '', '', sub(blob, i * 13 - 9, i * 13), hour_s)
+    if n == 2 then call('EXPIREAT', key, expire_s) end
+    if n > 0 then added = added + 1 end
+  end
 end
 local counter = prefix .. 'n'
 local total = call('INCRBY', counter, added)

@@ -187,6 +187,7 @@ async def test_one_round_trip_per_batch(private_client: aioredis.Redis, uid: str
     assert set(client_cmds) <= {
         "cmdstat_info",
         "cmdstat_hget",
+        "cmdstat_hmget",  # a part of few hashes: one HMGET per hash
         "cmdstat_hset",
         "cmdstat_expireat",
         "cmdstat_incrby",
@@ -259,8 +260,9 @@ return added
 async def test_claims_set_expireat_only_on_hashes_they_create(
     private_client: aioredis.Redis, uid: str
 ) -> None:
-    """16 shards: the first batch creates every hash and gives each its EXPIREAT; the next
-    batch lands in the same hashes and sets none (only the bucket's counter, once per batch)."""
+    """16 shards: the claim that opens the bucket makes every hash and gives each its
+    EXPIREAT; claims then set none (only the bucket's counter, once per batch), and put a
+    batch's keys into a hash with one HSET."""
     prefix = f"idem_{uid}"
     store = RedisIdempotencyStore(private_client, prefix=prefix, shard_bits=4)
     keys = digests(uid, 4000)
@@ -273,7 +275,7 @@ async def test_claims_set_expireat_only_on_hashes_they_create(
     # 16 hashes, the counter and the registry (the first claim opens the bucket)
     assert middle["cmdstat_expireat"] - before.get("cmdstat_expireat", 0) == 16 + 1 + 1
     assert after["cmdstat_expireat"] - middle["cmdstat_expireat"] == 1
-    assert after["cmdstat_hset"] - middle["cmdstat_hset"] == 2000  # one HSET per key
+    assert after["cmdstat_hset"] - middle["cmdstat_hset"] == 16  # one HSET per hash
     assert await store.seen(keys) == [True] * 4000
     assert (await store.stats())["keys"] == 4000  # the marker is not counted as a key
     bucket = store.bucket_prefix(store.bucket_start(time.time()))
@@ -895,7 +897,8 @@ def test_buckets_grow_wider_parts_by_the_model_and_every_claimed_key_stays_seen(
     (made in the hashtable encoding); when a bucket's count passes max(64 keys a hash of its
     newest part, `grow_keys`) claims go on in a wider part, sized by the bucket's own rate so
     far. Meanwhile every key claimed within the TTL is seen, none never claimed is, also
-    after the registry is deleted (`drop`: the parts are kept in `<bucket>w`)."""
+    after the registry is deleted (`drop`: the parts are kept in `<bucket>w`); each bucket's
+    counter is its distinct keys (batches hold duplicates) and every key has an expiry."""
     span, most, first = 7 * DAY, 2, 1  # shard_bits 8, first_shard_bits 4
 
     async def go() -> None:
@@ -920,7 +923,7 @@ def test_buckets_grow_wider_parts_by_the_model_and_every_claimed_key_stays_seen(
                     await client.delete(store.registry)
                     continue
                 keys = digests(f"{prefix}-{i}", n)
-                await store.claim(keys)
+                await store.claim(keys + keys[: n // 3])  # a third twice in the batch
                 claimed.extend((k, now[0]) for k in keys)
                 start = store.bucket_start(now[0])
                 if start not in model:
@@ -944,11 +947,14 @@ def test_buckets_grow_wider_parts_by_the_model_and_every_claimed_key_stays_seen(
                 assert meta.split()[2].decode() == want, (meta, b)
                 saved = await client.get(store.bucket_prefix(start) + "w")
                 assert saved is not None and saved.split()[0].decode() == want
+                assert int(await client.get(store.bucket_prefix(start) + "n")) == b["total"]
             live = [at // 3600 * 3600 + 3600 + TTL > now[0] for _, at in claimed]
             assert await store.seen([k for k, _ in claimed]) == live
             assert await store.seen(fresh) == [False] * len(fresh)
             await client.delete(store.registry)
             assert await store.seen([k for k, _ in claimed]) == live
+            names = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+            assert names and all([await client.ttl(k) > 0 for k in names])  # all expire
         finally:
             await drop(client, prefix)
 
