@@ -77,6 +77,8 @@ def preload_modules(cfg: C.Config) -> list[str]:
             mods += intake if sc.intake == "kafka" else ("ingest.webhook.sqlite",)
         else:
             mods.append(f"ingest.sources.{sc.type}")
+            if sc.type == "s3":  # its models parsed once, not in each worker
+                mods.append("ingest.sources.s3_preload")
     mods += [f"ingest.sinks.{sk.type}" for sk in cfg.sinks]
     return list(dict.fromkeys(mods))
 
