@@ -135,6 +135,150 @@ def dir_mb(path: Path) -> dict[str, float]:
     return {f.name: f.stat().st_size / 1e6 for f in sorted(path.glob("**/*.db*")) if f.is_file()}
 
 
+def cpu_times() -> tuple[int, int]:
+    """(steal, total) jiffies of the whole machine, from /proc/stat's first line."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Share of the machine's time the hypervisor gave to others (VM steal) in between."""
+    return (after[0] - before[0]) / max(after[1] - before[1], 1)
+
+
+# x86-64 system call numbers a service thread is seen blocked in (/proc/<pid>/task/<t>/syscall)
+SYSCALLS = {
+    "0": "read", "1": "write", "7": "poll", "17": "pread", "18": "pwrite", "23": "select",
+    "35": "nanosleep", "72": "fcntl", "73": "flock", "74": "fsync", "75": "fdatasync",
+    "202": "futex", "230": "clock_nanosleep", "232": "epoll_wait", "281": "epoll_pwait",
+    "76": "truncate", "77": "ftruncate", "87": "unlink", "9": "mmap", "11": "munmap",
+    "10": "mprotect", "26": "msync", "-1": "-",
+}
+
+
+def thread_states(pid: int, waits: bool = True) -> dict[int, tuple[str, str, float, float]]:
+    """(state R/S/D..., the system call it sleeps in, CPU seconds, seconds spent runnable but
+    waiting for a core: schedstat) of each thread of one process."""
+    out: dict[int, tuple[str, str, float, float]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in tids:
+        task = f"/proc/{pid}/task/{tid}"
+        try:
+            with open(f"{task}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            state = fields[0]
+            call = "-"
+            if waits and state != "R":
+                with open(f"{task}/syscall") as f:
+                    word = f.read().split(" ", 1)[0].strip()
+                call = SYSCALLS.get(word, f"sys{word}") if word != "running" else "-"
+            with open(f"{task}/schedstat") as f:
+                queued = int(f.read().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            continue
+        out[int(tid)] = (state, call, (int(fields[11]) + int(fields[12])) / tick, queued)
+    return out
+
+
+class StallWatch(threading.Thread):
+    """A finer view than the timeline, to show what a stall is made of: every second the
+    delivered count and the intake backlog; between them each service thread's state (and
+    the system call it sleeps in: futex, flock, fdatasync ...) sampled `hz` times, and its
+    CPU and run-queue time (runnable, waiting for a core: other processes' load, not the
+    service's own waits). When the backlog jumps by `jump` records in a second (or stays
+    above it while delivery is under half the offered rate), it prints a `stall` line (the
+    second's delivered rate, backlog, steal, how long the control plane took to answer, and
+    each busy or waiting thread) and, if py-spy is on PATH, appends every process's Python
+    stacks (`py-spy dump --nonblocking`, which names each thread) to `log`."""
+
+    def __init__(self, svc: ServiceProcess, offered: float, log: Path, jump: float = 5000.0,
+                 hz: float = 10.0, max_dumps: int = 40) -> None:
+        super().__init__(daemon=True)
+        self.svc, self.offered, self.log, self.jump, self.hz = svc, offered, log, jump, hz
+        self.max_dumps, self.dumps, self.stalls = max_dumps, 0, 0
+        self.done = threading.Event()
+        self.spy = shutil.which("py-spy")
+        self.names: dict[int, str] = {}  # thread id -> Python thread name (from py-spy)
+
+    def run(self) -> None:
+        assert self.svc.proc is not None
+        pids = {"ctl": self.svc.proc.pid, **self.svc.worker_pids()}
+        t0 = time.monotonic()
+        last_t, last_got, last_backlog = t0, delivered(self.svc.url), 0.0
+        last_cpu = {n: thread_states(p, False) for n, p in pids.items()}
+        last_steal = cpu_times()
+        while not self.done.is_set():
+            seen: dict[tuple[str, int], dict[str, int]] = {}
+            end = last_t + 1.0
+            while (now := time.monotonic()) < end and not self.done.is_set():
+                for n, p in pids.items():
+                    for tid, (state, call, _, _) in thread_states(p).items():
+                        key = state if state == "R" else f"{state}:{call}"
+                        counts = seen.setdefault((n, tid), {})
+                        counts[key] = counts.get(key, 0) + 1
+                time.sleep(max(0.0, min(1.0 / self.hz, end - time.monotonic())))
+            a = time.monotonic()
+            try:
+                got = delivered(self.svc.url)
+                intake = detailed(self.svc.url, 30).json()["backpressure"].get("intake", {})
+            except (httpx.HTTPError, ValueError):
+                break
+            answer = time.monotonic() - a
+            now = time.monotonic()
+            backlog = float(intake.get("records", 0))
+            cpu = {n: thread_states(p, False) for n, p in pids.items()}
+            steal = cpu_times()
+            rate = (got - last_got) / (now - last_t)
+            jumped = backlog - last_backlog >= self.jump
+            slow = backlog >= self.jump and rate < 0.5 * self.offered
+            if jumped or slow:
+                self.stalls += 1
+                self.report(now - t0, rate, backlog, steal_share(last_steal, steal), answer,
+                            seen, cpu, last_cpu, now - last_t, pids)
+            last_t, last_got, last_backlog, last_cpu, last_steal = now, got, backlog, cpu, steal
+
+    def report(self, t: float, rate: float, backlog: float, steal: float, answer: float,
+               seen: dict[tuple[str, int], dict[str, int]],
+               cpu: dict[str, dict[int, tuple[str, str, float, float]]],
+               last_cpu: dict[str, dict[int, tuple[str, str, float, float]]], dt: float,
+               pids: dict[str, int]) -> None:
+        if self.spy and self.dumps < self.max_dumps:
+            self.dumps += 1
+            with self.log.open("a") as f:
+                f.write(f"=== t={t:.1f}s delivered {rate:,.0f}/s backlog {backlog:,.0f}\n")
+                for n, p in pids.items():
+                    out = subprocess.run([self.spy, "dump", "--nonblocking", "--pid", str(p)],
+                                         text=True,
+                                         capture_output=True, timeout=30).stdout
+                    f.write(f"--- {n} (pid {p})\n{out}\n")
+                    for line in out.splitlines():
+                        if line.startswith("Thread "):
+                            word = line.split()[1]
+                            if word.isdigit():
+                                self.names[int(word)] = line.split('"')[1] if '"' in line else ""
+        parts = []
+        for n in pids:
+            for tid, (_, _, c, q) in sorted(cpu[n].items()):
+                was = last_cpu[n].get(tid, ("", "", c, q))
+                share, queued = (c - was[2]) / dt, (q - was[3]) / dt
+                counts = seen.get((n, tid), {})
+                total = max(sum(counts.values()), 1)
+                waits = sorted(counts.items(), key=lambda kv: -kv[1])
+                if share < 0.05 and queued < 0.05 and not any(
+                        k.startswith("D") or k in ("S:flock", "S:fsync", "S:fdatasync")
+                        or "nanosleep" in k for k, _ in waits[:2]):
+                    continue
+                name = self.names.get(tid) or ("main" if tid == pids[n] else f"t{tid % 1000}")
+                where = " ".join(f"{k} {v / total:.0%}" for k, v in waits[:3])
+                parts.append(f"{n}/{name} cpu {share:.0%} runq {queued:.0%} [{where}]")
+        print(f"  stall t={t:4.0f}s delivered {rate:7,.0f}/s backlog {backlog:7,.0f} steal "
+              f"{steal:.0%} ctl answered in {answer:.2f} s; " + "; ".join(parts), flush=True)
+
+
 class Timeline(threading.Thread):
     """Every `every` seconds: delivered rate, p95 lag of what was delivered in the interval,
     intake backlog, each process's CPU share and the service's CPU per delivered record, so a
@@ -166,9 +310,12 @@ class Timeline(threading.Thread):
             return time.monotonic(), got, buckets(text), cpu, threads
 
         last = sample()
+        last_steal = cpu_times()
         while not self.done.wait(self.every):
             now, got, hist, cpu, threads = sample()
             intake = detailed(self.svc.url, 30).json()["backpressure"].get("intake", {})
+            steal_now = cpu_times()
+            steal, last_steal = steal_share(last_steal, steal_now), steal_now
             dt, n = now - last[0], got - last[1]
             p95 = quantile(last[2], hist, 0.95)
             row = {
@@ -177,6 +324,7 @@ class Timeline(threading.Thread):
                 "p95": float("nan") if p95 is None else p95,
                 "backlog": float(intake.get("records", 0)),
                 "us": sum(cpu[k] - last[3][k] for k in service) / max(n, 1) * 1e6,
+                "steal": steal,
             }
             row.update({f"cpu_{k}": (cpu[k] - last[3][k]) / dt for k in pids})
             self.rows.append(row)
@@ -192,7 +340,8 @@ class Timeline(threading.Thread):
             shares = " ".join(f"{k} {row[f'cpu_{k}']:.0%}" for k in pids)
             print(
                 f"  t={row['t']:4.0f}s delivered {row['rate']:7,.0f}/s p95 {row['p95']:6.2f} s"
-                f" backlog {row['backlog']:7,.0f}; service {row['us']:4.1f} us/rec, cpu {shares};"
+                f" backlog {row['backlog']:7,.0f} steal {steal:3.0%};"
+                f" service {row['us']:4.1f} us/rec, cpu {shares};"
                 f" {busy} us/rec {' '.join(parts)}; MB {files}",
                 flush=True,
             )
@@ -278,6 +427,13 @@ def main() -> None:
                     help="the webhook source's linger_seconds (default: the config default)")
     ap.add_argument("--rate", type=float, default=None,
                     help="offer this many records/s and skip the peak phase")
+    ap.add_argument("--stall-jump", type=float, default=5000.0,
+                    help="steady phase: a second in which the backlog grows by this many records "
+                    "(or stays above it while delivery is under half the offered rate) prints a "
+                    "`stall` line (each service thread's CPU and kernel waits); 0: no watch")
+    ap.add_argument("--stall-log", type=Path, default=None,
+                    help="where stalls' `py-spy dump`s go (py-spy on PATH; default: "
+                    "/tmp/bench-steady-stalls-<pid>.txt)")
     args = ap.parse_args()
     args.peak_batch = args.peak_batch or args.batch
     if args.peak_seconds is None:
@@ -333,10 +489,18 @@ def main() -> None:
         t1 = time.monotonic()
         timeline = Timeline(svc, args.every)
         timeline.start()
+        log = args.stall_log or Path(f"/tmp/bench-steady-stalls-{os.getpid()}.txt")
+        watch = StallWatch(svc, rate, log, jump=args.stall_jump)
+        if args.stall_jump > 0:
+            watch.start()
         accepted, refused, errors = asyncio.run(paced(url, rate, args.batch, args.seconds))
         wait_drained(url)
         timeline.done.set()
         timeline.join()
+        watch.done.set()
+        if watch.is_alive():
+            watch.join()
+        steals = [r["steal"] for r in timeline.rows]
         elapsed = time.monotonic() - t1
         metrics = httpx.get(f"{url}/metrics", timeout=30).text
         after = buckets(metrics)
@@ -360,6 +524,11 @@ def main() -> None:
         print(f"service CPU per record: {drift[0]:.1f} us over the first minute, "
               f"{drift[1]:.1f} us over the last ({drift[1] / drift[0]:.2f}x)")
     print(f"peak RSS (largest service process): {rss:.0f} MB")
+    if steals:
+        print(f"VM steal over the steady phase: {sum(steals) / len(steals):.1%} mean, "
+              f"{max(steals):.0%} in the worst {args.every:.0f}-s interval; "
+              f"{watch.stalls} stall seconds"
+              + (f", py-spy dumps in {log}" if watch.dumps else ""))
     print(f"uptime after: {subprocess.getoutput('uptime').strip()}")
 
 
