@@ -141,6 +141,16 @@ def cpu_times() -> tuple[int, int]:
     return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
 
 
+def runq_seconds(pid: int) -> float:
+    """Seconds the process's main thread (a worker's event loop) was runnable but waiting for
+    a core (/proc/<pid>/schedstat): other processes' load or the host's steal, not its own
+    waits."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
     """Share of the machine's time the hypervisor gave to others (VM steal) in between."""
     return (after[0] - before[0]) / max(after[1] - before[1], 1)
@@ -281,9 +291,11 @@ class StallWatch(threading.Thread):
 
 class Timeline(threading.Thread):
     """Every `every` seconds: delivered rate, p95 lag of what was delivered in the interval,
-    intake backlog, each process's CPU share and the service's CPU per delivered record, so a
-    run shows whether delivery decays, whether the cost per record grows (CPU per record
-    hardly moves with other people's load, wall-clock rates do), and who takes the cores."""
+    intake backlog, the machine's VM steal, the share of the interval the busiest worker's
+    event loop waited for a core (runq), each process's CPU share and the service's CPU per
+    delivered record, so a run shows whether delivery decays, whether the cost per record
+    grows (CPU per record hardly moves with other people's load, wall-clock rates do), and
+    who takes the cores."""
 
     def __init__(self, svc: ServiceProcess, every: float) -> None:
         super().__init__(daemon=True)
@@ -311,11 +323,13 @@ class Timeline(threading.Thread):
 
         last = sample()
         last_steal = cpu_times()
+        last_runq = {n: runq_seconds(p) for n, p in workers.items()}
         while not self.done.wait(self.every):
             now, got, hist, cpu, threads = sample()
             intake = detailed(self.svc.url, 30).json()["backpressure"].get("intake", {})
             steal_now = cpu_times()
             steal, last_steal = steal_share(last_steal, steal_now), steal_now
+            runq_now = {n: runq_seconds(p) for n, p in workers.items()}
             dt, n = now - last[0], got - last[1]
             p95 = quantile(last[2], hist, 0.95)
             row = {
@@ -331,6 +345,8 @@ class Timeline(threading.Thread):
             # the busiest worker's threads, us per delivered record: main (the event loop)
             # first, then its other threads (SQLite's) by id, those above 1 us
             busy = max(workers, key=lambda k: row[f"cpu_{k}"])
+            row["runq"] = (runq_now[busy] - last_runq.get(busy, runq_now[busy])) / dt
+            last_runq = runq_now
             pid, now_t, last_t = workers[busy], threads[busy], last[4][busy]
             per = {t: (v - last_t.get(t, 0.0)) / max(n, 1) * 1e6 for t, v in now_t.items()}
             parts = [f"main {per.pop(pid, 0.0):.1f}"] + [
@@ -340,7 +356,7 @@ class Timeline(threading.Thread):
             shares = " ".join(f"{k} {row[f'cpu_{k}']:.0%}" for k in pids)
             print(
                 f"  t={row['t']:4.0f}s delivered {row['rate']:7,.0f}/s p95 {row['p95']:6.2f} s"
-                f" backlog {row['backlog']:7,.0f} steal {steal:3.0%};"
+                f" backlog {row['backlog']:7,.0f} steal {steal:3.0%} runq {row['runq']:3.0%};"
                 f" service {row['us']:4.1f} us/rec, cpu {shares};"
                 f" {busy} us/rec {' '.join(parts)}; MB {files}",
                 flush=True,
