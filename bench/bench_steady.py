@@ -24,10 +24,16 @@ delivered/peak, the largest service process's peak RSS, load average before and 
 every --every seconds a timeline line (delivered rate, p95 of the interval, backlog, CPU share
 of each process, service CPU per record, the busiest worker's CPU per record by thread: its
 event loop ("main") and its SQLite threads, SQLite file sizes), and the service's CPU per record
-over the first and the last minute (does the cost grow as the files do?).
+over the first and the last minute (does the cost grow as the files do?). Each timeline line
+also has the machine's VM steal and `runq`, the share of the interval the busiest worker's event
+loop was runnable without a core (other processes' load or steal, not the service's waits).
+A stall watch (`StallWatch`, --stall-jump) prints a `stall` line for each second the backlog
+jumps: every service thread's CPU, run-queue share and the system calls it slept in, plus
+py-spy dumps in --stall-log (docs/benchmarks.md, "what a bench_steady stall is made of").
 
     uv run python bench/bench_steady.py [--seconds 300] [--share 0.8] [--workers N]
         [--peak-seconds S] [--basis populated|burst|sustained] [--rate R] [--linger S]
+        [--stall-jump RECORDS] [--stall-log FILE]
 """
 
 from __future__ import annotations
