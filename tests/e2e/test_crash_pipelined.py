@@ -107,13 +107,16 @@ def test_kill9_between_settling_and_writing_keeps_sink_and_dlq_exact(
     config = tmp_path / "ingest.yaml"
     sinks_yaml, dsn = sink
     config.write_text(CONFIG + sinks_yaml)
-    for f in range(6):  # 6 files x 300 batches x 20 lines = 36k lines
+    # 8 files x 300 batches x 20 lines = 48k lines: enough work for three kills or more at
+    # these pauses (6 files with pauses of 0.5-2 s let a run end after two kills once a file
+    # restarted into the inbox was taken without a settle wait)
+    for f in range(8):
         drop_file(inbox, f"orders-{f}.jsonl", feed.file(f"f{f}", 300))
     assert len(feed.older) > 1000
 
     port = free_port()
     with Crashes(lambda: ServiceProcess(data, config=config, port=port).start()) as run:
-        run.kill9_at_random(rng, 8, (0.5, 2.0), lambda svc: finished(svc, inbox))
+        run.kill9_at_random(rng, 8, (0.25, 1.25), lambda svc: finished(svc, inbox))
         wait_finished(run.svc, inbox, 600)
         assert run.svc.terminate() == 0
     assert run.kills >= 3
