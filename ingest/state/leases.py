@@ -102,6 +102,9 @@ WHERE (source_leases.lease_until < ? OR source_leases.owner = excluded.owner)
 # Writes after a commit apply to the owner's row, or to a row whose lease lapsed with nobody
 # else holding it (slow renew); a worker that lost the item to another changes nothing.
 _HELD = "source = ? AND item = ? AND (owner = ? OR lease_until < ?)"
+_SQLITE_SAVE = f'UPDATE source_leases SET "offset" = ? WHERE {_HELD}'
+_SQLITE_FINISH = f"UPDATE source_leases SET done_version = ?, lease_until = 0 WHERE {_HELD}"
+_SQLITE_OFFSET = 'SELECT "offset" FROM source_leases WHERE source = ? AND item = ?'
 
 
 class SQLiteLeaseStore:
@@ -136,10 +139,7 @@ class SQLiteLeaseStore:
             with immediate(conn):
                 if conn.execute(_SQLITE_ACQUIRE, args).rowcount != 1:
                     return None
-                row = conn.execute(
-                    'SELECT "offset" FROM source_leases WHERE source = ? AND item = ?',
-                    (source, item),
-                ).fetchone()
+                row = conn.execute(_SQLITE_OFFSET, (source, item)).fetchone()
             return int(row[0]) if row else 0
 
         return await self._db.run(fn)
@@ -149,14 +149,11 @@ class SQLiteLeaseStore:
         return await self._exec(sql, (self._clock() + ttl, source, item, owner)) == 1
 
     async def save_offset(self, source: str, item: str, owner: str, offset: int) -> None:
-        sql = f'UPDATE source_leases SET "offset" = ? WHERE {_HELD}'
-        await self._exec(sql, (offset, source, item, owner, self._clock()))
+        await self._exec(_SQLITE_SAVE, (offset, source, item, owner, self._clock()))
 
     async def offset(self, source: str, item: str) -> int:
         def fn(conn: sqlite3.Connection) -> int:
-            row = conn.execute(
-                'SELECT "offset" FROM source_leases WHERE source = ? AND item = ?', (source, item)
-            ).fetchone()
+            row = conn.execute(_SQLITE_OFFSET, (source, item)).fetchone()
             return int(row[0]) if row else 0
 
         return await self._db.run(fn)
@@ -166,8 +163,7 @@ class SQLiteLeaseStore:
         await self._exec(sql, (source, item, owner))
 
     async def mark_done(self, source: str, item: str, version: str, owner: str) -> None:
-        sql = f"UPDATE source_leases SET done_version = ?, lease_until = 0 WHERE {_HELD}"
-        await self._exec(sql, (version, source, item, owner, self._clock()))
+        await self._exec(_SQLITE_FINISH, (version, source, item, owner, self._clock()))
 
     async def commit(
         self,
@@ -177,15 +173,13 @@ class SQLiteLeaseStore:
         done: Mapping[str, str],
     ) -> None:
         now = self._clock()
-        save = f'UPDATE source_leases SET "offset" = ? WHERE {_HELD}'
-        finish = f"UPDATE source_leases SET done_version = ?, lease_until = 0 WHERE {_HELD}"
 
         def fn(conn: sqlite3.Connection) -> None:
             with immediate(conn):  # one transaction: all or nothing
                 for item, offset in offsets:
-                    conn.execute(save, (offset, source, item, owner, now))
+                    conn.execute(_SQLITE_SAVE, (offset, source, item, owner, now))
                 for item, version in done.items():
-                    conn.execute(finish, (version, source, item, owner, now))
+                    conn.execute(_SQLITE_FINISH, (version, source, item, owner, now))
 
         await self._db.run(fn)
 
