@@ -478,12 +478,7 @@ class ItemSource(PullOnly, ABC, Generic[CfgT]):
 
     def _complete(self, state: _ItemState) -> bool:
         """Read to its end, every record in a batch, every such batch committed."""
-        return (
-            state.ended
-            and not state.open_batches
-            and not state.buffered
-            and self._items.get(state.ref.name) is state
-        )
+        return not state.open_batches and self._complete_but_one(state)
 
     async def _unsupported(self, state: _ItemState, message: str) -> None:
         key = (state.ref.name, state.ref.version)
