@@ -180,7 +180,8 @@ class Pod:
                     else self.config.data_dir / "intake.db"
                 )
                 self._intake_db = await SQLiteDB.open(path)
-                self.intake = SQLiteIntake(self._intake_db)
+                # one row per worker a request's entities fall to (ingest.webhook.spread)
+                self.intake = SQLiteIntake(self._intake_db, groups=len(self.slots))
             return
 
     async def _spawn(self, slot: WorkerSlot) -> None:

@@ -28,10 +28,20 @@ from typing import Protocol
 class Intake(Protocol):
     """Where the door makes an accepted body durable before answering 202."""
 
+    # True when the intake has several partitions read by different workers: the door then
+    # passes each line's entity key (ingest.webhook.spread) so a tenant's lines spread
+    spread: bool
+
     async def append(
-        self, tenant: str, source: str, lines: Sequence[bytes], received_at: float
+        self,
+        tenant: str,
+        source: str,
+        lines: Sequence[bytes],
+        received_at: float,
+        keys: Sequence[int] | None = None,
     ) -> int:
-        """Durable on return (else raises StoreUnavailable); returns an id for the sender."""
+        """Durable on return (else raises StoreUnavailable); returns an id for the sender.
+        `keys`: each line's partition key (None: the tenant's)."""
         ...
 
     async def close(self) -> None: ...

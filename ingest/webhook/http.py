@@ -20,7 +20,7 @@ import math
 import re
 import time
 import zlib
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 import orjson
@@ -37,6 +37,7 @@ from ingest.formats import FEED_FIRST, GZIP_WBITS, INFLATE_STEP, only_nul_paddin
 from ingest.names import NAME_RULE as _NAME
 from ingest.pipeline.admission import Admission, BackpressureState, Rejected
 from ingest.webhook import Intake
+from ingest.webhook.spread import NOT_JSON, entity_key
 
 log = logging.getLogger(__name__)
 _NDJSON_TYPES = (
@@ -184,9 +185,12 @@ async def _take(
             400, "empty_body", "the body is empty; send a JSON object, an array, or NDJSON"
         )
 
-    lines, malformed = split_records(body, content_type)
+    lines, malformed, values = split_values(body, content_type)
     if isinstance(lines, Response):
         return lines
+    keys = None  # None: the tenant's partition (the repair functions may change entities)
+    if intake.spread and not service.config.transformers:
+        keys = [entity_key(tenant, v, ln) for v, ln in zip(values, lines, strict=True)]
     refused = service.refuse_intake(len(body))
     if refused is not None:
         return _insufficient_storage(refused)
@@ -198,7 +202,7 @@ async def _take(
         return _refused(rej)
 
     try:
-        intake_id = await intake.append(tenant, source, lines, time.time())
+        intake_id = await intake.append(tenant, source, lines, time.time(), keys)
     except StoreUnavailable as exc:
         admission.appended(len(lines), len(body), ok=False)
         if isinstance(exc, DiskFull) or is_disk_full(exc):
@@ -362,6 +366,14 @@ def split_records(body: bytes, content_type: str) -> tuple[list[bytes] | Respons
     no line parses it is refused (400); otherwise malformed lines are kept, so the pipeline
     DLQs each one with its bytes and the sender can see exactly which.
     """
+    lines, malformed, _ = split_values(body, content_type)
+    return lines, malformed
+
+
+def split_values(body: bytes, content_type: str) -> tuple[list[bytes] | Response, int, list[Any]]:
+    """`split_records`, plus each line's parsed value (`NOT_JSON` for a malformed line): the
+    door keys each line by its entity (ingest.webhook.spread) from what was parsed here
+    anyway, without parsing the body a second time."""
     ctype = content_type.split(";")[0].strip().lower()
     if ctype not in _NDJSON_TYPES:
         try:
@@ -369,15 +381,18 @@ def split_records(body: bytes, content_type: str) -> tuple[list[bytes] | Respons
         except orjson.JSONDecodeError as exc:
             if b"\n" in body.strip() and ctype != "application/json":
                 return _split_ndjson(body)
-            return error(400, "invalid_json", f"body is not JSON: {exc}"), 0
+            return error(400, "invalid_json", f"body is not JSON: {exc}"), 0, []
         if isinstance(value, list):
             if not value:
-                return error(400, "empty_array", "the JSON array holds no records"), 0
+                return error(400, "empty_array", "the JSON array holds no records"), 0, []
             try:
-                return [_one_line(bytes(raw)) for raw in _RAW_ARRAY.decode(body)], 0
+                lines = [_one_line(bytes(raw)) for raw in _RAW_ARRAY.decode(body)]
             except (msgspec.DecodeError, RecursionError):  # an element nested too deep for it
-                return [_one_line(e) for e in _array_elements(body)], 0
-        return [_one_line(body.strip())], 0
+                lines = [_one_line(e) for e in _array_elements(body)]
+            if len(lines) != len(value):  # never seen; keyed by their bytes then
+                return lines, 0, [NOT_JSON] * len(lines)
+            return lines, 0, value
+        return [_one_line(body.strip())], 0, [value]
     return _split_ndjson(body)
 
 
@@ -417,15 +432,17 @@ def _one_line(value: bytes) -> bytes:
     return value
 
 
-def _split_ndjson(body: bytes) -> tuple[list[bytes] | Response, int]:
+def _split_ndjson(body: bytes) -> tuple[list[bytes] | Response, int, list[Any]]:
     lines = [ln.strip() for ln in body.splitlines()]
     lines = [ln for ln in lines if ln]
+    values: list[Any] = []
     malformed = 0
     for ln in lines:
         try:
-            orjson.loads(ln)
+            values.append(orjson.loads(ln))
         except orjson.JSONDecodeError:
+            values.append(NOT_JSON)
             malformed += 1
     if malformed == len(lines):
-        return error(400, "invalid_json", "no line of the body is JSON (expected NDJSON)"), 0
-    return lines, malformed
+        return error(400, "invalid_json", "no line of the body is JSON (expected NDJSON)"), 0, []
+    return lines, malformed, values

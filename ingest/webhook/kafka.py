@@ -5,12 +5,14 @@ broker acknowledged EVERY message with acks=all; any failure or timeout raises
 `StoreUnavailable`, so the client gets 503 and retries instead of losing the body. The
 producer is idempotent, so librdkafka's own retries never duplicate or reorder a message.
 
-One message per record line, key = tenant (a tenant's lines stay in order on one partition),
-headers `tenant` and `source`, timestamp = the request's `received_at`, which the Kafka
-source turns into `event_time` (lag is measured from receipt). The topic is read back by an
-ordinary `KafkaSource`; its consumer lag is the intake backlog. If `append` fails half way,
-the lines already sent stay in the topic: the client's retry repeats them and idempotency
-absorbs the repeat.
+One message per record line, key = the tenant and the line's entity key
+(ingest.webhook.spread: an entity's lines stay in order on one partition, and one tenant's
+lines spread over the partitions, so over the consumer group's workers), or the tenant alone
+when the door passes no keys (repair functions configured); headers `tenant` and `source`,
+timestamp = the request's `received_at`, which the Kafka source turns into `event_time` (lag
+is measured from receipt). The topic is read back by an ordinary `KafkaSource`; its consumer
+lag is the intake backlog. If `append` fails half way, the lines already sent stay in the
+topic: the client's retry repeats them and idempotency absorbs the repeat.
 """
 
 from __future__ import annotations
@@ -97,8 +99,15 @@ class KafkaIntake:
         self._thread = threading.Thread(target=self._poll, name="kafka-intake-poll", daemon=True)
         self._thread.start()
 
+    spread = True  # a topic has partitions of its own, read by the workers of the group
+
     async def append(
-        self, tenant: str, source: str, lines: Sequence[bytes], received_at: float
+        self,
+        tenant: str,
+        source: str,
+        lines: Sequence[bytes],
+        received_at: float,
+        keys: Sequence[int] | None = None,
     ) -> int:
         """Return the offset of the last message once ALL are acknowledged (-1 if no lines)."""
         if not lines:
@@ -112,7 +121,8 @@ class KafkaIntake:
         headers = [("tenant", key), ("source", source.encode())]
         ts_ms = int(received_at * 1000)
         for i, line in enumerate(lines):
-            await self._produce(line, key, headers, ts_ms, pending, len(lines) - i)
+            k = key if keys is None else b"%s/%08x" % (key, keys[i])
+            await self._produce(line, k, headers, ts_ms, pending, len(lines) - i)
         try:
             return await asyncio.wait_for(pending.future, DELIVERY_TIMEOUT_MS / 1000 + _GRACE_S)
         except (RuntimeError, TimeoutError) as exc:

@@ -10,18 +10,37 @@ between re-reads them and idempotency absorbs the repeat. The table is created b
 from __future__ import annotations
 
 import sqlite3
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ingest.state.sqlite import SQLiteDB, autocommit, chunks, immediate, marks
+from ingest.webhook.spread import tenant_key
 
 PARTITIONS = 1 << 16
 
 
 def partition(tenant: str) -> int:
-    """The tenant's intake partition: a tenant's requests stay in order on one worker."""
-    return zlib.crc32(tenant.encode()) % PARTITIONS
+    """The tenant's intake partition, for a request whose lines are not spread (`append`
+    without keys): all of them on one worker, in order."""
+    return tenant_key(tenant) % PARTITIONS
+
+
+def rows_of(
+    tenant: str, lines: Sequence[bytes], keys: Sequence[int] | None, groups: int
+) -> list[tuple[int, Sequence[bytes]]]:
+    """(part, lines) of each row a request is stored as: one row in the tenant's partition
+    (no keys, or one group), or one per group its keys fall in, part = key % groups (rows in
+    the order of each group's first line; within a row, the order sent)."""
+    if keys is None or groups == 1 or not lines:
+        return [(partition(tenant), lines)]
+    by: dict[int, list[bytes]] = {}
+    for key, line in zip(keys, lines, strict=True):
+        group = by.get(key % groups)
+        if group is None:
+            by[key % groups] = [line]
+        else:
+            group.append(line)
+    return list(by.items())
 
 
 @dataclass(slots=True)
@@ -33,30 +52,48 @@ class IntakeRow:
     received_at: float
 
 
-class SQLiteIntake:
-    """One row per accepted request: the record lines joined by b"\\n" (lines hold no b"\\n")."""
+_INSERT = "INSERT INTO intake (tenant, source, n_records, received_at, body, part) VALUES "
 
-    def __init__(self, db: SQLiteDB) -> None:
+
+class SQLiteIntake:
+    """One row per accepted request and worker: the record lines joined by b"\\n" (lines
+    hold no b"\\n").
+
+    `groups`: the workers of the pod reading it (worker i reads the rows whose `part % groups
+    == i`). A request whose lines come with keys is stored as one row per group its lines
+    fall in (`part` = key % groups), all rows in one statement: durable together, ids
+    consecutive, each group's lines in the order sent. So one tenant's records reach every
+    worker while an entity's (one key) stay on one worker, in order (ingest.webhook.spread).
+    A row is still never split across batches."""
+
+    def __init__(self, db: SQLiteDB, groups: int = 1) -> None:
         self._db = db
+        self.groups = max(1, groups)
+        self.spread = self.groups > 1
 
     async def close(self) -> None:
         """Nothing of its own to close: the database belongs to the state stores."""
 
     async def append(
-        self, tenant: str, source: str, lines: Sequence[bytes], received_at: float
+        self,
+        tenant: str,
+        source: str,
+        lines: Sequence[bytes],
+        received_at: float,
+        keys: Sequence[int] | None = None,
     ) -> int:
-        """Store one request body durably (committed before return); returns its id."""
-        body = b"\n".join(lines)
-        if lines and body.count(b"\n") != len(lines) - 1:
-            raise ValueError("intake lines must not contain newlines")
-        params = (tenant, source, len(lines), received_at, body, partition(tenant))
-        sql = (
-            "INSERT INTO intake (tenant, source, n_records, received_at, body, part)"
-            " VALUES (?, ?, ?, ?, ?, ?)"
-        )
+        """Store one request body durably (committed before return); returns the id of its
+        last row."""
+        params: list[object] = []
+        for part, group in rows_of(tenant, lines, keys, self.groups):
+            body = b"\n".join(group)
+            if group and body.count(b"\n") != len(group) - 1:
+                raise ValueError("intake lines must not contain newlines")
+            params += (tenant, source, len(group), received_at, body, part)
+        sql = _INSERT + ",".join(["(?, ?, ?, ?, ?, ?)"] * (len(params) // 6))
 
         def write(c: sqlite3.Connection) -> int:
-            # a single statement is its own transaction: committed on return
+            # a single statement is its own transaction: committed on return, every row
             rowid = autocommit(c, sql, params).lastrowid
             assert rowid is not None
             return rowid

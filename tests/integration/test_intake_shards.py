@@ -82,6 +82,23 @@ async def test_a_scan_stopped_by_its_limit_resumes_at_its_last_row(tmp_path: Pat
     await db.close()
 
 
+async def test_a_keyed_request_is_one_row_per_worker_in_one_commit(tmp_path: Path) -> None:
+    """A request whose lines carry entity keys (the door's, ingest.webhook.spread) is stored
+    as one row per worker its keys fall to, in one statement: consecutive ids, the returned
+    id the last; each worker's scan finds its own lines, in the order sent."""
+    db = await SQLiteDB.open(tmp_path / "state.db")
+    intake = SQLiteIntake(db, groups=2)
+    lines = [b'{"n":%d}' % i for i in range(10)]
+    keys = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    last = await intake.append("t", "wh", lines, T0, keys)
+    (r0,), _ = await intake.scan(0, 100, (0, 2))
+    (r1,), _ = await intake.scan(0, 100, (1, 2))
+    assert sorted([r0.id, r1.id]) == [last - 1, last]
+    assert r0.lines == lines[1::2] and r1.lines == lines[0::2]
+    assert await intake.backlog() == (10, T0, sum(map(len, lines)) + 8)  # 4 b"\\n" a row
+    await db.close()
+
+
 # one step: ("append", tenant index, records) | ("read", worker, limit) | ("commit", worker)
 _step = st.one_of(
     st.tuples(st.just("append"), st.integers(0, len(TENANTS) - 1), st.integers(0, 4)),
