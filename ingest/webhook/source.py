@@ -2,8 +2,9 @@
 
 `POST /v1/webhooks/{tenant}/{source}` answers 202 only after the body is durable in the intake
 (SQLite here; a Kafka topic in production, read by the Kafka source instead of this one). This
-source then feeds intake rows through the same pipeline as every other source. One request is
-never split across batches, so a client's retry of a request replays the same batch. A row is
+source then feeds intake rows through the same pipeline as every other source. One row (a
+request's lines for this worker's partitions: ingest.webhook.spread) is never split across
+batches. A row is
 deleted from the intake once committed; `checkpoint:<tenant>:<source>` records the last
 intake id committed for each tenant and webhook source, for operators.
 """
