@@ -451,6 +451,7 @@ async def build_core(cfg: C.Config, *, metrics: Metrics | None = None) -> Core:
         max_record_bytes=cfg.http.max_record_bytes,
         extra=extra,
         postgres_rows=any(sc.type == "postgres" for sc in cfg.sinks),  # Record.copy_row
+        sqlite_rows=any(sc.type == "sqlite" for sc in cfg.sinks),  # Record.sqlite_row
     )
     pipeline = Pipeline(
         config=cfg,

@@ -112,8 +112,12 @@ class Record(msgspec.Struct, gc=False):
     # The Postgres sink's row in binary COPY format (its 9 fields, without the field count),
     # written by the compiled decoder from the bytes it hashed; None from the Python paths
     # (the sink then encodes the row itself). Derived from `body`: whoever changes `body`
-    # after decoding must drop it (`msgspec.structs.replace(rec, copy_row=None)`).
+    # after decoding must drop it (`msgspec.structs.replace(rec, copy_row=None,
+    # sqlite_row=None)`).
     copy_row: bytes | None = None
+    # The SQLite sink's row but its updated_at (`SQLiteSink.row_of`), built by the compiled
+    # decoder when an SQLite sink is configured; None otherwise. Derived from `body` as above.
+    sqlite_row: tuple[Any, ...] | None = None
 
     @classmethod
     def of(cls, raw: RawRecord, body: dict[str, Any], dedupe_key: bytes) -> Record:

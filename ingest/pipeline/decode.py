@@ -48,7 +48,7 @@ _DecodeError = msgspec.DecodeError
 _sha256 = hashlib.sha256
 log = logging.getLogger(__name__)
 NativeDecode = Callable[
-    [list[RawRecord], type[Record], dict[str, float], float, int, bool], list[Any]
+    [list[RawRecord], type[Record], dict[str, float], float, int, bool, bool], list[Any]
 ]
 
 
@@ -109,11 +109,15 @@ class Decoder:
         extra: Sequence[Callable[[dict[str, Any]], dict[str, Any]]] = (),
         native: bool = True,
         postgres_rows: bool = True,
+        sqlite_rows: bool = False,
     ) -> None:
         self._max = max_record_bytes
         # the compiled path also writes each record's Postgres row (`Record.copy_row`, ~0.6 µs
         # a record): worth it only when a Postgres sink will send it
         self._rows = postgres_rows
+        # and the SQLite sink's row (`Record.sqlite_row`): a tuple of objects the record holds
+        # anyway and two slices of the canonical bytes, cheaper than `row_of` in the sink
+        self._sqlite_rows = sqlite_rows
         self._extra = tuple(extra)  # config `transformers`: repairs after upgrade
         self._now = now
         self._validator = SchemaValidator()
@@ -172,7 +176,7 @@ class Decoder:
         hits: Any = _NONE
         if native is not None:
             batch = raws if type(raws) is list else list(raws)
-            hits = native(batch, Record, times, horizon, limit, self._rows)
+            hits = native(batch, Record, times, horizon, limit, self._rows, self._sqlite_rows)
         for raw, hit in zip(raws, hits, strict=False):  # hits: one per raw, or endless None
             if hit.__class__ is Record:  # the compiled path did every check
                 append(hit)
@@ -183,7 +187,7 @@ class Decoder:
                 continue
             if hit is not None:  # the compiled path: shape checked, body built and hashed
                 (body, key, tenant, entity_type, entity_id, revision, occurred, deleted,
-                 priority, attributes, copy_row) = hit  # fmt: skip
+                 priority, attributes, copy_row, sqlite_row) = hit  # fmt: skip
                 when = times.get(occurred)
                 if when is None:
                     when = times[occurred] = self._time_of(occurred)
@@ -211,6 +215,7 @@ class Decoder:
                         deleted,
                         priority,
                         copy_row,
+                        sqlite_row,
                     )
                 )
                 continue

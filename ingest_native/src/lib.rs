@@ -766,6 +766,43 @@ fn copy_row(e: &Env, canon: &[u8], attrs: (usize, usize), rels: (usize, usize), 
     Some(out)
 }
 
+/// The SQLite sink's row of this record without its last column (`SQLiteSink.row_of` with
+/// updated_at left off, which the sink adds per batch): tenant, entity_type, entity_id,
+/// revision, deleted (0/1), occurred_at, attributes' JSON text (None when deleted), relations'
+/// JSON text, dedupe_key. The JSON texts are slices of the canonical bytes (sorted keys), which
+/// `row_of` writes too (OPT_SORT_KEYS); the strings are the objects the `Record` holds.
+#[allow(clippy::too_many_arguments)]
+fn sqlite_row(
+    py: Python<'_>,
+    e: &Env,
+    canon: &[u8],
+    attrs: (usize, usize),
+    rels: (usize, usize),
+    names: [&Bound<'_, PyString>; 4],
+    revision: &PyObject,
+    digest: &Bound<'_, PyBytes>,
+) -> PyObject {
+    let text = |(a, b): (usize, usize)| std::str::from_utf8(&canon[a..b]).ok();
+    let (Some(attributes), Some(relations)) = (text(attrs), text(rels)) else {
+        return py.None();
+    };
+    let [tenant, entity_type, entity_id, occurred] = names;
+    let attributes: PyObject =
+        if e.deleted { py.None() } else { PyString::new_bound(py, attributes).into_any().unbind() };
+    let items: [PyObject; 9] = [
+        tenant.clone().into_any().unbind(),
+        entity_type.clone().into_any().unbind(),
+        entity_id.clone().into_any().unbind(),
+        revision.clone_ref(py),
+        (e.deleted as i64).into_py(py),
+        occurred.clone().into_any().unbind(),
+        attributes,
+        PyString::new_bound(py, relations).into_any().unbind(),
+        digest.clone().into_any().unbind(),
+    ];
+    PyTuple::new_bound(py, items).into_any().unbind()
+}
+
 /// `copy_row`'s `occurred_at`, for the tests that hold it equal to the sink's `_when`.
 #[pyfunction]
 fn timestamptz_micros(s: &str) -> Option<i64> {
@@ -844,9 +881,11 @@ fn attributes_ok(a: &V) -> bool {
 /// (body, dedupe_key, tenant, entity_type, entity_id, revision, occurred_at, deleted, priority,
 /// attributes) when only the Python-side rules are left to
 /// check; None when Python decodes it.
-/// `rows`: also write each record's Postgres row (`copy_row`); else None.
+/// `rows`: also write each record's Postgres row (`copy_row`); else None. `sqlite_rows`: also
+/// build each record's SQLite sink row (`sqlite_row`); else None. Both come last, in that order.
 #[pyfunction]
-#[pyo3(signature = (raws, record, times, horizon, limit, rows=true))]
+#[pyo3(signature = (raws, record, times, horizon, limit, rows=true, sqlite_rows=false))]
+#[allow(clippy::too_many_arguments)]
 fn decode_records(
     py: Python<'_>,
     raws: &Bound<'_, PyList>,
@@ -855,6 +894,7 @@ fn decode_records(
     horizon: f64,
     limit: usize,
     rows: bool,
+    sqlite_rows: bool,
 ) -> PyResult<Py<PyList>> {
     let k = |s: &str| PyString::intern_bound(py, s).unbind();
     let keys = Keys {
@@ -950,9 +990,14 @@ fn decode_records(
             None => py.None(),
         };
         let digest = PyBytes::new_bound(py, &digest);
+        let lite: PyObject = if sqlite_rows {
+            sqlite_row(py, &env, &bytes, attrs, rels, [&tenant, &entity_type, &entity_id, &occurred], &revision, &digest)
+        } else {
+            py.None()
+        };
         if done {
             let entity_key = PyTuple::new_bound(py, [&tenant, &entity_type, &entity_id]);
-            let args: [PyObject; 11] = [
+            let args: [PyObject; 12] = [
                 raw.clone().unbind(),
                 body.into_any().unbind(),
                 digest.into_any().unbind(),
@@ -964,10 +1009,11 @@ fn decode_records(
                 deleted.into_any().unbind(),
                 priority.into_any().unbind(),
                 row,
+                lite,
             ];
             out.append(record.call1(PyTuple::new_bound(py, args))?)?;
         } else {
-            let items: [PyObject; 11] = [
+            let items: [PyObject; 12] = [
                 body.into_any().unbind(),
                 digest.into_any().unbind(),
                 tenant.into_any().unbind(),
@@ -979,6 +1025,7 @@ fn decode_records(
                 priority.into_any().unbind(),
                 attributes,
                 row,
+                lite,
             ];
             out.append(PyTuple::new_bound(py, items))?;
         }

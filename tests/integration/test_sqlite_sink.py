@@ -236,3 +236,42 @@ def test_multi_row_statements_end_as_one_row_at_a_time(
             _written(Path(tmp) / "1.db", batches, insert_first=insert_first, rows_per_statement=1)
         )
         assert many == one
+
+
+async def test_rows_from_the_compiled_decoder_store_what_row_of_stores(tmp_path: Path) -> None:
+    """Records carrying the compiled decoder's row (`Record.sqlite_row`) and the same records
+    from the Python decoder (the sink builds `row_of`) give the same results and the same
+    table, through new rows, updates, tombstones, stale and repeated revisions."""
+    from ingest.pipeline.decode import Decoder
+    from tests.unit.test_decode import NOW, good, raw
+
+    compiled = Decoder(now=lambda: NOW, sqlite_rows=True)
+    if compiled.path != "compiled":
+        pytest.skip("the compiled extension is not built")
+    python = Decoder(now=lambda: NOW, native=False)
+    rel = [{"type": "OWNS", "target_type": "account", "target_id": "a-1"}]
+    feeds = [
+        [good(entity_id=f"o-{i}", revision=1, relations=rel if i % 2 else None) for i in range(5)],
+        [good(entity_id="o-0", revision=2), good(entity_id="o-1", revision=3, deleted=True),
+         good(entity_id="o-2", revision=1), good(entity_id="o-3", revision=0)],
+        [good(entity_id="o-1", revision=2), good(entity_id="o-4", revision=5, attributes={
+            "name": "é😀", "amount": 2.0})],
+    ]  # fmt: skip
+    tables = []
+    for decoder, name in ((compiled, "c.db"), (python, "p.db")):
+        s = SQLiteSink("sqlite", tmp_path / name)
+        await s.start()
+        out = []
+        for feed in feeds:
+            records = decoder.decode_many([raw(body) for body in feed])
+            assert all(isinstance(r, Record) for r in records)
+            assert all((r.sqlite_row is not None) == (decoder is compiled) for r in records)  # type: ignore[union-attr]
+            out.append(statuses(await s.write(records)))  # type: ignore[arg-type]
+        rows = await s.db.run(lambda c: c.execute(
+            "SELECT tenant, entity_type, entity_id, revision, deleted, occurred_at,"
+            " attributes, relations, dedupe_key, prev_revision FROM entities"
+            " ORDER BY entity_id").fetchall())  # fmt: skip
+        tables.append((out, rows))
+        await s.close()
+    assert tables[0] == tables[1]
+    assert tables[0][0][1] == ["applied", "applied", "unchanged", "OLDER_REVISION"]

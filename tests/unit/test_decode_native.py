@@ -27,12 +27,13 @@ import ingest.pipeline.decode as decode_module
 from ingest.pipeline.decode import DecodeFailure, Decoder
 from ingest.records import RawRecord, Record
 from ingest.sinks.postgres import _when
+from ingest.sinks.sqlite import SQLiteSink
 from tests.unit.test_decode import NOW, good
 from tests.unit.test_decode_fast import mutated, values
 
 native = pytest.importorskip("ingest_native", reason="the compiled extension is not built")
 
-COMPILED = Decoder(now=lambda: NOW)
+COMPILED = Decoder(now=lambda: NOW, sqlite_rows=True)
 PYTHON = Decoder(now=lambda: NOW, native=False)
 
 
@@ -57,6 +58,9 @@ def identical(a: Any, b: Any) -> None:
         assert a.raw == b.raw
         assert b.copy_row is None  # the Python path leaves the sink's row to the sink
         assert a.copy_row is None or a.copy_row == copy_row_of(b), (a.copy_row, b.body)
+        assert b.sqlite_row is None
+        if a.sqlite_row is not None:  # the sink's row_of of the Python record, types too
+            assert repr((*a.sqlite_row, 0.0)) == repr(SQLiteSink.row_of(b, 0.0)), b.body
     else:
         assert (a.reason, a.detail) == (b.reason, b.detail)
         assert repr(a.body) == repr(b.body)  # types and order too
@@ -117,6 +121,29 @@ def test_a_compiled_record_carries_its_postgres_row() -> None:
         for a, b in zip(COMPILED.decode_many(raws), PYTHON.decode_many(raws), strict=True):
             assert isinstance(a, Record) and isinstance(b, Record)
             assert a.copy_row is not None and a.copy_row == copy_row_of(b)
+
+
+def test_a_compiled_record_carries_its_sqlite_row_when_asked() -> None:
+    """With `sqlite_rows` every compiled record (tombstones, relations, non-ASCII, attribute
+    keys out of order too) carries the SQLite sink's row but its updated_at, the one `row_of`
+    builds from the Python path's record; without it, none."""
+    rel = [{"type": "OWNS", "target_type": "account", "target_id": "a-1"}]
+    bodies = [
+        good(entity_id="o-0"),
+        good(entity_id="o-1", relations=rel, attributes={"name": "é😀", "amount": 1.0}),
+        good(entity_id="o-2", deleted=True, relations=rel),
+    ]
+    raws = [raw_of(orjson.dumps(body)) for body in bodies]
+    plain = Decoder(now=lambda: NOW)
+    for _ in range(2):
+        python = PYTHON.decode_many(raws)
+        for a, b, c in zip(
+            COMPILED.decode_many(raws), python, plain.decode_many(raws), strict=True
+        ):
+            assert isinstance(a, Record) and isinstance(b, Record) and isinstance(c, Record)
+            assert a.sqlite_row is not None and c.sqlite_row is None
+            assert repr((*a.sqlite_row, 1.0)) == repr(SQLiteSink.row_of(b, 1.0))
+    assert COMPILED.decode_many(raws)[2].sqlite_row[6] is None  # type: ignore[union-attr]
 
 
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)")
