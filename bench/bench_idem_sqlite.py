@@ -10,7 +10,8 @@ a shared machine disturbs CPU time far less than wall time), wall time per key, 
 seen()+claim() of the window (what a batch may wait behind a merge), and the keys in each
 table at the end of the window (where the store keeps them). Nothing else runs in the
 process. `--mid-keys N` sets the store's `mid_keys` (the keys moved into `idem_mid` before it
-merges into the day's table). `--writer HZ` adds what the service has beside the store: another
+becomes a run), `--recent-keys N` its `recent_keys` (the keys waiting in the claims log before
+they are merged into `idem_mid`). `--writer HZ` adds what the service has beside the store: another
 connection (the control plane's) appending a 30 kB intake row HZ times a second, whose commits
 reset the store connection's page cache (SQLite drops a connection's cached pages whenever
 another connection committed since its last read).
@@ -59,7 +60,14 @@ async def append_intake(path: Path, hz: float, stop: asyncio.Event) -> None:
         await other.close()
 
 
-async def main(keys: int, batch: int, every: int, mid_keys: int | None, writer: float) -> None:
+async def main(
+    keys: int,
+    batch: int,
+    every: int,
+    mid_keys: int | None,
+    writer: float,
+    recent_keys: int | None = None,
+) -> None:
     print(
         f"machine: {platform.node()} {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
@@ -72,6 +80,8 @@ async def main(keys: int, batch: int, every: int, mid_keys: int | None, writer: 
     with tempfile.TemporaryDirectory() as tmp:
         db = await SQLiteDB.open(Path(tmp) / "state.db")
         extra: dict[str, Any] = {} if mid_keys is None else {"mid_keys": mid_keys}
+        if recent_keys is not None:
+            extra["recent_keys"] = recent_keys
         store = SQLiteIdempotencyStore(db, **extra)
         stop = asyncio.Event()
         appender = (
@@ -128,7 +138,9 @@ if __name__ == "__main__":
     ap.add_argument("--batch", type=int, default=2000)
     ap.add_argument("--every", type=int, default=250_000)
     ap.add_argument("--mid-keys", type=int, help="the store's mid_keys (default: its own)")
+    ap.add_argument("--recent-keys", type=int,
+                    help="the store's recent_keys (default: its own)")
     ap.add_argument("--writer", type=float, default=0.0,
                     help="intake appends a second from another connection (0: none)")
     a = ap.parse_args()
-    asyncio.run(main(a.keys, a.batch, a.every, a.mid_keys, a.writer))
+    asyncio.run(main(a.keys, a.batch, a.every, a.mid_keys, a.writer, a.recent_keys))

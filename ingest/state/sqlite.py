@@ -67,45 +67,37 @@ class Migration(NamedTuple):
     statements: tuple[str | Callable[[sqlite3.Connection], None], ...]
 
 
-# ------------------------------------------------------------- idempotency keys, one table a day
+# ------------------------------------------------------------- idempotency keys, in runs a day
 
 DAY = 86_400
 IDEM_PREFIX = "idem_"
-# The layout of every day's table (migration 12); `idem_YYYYMMDD` holds the claims made that
-# UTC day. One B-tree per claim (no expiry index): a day's keys all expire together, with
-# DROP TABLE, as the Redis store's hashes expire by day.
+# The layout of every table of keys: `idem_mid` (migration 14), the runs `idem_YYYYMMDD_N` and
+# the day tables `idem_YYYYMMDD` of older code (migration 12). One B-tree per table (no expiry
+# index): a table's keys all expire together, with DROP TABLE, once its newest key expired.
 _IDEM_DAY_DDL = (
     "CREATE TABLE IF NOT EXISTS {} (key BLOB PRIMARY KEY, claimed_at REAL NOT NULL) WITHOUT ROWID"
 )
-# Claims land here first (migration 13) and move to their days' tables in one sorted merge
-# once RECENT_KEYS were claimed. A batch of random 32-byte keys dirties about one page per
-# key of a day's big B-tree, and each claim's commit writes every page it dirtied to the WAL;
-# into this small tree the same batch dirties a few hundred pages, and the merge writes each
-# page of the day's table about once per RECENT_KEYS keys. Measured on 32-byte keys in
-# 2,000-key claims (CPU per key): 200k keys 7.5-10.4 -> 5.1-6.2 µs, 1M keys 16.5 -> 8.3 µs.
-# The merge goes by key range, one of MERGE_SLICES per claim (a claim waits for a 32nd of a
-# merge, not all of it; each page of the target is still written once per merge).
-# Once the day's table outgrew RECENT_KEYS pages (~3M keys: ~60 keys a page) that merge
-# dirtied about a page per key again (state thread 10 -> 23 µs/key from 250k to 2M keys), so
-# a middle level (migration 14) sits between: the recent claims merge into `idem_mid`, which
-# merges into the days' tables once MID_KEYS were moved into it, in MID_SLICES key ranges, one
-# per claim. Pages written per key: ~(MID_KEYS / 2 / 60) / RECENT_KEYS into the middle level
-# plus (the day's keys / 60) / MID_KEYS into the day's (bench/bench_idem_sqlite.py).
-IDEM_RECENT = "idem_recent"
+# A claim appends its keys to `idem_log` as one row (migration 15), in its own transaction:
+# ~0.2 µs a key, where inserting them into a B-tree of random keys and committing the pages it
+# dirtied cost ~4.5. Once RECENT_KEYS keys wait in the log, a claim moves them all into
+# `idem_mid`, sorted, in one transaction that also says through which log row they are merged
+# (`idem_log_merged`, migration 16); once MID_KEYS were moved into `idem_mid` that transaction
+# renames it to a run, `idem_YYYYMMDD_N` (the UTC day of its newest key, N the last log row
+# merged), and makes a new empty `idem_mid`. A run is never written again and is dropped whole
+# once its newest key expired. So a key is inserted into one B-tree, once, and never deleted;
+# the levels before (`idem_recent` -> `idem_mid` -> the day's table, each move an insert and a
+# delete) inserted it three times and deleted it twice, and the last move's cost grew with the
+# day's table (claims 5.7 -> 11.4 µs a key from the first to the last 200k of 1M). What it
+# costs: `seen` probes `idem_mid` and every live run for the keys the filter may hold, and a
+# process keeps the log's unmerged keys in memory (a log row cannot be searched by key).
+# Measured in bench/bench_idem_sqlite.py (docs/benchmarks.md).
+IDEM_RECENT = "idem_recent"  # the level before the log took its place: empty (migration 16)
 IDEM_MID = "idem_mid"
 RECENT_KEYS = 50_000
-# Slices sized so that a merge lasts about as many claims as its level takes to fill at a
-# steady rate (2,000-key claims: 50k keys ~ 25 claims, 500k ~ 250): the moves are spread over
-# the claims instead of bunched. With 8 and 64 the steady bench's state thread went from
-# ~25 to 42-47 us a record for ~10 s about every 40 s, and the backlog from 2k to 46k records
-# (p95 lag 3.2 s, 2026-12-01 21:27). A merge still due when the next one is (a faster rate)
-# simply goes on: one slice per claim, each a fixed share of a level that grew meanwhile.
-MERGE_SLICES = 32
 MID_KEYS = 500_000
-MID_SLICES = 256
 # `seen` asks an in-memory filter first and SQLite only for the keys the filter may hold
 # (SQLiteIdempotencyStore); the filter learns every process's claims from this log, whose
-# rows are kept LOG_KEEP seconds (a process that fell further behind rebuilds its filter).
+# merged rows are kept LOG_KEEP seconds (a process that fell further behind rebuilds its filter).
 IDEM_LOG = "idem_log"
 LOG_KEEP = 300.0
 
@@ -203,44 +195,44 @@ class KeyFilter:
         self._blooms = [b for b in self._blooms if b.newest > before]
 
 
-def key_range(part: int, slices: int) -> tuple[str, tuple[bytes, ...]]:
-    """The SQL condition (and its parameters) for key range `part` of `slices` equal ranges
-    of the key space (by the keys' first two bytes; the last range is open above)."""
-    lo = (part * 65536 // slices).to_bytes(2, "big")
-    if part + 1 < slices:
-        return " AND key >= ? AND key < ?", (lo, ((part + 1) * 65536 // slices).to_bytes(2, "big"))
-    return " AND key >= ?", (lo,)
-
-
 def idem_table(day: int) -> str:
-    """`idem_20261201` for day number `day` (days since 1970-01-01 UTC)."""
+    """`idem_20261201` for day number `day` (days since 1970-01-01 UTC): a day table of the
+    code before the runs."""
     return IDEM_PREFIX + datetime.fromtimestamp(day * DAY, UTC).strftime("%Y%m%d")
 
 
-def idem_day(table: str) -> int | None:
-    """The day number a table name stands for, None if it is not a day table."""
-    digits = table.removeprefix(IDEM_PREFIX)
-    if len(digits) != 8 or not digits.isdigit():
+def idem_run(day: int, last: int) -> str:
+    """`idem_20261201_1234`: a run of keys whose newest was claimed on day `day`, made when
+    log row `last` was merged (unique in the file: log ids are never reused)."""
+    return f"{idem_table(day)}_{last}"
+
+
+def _table_day(table: str) -> tuple[int, int] | None:
+    """(day number, run number: 0 for a day table) of a table of keys, None for any other."""
+    digits, _, run = table.removeprefix(IDEM_PREFIX).partition("_")
+    if len(digits) != 8 or not digits.isdigit() or (run and not run.isdigit()):
         return None
     try:
-        return int(datetime.strptime(digits, "%Y%m%d").replace(tzinfo=UTC).timestamp()) // DAY
+        day = int(datetime.strptime(digits, "%Y%m%d").replace(tzinfo=UTC).timestamp()) // DAY
     except ValueError:
         return None
+    return day, int(run or 0)
 
 
-def idem_days(c: sqlite3.Connection) -> dict[int, str]:
-    """The day tables in the file (every process's claims), day number -> name."""
-    return idem_days_in(c, "main")
+def idem_day(table: str) -> int | None:
+    """The day a table of keys (a run or a day table) expires by, None for any other table."""
+    found = _table_day(table)
+    return None if found is None else found[0]
 
 
-def idem_days_in(c: sqlite3.Connection, schema: str) -> dict[int, str]:
-    """`idem_days` of an attached database `schema`."""
+def idem_tables(c: sqlite3.Connection, schema: str = "main") -> list[tuple[int, str]]:
+    """The runs and day tables in the file (every process's), (day, name), newest first."""
     (names,) = c.execute(
         f"SELECT group_concat(name, ' ') FROM {schema}.sqlite_master WHERE type = 'table'"
         f" AND name GLOB '{IDEM_PREFIX}[0-9]*'"
     ).fetchone()
-    days = ((idem_day(n), n) for n in (names or "").split())
-    return {d: n for d, n in days if d is not None}
+    found = [(d, n) for n in (names or "").split() if (d := _table_day(n)) is not None]
+    return [(d[0], n) for d, n in sorted(found, reverse=True)]
 
 
 def _idem_by_day(c: sqlite3.Connection) -> None:
@@ -259,6 +251,29 @@ def _idem_by_day(c: sqlite3.Connection) -> None:
             (now, day * DAY, (day + 1) * DAY),
         )
     c.execute("DROP TABLE idem")
+
+
+# Keys met again in a move keep their latest claim.
+_UPSERT = " ON CONFLICT (key) DO UPDATE SET claimed_at = max(claimed_at, excluded.claimed_at)"
+
+
+def _log_level(c: sqlite3.Connection) -> None:
+    """Make `idem_log_merged` (through which log row the log's keys are in `idem_mid` or a run;
+    the keys moved into `idem_mid` since it was last renamed to a run, and the newest of them)
+    with every row of the log merged, after moving `idem_recent`'s keys (where the code
+    before put every claim, as well as in the log) into `idem_mid`."""
+    c.execute(
+        f"CREATE TABLE {IDEM_LOG}_merged (one INTEGER PRIMARY KEY CHECK (one = 1),"
+        " through INTEGER NOT NULL, mid_keys INTEGER NOT NULL, mid_newest REAL NOT NULL)"
+    )
+    c.execute(
+        f"INSERT INTO {IDEM_MID} SELECT key, claimed_at FROM {IDEM_RECENT} WHERE true{_UPSERT}"
+    )
+    c.execute(f"DELETE FROM {IDEM_RECENT}")
+    c.execute(
+        f"INSERT INTO {IDEM_LOG}_merged SELECT 1, (SELECT COALESCE(max(id), 0) FROM {IDEM_LOG}),"
+        f" count(*), COALESCE(max(claimed_at), 0) FROM {IDEM_MID}"
+    )
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -386,6 +401,9 @@ MIGRATIONS: tuple[Migration, ...] = (
             f"INSERT INTO {IDEM_LOG}_pruned VALUES (1, 0)",
         ),
     ),
+    # The log as the first level (SQLiteIdempotencyStore._merge): `idem_recent`'s keys move to
+    # `idem_mid`, and every log row there is already is merged.
+    Migration(16, "idempotency_log_level", (_log_level,)),
 )
 
 
@@ -664,7 +682,9 @@ class SQLiteDB:
 # workers' checkpoint, lease and processed-count writes (~0.1 ms each, on the way to every
 # batch's commit) queued behind it; and every commit of those (and of the webhook intake) in
 # the same file threw away the store connection's page cache.
-IDEM_MIGRATIONS: tuple[Migration, ...] = tuple(m for m in MIGRATIONS if m.version in (13, 14, 15))
+IDEM_MIGRATIONS: tuple[Migration, ...] = tuple(
+    m for m in MIGRATIONS if m.version in (13, 14, 15, 16)
+)
 
 
 def idem_path(state: Path) -> Path:
@@ -676,23 +696,38 @@ def idem_path(state: Path) -> Path:
 def _state_keys(c: sqlite3.Connection) -> bool:
     """Whether the state file still holds idempotency keys (claimed before the keys had a
     file of their own)."""
-    return bool(idem_days(c)) or any(
-        c.execute(f"SELECT EXISTS (SELECT 1 FROM {t})").fetchone()[0]
-        for t in (IDEM_RECENT, IDEM_MID)
+    return (
+        bool(idem_tables(c))
+        or any(
+            c.execute(f"SELECT EXISTS (SELECT 1 FROM {t})").fetchone()[0]
+            for t in (IDEM_RECENT, IDEM_MID)
+        )
+        or _waiting(c) > 0
     )
 
 
 def _copy_state_keys(state: Path) -> Callable[[sqlite3.Connection], None]:
-    """A `run` callable on the idempotency file: copy every key of the state file's levels
-    into the same level here (a key already here keeps its own claim), in one transaction."""
+    """A `run` callable on the idempotency file: copy every key of the state file's tables
+    into the same table here (`idem_recent`'s and its log's unmerged rows' into `idem_mid`;
+    a key already here keeps its latest claim), in one transaction."""
 
     def copy(c: sqlite3.Connection) -> None:
         c.execute("ATTACH DATABASE ? AS state", (str(state),))
         try:
             with immediate(c):
-                for table in (IDEM_RECENT, IDEM_MID, *idem_days_in(c, "state").values()):
-                    c.execute(_IDEM_DAY_DDL.format(f"main.{table}"))
-                    c.execute(f"INSERT OR IGNORE INTO main.{table} SELECT * FROM state.{table}")
+                unmerged = c.execute(
+                    f"SELECT claimed_at, keys FROM state.{IDEM_LOG} WHERE id >"
+                    f" (SELECT through FROM state.{IDEM_LOG}_merged) ORDER BY id"
+                ).fetchall()
+                for i in range(0, len(unmerged), _MERGE_ROWS):
+                    _insert_sorted(c, unmerged[i : i + _MERGE_ROWS])
+                tables = [(n, n) for _, n in idem_tables(c, "state")]
+                for source, target in [(IDEM_RECENT, IDEM_MID), (IDEM_MID, IDEM_MID), *tables]:
+                    c.execute(_IDEM_DAY_DDL.format(f"main.{target}"))
+                    c.execute(
+                        f"INSERT INTO main.{target} SELECT key, claimed_at FROM state.{source}"
+                        f" WHERE true{_UPSERT}"
+                    )
         finally:
             c.execute("DETACH DATABASE state")
 
@@ -700,12 +735,12 @@ def _copy_state_keys(state: Path) -> Callable[[sqlite3.Connection], None]:
 
 
 def _drop_state_keys(c: sqlite3.Connection) -> None:
-    """On the state file, once its keys were copied: empty the levels, drop the day tables
-    and the log (nothing claims there any more)."""
+    """On the state file, once its keys were copied: empty `idem_recent`, `idem_mid` and the
+    log, drop the runs and day tables (nothing claims there any more)."""
     with immediate(c):
         for table in (IDEM_RECENT, IDEM_MID, IDEM_LOG):
             c.execute(f"DELETE FROM {table}")
-        for table in idem_days(c).values():
+        for _, table in idem_tables(c):
             c.execute(f"DROP TABLE {table}")
 
 
@@ -798,27 +833,26 @@ def _key_blob(keys: Sequence[bytes]) -> bytes:
 
 
 class SQLiteIdempotencyStore:
-    """Implements IdempotencyStore: 32-byte keys as BLOBs with their claim time, in three
-    levels, each merged into the next in sorted key ranges (an LSM of two small levels over
-    the days' tables). A claim goes to `idem_recent` (migration 13); every `recent_keys`
-    claimed keys the store moves them, in `recent_slices` key ranges (one per claim, one
-    transaction each), into `idem_mid` (migration 14); every `mid_keys` keys moved there it
-    moves those, in `mid_slices` ranges, into the table of their UTC claim day
-    (`idem_YYYYMMDD`, migration 12). A move inserts and deletes in one transaction, so a key
-    is in at least one level at every commit; seen() probes them all (recent, mid, each live
-    day) for the keys its in-memory filter (`KeyFilter`) may hold, and ignores keys older than
-    the TTL at once; a day's table is dropped by the first claim after every key in it expired
-    (end of that day + TTL), and a merge carries only unexpired keys on, so the file holds at
-    most TTL + 1 day of keys (and, per process, up to `recent_keys` + `mid_keys` not yet
-    merged, expired ones included).
+    """Implements IdempotencyStore: 32-byte keys as BLOBs with their claim time. A claim
+    appends its keys to `idem_log` (one row); once `recent_keys` keys wait there unmerged, a
+    claim moves them, sorted, into `idem_mid` in one transaction with the mark of the last
+    row merged (`idem_log_merged`); once `mid_keys` were moved into `idem_mid`, that
+    transaction renames it to a run of its newest key's day (`idem_YYYYMMDD_N`) and makes a
+    new one (see the comment at IDEM_LOG's definitions). A key is in the log (unmerged) or in
+    `idem_mid` or a run at every commit, whatever instant a process is killed. Runs (and the
+    day tables of older code) are dropped whole by the first claim or merge after their
+    newest key expired; seen() ignores keys older than the TTL at once, and a merge carries
+    only unexpired keys on.
 
-    The filter holds every key claimed in the file by any process: built from the levels at
-    the first seen(), then kept up from `idem_log` (migration 15), one row per claim written
-    in the claim's transaction, read on from the last row read before each answer. A Bloom
-    filter never answers "no" for a key it holds, so a key it rules out was never claimed
-    (or its claim expired); the rest are looked up exactly. Log rows older than LOG_KEEP are
-    pruned at the start of each `idem_recent` merge; a process that finds rows it did not
-    read pruned builds its filter again."""
+    seen() asks an in-memory filter (`KeyFilter`) of every key claimed in the file by any
+    process, built from the tables and the log at the first seen(), then kept up from the
+    log's rows after the last it read. A Bloom filter never answers "no" for a key it holds,
+    so a key it rules out was never claimed (or its claim expired); the rest are looked up
+    exactly: among the log's unmerged rows, which the process keeps in memory as sets, then
+    in `idem_mid` and the live runs, all in one read transaction with the log's marks (a
+    merge or a rename by another process cannot slip between). Merged log rows older than
+    LOG_KEEP are pruned by the merges; a process that finds rows it did not read pruned
+    builds its filter again."""
 
     def __init__(
         self,
@@ -827,36 +861,28 @@ class SQLiteIdempotencyStore:
         clock: Clock = time.time,
         recent_keys: int = RECENT_KEYS,
         mid_keys: int = MID_KEYS,
-        mid_slices: int = MID_SLICES,
-        recent_slices: int = MERGE_SLICES,
     ) -> None:
         self._db = db
         self._ttl = ttl_seconds
         self._clock = clock
         self._recent_keys = recent_keys
         self._mid_keys = mid_keys
-        self._mid_slices = mid_slices
-        self._recent_slices = recent_slices
-        # Read and written only in the DB thread: the day table known to exist, when the
-        # oldest table in the file expires whole, the keys this store claimed into
-        # `idem_recent` / moved into `idem_mid` since that level's last merge (None: not
-        # counted yet, e.g. after a restart), and the key range each merge in progress
-        # moves next (None: no merge in progress).
-        self._today: str | None = None
-        self._next_drop = 0.0
-        self._recent: int | None = None
-        self._slice: int | None = None
-        self._mid: int | None = None
-        self._mid_slice: int | None = None
+        # Read and written only in the DB thread: when the oldest table in the file expires
+        # whole (None: not looked yet), and the keys waiting in the log unmerged as far as
+        # this process knows (the unmerged rows it read, plus its claims since; None: not
+        # counted yet, e.g. after a restart).
+        self._next_drop: float | None = None
+        self._unmerged: int | None = None
         # The keys claimed in the file, as far as this process knows (built at its first
-        # seen(), then kept up from `idem_log`), and the last log row it read (None: not
-        # built). Both read and written only in the DB thread.
+        # seen(), then kept up from `idem_log`), the last log row it read (None: not built),
+        # and the log's unmerged rows it read: id -> (claimed_at, keys).
         self._filter = KeyFilter()
         self._logged: int | None = None
+        self._pending: dict[int, tuple[float, frozenset[bytes]]] = {}
 
-    def _live(self, days: Mapping[int, str], now: float) -> list[str]:
+    def _live(self, tables: Sequence[tuple[int, str]], now: float) -> list[str]:
         """Tables that may hold unexpired keys, newest first."""
-        return [days[d] for d in sorted(days, reverse=True) if (d + 1) * DAY + self._ttl > now]
+        return [name for day, name in tables if (day + 1) * DAY + self._ttl > now]
 
     async def seen(self, keys: Sequence[bytes]) -> list[bool]:
         if not keys:
@@ -865,212 +891,238 @@ class SQLiteIdempotencyStore:
         now = self._clock()
         since = now - self._ttl
 
-        def query(c: sqlite3.Connection) -> list[int]:
+        def lookup(c: sqlite3.Connection) -> list[int]:
             self._catch_up(c, now)
             maybe = self._filter.maybe(blob)
             if not maybe:
                 return []
-            # only the keys the filter may hold are looked up, in every level
-            few = b"".join(blob[i * 32 : i * 32 + 32] for i in maybe)
-            tables = [IDEM_RECENT, IDEM_MID, *self._live(idem_days(c), now)]
+            hits, rest = [], []
+            for i in maybe:
+                key = blob[i * 32 : i * 32 + 32]
+                if any(at > since and key in ks for at, ks in self._pending.values()):
+                    hits.append(i)
+                else:
+                    rest.append(i)
+            if not rest:
+                return hits
+            # only the keys the filter may hold are looked up, in `idem_mid` and every run
+            few = b"".join(blob[i * 32 : i * 32 + 32] for i in rest)
+            tables = [IDEM_MID, *self._live(idem_tables(c), now)]
             probe = " OR ".join(
                 f"EXISTS (SELECT 1 FROM {t} WHERE key = substr(?1, i, 32) AND claimed_at > ?2)"
                 for t in tables
             )
             sql = f"{_KEYS} SELECT group_concat(i) FROM k WHERE {probe}"
-            hits: str | None = c.execute(sql, (few, since)).fetchone()[0]
-            return [maybe[(int(i) - 1) // 32] for i in hits.split(",")] if hits else []
+            found: str | None = c.execute(sql, (few, since)).fetchone()[0]
+            return hits + ([rest[(int(i) - 1) // 32] for i in found.split(",")] if found else [])
 
-        hits = await self._db.call("idempotency", lambda c: _again_if_dropped(c, query))
+        hits = await self._db.call("idempotency", lambda c: _again_if_dropped(c, _read(lookup)))
         found = [False] * len(keys)
         for i in hits:
             found[i] = True
         return found
 
     def _catch_up(self, c: sqlite3.Connection, now: float) -> None:
-        """In the DB thread, before the filter answers: add the keys claimed (by any process)
-        since it last looked, from `idem_log`; build it from the levels if it has none yet or
-        if rows it has not read were pruned. One read transaction, so the log's rows and its
-        pruned mark (or the levels and the log's last id) are of one instant."""
-        c.execute("BEGIN")
-        try:
-            (through,) = c.execute(f"SELECT through FROM {IDEM_LOG}_pruned").fetchone()
-            if self._logged is None or through > self._logged:
-                self._build(c, now)
-            else:
-                for id_, claimed_at, keys in c.execute(
-                    f"SELECT id, claimed_at, keys FROM {IDEM_LOG} WHERE id > ? ORDER BY id",
-                    (self._logged,),
-                ):
-                    self._filter.add(keys, claimed_at)
-                    self._logged = id_
-        finally:
-            c.execute("COMMIT")
+        """In the DB thread, inside a read transaction, before the filter answers: add the
+        keys claimed (by any process) since it last looked, from `idem_log`, and keep the
+        unmerged rows' keys; build both afresh if it has none yet or if rows it has not read
+        were pruned."""
+        (pruned,) = c.execute(f"SELECT through FROM {IDEM_LOG}_pruned").fetchone()
+        (merged,) = c.execute(f"SELECT through FROM {IDEM_LOG}_merged").fetchone()
+        if self._logged is None or pruned > self._logged:
+            self._build(c, now, merged)
+        else:
+            for id_, claimed_at, keys in c.execute(
+                f"SELECT id, claimed_at, keys FROM {IDEM_LOG} WHERE id > ? ORDER BY id",
+                (self._logged,),
+            ):
+                self._filter.add(keys, claimed_at)
+                if id_ > merged:
+                    self._pending[id_] = (claimed_at, _key_set(keys))
+                self._logged = id_
+            if self._pending and min(self._pending) <= merged:
+                self._pending = {i: p for i, p in self._pending.items() if i > merged}
+        self._unmerged = sum(len(ks) for _, ks in self._pending.values())
         # its keys all expired (an hour's margin for a clock set back)
         self._filter.expire(now - self._ttl - 3600)
 
-    def _build(self, c: sqlite3.Connection, now: float) -> None:
-        """Inside a read transaction: the filter from every unexpired key in the levels,
-        and the log's last id (every later claim is in a later row). Kept only if whole."""
+    def _build(self, c: sqlite3.Connection, now: float, merged: int) -> None:
+        """Inside a read transaction: the filter from every unexpired key in the tables and
+        the log's unmerged rows, those rows' keys, and the log's last id (every later claim
+        is in a later row). Kept only if whole."""
         self._logged = None
         built = KeyFilter()
         (logged,) = c.execute(f"SELECT COALESCE(max(id), 0) FROM {IDEM_LOG}").fetchone()
         since = now - self._ttl
-        for table in [IDEM_RECENT, IDEM_MID, *self._live(idem_days(c), now)]:
+        for table in [IDEM_MID, *self._live(idem_tables(c), now)]:
             cur = c.execute(f"SELECT key, claimed_at FROM {table} WHERE claimed_at > ?", (since,))
             while rows := cur.fetchmany(65536):
                 # (seen() takes 32-byte keys only: no other could match)
                 keys = b"".join(k for k, _ in rows if len(k) == 32)
                 built.add(keys, max(t for _, t in rows))
-        self._filter, self._logged = built, logged
+        pending: dict[int, tuple[float, frozenset[bytes]]] = {}
+        for id_, claimed_at, keys in c.execute(
+            f"SELECT id, claimed_at, keys FROM {IDEM_LOG} WHERE id > ? AND claimed_at > ?",
+            (merged, since),
+        ):
+            built.add(keys, claimed_at)
+            pending[id_] = (claimed_at, _key_set(keys))
+        self._filter, self._logged, self._pending = built, logged, pending
 
     async def claim(self, keys: Sequence[bytes]) -> None:
         if not keys:
             return
         blob = _key_blob(keys)
         now = self._clock()
-        table = idem_table(int(now // DAY))
 
         def write(c: sqlite3.Connection) -> None:
             with immediate(c):
-                c.execute(
-                    f"{_KEYS} INSERT OR REPLACE INTO {IDEM_RECENT} (key, claimed_at)"
-                    " SELECT substr(?1, i, 32), ?2 FROM k",
-                    (blob, now),
-                )
                 c.execute(f"INSERT INTO {IDEM_LOG} (claimed_at, keys) VALUES (?, ?)", (now, blob))
-            if self._recent is None:
-                (self._recent,) = c.execute(f"SELECT count(*) FROM {IDEM_RECENT}").fetchone()
+            if self._unmerged is None:
+                self._unmerged = _waiting(c)
             else:
-                self._recent += len(keys)
-            if self._mid is None:
-                (self._mid,) = c.execute(f"SELECT count(*) FROM {IDEM_MID}").fetchone()
-            if table != self._today or now >= self._next_drop:
-                self._rotate(c, table, now)
-            elif self._slice is not None or self._recent >= self._recent_keys:
-                if self._slice is None:
-                    self._prune(c, now)
+                self._unmerged += len(keys)
+            if self._unmerged >= self._recent_keys:
                 self._merge(c, now)
-            if self._mid_slice is not None or self._mid >= self._mid_keys:
-                self._merge_mid(c, now)
+            elif self._next_drop is None or now >= self._next_drop:
+                with immediate(c):
+                    self._drop_expired(c, now)
 
-        def again(c: sqlite3.Connection) -> None:
-            try:
-                write(c)
-            except sqlite3.OperationalError as exc:
-                if "no such table" not in str(exc):
-                    raise
-                self._today = None  # another process dropped it: the clocks disagree; recreate
-                write(c)
-
-        await self._db.call("idempotency", again)
-
-    def _prune(self, c: sqlite3.Connection, now: float) -> None:
-        """Delete the log's rows older than LOG_KEEP (by id: rows are in claim order per
-        process) and say through which id, in one transaction."""
-        with immediate(c):
-            (last,) = c.execute(
-                f"SELECT max(id) FROM {IDEM_LOG} WHERE claimed_at < ?", (now - LOG_KEEP,)
-            ).fetchone()
-            if last is not None:
-                c.execute(f"DELETE FROM {IDEM_LOG} WHERE id <= ?", (last,))
-                c.execute(f"UPDATE {IDEM_LOG}_pruned SET through = max(through, ?)", (last,))
-
-    def _rotate(self, c: sqlite3.Connection, table: str, now: float) -> None:
-        """Make today's table; merge the recent claims (all of them, into `idem_mid`); drop
-        the day tables whose keys have all expired."""
-        with immediate(c):
-            c.execute(_IDEM_DAY_DDL.format(table))
-            self._merge_in(c, now)
-            days = idem_days(c)
-            live = set(self._live(days, now))
-            for name in days.values():
-                if name not in live:
-                    c.execute(f"DROP TABLE {name}")
-        kept = [d for d, name in days.items() if name in live]
-        self._today = table
-        self._next_drop = min((d + 1) * DAY + self._ttl for d in kept)
+        await self._db.call("idempotency", write)
 
     def _merge(self, c: sqlite3.Connection, now: float) -> None:
-        """Move the next key range of `idem_recent` into `idem_mid` (a merge starts when
-        `recent_keys` were claimed since the last one; keys claimed meanwhile count towards
-        the next)."""
-        if self._slice is None:
-            self._slice, self._recent = 0, 0
-        part = self._slice
-        self._slice = part + 1 if part + 1 < self._recent_slices else None
-        with immediate(c):
-            self._merge_in(c, now, part)
-
-    def _merge_in(self, c: sqlite3.Connection, now: float, part: int | None = None) -> None:
-        """Inside a write transaction: move the unexpired keys of `idem_recent` (all, or
-        those of key range `part` of `recent_slices`) to `idem_mid`, sorted, and delete them
-        there (expired keys just go)."""
-        where, bounds = key_range(part, self._recent_slices) if part is not None else ("", ())
-        if part is None:
-            self._slice, self._recent = None, 0
-        moved = c.execute(
-            f"INSERT OR REPLACE INTO {IDEM_MID} SELECT key, claimed_at FROM {IDEM_RECENT}"
-            f" WHERE claimed_at > ?{where} ORDER BY key",
-            (now - self._ttl, *bounds),
-        ).rowcount
-        c.execute(f"DELETE FROM {IDEM_RECENT} WHERE 1{where}", bounds)
-        self._mid = (self._mid or 0) + moved
-
-    def _merge_mid(self, c: sqlite3.Connection, now: float) -> None:
-        """Move the next key range of `idem_mid` (of `mid_slices`) to the tables of their
-        claim days (made if missing), sorted (each page of a day's B-tree written about once
-        per merge), and delete them there (expired keys just go). A merge starts when
-        `mid_keys` were moved into `idem_mid` since the last one."""
-        if self._mid_slice is None:
-            self._mid_slice, self._mid = 0, 0
-        part = self._mid_slice
-        self._mid_slice = part + 1 if part + 1 < self._mid_slices else None
-        where, bounds = key_range(part, self._mid_slices)
+        """Move the log's unmerged keys (if `recent_keys` wait: another process may have
+        merged them meanwhile), sorted, into `idem_mid`, and mark their rows merged; rename
+        `idem_mid` to a run once `mid_keys` were moved into it; prune the merged rows older
+        than LOG_KEEP; drop the expired tables. One transaction."""
         since = now - self._ttl
         with immediate(c):
-            days = [
-                day
-                for (day,) in c.execute(
-                    f"SELECT DISTINCT CAST(claimed_at / {DAY} AS INTEGER) FROM {IDEM_MID}"
-                    f" WHERE claimed_at > ?{where}",
-                    (since, *bounds),
-                ).fetchall()
-            ]
-            for day in days:
-                c.execute(_IDEM_DAY_DDL.format(idem_table(day)))
-                c.execute(
-                    f"INSERT OR REPLACE INTO {idem_table(day)} SELECT key, claimed_at"
-                    f" FROM {IDEM_MID} WHERE claimed_at > ? AND claimed_at >= ?"
-                    f" AND claimed_at < ?{where} ORDER BY key",
-                    (since, day * DAY, (day + 1) * DAY, *bounds),
-                )
-            c.execute(f"DELETE FROM {IDEM_MID} WHERE 1{where}", bounds)
-        for day in days:  # a day's table made now: its expiry
-            self._next_drop = min(self._next_drop, (day + 1) * DAY + self._ttl)
+            through, mid_keys, mid_newest = c.execute(
+                f"SELECT through, mid_keys, mid_newest FROM {IDEM_LOG}_merged"
+            ).fetchone()
+            self._unmerged = waiting = _waiting(c)
+            if waiting < self._recent_keys:
+                return
+            rows = c.execute(
+                f"SELECT id, claimed_at, keys FROM {IDEM_LOG} WHERE id > ? ORDER BY id",
+                (through,),
+            ).fetchall()
+            live = [(at, keys) for _, at, keys in rows if at > since]
+            for i in range(0, len(live), _MERGE_ROWS):
+                _insert_sorted(c, live[i : i + _MERGE_ROWS])
+            if live:
+                mid_keys += sum(len(keys) // 32 for _, keys in live)
+                mid_newest = max(mid_newest, max(at for at, _ in live))
+            last = rows[-1][0]
+            if mid_keys >= self._mid_keys:
+                run = idem_run(int(mid_newest // DAY), last)
+                c.execute(f"ALTER TABLE {IDEM_MID} RENAME TO {run}")
+                c.execute(_IDEM_DAY_DDL.format(IDEM_MID))
+                mid_keys, mid_newest = 0, 0.0
+            c.execute(
+                f"UPDATE {IDEM_LOG}_merged SET through = ?, mid_keys = ?, mid_newest = ?",
+                (last, mid_keys, mid_newest),
+            )
+            (old,) = c.execute(
+                f"SELECT max(id) FROM {IDEM_LOG} WHERE id <= ? AND claimed_at < ?",
+                (last, now - LOG_KEEP),
+            ).fetchone()
+            if old is not None:
+                c.execute(f"DELETE FROM {IDEM_LOG} WHERE id <= ?", (old,))
+                c.execute(f"UPDATE {IDEM_LOG}_pruned SET through = max(through, ?)", (old,))
+            self._drop_expired(c, now)
+        self._unmerged = 0
+
+    def _drop_expired(self, c: sqlite3.Connection, now: float) -> None:
+        """Inside a write transaction: drop the runs and day tables whose newest key expired;
+        look again when the oldest left expires, or a day from now (a run made meanwhile)."""
+        tables = idem_tables(c)
+        live = set(self._live(tables, now))
+        for _, name in tables:
+            if name not in live:
+                c.execute(f"DROP TABLE {name}")
+        kept = [(day + 1) * DAY + self._ttl for day, name in tables if name in live]
+        self._next_drop = min([now + DAY, *kept])
 
     async def stats(self) -> dict[str, Any]:
         now = self._clock()
+        since = now - self._ttl
 
         def query(c: sqlite3.Connection) -> tuple[int, float | None]:
-            n, oldest = 0, None
-            for table in [*self._live(idem_days(c), now), IDEM_RECENT, IDEM_MID]:
+            (merged,) = c.execute(f"SELECT through FROM {IDEM_LOG}_merged").fetchone()
+            n, oldest = c.execute(
+                f"SELECT COALESCE(sum(length(keys)), 0) / 32, min(claimed_at) FROM {IDEM_LOG}"
+                " WHERE id > ? AND claimed_at > ?",
+                (merged, since),
+            ).fetchone()
+            for table in [*self._live(idem_tables(c), now), IDEM_MID]:
                 count, first = c.execute(
                     f"SELECT count(*), min(claimed_at) FROM {table} WHERE claimed_at > ?",
-                    (now - self._ttl,),
+                    (since,),
                 ).fetchone()
                 n += count
                 if first is not None and (oldest is None or first < oldest):
                     oldest = first
             return n, oldest
 
-        n, oldest = await self._db.call("idempotency", lambda c: _again_if_dropped(c, query))
+        n, oldest = await self._db.call("idempotency", lambda c: _again_if_dropped(c, _read(query)))
         return {
             "backend": "sqlite",
             "keys": n,
             "memory_bytes": None,
             "oldest_bucket": _utc(oldest).date().isoformat() if oldest is not None else None,
         }
+
+
+# Log rows a merge statement takes (a compound SELECT has at most 500 terms).
+_MERGE_ROWS = 200
+
+
+def _insert_sorted(c: sqlite3.Connection, rows: Sequence[tuple[float, bytes]]) -> None:
+    """Insert the keys of log rows (claim time, keys) into `idem_mid` in key order, with
+    their rows' claim times: one statement, the rows' blobs and times bound as parameters
+    (each blob is cut in SQL, the keys sorted by SQLite's sorter: ~1 µs a key less than
+    sorting in Python; `substr` of a column instead would read the whole overflowing blob
+    again for every key)."""
+    longest = max(len(keys) for _, keys in rows)
+    terms = " UNION ALL ".join(
+        f"SELECT substr(?{2 * j + 1}, i, 32) AS key, ?{2 * j + 2} AS at FROM k"
+        f" WHERE i < length(?{2 * j + 1})"
+        for j in range(len(rows))
+    )
+    c.execute(
+        f"WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 32 FROM k WHERE i + 32 < ?"
+        f"{2 * len(rows) + 1}) INSERT INTO {IDEM_MID} (key, claimed_at) SELECT key, at"
+        f" FROM ({terms}) WHERE true ORDER BY key{_UPSERT}",
+        [*(x for at, keys in rows for x in (keys, at)), longest],
+    )
+
+
+def _waiting(c: sqlite3.Connection) -> int:
+    """Keys in the log's unmerged rows (`length` of a blob reads no overflow page)."""
+    (n,) = c.execute(
+        f"SELECT COALESCE(sum(length(keys)), 0) / 32 FROM {IDEM_LOG}"
+        f" WHERE id > (SELECT through FROM {IDEM_LOG}_merged)"
+    ).fetchone()
+    return int(n)
+
+
+def _key_set(blob: bytes) -> frozenset[bytes]:
+    return frozenset(blob[i : i + 32] for i in range(0, len(blob), 32))
+
+
+def _read(fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+    """`fn` in one read transaction: the tables it lists and the rows it reads are of one
+    instant (another process's merge or rename commits wholly before or after it)."""
+
+    def read(c: sqlite3.Connection) -> T:
+        c.execute("BEGIN")
+        try:
+            return fn(c)
+        finally:
+            c.execute("COMMIT")
+
+    return read
 
 
 def _again_if_dropped(c: sqlite3.Connection, read: Callable[[sqlite3.Connection], T]) -> T:
