@@ -73,8 +73,10 @@ async def main(
         f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
         f"load average {os.getloadavg()}"
     )
-    print(f"{keys:,} keys in claims of {batch:,} (seen() then claim()), a window per {every:,}"
-          f"; intake appends from another connection: {writer:g}/s")
+    print(
+        f"{keys:,} keys in claims of {batch:,} (seen() then claim()), a window per {every:,}"
+        f"; intake appends from another connection: {writer:g}/s"
+    )
     head = ("keys", "cpu us/key", "thread", "seen", "wall", "worst ms")
     print("{:>10} {:>10} {:>8} {:>6} {:>8} {:>9}  tables".format(*head))
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,9 +140,12 @@ if __name__ == "__main__":
     ap.add_argument("--batch", type=int, default=2000)
     ap.add_argument("--every", type=int, default=250_000)
     ap.add_argument("--mid-keys", type=int, help="the store's mid_keys (default: its own)")
-    ap.add_argument("--recent-keys", type=int,
-                    help="the store's recent_keys (default: its own)")
-    ap.add_argument("--writer", type=float, default=0.0,
-                    help="intake appends a second from another connection (0: none)")
+    ap.add_argument("--recent-keys", type=int, help="the store's recent_keys (default: its own)")
+    ap.add_argument(
+        "--writer",
+        type=float,
+        default=0.0,
+        help="intake appends a second from another connection (0: none)",
+    )
     a = ap.parse_args()
     asyncio.run(main(a.keys, a.batch, a.every, a.mid_keys, a.writer, a.recent_keys))
