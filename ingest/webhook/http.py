@@ -37,7 +37,7 @@ from ingest.formats import FEED_FIRST, GZIP_WBITS, INFLATE_STEP, only_nul_paddin
 from ingest.names import NAME_RULE as _NAME
 from ingest.pipeline.admission import Admission, BackpressureState, Rejected
 from ingest.webhook import Intake
-from ingest.webhook.spread import NOT_JSON, entity_key
+from ingest.webhook.spread import NOT_JSON, entity_keys
 
 log = logging.getLogger(__name__)
 _NDJSON_TYPES = (
@@ -190,7 +190,7 @@ async def _take(
         return lines
     keys = None  # None: the tenant's partition (the repair functions may change entities)
     if intake.spread and not service.config.transformers:
-        keys = [entity_key(tenant, v, ln) for v, ln in zip(values, lines, strict=True)]
+        keys = entity_keys(tenant, values, lines)
     refused = service.refuse_intake(len(body))
     if refused is not None:
         return _insufficient_storage(refused)

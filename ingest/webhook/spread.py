@@ -22,8 +22,9 @@ after the door has looked: then every line keeps its tenant's partition (`tenant
 
 from __future__ import annotations
 
-import zlib
+from collections.abc import Sequence
 from typing import Any
+from zlib import crc32
 
 NOT_JSON: Any = object()  # the value of a line that did not parse
 
@@ -31,20 +32,30 @@ NOT_JSON: Any = object()  # the value of a line that did not parse
 def tenant_key(tenant: str) -> int:
     """The key of every line of a tenant when records are not spread (and of the intake
     rows written before they were)."""
-    return zlib.crc32(tenant.encode())
+    return crc32(tenant.encode())
 
 
-def entity_key(tenant: str, value: Any, line: bytes) -> int:
-    """The partition key of one record line: crc32 over its entity key, or over its bytes
-    when the line has no entity the decoder could accept (`value` is the parsed line, or
-    NOT_JSON). schema_version 1 names the fields `type` and `id` (ingest/transformers)."""
-    seed = zlib.crc32(tenant.encode())
-    if type(value) is dict:
-        version = value.get("schema_version")
-        v1 = type(version) is int and version == 1
-        kind = value.get("type" if v1 else "entity_type")
-        ident = value.get("id" if v1 else "entity_id")
-        if type(kind) is str and type(ident) is str:
-            key = zlib.crc32(kind.encode(errors="surrogatepass"), seed)
-            return zlib.crc32(b"\x00" + ident.encode(errors="surrogatepass"), key)
-    return zlib.crc32(b"\x01" + line, seed)
+def entity_keys(tenant: str, values: Sequence[Any], lines: Sequence[bytes]) -> list[int]:
+    """The partition key of each record line: crc32 over its entity key, or over its bytes
+    when the line has no entity the decoder could accept (`values`: the parsed lines, NOT_JSON
+    for one that did not parse). schema_version 1 names the fields `type` and `id`
+    (ingest/transformers); a version that equals 1 without being the integer is refused by
+    the decoder, so which fields it is keyed by does not matter.
+
+    One call a request, the loop written flat: 1.4 us a line against 4.6 us with a function
+    call a line (measured on the loaded VM, where orjson took 3-4 us to parse the line); the
+    door runs it for every record."""
+    seed = crc32(tenant.encode())
+    out: list[int] = []
+    append = out.append
+    for value, line in zip(values, lines, strict=True):
+        if type(value) is dict:
+            if value.get("schema_version") == 1:
+                kind, ident = value.get("type"), value.get("id")
+            else:
+                kind, ident = value.get("entity_type"), value.get("entity_id")
+            if type(kind) is str and type(ident) is str:
+                append(crc32(f"{kind}\x00{ident}".encode(errors="surrogatepass"), seed))
+                continue
+        append(crc32(b"\x01" + line, seed))
+    return out

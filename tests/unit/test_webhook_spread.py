@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from ingest.pipeline.decode import Decoder
 from ingest.records import RawRecord, Record
 from ingest.webhook.http import split_values
-from ingest.webhook.spread import entity_key
+from ingest.webhook.spread import entity_keys
 from ingest.webhook.sqlite import partition, rows_of
 
 DECODER = Decoder()
@@ -62,7 +62,7 @@ def test_records_of_one_entity_share_a_key_and_a_row(body: list[bytes], groups: 
     got, _, values = split_values(b"\n".join(body), "application/x-ndjson")
     if not isinstance(got, list):  # no line parsed: the door refuses the whole body (400)
         return
-    keys = [entity_key(TENANT, v, ln) for v, ln in zip(values, got, strict=True)]
+    keys = entity_keys(TENANT, values, got)
     decoded = DECODER.decode_many(
         [RawRecord(ln, TENANT, "s", i, i, 0.0) for i, ln in enumerate(got)]
     )
@@ -81,7 +81,7 @@ def test_records_of_one_entity_share_a_key_and_a_row(body: list[bytes], groups: 
 
 def test_one_tenant_spreads_and_without_keys_stays_on_its_partition() -> None:
     got = [orjson.dumps(body_of(3, "order", f"e-{i}", 1, {})) for i in range(100)]
-    keys = [entity_key(TENANT, orjson.loads(ln), ln) for ln in got]
+    keys = entity_keys(TENANT, [orjson.loads(ln) for ln in got], got)
     parts = {part for part, _ in rows_of(TENANT, got, keys, 2)}
     assert parts == {0, 1}  # 100 entities of one tenant reach both workers
     assert rows_of(TENANT, got, None, 2) == [(partition(TENANT), got)]
