@@ -17,6 +17,12 @@ Two phases against one `ingest run` process (embedded: webhook intake and sink o
   steady  a paced sender offers --share (0.8) of that peak (or --rate records/s, no peak
           phase), one batch every batch/rate seconds on a fixed schedule (late sends catch
           up, never bunch), for --seconds (300)
+  post    (--post-peak-seconds, 60; 0 skips) the peak load again once the steady phase has
+          drained: the populated peak on the store the steady phase left. The steady phase
+          runs on a store growing from the peak phase's to that one (1.0x -> 1.8x the records
+          at the default lengths), so its share of the mean of the two peaks is its share of
+          the peak at its own middle store size: the fair figure when the cost grows with the
+          store. The store's MB at the steady phase's start and end are printed too.
 Lag is `ingest_lag_seconds` (webhook receipt -> sink commit, i.e. from acceptance) over the
 steady phase only (histogram delta), p50/p95/p99 interpolated inside the buckets as
 Prometheus' histogram_quantile does. Also printed: records/s offered and delivered, the ratio
@@ -33,6 +39,7 @@ py-spy dumps in --stall-log (docs/benchmarks.md, "what a bench_steady stall is m
 
     uv run python bench/bench_steady.py [--seconds 300] [--share 0.8] [--workers N]
         [--peak-seconds S] [--basis populated|burst|sustained] [--rate R] [--linger S]
+        [--post-peak-seconds S]
         [--stall-jump RECORDS] [--stall-log FILE]
 """
 
@@ -139,6 +146,12 @@ def cpu_seconds_of(stat: Path) -> float:
 def dir_mb(path: Path) -> dict[str, float]:
     """Sizes of the data dir's SQLite files (and their WAL), MB."""
     return {f.name: f.stat().st_size / 1e6 for f in sorted(path.glob("**/*.db*")) if f.is_file()}
+
+
+def store_mb(path: Path) -> float:
+    """MB of the SQLite files the records go to (sink, state, idempotency keys; not their
+    WALs): what a record's cost grows with."""
+    return sum(v for k, v in dir_mb(path).items() if k.endswith(".db"))
 
 
 def cpu_times() -> tuple[int, int]:
@@ -424,6 +437,24 @@ async def paced(url: str, rate: float, batch: int, seconds: float) -> tuple[int,
     return accepted, refused, errors
 
 
+def post_peak(svc: ServiceProcess, args: argparse.Namespace) -> float:
+    """The populated peak again, on the store the steady phase left: the mean delivered rate
+    of the saturated intervals of a load of --post-peak-seconds (the first interval, which
+    starts from an empty backlog, left out)."""
+    print(f"post peak: {args.peak_clients} clients, {args.peak_batch}-record requests, "
+          f"{args.post_peak_seconds:.0f} s")
+    timeline = Timeline(svc, args.every)
+    timeline.start()
+    asyncio.run(run_load(svc.url, clients=args.peak_clients, batch=args.peak_batch,
+                         seconds=args.post_peak_seconds, prefix="pp"))
+    timeline.done.set()
+    timeline.join()
+    full = [r["rate"] for r in timeline.rows[1:] if r["backlog"] > 0
+            and r["t"] <= args.post_peak_seconds + args.every / 2]
+    wait_drained(svc.url)
+    return sum(full) / len(full) if full else float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seconds", type=float, default=300.0)
@@ -445,6 +476,11 @@ def main() -> None:
                     "the load wrote (populated); delivered over the load and its drain "
                     "(burst); or the mean of the load's saturated intervals after the first "
                     "(sustained)")
+    ap.add_argument("--post-peak-seconds", type=float, default=60.0,
+                    help="after the steady phase, saturate again for this long: the peak on the "
+                    "store the steady phase leaves (0: skip). The steady phase runs on a store "
+                    "that grows from what the peak phase left to that: its share of the mean "
+                    "of the two peaks is its share of a peak at its middle store size")
     ap.add_argument("--linger", type=float, default=None,
                     help="the webhook source's linger_seconds (default: the config default)")
     ap.add_argument("--rate", type=float, default=None,
@@ -502,6 +538,7 @@ def main() -> None:
             if peak != peak:  # nan: the load's last window never had a backlog
                 print("peak: the load did not saturate the pipeline at its end; using burst")
                 peak = burst
+        mb_start = store_mb(svc.data_dir)
         rate = args.share * peak if args.rate is None else args.rate
         share = "--rate" if peak != peak else f"{rate / peak:.0%} of the {args.basis} peak"
         print(f"steady: offering {rate:,.0f} rec/s ({share}) "
@@ -527,6 +564,10 @@ def main() -> None:
         metrics = httpx.get(f"{url}/metrics", timeout=30).text
         after = buckets(metrics)
         got = delivered(url) - got0
+        mb_end = store_mb(svc.data_dir)
+        post = float("nan")
+        if args.post_peak_seconds > 0 and args.rate is None:
+            post = post_peak(svc, args)
         assert svc.proc is not None
         rss = max(peak_rss_mb(p) for p in [svc.proc.pid, *svc.worker_pids().values()])
         drift = timeline.cost_drift()
@@ -545,6 +586,14 @@ def main() -> None:
     if drift:
         print(f"service CPU per record: {drift[0]:.1f} us over the first minute, "
               f"{drift[1]:.1f} us over the last ({drift[1] / drift[0]:.2f}x)")
+    print(f"stores (sink, state, keys; no WAL): {mb_start:,.0f} MB as the steady phase began "
+          f"(the peak phase's end), {mb_end:,.0f} MB at its end")
+    if post == post:
+        mid = (peak + post) / 2
+        print(f"peak after the steady phase (populated, {args.post_peak_seconds:.0f} s): "
+              f"{post:,.0f} rec/s ({post / peak:.2f}x the first); offered {rate / mid:.0%} and "
+              f"delivered {got / elapsed / mid:.2f}x of their mean (the peak at the steady "
+              f"phase's middle store size)")
     print(f"peak RSS (largest service process): {rss:.0f} MB")
     if steals:
         print(f"VM steal over the steady phase: {sum(steals) / len(steals):.1%} mean, "

@@ -308,7 +308,9 @@ async def _webhook_source(
 
     db = stores.sqlite_db or await SQLiteDB.open(cfg.data_dir / "intake.db")
     sqlite_intake = SQLiteIntake(db)
-    webhook = WebhookSource(sc, sqlite_intake, stores.checkpoints, shard=shard)
+    webhook = WebhookSource(
+        sc, sqlite_intake, stores.checkpoints, shard=shard, spread=not cfg.transformers
+    )
     return BuiltSource(webhook, intake=sqlite_intake, webhook=webhook, prepaid=True)
 
 

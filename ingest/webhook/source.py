@@ -42,6 +42,7 @@ class WebhookSource(PullOnly):
         poll_seconds: float = 0.2,
         clock: Callable[[], float] = time.time,
         shard: tuple[int, int] | None = None,
+        spread: bool = True,
     ) -> None:
         self.name = cfg.name
         self.cfg = cfg
@@ -49,7 +50,11 @@ class WebhookSource(PullOnly):
         self.checkpoints = checkpoints
         self.poll_seconds = poll_seconds
         self.clock = clock
-        self.shard = shard  # (i, n): worker i of n reads its tenants' partitions only
+        self.shard = shard  # (i, n): worker i of n reads its partitions only
+        self.spread = spread  # the door keys lines by entity (no repair functions configured)
+        # rows cut for another shape of pod are read by worker 0 alone, the others wait until
+        # they are committed (`_held`); None: not looked yet
+        self._barrier: int | None = None
         self._health = AdapterHealth(status="starting")
         self._stopped = asyncio.Event()
         self._arrived = asyncio.Event()
@@ -86,8 +91,13 @@ class WebhookSource(PullOnly):
 
     async def batches(self) -> AsyncIterator[SourceBatch]:
         while not self._stopped.is_set():
-            rows, through = await self.intake.scan(
-                self._read_through, self.cfg.batch_size, self.shard
+            held = await self._held()
+            rows, through = (
+                ([], self._read_through)
+                if held
+                else await self.intake.scan(
+                    self._read_through, self.cfg.batch_size, self.shard, self._barrier or 0
+                )
             )
             self._read_through = through
             if not rows:
@@ -123,6 +133,27 @@ class WebhookSource(PullOnly):
             first = raws[0].seq if raws else self._seq
             yield SourceBatch(records=raws, position=pos, first_seq=first, last_seq=self._seq)
 
+    async def _held(self) -> bool:
+        """True while this worker must not read: rows cut for another shape of pod (another
+        `workers` count, or keyed by tenant) wait in the intake, and this is not worker 0.
+
+        Why: an entity's rows from before the change may be in a row another worker reads
+        now. Worker 0 reads every row up to the last such one, in id order, with its own; the
+        others start once those are committed, so an entity's records are still judged in
+        the order they arrived (docs/architecture.md, Scale-out). Looked at once, at the
+        start: the door of this pod cuts rows of this shape only."""
+        if self.shard is None:
+            return False
+        if self._barrier is None:
+            self._barrier = await self.intake.foreign_through(self.shard[1], self.spread)
+        if not self._barrier or self.shard[0] == 0:
+            return False
+        oldest = await self.intake.oldest()
+        if oldest is not None and oldest <= self._barrier:
+            return True
+        self._barrier = 0
+        return False
+
     async def _fill(self, rows: list[IntakeRow]) -> list[IntakeRow]:
         """Let a short batch fill: wait until its oldest request is `linger_seconds` old, then
         read on up to `batch_size`.
@@ -146,7 +177,7 @@ class WebhookSource(PullOnly):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopped.wait(), wait)
         more, self._read_through = await self.intake.scan(
-            self._read_through, self.cfg.batch_size - have, self.shard
+            self._read_through, self.cfg.batch_size - have, self.shard, self._barrier or 0
         )
         return rows + more
 

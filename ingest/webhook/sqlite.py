@@ -29,10 +29,13 @@ def rows_of(
     tenant: str, lines: Sequence[bytes], keys: Sequence[int] | None, groups: int
 ) -> list[tuple[int, Sequence[bytes]]]:
     """(part, lines) of each row a request is stored as: one row in the tenant's partition
-    (no keys, or one group), or one per group its keys fall in, part = key % groups (rows in
-    the order of each group's first line; within a row, the order sent)."""
+    (no keys, or one group: part < PARTITIONS), or one per group its keys fall in, part =
+    groups * PARTITIONS + key % groups (so part % groups is the group, and the row says which
+    count of workers it was cut for); rows in the order of each group's first line, within a
+    row the order sent."""
     if keys is None or groups == 1 or not lines:
         return [(partition(tenant), lines)]
+    shape = groups * PARTITIONS  # which count of workers wrote the row: `foreign_through`
     by: dict[int, list[bytes]] = {}
     for key, line in zip(keys, lines, strict=True):
         group = by.get(key % groups)
@@ -40,7 +43,7 @@ def rows_of(
             by[key % groups] = [line]
         else:
             group.append(line)
-    return list(by.items())
+    return [(shape + g, group) for g, group in by.items()]
 
 
 @dataclass(slots=True)
@@ -109,8 +112,39 @@ class SQLiteIntake:
         rows, _ = await self.scan(after_id, limit_records, shard)
         return rows
 
+    async def foreign_through(self, groups: int, spread: bool) -> int:
+        """The last id of a row cut for another shape of pod than (`groups` workers, lines
+        spread or not): another `workers` count, or keyed by tenant (the code before entity
+        keys, or repair functions configured). 0: none. One pass over the intake, at a
+        worker's start (`WebhookSource` holds the others back until these are committed)."""
+        shape = groups * PARTITIONS
+        sql, args = (
+            ("SELECT max(id) FROM intake WHERE part < ? OR part >= ?", (shape, shape + groups))
+            if spread
+            else ("SELECT max(id) FROM intake WHERE part >= ?", (PARTITIONS,))
+        )
+
+        def read(c: sqlite3.Connection) -> int:
+            (top,) = c.execute(sql, args).fetchone()
+            return int(top or 0)
+
+        return await self._db.call("intake", read)
+
+    async def oldest(self) -> int | None:
+        """The id of the oldest row not yet committed (deleted), None when empty."""
+
+        def read(c: sqlite3.Connection) -> int | None:
+            (low,) = c.execute("SELECT min(id) FROM intake").fetchone()
+            return None if low is None else int(low)
+
+        return await self._db.call("intake", read)
+
     async def scan(
-        self, after_id: int, limit_records: int, shard: tuple[int, int] | None = None
+        self,
+        after_id: int,
+        limit_records: int,
+        shard: tuple[int, int] | None = None,
+        barrier: int = 0,
     ) -> tuple[list[IntakeRow], int]:
         """`read_after`, plus the id this read looked through: the next read starts after it.
 
@@ -120,8 +154,11 @@ class SQLiteIntake:
         bench/bench_steady.py, the idle worker's CPU grew with the backlog (7 % -> 37 %) and
         its back-to-back readers kept the WAL from ever restarting. Ids are AUTOINCREMENT and
         assigned under SQLite's write lock, so every row at or below max(id) read first is
-        committed: nothing below the returned id can appear later."""
-        where = " AND id <= ? AND part % ? = ?" if shard else ""
+        committed: nothing below the returned id can appear later.
+
+        `barrier`: with a shard, the rows up to that id are read whatever their part (worker
+        0 reads the rows of another shape of pod: `foreign_through`)."""
+        where = " AND id <= ? AND (id <= ? OR part % ? = ?)" if shard else ""
         sql = (
             "SELECT id, tenant, source, n_records, received_at, body FROM intake"
             " WHERE id > ?" + where + " ORDER BY id"
@@ -134,7 +171,7 @@ class SQLiteIntake:
                 (top,) = c.execute("SELECT max(id) FROM intake").fetchone()
                 if top is None or top <= after_id:
                     return [], after_id
-                args, through = (after_id, top, shard[1], shard[0]), top
+                args, through = (after_id, top, barrier, shard[1], shard[0]), top
             out: list[IntakeRow] = []
             total = 0
             for id_, tenant, source, n, received_at, body in c.execute(sql, args):

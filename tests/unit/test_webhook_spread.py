@@ -20,7 +20,7 @@ from ingest.pipeline.decode import Decoder
 from ingest.records import RawRecord, Record
 from ingest.webhook.http import split_values
 from ingest.webhook.spread import entity_keys
-from ingest.webhook.sqlite import partition, rows_of
+from ingest.webhook.sqlite import PARTITIONS, partition, rows_of
 
 DECODER = Decoder()
 TENANT = "acme"
@@ -75,7 +75,11 @@ def test_records_of_one_entity_share_a_key_and_a_row(body: list[bytes], groups: 
     assert sorted(ln for _, group in stored for ln in group) == sorted(got)
     assert len({part for part, _ in stored}) == len(stored)  # one row per group
     for part, group in stored:  # each row: its group's lines, all of them, in the order sent
-        mine = [ln for ln, k in zip(got, keys, strict=True) if groups == 1 or k % groups == part]
+        mine = [
+            ln
+            for ln, k in zip(got, keys, strict=True)
+            if groups == 1 or k % groups == part % groups
+        ]
         assert list(group) == mine
 
 
@@ -83,6 +87,6 @@ def test_one_tenant_spreads_and_without_keys_stays_on_its_partition() -> None:
     got = [orjson.dumps(body_of(3, "order", f"e-{i}", 1, {})) for i in range(100)]
     keys = entity_keys(TENANT, [orjson.loads(ln) for ln in got], got)
     parts = {part for part, _ in rows_of(TENANT, got, keys, 2)}
-    assert parts == {0, 1}  # 100 entities of one tenant reach both workers
+    assert parts == {2 * PARTITIONS, 2 * PARTITIONS + 1}  # one tenant reaches both workers
     assert rows_of(TENANT, got, None, 2) == [(partition(TENANT), got)]
     assert rows_of(TENANT, got, keys, 1) == [(partition(TENANT), got)]
