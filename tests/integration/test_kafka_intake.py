@@ -59,6 +59,34 @@ async def test_append_returns_after_ack_with_headers_key_and_timestamp(
     assert {m.timestamp()[1] for m in msgs} == {int(received * 1000)}  # type: ignore[attr-defined]
 
 
+async def test_keyed_lines_spread_over_partitions_an_entity_on_one(
+    brokers: str, make_topic: TopicFactory
+) -> None:
+    """With the door's entity keys (ingest.webhook.spread) one tenant's lines reach several
+    partitions, so several workers of the consumer group, and each entity's lines share one,
+    in the order sent."""
+    topic = make_topic(6)
+    intake = KafkaIntake(brokers, topic)
+    await intake.start()
+    try:
+        lines = [orjson.dumps({"entity_id": str(i % 10), "n": i}) for i in range(60)]
+        keys = [1000 + i % 10 for i in range(60)]
+        await intake.append("acme", "orders-hook", lines, time.time(), keys)
+        msgs = read_all(brokers, topic, 60)
+    finally:
+        await intake.close()
+    assert len(msgs) == 60
+    where: dict[bytes, set[int]] = {}
+    for m in msgs:
+        where.setdefault(m.key(), set()).add(m.partition())  # type: ignore[attr-defined]
+    assert set(where) == {b"acme/%08x" % k for k in set(keys)}
+    assert all(len(p) == 1 for p in where.values())  # an entity on one partition
+    assert len(set().union(*where.values())) > 1  # one tenant on several
+    for e in range(10):  # each entity's lines in the order sent
+        mine = [orjson.loads(m.value())["n"] for m in msgs if m.key() == b"acme/%08x" % (1000 + e)]  # type: ignore[attr-defined]
+        assert mine == list(range(e, 60, 10))
+
+
 async def test_intake_read_back_by_kafka_source(
     brokers: str, make_topic: TopicFactory, group: str, sources: list[KafkaSource]
 ) -> None:
