@@ -144,6 +144,11 @@ class CommittedWatch:
     def offsets(self) -> dict[int, int]:
         return {tp.partition: tp.offset for tp in self._consumer.committed(self._tps, timeout=10)}
 
+    def left(self, ends: dict[int, int]) -> int:
+        """Records not yet committed (0 once every partition's offset is its end offset)."""
+        got = self.offsets()
+        return sum(end - max(0, got.get(p, 0)) for p, end in ends.items())
+
     def __enter__(self) -> CommittedWatch:
         return self
 
@@ -204,8 +209,11 @@ def run_workers(
                 w.admin("resume")
         ends = end_offsets(brokers, topic)
         with CommittedWatch(brokers, topic, group) as watch:
-            while watch.offsets() != ends:
-                time.sleep(0.1)
+            while (left := watch.left(ends)) > 0:
+                # every 0.1 s, and every 0.01 s over the last two batches: the end is seen
+                # within ~0.01 s of the last commit (~0.05 s late on average before, ~1 % of a
+                # 200k run), for ~25 more looks of ~0.5 ms CPU each
+                time.sleep(0.01 if left <= 2 * (batch_size or DEFAULT_BATCH) else 0.1)
         elapsed = time.perf_counter() - t0
         timed = len(lines) - before
         print(f"  timed from {wall0:.3f} for {elapsed:.3f} s (wall clock: to line up with traces)")

@@ -418,19 +418,28 @@ class KafkaSource:
         first: dict[TP, tuple[int, float]] = {}
         last: dict[TP, int] = {}
         seq = self._seq
+        # consume() hands out each partition's messages in runs: a partition is looked up
+        # once a run, not once a message
+        key: TP = ("", -1)
+        run_topic, run_pid, owned, new_run = "", -1, False, False
         for m in msgs:
             if m.error() is not None:
                 if m.error().code() != KafkaError._PARTITION_EOF:
                     self._health.error(f"consume: {m.error().str()}")
                 continue
-            key = (m.topic(), m.partition())
-            if key not in parts:  # revoked since it was fetched: the new owner reads it
+            topic, pid = m.topic(), m.partition()
+            if pid != run_pid or topic != run_topic:
+                run_topic, run_pid, key = topic, pid, (topic, pid)
+                owned = key in parts  # not: revoked since it was fetched; the new owner reads it
+                new_run = key not in first
+            if not owned:
                 continue
             ts_type, ts_ms = m.timestamp()
             ts = now if ts_type == TIMESTAMP_NOT_AVAILABLE else ts_ms / 1000.0
             offset: int = m.offset()
-            if key not in first:
+            if new_run:
                 first[key] = (offset, ts)
+                new_run = False
             last[key] = offset
             value: bytes | None = m.value()
             # The tenant header (set by the webhook intake from the URL) is authoritative, so
@@ -453,7 +462,9 @@ class KafkaSource:
                     tenant = header_tenant
                 elif type(tenant) is not str:
                     tenant = default_tenant
-                append(RawRecord(value, tenant, header_source or name, seq, (*key, offset), ts))
+                append(
+                    RawRecord(value, tenant, header_source or name, seq, (topic, pid, offset), ts)
+                )
             else:
                 append(
                     RawRecord(
