@@ -21,7 +21,7 @@ import contextlib
 import os
 import signal
 import sys
-from multiprocessing import forkserver
+from multiprocessing import forkserver, resource_tracker
 
 ENV_CONFIG = "INGEST_FORK_SERVER_CONFIG"  # the config path for `ingest.pod.preload` ("": none)
 PRELOAD = ["ingest.pod.fork_server", "ingest.pod.preload"]
@@ -62,8 +62,9 @@ def start_early(argv: list[str]) -> bool:
 
 
 def stop_early() -> None:
-    """Stop a fork server `start_early` started (the service is one process). It forked
-    nothing; it may still be importing, and blocks SIGTERM: SIGKILL."""
+    """Stop a fork server `start_early` started (the service is one process), and the
+    resource tracker multiprocessing started with it: no child is left. It forked nothing;
+    it may still be importing, and blocks SIGTERM: SIGKILL."""
     if not _started[0]:
         return
     _started[0] = False
@@ -74,6 +75,8 @@ def stop_early() -> None:
             os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(Exception):
         server._stop()  # type: ignore[union-attr]  # closes its pipes, reaps it
+    with contextlib.suppress(Exception):  # and the tracker ensure_running started with it
+        resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
 
 
 def main_is_cli(module_name: str) -> bool:

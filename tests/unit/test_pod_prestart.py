@@ -43,7 +43,9 @@ if sys.argv[2] == "stop":
     prestart.stop_early()
     import os
     gone = not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
-    print("stopped", gone, forkserver._forkserver._forkserver_pid)
+    import psutil
+    left = psutil.Process().children()
+    print("stopped", gone, forkserver._forkserver._forkserver_pid, len(left))
 print(started, p.exitcode)
 """
 
@@ -64,7 +66,7 @@ def test_the_early_fork_server_preloads_what_the_config_names(tmp_path: Path) ->
 
 
 def test_a_single_process_config_preloads_nothing_and_is_stopped(tmp_path: Path) -> None:
-    assert probe(tmp_path, 1, "stop") == ["stopped", "True", "None", "True", "0"]
+    assert probe(tmp_path, 1, "stop") == ["stopped", "True", "None", "0", "True", "0"]
 
 
 @pytest.mark.parametrize(
