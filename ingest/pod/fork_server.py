@@ -28,6 +28,7 @@ The fork server's imports are the longest step from `ingest run` to a worker's f
 
 import gc
 import signal
+from collections.abc import Mapping
 from multiprocessing import spawn
 from typing import Any
 
@@ -38,7 +39,7 @@ _MAIN_KEYS = ("init_main_from_name", "init_main_from_path")
 _prepare = spawn.prepare
 
 
-def _prepare_without_main(data: dict[str, Any]) -> None:
+def _prepare_without_main(data: Mapping[str, Any]) -> None:
     """multiprocessing's `prepare` in a forked child (sys.path, cwd, name, authkey...), less
     re-running the control plane's main module."""
     _prepare({k: v for k, v in data.items() if k not in _MAIN_KEYS})
