@@ -10,7 +10,8 @@ record with the shared rule (`judge_in_order`), then upsert only each entity's w
 upsert's `WHERE entities.revision < excluded.revision` keeps the guard in the database too.
 A batch of one record per entity first tries a plain INSERT in a savepoint (all new: all
 applied, no lookup); a stored entity rolls it back to that path (`_insert_new`). Rows go in
-by INSERTs of 500 rows each (`_write_rows`), not row by row: one GIL hand-off per statement.
+by INSERTs of up to 4,000 rows each (`_write_rows`), not row by row: one GIL hand-off per
+statement, under the writer lock.
 The file is separate from the state DB (data/sink.db) and has its own connection thread.
 """
 
@@ -60,9 +61,10 @@ _ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _INTO = f"INSERT INTO entities ({_COLS}) VALUES "
 _INSERT = _INTO + _ROW
 _BACKOFF_FIRST, _BACKOFF_MAX = 4, 64  # lookup-first batches after a failed plain INSERT
-# Rows per multi-row statement (`_write_rows`): 5,000 parameters, well under SQLite's
-# default limit of 32,766 per statement.
-ROWS_PER_STATEMENT = 500
+# Rows per multi-row statement (`_write_rows`): a batch of the default 2,000 records in one
+# statement, 40,000 parameters at most; fewer where the library allows fewer parameters
+# (`start`: SQLite's default is 32,766 since 3.32, 999 before). See `_insert_new` for why.
+ROWS_PER_STATEMENT = 4000
 _ON_CONFLICT = (
     " ON CONFLICT (tenant, entity_type, entity_id) DO UPDATE SET"
     " prev_revision = entities.revision, revision = excluded.revision,"
@@ -87,7 +89,7 @@ def _write_rows(
 
     executemany binds and steps one row at a time and takes the GIL back for every row, so
     beside a busy event loop (decoding the next batch) the sink's thread waits for the GIL
-    about once per row; a statement of 500 rows binds them in one C loop and then runs
+    about once per row; a statement of many rows binds them in one C loop and then runs
     without the GIL. Its rows hold distinct entities (the callers write one row per entity),
     so the outcome is the row-by-row one; a statement that fails undoes all of its rows, and
     the callers roll back the whole attempt anyway.
@@ -158,8 +160,12 @@ class SQLiteSink:
         if self._db is None:
             try:
                 self._db = await SQLiteDB.open(self.path, SINK_MIGRATIONS)
+                most = await self._db.run(
+                    lambda c: c.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _ROW.count("?")
+                )
             except IngestError as exc:
                 raise SinkError(ReasonCode.CONNECTION_ERROR, str(exc)) from exc
+            self.rows_per_statement = max(1, min(self.rows_per_statement, most))
 
     @property
     def db(self) -> SQLiteDB:
@@ -270,18 +276,30 @@ class SQLiteSink:
         the upsert writes), False with nothing written when one was stored or a row is
         refused (then the lookup and upsert judge the batch). After an entity was found
         stored, the next 4, then 8 ... 64 batches go to the lookup at once: a feed of updates
-        pays one failed row per attempt, a feed of new rows none."""
-        c.execute("SAVEPOINT new_rows")
+        pays one failed row per attempt, a feed of new rows none.
+
+        A batch that fits one statement needs no savepoint: a statement that fails undoes its
+        own changes and nothing else (SQLite's ABORT), and a value Python cannot bind fails
+        before the statement runs. Every statement here is held under the file's writer lock
+        and costs the thread a GIL hand-back when it returns (the event loop may be deep in
+        a batch's decode meanwhile), so the other worker's wait for the lock grows with the
+        number of statements, not only with SQLite's work: BEGIN, one INSERT, COMMIT."""
+        per = self.rows_per_statement
+        whole = len(rows) <= per
+        if not whole:
+            c.execute("SAVEPOINT new_rows")
         try:
-            _write_rows(c, rows, "", self.rows_per_statement)
+            _write_rows(c, rows, "", per)
         except (sqlite3.IntegrityError, OverflowError) as exc:
-            c.execute("ROLLBACK TO new_rows")
-            c.execute("RELEASE new_rows")
+            if not whole:
+                c.execute("ROLLBACK TO new_rows")
+                c.execute("RELEASE new_rows")
             if "UNIQUE" in str(exc):
                 self.insert_skip = self._backoff
                 self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
             return False
-        c.execute("RELEASE new_rows")
+        if not whole:
+            c.execute("RELEASE new_rows")
         self._backoff = _BACKOFF_FIRST
         return True
 

@@ -209,14 +209,22 @@ async def test_a_batch_is_written_by_a_few_multi_row_statements(sink: SQLiteSink
     ran: list[str] = []
     await sink.db.run(lambda c: c.set_trace_callback(ran.append))
     await sink.write([rec(f"e{i}", 1) for i in range(2000)])  # all new: the plain INSERT
-    inserts = [sql for sql in ran if sql.startswith("INSERT")]
-    assert len(inserts) == 4  # 2,000 rows, 500 a statement
+    # a batch of the default size: BEGIN, one INSERT, COMMIT (no savepoint: the statement
+    # undoes itself when it fails), each statement a GIL hand-back under the writer lock
+    assert [sql.split()[0] for sql in ran] == ["BEGIN", "INSERT", "COMMIT"]
+    ran.clear()
+    sink.rows_per_statement = 500
+    await sink.write([rec(f"n{i}", 1) for i in range(2000)])  # four statements: a savepoint
+    assert [sql.split()[0] for sql in ran] == ["BEGIN", "SAVEPOINT"] + ["INSERT"] * 4 + [
+        "RELEASE",
+        "COMMIT",
+    ]
     ran.clear()
     sink.insert_skip = 1  # updates, by the lookup and the upsert
     assert statuses(await sink.write([rec(f"e{i}", 2) for i in range(1200)])) == ["applied"] * 1200
     assert len([sql for sql in ran if sql.startswith("INSERT")]) == 3
     await sink.db.run(lambda c: c.set_trace_callback(None))
-    assert await sink.count() == 2000
+    assert await sink.count() == 4000
     row = await sink.fetch("t", "customer", "e1199")
     assert row is not None and row["revision"] == 2
 
