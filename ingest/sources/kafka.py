@@ -377,9 +377,13 @@ class KafkaSource:
     def _consume(self, want: int) -> list[Any]:
         """Up to `want` messages within POLL_TIMEOUT_S, as one consume() would return them,
         but read in slices of COMMIT_SLICE_S with the commits asked for meanwhile made in
-        between: a commit no longer waits for a read of a drained topic to run out."""
+        between: a commit no longer waits for a read of a drained topic to run out. With
+        nothing read and not yet committed no commit can be asked for: one consume() then
+        (a reader slicing an idle topic used 1.6-2.0 % of a core, one whole read 0.7 %)."""
         consumer = self._consumer
         deadline = time.monotonic() + POLL_TIMEOUT_S
+        if not self._asked and not any(p.inflight for p in self._parts.values()):
+            return list(consumer.consume(want, POLL_TIMEOUT_S))
         msgs: list[Any] = consumer.consume(want, COMMIT_SLICE_S)
         while len(msgs) < want:
             if self._asked:
