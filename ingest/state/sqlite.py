@@ -835,8 +835,10 @@ def _key_blob(keys: Sequence[bytes]) -> bytes:
 class SQLiteIdempotencyStore:
     """Implements IdempotencyStore: 32-byte keys as BLOBs with their claim time. A claim
     appends its keys to `idem_log` (one row); once `recent_keys` keys wait there unmerged, a
-    claim moves them, sorted, into `idem_mid` in one transaction with the mark of the last
-    row merged (`idem_log_merged`); once `mid_keys` were moved into `idem_mid`, that
+    claim moves the oldest of them (`slice_keys`, a quarter of RECENT_KEYS by default, so
+    the next claims move the rest: one long transaction would hold every other process's
+    claims for its whole length), sorted, into `idem_mid` in one transaction with the mark of
+    the last row merged (`idem_log_merged`); once `mid_keys` were moved into `idem_mid`, that
     transaction renames it to a run of its newest key's day (`idem_YYYYMMDD_N`) and makes a
     new one (see the comment at IDEM_LOG's definitions). A key is in the log (unmerged) or in
     `idem_mid` or a run at every commit, whatever instant a process is killed. Runs (and the
@@ -861,12 +863,16 @@ class SQLiteIdempotencyStore:
         clock: Clock = time.time,
         recent_keys: int = RECENT_KEYS,
         mid_keys: int = MID_KEYS,
+        slice_keys: int = RECENT_KEYS // 4,
     ) -> None:
         self._db = db
         self._ttl = ttl_seconds
         self._clock = clock
         self._recent_keys = recent_keys
         self._mid_keys = mid_keys
+        # keys one merge transaction moves at most (its oldest rows, at least one): a merge
+        # holds the file's writer lock, and the pod's other worker waits for it to claim
+        self._slice_keys = max(1, slice_keys)
         # Read and written only in the DB thread: when the oldest table in the file expires
         # whole (None: not looked yet), and the keys waiting in the log unmerged as far as
         # this process knows (the unmerged rows it read, plus its claims since; None: not
@@ -991,8 +997,9 @@ class SQLiteIdempotencyStore:
         await self._db.call("idempotency", write)
 
     def _merge(self, c: sqlite3.Connection, now: float) -> None:
-        """Move the log's unmerged keys (if `recent_keys` wait: another process may have
-        merged them meanwhile), sorted, into `idem_mid`, and mark their rows merged; rename
+        """Move the log's oldest unmerged rows, up to `slice_keys` keys (if `recent_keys`
+        wait: another process may have merged them meanwhile), sorted, into `idem_mid`, and
+        mark them merged; rename
         `idem_mid` to a run once `mid_keys` were moved into it; prune the merged rows older
         than LOG_KEEP; drop the expired tables. One transaction."""
         since = now - self._ttl
@@ -1007,6 +1014,12 @@ class SQLiteIdempotencyStore:
                 f"SELECT id, claimed_at, keys FROM {IDEM_LOG} WHERE id > ? ORDER BY id",
                 (through,),
             ).fetchall()
+            taken = 0
+            for n, (_, _, keys) in enumerate(rows):
+                taken += len(keys) // 32
+                if taken >= self._slice_keys:
+                    rows = rows[: n + 1]
+                    break
             live = [(at, keys) for _, at, keys in rows if at > since]
             for i in range(0, len(live), _MERGE_ROWS):
                 _insert_sorted(c, live[i : i + _MERGE_ROWS])
@@ -1031,7 +1044,7 @@ class SQLiteIdempotencyStore:
                 c.execute(f"DELETE FROM {IDEM_LOG} WHERE id <= ?", (old,))
                 c.execute(f"UPDATE {IDEM_LOG}_pruned SET through = max(through, ?)", (old,))
             self._drop_expired(c, now)
-        self._unmerged = 0
+        self._unmerged = waiting - taken
 
     def _drop_expired(self, c: sqlite3.Connection, now: float) -> None:
         """Inside a write transaction: drop the runs and day tables whose newest key expired;

@@ -432,6 +432,32 @@ async def test_idempotency_claims_wait_in_the_log_then_move_to_idem_mid_then_a_r
     assert (await restarted.stats())["keys"] == 6
 
 
+async def test_idempotency_a_merge_moves_one_slice_of_the_oldest_rows(db: SQLiteDB) -> None:
+    """Once `recent_keys` wait, a claim merges only the oldest rows holding `slice_keys`
+    keys (the next claims move the rest): no transaction holds the writer lock for the
+    whole backlog. Every key stays seen wherever it is."""
+    clock = FakeClock()
+    store = SQLiteIdempotencyStore(db, clock=clock, recent_keys=4, mid_keys=100, slice_keys=2)
+    k = [bytes([i * 16]) * 32 for i in range(8)]
+    for key in k[:3]:
+        await store.claim([key])
+    assert await _log_keys(db) == 3
+    await store.claim([k[3]])  # 4 wait: the two oldest rows move
+    assert await _log_keys(db) == 2
+    assert await _keys_of(db, "idem_mid") == [k[0], k[1]]
+    await store.claim([k[4]])  # 3 wait: nothing moves
+    assert await _log_keys(db) == 3
+    await store.claim([k[5], k[6]])  # 5 wait: k[2] and k[3] (two keys) move
+    assert await _log_keys(db) == 3
+    assert await _keys_of(db, "idem_mid") == [k[0], k[1], k[2], k[3]]
+    assert await store.seen(k) == [True] * 7 + [False]
+    restarted = SQLiteIdempotencyStore(db, clock=clock, recent_keys=3, slice_keys=1)
+    await restarted.claim([k[7]])  # 4 wait (counted afresh): the oldest row alone moves
+    assert await _log_keys(db) == 3
+    assert await _keys_of(db, "idem_mid") == [k[0], k[1], k[2], k[3], k[4]]
+    assert await restarted.seen(k) == [True] * 8
+
+
 async def test_idempotency_a_run_spanning_midnight_goes_with_its_newest_key(
     db: SQLiteDB,
 ) -> None:
@@ -665,9 +691,10 @@ _two = st.one_of(
     actions=st.lists(_two, min_size=1, max_size=25),
     ttl=st.integers(min_value=1, max_value=4 * int(LOG_KEEP)),
     recent_keys=st.sampled_from([1, 3, 50_000]),
+    slice_keys=st.sampled_from([1, 2, 12_500]),
 )
 def test_idempotency_property_two_processes(
-    actions: list[tuple[str, int, Any]], ttl: int, recent_keys: int
+    actions: list[tuple[str, int, Any]], ttl: int, recent_keys: int, slice_keys: int
 ) -> None:
     """Two processes claiming into one file (SHA-256 keys, so the filters answer "never
     claimed" for most), time passing beyond the log's keep and the TTL, restarts: after
@@ -681,7 +708,12 @@ def test_idempotency_property_two_processes(
 
             def new_store(i: int) -> SQLiteIdempotencyStore:
                 return SQLiteIdempotencyStore(
-                    dbs[i], ttl_seconds=ttl, clock=clock, recent_keys=recent_keys, mid_keys=4
+                    dbs[i],
+                    ttl_seconds=ttl,
+                    clock=clock,
+                    recent_keys=recent_keys,
+                    mid_keys=4,
+                    slice_keys=slice_keys,
                 )
 
             stores = [new_store(0), new_store(1)]
