@@ -1027,16 +1027,20 @@ class SQLiteIdempotencyStore:
             self._unmerged = waiting = _waiting(c)
             if waiting < self._recent_keys:
                 return
-            rows = c.execute(
-                f"SELECT id, claimed_at, keys FROM {IDEM_LOG} WHERE id > ? ORDER BY id",
-                (through,),
+            # the slice's rows found by their lengths (no overflow page read), then only
+            # their keys read: the rows after the slice wait for the next claims' merges
+            taken, cut = 0, through
+            sizes = c.execute(
+                f"SELECT id, length(keys) FROM {IDEM_LOG} WHERE id > ? ORDER BY id", (through,)
             ).fetchall()
-            taken = 0
-            for n, (_, _, keys) in enumerate(rows):
-                taken += len(keys) // 32
+            for id_, size in sizes:
+                taken, cut = taken + size // 32, id_
                 if taken >= self._slice_keys:
-                    rows = rows[: n + 1]
                     break
+            rows = c.execute(
+                f"SELECT id, claimed_at, keys FROM {IDEM_LOG} WHERE id > ? AND id <= ? ORDER BY id",
+                (through, cut),
+            ).fetchall()
             live = [(at, keys) for _, at, keys in rows if at > since]
             for i in range(0, len(live), _MERGE_ROWS):
                 _insert_sorted(c, live[i : i + _MERGE_ROWS])
