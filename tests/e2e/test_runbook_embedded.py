@@ -158,8 +158,10 @@ def test_dlq_summary_endpoint_counts_records_as_the_cli_does(tmp_path: Path) -> 
                    "occurred_at": "2025-01-01T00:00:00Z", "attributes": {}}
             (inbox / f".{name}").write_text(json.dumps(rec) + "\n")
             (inbox / f".{name}").rename(inbox / f"{name}.jsonl")
-            wait_for(lambda: service.health()["adapters"]["inbox"]["files_pending"] == 0,
-                     what=f"{name}.jsonl read")
+            # committed (moved to done/), not only taken: the pod's other worker could
+            # otherwise take old.jsonl and commit it first, and nothing would be older
+            done = inbox / "done" / f"{name}.jsonl"
+            wait_for(done.exists, what=f"{name}.jsonl committed")
         wait_for(lambda: service.get("/admin/dlq/summary").json()["total"] == 2,
                  what="two DLQ entries")
         api = service.get("/admin/dlq/summary?tenant=acme-corp").json()
