@@ -108,7 +108,7 @@ class SQLiteIntake:
     ) -> list[IntakeRow]:
         """Rows with id > after_id in id order; at least one row if any, then rows until
         `limit_records` records are reached (a large row is never split). `shard` (i, n):
-        only the rows of worker i of n (by tenant partition)."""
+        only the rows of worker i of n (by the part each row was cut for: `rows_of`)."""
         rows, _ = await self.scan(after_id, limit_records, shard)
         return rows
 
