@@ -7,6 +7,9 @@ Measured in one run, on the same rows and the same table layout:
   pipeline  `ingest run` as a process: a JSON-lines file dropped in the inbox, timed until the
             file is committed (moved to done/) — decode, validate, dedupe (SQLite idempotency
             store), revision-guarded upsert, DLQ/claims, checkpoint
+  updates   then revision 2 of the same entities into the same service (every row an update
+            of a stored entity: the guarded upsert's update path), against the same limit;
+            `--no-updates` skips it
 Prints records/s for both, the ratio, p95 lag (ingest_lag_seconds histogram), peak RSS of the
 service process, and a profile (pyinstrument, in-process, on a smaller run) of where time goes.
 `--steps N` adds the CPU each step of a batch costs per record (the embedded stores called
@@ -29,6 +32,7 @@ import os
 import platform
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -146,10 +150,14 @@ def server_pid(*needles: str) -> int | None:
 
 
 def run_service(
-    lines: list[bytes], workdir: Path, port: int, files: int = 1
-) -> tuple[float, float | None, float, float]:
-    """(records/s, p95 lag, peak RSS MB, service CPU µs per record). The records are
-    dropped as `files` files at once (a pod's workers lease one file each)."""
+    lines: list[bytes], workdir: Path, port: int, files: int = 1,
+    updates: list[bytes] | None = None,
+) -> list[tuple[float, float | None, float, float]]:
+    """Per phase (new rows, then `updates` if given, in the same service): (records/s, p95
+    lag, peak RSS MB, service CPU µs per record). Each phase's records are dropped as `files`
+    files at once (a pod's workers lease one file each) and timed until all are committed;
+    the p95 lag is of the histogram so far. Checks the sink holds every entity at the last
+    phase's revision."""
     data = workdir / "svc"
     inbox = data / "inbox" / "acme-corp"
     inbox.mkdir(parents=True)
@@ -161,6 +169,8 @@ def run_service(
                              "--config", str(config)],
                             cwd=workdir, env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
+    out = []
+    phases = [("orders", lines)] + ([("updates", updates)] if updates is not None else [])
     try:
         for _ in range(300):
             try:
@@ -168,24 +178,30 @@ def run_service(
                 break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        names = [f"orders-{i}.jsonl" for i in range(files)]
-        for i, name in enumerate(names):
-            part = lines[i * len(lines) // files : (i + 1) * len(lines) // files]
-            (workdir / name).write_bytes(b"\n".join(part) + b"\n")
-        cpu0 = tree_cpu_seconds(proc.pid)
-        t0 = time.perf_counter()
-        for name in names:
-            os.replace(workdir / name, inbox / name)
-        while any((inbox / name).exists() for name in names):
-            time.sleep(0.05)
-        elapsed = time.perf_counter() - t0
-        cpu = tree_cpu_seconds(proc.pid) - cpu0
-        metrics = httpx.get(f"{url}/metrics", timeout=10).text
-        rss = peak_rss_mb(proc.pid)
+        for prefix, phase in phases:
+            names = [f"{prefix}-{i}.jsonl" for i in range(files)]
+            for i, name in enumerate(names):
+                part = phase[i * len(phase) // files : (i + 1) * len(phase) // files]
+                (workdir / name).write_bytes(b"\n".join(part) + b"\n")
+            cpu0 = tree_cpu_seconds(proc.pid)
+            t0 = time.perf_counter()
+            for name in names:
+                os.replace(workdir / name, inbox / name)
+            while any((inbox / name).exists() for name in names):
+                time.sleep(0.05)
+            elapsed = time.perf_counter() - t0
+            cpu = tree_cpu_seconds(proc.pid) - cpu0
+            metrics = httpx.get(f"{url}/metrics", timeout=10).text
+            rss = peak_rss_mb(proc.pid)
+            out.append((len(phase) / elapsed, p95_from_histogram(metrics), rss,
+                        cpu / len(phase) * 1e6))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-    return len(lines) / elapsed, p95_from_histogram(metrics), rss, cpu / len(lines) * 1e6
+    with sqlite3.connect(data / "sink.db") as c:
+        count, revs = c.execute("SELECT count(*), sum(revision) FROM entities").fetchone()
+    assert (count, revs) == (len(lines), len(phases) * len(lines)), (count, revs)
+    return out
 
 
 def profile(lines: list[bytes], workdir: Path) -> str:
@@ -340,6 +356,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=18099)
     ap.add_argument("--files", type=int, default=1,
                     help="split the records into this many files (one per worker at a time)")
+    ap.add_argument("--no-updates", action="store_true",
+                    help="skip the second phase: revision 2 of the same entities, same service")
     ap.add_argument("--threads", type=int, default=0, metavar="N",
                     help="also the CPU per record by thread, the service in-process on N records")
     ap.add_argument("--steps", type=int, default=0, metavar="N",
@@ -354,7 +372,9 @@ def main() -> None:
         limit_multi = asyncio.run(bulk_limit(lines, workdir / "limit-multi.db", True))
         limit = max(limit_many, limit_multi)
         load = os.getloadavg()
-        rate, p95, rss, cpu_us = run_service(lines, workdir, args.port, args.files)
+        updates = None if args.no_updates else make_lines(args.records, 2)
+        phases = run_service(lines, workdir, args.port, args.files, updates)
+        rate, p95, rss, cpu_us = phases[0]
         print(f"records:               {args.records} in {args.files} file(s)")
         print(f"limit (SQLite bulk):   {limit:,.0f} records/s (executemany {limit_many:,.0f}, "
               f"multi-row INSERTs {limit_multi:,.0f})")
@@ -363,6 +383,11 @@ def main() -> None:
         print(f"p95 lag:               <= {p95} s (histogram bucket bound)")
         print(f"peak RSS (service):    {rss:.0f} MB")
         print(f"service CPU:           {cpu_us:.1f} µs/record (user+sys, all its processes)")
+        if updates is not None:
+            u_rate, u_p95, rss, u_cpu = phases[1]
+            print(f"rev-2 updates:         {u_rate:,.0f} records/s ({u_rate / limit:.2f}x of the "
+                  f"limit), p95 lag <= {u_p95} s, service CPU {u_cpu:.1f} µs/record")
+            print(f"peak RSS after both:   {rss:.0f} MB")
         print(f"load average:          {load} at start, {os.getloadavg()} after")
         if args.steps:
             print(f"\nCPU per record by step ({args.steps} records, in-process, load "

@@ -8,10 +8,11 @@ and cannot resurrect it. Readers use the `live_entities` view.
 Each batch is one transaction: read the stored revisions of the batch's entities, judge every
 record with the shared rule (`judge_in_order`), then upsert only each entity's winner; the
 upsert's `WHERE entities.revision < excluded.revision` keeps the guard in the database too.
-A batch of one record per entity first tries a plain INSERT in a savepoint (all new: all
-applied, no lookup); a stored entity rolls it back to that path (`_insert_new`). Rows go in
-by INSERTs of up to 4,000 rows each (`_write_rows`), not row by row: one GIL hand-off per
-statement, under the writer lock.
+A batch of one record per entity first tries that upsert alone, without the lookup: when it
+inserted or updated every row, every record was applied (new rows and newer revisions alike);
+when it left a row alone (stored revision equal or higher) it is undone and the batch takes
+the lookup (`_upsert_unread`). Rows go in by INSERTs of up to 4,000 rows each (`_write_rows`),
+not row by row: one GIL hand-off per statement, under the writer lock.
 The file is separate from the state DB (data/sink.db) and has its own connection thread.
 """
 
@@ -60,10 +61,10 @@ _COLS = (
 _ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _INTO = f"INSERT INTO entities ({_COLS}) VALUES "
 _INSERT = _INTO + _ROW
-_BACKOFF_FIRST, _BACKOFF_MAX = 4, 64  # lookup-first batches after a failed plain INSERT
+_BACKOFF_FIRST, _BACKOFF_MAX = 4, 64  # lookup-first batches after an upsert left a row alone
 # Rows per multi-row statement (`_write_rows`): a batch of the default 2,000 records in one
 # statement, 40,000 parameters at most; fewer where the library allows fewer parameters
-# (`start`: SQLite's default is 32,766 since 3.32, 999 before). See `_insert_new` for why.
+# (`start`: SQLite's default is 32,766 since 3.32, 999 before). See `_upsert_unread` for why.
 ROWS_PER_STATEMENT = 4000
 _ON_CONFLICT = (
     " ON CONFLICT (tenant, entity_type, entity_id) DO UPDATE SET"
@@ -82,9 +83,7 @@ def _rows_sql(n: int, tail: str) -> str:
     return _INTO + ", ".join([_ROW] * n) + tail
 
 
-def _write_rows(
-    c: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], tail: str, per: int
-) -> None:
+def _write_rows(c: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], tail: str, per: int) -> int:
     """`executemany(_INSERT + tail, rows)` as a few statements of up to `per` rows each.
 
     executemany binds and steps one row at a time and takes the GIL back for every row, so
@@ -92,12 +91,15 @@ def _write_rows(
     about once per row; a statement of many rows binds them in one C loop and then runs
     without the GIL. Its rows hold distinct entities (the callers write one row per entity),
     so the outcome is the row-by-row one; a statement that fails undoes all of its rows, and
-    the callers roll back the whole attempt anyway.
+    the callers roll back the whole attempt anyway. Returns the rows inserted or updated
+    (SQLite's changes(): an upsert's row that its WHERE left alone is not counted).
     """
     flat = chain.from_iterable
+    changed = 0
     for i in range(0, len(rows), per):
         part = rows[i : i + per]
-        c.execute(_rows_sql(len(part), tail), tuple(flat(part)))
+        changed += c.execute(_rows_sql(len(part), tail), tuple(flat(part))).rowcount
+    return changed
 
 
 def _stored_rows(c: sqlite3.Connection, keys: list[EntityKey]) -> dict[EntityKey, StoredRow]:
@@ -149,10 +151,11 @@ class SQLiteSink:
         self.name = name
         self.path = Path(path)
         self._db: SQLiteDB | None = None
-        self.insert_skip = 0  # batches left that go to the lookup without trying an INSERT
+        self.insert_skip = 0  # batches left that go to the lookup without trying the upsert
         self._backoff = _BACKOFF_FIRST
-        # Batches by path: a plain INSERT, the lookup after an INSERT found a stored entity,
-        # the lookup without trying (backoff, or several records of one entity); read by tests.
+        # Batches by path: the upsert without a lookup, the lookup after that upsert left a
+        # row alone, the lookup without trying (backoff, or several records of one entity);
+        # read by tests.
         self.paths = {"insert": 0, "fallback": 0, "upsert": 0}
         self.rows_per_statement = ROWS_PER_STATEMENT  # tests set it small, to cross chunks
 
@@ -256,7 +259,7 @@ class SQLiteSink:
         elif self.insert_skip:
             self.insert_skip -= 1
             self.paths["upsert"] += 1
-        elif self._insert_new(c, rows):
+        elif self._upsert_unread(c, rows):
             self.paths["insert"] += 1
             return [SinkResult.applied()] * len(batch)
         else:
@@ -270,17 +273,26 @@ class SQLiteSink:
         _write_rows(c, [rows[j] for j in _last_applied(keys, results)], _ON_CONFLICT, per)
         return results
 
-    def _insert_new(self, c: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> bool:
-        """A batch of one record per entity as a plain INSERT, without looking its entities
-        up first: True when every row went in (none was stored: all applied, the same rows
-        the upsert writes), False with nothing written when one was stored or a row is
-        refused (then the lookup and upsert judge the batch). After an entity was found
-        stored, the next 4, then 8 ... 64 batches go to the lookup at once: a feed of updates
-        pays one failed row per attempt, a feed of new rows none.
+    def _upsert_unread(self, c: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> bool:
+        """A batch of one record per entity as the guarded upsert alone, without looking its
+        entities up first: True when it inserted or updated every row, False with nothing
+        written when it left a row alone or a row is refused (then the lookup and upsert
+        judge the batch). Exact: with one row per entity, a row is inserted or updated iff
+        its entity is not stored or stored at a lower revision, which is when the lookup path
+        judges its record APPLIED and writes the same row with the same upsert; a row left
+        alone (stored revision equal or higher: UNCHANGED or OLDER_REVISION, which only the
+        stored revision tells) makes SQLite's count of changed rows fall short of the batch.
+        A feed of new rows and a feed of newer revisions both go in by one statement; the
+        lookup (a SELECT stepping once per stored row, each step a GIL hand-back under the
+        writer lock, and `judge_batch` in Python) is left to batches with stale or repeated
+        records. After a batch fell back, the next 4, then 8 ... 64 batches go to the lookup
+        at once: a feed of replays pays one undone upsert per attempt.
 
         A batch that fits one statement needs no savepoint: a statement that fails undoes its
-        own changes and nothing else (SQLite's ABORT), and a value Python cannot bind fails
-        before the statement runs. Every statement here is held under the file's writer lock
+        own changes and nothing else (SQLite's ABORT), a value Python cannot bind fails
+        before the statement runs, and a statement that left a row alone is undone by rolling
+        back the transaction, which holds nothing else, and beginning it again (the writer
+        lock is held throughout). Every statement here is held under the file's writer lock
         and costs the thread a GIL hand-back when it returns (the event loop may be deep in
         a batch's decode meanwhile), so the other worker's wait for the lock grows with the
         number of statements, not only with SQLite's work: BEGIN, one INSERT, COMMIT."""
@@ -289,14 +301,21 @@ class SQLiteSink:
         if not whole:
             c.execute("SAVEPOINT new_rows")
         try:
-            _write_rows(c, rows, "", per)
-        except (sqlite3.IntegrityError, OverflowError) as exc:
+            changed = _write_rows(c, rows, _ON_CONFLICT, per)
+        except (sqlite3.IntegrityError, OverflowError):
             if not whole:
                 c.execute("ROLLBACK TO new_rows")
                 c.execute("RELEASE new_rows")
-            if "UNIQUE" in str(exc):
-                self.insert_skip = self._backoff
-                self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+            return False
+        if changed < len(rows):
+            if whole:
+                c.execute("ROLLBACK")
+                c.execute("BEGIN IMMEDIATE")
+            else:
+                c.execute("ROLLBACK TO new_rows")
+                c.execute("RELEASE new_rows")
+            self.insert_skip = self._backoff
+            self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
             return False
         if not whole:
             c.execute("RELEASE new_rows")

@@ -186,20 +186,44 @@ def test_a_plain_insert_first_ends_as_the_lookup_and_upsert_would(batches: list[
         assert first == asyncio.run(_written(Path(tmp) / "lookup.db", batches, insert_first=False))
 
 
-async def test_a_feed_of_updates_backs_off_from_the_plain_insert(sink: SQLiteSink) -> None:
+async def test_a_feed_of_updates_goes_in_by_the_upsert_alone(sink: SQLiteSink) -> None:
+    """Newer revisions of stored entities are applied by the upsert without the lookup (its
+    SELECTs would show in the trace); the table ends as the lookup path leaves it."""
     await sink.write([rec(f"e{i}", 1) for i in range(3)])
-    assert sink.paths == {"insert": 1, "fallback": 0, "upsert": 0}
-    for revision in range(2, 8):  # a failed INSERT, then 4 batches straight to the lookup
+    ran: list[str] = []
+    await sink.db.run(lambda c: c.set_trace_callback(ran.append))
+    for revision in range(2, 8):
         assert (
             statuses(await sink.write([rec(f"e{i}", revision) for i in range(3)]))
             == ["applied"] * 3
         )
+    await sink.db.run(lambda c: c.set_trace_callback(None))
+    assert sink.paths == {"insert": 7, "fallback": 0, "upsert": 0}
+    assert [sql.split()[0] for sql in ran] == ["BEGIN", "INSERT", "COMMIT"] * 6
+    row = await sink.fetch("t", "customer", "e2")
+    assert row is not None and row["revision"] == 7
+    stored = await sink.db.run(
+        lambda c: c.execute("SELECT prev_revision FROM entities WHERE entity_id = 'e2'").fetchone()
+    )
+    assert stored == (6,)
+
+
+async def test_a_feed_of_replays_backs_off_from_the_upsert(sink: SQLiteSink) -> None:
+    """A batch the upsert would leave a row of alone (a stored revision equal or higher) is
+    undone and judged by the lookup; the next ones go to the lookup at once."""
+    await sink.write([rec(f"e{i}", 1) for i in range(3)])
+    assert sink.paths == {"insert": 1, "fallback": 0, "upsert": 0}
+    for _ in range(6):  # an undone upsert, then 4 batches straight to the lookup
+        again = statuses(await sink.write([rec("e0", 2), rec("e1", 1), rec("e2", 0)]))
+        assert again[1:] == ["unchanged", "OLDER_REVISION"]
     assert sink.paths == {"insert": 1, "fallback": 2, "upsert": 4}
     assert sink.insert_skip == 8  # the second miss doubled the backoff
+    row = await sink.fetch("t", "customer", "e0")
+    assert row is not None and row["revision"] == 2
     sink.insert_skip = 0
-    await sink.write([rec("new", 1)])  # a new entity goes in by INSERT and resets it
+    await sink.write([rec("new", 1), rec("e0", 3)])  # all applied: the upsert, reset
     assert sink.paths["insert"] == 2
-    await sink.write([rec("e0", 9)])
+    await sink.write([rec("e0", 3)])
     assert sink.insert_skip == 4
 
 
@@ -208,7 +232,7 @@ async def test_a_batch_is_written_by_a_few_multi_row_statements(sink: SQLiteSink
     (executemany takes the GIL back for every row, beside a busy event loop)."""
     ran: list[str] = []
     await sink.db.run(lambda c: c.set_trace_callback(ran.append))
-    await sink.write([rec(f"e{i}", 1) for i in range(2000)])  # all new: the plain INSERT
+    await sink.write([rec(f"e{i}", 1) for i in range(2000)])  # all new: the upsert alone
     # a batch of the default size: BEGIN, one INSERT, COMMIT (no savepoint: the statement
     # undoes itself when it fails), each statement a GIL hand-back under the writer lock
     assert [sql.split()[0] for sql in ran] == ["BEGIN", "INSERT", "COMMIT"]
