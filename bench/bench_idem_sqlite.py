@@ -11,7 +11,8 @@ seen()+claim() of the window (what a batch may wait behind a merge), and the key
 table at the end of the window (where the store keeps them). Nothing else runs in the
 process. `--mid-keys N` sets the store's `mid_keys` (the keys moved into `idem_mid` before it
 becomes a run), `--recent-keys N` its `recent_keys` (the keys waiting in the claims log before
-they are merged into `idem_mid`). `--writer HZ` adds what the service has beside the store: another
+they are merged into `idem_mid`), `--slice-keys N` its `slice_keys` (the keys one merge
+transaction moves). `--writer HZ` adds what the service has beside the store: another
 connection (the control plane's) appending a 30 kB intake row HZ times a second, whose commits
 reset the store connection's page cache (SQLite drops a connection's cached pages whenever
 another connection committed since its last read).
@@ -67,6 +68,7 @@ async def main(
     mid_keys: int | None,
     writer: float,
     recent_keys: int | None = None,
+    slice_keys: int | None = None,
 ) -> None:
     print(
         f"machine: {platform.node()} {os.cpu_count()} cores, Python "
@@ -84,6 +86,8 @@ async def main(
         extra: dict[str, Any] = {} if mid_keys is None else {"mid_keys": mid_keys}
         if recent_keys is not None:
             extra["recent_keys"] = recent_keys
+        if slice_keys is not None:
+            extra["slice_keys"] = slice_keys
         store = SQLiteIdempotencyStore(db, **extra)
         stop = asyncio.Event()
         appender = (
@@ -141,6 +145,7 @@ if __name__ == "__main__":
     ap.add_argument("--every", type=int, default=250_000)
     ap.add_argument("--mid-keys", type=int, help="the store's mid_keys (default: its own)")
     ap.add_argument("--recent-keys", type=int, help="the store's recent_keys (default: its own)")
+    ap.add_argument("--slice-keys", type=int, help="the store's slice_keys (default: its own)")
     ap.add_argument(
         "--writer",
         type=float,
@@ -148,4 +153,6 @@ if __name__ == "__main__":
         help="intake appends a second from another connection (0: none)",
     )
     a = ap.parse_args()
-    asyncio.run(main(a.keys, a.batch, a.every, a.mid_keys, a.writer, a.recent_keys))
+    asyncio.run(
+        main(a.keys, a.batch, a.every, a.mid_keys, a.writer, a.recent_keys, a.slice_keys)
+    )
