@@ -184,7 +184,13 @@ def _upsert_sql(t: str, timed: bool) -> str:
     ON CONFLICT did. What judging reads of the stored rows is one probe a row (a left join),
     not one per column. The plan must be a nested loop of index probes (`_SETTINGS`).
     Measured (docs/benchmarks.md, "update first"): server CPU of revision updates -1.8 to
-    -2.0 µs a record, of replays and older revisions -9 µs, ~56 bytes of WAL less a row."""
+    -2.0 µs a record, of replays and older revisions -9 µs, ~56 bytes of WAL less a row.
+
+    Parameters: $1 the number of staged rows (the client knows it: counting the staging
+    table scanned it twice more), $2 whether an entity has several records in the batch (only
+    then can a row have min_rev < revision: otherwise the last branch is a one-time filter, not
+    a scan). The judging branch's guard counts `upd` and `ins`, not `up`, so the common batch
+    never materialises `up` (docs/benchmarks.md, "the statement's counts")."""
     cols = ", ".join(COLUMNS)
     staged = ", ".join(c if timed else _STAGED.get(c, c) for c in COLUMNS)
     stage = _stage(t, timed)
@@ -208,7 +214,7 @@ WITH upd AS (
     RETURNING o.tenant, o.entity_type, o.entity_id
 ), ins AS (
     INSERT INTO {t} ({cols}, updated_at) SELECT {staged}, now() FROM {stage} s
-    WHERE (SELECT count(*) FROM upd) < (SELECT count(*) FROM {stage})
+    WHERE (SELECT count(*) FROM upd) < $1::bigint
       AND NOT EXISTS (SELECT 1 FROM {t} o WHERE {key})
     ON CONFLICT (tenant, entity_type, entity_id) DO UPDATE SET {sets}
     WHERE {t}.revision < excluded.revision
@@ -217,11 +223,11 @@ WITH upd AS (
     SELECT * FROM upd UNION ALL SELECT * FROM ins
 )
 SELECT s.tenant, s.entity_type, s.entity_id, false, {stored}
-WHERE (SELECT count(*) FROM up) < (SELECT count(*) FROM {stage})
+WHERE (SELECT count(*) FROM upd) + (SELECT count(*) FROM ins) < $1::bigint
   AND s.min_rev = s.revision AND {keys} NOT IN (SELECT * FROM up)  -- a hashed subplan
 UNION ALL
 SELECT s.tenant, s.entity_type, s.entity_id, {keys} IN (SELECT * FROM up), {stored}
-WHERE s.min_rev < s.revision
+WHERE $2::boolean AND s.min_rev < s.revision
 """
 
 
@@ -549,7 +555,7 @@ class PostgresSink:
         stored: dict[EntityKey, StoredRow] = {}
         refused: set[EntityKey] = set()
         bad: dict[EntityKey, SinkResult] = {}
-        await self._apply(rows, timed, stored, refused, bad, wired)
+        await self._apply(rows, timed, stored, refused, bad, wired, several=low is not None)
         if single and not stored and not refused and not bad:
             return [SinkResult.applied()] * len(records), bad
         # A winner refused although the statement's snapshot held nothing newer lost a race
@@ -639,11 +645,13 @@ class PostgresSink:
         refused: set[EntityKey],
         bad: dict[EntityKey, SinkResult],
         wired: bool = False,
+        several: bool = True,
     ) -> None:
-        """Upsert `rows` (`wired`: `_wire_rows`'s); on a row-level error, bisect so only the
-        offending rows fail."""
+        """Upsert `rows` (`wired`: `_wire_rows`'s; `several`: an entity may have several rows,
+        i.e. a row's min_rev may be below its revision); on a row-level error, bisect so only
+        the offending rows fail."""
         try:
-            out = await self._run(rows, timed, wired)
+            out = await self._run(rows, timed, wired, several)
         except _ROW_ERRORS as exc:
             if len(rows) == 1:
                 key: EntityKey = (rows[0][0], rows[0][1], rows[0][2])
@@ -663,8 +671,8 @@ class PostgresSink:
                 )
                 return
             mid = len(rows) // 2
-            await self._apply(rows[:mid], timed, stored, refused, bad, wired)
-            await self._apply(rows[mid:], timed, stored, refused, bad, wired)
+            await self._apply(rows[:mid], timed, stored, refused, bad, wired, several)
+            await self._apply(rows[mid:], timed, stored, refused, bad, wired, several)
             return
         for tenant, etype, eid, was_written, revision, dedupe_key, prev_revision in out:
             key = (tenant, etype, eid)
@@ -674,7 +682,7 @@ class PostgresSink:
                 refused.add(key)
 
     async def _run(
-        self, rows: list[tuple[Any, ...]], timed: bool, wired: bool = False
+        self, rows: list[tuple[Any, ...]], timed: bool, wired: bool = False, several: bool = True
     ) -> list[asyncpg.Record]:
         """COPY + upsert in one transaction (`timed`: `occurred_at` staged as a timestamptz;
         `wired`: the rows are `_wire_rows`'s, sent as one binary COPY buffer).
@@ -697,7 +705,7 @@ class PostgresSink:
                     await conn.copy_records_to_table(
                         _stage(self.table, timed), records=rows, columns=[*COLUMNS, "min_rev"]
                     )
-                return list(await conn.fetch(self._upserts[timed]))
+                return list(await conn.fetch(self._upserts[timed], len(rows), several))
         except _ROW_ERRORS:
             raise
         except Exception as exc:
