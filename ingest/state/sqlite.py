@@ -94,7 +94,12 @@ _IDEM_DAY_DDL = (
 IDEM_RECENT = "idem_recent"  # the level before the log took its place: empty (migration 16)
 IDEM_MID = "idem_mid"
 RECENT_KEYS = 50_000
-MID_KEYS = 500_000
+# A merge's slice (12,500 random keys) dirties most of `idem_mid`'s leaf pages whatever its
+# size, and each dirtied page is written to the WAL and copied back: the smaller `idem_mid`,
+# the fewer pages a key costs. bench_idem_sqlite, CPU a key (docs/benchmarks.md): 1M keys
+# 6.3 (500,000) -> 4.3 (250,000); 3M keys 7.0 -> 4.9 (125,000: 4.1, but twice the runs
+# again for every key the filter may hold to be probed in).
+MID_KEYS = 250_000
 # `seen` asks an in-memory filter first and SQLite only for the keys the filter may hold
 # (SQLiteIdempotencyStore); the filter learns every process's claims from this log, whose
 # merged rows are kept LOG_KEEP seconds (a process that fell further behind rebuilds its filter).
