@@ -309,8 +309,8 @@ class ItemSource(PullOnly, ABC, Generic[CfgT]):
         batch), so small objects still make full batches; the last batch of a pass is what is
         left. The next OPEN_AHEAD items are leased and their first bytes fetched while one is
         read."""
-        refs = await self.list_items()
-        done = await self._leases.done_versions(self.name)
+        # Both at once: an item done between the two reads is refused by `acquire` anyway
+        refs, done = await asyncio.gather(self.list_items(), self._leases.done_versions(self.name))
         pending = sorted(
             (r for r in refs if done.get(r.name) != r.version), key=lambda r: (r.mtime, r.name)
         )

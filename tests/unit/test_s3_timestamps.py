@@ -7,10 +7,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 import botocore.utils  # type: ignore[import-untyped]
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from ingest.sources.s3 import parse_timestamp
+from ingest.sources.s3 import parse_timestamp, plain_http
 
 MOMENTS = st.datetimes(
     min_value=datetime(1971, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
@@ -42,3 +42,42 @@ def test_other_forms_are_the_same_instant(moment: datetime, hours: int) -> None:
         str(int(shifted.timestamp())),  # epoch seconds
     ):
         assert parse_timestamp(text) == botocore.utils.parse_timestamp(text), text
+
+
+@given(moment=MOMENTS)
+@example(moment=datetime(2026, 12, 2, 15, 20, 14, tzinfo=UTC))
+def test_http_dates_read_as_botocore_reads_them(moment: datetime) -> None:
+    """A GET's Last-Modified header (RFC 9110's IMF-fixdate), read by the standard library."""
+    text = moment.replace(microsecond=0).strftime("%a, %d %b %Y %H:%M:%S GMT")
+    ours = parse_timestamp(text)
+    assert ours == botocore.utils.parse_timestamp(text)
+    assert ours.utcoffset() is not None
+
+
+@settings(max_examples=40, deadline=None)  # botocore's refusals are slow (~50 ms)
+@given(
+    text=st.from_regex(
+        r"[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT", fullmatch=True
+    )
+)
+def test_malformed_http_dates_go_to_botocore(text: str) -> None:
+    """A date of that shape the standard library cannot read (a month 'Xyz', hour 99) is
+    botocore's to read or refuse, as before."""
+    try:
+        expected = botocore.utils.parse_timestamp(text)
+    except Exception as exc:  # botocore refuses it: so do we, the same way
+        try:
+            parse_timestamp(text)
+        except Exception as ours:
+            assert type(ours) is type(exc)
+        else:
+            raise AssertionError(f"{text!r} read, botocore refused it") from None
+    else:
+        assert parse_timestamp(text) == expected
+
+
+def test_plain_http_endpoints_need_no_tls() -> None:
+    assert plain_http("http://127.0.0.1:8333")
+    assert plain_http("HTTP://minio:9000")
+    assert not plain_http("https://s3.eu-west-1.amazonaws.com")
+    assert not plain_http(None)  # AWS: https
