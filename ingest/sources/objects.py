@@ -160,8 +160,10 @@ class ItemSource(PullOnly, ABC, Generic[CfgT]):
         clock: Clock = time.time,
         lease_ttl: float | None = None,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         self.cfg: CfgT = cfg
+        self._shard = shard  # (i, n): worker i of n tries its stripe of a listing first
         self.name = cfg.name
         self.tenant = cfg.tenant
         self._batch_size = cfg.batch_size
@@ -318,29 +320,51 @@ class ItemSource(PullOnly, ABC, Generic[CfgT]):
         for state in self._items.values():  # ours, listed or not, until committed
             self._unfinished.setdefault(state.ref.name, state.ref.mtime)
         await self.after_listing(refs, done)
-        todo = iter(pending)
+        mine, others = self._stripes(pending)
         buf = _Buffer()
         ahead: deque[asyncio.Task[_Opened | None]] = deque()
         try:
-            while True:
-                while len(ahead) < OPEN_AHEAD and (ref := next(todo, None)) is not None:
-                    ahead.append(asyncio.create_task(self._open_ref(ref)))
-                if not ahead:
-                    break
-                opened = await ahead[0]
-                ahead.popleft()
-                if opened is None:
-                    continue  # not ours (another worker's lease, done, unsupported)
-                async for batch in self._read(opened, buf):
-                    yield batch
-                if self._stop.is_set():
-                    return
+            for part in (mine, others):
+                if part is others and others:
+                    # The others' stripes, for what their workers have not taken (slow, gone,
+                    # or a listing that differs). Most are done or held by now: asking again
+                    # which are done spares a lease attempt on each of those, and what this
+                    # worker read is delivered first, not after those attempts.
+                    if buf.records:
+                        yield self._batch(buf, len(buf.records))
+                    done = await self._leases.done_versions(self.name)
+                    part = [r for r in others if done.get(r.name) != r.version]
+                todo = iter(part)
+                while True:
+                    while len(ahead) < OPEN_AHEAD and (ref := next(todo, None)) is not None:
+                        ahead.append(asyncio.create_task(self._open_ref(ref)))
+                    if not ahead:
+                        break
+                    opened = await ahead[0]
+                    ahead.popleft()
+                    if opened is None:
+                        continue  # not ours (another worker's lease, done, unsupported)
+                    async for batch in self._read(opened, buf):
+                        yield batch
+                    if self._stop.is_set():
+                        return
             if buf.records:
                 yield self._batch(buf, len(buf.records))
         finally:
             for task in ahead:
                 await _discard(task)
             buf.forget()  # read, never yielded (stopping, or an error): read again later
+
+    def _stripes(self, pending: list[ItemRef]) -> tuple[list[ItemRef], list[ItemRef]]:
+        """Worker i of n: items i, i+n, i+2n, ... of the listing first, then the rest. The
+        workers of a pod list the same items in the same order, so their stripes do not meet:
+        walking one list in the same order, each lost half of its lease attempts to the other
+        (~200 of 400 with two workers and 200 objects; its first batch waited for twice the
+        lease round trips). Leases stay the authority: stripes only order the attempts."""
+        if self._shard is None or self._shard[1] <= 1:
+            return pending, []
+        i, n = self._shard
+        return pending[i::n], [r for k, r in enumerate(pending) if k % n != i]
 
     async def _open_ref(self, ref: ItemRef) -> _Opened | None:
         """`ref` leased by this worker, its first lines already fetched (None if it is not

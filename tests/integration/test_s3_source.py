@@ -190,6 +190,70 @@ async def test_corrupt_gzip_objects_keep_what_reads_and_report_the_rest(
     assert abs(csv_rec.event_time - time.time()) < 120
 
 
+class _Attempts:
+    """The lease store, counting the lease attempts that came back empty (delegates all)."""
+
+    def __init__(self, store: LeaseStore) -> None:
+        self._store = store
+        self.lost = 0
+
+    async def acquire(self, *args: Any) -> int | None:
+        got = await self._store.acquire(*args)
+        self.lost += got is None
+        return got
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+async def test_workers_of_a_pod_read_their_stripes_and_lose_few_lease_attempts(
+    s3: Any, s3_endpoint: str, prefix: str, state: State, tmp_path: Path
+) -> None:
+    """Worker i of n tries items i, i+n, ... first: two workers over 200 objects each read
+    each object once, and few lease attempts are lost (walking one list in one order, about
+    half of the 400 were)."""
+    await _put_200(s3, prefix)
+    store, closer = await _lease_store(tmp_path)
+    leases = _Attempts(store)
+    cfg = s3_config(s3_endpoint, prefix, name=f"s3-stripes-{prefix[:-1]}", batch_size=10)
+    pumps = [
+        await Pump(
+            S3Source(cfg, state.checkpoints, leases, worker_id=f"w{i}", shard=(i, 2))  # type: ignore[arg-type]
+        ).start()
+        for i in range(2)
+    ]
+    by_key, seen = await _drain(pumps, 5000, closer)
+    assert len(by_key) == 200 and all(len(owners) == 1 for owners in by_key.values())
+    assert len(seen) == 5000 and len(set(seen)) == 5000
+    # walking one list in one order, the two lost 200 of their ~400 attempts
+    assert leases.lost < 40, leases.lost
+
+
+async def test_a_worker_alone_reads_the_other_stripes_too(
+    s3: Any, s3_endpoint: str, prefix: str, state: State, tmp_path: Path
+) -> None:
+    """Worker 0 of 2 with no worker 1 running (gone, or not started yet) still reads every
+    object: the stripes order its attempts, they do not divide the work."""
+    for i in range(9):
+        await put(s3, f"{prefix}{i:03d}.jsonl", jsonl(f"y{i}", 3))
+    store, closer = await _lease_store(tmp_path)
+    cfg = s3_config(s3_endpoint, prefix, name=f"s3-alone-{prefix[:-1]}", batch_size=4)
+    pump = await Pump(S3Source(cfg, state.checkpoints, store, worker_id="w0", shard=(0, 2))).start()
+    ids: list[str] = []
+    try:
+        while len(ids) < 27:
+            b = await pump.next(timeout=5.0)
+            await pump.source.commit(b)
+            ids += [orjson.loads(r.data)["id"] for r in b.records]
+    finally:
+        await pump.close()
+        await closer()
+    assert sorted(ids) == sorted(f"y{i}-{n}" for i in range(9) for n in range(3))
+    # its own stripe (objects 0, 2, 4, 6, 8) first, then the others'
+    order = list(dict.fromkeys(i.split("-")[0] for i in ids))
+    assert order == ["y0", "y2", "y4", "y6", "y8", "y1", "y3", "y5", "y7"]
+
+
 async def _lease_store(tmp_path: Path) -> tuple[LeaseStore, Any]:
     url = os.environ.get("INGEST_TEST_POSTGRES_URL")
     if url:
@@ -201,9 +265,8 @@ async def _lease_store(tmp_path: Path) -> tuple[LeaseStore, Any]:
     return SQLiteLeaseStore(db), db.close
 
 
-async def test_two_workers_take_each_of_200_objects_once(
-    s3: Any, s3_endpoint: str, prefix: str, state: State, tmp_path: Path
-) -> None:
+async def _put_200(s3: Any, prefix: str) -> None:
+    """200 objects of 25 lines each."""
     sem = asyncio.Semaphore(16)
 
     async def upload(i: int) -> None:
@@ -211,17 +274,18 @@ async def test_two_workers_take_each_of_200_objects_once(
             await put(s3, f"{prefix}{i:03d}.jsonl", jsonl(f"x{i}", 25))
 
     await asyncio.gather(*(upload(i) for i in range(200)))
-    leases, closer = await _lease_store(tmp_path)
-    cfg = s3_config(s3_endpoint, prefix, name=f"s3-pair-{prefix[:-1]}", batch_size=10)
-    pumps = [
-        await Pump(S3Source(cfg, state.checkpoints, leases, worker_id=w)).start()
-        for w in ("w1", "w2")
-    ]
+
+
+async def _drain(
+    pumps: list[Pump], total: int, closer: Any
+) -> tuple[dict[str, set[str]], list[str]]:
+    """Commit what the pumps read until `total` records or 3 s of nothing, then close them
+    and the lease store (`closer`): each object's readers (worker ids), the ids read."""
     by_key: dict[str, set[str]] = collections.defaultdict(set)
     seen: list[str] = []
 
     async def drain(p: Pump) -> None:
-        while len(seen) < 5000:
+        while len(seen) < total:
             try:
                 b = await p.next(timeout=3.0)
             except AssertionError:
@@ -237,6 +301,20 @@ async def test_two_workers_take_each_of_200_objects_once(
         for p in pumps:
             await p.close()
         await closer()
+    return by_key, seen
+
+
+async def test_two_workers_take_each_of_200_objects_once(
+    s3: Any, s3_endpoint: str, prefix: str, state: State, tmp_path: Path
+) -> None:
+    await _put_200(s3, prefix)
+    leases, closer = await _lease_store(tmp_path)
+    cfg = s3_config(s3_endpoint, prefix, name=f"s3-pair-{prefix[:-1]}", batch_size=10)
+    pumps = [
+        await Pump(S3Source(cfg, state.checkpoints, leases, worker_id=w)).start()
+        for w in ("w1", "w2")
+    ]
+    by_key, seen = await _drain(pumps, 5000, closer)
     assert len(by_key) == 200
     assert all(len(owners) == 1 for owners in by_key.values())
     assert len(seen) == 5000 and len(set(seen)) == 5000
