@@ -875,6 +875,39 @@ fn attributes_ok(a: &V) -> bool {
     })
 }
 
+/// What `decode_records` works out for one line without the GIL: the envelope, the canonical
+/// bytes (with where the attributes' and relations' JSON sit in them), their SHA-256, the
+/// Postgres row when asked for, and whether the compiled rules hold (all but the route's tenant
+/// and occurred_at's time, which need Python objects).
+struct Line<'a> {
+    env: Env<'a>,
+    bytes: Vec<u8>,
+    attrs: (usize, usize),
+    rels: (usize, usize),
+    digest: [u8; 32],
+    row: Option<Vec<u8>>,
+    rules: bool,
+}
+
+fn line_of(data: &[u8], rows: bool) -> Option<Line<'_>> {
+    let env = envelope_of(data)?;
+    let (bytes, attrs, rels) = canonical(&env)?;
+    let digest: [u8; 32] = Sha256::digest(&bytes).into();
+    let row = if rows { copy_row(&env, &bytes, attrs, rels, &digest) } else { None };
+    let rules = tenant_ok(&env.tenant) && type_name_ok(&env.entity_type) && attributes_ok(&env.attributes);
+    Some(Line { env, bytes, attrs, rels, digest, row, rules })
+}
+
+/// A raw record and its bytes when the compiled path may read them.
+type Held<'py> = (Bound<'py, PyAny>, Option<Bound<'py, PyBytes>>);
+
+/// Lines decoded a turn: each turn parses, checks, writes and hashes its lines with the GIL
+/// released, then takes it back to build their Python objects. Releasing it lets a thread
+/// that waits for it (a SQLite thread back from its file, holding that file's writer lock)
+/// take it at once, instead of after the whole batch; a turn's lines stay in the CPU's cache
+/// between the two halves (one turn for a 100k-record call cost ~0.5 µs a record more).
+const TURN: usize = 256;
+
 /// For each RawRecord: a finished `Record` when every rule the decoder checks holds (shape,
 /// patterns, known attributes, tenant of the route, occurred_at already in `times` and not
 /// past `horizon`); the tuple
@@ -883,6 +916,10 @@ fn attributes_ok(a: &V) -> bool {
 /// check; None when Python decodes it.
 /// `rows`: also write each record's Postgres row (`copy_row`); else None. `sqlite_rows`: also
 /// build each record's SQLite sink row (`sqlite_row`); else None. Both come last, in that order.
+///
+/// The lines' bytes are taken first (GIL held), then decoded `TURN` lines at a time: parsed,
+/// checked, written canonically and hashed with the GIL released (other threads run Python
+/// meanwhile), then their Python objects built with it.
 #[pyfunction]
 #[pyo3(signature = (raws, record, times, horizon, limit, rows=true, sqlite_rows=false))]
 #[allow(clippy::too_many_arguments)]
@@ -914,123 +951,132 @@ fn decode_records(
     };
     let (a_data, a_tenant) = (k("data"), k("tenant"));
     let (a_decoded, a_meta) = (k("decoded"), k("meta"));
+    // 1. the raws and their bytes, held (strong references) until the end
+    let mut held: Vec<Held<'_>> = Vec::with_capacity(raws.len());
+    for raw in raws.iter() {
+        let data = match raw.getattr(&a_data)?.downcast_into::<PyBytes>().ok() {
+            Some(b) if b.as_bytes().len() <= limit
+                && raw.getattr(&a_decoded)?.is_none()
+                && !raw.getattr(&a_meta)?.is_truthy()? => Some(b),
+            _ => None,
+        };
+        held.push((raw, data));
+    }
+    let slices: Vec<Option<&[u8]>> = held.iter().map(|(_, b)| b.as_ref().map(|b| b.as_bytes())).collect();
     let mut names = Names { py, seen: std::collections::HashMap::new() };
     let out = PyList::empty_bound(py);
-    for raw in raws.iter() {
-        let data = raw.getattr(&a_data)?;
-        let data = match data.downcast::<PyBytes>() {
-            Ok(b) => b.as_bytes(),
-            Err(_) => {
-                out.append(py.None())?;
-                continue;
-            }
-        };
-        if data.len() > limit
-            || !raw.getattr(&a_decoded)?.is_none()
-            || raw.getattr(&a_meta)?.is_truthy()?
-        {
-            out.append(py.None())?;
-            continue;
-        }
-        let env = match envelope_of(data) {
-            Some(env) => env,
-            None => {
-                out.append(py.None())?;
-                continue;
-            }
-        };
-        let (bytes, attrs, rels) = match canonical(&env) {
-            Some(found) => found,
-            None => {
-                out.append(py.None())?;
-                continue;
-            }
-        };
-        let route = raw.getattr(&a_tenant)?;
-        let mut done = tenant_ok(&env.tenant)
-            && type_name_ok(&env.entity_type)
-            && attributes_ok(&env.attributes)
-            && route.downcast::<PyString>().map_or(false, |t| t.to_str().map_or(false, |t| t == env.tenant));
-        let digest = Sha256::digest(&bytes);
-        let tenant = names.get(&env.tenant);
-        let entity_type = names.get(&env.entity_type);
-        let entity_id = PyString::new_bound(py, &env.entity_id);
-        let occurred = PyString::new_bound(py, &env.occurred);
-        if done {
-            done = match times.get_item(&occurred)? {
-                Some(when) => when.extract::<f64>()? <= horizon,
-                None => false,
-            };
-        }
-        let priority = names.get(env.priority);
-        let revision = env.revision.into_py(py);
-        let deleted = PyBool::new_bound(py, env.deleted).to_owned();
-        let attributes = to_py(py, &env.attributes, &mut names);
-        let relations = PyList::empty_bound(py);
-        for r in &env.relations {
-            let d = PyDict::new_bound(py);
-            d.set_item(&keys.kind, names.get(&r.kind))?;
-            d.set_item(&keys.target_type, names.get(&r.target_type))?;
-            d.set_item(&keys.target_id, PyString::new_bound(py, &r.target_id))?;
-            relations.append(d)?;
-        }
-        let body = PyDict::new_bound(py);
-        body.set_item(&keys.attributes, &attributes)?;
-        body.set_item(&keys.deleted, &deleted)?;
-        body.set_item(&keys.entity_id, &entity_id)?;
-        body.set_item(&keys.entity_type, &entity_type)?;
-        body.set_item(&keys.occurred_at, &occurred)?;
-        body.set_item(&keys.priority, &priority)?;
-        body.set_item(&keys.relations, relations)?;
-        body.set_item(&keys.revision, &revision)?;
-        body.set_item(&keys.schema_version, 3)?;
-        body.set_item(&keys.tenant_id, &tenant)?;
-        let row: PyObject = match if rows { copy_row(&env, &bytes, attrs, rels, &digest) } else { None } {
-            Some(row) => PyBytes::new_bound(py, &row).into_any().unbind(),
-            None => py.None(),
-        };
-        let digest = PyBytes::new_bound(py, &digest);
-        let lite: PyObject = if sqlite_rows {
-            sqlite_row(py, &env, &bytes, attrs, rels, [&tenant, &entity_type, &entity_id, &occurred], &revision, &digest)
-        } else {
-            py.None()
-        };
-        if done {
-            let entity_key = PyTuple::new_bound(py, [&tenant, &entity_type, &entity_id]);
-            let args: [PyObject; 12] = [
-                raw.clone().unbind(),
-                body.into_any().unbind(),
-                digest.into_any().unbind(),
-                tenant.into_any().unbind(),
-                entity_type.into_any().unbind(),
-                entity_id.into_any().unbind(),
-                revision,
-                entity_key.into_any().unbind(),
-                deleted.into_any().unbind(),
-                priority.into_any().unbind(),
-                row,
-                lite,
-            ];
-            out.append(record.call1(PyTuple::new_bound(py, args))?)?;
-        } else {
-            let items: [PyObject; 12] = [
-                body.into_any().unbind(),
-                digest.into_any().unbind(),
-                tenant.into_any().unbind(),
-                entity_type.into_any().unbind(),
-                entity_id.into_any().unbind(),
-                revision,
-                occurred.into_any().unbind(),
-                deleted.into_any().unbind(),
-                priority.into_any().unbind(),
-                attributes,
-                row,
-                lite,
-            ];
-            out.append(PyTuple::new_bound(py, items))?;
+    for (turn, raws) in slices.chunks(TURN).zip(held.chunks(TURN)) {
+        // 2. the Rust part, without the GIL: `bytes` objects are immutable and held above
+        let lines: Vec<Option<Line<'_>>> =
+            py.allow_threads(|| turn.iter().map(|d| d.and_then(|d| line_of(d, rows))).collect());
+        // 3. their Python objects
+        for ((raw, _), line) in raws.iter().zip(lines) {
+            build(py, &out, raw, line, record, times, horizon, sqlite_rows, &keys, &mut names, &a_tenant)?;
         }
     }
     Ok(out.unbind())
+}
+
+/// `decode_records`' answer for one raw record (see there), appended to `out`.
+#[allow(clippy::too_many_arguments)]
+fn build<'py>(
+    py: Python<'py>,
+    out: &Bound<'py, PyList>,
+    raw: &Bound<'py, PyAny>,
+    line: Option<Line<'_>>,
+    record: &Bound<'py, PyAny>,
+    times: &Bound<'py, PyDict>,
+    horizon: f64,
+    sqlite_rows: bool,
+    keys: &Keys,
+    names: &mut Names<'py>,
+    a_tenant: &Py<PyString>,
+) -> PyResult<()> {
+    let Line { env, bytes, attrs, rels, digest, row, rules } = match line {
+        Some(line) => line,
+        None => return out.append(py.None()),
+    };
+    let route = raw.getattr(a_tenant)?;
+    let mut done = rules
+        && route.downcast::<PyString>().map_or(false, |t| t.to_str().map_or(false, |t| t == env.tenant));
+    let tenant = names.get(&env.tenant);
+    let entity_type = names.get(&env.entity_type);
+    let entity_id = PyString::new_bound(py, &env.entity_id);
+    let occurred = PyString::new_bound(py, &env.occurred);
+    if done {
+        done = match times.get_item(&occurred)? {
+            Some(when) => when.extract::<f64>()? <= horizon,
+            None => false,
+        };
+    }
+    let priority = names.get(env.priority);
+    let revision = env.revision.into_py(py);
+    let deleted = PyBool::new_bound(py, env.deleted).to_owned();
+    let attributes = to_py(py, &env.attributes, names);
+    let relations = PyList::empty_bound(py);
+    for r in &env.relations {
+        let d = PyDict::new_bound(py);
+        d.set_item(&keys.kind, names.get(&r.kind))?;
+        d.set_item(&keys.target_type, names.get(&r.target_type))?;
+        d.set_item(&keys.target_id, PyString::new_bound(py, &r.target_id))?;
+        relations.append(d)?;
+    }
+    let body = PyDict::new_bound(py);
+    body.set_item(&keys.attributes, &attributes)?;
+    body.set_item(&keys.deleted, &deleted)?;
+    body.set_item(&keys.entity_id, &entity_id)?;
+    body.set_item(&keys.entity_type, &entity_type)?;
+    body.set_item(&keys.occurred_at, &occurred)?;
+    body.set_item(&keys.priority, &priority)?;
+    body.set_item(&keys.relations, relations)?;
+    body.set_item(&keys.revision, &revision)?;
+    body.set_item(&keys.schema_version, 3)?;
+    body.set_item(&keys.tenant_id, &tenant)?;
+    let row: PyObject = match row {
+        Some(row) => PyBytes::new_bound(py, &row).into_any().unbind(),
+        None => py.None(),
+    };
+    let digest = PyBytes::new_bound(py, &digest);
+    let lite: PyObject = if sqlite_rows {
+        sqlite_row(py, &env, &bytes, attrs, rels, [&tenant, &entity_type, &entity_id, &occurred], &revision, &digest)
+    } else {
+        py.None()
+    };
+    if done {
+        let entity_key = PyTuple::new_bound(py, [&tenant, &entity_type, &entity_id]);
+        let args: [PyObject; 12] = [
+            raw.clone().unbind(),
+            body.into_any().unbind(),
+            digest.into_any().unbind(),
+            tenant.into_any().unbind(),
+            entity_type.into_any().unbind(),
+            entity_id.into_any().unbind(),
+            revision,
+            entity_key.into_any().unbind(),
+            deleted.into_any().unbind(),
+            priority.into_any().unbind(),
+            row,
+            lite,
+        ];
+        out.append(record.call1(PyTuple::new_bound(py, args))?)?;
+    } else {
+        let items: [PyObject; 12] = [
+            body.into_any().unbind(),
+            digest.into_any().unbind(),
+            tenant.into_any().unbind(),
+            entity_type.into_any().unbind(),
+            entity_id.into_any().unbind(),
+            revision,
+            occurred.into_any().unbind(),
+            deleted.into_any().unbind(),
+            priority.into_any().unbind(),
+            attributes,
+            row,
+            lite,
+        ];
+        out.append(PyTuple::new_bound(py, items))?;
+    }
+    Ok(())
 }
 
 // ------------------------------------------------------------ the idempotency key filter
