@@ -35,7 +35,9 @@ NEVER_COPY = 10**9  # copy_skip that keeps a sink on the staged upsert for the w
 
 
 def upsert_only(sink: PostgresSink) -> PostgresSink:
+    """The sink's full upsert for every batch: no straight COPY, no bare UPDATE first."""
     sink.copy_skip = NEVER_COPY
+    sink.bare_skip = NEVER_COPY
     return sink
 
 
@@ -310,6 +312,37 @@ async def test_the_upsert_probes_the_key_and_is_never_compiled(pg_dsn: str) -> N
         assert "JIT" not in analysed, analysed
     finally:
         await sink.close()
+
+
+async def test_a_batch_the_bare_update_cannot_write_whole_leaves_nothing_of_it(
+    pg_dsn: str,
+) -> None:
+    """One record per entity, all stored at an older revision: the bare UPDATE writes the
+    batch and commits. A batch it writes only part of (here one entity is new, one is a
+    replay) is rolled back whole and judged by the upsert as if the bare UPDATE had never run:
+    the same rows and outcomes as a sink that never tries it; the next batches skip it."""
+    fast = PostgresSink("pg", pg_dsn, table="bare_fast")
+    slow = upsert_only(PostgresSink("pg", pg_dsn, table="bare_slow"))
+    await fast.start()
+    await slow.start()
+    try:
+        for sink in (fast, slow):
+            await sink.write([make_record(f"o{j}", 1) for j in range(6)])
+        fast.copy_skip = NEVER_COPY
+        batches = [
+            [make_record(f"o{j}", 2) for j in range(6)],
+            [make_record("o0", 3), make_record("o1", 2), make_record("new", 1)],
+            [make_record(f"o{j}", 3) for j in range(1, 6)],
+        ]
+        for batch in batches:
+            got = await fast.write(batch)
+            assert got == await slow.write(batch)
+            assert await rows(fast) == await rows(slow)
+        assert fast.bare == {"written": 1, "short": 1}
+        assert fast.bare_skip == 3  # the third batch skipped it: 4 batches after the short one
+    finally:
+        await fast.close()
+        await slow.close()
 
 
 async def test_an_existing_table_takes_the_configured_fillfactor(pg_dsn: str) -> None:
