@@ -21,6 +21,10 @@ does not hold), and returns, from the statement's snapshot (before the write), t
 revision of the entities that need it for judging (several records in the batch, or a winner
 the guard refused). The sink's connections plan it as index probes and never JIT-compile
 (`_SETTINGS`).
+A batch of one record per entity first tries that UPDATE alone, in the same transaction after
+the staging COPY, and commits it only when it wrote every staged row (all applied: what the
+statement would say); otherwise the transaction is rolled back whole and the batch takes the
+statement (`_run`, `bare_skip`).
 `judge_in_order` turns that into one result per record. Tombstones keep their row
 (deleted = true, attributes NULL) so an older revision cannot resurrect the entity.
 The table is created with a `fillfactor` (default 50) so that a revision update finds room on
