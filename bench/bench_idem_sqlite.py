@@ -15,7 +15,10 @@ they are merged into `idem_mid`), `--slice-keys N` its `slice_keys` (the keys on
 transaction moves). `--writer HZ` adds what the service has beside the store: another
 connection (the control plane's) appending a 30 kB intake row HZ times a second, whose commits
 reset the store connection's page cache (SQLite drops a connection's cached pages whenever
-another connection committed since its last read).
+another connection committed since its last read). `--stores N` claims through N stores, each
+with its own connection and thread on the one file, in turn (a pod's N workers: each one's
+filter learns the others' claims from the log, and each one's commits reset the others' page
+caches); the CPU figures are then summed over the N threads.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ async def main(
     writer: float,
     recent_keys: int | None = None,
     slice_keys: int | None = None,
+    stores: int = 1,
 ) -> None:
     print(
         f"machine: {platform.node()} {os.cpu_count()} cores, Python "
@@ -77,18 +81,23 @@ async def main(
     )
     print(
         f"{keys:,} keys in claims of {batch:,} (seen() then claim()), a window per {every:,}"
-        f"; intake appends from another connection: {writer:g}/s"
+        f"; intake appends from another connection: {writer:g}/s; {stores} store(s) in turn"
     )
     head = ("keys", "cpu us/key", "thread", "seen", "wall", "worst ms")
     print("{:>10} {:>10} {:>8} {:>6} {:>8} {:>9}  tables".format(*head))
     with tempfile.TemporaryDirectory() as tmp:
-        db = await SQLiteDB.open(Path(tmp) / "state.db")
+        dbs = [await SQLiteDB.open(Path(tmp) / "state.db") for _ in range(stores)]
+        db = dbs[0]
         extra: dict[str, Any] = {} if mid_keys is None else {"mid_keys": mid_keys}
         if recent_keys is not None:
             extra["recent_keys"] = recent_keys
         if slice_keys is not None:
             extra["slice_keys"] = slice_keys
-        store = SQLiteIdempotencyStore(db, **extra)
+        all_stores = [SQLiteIdempotencyStore(d, **extra) for d in dbs]
+
+        async def thread_cpu() -> float:
+            return sum([await d.run(lambda _c: time.thread_time()) for d in dbs])
+
         stop = asyncio.Event()
         appender = (
             asyncio.ensure_future(append_intake(Path(tmp) / "state.db", writer, stop))
@@ -97,23 +106,26 @@ async def main(
         )
         done = 0
         first_cpu = time.process_time()
-        first_thread = await db.run(lambda _c: time.thread_time())
+        first_thread = await thread_cpu()
+        turn = 0
         while done < keys:
             cpu0, wall0 = time.process_time(), time.perf_counter()
-            thread0 = await db.run(lambda _c: time.thread_time())
+            thread0 = await thread_cpu()
             worst = seen = 0.0
             n = 0
             while n < every and done + n < keys:
                 blob = os.urandom(32 * batch)
                 ks = [blob[i : i + 32] for i in range(0, len(blob), 32)]
                 t = time.perf_counter()
-                s0 = await db.run(lambda _c: time.thread_time())
+                store, sdb = all_stores[turn % stores], dbs[turn % stores]
+                turn += 1
+                s0 = await sdb.run(lambda _c: time.thread_time())
                 await store.seen(ks)
-                seen += await db.run(lambda _c: time.thread_time()) - s0
+                seen += await sdb.run(lambda _c: time.thread_time()) - s0
                 await store.claim(ks)
                 worst = max(worst, time.perf_counter() - t)
                 n += batch
-            thread1 = await db.run(lambda _c: time.thread_time())
+            thread1 = await thread_cpu()
             cpu1, wall1 = time.process_time(), time.perf_counter()
             done += n
             counts = await db.run(tables)
@@ -127,14 +139,15 @@ async def main(
         stop.set()
         if appender is not None:
             await appender
-        last_thread = await db.run(lambda _c: time.thread_time())
+        last_thread = await thread_cpu()
         total = time.process_time() - first_cpu
         print(
             f"all {done:,} keys: {total / done * 1e6:.1f} us/key CPU, state thread "
             f"{(last_thread - first_thread) / done * 1e6:.1f}; "
             f"file {sum(p.stat().st_size for p in Path(tmp).iterdir()) / 2**20:.0f} MiB"
         )
-        await db.close()
+        for d in dbs:
+            await d.close()
     print(f"load average after: {os.getloadavg()}")
 
 
@@ -152,7 +165,13 @@ if __name__ == "__main__":
         default=0.0,
         help="intake appends a second from another connection (0: none)",
     )
+    ap.add_argument(
+        "--stores",
+        type=int,
+        default=1,
+        help="stores (connections, threads) claiming in turn on the one file (a pod's workers)",
+    )
     a = ap.parse_args()
     asyncio.run(
-        main(a.keys, a.batch, a.every, a.mid_keys, a.writer, a.recent_keys, a.slice_keys)
+        main(a.keys, a.batch, a.every, a.mid_keys, a.writer, a.recent_keys, a.slice_keys, a.stores)
     )
