@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import os
 import sqlite3
 import sys
@@ -108,11 +109,12 @@ LOG_KEEP = 300.0
 
 
 class _Bloom:
-    """A Bloom filter of up to BLOOM_KEYS 32-byte digests, four bits a key (~0.24 % false
-    positives when full; two bits gave ~1.4 %, and every false positive is probed in
-    `idem_mid` and every live run: bench_steady's idempotency thread doubled its cost per
-    record as runs piled up), and the newest claim time of its keys (it is dropped once that
-    expired). The keys are SHA-256 digests: their bytes are the hash."""
+    """A Bloom filter of up to BLOOM_KEYS 32-byte digests, eight bits set a key (~0.06 % false
+    positives when full, 16 bits of filter a key; four gave ~0.24 %, two ~1.4 %), and the newest
+    claim time of its keys (it is dropped once that expired). Every false positive is probed in
+    `idem_mid` and every live run, so a key's `seen` cost grew with the runs (filters x runs):
+    bench_idem_sqlite --stores 2, docs/benchmarks.md. The keys are SHA-256 digests: their bytes
+    are the hash, a key's eight 32-bit words its eight positions."""
 
     __slots__ = ("bits", "n", "newest")
     BITS = 1 << 26  # 8 MiB
@@ -151,10 +153,14 @@ def _load_bloom() -> tuple[
 _BLOOM_ADD, _BLOOM_MAYBE = _load_bloom()
 
 
-def _second(blob: bytes) -> bytes:
-    """`blob` turned by 8 bytes: each key's first two words are then its third and fourth,
-    so the two-position steps below give a key's other two positions."""
-    return blob[8:] + blob[:8]
+def _turned(blob: bytes, pair: int) -> bytes:
+    """`blob` turned by 8 bytes a pair: each key's first two words are then its words
+    2 * pair and 2 * pair + 1, so the two-position steps below give a key's other positions."""
+    return blob[8 * pair :] + blob[: 8 * pair]
+
+
+# the pairs of words of a key after the first: three more pairs, eight positions in all
+_PAIRS = (1, 2, 3)
 
 
 def _set_bits(bits: bytearray, blob: bytes) -> None:
@@ -196,20 +202,23 @@ class KeyFilter:
             self._blooms.append(_Bloom())
         bloom = self._blooms[-1]
         _set_bits(bloom.bits, blob)
-        _set_bits(bloom.bits, _second(blob))
+        for pair in _PAIRS:
+            _set_bits(bloom.bits, _turned(blob, pair))
         bloom.n += n
         bloom.newest = max(bloom.newest, claimed_at)
 
     def maybe(self, blob: bytes) -> list[int]:
-        """Indexes of the keys of `blob` that may have been added: all four positions set in
-        one filter (the last two asked only of the keys the first two let through)."""
+        """Indexes of the keys of `blob` that may have been added: all eight positions set in
+        one filter (each further pair asked only of the keys the pairs before let through)."""
         found: set[int] = set()
         for bloom in self._blooms:
-            first = _has_bits(bloom.bits, blob)
-            if not first:
-                continue
-            few = b"".join(blob[i * 32 : i * 32 + 32] for i in first)
-            found.update(first[j] for j in _has_bits(bloom.bits, _second(few)))
+            left = _has_bits(bloom.bits, blob)
+            for pair in _PAIRS:
+                if not left:
+                    break
+                few = b"".join(blob[i * 32 : i * 32 + 32] for i in left)
+                left = [left[j] for j in _has_bits(bloom.bits, _turned(few, pair))]
+            found.update(left)
         return sorted(found)
 
     def expire(self, before: float) -> None:
@@ -229,8 +238,11 @@ def idem_run(day: int, last: int) -> str:
     return f"{idem_table(day)}_{last}"
 
 
+@functools.lru_cache(maxsize=4096)
 def _table_day(table: str) -> tuple[int, int] | None:
-    """(day number, run number: 0 for a day table) of a table of keys, None for any other."""
+    """(day number, run number: 0 for a day table) of a table of keys, None for any other.
+    Cached: every `seen` lists the runs (`idem_tables`), and `strptime` of each of ~70 names
+    (bench_steady's store at its end) showed in its stall dumps."""
     digits, _, run = table.removeprefix(IDEM_PREFIX).partition("_")
     if len(digits) != 8 or not digits.isdigit() or (run and not run.isdigit()):
         return None
@@ -1062,9 +1074,17 @@ class SQLiteIdempotencyStore:
                 f"UPDATE {IDEM_LOG}_merged SET through = ?, mid_keys = ?, mid_newest = ?",
                 (last, mid_keys, mid_newest),
             )
-            (old,) = c.execute(
-                f"SELECT max(id) FROM {IDEM_LOG} WHERE id <= ? AND claimed_at < ?",
+            # the merged rows before the first one younger than LOG_KEEP: a scan from the
+            # log's start that stops there (the rows a merge or two ago left), where
+            # max(id) over `claimed_at < ?` read every row kept (LOG_KEEP s of claims, ~6,000
+            # rows at 25k keys/s), 15 % of a merging thread (bench_idem_sqlite --stores 2)
+            young = c.execute(
+                f"SELECT id FROM {IDEM_LOG} WHERE id <= ? AND claimed_at >= ? ORDER BY id LIMIT 1",
                 (last, now - LOG_KEEP),
+            ).fetchone()
+            (old,) = c.execute(
+                f"SELECT max(id) FROM {IDEM_LOG} WHERE id < ?",
+                (last + 1 if young is None else young[0],),
             ).fetchone()
             if old is not None:
                 c.execute(f"DELETE FROM {IDEM_LOG} WHERE id <= ?", (old,))
