@@ -47,7 +47,8 @@ import uuid
 from pathlib import Path
 
 import httpx
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupState, TopicPartition
+from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -180,8 +181,16 @@ def run_workers(
     workers: list[Worker] = []
     try:
         workers = [Worker(workdir, config, workers_per_pod, code) for _ in range(n_workers)]
+        # every pipeline process a member holding partitions, the group stable: a pod's
+        # health shows the union of its workers' partitions, all 6 once its FIRST worker
+        # joined (traced: the second took its 3 partitions 0.5-1.5 s later), so a late
+        # join's rebalance could fall in the timed part
+        members = min(PARTITIONS, n_workers * (workers_per_pod or len(os.sched_getaffinity(0))))
         deadline = time.monotonic() + 120
-        while sum(w.partitions() for w in workers) != PARTITIONS:
+        while not (
+            sum(w.partitions() for w in workers) == PARTITIONS
+            and group_members(brokers, group) == members
+        ):
             if time.monotonic() > deadline:
                 raise RuntimeError("the group did not assign all partitions")
             time.sleep(0.5)
@@ -233,6 +242,15 @@ def run_workers(
         for w in workers:
             w.stop()
         delete_topic(brokers, topic, group)
+
+
+def group_members(brokers: str, group: str) -> int:
+    """Members of a stable group that hold partitions (0 while it rebalances)."""
+    admin = AdminClient({"bootstrap.servers": brokers})
+    desc = admin.describe_consumer_groups([group], request_timeout=10)[group].result()
+    if desc.state != ConsumerGroupState.STABLE:
+        return 0
+    return sum(1 for m in desc.members if m.assignment.topic_partitions)
 
 
 def kafka_broker_pid() -> int | None:
