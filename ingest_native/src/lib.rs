@@ -430,7 +430,33 @@ fn write(v: &V, out: &mut Vec<u8>) -> Option<()> {
 /// one string (and its cached hash) per distinct text, as msgspec's key cache does.
 struct Names<'py> {
     py: Python<'py>,
-    seen: std::collections::HashMap<String, Bound<'py, PyString>>,
+    seen: std::collections::HashMap<String, Bound<'py, PyString>, Fnv>,
+}
+
+/// FNV-1a for `Names`' short texts: the default SipHash (built against hash flooding) cost
+/// ~1,500 instructions a record for its ~6 lookups; the keys here are a batch's own field
+/// names and values of at most 64 bytes, and the map stops growing at 4,096 of them.
+#[derive(Default, Clone, Copy)]
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = self.0;
+        for b in bytes {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+impl std::hash::BuildHasher for Fnv {
+    type Hasher = Fnv;
+    fn build_hasher(&self) -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
 }
 
 impl<'py> Names<'py> {
@@ -781,6 +807,7 @@ fn sqlite_row(
     names: [&Bound<'_, PyString>; 4],
     revision: &PyObject,
     digest: &Bound<'_, PyBytes>,
+    no_relations: &Py<PyString>,
 ) -> PyObject {
     let text = |(a, b): (usize, usize)| std::str::from_utf8(&canon[a..b]).ok();
     let (Some(attributes), Some(relations)) = (text(attrs), text(rels)) else {
@@ -797,10 +824,14 @@ fn sqlite_row(
         (e.deleted as i64).into_py(py),
         occurred.clone().into_any().unbind(),
         attributes,
-        PyString::new_bound(py, relations).into_any().unbind(),
+        if relations == "[]" {
+            no_relations.clone_ref(py).into_any()
+        } else {
+            PyString::new_bound(py, relations).into_any().unbind()
+        },
         digest.clone().into_any().unbind(),
     ];
-    PyTuple::new_bound(py, items).into_any().unbind()
+    tuple_of(py, items).into_any().unbind()
 }
 
 /// `copy_row`'s `occurred_at`, for the tests that hold it equal to the sink's `_when`.
@@ -823,6 +854,9 @@ struct Keys {
     kind: Py<PyString>,
     target_type: Py<PyString>,
     target_id: Py<PyString>,
+    /// `sqlite_row`'s relations text of a record without relations (most records): one
+    /// string a batch rather than one a record
+    no_relations: Py<PyString>,
 }
 
 /// The canonical bytes of any JSON text as this module writes them (None: not handled);
@@ -877,6 +911,37 @@ fn attributes_ok(a: &V) -> bool {
 
 /// What `decode_records` works out for one line without the GIL: the envelope, the canonical
 /// bytes (with where the attributes' and relations' JSON sit in them), their SHA-256, the
+/// An empty dict with room for `n` items: one built item by item from `PyDict_New` grows its
+/// table twice on the way to the body's 10 keys (a new table and every key moved each time).
+fn dict_sized(py: Python<'_>, n: isize) -> Bound<'_, PyDict> {
+    // SAFETY: a new reference to a dict (or NULL with the error set, which `from_owned_ptr`
+    // would not take: checked first)
+    unsafe {
+        let ptr = pyo3::ffi::_PyDict_NewPresized(n);
+        if ptr.is_null() {
+            return PyDict::new_bound(py);
+        }
+        Bound::from_owned_ptr(py, ptr).downcast_into_unchecked()
+    }
+}
+
+/// A tuple that takes over `items`' references: `PyTuple::new_bound` adds one to each and
+/// then drops the array's (pyo3's `register_decref`, ~50 instructions each, 20 a record).
+fn tuple_of<const N: usize>(py: Python<'_>, items: [PyObject; N]) -> Bound<'_, PyTuple> {
+    // SAFETY: PyTuple_New(N) is a new tuple of N empty slots; each slot is given a reference
+    // it owns (into_ptr), exactly once. On NULL (no memory) the items are dropped normally.
+    unsafe {
+        let ptr = pyo3::ffi::PyTuple_New(N as pyo3::ffi::Py_ssize_t);
+        if ptr.is_null() {
+            return PyTuple::new_bound(py, items);
+        }
+        for (i, item) in items.into_iter().enumerate() {
+            pyo3::ffi::PyTuple_SET_ITEM(ptr, i as pyo3::ffi::Py_ssize_t, item.into_ptr());
+        }
+        Bound::from_owned_ptr(py, ptr).downcast_into_unchecked()
+    }
+}
+
 /// Postgres row when asked for, and whether the compiled rules hold (all but the route's tenant
 /// and occurred_at's time, which need Python objects).
 struct Line<'a> {
@@ -948,6 +1013,7 @@ fn decode_records(
         kind: k("type"),
         target_type: k("target_type"),
         target_id: k("target_id"),
+        no_relations: k("[]"),
     };
     let (a_data, a_tenant) = (k("data"), k("tenant"));
     let (a_decoded, a_meta) = (k("decoded"), k("meta"));
@@ -963,7 +1029,7 @@ fn decode_records(
         held.push((raw, data));
     }
     let slices: Vec<Option<&[u8]>> = held.iter().map(|(_, b)| b.as_ref().map(|b| b.as_bytes())).collect();
-    let mut names = Names { py, seen: std::collections::HashMap::new() };
+    let mut names = Names { py, seen: std::collections::HashMap::default() };
     let out = PyList::empty_bound(py);
     for (turn, raws) in slices.chunks(TURN).zip(held.chunks(TURN)) {
         // 2. the Rust part, without the GIL: `bytes` objects are immutable and held above
@@ -1021,7 +1087,7 @@ fn build<'py>(
         d.set_item(&keys.target_id, PyString::new_bound(py, &r.target_id))?;
         relations.append(d)?;
     }
-    let body = PyDict::new_bound(py);
+    let body = dict_sized(py, 10);
     body.set_item(&keys.attributes, &attributes)?;
     body.set_item(&keys.deleted, &deleted)?;
     body.set_item(&keys.entity_id, &entity_id)?;
@@ -1038,12 +1104,15 @@ fn build<'py>(
     };
     let digest = PyBytes::new_bound(py, &digest);
     let lite: PyObject = if sqlite_rows {
-        sqlite_row(py, &env, &bytes, attrs, rels, [&tenant, &entity_type, &entity_id, &occurred], &revision, &digest)
+        sqlite_row(py, &env, &bytes, attrs, rels, [&tenant, &entity_type, &entity_id, &occurred], &revision, &digest, &keys.no_relations)
     } else {
         py.None()
     };
     if done {
-        let entity_key = PyTuple::new_bound(py, [&tenant, &entity_type, &entity_id]);
+        let entity_key = tuple_of(
+            py,
+            [tenant.clone().into_any().unbind(), entity_type.clone().into_any().unbind(), entity_id.clone().into_any().unbind()],
+        );
         let args: [PyObject; 12] = [
             raw.clone().unbind(),
             body.into_any().unbind(),
@@ -1058,7 +1127,7 @@ fn build<'py>(
             row,
             lite,
         ];
-        out.append(record.call1(PyTuple::new_bound(py, args))?)?;
+        out.append(record.call1(tuple_of(py, args))?)?;
     } else {
         let items: [PyObject; 12] = [
             body.into_any().unbind(),
@@ -1074,7 +1143,7 @@ fn build<'py>(
             row,
             lite,
         ];
-        out.append(PyTuple::new_bound(py, items))?;
+        out.append(tuple_of(py, items))?;
     }
     Ok(())
 }
