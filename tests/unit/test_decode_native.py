@@ -9,6 +9,7 @@ the Python path the service runs without the extension (INGEST_NO_EXTENSION=1, o
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import re
@@ -107,6 +108,36 @@ def test_the_service_runs_the_compiled_path_when_it_is_built() -> None:
     COMPILED.decode_many(raws)
     got = native.decode_records(raws, Record, COMPILED._times, NOW + 86400, 1 << 20)
     assert all(type(r) is Record for r in got)  # finished in Rust, not handed back
+
+
+def test_a_compiled_record_leaves_the_cycle_collector_out() -> None:
+    """A finished compiled record of flat attributes adds no object to the collector's lists
+    (each cost ~0.2 µs of generation-0 collections in the embedded pod): its body, relations,
+    entity key and SQLite row are untracked; the same record from the Python path is tracked.
+    A body with a list or object below its attributes stays tracked, and a body that is given
+    a tracked object later is tracked again (CPython does that for any dict)."""
+    rel = [{"type": "OWNS", "target_type": "account", "target_id": "a-1"}]
+    flat = {"amount": 1.5, "currency": "EUR"}  # an email's format is Python's to check
+    bodies = [
+        good(entity_id=f"o-{i}", attributes=flat, relations=r) for i, r in enumerate([[], rel])
+    ]
+    raws = [raw_of(orjson.dumps(body)) for body in bodies]
+    COMPILED.decode_many(raws)  # the first batch meets occurred_at (Python finishes it)
+    for rec in COMPILED.decode_many(raws):
+        assert isinstance(rec, Record) and rec.sqlite_row is not None
+        parts = (rec.body, rec.body["relations"], rec.entity_key, rec.sqlite_row)
+        assert [gc.is_tracked(part) for part in parts] == [False] * 4
+        assert rec.body == PYTHON.decode(rec.raw).body  # type: ignore[union-attr]
+    python = PYTHON.decode(raws[1])
+    assert isinstance(python, Record) and gc.is_tracked(python.body)
+    deep = raw_of(orjson.dumps(good(entity_id="o-2", attributes={"tags": ["a"]})))
+    COMPILED.decode_many([deep])
+    rec = COMPILED.decode_many([deep])[0]
+    assert isinstance(rec, Record) and gc.is_tracked(rec.body)
+    later = COMPILED.decode_many(raws[:1])[0]
+    assert isinstance(later, Record) and not gc.is_tracked(later.body)
+    later.body["extra"] = [later.body]  # a cycle made later: the collector sees it again
+    assert gc.is_tracked(later.body)
 
 
 def test_a_compiled_record_carries_its_postgres_row() -> None:
