@@ -320,6 +320,40 @@ fn write_str(s: &str, out: &mut Vec<u8>) {
 
 /// orjson's float text: the shortest round-trip digits, fixed notation for decimal exponents
 /// -5..=15 (`0.00001`, `1000000000000000.0`), else `1.5e-7`, `1e+16`.
+/// Rust's shortest digits end in an odd digit where the exact value lies halfway between
+/// two shortest texts (70368744177664.125 -> ...64.13); orjson (ryu), like Python's repr,
+/// takes the even one (...64.12). Make that choice here: when the text one lower in its last
+/// digit reads back as the same number too, and the exact value is that text plus half a
+/// last digit, take the lower one.
+fn half_to_even(f: f64, digits: &mut [u8], exp: i32) {
+    let n = digits.len();
+    let Some(&last) = digits.last() else { return };
+    if (last - b'0') % 2 == 0 || (n == 1 && last == b'1') {
+        return;
+    }
+    let text = |d: &[u8]| {
+        let (first, rest) = d.split_at(1);
+        let first = std::str::from_utf8(first).unwrap_or("0");
+        let rest = std::str::from_utf8(rest).unwrap_or("");
+        format!("{}.{}e{}", first, if rest.is_empty() { "0" } else { rest }, exp)
+    };
+    let mut lower = digits.to_vec();
+    lower[n - 1] -= 1;
+    if text(&lower).parse::<f64>().ok() != Some(f.abs()) {
+        return;
+    }
+    // the exact decimal value of f (Rust's fixed-precision formatting is exact)
+    let exact = format!("{:.*e}", 1100, f.abs());
+    let (mant, e) = exact.split_once('e').unwrap_or((&exact, "0"));
+    if e.parse::<i32>().ok() != Some(exp) {
+        return;
+    }
+    let all: Vec<u8> = mant.bytes().filter(|c| *c != b'.').collect();
+    if all.len() > n && all[..n] == lower[..] && all[n] == b'5' && all[n + 1..].iter().all(|c| *c == b'0') {
+        digits[n - 1] -= 1;
+    }
+}
+
 fn write_float(f: f64, out: &mut Vec<u8>) {
     if f == 0.0 {
         out.extend_from_slice(if f.is_sign_negative() { b"-0.0" } else { b"0.0" });
@@ -346,6 +380,7 @@ fn write_float(f: f64, out: &mut Vec<u8>) {
             nd += 1;
         }
     }
+    half_to_even(f, &mut dbuf[..nd], exp);
     let digits = &dbuf[..nd];
     if neg {
         out.push(b'-');

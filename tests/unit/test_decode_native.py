@@ -298,6 +298,7 @@ def test_damaged_bytes_give_the_same_dlq_reason(junk: bytes, at: int) -> None:
 @settings(max_examples=1000, deadline=None)
 @given(values, st.booleans())
 @example({"a": [1e16, 1e-7, 0.1, 1e21, 123456789.125, 1e-5, 2.5e-6]}, True)
+@example({"a": [70368744177664.12, -70368744177664.12, 1125899906842624.2]}, False)  # ties
 @example({'\u0000\n\t"\\/\u007f\u2028': "\ud83d\ude00"}, False)
 def test_canonical_bytes_are_orjsons(value: Any, ascii_only: bool) -> None:
     """Any JSON value: the compiled canonical bytes are orjson's (OPT_SORT_KEYS) of what
