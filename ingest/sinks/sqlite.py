@@ -11,9 +11,11 @@ upsert's `WHERE entities.revision < excluded.revision` keeps the guard in the da
 A batch of one record per entity first tries that upsert alone, without the lookup: when it
 inserted or updated every row, every record was applied (new rows and newer revisions alike);
 when it left a row alone (stored revision equal or higher) it is undone and the batch takes
-the lookup (`_upsert_unread`). Rows go in by INSERTs of up to 4,000 rows each (`_statements`),
-not row by row: one GIL hand-off per statement, under the writer lock; the rows, their keys and
-the statements' parameters are built before that lock is taken.
+the lookup. A batch that fits one statement (the inbox's 5,000 records) goes in as that
+statement alone, its own transaction under the file's writer lock (`_insert_alone`); a larger
+one as a transaction of several (`_upsert_unread`). Rows go in by INSERTs of up to 5,000 rows
+each (`_statements`), not row by row: one GIL hand-off per statement, under the writer lock;
+the rows, their keys and the statements' parameters are built before that lock is taken.
 The file is separate from the state DB (data/sink.db) and has its own connection thread.
 """
 
@@ -33,7 +35,15 @@ import orjson
 from ingest.errors import IngestError, SinkError
 from ingest.records import ReasonCode, Record, SinkResult, SinkStatus
 from ingest.sinks.base import EntityKey, StoredRow, judge_batch
-from ingest.state.sqlite import Migration, SQLiteDB, chunks, immediate, marks, writer_lock
+from ingest.state.sqlite import (
+    Migration,
+    SQLiteDB,
+    autocommit,
+    chunks,
+    immediate,
+    marks,
+    writer_lock,
+)
 
 SINK_MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -60,13 +70,15 @@ _COLS = (
     " dedupe_key, updated_at"
 )
 _ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_COLUMNS = _ROW.count("?")
 _INTO = f"INSERT INTO entities ({_COLS}) VALUES "
 _INSERT = _INTO + _ROW
 _BACKOFF_FIRST, _BACKOFF_MAX = 4, 64  # lookup-first batches after an upsert left a row alone
-# Rows per multi-row statement (`_write_rows`): a batch of the default 2,000 records in one
-# statement, 40,000 parameters at most; fewer where the library allows fewer parameters
-# (`start`: SQLite's default is 32,766 since 3.32, 999 before). See `_upsert_unread` for why.
-ROWS_PER_STATEMENT = 4000
+# Rows per multi-row statement (`_write_rows`): a batch of the inbox's 5,000 records in one
+# statement, 50,000 parameters at most (the library here allows 250,000); fewer where the
+# library allows fewer parameters (`start`: SQLite's default is 32,766 since 3.32, 999
+# before). See `_insert_alone` and `_upsert_unread` for why.
+ROWS_PER_STATEMENT = 5000
 _ON_CONFLICT = (
     " ON CONFLICT (tenant, entity_type, entity_id) DO UPDATE SET"
     " prev_revision = entities.revision, revision = excluded.revision,"
@@ -76,6 +88,20 @@ _ON_CONFLICT = (
     " updated_at = excluded.updated_at WHERE entities.revision < excluded.revision"
 )
 _UPSERT = _INSERT + _ON_CONFLICT
+# The upsert of a batch written as one statement in its own transaction (`_insert_alone`): no
+# WHERE; a row whose stored revision is equal or higher sets revision to NULL, which the
+# column's NOT NULL refuses (`_STALE`), so the statement fails and undoes all of its rows
+# instead of leaving that row alone: it writes every row or none.
+_STRICT = (
+    " ON CONFLICT (tenant, entity_type, entity_id) DO UPDATE SET"
+    " prev_revision = entities.revision,"
+    " revision = CASE WHEN entities.revision < excluded.revision THEN excluded.revision END,"
+    " deleted = excluded.deleted,"
+    " occurred_at = excluded.occurred_at, attributes = excluded.attributes,"
+    " relations = excluded.relations, dedupe_key = excluded.dedupe_key,"
+    " updated_at = excluded.updated_at"
+)
+_STALE = "NOT NULL constraint failed: entities.revision"
 
 
 @cache
@@ -255,8 +281,14 @@ class SQLiteSink:
             single = len(unique) == len(keys)
             upsert = _statements(rows, _ON_CONFLICT, self.rows_per_statement) if single else []
             try:
-                with immediate(c):
-                    results = self._write_once(c, batch, rows, keys, unique, upsert)
+                alone = self._insert_alone(c, upsert) if upsert else None
+                if alone:
+                    results = [SinkResult.applied()] * len(batch)
+                else:
+                    with immediate(c):
+                        results = self._write_once(
+                            c, batch, rows, keys, unique, upsert, tried=alone is not None
+                        )
             except (sqlite3.IntegrityError, OverflowError):
                 found = self._find_bad(c, batch)
                 if not found:
@@ -277,16 +309,20 @@ class SQLiteSink:
         keys: list[EntityKey],
         unique: dict[EntityKey, None],
         upsert: list[tuple[str, tuple[Any, ...]]],
+        tried: bool = False,
     ) -> list[SinkResult]:
         """Inside the write transaction: `rows[i]` is `row_of(batch[i])`, `keys[i]` its
         entity key, `unique` the keys in order without repeats, and `upsert` the
-        `_statements` of all rows when no entity comes twice (else empty)."""
-        if not upsert:
+        `_statements` of all rows when no entity comes twice (else empty); `tried`: the
+        upsert alone (`_insert_alone`) was just refused, straight to the lookup."""
+        if tried:
+            self.paths["fallback"] += 1
+        elif not upsert:
             self.paths["upsert"] += 1
         elif self.insert_skip:
             self.insert_skip -= 1
             self.paths["upsert"] += 1
-        elif self._upsert_unread(c, upsert, len(rows)):
+        elif self._upsert_unread(c, upsert, len(rows)):  # several statements
             self.paths["insert"] += 1
             return [SinkResult.applied()] * len(batch)
         else:
@@ -300,6 +336,42 @@ class SQLiteSink:
         _write_rows(c, rows, _ON_CONFLICT, self.rows_per_statement)
         return results
 
+    def _insert_alone(
+        self, c: sqlite3.Connection, upsert: list[tuple[str, tuple[Any, ...]]]
+    ) -> bool | None:
+        """A batch of one record per entity that fits one statement, as that statement
+        alone (`_STRICT`'s upsert), in its own transaction under the file's writer lock:
+        True when it went in (every record applied), False with nothing written when a row
+        has a stored revision equal or higher, or is refused (then the lookup judges the
+        batch, `_write_once`), None when not tried (several statements; the backoff).
+
+        Why: every statement under the writer lock returns to Python and must take the GIL
+        back, and beside a busy event loop each of those waits up to the switch interval
+        while the pod's other worker waits for the lock; BEGIN IMMEDIATE, the upsert and
+        COMMIT were three such returns, this is one. SQLite runs a statement outside an
+        explicit transaction as a transaction of its own: it takes the write lock when the
+        statement begins (as BEGIN IMMEDIATE does, through the busy handler), and commits
+        when it ends or undoes all of its changes when it fails, so a process killed at any
+        instant leaves the whole batch written or none of it, as before. Exact as
+        `_upsert_unread`: with one row per entity, `_STRICT` inserts or updates a row iff
+        its entity is absent or stored older (then the lookup path judges the record
+        APPLIED and writes the same row), and fails the statement otherwise, where the
+        guarded upsert left the row alone and the transaction was rolled back."""
+        if len(upsert) != 1 or self.insert_skip:
+            return None
+        _, params = upsert[0]
+        strict = _rows_sql(len(params) // _COLUMNS, _STRICT)
+        try:
+            autocommit(c, strict, params)
+        except (sqlite3.IntegrityError, OverflowError) as exc:
+            if _STALE in str(exc):  # a stored revision equal or higher: back off
+                self.insert_skip = self._backoff
+                self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+            return False
+        self.paths["insert"] += 1
+        self._backoff = _BACKOFF_FIRST
+        return True
+
     def _upsert_unread(
         self, c: sqlite3.Connection, upsert: list[tuple[str, tuple[Any, ...]]], n: int
     ) -> bool:
@@ -311,43 +383,30 @@ class SQLiteSink:
         judges its record APPLIED and writes the same row with the same upsert; a row left
         alone (stored revision equal or higher: UNCHANGED or OLDER_REVISION, which only the
         stored revision tells) makes SQLite's count of changed rows fall short of the batch.
-        A feed of new rows and a feed of newer revisions both go in by one statement; the
+        A feed of new rows and a feed of newer revisions both go in without it; the
         lookup (a SELECT stepping once per stored row, each step a GIL hand-back under the
         writer lock, and `judge_batch` in Python) is left to batches with stale or repeated
         records. After a batch fell back, the next 4, then 8 ... 64 batches go to the lookup
         at once: a feed of replays pays one undone upsert per attempt.
 
-        A batch that fits one statement needs no savepoint: a statement that fails undoes its
-        own changes and nothing else (SQLite's ABORT), a value Python cannot bind fails
-        before the statement runs, and a statement that left a row alone is undone by rolling
-        back the transaction, which holds nothing else, and beginning it again (the writer
-        lock is held throughout). Every statement here is held under the file's writer lock
-        and costs the thread a GIL hand-back when it returns (the event loop may be deep in
-        a batch's decode meanwhile), so the other worker's wait for the lock grows with the
-        number of statements, not only with SQLite's work: BEGIN, one INSERT, COMMIT. `upsert`
-        is the `_statements` of the batch's `n` rows, built before the lock was taken."""
-        whole = len(upsert) == 1
-        if not whole:
-            c.execute("SAVEPOINT new_rows")
+        Reached for a batch of several statements (one that fits a statement goes in by
+        `_insert_alone`), so inside a savepoint: a failed or short statement undoes the
+        statements before it too. `upsert` is the `_statements` of the batch's `n` rows,
+        built before the lock was taken."""
+        c.execute("SAVEPOINT new_rows")
         try:
             changed = _execute(c, upsert)
         except (sqlite3.IntegrityError, OverflowError):
-            if not whole:
-                c.execute("ROLLBACK TO new_rows")
-                c.execute("RELEASE new_rows")
+            c.execute("ROLLBACK TO new_rows")
+            c.execute("RELEASE new_rows")
             return False
         if changed < n:
-            if whole:
-                c.execute("ROLLBACK")
-                c.execute("BEGIN IMMEDIATE")
-            else:
-                c.execute("ROLLBACK TO new_rows")
-                c.execute("RELEASE new_rows")
+            c.execute("ROLLBACK TO new_rows")
+            c.execute("RELEASE new_rows")
             self.insert_skip = self._backoff
             self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
             return False
-        if not whole:
-            c.execute("RELEASE new_rows")
+        c.execute("RELEASE new_rows")
         self._backoff = _BACKOFF_FIRST
         return True
 

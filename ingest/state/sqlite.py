@@ -1016,8 +1016,9 @@ class SQLiteIdempotencyStore:
         now = self._clock()
 
         def write(c: sqlite3.Connection) -> None:
-            with immediate(c):
-                c.execute(f"INSERT INTO {IDEM_LOG} (claimed_at, keys) VALUES (?, ?)", (now, blob))
+            # one statement, its own transaction (as `immediate` would make it, without the
+            # BEGIN and COMMIT that each take the GIL back under the writer lock)
+            autocommit(c, f"INSERT INTO {IDEM_LOG} (claimed_at, keys) VALUES (?, ?)", (now, blob))
             if self._unmerged is None:
                 self._unmerged = _waiting(c)
             else:

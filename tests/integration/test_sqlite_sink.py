@@ -199,7 +199,8 @@ async def test_a_feed_of_updates_goes_in_by_the_upsert_alone(sink: SQLiteSink) -
         )
     await sink.db.run(lambda c: c.set_trace_callback(None))
     assert sink.paths == {"insert": 7, "fallback": 0, "upsert": 0}
-    assert [sql.split()[0] for sql in ran] == ["BEGIN", "INSERT", "COMMIT"] * 6
+    # each batch one statement, its own transaction (no BEGIN, COMMIT: `_insert_alone`)
+    assert [sql.split()[0] for sql in ran] == ["INSERT"] * 6
     row = await sink.fetch("t", "customer", "e2")
     assert row is not None and row["revision"] == 7
     stored = await sink.db.run(
@@ -233,9 +234,9 @@ async def test_a_batch_is_written_by_a_few_multi_row_statements(sink: SQLiteSink
     ran: list[str] = []
     await sink.db.run(lambda c: c.set_trace_callback(ran.append))
     await sink.write([rec(f"e{i}", 1) for i in range(2000)])  # all new: the upsert alone
-    # a batch of the default size: BEGIN, one INSERT, COMMIT (no savepoint: the statement
-    # undoes itself when it fails), each statement a GIL hand-back under the writer lock
-    assert [sql.split()[0] for sql in ran] == ["BEGIN", "INSERT", "COMMIT"]
+    # a batch that fits a statement: that statement alone, its own transaction (it undoes
+    # itself when it fails), one GIL hand-back under the writer lock
+    assert [sql.split()[0] for sql in ran] == ["INSERT"]
     ran.clear()
     sink.rows_per_statement = 500
     await sink.write([rec(f"n{i}", 1) for i in range(2000)])  # four statements: a savepoint
@@ -307,3 +308,70 @@ async def test_rows_from_the_compiled_decoder_store_what_row_of_stores(tmp_path:
         await s.close()
     assert tables[0] == tables[1]
     assert tables[0][0][1] == ["applied", "applied", "unchanged", "OLDER_REVISION"]
+
+
+_WRITER = """
+import asyncio, sys
+from ingest.sinks.sqlite import SQLiteSink
+from tests.integration.test_sqlite_sink import rec
+
+async def main(path, first):
+    sink = SQLiteSink("sqlite", path)
+    await sink.start()
+    b = first
+    while True:
+        # 300 stored entities at revision b + 1 and 100 new ones: one statement, alone
+        stored = [rec(f"e{j}", b + 1) for j in range(300)]
+        await sink.write(stored + [rec(f"n{b}-{k}", 1) for k in range(100)])
+        print(b, flush=True)
+        b += 1
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def test_a_batch_is_all_or_nothing_when_killed_at_any_instant(tmp_path: Path) -> None:
+    """A process writing batches of updates and new rows without pause (each batch one
+    statement in its own transaction, `_insert_alone`) is killed with SIGKILL at random
+    moments and started again on the same file: every batch whose write returned is there,
+    and the one in flight is there wholly or not at all (every stored entity at one
+    revision, each batch's new rows all or none)."""
+    import random
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "sink.db"
+    rng = random.Random(7)
+    written = -1
+    for _ in range(5):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(path), str(written + 1)],
+            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+        )  # fmt: skip
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # its first write returned: then kill it at random
+        assert line, f"writer ended: {proc.wait()}"
+        time.sleep(rng.uniform(0.05, 0.5))
+        proc.send_signal(signal.SIGKILL)
+        written = int(line)
+        for line in proc.stdout:  # writes reported before the kill landed
+            written = int(line)
+        proc.wait()
+        with sqlite3.connect(path) as c:
+            revisions = c.execute(
+                "SELECT DISTINCT revision FROM entities WHERE entity_id GLOB 'e*'"
+            ).fetchall()
+            new = dict(c.execute(
+                "SELECT substr(entity_id, 2, instr(entity_id, '-') - 2), count(*)"
+                " FROM entities WHERE entity_id GLOB 'n*' GROUP BY 1"
+            ).fetchall())  # fmt: skip
+        assert len(revisions) == 1, revisions  # no batch half-applied
+        (revision,) = revisions[0]
+        assert revision - 1 in (written, written + 1)  # the batch in flight: all or none
+        assert set(new.values()) == {100}
+        assert {int(b) for b in new} == set(range(revision))
+        written = revision - 1  # the next process writes after what is stored
+    assert written > 20
