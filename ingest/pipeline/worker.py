@@ -36,6 +36,8 @@ from itertools import compress
 from operator import attrgetter
 from typing import Any, TypeVar
 
+import msgspec
+
 from ingest.config import Config
 from ingest.errors import Abandoned, SinkError, StoreUnavailable, is_disk_full
 from ingest.metrics import Metrics, observe_many
@@ -788,10 +790,13 @@ def _decode_failure_entry(
     detail = dict(item.detail)
     if "csv_header" in raw.meta:
         detail["csv_header"] = raw.meta["csv_header"]
-    if isinstance(raw.position, dict) and "offset" not in detail:
+    position = raw.position
+    if isinstance(position, msgspec.Struct):  # a source's position as a Struct: its fields
+        position = msgspec.structs.asdict(position)
+    if isinstance(position, dict) and "offset" not in detail:
         # where the bytes were (inbox file, S3 key, SFTP path; offset just after the line),
         # so the sender can find the line to fix
-        detail["position"] = raw.position
+        detail["position"] = position
     at = datetime.fromtimestamp(now, UTC)
     return DLQEntry(
         dedupe_key=raw_dedupe_key(raw) if key is None else key,

@@ -57,6 +57,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import msgspec
+
 from ingest.config import InboxSourceConfig
 from ingest.formats import DEFAULT_MAX_LINE_BYTES, Line, LineReader, detect_format, reject_meta
 from ingest.names import representable, shown, valid_name
@@ -83,6 +85,16 @@ WATCH_MOVED_SECONDS = 300.0
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO swapped in for a file must not hang the open (regular files ignore it).
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class LinePosition(msgspec.Struct, frozen=True, gc=False):
+    """Where a record's line was (`RawRecord.position`): the file and the offset just after
+    the line. A DLQ entry of a line that failed decoding says so as `{"file", "offset"}`.
+    A Struct rather than that dict: one is built per line read, and a dict cost ~0.15 µs a
+    record more (building and freeing it) on the event loop."""
+
+    file: str
+    offset: int
 
 
 @dataclass(slots=True, frozen=True)
@@ -394,10 +406,9 @@ class InboxSource(PullOnly):
                     # each, in one comprehension instead of a call per line.
                     seq, source = self._seq, self.name
                     raws += [
-                        RawRecord(ln.data, tenant, source, i, {"file": name, "offset": ln.offset},
-                                  mtime)
+                        RawRecord(ln.data, tenant, source, i, LinePosition(name, ln.offset), mtime)
                         for i, ln in enumerate(chunk, seq + 1)
-                    ]  # fmt: skip
+                    ]
                     self._seq = seq + len(chunk)
                     last_offset = chunk[-1].offset
                 else:
@@ -427,7 +438,7 @@ class InboxSource(PullOnly):
             tenant=tenant,
             source=self.name,
             seq=self._seq,
-            position={"file": name, "offset": line.offset},  # a DLQ entry says where it was
+            position=LinePosition(name, line.offset),  # a DLQ entry says where it was
             event_time=mtime,
             decoded=line.decoded,
         )
