@@ -437,17 +437,19 @@ class SQLiteSink:
         return found
 
     async def bulk_insert_raw(
-        self, rows: Sequence[tuple[Any, ...]], multi_row: bool = False
+        self, rows: Sequence[tuple[Any, ...]], multi_row: bool = False, upsert: bool = False
     ) -> None:
         """Benchmark limit: plain INSERT of prepared rows, one transaction, no guard; by
-        `executemany`, or (`multi_row`) in statements of `rows_per_statement` rows."""
+        `executemany`, or (`multi_row`) in statements of `rows_per_statement` rows; `upsert`:
+        the guarded upsert's statements instead (what SQLite itself does for an update)."""
+        tail = _ON_CONFLICT if upsert else ""
 
         def write(c: sqlite3.Connection) -> None:
             with immediate(c):
                 if multi_row:
-                    _write_rows(c, rows, "", self.rows_per_statement)
+                    _write_rows(c, rows, tail, self.rows_per_statement)
                 else:
-                    c.executemany(_INSERT, rows)
+                    c.executemany(_INSERT + tail, rows)
 
         try:
             await self.db.run(write)
