@@ -79,13 +79,21 @@ _BACKOFF_FIRST, _BACKOFF_MAX = 4, 64  # lookup-first batches after an upsert lef
 # library allows fewer parameters (`start`: SQLite's default is 32,766 since 3.32, 999
 # before). See `_insert_alone` and `_upsert_unread` for why.
 ROWS_PER_STATEMENT = 5000
-_ON_CONFLICT = (
-    " ON CONFLICT (tenant, entity_type, entity_id) DO UPDATE SET"
-    " prev_revision = entities.revision, revision = excluded.revision,"
+# The upsert's SET, but for the new revision (the guarded and the strict upsert differ there).
+_SET_FROM = (
+    " ON CONFLICT (tenant, entity_type, entity_id) DO UPDATE SET prev_revision = entities.revision,"
+)
+_SET_REST = (
     " deleted = excluded.deleted,"
     " occurred_at = excluded.occurred_at, attributes = excluded.attributes,"
     " relations = excluded.relations, dedupe_key = excluded.dedupe_key,"
-    " updated_at = excluded.updated_at WHERE entities.revision < excluded.revision"
+    " updated_at = excluded.updated_at"
+)
+_ON_CONFLICT = (
+    _SET_FROM
+    + " revision = excluded.revision,"
+    + _SET_REST
+    + " WHERE entities.revision < excluded.revision"
 )
 _UPSERT = _INSERT + _ON_CONFLICT
 # The upsert of a batch written as one statement in its own transaction (`_insert_alone`): no
@@ -93,13 +101,9 @@ _UPSERT = _INSERT + _ON_CONFLICT
 # column's NOT NULL refuses (`_STALE`), so the statement fails and undoes all of its rows
 # instead of leaving that row alone: it writes every row or none.
 _STRICT = (
-    " ON CONFLICT (tenant, entity_type, entity_id) DO UPDATE SET"
-    " prev_revision = entities.revision,"
-    " revision = CASE WHEN entities.revision < excluded.revision THEN excluded.revision END,"
-    " deleted = excluded.deleted,"
-    " occurred_at = excluded.occurred_at, attributes = excluded.attributes,"
-    " relations = excluded.relations, dedupe_key = excluded.dedupe_key,"
-    " updated_at = excluded.updated_at"
+    _SET_FROM
+    + " revision = CASE WHEN entities.revision < excluded.revision THEN excluded.revision END,"
+    + _SET_REST
 )
 _STALE = "NOT NULL constraint failed: entities.revision"
 
@@ -365,12 +369,17 @@ class SQLiteSink:
             autocommit(c, strict, params)
         except (sqlite3.IntegrityError, OverflowError) as exc:
             if _STALE in str(exc):  # a stored revision equal or higher: back off
-                self.insert_skip = self._backoff
-                self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+                self._fall_back()
             return False
         self.paths["insert"] += 1
         self._backoff = _BACKOFF_FIRST
         return True
+
+    def _fall_back(self) -> None:
+        """An upsert without the lookup left a row alone: the next `insert_skip` batches go
+        straight to the lookup, 4, then 8 ... 64 after each further fall-back."""
+        self.insert_skip = self._backoff
+        self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
 
     def _upsert_unread(
         self, c: sqlite3.Connection, upsert: list[tuple[str, tuple[Any, ...]]], n: int
@@ -403,8 +412,7 @@ class SQLiteSink:
         if changed < n:
             c.execute("ROLLBACK TO new_rows")
             c.execute("RELEASE new_rows")
-            self.insert_skip = self._backoff
-            self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+            self._fall_back()
             return False
         c.execute("RELEASE new_rows")
         self._backoff = _BACKOFF_FIRST
