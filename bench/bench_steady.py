@@ -56,6 +56,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import httpx
@@ -65,7 +66,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_embedded import peak_rss_mb  # noqa: E402
 
-from tests.e2e._auth import detailed, sign_headers  # noqa: E402
+from tests.e2e._auth import bearer, sign_headers  # noqa: E402
 from tests.e2e._load import batch_body, run_load  # noqa: E402
 from tests.e2e._service import ServiceProcess, metric_value  # noqa: E402
 
@@ -104,14 +105,39 @@ def quantile(before: dict[float, float], after: dict[float, float], q: float) ->
     return None
 
 
+_HTTP = threading.local()
+
+
+def http() -> httpx.Client:
+    """This thread's HTTP client, kept open for the run. `httpx.get` builds a client, and its
+    TLS context (built for plain http too), a call: ~42 ms of the bench's CPU each. The stall
+    watch reads /metrics and /health/detailed every second, so that was ~9 % of a core taken
+    from the service on the 2-core machine, in the steady phase only (docs/benchmarks.md)."""
+    client: httpx.Client | None = getattr(_HTTP, "client", None)
+    if client is None:
+        client = _HTTP.client = httpx.Client(timeout=30)
+    return client
+
+
+def scrape(url: str) -> str:
+    """The service's /metrics text."""
+    return http().get(f"{url}/metrics").text
+
+
+def backpressure(url: str) -> dict[str, Any]:
+    """`backpressure` of /health/detailed (the intake's backlog, the queue)."""
+    found: dict[str, Any] = http().get(f"{url}/health/detailed", headers=bearer()).json()
+    bp: dict[str, Any] = found["backpressure"]
+    return bp
+
+
 def delivered(url: str) -> float:
-    return metric_value(httpx.get(f"{url}/metrics", timeout=30).text, "ingest_records_total",
-                        outcome="delivered")
+    return metric_value(scrape(url), "ingest_records_total", outcome="delivered")
 
 
 def wait_drained(url: str) -> None:
     while True:
-        bp = detailed(url, 30).json()["backpressure"]
+        bp = backpressure(url)
         if bp["queue_depth"] == 0 and bp.get("intake", {}).get("records", 0) == 0:
             return
         time.sleep(0.2)
@@ -253,7 +279,7 @@ class StallWatch(threading.Thread):
             a = time.monotonic()
             try:
                 got = delivered(self.svc.url)
-                intake = detailed(self.svc.url, 30).json()["backpressure"].get("intake", {})
+                intake = backpressure(self.svc.url).get("intake", {})
             except (httpx.HTTPError, ValueError):
                 break
             answer = time.monotonic() - a
@@ -334,7 +360,7 @@ class Timeline(threading.Thread):
         ]
 
         def sample() -> Sample:
-            text = httpx.get(f"{self.svc.url}/metrics", timeout=30).text
+            text = scrape(self.svc.url)
             got = metric_value(text, "ingest_records_total", outcome="delivered")
             cpu = {n: cpu_seconds(p) for n, p in pids.items()}
             threads = {n: thread_cpu(p) for n, p in workers.items()}
@@ -345,7 +371,7 @@ class Timeline(threading.Thread):
         last_runq = {n: runq_seconds(p) for n, p in workers.items()}
         while not self.done.wait(self.every):
             now, got, hist, cpu, threads = sample()
-            intake = detailed(self.svc.url, 30).json()["backpressure"].get("intake", {})
+            intake = backpressure(self.svc.url).get("intake", {})
             steal_now = cpu_times()
             steal, last_steal = steal_share(last_steal, steal_now), steal_now
             runq_now = {n: runq_seconds(p) for n, p in workers.items()}
@@ -543,7 +569,7 @@ def main() -> None:
         share = "--rate" if peak != peak else f"{rate / peak:.0%} of the {args.basis} peak"
         print(f"steady: offering {rate:,.0f} rec/s ({share}) "
               f"in {args.batch}-record requests for {args.seconds:.0f} s")
-        before = buckets(httpx.get(f"{url}/metrics", timeout=30).text)
+        before = buckets(scrape(url))
         got0 = delivered(url)
         t1 = time.monotonic()
         timeline = Timeline(svc, args.every)
@@ -561,7 +587,7 @@ def main() -> None:
             watch.join()
         steals = [r["steal"] for r in timeline.rows]
         elapsed = time.monotonic() - t1
-        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+        metrics = scrape(url)
         after = buckets(metrics)
         got = delivered(url) - got0
         mb_end = store_mb(svc.data_dir)
