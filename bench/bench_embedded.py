@@ -313,12 +313,8 @@ async def step_costs(n: int, workdir: Path, batch: int = 2000) -> dict[str, floa
     new rows, then revision-2 updates of the same entities (the idempotency table then holds
     n keys), then a lookup of keys all present."""
     from ingest.service import tune_gc
-    from ingest.state.sqlite import (
-        SQLiteCheckpointStore,
-        SQLiteDB,
-        SQLiteDLQStore,
-        SQLiteIdempotencyStore,
-    )
+    from ingest.state.sqlite import SQLiteCheckpointStore, SQLiteDB, SQLiteDLQStore
+    from ingest.state.sqlite_idem import SQLiteIdempotencyStore
 
     tune_gc()  # the service's collector settings: decoding's cost depends on them
     decoder = Decoder()

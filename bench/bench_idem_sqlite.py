@@ -37,7 +37,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ingest.state.sqlite import SQLiteDB, SQLiteIdempotencyStore  # noqa: E402
+from ingest.state.sqlite import SQLiteDB  # noqa: E402
+from ingest.state.sqlite_idem import SQLiteIdempotencyStore  # noqa: E402
 
 
 def tables(c: sqlite3.Connection) -> dict[str, int]:

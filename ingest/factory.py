@@ -83,9 +83,8 @@ async def _open_sqlite(cfg: C.Config, state: C.SQLiteStateConfig) -> Stores:
         SQLiteDB,
         SQLiteDLQStore,
         SQLiteDroppedStore,
-        SQLiteIdempotencyStore,
-        open_idempotency_db,
     )
+    from ingest.state.sqlite_idem import SQLiteIdempotencyStore, open_idempotency_db
 
     db = await SQLiteDB.open(cfg.under_data_dir(state.path, "state.db"))
     try:

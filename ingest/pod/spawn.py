@@ -66,7 +66,7 @@ def preload_modules(cfg: C.Config) -> list[str]:
     if isinstance(cfg.state, C.ProductionStateConfig):
         mods += ["ingest.state.postgres", "ingest.state.redis", "ingest.state.leases"]
     else:
-        mods += ["ingest.state.sqlite", "ingest.state.leases"]
+        mods += ["ingest.state.sqlite", "ingest.state.sqlite_idem", "ingest.state.leases"]
     for sc in cfg.sources:
         if isinstance(sc, C.WebhookSourceConfig):
             mods.append("ingest.webhook.source")

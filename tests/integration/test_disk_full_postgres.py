@@ -33,7 +33,8 @@ from ingest.records import RawRecord
 from ingest.sinks.postgres import PostgresSink
 from ingest.state.base import DLQFilter
 from ingest.state.postgres import PostgresDLQStore, PostgresDroppedStore, connect_pool, migrate
-from ingest.state.sqlite import SQLiteDB, SQLiteIdempotencyStore
+from ingest.state.sqlite import SQLiteDB
+from ingest.state.sqlite_idem import SQLiteIdempotencyStore
 from tests.integration.conftest import PrivateServer
 
 pytestmark = pytest.mark.integration

@@ -55,7 +55,8 @@ from ingest.sinks.neo4j import Neo4jSink
 from ingest.sinks.postgres import PostgresSink
 from ingest.sinks.sqlite import SQLiteSink
 from ingest.sinks.typesense import TypesenseSink
-from ingest.state.sqlite import SQLiteDB, SQLiteDLQStore, SQLiteDroppedStore, SQLiteIdempotencyStore
+from ingest.state.sqlite import SQLiteDB, SQLiteDLQStore, SQLiteDroppedStore
+from ingest.state.sqlite_idem import SQLiteIdempotencyStore
 from tests.integration._fixtures_graph import typesense_admin
 from tests.integration.conftest import make_record
 

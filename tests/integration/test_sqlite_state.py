@@ -23,23 +23,25 @@ from ingest.records import DLQEntry, ReasonCode
 from ingest.state.base import DLQFilter
 from ingest.state.sqlite import (
     DAY,
-    IDEM_MIGRATIONS,
-    LOG_KEEP,
     MIGRATIONS,
     SQLiteCheckpointStore,
     SQLiteDB,
     SQLiteDLQStore,
     SQLiteDroppedStore,
-    SQLiteIdempotencyStore,
-    _copy_state_keys,
-    _state_keys,
     _write,
     fetchall,
     fetchone,
-    idem_day,
-    idem_path,
     idem_table,
     immediate,
+)
+from ingest.state.sqlite_idem import (
+    IDEM_MIGRATIONS,
+    LOG_KEEP,
+    SQLiteIdempotencyStore,
+    _copy_state_keys,
+    _state_keys,
+    idem_day,
+    idem_path,
     open_idempotency_db,
 )
 from ingest.webhook.sqlite import SQLiteIntake
@@ -846,7 +848,8 @@ def test_idempotency_property_across_days(
 _CLAIMER = """
 import asyncio, hashlib, sys
 from pathlib import Path
-from ingest.state.sqlite import SQLiteDB, SQLiteIdempotencyStore
+from ingest.state.sqlite import SQLiteDB
+from ingest.state.sqlite_idem import SQLiteIdempotencyStore
 
 async def main(path: str, first: int) -> None:
     db = await SQLiteDB.open(Path(path))

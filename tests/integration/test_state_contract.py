@@ -15,7 +15,8 @@ import pytest
 
 from ingest.state.base import CheckpointStore, IdempotencyStore
 from ingest.state.redis import RedisCheckpointStore, RedisIdempotencyStore, redis_client
-from ingest.state.sqlite import SQLiteCheckpointStore, SQLiteDB, SQLiteIdempotencyStore
+from ingest.state.sqlite import SQLiteCheckpointStore, SQLiteDB
+from ingest.state.sqlite_idem import SQLiteIdempotencyStore
 
 pytestmark = pytest.mark.integration
 

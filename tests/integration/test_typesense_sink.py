@@ -24,7 +24,8 @@ from ingest.pipeline.retry import RetryPolicy
 from ingest.pipeline.worker import Pipeline, SinkLane
 from ingest.records import ReasonCode, SinkStatus
 from ingest.sinks.typesense import TypesenseSink, _classify, collection_name
-from ingest.state.sqlite import SQLiteDB, SQLiteDLQStore, SQLiteDroppedStore, SQLiteIdempotencyStore
+from ingest.state.sqlite import SQLiteDB, SQLiteDLQStore, SQLiteDroppedStore
+from ingest.state.sqlite_idem import SQLiteIdempotencyStore
 
 from ._fixtures_graph import TS_FIELDS, make_record, require_env, typesense_admin
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.state import sqlite as state_sqlite
-from ingest.state.sqlite import KeyFilter, _Bloom
+from ingest.state import sqlite_idem as state_sqlite
+from ingest.state.sqlite_idem import KeyFilter, _Bloom
 
 native = pytest.importorskip("ingest_native", reason="the compiled extension is not built")
 

@@ -29,12 +29,8 @@ from ingest.pipeline.worker import Pipeline, SinkLane, _together
 from ingest.records import RawRecord, ReasonCode, Record, SinkResult
 from ingest.sinks.base import judge_in_order, latest_per_entity
 from ingest.state.base import DLQFilter
-from ingest.state.sqlite import (
-    SQLiteDB,
-    SQLiteDLQStore,
-    SQLiteDroppedStore,
-    SQLiteIdempotencyStore,
-)
+from ingest.state.sqlite import SQLiteDB, SQLiteDLQStore, SQLiteDroppedStore
+from ingest.state.sqlite_idem import SQLiteIdempotencyStore
 
 
 class MemorySink:

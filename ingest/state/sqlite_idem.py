@@ -1,0 +1,681 @@
+"""The idempotency keys' store on SQLite (`SQLiteIdempotencyStore`), in a file of its own
+beside the state file (`state.idem.db` beside `state.db`, `open_idempotency_db`): a claim
+appends its keys to a log, merged in sorted slices into `idem_mid`, renamed to a run once
+large enough; `seen` asks an in-memory Bloom filter of every claimed key (`KeyFilter`) first.
+
+The tables' schema (migrations 12-16) is the state file's, in `ingest.state.sqlite.MIGRATIONS`,
+with the connections, the writer lock and the checkpoints this module uses; split from that
+module (no behaviour changed) so that each stays short.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ingest.state.sqlite import (
+    _IDEM_DAY_DDL,
+    _UPSERT,
+    DAY,
+    IDEM_LOG,
+    IDEM_MID,
+    IDEM_PREFIX,
+    IDEM_RECENT,
+    MIGRATIONS,
+    Clock,
+    Migration,
+    SQLiteDB,
+    _utc,
+    autocommit,
+    idem_table,
+    immediate,
+)
+
+T = TypeVar("T")
+
+# A claim appends its keys to `idem_log` as one row (migration 15), in its own transaction:
+# ~0.2 µs a key, where inserting them into a B-tree of random keys and committing the pages it
+# dirtied cost ~4.5. Once RECENT_KEYS keys wait in the log, a claim moves them all into
+# `idem_mid`, sorted, in one transaction that also says through which log row they are merged
+# (`idem_log_merged`, migration 16); once MID_KEYS were moved into `idem_mid` that transaction
+# renames it to a run, `idem_YYYYMMDD_N` (the UTC day of its newest key, N the last log row
+# merged), and makes a new empty `idem_mid`. A run is never written again and is dropped whole
+# once its newest key expired. So a key is inserted into one B-tree, once, and never deleted;
+# the levels before (`idem_recent` -> `idem_mid` -> the day's table, each move an insert and a
+# delete) inserted it three times and deleted it twice, and the last move's cost grew with the
+# day's table (claims 5.7 -> 11.4 µs a key from the first to the last 200k of 1M). What it
+# costs: `seen` probes `idem_mid` and every live run for the keys the filter may hold, and a
+# process keeps the log's unmerged keys in memory (a log row cannot be searched by key).
+# Measured in bench/bench_idem_sqlite.py (docs/benchmarks.md).
+RECENT_KEYS = 50_000
+# A merge's slice (12,500 random keys) dirties most of `idem_mid`'s leaf pages whatever its
+# size, and each dirtied page is written to the WAL and copied back: the smaller `idem_mid`,
+# the fewer pages a key costs. bench_idem_sqlite, CPU a key (docs/benchmarks.md): 1M keys
+# 6.3 (500,000) -> 4.3 (250,000); 3M keys 7.0 -> 4.9 (125,000: 4.1, but twice the runs
+# again for every key the filter may hold to be probed in).
+MID_KEYS = 250_000
+# `seen` asks an in-memory filter first and SQLite only for the keys the filter may hold
+# (SQLiteIdempotencyStore); the filter learns every process's claims from this log, whose
+# merged rows are kept LOG_KEEP seconds (a process that fell further behind rebuilds its filter).
+LOG_KEEP = 300.0
+
+
+class _Bloom:
+    """A Bloom filter of up to BLOOM_KEYS 32-byte digests, eight bits set a key (~0.06 % false
+    positives when full, 16 bits of filter a key; four gave ~0.24 %, two ~1.4 %), and the newest
+    claim time of its keys (it is dropped once that expired). Every false positive is probed in
+    `idem_mid` and every live run, so a key's `seen` cost grew with the runs (filters x runs):
+    bench_idem_sqlite --stores 2, docs/benchmarks.md. The keys are SHA-256 digests: their bytes
+    are the hash, a key's eight 32-bit words its eight positions."""
+
+    __slots__ = ("bits", "n", "newest")
+    BITS = 1 << 26  # 8 MiB
+    KEYS = 1 << 22  # 16 bits a key
+
+    def __init__(self) -> None:
+        self.bits = bytearray(self.BITS >> 3)
+        self.n = 0
+        self.newest = float("-inf")
+
+
+def _words(blob: bytes) -> tuple[list[int], list[int]]:
+    """Two 26-bit positions per 32-byte key of `blob` (its first two 32-bit words)."""
+    words = memoryview(blob).cast("I")
+    return [w >> 6 for w in words[0::8].tolist()], [w >> 6 for w in words[1::8].tolist()]
+
+
+def _load_bloom() -> tuple[
+    Callable[[bytearray, bytes], None] | None, Callable[[bytearray, bytes], list[int]] | None
+]:
+    """`add` and `maybe` of one filter compiled (`ingest_native`, the same bits as the Python
+    loops below, ~50x faster: every process adds every key claimed in the file, its own and
+    the other workers', on a thread that holds the GIL beside the event loop); None, None
+    when the extension is missing or older than these functions."""
+    if os.environ.get("INGEST_NO_EXTENSION"):
+        return None, None
+    try:
+        import ingest_native  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None, None
+    add = getattr(ingest_native, "bloom_add", None)
+    maybe = getattr(ingest_native, "bloom_maybe", None)
+    return (add, maybe) if add is not None and maybe is not None else (None, None)
+
+
+_BLOOM_ADD, _BLOOM_MAYBE = _load_bloom()
+
+
+def _turned(blob: bytes, pair: int) -> bytes:
+    """`blob` turned by 8 bytes a pair: each key's first two words are then its words
+    2 * pair and 2 * pair + 1, so the two-position steps below give a key's other positions."""
+    return blob[8 * pair :] + blob[: 8 * pair]
+
+
+# the pairs of words of a key after the first: three more pairs, eight positions in all
+_PAIRS = (1, 2, 3)
+
+
+def _set_bits(bits: bytearray, blob: bytes) -> None:
+    """Set the two positions (first two words) of each key of `blob`."""
+    if _BLOOM_ADD is not None:
+        _BLOOM_ADD(bits, blob)
+        return
+    ps, qs = _words(blob)
+    for p, q in zip(ps, qs, strict=True):
+        bits[p >> 3] |= 1 << (p & 7)
+        bits[q >> 3] |= 1 << (q & 7)
+
+
+def _has_bits(bits: bytearray, blob: bytes) -> list[int]:
+    """Indexes of the keys of `blob` whose two positions (first two words) are both set."""
+    if _BLOOM_MAYBE is not None:
+        return list(_BLOOM_MAYBE(bits, blob))
+    ps, qs = _words(blob)
+    return [
+        i
+        for i, (p, q) in enumerate(zip(ps, qs, strict=True))
+        if bits[p >> 3] >> (p & 7) & 1 and bits[q >> 3] >> (q & 7) & 1
+    ]
+
+
+class KeyFilter:
+    """The claimed keys as a chain of Bloom filters: `maybe` never answers False for a key
+    added (and not yet dropped as expired); True may be wrong and is checked in SQLite."""
+
+    def __init__(self) -> None:
+        self._blooms: list[_Bloom] = []
+
+    def __len__(self) -> int:
+        return sum(b.n for b in self._blooms)
+
+    def add(self, blob: bytes, claimed_at: float) -> None:
+        n = len(blob) // 32
+        if not self._blooms or self._blooms[-1].n + n > _Bloom.KEYS:
+            self._blooms.append(_Bloom())
+        bloom = self._blooms[-1]
+        _set_bits(bloom.bits, blob)
+        for pair in _PAIRS:
+            _set_bits(bloom.bits, _turned(blob, pair))
+        bloom.n += n
+        bloom.newest = max(bloom.newest, claimed_at)
+
+    def maybe(self, blob: bytes) -> list[int]:
+        """Indexes of the keys of `blob` that may have been added: all eight positions set in
+        one filter (each further pair asked only of the keys the pairs before let through)."""
+        found: set[int] = set()
+        for bloom in self._blooms:
+            left = _has_bits(bloom.bits, blob)
+            for pair in _PAIRS:
+                if not left:
+                    break
+                few = b"".join(blob[i * 32 : i * 32 + 32] for i in left)
+                left = [left[j] for j in _has_bits(bloom.bits, _turned(few, pair))]
+            found.update(left)
+        return sorted(found)
+
+    def expire(self, before: float) -> None:
+        """Drop the filters whose newest key was claimed at or before `before`."""
+        self._blooms = [b for b in self._blooms if b.newest > before]
+
+
+def idem_run(day: int, last: int) -> str:
+    """`idem_20261201_1234`: a run of keys whose newest was claimed on day `day`, made when
+    log row `last` was merged (unique in the file: log ids are never reused)."""
+    return f"{idem_table(day)}_{last}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _table_day(table: str) -> tuple[int, int] | None:
+    """(day number, run number: 0 for a day table) of a table of keys, None for any other.
+    Cached: every `seen` lists the runs (`idem_tables`), and `strptime` of each of ~70 names
+    (bench_steady's store at its end) showed in its stall dumps."""
+    digits, _, run = table.removeprefix(IDEM_PREFIX).partition("_")
+    if len(digits) != 8 or not digits.isdigit() or (run and not run.isdigit()):
+        return None
+    try:
+        day = int(datetime.strptime(digits, "%Y%m%d").replace(tzinfo=UTC).timestamp()) // DAY
+    except ValueError:
+        return None
+    return day, int(run or 0)
+
+
+def idem_day(table: str) -> int | None:
+    """The day a table of keys (a run or a day table) expires by, None for any other table."""
+    found = _table_day(table)
+    return None if found is None else found[0]
+
+
+def idem_tables(c: sqlite3.Connection, schema: str = "main") -> list[tuple[int, str]]:
+    """The runs and day tables in the file (every process's), (day, name), newest first."""
+    (names,) = c.execute(
+        f"SELECT group_concat(name, ' ') FROM {schema}.sqlite_master WHERE type = 'table'"
+        f" AND name GLOB '{IDEM_PREFIX}[0-9]*'"
+    ).fetchone()
+    found = [(d, n) for n in (names or "").split() if (d := _table_day(n)) is not None]
+    return [(d[0], n) for d, n in sorted(found, reverse=True)]
+
+
+# ------------------------------------------------------- the idempotency keys' own file
+
+# The idempotency store's tables (migrations 13-15, the day tables made as days come) live in
+# a file of their own beside the state file, `state.idem.db` beside `state.db`, with its own
+# connection, thread and writer lock: a claim holds its file's write lock for its whole
+# transaction (~2,000 random keys into `idem_recent`, ~15 ms), and in one file the other
+# workers' checkpoint, lease and processed-count writes (~0.1 ms each, on the way to every
+# batch's commit) queued behind it; and every commit of those (and of the webhook intake) in
+# the same file threw away the store connection's page cache.
+IDEM_MIGRATIONS: tuple[Migration, ...] = tuple(
+    m for m in MIGRATIONS if m.version in (13, 14, 15, 16)
+)
+
+
+def idem_path(state: Path) -> Path:
+    """The idempotency keys' file for state file `state`: `state.idem.db` for `state.db`."""
+    state = Path(state)
+    return state.with_name(f"{state.stem}.idem{state.suffix}")
+
+
+def _state_keys(c: sqlite3.Connection) -> bool:
+    """Whether the state file still holds idempotency keys (claimed before the keys had a
+    file of their own)."""
+    return (
+        bool(idem_tables(c))
+        or any(
+            c.execute(f"SELECT EXISTS (SELECT 1 FROM {t})").fetchone()[0]
+            for t in (IDEM_RECENT, IDEM_MID)
+        )
+        or _waiting(c) > 0
+    )
+
+
+def _copy_state_keys(state: Path) -> Callable[[sqlite3.Connection], None]:
+    """A `run` callable on the idempotency file: copy every key of the state file's tables
+    into the same table here (`idem_recent`'s and its log's unmerged rows' into `idem_mid`;
+    a key already here keeps its latest claim), in one transaction."""
+
+    def copy(c: sqlite3.Connection) -> None:
+        c.execute("ATTACH DATABASE ? AS state", (str(state),))
+        try:
+            with immediate(c):
+                unmerged = c.execute(
+                    f"SELECT claimed_at, keys FROM state.{IDEM_LOG} WHERE id >"
+                    f" (SELECT through FROM state.{IDEM_LOG}_merged) ORDER BY id"
+                ).fetchall()
+                for i in range(0, len(unmerged), _MERGE_ROWS):
+                    _insert_sorted(c, unmerged[i : i + _MERGE_ROWS])
+                tables = [(n, n) for _, n in idem_tables(c, "state")]
+                for source, target in [(IDEM_RECENT, IDEM_MID), (IDEM_MID, IDEM_MID), *tables]:
+                    c.execute(_IDEM_DAY_DDL.format(f"main.{target}"))
+                    c.execute(
+                        f"INSERT INTO main.{target} SELECT key, claimed_at FROM state.{source}"
+                        f" WHERE true{_UPSERT}"
+                    )
+        finally:
+            c.execute("DETACH DATABASE state")
+
+    return copy
+
+
+def _drop_state_keys(c: sqlite3.Connection) -> None:
+    """On the state file, once its keys were copied: empty `idem_recent`, `idem_mid` and the
+    log, drop the runs and day tables (nothing claims there any more)."""
+    with immediate(c):
+        for table in (IDEM_RECENT, IDEM_MID, IDEM_LOG):
+            c.execute(f"DELETE FROM {table}")
+        for _, table in idem_tables(c):
+            c.execute(f"DROP TABLE {table}")
+
+
+async def open_idempotency_db(state: SQLiteDB) -> SQLiteDB:
+    """The idempotency keys' file beside the state file (made if missing), with the keys a
+    state file of older code holds moved into it first: copied in one transaction, then
+    deleted from the state file in another, so a key is in one file or both at every
+    instant; a process killed in between copies again (a key copied twice stays one key)
+    and deletes. Every process of a state file does this before its store answers, so none
+    misses a key the state file held. Stop every process of the old code first, as for
+    any migration."""
+    idem = await SQLiteDB.open(idem_path(state.path), IDEM_MIGRATIONS)
+    try:
+        if await state.call("idempotency", _state_keys):
+            await idem.call("idempotency", _copy_state_keys(state.path))
+            await state.call("idempotency", _drop_state_keys)
+    except BaseException:
+        await idem.close()
+        raise
+    return idem
+
+
+# --------------------------------------------------------------------------------- idempotency
+
+
+# The batch's keys travel as one blob of 32-byte digests, cut in SQL: one statement per batch,
+# which SQLite runs without taking the GIL back per key as executemany does (in the service,
+# beside the event loop's thread: 5.2 instead of 6.6 µs of CPU per claimed key).
+_KEYS = (
+    "WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 32 FROM k WHERE i + 32 <= length(?1))"
+)
+
+
+def _key_blob(keys: Sequence[bytes]) -> bytes:
+    if any(len(k) != 32 for k in keys):
+        raise ValueError("idempotency keys are 32-byte digests")
+    return b"".join(keys)
+
+
+class SQLiteIdempotencyStore:
+    """Implements IdempotencyStore: 32-byte keys as BLOBs with their claim time. A claim
+    appends its keys to `idem_log` (one row); once `recent_keys` keys wait there unmerged, a
+    claim moves the oldest of them (`slice_keys`, a quarter of RECENT_KEYS by default, so
+    the next claims move the rest: one long transaction would hold every other process's
+    claims for its whole length), sorted, into `idem_mid` in one transaction with the mark of
+    the last row merged (`idem_log_merged`); once `mid_keys` were moved into `idem_mid`, that
+    transaction renames it to a run of its newest key's day (`idem_YYYYMMDD_N`) and makes a
+    new one (see the comment at IDEM_LOG's definitions). A key is in the log (unmerged) or in
+    `idem_mid` or a run at every commit, whatever instant a process is killed. Runs (and the
+    day tables of older code) are dropped whole by the first claim or merge after their
+    newest key expired; seen() ignores keys older than the TTL at once, and a merge carries
+    only unexpired keys on.
+
+    seen() asks an in-memory filter (`KeyFilter`) of every key claimed in the file by any
+    process, built from the tables and the log at the first seen(), then kept up from the
+    log's rows after the last it read. A Bloom filter never answers "no" for a key it holds,
+    so a key it rules out was never claimed (or its claim expired); the rest are looked up
+    exactly: among the log's unmerged rows, which the process keeps in memory as sets, then
+    in `idem_mid` and the live runs, all in one read transaction with the log's marks (a
+    merge or a rename by another process cannot slip between). Merged log rows older than
+    LOG_KEEP are pruned by the merges; a process that finds rows it did not read pruned
+    builds its filter again."""
+
+    def __init__(
+        self,
+        db: SQLiteDB,
+        ttl_seconds: int = 7 * 86400,
+        clock: Clock = time.time,
+        recent_keys: int = RECENT_KEYS,
+        mid_keys: int = MID_KEYS,
+        slice_keys: int = RECENT_KEYS // 4,
+    ) -> None:
+        self._db = db
+        self._ttl = ttl_seconds
+        self._clock = clock
+        self._recent_keys = recent_keys
+        self._mid_keys = mid_keys
+        # keys one merge transaction moves at most (its oldest rows, at least one): a merge
+        # holds the file's writer lock, and the pod's other worker waits for it to claim
+        self._slice_keys = max(1, slice_keys)
+        # Read and written only in the DB thread: when the oldest table in the file expires
+        # whole (None: not looked yet), and the keys waiting in the log unmerged as far as
+        # this process knows (the unmerged rows it read, plus its claims since; None: not
+        # counted yet, e.g. after a restart).
+        self._next_drop: float | None = None
+        self._unmerged: int | None = None
+        # The keys claimed in the file, as far as this process knows (built at its first
+        # seen(), then kept up from `idem_log`), the last log row it read (None: not built),
+        # and the log's unmerged rows it read: id -> (claimed_at, keys).
+        self._filter = KeyFilter()
+        self._logged: int | None = None
+        self._pending: dict[int, _Unmerged] = {}
+
+    def _live(self, tables: Sequence[tuple[int, str]], now: float) -> list[str]:
+        """Tables that may hold unexpired keys, newest first."""
+        return [name for day, name in tables if (day + 1) * DAY + self._ttl > now]
+
+    async def seen(self, keys: Sequence[bytes]) -> list[bool]:
+        if not keys:
+            return []
+        blob = _key_blob(keys)
+        now = self._clock()
+        since = now - self._ttl
+
+        def lookup(c: sqlite3.Connection) -> list[int]:
+            self._catch_up(c, now)
+            maybe = self._filter.maybe(blob)
+            if not maybe:
+                return []
+            hits, rest = [], []
+            for i in maybe:
+                key = blob[i * 32 : i * 32 + 32]
+                if any(row.at > since and row.has(key) for row in self._pending.values()):
+                    hits.append(i)
+                else:
+                    rest.append(i)
+            if not rest:
+                return hits
+            # only the keys the filter may hold are looked up, in `idem_mid` and every run
+            few = b"".join(blob[i * 32 : i * 32 + 32] for i in rest)
+            tables = [IDEM_MID, *self._live(idem_tables(c), now)]
+            probe = " OR ".join(
+                f"EXISTS (SELECT 1 FROM {t} WHERE key = substr(?1, i, 32) AND claimed_at > ?2)"
+                for t in tables
+            )
+            sql = f"{_KEYS} SELECT group_concat(i) FROM k WHERE {probe}"
+            found: str | None = c.execute(sql, (few, since)).fetchone()[0]
+            return hits + ([rest[(int(i) - 1) // 32] for i in found.split(",")] if found else [])
+
+        hits = await self._db.call("idempotency", lambda c: _again_if_dropped(c, _read(lookup)))
+        found = [False] * len(keys)
+        for i in hits:
+            found[i] = True
+        return found
+
+    def _catch_up(self, c: sqlite3.Connection, now: float) -> None:
+        """In the DB thread, inside a read transaction, before the filter answers: add the
+        keys claimed (by any process) since it last looked, from `idem_log`, and keep the
+        unmerged rows' keys; build both afresh if it has none yet or if rows it has not read
+        were pruned."""
+        (pruned,) = c.execute(f"SELECT through FROM {IDEM_LOG}_pruned").fetchone()
+        (merged,) = c.execute(f"SELECT through FROM {IDEM_LOG}_merged").fetchone()
+        if self._logged is None or pruned > self._logged:
+            self._build(c, now, merged)
+        else:
+            for id_, claimed_at, keys in c.execute(
+                f"SELECT id, claimed_at, keys FROM {IDEM_LOG} WHERE id > ? ORDER BY id",
+                (self._logged,),
+            ):
+                self._filter.add(keys, claimed_at)
+                if id_ > merged:
+                    self._pending[id_] = _Unmerged(claimed_at, keys)
+                self._logged = id_
+            if self._pending and min(self._pending) <= merged:
+                self._pending = {i: p for i, p in self._pending.items() if i > merged}
+        self._unmerged = sum(len(row) for row in self._pending.values())
+        # its keys all expired (an hour's margin for a clock set back)
+        self._filter.expire(now - self._ttl - 3600)
+
+    def _build(self, c: sqlite3.Connection, now: float, merged: int) -> None:
+        """Inside a read transaction: the filter from every unexpired key in the tables and
+        the log's unmerged rows, those rows' keys, and the log's last id (every later claim
+        is in a later row). Kept only if whole."""
+        self._logged = None
+        built = KeyFilter()
+        (logged,) = c.execute(f"SELECT COALESCE(max(id), 0) FROM {IDEM_LOG}").fetchone()
+        since = now - self._ttl
+        for table in [IDEM_MID, *self._live(idem_tables(c), now)]:
+            cur = c.execute(f"SELECT key, claimed_at FROM {table} WHERE claimed_at > ?", (since,))
+            while rows := cur.fetchmany(65536):
+                # (seen() takes 32-byte keys only: no other could match)
+                keys = b"".join(k for k, _ in rows if len(k) == 32)
+                built.add(keys, max(t for _, t in rows))
+        pending: dict[int, _Unmerged] = {}
+        for id_, claimed_at, keys in c.execute(
+            f"SELECT id, claimed_at, keys FROM {IDEM_LOG} WHERE id > ? AND claimed_at > ?",
+            (merged, since),
+        ):
+            built.add(keys, claimed_at)
+            pending[id_] = _Unmerged(claimed_at, keys)
+        self._filter, self._logged, self._pending = built, logged, pending
+
+    async def claim(self, keys: Sequence[bytes]) -> None:
+        if not keys:
+            return
+        blob = _key_blob(keys)
+        now = self._clock()
+
+        def write(c: sqlite3.Connection) -> None:
+            # one statement, its own transaction (as `immediate` would make it, without the
+            # BEGIN and COMMIT that each take the GIL back under the writer lock)
+            autocommit(c, f"INSERT INTO {IDEM_LOG} (claimed_at, keys) VALUES (?, ?)", (now, blob))
+            if self._unmerged is None:
+                self._unmerged = _waiting(c)
+            else:
+                self._unmerged += len(keys)
+            if self._unmerged >= self._recent_keys:
+                self._merge(c, now)
+            elif self._next_drop is None or now >= self._next_drop:
+                with immediate(c):
+                    self._drop_expired(c, now)
+
+        await self._db.call("idempotency", write)
+
+    def _merge(self, c: sqlite3.Connection, now: float) -> None:
+        """Move the log's oldest unmerged rows, up to `slice_keys` keys (if `recent_keys`
+        wait: another process may have merged them meanwhile), sorted, into `idem_mid`, and
+        mark them merged; rename
+        `idem_mid` to a run once `mid_keys` were moved into it; prune the merged rows older
+        than LOG_KEEP; drop the expired tables. One transaction."""
+        since = now - self._ttl
+        with immediate(c):
+            through, mid_keys, mid_newest = c.execute(
+                f"SELECT through, mid_keys, mid_newest FROM {IDEM_LOG}_merged"
+            ).fetchone()
+            self._unmerged = waiting = _waiting(c)
+            if waiting < self._recent_keys:
+                return
+            # the slice's rows found by their lengths (no overflow page read), then only
+            # their keys read: the rows after the slice wait for the next claims' merges
+            taken, cut = 0, through
+            sizes = c.execute(
+                f"SELECT id, length(keys) FROM {IDEM_LOG} WHERE id > ? ORDER BY id", (through,)
+            ).fetchall()
+            for id_, size in sizes:
+                taken, cut = taken + size // 32, id_
+                if taken >= self._slice_keys:
+                    break
+            rows = c.execute(
+                f"SELECT id, claimed_at, keys FROM {IDEM_LOG} WHERE id > ? AND id <= ? ORDER BY id",
+                (through, cut),
+            ).fetchall()
+            live = [(at, keys) for _, at, keys in rows if at > since]
+            for i in range(0, len(live), _MERGE_ROWS):
+                _insert_sorted(c, live[i : i + _MERGE_ROWS])
+            if live:
+                mid_keys += sum(len(keys) // 32 for _, keys in live)
+                mid_newest = max(mid_newest, max(at for at, _ in live))
+            last = rows[-1][0]
+            if mid_keys >= self._mid_keys:
+                run = idem_run(int(mid_newest // DAY), last)
+                c.execute(f"ALTER TABLE {IDEM_MID} RENAME TO {run}")
+                c.execute(_IDEM_DAY_DDL.format(IDEM_MID))
+                mid_keys, mid_newest = 0, 0.0
+            c.execute(
+                f"UPDATE {IDEM_LOG}_merged SET through = ?, mid_keys = ?, mid_newest = ?",
+                (last, mid_keys, mid_newest),
+            )
+            # the merged rows before the first one younger than LOG_KEEP: a scan from the
+            # log's start that stops there (the rows a merge or two ago left), where
+            # max(id) over `claimed_at < ?` read every row kept (LOG_KEEP s of claims, ~6,000
+            # rows at 25k keys/s), 15 % of a merging thread (bench_idem_sqlite --stores 2)
+            young = c.execute(
+                f"SELECT id FROM {IDEM_LOG} WHERE id <= ? AND claimed_at >= ? ORDER BY id LIMIT 1",
+                (last, now - LOG_KEEP),
+            ).fetchone()
+            (old,) = c.execute(
+                f"SELECT max(id) FROM {IDEM_LOG} WHERE id < ?",
+                (last + 1 if young is None else young[0],),
+            ).fetchone()
+            if old is not None:
+                c.execute(f"DELETE FROM {IDEM_LOG} WHERE id <= ?", (old,))
+                c.execute(f"UPDATE {IDEM_LOG}_pruned SET through = max(through, ?)", (old,))
+            self._drop_expired(c, now)
+        self._unmerged = waiting - taken
+
+    def _drop_expired(self, c: sqlite3.Connection, now: float) -> None:
+        """Inside a write transaction: drop the runs and day tables whose newest key expired;
+        look again when the oldest left expires, or a day from now (a run made meanwhile)."""
+        tables = idem_tables(c)
+        live = set(self._live(tables, now))
+        for _, name in tables:
+            if name not in live:
+                c.execute(f"DROP TABLE {name}")
+        kept = [(day + 1) * DAY + self._ttl for day, name in tables if name in live]
+        self._next_drop = min([now + DAY, *kept])
+
+    async def stats(self) -> dict[str, Any]:
+        now = self._clock()
+        since = now - self._ttl
+
+        def query(c: sqlite3.Connection) -> tuple[int, float | None]:
+            (merged,) = c.execute(f"SELECT through FROM {IDEM_LOG}_merged").fetchone()
+            n, oldest = c.execute(
+                f"SELECT COALESCE(sum(length(keys)), 0) / 32, min(claimed_at) FROM {IDEM_LOG}"
+                " WHERE id > ? AND claimed_at > ?",
+                (merged, since),
+            ).fetchone()
+            for table in [*self._live(idem_tables(c), now), IDEM_MID]:
+                count, first = c.execute(
+                    f"SELECT count(*), min(claimed_at) FROM {table} WHERE claimed_at > ?",
+                    (since,),
+                ).fetchone()
+                n += count
+                if first is not None and (oldest is None or first < oldest):
+                    oldest = first
+            return n, oldest
+
+        n, oldest = await self._db.call("idempotency", lambda c: _again_if_dropped(c, _read(query)))
+        return {
+            "backend": "sqlite",
+            "keys": n,
+            "memory_bytes": None,
+            "oldest_bucket": _utc(oldest).date().isoformat() if oldest is not None else None,
+        }
+
+
+# Log rows a merge statement takes (a compound SELECT has at most 500 terms).
+_MERGE_ROWS = 200
+
+
+def _insert_sorted(c: sqlite3.Connection, rows: Sequence[tuple[float, bytes]]) -> None:
+    """Insert the keys of log rows (claim time, keys) into `idem_mid` in key order, with
+    their rows' claim times: one statement, the rows' blobs and times bound as parameters
+    (each blob is cut in SQL, the keys sorted by SQLite's sorter: ~1 µs a key less than
+    sorting in Python; `substr` of a column instead would read the whole overflowing blob
+    again for every key)."""
+    longest = max(len(keys) for _, keys in rows)
+    terms = " UNION ALL ".join(
+        f"SELECT substr(?{2 * j + 1}, i, 32) AS key, ?{2 * j + 2} AS at FROM k"
+        f" WHERE i < length(?{2 * j + 1})"
+        for j in range(len(rows))
+    )
+    c.execute(
+        f"WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 32 FROM k WHERE i + 32 < ?"
+        f"{2 * len(rows) + 1}) INSERT INTO {IDEM_MID} (key, claimed_at) SELECT key, at"
+        f" FROM ({terms}) WHERE true ORDER BY key{_UPSERT}",
+        [*(x for at, keys in rows for x in (keys, at)), longest],
+    )
+
+
+def _waiting(c: sqlite3.Connection) -> int:
+    """Keys in the log's unmerged rows (`length` of a blob reads no overflow page)."""
+    (n,) = c.execute(
+        f"SELECT COALESCE(sum(length(keys)), 0) / 32 FROM {IDEM_LOG}"
+        f" WHERE id > (SELECT through FROM {IDEM_LOG}_merged)"
+    ).fetchone()
+    return int(n)
+
+
+def _key_set(blob: bytes) -> frozenset[bytes]:
+    return frozenset(blob[i : i + 32] for i in range(0, len(blob), 32))
+
+
+class _Unmerged:
+    """An unmerged log row a process read: its claim time, its keys as the row's blob, and
+    their set, built the first time `seen` asks it for a key (a key the filter may hold:
+    rare for new keys). Every worker reads every row claimed in the file, its own and the
+    others'; building each row's set as it was read cost ~0.18 µs a key in each worker."""
+
+    __slots__ = ("_keys", "at", "blob")
+
+    def __init__(self, at: float, blob: bytes) -> None:
+        self.at = at
+        self.blob = blob
+        self._keys: frozenset[bytes] | None = None
+
+    def __len__(self) -> int:
+        """The row's keys (as `_waiting` counts them)."""
+        return len(self.blob) // 32
+
+    def has(self, key: bytes) -> bool:
+        if self._keys is None:
+            self._keys = _key_set(self.blob)
+        return key in self._keys
+
+
+def _read(fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+    """`fn` in one read transaction: the tables it lists and the rows it reads are of one
+    instant (another process's merge or rename commits wholly before or after it)."""
+
+    def read(c: sqlite3.Connection) -> T:
+        c.execute("BEGIN")
+        try:
+            return fn(c)
+        finally:
+            c.execute("COMMIT")
+
+    return read
+
+
+def _again_if_dropped(c: sqlite3.Connection, read: Callable[[sqlite3.Connection], T]) -> T:
+    """A read naming the day tables listed a moment before: if another process dropped one
+    in between (it expired), list them again."""
+    try:
+        return read(c)
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        return read(c)
