@@ -15,7 +15,9 @@ Needs
 `--objects N` puts N objects of 1,000 lines under the prefix (uploaded once, untimed) and
 times, from the process start, the first row in the sink and every object done (what
 bench_s3.py's start-up costs its run, not only /health/detailed); each start gets a fresh
-Postgres schema (leases, sink table) and a flushed private Redis. `--old-tree PATH` alternates
+Postgres schema (leases, sink table) and a flushed private Redis; it also prints the seconds
+from the first worker's fork to the first row (a worker's own start-up, without the fork
+server's imports and their noise under load). `--old-tree PATH` alternates
 each repeat between this tree and PATH (old, new, new, old, ...), for A/B in one window:
 
     uv run python bench/bench_startup.py --workers 2 --objects 10 --repeat 20 --old-tree /tmp/old
@@ -74,6 +76,18 @@ def children(pid: int) -> list[int]:
         except (OSError, ValueError):
             continue
     return sorted(out)
+
+
+def started_at(pid: int) -> float:
+    """When `pid` started, seconds since boot (CLOCK_BOOTTIME; /proc's 10-ms ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[19]) / _TICK
+
+
+def first_fork(pid: int) -> float | None:
+    """When the pod under `pid` forked its first worker (seconds since boot), None if none."""
+    forks = [started_at(w) for c in children(pid) if label(c) == "forkserver" for w in children(c)]
+    return min(forks) if forks else None
 
 
 def label(pid: int) -> str:
@@ -141,10 +155,10 @@ def start_once(
     objects: int = 0,
     dsn: str = "",
     pythonpath: str | None = None,
-) -> tuple[float, dict[str, float], float, float, dict[str, float]]:
+) -> tuple[float, dict[str, float], float, float, dict[str, float], float]:
     """(seconds from process start to /health/detailed answering, CPU seconds by process;
-    with `objects`: seconds to the sink's first row and to every object done, and CPU seconds
-    by process at the first row)."""
+    with `objects`: seconds to the sink's first row and to every object done, CPU seconds
+    by process at the first row, and seconds from the first worker's fork to the first row)."""
     env = {
         **os.environ,
         "INGEST_DATA_DIR": str(workdir / "svc"),
@@ -161,7 +175,7 @@ def start_once(
          str(port), "--log-level", "WARNING", "--config", str(config)],
         cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    first = done = 0.0
+    first = done = fork_row = 0.0
     cpu_first: dict[str, float] = {}
     try:
         if objects:  # the sink's first row, then every object done; ready after
@@ -172,6 +186,9 @@ def start_once(
                         raise RuntimeError((workdir / "service.log").read_text())
                     time.sleep(POLL_SECONDS)
                 first = time.perf_counter() - t0
+                forked = first_fork(proc.pid)
+                if forked is not None:  # without the imports before the fork and their noise
+                    fork_row = time.clock_gettime(time.CLOCK_BOOTTIME) - forked
                 cpu_first = pod_cpu(proc.pid)
                 while poller.done() < objects:
                     if proc.poll() is not None:
@@ -194,7 +211,7 @@ def start_once(
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         log.close()
-    return ready, cpu, first, done, cpu_first
+    return ready, cpu, first, done, cpu_first, fork_row
 
 
 def objects_run(args: argparse.Namespace, env: dict[str, str], workdir: Path) -> None:
@@ -208,7 +225,7 @@ def objects_run(args: argparse.Namespace, env: dict[str, str], workdir: Path) ->
     upload({f"{prefix}{i:05d}.jsonl": lines(f"{run}-{i}", 1000) for i in range(args.objects)})
     private = private_redis()
     trees = ["new"] if args.old_tree is None else ["old", "new"]
-    results: dict[str, list[tuple[float, float, float, float]]] = {t: [] for t in trees}
+    results: dict[str, list[tuple[float, float, float, float, float]]] = {t: [] for t in trees}
     try:
         for workers in args.workers:
             for i in range(args.repeat):
@@ -224,15 +241,16 @@ def objects_run(args: argparse.Namespace, env: dict[str, str], workdir: Path) ->
                     )
                     try:
                         path = args.old_tree if tree == "old" else os.environ.get("PYTHONPATH", "")
-                        ready, cpu_end, first, done, cpu_first = start_once(
+                        ready, cpu_end, first, done, cpu_first, fork_row = start_once(
                             config, workdir, workers, args.objects, dsn, path
                         )
                     finally:
                         drop_schema(url, schema)
-                    results[tree].append((first, done, sum(cpu_first.values()), ready))
+                    results[tree].append((first, done, sum(cpu_first.values()), ready, fork_row))
                     print(
                         f"  {time.strftime('%H:%M:%S')} {tree} workers={workers}: first row"
-                        f" {first:.3f} s, all {args.objects} done {done:.3f} s,"
+                        f" {first:.3f} s ({fork_row:.3f} after the first fork),"
+                        f" all {args.objects} done {done:.3f} s,"
                         f" ready {ready:.3f} s;"
                         f" CPU s at first row {sum(cpu_first.values()):.2f} ("
                         + ", ".join(f"{k} {v:.2f}" for k, v in cpu_first.items())
@@ -246,12 +264,18 @@ def objects_run(args: argparse.Namespace, env: dict[str, str], workdir: Path) ->
                 print(
                     f"{tree} workers={workers}, {len(rs)} starts, medians: first row"
                     f" {statistics.median(r[0] for r in rs):.3f} s, all done"
-                    f" {statistics.median(r[1] for r in rs):.3f} s, CPU s at first row"
+                    f" {statistics.median(r[1] for r in rs):.3f} s, fork to first row"
+                    f" {statistics.median(r[4] for r in rs):.3f} s, CPU s at first row"
                     f" {statistics.median(r[2] for r in rs):.2f}"
                 )
             if args.old_tree is not None:
                 pairs = list(zip(results["old"], results["new"], strict=True))
-                for k, what in ((0, "first row"), (1, "all done"), (2, "CPU at first row")):
+                for k, what in (
+                    (0, "first row"),
+                    (4, "fork to first row"),
+                    (1, "all done"),
+                    (2, "CPU at first row"),
+                ):
                     diffs = [n[k] - o[k] for o, n in pairs]
                     wins = sum(d < 0 for d in diffs)
                     print(
