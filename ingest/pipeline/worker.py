@@ -123,11 +123,18 @@ class SinkLane:
     sink: Sink
     breaker: CircuitBreaker
     started: bool = False  # a sink that was down at start-up is started on first use
+    _starting: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     async def ensure_started(self) -> None:
-        if not self.started:
-            await self.sink.start()
-            self.started = True
+        """Start the sink once: the service's start of its sinks and a first write that comes
+        before it ends (sources run beside it, `Service.start`) share one `sink.start()`; a
+        start that failed or was cancelled is tried again by the next caller."""
+        if self.started:
+            return
+        async with self._starting:
+            if not self.started:
+                await self.sink.start()
+                self.started = True
 
 
 class Pipeline:
