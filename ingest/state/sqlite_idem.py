@@ -74,7 +74,7 @@ class _Bloom:
     bench_idem_sqlite --stores 2, docs/benchmarks.md. The keys are SHA-256 digests: their bytes
     are the hash, a key's eight 32-bit words its eight positions."""
 
-    __slots__ = ("bits", "n", "newest")
+    __slots__ = ("bits", "n", "newest", "rows")
     BITS = 1 << 26  # 8 MiB
     KEYS = 1 << 22  # 16 bits a key
 
@@ -82,6 +82,10 @@ class _Bloom:
         self.bits = bytearray(self.BITS >> 3)
         self.n = 0
         self.newest = float("-inf")
+        # the first and last log row whose keys it holds (rows are added in id order), so
+        # the runs a key it may hold can be in; None: it holds keys read from the tables (a
+        # build), which may be in any of them
+        self.rows: tuple[int, int] | None = None
 
 
 def _words(blob: bytes) -> tuple[list[int], list[int]]:
@@ -154,7 +158,9 @@ class KeyFilter:
     def __len__(self) -> int:
         return sum(b.n for b in self._blooms)
 
-    def add(self, blob: bytes, claimed_at: float) -> None:
+    def add(self, blob: bytes, claimed_at: float, row: int | None = None) -> None:
+        """Add the keys of `blob`: log row `row`'s (rows in id order), or None: keys read
+        from the tables."""
         n = len(blob) // 32
         if not self._blooms or self._blooms[-1].n + n > _Bloom.KEYS:
             self._blooms.append(_Bloom())
@@ -162,6 +168,12 @@ class KeyFilter:
         _set_bits(bloom.bits, blob)
         for pair in _PAIRS:
             _set_bits(bloom.bits, _turned(blob, pair))
+        if row is None:
+            bloom.rows = None
+        elif bloom.n == 0:
+            bloom.rows = (row, row)
+        elif bloom.rows is not None:
+            bloom.rows = (bloom.rows[0], row)
         bloom.n += n
         bloom.newest = max(bloom.newest, claimed_at)
 
@@ -169,6 +181,14 @@ class KeyFilter:
         """Indexes of the keys of `blob` that may have been added: all eight positions set in
         one filter (each further pair asked only of the keys the pairs before let through)."""
         found: set[int] = set()
+        for _, left in self.maybe_rows(blob):
+            found.update(left)
+        return sorted(found)
+
+    def maybe_rows(self, blob: bytes) -> list[tuple[tuple[int, int] | None, list[int]]]:
+        """`maybe` by filter: (the log rows the filter holds, `_Bloom.rows`; the indexes of
+        the keys of `blob` it may hold) for each filter that may hold some."""
+        out: list[tuple[tuple[int, int] | None, list[int]]] = []
         for bloom in self._blooms:
             left = _has_bits(bloom.bits, blob)
             for pair in _PAIRS:
@@ -176,8 +196,9 @@ class KeyFilter:
                     break
                 few = b"".join(blob[i * 32 : i * 32 + 32] for i in left)
                 left = [left[j] for j in _has_bits(bloom.bits, _turned(few, pair))]
-            found.update(left)
-        return sorted(found)
+            if left:
+                out.append((bloom.rows, left))
+        return out
 
     def expire(self, before: float) -> None:
         """Drop the filters whose newest key was claimed at or before `before`."""
@@ -395,28 +416,46 @@ class SQLiteIdempotencyStore:
 
         def lookup(c: sqlite3.Connection) -> list[int]:
             self._catch_up(c, now)
-            maybe = self._filter.maybe(blob)
+            maybe = self._filter.maybe_rows(blob)
             if not maybe:
                 return []
-            hits, rest = [], []
-            for i in maybe:
+            # each key the filter may hold: the log rows of the filters that may hold it
+            where: dict[int, list[tuple[int, int] | None]] = {}
+            for rows, left in maybe:
+                for i in left:
+                    where.setdefault(i, []).append(rows)
+            hits: list[int] = []
+            rest: dict[int, list[tuple[int, int] | None]] = {}
+            for i, rows_of in where.items():
                 key = blob[i * 32 : i * 32 + 32]
-                if any(row.at > since and row.has(key) for row in self._pending.values()):
+                # the unmerged rows its filters hold (the newest filter's, mostly: an older
+                # filter's false positive then builds no row's key set)
+                if any(
+                    row.at > since and _among(id_, rows_of) and row.has(key)
+                    for id_, row in self._pending.items()
+                ):
                     hits.append(i)
                 else:
-                    rest.append(i)
+                    rest[i] = rows_of
             if not rest:
                 return hits
-            # only the keys the filter may hold are looked up, in `idem_mid` and every run
-            few = b"".join(blob[i * 32 : i * 32 + 32] for i in rest)
-            tables = [IDEM_MID, *self._live(idem_tables(c), now)]
-            probe = " OR ".join(
-                f"EXISTS (SELECT 1 FROM {t} WHERE key = substr(?1, i, 32) AND claimed_at > ?2)"
-                for t in tables
-            )
-            sql = f"{_KEYS} SELECT group_concat(i) FROM k WHERE {probe}"
-            found: str | None = c.execute(sql, (few, since)).fetchone()[0]
-            return hits + ([rest[(int(i) - 1) // 32] for i in found.split(",")] if found else [])
+            # only the keys the filter may hold are looked up: in `idem_mid` and the runs
+            # their filters' log rows went to (every run for a filter built from the tables)
+            live = self._live(idem_tables(c), now)
+            groups: dict[tuple[str, ...], list[int]] = {}
+            for i, rows_of in rest.items():
+                groups.setdefault(_runs_of(live, rows_of), []).append(i)
+            for tables, keys in groups.items():
+                few = b"".join(blob[i * 32 : i * 32 + 32] for i in keys)
+                probe = " OR ".join(
+                    f"EXISTS (SELECT 1 FROM {t} WHERE key = substr(?1, i, 32) AND claimed_at > ?2)"
+                    for t in (IDEM_MID, *tables)
+                )
+                sql = f"{_KEYS} SELECT group_concat(i) FROM k WHERE {probe}"
+                found: str | None = c.execute(sql, (few, since)).fetchone()[0]
+                if found:
+                    hits += [keys[(int(i) - 1) // 32] for i in found.split(",")]
+            return hits
 
         hits = await self._db.call("idempotency", lambda c: _again_if_dropped(c, _read(lookup)))
         found = [False] * len(keys)
@@ -438,7 +477,7 @@ class SQLiteIdempotencyStore:
                 f"SELECT id, claimed_at, keys FROM {IDEM_LOG} WHERE id > ? ORDER BY id",
                 (self._logged,),
             ):
-                self._filter.add(keys, claimed_at)
+                self._filter.add(keys, claimed_at, id_)
                 if id_ > merged:
                     self._pending[id_] = _Unmerged(claimed_at, keys)
                 self._logged = id_
@@ -467,7 +506,7 @@ class SQLiteIdempotencyStore:
             f"SELECT id, claimed_at, keys FROM {IDEM_LOG} WHERE id > ? AND claimed_at > ?",
             (merged, since),
         ):
-            built.add(keys, claimed_at)
+            built.add(keys, claimed_at, id_)
             pending[id_] = _Unmerged(claimed_at, keys)
         self._filter, self._logged, self._pending = built, logged, pending
 
@@ -598,6 +637,37 @@ class SQLiteIdempotencyStore:
 
 # Log rows a merge statement takes (a compound SELECT has at most 500 terms).
 _MERGE_ROWS = 200
+
+
+def _among(row: int, rows_of: Sequence[tuple[int, int] | None]) -> bool:
+    """Whether log row `row` is among the rows of any of these filters (`_Bloom.rows`)."""
+    return any(rows is None or rows[0] <= row <= rows[1] for rows in rows_of)
+
+
+def _runs_of(live: Sequence[str], rows_of: Sequence[tuple[int, int] | None]) -> tuple[str, ...]:
+    """The live tables (`live`, newest first) that may hold a key the filters of these log
+    rows (`_Bloom.rows`) may hold: a run `idem_YYYYMMDD_L` holds the keys of the log rows
+    after the run before it (by L) through L, so only the runs whose rows meet a filter's;
+    every table for a filter built from the tables (None), and always the day tables of the
+    code before the runs. A key's filters hold ~4M keys, ~17 runs of 250,000, where its
+    `seen` probed every run (~80 at bench_steady's end), and the filters' false positives
+    grow with the filters: the probes grew as filters x runs (docs/benchmarks.md)."""
+    if any(rows is None for rows in rows_of):
+        return tuple(live)
+    numbered = sorted(
+        ((found[1], name) for name in live if (found := _table_day(name)) is not None),
+    )
+    out: list[str] = []
+    before = -1  # the run before the oldest live one is gone: its rows unknown
+    for last, name in numbered:
+        if last == 0:  # a day table of the code before the runs
+            out.append(name)
+            continue
+        if any(rows is not None and last >= rows[0] and before < rows[1] for rows in rows_of):
+            out.append(name)
+        before = last
+    order = {name: i for i, name in enumerate(live)}
+    return tuple(sorted(out, key=order.__getitem__))
 
 
 def _insert_sorted(c: sqlite3.Connection, rows: Sequence[tuple[float, bytes]]) -> None:
