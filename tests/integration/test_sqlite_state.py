@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -38,6 +39,7 @@ from ingest.state.sqlite_idem import (
     IDEM_MIGRATIONS,
     LOG_KEEP,
     SQLiteIdempotencyStore,
+    _Bloom,
     _copy_state_keys,
     _state_keys,
     idem_day,
@@ -702,6 +704,32 @@ def test_idempotency_property_two_processes(
     claimed" for most), time passing beyond the log's keep and the TTL, restarts: after
     every step both see a key exactly while its latest claim, by either, is younger than
     the TTL."""
+    two_processes(actions, ttl, recent_keys=recent_keys, mid_keys=4, slice_keys=slice_keys)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    actions=st.lists(_two, min_size=1, max_size=25),
+    filter_keys=st.sampled_from([1, 3, 5]),
+    mid_keys=st.sampled_from([1, 2, 4]),
+    slice_keys=st.sampled_from([1, 3]),
+)
+def test_idempotency_property_small_filters_many_runs(
+    actions: list[tuple[str, int, Any]], filter_keys: int, mid_keys: int, slice_keys: int
+) -> None:
+    """As above with each Bloom filter holding a few keys (so a few log rows) and `idem_mid`
+    becoming a run every few keys (so a key's run is one of many): `seen` probes a key only
+    in the runs its filters' rows went to (`_runs_of`), and a wrong choice would answer
+    "never claimed" for a claimed key. Fails on a mutant choosing by a filter's last row."""
+    with mock.patch.object(_Bloom, "KEYS", filter_keys):
+        two_processes(
+            actions, int(3 * LOG_KEEP), recent_keys=1, mid_keys=mid_keys, slice_keys=slice_keys
+        )
+
+
+def two_processes(actions: list[tuple[str, int, Any]], ttl: int, **tuning: int) -> None:
+    """Run `actions` (claims by either process, time passing, restarts) against two stores
+    on one file, `tuning` their settings, checking both stores' `seen` after every step."""
 
     async def check() -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -709,14 +737,7 @@ def test_idempotency_property_two_processes(
             dbs = [await SQLiteDB.open(Path(tmp) / "s.db") for _ in range(2)]
 
             def new_store(i: int) -> SQLiteIdempotencyStore:
-                return SQLiteIdempotencyStore(
-                    dbs[i],
-                    ttl_seconds=ttl,
-                    clock=clock,
-                    recent_keys=recent_keys,
-                    mid_keys=4,
-                    slice_keys=slice_keys,
-                )
+                return SQLiteIdempotencyStore(dbs[i], ttl_seconds=ttl, clock=clock, **tuning)
 
             stores = [new_store(0), new_store(1)]
             everything = [_digest(i) for i in range(31)]
