@@ -32,20 +32,24 @@ from ingest.sources.base import Source
 log = logging.getLogger(__name__)
 
 
-# Generation-0 threshold: a young collection walks every batch list in flight (~80,000
-# references in the embedded pod, ~8 ms, finding nothing: records are acyclic), so its cost
-# a record is inversely proportional to this (ingest/cli/ingest.py sets the same).
-GC_YOUNG_THRESHOLD = 200_000
+# Generation-0 thresholds. A process that takes webhooks (the pod's control plane, a single
+# process) makes cyclic garbage (~45,000 objects a collection in bench_steady): a higher
+# threshold collects the same garbage in longer pauses (~0.3 s at 200,000). A pod's pipeline
+# worker makes none: its young collections walk every batch list in flight (~80,000
+# references in the embedded pod, 4-15 ms) and free nothing, so their cost a record falls
+# with their count (docs/benchmarks.md, embr's 1M section).
+GC_YOUNG_THRESHOLD = 50_000
+GC_YOUNG_THRESHOLD_WORKER = 200_000
 
 
-def tune_gc() -> None:
+def tune_gc(young: int = GC_YOUNG_THRESHOLD) -> None:
     """Fewer, cheaper collections: records in flight are acyclic, and CPython's default
     generation-0 threshold (700) makes the collector walk every in-flight batch again and
     again (measured: 2-4x throughput on the S3 path). Start-up objects are frozen so full
     collections skip them."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
+    gc.set_threshold(young, 20, 20)
 
 
 # ---------------------------------------------------------------------- the service

@@ -106,12 +106,11 @@ def tune_gc() -> None:
     thresholds (a collection every 700 allocations) the collector ran ~every 200 records and
     cost a third of the pipeline's CPU (bench/bench_cpu.py). Objects alive at start-up (the
     imported modules) are frozen out of every collection, and the young generation is
-    collected every 200,000 allocations (`ingest.service.GC_YOUNG_THRESHOLD`, not imported
-    here: start-up): cycles are still collected, just in fewer passes.
+    collected every 50,000 allocations: cycles are still collected, just in fewer passes.
     """
     gc.collect()
     gc.freeze()
-    gc.set_threshold(200_000, 20, 20)
+    gc.set_threshold(50_000, 20, 20)
 
 
 @app.command()

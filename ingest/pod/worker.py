@@ -63,9 +63,9 @@ def _alive(pid: int) -> bool:
 
 
 async def run(cfg: Config, index: int, count: int, socket_path: str) -> int:
-    from ingest.service import Service, tune_gc
+    from ingest.service import GC_YOUNG_THRESHOLD_WORKER, Service, tune_gc
 
-    tune_gc()
+    tune_gc(GC_YOUNG_THRESHOLD_WORKER)
     # SIGTERM drains from here on (before, `ingest.pod.spawn` exits 0: nothing was open). One
     # received while the service is built stops the build (nothing is read or written before
     # `start`), exit 0; one received while it starts ends it right after, drained, exit 0.
