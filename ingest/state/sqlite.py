@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import logging
 import os
 import sqlite3
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +54,6 @@ from ingest.state.base import (
 from ingest.timefmt import iso
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 
 CHUNK = 900  # bound parameters per IN (...) list; below SQLite's historical 999 limit
@@ -280,14 +277,8 @@ class Connection(sqlite3.Connection):
     writer: int | None = None
     writer_timeout: float = BUSY_TIMEOUT
     shm: int | None = None  # `<file>-shm`, read for the WAL's size (`checkpoint_if_due`)
-    main: str = ""  # the file's path, as SQLite has it
-    checkpointer: _Checkpointer | None = None  # its checkpoint thread, once one was due
 
     def close(self) -> None:
-        cp = self.checkpointer
-        if cp is not None:  # stopped first: this connection's close stays the file's last
-            self.checkpointer = None
-            cp.close()
         super().close()
         for name in ("writer", "shm"):
             fd = getattr(self, name)
@@ -345,114 +336,20 @@ def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     checkpoint_if_due(conn)
 
 
-# WAL checkpoints run in a thread of their own, on a connection of their own (`_Checkpointer`,
-# one a file and process, started by the first checkpoint due), neither in the COMMIT nor in
-# the writer's call after it. SQLite's autocheckpoint runs in the COMMIT statement, under the
-# writer lock: the other processes' writers (two workers share sink.db and state.idem.db)
-# waited for the copy of 16 MiB of pages and its two fsyncs. Run after the lock's release but
-# in the writer's own thread (the code before this), it still held that worker's next write
-# 40-106 ms a checkpoint: 0.3-0.9 s of a 200k updates phase, 2.2-2.9 s at 1M
-# (docs/benchmarks.md). A passive checkpoint needs no lock: writers go on appending to the WAL
-# while it copies pages. After a commit, the writer reads the WAL's size from `<file>-shm` and
-# only asks the thread once CHECKPOINT_PAGES frames wait to be copied back; the thread then
-# copies, and copies again what was appended meanwhile (a shorter tail each time).
-#
-# The WAL's bound: a WAL starts again from its beginning only when a writer begins with every
-# frame copied back, which writers appending during every pass can keep from happening. So
-# once the WAL holds CHECKPOINT_RESTART frames, the thread copies its last tail under the
-# writer lock (no writer appends meanwhile: they wait for that tail only, the thread's passes
-# having copied the rest), and the next writer restarts the WAL. Should the thread not keep up
-# (a full disk, a starved thread), the committing writer itself does the same once the WAL
-# holds CHECKPOINT_LOCKED, in its call, as the code before this did. SQLite's autocheckpoint
-# stays on as a backstop (writes outside `immediate` / `autocommit`, a connection whose `-shm`
-# cannot be read) at WAL_BACKSTOP frames. Durability is unchanged: a commit is durable once in
-# the WAL, whoever copies it back and whenever; a checkpoint killed at any instant leaves the
-# WAL, which the next opener reads, as it was.
+# WAL checkpoints run after the writer lock is released, not inside COMMIT: SQLite's own
+# autocheckpoint runs in the COMMIT statement, so under the writer lock, and the other
+# processes' writers (two workers share sink.db and state.idem.db) waited for it: the copy of
+# 16 MiB of pages and its two fsyncs, a large part of a claim's wall time (docs/benchmarks.md).
+# A passive checkpoint needs no write lock: writers append to the WAL meanwhile. A WAL
+# restarts from its start only when a writer begins with every frame copied back, which
+# writers appending during each checkpoint can keep from happening: once the WAL holds
+# CHECKPOINT_LOCKED frames the checkpoint runs under the writer lock again (it then copies
+# everything, and the next writer restarts the WAL). SQLite's autocheckpoint stays on as a
+# backstop (writes outside `immediate` / `autocommit`, a connection whose `-shm` cannot be
+# read) at WAL_BACKSTOP frames. Durability is unchanged: a commit is in the WAL either way.
 CHECKPOINT_PAGES = 4000  # frames not yet copied back (16 MiB): time for a checkpoint
-CHECKPOINT_RESTART = 8000  # frames in the WAL (32 MiB): the thread copies the tail, locked
-CHECKPOINT_LOCKED = 12000  # frames in the WAL (48 MiB): the writer copies the rest, locked
+CHECKPOINT_LOCKED = 12000  # frames in the WAL (48 MiB): the checkpoint under the writer lock
 WAL_BACKSTOP = 16000  # SQLite's autocheckpoint (64 MiB)
-_TAIL_PASSES = 8  # passes of the thread a request at most (each copies what came meanwhile)
-_WARN_EVERY = 60.0  # seconds between two warnings of the thread's failed checkpoints
-
-
-class _Checkpointer:
-    """A file's passive checkpoints, in a thread with a connection (and writer lock
-    descriptor) of its own, run when a writer asks (`ask`). A failed pass (a full disk) is
-    logged and left: the WAL grows to CHECKPOINT_LOCKED, where the committing writer
-    checkpoints itself and meets the error, as every checkpoint in the writer's call did."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.passes = 0  # checkpoints run (read by tests)
-        self.locked = 0  # of them under the writer lock
-        self._due = threading.Event()
-        self._stop = False
-        self._warned = float("-inf")
-        self._thread = threading.Thread(
-            target=self._run, name=f"sqlite-checkpoint-{Path(path).name}", daemon=True
-        )
-        self._thread.start()
-
-    def ask(self) -> None:
-        self._due.set()
-
-    def close(self) -> None:
-        self._stop = True
-        self._due.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, factory=Connection
-        )
-        try:
-            try:
-                conn.writer = os.open(f"{self.path}-lock", os.O_RDWR | os.O_CLOEXEC)
-            except OSError:
-                conn.writer = None
-            conn.execute("PRAGMA synchronous = NORMAL")  # as the writers' connections
-            while True:
-                self._due.wait()
-                self._due.clear()
-                if self._stop:
-                    return
-                try:
-                    self._copy(conn)
-                except sqlite3.Error as exc:
-                    now = time.monotonic()
-                    if now - self._warned >= _WARN_EVERY:
-                        self._warned = now
-                        log.warning("WAL checkpoint of %s failed: %s", self.path, exc)
-        finally:
-            conn.close()
-
-    def _copy(self, conn: sqlite3.Connection) -> None:
-        """Passive checkpoints until every frame is copied back (a pass copies the frames
-        there were when it began) or _TAIL_PASSES ran (while another checkpoint holds the
-        WAL, again every 5 ms, for BUSY_TIMEOUT at most); then, if the WAL holds
-        CHECKPOINT_RESTART frames, a last pass under the writer lock: "every frame copied
-        back" seen without it is not what the next writer finds (a writer's transaction
-        under way appends frames it commits after), and only a writer that finds it
-        restarts the WAL."""
-        passes, deadline = 0, time.monotonic() + BUSY_TIMEOUT
-        frames = None
-        while passes < _TAIL_PASSES and not self._stop:
-            busy = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0]
-            if busy:
-                if time.monotonic() >= deadline:
-                    return
-                time.sleep(0.005)
-                continue
-            passes += 1
-            self.passes += 1
-            frames = _wal_frames(conn)
-            if frames is None or frames[1] >= frames[0]:
-                break
-        if frames is not None and frames[0] >= CHECKPOINT_RESTART and not self._stop:
-            with writer_lock(conn):
-                self.passes += _copy_all(conn)
-                self.locked += 1
 
 
 def _wal_frames(conn: sqlite3.Connection) -> tuple[int, int] | None:
@@ -468,43 +365,26 @@ def _wal_frames(conn: sqlite3.Connection) -> tuple[int, int] | None:
             fd = conn.shm = os.open(f"{main}-shm", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None
-        conn.main = main
     head = os.pread(fd, 100, 0)
     if len(head) < 100:
         return None
     return int.from_bytes(head[16:20], sys.byteorder), int.from_bytes(head[96:100], sys.byteorder)
 
 
-def _copy_all(conn: sqlite3.Connection) -> int:
-    """Under the writer lock: passive checkpoints until every frame is copied back, again
-    every millisecond while another checkpoint holds the WAL or a reader an older snapshot,
-    for BUSY_TIMEOUT at most. How many ran."""
-    deadline, n = time.monotonic() + BUSY_TIMEOUT, 0
-    while True:
-        busy, size, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        n += 1
-        if (not busy and copied >= size) or time.monotonic() >= deadline:
-            return n
-        time.sleep(0.001)
-
-
 def checkpoint_if_due(conn: sqlite3.Connection) -> None:
-    """After a write transaction, outside the writer lock: ask the file's checkpoint thread
-    once CHECKPOINT_PAGES frames wait to be copied back; once the WAL holds CHECKPOINT_LOCKED
-    (the thread did not keep up), copy the rest here, under the writer lock (see above)."""
+    """After a write transaction, outside the writer lock: a passive checkpoint once
+    CHECKPOINT_PAGES frames wait to be copied back, under the writer lock once the WAL holds
+    CHECKPOINT_LOCKED (see above)."""
     if conn.in_transaction:
         return
     frames = _wal_frames(conn)
-    if frames is None or not isinstance(conn, Connection):
+    if frames is None or frames[0] - frames[1] < CHECKPOINT_PAGES:
         return
-    size, copied = frames
-    if size >= CHECKPOINT_LOCKED and copied < size:
+    if frames[0] >= CHECKPOINT_LOCKED:
         with writer_lock(conn):
-            _copy_all(conn)
-    elif size - copied >= CHECKPOINT_PAGES:
-        if conn.checkpointer is None:
-            conn.checkpointer = _Checkpointer(conn.main)
-        conn.checkpointer.ask()
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    else:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def chunks(seq: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:

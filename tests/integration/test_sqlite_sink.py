@@ -337,16 +337,29 @@ def test_a_batch_is_all_or_nothing_when_killed_at_any_instant(tmp_path: Path) ->
     and the one in flight is there wholly or not at all (every stored entity at one
     revision, each batch's new rows all or none)."""
     import random
+    import signal
     import sqlite3
-
-    from tests.integration._kill import kill_writer
+    import subprocess
+    import sys
+    import time
 
     path = tmp_path / "sink.db"
     rng = random.Random(7)
     written = -1
     for _ in range(5):
-        # its first write returned: then kill it at random
-        written = kill_writer(_WRITER, [str(path), str(written + 1)], 1, rng.uniform(0.05, 0.5))
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(path), str(written + 1)],
+            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+        )  # fmt: skip
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # its first write returned: then kill it at random
+        assert line, f"writer ended: {proc.wait()}"
+        time.sleep(rng.uniform(0.05, 0.5))
+        proc.send_signal(signal.SIGKILL)
+        written = int(line)
+        for line in proc.stdout:  # writes reported before the kill landed
+            written = int(line)
+        proc.wait()
         with sqlite3.connect(path) as c:
             revisions = c.execute(
                 "SELECT DISTINCT revision FROM entities WHERE entity_id GLOB 'e*'"
