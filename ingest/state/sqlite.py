@@ -277,6 +277,7 @@ class Connection(sqlite3.Connection):
     writer: int | None = None
     writer_timeout: float = BUSY_TIMEOUT
     shm: int | None = None  # `<file>-shm`, read for the WAL's size (`checkpoint_if_due`)
+    frame_scale: int = 1  # the file's page size in 4 KiB: the checkpoint counts' divisor
 
     def close(self) -> None:
         super().close()
@@ -347,9 +348,12 @@ def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 # everything, and the next writer restarts the WAL). SQLite's autocheckpoint stays on as a
 # backstop (writes outside `immediate` / `autocommit`, a connection whose `-shm` cannot be
 # read) at WAL_BACKSTOP frames. Durability is unchanged: a commit is in the WAL either way.
+# The counts are of 4 KiB frames: a file of larger pages (sink.db) checkpoints at the same
+# bytes (`Connection.frame_scale`).
 CHECKPOINT_PAGES = 4000  # frames not yet copied back (16 MiB): time for a checkpoint
 CHECKPOINT_LOCKED = 12000  # frames in the WAL (48 MiB): the checkpoint under the writer lock
 WAL_BACKSTOP = 16000  # SQLite's autocheckpoint (64 MiB)
+_FRAME = 4096
 
 
 def _wal_frames(conn: sqlite3.Connection) -> tuple[int, int] | None:
@@ -378,9 +382,10 @@ def checkpoint_if_due(conn: sqlite3.Connection) -> None:
     if conn.in_transaction:
         return
     frames = _wal_frames(conn)
-    if frames is None or frames[0] - frames[1] < CHECKPOINT_PAGES:
+    scale: int = getattr(conn, "frame_scale", 1)
+    if frames is None or frames[0] - frames[1] < CHECKPOINT_PAGES // scale:
         return
-    if frames[0] >= CHECKPOINT_LOCKED:
+    if frames[0] >= CHECKPOINT_LOCKED // scale:
         with writer_lock(conn):
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
     else:
@@ -441,7 +446,9 @@ def _wal(conn: sqlite3.Connection) -> None:
             time.sleep(0.01)
 
 
-def _connect(path: Path, migrations: Sequence[Migration]) -> sqlite3.Connection:
+def _connect(
+    path: Path, migrations: Sequence[Migration], page_size: int | None = None
+) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=Connection)
     try:
         try:
@@ -450,6 +457,10 @@ def _connect(path: Path, migrations: Sequence[Migration]) -> sqlite3.Connection:
             conn.writer = None  # SQLite's busy handler alone, as before the lock file
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
         with writer_lock(conn):
+            if page_size is not None:
+                # Takes effect only on a file not yet written (the switch to WAL below writes
+                # its first page); an existing file keeps its page size (SQLite ignores it).
+                conn.execute(f"PRAGMA page_size = {int(page_size)}")
             _wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
         # Checkpoint every 4,000 WAL pages (16 MiB; default 1,000): random-key B-trees (the
@@ -457,7 +468,9 @@ def _connect(path: Path, migrations: Sequence[Migration]) -> sqlite3.Connection:
         # checkpoints are copied and synced once. Commits are as durable either way. Run by
         # `checkpoint_if_due` after the writer lock is released; SQLite's own (in COMMIT)
         # only as a backstop.
-        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_BACKSTOP}")
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.frame_scale = max(1, size // _FRAME)
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_BACKSTOP // conn.frame_scale}")
         conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("PRAGMA cache_size = -65536")  # 64 MiB
         conn.execute(
@@ -494,14 +507,18 @@ class SQLiteDB:
         self._closed = False
 
     @classmethod
-    async def open(cls, path: Path, migrations: Sequence[Migration] = MIGRATIONS) -> SQLiteDB:
-        """Create the parent directory and file if needed and bring the schema up to date."""
+    async def open(
+        cls, path: Path, migrations: Sequence[Migration] = MIGRATIONS, page_size: int | None = None
+    ) -> SQLiteDB:
+        """Create the parent directory and file if needed and bring the schema up to date;
+        `page_size` (bytes, a power of two 512-65536) for a new file (SQLite's default
+        4,096 otherwise; an existing file keeps its own)."""
         path = Path(path)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{path.name}")
         loop = asyncio.get_running_loop()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            conn = await loop.run_in_executor(executor, _connect, path, migrations)
+            conn = await loop.run_in_executor(executor, _connect, path, migrations, page_size)
         except (OSError, sqlite3.Error) as exc:
             executor.shutdown(wait=False)
             raise StoreUnavailable("sqlite", str(path), str(exc)) from exc

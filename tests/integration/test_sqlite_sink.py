@@ -4,6 +4,7 @@ row layout, the guard inside SQL, revisions SQLite cannot hold, an unstarted sin
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from ingest.errors import SinkError
 from ingest.records import ReasonCode, Record, SinkResult
-from ingest.sinks.sqlite import SQLiteSink
+from ingest.sinks.sqlite import PAGE_SIZE, SQLiteSink
 from tests.conftest import v3_body
 from tests.integration.conftest import record_of
 
@@ -135,6 +136,23 @@ async def test_rows_survive_reopen(tmp_path: Path) -> None:
         "OLDER_REVISION",
     ]
     await second.close()
+
+
+async def test_a_new_sink_file_has_16_kib_pages_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    """sink.db's pages (`PAGE_SIZE`): a file the sink makes has them; a file made before,
+    with SQLite's 4 KiB, is written and read as it is."""
+    new = SQLiteSink("sqlite", tmp_path / "sink.db")
+    await new.start()
+    assert await new.db.run(lambda c: c.execute("PRAGMA page_size").fetchone()[0]) == PAGE_SIZE
+    await new.close()
+    old = tmp_path / "old.db"
+    sqlite3.connect(old).execute("CREATE TABLE t (a)").connection.close()
+    sink = SQLiteSink("sqlite", old)
+    await sink.start()
+    assert await sink.db.run(lambda c: c.execute("PRAGMA page_size").fetchone()[0]) == 4096
+    assert statuses(await sink.write([rec("a", 1), rec("b", 1)])) == ["applied", "applied"]
+    assert await sink.count() == 2
+    await sink.close()
 
 
 _texts = st.text(max_size=12)  # any code point, NUL and astral ones included

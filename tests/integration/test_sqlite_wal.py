@@ -110,3 +110,47 @@ def test_wal_stays_bounded_under_writers_of_several_connections(
         finally:
             for conn in conns:
                 conn.close()
+
+
+def test_a_new_file_takes_the_page_size_asked_an_old_file_keeps_its_own(tmp_path: Path) -> None:
+    """`page_size` shapes only a file not yet written (sink.db's 16 KiB); a file made with
+    SQLite's 4 KiB keeps its pages and rows, and its checkpoint counts stay as they were."""
+    new = _connect(tmp_path / "new.db", MIGRATIONS, 16384)
+    try:
+        assert new.execute("PRAGMA page_size").fetchone()[0] == 16384
+        assert new.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert isinstance(new, state_sqlite.Connection) and new.frame_scale == 4
+    finally:
+        new.close()
+    old = _open(tmp_path / "old.db")
+    _put(old, "kept")
+    old.close()
+    again = _connect(tmp_path / "old.db", MIGRATIONS, 16384)
+    try:
+        assert again.execute("PRAGMA page_size").fetchone()[0] == 4096
+        assert isinstance(again, state_sqlite.Connection) and again.frame_scale == 1
+        assert again.execute("SELECT value FROM checkpoints WHERE key = 'kept'").fetchone() == (
+            ROW,
+        )
+    finally:
+        again.close()
+
+
+def test_larger_pages_checkpoint_at_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CHECKPOINT_PAGES counts 4 KiB frames: a file of 16 KiB pages checkpoints once a
+    quarter as many frames wait, so its WAL holds no more bytes than a 4 KiB file's."""
+    monkeypatch.setattr(state_sqlite, "CHECKPOINT_PAGES", 40)
+    monkeypatch.setattr(state_sqlite, "CHECKPOINT_LOCKED", 120)
+    conn = _connect(tmp_path / "state.db", MIGRATIONS, 16384)
+    try:
+        most = 0
+        for i in range(80):
+            _put(conn, f"k{i % 9}")
+            frames = _wal_frames(conn)
+            assert frames is not None
+            most = max(most, frames[0] - frames[1])
+        assert 0 < most < 40 // 4 + 4
+    finally:
+        conn.close()
