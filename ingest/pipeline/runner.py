@@ -44,8 +44,9 @@ from typing import Any, TypeVar
 
 from ingest import logctx
 from ingest.errors import Abandoned, is_disk_full
+from ingest.metrics import Metrics
 from ingest.pipeline.admission import Admission, BackpressureState, Rejected
-from ingest.pipeline.decode import DecodeFailure, Decoder
+from ingest.pipeline.decode import BatchFacts, DecodeFailure, Decoder
 from ingest.pipeline.isolate import decode_isolating, deliver_isolating
 from ingest.pipeline.progress import SourceProgress
 from ingest.pipeline.watermark import CommitTracker
@@ -70,6 +71,7 @@ class _Decoded:
     batch: SourceBatch
     decoded: list[Record | DecodeFailure]
     claimed_before: asyncio.Task[set[bytes]]
+    facts: BatchFacts | None = None
 
 
 class SourceRunner:
@@ -213,9 +215,9 @@ class SourceRunner:
                 self._held += len(batch.records)
                 self.progress.read(len(batch.records))
                 await self._waiting(self._admit(batch))
-                decoded = await self._decode(batch.records, decoding)
-                lookup = self.pipeline.prefetch_seen(decoded, batch.records)
-                await self._waiting(queue.put(_Decoded(batch, decoded, lookup)))
+                decoded, facts = await self._decode(batch.records, decoding)
+                lookup = self.pipeline.prefetch_seen(decoded, batch.records, facts)
+                await self._waiting(queue.put(_Decoded(batch, decoded, lookup, facts)))
         except Exception as exc:
             if is_disk_full(exc):  # its own bookkeeping (leases) found no space: shown as such
                 self.pipeline.note_disk_full(self._where, exc)
@@ -246,13 +248,14 @@ class SourceRunner:
 
     async def _decode(
         self, raws: list[RawRecord], decoding: ThreadPoolExecutor
-    ) -> list[Record | DecodeFailure]:
+    ) -> tuple[list[Record | DecodeFailure], BatchFacts | None]:
         """`decode_isolating` on the reader's own thread, not the event loop: the compiled
         decoder parses, checks and hashes a batch without the GIL, so the loop meanwhile
-        writes and settles the batches before (a 5,000-record batch held the loop 25-70 ms)."""
+        writes and settles the batches before (a 5,000-record batch held the loop 25-70 ms).
+        With the batch's facts when the compiled path finished every record."""
         run = contextvars.copy_context().run  # the log context (source, batch) goes along
         return await asyncio.get_running_loop().run_in_executor(
-            decoding, run, decode_isolating, self.decoder, raws, self.pipeline.metrics
+            decoding, run, _decode_batch, self.decoder, raws, self.pipeline.metrics
         )
 
     async def _admit(self, batch: SourceBatch) -> None:
@@ -345,7 +348,7 @@ class SourceRunner:
                     await asyncio.sleep(0.1)
                 logctx.batch.set(item.batch)  # this batch's log lines (and its settle task's)
                 self.tracker.add(item.batch)
-                keys = _conflict_keys(item.batch.records, item.decoded)
+                keys = _conflict_keys(item.batch.records, item.decoded, item.facts)
                 if (
                     not self.pipelined
                     or not item.batch.records
@@ -426,7 +429,10 @@ class SourceRunner:
         try:
             async with self.admission.in_flight(), self._writing:
                 return await self.pipeline.write(
-                    item.batch.records, item.decoded, claimed_before=item.claimed_before
+                    item.batch.records,
+                    item.decoded,
+                    claimed_before=item.claimed_before,
+                    facts=item.facts,
                 )
         except (Abandoned, asyncio.CancelledError):
             raise
@@ -490,11 +496,25 @@ def _per_tenant(raws: Sequence[RawRecord]) -> Counter[str]:
     return Counter(raw.tenant for raw in raws)
 
 
+def _decode_batch(
+    decoder: Decoder, raws: Sequence[RawRecord], metrics: Metrics
+) -> tuple[list[Record | DecodeFailure], BatchFacts | None]:
+    """`Decoder.decode_batch`; when it raises, `decode_isolating` (no facts)."""
+    try:
+        return decoder.decode_batch(raws)
+    except Exception:
+        return decode_isolating(decoder, raws, metrics), None
+
+
 def _conflict_keys(
-    raws: Sequence[RawRecord], decoded: Sequence[Record | DecodeFailure]
+    raws: Sequence[RawRecord],
+    decoded: Sequence[Record | DecodeFailure],
+    facts: BatchFacts | None = None,
 ) -> set[object]:
     """What two batches must not share to be settled and written at once: the entities they
     write, and the bytes of records that failed decoding (their DLQ rows and claims)."""
+    if facts is not None:  # every item a Record: their entity keys, gathered by the decoder
+        return facts.entities  # type: ignore[return-value]  # read only (isdisjoint)
     keys: set[object] = {r.entity_key for r in decoded if type(r) is Record}
     if len(keys) < len(decoded):
         keys.update(

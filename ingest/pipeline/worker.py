@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import compress
 from operator import attrgetter
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 
@@ -43,7 +43,7 @@ from ingest.errors import Abandoned, SinkError, StoreUnavailable, is_disk_full
 from ingest.metrics import Metrics, observe_many
 from ingest.pipeline.admission import Admission
 from ingest.pipeline.breaker import BreakerState, CircuitBreaker
-from ingest.pipeline.decode import DecodeFailure
+from ingest.pipeline.decode import BatchFacts, DecodeFailure
 from ingest.pipeline.recent import RecentKeys
 from ingest.pipeline.retry import Retryable, RetryPolicy, retry_call
 from ingest.records import (
@@ -114,6 +114,10 @@ class Written:
     by_sink: dict[str, list[Record]]
     outcomes: list[tuple[list[SinkResult], list[int]]]
     count_processed: bool
+    # The decoder's facts of the batch (None: the per-record path), and `records`' dedupe
+    # keys when they are the facts' (every record of the batch went on to the sinks).
+    facts: BatchFacts | None = None
+    keys: list[bytes] | None = None
 
 
 @dataclass(slots=True)
@@ -182,14 +186,20 @@ class Pipeline:
         )
 
     def prefetch_seen(
-        self, decoded: Sequence[Record | DecodeFailure], raws: Sequence[RawRecord]
+        self,
+        decoded: Sequence[Record | DecodeFailure],
+        raws: Sequence[RawRecord],
+        facts: BatchFacts | None = None,
     ) -> asyncio.Task[set[bytes]]:
         """Start the idempotency lookup of a batch now, while earlier batches are delivered.
 
         The runner decodes one batch ahead; starting its lookup at once overlaps the store's
         round trip with the sink writes of the batch before.
         """
-        keys = [r.dedupe_key for r in decoded if type(r) is Record]
+        if facts is not None and len(facts.keys) == len(decoded):
+            keys = facts.keys  # every item a Record (not changed: it is the batch's own list)
+        else:
+            keys = [r.dedupe_key for r in decoded if type(r) is Record]
         if len(keys) != len(decoded):  # failures are keyed by their bytes
             keys += [
                 raw_dedupe_key(raws[i]) for i, r in enumerate(decoded) if type(r) is not Record
@@ -213,6 +223,7 @@ class Pipeline:
         only_sinks: Sequence[Collection[str] | None] | None = None,
         count_processed: bool = True,
         claimed_before: Awaitable[set[bytes]] | None = None,
+        facts: BatchFacts | None = None,
     ) -> BatchReport:
         """Take a decoded batch to durable: sinks or DLQ. Returns the batch's counts.
 
@@ -220,7 +231,9 @@ class Pipeline:
         `check_duplicates=False` (its records were claimed when they first went to the DLQ)
         and `only_sinks[i]`, the sink a DLQ entry failed at (None: every routed sink), and
         `count_processed=False` (the records were counted when first processed).
-        `claimed_before` is the runner's `prefetch_seen` of this batch.
+        `claimed_before` is the runner's `prefetch_seen` of this batch. `facts`: the
+        decoder's `BatchFacts` of `decoded` (every item a Record), read instead of passes over
+        the records; the outcome is the same without them.
 
         Work is per batch wherever the batch allows it: a batch of one tenant and source
         whose records all apply (the common case) costs a few C-level passes over its lists,
@@ -233,6 +246,7 @@ class Pipeline:
             only_sinks=only_sinks,
             count_processed=count_processed,
             claimed_before=claimed_before,
+            facts=facts,
         )
         return await self.settle(written)
 
@@ -245,6 +259,7 @@ class Pipeline:
         only_sinks: Sequence[Collection[str] | None] | None = None,
         count_processed: bool = True,
         claimed_before: Awaitable[set[bytes]] | None = None,
+        facts: BatchFacts | None = None,
     ) -> Written:
         """The first half of `deliver`: decode failures, duplicates, brownout, routing, and
         the sink writes (with retry and breakers). Nothing is acknowledged or claimed yet."""
@@ -252,7 +267,16 @@ class Pipeline:
         tally: Counter[tuple[str, str, str]] = Counter()  # (tenant, source, outcome)
         now = self.clock()
         dlq_entries: list[DLQEntry] = []
-        records = [item for item in decoded if type(item) is Record]
+        if (
+            facts is not None
+            and only_sinks is None
+            and type(decoded) is list
+            and len(facts.keys) == len(decoded)
+        ):
+            records = cast("list[Record]", decoded)  # every item a Record; no one changes it
+        else:
+            facts = None
+            records = [item for item in decoded if type(item) is Record]
         failed: list[_Failed] = []
         if len(records) != len(decoded):
             for raw, item in zip(raws, decoded, strict=True):
@@ -265,14 +289,16 @@ class Pipeline:
 
         if check_duplicates:
             records, failed = await self._drop_duplicates(
-                records, failed, report, tally, claimed_before
+                records, failed, report, tally, claimed_before, facts
             )
         for f in failed:
             dlq_entries.append(_decode_failure_entry(f.raw, f.failure, now, f.key))
             tally[(f.raw.tenant, f.raw.source, "dlq")] += 1
         records = await self._brownout(records, report, tally, now)
+        # every record went on (a subsequence of the batch's as long): the facts' keys are theirs
+        keys = facts.keys if facts is not None and len(records) == len(facts.keys) else None
 
-        by_sink = self._route(records, targets)
+        by_sink = self._route(records, targets, facts)
         outcomes = await asyncio.gather(
             *(
                 self._deliver_to_sink(name, items, [n for n in by_sink if n != name])
@@ -280,7 +306,17 @@ class Pipeline:
             )
         )
         return Written(
-            raws, records, failed, dlq_entries, tally, report, by_sink, outcomes, count_processed
+            raws,
+            records,
+            failed,
+            dlq_entries,
+            tally,
+            report,
+            by_sink,
+            outcomes,
+            count_processed,
+            facts,
+            keys,
         )
 
     async def settle(self, written: Written) -> BatchReport:
@@ -297,7 +333,15 @@ class Pipeline:
             written.by_sink,
         )
         commit_time = self.clock()
-        label = _one_label(records)
+        facts = written.facts
+        counts = _label_counts(raws) if written.count_processed or facts is not None else None
+        if facts is None:
+            label = _one_label(records)
+            one_time = None
+        else:  # records are some of raws: one label (event time) of raws is theirs
+            label = next(iter(counts)) if counts and len(counts) == 1 and records else None
+            times = {raw.event_time for raw in raws}
+            one_time = next(iter(times)) if len(times) == 1 else None
         failed_ids: set[int] = set()  # id() of records that failed at some sink
         unchanged: Counter[int] = Counter()  # id() -> sinks that found it already stored
         lags: Counter[tuple[str, str, str, float]] = Counter()  # same event time, one key
@@ -305,6 +349,9 @@ class Pipeline:
             items = by_sink[sink_name]
             report.sink_results[sink_name] = (items, results)
             if label is not None and results.count(_APPLIED) == len(results):
+                if one_time is not None:
+                    lags[(*label, sink_name, one_time)] += len(items)
+                    continue
                 for event_time, n in _counts([r.raw.event_time for r in items]).items():
                     lags[(*label, sink_name, event_time)] += n
                 continue
@@ -323,13 +370,14 @@ class Pipeline:
 
         if dlq_entries:
             await self.until_ok("dlq", lambda: add_fitted(self.dlq, dlq_entries))
-        claim = [rec.dedupe_key for rec in records]
+        claim = written.keys if written.keys is not None else [r.dedupe_key for r in records]
         if failed:
-            claim += [f.key for f in failed]
+            claim = claim + [f.key for f in failed]
         # The claims (idempotency store) and the processed counts (DLQ store) are
         # independent of each other: both go out at once, one round trip's wait instead of
         # two. Both are done before the batch may be committed (the caller's next step).
-        counts = _label_counts(raws) if written.count_processed else None
+        if not written.count_processed:
+            counts = None
         steps: list[Awaitable[object]] = []
         if claim:
             steps.append(self.until_ok("idempotency", lambda: self.idempotency.claim(claim)))
@@ -351,17 +399,26 @@ class Pipeline:
         return report
 
     def _route(
-        self, records: list[Record], targets: Mapping[int, Collection[str] | None] | None
+        self,
+        records: list[Record],
+        targets: Mapping[int, Collection[str] | None] | None,
+        facts: BatchFacts | None = None,
     ) -> dict[str, list[Record]]:
         """Records per sink. Routes are decided once per (tenant, entity_type) in the batch;
-        a batch of one such pair and no `targets` goes whole to each of its sinks."""
+        a batch of one such pair and no `targets` goes whole to each of its sinks (`facts`
+        say so of the batch `records` are some of)."""
         if not records:
             return {}
         if targets is None:
-            tenants = {rec.tenant for rec in records}
-            types = {rec.entity_type for rec in records}
-            if len(tenants) == 1 and len(types) == 1:
-                sinks = self.config.sinks_for(tenants.pop(), types.pop())
+            if facts is not None:
+                tenant, entity_type = facts.tenant, facts.entity_type
+            else:
+                tenants = {rec.tenant for rec in records}
+                types = {rec.entity_type for rec in records}
+                tenant = tenants.pop() if len(tenants) == 1 else None
+                entity_type = types.pop() if len(types) == 1 else None
+            if tenant is not None and entity_type is not None:
+                sinks = self.config.sinks_for(tenant, entity_type)
                 return {name: records for name in sinks}
         pairs = {(rec.tenant, rec.entity_type) for rec in records}
         routes = {pair: self.config.sinks_for(*pair) for pair in pairs}
@@ -433,6 +490,7 @@ class Pipeline:
         report: BatchReport,
         tally: Counter[tuple[str, str, str]],
         claimed_before: Awaitable[set[bytes]] | None,
+        facts: BatchFacts | None = None,
     ) -> tuple[list[Record], list[_Failed]]:
         """A record whose key is in this batch already, or was claimed before, has no effect;
         nor do bytes that failed decoding before (keyed by tenant and bytes: `_Failed.key`).
@@ -443,9 +501,13 @@ class Pipeline:
         prefetched = None if claimed_before is None else await claimed_before
         if failed:
             failed = await self._drop_repeated_failures(failed, report, tally, prefetched)
-        keys = [rec.dedupe_key for rec in records]
         first = records
-        if len(set(keys)) != len(keys):
+        if facts is not None:  # records are the batch's, all of it (`write`)
+            keys, unique = facts.keys, facts.unique
+        else:
+            keys = [rec.dedupe_key for rec in records]
+            unique = len(set(keys)) == len(keys)
+        if not unique:
             first = []
             keys_in_batch: set[bytes] = set()
             for rec in records:

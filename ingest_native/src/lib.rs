@@ -14,7 +14,7 @@ use std::io::Write;
 
 use pyo3::prelude::*;
 use pyo3::exceptions::PyValueError;
-use pyo3::types::{PyBool, PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyByteArray, PyBytes, PyDict, PyList, PySet, PyString, PyTuple};
 use sha2::{Digest, Sha256};
 
 /// The fingerprint of the schema these rules were written from: sha256 of
@@ -1042,8 +1042,15 @@ const TURN: usize = 256;
 /// The lines' bytes are taken first (GIL held), then decoded `TURN` lines at a time: parsed,
 /// checked, written canonically and hashed with the GIL released (other threads run Python
 /// meanwhile), then their Python objects built with it.
+///
+/// `facts`: answer `(list, facts)` instead, where facts is None unless every answer is a
+/// finished `Record`; then `(keys, entities, unique, tenant, entity_type)`: the records'
+/// dedupe keys in order (a new list), the set of their entity keys, whether no dedupe key
+/// comes twice, and the tenant and the entity type every record shares (None when they
+/// differ). The worker's per-batch bookkeeping reads these instead of walking the records
+/// again on the event loop (`ingest.pipeline.decode.BatchFacts`).
 #[pyfunction]
-#[pyo3(signature = (raws, record, times, horizon, limit, rows=true, sqlite_rows=false))]
+#[pyo3(signature = (raws, record, times, horizon, limit, rows=true, sqlite_rows=false, facts=false))]
 #[allow(clippy::too_many_arguments)]
 fn decode_records(
     py: Python<'_>,
@@ -1054,7 +1061,8 @@ fn decode_records(
     limit: usize,
     rows: bool,
     sqlite_rows: bool,
-) -> PyResult<Py<PyList>> {
+    facts: bool,
+) -> PyResult<PyObject> {
     let k = |s: &str| PyString::intern_bound(py, s).unbind();
     let keys = Keys {
         attributes: k("attributes"),
@@ -1088,16 +1096,132 @@ fn decode_records(
     let slices: Vec<Option<&[u8]>> = held.iter().map(|(_, b)| b.as_ref().map(|b| b.as_bytes())).collect();
     let mut names = Names { py, seen: std::collections::HashMap::default() };
     let out = PyList::empty_bound(py);
+    let mut acc = if facts { Some(Facts::new(py, held.len())) } else { None };
     for (turn, raws) in slices.chunks(TURN).zip(held.chunks(TURN)) {
         // 2. the Rust part, without the GIL: `bytes` objects are immutable and held above
         let lines: Vec<Option<Line<'_>>> =
             py.allow_threads(|| turn.iter().map(|d| d.and_then(|d| line_of(d, rows))).collect());
         // 3. their Python objects
         for ((raw, _), line) in raws.iter().zip(lines) {
-            build(py, &out, raw, line, record, times, horizon, sqlite_rows, &keys, &mut names, &a_tenant)?;
+            build(py, &out, raw, line, record, times, horizon, sqlite_rows, &keys, &mut names, &a_tenant, &mut acc)?;
         }
     }
-    Ok(out.unbind())
+    Ok(match acc {
+        None => out.into_any().unbind(),
+        Some(acc) => tuple_of(py, [out.into_any().unbind(), acc.finish(py)?]).into_any().unbind(),
+    })
+}
+
+/// A `u64` of SHA-256 output as its own hash: the set of `Facts::digests` needs no mixing.
+#[derive(Default, Clone, Copy)]
+struct First8(u64);
+
+impl std::hash::Hasher for First8 {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+impl std::hash::BuildHasher for First8 {
+    type Hasher = First8;
+    fn build_hasher(&self) -> First8 {
+        First8(0)
+    }
+}
+
+/// `decode_records`' batch facts, gathered while its records are built (their objects are
+/// in the CPU's cache then; the event loop's passes over a batch each missed it per record).
+struct Facts<'py> {
+    done: bool,
+    keys: Bound<'py, PyList>,
+    entities: Bound<'py, PySet>,
+    /// the digests' first 8 bytes (uniform: SHA-256): two equal digests are always found; two
+    /// that only share those bytes (~n²/2^64) say "not unique", which costs the worker its
+    /// per-record pass over the keys, never a wrong answer
+    digests: std::collections::HashSet<u64, First8>,
+    unique: bool,
+    tenant: Option<(String, Bound<'py, PyString>)>,
+    entity_type: Option<(String, Bound<'py, PyString>)>,
+    mixed_tenants: bool,
+    mixed_types: bool,
+}
+
+impl<'py> Facts<'py> {
+    fn new(py: Python<'py>, n: usize) -> Self {
+        let mut digests = std::collections::HashSet::with_hasher(First8::default());
+        digests.reserve(n);
+        Facts {
+            done: true,
+            keys: PyList::empty_bound(py),
+            entities: PySet::empty_bound(py).expect("a new set"),
+            digests,
+            unique: true,
+            tenant: None,
+            entity_type: None,
+            mixed_tenants: false,
+            mixed_types: false,
+        }
+    }
+
+    /// A finished record: its key, entity key, tenant and entity type.
+    fn add(
+        &mut self,
+        digest: &[u8; 32],
+        key: &Bound<'py, PyBytes>,
+        entity_key: &Bound<'py, PyTuple>,
+        tenant: (&str, &Bound<'py, PyString>),
+        entity_type: (&str, &Bound<'py, PyString>),
+    ) -> PyResult<()> {
+        if !self.done {
+            return Ok(());
+        }
+        self.keys.append(key)?;
+        self.entities.add(entity_key)?;
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        if !self.digests.insert(u64::from_ne_bytes(first)) {
+            self.unique = false;
+        }
+        for ((text, obj), seen, mixed) in [
+            (tenant, &mut self.tenant, &mut self.mixed_tenants),
+            (entity_type, &mut self.entity_type, &mut self.mixed_types),
+        ] {
+            match seen {
+                None => *seen = Some((text.to_owned(), obj.clone())),
+                Some((first, _)) if first != text => *mixed = true,
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self, py: Python<'py>) -> PyResult<PyObject> {
+        if !self.done {
+            return Ok(py.None());
+        }
+        let one = |seen: Option<(String, Bound<'py, PyString>)>, mixed: bool| -> PyObject {
+            match seen {
+                Some((_, obj)) if !mixed => obj.into_any().unbind(),
+                _ => py.None(),
+            }
+        };
+        let items: [PyObject; 5] = [
+            self.keys.into_any().unbind(),
+            self.entities.into_any().unbind(),
+            PyBool::new_bound(py, self.unique).to_owned().into_any().unbind(),
+            one(self.tenant, self.mixed_tenants),
+            one(self.entity_type, self.mixed_types),
+        ];
+        Ok(tuple_of(py, items).into_any().unbind())
+    }
 }
 
 /// `decode_records`' answer for one raw record (see there), appended to `out`.
@@ -1114,10 +1238,16 @@ fn build<'py>(
     keys: &Keys,
     names: &mut Names<'py>,
     a_tenant: &Py<PyString>,
+    facts: &mut Option<Facts<'py>>,
 ) -> PyResult<()> {
     let Line { env, bytes, attrs, rels, digest, row, rules } = match line {
         Some(line) => line,
-        None => return out.append(py.None()),
+        None => {
+            if let Some(f) = facts.as_mut() {
+                f.done = false;
+            }
+            return out.append(py.None());
+        }
     };
     let route = raw.getattr(a_tenant)?;
     let mut done = rules
@@ -1163,9 +1293,9 @@ fn build<'py>(
         Some(row) => PyBytes::new_bound(py, &row).into_any().unbind(),
         None => py.None(),
     };
-    let digest = PyBytes::new_bound(py, &digest);
+    let key = PyBytes::new_bound(py, &digest);
     let lite: PyObject = if sqlite_rows {
-        sqlite_row(py, &env, &bytes, attrs, rels, [&tenant, &entity_type, &entity_id, &occurred], &revision, &digest, &keys.no_relations)
+        sqlite_row(py, &env, &bytes, attrs, rels, [&tenant, &entity_type, &entity_id, &occurred], &revision, &key, &keys.no_relations)
     } else {
         py.None()
     };
@@ -1174,10 +1304,13 @@ fn build<'py>(
             py,
             [tenant.clone().into_any().unbind(), entity_type.clone().into_any().unbind(), entity_id.clone().into_any().unbind()],
         ));
+        if let Some(f) = facts.as_mut() {
+            f.add(&digest, &key, &entity_key, (&env.tenant, &tenant), (&env.entity_type, &entity_type))?;
+        }
         let args: [PyObject; 12] = [
             raw.clone().unbind(),
             body.into_any().unbind(),
-            digest.into_any().unbind(),
+            key.into_any().unbind(),
             tenant.into_any().unbind(),
             entity_type.into_any().unbind(),
             entity_id.into_any().unbind(),
@@ -1190,9 +1323,12 @@ fn build<'py>(
         ];
         out.append(record.call1(tuple_of(py, args))?)?;
     } else {
+        if let Some(f) = facts.as_mut() {
+            f.done = false;
+        }
         let items: [PyObject; 12] = [
             body.into_any().unbind(),
-            digest.into_any().unbind(),
+            key.into_any().unbind(),
             tenant.into_any().unbind(),
             entity_type.into_any().unbind(),
             entity_id.into_any().unbind(),

@@ -152,10 +152,10 @@ async def test_the_next_batch_is_read_while_one_is_decoded_off_the_event_loop(
     seen: list[tuple[int, int, bool]] = []
 
     class Watching(Decoder):
-        def decode_many(self, raws: Sequence[RawRecord]) -> Any:
+        def decode_batch(self, raws: Sequence[RawRecord], *, facts: bool = True) -> Any:
             on_loop = threading.current_thread() is threading.main_thread()
             seen.append((raws[0].seq, src.yielded, on_loop))
-            return super().decode_many(raws)
+            return super().decode_batch(raws, facts=facts)
 
     sink = MemorySink("a")
     pipe = make_pipeline(db, {"a": sink}, FakeSleep())
@@ -168,10 +168,10 @@ async def test_the_next_batch_is_read_while_one_is_decoded_off_the_event_loop(
 
 async def test_a_record_that_makes_the_decoder_raise_is_isolated(db: SQLiteDB) -> None:
     class Fragile(Decoder):
-        def decode_many(self, raws: Sequence[RawRecord]) -> Any:
+        def decode_batch(self, raws: Sequence[RawRecord], *, facts: bool = True) -> Any:
             if any(b"boom" in r.data for r in raws):
                 raise ZeroDivisionError("boom")
-            return super().decode_many(raws)
+            return super().decode_batch(raws, facts=facts)
 
     sink = MemorySink("a")
     pipe = make_pipeline(db, {"a": sink}, FakeSleep())
