@@ -794,6 +794,23 @@ fn micros_of(s: &str) -> Option<i64> {
     Some(secs * 1_000_000 + frac)
 }
 
+/// Seconds since 1970 of a plain RFC 3339 time `micros_of` reads, as Python's
+/// `datetime.fromisoformat(s).timestamp()` gives them: the microseconds divided by 10**6,
+/// correctly rounded, which one f64 division is while they are exact in an f64 (under 2**53,
+/// years ~1685-2255); outside that, None (Python reads it).
+fn unix_seconds(s: &str) -> Option<f64> {
+    const FROM_1970_TO_2000_US: i64 = 946_684_800_000_000;
+    const EXACT: i64 = 1 << 53;
+    let us = micros_of(s)? + FROM_1970_TO_2000_US;
+    (-EXACT < us && us < EXACT).then(|| us as f64 / 1e6)
+}
+
+/// `unix_seconds`, for the test that holds it equal to `Decoder._time_of`.
+#[pyfunction]
+fn occurred_unix_seconds(s: &str) -> Option<f64> {
+    unix_seconds(s)
+}
+
 fn field(out: &mut Vec<u8>, data: &[u8]) {
     out.extend_from_slice(&(data.len() as i32).to_be_bytes());
     out.extend_from_slice(data);
@@ -1259,7 +1276,10 @@ fn build<'py>(
     if done {
         done = match times.get_item(&occurred)? {
             Some(when) => when.extract::<f64>()? <= horizon,
-            None => false,
+            // a time not seen before (a real feed's are mostly distinct): plain RFC 3339 is read
+            // here, as `Decoder._time_of` reads it (same µs, same correctly rounded division);
+            // anything else is left to Python
+            None => unix_seconds(&env.occurred).map_or(false, |when| when <= horizon),
         };
     }
     let priority = names.get(env.priority);
@@ -1402,6 +1422,7 @@ fn ingest_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_records, m)?)?;
     m.add_function(wrap_pyfunction!(canonical_json, m)?)?;
     m.add_function(wrap_pyfunction!(timestamptz_micros, m)?)?;
+    m.add_function(wrap_pyfunction!(occurred_unix_seconds, m)?)?;
     m.add_function(wrap_pyfunction!(bloom_add, m)?)?;
     m.add_function(wrap_pyfunction!(bloom_maybe, m)?)?;
     m.add("SCHEMA_SHA256", SCHEMA_SHA256)?;

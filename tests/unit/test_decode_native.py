@@ -230,6 +230,49 @@ def test_the_compiled_time_is_the_sinks(text: str) -> None:
         assert got is not None, text
 
 
+@settings(max_examples=2000, deadline=None)
+@given(times())
+@example("2024-05-02T12:00:00.000001Z")
+@example("1969-12-31T23:59:59.999999Z")
+@example("9999-12-31T23:59:59.999999-23:59")
+@example("2024-05-01T11:00:00.5+01:30")
+def test_a_time_not_seen_before_is_read_in_rust_as_python_reads_it(text: str) -> None:
+    """An occurred_at the decoder has not remembered is read by the compiled path itself
+    (a real feed's times are mostly distinct): the very seconds `Decoder._time_of` gives, or
+    None, and Python reads it."""
+    got = native.occurred_unix_seconds(text)
+    if got is not None:
+        assert PYTHON._time_of(text) == got, text
+
+
+def test_distinct_times_are_finished_by_the_compiled_path() -> None:
+    """A batch whose every record has its own occurred_at is finished in Rust, facts and all,
+    and gives what the Python path gives; one 24 h ahead is still refused as in the future."""
+    decoder = Decoder(now=lambda: NOW, sqlite_rows=True)
+    attributes = {"amount": 1.5, "currency": "EUR"}  # an email's format is Python's to check
+
+    def line(entity_id: str, seconds: float) -> RawRecord:
+        body = good(entity_id=entity_id, occurred_at=_iso(seconds), attributes=attributes)
+        return raw_of(orjson.dumps(body))
+
+    past = [line(f"o-{i}", NOW - 3600 - i * 1.5) for i in range(300)]
+    got, facts = decoder.decode_batch(past)
+    assert facts is not None
+    assert not decoder._times  # nothing went through Python's reading of the time
+    for a, b in zip(got, PYTHON.decode_many(past), strict=True):
+        identical(a, b)
+    ahead = [line("f-1", NOW + 86400 + 0.000001), line("f-2", NOW + 86400)]
+    got, facts = decoder.decode_batch(ahead)
+    assert facts is None
+    assert isinstance(got[0], DecodeFailure) and isinstance(got[1], Record)
+    for a, b in zip(got, PYTHON.decode_many(ahead), strict=True):
+        identical(a, b)
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
 def test_the_compiled_time_is_exact_at_the_ends() -> None:
     epoch = datetime(2000, 1, 1, tzinfo=UTC)
     for when in (
