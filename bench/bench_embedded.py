@@ -51,6 +51,7 @@ from ingest.pipeline.decode import Decoder  # noqa: E402
 from ingest.records import RawRecord, Record  # noqa: E402
 from ingest.sinks.sqlite import SQLiteSink  # noqa: E402
 from tests.e2e._auth import detailed, service_env  # noqa: E402
+from tests.e2e._feed import occurred_at  # noqa: E402
 
 # The tenant's token bucket is a fairness limit, not what this measures: open it wide.
 BENCH_CONFIG = """
@@ -62,12 +63,13 @@ admission:
 
 
 def make_lines(n: int, revision: int = 1) -> list[bytes]:
-    """n JSON lines of entities o-0..o-{n-1} at `revision` (the benchmarks' shared feed)."""
+    """n JSON lines of entities o-0..o-{n-1} at `revision` (the benchmarks' shared feed), each
+    with its own event time, as a real feed's are."""
     out = []
     for i in range(n):
         out.append(json.dumps({
             "schema_version": 3, "tenant_id": "acme-corp", "entity_type": "order",
-            "entity_id": f"o-{i}", "revision": revision, "occurred_at": "2025-01-01T00:00:00Z",
+            "entity_id": f"o-{i}", "revision": revision, "occurred_at": occurred_at(i),
             "priority": "normal",
             "attributes": {"amount": i % 1000 + 0.5, "currency": "EUR", "status": "new"},
         }, separators=(",", ":")).encode())

@@ -28,6 +28,17 @@ from tests.conftest import rec
 from tests.e2e._auth import sign_headers
 
 TENANT = "acme-corp"
+_2025 = 1_735_689_600  # 2025-01-01T00:00:00Z
+
+
+def occurred_at(i: int) -> str:
+    """Record `i`'s event time: 2025-01-01 plus `i` milliseconds. Each record has its own, as
+    a real feed's do; one time shared by every record let the decoder's time cache answer
+    them all, a path no real feed takes."""
+    seconds, ms = divmod(i, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(_2025 + seconds)) + f".{ms:03d}Z"
+
+
 SEED = int(os.environ.get("INGEST_CRASH_SEED", str(random.SystemRandom().randrange(1 << 30))))
 
 

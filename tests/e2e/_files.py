@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 from aiobotocore.session import get_session
 
-from tests.e2e._feed import TENANT
+from tests.e2e._feed import TENANT, occurred_at
 from tests.e2e._production import RUN_DIR, _env_file, pg_query
 
 BUCKET = "ingest-bucket"
@@ -80,7 +80,7 @@ def new_prefix(tag: str = "e2e") -> str:
 # ---------------------------------------------------------------------- records
 _LINE = (
     b'{"schema_version":3,"tenant_id":"%s","entity_type":"order","entity_id":"%s-%d",'
-    b'"revision":1,"occurred_at":"2025-01-01T00:00:00Z","priority":"normal",'
+    b'"revision":1,"occurred_at":"%s","priority":"normal",'
     b'"attributes":{"amount":%d.5,"currency":"EUR","status":"new"}}\n'
 )
 
@@ -88,7 +88,7 @@ _LINE = (
 def lines(tag: str, n: int, tenant: str = TENANT) -> bytes:
     """`n` valid records (JSON lines), entity ids `<tag>-0` .. `<tag>-<n-1>`."""
     t, g = tenant.encode(), tag.encode()
-    return b"".join(_LINE % (t, g, i, i % 1000) for i in range(n))
+    return b"".join(_LINE % (t, g, i, occurred_at(i).encode(), i % 1000) for i in range(n))
 
 
 # ---------------------------------------------------------------------- S3

@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 
 from tests.e2e._auth import sign_headers
+from tests.e2e._feed import occurred_at
 
 
 @dataclass
@@ -56,7 +57,7 @@ def batch_body(tenant: str, prefix: str, n: int) -> bytes:
                 "entity_type": "order",
                 "entity_id": f"{prefix}-{i}",
                 "revision": 1,
-                "occurred_at": "2025-01-01T00:00:00Z",
+                "occurred_at": occurred_at(i),
                 "attributes": {"amount": i + 0.5, "currency": "EUR"},
             }
         )
