@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ingest import logctx
 from ingest.errors import Abandoned
 from ingest.metrics import Metrics
-from ingest.pipeline.decode import DecodeFailure, Decoder
+from ingest.pipeline.decode import BatchFacts, DecodeFailure, Decoder
 from ingest.records import RawRecord, ReasonCode, Record
 
 if TYPE_CHECKING:
@@ -58,11 +58,11 @@ def unexpected_failure(
 
 def decode_isolating(
     decoder: Decoder, raws: Sequence[RawRecord], metrics: Metrics | None = None
-) -> list[Record | DecodeFailure]:
-    """`decoder.decode_many`, or record by record when it raises, so only the record that
-    makes the decoder raise is dead-lettered."""
+) -> tuple[list[Record | DecodeFailure], BatchFacts | None]:
+    """`decoder.decode_batch` (with the batch's facts), or record by record when it raises
+    (no facts), so only the record that makes the decoder raise is dead-lettered."""
     try:
-        return decoder.decode_many(raws)
+        return decoder.decode_batch(raws)
     except Exception as exc:
         # one line for operators (the DLQ entry has the detail); the traceback for debugging
         log.error(
@@ -80,7 +80,7 @@ def decode_isolating(
             out.append(decoder.decode(raw))
         except Exception as exc:
             out.append(unexpected_failure(exc, "decode"))
-    return out
+    return out, None
 
 
 async def deliver_isolating(

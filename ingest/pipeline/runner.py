@@ -44,7 +44,6 @@ from typing import Any, TypeVar
 
 from ingest import logctx
 from ingest.errors import Abandoned, is_disk_full
-from ingest.metrics import Metrics
 from ingest.pipeline.admission import Admission, BackpressureState, Rejected
 from ingest.pipeline.decode import BatchFacts, DecodeFailure, Decoder
 from ingest.pipeline.isolate import decode_isolating, deliver_isolating
@@ -255,7 +254,7 @@ class SourceRunner:
         With the batch's facts when the compiled path finished every record."""
         run = contextvars.copy_context().run  # the log context (source, batch) goes along
         return await asyncio.get_running_loop().run_in_executor(
-            decoding, run, _decode_batch, self.decoder, raws, self.pipeline.metrics
+            decoding, run, decode_isolating, self.decoder, raws, self.pipeline.metrics
         )
 
     async def _admit(self, batch: SourceBatch) -> None:
@@ -494,16 +493,6 @@ def _per_tenant(raws: Sequence[RawRecord]) -> Counter[str]:
     if len(tenants) == 1:
         return Counter({tenants.pop(): len(raws)})
     return Counter(raw.tenant for raw in raws)
-
-
-def _decode_batch(
-    decoder: Decoder, raws: Sequence[RawRecord], metrics: Metrics
-) -> tuple[list[Record | DecodeFailure], BatchFacts | None]:
-    """`Decoder.decode_batch`; when it raises, `decode_isolating` (no facts)."""
-    try:
-        return decoder.decode_batch(raws)
-    except Exception:
-        return decode_isolating(decoder, raws, metrics), None
 
 
 def _conflict_keys(
