@@ -36,6 +36,7 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
 
 from ingest.config import S3SourceConfig
 from ingest.sources.objects import ItemRef, ItemSource, SourceFailure, backoff
+from ingest.sources.s3_direct import DirectGet
 
 ObjectRef = ItemRef  # name = key, version = ETag (unquoted), mtime = LastModified
 
@@ -130,6 +131,9 @@ class S3Source(ItemSource[S3SourceConfig]):
         self.bucket, self.prefix = parse_s3_url(self.cfg.url)
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
+        # GETs sent by this source once botocore's first one showed how (`s3_direct`)
+        self._direct: DirectGet | None = None
+        self._prepared: dict[str, Any] = {}  # URL -> botocore's prepared GET, until learnt
 
     async def _s3(self) -> Any:
         if self._client is None:
@@ -157,7 +161,13 @@ class S3Source(ItemSource[S3SourceConfig]):
             parsers.set_parser_defaults(timestamp_parser=parse_timestamp)
             creator = session.create_client("s3", **kwargs)
             self._client = await self._stack.enter_async_context(creator)
+            self._client.meta.events.register("before-send.s3.GetObject", self._note_get)
         return self._client
+
+    def _note_get(self, request: Any, **_: Any) -> None:
+        """botocore's GET, about to be sent: what `DirectGet.learn` reads (nothing changes)."""
+        if self._direct is None and len(self._prepared) < 8:
+            self._prepared[str(request.url)] = request
 
     async def list_items(self) -> list[ObjectRef]:
         s3 = await self._s3()
@@ -191,10 +201,32 @@ class S3Source(ItemSource[S3SourceConfig]):
         }
         if start:
             args["Range"] = f"bytes={start}-"
+        direct = self._direct
+        if direct is not None:
+            extra = {"If-Match": args["IfMatch"]}
+            if start:
+                extra["Range"] = args["Range"]
+            answer = await direct.get(ref.name, extra)
+            if answer is not None:
+                async with contextlib.aclosing(direct.body(answer, self._chunk)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+                return
         resp = await s3.get_object(**args)
+        if direct is None:
+            await self._learn(s3, ref.name)
         async with resp["Body"] as body:
             while chunk := await body.read(self._chunk):
                 yield chunk
+
+    async def _learn(self, s3: Any, key: str) -> None:
+        """After botocore's GET of `key` was answered: how to send the next ones here."""
+        prepared, self._prepared = self._prepared, {}
+        for request in prepared.values():
+            with contextlib.suppress(Exception):  # not learnt: botocore's GETs go on
+                self._direct = await DirectGet.learn(s3, self.bucket, key, request)
+            if self._direct is not None:
+                return
 
     def describe(self, exc: Exception) -> SourceFailure:
         self._failures += 1
@@ -223,4 +255,5 @@ class S3Source(ItemSource[S3SourceConfig]):
     async def close_client(self) -> None:
         await self._stack.aclose()
         self._client = None
+        self._direct = None  # its session was the client's
         self._stack = contextlib.AsyncExitStack()
