@@ -134,6 +134,7 @@ class S3Source(ItemSource[S3SourceConfig]):
         # GETs sent by this source once botocore's first one showed how (`s3_direct`)
         self._direct: DirectGet | None = None
         self._prepared: dict[str, Any] = {}  # URL -> botocore's prepared GET, until learnt
+        self._lessons = 3  # GETs botocore answers before giving up on learning (a proxy, ...)
 
     async def _s3(self) -> Any:
         if self._client is None:
@@ -166,7 +167,7 @@ class S3Source(ItemSource[S3SourceConfig]):
 
     def _note_get(self, request: Any, **_: Any) -> None:
         """botocore's GET, about to be sent: what `DirectGet.learn` reads (nothing changes)."""
-        if self._direct is None and len(self._prepared) < 8:
+        if self._direct is None and self._lessons and len(self._prepared) < 8:
             self._prepared[str(request.url)] = request
 
     async def list_items(self) -> list[ObjectRef]:
@@ -213,7 +214,7 @@ class S3Source(ItemSource[S3SourceConfig]):
                         yield chunk
                 return
         resp = await s3.get_object(**args)
-        if direct is None:
+        if direct is None and self._lessons:
             await self._learn(s3, ref.name)
         async with resp["Body"] as body:
             while chunk := await body.read(self._chunk):
@@ -222,6 +223,7 @@ class S3Source(ItemSource[S3SourceConfig]):
     async def _learn(self, s3: Any, key: str) -> None:
         """After botocore's GET of `key` was answered: how to send the next ones here."""
         prepared, self._prepared = self._prepared, {}
+        self._lessons -= 1
         for request in prepared.values():
             with contextlib.suppress(Exception):  # not learnt: botocore's GETs go on
                 self._direct = await DirectGet.learn(s3, self.bucket, key, request)
@@ -255,5 +257,5 @@ class S3Source(ItemSource[S3SourceConfig]):
     async def close_client(self) -> None:
         await self._stack.aclose()
         self._client = None
-        self._direct = None  # its session was the client's
+        self._direct, self._lessons = None, 3  # its session was the client's
         self._stack = contextlib.AsyncExitStack()
