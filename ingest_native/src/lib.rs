@@ -1275,12 +1275,16 @@ fn build<'py>(
     let entity_id = PyString::new_bound(py, &env.entity_id);
     let occurred = PyString::new_bound(py, &env.occurred);
     if done {
-        done = match times.get_item(&occurred)? {
-            Some(when) => when.extract::<f64>()? <= horizon,
-            // a time not seen before (a real feed's are mostly distinct): plain RFC 3339 is read
-            // here, as `Decoder._time_of` reads it (same µs, same correctly rounded division);
-            // anything else is left to Python
-            None => unix_seconds(&env.occurred).map_or(false, |when| when <= horizon),
+        // plain RFC 3339 is read here, as `Decoder._time_of` reads it (same µs, same correctly
+        // rounded division), before `times` is asked: a real feed's times are mostly distinct,
+        // and a miss there cost a hash of the new string and a lookup; any other spelling is
+        // `times`' (Python's answer, remembered) or left to Python
+        done = match unix_seconds(&env.occurred) {
+            Some(when) => when <= horizon,
+            None => match times.get_item(&occurred)? {
+                Some(when) => when.extract::<f64>()? <= horizon,
+                None => false,
+            },
         };
     }
     let priority = names.get(env.priority);
