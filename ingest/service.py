@@ -13,6 +13,7 @@ import gc
 import logging
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -50,6 +51,23 @@ def tune_gc(young: int = GC_YOUNG_THRESHOLD) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(young, 20, 20)
+
+
+# How long a thread holding the GIL keeps it once another asks (CPython's default: 5 ms). A
+# pipeline process's threads take turns at it: the event loop, the decode thread (the compiled
+# decoder gives the GIL back and asks again every 256 lines, ~20 times a 5,000-record batch)
+# and a Kafka poll thread. At 5 ms each turn could wait that long behind the loop: a batch's decode
+# took 74-77 ms of wall for ~25 ms of CPU (S3, one process, traced), and the loop's COPYs
+# waited likewise. At 1 ms: decode 46-54 ms, the run's CPU lower, not higher (fewer, shorter
+# convoys); docs/benchmarks.md, s3k's section.
+SWITCH_INTERVAL_S = 0.001
+
+
+def tune_threads() -> None:
+    """The GIL handed over within SWITCH_INTERVAL_S of another thread asking for it: in every
+    process that runs the pipeline (a pod's workers, a one-worker service), not in a pod's
+    control plane, whose threads do not take turns on the record path."""
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 # ---------------------------------------------------------------------- the service
@@ -359,6 +377,8 @@ async def serve(
                 sock.close()
         raise
     count = cfg.worker_count()
+    if count <= 1:
+        tune_threads()  # this process runs the pipeline itself
     service: Service | Pod = Pod(cfg, count) if count > 1 else await Service.build(cfg)
     await service.start()
     if isinstance(service, Pod):

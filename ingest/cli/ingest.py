@@ -13,7 +13,6 @@ if prestart.main_is_cli(__name__):
 
 import asyncio
 import enum
-import gc
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -99,20 +98,6 @@ def _banner(service: Any, host: str, port: int) -> None:
     print("\n".join(lines), flush=True)
 
 
-def tune_gc() -> None:
-    """Keep the cyclic garbage collector off the record path.
-
-    Records and their containers are short-lived and never form cycles, yet with the default
-    thresholds (a collection every 700 allocations) the collector ran ~every 200 records and
-    cost a third of the pipeline's CPU (bench/bench_cpu.py). Objects alive at start-up (the
-    imported modules) are frozen out of every collection, and the young generation is
-    collected every 50,000 allocations: cycles are still collected, just in fewer passes.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
-
-
 @app.command()
 def run(
     config: ConfigOpt = None,
@@ -143,7 +128,6 @@ def run(
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay runnable without it
         pass
-    tune_gc()
     try:
         if isinstance(cfg.state, SQLiteStateConfig):  # embedded: one service per data dir
             held = hold(cfg.data_dir, p)  # noqa: F841 - the lock lives as long as the file

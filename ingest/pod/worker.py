@@ -34,14 +34,6 @@ PROGRESS_SECONDS = 0.25
 REPORT_SECONDS = 1.0
 _PR_SET_PDEATHSIG = 1
 BUILD_CANCEL_SECONDS = 5.0  # a build stopped by SIGTERM gets so long to unwind
-# How long a thread holding the GIL keeps it once another asks (CPython's default: 5 ms). A
-# worker's threads take turns at it: the event loop, the decode thread (the compiled decoder
-# gives the GIL back and asks again every 256 lines, ~20 times a 5,000-record batch) and a
-# Kafka poll thread. At 5 ms each turn could wait that long behind the loop: a batch's decode
-# took 74-77 ms of wall for ~25 ms of CPU (S3, one process, traced), and the loop's COPYs
-# waited likewise. At 1 ms: decode 46-54 ms, the run's CPU lower, not higher (fewer, shorter
-# convoys); docs/benchmarks.md, s3k's section.
-SWITCH_INTERVAL_S = 0.001
 T = TypeVar("T")
 
 
@@ -60,11 +52,6 @@ def die_with_parent(fork_server: int, control_plane: int) -> None:
         os._exit(1)
 
 
-def tune_threads() -> None:
-    """The GIL handed over within SWITCH_INTERVAL_S of another thread asking for it."""
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -76,7 +63,7 @@ def _alive(pid: int) -> bool:
 
 
 async def run(cfg: Config, index: int, count: int, socket_path: str) -> int:
-    from ingest.service import GC_YOUNG_THRESHOLD_WORKER, Service, tune_gc
+    from ingest.service import GC_YOUNG_THRESHOLD_WORKER, Service, tune_gc, tune_threads
 
     tune_gc(GC_YOUNG_THRESHOLD_WORKER)
     tune_threads()
