@@ -54,12 +54,21 @@ T = TypeVar("T")
 # process keeps the log's unmerged keys in memory (a log row cannot be searched by key).
 # Measured in bench/bench_idem_sqlite.py (docs/benchmarks.md).
 RECENT_KEYS = 50_000
-# A merge's slice (12,500 random keys) dirties most of `idem_mid`'s leaf pages whatever its
-# size, and each dirtied page is written to the WAL and copied back: the smaller `idem_mid`,
-# the fewer pages a key costs. bench_idem_sqlite, CPU a key (docs/benchmarks.md): 1M keys
-# 6.3 (500,000) -> 4.3 (250,000); 3M keys 7.0 -> 4.9 (125,000: 4.1, but twice the runs
-# again for every key the filter may hold to be probed in).
-MID_KEYS = 250_000
+# A merge's slice (SLICE_KEYS random keys) dirties most of `idem_mid`'s leaf pages whatever
+# its size, and in a pod each of them is read again first (the other worker's commits emptied
+# this connection's cache), written to the WAL and copied back: a merge costs about its
+# keys' B-tree inserts plus all of `idem_mid`'s pages. So the smaller `idem_mid` and the
+# larger the slice, the fewer page reads and writes a key. bench_idem_sqlite --stores 2, the
+# store threads' CPU a key over 1M keys (docs/benchmarks.md, embu): 4.7 at 250,000 / 12,500,
+# 3.0 at 125,000 / 25,000, for twice the runs (a key the filter may hold is probed in its
+# filter's runs: ~32 instead of ~16), and merges that last no longer (worst claim 135-333
+# ms against 218-608, load 5). Before: 500,000 -> 250,000 took 6.3 -> 4.3 µs a key (one store).
+MID_KEYS = 125_000
+# Keys one merge transaction moves at most: half of RECENT_KEYS, so two claims' merges move
+# what waits (a merge holds the file's writer lock, and the pod's other worker waits for it to
+# claim: one 50,000-key merge into an `idem_mid` of up to 500,000 held it off 0.3-1.1 s at
+# load 7-10; see MID_KEYS for what the larger slice saves).
+SLICE_KEYS = RECENT_KEYS // 2
 # `seen` asks an in-memory filter first and SQLite only for the keys the filter may hold
 # (SQLiteIdempotencyStore); the filter learns every process's claims from this log, whose
 # merged rows are kept LOG_KEEP seconds (a process that fell further behind rebuilds its filter).
@@ -354,9 +363,9 @@ def _key_blob(keys: Sequence[bytes]) -> bytes:
 class SQLiteIdempotencyStore:
     """Implements IdempotencyStore: 32-byte keys as BLOBs with their claim time. A claim
     appends its keys to `idem_log` (one row); once `recent_keys` keys wait there unmerged, a
-    claim moves the oldest of them (`slice_keys`, a quarter of RECENT_KEYS by default, so
-    the next claims move the rest: one long transaction would hold every other process's
-    claims for its whole length), sorted, into `idem_mid` in one transaction with the mark of
+    claim moves the oldest of them (`slice_keys`, half of RECENT_KEYS by default, so the
+    next claim moves the rest: one long transaction would hold every other process's claims
+    for its whole length), sorted, into `idem_mid` in one transaction with the mark of
     the last row merged (`idem_log_merged`); once `mid_keys` were moved into `idem_mid`, that
     transaction renames it to a run of its newest key's day (`idem_YYYYMMDD_N`) and makes a
     new one (see the comment at IDEM_LOG's definitions). A key is in the log (unmerged) or in
@@ -382,7 +391,7 @@ class SQLiteIdempotencyStore:
         clock: Clock = time.time,
         recent_keys: int = RECENT_KEYS,
         mid_keys: int = MID_KEYS,
-        slice_keys: int = RECENT_KEYS // 4,
+        slice_keys: int = SLICE_KEYS,
     ) -> None:
         self._db = db
         self._ttl = ttl_seconds
