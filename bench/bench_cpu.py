@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import cProfile
 import hashlib
+import importlib
 import io
 import os
 import platform
@@ -271,12 +272,17 @@ def main() -> None:
         f"machine: {platform.node()} {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, load average {os.getloadavg()}"
     )
-    try:  # the collector settings `ingest run` uses (older trees had none: default GC)
-        from ingest.cli.ingest import tune_gc
-
-        tune_gc()
+    # the collector settings `ingest run` uses: in ingest.service since 85af5a8, in the CLI
+    # before; older trees had none (default GC)
+    tune: Callable[[], None] | None = None
+    for module in ("ingest.service", "ingest.cli.ingest"):
+        tune = getattr(importlib.import_module(module), "tune_gc", None)
+        if tune is not None:
+            break
+    if tune is not None:
+        tune()
         print("gc: as `ingest run` sets it (tune_gc)")
-    except ImportError:
+    else:
         print("gc: Python's defaults")
     lines = make_lines(n)
     blob = b"\n".join(lines) + b"\n"
