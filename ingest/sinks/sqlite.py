@@ -32,6 +32,7 @@ from typing import Any
 
 import orjson
 
+from ingest import sqlite_params  # noqa: F401 - bytes and None bound without adaptation
 from ingest.errors import IngestError, SinkError
 from ingest.records import ReasonCode, Record, SinkResult, SinkStatus
 from ingest.sinks.base import EntityKey, StoredRow, judge_batch

@@ -42,6 +42,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
+from ingest import sqlite_params  # noqa: F401 - bytes and None bound without adaptation
 from ingest.errors import StoreUnavailable
 from ingest.records import DLQEntry, ReasonCode
 from ingest.state.base import (

@@ -110,6 +110,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "ingest.formats",
             "ingest.timefmt",
             "ingest.names",
+            "ingest.sqlite_params",
             "ingest.logctx",
             "ingest.kafka_log",
             "ingest.datadir",
