@@ -3,7 +3,7 @@
 Measured in one run, on the same rows and the same table layout:
   limit     SQLite's own bulk insert of the rows write() stores, one transaction per 2,000:
             the faster of executemany and multi-row INSERTs (the sink's statements: a
-            batch in one)
+            batch in one), each timed twice: the best run counts
   pipeline  `ingest run` as a process: a JSON-lines file dropped in the inbox, timed until the
             file is committed (moved to done/) — decode, validate, dedupe (SQLite idempotency
             store), revision-guarded upsert, DLQ/claims, checkpoint
@@ -60,6 +60,9 @@ admission:
   queue_high_watermark: 100000000
   queue_low_watermark: 1000000
 """
+
+
+LIMIT_RUNS = 2  # each way of SQLite's bulk insert is timed this many times; the best counts
 
 
 def make_lines(n: int, revision: int = 1) -> list[bytes]:
@@ -382,8 +385,15 @@ def main() -> None:
         lines = make_lines(args.records)
         print(f"machine: {platform.node()} {os.cpu_count()} cores, "
               f"Python {platform.python_version()}")
-        limit_many = asyncio.run(bulk_limit(lines, workdir / "limit.db"))
-        limit_multi = asyncio.run(bulk_limit(lines, workdir / "limit-multi.db", True))
+        # Each way twice, alternated, each into a new file; the best is the limit. One short
+        # single-threaded run swung 205k-336k/s minutes apart on this VM (a neighbour's
+        # burst only ever slows it), so one run made the ratio follow the limit's noise.
+        many_runs, multi_runs = [], []
+        for r in range(LIMIT_RUNS):
+            many_runs.append(asyncio.run(bulk_limit(lines, workdir / f"limit-{r}.db")))
+            multi_runs.append(asyncio.run(bulk_limit(lines, workdir / f"limit-multi-{r}.db",
+                                                     True)))
+        limit_many, limit_multi = max(many_runs), max(multi_runs)
         limit = max(limit_many, limit_multi)
         updates = None if args.no_updates else make_lines(args.records, 2)
         upsert = (None if updates is None else
@@ -392,8 +402,9 @@ def main() -> None:
         phases = run_service(lines, workdir, args.port, args.files, updates)
         rate, p95, rss, cpu_us = phases[0]
         print(f"records:               {args.records} in {args.files} file(s)")
-        print(f"limit (SQLite bulk):   {limit:,.0f} records/s (executemany {limit_many:,.0f}, "
-              f"multi-row INSERTs {limit_multi:,.0f})")
+        print(f"limit (SQLite bulk):   {limit:,.0f} records/s (best of {LIMIT_RUNS} runs each: "
+              f"executemany {limit_many:,.0f}, multi-row INSERTs {limit_multi:,.0f}; all runs "
+              f"{', '.join(f'{x:,.0f}' for x in many_runs + multi_runs)})")
         print(f"pipeline (ingest run): {rate:,.0f} records/s")
         print(f"ratio:                 {rate / limit:.2f}x of the limit")
         print(f"p95 lag:               <= {p95} s (histogram bucket bound)")
