@@ -133,7 +133,11 @@ class DirectGet:
         }
         headers["Accept-Encoding"] = "identity"  # the bytes as stored: as aiobotocore asks
         try:
-            response = await self._session.get(URL(url, encoded=True), headers=headers)
+            # a 3xx too is botocore's (its S3 region redirects), never followed here with
+            # the signed headers
+            response = await self._session.get(
+                URL(url, encoded=True), headers=headers, allow_redirects=False
+            )
         except (aiohttp.ClientError, OSError, TimeoutError):
             return None  # botocore's to retry and to report
         if response.status not in _OK:
