@@ -129,10 +129,33 @@ def p95_from_histogram(metrics: str, name: str = "ingest_lag_seconds") -> float 
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Peak RSS (VmHWM) of the largest process of `pid`'s tree: a pod's control plane holds
+    little; its workers (children of its fork server) hold the batches."""
+    peaks = []
+    for p in descendants(pid):
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        peaks += [int(ln.split()[1]) / 1024 for ln in status.splitlines()
+                  if ln.startswith("VmHWM:")]
+    return max(peaks, default=float("nan"))
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every live process below it."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(c for c, parent in parents.items() if parent == p)
+    return out
 
 
 def tree_cpu_seconds(pid: int) -> float:
