@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -232,10 +233,6 @@ def test_two_workers_2000_objects_each_once(
     tmp_path: Path, redis_server: PrivateServer, pg_dsn: str, prefix: str
 ) -> None:
     n_objects, per_object = 2000, 10
-    etags = upload(
-        {f"{prefix}o-{i:04d}.jsonl": lines(f"w{i}", per_object) for i in range(n_objects)},
-        concurrency=32,
-    )
     total = n_objects * per_object
     config = files_config(
         tmp_path / "ingest.yaml",
@@ -245,9 +242,16 @@ def test_two_workers_2000_objects_each_once(
     )
     workers = [ServiceProcess(tmp_path / f"w{i}", config=config) for i in range(2)]
     try:
-        for w in workers:
-            w.start(wait=60)
+        # Both services are up before the first object exists: a pod that became ready first
+        # could otherwise read all 2000 small objects before the other one started (CI on
+        # 2f97739: [20000, 0]).
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda w: w.start(wait=60), workers))
         t0 = time.monotonic()
+        etags = upload(
+            {f"{prefix}o-{i:04d}.jsonl": lines(f"w{i}", per_object) for i in range(n_objects)},
+            concurrency=32,
+        )
         wait_for(
             lambda: done_count(pg_dsn, "s3-main") == n_objects, 240,
             f"{n_objects} objects done", interval=1.0,
