@@ -49,13 +49,13 @@ from aiobotocore.session import get_session
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_embedded import p95_from_histogram, peak_rss_mb, tree_cpu_seconds  # noqa: E402
+from bench_embedded import p95_from_histogram, peak_rss_mb  # noqa: E402
 from bench_postgres import postgres_and_redis  # noqa: E402
 
 from ingest.pipeline.decode import Decoder  # noqa: E402
 from ingest.records import RawRecord, Record  # noqa: E402
 from ingest.sinks.postgres import COLUMNS, PostgresSink  # noqa: E402
-from tests.e2e._auth import detailed, service_env  # noqa: E402
+from tests.e2e._auth import bearer, service_env  # noqa: E402
 from tests.e2e._files import (  # noqa: E402
     BUCKET,
     client_kwargs,
@@ -183,6 +183,53 @@ def compile_bytecode() -> float:
 POLL_SECONDS = 0.05  # the end is seen within this of the last object done (was 0.2 s)
 
 
+class ReadyPoller:
+    """/health/detailed asked over one httpx client kept open, until it answers. A fresh client
+    a poll (`httpx.get`: a new SSL context with certifi's CA bundle loaded each time) cost the
+    bench ~15-35 ms of CPU a poll, every 0.1 s of the service's start-up: a bench process
+    competing with the fork server's imports for the same two cores (docs/benchmarks.md,
+    s3up). Kept open, a poll costs ~0.4 ms."""
+
+    def __init__(self, url: str) -> None:
+        self._client = httpx.Client(timeout=1.0, headers=bearer())
+        self._url = f"{url}/health/detailed"
+
+    def ready(self) -> bool:
+        try:
+            self._client.get(self._url)
+        except httpx.HTTPError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def trees_cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """`bench_embedded.tree_cpu_seconds` of every pid in `pids`, from one walk of /proc (the
+    bench reads them at service ready, inside the timed run: three walks cost ~10-25 ms)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, list[str]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            stats[int(stat.parent.name)] = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError):
+            continue
+    kids: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
+        kids.setdefault(int(fields[1]), []).append(pid)
+    out = {}
+    for who, root in pids.items():
+        total, todo = 0.0, [root]
+        while todo:
+            pid = todo.pop()
+            if pid in stats:
+                total += sum(int(f) for f in stats[pid][11:15]) / tick
+            todo += kids.get(pid, [])
+        out[who] = total
+    return out
+
+
 class DonePoller:
     """Objects of `source` done in the lease table, read over one connection kept open (a
     connection per poll forked a Postgres backend each time: CPU counted as Postgres's)."""
@@ -212,8 +259,15 @@ class DonePoller:
         self._loop.close()
 
 
+def service_env_for(workdir: Path) -> dict[str, str]:
+    """`ingest run`'s environment, made before the clock starts: writing the credentials file
+    (like the config) is the bench's work, not the service's start-up."""
+    return {**os.environ, "INGEST_DATA_DIR": str(workdir / "svc"), **service_env(workdir)}
+
+
 def run_service(
     config: Path,
+    env: dict[str, str],
     workdir: Path,
     port: int,
     dsn: str,
@@ -224,7 +278,6 @@ def run_service(
     """(seconds from upload complete to all done, start-up seconds, p95 lag, peak RSS MB,
     CPU seconds per process from service ready to all done, the service's CPU seconds at
     ready: its start-up, every process of the pod)."""
-    env = {**os.environ, "INGEST_DATA_DIR": str(workdir / "svc"), **service_env(workdir)}
     log = (workdir / "service.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "ingest.cli.ingest", "run", "--host", "127.0.0.1", "--port",
@@ -232,28 +285,29 @@ def run_service(
         cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
+    poller = ReadyPoller(url)
     try:
-        for _ in range(600):
-            try:
-                detailed(url, 1)
+        for _ in range(1200):
+            if poller.ready():
                 break
-            except httpx.HTTPError:
-                if proc.poll() is not None:
-                    raise RuntimeError((workdir / "service.log").read_text()) from None
-                time.sleep(0.1)
+            if proc.poll() is not None:
+                raise RuntimeError((workdir / "service.log").read_text())
+            time.sleep(POLL_SECONDS)
         started = time.perf_counter() - t_uploaded
         pids = {"service": proc.pid, **servers}
-        cpu0 = {who: tree_cpu_seconds(pid) for who, pid in pids.items()}
+        cpu0 = trees_cpu_seconds(pids)
         with DonePoller(dsn, "s3-main") as done:
             while done.count() < objects:
                 if proc.poll() is not None:
                     raise RuntimeError((workdir / "service.log").read_text())
                 time.sleep(POLL_SECONDS)
         elapsed = time.perf_counter() - t_uploaded
-        cpu = {who: tree_cpu_seconds(pid) - cpu0[who] for who, pid in pids.items()}
+        cpu1 = trees_cpu_seconds(pids)
+        cpu = {who: cpu1[who] - cpu0[who] for who in pids}
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         rss = peak_rss_mb(proc.pid)
     finally:
+        poller.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         log.close()
@@ -293,11 +347,6 @@ def main() -> None:
             print(f"bytecode compiled (untimed) in {compile_bytecode():.1f}s")
         objs = make_objects(prefix, args.records, args.objects, run)
         mb = sum(len(b) for b in objs.values()) / 1e6
-        t_up = time.perf_counter()
-        upload(objs, concurrency=8)
-        t_uploaded, wall_uploaded = time.perf_counter(), time.time()
-        print(f"uploaded {args.objects} objects, {mb:.0f} MB in {t_uploaded - t_up:.1f}s")
-        print(f"  upload complete at {wall_uploaded:.3f} (wall clock: to line up with traces)")
         config = files_config(
             workdir / "bench.yaml",
             redis_url=redis_with_db(redis.url, 0),
@@ -306,15 +355,16 @@ def main() -> None:
                 s3_source(prefix, **({"batch_size": args.batch_size} if args.batch_size else {}))
             ],
         )
+        env = service_env_for(workdir)
+        servers = postgres_and_redis(redis.port)
+        t_up = time.perf_counter()
+        upload(objs, concurrency=8)
+        t_uploaded, wall_uploaded = time.perf_counter(), time.time()
+        print(f"uploaded {args.objects} objects, {mb:.0f} MB in {t_uploaded - t_up:.1f}s")
         elapsed, started, p95, rss, cpu, startup_cpu = run_service(
-            config,
-            workdir,
-            args.port or free_port(),
-            dsn,
-            args.objects,
-            t_uploaded,
-            postgres_and_redis(redis.port),
+            config, env, workdir, args.port or free_port(), dsn, args.objects, t_uploaded, servers
         )
+        print(f"  upload complete at {wall_uploaded:.3f} (wall clock: to line up with traces)")
         rows = sink_count(dsn)
         if rows != args.records:
             raise SystemExit(f"sink holds {rows} rows, expected {args.records}")

@@ -42,12 +42,13 @@ import uuid
 from pathlib import Path
 
 import asyncpg
-import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e._auth import detailed, service_env  # noqa: E402
+from bench_s3 import ReadyPoller  # noqa: E402
+
+from tests.e2e._auth import service_env  # noqa: E402
 from tests.e2e._files import delete_prefix, files_config, lines, s3_source, upload  # noqa: E402
 from tests.e2e._production import (  # noqa: E402
     drop_schema,
@@ -197,14 +198,14 @@ def start_once(
                 done = time.perf_counter() - t0
             finally:
                 poller.close()
-        while True:
-            try:
-                detailed(f"http://127.0.0.1:{port}", 1)
-                break
-            except httpx.HTTPError:
+        ready_poller = ReadyPoller(f"http://127.0.0.1:{port}")  # one client: ~0.4 ms a poll
+        try:
+            while not ready_poller.ready():
                 if proc.poll() is not None:
-                    raise RuntimeError((workdir / "service.log").read_text()) from None
+                    raise RuntimeError((workdir / "service.log").read_text())
                 time.sleep(0.05)
+        finally:
+            ready_poller.close()
         ready = time.perf_counter() - t0
         cpu = pod_cpu(proc.pid)
     finally:
