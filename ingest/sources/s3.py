@@ -23,9 +23,10 @@ import botocore.loaders  # type: ignore[import-untyped]
 import botocore.session  # type: ignore[import-untyped]
 import botocore.utils  # type: ignore[import-untyped]
 
+from ingest.sources.s3_imports import without_httpx
 from ingest.sources.tls import no_default_ca_store
 
-with no_default_ca_store():  # aiohttp's import-time contexts: never used by this source
+with no_default_ca_store(), without_httpx():  # neither is ever used by this source
     from aiobotocore.session import get_session
 from botocore.config import Config as BotoConfig  # type: ignore[import-untyped]
 from botocore.exceptions import (  # type: ignore[import-untyped]
