@@ -31,7 +31,18 @@ garbage collector on (the service runs with it on), as CPU time of the process
   s3 read      1 MiB chunks of a JSON-lines object -> `RawRecord`s (`ItemSource`'s line
                reader and records, as S3 and SFTP run them)
 
+Then two comparisons, each way taking turns (the same minutes of the machine for each):
+  bodies       the compiled decoder's batch, each record's `body` read (as the Typesense and
+               Neo4j sinks read it) and then freed: left out and rebuilt from the bytes on
+               first read (`Decoder()`), or built at once (`Decoder(bodies=True)`, what the
+               factory sets for routes with such sinks); and both without the read
+  times        the decoder over the same rows with their occurred_at spelled as other
+               writers spell RFC 3339 (7 fraction digits as .NET writes them, 9 with an offset
+               as Go's RFC3339Nano, a lowercase `t`, a year before 1685), against the plain
+               spelling; each record has its own time, so the times cache never answers
+
     uv run python bench/bench_cpu.py [--records 200000] [--repeat 3] [--profile]
+        [--only bodies,times]   (only those comparisons, not the stages)
 
 `--profile` also prints a cProfile of decoder + bookkeeping (top functions by own time).
 """
@@ -261,11 +272,97 @@ def alternated(fns: dict[str, Callable[[], Any]], n: int, repeat: int) -> dict[s
     return {name: t / n * 1e6 for name, t in best.items()}
 
 
+def bodies(raws: list[RawRecord], lines: Sequence[bytes], n: int, rep: int) -> None:
+    """Decode + read every body + free, the body left out (rebuilt on read) or built at once."""
+    lazy = Decoder()
+    try:
+        eager = Decoder(bodies=True)  # type: ignore[call-arg,unused-ignore]
+    except TypeError:
+        print("bodies: this tree's decoder has no `bodies`")
+        return
+    if lazy.path != "compiled":
+        print("bodies: the compiled decoder is not built")
+        return
+
+    def read_bodies(decoder: Decoder) -> None:
+        for i in range(0, n, BATCH):
+            for rec in decoder.decode_many(raws[i : i + BATCH]):
+                rec.body  # type: ignore[union-attr]  # noqa: B018
+
+    def no_read(decoder: Decoder) -> None:
+        for i in range(0, n, BATCH):
+            decoder.decode_many(raws[i : i + BATCH])
+
+    got = alternated(
+        {
+            "lazy+read": lambda: read_bodies(lazy),
+            "eager+read": lambda: read_bodies(eager),
+            "lazy": lambda: no_read(lazy),
+            "eager": lambda: no_read(eager),
+        },
+        n,
+        rep,
+    )
+    print(
+        "bodies, in turns, µs/record (decode, body read, freed): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in got.items())
+    )
+
+
+def odd_times(lines: Sequence[bytes]) -> list[bytes]:
+    """The rows with occurred_at spelled four other ways RFC 3339 allows, in turn: 7 fraction
+    digits (.NET's "o"), 9 and an offset (Go's RFC3339Nano), a lowercase `t`, a year 1600."""
+    out = []
+    for i, line in enumerate(lines):
+        body = orjson.loads(line)
+        when = body["occurred_at"]  # 2025-01-01T00:00:00.000Z
+        plain, ms = when[:19], when[20:23]
+        body["occurred_at"] = [
+            f"{plain}.{ms}4567Z",
+            f"{plain[:11]}{int(plain[11:13]) + 1:02d}{plain[13:]}.{ms}456789+01:00",
+            f"{plain[:10]}t{plain[11:]}.{ms}Z",
+            f"1600{plain[4:]}.{ms}Z",
+        ][i % 4]
+        out.append(orjson.dumps(body))
+    return out
+
+
+def times(raws: list[RawRecord], lines: Sequence[bytes], n: int, rep: int) -> None:
+    """The decoder over plain and otherwise spelled times, and how many batches keep their
+    facts (a time the compiled path cannot read sends its record to Python)."""
+    decoder = Decoder()
+    odd = [RawRecord(ln, TENANT, "inbox", i, i, 0.0) for i, ln in enumerate(odd_times(lines))]
+    py = Decoder(native=False)
+    for a, b in zip(decoder.decode_many(odd[:2000]), py.decode_many(odd[:2000]), strict=True):
+        assert isinstance(a, Record) and isinstance(b, Record) and a.dedupe_key == b.dedupe_key
+
+    def batches(feed: list[RawRecord]) -> int:
+        kept = 0
+        for i in range(0, n, BATCH):
+            kept += decoder.decode_batch(feed[i : i + BATCH])[1] is not None
+        return kept
+
+    got = alternated({"plain": lambda: batches(raws), "odd": lambda: batches(odd)}, n, rep)
+    total = -(-n // BATCH)
+    print(
+        f"times, in turns, µs/record (decode_batch): plain {got['plain']:.2f}, "
+        f"odd {got['odd']:.2f}; batches with facts: plain {batches(raws)}/{total}, "
+        f"odd {batches(odd)}/{total}"
+    )
+
+
+COMPARISONS: dict[str, Callable[[list[RawRecord], Sequence[bytes], int, int], None]] = {
+    "bodies": bodies,
+    "times": times,
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--records", type=int, default=200_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated: bodies, times")
     args = ap.parse_args()
     n, rep = args.records, args.repeat
     print(
@@ -286,6 +383,11 @@ def main() -> None:
         print("gc: Python's defaults")
     lines = make_lines(n)
     blob = b"\n".join(lines) + b"\n"
+    if args.only:
+        for name in args.only.split(","):
+            COMPARISONS[name](read(blob), lines, n, rep)
+        print(f"load average after: {os.getloadavg()}")
+        return
     old = v1_lines(lines)
     raws = read(blob)
     old_raws = [RawRecord(ln, TENANT, "inbox", i, i, 0.0) for i, ln in enumerate(old)]
@@ -381,6 +483,8 @@ def main() -> None:
             f"decoder, alternated in turns: compiled {both['compiled']:.2f}, "
             f"python {both['python']:.2f}, saved {both['python'] - both['compiled']:.2f} µs/record"
         )
+        for compare in COMPARISONS.values():
+            compare(raws, lines, n, rep)
     print(f"load average after: {os.getloadavg()}")
     if args.profile:
         prof = cProfile.Profile()

@@ -179,10 +179,13 @@ def lease_store(stores: Stores) -> LeaseStore:
 # ---------------------------------------------------------------------- sinks
 @dataclass(frozen=True)
 class SinkKind(Generic[M]):
-    """One sink `type`: its config model and how to build it (no I/O until `start`)."""
+    """One sink `type`: its config model and how to build it (no I/O until `start`);
+    `reads_bodies`: its `write` reads each `Record.body` (the decoder then builds them at once
+    for the routes that name it, `bodies_for`)."""
 
     model: type[M]
     build: Callable[[C.Config, M], Sink]
+    reads_bodies: bool = False
 
 
 def _sqlite_sink(cfg: C.Config, sc: C.SQLiteSinkConfig) -> Sink:
@@ -217,13 +220,34 @@ def _typesense_sink(cfg: C.Config, sc: C.TypesenseSinkConfig) -> Sink:
 SINKS: dict[str, SinkKind[Any]] = {
     "sqlite": SinkKind(C.SQLiteSinkConfig, _sqlite_sink),
     "postgres": SinkKind(C.PostgresSinkConfig, _postgres_sink),
-    "neo4j": SinkKind(C.Neo4jSinkConfig, _neo4j_sink),
-    "typesense": SinkKind(C.TypesenseSinkConfig, _typesense_sink),
+    "neo4j": SinkKind(C.Neo4jSinkConfig, _neo4j_sink, reads_bodies=True),
+    "typesense": SinkKind(C.TypesenseSinkConfig, _typesense_sink, reads_bodies=True),
 }
 
 
 def build_sink(cfg: C.Config, sc: C.SinkConfig) -> Sink:
     return SINKS[sc.type].build(cfg, sc)
+
+
+def bodies_for(cfg: C.Config) -> bool | Callable[[str, str], bool]:
+    """The decoder's `bodies`: which records it builds with their body, for the routes whose
+    sinks read it (the compiled decoder leaves it out, and a rebuild on first read costs
+    twice the eager build). True or False when every route agrees, else per (tenant,
+    entity_type) by `Config.sinks_for`."""
+    readers = {sc.name for sc in cfg.sinks if SINKS[sc.type].reads_bodies}
+    if not readers:
+        return False
+    routes = [r.sinks for r in cfg.routes]
+    if not any(r.tenant == r.entity_type == "*" for r in cfg.routes):
+        routes.append([sc.name for sc in cfg.sinks])  # what `sinks_for` falls back to
+    reading = [not readers.isdisjoint(names) for names in routes]
+    if all(reading) or not any(reading):
+        return all(reading)
+
+    def reads(tenant: str, entity_type: str) -> bool:
+        return not readers.isdisjoint(cfg.sinks_for(tenant, entity_type))
+
+    return reads
 
 
 # ---------------------------------------------------------------------- sources
@@ -457,6 +481,7 @@ async def build_core(cfg: C.Config, *, metrics: Metrics | None = None) -> Core:
         extra=extra,
         postgres_rows=any(sc.type == "postgres" for sc in cfg.sinks),  # Record.copy_row
         sqlite_rows=any(sc.type == "sqlite" for sc in cfg.sinks),  # Record.sqlite_row
+        bodies=bodies_for(cfg),  # Record.body built at once where a sink reads it
     )
     pipeline = Pipeline(
         config=cfg,

@@ -1,4 +1,5 @@
 # Types of the compiled module (src/lib.rs), for mypy; maturin ships this file in the wheel.
+from collections.abc import Callable
 from typing import Any
 
 SCHEMA_SHA256: str
@@ -12,6 +13,7 @@ def decode_records(
     rows: bool = True,
     sqlite_rows: bool = False,
     facts: bool = False,
+    bodies: bool | Callable[[str, str], bool] | None = None,
 ) -> Any: ...
 def canonical_json(data: bytes) -> bytes | None: ...
 def timestamptz_micros(s: str) -> int | None: ...

@@ -47,8 +47,9 @@ _json_loads = msgspec.json.Decoder().decode  # exact integers, unlike orjson
 _DecodeError = msgspec.DecodeError
 _sha256 = hashlib.sha256
 log = logging.getLogger(__name__)
+Bodies = bool | Callable[[str, str], bool]  # `Decoder(bodies=...)`
 NativeDecode = Callable[
-    [list[RawRecord], type[Record], dict[str, float], float, int, bool, bool, bool], Any
+    [list[RawRecord], type[Record], dict[str, float], float, int, bool, bool, bool, Bodies], Any
 ]
 
 
@@ -126,6 +127,7 @@ class Decoder:
         native: bool = True,
         postgres_rows: bool = True,
         sqlite_rows: bool = False,
+        bodies: Bodies = False,
     ) -> None:
         self._max = max_record_bytes
         # the compiled path also writes each record's Postgres row (`Record.copy_row`, ~0.6 µs
@@ -134,6 +136,11 @@ class Decoder:
         # and the SQLite sink's row (`Record.sqlite_row`): a tuple of objects the record holds
         # anyway and two slices of the canonical bytes, cheaper than `row_of` in the sink
         self._sqlite_rows = sqlite_rows
+        # and each record's body, for routes whose sinks read it (Typesense, Neo4j: the
+        # factory's `bodies_for`): True for all, or (tenant, entity_type) -> bool. Left out, a
+        # body is built from the bytes when first read (`Record.body`), which costs twice
+        # what building it here does; no SQLite or Postgres sink reads it
+        self._bodies = bodies
         self._extra = tuple(extra)  # config `transformers`: repairs after upgrade
         self._now = now
         self._validator = SchemaValidator()
@@ -199,8 +206,8 @@ class Decoder:
         hits: Any = _NONE
         if native is not None:
             batch = raws if type(raws) is list else list(raws)
-            rows, lite = self._rows, self._sqlite_rows
-            hits = native(batch, Record, times, horizon, limit, rows, lite, facts)
+            rows, lite, bodies = self._rows, self._sqlite_rows, self._bodies
+            hits = native(batch, Record, times, horizon, limit, rows, lite, facts, bodies)
             if facts:
                 hits, found = hits
                 if found is not None:  # every answer a finished Record: what the loop keeps

@@ -725,10 +725,12 @@ fn canonical(e: &Env) -> Option<(Vec<u8>, (usize, usize), (usize, usize))> {
     Some((out, (a0, a1), (r0, r1)))
 }
 
-/// Microseconds since 2000-01-01 UTC of `YYYY-MM-DDTHH:MM:SS[.f{1,6}](Z|+HH:MM|-HH:MM)`, the
-/// value `ingest/sinks/postgres.py`'s `_when` (Python's `datetime.fromisoformat`) gives; None
-/// for any other spelling (the sink then encodes the batch's rows in Python).
-fn micros_of(s: &str) -> Option<i64> {
+/// Microseconds since 2000-01-01 UTC of `YYYY-MM-DD(T|t)HH:MM:SS[.f+](Z|+HH:MM|-HH:MM)`, the
+/// fraction cut after 6 digits as Python's `datetime.fromisoformat` cuts it, with how many
+/// fraction digits were sent; None for any other spelling. Every form RFC 3339 has that
+/// `Decoder._time_of` reads (the schema's `date-time` check, then `fromisoformat`): a
+/// lowercase `z`, a space, a leap second are refused there, and left to Python here.
+fn rfc3339_micros(s: &str) -> Option<(i64, usize)> {
     let b = s.as_bytes();
     let num = |from: usize, len: usize| -> Option<i64> {
         let mut n = 0i64;
@@ -740,7 +742,13 @@ fn micros_of(s: &str) -> Option<i64> {
         }
         Some(n)
     };
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || (b[10] != b'T' && b[10] != b't')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
     let (y, mo, d) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
@@ -754,16 +762,18 @@ fn micros_of(s: &str) -> Option<i64> {
     }
     let mut i = 19;
     let mut frac = 0i64;
+    let mut sent = 0;
     if b[i] == b'.' {
         i += 1;
         let start = i;
         while i < b.len() && b[i].is_ascii_digit() {
             i += 1;
         }
-        let n = i - start;
-        if n == 0 || n > 6 {
+        sent = i - start;
+        if sent == 0 {
             return None;
         }
+        let n = sent.min(6);
         frac = num(start, n)? * 10i64.pow((6 - n) as u32);
     }
     let offset = match b.get(i..)? {
@@ -791,18 +801,35 @@ fn micros_of(s: &str) -> Option<i64> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146097 + doe - 719468 - 10957;
     let secs = days * 86400 + h * 3600 + mi * 60 + sec - offset;
-    Some(secs * 1_000_000 + frac)
+    Some((secs * 1_000_000 + frac, sent))
 }
 
-/// Seconds since 1970 of a plain RFC 3339 time `micros_of` reads, as Python's
+/// `rfc3339_micros` with at most 6 fraction digits, the value `ingest/sinks/postgres.py`'s
+/// `_when` gives; None for any other spelling (the sink then encodes the batch's rows in
+/// Python; past 6 digits the server rounds where Python cuts, so `_when` gives none either).
+fn micros_of(s: &str) -> Option<i64> {
+    match rfc3339_micros(s)? {
+        (us, sent) if sent <= 6 => Some(us),
+        _ => None,
+    }
+}
+
+/// Seconds since 1970 of a time `rfc3339_micros` reads, as Python's
 /// `datetime.fromisoformat(s).timestamp()` gives them: the microseconds divided by 10**6,
-/// correctly rounded, which one f64 division is while they are exact in an f64 (under 2**53,
-/// years ~1685-2255); outside that, None (Python reads it).
+/// correctly rounded (half to even), as Python's int true division rounds. One f64 division
+/// is that while the microseconds are exact in an f64 (under 2**53: years ~1685-2255);
+/// outside, the decimal text of the quotient read as an f64 is (Rust's `str::parse` rounds
+/// correctly, half to even), ~0.1 µs, for the rare time out there.
 fn unix_seconds(s: &str) -> Option<f64> {
     const FROM_1970_TO_2000_US: i64 = 946_684_800_000_000;
     const EXACT: i64 = 1 << 53;
-    let us = micros_of(s)? + FROM_1970_TO_2000_US;
-    (-EXACT < us && us < EXACT).then(|| us as f64 / 1e6)
+    let us = rfc3339_micros(s)?.0 + FROM_1970_TO_2000_US;
+    if -EXACT < us && us < EXACT {
+        return Some(us as f64 / 1e6);
+    }
+    let sign = if us < 0 { "-" } else { "" };
+    let abs = us.unsigned_abs();
+    format!("{}{}.{:06}", sign, abs / 1_000_000, abs % 1_000_000).parse().ok()
 }
 
 /// `unix_seconds`, for the test that holds it equal to `Decoder._time_of`.
@@ -1050,7 +1077,7 @@ const TURN: usize = 256;
 /// For each RawRecord: a finished `Record` when every rule the decoder checks holds (shape,
 /// patterns, known attributes, tenant of the route, occurred_at already in `times` or read
 /// here, and not past `horizon`), built without its body (None: `Record.body` builds it from
-/// the bytes when read); the tuple
+/// the bytes when read) unless `bodies` asks for it; the tuple
 /// (body, dedupe_key, tenant, entity_type, entity_id, revision, occurred_at, deleted, priority,
 /// attributes) when only the Python-side rules are left to
 /// check; None when Python decodes it.
@@ -1067,8 +1094,13 @@ const TURN: usize = 256;
 /// comes twice, and the tenant and the entity type every record shares (None when they
 /// differ). The worker's per-batch bookkeeping reads these instead of walking the records
 /// again on the event loop (`ingest.pipeline.decode.BatchFacts`).
+///
+/// `bodies`: which finished records get their body built at once, as the tuples' is: None or
+/// False, none; True, all; else a callable `(tenant, entity_type) -> bool`, asked once a call
+/// per pair (a route whose sinks read bodies: Typesense, Neo4j). Built here it costs about
+/// half of `Record.body`'s rebuild from the bytes.
 #[pyfunction]
-#[pyo3(signature = (raws, record, times, horizon, limit, rows=true, sqlite_rows=false, facts=false))]
+#[pyo3(signature = (raws, record, times, horizon, limit, rows=true, sqlite_rows=false, facts=false, bodies=None))]
 #[allow(clippy::too_many_arguments)]
 fn decode_records(
     py: Python<'_>,
@@ -1080,7 +1112,9 @@ fn decode_records(
     rows: bool,
     sqlite_rows: bool,
     facts: bool,
+    bodies: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<PyObject> {
+    let mut bodies = Bodies::of(bodies)?;
     let k = |s: &str| PyString::intern_bound(py, s).unbind();
     let keys = Keys {
         attributes: k("attributes"),
@@ -1121,13 +1155,50 @@ fn decode_records(
             py.allow_threads(|| turn.iter().map(|d| d.and_then(|d| line_of(d, rows))).collect());
         // 3. their Python objects
         for ((raw, _), line) in raws.iter().zip(lines) {
-            build(py, &out, raw, line, record, times, horizon, sqlite_rows, &keys, &mut names, &a_tenant, &mut acc)?;
+            build(py, &out, raw, line, record, times, horizon, sqlite_rows, &keys, &mut names, &a_tenant, &mut acc, &mut bodies)?;
         }
     }
     Ok(match acc {
         None => out.into_any().unbind(),
         Some(acc) => tuple_of(py, [out.into_any().unbind(), acc.finish(py)?]).into_any().unbind(),
     })
+}
+
+/// `decode_records`' `bodies`: which finished records carry their body.
+enum Bodies<'py> {
+    None,
+    All,
+    /// the callable, and its answers so far by (tenant, entity_type)
+    Asked(Bound<'py, PyAny>, std::collections::HashMap<(String, String), bool, Fnv>),
+}
+
+impl<'py> Bodies<'py> {
+    fn of(given: Option<&Bound<'py, PyAny>>) -> PyResult<Self> {
+        Ok(match given {
+            None => Bodies::None,
+            Some(b) if b.is_none() => Bodies::None,
+            Some(b) if b.downcast::<PyBool>().is_ok() => {
+                if b.is_truthy()? { Bodies::All } else { Bodies::None }
+            }
+            Some(b) => Bodies::Asked(b.clone(), std::collections::HashMap::default()),
+        })
+    }
+
+    fn wanted(&mut self, tenant: &Bound<'py, PyString>, entity_type: &Bound<'py, PyString>, env: &Env) -> PyResult<bool> {
+        match self {
+            Bodies::None => Ok(false),
+            Bodies::All => Ok(true),
+            Bodies::Asked(ask, seen) => {
+                let pair = (env.tenant.to_string(), env.entity_type.to_string());
+                if let Some(&yes) = seen.get(&pair) {
+                    return Ok(yes);
+                }
+                let yes = ask.call1((tenant, entity_type))?.is_truthy()?;
+                seen.insert(pair, yes);
+                Ok(yes)
+            }
+        }
+    }
 }
 
 /// A `u64` of SHA-256 output as its own hash: the set of `Facts::digests` needs no mixing.
@@ -1257,6 +1328,7 @@ fn build<'py>(
     names: &mut Names<'py>,
     a_tenant: &Py<PyString>,
     facts: &mut Option<Facts<'py>>,
+    bodies: &mut Bodies<'py>,
 ) -> PyResult<()> {
     let Line { env, bytes, attrs, rels, digest, row, rules } = match line {
         Some(line) => line,
@@ -1275,10 +1347,10 @@ fn build<'py>(
     let entity_id = PyString::new_bound(py, &env.entity_id);
     let occurred = PyString::new_bound(py, &env.occurred);
     if done {
-        // plain RFC 3339 is read here, as `Decoder._time_of` reads it (same µs, same correctly
-        // rounded division), before `times` is asked: a real feed's times are mostly distinct,
-        // and a miss there cost a hash of the new string and a lookup; any other spelling is
-        // `times`' (Python's answer, remembered) or left to Python
+        // every time `Decoder._time_of` reads is read here as it reads it (same µs, same
+        // correctly rounded division), before `times` is asked: a real feed's times are mostly
+        // distinct, and a miss there cost a hash of the new string, a lookup, and the batch's
+        // facts; what is left (times Python refuses) is `times`' answer or Python's
         done = match unix_seconds(&env.occurred) {
             Some(when) => when <= horizon,
             None => match times.get_item(&occurred)? {
@@ -1301,9 +1373,15 @@ fn build<'py>(
         py.None()
     };
     if done {
-        // No body: `Record.body` builds it from the record's bytes when something reads it
-        // (no sink of the SQLite or Postgres path does: they take the rows above). Building
-        // it here and freeing it on the event loop cost ~1 µs a record.
+        // No body unless asked: `Record.body` builds it from the record's bytes when something
+        // reads it (no sink of the SQLite or Postgres path does: they take the rows above).
+        // Building it here and freeing it on the event loop cost ~1 µs a record.
+        let body: PyObject = if bodies.wanted(&tenant, &entity_type, &env)? {
+            let parts = [&tenant, &entity_type, &entity_id, &occurred, &priority];
+            body_dict(py, &env, keys, names, parts, &revision, &deleted)?.0.into_any().unbind()
+        } else {
+            py.None()
+        };
         let entity_key = untrack(tuple_of(
             py,
             [tenant.clone().into_any().unbind(), entity_type.clone().into_any().unbind(), entity_id.clone().into_any().unbind()],
@@ -1313,7 +1391,7 @@ fn build<'py>(
         }
         let args: [PyObject; 12] = [
             raw.clone().unbind(),
-            py.None(),
+            body,
             key.into_any().unbind(),
             tenant.into_any().unbind(),
             entity_type.into_any().unbind(),
@@ -1330,30 +1408,8 @@ fn build<'py>(
     if let Some(f) = facts.as_mut() {
         f.done = false;
     }
-    let attributes = to_py(py, &env.attributes, names);
-    let relations = PyList::empty_bound(py);
-    for r in &env.relations {
-        let d = PyDict::new_bound(py);
-        d.set_item(&keys.kind, names.get(&r.kind))?;
-        d.set_item(&keys.target_type, names.get(&r.target_type))?;
-        d.set_item(&keys.target_id, PyString::new_bound(py, &r.target_id))?;
-        relations.append(d)?;
-    }
-    let relations = untrack(relations);
-    let body = dict_sized(py, 10);
-    body.set_item(&keys.attributes, &attributes)?;
-    body.set_item(&keys.deleted, &deleted)?;
-    body.set_item(&keys.entity_id, &entity_id)?;
-    body.set_item(&keys.entity_type, &entity_type)?;
-    body.set_item(&keys.occurred_at, &occurred)?;
-    body.set_item(&keys.priority, &priority)?;
-    body.set_item(&keys.relations, relations)?;
-    body.set_item(&keys.revision, &revision)?;
-    body.set_item(&keys.schema_version, 3)?;
-    body.set_item(&keys.tenant_id, &tenant)?;
-    // a dict holding any list or dict is tracked; a record's body is never part of a cycle,
-    // and CPython tracks a dict again by itself when a tracked object is put in it
-    let body = if nested(&env.attributes) { body } else { untrack(body) };
+    let parts = [&tenant, &entity_type, &entity_id, &occurred, &priority];
+    let (body, attributes) = body_dict(py, &env, keys, names, parts, &revision, &deleted)?;
     let items: [PyObject; 12] = [
         body.into_any().unbind(),
         key.into_any().unbind(),
@@ -1370,6 +1426,46 @@ fn build<'py>(
     ];
     out.append(tuple_of(py, items))?;
     Ok(())
+}
+
+/// A record's body as `decode.py`'s Python path builds it (top-level keys sorted, defaults
+/// filled, relation keys `type`, `target_type`, `target_id`), of the objects the record holds;
+/// with its attributes dict.
+#[allow(clippy::too_many_arguments)]
+fn body_dict<'py>(
+    py: Python<'py>,
+    env: &Env,
+    keys: &Keys,
+    names: &mut Names<'py>,
+    [tenant, entity_type, entity_id, occurred, priority]: [&Bound<'py, PyString>; 5],
+    revision: &PyObject,
+    deleted: &Bound<'py, PyBool>,
+) -> PyResult<(Bound<'py, PyDict>, PyObject)> {
+    let attributes = to_py(py, &env.attributes, names);
+    let relations = PyList::empty_bound(py);
+    for r in &env.relations {
+        let d = PyDict::new_bound(py);
+        d.set_item(&keys.kind, names.get(&r.kind))?;
+        d.set_item(&keys.target_type, names.get(&r.target_type))?;
+        d.set_item(&keys.target_id, PyString::new_bound(py, &r.target_id))?;
+        relations.append(d)?;
+    }
+    let relations = untrack(relations);
+    let body = dict_sized(py, 10);
+    body.set_item(&keys.attributes, &attributes)?;
+    body.set_item(&keys.deleted, deleted)?;
+    body.set_item(&keys.entity_id, entity_id)?;
+    body.set_item(&keys.entity_type, entity_type)?;
+    body.set_item(&keys.occurred_at, occurred)?;
+    body.set_item(&keys.priority, priority)?;
+    body.set_item(&keys.relations, relations)?;
+    body.set_item(&keys.revision, revision)?;
+    body.set_item(&keys.schema_version, 3)?;
+    body.set_item(&keys.tenant_id, tenant)?;
+    // a dict holding any list or dict is tracked; a record's body is never part of a cycle,
+    // and CPython tracks a dict again by itself when a tracked object is put in it
+    let body = if nested(&env.attributes) { body } else { untrack(body) };
+    Ok((body, attributes))
 }
 
 // ------------------------------------------------------------ the idempotency key filter
