@@ -1,6 +1,7 @@
 """The embedded sink: entities in one SQLite table, written with a revision-guarded upsert.
 
-One row per (tenant, entity_type, entity_id) holding the highest revision seen. A tombstone
+One row per (tenant, entity_type, entity_id) holding the highest revision seen, in a rowid
+table with that key as a UNIQUE index (migration 103 says why). A tombstone
 (`deleted: true`) does not remove the row: it keeps it with deleted=1, attributes NULL and the
 tombstone's revision, so a late older revision of the entity loses the revision comparison
 and cannot resurrect it. Readers use the `live_entities` view.
@@ -60,6 +61,29 @@ SINK_MIGRATIONS: tuple[Migration, ...] = (
     ),
     # The revision held before the last write: replays are judged against it (sinks/base.py).
     Migration(102, "prev_revision", ("ALTER TABLE entities ADD COLUMN prev_revision INTEGER",)),
+    # A rowid table with the key as a UNIQUE index (was WITHOUT ROWID, keyed by it): an
+    # update of a stored entity searches the key once, in the index, and then rewrites its
+    # row where the rowid found it, in place when the row keeps its size. In a WITHOUT ROWID
+    # table SQLite searches the key a second time to write the updated row (the upsert's
+    # conflict check does not hand its position on), and that B-tree holds the whole rows,
+    # so the two workers' interleaved keys spread an update batch over twice the pages.
+    Migration(
+        103,
+        "entities_by_rowid",
+        (
+            "CREATE TABLE entities_by_rowid (tenant TEXT NOT NULL, entity_type TEXT NOT NULL,"
+            " entity_id TEXT NOT NULL, revision INTEGER NOT NULL, deleted INTEGER NOT NULL,"
+            " occurred_at TEXT, attributes TEXT, relations TEXT, dedupe_key BLOB,"
+            " updated_at REAL, prev_revision INTEGER, UNIQUE (tenant, entity_type, entity_id))",
+            "INSERT INTO entities_by_rowid SELECT tenant, entity_type, entity_id, revision,"
+            " deleted, occurred_at, attributes, relations, dedupe_key, updated_at, prev_revision"
+            " FROM entities",
+            "DROP VIEW live_entities",
+            "DROP TABLE entities",
+            "ALTER TABLE entities_by_rowid RENAME TO entities",
+            "CREATE VIEW live_entities AS SELECT * FROM entities WHERE deleted = 0",
+        ),
+    ),
 )
 
 _dumps = orjson.dumps

@@ -155,6 +155,38 @@ async def test_a_new_sink_file_has_16_kib_pages_an_old_one_keeps_its_own(tmp_pat
     await sink.close()
 
 
+async def test_a_file_of_the_old_layout_keeps_its_rows_and_guard(tmp_path: Path) -> None:
+    """Migration 103 rebuilds a WITHOUT ROWID `entities` (the layout before it) as a rowid
+    table keyed by a UNIQUE index: every row and column is kept, the view still reads it,
+    and the stored revisions still judge and guard what comes next."""
+    from ingest.sinks.sqlite import SINK_MIGRATIONS
+    from ingest.state.sqlite import SQLiteDB
+
+    path = tmp_path / "sink.db"
+    old = await SQLiteDB.open(path, [m for m in SINK_MIGRATIONS if m.version < 103])
+    rows = [SQLiteSink.row_of(rec(f"e{i}", 5, deleted=i == 3)) for i in range(6)]
+    await old.run(lambda c: c.executemany(
+        "INSERT INTO entities (tenant, entity_type, entity_id, revision, deleted, occurred_at,"
+        " attributes, relations, dedupe_key, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        rows).connection.commit())  # fmt: skip
+    await old.close()
+    sink = SQLiteSink("sqlite", path)
+    await sink.start()
+    table = await sink.db.run(lambda c: c.execute(
+        "SELECT sql FROM sqlite_master WHERE name = 'entities'").fetchone()[0])  # fmt: skip
+    assert "WITHOUT ROWID" not in table and "UNIQUE (tenant, entity_type, entity_id)" in table
+    assert await sink.count() == 6 and await sink.count(live_only=True) == 5
+    for row in rows:
+        stored = await sink.fetch(*row[:3])
+        assert stored is not None and stored["revision"] == 5 and stored["deleted"] == (row[4] == 1)
+        assert stored["dedupe_key"] == row[8] and stored["updated_at"] == row[9]
+    got = await sink.write([rec("e0", 5), rec("e1", 4), rec("e2", 6), rec("n", 1)])
+    assert statuses(got) == ["unchanged", "OLDER_REVISION", "applied", "applied"]
+    after = [await sink.fetch("t", "customer", e) for e in ("e1", "e2", "n")]
+    assert [row and row["revision"] for row in after] == [5, 6, 1]
+    await sink.close()
+
+
 _texts = st.text(max_size=12)  # any code point, NUL and astral ones included
 Batch = list[tuple[str, int, bool, str]]  # (entity_id, revision, deleted, attribute text)
 _batches = st.lists(
