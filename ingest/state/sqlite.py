@@ -32,6 +32,7 @@ import fcntl
 import os
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -279,6 +280,9 @@ class Connection(sqlite3.Connection):
     writer_timeout: float = BUSY_TIMEOUT
     shm: int | None = None  # `<file>-shm`, read for the WAL's size (`checkpoint_if_due`)
     frame_scale: int = 1  # the file's page size in 4 KiB: the checkpoint counts' divisor
+    # the file's checkpoints' own thread (`Checkpointer`, made by SQLiteDB.open): None,
+    # checkpoints run on this connection's thread
+    checkpointer: Checkpointer | None = None
 
     def close(self) -> None:
         super().close()
@@ -350,10 +354,15 @@ def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 # backstop (writes outside `immediate` / `autocommit`, a connection whose `-shm` cannot be
 # read) at WAL_BACKSTOP frames. Durability is unchanged: a commit is in the WAL either way.
 # The counts are of 4 KiB frames: a file of larger pages (sink.db) checkpoints at the same
-# bytes (`Connection.frame_scale`).
+# bytes (`Connection.frame_scale`). A connection of a `SQLiteDB` hands its checkpoints to a
+# thread of their own (`Checkpointer`, below: no thread that writes waits
+# for them, and the writer lock is taken only for a short tail while the disk answers
+# quickly); a bare connection (`_connect`: CLIs, tests) runs them itself, as described here.
 CHECKPOINT_PAGES = 4000  # frames not yet copied back (16 MiB): time for a checkpoint
 CHECKPOINT_LOCKED = 12000  # frames in the WAL (48 MiB): the checkpoint under the writer lock
-WAL_BACKSTOP = 16000  # SQLite's autocheckpoint (64 MiB)
+# SQLite's autocheckpoint (128 MiB): above CHECKPOINT_FORCED (96 MiB), the most a
+# Checkpointer lets the WAL grow while the disk is slow (it ran in every writer's COMMIT)
+WAL_BACKSTOP = 32000
 _FRAME = 4096
 
 
@@ -377,20 +386,173 @@ def _wal_frames(conn: sqlite3.Connection) -> tuple[int, int] | None:
 
 
 def checkpoint_if_due(conn: sqlite3.Connection) -> None:
-    """After a write transaction, outside the writer lock: a passive checkpoint once
-    CHECKPOINT_PAGES frames wait to be copied back, under the writer lock once the WAL holds
-    CHECKPOINT_LOCKED (see above)."""
+    """After a write transaction, outside the writer lock: once CHECKPOINT_PAGES frames wait
+    to be copied back, a poke to the file's Checkpointer, or (a bare connection) a passive
+    checkpoint here, under the writer lock once the WAL holds CHECKPOINT_LOCKED (see above)."""
     if conn.in_transaction:
         return
     frames = _wal_frames(conn)
     scale: int = getattr(conn, "frame_scale", 1)
     if frames is None or frames[0] - frames[1] < CHECKPOINT_PAGES // scale:
         return
+    checkpointer: Checkpointer | None = getattr(conn, "checkpointer", None)
+    if checkpointer is not None:
+        checkpointer.poke()
+        return
     if frames[0] >= CHECKPOINT_LOCKED // scale:
         with writer_lock(conn):
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
     else:
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+
+# ------------------------------------------------------- checkpoints on a thread of their own
+
+# WAL checkpoints of one SQLite file on a thread and connection of their own
+# (`Checkpointer`), so that no writer's thread waits for a checkpoint's page copies and fsyncs.
+#
+# A checkpoint copies the WAL's pages back into the file and syncs both: the only fsyncs of a
+# file in WAL mode with synchronous=NORMAL. Run after each commit on the committing thread
+# (`checkpoint_if_due`, as before), one held up that thread's next write
+# or read for the copy and the syncs; and once the WAL held CHECKPOINT_LOCKED frames it ran
+# under the file's writer lock, so every other process's writers of the file waited too. On a
+# slow disk (bench_steady's stall: iowait 30 % for ~4 s) that was seconds: the pod's claims and
+# the control plane's intake appends stopped behind `fdatasync`s.
+#
+# Here a file's `SQLiteDB` has a `Checkpointer`: a commit only pokes it (one read of the
+# wal-index header decides whether a checkpoint is due). The checkpointer copies without the
+# writer lock (PASSIVE: writers append meanwhile), in passes until at most TAIL frames wait;
+# only then, once the WAL holds CHECKPOINT_LOCKED frames and only if its last pass was quick
+# (the disk answers), it takes the writer lock for the tail and a RESTART checkpoint, so that
+# the WAL starts from its beginning at the next write. While the disk is
+# slow it leaves the tail for later (the WAL grows past CHECKPOINT_LOCKED instead of writers
+# waiting), until CHECKPOINT_FORCED frames, below SQLite's own autocheckpoint (the backstop,
+# WAL_BACKSTOP, which would run in every writer's COMMIT). Durability is unchanged: a commit
+# is in the WAL either way, and a checkpoint of any connection is SQLite's own.
+
+SLOW = 0.25  # s: an unlocked pass slower than this says the disk is slow: the tail waits
+TAIL = 256  # 4-KiB frames at most left for the pass under the writer lock
+PASSES = 4  # unlocked passes at most before it
+# frames in the WAL (96 MiB) past which the tail is checkpointed under the lock however slow
+# the disk: below WAL_BACKSTOP (SQLite's own, in every writer's COMMIT)
+CHECKPOINT_FORCED = 24000
+
+
+class Checkpointer:
+    """The checkpoints of the file at `path` (see the module's docstring). `poke` after a
+    commit; `close` before the file's own connection closes."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._due = threading.Event()
+        self._closing = False
+        self._ready = threading.Event()
+        self._failed: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, name=f"checkpoint-{path.name}", daemon=True
+        )
+        # what it did, for tests and benches: unlocked passes, passes under the writer
+        # lock, tails left for later because the disk was slow
+        self.passes = 0
+        self.locked = 0
+        self.deferred = 0
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+        if self._failed is not None:
+            raise self._failed
+
+    def poke(self) -> None:
+        """A commit was made: look whether a checkpoint is due (on the checkpointer's thread)."""
+        self._due.set()
+
+    def close(self) -> None:
+        self._closing = True
+        self._due.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            conn = _checkpointer_connect(self._path)
+        except BaseException as exc:  # reported by start()
+            self._failed = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while True:
+                self._due.wait()
+                self._due.clear()
+                if self._closing:
+                    return
+                try:
+                    self.checkpoint(conn)
+                except (sqlite3.Error, OSError):
+                    # a checkpoint that failed (disk full, I/O error) leaves the WAL as it
+                    # was: the commits are in it; the next poke tries again
+                    time.sleep(0.1)
+        finally:
+            conn.close()
+
+    def checkpoint(self, conn: sqlite3.Connection) -> None:
+        """If due: unlocked passes, then the tail under the writer lock if the disk is quick
+        (or the WAL reached CHECKPOINT_FORCED)."""
+        scale: int = getattr(conn, "frame_scale", 1)
+        frames = _wal_frames(conn)
+        if frames is None:
+            return
+        locked = CHECKPOINT_LOCKED // scale
+        if frames[0] - frames[1] < CHECKPOINT_PAGES // scale and frames[0] < locked:
+            return
+        quick = True
+        if frames[0] - frames[1] >= CHECKPOINT_PAGES // scale:
+            for _ in range(PASSES):
+                start = time.monotonic()
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self.passes += 1
+                quick = time.monotonic() - start < SLOW
+                frames = _wal_frames(conn)
+                if frames is None or not quick or frames[0] - frames[1] <= TAIL // scale:
+                    break
+        if frames is None or frames[0] < locked:
+            return
+        if not quick and frames[0] < CHECKPOINT_FORCED // scale:
+            self.deferred += 1
+            return
+        # RESTART: the tail copied with no writer appending (they wait for the writer
+        # lock), then the readers still in the WAL waited for (the busy handler; reads are
+        # short), so that the next write starts the WAL from its beginning: a PASSIVE pass
+        # left that to a writer starting at an instant every frame was copied, and the WAL
+        # grew to SQLite's backstop (bench_idem_sqlite --stores 2: 27,000 frames)
+        with writer_lock(conn):
+            conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+        self.locked += 1
+
+
+def _checkpointer_connect(path: Path) -> sqlite3.Connection:
+    """The checkpointer's connection: the file's lock file and settings (synchronous=NORMAL:
+    a checkpoint syncs the WAL and the file), no migrations (its SQLiteDB's connection ran
+    them), a small page cache (a checkpoint copies frames without it)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=Connection)
+    try:
+        conn.writer = open_lock_file(path)
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA cache_size = -1024")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")  # it never writes; none of its own
+        # the file's journal mode read once: a connection checkpoints only once it knows
+        # the file is in WAL
+        (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+        if mode != "wal":
+            raise sqlite3.OperationalError(f"{path} is not in WAL mode ({mode})")
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.frame_scale = max(1, size // _FRAME)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def chunks(seq: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
@@ -447,15 +609,21 @@ def _wal(conn: sqlite3.Connection) -> None:
             time.sleep(0.01)
 
 
+def open_lock_file(path: Path) -> int | None:
+    """A descriptor of the file's writer lock (`<file>-lock`), None if it cannot be opened
+    (SQLite's busy handler alone then orders the writers, as before the lock file)."""
+    try:
+        return os.open(f"{path}-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+
+
 def _connect(
     path: Path, migrations: Sequence[Migration], page_size: int | None = None
 ) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=Connection)
     try:
-        try:
-            conn.writer = os.open(f"{path}-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError:
-            conn.writer = None  # SQLite's busy handler alone, as before the lock file
+        conn.writer = open_lock_file(path)
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
         with writer_lock(conn):
             if page_size is not None:
@@ -523,6 +691,15 @@ class SQLiteDB:
         except (OSError, sqlite3.Error) as exc:
             executor.shutdown(wait=False)
             raise StoreUnavailable("sqlite", str(path), str(exc)) from exc
+        checkpointer = Checkpointer(path)
+        try:
+            await loop.run_in_executor(executor, checkpointer.start)
+        except (OSError, sqlite3.Error) as exc:
+            await loop.run_in_executor(executor, conn.close)
+            executor.shutdown(wait=False)
+            raise StoreUnavailable("sqlite", str(path), str(exc)) from exc
+        assert isinstance(conn, Connection)
+        conn.checkpointer = checkpointer
         return cls(path, conn, executor)
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -546,6 +723,9 @@ class SQLiteDB:
             return
         self._closed = True
         loop = asyncio.get_running_loop()
+        checkpointer: Checkpointer | None = getattr(self._conn, "checkpointer", None)
+        if checkpointer is not None:
+            await loop.run_in_executor(self._executor, checkpointer.close)
         await loop.run_in_executor(self._executor, self._conn.close)
         self._executor.shutdown(wait=True)
 
