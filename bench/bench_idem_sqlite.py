@@ -18,7 +18,9 @@ reset the store connection's page cache (SQLite drops a connection's cached page
 another connection committed since its last read). `--stores N` claims through N stores, each
 with its own connection and thread on the one file, in turn (a pod's N workers: each one's
 filter learns the others' claims from the log, and each one's commits reset the others' page
-caches); the CPU figures are then summed over the N threads.
+caches); the CPU figures are then summed over the N threads. `--disk-hog AT:SECONDS` keeps
+the disk busy meanwhile (bench/disk_hog.py): "p99 ms" and "worst ms" (a seen() + claim()'s
+wall time) then show how long claims stop while the disk is slow.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ingest.state.sqlite import SQLiteDB  # noqa: E402
+from disk_hog import DiskHog, FsyncProbe  # noqa: E402
+
+from ingest.state.sqlite import SQLiteDB, _wal_frames  # noqa: E402
 from ingest.state.sqlite_idem import SQLiteIdempotencyStore  # noqa: E402
 
 
@@ -74,6 +78,7 @@ async def main(
     recent_keys: int | None = None,
     slice_keys: int | None = None,
     stores: int = 1,
+    disk_hog: str | None = None,
 ) -> None:
     print(
         f"machine: {platform.node()} {os.cpu_count()} cores, Python "
@@ -84,8 +89,8 @@ async def main(
         f"{keys:,} keys in claims of {batch:,} (seen() then claim()), a window per {every:,}"
         f"; intake appends from another connection: {writer:g}/s; {stores} store(s) in turn"
     )
-    head = ("keys", "cpu us/key", "thread", "seen", "wall", "worst ms")
-    print("{:>10} {:>10} {:>8} {:>6} {:>8} {:>9}  tables".format(*head))
+    head = ("keys", "cpu us/key", "thread", "seen", "wall", "p99 ms", "worst ms")
+    print("{:>10} {:>10} {:>8} {:>6} {:>8} {:>7} {:>9}  tables".format(*head))
     with tempfile.TemporaryDirectory() as tmp:
         dbs = [await SQLiteDB.open(Path(tmp) / "state.db") for _ in range(stores)]
         db = dbs[0]
@@ -105,6 +110,13 @@ async def main(
             if writer
             else None
         )
+        hog = probe = None
+        if disk_hog:
+            at, span = (float(x) for x in disk_hog.split(":"))
+            probe = FsyncProbe(Path(tmp))
+            probe.start()
+            hog = DiskHog(Path(tmp), at, span)
+            hog.start()
         done = 0
         first_cpu = time.process_time()
         first_thread = await thread_cpu()
@@ -112,7 +124,8 @@ async def main(
         while done < keys:
             cpu0, wall0 = time.process_time(), time.perf_counter()
             thread0 = await thread_cpu()
-            worst = seen = 0.0
+            seen = 0.0
+            times: list[float] = []
             n = 0
             while n < every and done + n < keys:
                 blob = os.urandom(32 * batch)
@@ -124,22 +137,29 @@ async def main(
                 await store.seen(ks)
                 seen += await sdb.run(lambda _c: time.thread_time()) - s0
                 await store.claim(ks)
-                worst = max(worst, time.perf_counter() - t)
+                times.append(time.perf_counter() - t)
                 n += batch
             thread1 = await thread_cpu()
             cpu1, wall1 = time.process_time(), time.perf_counter()
             done += n
             counts = await db.run(tables)
+            times.sort()
+            p99, worst = times[int(0.99 * (len(times) - 1))], times[-1]
             print(
                 f"{done:>10,} {(cpu1 - cpu0) / n * 1e6:>10.1f} "
                 f"{(thread1 - thread0) / n * 1e6:>8.1f} {seen / n * 1e6:>6.1f} "
-                f"{(wall1 - wall0) / n * 1e6:>8.1f} "
+                f"{(wall1 - wall0) / n * 1e6:>8.1f} {p99 * 1e3:>7.0f} "
                 f"{worst * 1e3:>9.0f}  " + " ".join(f"{k}={v:,}" for k, v in counts.items()),
                 flush=True,
             )
         stop.set()
         if appender is not None:
             await appender
+        if hog is not None and probe is not None:
+            hog.stop()
+            probe.stop()
+            print(f"disk hog ({hog.written_mb:,} MB synced): 4-KiB fdatasync "
+                  f"{probe.summary(hog.window)}; outside it {probe.summary(hog.window, False)}")
         last_thread = await thread_cpu()
         total = time.process_time() - first_cpu
         print(
@@ -148,6 +168,11 @@ async def main(
             f"file {sum(p.stat().st_size for p in Path(tmp).iterdir()) / 2**20:.0f} MiB"
         )
         for d in dbs:
+            cp = await d.run(lambda c: getattr(c, "checkpointer", None))
+            frames = await d.run(_wal_frames)
+            if cp is not None:
+                print(f"checkpointer: {cp.passes} passes, {cp.locked} under the writer lock, "
+                      f"{cp.deferred} tails left for later (disk slow); WAL frames {frames}")
             await d.close()
     print(f"load average after: {os.getloadavg()}")
 
@@ -172,7 +197,22 @@ if __name__ == "__main__":
         default=1,
         help="stores (connections, threads) claiming in turn on the one file (a pod's workers)",
     )
+    ap.add_argument(
+        "--disk-hog",
+        metavar="AT:SECONDS",
+        help="synced writes beside the file from AT s for SECONDS (bench/disk_hog.py)",
+    )
     a = ap.parse_args()
     asyncio.run(
-        main(a.keys, a.batch, a.every, a.mid_keys, a.writer, a.recent_keys, a.slice_keys, a.stores)
+        main(
+            a.keys,
+            a.batch,
+            a.every,
+            a.mid_keys,
+            a.writer,
+            a.recent_keys,
+            a.slice_keys,
+            a.stores,
+            a.disk_hog,
+        )
     )

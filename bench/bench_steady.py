@@ -36,11 +36,17 @@ loop was runnable without a core (other processes' load or steal, not the servic
 A stall watch (`StallWatch`, --stall-jump) prints a `stall` line for each second the backlog
 jumps: every service thread's CPU, run-queue share and the system calls it slept in, plus
 py-spy dumps in --stall-log (docs/benchmarks.md, "what a bench_steady stall is made of").
+--disk-hog AT:SECONDS makes an ordinary disk hiccup on purpose (bench/disk_hog.py: dd loops of
+synced writes beside the data dir) so that a mitigation can be compared in an ABBA; a probe's
+4-KiB fdatasync latency says how slow the disk was (inside and outside the hog's window), and
+every timeline line has the machine's iowait. --fill-seconds S with --rate loads the store
+(saturated, unmeasured) before the steady phase, as the peak phase would.
 
     uv run python bench/bench_steady.py [--seconds 300] [--share 0.8] [--workers N]
         [--peak-seconds S] [--basis populated|burst|sustained] [--rate R] [--linger S]
         [--post-peak-seconds S]
-        [--stall-jump RECORDS] [--stall-log FILE]
+        [--stall-jump RECORDS] [--stall-log FILE] [--fill-seconds S]
+        [--disk-hog AT:SECONDS] [--hog-streams N]
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_embedded import peak_rss_mb  # noqa: E402
+from disk_hog import DiskHog, FsyncProbe  # noqa: E402
 
 from tests.e2e._auth import bearer, sign_headers  # noqa: E402
 from tests.e2e._load import batch_body, run_load  # noqa: E402
@@ -180,10 +187,15 @@ def store_mb(path: Path) -> float:
     return sum(v for k, v in dir_mb(path).items() if k.endswith(".db"))
 
 
-def cpu_times() -> tuple[int, int]:
-    """(steal, total) jiffies of the whole machine, from /proc/stat's first line."""
+def cpu_times() -> tuple[int, int, int]:
+    """(steal, total, iowait) jiffies of the whole machine, from /proc/stat's first line."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
+    return fields[7] if len(fields) > 7 else 0, sum(fields[:8]), fields[4]
+
+
+def iowait_share(before: tuple[int, int, int], after: tuple[int, int, int]) -> float:
+    """Share of the machine's time its cores sat idle waiting for the disk in between."""
+    return (after[2] - before[2]) / max(after[1] - before[1], 1)
 
 
 def runq_seconds(pid: int) -> float:
@@ -196,7 +208,7 @@ def runq_seconds(pid: int) -> float:
         return 0.0
 
 
-def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+def steal_share(before: tuple[int, int, int], after: tuple[int, int, int]) -> float:
     """Share of the machine's time the hypervisor gave to others (VM steal) in between."""
     return (after[0] - before[0]) / max(after[1] - before[1], 1)
 
@@ -292,11 +304,13 @@ class StallWatch(threading.Thread):
             slow = backlog >= self.jump and rate < 0.5 * self.offered
             if jumped or slow:
                 self.stalls += 1
-                self.report(now - t0, rate, backlog, steal_share(last_steal, steal), answer,
-                            seen, cpu, last_cpu, now - last_t, pids)
+                self.report(now - t0, rate, backlog, steal_share(last_steal, steal),
+                            iowait_share(last_steal, steal), answer, seen, cpu, last_cpu,
+                            now - last_t, pids)
             last_t, last_got, last_backlog, last_cpu, last_steal = now, got, backlog, cpu, steal
 
-    def report(self, t: float, rate: float, backlog: float, steal: float, answer: float,
+    def report(self, t: float, rate: float, backlog: float, steal: float, iowait: float,
+               answer: float,
                seen: dict[tuple[str, int], dict[str, int]],
                cpu: dict[str, dict[int, tuple[str, str, float, float]]],
                last_cpu: dict[str, dict[int, tuple[str, str, float, float]]], dt: float,
@@ -331,7 +345,8 @@ class StallWatch(threading.Thread):
                 where = " ".join(f"{k} {v / total:.0%}" for k, v in waits[:3])
                 parts.append(f"{n}/{name} cpu {share:.0%} runq {queued:.0%} [{where}]")
         print(f"  stall t={t:4.0f}s delivered {rate:7,.0f}/s backlog {backlog:7,.0f} steal "
-              f"{steal:.0%} ctl answered in {answer:.2f} s; " + "; ".join(parts), flush=True)
+              f"{steal:.0%} iowait {iowait:.0%} ctl answered in {answer:.2f} s; "
+              + "; ".join(parts), flush=True)
 
 
 class Timeline(threading.Thread):
@@ -373,7 +388,8 @@ class Timeline(threading.Thread):
             now, got, hist, cpu, threads = sample()
             intake = backpressure(self.svc.url).get("intake", {})
             steal_now = cpu_times()
-            steal, last_steal = steal_share(last_steal, steal_now), steal_now
+            steal, iowait = steal_share(last_steal, steal_now), iowait_share(last_steal, steal_now)
+            last_steal = steal_now
             runq_now = {n: runq_seconds(p) for n, p in workers.items()}
             dt, n = now - last[0], got - last[1]
             p95 = quantile(last[2], hist, 0.95)
@@ -384,6 +400,7 @@ class Timeline(threading.Thread):
                 "backlog": float(intake.get("records", 0)),
                 "us": sum(cpu[k] - last[3][k] for k in service) / max(n, 1) * 1e6,
                 "steal": steal,
+                "iowait": iowait,
             }
             row.update({f"cpu_{k}": (cpu[k] - last[3][k]) / dt for k in pids})
             self.rows.append(row)
@@ -401,7 +418,8 @@ class Timeline(threading.Thread):
             shares = " ".join(f"{k} {row[f'cpu_{k}']:.0%}" for k in pids)
             print(
                 f"  t={row['t']:4.0f}s delivered {row['rate']:7,.0f}/s p95 {row['p95']:6.2f} s"
-                f" backlog {row['backlog']:7,.0f} steal {steal:3.0%} runq {row['runq']:3.0%};"
+                f" backlog {row['backlog']:7,.0f} steal {steal:3.0%} iowait {iowait:3.0%}"
+                f" runq {row['runq']:3.0%};"
                 f" service {row['us']:4.1f} us/rec, cpu {shares};"
                 f" {busy} us/rec {' '.join(parts)}; MB {files}",
                 flush=True,
@@ -421,11 +439,17 @@ class Timeline(threading.Thread):
         return mean(rows[:k]), mean(rows[-k:])
 
 
-async def paced(url: str, rate: float, batch: int, seconds: float) -> tuple[int, int, int]:
+async def paced(
+    url: str, rate: float, batch: int, seconds: float
+) -> tuple[int, int, int, dict[str, float]]:
     """Offer `rate` records/s as `batch`-record requests on a fixed schedule.
-    Returns (accepted, refused, errors) in records."""
+    Returns (accepted, refused, errors) in records, and how the front door answered: the
+    latest a request went out after its time ("late", s: the bench's own stall) and the
+    slowest answers ("answer_p99", "answer_max", s: time to the 202, not in the lag)."""
     interval = batch / rate
     accepted = refused = errors = 0
+    answers: list[float] = []
+    late = 0.0
     pending: set[asyncio.Task[None]] = set()
     timeout = aiohttp.ClientTimeout(total=60)
 
@@ -434,6 +458,7 @@ async def paced(url: str, rate: float, batch: int, seconds: float) -> tuple[int,
         async def send(n: int) -> None:
             nonlocal accepted, refused, errors
             body = batch_body(TENANT, f"st-{n}", batch)
+            sent = time.monotonic()
             try:
                 async with session.post(
                     f"{url}/v1/webhooks/{TENANT}/load",
@@ -441,6 +466,7 @@ async def paced(url: str, rate: float, batch: int, seconds: float) -> tuple[int,
                     headers=sign_headers(TENANT, body, content_type="application/x-ndjson"),
                 ) as resp:
                     await resp.read()
+                    answers.append(time.monotonic() - sent)
                     if resp.status == 202:
                         accepted += batch
                     else:
@@ -454,13 +480,20 @@ async def paced(url: str, rate: float, batch: int, seconds: float) -> tuple[int,
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            late = max(late, -delay)
             task = asyncio.ensure_future(send(n))
             pending.add(task)
             task.add_done_callback(pending.discard)
             n += 1
         if pending:
             await asyncio.gather(*pending)
-    return accepted, refused, errors
+    answers.sort()
+    door = {
+        "late": late,
+        "answer_p99": answers[int(0.99 * (len(answers) - 1))] if answers else float("nan"),
+        "answer_max": answers[-1] if answers else float("nan"),
+    }
+    return accepted, refused, errors, door
 
 
 def post_peak(svc: ServiceProcess, args: argparse.Namespace) -> float:
@@ -511,6 +544,16 @@ def main() -> None:
                     help="the webhook source's linger_seconds (default: the config default)")
     ap.add_argument("--rate", type=float, default=None,
                     help="offer this many records/s and skip the peak phase")
+    ap.add_argument("--fill-seconds", type=float, default=0.0,
+                    help="with --rate: first load the store for this long as the peak phase "
+                    "does (saturated, not measured), so the steady phase starts on a store "
+                    "of the size it would after a peak phase")
+    ap.add_argument("--disk-hog", default=None, metavar="AT:SECONDS",
+                    help="an ordinary disk hiccup on purpose: from AT s into the steady phase "
+                    "for SECONDS, --hog-streams dd loops of synced 4-MiB writes beside the data "
+                    "dir (bench/disk_hog.py); the fdatasync latency inside and outside the "
+                    "window is printed")
+    ap.add_argument("--hog-streams", type=int, default=4)
     ap.add_argument("--stall-jump", type=float, default=5000.0,
                     help="steady phase: a second in which the backlog grows by this many records "
                     "(or stays above it while delivery is under half the offered rate) prints a "
@@ -531,10 +574,17 @@ def main() -> None:
     print(f"machine: {platform.node()} {os.cpu_count()} cores, Python "
           f"{platform.python_version()}; uptime: {subprocess.getoutput('uptime').strip()}")
     svc = ServiceProcess(workdir / "data", config=config)
+    hog: DiskHog | None = None
     try:
         svc.start()
         url = svc.url
         peak = float("nan")
+        if args.rate is not None and args.fill_seconds > 0:
+            print(f"fill: {args.peak_clients} clients, {args.peak_batch}-record requests, "
+                  f"{args.fill_seconds:.0f} s")
+            asyncio.run(run_load(url, clients=args.peak_clients, batch=args.peak_batch,
+                                 seconds=args.fill_seconds, prefix="fl"))
+            wait_drained(url)
         if args.rate is None:
             print(f"peak: {args.peak_clients} clients, {args.peak_batch}-record requests, "
                   f"{args.peak_seconds:.0f} s")
@@ -578,8 +628,19 @@ def main() -> None:
         watch = StallWatch(svc, rate, log, jump=args.stall_jump)
         if args.stall_jump > 0:
             watch.start()
-        accepted, refused, errors = asyncio.run(paced(url, rate, args.batch, args.seconds))
+        probe = FsyncProbe(workdir)
+        probe.start()
+        if args.disk_hog:
+            at, span = (float(x) for x in args.disk_hog.split(":"))
+            hog = DiskHog(workdir, at, span, args.hog_streams)
+            hog.start()
+        accepted, refused, errors, door = asyncio.run(
+            paced(url, rate, args.batch, args.seconds)
+        )
         wait_drained(url)
+        if hog is not None:
+            hog.stop()
+        probe.stop()
         timeline.done.set()
         timeline.join()
         watch.done.set()
@@ -598,6 +659,8 @@ def main() -> None:
         rss = max(peak_rss_mb(p) for p in [svc.proc.pid, *svc.worker_pids().values()])
         drift = timeline.cost_drift()
     finally:
+        if hog is not None:
+            hog.stop()
         if svc.proc is not None:
             svc.terminate(120)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -607,6 +670,8 @@ def main() -> None:
     print(f"offered {rate:,.0f} rec/s for {args.seconds:.0f} s: accepted {accepted:,} refused "
           f"{refused:,} errors {errors:,} records; delivered {got:,.0f} in {elapsed:.0f} s "
           f"({got / elapsed:,.0f} rec/s{of_peak})")
+    print(f"front door: 202 answered in p99 {door['answer_p99']:.3f} s, max "
+          f"{door['answer_max']:.3f} s; a request went out at most {door['late']:.3f} s late")
     print(f"lag from acceptance: p50 {p50:.3f} s, p95 {p95:.3f} s, p99 {p99:.3f} s "
           f"(histogram buckets {bounds[0]}..{bounds[-1]} s, {len(bounds)} bounds)")
     if drift:
@@ -626,6 +691,13 @@ def main() -> None:
               f"{max(steals):.0%} in the worst {args.every:.0f}-s interval; "
               f"{watch.stalls} stall seconds"
               + (f", py-spy dumps in {log}" if watch.dumps else ""))
+    if hog is not None and hog.window is not None:
+        w = hog.window
+        print(f"disk hog t={w[0] - t1:.0f}-{w[1] - t1:.0f} s ({args.hog_streams} streams, "
+              f"{hog.written_mb:,} MB synced): 4-KiB fdatasync {probe.summary(w)}; "
+              f"outside it {probe.summary(w, inside=False)}")
+    else:
+        print(f"4-KiB fdatasync over the steady phase: {probe.summary()}")
     print(f"uptime after: {subprocess.getoutput('uptime').strip()}")
 
 
