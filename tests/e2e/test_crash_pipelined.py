@@ -107,10 +107,11 @@ def test_kill9_between_settling_and_writing_keeps_sink_and_dlq_exact(
     config = tmp_path / "ingest.yaml"
     sinks_yaml, dsn = sink
     config.write_text(CONFIG + sinks_yaml)
-    # 8 files x 300 batches x 20 lines = 48k lines: enough work for three kills or more at
+    # 14 files x 300 batches x 20 lines = 84k lines: enough work for three kills or more at
     # these pauses (6 files with pauses of 0.5-2 s let a run end after two kills once a file
-    # restarted into the inbox was taken without a settle wait)
-    for f in range(8):
+    # restarted into the inbox was taken without a settle wait; 8 files did once the SQLite
+    # sink and checkpoints got faster, 2026-12-03)
+    for f in range(14):
         drop_file(inbox, f"orders-{f}.jsonl", feed.file(f"f{f}", 300))
     assert len(feed.older) > 1000
 
