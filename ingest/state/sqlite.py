@@ -531,14 +531,31 @@ class Checkpointer:
         self.locked += 1
 
 
-def _checkpointer_connect(path: Path) -> sqlite3.Connection:
-    """The checkpointer's connection: the file's lock file and settings (synchronous=NORMAL:
-    a checkpoint syncs the WAL and the file), no migrations (its SQLiteDB's connection ran
-    them), a small page cache (a checkpoint copies frames without it)."""
+def _open(path: Path) -> Connection:
+    """A `Connection` of the file at `path` with its writer lock file and SQLite's busy
+    timeout: what the store's connection (`_connect`) and its checkpointer's share."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=Connection)
     try:
         conn.writer = open_lock_file(path)
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _frame_scale(conn: sqlite3.Connection) -> int:
+    """The file's page size in 4-KiB frames: the checkpoint counts' divisor."""
+    size: int = conn.execute("PRAGMA page_size").fetchone()[0]
+    return max(1, size // _FRAME)
+
+
+def _checkpointer_connect(path: Path) -> sqlite3.Connection:
+    """The checkpointer's connection: the file's lock file and settings (synchronous=NORMAL:
+    a checkpoint syncs the WAL and the file), no migrations (its SQLiteDB's connection ran
+    them), a small page cache (a checkpoint copies frames without it)."""
+    conn = _open(path)
+    try:
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA cache_size = -1024")
         conn.execute("PRAGMA wal_autocheckpoint = 0")  # it never writes; none of its own
@@ -547,8 +564,7 @@ def _checkpointer_connect(path: Path) -> sqlite3.Connection:
         (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
         if mode != "wal":
             raise sqlite3.OperationalError(f"{path} is not in WAL mode ({mode})")
-        size = conn.execute("PRAGMA page_size").fetchone()[0]
-        conn.frame_scale = max(1, size // _FRAME)
+        conn.frame_scale = _frame_scale(conn)
     except BaseException:
         conn.close()
         raise
@@ -621,10 +637,8 @@ def open_lock_file(path: Path) -> int | None:
 def _connect(
     path: Path, migrations: Sequence[Migration], page_size: int | None = None
 ) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=Connection)
+    conn = _open(path)
     try:
-        conn.writer = open_lock_file(path)
-        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
         with writer_lock(conn):
             if page_size is not None:
                 # Takes effect only on a file not yet written (the switch to WAL below writes
@@ -637,8 +651,7 @@ def _connect(
         # checkpoints are copied and synced once. Commits are as durable either way. Run by
         # `checkpoint_if_due` after the writer lock is released; SQLite's own (in COMMIT)
         # only as a backstop.
-        size = conn.execute("PRAGMA page_size").fetchone()[0]
-        conn.frame_scale = max(1, size // _FRAME)
+        conn.frame_scale = _frame_scale(conn)
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_BACKSTOP // conn.frame_scale}")
         conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("PRAGMA cache_size = -65536")  # 64 MiB
