@@ -19,8 +19,9 @@ Commits go through the commit watermark: a position is acknowledged only once it
 every batch before it are durable.
 
 The runner tells its source when it holds (`Source.pause()` / `resume()`): at once for drain
-and pause, and after HOLD_AFTER_S when tokens or the delivery of the batch before keep the
-reader waiting (a Kafka member must keep polling to stay in its group). When the service
+and pause (also while a read waits in the source for data), and after HOLD_AFTER_S when
+tokens or the delivery of the batch before keep the reader waiting (a Kafka member must keep
+polling to stay in its group). When the service
 stops, `Source.stop()` lets `batches()` end after the read in progress.
 
 Neither stage can wait for the other forever: the consumer watches the producer's task as well
@@ -156,6 +157,11 @@ class SourceRunner:
             if held and not self.stopping.is_set():
                 await self.source.resume()
 
+    async def _until_held(self) -> None:
+        """Return once the service is drained or paused (looked at every 0.1 s, as `_gate`)."""
+        while self.admission.state not in _HOLD:
+            await asyncio.sleep(0.1)
+
     async def _stop_source(self) -> None:
         if not self._source_stopped:
             self._source_stopped = True
@@ -190,9 +196,21 @@ class SourceRunner:
                         break
                     next_batch = asyncio.ensure_future(anext(batches))
                 stop_wait = asyncio.ensure_future(self.stopping.wait())
-                racing: set[asyncio.Future[Any]] = {next_batch, stop_wait}
+                held = asyncio.ensure_future(self._until_held())
+                racing: set[asyncio.Future[Any]] = {next_batch, stop_wait, held}
                 done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
                 stop_wait.cancel()
+                held.cancel()
+                # paused or drained while the read waits for data: the source is held now,
+                # not after its next batch (an object source would otherwise list, lease and
+                # GET on through an operator's pause); the read goes on after
+                if (
+                    held in done
+                    and next_batch not in done
+                    and not self.stopping.is_set()
+                    and await self._gate()
+                ):
+                    continue
                 if next_batch not in done or self.stopping.is_set():
                     # stopping: the source ends `batches()` after the read in progress; a batch
                     # read now (or read ahead) is never delivered (nor committed), so it is

@@ -177,6 +177,8 @@ class ItemSource(PullOnly, ABC, Generic[CfgT]):
         self._max_line = max_line_bytes
         self._health = AdapterHealth()
         self._stop = asyncio.Event()
+        self._go = asyncio.Event()  # clear while the runner holds (`pause`): no list, no lease
+        self._go.set()
         self._seq = 0
         self._items: dict[str, _ItemState] = {}  # items this worker holds a lease on
         self._unfinished: dict[str, float] = {}  # item -> mtime, not yet done (any worker)
@@ -223,6 +225,9 @@ class ItemSource(PullOnly, ABC, Generic[CfgT]):
 
     async def batches(self) -> AsyncIterator[SourceBatch]:
         while not self._stop.is_set():
+            await self._go.wait()
+            if self._stop.is_set():
+                break
             try:
                 async for batch in self._pass():
                     yield batch
@@ -264,8 +269,20 @@ class ItemSource(PullOnly, ABC, Generic[CfgT]):
             else:  # its end was read meanwhile (or by this batch): done now, one more write
                 await self._finish_if_complete(state)
 
+    async def pause(self) -> None:
+        """The runner holds (an operator's pause or drain, or downstream keeping it
+        waiting): a read waiting in `batches()` lists nothing and leases nothing more until
+        `resume()` (the items already leased ahead finish opening; their leases are kept)."""
+        self._go.clear()
+        await super().pause()
+
+    async def resume(self) -> None:
+        self._go.set()
+        await super().resume()
+
     async def stop(self) -> None:
         self._stop.set()
+        self._go.set()  # a held read ends: `batches()` ends after the read in progress
         self._health.status = "stopped"
 
     def health(self) -> AdapterHealth:
@@ -336,6 +353,9 @@ class ItemSource(PullOnly, ABC, Generic[CfgT]):
                     part = [r for r in others if done.get(r.name) != r.version]
                 todo = iter(part)
                 while True:
+                    # held (`pause`) mid-pass: what is leased stays leased (renewed) and what
+                    # was read stays in `buf`; nothing more is leased before `resume`
+                    await self._go.wait()
                     while len(ahead) < OPEN_AHEAD and (ref := next(todo, None)) is not None:
                         ahead.append(asyncio.create_task(self._open_ref(ref)))
                     if not ahead:

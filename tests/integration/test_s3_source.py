@@ -384,3 +384,48 @@ async def test_aws_cli_lists_the_prefix(s3: Any, s3_endpoint: str, prefix: str) 
     lines = out.decode().splitlines()
     assert [ln.split()[-1] for ln in lines] == [f"{prefix}sub/one.jsonl", f"{prefix}two.jsonl"]
     assert [ln.split()[2] for ln in lines] == ["3", "6"]
+
+
+async def test_a_paused_source_lists_leases_and_gets_nothing_until_resumed(
+    s3: Any, s3_endpoint: str, prefix: str, state: State
+) -> None:
+    """An operator's pause (the runner calls `pause()` while the read waits for objects)
+    holds the S3 source: objects put meanwhile are not listed, leased nor fetched; on
+    `resume()` they are read at once, each line once."""
+    source = S3Source(s3_config(s3_endpoint, prefix), state.checkpoints, state.leases,
+                      worker_id="w1")  # fmt: skip
+    calls: collections.Counter[str] = collections.Counter()
+    list_items, open_item = source.list_items, source.open_item
+
+    async def counted_list() -> Any:
+        calls["list"] += 1
+        return await list_items()
+
+    def counted_open(ref: Any, start: int) -> Any:
+        calls["get"] += 1
+        return open_item(ref, start)
+
+    source.list_items = counted_list  # type: ignore[method-assign]
+    source.open_item = counted_open  # type: ignore[method-assign]
+    pump = await Pump(source).start()
+    try:
+        await wait_for(lambda: source.health().status == "idle")  # listed the empty prefix
+        await source.pause()
+        await asyncio.sleep(0.3)  # a listing in flight at the pause ends
+        before = calls["list"]
+        for name in ("a", "b", "c"):
+            await put(s3, f"{prefix}{name}.jsonl", jsonl(name, 40))
+        await asyncio.sleep(1.0)  # 5 polls of an unheld source
+        assert (calls["list"], calls["get"]) == (before, 0)
+        leased = await state.db.run(
+            lambda c: c.execute("SELECT count(*) FROM source_leases").fetchone()[0]
+        )
+        assert leased == 0 and not source._items
+        assert pump.queue.empty()
+        await source.resume()
+        batches = await pump.take(120, timeout=10)
+        assert sorted(record_ids(batches)) == sorted(
+            f"{n}-{i}" for n in ("a", "b", "c") for i in range(40)
+        )
+    finally:
+        await pump.close()

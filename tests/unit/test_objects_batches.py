@@ -158,3 +158,63 @@ def test_buffer_takes_say_each_items_last_record(runs: list[int], cuts: list[int
     assert len(taken) + left == sum(runs)
     buf.forget()
     assert all(s.buffered == 0 for s in states) and not buf.records
+
+
+class CountingSource(MemorySource):
+    """MemorySource counting its listings and the items it opened (leased, then read)."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.listings = 0
+        self.opened: list[str] = []
+
+    async def list_items(self) -> list[ItemRef]:
+        self.listings += 1
+        return await super().list_items()
+
+    async def open_item(self, ref: ItemRef, start: int) -> AsyncGenerator[bytes, None]:
+        self.opened.append(ref.name)
+        async for chunk in super().open_item(ref, start):
+            yield chunk
+
+
+async def test_a_held_source_lists_and_leases_nothing_until_resumed(tmp_path: Path) -> None:
+    """`pause()` holds a read waiting in `batches()` (the runner pauses a source at once on an
+    operator's pause): no listing, no lease, no GET until `resume()`; and mid-pass, after a
+    batch, no further item is leased (the items leased ahead before the pause finish
+    opening), nothing more is yielded; after `resume()` every line comes, once, in order."""
+    db = await SQLiteDB.open(tmp_path / "state.db")
+    try:
+        leases = SQLiteLeaseStore(db)
+        cfg = S3SourceConfig(url="s3://b/p/", tenant="acme-corp", batch_size=10, poll_seconds=0.01)
+        source = CountingSource(cfg, SQLiteCheckpointStore(db, "w0"), leases, worker_id="w1")
+        source.chunk = 1 << 16
+        await source.start()
+        batches = source.batches()
+        await source.pause()
+        reading = asyncio.ensure_future(anext(batches))
+        await asyncio.sleep(0.05)
+        source.objects = {f"o{i:03d}.jsonl": _lines(i, 10) for i in range(8)}
+        await asyncio.sleep(0.2)  # 20 polls of an unheld source
+        assert (source.listings, source.opened, reading.done()) == (0, [], False)
+        await source.resume()
+        first = await asyncio.wait_for(reading, 5)
+        assert [orjson.loads(r.data)["id"] for r in first.records] == [f"0-{j}" for j in range(10)]
+        await source.pause()  # mid-pass: o001.. were being opened ahead
+        reading = asyncio.ensure_future(anext(batches))
+        await asyncio.sleep(0.2)
+        opened = list(source.opened)
+        assert not reading.done() and len(opened) <= 1 + 3  # o000 and the OPEN_AHEAD before
+        await asyncio.sleep(0.1)
+        assert source.opened == opened and source.listings == 1
+        await source.resume()
+        seen = [first, await asyncio.wait_for(reading, 5)]
+        while sum(len(b.records) for b in seen) < 80:
+            seen.append(await asyncio.wait_for(anext(batches), 5))
+        ids = [orjson.loads(r.data)["id"] for b in seen for r in b.records]
+        assert ids == [f"{i}-{j}" for i in range(8) for j in range(10)]
+        await source.stop()
+        await batches.aclose()
+        await source.close()
+    finally:
+        await db.close()

@@ -176,3 +176,25 @@ async def test_a_pull_only_source_shows_the_hold_and_keeps_an_error_shown() -> N
     assert failing._health.status == "error"  # a hold never hides an error
     await failing.resume()
     assert failing._health.status == "error"
+
+
+async def test_a_pause_holds_a_source_whose_read_waits_for_data(
+    setup: tuple[SourceRunner, ScriptedSource, MemorySink],
+) -> None:
+    """An operator's pause reaches a source while the runner's read waits in `batches()` for
+    data (an idle bucket prefix, an empty topic): it is paused at once, not after the batch
+    that read returns (an S3 source listed, leased and fetched on through the pause)."""
+    runner, source, sink = setup
+    task = asyncio.create_task(runner.run())
+    await asyncio.sleep(0.1)  # the reader waits in batches() for data
+    runner.admission.pause()
+    await until(lambda: source.calls == ["pause"], timeout=2)
+    source.feed.put_nowait([record(1)])  # arrives while paused: delivered after the resume
+    await asyncio.sleep(0.3)
+    assert sink.rows == {} and source.committed == []
+    runner.admission.resume()
+    await until(lambda: source.committed == [1])
+    assert source.calls == ["pause", "resume"]
+    runner.stopping.set()
+    await asyncio.wait_for(task, 5)
+    assert source.calls == ["pause", "resume", "stop"]
