@@ -19,10 +19,12 @@ in-process on N records, batches of 2,000, one step at a time; CPU of the whole 
 the stores' SQLite threads are counted). `--threads N` adds the CPU per record of each
 thread of the service (in-process, one worker, on N records): the event loop's, each SQLite
 file's, the rest. `--files N` drops the records as N files at once (a pod's workers lease one
-file each; default 1).
+file each; default 1). `--idle` adds, per phase, the share of it each worker process had
+no thread running or waiting for a core (`IdleSampler`): what the pod leaves of both cores.
 
     uv run python bench/bench_embedded.py [--records 1000000] [--profile-records 200000]
                                           [--steps 100000] [--threads 200000] [--files 2]
+                                          [--idle]
 """
 
 from __future__ import annotations
@@ -142,19 +144,20 @@ def peak_rss_mb(pid: int) -> float:
     return max(peaks, default=float("nan"))
 
 
-def descendants(pid: int) -> list[int]:
-    """`pid` and every live process below it."""
+def descendants(pid: int, depth: int | None = None) -> list[int]:
+    """`pid` and every live process below it (at most `depth` levels below)."""
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
-    out, todo = [], [pid]
+    out, todo = [], [(pid, 0)]
     while todo:
-        p = todo.pop()
+        p, level = todo.pop()
         out.append(p)
-        todo.extend(c for c, parent in parents.items() if parent == p)
+        if depth is None or level < depth:
+            todo.extend((c, level + 1) for c, parent in parents.items() if parent == p)
     return out
 
 
@@ -185,15 +188,83 @@ def server_pid(*needles: str) -> int | None:
     return min(found) if found else None
 
 
+# How often the bench looks whether the phase's files are committed: its error on a 200k
+# phase (~1.3 s) is half of it on average; at 0.05 s that was ~2 % of the phase.
+DONE_POLL_S = 0.005
+IDLE_SAMPLE_S = 0.002  # `--idle`: how often the workers' threads are looked at
+
+
+class IdleSampler:
+    """`--idle`: every IDLE_SAMPLE_S, the state of each thread of the service's worker
+    processes (/proc/<pid>/task/<tid>/stat, and wchan for a sleeping one). A sample where no
+    thread of a worker runs or waits for a core (R) or the disk (D) is that worker idle by
+    its own choice: whatever the machine's load, it had nothing to do. Of those, the share
+    with a thread in a timed sleep (`hrtimer_nanosleep`: the SQLite writer locks' polls,
+    `ingest.state.sqlite._flock`) says how much of it was a wait for another worker's
+    write. It reads /proc from the bench's process: a cost on the same cores, so the
+    records/s of a run with it are not the ratio's."""
+
+    def __init__(self, root: int) -> None:
+        import threading
+
+        self.workers = pipeline_processes(root)
+        self.samples: dict[int, list[int]] = {p: [0, 0, 0] for p in self.workers}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid in self.workers:
+                states = []
+                try:
+                    tids = os.listdir(f"/proc/{pid}/task")  # threads come and go
+                except OSError:
+                    continue
+                for tid in tids:
+                    try:
+                        state = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+                        state = state.rsplit(")", 1)[1].split()[0]
+                        if state not in ("R", "D"):
+                            state = Path(f"/proc/{pid}/task/{tid}/wchan").read_text()
+                    except OSError:
+                        continue
+                    states.append(state)
+                count = self.samples[pid]
+                count[0] += 1
+                if states and not any(s in ("R", "D") for s in states):
+                    count[1] += 1
+                    count[2] += "hrtimer_nanosleep" in states
+            time.sleep(IDLE_SAMPLE_S)
+
+    def stop(self) -> str:
+        self._stop.set()
+        self._thread.join()
+        return "; ".join(
+            f"worker {pid}: idle {idle / max(total, 1):.0%} of {total} samples"
+            f" ({lock / max(total, 1):.0%} with a writer-lock poll)"
+            for pid, (total, idle, lock) in self.samples.items()
+        )
+
+
+def pipeline_processes(root: int) -> list[int]:
+    """The processes of `root`'s service that run the pipeline: a pod's workers (children of
+    its fork server, so two levels below the control plane), else the service itself."""
+    below = descendants(root)
+    children = set(descendants(root, depth=1)) - {root}
+    workers = [p for p in below if p != root and p not in children]
+    return workers or [root]
+
+
 def run_service(
     lines: list[bytes], workdir: Path, port: int, files: int = 1,
-    updates: list[bytes] | None = None,
-) -> list[tuple[float, float | None, float, float]]:
+    updates: list[bytes] | None = None, idle: bool = False,
+) -> list[tuple[float, float | None, float, float, str]]:
     """Per phase (new rows, then `updates` if given, in the same service): (records/s, p95
-    lag, peak RSS MB, service CPU µs per record). Each phase's records are dropped as `files`
-    files at once (a pod's workers lease one file each) and timed until all are committed;
-    the p95 lag is of the histogram so far. Checks the sink holds every entity at the last
-    phase's revision."""
+    lag, peak RSS MB, service CPU µs per record, `IdleSampler`'s summary or ""). Each phase's
+    records are dropped as `files` files at once (a pod's workers lease one file each) and
+    timed until all are committed; the p95 lag is of the histogram so far. Checks the sink
+    holds every entity at the last phase's revision."""
     data = workdir / "svc"
     inbox = data / "inbox" / "acme-corp"
     inbox.mkdir(parents=True)
@@ -219,18 +290,20 @@ def run_service(
             for i, name in enumerate(names):
                 part = phase[i * len(phase) // files : (i + 1) * len(phase) // files]
                 (workdir / name).write_bytes(b"\n".join(part) + b"\n")
+            sampler = IdleSampler(proc.pid) if idle else None
             cpu0 = tree_cpu_seconds(proc.pid)
             t0 = time.perf_counter()
             for name in names:
                 os.replace(workdir / name, inbox / name)
             while any((inbox / name).exists() for name in names):
-                time.sleep(0.05)
+                time.sleep(DONE_POLL_S)
             elapsed = time.perf_counter() - t0
             cpu = tree_cpu_seconds(proc.pid) - cpu0
+            idled = sampler.stop() if sampler is not None else ""
             metrics = httpx.get(f"{url}/metrics", timeout=10).text
             rss = peak_rss_mb(proc.pid)
             out.append((len(phase) / elapsed, p95_from_histogram(metrics), rss,
-                        cpu / len(phase) * 1e6))
+                        cpu / len(phase) * 1e6, idled))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -390,6 +463,9 @@ def main() -> None:
                     help="split the records into this many files (one per worker at a time)")
     ap.add_argument("--no-updates", action="store_true",
                     help="skip the second phase: revision 2 of the same entities, same service")
+    ap.add_argument("--idle", action="store_true",
+                    help="also how much of each phase each worker had nothing to run (its "
+                         "threads sampled every 2 ms from /proc; costs the bench's CPU)")
     ap.add_argument("--threads", type=int, default=0, metavar="N",
                     help="also the CPU per record by thread, the service in-process on N records")
     ap.add_argument("--steps", type=int, default=0, metavar="N",
@@ -414,8 +490,8 @@ def main() -> None:
         upsert = (None if updates is None else
                   asyncio.run(bulk_limit(lines, workdir / "limit-upsert.db", True, updates)))
         load = os.getloadavg()
-        phases = run_service(lines, workdir, args.port, args.files, updates)
-        rate, p95, rss, cpu_us = phases[0]
+        phases = run_service(lines, workdir, args.port, args.files, updates, args.idle)
+        rate, p95, rss, cpu_us, idled = phases[0]
         print(f"records:               {args.records} in {args.files} file(s)")
         print(f"limit (SQLite bulk):   {limit:,.0f} records/s (best of {LIMIT_RUNS} runs each: "
               f"executemany {limit_many:,.0f}, multi-row INSERTs {limit_multi:,.0f}; all runs "
@@ -425,13 +501,17 @@ def main() -> None:
         print(f"p95 lag:               <= {p95} s (histogram bucket bound)")
         print(f"peak RSS (service):    {rss:.0f} MB")
         print(f"service CPU:           {cpu_us:.1f} µs/record (user+sys, all its processes)")
+        if idled:
+            print(f"workers idle:          {idled}")
         if updates is not None:
-            u_rate, u_p95, rss, u_cpu = phases[1]
+            u_rate, u_p95, rss, u_cpu, u_idled = phases[1]
             print(f"rev-2 updates:         {u_rate:,.0f} records/s ({u_rate / limit:.2f}x of the "
                   f"limit), p95 lag <= {u_p95} s, service CPU {u_cpu:.1f} µs/record")
             print(f"SQLite's own upsert:   {upsert:,.0f} records/s of revision 2 onto the stored "
                   f"rows by the sink's statements (rev-2 updates {u_rate / upsert:.2f}x of it; "
                   f"not the limit)")
+            if u_idled:
+                print(f"workers idle, rev-2:   {u_idled}")
             print(f"peak RSS after both:   {rss:.0f} MB")
         print(f"load average:          {load} at start, {os.getloadavg()} after")
         if args.steps:
