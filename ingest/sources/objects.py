@@ -179,6 +179,7 @@ class ItemSource(PullOnly, ABC, Generic[CfgT]):
         self._stop = asyncio.Event()
         self._go = asyncio.Event()  # clear while the runner holds (`pause`): no list, no lease
         self._go.set()
+        self._wake = asyncio.Event()  # set by resume() and stop(): a poll's wait ends at once
         self._seq = 0
         self._items: dict[str, _ItemState] = {}  # items this worker holds a lease on
         self._unfinished: dict[str, float] = {}  # item -> mtime, not yet done (any worker)
@@ -277,12 +278,16 @@ class ItemSource(PullOnly, ABC, Generic[CfgT]):
         await super().pause()
 
     async def resume(self) -> None:
+        """Go on, listing at once: a source held through its poll's wait would otherwise
+        sit out the rest of `poll_seconds` after an operator's resume."""
         self._go.set()
+        self._wake.set()
         await super().resume()
 
     async def stop(self) -> None:
         self._stop.set()
         self._go.set()  # a held read ends: `batches()` ends after the read in progress
+        self._wake.set()
         self._health.status = "stopped"
 
     def health(self) -> AdapterHealth:
@@ -549,8 +554,12 @@ class ItemSource(PullOnly, ABC, Generic[CfgT]):
                     self._items.pop(item, None)
 
     async def _sleep(self, seconds: float) -> None:
+        """Wait `seconds`, or less if the source is resumed or stopped meanwhile (a resume
+        before the wait began does not shorten it)."""
+        if not self._stop.is_set():
+            self._wake.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
 
 
 async def _read_ahead(

@@ -218,3 +218,33 @@ async def test_a_held_source_lists_and_leases_nothing_until_resumed(tmp_path: Pa
         await source.close()
     finally:
         await db.close()
+
+
+async def test_a_resume_lists_at_once_not_after_the_poll(tmp_path: Path) -> None:
+    """Paused and resumed while it waits out `poll_seconds` after an idle pass, the source
+    lists again at once: a warm pod starts on an operator's resume, not up to a poll later.
+    A resume before its wait began leaves the wait whole (no extra listing)."""
+    db = await SQLiteDB.open(tmp_path / "state.db")
+    try:
+        leases = SQLiteLeaseStore(db)
+        cfg = S3SourceConfig(url="s3://b/p/", tenant="acme-corp", batch_size=10, poll_seconds=30)
+        source = CountingSource(cfg, SQLiteCheckpointStore(db, "w0"), leases, worker_id="w1")
+        await source.start()
+        await source.resume()  # before any wait: must not cut the first one short
+        batches = source.batches()
+        reading = asyncio.ensure_future(anext(batches))
+        await asyncio.sleep(0.1)
+        assert source.listings == 1 and not reading.done()  # the empty pass, then the wait
+        await source.pause()
+        source.objects = {"o000.jsonl": _lines(0, 10)}
+        await asyncio.sleep(0.1)
+        assert source.listings == 1
+        await source.resume()
+        batch = await asyncio.wait_for(reading, 2)  # not 30 s
+        assert source.listings == 2
+        assert [orjson.loads(r.data)["id"] for r in batch.records] == [f"0-{j}" for j in range(10)]
+        await source.stop()
+        await batches.aclose()
+        await source.close()
+    finally:
+        await db.close()
