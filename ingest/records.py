@@ -11,7 +11,8 @@ import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum, StrEnum
-from typing import Any
+from types import MappingProxyType
+from typing import Any, cast
 
 import msgspec
 import orjson
@@ -87,6 +88,13 @@ class RawRecord(msgspec.Struct, gc=False):
     event_time: float
     decoded: dict[str, Any] | None = None
     meta: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+# The `meta` of RawRecords whose source sets none, one object for all of them (the inbox's
+# lines): an empty dict a record cost its building and its freeing on the event loop. Read
+# only, so a write to it raises rather than reaching every record that shares it; a source
+# that sets meta builds the record with a dict of its own (the default).
+NO_META: dict[str, Any] = cast("dict[str, Any]", MappingProxyType({}))
 
 
 class Record(msgspec.Struct, gc=False):

@@ -100,6 +100,11 @@ class BatchFacts:
     unique: bool  # no dedupe_key twice
     tenant: str | None  # the one every record has, else None
     entity_type: str | None  # likewise
+    # the raws' source and event time when every raw holds the very same object (a source
+    # gives a batch's raws its one name, and a file's raws its one time), else None: the
+    # settle's label counts and lag observations then need no pass over the raws
+    source: str | None = None
+    event_time: float | None = None
 
 
 @dataclass(slots=True)

@@ -334,14 +334,20 @@ class Pipeline:
         )
         commit_time = self.clock()
         facts = written.facts
-        counts = _label_counts(raws) if written.count_processed or facts is not None else None
+        counts: Counter[tuple[str, str]] | None = None
+        if facts is not None and facts.tenant is not None and facts.source is not None:
+            counts = Counter({(facts.tenant, facts.source): len(raws)})  # every raw's label
+        elif written.count_processed or facts is not None:
+            counts = _label_counts(raws)
         if facts is None:
             label = _one_label(records)
             one_time = None
         else:  # records are some of raws: one label (event time) of raws is theirs
             label = next(iter(counts)) if counts and len(counts) == 1 and records else None
-            times = {raw.event_time for raw in raws}
-            one_time = next(iter(times)) if len(times) == 1 else None
+            one_time = facts.event_time
+            if one_time is None:
+                times = {raw.event_time for raw in raws}
+                one_time = next(iter(times)) if len(times) == 1 else None
         failed_ids: set[int] = set()  # id() of records that failed at some sink
         unchanged: Counter[int] = Counter()  # id() -> sinks that found it already stored
         lags: Counter[tuple[str, str, str, float]] = Counter()  # same event time, one key

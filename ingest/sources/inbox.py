@@ -62,7 +62,7 @@ import msgspec
 from ingest.config import InboxSourceConfig
 from ingest.formats import DEFAULT_MAX_LINE_BYTES, Line, LineReader, detect_format, reject_meta
 from ingest.names import representable, shown, valid_name
-from ingest.records import RawRecord
+from ingest.records import NO_META, RawRecord
 from ingest.sources.base import AdapterHealth, PullOnly, SourceBatch
 from ingest.state.base import CheckpointStore
 from ingest.state.leases import LeaseStore
@@ -401,16 +401,29 @@ class InboxSource(PullOnly):
                     self._retry_at[(tenant, name)] = time.monotonic() + UNREADABLE_RETRY_SECONDS
                     self._health.error(f"reading {tenant}/{shown(name)} failed: {_why(exc)}")
                     return
-                if chunk and all(ln.error is None and ln.decoded is None for ln in chunk):
-                    # Lines read whole and not CSV (the usual case): what `_raw` makes of
-                    # each, in one comprehension instead of a call per line.
-                    seq, source = self._seq, self.name
-                    raws += [
-                        RawRecord(ln.data, tenant, source, i, LinePosition(name, ln.offset), mtime)
-                        for i, ln in enumerate(chunk, seq + 1)
-                    ]
-                    self._seq = seq + len(chunk)
-                    last_offset = chunk[-1].offset
+                # Lines read whole and not CSV (the usual case): what `_raw` makes of each,
+                # in one comprehension instead of a call per line, sharing one empty meta; it
+                # leaves any other line out, and then the chunk goes line by line (`_raw`).
+                seq, source = self._seq, self.name
+                plain = [
+                    RawRecord(
+                        ln.data,
+                        tenant,
+                        source,
+                        i,
+                        LinePosition(name, ln.offset),
+                        mtime,
+                        None,
+                        NO_META,
+                    )
+                    for i, ln in enumerate(chunk, seq + 1)
+                    if ln.error is None and ln.decoded is None
+                ]
+                if len(plain) == len(chunk):
+                    if chunk:
+                        raws += plain
+                        self._seq = seq + len(chunk)
+                        last_offset = chunk[-1].offset
                 else:
                     header = lines.reader.header
                     for line in chunk:

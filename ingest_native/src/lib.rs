@@ -1021,6 +1021,31 @@ fn tuple_of<const N: usize>(py: Python<'_>, items: [PyObject; N]) -> Bound<'_, P
     }
 }
 
+/// `callable(*items)`, by vectorcall when the callable takes it (a msgspec Struct type does):
+/// no argument tuple is built and freed a record, as `call1` builds one. The items' references
+/// are given back after the call.
+fn call_with<'py, const N: usize>(
+    py: Python<'py>,
+    callable: &Bound<'py, PyAny>,
+    items: [PyObject; N],
+) -> PyResult<Bound<'py, PyAny>> {
+    let ptrs: [*mut pyo3::ffi::PyObject; N] = items.map(|item| item.into_ptr());
+    // SAFETY: `ptrs` are N owned, live references (given back below, exactly once each);
+    // the result is a new reference or NULL with the error set (`from_owned_ptr_or_err`).
+    unsafe {
+        let result = pyo3::ffi::PyObject_Vectorcall(
+            callable.as_ptr(),
+            ptrs.as_ptr(),
+            N,
+            std::ptr::null_mut(),
+        );
+        for ptr in ptrs {
+            pyo3::ffi::Py_DECREF(ptr);
+        }
+        Bound::from_owned_ptr_or_err(py, result)
+    }
+}
+
 /// Out of the cycle collector's lists: a tuple of strings, numbers, bytes and None (what the
 /// collector itself untracks, but only once a collection has walked it), or the relations
 /// list, whose dicts hold strings only. A record's objects are never part of a cycle (the
@@ -1089,11 +1114,14 @@ const TURN: usize = 256;
 /// meanwhile), then their Python objects built with it.
 ///
 /// `facts`: answer `(list, facts)` instead, where facts is None unless every answer is a
-/// finished `Record`; then `(keys, entities, unique, tenant, entity_type)`: the records'
-/// dedupe keys in order (a new list), the set of their entity keys, whether no dedupe key
-/// comes twice, and the tenant and the entity type every record shares (None when they
-/// differ). The worker's per-batch bookkeeping reads these instead of walking the records
-/// again on the event loop (`ingest.pipeline.decode.BatchFacts`).
+/// finished `Record`; then `(keys, entities, unique, tenant, entity_type, source,
+/// event_time)`: the records' dedupe keys in order (a new list), the set of their entity
+/// keys, whether no dedupe key comes twice, the tenant and the entity type every record
+/// shares (None when they differ), and the raws' `source` and `event_time` when every raw
+/// holds the very same object (None otherwise, also when they are only equal: a source
+/// gives each raw of a batch its one name and its one time). The worker's per-batch
+/// bookkeeping reads these instead of walking the records again on the event loop
+/// (`ingest.pipeline.decode.BatchFacts`).
 ///
 /// `bodies`: which finished records get their body built at once, as the tuples' is: None or
 /// False, none; True, all; else a callable `(tenant, entity_type) -> bool`, asked once a call
@@ -1132,15 +1160,14 @@ fn decode_records(
         target_id: k("target_id"),
         no_relations: k("[]"),
     };
-    let (a_data, a_tenant) = (k("data"), k("tenant"));
-    let (a_decoded, a_meta) = (k("decoded"), k("meta"));
+    let mut fields = Fields::new(py, ["data", "decoded", "meta", "tenant", "source", "event_time"]);
     // 1. the raws and their bytes, held (strong references) until the end
     let mut held: Vec<Held<'_>> = Vec::with_capacity(raws.len());
     for raw in raws.iter() {
-        let data = match raw.getattr(&a_data)?.downcast_into::<PyBytes>().ok() {
+        let data = match fields.get(&raw, DATA)?.downcast_into::<PyBytes>().ok() {
             Some(b) if b.as_bytes().len() <= limit
-                && raw.getattr(&a_decoded)?.is_none()
-                && !raw.getattr(&a_meta)?.is_truthy()? => Some(b),
+                && fields.get(&raw, DECODED)?.is_none()
+                && !fields.get(&raw, META)?.is_truthy()? => Some(b),
             _ => None,
         };
         held.push((raw, data));
@@ -1155,13 +1182,81 @@ fn decode_records(
             py.allow_threads(|| turn.iter().map(|d| d.and_then(|d| line_of(d, rows))).collect());
         // 3. their Python objects
         for ((raw, _), line) in raws.iter().zip(lines) {
-            build(py, &out, raw, line, record, times, horizon, sqlite_rows, &keys, &mut names, &a_tenant, &mut acc, &mut bodies)?;
+            build(py, &out, raw, line, record, times, horizon, sqlite_rows, &keys, &mut names, &mut fields, &mut acc, &mut bodies)?;
         }
     }
     Ok(match acc {
         None => out.into_any().unbind(),
         Some(acc) => tuple_of(py, [out.into_any().unbind(), acc.finish(py)?]).into_any().unbind(),
     })
+}
+
+/// The raw records' fields `decode_records` reads, by their index in `Fields::new`'s names.
+const DATA: usize = 0;
+const DECODED: usize = 1;
+const META: usize = 2;
+const TENANT: usize = 3;
+const SOURCE: usize = 4;
+const EVENT_TIME: usize = 5;
+
+/// Reads the raw records' fields. A `RawRecord` (a msgspec Struct) keeps each field in a slot
+/// at a fixed offset, which its type's member descriptor gives: read there, a field costs a
+/// load instead of `getattr`'s type lookup and descriptor call (those were ~8 % of the decode
+/// thread's time in a pod's profile, six reads a record). An object of any other type, a
+/// name that is not such a slot in its type, or a slot not set: `getattr`, as before.
+struct Fields<'py> {
+    names: [Py<PyString>; 6],
+    /// the type the offsets are for, held (None: no type yet)
+    ty: Option<Bound<'py, PyAny>>,
+    /// each name's slot offset in `ty`'s objects; 0: read by `getattr`
+    offsets: [isize; 6],
+}
+
+impl<'py> Fields<'py> {
+    fn new(py: Python<'py>, names: [&str; 6]) -> Self {
+        Fields { names: names.map(|n| PyString::intern_bound(py, n).unbind()), ty: None, offsets: [0; 6] }
+    }
+
+    /// Field `i` of `raw`.
+    fn get(&mut self, raw: &Bound<'py, PyAny>, i: usize) -> PyResult<Bound<'py, PyAny>> {
+        let ty = raw.get_type().into_any();
+        if !self.ty.as_ref().map_or(false, |t| t.is(&ty)) {
+            self.offsets = [0; 6];
+            for (name, offset) in self.names.iter().zip(self.offsets.iter_mut()) {
+                *offset = ty.getattr(name).map_or(0, |d| slot_offset(&d));
+            }
+            self.ty = Some(ty);
+        }
+        let offset = self.offsets[i];
+        if offset > 0 {
+            // SAFETY: `raw`'s type is `ty`, whose member descriptor says an object pointer
+            // (Py_T_OBJECT_EX) sits at `offset` in each of its objects; NULL when not set.
+            unsafe {
+                let slot = *raw.as_ptr().cast::<u8>().offset(offset).cast::<*mut pyo3::ffi::PyObject>();
+                if !slot.is_null() {
+                    return Ok(Bound::from_borrowed_ptr(raw.py(), slot));
+                }
+            }
+        }
+        raw.getattr(&self.names[i])
+    }
+}
+
+/// The offset of the object slot a type's attribute `descr` reads (a member descriptor of
+/// kind Py_T_OBJECT_EX, as `__slots__` and msgspec Structs make), else 0.
+fn slot_offset(descr: &Bound<'_, PyAny>) -> isize {
+    // SAFETY: the descriptor's type is checked before it is read as a member descriptor
+    unsafe {
+        let ptr = descr.as_ptr();
+        if pyo3::ffi::Py_TYPE(ptr) != std::ptr::addr_of_mut!(pyo3::ffi::PyMemberDescr_Type) {
+            return 0;
+        }
+        let member = (*ptr.cast::<pyo3::ffi::PyMemberDescrObject>()).d_member.cast::<pyo3::ffi::PyMemberDef>();
+        if member.is_null() || (*member).type_code != pyo3::ffi::Py_T_OBJECT_EX {
+            return 0;
+        }
+        (*member).offset
+    }
 }
 
 /// `decode_records`' `bodies`: which finished records carry their body.
@@ -1241,6 +1336,9 @@ struct Facts<'py> {
     entity_type: Option<(String, Bound<'py, PyString>)>,
     mixed_tenants: bool,
     mixed_types: bool,
+    /// the raws' `source` and `event_time`, while every raw so far held the same object
+    same: [Option<Bound<'py, PyAny>>; 2],
+    mixed_same: [bool; 2],
 }
 
 impl<'py> Facts<'py> {
@@ -1257,7 +1355,26 @@ impl<'py> Facts<'py> {
             entity_type: None,
             mixed_tenants: false,
             mixed_types: false,
+            same: [None, None],
+            mixed_same: [false, false],
         }
+    }
+
+    /// A finished record's raw: is its `source` / `event_time` the object the first one had?
+    /// Read only while the batch's raws all had the same so far.
+    fn same_as_first(&mut self, raw: &Bound<'py, PyAny>, fields: &mut Fields<'py>) -> PyResult<()> {
+        for ((field, seen), mixed) in [SOURCE, EVENT_TIME].into_iter().zip(self.same.iter_mut()).zip(self.mixed_same.iter_mut()) {
+            if *mixed {
+                continue;
+            }
+            let value = fields.get(raw, field)?;
+            match seen {
+                None => *seen = Some(value),
+                Some(first) if !first.is(&value) => *mixed = true,
+                Some(_) => {}
+            }
+        }
+        Ok(())
     }
 
     /// A finished record: its key, entity key, tenant and entity type.
@@ -1285,7 +1402,8 @@ impl<'py> Facts<'py> {
         ] {
             match seen {
                 None => *seen = Some((text.to_owned(), obj.clone())),
-                Some((first, _)) if first != text => *mixed = true,
+                // the batch's name cache gives one object a text: most are the same object
+                Some((first, seen)) if !seen.is(obj) && first != text => *mixed = true,
                 Some(_) => {}
             }
         }
@@ -1302,12 +1420,22 @@ impl<'py> Facts<'py> {
                 _ => py.None(),
             }
         };
-        let items: [PyObject; 5] = [
+        let [source, event_time] = self.same;
+        let [mixed_sources, mixed_times] = self.mixed_same;
+        let same = |seen: Option<Bound<'py, PyAny>>, mixed: bool| -> PyObject {
+            match seen {
+                Some(obj) if !mixed => obj.unbind(),
+                _ => py.None(),
+            }
+        };
+        let items: [PyObject; 7] = [
             self.keys.into_any().unbind(),
             self.entities.into_any().unbind(),
             PyBool::new_bound(py, self.unique).to_owned().into_any().unbind(),
             one(self.tenant, self.mixed_tenants),
             one(self.entity_type, self.mixed_types),
+            same(source, mixed_sources),
+            same(event_time, mixed_times),
         ];
         Ok(tuple_of(py, items).into_any().unbind())
     }
@@ -1326,7 +1454,7 @@ fn build<'py>(
     sqlite_rows: bool,
     keys: &Keys,
     names: &mut Names<'py>,
-    a_tenant: &Py<PyString>,
+    fields: &mut Fields<'py>,
     facts: &mut Option<Facts<'py>>,
     bodies: &mut Bodies<'py>,
 ) -> PyResult<()> {
@@ -1339,7 +1467,7 @@ fn build<'py>(
             return out.append(py.None());
         }
     };
-    let route = raw.getattr(a_tenant)?;
+    let route = fields.get(raw, TENANT)?;
     let mut done = rules
         && route.downcast::<PyString>().map_or(false, |t| t.to_str().map_or(false, |t| t == env.tenant));
     let tenant = names.get(&env.tenant);
@@ -1388,6 +1516,7 @@ fn build<'py>(
         ));
         if let Some(f) = facts.as_mut() {
             f.add(&digest, &key, &entity_key, (&env.tenant, &tenant), (&env.entity_type, &entity_type))?;
+            f.same_as_first(raw, fields)?;
         }
         let args: [PyObject; 12] = [
             raw.clone().unbind(),
@@ -1403,7 +1532,7 @@ fn build<'py>(
             row,
             lite,
         ];
-        return out.append(record.call1(tuple_of(py, args))?);
+        return out.append(call_with(py, record, args)?);
     }
     if let Some(f) = facts.as_mut() {
         f.done = false;

@@ -43,11 +43,15 @@ def line(tenant: str, entity_type: str, eid: int, rev: int) -> bytes:
     )
 
 
+COPY = "copy"  # a source name "src" that is not the object "src" is (equal, not the same)
+
+
 def raws_of(specs: list[Any]) -> list[RawRecord]:
     return [
         RawRecord(
             data=b"not json" if bad else line(t, kind, eid, rev),
-            tenant=t, source=src, seq=i, position=i, event_time=when,
+            tenant=t, source="".join(["sr", "c"]) if src == COPY else src, seq=i, position=i,
+            event_time=when,
         )
         for i, (t, src, kind, eid, rev, when, bad, *_) in enumerate(specs)
     ]
@@ -64,10 +68,12 @@ STATUSES = ["applied", "applied", "applied", "unchanged", "failed"]
 @st.composite
 def record_specs(draw: st.DrawFn) -> list[Any]:
     """A batch: often of one tenant and source, often one whose records all apply (the
-    per-batch path's cases), else anything (failures, sink outcomes, two tenants, sources)."""
+    per-batch path's cases), else anything (failures, sink outcomes, two tenants, sources).
+    Sources and event times are sometimes equal without being the same object (COPY, -0.0),
+    which the facts do not take for one."""
     one_label, all_apply = draw(st.booleans()), draw(st.booleans())
     tenants = ["t"] if one_label else ["t", "u"]
-    sources = ["s"] if one_label else ["s", "s", "r"]
+    sources = ["src", "src", "src", COPY] if one_label else ["src", "src", "rdr", COPY]
     statuses = ["applied"] if all_apply else STATUSES
     record = st.tuples(
         st.sampled_from(tenants),
@@ -75,7 +81,7 @@ def record_specs(draw: st.DrawFn) -> list[Any]:
         st.sampled_from(["order", "order", "user"]),  # entity type
         st.integers(0, 4),  # entity id
         st.integers(1, 3),  # revision
-        st.sampled_from([0.0, 0.0, 5.0]),  # event time
+        st.sampled_from([0.0, 0.0, 0.0, 5.0, -0.0]),  # event time
         st.just(False) if all_apply else st.sampled_from([False] * 9 + [True]),  # undecodable
         st.sampled_from(statuses),  # sink a
         st.sampled_from(statuses),  # sink b
@@ -101,6 +107,11 @@ def test_the_facts_are_what_the_walks_find(specs: list[Any]) -> None:
     types = {r.entity_type for r in decoded}
     assert facts.tenant == (tenants.pop() if len(tenants) == 1 else None)
     assert facts.entity_type == (types.pop() if len(types) == 1 else None)
+    for got, values in (
+        (facts.source, [raw.source for raw in raws]),
+        (facts.event_time, [raw.event_time for raw in raws]),
+    ):
+        assert got is (values[0] if all(v is values[0] for v in values) else None)
     assert _conflict_keys(raws, decoded, facts) == _conflict_keys(raws, decoded)
 
 
