@@ -182,6 +182,11 @@ class Admission:
         self.intake = IntakeBound(cfg.intake, clock)
         self._wake = asyncio.Event()  # set unless paused (or when draining: waiters must leave)
         self._wake.set()
+        # set while paused or draining / while neither: a source runner's read and its hold
+        # follow an operator's pause and resume at once (`until_held`, `until_free`)
+        self._held = asyncio.Event()
+        self._free = asyncio.Event()
+        self._free.set()
         self._state = BackpressureState.NORMAL
         self._since = wall_clock()
 
@@ -404,6 +409,12 @@ class Admission:
             self._wake.clear()
         else:
             self._wake.set()
+        if self._paused or self._draining:
+            self._free.clear()
+            self._held.set()
+        else:
+            self._held.clear()
+            self._free.set()
 
     def drain(self) -> None:
         self._draining = True
@@ -462,6 +473,14 @@ class Admission:
         if rate is None:
             return True
         return int.from_bytes(dedupe_key[:8], "big") / 2**64 < rate
+
+    async def until_held(self) -> None:
+        """Return once paused or draining (state PAUSED or DRAIN); at once if so now."""
+        await self._held.wait()
+
+    async def until_free(self) -> None:
+        """Return once neither paused nor draining; at once if so now."""
+        await self._free.wait()
 
     async def wait_while_paused(self) -> None:
         """Return at once unless paused; otherwise on resume (or drain)."""

@@ -142,7 +142,8 @@ class SourceRunner:
 
     async def _gate(self) -> bool:
         """Wait while drained or paused, the source paused meanwhile; False once the service
-        is stopping."""
+        is stopping. The resume reaches the source at once (`Admission.until_free`; a look
+        every 0.1 s cost a bench_kafka run ~50 ms from its resume on average)."""
         held = False
         try:
             while not self.stopping.is_set():
@@ -151,16 +152,17 @@ class SourceRunner:
                 if not held:
                     await self.source.pause()
                     held = True
-                await asyncio.sleep(0.1)
+                free = asyncio.ensure_future(self.admission.until_free())
+                stop_wait = asyncio.ensure_future(self.stopping.wait())
+                try:
+                    await asyncio.wait({free, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    free.cancel()
+                    stop_wait.cancel()
             return False
         finally:
             if held and not self.stopping.is_set():
                 await self.source.resume()
-
-    async def _until_held(self) -> None:
-        """Return once the service is drained or paused (looked at every 0.1 s, as `_gate`)."""
-        while self.admission.state not in _HOLD:
-            await asyncio.sleep(0.1)
 
     async def _stop_source(self) -> None:
         if not self._source_stopped:
@@ -189,18 +191,21 @@ class SourceRunner:
         batches = self.source.batches()
         next_batch: asyncio.Future[SourceBatch] | None = None
         decoding = ThreadPoolExecutor(1, thread_name_prefix=f"decode-{self.source.name}")
+        # raced with each read: the service stopping, or drained or paused while the read
+        # waits for data; one of each for the whole run (made again once done), not a task
+        # per batch
+        stop_wait = asyncio.ensure_future(self.stopping.wait())
+        held: asyncio.Future[None] | None = None
         try:
             while True:
                 if next_batch is None:
                     if not await self._gate():
                         break
                     next_batch = asyncio.ensure_future(anext(batches))
-                stop_wait = asyncio.ensure_future(self.stopping.wait())
-                held = asyncio.ensure_future(self._until_held())
+                if held is None or held.done():
+                    held = asyncio.ensure_future(self.admission.until_held())
                 racing: set[asyncio.Future[Any]] = {next_batch, stop_wait, held}
                 done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
-                stop_wait.cancel()
-                held.cancel()
                 # paused or drained while the read waits for data: the source is held now,
                 # not after its next batch (an object source would otherwise list, lease and
                 # GET on through an operator's pause); the read goes on after
@@ -246,6 +251,9 @@ class SourceRunner:
             )
             raise
         finally:
+            stop_wait.cancel()
+            if held is not None:
+                held.cancel()
             if self.stopping.is_set():
                 with contextlib.suppress(Exception):
                     await self._stop_source()

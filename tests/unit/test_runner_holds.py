@@ -198,3 +198,32 @@ async def test_a_pause_holds_a_source_whose_read_waits_for_data(
     runner.stopping.set()
     await asyncio.wait_for(task, 5)
     assert source.calls == ["pause", "resume", "stop"]
+
+
+async def test_a_pause_and_its_resume_reach_the_source_at_once(
+    setup: tuple[SourceRunner, ScriptedSource, MemorySink],
+) -> None:
+    """The runner follows the admission's pause and resume within a few turns of the loop,
+    not at its next look (every 0.1 s: a bench_kafka run waited ~50 ms on average from its
+    resume before its source fetched anything)."""
+    runner, source, _sink = setup
+    task = asyncio.create_task(runner.run())
+    await asyncio.sleep(0.05)  # the reader waits in batches() for data
+
+    async def took(calls: int) -> float:
+        t = time.monotonic()
+        while len(source.calls) < calls:
+            await asyncio.sleep(0.001)
+        return time.monotonic() - t
+
+    for i in range(3):
+        runner.admission.pause()
+        paused_in = await asyncio.wait_for(took(2 * i + 1), 2)
+        runner.admission.resume()
+        resumed_in = await asyncio.wait_for(took(2 * i + 2), 2)
+        assert max(paused_in, resumed_in) < 0.02, (i, paused_in, resumed_in)
+    assert source.calls == ["pause", "resume"] * 3
+    source.feed.put_nowait([record(1)])
+    await until(lambda: source.committed == [1])
+    runner.stopping.set()
+    await asyncio.wait_for(task, 5)
