@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import msgspec
 import orjson
@@ -79,6 +79,18 @@ class Line(msgspec.Struct, gc=False):
     detail: dict[str, Any] | None = None
 
 
+class LineRun(msgspec.Struct, gc=False):
+    """Whole JSON lines in a row, read together: `parts[i]`'s resume point is `ends[i]`.
+
+    What a reader made with `runs=True` hands out for a chunk of plain JSON lines (none to
+    skip, over the limit, blank or with a CR) instead of a `Line` each: the split's lists as
+    they are, one object a chunk, where a Line a line cost its building on the reading thread
+    and its freeing on the event loop (the inbox's, `ingest.sources.inbox`)."""
+
+    ends: list[int]
+    parts: list[bytes]
+
+
 def reject_meta(line: Line, kind: str, **where: Any) -> dict[str, Any]:
     """The `reject` meta of a RawRecord made of a Line the reader could not read (see
     ingest.sources.base.SourceBatch): the decoder DLQs it as VALIDATION_FAIL with these fields."""
@@ -134,12 +146,14 @@ class LineReader:
         *,
         input_offset: int = 0,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        runs: bool = False,
     ) -> None:
         if input_offset and (gzipped or fmt == "csv"):
             raise ValueError("input_offset needs an uncompressed JSON-lines stream")
         if max_line_bytes < 1:
             raise ValueError("max_line_bytes must be at least 1")
         self._csv = fmt == "csv"
+        self._runs = runs  # plain lines as LineRuns (`run_pieces`, `run_finish`)
         self._z = zlib.decompressobj(GZIP_WBITS) if gzipped else None
         self._fed = False
         self._skip = start_offset
@@ -171,6 +185,23 @@ class LineReader:
     def pieces(self, chunk: bytes) -> Iterator[list[Line]]:
         """The lines a chunk completes, in lists of at most one decompression step's worth:
         a small gzip chunk that inflates to gigabytes is never held whole."""
+        if self._runs:
+            raise TypeError("a reader of runs hands out run_pieces")
+        return cast("Iterator[list[Line]]", self._pieces(chunk))  # no LineRun without `runs`
+
+    def run_pieces(self, chunk: bytes) -> Iterator[list[Line | LineRun]]:
+        """`pieces`, with each chunk's plain JSON lines as LineRuns (a reader with `runs`)."""
+        return self._pieces(chunk)
+
+    def finish(self) -> list[Line]:
+        if self._runs:
+            raise TypeError("a reader of runs hands out run_finish")
+        return cast("list[Line]", self._finish())  # no LineRun without `runs`
+
+    def run_finish(self) -> list[Line | LineRun]:
+        return self._finish()
+
+    def _pieces(self, chunk: bytes) -> Iterator[list[Line | LineRun]]:
         if self._done or not chunk:
             return
         if self._z is None:
@@ -183,10 +214,10 @@ class LineReader:
                 out.append(self._fail(error))
             yield out
 
-    def finish(self) -> list[Line]:
+    def _finish(self) -> list[Line | LineRun]:
         if self._done:
             return []
-        out: list[Line] = []
+        out: list[Line | LineRun] = []
         if self._z is not None and self._fed:
             try:
                 rest = self._z.flush()
@@ -270,10 +301,10 @@ class LineReader:
 
     # -- splitting ------------------------------------------------------------------------
 
-    def _split(self, data: bytes) -> list[Line]:
+    def _split(self, data: bytes) -> list[Line | LineRun]:
         parts = data.split(b"\n")
         rest = parts.pop()  # the start of the next, still incomplete, line
-        out: list[Line] = []
+        out: list[Line | LineRun] = []
         if parts:
             pos = self._pos
             if self._over is not None:
@@ -294,9 +325,16 @@ class LineReader:
                 # as one comprehension (the end offsets summed in C), not a call per line;
                 # `strip()` is empty exactly for the lines `_line` leaves out (ASCII space).
                 if self._first:  # the stream's first line may start with a BOM
-                    pos += len(parts[0]) + 1
-                    self._line(parts[0], pos, out)
-                    del parts[0]
+                    self._first = parts[0].startswith(_BOM)
+                    if self._first:
+                        pos += len(parts[0]) + 1
+                        self._line(parts[0], pos, out)
+                        del parts[0]
+                if self._runs:
+                    self._pos = self._run(parts, pos, out)
+                    if rest:
+                        self._hold(rest)
+                    return out
                 ends = accumulate(map(_PLUS_ONE, map(len, parts)), initial=pos)
                 next(ends)
                 lines = zip(ends, parts, strict=True)
@@ -318,6 +356,20 @@ class LineReader:
         if rest and not self._done:
             self._hold(rest)
         return out
+
+    @staticmethod
+    def _run(parts: list[bytes], pos: int, out: list[Line | LineRun]) -> int:
+        """Plain JSON lines starting at `pos` as one LineRun, blank ones left out as `_line`
+        leaves them (`bytes.isspace` is `not strip()` but for b""); returns the offset after."""
+        ends = list(accumulate(map(_PLUS_ONE, map(len, parts)), initial=pos))
+        del ends[0]
+        after = ends[-1] if ends else pos
+        if not all(parts) or any(map(bytes.isspace, parts)):
+            kept = [i for i, part in enumerate(parts) if part.strip()]
+            parts, ends = [parts[i] for i in kept], [ends[i] for i in kept]
+        if parts:
+            out.append(LineRun(ends, parts))
+        return after
 
     def _hold(self, rest: bytes) -> None:
         """Keep the incomplete end of a chunk, or only count it once past the limit."""
@@ -345,7 +397,7 @@ class LineReader:
     def _quotes(self, data: bytes) -> int:
         return data.count(b'"') if self._csv else 0
 
-    def _skip_over(self, part: bytes, pos: int, out: list[Line]) -> None:
+    def _skip_over(self, part: bytes, pos: int, out: list[Line | LineRun]) -> None:
         """The next physical line of the oversized line being skipped: does it end it?"""
         over = self._over
         assert over is not None
@@ -382,7 +434,7 @@ class LineReader:
         }
         return Line(pos, over.head, None, message, detail)
 
-    def _line(self, part: bytes, pos: int, out: list[Line]) -> None:
+    def _line(self, part: bytes, pos: int, out: list[Line | LineRun]) -> None:
         """One complete physical line ending at `pos`."""
         if self._first:
             self._first = False

@@ -90,6 +90,21 @@ class RawRecord(msgspec.Struct, gc=False):
     meta: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+class LinesAt(msgspec.Struct, frozen=True, gc=False):
+    """Where a run of lines read together was, the `position` every RawRecord of the run
+    shares (the inbox's): the file and the offset just after each line, by the record's
+    `seq` (`first` is the first line's). One object a run where a position a line cost its
+    building and freeing on the event loop; `at(seq)` is what a DLQ entry says,
+    `{"file", "offset"}`."""
+
+    file: str
+    first: int
+    ends: list[int]
+
+    def at(self, seq: int) -> dict[str, Any]:
+        return {"file": self.file, "offset": self.ends[seq - self.first]}
+
+
 # The `meta` of RawRecords whose source sets none, one object for all of them (the inbox's
 # lines): an empty dict a record cost its building and its freeing on the event loop. Read
 # only, so a write to it raises rather than reaching every record that shares it; a source

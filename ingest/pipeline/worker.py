@@ -29,7 +29,7 @@ import logging
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import compress
@@ -44,10 +44,11 @@ from ingest.metrics import Metrics, observe_many
 from ingest.pipeline.admission import Admission
 from ingest.pipeline.breaker import BreakerState, CircuitBreaker
 from ingest.pipeline.decode import BatchFacts, DecodeFailure
-from ingest.pipeline.recent import RecentKeys
+from ingest.pipeline.recent import ClaimLog
 from ingest.pipeline.retry import Retryable, RetryPolicy, retry_call
 from ingest.records import (
     DLQEntry,
+    LinesAt,
     RawRecord,
     ReasonCode,
     Record,
@@ -62,9 +63,8 @@ from ingest.timefmt import iso
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# Keys of recent claims kept in memory (at least this many of the latest): a prefetched lookup
-# runs at most two batches ahead of its source's claims; this covers that for many sources
-# claiming in between.
+# Claimed keys kept in memory (whole batches, at least this many of the latest): a lookup
+# reads the claims made since it was sent, usually one batch; one older than these is sent again.
 _RECENT_CLAIMS = 100_000
 _FAILED = SinkStatus.FAILED  # module constants: Enum attribute access is slow in a hot loop
 _UNCHANGED = SinkStatus.UNCHANGED
@@ -173,9 +173,9 @@ class Pipeline:
         # writes waiting for disk space, by where (a store or a sink): (since, message)
         self._full: dict[str, tuple[float, str]] = {}
         self.disk_full_error: str | None = None  # the last such message, kept for health
-        # Keys claimed by the last few batches: a lookup prefetched before they were claimed
-        # (prefetch_seen) is completed from here, so prefetching loses no duplicate.
-        self._recent_claims = RecentKeys(_RECENT_CLAIMS)
+        # Keys claimed by the last few batches: a lookup (prefetch_seen's, or one sent while
+        # another batch's claim was under way) is completed from here, so none loses a duplicate.
+        self._claims = ClaimLog(_RECENT_CLAIMS)
         # Sink writes of one source that may be under way at once (SourceRunner): 2 when
         # every sink takes concurrent writes on a pool of connections, so one batch's COPY
         # and commit (an fdatasync: 4-19 ms here) overlap the next batch's; else 1.
@@ -204,12 +204,17 @@ class Pipeline:
             keys += [
                 raw_dedupe_key(raws[i]) for i, r in enumerate(decoded) if type(r) is not Record
             ]
+        mark = self._claims.mark()  # claims after it may be missing from the store's answer
 
         async def lookup() -> set[bytes]:
-            if not keys:
-                return set()
-            flags = await self.until_ok("idempotency", lambda: self.idempotency.seen(keys))
-            return _flagged(keys, flags)
+            found = _Seen()
+            found.mark = mark
+            if keys:
+                flags = await self.until_ok("idempotency", lambda: self.idempotency.seen(keys))
+                if len(flags) != len(keys):
+                    raise ValueError(f"{len(flags)} answers for {len(keys)} keys")
+                found.update(compress(keys, flags))
+            return found
 
         return asyncio.ensure_future(lookup())
 
@@ -391,7 +396,7 @@ class Pipeline:
             steps.append(self.until_ok("dlq", lambda: self.dlq.record_processed(counts)))
         await _together(*steps)
         if claim:
-            self._recent_claims.add(claim)
+            self._claims.add(claim)
 
         if not failed_ids and not unchanged and label is not None:
             report.delivered = len(records)
@@ -502,11 +507,16 @@ class Pipeline:
         nor do bytes that failed decoding before (keyed by tenant and bytes: `_Failed.key`).
 
         `claimed_before` is a lookup started while the previous batches were still being
-        delivered (see `prefetch_seen`); claims made since are in `_recent_claims`.
+        delivered (see `prefetch_seen`); claims made since are in `_claims`.
         """
         prefetched = None if claimed_before is None else await claimed_before
+        recent: Set[bytes] | None = None
+        if type(prefetched) is _Seen:
+            recent = self._claims.since(prefetched.mark)
+        if recent is None:  # no mark, or claims since it no longer held: look up again
+            prefetched = None
         if failed:
-            failed = await self._drop_repeated_failures(failed, report, tally, prefetched)
+            failed = await self._drop_repeated_failures(failed, report, tally, prefetched, recent)
         first = records
         if facts is not None:  # records are the batch's, all of it (`write`)
             keys, unique = facts.keys, facts.unique
@@ -526,12 +536,10 @@ class Pipeline:
             keys = [rec.dedupe_key for rec in first]
         if not first:
             return first, failed
-        if prefetched is None:
-            flags = await self.until_ok("idempotency", lambda: self.idempotency.seen(keys))
-            seen = _flagged(keys, flags)
+        if prefetched is None or recent is None:
+            seen, recent = await self._lookup(keys)
         else:
             seen = prefetched
-        recent = self._recent_claims
         if not seen and recent.isdisjoint(keys):
             return first, failed
         fresh: list[Record] = []
@@ -550,15 +558,16 @@ class Pipeline:
         report: BatchReport,
         tally: Counter[tuple[str, str, str]],
         prefetched: set[bytes] | None,
+        recent: Set[bytes] | None,
     ) -> list[_Failed]:
-        """The decode failures of a batch whose bytes did not fail before (nor earlier in it)."""
+        """The decode failures of a batch whose bytes did not fail before (nor earlier in it).
+        `recent`: the keys claimed since `prefetched` was looked up."""
         keys = [f.key for f in failed]
-        if prefetched is None:
-            flags = await self.until_ok("idempotency", lambda: self.idempotency.seen(keys))
-            seen = _flagged(keys, flags)
+        if prefetched is None or recent is None:
+            seen, recent = await self._lookup(keys)
         else:
             seen = {k for k in keys if k in prefetched}
-        seen.update(k for k in (f.key for f in failed) if k in self._recent_claims)
+        seen.update(k for k in keys if k in recent)
         fresh: list[_Failed] = []
         for f in failed:
             if f.key in seen:
@@ -568,6 +577,16 @@ class Pipeline:
                 seen.add(f.key)
                 fresh.append(f)
         return fresh
+
+    async def _lookup(self, keys: Sequence[bytes]) -> tuple[set[bytes], Set[bytes]]:
+        """Which of `keys` were claimed: the store's answer (claims completed before it was
+        sent) and the keys claimed since (the log; another batch's claim may be under way)."""
+        while True:
+            mark = self._claims.mark()
+            flags = await self.until_ok("idempotency", lambda: self.idempotency.seen(keys))
+            recent = self._claims.since(mark)
+            if recent is not None:
+                return _flagged(keys, flags), recent
 
     async def _brownout(
         self,
@@ -866,7 +885,9 @@ def _decode_failure_entry(
     if "csv_header" in raw.meta:
         detail["csv_header"] = raw.meta["csv_header"]
     position = raw.position
-    if isinstance(position, msgspec.Struct):  # a source's position as a Struct: its fields
+    if type(position) is LinesAt:  # one of a run of lines: this line's
+        position = position.at(raw.seq)
+    elif isinstance(position, msgspec.Struct):  # a source's position as a Struct: its fields
         position = msgspec.structs.asdict(position)
     if isinstance(position, dict) and "offset" not in detail:
         # where the bytes were (inbox file, S3 key, SFTP path; offset just after the line),
@@ -956,6 +977,13 @@ def _counts(values: list[T]) -> Mapping[T, int]:
     if values and values.count(values[0]) == len(values):
         return {values[0]: len(values)}
     return Counter(values)
+
+
+class _Seen(set[bytes]):
+    """A prefetched lookup's answer, with the claim log's mark taken before it was sent."""
+
+    __slots__ = ("mark",)
+    mark: int
 
 
 def _flagged(keys: Sequence[bytes], flags: Sequence[bool]) -> set[bytes]:

@@ -142,10 +142,11 @@ async def deliver(tmp_path: Path, specs: list[Any], with_facts: bool) -> dict[st
         ]
         if before:
             await pipe.idempotency.claim(before)
-            pipe._recent_claims.add(before[::2])  # some claims the prefetch may not see
         if not with_facts:
             facts = None
         lookup = pipe.prefetch_seen(decoded, raws, facts)
+        if before:
+            pipe._claims.add(before[::2])  # some claims made after the lookup was sent
         report = await pipe.deliver(raws, decoded, claimed_before=lookup, facts=facts)
         keys = [r.dedupe_key for r in decoded if type(r) is Record]
         return {
@@ -161,7 +162,7 @@ async def deliver(tmp_path: Path, specs: list[Any], with_facts: bool) -> dict[st
                 for sink, sent in report.sink_results.items()
             },
             "claimed": await pipe.idempotency.seen(keys) if keys else [],
-            "recent": [k in pipe._recent_claims for k in keys],
+            "recent": [k in (pipe._claims.since(0) or ()) for k in keys],
             "processed": [await pipe.dlq.processed_total(t) for t in ("t", "u")],
             "metrics": samples(pipe),
         }

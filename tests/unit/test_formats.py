@@ -16,7 +16,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest.formats import Line, LineReader, detect_format, read_file_lines, read_lines
+from ingest.formats import (
+    Line,
+    LineReader,
+    LineRun,
+    detect_format,
+    read_file_lines,
+    read_lines,
+)
 
 _TEXT = st.text(st.characters(codec="utf-8"), min_size=1, max_size=20)
 _CSV_COLUMNS = [
@@ -107,6 +114,25 @@ def _read(fmt: Any, gz: bool, chunks: list[bytes], start: int = 0) -> list[Line]
     for chunk in chunks:
         out += reader.feed(chunk)
     return out + reader.finish()
+
+
+def _read_runs(gz: bool, chunks: list[bytes], start: int = 0) -> list[tuple[int, bytes]]:
+    """A JSON-lines reader with `runs` (the inbox's): its Lines and its runs' lines, in order
+    as (offset, bytes); asserts no run is empty and every Line of it is plain."""
+    reader = LineReader("jsonl", gz, start, runs=True)
+    items: list[Line | LineRun] = []
+    for chunk in chunks:
+        for piece in reader.run_pieces(chunk):
+            items += piece
+    items += reader.run_finish()
+    out: list[tuple[int, bytes]] = []
+    for item in items:
+        if isinstance(item, LineRun):
+            assert item.parts and len(item.ends) == len(item.parts)
+            out += zip(item.ends, item.parts, strict=True)
+        else:
+            out.append((item.offset, item.data))
+    return out
 
 
 def _record_of(line: Line, fmt: str) -> dict[str, Any]:
@@ -367,3 +393,16 @@ def test_jsonl_lines_by_any_chunking_are_the_lines_one_at_a_time(
     lines = _read("jsonl", False, _split(blob, cuts), start)
     assert all(line.error is None and line.decoded is None for line in lines)
     assert [(line.offset, line.data) for line in lines] == _jsonl_reference(blob, start)
+    # a reader of runs (the inbox's) gives the same lines, gzipped or not
+    assert _read_runs(False, _split(blob, cuts), start) == _jsonl_reference(blob, start)
+    packed = gzip.compress(blob)
+    assert _read_runs(True, _split(packed, cuts), start) == _jsonl_reference(blob, start)
+
+
+def test_a_reader_of_runs_hands_out_runs_only_by_their_own_methods() -> None:
+    reader = LineReader("jsonl", False, runs=True)
+    with pytest.raises(TypeError):
+        reader.pieces(b"{}\n")
+    with pytest.raises(TypeError):
+        reader.finish()
+    assert reader.run_pieces(b"{}\n{}\n") is not None
