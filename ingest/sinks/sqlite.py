@@ -131,17 +131,6 @@ _STRICT = (
     + _SET_REST
 )
 _STALE = "NOT NULL constraint failed: entities.revision"
-# A batch's rows staged in a temporary table of the connection's own (`_insert_alone`):
-# SQLite writes it in memory (`temp_store = MEMORY`) and takes no lock of sink.db for it.
-# Its columns have no type, so each value is stored as bound and takes `entities`' column
-# affinity in the move, exactly as when bound into `entities` directly.
-_STAGE = "temp.sink_stage"
-_STAGE_DDL = f"CREATE TEMP TABLE IF NOT EXISTS sink_stage ({_COLS})"
-_MOVE = (
-    f"INSERT INTO entities ({_COLS}) SELECT {_COLS} FROM {_STAGE} WHERE true ORDER BY rowid"
-    + _STRICT
-)
-_UNSTAGE = f"DELETE FROM {_STAGE}"
 # sink.db's pages (a new file's; an existing one keeps its own): a batch writes a few hundred
 # rows' worth of contiguous pages, and SQLite writes each page to the WAL as two write calls
 # and, after another process's commit reset this connection's cache, reads each one again one
@@ -189,19 +178,6 @@ def _execute(c: sqlite3.Connection, statements: list[tuple[str, tuple[Any, ...]]
 def _write_rows(c: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], tail: str, per: int) -> int:
     """`_statements` of `rows`, run: the rows inserted or updated."""
     return _execute(c, _statements(rows, tail, per))
-
-
-@cache
-def _stage_sql(n: int) -> str:
-    """INSERT of `n` rows into the staging table in one statement."""
-    return f"INSERT INTO {_STAGE} ({_COLS}) VALUES " + ", ".join([_ROW] * n)
-
-
-def _stage(c: sqlite3.Connection, params: tuple[Any, ...]) -> None:
-    """Bind the flattened rows `params` into the connection's staging table (emptied after
-    each move): no write of sink.db, so no writer lock."""
-    c.execute(_STAGE_DDL)
-    c.execute(_stage_sql(len(params) // _COLUMNS), params)
 
 
 def _stored_rows(c: sqlite3.Connection, keys: list[EntityKey]) -> dict[EntityKey, StoredRow]:
@@ -415,22 +391,13 @@ class SQLiteSink:
         `_upsert_unread`: with one row per entity, `_STRICT` inserts or updates a row iff
         its entity is absent or stored older (then the lookup path judges the record
         APPLIED and writes the same row), and fails the statement otherwise, where the
-        guarded upsert left the row alone and the transaction was rolled back.
-
-        The rows are bound into a temporary table first (`_stage`), without the writer lock,
-        and moved into `entities` under it by one statement that binds nothing (`_MOVE`):
-        binding is ~40 % of the statement's work and holds the GIL, so the other worker
-        waited for it (docs/benchmarks.md, idem). The move is the same upsert of the same
-        rows, one statement in its own transaction: whole or absent, as before."""
+        guarded upsert left the row alone and the transaction was rolled back."""
         if len(upsert) != 1 or self.insert_skip:
             return None
         _, params = upsert[0]
+        strict = _rows_sql(len(params) // _COLUMNS, _STRICT)
         try:
-            try:
-                _stage(c, params)
-                autocommit(c, _MOVE)
-            finally:
-                c.execute(_UNSTAGE)
+            autocommit(c, strict, params)
         except (sqlite3.IntegrityError, OverflowError) as exc:
             if _STALE in str(exc):  # a stored revision equal or higher: back off
                 self._fall_back()

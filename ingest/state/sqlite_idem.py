@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 from ingest.state.sqlite import (
     _IDEM_DAY_DDL,
@@ -546,30 +546,19 @@ class SQLiteIdempotencyStore:
     def _merge(self, c: sqlite3.Connection, now: float) -> None:
         """Move the log's oldest unmerged rows, up to `slice_keys` keys (if `recent_keys`
         wait: another process may have merged them meanwhile), sorted, into `idem_mid`, and
-        mark them merged; rename `idem_mid` to a run once `mid_keys` were moved into it;
-        prune the merged rows older than LOG_KEEP; drop the expired tables. One transaction,
-        after the slice's keys were sorted into a table of this connection's own without
-        the writer lock (`_stage`)."""
-        c.execute(_STAGE_DDL)
-        try:
-            staged = self._stage(c, now)
-            if staged is not None:
-                self._merge_staged(c, now, staged)
-        finally:
-            c.execute(f"DELETE FROM {_STAGE}")
-
-    def _stage(self, c: sqlite3.Connection, now: float) -> _Slice | None:
-        """Without the writer lock, in one read transaction: if `recent_keys` wait unmerged,
-        the oldest rows holding `slice_keys` keys (their lengths read first: no overflow page
-        read for the rows after the slice), and their unexpired keys sorted into `_STAGE`
-        (a temporary table, in memory, of this connection's own). None: too few wait."""
+        mark them merged; rename
+        `idem_mid` to a run once `mid_keys` were moved into it; prune the merged rows older
+        than LOG_KEEP; drop the expired tables. One transaction."""
         since = now - self._ttl
-        c.execute("BEGIN")
-        try:
-            (through,) = c.execute(f"SELECT through FROM {IDEM_LOG}_merged").fetchone()
+        with immediate(c):
+            through, mid_keys, mid_newest = c.execute(
+                f"SELECT through, mid_keys, mid_newest FROM {IDEM_LOG}_merged"
+            ).fetchone()
             self._unmerged = waiting = _waiting(c)
             if waiting < self._recent_keys:
-                return None
+                return
+            # the slice's rows found by their lengths (no overflow page read), then only
+            # their keys read: the rows after the slice wait for the next claims' merges
             taken, cut = 0, through
             sizes = c.execute(
                 f"SELECT id, length(keys) FROM {IDEM_LOG} WHERE id > ? ORDER BY id", (through,)
@@ -582,37 +571,13 @@ class SQLiteIdempotencyStore:
                 f"SELECT id, claimed_at, keys FROM {IDEM_LOG} WHERE id > ? AND id <= ? ORDER BY id",
                 (through, cut),
             ).fetchall()
-        finally:
-            c.execute("COMMIT")
-        live = [(at, keys) for _, at, keys in rows if at > since]
-        for i in range(0, len(live), _MERGE_ROWS):
-            _insert_sorted(c, live[i : i + _MERGE_ROWS], _STAGE)
-        return _Slice(
-            through=through,
-            last=rows[-1][0],
-            waiting=waiting,
-            taken=taken,
-            keys=sum(len(keys) // 32 for _, keys in live),
-            newest=max((at for at, _ in live), default=None),
-        )
-
-    def _merge_staged(self, c: sqlite3.Connection, now: float, staged: _Slice) -> None:
-        """Under the writer lock: the staged slice into `idem_mid` in key order (a scan of
-        `_STAGE`, no sort, nothing bound), if the log's mark is still where it was staged
-        from (else another process merged meanwhile, and the next claim counts afresh);
-        the mark, the rename, the prune, the drops as `_merge` says."""
-        with immediate(c):
-            through, mid_keys, mid_newest = c.execute(
-                f"SELECT through, mid_keys, mid_newest FROM {IDEM_LOG}_merged"
-            ).fetchone()
-            if through != staged.through:
-                self._unmerged = None
-                return
-            if staged.newest is not None:
-                c.execute(_UNSTAGE)
-                mid_keys += staged.keys
-                mid_newest = max(mid_newest, staged.newest)
-            last = staged.last
+            live = [(at, keys) for _, at, keys in rows if at > since]
+            for i in range(0, len(live), _MERGE_ROWS):
+                _insert_sorted(c, live[i : i + _MERGE_ROWS])
+            if live:
+                mid_keys += sum(len(keys) // 32 for _, keys in live)
+                mid_newest = max(mid_newest, max(at for at, _ in live))
+            last = rows[-1][0]
             if mid_keys >= self._mid_keys:
                 run = idem_run(int(mid_newest // DAY), last)
                 c.execute(f"ALTER TABLE {IDEM_MID} RENAME TO {run}")
@@ -638,7 +603,7 @@ class SQLiteIdempotencyStore:
                 c.execute(f"DELETE FROM {IDEM_LOG} WHERE id <= ?", (old,))
                 c.execute(f"UPDATE {IDEM_LOG}_pruned SET through = max(through, ?)", (old,))
             self._drop_expired(c, now)
-        self._unmerged = staged.waiting - staged.taken
+        self._unmerged = waiting - taken
 
     def _drop_expired(self, c: sqlite3.Connection, now: float) -> None:
         """Inside a write transaction: drop the runs and day tables whose newest key expired;
@@ -683,34 +648,6 @@ class SQLiteIdempotencyStore:
 
 # Log rows a merge statement takes (a compound SELECT has at most 500 terms).
 _MERGE_ROWS = 200
-# A merge's slice, its keys cut from the log rows' blobs and sorted (~60 % of the merge's
-# work: SQLite's sorter, the blobs' cut), is staged in a temporary table, in memory and of
-# the connection's own, before the writer lock is taken (`_stage`); under the lock one
-# statement moves it into `idem_mid` in key order, reading the staged table's B-tree in
-# order (`_UNSTAGE`). The pod's other worker waits for that lock to claim.
-_STAGE = "temp.idem_stage"
-_STAGE_DDL = (
-    "CREATE TEMP TABLE IF NOT EXISTS idem_stage (key BLOB PRIMARY KEY, claimed_at REAL NOT NULL)"
-    " WITHOUT ROWID"
-)
-_UNSTAGE = (
-    f"INSERT INTO {IDEM_MID} (key, claimed_at) SELECT key, claimed_at FROM {_STAGE}"
-    f" WHERE true ORDER BY key{_UPSERT}"
-)
-
-
-class _Slice(NamedTuple):
-    """A merge's slice as staged (`SQLiteIdempotencyStore._stage`): the mark it was read
-    after and its last log row, the keys waiting then and in the slice's rows (`taken`),
-    its unexpired keys (counted as `idem_mid`'s count takes them) and their newest claim
-    time (None: every key of the slice expired, nothing staged)."""
-
-    through: int
-    last: int
-    waiting: int
-    taken: int
-    keys: int
-    newest: float | None
 
 
 def _among(row: int, rows_of: Sequence[tuple[int, int] | None]) -> bool:
@@ -744,10 +681,8 @@ def _runs_of(live: Sequence[str], rows_of: Sequence[tuple[int, int] | None]) -> 
     return tuple(sorted(out, key=order.__getitem__))
 
 
-def _insert_sorted(
-    c: sqlite3.Connection, rows: Sequence[tuple[float, bytes]], table: str = IDEM_MID
-) -> None:
-    """Insert the keys of log rows (claim time, keys) into `table` in key order, with
+def _insert_sorted(c: sqlite3.Connection, rows: Sequence[tuple[float, bytes]]) -> None:
+    """Insert the keys of log rows (claim time, keys) into `idem_mid` in key order, with
     their rows' claim times: one statement, the rows' blobs and times bound as parameters
     (each blob is cut in SQL, the keys sorted by SQLite's sorter: ~1 µs a key less than
     sorting in Python; `substr` of a column instead would read the whole overflowing blob
@@ -760,7 +695,7 @@ def _insert_sorted(
     )
     c.execute(
         f"WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 32 FROM k WHERE i + 32 < ?"
-        f"{2 * len(rows) + 1}) INSERT INTO {table} (key, claimed_at) SELECT key, at"
+        f"{2 * len(rows) + 1}) INSERT INTO {IDEM_MID} (key, claimed_at) SELECT key, at"
         f" FROM ({terms}) WHERE true ORDER BY key{_UPSERT}",
         [*(x for at, keys in rows for x in (keys, at)), longest],
     )

@@ -8,14 +8,12 @@ temporary INGEST_RUN_DIR, so other tests using the shared servers are not distur
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -237,24 +235,3 @@ def record_of(body: dict[str, Any], *, source: str = "s", seq: int = 0) -> Recor
     """The Record a decoder would hand a sink for `body` (a valid current-version body)."""
     raw = RawRecord(b"", body["tenant_id"], source, seq, None, 0.0)
     return Record.of(raw, body, dedupe_key(body))
-
-
-@contextmanager
-def under_writer_lock(path: Path) -> Iterator[tuple[Callable[[str], None], list[str]]]:
-    """A SQLite trace callback for a connection of the file at `path`, and the statements it
-    saw run while the file's writer lock (`<file>-lock`) was held."""
-    fd = os.open(f"{path}-lock", os.O_RDWR)
-    seen: list[str] = []
-
-    def trace(sql: str) -> None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            seen.append(sql)
-        else:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-
-    try:
-        yield trace, seen
-    finally:
-        os.close(fd)

@@ -18,7 +18,7 @@ from ingest.errors import SinkError
 from ingest.records import ReasonCode, Record, SinkResult
 from ingest.sinks.sqlite import PAGE_SIZE, SQLiteSink
 from tests.conftest import v3_body
-from tests.integration.conftest import record_of, under_writer_lock
+from tests.integration.conftest import record_of
 
 pytestmark = pytest.mark.integration
 
@@ -249,10 +249,8 @@ async def test_a_feed_of_updates_goes_in_by_the_upsert_alone(sink: SQLiteSink) -
         )
     await sink.db.run(lambda c: c.set_trace_callback(None))
     assert sink.paths == {"insert": 7, "fallback": 0, "upsert": 0}
-    # each batch one statement into `entities`, its own transaction (no BEGIN, COMMIT:
-    # `_insert_alone`), besides the staging table's statements
-    assert not [sql for sql in ran if sql.split()[0] in ("BEGIN", "COMMIT", "SELECT")]
-    assert len([sql for sql in ran if sql.startswith("INSERT INTO entities")]) == 6
+    # each batch one statement, its own transaction (no BEGIN, COMMIT: `_insert_alone`)
+    assert [sql.split()[0] for sql in ran] == ["INSERT"] * 6
     row = await sink.fetch("t", "customer", "e2")
     assert row is not None and row["revision"] == 7
     stored = await sink.db.run(
@@ -287,14 +285,8 @@ async def test_a_batch_is_written_by_a_few_multi_row_statements(sink: SQLiteSink
     await sink.db.run(lambda c: c.set_trace_callback(ran.append))
     await sink.write([rec(f"e{i}", 1) for i in range(2000)])  # all new: the upsert alone
     # a batch that fits a statement: that statement alone, its own transaction (it undoes
-    # itself when it fails), one GIL hand-back under the writer lock; its rows bound into
-    # the staging table before (created at the first batch) and emptied after
-    assert [" ".join(sql.split()[:3]) for sql in ran] == [
-        "CREATE TEMP TABLE",
-        "INSERT INTO temp.sink_stage",
-        "INSERT INTO entities",
-        "DELETE FROM temp.sink_stage",
-    ]
+    # itself when it fails), one GIL hand-back under the writer lock
+    assert [sql.split()[0] for sql in ran] == ["INSERT"]
     ran.clear()
     sink.rows_per_statement = 500
     await sink.write([rec(f"n{i}", 1) for i in range(2000)])  # four statements: a savepoint
@@ -433,21 +425,3 @@ def test_a_batch_is_all_or_nothing_when_killed_at_any_instant(tmp_path: Path) ->
         assert {int(b) for b in new} == set(range(revision))
         written = revision - 1  # the next process writes after what is stored
     assert written > 20
-
-
-async def test_the_writer_lock_is_held_for_no_binding_of_rows(sink: SQLiteSink) -> None:
-    """A batch's rows are bound into the staging table before sink.db's writer lock is
-    taken; under it runs only the statement that moves them, which binds nothing (the
-    other worker of a pod waits for that lock)."""
-    with under_writer_lock(sink.path) as (trace, under_lock):
-        await sink.db.run(lambda c: c.set_trace_callback(trace))
-        for revision in (1, 2):
-            records = [rec(f"e{i}", revision, attrs={"name": f"n{i}"}) for i in range(50)]
-            assert statuses(await sink.write(records)) == ["applied"] * 50
-        await sink.db.run(lambda c: c.set_trace_callback(None))
-    assert sink.paths == {"insert": 2, "fallback": 0, "upsert": 0}
-    assert len(under_lock) == 2
-    for sql in under_lock:
-        assert sql.startswith("INSERT INTO entities") and "VALUES" not in sql
-    row = await sink.fetch("t", "customer", "e7")
-    assert row is not None and row["revision"] == 2 and row["attributes"] == {"name": "n7"}

@@ -47,7 +47,7 @@ from ingest.state.sqlite_idem import (
     open_idempotency_db,
 )
 from ingest.webhook.sqlite import SQLiteIntake
-from tests.integration.conftest import dlq_entry, under_writer_lock
+from tests.integration.conftest import dlq_entry
 
 pytestmark = pytest.mark.integration
 
@@ -727,53 +727,6 @@ def test_idempotency_property_small_filters_many_runs(
         )
 
 
-_amid = st.tuples(
-    st.just("amid"),
-    st.integers(0, 1),
-    st.tuples(st.sets(st.integers(0, 30), min_size=1, max_size=5), st.sets(st.integers(0, 30))),
-)
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    actions=st.lists(st.one_of(_two, _amid), min_size=1, max_size=25),
-    recent_keys=st.sampled_from([1, 2, 4]),
-    mid_keys=st.sampled_from([1, 4]),
-    slice_keys=st.sampled_from([1, 2, 12_500]),
-)
-def test_idempotency_property_a_claim_amid_a_staged_merge(
-    actions: list[tuple[str, int, Any]], recent_keys: int, mid_keys: int, slice_keys: int
-) -> None:
-    """A merge sorts its slice into a table of its connection's own before it takes the
-    writer lock (`_stage`); the other process's claims, and its merges, land in between
-    ("amid"): after every step both see exactly the keys claimed within the TTL."""
-    two_processes(
-        actions, int(3 * LOG_KEEP), recent_keys=recent_keys, mid_keys=mid_keys,
-        slice_keys=slice_keys,
-    )  # fmt: skip
-
-
-async def _claim_amid(
-    store: SQLiteIdempotencyStore, other: SQLiteIdempotencyStore, mine: set[int], its: set[int]
-) -> None:
-    """`store` claims keys `mine`; if that claim merges, `other` claims keys `its` (and may
-    merge) between the staging of the slice and the locked transaction that moves it."""
-    loop = asyncio.get_running_loop()
-    stage = store._stage
-
-    def stage_then_other(c: sqlite3.Connection, now: float) -> Any:
-        staged = stage(c, now)
-        if its:
-            keys = [_digest(i) for i in sorted(its)]
-            asyncio.run_coroutine_threadsafe(other.claim(keys), loop).result()
-        return staged
-
-    with mock.patch.object(store, "_stage", stage_then_other):
-        await store.claim([_digest(i) for i in sorted(mine)])
-    if its:  # claimed anyway if the claim did not merge
-        await other.claim([_digest(i) for i in sorted(its)])
-
-
 def two_processes(actions: list[tuple[str, int, Any]], ttl: int, **tuning: int) -> None:
     """Run `actions` (claims by either process, time passing, restarts) against two stores
     on one file, `tuning` their settings, checking both stores' `seen` after every step."""
@@ -799,9 +752,6 @@ def two_processes(actions: list[tuple[str, int, Any]], ttl: int, **tuning: int) 
                         clock.now += arg
                     elif what == "restart":
                         stores[who] = new_store(who)
-                    elif what == "amid":
-                        await _claim_amid(stores[who], stores[1 - who], *arg)
-                        latest.update((everything[i], clock.now) for i in arg[0] | arg[1])
                     expect = [k in latest and clock.now - latest[k] < ttl for k in everything]
                     for store in stores:
                         assert await store.seen(everything) == expect
@@ -1214,28 +1164,3 @@ async def test_dlq_datetimes_are_aware_utc(db: SQLiteDB) -> None:
     [[e]] = [p async for p in dlq.scan(DLQFilter())]
     assert e.first_failed_at.tzinfo is not None
     assert e.last_failed_at - e.first_failed_at == timedelta(0)
-
-
-async def test_idempotency_a_merge_sorts_its_slice_before_it_takes_the_writer_lock(
-    tmp_path: Path,
-) -> None:
-    """A merge cuts its slice's keys out of the log's blobs and sorts them into a table of
-    its connection's own (`_stage`) before it takes the file's writer lock: under the lock
-    runs no statement that cuts a blob (the pod's other worker waits for that lock to
-    claim), and the keys land in `idem_mid`, sorted, as before."""
-    db = await open_idempotency_db(await SQLiteDB.open(tmp_path / "state.db"))
-    store = SQLiteIdempotencyStore(db, recent_keys=40, mid_keys=1000, slice_keys=20)
-    keys = [_digest(i) for i in range(60)]
-    try:
-        with under_writer_lock(db.path) as (trace, under_lock):
-            await db.run(lambda c: c.set_trace_callback(trace))
-            for i in range(0, 60, 10):
-                await store.claim(keys[i : i + 10])
-            await db.run(lambda c: c.set_trace_callback(None))
-        assert await _keys_of(db, "idem_mid") == sorted(keys[:40])
-        assert await store.seen(keys) == [True] * 60
-    finally:
-        await db.close()
-    moves = [sql for sql in under_lock if sql.startswith("INSERT INTO idem_mid")]
-    assert len(moves) == 2
-    assert not [sql for sql in under_lock if "substr(" in sql]
