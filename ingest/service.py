@@ -385,9 +385,7 @@ async def serve(
         await service.wait_ready()  # serve once every worker runs, as one process would
     control = await _ControlState.of(cfg, service)
     gate = Gate(
-        auth_setup.guard(cfg, auth, control.stores, service.intake),
-        audit_store(control.stores),
-        service.metrics,
+        auth_setup.guard(cfg, auth, control.stores), audit_store(control.stores), service.metrics
     )
     extra = admin.routes(control.stores, control.core, gate)
     servers = [

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ingest.auth.credentials import Role
-from ingest.auth.guard import Guard, Identity, Refusal, WebhookCheck, replayed
+from ingest.auth.guard import Guard, Identity, Refusal, WebhookCheck
 from ingest.errors import StoreUnavailable
 from ingest.metrics import Metrics
 from ingest.state.audit import DENIED, FAILED, OK, REFUSED, AuditEntry, AuditStore
@@ -148,10 +148,6 @@ class Gate:
                 {"Retry-After": "5"},
             )
         return self._failed("webhook", who) if isinstance(who, Refusal) else who
-
-    def replayed(self) -> Response:
-        """The intake's append found the signature already accepted (joint mode)."""
-        return self._failed("webhook", replayed())
 
     async def release(self, check: WebhookCheck) -> None:
         try:

@@ -10,10 +10,6 @@ that can be refused from its headers alone:
     webhook_body(check, body)         -> Identity | Refusal       before the body is stored
     release(check)                    the body was not accepted after all (429/503): forget it
 
-Embedded, with the intake in the seen store's own state.db (`joint`), `webhook_body` only
-looks the signature up and leaves its reservation in `check.reservation` for the intake's
-append to run in the body's transaction (ingest.auth.seen): nothing to release then.
-
 Answers: 401 `missing_credential`, `malformed_credential`, `bad_credential`,
 `expired_credential`, `bad_signature`, `expired_timestamp`, `replayed_signature`;
 403 `wrong_tenant`, `missing_role` (and `tenant_scope`, decided by the endpoint).
@@ -26,11 +22,10 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from ingest.auth import signing
 from ingest.auth.credentials import CredentialSource, Role
-from ingest.auth.seen import SeenSignatures, SQLiteSeen, request_key
+from ingest.auth.seen import SeenSignatures, request_key
 
 _BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]{1,512}=*)$")
 DOCS = "see docs/security.md"
@@ -72,8 +67,6 @@ class WebhookCheck:
     header: signing.SignatureHeader | None = None
     identity: Identity | None = None  # decided from the headers alone (API key)
     seen_key: bytes | None = field(default=None)
-    # joint mode: the reservation the intake's append runs in its transaction
-    reservation: Callable[[Any], bool] | None = field(default=None)
 
 
 def _unauthorized(error: str, reason: str) -> Refusal:
@@ -88,13 +81,10 @@ class Guard:
         *,
         tolerance_seconds: float = 300.0,
         clock: Callable[[], float] = time.time,
-        joint: bool = False,
     ) -> None:
-        """`source` None means `auth: disabled`. `joint`: the intake reserves signatures
-        in its append (a `SQLiteSeen` of the intake's own file: ingest.auth.setup)."""
+        """`source` None means `auth: disabled`."""
         self.source = source
         self.seen = seen
-        self.joint = seen if joint and isinstance(seen, SQLiteSeen) else None
         self.tolerance = tolerance_seconds
         self.clock = clock
 
@@ -191,15 +181,14 @@ class Guard:
             )
         if signer != check.tenant:
             return _wrong_tenant(signer, check.tenant)
-        if self.joint is not None:
-            key = request_key(check.tenant, header.timestamp, body)
-            if await self.joint.held(key):
-                return replayed()
-            check.reservation = self.joint.reservation(key, header.timestamp + self.tolerance + 1)
-        elif self.seen is not None:
+        if self.seen is not None:
             key = request_key(check.tenant, header.timestamp, body)
             if not await self.seen.reserve(key, header.timestamp + self.tolerance + 1):
-                return replayed()
+                return _unauthorized(
+                    "replayed_signature",
+                    "this exact signed request was already accepted; a new delivery needs a "
+                    "new signature (current t=)",
+                )
             check.seen_key = key
         return Identity(check.tenant, "signature", tenants=frozenset({check.tenant}))
 
@@ -207,14 +196,6 @@ class Guard:
         if check.seen_key is not None and self.seen is not None:
             key, check.seen_key = check.seen_key, None
             await self.seen.release(key)
-
-
-def replayed() -> Refusal:
-    return _unauthorized(
-        "replayed_signature",
-        "this exact signed request was already accepted; a new delivery needs a "
-        "new signature (current t=)",
-    )
 
 
 def _bearer(authorization: str, what: str) -> str | Refusal:

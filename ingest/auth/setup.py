@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ingest import config as C
@@ -19,7 +18,6 @@ from ingest.auth.credentials import CredentialSource
 from ingest.auth.guard import Guard
 from ingest.auth.seen import RedisSeen, SeenSignatures, SQLiteSeen
 from ingest.errors import ConfigError
-from ingest.webhook.sqlite import SQLiteIntake
 
 log = logging.getLogger(__name__)
 
@@ -67,25 +65,10 @@ def seen_store(stores: Any) -> SeenSignatures:
     return RedisSeen(stores.redis)
 
 
-def guard(cfg: C.Config, setup: AuthSetup, stores: Any, intake: Any = None) -> Guard:
-    """`intake`: the door's; a SQLite intake in the seen store's own file reserves each
-    signature in the body's transaction (`Guard(joint=True)`, ingest.auth.seen)."""
+def guard(cfg: C.Config, setup: AuthSetup, stores: Any) -> Guard:
     if setup.source is None:
         return Guard(None, None)
-    seen = seen_store(stores)
-    joint = (
-        isinstance(seen, SQLiteSeen)
-        and isinstance(intake, SQLiteIntake)
-        and _same_file(seen.path, intake.path)
-    )
-    return Guard(setup.source, seen, tolerance_seconds=cfg.auth.tolerance_seconds, joint=joint)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
+    return Guard(setup.source, seen_store(stores), tolerance_seconds=cfg.auth.tolerance_seconds)
 
 
 def banner(cfg: C.Config, base: str, record: str) -> tuple[list[str], list[str]]:

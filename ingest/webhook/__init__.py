@@ -21,13 +21,8 @@ body that was already answered 202 wait for tokens a second time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
-
-
-class Replayed(Exception):
-    """The append's `reserve` found the request's signature already accepted: nothing was
-    stored (ingest.auth.seen, joint mode)."""
+from collections.abc import Sequence
+from typing import Protocol
 
 
 class Intake(Protocol):
@@ -44,12 +39,9 @@ class Intake(Protocol):
         lines: Sequence[bytes],
         received_at: float,
         keys: Sequence[int] | None = None,
-        reserve: Callable[[Any], bool] | None = None,
     ) -> int:
         """Durable on return (else raises StoreUnavailable); returns an id for the sender.
-        `keys`: each line's partition key (None: the tenant's). `reserve`: the signature's
-        replay reservation, run in the append's own transaction (only a SQLite intake in the
-        seen store's own file is given one); False raises Replayed, nothing stored."""
+        `keys`: each line's partition key (None: the tenant's)."""
         ...
 
     async def close(self) -> None: ...

@@ -20,7 +20,6 @@ import math
 import re
 import time
 import zlib
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgspec
@@ -37,7 +36,7 @@ from ingest.errors import DiskFull, StoreUnavailable, is_disk_full
 from ingest.formats import FEED_FIRST, GZIP_WBITS, INFLATE_STEP, only_nul_padding
 from ingest.names import NAME_RULE as _NAME
 from ingest.pipeline.admission import Admission, BackpressureState, Rejected
-from ingest.webhook import Intake, Replayed
+from ingest.webhook import Intake
 from ingest.webhook.spread import NOT_JSON, entity_keys
 
 log = logging.getLogger(__name__)
@@ -169,28 +168,16 @@ async def _read_and_take(
         response = decoded
     else:
         content_type = request.headers.get("content-type", "")
-        try:
-            response = await _take(
-                service, tenant, source, decoded, content_type, host, check.reservation
-            )
-        except Replayed:  # the same request won the race to the intake: nothing stored
-            return gate.replayed()
+        response = await _take(service, tenant, source, decoded, content_type, host)
     if response.status_code != 202:
         await gate.release(check)  # not accepted: the sender may send the same request again
     return response
 
 
 async def _take(
-    service: WebhookHost,
-    tenant: str,
-    source: str,
-    body: bytes,
-    content_type: str,
-    host: str,
-    reserve: Callable[[Any], bool] | None = None,
+    service: WebhookHost, tenant: str, source: str, body: bytes, content_type: str, host: str
 ) -> Response:
-    """Split an authenticated body into records, admit them and make them durable (202).
-    `reserve`: the signature's replay reservation, made in the append's transaction."""
+    """Split an authenticated body into records, admit them and make them durable (202)."""
     intake = service.intake
     assert intake is not None
     if not body.strip():
@@ -215,7 +202,7 @@ async def _take(
         return _refused(rej)
 
     try:
-        intake_id = await intake.append(tenant, source, lines, time.time(), keys, reserve)
+        intake_id = await intake.append(tenant, source, lines, time.time(), keys)
     except StoreUnavailable as exc:
         admission.appended(len(lines), len(body), ok=False)
         if isinstance(exc, DiskFull) or is_disk_full(exc):

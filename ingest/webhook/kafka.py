@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaException, Producer
@@ -108,12 +108,8 @@ class KafkaIntake:
         lines: Sequence[bytes],
         received_at: float,
         keys: Sequence[int] | None = None,
-        reserve: Callable[[Any], bool] | None = None,
     ) -> int:
-        """Return the offset of the last message once ALL are acknowledged (-1 if no lines).
-        Takes no `reserve` (the door reserves in the seen store itself: Redis)."""
-        if reserve is not None:
-            raise ValueError("a Kafka intake cannot reserve a signature in its append")
+        """Return the offset of the last message once ALL are acknowledged (-1 if no lines)."""
         if not lines:
             return -1
         if self._producer is None or not self._running:

@@ -10,13 +10,10 @@ between re-reads them and idempotency absorbs the repeat. The table is created b
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from ingest.state.sqlite import SQLiteDB, autocommit, chunks, immediate, marks
-from ingest.webhook import Replayed
 from ingest.webhook.spread import tenant_key
 
 PARTITIONS = 1 << 16
@@ -80,11 +77,6 @@ class SQLiteIntake:
     async def close(self) -> None:
         """Nothing of its own to close: the database belongs to the state stores."""
 
-    @property
-    def path(self) -> Path:
-        """The SQLite file: a seen store of the same file can reserve in `append`."""
-        return self._db.path
-
     async def append(
         self,
         tenant: str,
@@ -92,12 +84,9 @@ class SQLiteIntake:
         lines: Sequence[bytes],
         received_at: float,
         keys: Sequence[int] | None = None,
-        reserve: Callable[[Any], bool] | None = None,
     ) -> int:
         """Store one request body durably (committed before return); returns the id of its
-        last row. `reserve` (the signature's replay reservation, ingest.auth.seen) runs
-        first in the same transaction: one wait on the writer lock for both; a replay
-        raises Replayed with nothing written."""
+        last row."""
         params: list[object] = []
         for part, group in rows_of(tenant, lines, keys, self.groups):
             body = b"\n".join(group)
@@ -107,14 +96,8 @@ class SQLiteIntake:
         sql = _INSERT + ",".join(["(?, ?, ?, ?, ?, ?)"] * (len(params) // 6))
 
         def write(c: sqlite3.Connection) -> int:
-            if reserve is None:
-                # a single statement is its own transaction: committed on return, every row
-                rowid = autocommit(c, sql, params).lastrowid
-            else:
-                with immediate(c):  # rolled back on Replayed or any error: no key burned
-                    if not reserve(c):
-                        raise Replayed
-                    rowid = c.execute(sql, params).lastrowid
+            # a single statement is its own transaction: committed on return, every row
+            rowid = autocommit(c, sql, params).lastrowid
             assert rowid is not None
             return rowid
 
