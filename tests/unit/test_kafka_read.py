@@ -222,3 +222,32 @@ def test_hostile_bytes_in_skipped_fields_are_judged_as_by_the_full_parse(
         else:
             assert not isinstance(g, Record)
             assert (g.reason, g.detail.get("kind")) == (w.reason, w.detail.get("kind"))
+
+
+def test_the_first_reads_after_a_start_or_resume_ramp_up_to_the_batch_size() -> None:
+    """After a start or a resume the pipeline behind the reader is empty: its first COPY and
+    first commit wait for the first batch's read, admission and decode, which a small batch
+    shortens. So the first reads are RAMP (1,000, 2,000, 4,000), then batch_size; a step at
+    or over batch_size is skipped, and reads between two resumes are never short."""
+
+    def sizes(src: KafkaSource, n: int) -> list[int]:
+        src._held = [message(orjson.dumps(good(i, "acme")), i, None) for i in range(n)]
+        out = []
+        while src._held:
+            batch = src._read()
+            assert batch is not None
+            out.append(len(batch.records))
+        return out
+
+    src = KafkaSource(KafkaSourceConfig(topics=["t"], batch_size=5000))
+    src._parts = {("t", 0): _Partition(epoch=1)}
+    src._ramp_up()
+    assert sizes(src, 20_000) == [1000, 2000, 4000, 5000, 5000, 3000]
+    assert sizes(src, 12_000) == [5000, 5000, 2000]  # no resume since: full batches
+    src._ramp_up()
+    assert sizes(src, 3500) == [1000, 2000, 500]
+    assert sizes(src, 6000) == [5000, 1000]  # a short read was a step of its own
+    small = KafkaSource(KafkaSourceConfig(topics=["t"], batch_size=1500))
+    small._parts = {("t", 0): _Partition(epoch=1)}
+    small._ramp_up()
+    assert sizes(small, 5000) == [1000, 1500, 1500, 1000]
