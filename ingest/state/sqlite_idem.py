@@ -63,12 +63,18 @@ RECENT_KEYS = 50_000
 # 3.0 at 125,000 / 25,000, for twice the runs (a key the filter may hold is probed in its
 # filter's runs: ~32 instead of ~16), and merges that last no longer (worst claim 135-333
 # ms against 218-608, load 5). Before: 500,000 -> 250,000 took 6.3 -> 4.3 µs a key (one store).
-MID_KEYS = 125_000
+# Now MID_KEYS = SLICE_KEYS: every merge's slice is a run of its own, written as that run (a
+# sorted append into a new table, `_merge`) and `idem_mid` stays empty: no page of a merge's
+# table is read or written twice. 3.7 -> 3.1-3.3 µs a key (bench_idem_sqlite --stores 2, 1M
+# keys, docs/benchmarks.md, emidem), for 5x the runs (a run of 25,000 keys, each a table: a
+# key the filter may hold is probed in more of them; every merge changes the schema, which
+# each other connection of the file reads again: ~0.6 ms at 75 tables, ~2.5 at 400).
 # Keys one merge transaction moves at most: half of RECENT_KEYS, so two claims' merges move
 # what waits (a merge holds the file's writer lock, and the pod's other worker waits for it to
 # claim: one 50,000-key merge into an `idem_mid` of up to 500,000 held it off 0.3-1.1 s at
 # load 7-10; see MID_KEYS for what the larger slice saves).
 SLICE_KEYS = RECENT_KEYS // 2
+MID_KEYS = SLICE_KEYS
 # `seen` asks an in-memory filter first and SQLite only for the keys the filter may hold
 # (SQLiteIdempotencyStore); the filter learns every process's claims from this log, whose
 # merged rows are kept LOG_KEEP seconds (a process that fell further behind rebuilds its filter).
@@ -547,7 +553,8 @@ class SQLiteIdempotencyStore:
         """Move the log's oldest unmerged rows, up to `slice_keys` keys (if `recent_keys`
         wait: another process may have merged them meanwhile), sorted, into `idem_mid`, and
         mark them merged; rename
-        `idem_mid` to a run once `mid_keys` were moved into it; prune the merged rows older
+        `idem_mid` to a run once `mid_keys` were moved into it (a slice of `mid_keys` or
+        more into an empty `idem_mid` is written as its run at once); prune the merged rows older
         than LOG_KEEP; drop the expired tables. One transaction."""
         since = now - self._ttl
         with immediate(c):
@@ -572,12 +579,22 @@ class SQLiteIdempotencyStore:
                 (through, cut),
             ).fetchall()
             live = [(at, keys) for _, at, keys in rows if at > since]
+            last = rows[-1][0]
+            moved = sum(len(keys) // 32 for _, keys in live)
+            if live and mid_keys == 0 and moved >= self._mid_keys:
+                # the slice alone is a run (MID_KEYS): written as that run, a sorted append
+                # into a new table, not moved into the empty `idem_mid` then renamed (an
+                # ALTER TABLE, which reads the whole schema again, and a CREATE more)
+                run = idem_run(int(max(at for at, _ in live) // DAY), last)
+                c.execute(_IDEM_DAY_DDL.format(run))
+                for i in range(0, len(live), _MERGE_ROWS):
+                    _insert_sorted(c, live[i : i + _MERGE_ROWS], run)
+                live = []
             for i in range(0, len(live), _MERGE_ROWS):
                 _insert_sorted(c, live[i : i + _MERGE_ROWS])
             if live:
-                mid_keys += sum(len(keys) // 32 for _, keys in live)
+                mid_keys += moved
                 mid_newest = max(mid_newest, max(at for at, _ in live))
-            last = rows[-1][0]
             if mid_keys >= self._mid_keys:
                 run = idem_run(int(mid_newest // DAY), last)
                 c.execute(f"ALTER TABLE {IDEM_MID} RENAME TO {run}")
@@ -681,8 +698,10 @@ def _runs_of(live: Sequence[str], rows_of: Sequence[tuple[int, int] | None]) -> 
     return tuple(sorted(out, key=order.__getitem__))
 
 
-def _insert_sorted(c: sqlite3.Connection, rows: Sequence[tuple[float, bytes]]) -> None:
-    """Insert the keys of log rows (claim time, keys) into `idem_mid` in key order, with
+def _insert_sorted(
+    c: sqlite3.Connection, rows: Sequence[tuple[float, bytes]], table: str = IDEM_MID
+) -> None:
+    """Insert the keys of log rows (claim time, keys) into `table` in key order, with
     their rows' claim times: one statement, the rows' blobs and times bound as parameters
     (each blob is cut in SQL, the keys sorted by SQLite's sorter: ~1 µs a key less than
     sorting in Python; `substr` of a column instead would read the whole overflowing blob
@@ -695,7 +714,7 @@ def _insert_sorted(c: sqlite3.Connection, rows: Sequence[tuple[float, bytes]]) -
     )
     c.execute(
         f"WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 32 FROM k WHERE i + 32 < ?"
-        f"{2 * len(rows) + 1}) INSERT INTO {IDEM_MID} (key, claimed_at) SELECT key, at"
+        f"{2 * len(rows) + 1}) INSERT INTO {table} (key, claimed_at) SELECT key, at"
         f" FROM ({terms}) WHERE true ORDER BY key{_UPSERT}",
         [*(x for at, keys in rows for x in (keys, at)), longest],
     )

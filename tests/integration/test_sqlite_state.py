@@ -38,6 +38,8 @@ from ingest.state.sqlite import (
 from ingest.state.sqlite_idem import (
     IDEM_MIGRATIONS,
     LOG_KEEP,
+    RECENT_KEYS,
+    SLICE_KEYS,
     SQLiteIdempotencyStore,
     _Bloom,
     _copy_state_keys,
@@ -434,6 +436,27 @@ async def test_idempotency_claims_wait_in_the_log_then_move_to_idem_mid_then_a_r
     assert await store.seen(k) == [True] * 5 + [False, False, True]
     assert await restarted.seen(k) == [True] * 5 + [False, False, True]
     assert (await restarted.stats())["keys"] == 6
+
+
+async def test_idempotency_each_merge_writes_its_slice_as_a_run_of_its_own(db: SQLiteDB) -> None:
+    """By default a merge's slice is a run of its own (`mid_keys` = `slice_keys`), written
+    as that run: no statement inserts into `idem_mid` or renames it, each of which wrote
+    the slice's pages once more. Every key stays seen."""
+    store = SQLiteIdempotencyStore(db)
+    keys = [hashlib.sha256(b"%d" % i).digest() for i in range(RECENT_KEYS)]
+    statements: list[str] = []
+    await db.run(lambda c: c.set_trace_callback(statements.append))
+    try:
+        for i in range(0, len(keys), 5000):
+            await store.claim(keys[i : i + 5000])
+    finally:
+        await db.run(lambda c: c.set_trace_callback(None))
+    runs = await _day_tables(db)  # RECENT_KEYS waited: one merge moved the oldest slice
+    assert len(runs) == 1 and len(await _keys_of(db, runs[0])) == SLICE_KEYS
+    assert await _keys_of(db, "idem_mid") == []
+    assert await _log_keys(db) == RECENT_KEYS - SLICE_KEYS
+    assert not [s for s in statements if "ALTER TABLE" in s or "INTO idem_mid" in s]
+    assert await store.seen([*keys[:: RECENT_KEYS // 10], b"x" * 32]) == [True] * 10 + [False]
 
 
 async def test_idempotency_a_merge_moves_one_slice_of_the_oldest_rows(db: SQLiteDB) -> None:
