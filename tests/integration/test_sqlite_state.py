@@ -43,6 +43,7 @@ from ingest.state.sqlite_idem import (
     SQLiteIdempotencyStore,
     _Bloom,
     _copy_state_keys,
+    _key_blob,
     _state_keys,
     idem_day,
     idem_path,
@@ -457,6 +458,30 @@ async def test_idempotency_each_merge_writes_its_slice_as_a_run_of_its_own(db: S
     assert await _log_keys(db) == RECENT_KEYS - SLICE_KEYS
     assert not [s for s in statements if "ALTER TABLE" in s or "INTO idem_mid" in s]
     assert await store.seen([*keys[:: RECENT_KEYS // 10], b"x" * 32]) == [True] * 10 + [False]
+
+
+async def test_idempotency_a_batch_s_keys_are_checked_once_for_seen_and_claim(
+    db: SQLiteDB,
+) -> None:
+    """A claim of the very list `seen` was asked reuses its blob (the 32-byte check runs
+    once a batch); a list changed in between, or another list, is joined and checked
+    afresh, and its own keys are claimed."""
+    store = SQLiteIdempotencyStore(db)
+    keys = [hashlib.sha256(b"%d" % i).digest() for i in range(100)]
+    with mock.patch("ingest.state.sqlite_idem._key_blob", wraps=_key_blob) as check:
+        assert await store.seen(keys) == [False] * 100
+        await store.claim(keys)
+        assert check.call_count == 1
+        other = [hashlib.sha256(b"other %d" % i).digest() for i in range(3)]
+        assert await store.seen(other) == [False] * 3
+        other[1] = hashlib.sha256(b"changed").digest()  # after seen, before the claim
+        await store.claim(other)
+        assert check.call_count == 3
+        with pytest.raises(ValueError):
+            await store.claim([*keys[:2], b"short"])
+    assert await store.seen(keys) == [True] * 100
+    changed = [hashlib.sha256(b"other %d" % i).digest() for i in range(3)]
+    assert await store.seen([*other, changed[1]]) == [True, True, True, False]
 
 
 async def test_idempotency_a_merge_moves_one_slice_of_the_oldest_rows(db: SQLiteDB) -> None:
