@@ -64,11 +64,12 @@ RECENT_KEYS = 50_000
 # filter's runs: ~32 instead of ~16), and merges that last no longer (worst claim 135-333
 # ms against 218-608, load 5). Before: 500,000 -> 250,000 took 6.3 -> 4.3 µs a key (one store).
 # Now MID_KEYS = SLICE_KEYS: every merge's slice is a run of its own, written as that run (a
-# sorted append into a new table, `_merge`) and `idem_mid` stays empty: no page of a merge's
-# table is read or written twice. 3.7 -> 3.1-3.3 µs a key (bench_idem_sqlite --stores 2, 1M
-# keys, docs/benchmarks.md, emidem), for 5x the runs (a run of 25,000 keys, each a table: a
-# key the filter may hold is probed in more of them; every merge changes the schema, which
-# each other connection of the file reads again: ~0.6 ms at 75 tables, ~2.5 at 400).
+# new table, unsorted, `_merge`) and `idem_mid` stays empty: no page of a merge's table is
+# read or written twice. Process CPU 3.4-3.6 -> 2.5 µs a key, store threads 2.8-3.0 -> 2.0
+# (bench_idem_sqlite --stores 2, 1M keys, docs/benchmarks.md, emidem), for 5x the runs (a
+# run of 25,000 keys, each a table: a key the filter may hold is probed in more of them;
+# every merge changes the schema, which each other connection of the file reads again:
+# ~0.6 ms at 75 tables, ~2.5 at 400).
 # Keys one merge transaction moves at most: half of RECENT_KEYS, so two claims' merges move
 # what waits (a merge holds the file's writer lock, and the pod's other worker waits for it to
 # claim: one 50,000-key merge into an `idem_mid` of up to 500,000 held it off 0.3-1.1 s at
@@ -607,13 +608,16 @@ class SQLiteIdempotencyStore:
             last = rows[-1][0]
             moved = sum(len(keys) // 32 for _, keys in live)
             if live and mid_keys == 0 and moved >= self._mid_keys:
-                # the slice alone is a run (MID_KEYS): written as that run, a sorted append
-                # into a new table, not moved into the empty `idem_mid` then renamed (an
-                # ALTER TABLE, which reads the whole schema again, and a CREATE more)
+                # the slice alone is a run (MID_KEYS): written as that run, a new table, not
+                # moved into the empty `idem_mid` then renamed (an ALTER TABLE, which reads
+                # the whole schema again, and a CREATE more); in the keys' own order: into a
+                # table this small, all of whose pages this transaction holds, SQLite's sort
+                # of 25,000 keys cost more (~20 ms) than it saved the inserts (~13 ms), and
+                # the table takes as many pages (docs/benchmarks.md, emidem)
                 run = idem_run(int(max(at for at, _ in live) // DAY), last)
                 c.execute(_IDEM_DAY_DDL.format(run))
                 for i in range(0, len(live), _MERGE_ROWS):
-                    _insert_sorted(c, live[i : i + _MERGE_ROWS], run)
+                    _insert_sorted(c, live[i : i + _MERGE_ROWS], run, ordered=False)
                 live = []
             for i in range(0, len(live), _MERGE_ROWS):
                 _insert_sorted(c, live[i : i + _MERGE_ROWS])
@@ -724,9 +728,13 @@ def _runs_of(live: Sequence[str], rows_of: Sequence[tuple[int, int] | None]) -> 
 
 
 def _insert_sorted(
-    c: sqlite3.Connection, rows: Sequence[tuple[float, bytes]], table: str = IDEM_MID
+    c: sqlite3.Connection,
+    rows: Sequence[tuple[float, bytes]],
+    table: str = IDEM_MID,
+    ordered: bool = True,
 ) -> None:
-    """Insert the keys of log rows (claim time, keys) into `table` in key order, with
+    """Insert the keys of log rows (claim time, keys) into `table` in key order (`ordered`;
+    else in the rows' order: a new run, `_merge`), with
     their rows' claim times: one statement, the rows' blobs and times bound as parameters
     (each blob is cut in SQL, the keys sorted by SQLite's sorter: ~1 µs a key less than
     sorting in Python; `substr` of a column instead would read the whole overflowing blob
@@ -740,7 +748,7 @@ def _insert_sorted(
     c.execute(
         f"WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 32 FROM k WHERE i + 32 < ?"
         f"{2 * len(rows) + 1}) INSERT INTO {table} (key, claimed_at) SELECT key, at"
-        f" FROM ({terms}) WHERE true ORDER BY key{_UPSERT}",
+        f" FROM ({terms}) WHERE true{' ORDER BY key' if ordered else ''}{_UPSERT}",
         [*(x for at, keys in rows for x in (keys, at)), longest],
     )
 
