@@ -41,12 +41,21 @@ synced writes beside the data dir) so that a mitigation can be compared in an AB
 4-KiB fdatasync latency says how slow the disk was (inside and outside the hog's window), and
 every timeline line has the machine's iowait. --fill-seconds S with --rate loads the store
 (saturated, unmeasured) before the steady phase, as the peak phase would.
+The summary lists each service thread's CPU per delivered record over the steady phase's first
+and last minute (named by py-spy: the control plane's event loop and SQLite threads, each
+worker's event loop, decoder and SQLite threads), so a rise shows where it is. --keep-data DIR
+keeps the data dir, --data-from DIR starts on a copy of one (a populated store for each side
+of an A/B without its fill's minutes; --tag makes the new entity ids differ from the kept
+store's, which would be duplicates, never written). A worker started on a populated store builds
+its key filter from the tables first (~20 s for 7M keys) and that filter's false positives are
+probed in every run, not its own runs': compare such runs with each other.
 
     uv run python bench/bench_steady.py [--seconds 300] [--share 0.8] [--workers N]
         [--peak-seconds S] [--basis populated|burst|sustained] [--rate R] [--linger S]
         [--post-peak-seconds S]
         [--stall-jump RECORDS] [--stall-log FILE] [--fill-seconds S]
-        [--disk-hog AT:SECONDS] [--hog-streams N]
+        [--disk-hog AT:SECONDS] [--hog-streams N] [--keep-data DIR] [--data-from DIR]
+        [--tag TAG]
 """
 
 from __future__ import annotations
@@ -223,42 +232,84 @@ SYSCALLS = {
 }
 
 
-def thread_states(pid: int, waits: bool = True) -> dict[int, tuple[str, str, float, float]]:
+class ThreadStates:
     """(state R/S/D..., the system call it sleeps in, CPU seconds, seconds spent runnable but
-    waiting for a core: schedstat) of each thread of one process."""
-    out: dict[int, tuple[str, str, float, float]] = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    tick = os.sysconf("SC_CLK_TCK")
-    for tid in tids:
-        task = f"/proc/{pid}/task/{tid}"
+    waiting for a core: schedstat) of each thread of one process, read through descriptors
+    kept open: the stall watch reads them 10 times a second for ~20 threads, and opening
+    three /proc files a thread each time (a path lookup, an open, a read and a close each)
+    cost the bench 1.6 ms of CPU a sweep, ~1.6 % of a core in the steady phase only, taken
+    from the service it measures (docs/benchmarks.md); a kept descriptor is read again with
+    one `pread`. The thread list is read again every `relist` sweeps (threads come and go
+    rarely: a worker's executor threads start once)."""
+
+    def __init__(self, pid: int, relist: int = 10) -> None:
+        self.pid, self.relist, self.sweeps = pid, relist, 0
+        self.fds: dict[int, dict[str, int]] = {}
+
+    def close(self) -> None:
+        for fds in self.fds.values():
+            for fd in fds.values():
+                os.close(fd)
+        self.fds = {}
+
+    def _list(self) -> None:
         try:
-            with open(f"{task}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            state = fields[0]
-            call = "-"
-            if waits and state != "R":
-                with open(f"{task}/syscall") as f:
-                    word = f.read().split(" ", 1)[0].strip()
-                call = SYSCALLS.get(word, f"sys{word}") if word != "running" else "-"
-            with open(f"{task}/schedstat") as f:
-                queued = int(f.read().split()[1]) / 1e9
-        except (OSError, IndexError, ValueError):
-            continue
-        out[int(tid)] = (state, call, (int(fields[11]) + int(fields[12])) / tick, queued)
-    return out
+            tids = {int(t) for t in os.listdir(f"/proc/{self.pid}/task")}
+        except OSError:
+            tids = set()
+        for tid in set(self.fds) - tids:
+            for fd in self.fds.pop(tid).values():
+                os.close(fd)
+        for tid in tids - set(self.fds):
+            fds: dict[str, int] = {}
+            try:
+                for name in ("stat", "syscall", "schedstat"):
+                    fds[name] = os.open(f"/proc/{self.pid}/task/{tid}/{name}", os.O_RDONLY)
+            except OSError:
+                for fd in fds.values():
+                    os.close(fd)
+                continue
+            self.fds[tid] = fds
+
+    def read(self, waits: bool = True) -> dict[int, tuple[str, str, float, float]]:
+        if self.sweeps % self.relist == 0:
+            self._list()
+        self.sweeps += 1
+        out: dict[int, tuple[str, str, float, float]] = {}
+        tick = os.sysconf("SC_CLK_TCK")
+        for tid, fds in list(self.fds.items()):
+            try:
+                fields = os.pread(fds["stat"], 1024, 0).decode().rsplit(")", 1)[1].split()
+                state = fields[0]
+                call = "-"
+                if waits and state != "R":
+                    word = os.pread(fds["syscall"], 256, 0).decode().split(" ", 1)[0].strip()
+                    call = SYSCALLS.get(word, f"sys{word}") if word != "running" else "-"
+                queued = int(os.pread(fds["schedstat"], 256, 0).split()[1]) / 1e9
+            except (OSError, IndexError, ValueError):
+                continue
+            out[tid] = (state, call, (int(fields[11]) + int(fields[12])) / tick, queued)
+        return out
+
+
+def thread_states(pid: int, waits: bool = True) -> dict[int, tuple[str, str, float, float]]:
+    """`ThreadStates(pid).read(waits)` once."""
+    states = ThreadStates(pid)
+    try:
+        return states.read(waits)
+    finally:
+        states.close()
 
 
 class StallWatch(threading.Thread):
     """A finer view than the timeline, to show what a stall is made of: every second the
-    delivered count and the intake backlog; between them each service thread's state (and
-    the system call it sleeps in: futex, flock, fdatasync ...) sampled `hz` times, and its
-    CPU and run-queue time (runnable, waiting for a core: other processes' load, not the
-    service's own waits). When the backlog jumps by `jump` records in a second (or stays
-    above it while delivery is under half the offered rate), it prints a `stall` line (the
-    second's delivered rate, backlog, steal, how long the control plane took to answer, and
+    delivered count and the queue (the intake's backlog and the records in the workers);
+    between them each service thread's state (and the system call it sleeps in: futex,
+    flock, fdatasync ...) sampled `hz` times (`ThreadStates`), and its CPU and run-queue time
+    (runnable, waiting for a core: other processes' load, not the service's own waits). When
+    the queue jumps by `jump` records in a second (or stays above it while delivery is under
+    half the offered rate), it prints a `stall` line (the second's delivered rate, queue,
+    steal, how long the control plane took to answer, and
     each busy or waiting thread) and, if py-spy is on PATH, appends every process's Python
     stacks (`py-spy dump --nonblocking`, which names each thread) to `log`."""
 
@@ -274,30 +325,42 @@ class StallWatch(threading.Thread):
     def run(self) -> None:
         assert self.svc.proc is not None
         pids = {"ctl": self.svc.proc.pid, **self.svc.worker_pids()}
+        states = {n: ThreadStates(p) for n, p in pids.items()}
+        try:
+            self.watch(pids, states)
+        finally:
+            for st in states.values():
+                st.close()
+
+    def watch(self, pids: dict[str, int], states: dict[str, ThreadStates]) -> None:
         t0 = time.monotonic()
         last_t, last_got, last_backlog = t0, delivered(self.svc.url), 0.0
-        last_cpu = {n: thread_states(p, False) for n, p in pids.items()}
+        last_cpu = {n: states[n].read(False) for n in pids}
         last_steal = cpu_times()
         while not self.done.is_set():
             seen: dict[tuple[str, int], dict[str, int]] = {}
             end = last_t + 1.0
             while (now := time.monotonic()) < end and not self.done.is_set():
-                for n, p in pids.items():
-                    for tid, (state, call, _, _) in thread_states(p).items():
+                for n in pids:
+                    for tid, (state, call, _, _) in states[n].read().items():
                         key = state if state == "R" else f"{state}:{call}"
                         counts = seen.setdefault((n, tid), {})
                         counts[key] = counts.get(key, 0) + 1
                 time.sleep(max(0.0, min(1.0 / self.hz, end - time.monotonic())))
             a = time.monotonic()
             try:
-                got = delivered(self.svc.url)
-                intake = backpressure(self.svc.url).get("intake", {})
+                # one read a second: /metrics has both (the pod's queue depth: the intake's
+                # backlog and the records in the workers); each read costs the control plane
+                # and both workers ~1-1.5 ms of CPU (they send fresh reports), /health/detailed
+                # as much again
+                text = scrape(self.svc.url)
             except (httpx.HTTPError, ValueError):
                 break
             answer = time.monotonic() - a
             now = time.monotonic()
-            backlog = float(intake.get("records", 0))
-            cpu = {n: thread_states(p, False) for n, p in pids.items()}
+            got = metric_value(text, "ingest_records_total", outcome="delivered")
+            backlog = metric_value(text, "ingest_queue_depth")
+            cpu = {n: states[n].read(False) for n in pids}
             steal = cpu_times()
             rate = (got - last_got) / (now - last_t)
             jumped = backlog - last_backlog >= self.jump
@@ -344,9 +407,26 @@ class StallWatch(threading.Thread):
                 name = self.names.get(tid) or ("main" if tid == pids[n] else f"t{tid % 1000}")
                 where = " ".join(f"{k} {v / total:.0%}" for k, v in waits[:3])
                 parts.append(f"{n}/{name} cpu {share:.0%} runq {queued:.0%} [{where}]")
-        print(f"  stall t={t:4.0f}s delivered {rate:7,.0f}/s backlog {backlog:7,.0f} steal "
+        print(f"  stall t={t:4.0f}s delivered {rate:7,.0f}/s queue {backlog:7,.0f} steal "
               f"{steal:.0%} iowait {iowait:.0%} ctl answered in {answer:.2f} s; "
               + "; ".join(parts), flush=True)
+
+
+def thread_names(pids: dict[str, int]) -> dict[int, str]:
+    """Thread id -> Python thread name of the service's processes, from `py-spy dump` (empty
+    without py-spy on PATH, or once the processes are gone)."""
+    spy = shutil.which("py-spy")
+    names: dict[int, str] = {}
+    for pid in pids.values() if spy else ():
+        try:
+            out = subprocess.run([spy, "dump", "--nonblocking", "--pid", str(pid)], text=True,
+                                 capture_output=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        for line in out.splitlines():
+            if line.startswith("Thread ") and line.split()[1].isdigit():
+                names[int(line.split()[1])] = line.split('"')[1] if '"' in line else ""
+    return names
 
 
 class Timeline(threading.Thread):
@@ -362,10 +442,15 @@ class Timeline(threading.Thread):
         self.svc, self.every = svc, every
         self.done = threading.Event()
         self.rows: list[dict[str, float]] = []
+        # each interval's CPU seconds of every service thread, (process, thread id), and
+        # ("delivered", 0): the records delivered in it (`thread_drift`)
+        self.thread_rows: list[dict[tuple[str, int], float]] = []
+        self.pids: dict[str, int] = {}
 
     def run(self) -> None:
         assert self.svc.proc is not None
         workers = self.svc.worker_pids()
+        self.pids = {"ctl": self.svc.proc.pid, **workers}
         pids = {"ctl": self.svc.proc.pid, **workers, "bench": os.getpid()}
         service = [n for n in pids if n != "bench"]
         t0 = time.monotonic()
@@ -378,7 +463,7 @@ class Timeline(threading.Thread):
             text = scrape(self.svc.url)
             got = metric_value(text, "ingest_records_total", outcome="delivered")
             cpu = {n: cpu_seconds(p) for n, p in pids.items()}
-            threads = {n: thread_cpu(p) for n, p in workers.items()}
+            threads = {n: thread_cpu(p) for n, p in pids.items() if n != "bench"}
             return time.monotonic(), got, buckets(text), cpu, threads
 
         last = sample()
@@ -409,6 +494,9 @@ class Timeline(threading.Thread):
             busy = max(workers, key=lambda k: row[f"cpu_{k}"])
             row["runq"] = (runq_now[busy] - last_runq.get(busy, runq_now[busy])) / dt
             last_runq = runq_now
+            self.thread_rows.append({
+                (k, t): v - last[4][k].get(t, 0.0) for k in threads for t, v in threads[k].items()
+            } | {("delivered", 0): float(n)})
             pid, now_t, last_t = workers[busy], threads[busy], last[4][busy]
             per = {t: (v - last_t.get(t, 0.0)) / max(n, 1) * 1e6 for t, v in now_t.items()}
             parts = [f"main {per.pop(pid, 0.0):.1f}"] + [
@@ -426,6 +514,30 @@ class Timeline(threading.Thread):
             )
             last = (now, got, hist, cpu, threads)
 
+    def thread_drift(self, span: float = 60.0) -> list[tuple[str, float, float]]:
+        """Each service thread's CPU per delivered record (us) over the first and the last
+        `span` s with deliveries, named by py-spy where it can (`thread_names`): which
+        thread's cost grows with the store."""
+        rows = [r for r in self.thread_rows if r.get(("delivered", 0), 0.0) > 0]
+        if len(rows) < 2:
+            return []
+        k = max(1, int(span / self.every))
+        names = thread_names(self.pids)
+
+        def per(part: list[dict[tuple[str, int], float]], key: tuple[str, int]) -> float:
+            n = sum(r[("delivered", 0)] for r in part)
+            return sum(r.get(key, 0.0) for r in part) / max(n, 1.0) * 1e6
+
+        keys = sorted({k for r in rows for k in r if k[0] != "delivered"})
+        out = []
+        for key in keys:
+            first, last = per(rows[:k], key), per(rows[-k:], key)
+            if max(first, last) >= 0.3:
+                name = names.get(key[1]) or ("main" if key[1] == self.pids.get(key[0]) else
+                                             f"t{key[1]}")
+                out.append((f"{key[0]}/{name}", first, last))
+        return out
+
     def cost_drift(self, span: float = 60.0) -> tuple[float, float] | None:
         """Service CPU per record (us) over the first and the last `span` s with deliveries."""
         rows = [r for r in self.rows if r["rate"] > 0]
@@ -440,7 +552,7 @@ class Timeline(threading.Thread):
 
 
 async def paced(
-    url: str, rate: float, batch: int, seconds: float
+    url: str, rate: float, batch: int, seconds: float, tag: str = ""
 ) -> tuple[int, int, int, dict[str, float]]:
     """Offer `rate` records/s as `batch`-record requests on a fixed schedule.
     Returns (accepted, refused, errors) in records, and how the front door answered: the
@@ -457,7 +569,7 @@ async def paced(
 
         async def send(n: int) -> None:
             nonlocal accepted, refused, errors
-            body = batch_body(TENANT, f"st-{n}", batch)
+            body = batch_body(TENANT, f"{tag}st-{n}", batch)
             sent = time.monotonic()
             try:
                 async with session.post(
@@ -505,7 +617,7 @@ def post_peak(svc: ServiceProcess, args: argparse.Namespace) -> float:
     timeline = Timeline(svc, args.every)
     timeline.start()
     asyncio.run(run_load(svc.url, clients=args.peak_clients, batch=args.peak_batch,
-                         seconds=args.post_peak_seconds, prefix="pp"))
+                         seconds=args.post_peak_seconds, prefix=f"{args.tag}pp"))
     timeline.done.set()
     timeline.join()
     full = [r["rate"] for r in timeline.rows[1:] if r["backlog"] > 0
@@ -561,6 +673,15 @@ def main() -> None:
     ap.add_argument("--stall-log", type=Path, default=None,
                     help="where stalls' `py-spy dump`s go (py-spy on PATH; default: "
                     "/tmp/bench-steady-stalls-<pid>.txt)")
+    ap.add_argument("--data-from", type=Path, default=None,
+                    help="start the service on a copy of this data dir (one --keep-data left): "
+                    "a populated store without its fill's minutes, the same for each side of "
+                    "an A/B")
+    ap.add_argument("--keep-data", type=Path, default=None,
+                    help="move the data dir here once the service stopped (for --data-from)")
+    ap.add_argument("--tag", default="",
+                    help="put before every entity id: new entities on a --data-from store whose "
+                    "run used other tags (the same ids would be duplicates, never written)")
     args = ap.parse_args()
     args.peak_batch = args.peak_batch or args.batch
     if args.peak_seconds is None:
@@ -573,6 +694,9 @@ def main() -> None:
     config.write_text(text)
     print(f"machine: {platform.node()} {os.cpu_count()} cores, Python "
           f"{platform.python_version()}; uptime: {subprocess.getoutput('uptime').strip()}")
+    if args.data_from is not None:
+        shutil.copytree(args.data_from, workdir / "data",
+                        ignore=shutil.ignore_patterns("service-*.log"))
     svc = ServiceProcess(workdir / "data", config=config)
     hog: DiskHog | None = None
     try:
@@ -583,7 +707,7 @@ def main() -> None:
             print(f"fill: {args.peak_clients} clients, {args.peak_batch}-record requests, "
                   f"{args.fill_seconds:.0f} s")
             asyncio.run(run_load(url, clients=args.peak_clients, batch=args.peak_batch,
-                                 seconds=args.fill_seconds, prefix="fl"))
+                                 seconds=args.fill_seconds, prefix=f"{args.tag}fl"))
             wait_drained(url)
         if args.rate is None:
             print(f"peak: {args.peak_clients} clients, {args.peak_batch}-record requests, "
@@ -592,7 +716,7 @@ def main() -> None:
             timeline = Timeline(svc, args.every)
             timeline.start()
             asyncio.run(run_load(url, clients=args.peak_clients, batch=args.peak_batch,
-                                 seconds=args.peak_seconds, prefix="pk"))
+                                 seconds=args.peak_seconds, prefix=f"{args.tag}pk"))
             wait_drained(url)
             timeline.done.set()
             timeline.join()
@@ -635,7 +759,7 @@ def main() -> None:
             hog = DiskHog(workdir, at, span, args.hog_streams)
             hog.start()
         accepted, refused, errors, door = asyncio.run(
-            paced(url, rate, args.batch, args.seconds)
+            paced(url, rate, args.batch, args.seconds, args.tag)
         )
         wait_drained(url)
         if hog is not None:
@@ -646,6 +770,7 @@ def main() -> None:
         watch.done.set()
         if watch.is_alive():
             watch.join()
+        threads = timeline.thread_drift()
         steals = [r["steal"] for r in timeline.rows]
         elapsed = time.monotonic() - t1
         metrics = scrape(url)
@@ -663,6 +788,9 @@ def main() -> None:
             hog.stop()
         if svc.proc is not None:
             svc.terminate(120)
+        if args.keep_data is not None:
+            shutil.rmtree(args.keep_data, ignore_errors=True)
+            shutil.move(workdir / "data", args.keep_data)
         shutil.rmtree(workdir, ignore_errors=True)
     p50, p95, p99 = (quantile(before, after, q) for q in (0.5, 0.95, 0.99))
     bounds = sorted(b for b in after if b != float("inf"))
@@ -677,6 +805,8 @@ def main() -> None:
     if drift:
         print(f"service CPU per record: {drift[0]:.1f} us over the first minute, "
               f"{drift[1]:.1f} us over the last ({drift[1] / drift[0]:.2f}x)")
+    for name, first, last in threads:
+        print(f"  {name:<40} {first:5.2f} -> {last:5.2f} us/rec ({last - first:+.2f})")
     print(f"stores (sink, state, keys; no WAL): {mb_start:,.0f} MB as the steady phase began "
           f"(the peak phase's end), {mb_end:,.0f} MB at its end")
     if post == post:
