@@ -607,7 +607,7 @@ class SQLiteIdempotencyStore:
             live = [(at, keys) for _, at, keys in rows if at > since]
             last = rows[-1][0]
             moved = sum(len(keys) // 32 for _, keys in live)
-            if live and mid_keys == 0 and moved >= self._mid_keys:
+            if live and moved >= self._mid_keys and _mid_empty(c, mid_keys):
                 # the slice alone is a run (MID_KEYS): written as that run, a new table, not
                 # moved into the empty `idem_mid` then renamed (an ALTER TABLE, which reads
                 # the whole schema again, and a CREATE more); in the keys' own order: into a
@@ -750,6 +750,15 @@ def _insert_sorted(
         f"{2 * len(rows) + 1}) INSERT INTO {table} (key, claimed_at) SELECT key, at"
         f" FROM ({terms}) WHERE true{' ORDER BY key' if ordered else ''}{_UPSERT}",
         [*(x for at, keys in rows for x in (keys, at)), longest],
+    )
+
+
+def _mid_empty(c: sqlite3.Connection, mid_keys: int) -> bool:
+    """Whether `idem_mid` holds no key: none moved into it since its last rename (`mid_keys`)
+    and none put there otherwise (`_copy_state_keys` copies an older state file's keys into
+    it without counting them: those go with its next rename, not left there for good)."""
+    return (
+        mid_keys == 0 and not c.execute(f"SELECT EXISTS (SELECT 1 FROM {IDEM_MID})").fetchone()[0]
     )
 
 

@@ -463,6 +463,25 @@ async def test_idempotency_each_merge_writes_its_slice_as_a_run_of_its_own(db: S
     assert await store.seen([*keys[:: RECENT_KEYS // 10], b"x" * 32]) == [True] * 10 + [False]
 
 
+async def test_idempotency_keys_put_in_idem_mid_uncounted_go_with_its_next_rename(
+    db: SQLiteDB,
+) -> None:
+    """Keys in `idem_mid` that no merge counted (an older state file's, copied by
+    `_copy_state_keys`) keep a merge off the run-of-its-own path: its slice joins them and
+    `idem_mid` becomes a run, so they expire with it instead of staying for good."""
+    clock = FakeClock()
+    old = b"o" * 32
+    await db.run(lambda c: c.execute("INSERT INTO idem_mid VALUES (?, ?)", (old, clock.now)))
+    store = SQLiteIdempotencyStore(db, clock=clock, recent_keys=2, mid_keys=2, slice_keys=2)
+    k = [bytes([i + 1]) * 32 for i in range(2)]
+    await store.claim([k[0]])
+    await store.claim([k[1]])  # 2 wait: merged with `old` into idem_mid, renamed to a run
+    runs = await _day_tables(db)
+    assert len(runs) == 1 and await _keys_of(db, runs[0]) == sorted([old, *k])
+    assert await _keys_of(db, "idem_mid") == []
+    assert await store.seen([old, *k]) == [True, True, True]
+
+
 async def test_idempotency_a_batch_s_keys_are_checked_once_for_seen_and_claim(
     db: SQLiteDB,
 ) -> None:
