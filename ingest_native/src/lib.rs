@@ -28,7 +28,8 @@ enum V<'a> {
     Bool(bool),
     I(i64),
     U(u64),
-    F(f64),
+    /// a float and its text as sent (`write_float` may take its digits from there)
+    F(f64, &'a str),
     S(Cow<'a, str>),
     A(Vec<V<'a>>),
     O(Vec<(Cow<'a, str>, V<'a>)>),
@@ -175,11 +176,13 @@ impl<'a> P<'a> {
                 return None;
             }
         }
-        let text = std::str::from_utf8(&self.b[start..self.i]).ok()?;
+        let b: &'a [u8] = self.b;
+        // SAFETY: the bytes read above are digits, '-', '+', '.', 'e' or 'E': ASCII
+        let text = unsafe { std::str::from_utf8_unchecked(&b[start..self.i]) };
         if float {
             let f: f64 = text.parse().ok()?;
             if f.is_finite() {
-                Some(V::F(f))
+                Some(V::F(f, text))
             } else {
                 None
             }
@@ -204,11 +207,22 @@ impl<'a> P<'a> {
     /// valid escapes (a lone surrogate included).
     fn string(&mut self) -> Option<Cow<'a, str>> {
         let start = self.i;
+        let b: &'a [u8] = self.b;
+        // eight bytes at a time while none is a quote, a backslash, a control character or
+        // past ASCII (most strings: keys, names, times); then byte by byte
+        self.i = plain_prefix(b, start);
+        let mut high = 0u8; // any byte >= 0x80 seen: then the text's UTF-8 is checked
         loop {
             let c = self.peek()?;
             if c == b'"' {
-                let b: &'a [u8] = self.b;
-                let s = std::str::from_utf8(&b[start..self.i]).ok()?;
+                let text = &b[start..self.i];
+                let s = if high < 0x80 {
+                    // SAFETY: every byte of `text` is below 0x80 (the prefix by
+                    // `plain_prefix`, the rest by `high`): ASCII is UTF-8
+                    unsafe { std::str::from_utf8_unchecked(text) }
+                } else {
+                    std::str::from_utf8(text).ok()?
+                };
                 self.i += 1;
                 return Some(Cow::Borrowed(s));
             }
@@ -218,6 +232,7 @@ impl<'a> P<'a> {
             if c < 0x20 {
                 return None;
             }
+            high |= c;
             self.i += 1;
         }
         let mut out: Vec<u8> = self.b[start..self.i].to_vec();
@@ -269,6 +284,33 @@ impl<'a> P<'a> {
     }
 }
 
+/// Where the first byte at or after `i` that a string's fast scan stops at is: a quote, a
+/// backslash, a control character or one past ASCII, found eight bytes at a time (the bit
+/// tricks of "Bit Twiddling Hacks": a word's lowest flagged byte is always such a byte; a
+/// borrow can only flag bytes above it); the last few bytes of `b` are left to the caller's
+/// byte loop.
+fn plain_prefix(b: &[u8], mut i: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    while let Some(word) = b.get(i..i + 8) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        let w = u64::from_le_bytes(w);
+        let quote = w ^ (ONES * u64::from(b'"'));
+        let slash = w ^ (ONES * u64::from(b'\\'));
+        let stop = (quote.wrapping_sub(ONES) & !quote)
+            | (slash.wrapping_sub(ONES) & !slash)
+            | (w.wrapping_sub(ONES * 0x20) & !w)
+            | w;
+        let stop = stop & HIGH;
+        if stop != 0 {
+            return i + (stop.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    i
+}
+
 fn parse(b: &[u8]) -> Option<V<'_>> {
     let mut p = P { b, i: 0 };
     let v = p.value(0)?;
@@ -281,6 +323,42 @@ fn parse(b: &[u8]) -> Option<V<'_>> {
 }
 
 // ---- canonical bytes: orjson.dumps(..., option=OPT_SORT_KEYS), byte for byte ----
+
+/// A parsed string's text: one the parser borrowed from the line (`Cow::Borrowed`: it read no
+/// escape, and it stops at a quote or a backslash and refuses control characters) holds
+/// nothing `write_str` escapes, so it is copied as it is; one it unescaped goes through
+/// `write_str`.
+fn write_text(s: &Cow<str>, out: &mut Vec<u8>) {
+    match s {
+        Cow::Borrowed(text) => {
+            out.push(b'"');
+            out.extend_from_slice(text.as_bytes());
+            out.push(b'"');
+        }
+        Cow::Owned(text) => write_str(text, out),
+    }
+}
+
+/// An integer's decimal text, as `write!(out, "{}", n)` writes it, without the formatting
+/// machinery (a record's revision, its integer attributes).
+fn write_int(n: i128, out: &mut Vec<u8>) {
+    let mut buf = [0u8; 40];
+    let mut at = buf.len();
+    let mut m = n.unsigned_abs();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (m % 10) as u8;
+        m /= 10;
+        if m == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        at -= 1;
+        buf[at] = b'-';
+    }
+    out.extend_from_slice(&buf[at..]);
+}
 
 fn write_str(s: &str, out: &mut Vec<u8>) {
     out.push(b'"');
@@ -331,6 +409,12 @@ fn half_to_even(f: f64, digits: &mut [u8], exp: i32) {
     if (last - b'0') % 2 == 0 || (n == 1 && last == b'1') {
         return;
     }
+    // Two texts of at most 15 significant digits never read back as the same normal f64
+    // (DBL_DIG: 15 digits survive the round trip text -> f64 -> text), so the lower text
+    // cannot be another reading of `f`: no tie to break. (A subnormal holds fewer digits.)
+    if n <= 15 && f.abs() >= f64::MIN_POSITIVE {
+        return;
+    }
     let text = |d: &[u8]| {
         let (first, rest) = d.split_at(1);
         let first = std::str::from_utf8(first).unwrap_or("0");
@@ -354,10 +438,84 @@ fn half_to_even(f: f64, digits: &mut [u8], exp: i32) {
     }
 }
 
-fn write_float(f: f64, out: &mut Vec<u8>) {
+/// The significant digits of a JSON number's text (leading and trailing zeros left out) and
+/// the decimal exponent of the first, when there are 1 to 15 of them; else None.
+fn sent_digits(text: &str) -> Option<([u8; 15], usize, i32)> {
+    let b = text.as_bytes();
+    let mut i = usize::from(b.first() == Some(&b'-'));
+    let mut digits = [0u8; 15];
+    let mut n = 0;
+    let mut zeros = 0; // zeros read after the last significant digit, not yet kept
+    let mut point: i64 = 0; // digits before the decimal point, leading zeros not counted
+    let mut fraction = false;
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'0' if n == 0 => {
+                if fraction {
+                    point -= 1;
+                }
+            }
+            b'0' => {
+                zeros += 1;
+                if !fraction {
+                    point += 1;
+                }
+            }
+            b'1'..=b'9' => {
+                if n + zeros + 1 > 15 {
+                    return None;
+                }
+                for _ in 0..zeros {
+                    digits[n] = b'0';
+                    n += 1;
+                }
+                zeros = 0;
+                digits[n] = c;
+                n += 1;
+                if !fraction {
+                    point += 1;
+                }
+            }
+            b'.' => fraction = true,
+            _ => break,
+        }
+        i += 1;
+    }
+    if n == 0 {
+        return None;
+    }
+    let mut exp: i64 = 0;
+    if let Some(b'e' | b'E') = b.get(i) {
+        let rest = &text[i + 1..];
+        let (minus, rest) = match rest.as_bytes().first() {
+            Some(b'-') => (true, &rest[1..]),
+            Some(b'+') => (false, &rest[1..]),
+            _ => (false, rest),
+        };
+        if rest.len() > 6 {
+            return None;
+        }
+        exp = rest.parse().ok()?;
+        if minus {
+            exp = -exp;
+        }
+    }
+    Some((digits, n, i32::try_from(point - 1 + exp).ok()?))
+}
+
+fn write_float(f: f64, text: &str, out: &mut Vec<u8>) {
     if f == 0.0 {
         out.extend_from_slice(if f.is_sign_negative() { b"-0.0" } else { b"0.0" });
         return;
+    }
+    // Sent with at most 15 significant digits (most amounts, prices, rates): those digits
+    // are the shortest text that reads back as `f` (DBL_DIG: no two texts of at most 15
+    // digits read as one normal f64, so no shorter one does, nor another as short), which
+    // is what the formatting below would find, at ~10x the cost.
+    if f.abs() >= f64::MIN_POSITIVE {
+        if let Some((digits, n, exp)) = sent_digits(text) {
+            return layout(f.is_sign_negative(), &digits[..n], exp, out);
+        }
     }
     let mut buf = [0u8; 40];
     let len = {
@@ -381,7 +539,11 @@ fn write_float(f: f64, out: &mut Vec<u8>) {
         }
     }
     half_to_even(f, &mut dbuf[..nd], exp);
-    let digits = &dbuf[..nd];
+    layout(neg, &dbuf[..nd], exp, out);
+}
+
+/// orjson's text of a float whose shortest digits and decimal exponent these are.
+fn layout(neg: bool, digits: &[u8], exp: i32, out: &mut Vec<u8>) {
     if neg {
         out.push(b'-');
     }
@@ -422,14 +584,10 @@ fn write(v: &V, out: &mut Vec<u8>) -> Option<()> {
         V::Null => out.extend_from_slice(b"null"),
         V::Bool(true) => out.extend_from_slice(b"true"),
         V::Bool(false) => out.extend_from_slice(b"false"),
-        V::I(n) => {
-            let _ = write!(out, "{}", n);
-        }
-        V::U(n) => {
-            let _ = write!(out, "{}", n);
-        }
-        V::F(f) => write_float(*f, out),
-        V::S(s) => write_str(s, out),
+        V::I(n) => write_int(i128::from(*n), out),
+        V::U(n) => write_int(i128::from(*n), out),
+        V::F(f, text) => write_float(*f, text, out),
+        V::S(s) => write_text(s, out),
         V::A(items) => {
             out.push(b'[');
             for (k, item) in items.iter().enumerate() {
@@ -439,6 +597,20 @@ fn write(v: &V, out: &mut Vec<u8>) -> Option<()> {
                 write(item, out)?;
             }
             out.push(b']');
+        }
+        V::O(items) if items.windows(2).all(|w| w[0].0.as_bytes() < w[1].0.as_bytes()) => {
+            // sent in order, no key twice (most objects: the sender's encoder sorted them):
+            // no sorted copy to build
+            out.push(b'{');
+            for (k, (key, item)) in items.iter().enumerate() {
+                if k > 0 {
+                    out.push(b',');
+                }
+                write_text(key, out);
+                out.push(b':');
+                write(item, out)?;
+            }
+            out.push(b'}');
         }
         V::O(items) => {
             let mut sorted: Vec<&(Cow<str>, V)> = items.iter().collect();
@@ -451,7 +623,7 @@ fn write(v: &V, out: &mut Vec<u8>) -> Option<()> {
                     }
                     out.push(b',');
                 }
-                write_str(key, out);
+                write_text(key, out);
                 out.push(b':');
                 write(item, out)?;
             }
@@ -466,6 +638,11 @@ fn write(v: &V, out: &mut Vec<u8>) -> Option<()> {
 struct Names<'py> {
     py: Python<'py>,
     seen: std::collections::HashMap<String, Bound<'py, PyString>, Fnv>,
+    /// the last 4 texts asked for: a batch's tenant, entity type and priority come back
+    /// record after record, and are found here by a comparison or two, without hashing
+    recent: [Option<(String, Bound<'py, PyString>)>; 4],
+    /// where the next text goes in `recent` (the oldest's place)
+    next: usize,
 }
 
 /// FNV-1a for `Names`' short texts: the default SipHash (built against hash flooding) cost
@@ -496,12 +673,24 @@ impl std::hash::BuildHasher for Fnv {
 
 impl<'py> Names<'py> {
     fn get(&mut self, s: &str) -> Bound<'py, PyString> {
-        if let Some(v) = self.seen.get(s) {
-            return v.clone();
+        for (text, v) in self.recent.iter().flatten() {
+            if text == s {
+                return v.clone();
+            }
         }
-        let v = PyString::new_bound(self.py, s);
-        if self.seen.len() < 4096 && s.len() <= 64 {
-            self.seen.insert(s.to_owned(), v.clone());
+        let v = match self.seen.get(s) {
+            Some(v) => v.clone(),
+            None => {
+                let v = PyString::new_bound(self.py, s);
+                if self.seen.len() < 4096 && s.len() <= 64 {
+                    self.seen.insert(s.to_owned(), v.clone());
+                }
+                v
+            }
+        };
+        if s.len() <= 64 {
+            self.recent[self.next] = Some((s.to_owned(), v.clone()));
+            self.next = (self.next + 1) % self.recent.len();
         }
         v
     }
@@ -513,7 +702,7 @@ fn to_py(py: Python<'_>, v: &V, names: &mut Names<'_>) -> PyObject {
         V::Bool(b) => PyBool::new_bound(py, *b).to_owned().into_any().unbind(),
         V::I(n) => n.into_py(py),
         V::U(n) => n.into_py(py),
-        V::F(f) => f.into_py(py),
+        V::F(f, _) => f.into_py(py),
         V::S(s) => PyString::new_bound(py, s).into_any().unbind(),
         V::A(items) => {
             let list = PyList::empty_bound(py);
@@ -683,23 +872,23 @@ fn envelope_of(b: &[u8]) -> Option<Env<'_>> {
     })
 }
 
-/// The body's canonical bytes, keys in sorted order (as `decode.py` builds the body), with
-/// where the attributes' and the relations' JSON text sit in them (for `copy_row`).
-fn canonical(e: &Env) -> Option<(Vec<u8>, (usize, usize), (usize, usize))> {
-    let mut out = Vec::with_capacity(256);
+/// The body's canonical bytes, keys in sorted order (as `decode.py` builds the body),
+/// appended to `out` (a turn's lines share one buffer: no allocation a line), with where the
+/// attributes' and the relations' JSON text sit in `out` (for `copy_row`, `sqlite_row`).
+fn canonical(e: &Env, out: &mut Vec<u8>) -> Option<((usize, usize), (usize, usize))> {
     out.extend_from_slice(b"{\"attributes\":");
     let a0 = out.len();
-    write(&e.attributes, &mut out)?;
+    write(&e.attributes, out)?;
     let a1 = out.len();
     out.extend_from_slice(if e.deleted { b",\"deleted\":true" } else { b",\"deleted\":false" });
     out.extend_from_slice(b",\"entity_id\":");
-    write_str(&e.entity_id, &mut out);
+    write_text(&e.entity_id, out);
     out.extend_from_slice(b",\"entity_type\":");
-    write_str(&e.entity_type, &mut out);
+    write_text(&e.entity_type, out);
     out.extend_from_slice(b",\"occurred_at\":");
-    write_str(&e.occurred, &mut out);
+    write_text(&e.occurred, out);
     out.extend_from_slice(b",\"priority\":");
-    write_str(e.priority, &mut out);
+    write_str(e.priority, out);
     out.extend_from_slice(b",\"relations\":");
     let r0 = out.len();
     out.push(b'[');
@@ -708,21 +897,21 @@ fn canonical(e: &Env) -> Option<(Vec<u8>, (usize, usize), (usize, usize))> {
             out.push(b',');
         }
         out.extend_from_slice(b"{\"target_id\":");
-        write_str(&r.target_id, &mut out);
+        write_text(&r.target_id, out);
         out.extend_from_slice(b",\"target_type\":");
-        write_str(&r.target_type, &mut out);
+        write_text(&r.target_type, out);
         out.extend_from_slice(b",\"type\":");
-        write_str(&r.kind, &mut out);
+        write_text(&r.kind, out);
         out.push(b'}');
     }
     out.push(b']');
     let r1 = out.len();
     out.extend_from_slice(b",\"revision\":");
-    let _ = write!(out, "{}", e.revision);
+    write_int(i128::from(e.revision), out);
     out.extend_from_slice(b",\"schema_version\":3,\"tenant_id\":");
-    write_str(&e.tenant, &mut out);
+    write_text(&e.tenant, out);
     out.push(b'}');
-    Some((out, (a0, a1), (r0, r1)))
+    Some(((a0, a1), (r0, r1)))
 }
 
 /// Microseconds since 2000-01-01 UTC of `YYYY-MM-DD(T|t)HH:MM:SS[.f+](Z|+HH:MM|-HH:MM)`, the
@@ -850,7 +1039,8 @@ fn field(out: &mut Vec<u8>, data: &[u8]) {
 /// order); bytea dedupe_key. None when `occurred_at` is not one `micros_of` reads.
 fn copy_row(e: &Env, canon: &[u8], attrs: (usize, usize), rels: (usize, usize), digest: &[u8]) -> Option<Vec<u8>> {
     let when = micros_of(&e.occurred)?;
-    let mut out = Vec::with_capacity(canon.len() + 96);
+    let texts = e.tenant.len() + e.entity_type.len() + e.entity_id.len();
+    let mut out = Vec::with_capacity(texts + (attrs.1 - attrs.0) + (rels.1 - rels.0) + 96);
     field(&mut out, e.tenant.as_bytes());
     field(&mut out, e.entity_type.as_bytes());
     field(&mut out, e.entity_id.as_bytes());
@@ -888,7 +1078,9 @@ fn sqlite_row(
     digest: &Bound<'_, PyBytes>,
     no_relations: &Py<PyString>,
 ) -> PyObject {
-    let text = |(a, b): (usize, usize)| std::str::from_utf8(&canon[a..b]).ok();
+    // SAFETY: `canonical` writes UTF-8 (the record's texts, ASCII punctuation and numbers),
+    // and the attributes' and relations' bounds sit beside ASCII bytes it wrote
+    let text = |(a, b): (usize, usize)| Some(unsafe { std::str::from_utf8_unchecked(&canon[a..b]) });
     let (Some(attributes), Some(relations)) = (text(attrs), text(rels)) else {
         return py.None();
     };
@@ -970,7 +1162,7 @@ fn attributes_ok(a: &V) -> bool {
         "amount" => match v {
             V::I(n) => *n >= 0,
             V::U(_) => true,
-            V::F(f) => *f >= 0.0,
+            V::F(f, _) => *f >= 0.0,
             _ => false,
         },
         "currency" => match v {
@@ -1072,7 +1264,6 @@ fn nested(v: &V) -> bool {
 /// and occurred_at's time, which need Python objects).
 struct Line<'a> {
     env: Env<'a>,
-    bytes: Vec<u8>,
     attrs: (usize, usize),
     rels: (usize, usize),
     digest: [u8; 32],
@@ -1080,13 +1271,19 @@ struct Line<'a> {
     rules: bool,
 }
 
-fn line_of(data: &[u8], rows: bool) -> Option<Line<'_>> {
+/// `canon`: the turn's buffer, to which the line's canonical bytes are appended (left as it
+/// was when the line is not one the compiled path takes).
+fn line_of<'a>(data: &'a [u8], rows: bool, canon: &mut Vec<u8>) -> Option<Line<'a>> {
     let env = envelope_of(data)?;
-    let (bytes, attrs, rels) = canonical(&env)?;
-    let digest: [u8; 32] = Sha256::digest(&bytes).into();
-    let row = if rows { copy_row(&env, &bytes, attrs, rels, &digest) } else { None };
+    let start = canon.len();
+    let Some((attrs, rels)) = canonical(&env, canon) else {
+        canon.truncate(start);
+        return None;
+    };
+    let digest: [u8; 32] = Sha256::digest(&canon[start..]).into();
+    let row = if rows { copy_row(&env, canon, attrs, rels, &digest) } else { None };
     let rules = tenant_ok(&env.tenant) && type_name_ok(&env.entity_type) && attributes_ok(&env.attributes);
-    Some(Line { env, bytes, attrs, rels, digest, row, rules })
+    Some(Line { env, attrs, rels, digest, row, rules })
 }
 
 /// A raw record and its bytes when the compiled path may read them.
@@ -1173,16 +1370,19 @@ fn decode_records(
         held.push((raw, data));
     }
     let slices: Vec<Option<&[u8]>> = held.iter().map(|(_, b)| b.as_ref().map(|b| b.as_bytes())).collect();
-    let mut names = Names { py, seen: std::collections::HashMap::default() };
+    let mut names = Names { py, seen: std::collections::HashMap::default(), recent: Default::default(), next: 0 };
     let out = PyList::empty_bound(py);
     let mut acc = if facts { Some(Facts::new(py, held.len())) } else { None };
+    // a turn's lines and their canonical bytes, in buffers kept from turn to turn
+    let mut lines: Vec<Option<Line<'_>>> = Vec::with_capacity(TURN);
+    let mut canon: Vec<u8> = Vec::with_capacity(TURN * 256);
     for (turn, raws) in slices.chunks(TURN).zip(held.chunks(TURN)) {
         // 2. the Rust part, without the GIL: `bytes` objects are immutable and held above
-        let lines: Vec<Option<Line<'_>>> =
-            py.allow_threads(|| turn.iter().map(|d| d.and_then(|d| line_of(d, rows))).collect());
+        canon.clear();
+        py.allow_threads(|| lines.extend(turn.iter().map(|d| d.and_then(|d| line_of(d, rows, &mut canon)))));
         // 3. their Python objects
-        for ((raw, _), line) in raws.iter().zip(lines) {
-            build(py, &out, raw, line, record, times, horizon, sqlite_rows, &keys, &mut names, &mut fields, &mut acc, &mut bodies)?;
+        for ((raw, _), line) in raws.iter().zip(lines.drain(..)) {
+            build(py, &out, raw, line, &canon, record, times, horizon, sqlite_rows, &keys, &mut names, &mut fields, &mut acc, &mut bodies)?;
         }
     }
     Ok(match acc {
@@ -1448,6 +1648,7 @@ fn build<'py>(
     out: &Bound<'py, PyList>,
     raw: &Bound<'py, PyAny>,
     line: Option<Line<'_>>,
+    canon: &[u8],
     record: &Bound<'py, PyAny>,
     times: &Bound<'py, PyDict>,
     horizon: f64,
@@ -1458,7 +1659,7 @@ fn build<'py>(
     facts: &mut Option<Facts<'py>>,
     bodies: &mut Bodies<'py>,
 ) -> PyResult<()> {
-    let Line { env, bytes, attrs, rels, digest, row, rules } = match line {
+    let Line { env, attrs, rels, digest, row, rules } = match line {
         Some(line) => line,
         None => {
             if let Some(f) = facts.as_mut() {
@@ -1496,7 +1697,7 @@ fn build<'py>(
     };
     let key = PyBytes::new_bound(py, &digest);
     let lite: PyObject = if sqlite_rows {
-        sqlite_row(py, &env, &bytes, attrs, rels, [&tenant, &entity_type, &entity_id, &occurred], &revision, &key, &keys.no_relations)
+        sqlite_row(py, &env, canon, attrs, rels, [&tenant, &entity_type, &entity_id, &occurred], &revision, &key, &keys.no_relations)
     } else {
         py.None()
     };
