@@ -56,6 +56,14 @@ def tables(c: sqlite3.Connection) -> dict[str, int]:
     return {n: c.execute(f"SELECT count(*) FROM {n}").fetchone()[0] for n in names}
 
 
+def table_counts(counts: dict[str, int]) -> str:
+    """The idempotency tables' row counts; the runs (one a merge, hundreds of them) as their
+    number and keys, the others by name."""
+    runs = [v for k, v in counts.items() if k[5:6].isdigit()]
+    named = " ".join(f"{k}={v:,}" for k, v in counts.items() if not k[5:6].isdigit())
+    return f"runs={len(runs):,} ({sum(runs):,} keys) {named}"
+
+
 async def append_intake(path: Path, hz: float, stop: asyncio.Event) -> None:
     """Another connection's commits, as the control plane's intake appends."""
     other = await SQLiteDB.open(path)
@@ -149,7 +157,7 @@ async def main(
                 f"{done:>10,} {(cpu1 - cpu0) / n * 1e6:>10.1f} "
                 f"{(thread1 - thread0) / n * 1e6:>8.1f} {seen / n * 1e6:>6.1f} "
                 f"{(wall1 - wall0) / n * 1e6:>8.1f} {p99 * 1e3:>7.0f} "
-                f"{worst * 1e3:>9.0f}  " + " ".join(f"{k}={v:,}" for k, v in counts.items()),
+                f"{worst * 1e3:>9.0f}  " + table_counts(counts),
                 flush=True,
             )
         stop.set()

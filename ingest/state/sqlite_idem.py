@@ -83,16 +83,17 @@ LOG_KEEP = 300.0
 
 
 class _Bloom:
-    """A Bloom filter of up to BLOOM_KEYS 32-byte digests, eight bits set a key (~0.06 % false
-    positives when full, 16 bits of filter a key; four gave ~0.24 %, two ~1.4 %), and the newest
-    claim time of its keys (it is dropped once that expired). Every false positive is probed in
-    `idem_mid` and every live run, so a key's `seen` cost grew with the runs (filters x runs):
-    bench_idem_sqlite --stores 2, docs/benchmarks.md. The keys are SHA-256 digests: their bytes
-    are the hash, a key's eight 32-bit words its eight positions."""
+    """A Bloom filter of up to KEYS 32-byte digests, eight bits set a key, 32 bits of filter a
+    key (~0.0006 % false positives when full; 16 bits a key gave ~0.06 %), and the newest claim
+    time of its keys (it is dropped once that expired). Every false positive is probed in its
+    filter's runs, one a merge of SLICE_KEYS keys (~160 a full filter), so a key's `seen` cost
+    grew with filters x runs at 16 bits a key: bench_idem_sqlite --stores 2, docs/benchmarks.md.
+    The keys are SHA-256 digests: their bytes are the hash, a key's eight 32-bit words its
+    eight positions."""
 
     __slots__ = ("bits", "n", "newest", "rows")
-    BITS = 1 << 26  # 8 MiB
-    KEYS = 1 << 22  # 16 bits a key
+    BITS = 1 << 27  # 16 MiB
+    KEYS = 1 << 22  # 32 bits a key
 
     def __init__(self) -> None:
         self.bits = bytearray(self.BITS >> 3)
@@ -105,9 +106,9 @@ class _Bloom:
 
 
 def _words(blob: bytes) -> tuple[list[int], list[int]]:
-    """Two 26-bit positions per 32-byte key of `blob` (its first two 32-bit words)."""
+    """Two 27-bit positions per 32-byte key of `blob` (its first two 32-bit words)."""
     words = memoryview(blob).cast("I")
-    return [w >> 6 for w in words[0::8].tolist()], [w >> 6 for w in words[1::8].tolist()]
+    return [w >> 5 for w in words[0::8].tolist()], [w >> 5 for w in words[1::8].tolist()]
 
 
 def _load_bloom() -> tuple[

@@ -1821,25 +1821,25 @@ fn body_dict<'py>(
 
 // ------------------------------------------------------------ the idempotency key filter
 
-/// Bits of one Bloom filter of `ingest.state.sqlite.KeyFilter` (`_Bloom.BITS`, 8 MiB).
-const BLOOM_BITS: usize = 1 << 26;
+/// Bits of one Bloom filter of `ingest.state.sqlite.KeyFilter` (`_Bloom.BITS`, 16 MiB).
+const BLOOM_BITS: usize = 1 << 27;
 
 /// The two bit positions of each 32-byte key of `blob`: its first two 32-bit words (native
-/// byte order, as `memoryview(blob).cast("I")` reads them) shifted right by 6, i.e. 26 bits.
+/// byte order, as `memoryview(blob).cast("I")` reads them) shifted right by 5, i.e. 27 bits.
 fn bloom_positions(blob: &[u8]) -> PyResult<impl Iterator<Item = (usize, usize)> + '_> {
     if blob.len() % 32 != 0 {
         return Err(PyValueError::new_err("keys are 32-byte digests"));
     }
     Ok(blob.chunks_exact(32).map(|k| {
-        let p = u32::from_ne_bytes([k[0], k[1], k[2], k[3]]) >> 6;
-        let q = u32::from_ne_bytes([k[4], k[5], k[6], k[7]]) >> 6;
+        let p = u32::from_ne_bytes([k[0], k[1], k[2], k[3]]) >> 5;
+        let q = u32::from_ne_bytes([k[4], k[5], k[6], k[7]]) >> 5;
         (p as usize, q as usize)
     }))
 }
 
 fn bloom_check(bits: &Bound<'_, PyByteArray>) -> PyResult<()> {
     if bits.len() != BLOOM_BITS >> 3 {
-        return Err(PyValueError::new_err("a Bloom filter's bits are 8 MiB"));
+        return Err(PyValueError::new_err("a Bloom filter's bits are 16 MiB"));
     }
     Ok(())
 }
