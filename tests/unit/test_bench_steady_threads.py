@@ -70,6 +70,10 @@ def test_thread_states_keep_their_descriptors_and_follow_threads(
         assert found[tid[0]][0] in "RS"
         stop.set()
         worker.join()
+        # join() returns when Python's thread is done; the OS task leaves /proc a moment later
+        deadline = time.monotonic() + 5.0
+        while Path(f"/proc/self/task/{tid[0]}").exists() and time.monotonic() < deadline:
+            time.sleep(0.001)
         states.sweeps = 0
         assert tid[0] not in states.read()
         assert tid[0] not in states.fds
