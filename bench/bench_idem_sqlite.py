@@ -20,7 +20,8 @@ with its own connection and thread on the one file, in turn (a pod's N workers: 
 filter learns the others' claims from the log, and each one's commits reset the others' page
 caches); the CPU figures are then summed over the N threads. `--disk-hog AT:SECONDS` keeps
 the disk busy meanwhile (bench/disk_hog.py): "p99 ms" and "worst ms" (a seen() + claim()'s
-wall time) then show how long claims stop while the disk is slow.
+wall time) then show how long claims stop while the disk is slow. `--runs N` measures only
+what N runs (tables) cost: the schema parsed again, the listing, a new store's `seen`.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from disk_hog import DiskHog, FsyncProbe  # noqa: E402
 
-from ingest.state.sqlite import SQLiteDB, _wal_frames  # noqa: E402
-from ingest.state.sqlite_idem import SQLiteIdempotencyStore  # noqa: E402
+from ingest.state.sqlite import _IDEM_DAY_DDL, DAY, SQLiteDB, _wal_frames  # noqa: E402
+from ingest.state.sqlite_idem import SQLiteIdempotencyStore, idem_run, idem_tables  # noqa: E402
 
 
 def tables(c: sqlite3.Connection) -> dict[str, int]:
@@ -62,6 +63,81 @@ def table_counts(counts: dict[str, int]) -> str:
     runs = [v for k, v in counts.items() if k[5:6].isdigit()]
     named = " ".join(f"{k}={v:,}" for k, v in counts.items() if not k[5:6].isdigit())
     return f"runs={len(runs):,} ({sum(runs):,} keys) {named}"
+
+
+async def many_runs(runs: int, keys_a_run: int = 20) -> None:
+    """`--runs N`: what N runs (tables) in the file cost, whatever their size (the schema is
+    what grows): a connection's open and first statement, the schema parsed again after
+    another connection's change (as each merge makes every other worker do), the runs'
+    listing (`idem_tables`), a new store's first `seen` (its filter built from every run)
+    and its `seen` of a claimed key in the oldest run (probed in every run). CPU of the
+    calling thread (a store's own thread for the store's figures)."""
+    print(f"{runs:,} runs of {keys_a_run} keys; load average {os.getloadavg()}")
+    now = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "state.db"
+        db = await SQLiteDB.open(path)
+        oldest = os.urandom(32)
+
+        def make(c: sqlite3.Connection) -> None:
+            c.execute("BEGIN")
+            for n in range(runs):
+                run = idem_run(int(now // DAY), 10 + n)
+                c.execute(_IDEM_DAY_DDL.format(run))
+                rows = [(os.urandom(32), now) for _ in range(keys_a_run)]
+                if n == 0:
+                    rows[0] = (oldest, now)
+                c.executemany(f"INSERT INTO {run} VALUES (?, ?)", rows)
+            c.execute("COMMIT")
+
+        await db.run(make)
+
+        def best(fn: Any, times: int = 5) -> float:
+            spent = []
+            for _ in range(times):
+                t = time.thread_time()
+                fn()
+                spent.append(time.thread_time() - t)
+            return min(spent) * 1e3
+
+        def first_statement() -> None:
+            c = sqlite3.connect(path)
+            c.execute("SELECT 1 FROM idem_log LIMIT 1").fetchall()
+            c.close()
+
+        a = sqlite3.connect(path, isolation_level=None)
+        b = sqlite3.connect(path, isolation_level=None)
+        changes = iter(range(1000))
+
+        def parse_again() -> float:
+            a.execute(f"CREATE TABLE x{next(changes)} (k)")
+            t = time.thread_time()
+            b.execute("SELECT 1 FROM idem_log LIMIT 1").fetchall()
+            return time.thread_time() - t
+
+        b.execute("SELECT 1 FROM idem_log LIMIT 1").fetchall()
+        print(
+            f"open + first statement {best(first_statement):.2f} ms; schema parsed again after"
+            f" another connection's change {min(parse_again() for _ in range(5)) * 1e3:.2f} ms;"
+            f" idem_tables {best(lambda: idem_tables(b)):.2f} ms"
+        )
+        a.close()
+        b.close()
+        store = SQLiteIdempotencyStore(db, clock=lambda: now)
+        cpu = await db.run(lambda _c: time.thread_time())
+        fresh = await store.seen([os.urandom(32)])
+        built = await db.run(lambda _c: time.thread_time()) - cpu
+        try:
+            found = await store.seen([oldest])
+            probed = await db.run(lambda _c: time.thread_time()) - cpu - built
+            probe = f"{found} in {probed * 1e3:.1f} ms"
+        except Exception as exc:  # the figure is the error (main: too many runs a statement)
+            probe = f"{type(exc).__name__}: {exc}"
+        print(
+            f"a new store's first seen (filter built) {built * 1e3:.0f} ms {fresh}; its seen"
+            f" of a key in the oldest run: {probe}"
+        )
+        await db.close()
 
 
 async def append_intake(path: Path, hz: float, stop: asyncio.Event) -> None:
@@ -166,8 +242,10 @@ async def main(
         if hog is not None and probe is not None:
             hog.stop()
             probe.stop()
-            print(f"disk hog ({hog.written_mb:,} MB synced): 4-KiB fdatasync "
-                  f"{probe.summary(hog.window)}; outside it {probe.summary(hog.window, False)}")
+            print(
+                f"disk hog ({hog.written_mb:,} MB synced): 4-KiB fdatasync "
+                f"{probe.summary(hog.window)}; outside it {probe.summary(hog.window, False)}"
+            )
         last_thread = await thread_cpu()
         total = time.process_time() - first_cpu
         print(
@@ -179,8 +257,10 @@ async def main(
             cp = await d.run(lambda c: getattr(c, "checkpointer", None))
             frames = await d.run(_wal_frames)
             if cp is not None:
-                print(f"checkpointer: {cp.passes} passes, {cp.locked} under the writer lock, "
-                      f"{cp.deferred} tails left for later (disk slow); WAL frames {frames}")
+                print(
+                    f"checkpointer: {cp.passes} passes, {cp.locked} under the writer lock, "
+                    f"{cp.deferred} tails left for later (disk slow); WAL frames {frames}"
+                )
             await d.close()
     print(f"load average after: {os.getloadavg()}")
 
@@ -210,7 +290,15 @@ if __name__ == "__main__":
         metavar="AT:SECONDS",
         help="synced writes beside the file from AT s for SECONDS (bench/disk_hog.py)",
     )
+    ap.add_argument(
+        "--runs",
+        type=int,
+        help="only measure what this many runs (tables) in the file cost (no claims)",
+    )
     a = ap.parse_args()
+    if a.runs:
+        asyncio.run(many_runs(a.runs))
+        sys.exit()
     asyncio.run(
         main(
             a.keys,

@@ -15,7 +15,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -228,19 +228,24 @@ def idem_run(day: int, last: int) -> str:
     return f"{idem_table(day)}_{last}"
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1 << 16)
 def _table_day(table: str) -> tuple[int, int] | None:
     """(day number, run number: 0 for a day table) of a table of keys, None for any other.
     Cached: every `seen` lists the runs (`idem_tables`), and `strptime` of each of ~70 names
-    (bench_steady's store at its end) showed in its stall dumps."""
+    (bench_steady's store at its end) showed in its stall dumps. The cache holds 65,536
+    names and the date is read without `strptime`: at 4,096 a store of more runs missed it
+    for every name of every listing (10,000 runs: 127 ms a listing, docs/benchmarks.md)."""
     digits, _, run = table.removeprefix(IDEM_PREFIX).partition("_")
     if len(digits) != 8 or not digits.isdigit() or (run and not run.isdigit()):
         return None
     try:
-        day = int(datetime.strptime(digits, "%Y%m%d").replace(tzinfo=UTC).timestamp()) // DAY
+        day = date(int(digits[:4]), int(digits[4:6]), int(digits[6:])).toordinal() - _EPOCH
     except ValueError:
         return None
     return day, int(run or 0)
+
+
+_EPOCH = date(1970, 1, 1).toordinal()
 
 
 def idem_day(table: str) -> int | None:
@@ -490,15 +495,7 @@ class SQLiteIdempotencyStore:
             for i, rows_of in rest.items():
                 groups.setdefault(_runs_of(live, rows_of), []).append(i)
             for tables, keys in groups.items():
-                few = b"".join(blob[i * 32 : i * 32 + 32] for i in keys)
-                probe = " OR ".join(
-                    f"EXISTS (SELECT 1 FROM {t} WHERE key = substr(?1, i, 32) AND claimed_at > ?2)"
-                    for t in (IDEM_MID, *tables)
-                )
-                sql = f"{_KEYS} SELECT group_concat(i) FROM k WHERE {probe}"
-                found: str | None = c.execute(sql, (few, since)).fetchone()[0]
-                if found:
-                    hits += [keys[(int(i) - 1) // 32] for i in found.split(",")]
+                hits += _probe(c, blob, keys, (IDEM_MID, *tables), since)
             return hits
 
         hits = await self._db.call("idempotency", lambda c: _again_if_dropped(c, _read(lookup)))
@@ -695,6 +692,36 @@ class SQLiteIdempotencyStore:
 
 # Log rows a merge statement takes (a compound SELECT has at most 500 terms).
 _MERGE_ROWS = 200
+
+
+# Tables one `seen` statement probes at most: its probes are one OR chain, and SQLite refuses
+# an expression deeper than 1,000 ("Expression tree is too large"), which a filter built from
+# the tables (every live run) reached at 999 runs (~25M keys): every `seen` of a key it may
+# hold then failed (docs/benchmarks.md, idemscale).
+_PROBE_TABLES = 400
+
+
+def _probe(
+    c: sqlite3.Connection, blob: bytes, keys: list[int], tables: Sequence[str], since: float
+) -> list[int]:
+    """Which of keys `keys` (indexes into `blob`) an unexpired row of `tables` holds: one
+    statement a _PROBE_TABLES tables, each asked only for the keys not found before."""
+    hits: list[int] = []
+    for at in range(0, len(tables), _PROBE_TABLES):
+        if not keys:
+            break
+        few = b"".join(blob[i * 32 : i * 32 + 32] for i in keys)
+        probe = " OR ".join(
+            f"EXISTS (SELECT 1 FROM {t} WHERE key = substr(?1, i, 32) AND claimed_at > ?2)"
+            for t in tables[at : at + _PROBE_TABLES]
+        )
+        sql = f"{_KEYS} SELECT group_concat(i) FROM k WHERE {probe}"
+        found: str | None = c.execute(sql, (few, since)).fetchone()[0]
+        if found:
+            now_hit = {keys[(int(i) - 1) // 32] for i in found.split(",")}
+            hits += sorted(now_hit)
+            keys = [i for i in keys if i not in now_hit]
+    return hits
 
 
 def _among(row: int, rows_of: Sequence[tuple[int, int] | None]) -> bool:
