@@ -638,12 +638,25 @@ fn write(v: &V, out: &mut Vec<u8>) -> Option<()> {
 struct Names<'py> {
     py: Python<'py>,
     seen: std::collections::HashMap<String, Bound<'py, PyString>, Fnv>,
-    /// the last 4 texts asked for: a batch's tenant, entity type and priority come back
-    /// record after record, and are found here by a comparison or two, without hashing
-    recent: [Option<(String, Bound<'py, PyString>)>; 4],
+    /// the last 4 per-record names asked for (`get`): a batch's tenant, entity type and
+    /// priority come back record after record, and are found here by a comparison or two,
+    /// without hashing. Attribute keys and relation names go to `seen` alone (`key`): with
+    /// them here too, a body's names rotated through the slots and every one missed.
+    recent: [Option<Recent<'py>>; 4],
     /// where the next text goes in `recent` (the oldest's place)
     next: usize,
 }
+
+/// A slot of `Names::recent`: the text in place (at most `RECENT_BYTES`), so a miss that
+/// takes a slot allocates nothing; the old `String` a slot cost a malloc and a free a miss.
+struct Recent<'py> {
+    len: usize,
+    text: [u8; RECENT_BYTES],
+    v: Bound<'py, PyString>,
+}
+
+/// The longest text `Names` keeps (in `recent` and in `seen`).
+const RECENT_BYTES: usize = 64;
 
 /// FNV-1a for `Names`' short texts: the default SipHash (built against hash flooding) cost
 /// ~1,500 instructions a record for its ~6 lookups; the keys here are a batch's own field
@@ -672,27 +685,35 @@ impl std::hash::BuildHasher for Fnv {
 }
 
 impl<'py> Names<'py> {
+    /// A per-record name (tenant, entity type, priority): the recent slots first.
     fn get(&mut self, s: &str) -> Bound<'py, PyString> {
-        for (text, v) in self.recent.iter().flatten() {
-            if text == s {
-                return v.clone();
+        for slot in self.recent.iter().flatten() {
+            if slot.text[..slot.len] == *s.as_bytes() {
+                return slot.v.clone();
             }
         }
-        let v = match self.seen.get(s) {
+        let v = self.key(s);
+        if s.len() <= RECENT_BYTES {
+            let mut text = [0u8; RECENT_BYTES];
+            text[..s.len()].copy_from_slice(s.as_bytes());
+            self.recent[self.next] = Some(Recent { len: s.len(), text, v: v.clone() });
+            self.next = (self.next + 1) % self.recent.len();
+        }
+        v
+    }
+
+    /// Any other name (an attribute's key, a relation's type): the map alone.
+    fn key(&mut self, s: &str) -> Bound<'py, PyString> {
+        match self.seen.get(s) {
             Some(v) => v.clone(),
             None => {
-                let v = PyString::new_bound(self.py, s);
-                if self.seen.len() < 4096 && s.len() <= 64 {
+                let v = py_text(self.py, s);
+                if self.seen.len() < 4096 && s.len() <= RECENT_BYTES {
                     self.seen.insert(s.to_owned(), v.clone());
                 }
                 v
             }
-        };
-        if s.len() <= 64 {
-            self.recent[self.next] = Some((s.to_owned(), v.clone()));
-            self.next = (self.next + 1) % self.recent.len();
         }
-        v
     }
 }
 
@@ -703,7 +724,7 @@ fn to_py(py: Python<'_>, v: &V, names: &mut Names<'_>) -> PyObject {
         V::I(n) => n.into_py(py),
         V::U(n) => n.into_py(py),
         V::F(f, _) => f.into_py(py),
-        V::S(s) => PyString::new_bound(py, s).into_any().unbind(),
+        V::S(s) => py_text(py, s).into_any().unbind(),
         V::A(items) => {
             let list = PyList::empty_bound(py);
             for item in items {
@@ -712,9 +733,9 @@ fn to_py(py: Python<'_>, v: &V, names: &mut Names<'_>) -> PyObject {
             list.into_any().unbind()
         }
         V::O(items) => {
-            let dict = PyDict::new_bound(py);
+            let dict = dict_sized(py, items.len() as isize);
             for (k, item) in items {
-                let _ = dict.set_item(names.get(k), to_py(py, item, names));
+                let _ = dict.set_item(names.key(k), to_py(py, item, names));
             }
             dict.into_any().unbind()
         }
@@ -1796,9 +1817,9 @@ fn body_dict<'py>(
     let relations = PyList::empty_bound(py);
     for r in &env.relations {
         let d = PyDict::new_bound(py);
-        d.set_item(&keys.kind, names.get(&r.kind))?;
-        d.set_item(&keys.target_type, names.get(&r.target_type))?;
-        d.set_item(&keys.target_id, PyString::new_bound(py, &r.target_id))?;
+        d.set_item(&keys.kind, names.key(&r.kind))?;
+        d.set_item(&keys.target_type, names.key(&r.target_type))?;
+        d.set_item(&keys.target_id, py_text(py, &r.target_id))?;
         relations.append(d)?;
     }
     let relations = untrack(relations);

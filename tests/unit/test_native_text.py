@@ -156,3 +156,63 @@ def test_names_that_come_back_out_of_turn_are_the_right_ones() -> None:
             assert isinstance(got, Record)
             assert (got.entity_type, got.priority) == (body["entity_type"], body["priority"])
             identical(got, want)
+
+
+NAMES = ["order", "ordex", "odrer", "é", "e", "ÿ", "a" * 64, "a" * 63 + "b", "😀x", "ab", "a" * 65]
+KINDS = ["order", "ordex", "odrer", "a" * 64, "a" * 63 + "b", "ab", "b"]
+RELATIONS = ["OWNS", "OWNX", "ONWS", "A" * 64, "A" * 65, "AB"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.dictionaries(
+                st.sampled_from(NAMES),
+                st.one_of(
+                    st.sampled_from(NAMES),
+                    st.text(max_size=6),
+                    st.lists(st.sampled_from(NAMES), max_size=2),
+                ),
+                max_size=6,
+            ),
+            st.lists(
+                st.tuples(
+                    st.sampled_from(RELATIONS), st.sampled_from(KINDS), st.sampled_from(NAMES)
+                ),
+                max_size=2,
+            ),
+            st.sampled_from(KINDS),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_a_batch_of_bodies_built_at_once_has_each_records_own_names(
+    parts: list[tuple[dict[str, Any], list[tuple[str, str, str]], str]],
+) -> None:
+    """Bodies built in one call (`bodies`, for routes whose sinks read them) whose attribute
+    keys, relation names, string values and entity types repeat, differ by one byte or only
+    in length, and are not ASCII: each body is the one Python builds from its bytes. Attribute
+    keys and relation names go through the decoder's map of names, the record's own names
+    through its recent slots, and strings through the ASCII-at-size path."""
+    bodies = [
+        good(
+            entity_id=f"o-{i}",
+            entity_type=kind,
+            attributes=attributes,
+            relations=[{"type": t, "target_type": tt, "target_id": ti} for t, tt, ti in relations],
+        )
+        for i, (attributes, relations, kind) in enumerate(parts)
+    ]
+    raws = [raw_of(json.dumps(body, ensure_ascii=False).encode()) for body in bodies]
+    got = native.decode_records(raws, Record, {}, NOW + 86400, 1 << 20, True, True, False, True)
+    for body, rec, raw in zip(bodies, got, raws, strict=True):
+        want = PYTHON.decode(raw)
+        assert isinstance(rec, Record) and isinstance(want, Record), (rec, want)
+        assert rec._body is not None
+        assert repr(rec._body) == repr(want.body)
+        assert (rec.entity_type, rec.priority) == (body["entity_type"], "normal")
+        for name in Record.__struct_fields__:
+            if name not in ("_body", "raw", "copy_row", "sqlite_row"):
+                assert getattr(rec, name) == getattr(want, name), name
