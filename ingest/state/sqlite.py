@@ -13,8 +13,8 @@ CLIs). Every write transaction (`immediate`) first takes the file's writer lock,
 on `<file>-lock`, and only then SQLite's own write lock, which is then free at once. A writer
 that finds SQLite's lock held waits in SQLite's busy handler, which sleeps 1, 2, 5 ... 100 ms
 at a time whatever the holder does: two workers writing one file lost a third of their time
-asleep there (docs/benchmarks.md). The writer lock is asked for again within 50 µs - 1 ms of
-its release instead. It only orders the writers; exclusion and durability are SQLite's, as
+asleep there (docs/benchmarks.md). A writer waiting for the writer lock is woken at its
+release instead (`_flock`). It only orders the writers; exclusion and durability are SQLite's, as
 before: a process without it (an older binary, a file whose lock file cannot be opened) is
 still kept out by SQLite's lock and waits in the busy handler (`busy_timeout`), as does a
 writer that waited `busy_timeout` for the writer lock in vain. The kernel drops the lock of a
@@ -293,9 +293,36 @@ class Connection(sqlite3.Connection):
                 os.close(fd)
 
 
+def _native_wait() -> Callable[[int, float], bool] | None:
+    """`ingest_native.flock_wait` (src/flock.rs): None when the extension is missing or
+    older than it, or INGEST_NO_EXTENSION is set."""
+    if os.environ.get("INGEST_NO_EXTENSION"):
+        return None
+    try:
+        import ingest_native  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None
+    wait: Callable[[int, float], bool] | None = getattr(ingest_native, "flock_wait", None)
+    return wait
+
+
+_FLOCK_WAIT = _native_wait()
+
+
 def _flock(fd: int, timeout: float) -> bool:
-    """`flock(LOCK_EX)` on `fd` within `timeout` seconds (False: not taken). Asked again
-    every 50 µs at first, then every 1 ms at most; flock itself has no timeout."""
+    """`flock(LOCK_EX)` on `fd` within `timeout` seconds (False: not taken). A lock held by
+    another writer is waited for in `ingest_native.flock_wait`: a blocking flock without the
+    GIL, which the kernel wakes at the release (a timer's signal ends it at the deadline).
+    The polls here (every 50 µs at first, then every 1 ms at most) took the GIL back from the
+    event loop and the decoder each time and saw a release late; they remain where the
+    extension is missing."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        pass
+    if _FLOCK_WAIT is not None:
+        return _FLOCK_WAIT(fd, timeout)
     pause, deadline = _POLL_FIRST, None
     while True:
         try:

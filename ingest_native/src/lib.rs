@@ -17,6 +17,8 @@ use pyo3::exceptions::PyValueError;
 use pyo3::types::{PyBool, PyByteArray, PyBytes, PyDict, PyList, PySet, PyString, PyTuple};
 use sha2::{Digest, Sha256};
 
+mod flock;
+
 /// The fingerprint of the schema these rules were written from: sha256 of
 /// `orjson.dumps(load_schema(), option=OPT_SORT_KEYS)`.
 const SCHEMA_SHA256: &str = "27771e5aca5fe626cdaf254c8f062103230d1f1402fd4bab65cc0f730b9bcd74";
@@ -1900,6 +1902,7 @@ fn ingest_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(occurred_unix_seconds, m)?)?;
     m.add_function(wrap_pyfunction!(bloom_add, m)?)?;
     m.add_function(wrap_pyfunction!(bloom_maybe, m)?)?;
+    m.add_function(wrap_pyfunction!(flock::flock_wait, m)?)?;
     m.add("SCHEMA_SHA256", SCHEMA_SHA256)?;
     Ok(())
 }
