@@ -124,3 +124,31 @@ async def test_a_full_disk_at_a_sink_is_waited_out_not_dead_lettered(db: SQLiteD
     assert set(seen_full) == {1.0}  # shown while waiting
     assert pipe.metrics.registry.get_sample_value("ingest_disk_full") == 0
     assert pipe.disk_full_since is None and "disk is full" in (pipe.disk_full_error or "")
+
+
+def test_a_pods_door_judges_a_sample_younger_than_max_age_without_a_statvfs() -> None:
+    """The pod's door asks twice a request (`DISK_SAMPLE_SECONDS`): a sample younger than
+    `max_age` is judged again, each body by its own size; an older one, or one from the
+    future (the wall clock stepped back), is read again."""
+    fs = FakeFs(free=50 * MB)
+    calls = 0
+
+    def statvfs(path: Path) -> os.statvfs_result:
+        nonlocal calls
+        calls += 1
+        return fs(path)
+
+    now = [1000.0]
+    guard = DiskGuard(Path("."), DiskConfig(low_watermark_bytes=10 * MB), statvfs=statvfs,
+                      clock=lambda: now[0])  # fmt: skip
+    assert guard.refuse_intake(1 * MB, 0.05) is None and calls == 1
+    fs.free = 5 * MB
+    now[0] += 0.04
+    assert guard.refuse_intake(1 * MB, 0.05) is None and calls == 1  # the sample is 40 ms old
+    assert guard.refuse_intake(45 * MB, 0.05) is not None and calls == 1  # judged by its size
+    now[0] += 0.02
+    assert guard.refuse_intake(1 * MB, 0.05) is not None and calls == 2  # 60 ms: read again
+    fs.free = 50 * MB
+    now[0] -= 10.0  # the clock stepped back: the sample is from the future
+    assert guard.refuse_intake(1 * MB, 0.05) is None and calls == 3
+    assert guard.refuse_intake(1 * MB) is None and calls == 4  # no max_age: always read

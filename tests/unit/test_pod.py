@@ -199,3 +199,48 @@ def test_kafka_uncommitted_since_is_the_oldest_and_the_intake_backlog_not_a_sum(
     assert merged["orders"]["uncommitted_since"] == (min(waiting) if waiting else None)
     assert merged["orders"]["skipped_commits"] == len(since)  # a count: still summed
     assert merged["webhook"]["intake_backlog_records"] == backlog
+
+
+def test_notify_wakes_each_worker_at_once_and_skips_one_that_does_not_read() -> None:
+    """`Pod.notify_webhook` writes one `notify` line to each connected worker within the
+    call (no task a request), read as `ingest.pod.ipc` reads it; a worker whose socket holds
+    NOTIFY_BACKLOG unread bytes, or whose connection is closing, is sent nothing (its reader
+    polls). Real Unix sockets; a stand-in for the Pod's slots only."""
+    import asyncio
+    import socket
+    from types import SimpleNamespace
+
+    from ingest.pod import ipc
+    from ingest.pod.control import NOTIFY_BACKLOG, Pod
+
+    async def go() -> None:
+        pairs = [socket.socketpair() for _ in range(3)]
+        slots, readers, kept = [], [], []
+        for ours, theirs in pairs:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            _, writer = await asyncio.open_unix_connection(sock=ours)
+            reader, their_writer = await asyncio.open_unix_connection(sock=theirs)
+            slots.append(SimpleNamespace(writer=writer))
+            readers.append(reader)
+            kept.append(their_writer)  # a writer dropped closes its transport
+        slots.append(SimpleNamespace(writer=None))  # a worker not connected yet
+        pod = SimpleNamespace(slots=slots)
+        Pod.notify_webhook(pod)  # type: ignore[arg-type]
+        for reader in readers:
+            assert await asyncio.wait_for(ipc.recv(reader), 1) == {"type": "notify"}
+        # worker 1 stops reading: what its socket cannot take waits in its writer's buffer
+        slots[1].writer.write(b" " * (NOTIFY_BACKLOG * 4) + b"\n")
+        assert slots[1].writer.transport.get_write_buffer_size() >= NOTIFY_BACKLOG
+        slots[2].writer.close()
+        Pod.notify_webhook(pod)  # type: ignore[arg-type]
+        assert await asyncio.wait_for(ipc.recv(readers[0]), 1) == {"type": "notify"}
+        before = slots[1].writer.transport.get_write_buffer_size()
+        Pod.notify_webhook(pod)  # type: ignore[arg-type]
+        assert slots[1].writer.transport.get_write_buffer_size() == before  # nothing added
+        assert await asyncio.wait_for(ipc.recv(readers[0]), 1) == {"type": "notify"}
+        assert await asyncio.wait_for(readers[2].read(), 1) == b""  # closed, nothing sent
+        for w in [s.writer for s in slots if s.writer is not None] + kept:
+            w.close()
+        await asyncio.sleep(0)
+
+    asyncio.run(go())
