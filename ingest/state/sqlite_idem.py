@@ -84,12 +84,15 @@ LOG_KEEP = 300.0
 
 class _Bloom:
     """A Bloom filter of up to KEYS 32-byte digests, eight bits set a key, 32 bits of filter a
-    key (~0.0006 % false positives when full; 16 bits a key gave ~0.06 %), and the newest claim
+    key (~0.0016 % false positives when full; 16 bits a key gave ~0.06 %), and the newest claim
     time of its keys (it is dropped once that expired). Every false positive is probed in its
     filter's runs, one a merge of SLICE_KEYS keys (~160 a full filter), so a key's `seen` cost
     grew with filters x runs at 16 bits a key: bench_idem_sqlite --stores 2, docs/benchmarks.md.
     The keys are SHA-256 digests: their bytes are the hash, a key's eight 32-bit words its
-    eight positions."""
+    eight positions, all in one block of 512 bits (64 bytes, a cache line: `_positions`), so
+    adding or asking a key costs one cache miss of the 16 MiB, not eight (a key added 0.15 ->
+    0.09 µs compiled, and every worker adds every key claimed in the file), for ~3x the false
+    positives of eight bits anywhere: the blocks fill unevenly (docs/benchmarks.md, idemscale)."""
 
     __slots__ = ("bits", "n", "newest", "rows")
     BITS = 1 << 27  # 16 MiB
@@ -105,10 +108,14 @@ class _Bloom:
         self.rows: tuple[int, int] | None = None
 
 
-def _words(blob: bytes) -> tuple[list[int], list[int]]:
-    """Two 27-bit positions per 32-byte key of `blob` (its first two 32-bit words)."""
-    words = memoryview(blob).cast("I")
-    return [w >> 5 for w in words[0::8].tolist()], [w >> 5 for w in words[1::8].tolist()]
+def _positions(blob: bytes) -> list[list[int]]:
+    """Each 32-byte key's eight bits in the filter: its block of 512 bits (the top 18 bits of
+    its first 32-bit word) and in it the low 9 bits of each of its eight words."""
+    words = memoryview(blob).cast("I").tolist()
+    return [
+        [((words[i] >> 14) << 9) + (w & 511) for w in words[i : i + 8]]
+        for i in range(0, len(words), 8)
+    ]
 
 
 def _load_bloom() -> tuple[
@@ -124,44 +131,30 @@ def _load_bloom() -> tuple[
         import ingest_native  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return None, None
-    add = getattr(ingest_native, "bloom_add", None)
-    maybe = getattr(ingest_native, "bloom_maybe", None)
+    add = getattr(ingest_native, "bloom_block_add", None)
+    maybe = getattr(ingest_native, "bloom_block_maybe", None)
     return (add, maybe) if add is not None and maybe is not None else (None, None)
 
 
 _BLOOM_ADD, _BLOOM_MAYBE = _load_bloom()
 
 
-def _turned(blob: bytes, pair: int) -> bytes:
-    """`blob` turned by 8 bytes a pair: each key's first two words are then its words
-    2 * pair and 2 * pair + 1, so the two-position steps below give a key's other positions."""
-    return blob[8 * pair :] + blob[: 8 * pair]
-
-
-# the pairs of words of a key after the first: three more pairs, eight positions in all
-_PAIRS = (1, 2, 3)
-
-
 def _set_bits(bits: bytearray, blob: bytes) -> None:
-    """Set the two positions (first two words) of each key of `blob`."""
+    """Set the eight bits of each key of `blob`."""
     if _BLOOM_ADD is not None:
         _BLOOM_ADD(bits, blob)
         return
-    ps, qs = _words(blob)
-    for p, q in zip(ps, qs, strict=True):
-        bits[p >> 3] |= 1 << (p & 7)
-        bits[q >> 3] |= 1 << (q & 7)
+    for key in _positions(blob):
+        for p in key:
+            bits[p >> 3] |= 1 << (p & 7)
 
 
 def _has_bits(bits: bytearray, blob: bytes) -> list[int]:
-    """Indexes of the keys of `blob` whose two positions (first two words) are both set."""
+    """Indexes of the keys of `blob` whose eight bits are all set."""
     if _BLOOM_MAYBE is not None:
         return list(_BLOOM_MAYBE(bits, blob))
-    ps, qs = _words(blob)
     return [
-        i
-        for i, (p, q) in enumerate(zip(ps, qs, strict=True))
-        if bits[p >> 3] >> (p & 7) & 1 and bits[q >> 3] >> (q & 7) & 1
+        i for i, key in enumerate(_positions(blob)) if all(bits[p >> 3] >> (p & 7) & 1 for p in key)
     ]
 
 
@@ -183,8 +176,6 @@ class KeyFilter:
             self._blooms.append(_Bloom())
         bloom = self._blooms[-1]
         _set_bits(bloom.bits, blob)
-        for pair in _PAIRS:
-            _set_bits(bloom.bits, _turned(blob, pair))
         if row is None:
             bloom.rows = None
         elif bloom.n == 0:
@@ -196,7 +187,7 @@ class KeyFilter:
 
     def maybe(self, blob: bytes) -> list[int]:
         """Indexes of the keys of `blob` that may have been added: all eight positions set in
-        one filter (each further pair asked only of the keys the pairs before let through)."""
+        one filter."""
         found: set[int] = set()
         for _, left in self.maybe_rows(blob):
             found.update(left)
@@ -208,11 +199,6 @@ class KeyFilter:
         out: list[tuple[tuple[int, int] | None, list[int]]] = []
         for bloom in self._blooms:
             left = _has_bits(bloom.bits, blob)
-            for pair in _PAIRS:
-                if not left:
-                    break
-                few = b"".join(blob[i * 32 : i * 32 + 32] for i in left)
-                left = [left[j] for j in _has_bits(bloom.bits, _turned(few, pair))]
             if left:
                 out.append((bloom.rows, left))
         return out

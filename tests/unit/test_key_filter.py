@@ -1,6 +1,6 @@
 """The idempotency store's in-memory key filter (`KeyFilter`): the compiled Bloom steps
-(ingest_native's `bloom_add` / `bloom_maybe`) set and read exactly the bits of the Python
-loops they replace, and neither ever rules out a key it was given."""
+(ingest_native's `bloom_block_add` / `bloom_block_maybe`) set and read exactly the bits of
+the Python loops they replace, and neither ever rules out a key it was given."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _filled(added: list[bytes]) -> KeyFilter:
 def test_compiled_and_python_filters_agree(added: list[bytes], asked: bytes) -> None:
     """Property: the same keys added give the same bits, the same `maybe` answers, and every
     added key is a maybe (no false negative), compiled or not."""
-    assert state_sqlite._BLOOM_ADD is native.bloom_add  # the compiled path is the one in use
+    assert state_sqlite._BLOOM_ADD is native.bloom_block_add  # the compiled path is the one in use
     compiled = _filled(added)
     with pytest.MonkeyPatch.context() as mp:
         _python(mp)
@@ -63,14 +63,16 @@ def test_compiled_filter_over_several_blooms(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_compiled_steps_refuse_a_short_key_or_foreign_bits() -> None:
     with pytest.raises(ValueError):
-        native.bloom_add(bytearray(_Bloom.BITS >> 3), b"x" * 31)
+        native.bloom_block_add(bytearray(_Bloom.BITS >> 3), b"x" * 31)
     with pytest.raises(ValueError):
-        native.bloom_maybe(bytearray(16), b"x" * 32)
+        native.bloom_block_maybe(bytearray(16), b"x" * 32)
 
 
 def test_eight_positions_a_key_keep_a_full_filter_rare_in_false_positives() -> None:
-    """A full filter (`_Bloom.KEYS` keys, 32 bits a key) lets ~0.0006 % of unknown keys
-    through with eight positions a key (~2 of 400,000 here); 16 bits a key let ~0.06 % through
+    """A full filter (`_Bloom.KEYS` keys, 32 bits a key) lets ~0.0016 % of unknown keys
+    through with eight positions a key in one 512-bit block (~6 of 400,000 here; ~0.0005 %
+    with the eight anywhere in the filter, which cost eight cache misses a key); 16 bits a
+    key let ~0.06 % through
     (~240), four positions at 16 bits ~0.24 % (~960). Each is probed in its filter's runs, one
     a merge (~160 a full filter), which made `seen` dearer as the store grew."""
     import random
