@@ -398,6 +398,10 @@ async def serve(
                 access_log=False,
                 lifespan="off",
                 ws="none",  # no WebSocket routes: spares importing `websockets` at start-up
+                # The peer the audit trail and the logs name is the TCP peer: uvicorn would
+                # otherwise take X-Forwarded-For from any local process (its default trusts
+                # 127.0.0.1) and let it write another address into the audit rows.
+                proxy_headers=False,
                 # Longer than any Retry-After we answer, so a client that waited as told finds
                 # its connection still open (a close racing its next POST looks like a failure).
                 timeout_keep_alive=75,
