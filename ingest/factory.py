@@ -127,6 +127,7 @@ async def _open_production(cfg: C.Config, state: C.ProductionStateConfig) -> Sto
     await migrate(pool)
     idem = RedisIdempotencyStore(client, state.idempotency_ttl_seconds)
     pg_dlq = PostgresDLQStore(pool)
+    await pg_dlq.warm()
     pg_control = PostgresControlStore(pool, state.postgres_url)
     await pg_control.ensure_schema()
 

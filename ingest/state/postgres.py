@@ -179,6 +179,15 @@ ON CONFLICT (dedupe_key, sink) DO UPDATE SET
 """
 
 
+# DLQStore.record_processed: one upsert of a batch's counts per (tenant, source)
+_PROCESSED_SQL = (
+    "INSERT INTO dlq_processed AS p (tenant, source, total)"
+    " SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])"
+    " ON CONFLICT (tenant, source) DO UPDATE SET total = p.total + excluded.total"
+)
+WARM_CONNECTIONS = 2  # a settle's upsert beside one other use of the pool: PostgresDLQStore.warm
+
+
 class PostgresDLQStore:
     """DLQStore on the `dlq` and `dlq_processed` tables (migration 0001). Owns the pool."""
 
@@ -218,13 +227,28 @@ class PostgresDLQStore:
         if not counts:
             return
         keys = sorted(counts)  # fixed order: concurrent workers cannot deadlock
-        sql = (
-            "INSERT INTO dlq_processed AS p (tenant, source, total)"
-            " SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])"
-            " ON CONFLICT (tenant, source) DO UPDATE SET total = p.total + excluded.total"
-        )
         args = ([t for t, _ in keys], [s for _, s in keys], [counts[k] for k in keys])
-        await on_conn(self._pool, lambda c: c.execute(sql, *args))
+        await on_conn(self._pool, lambda c: c.execute(_PROCESSED_SQL, *args))
+
+    async def warm(self, connections: int = WARM_CONNECTIONS) -> None:
+        """Open `connections` of the pool and prepare `record_processed`'s statement on each
+        (an upsert of nothing), at start: a batch's settle runs it beside other uses of the
+        pool, and its first run on a connection cost a connect (~65 ms) and asyncpg's
+        prepare with its type introspection (~95-150 ms) at load 10, which every worker's
+        first commit after a start waited for (bench_kafka 200k)."""
+        conns: list[asyncpg.Connection] = []
+        try:
+            for _ in range(connections):
+                conns.append(await self._pool.acquire(timeout=5.0))
+            for conn in conns:
+                await conn.execute(_PROCESSED_SQL, [], [], [])
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            raise StoreUnavailable(
+                "postgres", _where(self._pool), f"{type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            for conn in conns:
+                await self._pool.release(conn)
 
     async def processed_total(self, tenant: str | None) -> int:
         sql = (

@@ -194,3 +194,48 @@ async def test_close_is_idempotent(pg_dsn: str) -> None:
     await store.close()
     with pytest.raises((asyncpg.InterfaceError, StoreUnavailable)):
         await store.count(DLQFilter())
+
+
+async def _prepared(pool: Any) -> list[int]:
+    """Per connection of the pool: its server-side statements of `record_processed`."""
+    conns = [await pool.acquire() for _ in range(pool.get_size())]
+    try:
+        return [
+            await c.fetchval(
+                "SELECT count(*) FROM pg_prepared_statements"
+                " WHERE statement LIKE 'INSERT INTO dlq_processed%'"
+            )
+            for c in conns
+        ]
+    finally:
+        for c in conns:
+            await pool.release(c)
+
+
+async def test_warm_prepares_the_processed_upsert_on_two_connections(pool: Any) -> None:
+    """A batch's settle runs `record_processed` beside other uses of the pool; its first run
+    on a connection cost a connect and asyncpg's prepare (~0.1-0.2 s at load, what every
+    worker's first commit after a start waited for). `warm()` does both at start."""
+    store = PostgresDLQStore(pool)
+    assert await _prepared(pool) == [0]
+    await store.warm()
+    assert await _prepared(pool) == [1, 1]
+    await store.record_processed({("t", "s"): 3})
+    await store.record_processed({("t", "s"): 4})
+    assert await store.processed_total("t") == 7
+    assert await _prepared(pool) == [1, 1]  # no other statement prepared for it
+
+
+async def test_the_services_dlq_store_starts_warm(pg_dsn: str, redis_url: str) -> None:
+    """`open_stores` in production mode warms the DLQ store (`PostgresDLQStore.warm`)."""
+    from ingest.config import parse_config
+    from ingest.factory import open_stores
+
+    cfg = parse_config(
+        {"state": {"kind": "production", "redis_url": redis_url, "postgres_url": pg_dsn}}
+    )
+    stores = await open_stores(cfg)
+    try:
+        assert await _prepared(stores.dlq._pool) == [1, 1]  # type: ignore[attr-defined]
+    finally:
+        await stores.close()
