@@ -1843,66 +1843,12 @@ fn body_dict<'py>(
     Ok((body, attributes))
 }
 
-// ------------------------------------------------------------ the idempotency key filter
-
-/// Bits of one Bloom filter of `ingest.state.sqlite.KeyFilter` (`_Bloom.BITS`, 16 MiB).
-const BLOOM_BITS: usize = 1 << 27;
-
-/// The two bit positions of each 32-byte key of `blob`: its first two 32-bit words (native
-/// byte order, as `memoryview(blob).cast("I")` reads them) shifted right by 5, i.e. 27 bits.
-fn bloom_positions(blob: &[u8]) -> PyResult<impl Iterator<Item = (usize, usize)> + '_> {
-    if blob.len() % 32 != 0 {
-        return Err(PyValueError::new_err("keys are 32-byte digests"));
-    }
-    Ok(blob.chunks_exact(32).map(|k| {
-        let p = u32::from_ne_bytes([k[0], k[1], k[2], k[3]]) >> 5;
-        let q = u32::from_ne_bytes([k[4], k[5], k[6], k[7]]) >> 5;
-        (p as usize, q as usize)
-    }))
-}
-
-fn bloom_check(bits: &Bound<'_, PyByteArray>) -> PyResult<()> {
-    if bits.len() != BLOOM_BITS >> 3 {
-        return Err(PyValueError::new_err("a Bloom filter's bits are 16 MiB"));
-    }
-    Ok(())
-}
-
-/// `KeyFilter.add` of one filter: set both bits of every key of `blob` in `bits`.
-#[pyfunction]
-fn bloom_add(bits: &Bound<'_, PyByteArray>, blob: &[u8]) -> PyResult<()> {
-    bloom_check(bits)?;
-    let positions = bloom_positions(blob)?;
-    // The GIL is held and nothing else reads or resizes the bytearray meanwhile.
-    let b = unsafe { bits.as_bytes_mut() };
-    for (p, q) in positions {
-        b[p >> 3] |= 1 << (p & 7);
-        b[q >> 3] |= 1 << (q & 7);
-    }
-    Ok(())
-}
-
-/// `KeyFilter.maybe` of one filter: the indexes of the keys of `blob` whose two bits are set.
-#[pyfunction]
-fn bloom_maybe(bits: &Bound<'_, PyByteArray>, blob: &[u8]) -> PyResult<Vec<usize>> {
-    bloom_check(bits)?;
-    let positions = bloom_positions(blob)?;
-    let b = unsafe { bits.as_bytes() };
-    Ok(positions
-        .enumerate()
-        .filter(|(_, (p, q))| b[p >> 3] >> (p & 7) & 1 == 1 && b[q >> 3] >> (q & 7) & 1 == 1)
-        .map(|(i, _)| i)
-        .collect())
-}
-
 #[pymodule]
 fn ingest_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_records, m)?)?;
     m.add_function(wrap_pyfunction!(canonical_json, m)?)?;
     m.add_function(wrap_pyfunction!(timestamptz_micros, m)?)?;
     m.add_function(wrap_pyfunction!(occurred_unix_seconds, m)?)?;
-    m.add_function(wrap_pyfunction!(bloom_add, m)?)?;
-    m.add_function(wrap_pyfunction!(bloom_maybe, m)?)?;
     m.add_function(wrap_pyfunction!(flock::flock_wait, m)?)?;
     m.add_function(wrap_pyfunction!(bloom_block::bloom_block_add, m)?)?;
     m.add_function(wrap_pyfunction!(bloom_block::bloom_block_maybe, m)?)?;
