@@ -48,10 +48,17 @@ def _where(dsn_or_pool: str | asyncpg.Pool) -> str:
 
 
 async def connect_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
-    """A pool that connects within 2 s or raises StoreUnavailable."""
+    """A pool that connects within 2 s or raises StoreUnavailable. Without JIT: the stores'
+    statements are small, and JIT compiling asyncpg's first type-introspection query on a new
+    connection cost 77-120 ms against 24-37 ms without (docs/benchmarks.md, kafka3)."""
     try:
         pool = await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, timeout=2.0, command_timeout=30.0
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=2.0,
+            command_timeout=30.0,
+            server_settings={"jit": "off"},
         )
     except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
         raise StoreUnavailable("postgres", _where(dsn), f"{type(exc).__name__}: {exc}") from exc

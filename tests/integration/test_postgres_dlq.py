@@ -35,6 +35,13 @@ async def pool(pg_dsn: str) -> AsyncIterator[Any]:
     await p.close()
 
 
+async def test_the_stores_pool_runs_without_jit(pool: Any) -> None:
+    # every connection the pool opens, not only its first: JIT cost a new connection's
+    # first statements 50-80 ms (asyncpg's type introspection) and never pays on these ones
+    async with pool.acquire() as a, pool.acquire() as b:
+        assert [await c.fetchval("SHOW jit") for c in (a, b)] == ["off", "off"]
+
+
 def entry(n: int, *, at: datetime = T0, **kw: Any) -> DLQEntry:
     return dlq_entry(n, at=at, detail={"message": f"failure {n}", "path": "$.attributes"}, **kw)
 
