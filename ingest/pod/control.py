@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from ingest import config as C
 from ingest.errors import IngestError
 from ingest.pipeline.admission import Admission, BackpressureState
@@ -57,7 +55,7 @@ START_TIMEOUT = 120.0
 # (config.ShutdownConfig says the same to operators).
 WORKER_CLOSE_SECONDS = 10.0
 _BACKOFF_MAX = 10.0
-_NOTIFY = orjson.dumps({"type": "notify"}) + b"\n"  # a message of `ingest.pod.ipc`
+_NOTIFY = ipc.encode({"type": "notify"})  # written as is to every worker (`notify_webhook`)
 NOTIFY_BACKLOG = 64 * 1024
 # How old a free-space sample the door may judge a body by (`DiskGuard.refuse_intake`)
 DISK_SAMPLE_SECONDS = 0.05

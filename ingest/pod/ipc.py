@@ -22,8 +22,13 @@ LIMIT = 64 * 1024 * 1024  # one line may carry a whole health document and metri
 Message = dict[str, Any]
 
 
+def encode(msg: Message) -> bytes:
+    """One message as its line on the wire."""
+    return orjson.dumps(msg, option=orjson.OPT_NON_STR_KEYS) + b"\n"
+
+
 async def send(writer: asyncio.StreamWriter, msg: Message) -> None:
-    writer.write(orjson.dumps(msg, option=orjson.OPT_NON_STR_KEYS) + b"\n")
+    writer.write(encode(msg))
     await writer.drain()
 
 
