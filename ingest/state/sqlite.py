@@ -43,7 +43,10 @@ from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
-from ingest import sqlite_params  # noqa: F401 - bytes and None bound without adaptation
+from ingest import (
+    native,
+    sqlite_params,  # noqa: F401 - bytes and None bound without adaptation
+)
 from ingest.errors import StoreUnavailable
 from ingest.records import DLQEntry, ReasonCode
 from ingest.state.base import (
@@ -293,20 +296,8 @@ class Connection(sqlite3.Connection):
                 os.close(fd)
 
 
-def _native_wait() -> Callable[[int, float], bool] | None:
-    """`ingest_native.flock_wait` (src/flock.rs): None when the extension is missing or
-    older than it, or INGEST_NO_EXTENSION is set."""
-    if os.environ.get("INGEST_NO_EXTENSION"):
-        return None
-    try:
-        import ingest_native  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return None
-    wait: Callable[[int, float], bool] | None = getattr(ingest_native, "flock_wait", None)
-    return wait
-
-
-_FLOCK_WAIT = _native_wait()
+# `ingest_native.flock_wait` (src/flock.rs), None where the extension is missing or older
+_FLOCK_WAIT: Callable[[int, float], bool] | None = native.function("flock_wait")
 
 
 def _flock(fd: int, timeout: float) -> bool:

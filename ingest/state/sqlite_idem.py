@@ -11,7 +11,6 @@ module (no behaviour changed) so that each stays short.
 from __future__ import annotations
 
 import functools
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ingest import native
 from ingest.state.sqlite import (
     _IDEM_DAY_DDL,
     _UPSERT,
@@ -125,14 +125,7 @@ def _load_bloom() -> tuple[
     loops below, ~50x faster: every process adds every key claimed in the file, its own and
     the other workers', on a thread that holds the GIL beside the event loop); None, None
     when the extension is missing or older than these functions."""
-    if os.environ.get("INGEST_NO_EXTENSION"):
-        return None, None
-    try:
-        import ingest_native  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return None, None
-    add = getattr(ingest_native, "bloom_block_add", None)
-    maybe = getattr(ingest_native, "bloom_block_maybe", None)
+    add, maybe = native.function("bloom_block_add"), native.function("bloom_block_maybe")
     return (add, maybe) if add is not None and maybe is not None else (None, None)
 
 
