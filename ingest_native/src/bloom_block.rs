@@ -11,25 +11,29 @@ use pyo3::types::PyByteArray;
 /// 2^18 blocks of 512 bits: 2^27 bits, `_Bloom.BITS`.
 const BLOCK_BITS_LOG: u32 = 18;
 
-/// Each 32-byte key of `blob`: the byte offset of its block (the top 18 bits of its first
-/// 32-bit word, native byte order as `memoryview(blob).cast("I")` reads it, times 64) and
-/// its eight bits in the block (the low 9 bits of each of its eight words).
-fn positions(blob: &[u8]) -> PyResult<impl Iterator<Item = (usize, [u16; 8])> + '_> {
+type Key = [u8; 32];
+
+/// The 32-byte keys of `blob` (as arrays: their words are read without bounds checks).
+fn keys(blob: &[u8]) -> PyResult<impl Iterator<Item = &Key> + '_> {
     if blob.len() % 32 != 0 {
         return Err(PyValueError::new_err("keys are 32-byte digests"));
     }
-    Ok(blob.chunks_exact(32).map(|k| {
-        let mut bits = [0u16; 8];
-        let mut first = 0u32;
-        for (j, w) in k.chunks_exact(4).enumerate() {
-            let word = u32::from_ne_bytes([w[0], w[1], w[2], w[3]]);
-            if j == 0 {
-                first = word;
-            }
-            bits[j] = (word & 511) as u16;
-        }
-        (((first >> (32 - BLOCK_BITS_LOG)) as usize) << 6, bits)
-    }))
+    Ok(blob.chunks_exact(32).map(|k| <&Key>::try_from(k).expect("32 bytes")))
+}
+
+/// A key's `j`th 32-bit word, native byte order as `memoryview(blob).cast("I")` reads it.
+fn word(k: &Key, j: usize) -> u32 {
+    u32::from_ne_bytes([k[4 * j], k[4 * j + 1], k[4 * j + 2], k[4 * j + 3]])
+}
+
+/// The byte offset of a key's block: the top 18 bits of its first word, times 64.
+fn block(k: &Key) -> usize {
+    ((word(k, 0) >> (32 - BLOCK_BITS_LOG)) as usize) << 6
+}
+
+/// A key's `j`th bit in its block: the low 9 bits of its `j`th word.
+fn bit(k: &Key, j: usize) -> usize {
+    (word(k, j) & 511) as usize
 }
 
 fn check(bits: &Bound<'_, PyByteArray>) -> PyResult<()> {
@@ -43,11 +47,14 @@ fn check(bits: &Bound<'_, PyByteArray>) -> PyResult<()> {
 #[pyfunction]
 pub fn bloom_block_add(bits: &Bound<'_, PyByteArray>, blob: &[u8]) -> PyResult<()> {
     check(bits)?;
+    let keys = keys(blob)?;
     // The GIL is held and nothing else reads or resizes the bytearray meanwhile.
     let b = unsafe { bits.as_bytes_mut() };
-    for (at, offs) in positions(blob)? {
-        for o in offs {
-            b[at + (o as usize >> 3)] |= 1 << (o & 7);
+    for k in keys {
+        let at = block(k);
+        for j in 0..8 {
+            let o = bit(k, j);
+            b[at + (o >> 3)] |= 1 << (o & 7);
         }
     }
     Ok(())
@@ -59,21 +66,14 @@ pub fn bloom_block_add(bits: &Bound<'_, PyByteArray>, blob: &[u8]) -> PyResult<(
 #[pyfunction]
 pub fn bloom_block_maybe(bits: &Bound<'_, PyByteArray>, blob: &[u8]) -> PyResult<Vec<usize>> {
     check(bits)?;
-    if blob.len() % 32 != 0 {
-        return Err(PyValueError::new_err("keys are 32-byte digests"));
-    }
+    let keys = keys(blob)?;
     let b = unsafe { bits.as_bytes() };
-    let word = |k: &[u8], j: usize| {
-        u32::from_ne_bytes([k[4 * j], k[4 * j + 1], k[4 * j + 2], k[4 * j + 3]])
-    };
-    Ok(blob
-        .chunks_exact(32)
+    Ok(keys
         .enumerate()
         .filter(|(_, k)| {
-            let first = word(k, 0);
-            let at = ((first >> (32 - BLOCK_BITS_LOG)) as usize) << 6;
+            let at = block(k);
             (0..8).all(|j| {
-                let o = (if j == 0 { first } else { word(k, j) } & 511) as usize;
+                let o = bit(k, j);
                 b[at + (o >> 3)] >> (o & 7) & 1 == 1
             })
         })
