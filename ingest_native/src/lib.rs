@@ -13,8 +13,7 @@ use std::borrow::Cow;
 use std::io::Write;
 
 use pyo3::prelude::*;
-use pyo3::exceptions::PyValueError;
-use pyo3::types::{PyBool, PyByteArray, PyBytes, PyDict, PyList, PySet, PyString, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PySet, PyString, PyTuple};
 use sha2::{Digest, Sha256};
 
 mod flock;
