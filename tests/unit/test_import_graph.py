@@ -111,6 +111,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "ingest.timefmt",
             "ingest.names",
             "ingest.sqlite_params",
+            "ingest.native",
             "ingest.logctx",
             "ingest.kafka_log",
             "ingest.datadir",
