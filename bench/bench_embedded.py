@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import calendar
 import json
 import os
 import platform
@@ -256,25 +257,83 @@ def pipeline_processes(root: int) -> list[int]:
     return workers or [root]
 
 
+TIMELINE_EVENTS = (  # the inbox's DEBUG lines, in a file's order: `<worker> <verb> <file>`
+    ("took", "taken"), ("read", "first batch read"), ("committing", "first batch settled"),
+    ("committing", "last batch settled"), ("moved", "moved to done/"),
+)
+
+
+def timeline(log_path: Path, drops: list[float]) -> list[str]:
+    """`--timeline`: per phase and worker, ms from the files' drop to each of the inbox's
+    DEBUG lines about its file (JSON log lines, ms resolution), and how long the last worker
+    ran alone after the other had moved its file to done/."""
+    from datetime import datetime
+
+    events: list[tuple[float, str, str, str]] = []  # (time, worker, verb, file)
+    for line in log_path.read_text().splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if doc.get("logger") != "ingest.sources.inbox":
+            continue
+        words = doc["message"].split()
+        if len(words) < 3:
+            continue
+        when = datetime.strptime(doc["ts"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        ts = calendar.timegm(when.timetuple()) + when.microsecond / 1e6  # UTC
+        events.append((ts, words[0], words[1], words[2].rstrip(":").rsplit("/", 1)[-1]))
+    out = []
+    for n, drop in enumerate(drops):
+        end = drops[n + 1] if n + 1 < len(drops) else float("inf")
+        mine = [e for e in events if drop - 0.001 <= e[0] < end]
+        moved: list[float] = []
+        for worker in sorted({e[1] for e in mine}):
+            got = [e for e in mine if e[1] == worker]
+            marks = []
+            committing = [e for e in got if e[2] == "committing"]
+            for verb, what in TIMELINE_EVENTS:
+                if verb == "committing":
+                    hit = committing.pop(0) if committing else None
+                else:
+                    hit = next((e for e in got if e[2] == verb), None)
+                marks.append(f"{what} {(hit[0] - drop) * 1e3:.0f}" if hit else f"{what} -")
+                if verb == "moved" and hit:
+                    moved.append(hit[0])
+            files = sorted({e[3] for e in got})
+            out.append(f"phase {n + 1} {worker} ({', '.join(files)}): " + ", ".join(marks)
+                       + " ms")
+        if len(moved) > 1:
+            out.append(f"phase {n + 1}: last worker alone {(max(moved) - min(moved)) * 1e3:.0f}"
+                       " ms")
+    return out
+
+
 def run_service(
     lines: list[bytes], workdir: Path, port: int, files: int = 1,
-    updates: list[bytes] | None = None, idle: bool = False,
+    updates: list[bytes] | None = None, idle: bool = False, drops: list[float] | None = None,
 ) -> list[tuple[float, float | None, float, float, str]]:
     """Per phase (new rows, then `updates` if given, in the same service): (records/s, p95
     lag, peak RSS MB, service CPU µs per record, `IdleSampler`'s summary or ""). Each phase's
     records are dropped as `files` files at once (a pod's workers lease one file each) and
     timed until all are committed; the p95 lag is of the histogram so far. Checks the sink
-    holds every entity at the last phase's revision."""
+    holds every entity at the last phase's revision. With `drops` (`--timeline`) the service
+    logs at DEBUG, as JSON, into workdir/service.log, and each phase's drop time (time.time())
+    is appended to it."""
     data = workdir / "svc"
     inbox = data / "inbox" / "acme-corp"
     inbox.mkdir(parents=True)
     env = {**os.environ, "INGEST_DATA_DIR": str(data), **service_env(workdir)}
     config = workdir / "bench.yaml"
     config.write_text(BENCH_CONFIG)
+    level, stderr = "WARNING", None
+    if drops is not None:
+        level, env["INGEST_LOG_FORMAT"] = "DEBUG", "json"
+        stderr = (workdir / "service.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "ingest.cli.ingest", "run", "--host",
-                             "127.0.0.1", "--port", str(port), "--log-level", "WARNING",
+                             "127.0.0.1", "--port", str(port), "--log-level", level,
                              "--config", str(config)],
-                            cwd=workdir, env=env, stdout=subprocess.DEVNULL)
+                            cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     url = f"http://127.0.0.1:{port}"
     out = []
     phases = [("orders", lines)] + ([("updates", updates)] if updates is not None else [])
@@ -293,6 +352,8 @@ def run_service(
             sampler = IdleSampler(proc.pid) if idle else None
             cpu0 = tree_cpu_seconds(proc.pid)
             t0 = time.perf_counter()
+            if drops is not None:
+                drops.append(time.time())
             for name in names:
                 os.replace(workdir / name, inbox / name)
             while any((inbox / name).exists() for name in names):
@@ -307,6 +368,8 @@ def run_service(
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+        if stderr is not None:
+            stderr.close()
     with sqlite3.connect(data / "sink.db") as c:
         count, revs = c.execute("SELECT count(*), sum(revision) FROM entities").fetchone()
     assert (count, revs) == (len(lines), len(phases) * len(lines)), (count, revs)
@@ -466,6 +529,10 @@ def main() -> None:
     ap.add_argument("--idle", action="store_true",
                     help="also how much of each phase each worker had nothing to run (its "
                          "threads sampled every 2 ms from /proc; costs the bench's CPU)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="also each worker's timeline of a phase: ms from the drop until its "
+                         "file is taken, its first batch read, settled, its last settled, the "
+                         "file moved to done/ (the service at DEBUG: the rates are its too)")
     ap.add_argument("--threads", type=int, default=0, metavar="N",
                     help="also the CPU per record by thread, the service in-process on N records")
     ap.add_argument("--steps", type=int, default=0, metavar="N",
@@ -490,7 +557,8 @@ def main() -> None:
         upsert = (None if updates is None else
                   asyncio.run(bulk_limit(lines, workdir / "limit-upsert.db", True, updates)))
         load = os.getloadavg()
-        phases = run_service(lines, workdir, args.port, args.files, updates, args.idle)
+        drops: list[float] | None = [] if args.timeline else None
+        phases = run_service(lines, workdir, args.port, args.files, updates, args.idle, drops)
         rate, p95, rss, cpu_us, idled = phases[0]
         print(f"records:               {args.records} in {args.files} file(s)")
         print(f"limit (SQLite bulk):   {limit:,.0f} records/s (best of {LIMIT_RUNS} runs each: "
@@ -514,6 +582,11 @@ def main() -> None:
                 print(f"workers idle, rev-2:   {u_idled}")
             print(f"peak RSS after both:   {rss:.0f} MB")
         print(f"load average:          {load} at start, {os.getloadavg()} after")
+        if drops is not None:
+            print("\ntimeline (ms from the drop):")
+            for line in timeline(workdir / "service.log",
+                                 drops):
+                print(f"  {line}")
         if args.steps:
             print(f"\nCPU per record by step ({args.steps} records, in-process, load "
                   f"{os.getloadavg()[0]:.1f}):")

@@ -9,7 +9,9 @@ leases, a text file not ending in a newline). Write elsewhere and rename into th
 instant pickup; lines a writer appends after closing the file are read as growth (below).
 Files of one tenant are read one at a time in (mtime, name) order; tenants take turns batch by
 batch (and inside a long line, a few MiB at a time), so one tenant's big file never holds up
-the others.
+the others. An idle worker scans every `poll_seconds`; on Linux a file renamed, created or
+closed after writing in the inbox wakes it at once (inotify, `ingest.sources.dirwatch`), and
+the poll stays as the fallback (other OSes, network filesystems).
 
 Progress: the checkpoint `checkpoint:<tenant>:<source>` holds the file being read and the byte
 offset (in the decompressed stream) after the last committed batch; a restart resumes there.
@@ -71,6 +73,7 @@ from ingest.formats import (
 from ingest.names import representable, shown, valid_name
 from ingest.records import NO_META, LinesAt, RawRecord
 from ingest.sources.base import AdapterHealth, PullOnly, SourceBatch
+from ingest.sources.dirwatch import DirWatch
 from ingest.state.base import CheckpointStore
 from ingest.state.leases import LeaseStore
 
@@ -113,6 +116,7 @@ class InboxPosition:
     last: bool  # the file ends with this batch
     size: int = 0  # with `last`: the file's bytes read, to tell whether it grew since
     ino: int = 0
+    first: bool = False  # the file's first batch read by this worker (its log lines)
 
 
 class InboxSource(PullOnly):
@@ -203,21 +207,30 @@ class InboxSource(PullOnly):
     async def batches(self) -> AsyncIterator[SourceBatch]:
         readers: dict[str, AsyncGenerator[SourceBatch | None, None]] = {}
         rescan_at = 0.0
+        # A file landing wakes an idle worker at once (inotify); the poll stays the fallback.
+        watch = DirWatch.open()
+        if watch is not None:
+            watch.watch(self.root)  # new tenant directories
         try:
             while not self._stopped.is_set():
-                if not readers or time.monotonic() >= rescan_at:
+                woken = watch is not None and watch.woken.is_set()
+                if not readers or woken or time.monotonic() >= rescan_at:
+                    if watch is not None:
+                        watch.woken.clear()  # before the scan: what lands during it wakes again
                     for tenant in self._tenants():
+                        if watch is not None:
+                            watch.watch(self.root / tenant)
                         if tenant in readers:
                             continue
                         name = await self._take_file(tenant)
                         if name is not None:
+                            log.debug("%s took %s/%s", self._owner, tenant, shown(name))
                             self._reading.add((tenant, name))
                             readers[tenant] = self._read_file(tenant, name)
                     rescan_at = time.monotonic() + self.cfg.poll_seconds
                 if not readers:
                     self._health.status = "idle"
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stopped.wait(), self.cfg.poll_seconds)
+                    await self._idle(watch)
                     continue
                 self._health.status = "running"
                 for tenant, reader in list(readers.items()):  # one turn each
@@ -232,9 +245,25 @@ class InboxSource(PullOnly):
                         if self._stopped.is_set():
                             return
         finally:
+            if watch is not None:
+                watch.close()
             for reader in readers.values():
                 with contextlib.suppress(Exception):
                     await reader.aclose()
+
+    async def _idle(self, watch: DirWatch | None) -> None:
+        """Until the next poll, or sooner: stopped, or (with a watch) a file landed."""
+        stop = asyncio.ensure_future(self._stopped.wait())
+        waits: set[asyncio.Future[Any]] = {stop}
+        if watch is not None:
+            waits.add(asyncio.ensure_future(watch.woken.wait()))
+        try:
+            await asyncio.wait(
+                waits, timeout=self.cfg.poll_seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for w in waits:
+                w.cancel()
 
     def _tenants(self) -> list[str]:
         try:
@@ -400,6 +429,7 @@ class InboxSource(PullOnly):
             raws: list[RawRecord] = []
             last_offset = start
             mtime = st.st_mtime
+            first = True
             while True:
                 try:
                     chunk = await asyncio.to_thread(lines.take, batch_size - len(raws), TURN_BYTES)
@@ -431,8 +461,18 @@ class InboxSource(PullOnly):
                 ended = lines.done
                 if len(raws) >= batch_size or ended:
                     pos = InboxPosition(
-                        tenant, name, identity, last_offset, ended, lines.bytes_read, st.st_ino
+                        tenant,
+                        name,
+                        identity,
+                        last_offset,
+                        ended,
+                        lines.bytes_read,
+                        st.st_ino,
+                        first,
                     )
+                    if first:
+                        log.debug("%s read %s/%s: first batch", self._owner, tenant, shown(name))
+                        first = False
                     yield self._batch(raws, pos)
                     raws = []
                     if ended:
@@ -463,6 +503,14 @@ class InboxSource(PullOnly):
     # ------------------------------------------------------------------ committing
     async def commit(self, batch: SourceBatch) -> None:
         pos: InboxPosition = batch.position
+        if pos.first or pos.last:
+            log.debug(
+                "%s committing %s/%s: %s batch",
+                self._owner,
+                pos.tenant,
+                shown(pos.file),
+                "last" if pos.last else "first",
+            )
         if self._leases is not None:
             item = f"{pos.tenant}/{pos.file}"
             await self._leases.save_offset(self.name, item, self._owner, pos.offset)
@@ -509,6 +557,7 @@ class InboxSource(PullOnly):
                     with _subdir_fd(tfd, DONE_DIR) as dfd:
                         target = _free_name(dfd, pos.file)
                         os.rename(pos.file, target, src_dir_fd=tfd, dst_dir_fd=dfd)
+                    log.debug("%s moved %s/%s to done/", self._owner, pos.tenant, shown(target))
                     after = os.fstat(fd)
                     key_moved = (pos.tenant, target)
                     self._moved[key_moved] = (
