@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingest.api.auth import Gate, peer
 from ingest.api.responses import error, json_response
@@ -208,9 +209,40 @@ def build_app(
             *extra_admin,
             Route("/admin/{action}", gate.operator(Role.OPERATOR, action, admin), methods=["POST"]),
         ]
+    door: Route | None = None
     if part != "admin":
-        routes.append(Route("/v1/webhooks/{tenant}/{source}", webhook, methods=["POST"]))
-    app = Starlette(
+        door = Route("/v1/webhooks/{tenant}/{source}", webhook, methods=["POST"])
+        routes.append(door)
+
+    async def webhook_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        """`webhook` as Starlette's layers would run it (its exception middlewares' handlers
+        and re-raise, the same `Request` for the endpoint and the handler)."""
+        started = False
+
+        async def sender(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        request = Request(scope, receive, sender)
+        try:
+            try:
+                response = await webhook(request)
+                await response(scope, receive, sender)
+            except ClientDisconnect as exc:
+                if started:
+                    raise RuntimeError(
+                        "Caught handled exception, but response already started."
+                    ) from exc
+                await (await disconnected(request, exc))(scope, receive, sender)
+        except Exception as exc:
+            response = await server_error(Request(scope), exc)
+            if not started:
+                await response(scope, receive, send)
+            raise exc
+
+    app = _App(
         routes=routes,
         exception_handlers={
             HTTPException: not_found,
@@ -218,11 +250,45 @@ def build_app(
             Exception: server_error,
         },
     )
+    app.door = (door, webhook_asgi) if door is not None else None
     # `curl -X POST .../admin/resume/` got 307 and an empty body: curl without -L followed
     # nothing, printed nothing and exited 0, and the service stayed drained. A 404 that says
     # what to drop instead.
     app.router.redirect_slashes = False
     return app
+
+
+class _App(Starlette):
+    """The app, with `POST /v1/webhooks/{tenant}/{source}` taken before Starlette's layers.
+
+    Why: the door is the one route under load (every webhook body), and Starlette's two
+    exception middlewares, its router's walk over every route and the endpoint wrapper cost
+    ~16 us a request on this host, as much as reading its body (docs/benchmarks.md,
+    ctlloop2). The route's own regex and convertors match it, so a path that the router
+    would give another route, or another method (405), still goes through Starlette."""
+
+    door: tuple[Route, ASGIApp] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        door = self.door
+        if (
+            door is not None
+            and scope["type"] == "http"
+            and scope["method"] == "POST"
+            and not scope.get("root_path")
+        ):
+            route, endpoint = door
+            match = route.path_regex.match(scope["path"])
+            if match is not None:
+                scope["app"] = self
+                scope.setdefault("router", self.router)
+                scope["endpoint"] = route.endpoint
+                scope["path_params"] = {
+                    k: route.param_convertors[k].convert(v) for k, v in match.groupdict().items()
+                }
+                await endpoint(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def _who(request: Request, identity: Any, service: ServiceHost) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ingest.auth import signing
-from ingest.auth.credentials import CredentialSource, Role
+from ingest.auth.credentials import Credentials, CredentialSource, Role
 from ingest.auth.seen import SeenSignatures, request_key
 
 _BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]{1,512}=*)$")
@@ -69,6 +69,9 @@ class WebhookCheck:
     seen_key: bytes | None = field(default=None)
 
 
+_SECRETS_KEPT = 1024  # tenants whose secrets a Guard keeps (`Guard._secrets_for`)
+
+
 def _unauthorized(error: str, reason: str) -> Refusal:
     return Refusal(401, error, reason)
 
@@ -87,6 +90,7 @@ class Guard:
         self.seen = seen
         self.tolerance = tolerance_seconds
         self.clock = clock
+        self._secrets: tuple[Credentials | None, dict[str, list[str]]] = (None, {})
 
     @property
     def disabled(self) -> bool:
@@ -173,7 +177,7 @@ class Guard:
         assert check.header is not None and self.source is not None
         header = check.header
         signer = header.key_id or check.tenant
-        if not signing.matches(header, self.source.current().secrets_for(signer), body):
+        if not signing.matches(header, self._secrets_for(signer), body):
             return _unauthorized(
                 "bad_signature",
                 f"the signature does not match an active secret of tenant '{signer}' "
@@ -191,6 +195,26 @@ class Guard:
                 )
             check.seen_key = key
         return Identity(check.tenant, "signature", tenants=frozenset({check.tenant}))
+
+    def _secrets_for(self, tenant: str) -> list[str]:
+        """The tenant's active secrets, kept for the credentials snapshot they came from. A
+        tenant without an entry of its own has its secret derived, an HMAC a request (~15 us
+        at load 4, as much as Starlette's layers a request; docs/benchmarks.md, ctlloop2). A
+        rotation is a new snapshot (`CredentialSource.reload`), so a rotated secret is refused
+        from the same request as without the cache. At most `_SECRETS_KEPT` tenants (the
+        signer is the sender's `kid`: any name)."""
+        assert self.source is not None
+        creds = self.source.current()
+        of, kept = self._secrets
+        if of is not creds:
+            kept = {}
+            self._secrets = (creds, kept)
+        found = kept.get(tenant)
+        if found is None:
+            if len(kept) >= _SECRETS_KEPT:
+                kept.clear()
+            found = kept[tenant] = creds.secrets_for(tenant)
+        return found
 
     async def release(self, check: WebhookCheck) -> None:
         if check.seen_key is not None and self.seen is not None:

@@ -317,3 +317,39 @@ def test_expired_token_is_refused() -> None:
     refused(g.admin(f"Bearer {TOKENS['operator']}", C.Role.OPERATOR), 401, "expired_credential")
     clock.now = 1_700_000_000.0  # 2023: before it
     assert isinstance(g.admin(f"Bearer {TOKENS['operator']}", C.Role.OPERATOR), Identity)
+
+
+async def test_a_derived_secret_is_kept_per_snapshot_and_a_rotated_key_refused_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tenant without an entry signs with a secret derived from the tenant secret keys: an
+    HMAC a request until kept (`Guard._secrets_for`). The snapshot a rotation makes drops what
+    was kept: the old key's secret is refused from the first request after it."""
+    derived: list[str] = []
+    derive = C.derive_secret
+    monkeypatch.setattr(C, "derive_secret", lambda k, t: derived.append(t) or derive(k, t))
+    new_key = "whmk_tenant-secret-key-rotated-01"
+    source = C.CredentialSource(creds())
+    clock = Clock()
+    g = Guard(source, MemorySeen(clock), clock=clock)
+
+    async def ok(key: str, body: bytes) -> bool:
+        secret = derive(key, "initech")
+        return isinstance(await webhook(g, "initech", signed(secret, body), body), Identity)
+
+    assert await ok(KEY, b"[1]") and await ok(KEY, b"[2]") and not await ok(new_key, b"[3]")
+    assert derived == ["initech"]  # derived once, not a request
+    source._creds = creds().model_copy(update={"tenant_secret_keys": [C.SecretStr(new_key)]})
+    assert not await ok(KEY, b"[4]") and await ok(new_key, b"[5]")
+    assert derived == ["initech", "initech"]
+
+
+async def test_the_kept_secrets_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ingest.auth.guard._SECRETS_KEPT", 3)
+    g = guard()
+    for i in range(10):
+        body = f"[{i}]".encode()
+        tenant = f"t{i}"
+        secret = C.derive_secret(KEY, tenant)
+        assert isinstance(await webhook(g, tenant, signed(secret, body), body), Identity)
+        assert len(g._secrets[1]) <= 3
