@@ -28,6 +28,7 @@ components may even share a file.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import fcntl
 import os
 import sqlite3
@@ -60,6 +61,50 @@ from ingest.timefmt import iso
 
 T = TypeVar("T")
 Clock = Callable[[], float]
+
+_SQLITE_CONFIG_MEMSTATUS = 9
+
+
+def _without_memory_statistics() -> bool:
+    """Turn SQLite's memory statistics off for the process (`SQLITE_CONFIG_MEMSTATUS`), as
+    the first store import does (below); True if they were turned off here.
+
+    With them on (the library's default), every allocation and free of SQLite's takes a
+    global mutex to count itself: a bound text or blob is copied into an allocation of its
+    own, so a sink batch of 5,000 rows makes ~30,000 of them under the writer lock. Off, the
+    sink's thread spends ~0.6 µs a record less (docs/benchmarks.md, embsink2). Nothing here
+    reads those counts (`sqlite3_memory_used`, a soft heap limit).
+
+    The setting is taken only while SQLite is shut down, and a shutdown with a connection
+    open is undefined: so only if SQLite counts its allocations (a probe allocation shows
+    up) and holds none (no connection, statement or blob anywhere in the process); the
+    calls hold the GIL (`PyDLL`), so no other Python thread opens one meanwhile. Otherwise,
+    or where the sqlite3 module's library cannot be reached (a build with it linked in
+    privately), nothing changes."""
+    try:
+        import _sqlite3
+
+        lib = ctypes.PyDLL(_sqlite3.__file__)
+        used, malloc, free = lib.sqlite3_memory_used, lib.sqlite3_malloc, lib.sqlite3_free
+        shutdown, config, init = lib.sqlite3_shutdown, lib.sqlite3_config, lib.sqlite3_initialize
+    except (ImportError, AttributeError, OSError):
+        return False
+    used.restype, used.argtypes = ctypes.c_int64, []
+    malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_int]
+    free.restype, free.argtypes = None, [ctypes.c_void_p]
+    if used() != 0:
+        return False
+    probe = malloc(64)
+    counted = used() > 0
+    free(probe)
+    if not counted or shutdown() != 0:
+        return False
+    off: bool = config(_SQLITE_CONFIG_MEMSTATUS, ctypes.c_int(0)) == 0
+    init()
+    return off
+
+
+MEMORY_STATISTICS_OFF = _without_memory_statistics()
 
 CHUNK = 900  # bound parameters per IN (...) list; below SQLite's historical 999 limit
 
