@@ -21,7 +21,12 @@ filter learns the others' claims from the log, and each one's commits reset the 
 caches); the CPU figures are then summed over the N threads. `--disk-hog AT:SECONDS` keeps
 the disk busy meanwhile (bench/disk_hog.py): "p99 ms" and "worst ms" (a seen() + claim()'s
 wall time) then show how long claims stop while the disk is slow. `--runs N` measures only
-what N runs (tables) cost: the schema parsed again, the listing, a new store's `seen`.
+what N runs (merges' slices, 20 keys each) cost: the schema parsed again, the listing, a new
+store's `seen`; `--prefill N` puts N such runs in the file before the claims (a store at
+N runs' worth of keys). Runs are written as the code under test writes them: slices in
+tables of slices (`_slice_table`), or a table each (the code before). "merge ms" and
+"drop ms": the longest merge and drop transaction of the window (each holds the file's
+writer lock from start to end), wall / CPU.
 """
 
 from __future__ import annotations
@@ -42,8 +47,66 @@ sys.path.insert(0, str(ROOT))
 
 from disk_hog import DiskHog, FsyncProbe  # noqa: E402
 
-from ingest.state.sqlite import _IDEM_DAY_DDL, DAY, SQLiteDB, _wal_frames  # noqa: E402
+from ingest.state import sqlite_idem  # noqa: E402
+from ingest.state.sqlite import _IDEM_DAY_DDL, DAY, SQLiteDB, _wal_frames, immediate  # noqa: E402
 from ingest.state.sqlite_idem import SQLiteIdempotencyStore, idem_run, idem_tables  # noqa: E402
+
+# The layout of the code under test: tables of slices, or a table a run (the code before).
+SLICED = hasattr(sqlite_idem, "_slice_table")
+
+
+def prefill(c: sqlite3.Connection, runs: int, now: float, keys_a_run: int = 20) -> bytes:
+    """N runs of `keys_a_run` random keys claimed at `now`, in the layout of the code under
+    test, the claims log's ids set to start after them; the oldest run's first key."""
+    oldest = os.urandom(32)
+    c.execute("BEGIN")
+    day = int(now // DAY)
+    group = getattr(sqlite_idem, "GROUP_SLICES", 1)
+    for n in range(runs):
+        rows = [(os.urandom(32), now) for _ in range(keys_a_run)]
+        if n == 0:
+            rows[0] = (oldest, now)
+        if SLICED:
+            table = sqlite_idem.idem_slices(day, 10 + n - n % group)
+            c.execute(sqlite_idem._SLICES_DDL.format(table))
+            c.executemany(f"INSERT INTO {table} VALUES ({n % group}, ?, ?)", rows)
+        else:
+            run = idem_run(day, 10 + n)
+            c.execute(_IDEM_DAY_DDL.format(run))
+            c.executemany(f"INSERT INTO {run} VALUES (?, ?)", rows)
+    c.execute("INSERT INTO idem_log (claimed_at, keys) VALUES (0, x'')")  # makes the sequence
+    c.execute("DELETE FROM idem_log")
+    c.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'idem_log'", (runs + 100,))
+    c.execute("UPDATE idem_log_merged SET through = ?", (runs + 100,))
+    c.execute("COMMIT")
+    return oldest
+
+
+class Holds:
+    """The longest merge and drop transactions (wall, CPU of the thread) since the last
+    `take`, timed around the store's `_merge` and `_drop_expired` (each one transaction)."""
+
+    def __init__(self) -> None:
+        self.worst: dict[str, tuple[float, float]] = {}
+        for name in ("_merge", "_drop_expired"):
+            self._wrap(name)
+
+    def _wrap(self, name: str) -> None:
+        inner = getattr(SQLiteIdempotencyStore, name)
+
+        def timed(store: Any, *args: Any) -> Any:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return inner(store, *args)
+            finally:
+                took = (time.perf_counter() - wall, time.thread_time() - cpu)
+                self.worst[name] = max(self.worst.get(name, (0.0, 0.0)), took)
+
+        setattr(SQLiteIdempotencyStore, name, timed)
+
+    def take(self, name: str) -> str:
+        wall, cpu = self.worst.pop(name, (0.0, 0.0))
+        return f"{wall * 1e3:.0f}/{cpu * 1e3:.0f}"
 
 
 def tables(c: sqlite3.Connection) -> dict[str, int]:
@@ -58,11 +121,16 @@ def tables(c: sqlite3.Connection) -> dict[str, int]:
 
 
 def table_counts(counts: dict[str, int]) -> str:
-    """The idempotency tables' row counts; the runs (one a merge, hundreds of them) as their
-    number and keys, the others by name."""
+    """The idempotency tables' row counts; the runs (one a merge, hundreds of them) and the
+    tables of slices as their number and keys, the others by name."""
     runs = [v for k, v in counts.items() if k[5:6].isdigit()]
-    named = " ".join(f"{k}={v:,}" for k, v in counts.items() if not k[5:6].isdigit())
-    return f"runs={len(runs):,} ({sum(runs):,} keys) {named}"
+    sliced = [v for k, v in counts.items() if k[5:6] == "s" and k[6:7].isdigit()]
+    named = " ".join(
+        f"{k}={v:,}" for k, v in counts.items() if not k[5:6].isdigit() and not k[6:7].isdigit()
+    )
+    return (
+        f"runs={len(runs):,} ({sum(runs):,} keys) sliced={len(sliced):,} ({sum(sliced):,}) {named}"
+    )
 
 
 async def many_runs(runs: int, keys_a_run: int = 20) -> None:
@@ -72,25 +140,13 @@ async def many_runs(runs: int, keys_a_run: int = 20) -> None:
     listing (`idem_tables`), a new store's first `seen` (its filter built from every run)
     and its `seen` of a claimed key in the oldest run (probed in every run). CPU of the
     calling thread (a store's own thread for the store's figures)."""
-    print(f"{runs:,} runs of {keys_a_run} keys; load average {os.getloadavg()}")
+    layout = "tables of slices" if SLICED else "a table a run"
+    print(f"{runs:,} runs of {keys_a_run} keys ({layout}); load average {os.getloadavg()}")
     now = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "state.db"
         db = await SQLiteDB.open(path)
-        oldest = os.urandom(32)
-
-        def make(c: sqlite3.Connection) -> None:
-            c.execute("BEGIN")
-            for n in range(runs):
-                run = idem_run(int(now // DAY), 10 + n)
-                c.execute(_IDEM_DAY_DDL.format(run))
-                rows = [(os.urandom(32), now) for _ in range(keys_a_run)]
-                if n == 0:
-                    rows[0] = (oldest, now)
-                c.executemany(f"INSERT INTO {run} VALUES (?, ?)", rows)
-            c.execute("COMMIT")
-
-        await db.run(make)
+        oldest = await db.run(lambda c: prefill(c, runs, now, keys_a_run))
 
         def best(fn: Any, times: int = 5) -> float:
             spent = []
@@ -137,6 +193,24 @@ async def many_runs(runs: int, keys_a_run: int = 20) -> None:
             f"a new store's first seen (filter built) {built * 1e3:.0f} ms {fresh}; its seen"
             f" of a key in the oldest run: {probe}"
         )
+        # every run expired (8 days on): the drops, a transaction at a time, as claims make them
+        later = SQLiteIdempotencyStore(db, clock=lambda: now + 8 * DAY)
+        times: list[tuple[float, float]] = []
+
+        def drop(c: sqlite3.Connection) -> None:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            with immediate(c):
+                later._drop_expired(c, now + 8 * DAY)
+            times.append((time.perf_counter() - wall, time.thread_time() - cpu))
+
+        while not times or await db.run(lambda c: bool(idem_tables(c))):
+            await db.run(drop)
+        walls, cpus = [w * 1e3 for w, _ in times], [u * 1e3 for _, u in times]
+        print(
+            f"every run expired: dropped in {len(times)} transactions, longest"
+            f" {max(walls):.0f} ms wall / {max(cpus):.0f} ms CPU, all {sum(walls):.0f} /"
+            f" {sum(cpus):.0f}"
+        )
         await db.close()
 
 
@@ -163,6 +237,7 @@ async def main(
     slice_keys: int | None = None,
     stores: int = 1,
     disk_hog: str | None = None,
+    prefilled: int = 0,
 ) -> None:
     print(
         f"machine: {platform.node()} {os.cpu_count()} cores, Python "
@@ -173,11 +248,18 @@ async def main(
         f"{keys:,} keys in claims of {batch:,} (seen() then claim()), a window per {every:,}"
         f"; intake appends from another connection: {writer:g}/s; {stores} store(s) in turn"
     )
+    if prefilled:
+        layout = "tables of slices" if SLICED else "a table a run"
+        print(f"the file prefilled with {prefilled:,} runs of 20 keys ({layout})")
     head = ("keys", "cpu us/key", "thread", "seen", "wall", "p99 ms", "worst ms")
-    print("{:>10} {:>10} {:>8} {:>6} {:>8} {:>7} {:>9}  tables".format(*head))
+    head2 = ("merge ms", "drop ms")
+    print("{:>10} {:>10} {:>8} {:>6} {:>8} {:>7} {:>9} {:>9} {:>8}  tables".format(*head, *head2))
+    holds = Holds()
     with tempfile.TemporaryDirectory() as tmp:
         dbs = [await SQLiteDB.open(Path(tmp) / "state.db") for _ in range(stores)]
         db = dbs[0]
+        if prefilled:
+            await db.run(lambda c: prefill(c, prefilled, time.time()))
         extra: dict[str, Any] = {} if mid_keys is None else {"mid_keys": mid_keys}
         if recent_keys is not None:
             extra["recent_keys"] = recent_keys
@@ -233,7 +315,8 @@ async def main(
                 f"{done:>10,} {(cpu1 - cpu0) / n * 1e6:>10.1f} "
                 f"{(thread1 - thread0) / n * 1e6:>8.1f} {seen / n * 1e6:>6.1f} "
                 f"{(wall1 - wall0) / n * 1e6:>8.1f} {p99 * 1e3:>7.0f} "
-                f"{worst * 1e3:>9.0f}  " + table_counts(counts),
+                f"{worst * 1e3:>9.0f} {holds.take('_merge'):>9} {holds.take('_drop_expired'):>8}  "
+                + table_counts(counts),
                 flush=True,
             )
         stop.set()
@@ -293,7 +376,13 @@ if __name__ == "__main__":
     ap.add_argument(
         "--runs",
         type=int,
-        help="only measure what this many runs (tables) in the file cost (no claims)",
+        help="only measure what this many runs (merges' slices) in the file cost (no claims)",
+    )
+    ap.add_argument(
+        "--prefill",
+        type=int,
+        default=0,
+        help="runs of 20 keys put in the file before the claims (a store at N runs' worth)",
     )
     a = ap.parse_args()
     if a.runs:
@@ -310,5 +399,6 @@ if __name__ == "__main__":
             a.slice_keys,
             a.stores,
             a.disk_hog,
+            a.prefill,
         )
     )

@@ -10,8 +10,10 @@ module (no behaviour changed) so that each stays short.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import date
@@ -80,6 +82,21 @@ MID_KEYS = SLICE_KEYS
 # (SQLiteIdempotencyStore); the filter learns every process's claims from this log, whose
 # merged rows are kept LOG_KEEP seconds (a process that fell further behind rebuilds its filter).
 LOG_KEEP = 300.0
+# A merge's slice is a run of rows (its ordinal, key) appended to the newest table of slices,
+# `idem_sYYYYMMDD_F` (the day of its newest key, F the log row merged for its first slice),
+# up to GROUP_SLICES slices a table: a table a merge made every other connection of the file
+# parse the whole schema again at its next statement (2 ms at 400 runs, 29 at 4,000, 190-230
+# at 10,000: 13 µs a key in a 2-worker pod at 10,000, 2.7 at 400), and a slice appended at
+# the B-tree's right edge is no schema change. A new table only every GROUP_SLICES merges, so
+# 10,000 runs' worth of keys are 1,250 tables; a table is dropped whole once its newest key
+# expired: 8 slices ~25 ms of CPU, less than a merge's own hold of the writer lock (33-38 ms;
+# 16 slices took ~50). docs/benchmarks.md, idemruns.
+GROUP_SLICES = 8
+IDEM_SLICES = "idem_s"
+_SLICES_DDL = (
+    "CREATE TABLE IF NOT EXISTS {} (slice INTEGER NOT NULL, key BLOB NOT NULL,"
+    " claimed_at REAL NOT NULL, PRIMARY KEY (slice, key)) WITHOUT ROWID"
+)
 
 
 class _Bloom:
@@ -207,15 +224,30 @@ def idem_run(day: int, last: int) -> str:
     return f"{idem_table(day)}_{last}"
 
 
+def idem_slices(day: int, first: int) -> str:
+    """`idem_s20261201_1234`: a table of slices whose newest key was claimed on day `day` or
+    before, its first slice made when log row `first` was merged."""
+    return f"{IDEM_SLICES}{idem_table(day).removeprefix(IDEM_PREFIX)}_{first}"
+
+
+def _sliced(table: str) -> bool:
+    """Whether a table of keys (`_table_day` not None) is a table of slices."""
+    return table.startswith(IDEM_SLICES)
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def _table_day(table: str) -> tuple[int, int] | None:
-    """(day number, run number: 0 for a day table) of a table of keys, None for any other.
+    """(day number, run number: 0 for a day table; for a table of slices its first slice's)
+    of a table of keys, None for any other.
     Cached: every `seen` lists the runs (`idem_tables`), and `strptime` of each of ~70 names
     (bench_steady's store at its end) showed in its stall dumps. The cache holds 65,536
     names and the date is read without `strptime`: at 4,096 a store of more runs missed it
     for every name of every listing (10,000 runs: 127 ms a listing, docs/benchmarks.md)."""
-    digits, _, run = table.removeprefix(IDEM_PREFIX).partition("_")
+    name = table.removeprefix(IDEM_PREFIX)
+    digits, _, run = name.removeprefix("s").partition("_")
     if len(digits) != 8 or not digits.isdigit() or (run and not run.isdigit()):
+        return None
+    if name.startswith("s") and not run:
         return None
     try:
         day = date(int(digits[:4]), int(digits[4:6]), int(digits[6:])).toordinal() - _EPOCH
@@ -234,10 +266,11 @@ def idem_day(table: str) -> int | None:
 
 
 def idem_tables(c: sqlite3.Connection, schema: str = "main") -> list[tuple[int, str]]:
-    """The runs and day tables in the file (every process's), (day, name), newest first."""
+    """The tables of slices, runs and day tables in the file (every process's), (day, name),
+    newest first."""
     (names,) = c.execute(
         f"SELECT group_concat(name, ' ') FROM {schema}.sqlite_master WHERE type = 'table'"
-        f" AND name GLOB '{IDEM_PREFIX}[0-9]*'"
+        f" AND (name GLOB '{IDEM_PREFIX}[0-9]*' OR name GLOB '{IDEM_SLICES}[0-9]*')"
     ).fetchone()
     found = [(d, n) for n in (names or "").split() if (d := _table_day(n)) is not None]
     return [(d[0], n) for d, n in sorted(found, reverse=True)]
@@ -279,7 +312,9 @@ def _state_keys(c: sqlite3.Connection) -> bool:
 def _copy_state_keys(state: Path) -> Callable[[sqlite3.Connection], None]:
     """A `run` callable on the idempotency file: copy every key of the state file's tables
     into the same table here (`idem_recent`'s and its log's unmerged rows' into `idem_mid`;
-    a key already here keeps its latest claim), in one transaction."""
+    a table of slices' into the day table of its day, which every `seen` probes: its slices'
+    log rows are the state file's, so no filter here says which of them holds a key; a key
+    already here keeps its latest claim), in one transaction."""
 
     def copy(c: sqlite3.Connection) -> None:
         c.execute("ATTACH DATABASE ? AS state", (str(state),))
@@ -291,7 +326,9 @@ def _copy_state_keys(state: Path) -> Callable[[sqlite3.Connection], None]:
                 ).fetchall()
                 for i in range(0, len(unmerged), _MERGE_ROWS):
                     _insert_sorted(c, unmerged[i : i + _MERGE_ROWS])
-                tables = [(n, n) for _, n in idem_tables(c, "state")]
+                tables = [
+                    (n, idem_table(d) if _sliced(n) else n) for d, n in idem_tables(c, "state")
+                ]
                 for source, target in [(IDEM_RECENT, IDEM_MID), (IDEM_MID, IDEM_MID), *tables]:
                     c.execute(_IDEM_DAY_DDL.format(f"main.{target}"))
                     c.execute(
@@ -412,6 +449,8 @@ class SQLiteIdempotencyStore:
         self._pending: dict[int, _Unmerged] = {}
         # The last few `seen` key lists and their blobs, by id (`_blob`).
         self._blobs: dict[int, tuple[Sequence[bytes], bytes]] = {}
+        # The slices of the tables of slices no merge appends to any more (`_slices_in`).
+        self._sliced: dict[str, int] = {}
 
     def _blob(self, keys: Sequence[bytes], last: bool = False) -> bytes:
         """`_key_blob(keys)`, its lengths checked once a batch: a claim's keys are mostly the
@@ -473,8 +512,10 @@ class SQLiteIdempotencyStore:
             groups: dict[tuple[str, ...], list[int]] = {}
             for i, rows_of in rest.items():
                 groups.setdefault(_runs_of(live, rows_of), []).append(i)
+            newest = max((t for t in live if _sliced(t)), key=_first, default=None)
             for tables, keys in groups.items():
-                hits += _probe(c, blob, keys, (IDEM_MID, *tables), since)
+                terms = [_exists(t, self._slices_in(c, t, newest)) for t in (IDEM_MID, *tables)]
+                hits += _probe(c, blob, keys, terms, since)
             return hits
 
         hits = await self._db.call("idempotency", lambda c: _again_if_dropped(c, _read(lookup)))
@@ -482,6 +523,22 @@ class SQLiteIdempotencyStore:
         for i in hits:
             found[i] = True
         return found
+
+    def _slices_in(self, c: sqlite3.Connection, table: str, newest: str | None) -> int | None:
+        """The slices in `table` (None: not a table of slices), inside the read transaction
+        that listed the live tables, `newest` the newest table of slices among them: counted
+        every time there (merges append to it), once in any other (none will)."""
+        if not _sliced(table):
+            return None
+        n = self._sliced.get(table)
+        if n is None:
+            (top,) = c.execute(f"SELECT max(slice) FROM {table}").fetchone()
+            n = 0 if top is None else top + 1
+            if table != newest:
+                if len(self._sliced) >= 1 << 16:  # the dropped tables' go too
+                    self._sliced.clear()
+                self._sliced[table] = n
+        return n
 
     def _catch_up(self, c: sqlite3.Connection, now: float) -> None:
         """In the DB thread, inside a read transaction, before the filter answers: add the
@@ -546,7 +603,9 @@ class SQLiteIdempotencyStore:
                 self._unmerged += len(keys)
             if self._unmerged >= self._recent_keys:
                 self._merge(c, now)
-            elif self._next_drop is None or now >= self._next_drop:
+            # in a transaction of its own, not the merge's: each holds the writer lock for
+            # about as long (a table of slices dropped: ~25 ms of CPU)
+            if self._next_drop is None or now >= self._next_drop:
                 with immediate(c):
                     self._drop_expired(c, now)
 
@@ -591,10 +650,9 @@ class SQLiteIdempotencyStore:
                 # table this small, all of whose pages this transaction holds, SQLite's sort
                 # of 25,000 keys cost more (~20 ms) than it saved the inserts (~13 ms), and
                 # the table takes as many pages (docs/benchmarks.md, emidem)
-                run = idem_run(int(max(at for at, _ in live) // DAY), last)
-                c.execute(_IDEM_DAY_DDL.format(run))
+                run, ordinal = _slice_table(c, int(max(at for at, _ in live) // DAY), last)
                 for i in range(0, len(live), _MERGE_ROWS):
-                    _insert_sorted(c, live[i : i + _MERGE_ROWS], run, ordered=False)
+                    _insert_sorted(c, live[i : i + _MERGE_ROWS], run, ordered=False, at=ordinal)
                 live = []
             for i in range(0, len(live), _MERGE_ROWS):
                 _insert_sorted(c, live[i : i + _MERGE_ROWS])
@@ -602,9 +660,14 @@ class SQLiteIdempotencyStore:
                 mid_keys += moved
                 mid_newest = max(mid_newest, max(at for at, _ in live))
             if mid_keys >= self._mid_keys:
-                run = idem_run(int(mid_newest // DAY), last)
-                c.execute(f"ALTER TABLE {IDEM_MID} RENAME TO {run}")
-                c.execute(_IDEM_DAY_DDL.format(IDEM_MID))
+                # a slice of its own: copied, not renamed (no schema change)
+                run, ordinal = _slice_table(c, int(mid_newest // DAY), last)
+                c.execute(
+                    f"INSERT INTO {run} (slice, key, claimed_at) SELECT ?, key, claimed_at"
+                    f" FROM {IDEM_MID}",
+                    (ordinal,),
+                )
+                c.execute(f"DELETE FROM {IDEM_MID}")
                 mid_keys, mid_newest = 0, 0.0
             c.execute(
                 f"UPDATE {IDEM_LOG}_merged SET through = ?, mid_keys = ?, mid_newest = ?",
@@ -625,19 +688,23 @@ class SQLiteIdempotencyStore:
             if old is not None:
                 c.execute(f"DELETE FROM {IDEM_LOG} WHERE id <= ?", (old,))
                 c.execute(f"UPDATE {IDEM_LOG}_pruned SET through = max(through, ?)", (old,))
-            self._drop_expired(c, now)
         self._unmerged = waiting - taken
 
     def _drop_expired(self, c: sqlite3.Connection, now: float) -> None:
-        """Inside a write transaction: drop the runs and day tables whose newest key expired;
-        look again when the oldest left expires, or a day from now (a run made meanwhile)."""
+        """Inside a write transaction: drop the tables whose newest key expired, the oldest
+        first, one table of slices or up to GROUP_SLICES runs a transaction (a day's runs
+        dropped at once held the writer lock for all of them: ~1,400 at 10,000 runs, each
+        DROP a scan of the schema); look again at the next claim if more expired, else when
+        the oldest left expires, or a day from now (a table made meanwhile)."""
         tables = idem_tables(c)
         live = set(self._live(tables, now))
-        for _, name in tables:
-            if name not in live:
-                c.execute(f"DROP TABLE {name}")
+        expired = [name for _, name in reversed(tables) if name not in live]
+        budget = GROUP_SLICES
+        while expired and (cost := GROUP_SLICES if _sliced(expired[0]) else 1) <= budget:
+            c.execute(f"DROP TABLE {expired.pop(0)}")
+            budget -= cost
         kept = [(day + 1) * DAY + self._ttl for day, name in tables if name in live]
-        self._next_drop = min([now + DAY, *kept])
+        self._next_drop = now if expired else min([now + DAY, *kept])
 
     async def stats(self) -> dict[str, Any]:
         now = self._clock()
@@ -680,20 +747,27 @@ _MERGE_ROWS = 200
 _PROBE_TABLES = 400
 
 
+def _exists(table: str, slices: int | None = None) -> str:
+    """The probe of one table for key `substr(?1, i, 32)` claimed after ?2; in a table of
+    `slices` slices (None: a table of keys alone), one B-tree search a slice."""
+    where = "" if slices is None else f"slice IN ({', '.join(map(str, range(slices)))}) AND "
+    return (
+        f"EXISTS (SELECT 1 FROM {table} WHERE {where}key = substr(?1, i, 32) AND claimed_at > ?2)"
+    )
+
+
 def _probe(
-    c: sqlite3.Connection, blob: bytes, keys: list[int], tables: Sequence[str], since: float
+    c: sqlite3.Connection, blob: bytes, keys: list[int], terms: Sequence[str], since: float
 ) -> list[int]:
-    """Which of keys `keys` (indexes into `blob`) an unexpired row of `tables` holds: one
-    statement a _PROBE_TABLES tables, each asked only for the keys not found before."""
+    """Which of keys `keys` (indexes into `blob`) an unexpired row of the tables holds, one
+    probe (`_exists`) a table: one statement a _PROBE_TABLES tables, each asked only for
+    the keys not found before."""
     hits: list[int] = []
-    for at in range(0, len(tables), _PROBE_TABLES):
+    for at in range(0, len(terms), _PROBE_TABLES):
         if not keys:
             break
         few = b"".join(blob[i * 32 : i * 32 + 32] for i in keys)
-        probe = " OR ".join(
-            f"EXISTS (SELECT 1 FROM {t} WHERE key = substr(?1, i, 32) AND claimed_at > ?2)"
-            for t in tables[at : at + _PROBE_TABLES]
-        )
+        probe = " OR ".join(terms[at : at + _PROBE_TABLES])
         sql = f"{_KEYS} SELECT group_concat(i) FROM k WHERE {probe}"
         found: str | None = c.execute(sql, (few, since)).fetchone()[0]
         if found:
@@ -708,28 +782,43 @@ def _among(row: int, rows_of: Sequence[tuple[int, int] | None]) -> bool:
     return any(rows is None or rows[0] <= row <= rows[1] for rows in rows_of)
 
 
+def _first(table: str) -> int:
+    """The run number of a table of keys (`_table_day`): a table of slices' first slice's."""
+    found = _table_day(table)
+    return 0 if found is None else found[1]
+
+
 def _runs_of(live: Sequence[str], rows_of: Sequence[tuple[int, int] | None]) -> tuple[str, ...]:
     """The live tables (`live`, newest first) that may hold a key the filters of these log
-    rows (`_Bloom.rows`) may hold: a run `idem_YYYYMMDD_L` holds the keys of the log rows
-    after the run before it (by L) through L, so only the runs whose rows meet a filter's;
-    every table for a filter built from the tables (None), and always the day tables of the
-    code before the runs. A key's filters hold ~4M keys, ~17 runs of 250,000, where its
-    `seen` probed every run (~80 at bench_steady's end), and the filters' false positives
-    grow with the filters: the probes grew as filters x runs (docs/benchmarks.md)."""
+    rows (`_Bloom.rows`) may hold: a run `idem_YYYYMMDD_L` of older code holds the keys of
+    the log rows after the run before it (by L) through L; a table of slices
+    `idem_sYYYYMMDD_F`, the rows after the table of slices before it (by F: the slice before
+    its first was merged after that table's first) and before the next one's F (merges append
+    only to the newest). So only the tables whose rows meet a filter's; every table for a
+    filter built from the tables (None), and always the day tables of the code before the
+    runs. A key's filters hold ~4M keys, ~17 runs of 250,000, where its `seen` probed every
+    run (~80 at bench_steady's end), and the filters' false positives grow with the
+    filters: the probes grew as filters x runs (docs/benchmarks.md)."""
     if any(rows is None for rows in rows_of):
         return tuple(live)
-    numbered = sorted(
-        ((found[1], name) for name in live if (found := _table_day(name)) is not None),
-    )
+    numbered = sorted((_first(name), name) for name in live if _table_day(name) is not None)
+    firsts = [n for n, name in numbered if _sliced(name)]
     out: list[str] = []
     before = -1  # the run before the oldest live one is gone: its rows unknown
+    prior = -1  # the same for the tables of slices
     for last, name in numbered:
         if last == 0:  # a day table of the code before the runs
             out.append(name)
             continue
-        if any(rows is not None and last >= rows[0] and before < rows[1] for rows in rows_of):
+        low, high = before, last
+        if _sliced(name):
+            after = bisect.bisect_right(firsts, last)
+            low, high = prior, firsts[after] - 1 if after < len(firsts) else sys.maxsize
+            prior = last
+        else:
+            before = last
+        if any(rows is not None and high >= rows[0] and low < rows[1] for rows in rows_of):
             out.append(name)
-        before = last
     order = {name: i for i, name in enumerate(live)}
     return tuple(sorted(out, key=order.__getitem__))
 
@@ -739,9 +828,11 @@ def _insert_sorted(
     rows: Sequence[tuple[float, bytes]],
     table: str = IDEM_MID,
     ordered: bool = True,
+    at: int | None = None,
 ) -> None:
     """Insert the keys of log rows (claim time, keys) into `table` in key order (`ordered`;
-    else in the rows' order: a new run, `_merge`), with
+    else in the rows' order: a new slice, `_merge`), as slice `at` of a table of slices
+    (None: a table of keys alone), with
     their rows' claim times: one statement, the rows' blobs and times bound as parameters
     (each blob is cut in SQL, the keys sorted by SQLite's sorter: ~1 µs a key less than
     sorting in Python; `substr` of a column instead would read the whole overflowing blob
@@ -752,12 +843,35 @@ def _insert_sorted(
         f" WHERE i < length(?{2 * j + 1})"
         for j in range(len(rows))
     )
+    into, upsert = "(key, claimed_at) SELECT", _UPSERT
+    if at is not None:
+        into, upsert = f"(slice, key, claimed_at) SELECT {int(at)},", _SLICE_UPSERT
     c.execute(
         f"WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 32 FROM k WHERE i + 32 < ?"
-        f"{2 * len(rows) + 1}) INSERT INTO {table} (key, claimed_at) SELECT key, at"
-        f" FROM ({terms}) WHERE true{' ORDER BY key' if ordered else ''}{_UPSERT}",
-        [*(x for at, keys in rows for x in (keys, at)), longest],
+        f"{2 * len(rows) + 1}) INSERT INTO {table} {into} key, at"
+        f" FROM ({terms}) WHERE true{' ORDER BY key' if ordered else ''}{upsert}",
+        [*(x for t, keys in rows for x in (keys, t)), longest],
     )
+
+
+_SLICE_UPSERT = _UPSERT.replace("(key)", "(slice, key)")
+
+
+def _slice_table(c: sqlite3.Connection, day: int, last: int) -> tuple[str, int]:
+    """Inside the merge's transaction: the table of slices and the ordinal for the slice of
+    log rows through `last` whose newest key is of day `day`: the next in the newest table
+    of slices (the greatest F) if that one expires with or after it and holds fewer than
+    GROUP_SLICES; else slice 0 of a new table (a schema change: every GROUP_SLICES merges)."""
+    sliced = [(_first(n), d, n) for d, n in idem_tables(c) if _sliced(n)]
+    if sliced:
+        _, newest_day, newest = max(sliced)
+        if day <= newest_day:
+            (top,) = c.execute(f"SELECT max(slice) FROM {newest}").fetchone()
+            if top is None or top + 1 < GROUP_SLICES:
+                return newest, 0 if top is None else top + 1
+    table = idem_slices(day, last)
+    c.execute(_SLICES_DDL.format(table))
+    return table, 0
 
 
 def _mid_empty(c: sqlite3.Connection, mid_keys: int) -> bool:

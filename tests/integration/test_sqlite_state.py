@@ -357,11 +357,11 @@ async def test_idempotency_seen_claim_and_ttl(db: SQLiteDB) -> None:
 
 
 async def _day_tables(db: SQLiteDB) -> list[str]:
-    """The runs and day tables, by name."""
+    """The tables of slices, runs and day tables, by name."""
     return await db.run(
         lambda c: [n for (n,) in c.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name GLOB 'idem_[0-9]*'"
-            " ORDER BY name")]
+            "SELECT name FROM sqlite_master WHERE type = 'table'"
+            " AND (name GLOB 'idem_[0-9]*' OR name GLOB 'idem_s[0-9]*') ORDER BY name")]
     )  # fmt: skip
 
 
@@ -371,8 +371,9 @@ async def _days(db: SQLiteDB) -> list[int | None]:
 
 
 async def test_idempotency_keys_expire_by_run(db: SQLiteDB) -> None:
-    """Each merge makes a run here (`mid_keys` 1), named by the day of its newest key; a
-    run is dropped by the first claim after that key expired."""
+    """Each merge makes a slice here (`mid_keys` 1), in a table of slices named by the day of
+    its newest key (a later day's slice starts a new table); a table is dropped by the first
+    claim after its newest key expired."""
     day = int(T0 // DAY)
     clock = FakeClock(day * DAY + DAY - 1800)  # 23:30 UTC
     store = SQLiteIdempotencyStore(db, ttl_seconds=3600, clock=clock, recent_keys=1, mid_keys=1)
@@ -387,7 +388,7 @@ async def test_idempotency_keys_expire_by_run(db: SQLiteDB) -> None:
     assert (await store.stats())["keys"] == 1
     clock.now = (day + 1) * DAY + 3600  # every key of day `day` expired: its run goes
     await store.claim([new])
-    assert await _days(db) == [day + 1, day + 1]
+    assert await _days(db) == [day + 1]  # the day's second slice in its table
     assert await store.seen([old, new]) == [False, True]
 
 
@@ -777,21 +778,31 @@ def test_idempotency_property_two_processes(
     two_processes(actions, ttl, recent_keys=recent_keys, mid_keys=4, slice_keys=slice_keys)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     actions=st.lists(_two, min_size=1, max_size=25),
     filter_keys=st.sampled_from([1, 3, 5]),
     mid_keys=st.sampled_from([1, 2, 4]),
     slice_keys=st.sampled_from([1, 3]),
+    group_slices=st.sampled_from([1, 2, 3, 16]),
 )
 def test_idempotency_property_small_filters_many_runs(
-    actions: list[tuple[str, int, Any]], filter_keys: int, mid_keys: int, slice_keys: int
+    actions: list[tuple[str, int, Any]],
+    filter_keys: int,
+    mid_keys: int,
+    slice_keys: int,
+    group_slices: int,
 ) -> None:
-    """As above with each Bloom filter holding a few keys (so a few log rows) and `idem_mid`
-    becoming a run every few keys (so a key's run is one of many): `seen` probes a key only
-    in the runs its filters' rows went to (`_runs_of`), and a wrong choice would answer
-    "never claimed" for a claimed key. Fails on a mutant choosing by a filter's last row."""
-    with mock.patch.object(_Bloom, "KEYS", filter_keys):
+    """As above with each Bloom filter holding a few keys (so a few log rows), a slice
+    every few keys and a table of slices every `group_slices` slices (so a key's slice is one
+    of many, in one table of many): `seen` probes a key only in the tables its filters' rows
+    went to (`_runs_of`), and a wrong choice would answer "never claimed" for a claimed key.
+    Fails on a mutant choosing by a filter's last row, and on one taking a table of slices
+    to end at its first slice (as a run of older code)."""
+    with (
+        mock.patch.object(_Bloom, "KEYS", filter_keys),
+        mock.patch("ingest.state.sqlite_idem.GROUP_SLICES", group_slices),
+    ):
         two_processes(
             actions, int(3 * LOG_KEEP), recent_keys=1, mid_keys=mid_keys, slice_keys=slice_keys
         )

@@ -39,3 +39,22 @@ def test_a_filter_keeps_the_rows_it_holds() -> None:
     assert flt.maybe_rows(_digest(2) + _digest(1)) == [((7, 9), [0, 1])]
     flt.add(_digest(3), T0)
     assert flt.maybe_rows(_digest(3)) == [(None, [0])]
+
+
+def test_runs_of_tables_of_slices_by_their_neighbours_firsts() -> None:
+    """A table of slices `idem_sYYYYMMDD_F` holds the log rows after the table of slices
+    before it (its F: that table's own slices were merged from it on) and before the next
+    one's F (merges append only to the newest table): a filter is asked in every table that
+    range meets, the newest's reaching on to the log's end; the runs of older code keep
+    their exact ranges beside them."""
+    a, b, c = "idem_s20261203_10", "idem_s20261203_26", "idem_s20261204_42"
+    live = [c, b, a]
+    assert _runs_of(live, [(12, 20)]) == (b, a)
+    assert _runs_of(live, [(30, 30)]) == (c, b)
+    assert _runs_of(live, [(50, 90)]) == (c,)
+    assert _runs_of(live, [(1, 9)]) == (a,)
+    assert _runs_of(live, [(26, 26)]) == (b,)  # the row of b's first slice
+    older = ["idem_20261202_8", "idem_20261202_5"]
+    assert _runs_of([*live, *older], [(6, 7)]) == (a, "idem_20261202_8")
+    assert _runs_of([*live, *older], [(1, 3)]) == (a, "idem_20261202_5")
+    assert _runs_of([b, a], [(30, 30)]) == (b,)  # the newest live table reaches on
