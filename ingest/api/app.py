@@ -276,6 +276,7 @@ class _App(Starlette):
             and scope["type"] == "http"
             and scope["method"] == "POST"
             and not scope.get("root_path")
+            and not self.user_middleware  # one added later must see the door's requests too
         ):
             route, endpoint = door
             match = route.path_regex.match(scope["path"])

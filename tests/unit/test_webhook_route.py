@@ -92,6 +92,26 @@ async def test_the_doors_requests_skip_the_middleware_stack(service: Service) ->
     assert fast.middleware_stack is not None
 
 
+async def test_a_middleware_added_later_sees_the_doors_requests(service: Service) -> None:
+    """An operator's or a later change's middleware (auth, tracing) must not be skipped by the
+    door's shortcut: with one added, the door goes through Starlette's stack."""
+    fast, _ = _apps(service)
+    seen: list[str] = []
+
+    class Spy:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            seen.append(scope["path"])
+            await self.app(scope, receive, send)
+
+    fast.add_middleware(Spy)
+    status, _, body = await _ask(fast, "POST", "/v1/webhooks/acme/orders")
+    assert status == 400 and b"empty_body" in body
+    assert seen == ["/v1/webhooks/acme/orders"]
+
+
 @pytest.mark.parametrize(
     ("raised", "status", "code"),
     [
