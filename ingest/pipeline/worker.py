@@ -44,7 +44,7 @@ from ingest.metrics import Metrics, observe_many
 from ingest.pipeline.admission import Admission
 from ingest.pipeline.breaker import BreakerState, CircuitBreaker
 from ingest.pipeline.decode import BatchFacts, DecodeFailure
-from ingest.pipeline.recent import ClaimLog
+from ingest.pipeline.recent import ClaimLog, may_meet, union
 from ingest.pipeline.retry import Retryable, RetryPolicy, retry_call
 from ingest.records import (
     DLQEntry,
@@ -510,13 +510,14 @@ class Pipeline:
         delivered (see `prefetch_seen`); claims made since are in `_claims`.
         """
         prefetched = None if claimed_before is None else await claimed_before
-        recent: Set[bytes] | None = None
+        claimed: list[Sequence[bytes]] | None = None  # the batches claimed since the lookup
         if type(prefetched) is _Seen:
-            recent = self._claims.since(prefetched.mark)
-        if recent is None:  # no mark, or claims since it no longer held: look up again
+            claimed = self._claims.batches(prefetched.mark)
+        if claimed is None:  # no mark, or claims since it no longer held: look up again
             prefetched = None
         if failed:
-            failed = await self._drop_repeated_failures(failed, report, tally, prefetched, recent)
+            since = None if claimed is None else union(claimed)
+            failed = await self._drop_repeated_failures(failed, report, tally, prefetched, since)
         first = records
         if facts is not None:  # records are the batch's, all of it (`write`)
             keys, unique = facts.keys, facts.unique
@@ -536,12 +537,17 @@ class Pipeline:
             keys = [rec.dedupe_key for rec in first]
         if not first:
             return first, failed
-        if prefetched is None or recent is None:
+        recent: Set[bytes]
+        if prefetched is None or claimed is None:
             seen, recent = await self._lookup(keys)
+            if not seen and recent.isdisjoint(keys):
+                return first, failed
         else:
             seen = prefetched
-        if not seen and recent.isdisjoint(keys):
-            return first, failed
+            # the usual batch: nothing claimed before, nor since the lookup (compiled check)
+            if not seen and not any(may_meet(batch, keys) for batch in claimed):
+                return first, failed
+            recent = union(claimed)
         fresh: list[Record] = []
         for rec in first:
             key = rec.dedupe_key

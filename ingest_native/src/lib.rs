@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 mod flock;
 mod bloom_block;
+mod claims;
 
 /// The fingerprint of the schema these rules were written from: sha256 of
 /// `orjson.dumps(load_schema(), option=OPT_SORT_KEYS)`.
@@ -1851,6 +1852,7 @@ fn ingest_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(flock::flock_wait, m)?)?;
     m.add_function(wrap_pyfunction!(bloom_block::bloom_block_add, m)?)?;
     m.add_function(wrap_pyfunction!(bloom_block::bloom_block_maybe, m)?)?;
+    m.add_function(wrap_pyfunction!(claims::keys_may_meet, m)?)?;
     m.add("SCHEMA_SHA256", SCHEMA_SHA256)?;
     Ok(())
 }
