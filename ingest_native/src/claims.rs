@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::hash::{BuildHasherDefault, Hasher};
 
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
@@ -58,4 +59,26 @@ pub fn keys_may_meet(claimed: &Bound<'_, PyList>, keys: &Bound<'_, PyList>) -> b
         }
     }
     false
+}
+
+/// The idempotency store's blob of a batch's keys (`ingest.state.sqlite_idem._key_blob`):
+/// the keys joined, each checked to be a 32-byte bytes object, in one pass. Its Python twin
+/// checks the lengths by a set of them and then joins: ~135 ns a key on the event loop, twice
+/// a record (`seen` and `claim`).
+#[pyfunction]
+pub fn key_blob<'py>(py: Python<'py>, keys: &Bound<'py, PyList>) -> PyResult<Bound<'py, PyBytes>> {
+    let n = keys.len();
+    let mut held: Vec<Bound<'py, PyBytes>> = Vec::with_capacity(n);
+    for item in keys.iter() {
+        match item.downcast_into::<PyBytes>() {
+            Ok(key) if key.as_bytes().len() == 32 => held.push(key),
+            _ => return Err(PyValueError::new_err("idempotency keys are 32-byte digests")),
+        }
+    }
+    PyBytes::new_bound_with(py, n * 32, |buf| {
+        for (chunk, key) in buf.chunks_exact_mut(32).zip(held.iter()) {
+            chunk.copy_from_slice(key.as_bytes());
+        }
+        Ok(())
+    })
 }

@@ -1853,6 +1853,7 @@ fn ingest_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bloom_block::bloom_block_add, m)?)?;
     m.add_function(wrap_pyfunction!(bloom_block::bloom_block_maybe, m)?)?;
     m.add_function(wrap_pyfunction!(claims::keys_may_meet, m)?)?;
+    m.add_function(wrap_pyfunction!(claims::key_blob, m)?)?;
     m.add("SCHEMA_SHA256", SCHEMA_SHA256)?;
     Ok(())
 }

@@ -488,10 +488,14 @@ async def test_idempotency_a_batch_s_keys_are_checked_once_for_seen_and_claim(
 ) -> None:
     """A claim of the very list `seen` was asked reuses its blob (the 32-byte check runs
     once a batch); a list changed in between, or another list, is joined and checked
-    afresh, and its own keys are claimed."""
+    afresh, and its own keys are claimed. (The Python twin's cache: the compiled `key_blob`,
+    where built, checks and joins in one pass each time, tests/unit/test_native_key_blob.py.)"""
     store = SQLiteIdempotencyStore(db)
     keys = [hashlib.sha256(b"%d" % i).digest() for i in range(100)]
-    with mock.patch("ingest.state.sqlite_idem._key_blob", wraps=_key_blob) as check:
+    with (
+        mock.patch("ingest.state.sqlite_idem._KEY_BLOB", None),
+        mock.patch("ingest.state.sqlite_idem._key_blob", wraps=_key_blob) as check,
+    ):
         assert await store.seen(keys) == [False] * 100
         await store.claim(keys)
         assert check.call_count == 1
