@@ -390,8 +390,8 @@ _KEY_BLOB = native.function("key_blob")  # the same, checked and joined in one c
 
 
 def _key_blob(keys: Sequence[bytes]) -> bytes:
-    if _KEY_BLOB is not None and type(keys) is list:
-        return _KEY_BLOB(keys)  # type: ignore[no-any-return]
+    """The Python twin of the compiled `key_blob` (`SQLiteIdempotencyStore._blob` asks that
+    first, for a list, where the extension is built)."""
     # the lengths' set in C, not a generator step a key: ~135 vs ~320 ns a key here, twice
     # a record (seen and claim) on the event loop
     if not set(map(len, keys)) <= {32}:
@@ -406,20 +406,21 @@ class SQLiteIdempotencyStore:
     next claim moves the rest: one long transaction would hold every other process's claims
     for its whole length), sorted, into `idem_mid` in one transaction with the mark of
     the last row merged (`idem_log_merged`); once `mid_keys` were moved into `idem_mid`, that
-    transaction renames it to a run of its newest key's day (`idem_YYYYMMDD_N`) and makes a
-    new one (see the comment at IDEM_LOG's definitions). A key is in the log (unmerged) or in
-    `idem_mid` or a run at every commit, whatever instant a process is killed. Runs (and the
-    day tables of older code) are dropped whole by the first claim or merge after their
-    newest key expired; seen() ignores keys older than the TTL at once, and a merge carries
-    only unexpired keys on.
+    transaction copies it as a slice into the newest table of slices (`idem_sYYYYMMDD_F`,
+    see GROUP_SLICES) and empties it (see the comment at IDEM_LOG's definitions). A key is in
+    the log (unmerged) or in `idem_mid` or a slice at every commit, whatever instant a process
+    is killed. Tables of slices (and the runs and day tables of older code) are dropped whole
+    after their newest key expired, one table of slices (or GROUP_SLICES runs) a transaction
+    of its own, by the claims that follow; seen() ignores keys older than the TTL at once, and
+    a merge carries only unexpired keys on.
 
     seen() asks an in-memory filter (`KeyFilter`) of every key claimed in the file by any
     process, built from the tables and the log at the first seen(), then kept up from the
     log's rows after the last it read. A Bloom filter never answers "no" for a key it holds,
     so a key it rules out was never claimed (or its claim expired); the rest are looked up
     exactly: among the log's unmerged rows, which the process keeps in memory as sets, then
-    in `idem_mid` and the live runs, all in one read transaction with the log's marks (a
-    merge or a rename by another process cannot slip between). Merged log rows older than
+    in `idem_mid` and the live tables, all in one read transaction with the log's marks (a
+    merge by another process cannot slip between). Merged log rows older than
     LOG_KEEP are pruned by the merges; a process that finds rows it did not read pruned
     builds its filter again."""
 
